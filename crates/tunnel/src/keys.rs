@@ -85,7 +85,9 @@ pub struct PrivateKey(x25519_dalek::StaticSecret);
 impl PrivateKey {
     /// A fresh random key from the OS RNG.
     pub fn generate() -> Self {
-        PrivateKey(x25519_dalek::StaticSecret::random_from_rng(rand_core::OsRng))
+        PrivateKey(x25519_dalek::StaticSecret::random_from_rng(
+            rand_core::OsRng,
+        ))
     }
     /// From raw bytes (clamped by X25519 on use).
     pub fn from_bytes(b: [u8; 32]) -> Self {
@@ -129,7 +131,9 @@ mod tests {
     #[test]
     fn matches_wg_pubkey() {
         // Vector from `echo ... | wg pubkey`.
-        let sk: PrivateKey = "YNqHbfBQKaGvzefSSgmpj4cM1r0OTTr6YZ9n6M7KfW0=".parse().unwrap();
+        let sk: PrivateKey = "YNqHbfBQKaGvzefSSgmpj4cM1r0OTTr6YZ9n6M7KfW0="
+            .parse()
+            .unwrap();
         assert_eq!(
             sk.public_key().to_base64(),
             "AO2fJUVWS3wyUg1ZUSgCU/qk5PT5sEVaPLMGGNlGhmA="

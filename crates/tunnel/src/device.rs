@@ -1,0 +1,355 @@
+//! The device: our identity, the swappable peer table, and per-datagram decisions shared by
+//! every worker. No IO: callers bring the bytes and send what comes back.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use arc_swap::{ArcSwap, Guard};
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use parking_lot::Mutex;
+
+use crate::keys::{PrivateKey, PublicKey};
+use crate::packet;
+use crate::peer::{Peer, PeerSpec};
+use crate::table::{IndexAllocator, PeerDiff, PeerTable, TableError};
+
+/// Why a packet was dropped. Each reason has its own counter in [`DeviceCounters`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// Not a WireGuard message (bad type, size or reserved bits) or not an IP packet.
+    Malformed,
+    /// No peer with that key or receiver index: the sender is not in our mesh.
+    UnknownPeer,
+    /// Handshake MAC wrong, or refused because we are under load without a valid cookie.
+    Refused,
+    /// Authentication failed, replayed counter, or no session for the index.
+    Decrypt,
+    /// The decrypted packet's inner source is not in the sending peer's allowed IPs.
+    SourceNotAllowed,
+    /// Outbound: no peer's allowed IPs hold the destination.
+    NoRoute,
+    /// Outbound: the peer has no known endpoint yet.
+    NoEndpoint,
+}
+
+/// Device-wide drop counters (per-peer traffic counters live on [`Peer`]).
+#[derive(Debug, Default)]
+pub struct DeviceCounters {
+    /// See [`DropReason::Malformed`].
+    pub malformed: AtomicU64,
+    /// See [`DropReason::UnknownPeer`].
+    pub unknown_peer: AtomicU64,
+    /// See [`DropReason::Refused`].
+    pub refused: AtomicU64,
+    /// See [`DropReason::Decrypt`].
+    pub decrypt: AtomicU64,
+    /// See [`DropReason::SourceNotAllowed`].
+    pub source_not_allowed: AtomicU64,
+    /// See [`DropReason::NoRoute`].
+    pub no_route: AtomicU64,
+    /// See [`DropReason::NoEndpoint`].
+    pub no_endpoint: AtomicU64,
+}
+
+impl DeviceCounters {
+    /// Counts one drop.
+    pub fn count(&self, reason: DropReason) {
+        let c = match reason {
+            DropReason::Malformed => &self.malformed,
+            DropReason::UnknownPeer => &self.unknown_peer,
+            DropReason::Refused => &self.refused,
+            DropReason::Decrypt => &self.decrypt,
+            DropReason::SourceNotAllowed => &self.source_not_allowed,
+            DropReason::NoRoute => &self.no_route,
+            DropReason::NoEndpoint => &self.no_endpoint,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `(name, value)` pairs for status output.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        [
+            ("malformed", &self.malformed),
+            ("unknown_peer", &self.unknown_peer),
+            ("refused", &self.refused),
+            ("decrypt", &self.decrypt),
+            ("source_not_allowed", &self.source_not_allowed),
+            ("no_route", &self.no_route),
+            ("no_endpoint", &self.no_endpoint),
+        ]
+        .into_iter()
+        .map(|(n, c)| (n, c.load(Ordering::Relaxed)))
+        .collect()
+    }
+}
+
+/// The outcome of one received datagram.
+#[must_use]
+#[derive(Debug)]
+pub enum Decap<'t, 'a> {
+    /// Write this IP packet to the TUN; it came from `peer` and passed cryptokey routing.
+    Deliver {
+        /// The sending peer.
+        peer: &'t Arc<Peer>,
+        /// The decrypted IP packet.
+        packet: &'a [u8],
+    },
+    /// Send `datagram` back to the sender (handshake response, keepalive, cookie reply).
+    /// If `peer` is set, call [`Device::flush`] for it afterwards: packets queued during the
+    /// handshake can go now.
+    Reply {
+        /// The peer whose handshake progressed, if any.
+        peer: Option<&'t Arc<Peer>>,
+        /// What to send.
+        datagram: &'a [u8],
+    },
+    /// Consumed (keepalive, cookie); nothing to send.
+    Done,
+    /// Dropped and counted.
+    Drop(DropReason),
+}
+
+/// The outcome of sealing one IP packet from the TUN.
+#[must_use]
+#[derive(Debug)]
+pub enum Encap<'a> {
+    /// Send `datagram` to `to` (a data message or, without a session yet, a handshake).
+    Send {
+        /// The peer's endpoint.
+        to: SocketAddr,
+        /// What to send.
+        datagram: &'a [u8],
+    },
+    /// Queued inside the session until a handshake completes; nothing to send now.
+    Queued,
+    /// Dropped and counted.
+    Drop(DropReason),
+}
+
+/// Our side of the mesh: identity, peers and counters.
+pub struct Device {
+    private: PrivateKey,
+    public: x25519_dalek::PublicKey,
+    limiter: Arc<RateLimiter>,
+    table: ArcSwap<PeerTable>,
+    alloc: Mutex<IndexAllocator>,
+    /// Drop counters.
+    pub counters: DeviceCounters,
+}
+
+/// Handshakes per second above which we answer with cookies (WireGuard's "under load").
+pub const HANDSHAKE_LOAD_LIMIT: u64 = 1000;
+
+impl Device {
+    /// A device with no peers. `index_seed` should be random.
+    pub fn new(private: PrivateKey, index_seed: u32) -> Self {
+        Self::with_load_limit(private, index_seed, HANDSHAKE_LOAD_LIMIT)
+    }
+
+    /// As [`Device::new`], with a custom handshakes-per-second threshold for cookie replies.
+    pub fn with_load_limit(private: PrivateKey, index_seed: u32, limit: u64) -> Self {
+        let public = x25519_dalek::PublicKey::from(private.secret());
+        Device {
+            limiter: Arc::new(RateLimiter::new(&public, limit)),
+            private,
+            public,
+            table: ArcSwap::from_pointee(PeerTable::default()),
+            alloc: Mutex::new(IndexAllocator::new(index_seed)),
+            counters: DeviceCounters::default(),
+        }
+    }
+
+    /// Our public key.
+    pub fn public_key(&self) -> PublicKey {
+        PublicKey(self.public.to_bytes())
+    }
+
+    /// Replaces the peer set while running: build, diff, swap. Unchanged peers keep sessions.
+    pub fn set_peers(&self, specs: &[PeerSpec]) -> Result<PeerDiff, TableError> {
+        let mut alloc = self.alloc.lock();
+        let prev = self.table.load();
+        let (table, diff) =
+            PeerTable::build(&self.private, &self.limiter, specs, &prev, &mut alloc)?;
+        self.table.store(Arc::new(table));
+        Ok(diff)
+    }
+
+    /// The current peer table. Load once per batch.
+    pub fn table(&self) -> Guard<Arc<PeerTable>> {
+        self.table.load()
+    }
+
+    /// Call once a second: resets the handshake rate counter.
+    pub fn tick_second(&self) {
+        self.limiter.reset_count();
+    }
+
+    /// Runs every peer's timers (rekey, retries, keepalives; call about every 100 ms) and
+    /// hands each datagram to send to `send`.
+    pub fn update_timers(&self, scratch: &mut [u8], mut send: impl FnMut(SocketAddr, &[u8])) {
+        let table = self.table();
+        for peer in table.peers() {
+            let mut tunn = peer.lock();
+            if let TunnResult::WriteToNetwork(d) = tunn.update_timers(scratch) {
+                if let Some(ep) = peer.endpoint() {
+                    send(ep, d);
+                }
+            }
+        }
+    }
+
+    /// Seals one IP packet for `peer` into `out` (at least `packet.len() + 32` and 148 bytes).
+    pub fn encapsulate<'a>(
+        &self,
+        peer: &Peer,
+        tunn: &mut Tunn,
+        packet: &[u8],
+        out: &'a mut [u8],
+    ) -> Encap<'a> {
+        let Some(to) = peer.endpoint() else {
+            self.counters.count(DropReason::NoEndpoint);
+            return Encap::Drop(DropReason::NoEndpoint);
+        };
+        if out.len() < (packet.len() + 32).max(148) {
+            self.counters.count(DropReason::Malformed);
+            return Encap::Drop(DropReason::Malformed);
+        }
+        match tunn.encapsulate(packet, out) {
+            TunnResult::WriteToNetwork(d) => {
+                peer.counters
+                    .tx_bytes
+                    .fetch_add(packet.len() as u64, Ordering::Relaxed);
+                Encap::Send { to, datagram: d }
+            }
+            _ => Encap::Queued,
+        }
+    }
+
+    /// Handles one datagram received from `from`, decrypting into `out` (≥ datagram length).
+    pub fn decapsulate<'t, 'a>(
+        &self,
+        table: &'t PeerTable,
+        from: SocketAddr,
+        datagram: &[u8],
+        out: &'a mut [u8],
+    ) -> Decap<'t, 'a> {
+        let drop = |reason| {
+            self.counters.count(reason);
+            Decap::Drop(reason)
+        };
+        let parsed = match Tunn::parse_incoming_packet(datagram) {
+            Ok(p) => p,
+            Err(_) => return drop(DropReason::Malformed),
+        };
+        let peer = match parsed {
+            Packet::HandshakeInit(init) => {
+                // Check MAC1 and load before the expensive DH that identifies the sender.
+                let mut cookie = [0u8; 64];
+                match self
+                    .limiter
+                    .verify_packet(Some(from.ip()), datagram, &mut cookie)
+                {
+                    Ok(_) => {}
+                    Err(TunnResult::WriteToNetwork(c)) => {
+                        let n = c.len();
+                        out[..n].copy_from_slice(&cookie[..n]);
+                        return Decap::Reply {
+                            peer: None,
+                            datagram: &out[..n],
+                        };
+                    }
+                    Err(_) => return drop(DropReason::Refused),
+                }
+                match parse_handshake_anon(self.private.secret(), &self.public, &init) {
+                    Ok(half) => table.get(&PublicKey(half.peer_static_public)),
+                    Err(_) => None,
+                }
+            }
+            Packet::HandshakeResponse(p) => table.by_receiver_index(p.receiver_idx),
+            Packet::PacketCookieReply(p) => table.by_receiver_index(p.receiver_idx),
+            Packet::PacketData(p) => table.by_receiver_index(p.receiver_idx),
+        };
+        let Some(peer) = peer else {
+            return drop(DropReason::UnknownPeer);
+        };
+        let mut tunn = peer.lock();
+        match tunn.decapsulate(Some(from.ip()), datagram, out) {
+            TunnResult::Done => {
+                peer.set_endpoint(from);
+                Decap::Done
+            }
+            TunnResult::WriteToNetwork(d) => {
+                peer.set_endpoint(from);
+                Decap::Reply {
+                    peer: Some(peer),
+                    datagram: d,
+                }
+            }
+            TunnResult::WriteToTunnelV4(p, src) => self.admit(table, peer, from, p, src.into()),
+            TunnResult::WriteToTunnelV6(p, src) => self.admit(table, peer, from, p, src.into()),
+            TunnResult::Err(WireGuardError::InvalidMac | WireGuardError::UnderLoad) => {
+                drop(DropReason::Refused)
+            }
+            TunnResult::Err(_) => drop(DropReason::Decrypt),
+        }
+    }
+
+    /// Cryptokey routing on receive: the inner source must belong to the sending peer.
+    fn admit<'t, 'a>(
+        &self,
+        table: &'t PeerTable,
+        peer: &'t Arc<Peer>,
+        from: SocketAddr,
+        packet: &'a mut [u8],
+        src: std::net::IpAddr,
+    ) -> Decap<'t, 'a> {
+        peer.set_endpoint(from);
+        match table.route(src) {
+            Some(owner) if Arc::ptr_eq(owner, peer) => {
+                peer.counters
+                    .rx_bytes
+                    .fetch_add(packet.len() as u64, Ordering::Relaxed);
+                Decap::Deliver { peer, packet }
+            }
+            _ => {
+                peer.counters.rx_not_allowed.fetch_add(1, Ordering::Relaxed);
+                self.counters.count(DropReason::SourceNotAllowed);
+                Decap::Drop(DropReason::SourceNotAllowed)
+            }
+        }
+    }
+
+    /// After a [`Decap::Reply`] for `peer`: sends the packets queued during the handshake.
+    pub fn flush(&self, peer: &Peer, out: &mut [u8], mut send: impl FnMut(SocketAddr, &[u8])) {
+        let Some(to) = peer.endpoint() else { return };
+        let mut tunn = peer.lock();
+        // Bounded: boringtun's queue holds at most 256 packets.
+        for _ in 0..1024 {
+            match tunn.decapsulate(None, &[], out) {
+                TunnResult::WriteToNetwork(d) => send(to, d),
+                _ => break,
+            }
+        }
+    }
+
+    /// The destination peer for an outbound IP packet, or why there is none.
+    pub fn route<'t>(
+        &self,
+        table: &'t PeerTable,
+        packet: &[u8],
+    ) -> Result<&'t Arc<Peer>, DropReason> {
+        let reason = match packet::dst_addr(packet) {
+            None => DropReason::Malformed,
+            Some(dst) => match table.route(dst) {
+                Some(p) => return Ok(p),
+                None => DropReason::NoRoute,
+            },
+        };
+        self.counters.count(reason);
+        Err(reason)
+    }
+}

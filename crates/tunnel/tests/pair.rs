@@ -1,0 +1,258 @@
+//! Two devices wired back to back in memory: handshake, data both ways, cryptokey routing,
+//! unknown peers, garbage. No sockets, no TUN.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+
+use meshd_tunnel::{Decap, Device, DropReason, Encap, PeerSpec, PrivateKey};
+
+const A_ADDR: &str = "198.18.0.1:51820";
+const B_ADDR: &str = "198.18.0.2:51820";
+
+/// A minimal IPv4 packet from `src` to `dst` carrying `payload`.
+fn ip4(src: [u8; 4], dst: [u8; 4], payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0u8; 20];
+    p[0] = 0x45;
+    let len = (20 + payload.len()) as u16;
+    p[2..4].copy_from_slice(&len.to_be_bytes());
+    p[9] = 17;
+    p[12..16].copy_from_slice(&src);
+    p[16..20].copy_from_slice(&dst);
+    p.extend_from_slice(payload);
+    p
+}
+
+fn spec(name: &str, key: &PrivateKey, ep: &str, ip: &str) -> PeerSpec {
+    PeerSpec {
+        name: name.into(),
+        public_key: key.public_key(),
+        endpoint: Some(ep.parse().unwrap()),
+        allowed_ips: vec![ip.parse().unwrap()],
+        persistent_keepalive: None,
+        preshared_key: None,
+    }
+}
+
+struct Net {
+    /// (from, to, datagram)
+    wire: VecDeque<(SocketAddr, SocketAddr, Vec<u8>)>,
+    /// (device name, delivered packet)
+    delivered: Vec<(&'static str, Vec<u8>)>,
+}
+
+impl Net {
+    fn send(&mut self, dev: &Device, me: &str, packet: &[u8]) {
+        let table = dev.table();
+        let peer = dev.route(&table, packet).expect("route");
+        let mut tunn = peer.lock();
+        let mut out = vec![0u8; packet.len() + 148];
+        if let Encap::Send { to, datagram } = dev.encapsulate(peer, &mut tunn, packet, &mut out) {
+            self.wire
+                .push_back((me.parse().unwrap(), to, datagram.to_vec()));
+        }
+    }
+
+    /// Delivers everything on the wire until it is quiet (bounded).
+    fn run(&mut self, a: &Device, b: &Device) {
+        for _ in 0..100 {
+            let Some((from, to, d)) = self.wire.pop_front() else {
+                return;
+            };
+            let (dev, name, me) = if to == B_ADDR.parse().unwrap() {
+                (b, "b", B_ADDR)
+            } else {
+                (a, "a", A_ADDR)
+            };
+            let table = dev.table();
+            let mut out = vec![0u8; 2048];
+            let mut replies = Vec::new();
+            let mut flush_peer = None;
+            match dev.decapsulate(&table, from, &d, &mut out) {
+                Decap::Deliver { packet, .. } => self.delivered.push((name, packet.to_vec())),
+                Decap::Reply { peer, datagram } => {
+                    replies.push((from, datagram.to_vec()));
+                    flush_peer = peer.cloned();
+                }
+                Decap::Done | Decap::Drop(_) => {}
+            }
+            if let Some(p) = flush_peer {
+                let mut scratch = vec![0u8; 2048];
+                dev.flush(&p, &mut scratch, |to, d| replies.push((to, d.to_vec())));
+            }
+            for (to, d) in replies {
+                self.wire.push_back((me.parse().unwrap(), to, d));
+            }
+        }
+        panic!("wire never went quiet");
+    }
+}
+
+fn pair() -> (Device, Device, PrivateKey, PrivateKey) {
+    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+    let a = Device::new(ka.clone(), 1);
+    let b = Device::new(kb.clone(), 2);
+    a.set_peers(&[spec("b", &kb, B_ADDR, "100.64.0.2/32")])
+        .unwrap();
+    b.set_peers(&[spec("a", &ka, A_ADDR, "100.64.0.1/32")])
+        .unwrap();
+    (a, b, ka, kb)
+}
+
+#[test]
+fn handshake_then_data_both_ways() {
+    let (a, b, _, _) = pair();
+    let mut net = Net {
+        wire: VecDeque::new(),
+        delivered: Vec::new(),
+    };
+    let p1 = ip4([100, 64, 0, 1], [100, 64, 0, 2], b"hello b");
+    net.send(&a, A_ADDR, &p1);
+    net.run(&a, &b);
+    assert_eq!(
+        net.delivered,
+        vec![("b", p1.clone())],
+        "queued packet flushed after handshake"
+    );
+
+    let p2 = ip4([100, 64, 0, 2], [100, 64, 0, 1], b"hello a");
+    net.send(&b, B_ADDR, &p2);
+    net.run(&a, &b);
+    assert_eq!(net.delivered.last(), Some(&("a", p2)));
+    let tb = b.table();
+    assert!(tb.peers()[0].last_handshake().is_some());
+}
+
+#[test]
+fn spoofed_inner_source_is_dropped_and_counted() {
+    let (a, b, _, _) = pair();
+    let mut net = Net {
+        wire: VecDeque::new(),
+        delivered: Vec::new(),
+    };
+    net.send(&a, A_ADDR, &ip4([100, 64, 0, 1], [100, 64, 0, 2], b"ok"));
+    net.run(&a, &b);
+    let before = net.delivered.len();
+    // a claims to be 100.64.0.9, which is not in its allowed IPs on b.
+    net.send(&a, A_ADDR, &ip4([100, 64, 0, 9], [100, 64, 0, 2], b"spoof"));
+    net.run(&a, &b);
+    assert_eq!(net.delivered.len(), before);
+    assert_eq!(
+        b.counters
+            .snapshot()
+            .iter()
+            .find(|c| c.0 == "source_not_allowed")
+            .unwrap()
+            .1,
+        1
+    );
+}
+
+#[test]
+fn unknown_key_gets_no_answer() {
+    let (_a, b, _, kb) = pair();
+    let stranger_key = PrivateKey::generate();
+    let stranger = Device::new(stranger_key, 3);
+    stranger
+        .set_peers(&[spec("b", &kb, B_ADDR, "100.64.0.2/32")])
+        .unwrap();
+    let mut net = Net {
+        wire: VecDeque::new(),
+        delivered: Vec::new(),
+    };
+    net.send(
+        &stranger,
+        A_ADDR,
+        &ip4([100, 64, 0, 1], [100, 64, 0, 2], b"let me in"),
+    );
+    let (from, _to, init) = net.wire.pop_front().unwrap();
+    let table = b.table();
+    let mut out = vec![0u8; 2048];
+    let r = b.decapsulate(&table, from, &init, &mut out);
+    assert!(matches!(r, Decap::Drop(DropReason::UnknownPeer)), "{r:?}");
+}
+
+#[test]
+fn garbage_is_dropped_and_counted() {
+    let (_a, b, _, _) = pair();
+    let table = b.table();
+    let mut out = vec![0u8; 2048];
+    let from: SocketAddr = A_ADDR.parse().unwrap();
+    for junk in [
+        &b""[..],
+        b"\x01",
+        b"\x04\0\0\0garbage-data-message",
+        &[0xffu8; 148][..],
+    ] {
+        let r = b.decapsulate(&table, from, junk, &mut out);
+        assert!(matches!(r, Decap::Drop(_)), "{r:?}");
+    }
+    let dropped: u64 = b.counters.snapshot().iter().map(|c| c.1).sum();
+    assert_eq!(dropped, 4);
+}
+
+#[test]
+fn roaming_follows_authenticated_packets() {
+    let (a, b, _, _) = pair();
+    let mut net = Net {
+        wire: VecDeque::new(),
+        delivered: Vec::new(),
+    };
+    net.send(&a, A_ADDR, &ip4([100, 64, 0, 1], [100, 64, 0, 2], b"x"));
+    net.run(&a, &b);
+    // a moves: its next data packet arrives from a new address.
+    let moved: SocketAddr = "198.18.0.77:51820".parse().unwrap();
+    let p = ip4([100, 64, 0, 1], [100, 64, 0, 2], b"moved");
+    net.send(&a, A_ADDR, &p);
+    let (_, _, d) = net.wire.pop_front().unwrap();
+    let table = b.table();
+    let mut out = vec![0u8; 2048];
+    assert!(matches!(
+        b.decapsulate(&table, moved, &d, &mut out),
+        Decap::Deliver { .. }
+    ));
+    assert_eq!(table.peers()[0].endpoint(), Some(moved));
+    // A forged (unauthenticated) datagram from elsewhere does not move it.
+    let mut forged = d.clone();
+    forged[20] ^= 1;
+    let evil: SocketAddr = "198.18.0.99:1".parse().unwrap();
+    assert!(matches!(
+        b.decapsulate(&table, evil, &forged, &mut out),
+        Decap::Drop(_)
+    ));
+    assert_eq!(table.peers()[0].endpoint(), Some(moved));
+}
+
+#[test]
+fn cookie_reply_under_load() {
+    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+    let a = Device::new(ka.clone(), 1);
+    // b considers itself under load after 2 handshakes per second.
+    let b = Device::with_load_limit(kb.clone(), 2, 2);
+    a.set_peers(&[spec("b", &kb, B_ADDR, "100.64.0.2/32")])
+        .unwrap();
+    b.set_peers(&[spec("a", &ka, A_ADDR, "100.64.0.1/32")])
+        .unwrap();
+    let mut out = vec![0u8; 2048];
+    let from: SocketAddr = A_ADDR.parse().unwrap();
+    let mut cookies = 0;
+    for _ in 0..6 {
+        let table = a.table();
+        let peer = &table.peers()[0];
+        let init = peer.lock().format_handshake_initiation(&mut out, true);
+        let init = match init {
+            meshd_tunnel::TunnResult::WriteToNetwork(d) => d.to_vec(),
+            _ => continue,
+        };
+        let tb = b.table();
+        let mut o2 = vec![0u8; 2048];
+        if let Decap::Reply {
+            peer: None,
+            datagram,
+        } = b.decapsulate(&tb, from, &init, &mut o2)
+        {
+            assert_eq!(datagram.len(), 64, "cookie reply");
+            cookies += 1;
+        }
+    }
+    assert!(cookies > 0, "under load, handshakes get cookie replies");
+}
