@@ -1,1 +1,123 @@
-fn main() {}
+//! `meshd`: the mesh daemon. `meshd up` runs a host's tunnels; `meshd genkey`/`pubkey` make
+//! keys; `meshd status` shows peers like `wg show`.
+
+mod dataplane;
+mod routes;
+mod status;
+mod up;
+
+use std::io::Read as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{CommandFactory as _, Parser, Subcommand};
+use meshd_tunnel::PrivateKey;
+
+/// Zero-trust encryption mesh: WireGuard-protocol tunnels between labelled hosts.
+#[derive(Parser)]
+#[command(name = "meshd", version, about)]
+struct Cli {
+    /// More logging (-v debug, -vv trace). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print a new base64 X25519 private key (like `wg genkey`).
+    Genkey,
+    /// Read a private key on stdin, print its public key (like `wg pubkey`).
+    Pubkey,
+    /// Bring the mesh interface up and run in the foreground until SIGTERM/SIGINT.
+    Up(up::UpArgs),
+    /// Show the interface and its peers (like `wg show`).
+    Status {
+        /// Interface name.
+        #[arg(short, long, default_value = "mesh0")]
+        interface: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Parse and validate a config file, then exit (0 if valid).
+    CheckConfig {
+        /// The TOML file.
+        config: PathBuf,
+    },
+    /// Print shell completions.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meshd: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Genkey => {
+            println!("{}", PrivateKey::generate().to_base64());
+            Ok(())
+        }
+        Command::Pubkey => {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .context("reading the private key from stdin")?;
+            let key: PrivateKey = s
+                .trim()
+                .parse()
+                .context("stdin does not hold a base64 private key")?;
+            println!("{}", key.public_key().to_base64());
+            Ok(())
+        }
+        Command::Up(args) => up::run(args),
+        Command::Status { interface, json } => {
+            let s = status::fetch(&interface)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                status::print(&s);
+            }
+            Ok(())
+        }
+        Command::CheckConfig { config } => {
+            let cfg = meshd_config::Config::load(&config)?;
+            let key = cfg.load_private_key()?;
+            cfg.check_own_key(&key.public_key())?;
+            println!("{}: ok ({} peers)", config.display(), cfg.peers.len());
+            Ok(())
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "meshd", &mut std::io::stdout());
+            Ok(())
+        }
+    }
+}

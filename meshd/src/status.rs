@@ -1,0 +1,225 @@
+//! `meshd status`: a JSON snapshot served on an abstract unix socket named after the
+//! interface. Abstract sockets live in the network namespace, so many meshd instances on one
+//! machine (one per namespace, same interface name) never collide, and nothing is left on disk.
+
+use std::io::{Read as _, Write as _};
+use std::os::linux::net::SocketAddrExt as _;
+use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener, UnixStream};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use meshd_tunnel::Device;
+use serde::{Deserialize, Serialize};
+
+use crate::dataplane::IoStats;
+
+/// Everything `meshd status` shows.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Status {
+    /// TUN name.
+    pub interface: String,
+    /// Our public key.
+    pub public_key: String,
+    /// UDP port.
+    pub listen_port: u16,
+    /// "overlay" or "transparent".
+    pub mode: String,
+    /// Overlay addresses.
+    pub addresses: Vec<String>,
+    /// TUN offload on.
+    pub offload: bool,
+    /// Peers in table order.
+    pub peers: Vec<PeerStatus>,
+    /// Drop and IO counters by name.
+    pub counters: std::collections::BTreeMap<String, u64>,
+}
+
+/// One peer's line in `meshd status`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PeerStatus {
+    /// Peer name.
+    pub name: String,
+    /// Public key (base64).
+    pub public_key: String,
+    /// Current endpoint.
+    pub endpoint: Option<String>,
+    /// Allowed IPs.
+    pub allowed_ips: Vec<String>,
+    /// Unix time of the latest handshake.
+    pub latest_handshake: Option<u64>,
+    /// Decrypted bytes received.
+    pub rx_bytes: u64,
+    /// Plaintext bytes sent.
+    pub tx_bytes: u64,
+    /// Keepalive interval.
+    pub persistent_keepalive: Option<u16>,
+}
+
+/// What the daemon knows besides the device.
+pub struct StatusSource {
+    pub interface: String,
+    pub listen_port: u16,
+    pub mode: String,
+    pub addresses: Vec<String>,
+    pub offload: bool,
+}
+
+/// Builds a snapshot.
+pub fn snapshot(device: &Device, io: &IoStats, src: &StatusSource) -> Status {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let table = device.table();
+    let peers = table
+        .peers()
+        .iter()
+        .map(|p| {
+            let spec = p.spec();
+            PeerStatus {
+                name: spec.name,
+                public_key: p.public_key.to_base64(),
+                endpoint: p.endpoint().map(|e| e.to_string()),
+                allowed_ips: spec.allowed_ips.iter().map(|n| n.to_string()).collect(),
+                latest_handshake: p
+                    .last_handshake()
+                    .map(|ago| now.saturating_sub(ago).as_secs()),
+                rx_bytes: p.counters.rx_bytes.load(Ordering::Relaxed),
+                tx_bytes: p.counters.tx_bytes.load(Ordering::Relaxed),
+                persistent_keepalive: spec.persistent_keepalive,
+            }
+        })
+        .collect();
+    let mut counters: std::collections::BTreeMap<String, u64> = device
+        .counters
+        .snapshot()
+        .into_iter()
+        .map(|(k, v)| (format!("drop_{k}"), v))
+        .collect();
+    for (k, v) in [
+        ("udp_send_errors", &io.udp_send_errors),
+        ("tun_write_errors", &io.tun_write_errors),
+        ("gso_sends", &io.gso_sends),
+        ("datagrams_sent", &io.datagrams_sent),
+        ("datagrams_received", &io.datagrams_received),
+    ] {
+        counters.insert(k.into(), v.load(Ordering::Relaxed));
+    }
+    Status {
+        interface: src.interface.clone(),
+        public_key: device.public_key().to_base64(),
+        listen_port: src.listen_port,
+        mode: src.mode.clone(),
+        addresses: src.addresses.clone(),
+        offload: src.offload,
+        peers,
+        counters,
+    }
+}
+
+fn socket_name(interface: &str) -> String {
+    format!("meshd/{interface}")
+}
+
+/// Binds the status socket and serves snapshots from a thread until the process exits.
+pub fn serve(interface: &str, make: impl Fn() -> Status + Send + 'static) -> anyhow::Result<()> {
+    let addr = UnixAddr::from_abstract_name(socket_name(interface).as_bytes())?;
+    let listener = UnixListener::bind_addr(&addr).with_context(|| {
+        format!("binding the status socket for {interface}: is another meshd running for it?")
+    })?;
+    std::thread::Builder::new()
+        .name("meshd-status".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let _timeout = conn.set_write_timeout(Some(Duration::from_secs(2)));
+                match serde_json::to_vec(&make()) {
+                    Ok(body) => {
+                        if let Err(e) = conn.write_all(&body) {
+                            tracing::debug!(error = %e, "status client went away");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "encoding status"),
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// Asks the meshd serving `interface` in this network namespace for its status.
+pub fn fetch(interface: &str) -> anyhow::Result<Status> {
+    let addr = UnixAddr::from_abstract_name(socket_name(interface).as_bytes())?;
+    let mut conn = UnixStream::connect_addr(&addr).with_context(|| {
+        format!("no meshd is running for interface {interface} in this network namespace")
+    })?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut body = Vec::new();
+    conn.read_to_end(&mut body)?;
+    serde_json::from_slice(&body).context("decoding meshd's status")
+}
+
+/// Prints a status like `wg show`.
+pub fn print(s: &Status) {
+    println!("interface: {}", s.interface);
+    println!("  public key: {}", s.public_key);
+    println!("  listening port: {}", s.listen_port);
+    println!("  mode: {}", s.mode);
+    println!("  addresses: {}", s.addresses.join(", "));
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    for p in &s.peers {
+        println!();
+        println!("peer: {} ({})", p.name, p.public_key);
+        if let Some(ep) = &p.endpoint {
+            println!("  endpoint: {ep}");
+        }
+        println!("  allowed ips: {}", p.allowed_ips.join(", "));
+        match p.latest_handshake {
+            Some(t) => println!("  latest handshake: {} ago", ago(now.saturating_sub(t))),
+            None => println!("  latest handshake: never"),
+        }
+        println!(
+            "  transfer: {} received, {} sent",
+            bytes(p.rx_bytes),
+            bytes(p.tx_bytes)
+        );
+        if let Some(k) = p.persistent_keepalive {
+            println!("  persistent keepalive: every {k} seconds");
+        }
+    }
+    let drops: Vec<String> = s
+        .counters
+        .iter()
+        .filter(|(k, v)| k.starts_with("drop_") && **v > 0)
+        .map(|(k, v)| format!("{}={v}", &k[5..]))
+        .collect();
+    if !drops.is_empty() {
+        println!();
+        println!("dropped: {}", drops.join(" "));
+    }
+}
+
+fn ago(secs: u64) -> String {
+    match secs {
+        0..=59 => format!("{secs} seconds"),
+        60..=3599 => format!("{} minutes, {} seconds", secs / 60, secs % 60),
+        _ => format!("{} hours, {} minutes", secs / 3600, secs % 3600 / 60),
+    }
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
+}
