@@ -202,6 +202,20 @@ impl Device {
         }
     }
 
+    /// Starts a handshake with every peer that has an endpoint (at start-up: a restarted host
+    /// re-establishes its tunnels at once instead of waiting for peers' rekey timers).
+    pub fn initiate_all(&self, scratch: &mut [u8], mut send: impl FnMut(SocketAddr, &[u8])) {
+        let table = self.table();
+        for peer in table.peers() {
+            let Some(ep) = peer.endpoint() else { continue };
+            if let TunnResult::WriteToNetwork(d) =
+                peer.lock().format_handshake_initiation(scratch, false)
+            {
+                send(ep, d);
+            }
+        }
+    }
+
     /// Seals one IP packet for `peer` into `out` (at least `packet.len() + 32` and 148 bytes).
     pub fn encapsulate<'a>(
         &self,

@@ -416,6 +416,11 @@ fn rx_worker(
 fn timer_worker(device: &Device, udp: &Udp, stop: &AtomicBool, stats: &IoStats) {
     let mut scratch = vec![0u8; 2048];
     let mut last_second = Instant::now();
+    device.initiate_all(&mut scratch, |to, d| {
+        if udp.send(to, d, None).is_err() {
+            stats.udp_send_errors.fetch_add(1, Ordering::Relaxed);
+        }
+    });
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
         device.update_timers(&mut scratch, |to, d| {
