@@ -18,11 +18,19 @@ fn tcp_and_udp_both_ways() {
     let _pa = a.start(&lab);
     let _pb = b.start(&lab);
     let (ha, hb) = (lab.host(0), lab.host(1));
-    assert!(wait_ping(ha, overlay(1).into(), Duration::from_secs(10)), "tunnel never came up");
+    assert!(
+        wait_ping(ha, overlay(1).into(), Duration::from_secs(10)),
+        "tunnel never came up"
+    );
 
     for (from, to, to_idx) in [(ha, hb, 1), (hb, ha, 0)] {
-        let (sent, got, secs) =
-            tcp_transfer(from.netns(), to.netns(), overlay(to_idx).into(), 5001, 16 << 20);
+        let (sent, got, secs) = tcp_transfer(
+            from.netns(),
+            to.netns(),
+            overlay(to_idx).into(),
+            5001,
+            16 << 20,
+        );
         assert_eq!(sent, got, "16 MiB digest differs");
         eprintln!("16 MiB {} -> {} in {secs:.2}s", from.name(), to.name());
         let n = udp_exchange(from.netns(), to.netns(), overlay(to_idx).into(), 5002, 200);
@@ -49,7 +57,11 @@ fn two_hosts(tag: &str, n: usize) -> (Lab, Vec<Node>, Vec<meshd_lab::ProcHandle>
     a.write_config(&lab, &[(&b, true)], "");
     b.write_config(&lab, &[(&a, true)], "");
     let procs = vec![a.start(&lab), b.start(&lab)];
-    assert!(wait_ping(lab.host(0), overlay(1).into(), Duration::from_secs(10)));
+    assert!(wait_ping(
+        lab.host(0),
+        overlay(1).into(),
+        Duration::from_secs(10)
+    ));
     (lab, vec![a, b], procs)
 }
 
@@ -58,7 +70,9 @@ fn underlay_shows_only_tunnel_udp_never_the_marker() {
     let (lab, _nodes, _procs) = two_hosts("marker", 2);
     let (ha, hb) = (lab.host(0), lab.host(1));
     // IPv6 multicast (MLD, neighbour discovery) is background noise of the lab, not ours.
-    let cap = lab.capture(0, "eth0", "ip or (ip6 and not dst net ff00::/8)").unwrap();
+    let cap = lab
+        .capture(0, "eth0", "ip or (ip6 and not dst net ff00::/8)")
+        .unwrap();
     let marker = b"MESHD-SECRET-MARKER-7f3a9c";
     let m = marker.to_vec();
     let to: IpAddr = overlay(1).into();
@@ -71,7 +85,9 @@ fn underlay_shows_only_tunnel_udp_never_the_marker() {
         }
     });
     let mut buf = [0u8; 256];
-    let n = rx.recv(&mut buf).expect("marker datagram through the tunnel");
+    let n = rx
+        .recv(&mut buf)
+        .expect("marker datagram through the tunnel");
     assert_eq!(&buf[..n], marker);
     // And over TCP.
     let (sent, got, _) = tcp_transfer(ha.netns(), hb.netns(), to, 6001, 64 << 10);
@@ -80,13 +96,27 @@ fn underlay_shows_only_tunnel_udp_never_the_marker() {
     let pcap = cap.stop_parsed().unwrap();
     assert!(!pcap.packets.is_empty(), "capture saw nothing");
     assert!(!pcap.any_contains(marker), "marker visible on the underlay");
-    let (a_ip, b_ip) = (IpAddr::from(ha.underlay_ip()), IpAddr::from(hb.underlay_ip()));
+    let (a_ip, b_ip) = (
+        IpAddr::from(ha.underlay_ip()),
+        IpAddr::from(hb.underlay_ip()),
+    );
     let mut udp = 0;
     for s in pcap.summaries() {
-        assert_eq!(s.ip_proto, ip_proto::UDP, "non-UDP packet on the underlay: {s:?}");
+        assert_eq!(
+            s.ip_proto,
+            ip_proto::UDP,
+            "non-UDP packet on the underlay: {s:?}"
+        );
         let ends = (s.src, s.dst);
-        assert!(ends == (a_ip, b_ip) || ends == (b_ip, a_ip), "unexpected hosts: {s:?}");
-        assert_eq!((s.src_port, s.dst_port), (Some(51820), Some(51820)), "{s:?}");
+        assert!(
+            ends == (a_ip, b_ip) || ends == (b_ip, a_ip),
+            "unexpected hosts: {s:?}"
+        );
+        assert_eq!(
+            (s.src_port, s.dst_port),
+            (Some(51820), Some(51820)),
+            "{s:?}"
+        );
         udp += 1;
     }
     assert!(udp >= 20);
@@ -98,17 +128,27 @@ fn restarted_peer_comes_back_by_itself() {
     let (ha, hb) = (lab.host(0), lab.host(1));
     let old = procs.pop().unwrap();
     old.kill(Signal::Term).unwrap();
-    let status = old.wait_timeout(Duration::from_secs(5)).unwrap().expect("meshd exits on SIGTERM");
+    let status = old
+        .wait_timeout(Duration::from_secs(5))
+        .unwrap()
+        .expect("meshd exits on SIGTERM");
     assert!(status.success(), "SIGTERM exit status {status:?}");
     // Stopped: interface and its routes are gone.
-    assert!(!hb.exec("ip", ["link", "show", "mesh0"]).unwrap().status.success());
+    assert!(!hb
+        .exec("ip", ["link", "show", "mesh0"])
+        .unwrap()
+        .status
+        .success());
     let _new = nodes[1].start(&lab);
     let start = Instant::now();
     assert!(
         wait_ping(ha, overlay(1).into(), Duration::from_secs(40)),
         "A never reached the restarted B"
     );
-    eprintln!("tunnel back {:.1}s after restart", start.elapsed().as_secs_f64());
+    eprintln!(
+        "tunnel back {:.1}s after restart",
+        start.elapsed().as_secs_f64()
+    );
     assert!(wait_ping(hb, overlay(0).into(), Duration::from_secs(5)));
 }
 
@@ -119,8 +159,14 @@ fn roaming_follows_a_changed_underlay_ip() {
     let new_ip = Ipv4Addr::new(198, 18, 0, 77);
     ha.set_underlay_ip(new_ip).unwrap();
     let start = Instant::now();
-    assert!(wait_ping(ha, overlay(1).into(), Duration::from_secs(10)), "no traffic after A moved");
-    eprintln!("traffic resumed {:.2}s after the IP change", start.elapsed().as_secs_f64());
+    assert!(
+        wait_ping(ha, overlay(1).into(), Duration::from_secs(10)),
+        "no traffic after A moved"
+    );
+    eprintln!(
+        "traffic resumed {:.2}s after the IP change",
+        start.elapsed().as_secs_f64()
+    );
     let s = status_json(hb).unwrap();
     assert_eq!(s["peers"][0]["endpoint"], format!("{new_ip}:51820"));
     // B can start traffic towards A's new address too.
@@ -139,10 +185,19 @@ fn unknown_key_gets_no_answer() {
     assert!(!hc.ping(overlay(1).into()).unwrap());
     std::thread::sleep(Duration::from_secs(2));
     let pcap = cap.stop_parsed().unwrap();
-    let (b_ip, c_ip) = (IpAddr::from(hb.underlay_ip()), IpAddr::from(hc.underlay_ip()));
+    let (b_ip, c_ip) = (
+        IpAddr::from(hb.underlay_ip()),
+        IpAddr::from(hc.underlay_ip()),
+    );
     let sums = pcap.summaries();
-    let to_b = sums.iter().filter(|s| s.src == c_ip && s.dst == b_ip).count();
-    let from_b = sums.iter().filter(|s| s.src == b_ip && s.dst == c_ip).count();
+    let to_b = sums
+        .iter()
+        .filter(|s| s.src == c_ip && s.dst == b_ip)
+        .count();
+    let from_b = sums
+        .iter()
+        .filter(|s| s.src == b_ip && s.dst == c_ip)
+        .count();
     assert!(to_b >= 1, "C never tried");
     assert_eq!(from_b, 0, "B answered a stranger");
     assert!(counter(hb, "drop_unknown_peer") >= 1);
@@ -166,12 +221,21 @@ fn garbage_datagrams_are_dropped_and_counted() {
             s.send_to(&d, (b_ip, 51820)).unwrap();
         }
     });
-    assert!(wait_for(Duration::from_secs(3), Duration::from_millis(100), || {
-        counter(hb, "drop_malformed") + counter(hb, "drop_unknown_peer") + counter(hb, "drop_refused")
-            + counter(hb, "drop_decrypt")
-            >= 250
-    }));
-    assert!(wait_ping(ha, overlay(1).into(), Duration::from_secs(3)), "B broke");
+    assert!(wait_for(
+        Duration::from_secs(3),
+        Duration::from_millis(100),
+        || {
+            counter(hb, "drop_malformed")
+                + counter(hb, "drop_unknown_peer")
+                + counter(hb, "drop_refused")
+                + counter(hb, "drop_decrypt")
+                >= 250
+        }
+    ));
+    assert!(
+        wait_ping(ha, overlay(1).into(), Duration::from_secs(3)),
+        "B broke"
+    );
 }
 
 #[test]
@@ -187,21 +251,33 @@ fn sighup_adds_a_peer_without_dropping_others() {
     let ha = lab.host(0);
     assert!(wait_ping(ha, overlay(1).into(), Duration::from_secs(10)));
     let before = status_json(ha).unwrap()["peers"][0]["latest_handshake"].clone();
-    assert!(!ha.ping(overlay(2).into()).unwrap(), "C reachable before it was added");
+    assert!(
+        !ha.ping(overlay(2).into()).unwrap(),
+        "C reachable before it was added"
+    );
     a.write_config(&lab, &[(&b, true), (&c, true)], "");
     std::thread::sleep(Duration::from_millis(1100));
     pa.kill(Signal::Hup).unwrap();
-    assert!(wait_ping(ha, overlay(2).into(), Duration::from_secs(10)), "C not reachable after SIGHUP");
+    assert!(
+        wait_ping(ha, overlay(2).into(), Duration::from_secs(10)),
+        "C not reachable after SIGHUP"
+    );
     let s = status_json(ha).unwrap();
     assert_eq!(s["peers"].as_array().unwrap().len(), 2);
-    assert_eq!(s["peers"][0]["latest_handshake"], before, "B's session was restarted");
+    assert_eq!(
+        s["peers"][0]["latest_handshake"], before,
+        "B's session was restarted"
+    );
     assert!(ha.ping(overlay(1).into()).unwrap());
     // A reload with a broken file keeps the running peers.
     std::fs::write(a.config_path(), "[interface\nbroken").unwrap();
     pa.kill(Signal::Hup).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     assert!(ha.ping(overlay(2).into()).unwrap());
-    assert!(pa.try_wait().unwrap().is_none(), "meshd died on a bad reload");
+    assert!(
+        pa.try_wait().unwrap().is_none(),
+        "meshd died on a bad reload"
+    );
 }
 
 #[test]
@@ -233,30 +309,61 @@ fn interop_with_wireguard_go() {
                 .label("wireguard-go"),
         )
         .unwrap();
-    assert!(wait_for(Duration::from_secs(5), Duration::from_millis(50), || {
-        hb.exec("ip", ["link", "show", &wg_if]).map(|o| o.status.success()).unwrap_or(false)
-    }));
+    assert!(wait_for(
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || {
+            hb.exec("ip", ["link", "show", &wg_if])
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+        }
+    ));
     let ha_ip = lab.host(0).underlay_ip().to_string();
     hb.exec_ok(
         "wg",
         [
-            "set", &wg_if, "private-key", b_key_path.to_str().unwrap(), "listen-port", "51820",
-            "peer", &a.key.public_key().to_base64(), "allowed-ips", &format!("{}/32", overlay(0)),
-            "endpoint", &format!("{ha_ip}:51820"),
+            "set",
+            &wg_if,
+            "private-key",
+            b_key_path.to_str().unwrap(),
+            "listen-port",
+            "51820",
+            "peer",
+            &a.key.public_key().to_base64(),
+            "allowed-ips",
+            &format!("{}/32", overlay(0)),
+            "endpoint",
+            &format!("{ha_ip}:51820"),
         ],
     )
     .unwrap();
-    hb.exec_ok("ip", ["addr", "add", &format!("{}/24", overlay(1)), "dev", &wg_if]).unwrap();
-    hb.exec_ok("ip", ["link", "set", &wg_if, "mtu", "1420", "up"]).unwrap();
+    hb.exec_ok(
+        "ip",
+        ["addr", "add", &format!("{}/24", overlay(1)), "dev", &wg_if],
+    )
+    .unwrap();
+    hb.exec_ok("ip", ["link", "set", &wg_if, "mtu", "1420", "up"])
+        .unwrap();
     let _pa = a.start(&lab);
     let ha = lab.host(0);
-    assert!(wait_ping(ha, overlay(1).into(), Duration::from_secs(10)), "no tunnel with wireguard-go");
+    assert!(
+        wait_ping(ha, overlay(1).into(), Duration::from_secs(10)),
+        "no tunnel with wireguard-go"
+    );
     for (from, to, to_idx) in [(ha, hb, 1), (hb, ha, 0)] {
-        let (sent, got, _) = tcp_transfer(from.netns(), to.netns(), overlay(to_idx).into(), 5101, 4 << 20);
+        let (sent, got, _) = tcp_transfer(
+            from.netns(),
+            to.netns(),
+            overlay(to_idx).into(),
+            5101,
+            4 << 20,
+        );
         assert_eq!(sent, got);
         let n = udp_exchange(from.netns(), to.netns(), overlay(to_idx).into(), 5102, 100);
         assert!(n >= 95, "{n}/100 datagrams");
     }
-    let wg_show = hb.exec_ok("wg", ["show", &wg_if, "latest-handshakes"]).unwrap();
+    let wg_show = hb
+        .exec_ok("wg", ["show", &wg_if, "latest-handshakes"])
+        .unwrap();
     assert!(!String::from_utf8_lossy(&wg_show.stdout).contains("\t0\n"));
 }

@@ -284,7 +284,8 @@ fn tx_worker(
             loop {
                 let pkt = &bufs[i][..sizes[i]];
                 let out = batch.reserve(sealed_room(pkt.len()), udp, stats);
-                if let Encap::Send { to, datagram } = device.encapsulate(peer, &mut tunn, pkt, out) {
+                if let Encap::Send { to, datagram } = device.encapsulate(peer, &mut tunn, pkt, out)
+                {
                     let len = datagram.len();
                     batch.commit(to, len, udp, stats);
                 }

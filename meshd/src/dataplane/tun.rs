@@ -43,7 +43,10 @@ pub fn open(name: &str, mtu: u16, addresses: &[IpNet]) -> anyhow::Result<Tun> {
     };
     let (dev, offload) = match build(true) {
         Ok(d) => (d, true),
-        Err(e) if e.kind() == io::ErrorKind::PermissionDenied || e.raw_os_error() == Some(libc::EPERM) => {
+        Err(e)
+            if e.kind() == io::ErrorKind::PermissionDenied
+                || e.raw_os_error() == Some(libc::EPERM) =>
+        {
             return Err(not_permitted(name));
         }
         Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {

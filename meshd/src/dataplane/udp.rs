@@ -34,7 +34,8 @@ impl Udp {
             ),
         };
         if let Some(mark) = fwmark {
-            sock.set_mark(mark).context("setting SO_MARK on the tunnel socket")?;
+            sock.set_mark(mark)
+                .context("setting SO_MARK on the tunnel socket")?;
         }
         let addr: SocketAddr = if dual_stack {
             (std::net::Ipv6Addr::UNSPECIFIED, port).into()

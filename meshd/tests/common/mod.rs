@@ -37,7 +37,12 @@ impl Node {
         std::fs::create_dir_all(&dir).unwrap();
         let key = PrivateKey::generate();
         meshd_config::write_private_key(dir.join("host.key"), &key).unwrap();
-        Node { idx, key, dir, port: 51820 }
+        Node {
+            idx,
+            key,
+            dir,
+            port: 51820,
+        }
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -137,8 +142,16 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
 
 /// Sends `len` bytes over TCP from namespace `from` to `to_addr:port` (a listener in `to_ns`)
 /// and returns (sent digest, received digest, seconds).
-pub fn tcp_transfer(from: &str, to_ns: &str, to_addr: IpAddr, port: u16, len: usize) -> ([u8; 32], [u8; 32], f64) {
-    let listener = in_netns(to_ns, move || TcpListener::bind((IpAddr::from([0u8; 4]), port)).unwrap());
+pub fn tcp_transfer(
+    from: &str,
+    to_ns: &str,
+    to_addr: IpAddr,
+    port: u16,
+    len: usize,
+) -> ([u8; 32], [u8; 32], f64) {
+    let listener = in_netns(to_ns, move || {
+        TcpListener::bind((IpAddr::from([0u8; 4]), port)).unwrap()
+    });
     let server = std::thread::spawn(move || {
         listener.set_nonblocking(false).unwrap();
         let (mut s, _) = listener.accept().unwrap();
@@ -171,9 +184,14 @@ pub fn tcp_transfer(from: &str, to_ns: &str, to_addr: IpAddr, port: u16, len: us
 /// Sends `count` UDP datagrams from `from` to a socket in `to_ns` and returns how many
 /// arrived intact (waits at most 3 s).
 pub fn udp_exchange(from: &str, to_ns: &str, to_addr: IpAddr, port: u16, count: usize) -> usize {
-    let rx = in_netns(to_ns, move || UdpSocket::bind((IpAddr::from([0u8; 4]), port)).unwrap());
-    rx.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
-    let tx = in_netns(from, || UdpSocket::bind((IpAddr::from([0u8; 4]), 0)).unwrap());
+    let rx = in_netns(to_ns, move || {
+        UdpSocket::bind((IpAddr::from([0u8; 4]), port)).unwrap()
+    });
+    rx.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let tx = in_netns(from, || {
+        UdpSocket::bind((IpAddr::from([0u8; 4]), 0)).unwrap()
+    });
     for i in 0..count {
         let msg = format!("datagram-{i}");
         tx.send_to(msg.as_bytes(), (to_addr, port)).unwrap();
@@ -198,7 +216,9 @@ pub fn udp_exchange(from: &str, to_ns: &str, to_addr: IpAddr, port: u16, count: 
 
 /// Pings `dst` from `host` until it answers (bounded).
 pub fn wait_ping(host: &Host, dst: IpAddr, timeout: Duration) -> bool {
-    wait_for(timeout, Duration::from_millis(100), || host.ping(dst).unwrap_or(false))
+    wait_for(timeout, Duration::from_millis(100), || {
+        host.ping(dst).unwrap_or(false)
+    })
 }
 
 /// A file path's text, or "" if unreadable.
