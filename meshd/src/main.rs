@@ -1,6 +1,7 @@
 //! `meshd`: the mesh daemon. `meshd up` runs a host's tunnels; `meshd genkey`/`pubkey` make
 //! keys; `meshd status` shows peers like `wg show`.
 
+mod agent;
 mod dataplane;
 mod routes;
 mod status;
@@ -33,6 +34,8 @@ enum Command {
     Pubkey,
     /// Bring the mesh interface up and run in the foreground until SIGTERM/SIGINT.
     Up(up::UpArgs),
+    /// Run the coordinator: enrols hosts, hands out peers and keys, pushes changes.
+    Coordinator(meshd_coordinator::CoordinatorArgs),
     /// Show the interface and its peers (like `wg show`).
     Status {
         /// Interface name.
@@ -99,6 +102,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Up(args) => up::run(args),
+        Command::Coordinator(args) => run_coordinator(args),
         Command::Status { interface, json } => {
             let s = status::fetch(&interface)?;
             if json {
@@ -120,4 +124,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn run_coordinator(args: meshd_coordinator::CoordinatorArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let (trigger, shutdown) = meshd_coordinator::Shutdown::new();
+        let opts = args.resolve(shutdown)?;
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            if let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            trigger.trigger();
+        });
+        meshd_coordinator::run(opts).await
+    })
 }

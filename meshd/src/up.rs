@@ -13,15 +13,36 @@ use crate::dataplane::{Dataplane, DataplaneConfig};
 use crate::routes::Routes;
 use crate::status::{self, StatusSource};
 
-/// Flags of `meshd up`.
+/// Flags of `meshd up`. With `--config`, peers come from the file (static mode); with
+/// `--join`, the host enrols with a coordinator; with neither, it resumes from `--state-dir`.
 #[derive(clap::Args)]
 pub struct UpArgs {
-    /// TOML config with [interface] and [[peer]] tables.
-    #[arg(short, long)]
-    config: PathBuf,
-    /// Where meshd keeps state (per instance when several share a machine).
+    /// Static mode: TOML config with [interface] and [[peer]] tables.
+    #[arg(short, long, conflicts_with_all = ["join", "name"])]
+    config: Option<PathBuf>,
+    /// Enrol with a coordinator using a join token (from `meshctl token create`).
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "MESHD_JOIN_TOKEN",
+        hide_env_values = true
+    )]
+    join: Option<String>,
+    /// Host name to register (default: /etc/hostname).
+    #[arg(long)]
+    name: Option<String>,
+    /// Where meshd keeps its key, enrolment and last network map.
     #[arg(long, default_value = "/var/lib/meshd")]
     state_dir: PathBuf,
+    /// TUN name (coordinator mode; the config file names it in static mode).
+    #[arg(long, default_value = "mesh0")]
+    interface: String,
+    /// WireGuard UDP port (coordinator mode).
+    #[arg(long, default_value_t = 51820)]
+    listen_port: u16,
+    /// TUN MTU (coordinator mode).
+    #[arg(long, default_value_t = 1420)]
+    mtu: u16,
 }
 
 /// Peer specs from a config file; endpoints resolved now (a failed lookup is logged and
@@ -52,9 +73,27 @@ fn load(path: &std::path::Path) -> anyhow::Result<(Config, PrivateKey)> {
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
-    let (cfg, key) = load(&args.config)?;
-    std::fs::create_dir_all(&args.state_dir)
-        .with_context(|| format!("creating state directory {}", args.state_dir.display()))?;
+    let Some(config) = args.config.clone() else {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        return rt.block_on(crate::agent::run(crate::agent::AgentArgs {
+            state_dir: args.state_dir,
+            join: args.join,
+            name: args.name,
+            interface: args.interface,
+            listen_port: args.listen_port,
+            mtu: args.mtu,
+        }));
+    };
+    run_static(&config, &args.state_dir)
+}
+
+/// Static mode: peers from the config file, SIGHUP reloads them.
+fn run_static(config: &std::path::Path, state_dir: &std::path::Path) -> anyhow::Result<()> {
+    let (cfg, key) = load(config)?;
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("creating state directory {}", state_dir.display()))?;
     let device = Arc::new(Device::new(key, rand_core::OsRng.next_u32()));
     device.set_peers(&peer_specs(&cfg))?;
     let iface = &cfg.interface;
@@ -91,7 +130,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let result = rt.block_on(control_loop(&args, &cfg, &device, dp.if_index));
+    let result = rt.block_on(control_loop(config, &cfg, &device, dp.if_index));
     dp.stop();
     tracing::info!("meshd stopped");
     result
@@ -99,7 +138,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
 
 /// Routes, signals and reloads. Returns when asked to stop, after removing what it added.
 async fn control_loop(
-    args: &UpArgs,
+    config: &std::path::Path,
     cfg: &Config,
     device: &Device,
     if_index: u32,
@@ -117,7 +156,7 @@ async fn control_loop(
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
-                match load(&args.config) {
+                match load(config) {
                     Ok((new, _key)) => {
                         if new.interface != cfg.interface {
                             tracing::warn!("[interface] changes need a restart; applying peer changes only");

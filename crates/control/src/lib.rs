@@ -1,1 +1,29 @@
-//! TODO crate overview
+//! meshd control plane core: the coordinator's data model, IP pool, network maps and deltas,
+//! join tokens, the agent↔coordinator protocol messages and framing, the admin API types,
+//! and the reconciliation state machine.
+//!
+//! This crate is pure: no tokio, no sockets, no clock reads. Every function that needs the
+//! time takes `now` ([`UnixTime`], seconds since the epoch) as a parameter. The coordinator
+//! binary (`meshd-coordinator`) wires it to QUIC, the admin HTTP API and the database.
+//!
+//! Call order for the reconciliation core ([`state::CoordinatorState`]):
+//! 1. feed events with `enrol` / `connect` / `report_endpoints` / admin operations (each takes `now`);
+//! 2. `take_dirty()` → records to persist (persist them before sending anything);
+//! 3. `poll_pushes()` → full maps / deltas to send to connected agents.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod map;
+pub mod model;
+pub mod policy;
+pub mod pool;
+pub mod proto;
+pub mod state;
+pub mod token;
+
+pub use map::{DeltaError, MapDelta, NetworkMap, Peer};
+pub use model::{Host, HostId, Labels, Token, TokenId, UnixTime};
+pub use pool::{IpPool, PoolError};
+pub use proto::{AgentMessage, CoordinatorMessage, ErrorCode, FrameDecoder, FrameError};
+pub use state::{CoordinatorState, Push};
+pub use token::{JoinToken, JoinTokenError, TokenSecret};

@@ -1,1 +1,86 @@
-//! TODO crate overview
+//! Coordinator storage: the [`Store`] trait and its SQLite implementation ([`SqliteStore`]).
+//!
+//! The trait is synchronous and coarse-grained on purpose: the coordinator keeps its state in
+//! memory (`meshd_control::CoordinatorState`), loads it once with [`Store::load`] and writes each
+//! batch of changed records with one [`Store::commit`] transaction. Async callers run these on
+//! `tokio::task::spawn_blocking` and never hold a connection across an await. A PostgreSQL
+//! implementation (e.g. with the sync `postgres` crate or a pool) implements the same trait and
+//! the callers do not change.
+//!
+//! Durability: SQLite in WAL mode with `synchronous=FULL`, so a transaction that `commit`
+//! returned `Ok` for survives `kill -9` and power loss. Schema migrations are versioned and
+//! recorded in the `schema_migrations` table.
+#![forbid(unsafe_code)]
+
+mod migrations;
+mod sqlite;
+
+use meshd_control::state::Dirty;
+use meshd_control::{Host, Token, UnixTime};
+
+pub use migrations::MIGRATIONS;
+pub use sqlite::SqliteStore;
+
+/// Everything the coordinator keeps across restarts (apart from its key file).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// All hosts, including removed ones.
+    pub hosts: Vec<Host>,
+    /// All tokens.
+    pub tokens: Vec<Token>,
+    /// The global map version.
+    pub map_version: u64,
+}
+
+/// Why a storage operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database reported an error.
+    #[error("database error: {0}")]
+    Db(#[from] rusqlite::Error),
+    /// A stored value could not be decoded.
+    #[error("corrupt {table} row {id}: bad {field}")]
+    Corrupt {
+        /// Table.
+        table: &'static str,
+        /// Row id.
+        id: i64,
+        /// Column.
+        field: &'static str,
+    },
+    /// A value does not fit the database's integer type.
+    #[error("value out of range for the database: {0}")]
+    Range(&'static str),
+    /// The database was written by a newer meshd.
+    #[error("database schema version {found} is newer than this meshd supports ({supported}); upgrade meshd")]
+    TooNew {
+        /// Version in the database.
+        found: i64,
+        /// Highest version known here.
+        supported: i64,
+    },
+    /// The connection mutex was poisoned by a panic in another thread.
+    #[error("database connection poisoned by an earlier panic")]
+    Poisoned,
+}
+
+/// Coordinator storage. Implementations must be durable once a method returns `Ok`.
+pub trait Store: Send + Sync + 'static {
+    /// Loads hosts, tokens and the map version.
+    fn load(&self) -> Result<Snapshot, StoreError>;
+    /// Writes a batch of changed records in one transaction (upserts by id).
+    fn commit(&self, changes: &Dirty) -> Result<(), StoreError>;
+    /// Reads a meta value (e.g. `admin_token_hash`).
+    fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError>;
+    /// Writes a meta value.
+    fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError>;
+    /// Appends to the audit/event log (e.g. a refused duplicate connection).
+    fn log_event(&self, at: UnixTime, kind: &str, detail: &str) -> Result<(), StoreError>;
+    /// The most recent `limit` events, newest first: (time, kind, detail).
+    fn recent_events(&self, limit: u32) -> Result<Vec<(UnixTime, String, String)>, StoreError>;
+}
+
+/// Meta key: SHA-256 (hex) of the admin token.
+pub const META_ADMIN_TOKEN_HASH: &str = "admin_token_hash";
+/// Meta key: the global map version.
+pub const META_MAP_VERSION: &str = "map_version";

@@ -225,3 +225,198 @@ pub fn wait_ping(host: &Host, dst: IpAddr, timeout: Duration) -> bool {
 pub fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
+
+/// A coordinator running in lab host `idx` (control on its underlay address, admin on its
+/// loopback), with helpers for the admin API.
+pub struct Coord {
+    pub idx: usize,
+    pub dir: PathBuf,
+    pub proc: Option<ProcHandle>,
+}
+
+impl Coord {
+    pub fn start(lab: &Lab, idx: usize) -> Coord {
+        let dir = lab.dir().join("coordinator");
+        let mut c = Coord {
+            idx,
+            dir,
+            proc: None,
+        };
+        c.restart(lab);
+        c
+    }
+
+    /// (Re)starts the process on the same state directory.
+    pub fn restart(&mut self, lab: &Lab) {
+        let host = lab.host(self.idx);
+        let listen = format!("{}:7443", host.underlay_ip());
+        let proc = host
+            .spawn(
+                Cmd::new(meshd_bin())
+                    .args([
+                        "coordinator",
+                        "--listen",
+                        &listen,
+                        "--admin-listen",
+                        "127.0.0.1:7444",
+                    ])
+                    .arg("--state-dir")
+                    .arg(&self.dir)
+                    .env("RUST_LOG", "info")
+                    .label("coordinator"),
+            )
+            .unwrap();
+        let ns = host.netns().to_string();
+        let ok = wait_for(Duration::from_secs(15), Duration::from_millis(100), || {
+            self.dir.join("admin.token").exists()
+                && http(&ns, "GET", "/v1/status", None, &self.token_or_empty()).0 == 200
+        });
+        assert!(
+            ok,
+            "coordinator did not come up: {}",
+            proc.stderr().unwrap_or_default()
+        );
+        self.proc = Some(proc);
+    }
+
+    fn token_or_empty(&self) -> String {
+        std::fs::read_to_string(self.dir.join("admin.token"))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    }
+
+    /// An admin API call: (status code, JSON body).
+    pub fn api(
+        &self,
+        lab: &Lab,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let (code, text) = http(
+            lab.host(self.idx).netns(),
+            method,
+            path,
+            body,
+            &self.token_or_empty(),
+        );
+        (
+            code,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    /// Creates a join token with `labels` ("k=v" pairs), optional ttl and uses.
+    pub fn token(
+        &self,
+        lab: &Lab,
+        labels: &[(&str, &str)],
+        ttl_secs: Option<u64>,
+        uses: Option<u32>,
+    ) -> String {
+        let labels: serde_json::Map<String, serde_json::Value> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
+            .collect();
+        let (code, v) = self.api(
+            lab,
+            "POST",
+            "/v1/tokens",
+            Some(serde_json::json!({"labels": labels, "ttl_secs": ttl_secs, "uses": uses})),
+        );
+        assert!(code == 200 || code == 201, "token create: {code} {v}");
+        v["token"].as_str().unwrap().to_string()
+    }
+}
+
+/// Minimal HTTP/1.1 client run inside namespace `ns` against 127.0.0.1:7444.
+pub fn http(
+    ns: &str,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+    token: &str,
+) -> (u16, String) {
+    let (method, path, token) = (method.to_string(), path.to_string(), token.to_string());
+    in_netns(ns, move || {
+        let Ok(mut s) =
+            TcpStream::connect_timeout(&"127.0.0.1:7444".parse().unwrap(), Duration::from_secs(2))
+        else {
+            return (0, String::new());
+        };
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        if s.write_all(req.as_bytes()).is_err() {
+            return (0, String::new());
+        }
+        let mut resp = String::new();
+        let _ = s.read_to_string(&mut resp);
+        let code = resp
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (code, body)
+    })
+}
+
+/// Starts `meshd up --join TOKEN --name NAME` on lab host `idx` with its own state dir.
+pub fn join(lab: &Lab, idx: usize, token: &str, name: &str) -> ProcHandle {
+    let host = lab.host(idx);
+    let state = lab.dir().join(format!("agent{idx}"));
+    host.spawn(
+        Cmd::new(meshd_bin())
+            .args(["up", "--join", token, "--name", name])
+            .arg("--state-dir")
+            .arg(&state)
+            .env("RUST_LOG", "info")
+            .label(format!("agent-{name}")),
+    )
+    .unwrap()
+}
+
+/// Restarts an enrolled agent from its state directory (no token).
+pub fn resume(lab: &Lab, idx: usize, name: &str) -> ProcHandle {
+    let host = lab.host(idx);
+    let state = lab.dir().join(format!("agent{idx}"));
+    host.spawn(
+        Cmd::new(meshd_bin())
+            .args(["up", "--state-dir"])
+            .arg(&state)
+            .env("RUST_LOG", "info")
+            .label(format!("agent-{name}-resumed")),
+    )
+    .unwrap()
+}
+
+/// The overlay IPv4 address meshd in `host` reports for itself.
+pub fn own_overlay(host: &Host) -> Option<IpAddr> {
+    let s = status_json(host)?;
+    let a = s["addresses"][0].as_str()?;
+    a.split('/').next()?.parse().ok()
+}
+
+/// Peer names in `host`'s status.
+pub fn peer_names(host: &Host) -> Vec<String> {
+    status_json(host)
+        .map(|s| {
+            s["peers"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|p| p["name"].as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default()
+        })
+        .unwrap_or_default()
+}

@@ -1,0 +1,197 @@
+//! Admin HTTP/JSON API types, shared by the coordinator and `meshctl`.
+//!
+//! Routes (all under a bearer admin token, `Authorization: Bearer <token>`):
+//!
+//! | method | path | body | reply |
+//! |---|---|---|---|
+//! | GET | `/v1/hosts` | | `Vec<HostView>` |
+//! | GET | `/v1/hosts/{host}` | | `HostView` |
+//! | POST | `/v1/hosts/{host}/labels` | `LabelRequest` | `HostView` |
+//! | POST | `/v1/hosts/{host}/unlabel` | `UnlabelRequest` | `HostView` |
+//! | POST | `/v1/hosts/{host}/rename` | `RenameRequest` | `HostView` |
+//! | DELETE | `/v1/hosts/{host}` | | `HostView` |
+//! | POST | `/v1/tokens` | `TokenCreateRequest` | `TokenCreated` |
+//! | GET | `/v1/tokens` | | `Vec<TokenView>` |
+//! | DELETE | `/v1/tokens/{id}` | | `TokenView` |
+//! | GET | `/v1/status` | | `StatusView` |
+//!
+//! `{host}` is a name, an id or a public key (base64, URL-encoded). Errors reply with a 4xx/5xx
+//! status and an [`ApiError`] body.
+
+use std::net::{IpAddr, SocketAddr};
+
+use meshd_tunnel::PublicKey;
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Host, HostId, Labels, Token, TokenId, UnixTime};
+
+/// A host as the admin API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostView {
+    /// Id.
+    pub id: HostId,
+    /// Name.
+    pub name: String,
+    /// Public key.
+    pub public_key: PublicKey,
+    /// Overlay addresses.
+    pub addresses: Vec<IpAddr>,
+    /// Labels.
+    pub labels: Labels,
+    /// Endpoints peers use (observed first).
+    pub endpoints: Vec<SocketAddr>,
+    /// Observed control-connection source IP.
+    pub observed_ip: Option<IpAddr>,
+    /// Whether it has a live control connection.
+    pub connected: bool,
+    /// Enrolment time (Unix seconds).
+    pub created_at: UnixTime,
+    /// Last contact (Unix seconds).
+    pub last_seen: UnixTime,
+    /// Map version last acked (when connected).
+    pub acked_version: Option<u64>,
+}
+
+impl HostView {
+    /// From a host record and its session state.
+    pub fn new(h: &Host, connected: bool, acked_version: Option<u64>) -> Self {
+        HostView {
+            id: h.id,
+            name: h.name.clone(),
+            public_key: h.public_key,
+            addresses: h.addresses(),
+            labels: h.labels.clone(),
+            endpoints: h.endpoints(),
+            observed_ip: h.observed_ip,
+            connected,
+            created_at: h.created_at,
+            last_seen: h.last_seen,
+            acked_version,
+        }
+    }
+}
+
+/// Add or replace labels.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LabelRequest {
+    /// Labels to set.
+    pub labels: Labels,
+}
+
+/// Remove labels by key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnlabelRequest {
+    /// Keys to remove.
+    pub keys: Vec<String>,
+}
+
+/// Rename a host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenameRequest {
+    /// New name.
+    pub name: String,
+}
+
+/// Create a join token.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct TokenCreateRequest {
+    /// Labels for hosts that enrol with it.
+    #[serde(default)]
+    pub labels: Labels,
+    /// Lifetime in seconds (absent: never expires).
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+    /// Number of enrolments (absent: unlimited).
+    #[serde(default)]
+    pub uses: Option<u32>,
+}
+
+/// A token as listed (never includes the secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenView {
+    /// Id.
+    pub id: TokenId,
+    /// Labels.
+    pub labels: Labels,
+    /// Creation time.
+    pub created_at: UnixTime,
+    /// Expiry.
+    pub expires_at: Option<UnixTime>,
+    /// Uses left (absent: unlimited).
+    pub uses_left: Option<u32>,
+    /// Revoked.
+    pub revoked: bool,
+    /// `active`, `expired`, `revoked` or `used_up` at the time of the request.
+    pub state: String,
+}
+
+impl TokenView {
+    /// From a token record at `now`.
+    pub fn new(t: &Token, now: UnixTime) -> Self {
+        let state = match t.check(now) {
+            Ok(()) => "active",
+            Err(crate::model::TokenUnusable::Expired) => "expired",
+            Err(crate::model::TokenUnusable::Revoked) => "revoked",
+            Err(crate::model::TokenUnusable::UsedUp) => "used_up",
+        };
+        TokenView {
+            id: t.id,
+            labels: t.labels.clone(),
+            created_at: t.created_at,
+            expires_at: t.expires_at,
+            uses_left: t.uses_left,
+            revoked: t.revoked,
+            state: state.to_string(),
+        }
+    }
+}
+
+/// A new token: the only time the join token string is shown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenCreated {
+    /// The `meshd1-…` string to pass to `meshd up --join`.
+    pub token: String,
+    /// The record.
+    pub info: TokenView,
+}
+
+/// A connected agent in `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectedAgent {
+    /// Host id.
+    pub id: HostId,
+    /// Host name.
+    pub name: String,
+    /// Last version sent.
+    pub sent_version: u64,
+    /// Last version acked.
+    pub acked_version: u64,
+    /// Connected since.
+    pub connected_at: UnixTime,
+}
+
+/// Coordinator status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusView {
+    /// Crate version.
+    pub version: String,
+    /// Global map version.
+    pub map_version: u64,
+    /// Non-removed hosts.
+    pub hosts: usize,
+    /// Live agents.
+    pub connected: Vec<ConnectedAgent>,
+    /// Control address tokens carry.
+    pub advertise: SocketAddr,
+    /// Coordinator public key.
+    pub public_key: PublicKey,
+}
+
+/// Error body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// Short machine-readable code (`unauthorized`, `not_found`, `bad_request`, `conflict`, `internal`).
+    pub code: String,
+    /// What went wrong and what to do.
+    pub message: String,
+}

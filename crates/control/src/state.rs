@@ -1,0 +1,864 @@
+//! The coordinator's reconciliation core: hosts, tokens and live sessions in memory; events in,
+//! records to persist and maps/deltas to push out.
+//!
+//! Call order per batch of events:
+//! 1. any number of event methods (`connect`, `report_endpoints`, admin operations …), each with `now`;
+//! 2. [`CoordinatorState::poll_pushes`] and [`CoordinatorState::poll_kicks`];
+//! 3. [`CoordinatorState::take_dirty`] → persist the records (before sending anything);
+//! 4. send the pushes, close the kicked connections.
+//!
+//! Per session the state keeps, sorted by host id, the revision of every peer record the agent
+//! was last sent; a peer whose host revision moved on is re-sent. Which hosts peer with which is
+//! [`crate::policy::is_peer`].
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use meshd_tunnel::PublicKey;
+
+use crate::map::{MapDelta, NetworkMap, Peer};
+use crate::model::{
+    validate_label, validate_name, Host, HostId, LabelError, Labels, NameError, Token, TokenId,
+    TokenUnusable, UnixTime,
+};
+use crate::policy::is_peer;
+use crate::pool::{IpPool, PoolError};
+use crate::proto::{CoordinatorMessage, EndpointReport, ErrorCode, HostInfo};
+
+/// Identifies one control connection (so a stale disconnect cannot end a newer session).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u64);
+
+/// How an agent opens a session.
+#[derive(Debug, Clone)]
+pub enum Hello {
+    /// New host with a join token (only the secret's hash is passed in).
+    Enrol {
+        /// SHA-256 of the token secret.
+        secret_hash: [u8; 32],
+        /// Requested name.
+        name: String,
+        /// Underlay endpoints.
+        endpoints: EndpointReport,
+    },
+    /// Enrolled host reconnecting.
+    Resume {
+        /// Underlay endpoints.
+        endpoints: EndpointReport,
+    },
+}
+
+/// A message for one connected agent.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct Push {
+    /// Recipient host.
+    pub host: HostId,
+    /// Recipient connection.
+    pub conn: ConnId,
+    /// `FullMap` or `Delta`.
+    pub message: CoordinatorMessage,
+}
+
+/// A connection to close, with the error to send first.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct Kick {
+    /// Host.
+    pub host: HostId,
+    /// Connection.
+    pub conn: ConnId,
+    /// Why.
+    pub code: ErrorCode,
+}
+
+/// Records changed since the last `take_dirty` (persist all in one transaction).
+#[derive(Debug, Clone, Default)]
+#[must_use]
+pub struct Dirty {
+    /// Changed hosts (full records).
+    pub hosts: Vec<Host>,
+    /// Changed tokens (full records).
+    pub tokens: Vec<Token>,
+    /// New map version, if it moved.
+    pub map_version: Option<u64>,
+}
+
+impl Dirty {
+    /// Nothing to persist.
+    pub fn is_empty(&self) -> bool {
+        self.hosts.is_empty() && self.tokens.is_empty() && self.map_version.is_none()
+    }
+}
+
+/// Parameters of a new join token.
+#[derive(Debug, Clone, Default)]
+pub struct TokenSpec {
+    /// Labels for hosts enrolling with it.
+    pub labels: Labels,
+    /// Lifetime in seconds (`None`: no expiry).
+    pub ttl_secs: Option<u64>,
+    /// Number of enrolments (`None`: unlimited).
+    pub uses: Option<u32>,
+}
+
+/// Why an admin operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdminError {
+    /// No host matches.
+    #[error("no host {0:?} (give a name, id or public key; see `meshctl hosts list`)")]
+    NoSuchHost(String),
+    /// No token with this id.
+    #[error("no token with id {0}")]
+    NoSuchToken(TokenId),
+    /// Name used by another host.
+    #[error("host name {0:?} is already taken")]
+    NameTaken(String),
+    /// Invalid name.
+    #[error(transparent)]
+    InvalidName(#[from] NameError),
+    /// Invalid label.
+    #[error(transparent)]
+    InvalidLabel(#[from] LabelError),
+    /// The host was removed.
+    #[error("host {0:?} was removed")]
+    HostRemoved(String),
+}
+
+/// Why persisted state could not be loaded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RestoreError {
+    /// A stored host's address does not fit the configured pool.
+    #[error("host {host}: {source}")]
+    Pool {
+        /// Host name.
+        host: String,
+        /// Cause.
+        #[source]
+        source: PoolError,
+    },
+}
+
+/// A live session as shown by `status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    /// Host.
+    pub host: HostId,
+    /// Connection.
+    pub conn: ConnId,
+    /// Last map version sent (0: none yet).
+    pub sent_version: u64,
+    /// Last version the agent acked.
+    pub acked_version: u64,
+    /// Connected since.
+    pub connected_at: UnixTime,
+}
+
+#[derive(Debug)]
+struct Session {
+    conn: ConnId,
+    /// Sorted by host id: (peer, revision sent); `None` until the first full map.
+    sent: Option<Vec<(HostId, u64)>>,
+    sent_version: u64,
+    acked: u64,
+    connected_at: UnixTime,
+}
+
+/// The reconciliation core. See the module docs for the call order.
+#[derive(Debug)]
+pub struct CoordinatorState {
+    pool: IpPool,
+    hosts: BTreeMap<HostId, Host>,
+    by_key: HashMap<PublicKey, HostId>,
+    tokens: BTreeMap<TokenId, Token>,
+    by_hash: HashMap<[u8; 32], TokenId>,
+    next_host: u64,
+    next_token: u64,
+    map_version: u64,
+    version_dirty: bool,
+    revs: HashMap<HostId, u64>,
+    next_rev: u64,
+    sessions: BTreeMap<HostId, Session>,
+    changed: BTreeSet<HostId>,
+    membership_dirty: bool,
+    dirty_hosts: BTreeSet<HostId>,
+    dirty_tokens: BTreeSet<TokenId>,
+    kicks: Vec<Kick>,
+}
+
+impl CoordinatorState {
+    /// Empty state over a pool.
+    pub fn new(pool_v4: Ipv4Net, pool_v6: Option<Ipv6Net>) -> Result<Self, PoolError> {
+        Ok(Self::empty(IpPool::new(pool_v4, pool_v6)?))
+    }
+
+    fn empty(pool: IpPool) -> Self {
+        CoordinatorState {
+            pool,
+            hosts: BTreeMap::new(),
+            by_key: HashMap::new(),
+            tokens: BTreeMap::new(),
+            by_hash: HashMap::new(),
+            next_host: 1,
+            next_token: 1,
+            map_version: 0,
+            version_dirty: false,
+            revs: HashMap::new(),
+            next_rev: 1,
+            sessions: BTreeMap::new(),
+            changed: BTreeSet::new(),
+            membership_dirty: false,
+            dirty_hosts: BTreeSet::new(),
+            dirty_tokens: BTreeSet::new(),
+            kicks: Vec::new(),
+        }
+    }
+
+    /// State rebuilt from storage (`pool` empty; stored hosts' addresses are reserved in it).
+    pub fn restore(
+        pool: IpPool,
+        hosts: Vec<Host>,
+        tokens: Vec<Token>,
+        map_version: u64,
+    ) -> Result<Self, RestoreError> {
+        let mut s = Self::empty(pool);
+        s.map_version = map_version;
+        for mut h in hosts {
+            s.next_host = s.next_host.max(h.id.0 + 1);
+            if !h.removed {
+                s.pool
+                    .reserve(h.ipv4)
+                    .map_err(|source| RestoreError::Pool {
+                        host: h.name.clone(),
+                        source,
+                    })?;
+                if h.ipv6.is_none() {
+                    h.ipv6 = s.pool.v6_for(h.ipv4);
+                }
+            }
+            // A live host beats a removed one for its key; otherwise the newest wins.
+            let replace = match s.by_key.get(&h.public_key).and_then(|id| s.hosts.get(id)) {
+                Some(old) => old.removed || (!h.removed && h.id > old.id),
+                None => true,
+            };
+            if replace {
+                s.by_key.insert(h.public_key, h.id);
+            }
+            let rev = s.bump_rev();
+            s.revs.insert(h.id, rev);
+            s.hosts.insert(h.id, h);
+        }
+        for t in tokens {
+            s.next_token = s.next_token.max(t.id.0 + 1);
+            s.by_hash.insert(t.secret_hash, t.id);
+            s.tokens.insert(t.id, t);
+        }
+        Ok(s)
+    }
+
+    fn bump_rev(&mut self) -> u64 {
+        let r = self.next_rev;
+        self.next_rev += 1;
+        r
+    }
+
+    /// Marks a host's peer-visible record as changed.
+    fn touch(&mut self, id: HostId) {
+        let r = self.bump_rev();
+        self.revs.insert(id, r);
+        self.changed.insert(id);
+        self.dirty_hosts.insert(id);
+    }
+
+    /// The pool's networks (for `Welcome`).
+    pub fn networks(&self) -> Vec<IpNet> {
+        let mut v = vec![IpNet::V4(self.pool.network())];
+        if let Some(n) = self.pool.network_v6() {
+            v.push(IpNet::V6(n));
+        }
+        v
+    }
+
+    /// Whether a membership change (enrol, removal, labels) awaits the next `poll_pushes`
+    /// (such changes fan out to every agent, so callers may wait a little to batch them).
+    pub fn membership_pending(&self) -> bool {
+        self.membership_dirty
+    }
+
+    /// Current global map version.
+    pub fn map_version(&self) -> u64 {
+        self.map_version
+    }
+
+    /// All hosts, including removed ones, by id.
+    pub fn hosts(&self) -> impl Iterator<Item = &Host> {
+        self.hosts.values()
+    }
+
+    /// A host by id.
+    pub fn host(&self, id: HostId) -> Option<&Host> {
+        self.hosts.get(&id)
+    }
+
+    /// The live (not removed) host with this key.
+    pub fn host_by_key(&self, key: &PublicKey) -> Option<&Host> {
+        self.by_key
+            .get(key)
+            .and_then(|id| self.hosts.get(id))
+            .filter(|h| !h.removed)
+    }
+
+    /// Finds a non-removed host by name, then id, then public key.
+    pub fn find_host(&self, r: &str) -> Result<&Host, AdminError> {
+        let live = || self.hosts.values().filter(|h| !h.removed);
+        if let Some(h) = live().find(|h| h.name == r) {
+            return Ok(h);
+        }
+        if let Ok(id) = r.parse::<u64>() {
+            if let Some(h) = self.hosts.get(&HostId(id)) {
+                return if h.removed {
+                    Err(AdminError::HostRemoved(r.into()))
+                } else {
+                    Ok(h)
+                };
+            }
+        }
+        if let Ok(k) = r.parse::<PublicKey>() {
+            if let Some(h) = self.host_by_key(&k) {
+                return Ok(h);
+            }
+        }
+        Err(AdminError::NoSuchHost(r.into()))
+    }
+
+    /// All tokens by id.
+    pub fn tokens(&self) -> impl Iterator<Item = &Token> {
+        self.tokens.values()
+    }
+
+    /// Live sessions.
+    pub fn sessions(&self) -> Vec<SessionInfo> {
+        self.sessions
+            .iter()
+            .map(|(h, s)| SessionInfo {
+                host: *h,
+                conn: s.conn,
+                sent_version: s.sent_version,
+                acked_version: s.acked,
+                connected_at: s.connected_at,
+            })
+            .collect()
+    }
+
+    /// Whether a host has a live session.
+    pub fn is_connected(&self, id: HostId) -> bool {
+        self.sessions.contains_key(&id)
+    }
+
+    fn name_taken(&self, name: &str, except: Option<HostId>) -> bool {
+        self.hosts
+            .values()
+            .any(|h| !h.removed && h.name == name && Some(h.id) != except)
+    }
+
+    /// An agent connected and proved `key`. On success the session is live and its full map
+    /// will come out of the next `poll_pushes`.
+    pub fn connect(
+        &mut self,
+        now: UnixTime,
+        key: PublicKey,
+        conn: ConnId,
+        observed: IpAddr,
+        hello: Hello,
+    ) -> Result<HostInfo, ErrorCode> {
+        let existing = self.by_key.get(&key).copied();
+        let (id, endpoints) = match (hello, existing.and_then(|id| self.hosts.get(&id))) {
+            (Hello::Resume { .. }, None) => return Err(ErrorCode::UnknownHost),
+            (Hello::Resume { .. }, Some(h)) if h.removed => return Err(ErrorCode::HostRemoved),
+            (Hello::Resume { endpoints }, Some(h)) => (h.id, endpoints),
+            // Already enrolled (e.g. the Welcome was lost): resume without using the token.
+            (Hello::Enrol { endpoints, .. }, Some(h)) if !h.removed => (h.id, endpoints),
+            (
+                Hello::Enrol {
+                    secret_hash,
+                    name,
+                    endpoints,
+                },
+                _,
+            ) => {
+                let id = self.enrol(now, key, secret_hash, name, &endpoints)?;
+                (id, endpoints)
+            }
+        };
+        if self.sessions.contains_key(&id) {
+            return Err(ErrorCode::AlreadyConnected);
+        }
+        self.sessions.insert(
+            id,
+            Session {
+                conn,
+                sent: None,
+                sent_version: 0,
+                acked: 0,
+                connected_at: now,
+            },
+        );
+        self.update_endpoints(now, id, Some(endpoints), Some(observed));
+        let h = self.hosts.get(&id).ok_or(ErrorCode::Internal)?;
+        Ok(HostInfo::from_host(h, self.networks()))
+    }
+
+    fn enrol(
+        &mut self,
+        now: UnixTime,
+        key: PublicKey,
+        secret_hash: [u8; 32],
+        name: String,
+        endpoints: &EndpointReport,
+    ) -> Result<HostId, ErrorCode> {
+        let tid = *self
+            .by_hash
+            .get(&secret_hash)
+            .ok_or(ErrorCode::TokenUnknown)?;
+        let token = self.tokens.get(&tid).ok_or(ErrorCode::TokenUnknown)?;
+        token.check(now).map_err(|e| match e {
+            TokenUnusable::Expired => ErrorCode::TokenExpired,
+            TokenUnusable::Revoked => ErrorCode::TokenRevoked,
+            TokenUnusable::UsedUp => ErrorCode::TokenUsedUp,
+        })?;
+        validate_name(&name).map_err(|_| ErrorCode::InvalidName)?;
+        let labels = token.labels.clone();
+        let id = HostId(self.next_host);
+        let name = if self.name_taken(&name, None) {
+            format!("{name}-{}", id.0)
+        } else {
+            name
+        };
+        let (ipv4, ipv6) = self.pool.allocate().map_err(|_| ErrorCode::PoolExhausted)?;
+        self.next_host += 1;
+        if let Some(t) = self.tokens.get_mut(&tid) {
+            if let Some(u) = t.uses_left.as_mut() {
+                *u = u.saturating_sub(1);
+            }
+        }
+        self.dirty_tokens.insert(tid);
+        self.hosts.insert(
+            id,
+            Host {
+                id,
+                name,
+                public_key: key,
+                ipv4,
+                ipv6,
+                labels,
+                reported_endpoints: endpoints.addrs.clone(),
+                listen_port: endpoints.listen_port,
+                observed_ip: None,
+                created_at: now,
+                last_seen: now,
+                removed: false,
+                token_id: Some(tid),
+            },
+        );
+        self.by_key.insert(key, id);
+        self.membership_dirty = true;
+        self.touch(id);
+        Ok(id)
+    }
+
+    fn update_endpoints(
+        &mut self,
+        now: UnixTime,
+        id: HostId,
+        report: Option<EndpointReport>,
+        observed: Option<IpAddr>,
+    ) {
+        let Some(h) = self.hosts.get_mut(&id) else {
+            return;
+        };
+        let before = h.endpoints();
+        if let Some(r) = report {
+            h.reported_endpoints = r.addrs;
+            h.listen_port = r.listen_port;
+        }
+        if let Some(o) = observed {
+            h.observed_ip = Some(o);
+        }
+        h.last_seen = now;
+        let changed = h.endpoints() != before;
+        self.dirty_hosts.insert(id);
+        if changed {
+            self.touch(id);
+        }
+    }
+
+    fn session_ok(&self, id: HostId, conn: ConnId) -> bool {
+        self.sessions.get(&id).is_some_and(|s| s.conn == conn)
+    }
+
+    /// The agent reported new underlay endpoints.
+    pub fn report_endpoints(&mut self, now: UnixTime, id: HostId, conn: ConnId, r: EndpointReport) {
+        if self.session_ok(id, conn) {
+            self.update_endpoints(now, id, Some(r), None);
+        }
+    }
+
+    /// The agent's control connection now comes from another source address.
+    pub fn observed_changed(&mut self, now: UnixTime, id: HostId, conn: ConnId, ip: IpAddr) {
+        if self.session_ok(id, conn) {
+            self.update_endpoints(now, id, None, Some(ip));
+        }
+    }
+
+    /// The agent applied `version`.
+    pub fn ack(&mut self, id: HostId, conn: ConnId, version: u64) {
+        if let Some(s) = self.sessions.get_mut(&id).filter(|s| s.conn == conn) {
+            s.acked = s.acked.max(version.min(s.sent_version));
+        }
+    }
+
+    /// The agent could not apply a delta: the next poll sends it a full map.
+    pub fn resync(&mut self, id: HostId, conn: ConnId) {
+        if let Some(s) = self.sessions.get_mut(&id).filter(|s| s.conn == conn) {
+            s.sent = None;
+        }
+    }
+
+    /// The connection ended (a stale connection id is ignored).
+    pub fn disconnect(&mut self, now: UnixTime, id: HostId, conn: ConnId) {
+        if self.session_ok(id, conn) {
+            self.sessions.remove(&id);
+            if let Some(h) = self.hosts.get_mut(&id) {
+                h.last_seen = now;
+                self.dirty_hosts.insert(id);
+            }
+        }
+    }
+
+    /// Creates a token; the caller generated the secret and passes its hash.
+    pub fn create_token(
+        &mut self,
+        now: UnixTime,
+        spec: TokenSpec,
+        secret_hash: [u8; 32],
+    ) -> Result<Token, AdminError> {
+        for (k, v) in &spec.labels {
+            validate_label(k, v)?;
+        }
+        let id = TokenId(self.next_token);
+        self.next_token += 1;
+        let t = Token {
+            id,
+            labels: spec.labels,
+            created_at: now,
+            expires_at: spec.ttl_secs.map(|t| now.saturating_add(t)),
+            uses_left: spec.uses,
+            revoked: false,
+            secret_hash,
+        };
+        self.by_hash.insert(secret_hash, id);
+        self.tokens.insert(id, t.clone());
+        self.dirty_tokens.insert(id);
+        Ok(t)
+    }
+
+    /// Revokes a token.
+    pub fn revoke_token(&mut self, id: TokenId) -> Result<Token, AdminError> {
+        let t = self
+            .tokens
+            .get_mut(&id)
+            .ok_or(AdminError::NoSuchToken(id))?;
+        t.revoked = true;
+        self.dirty_tokens.insert(id);
+        Ok(t.clone())
+    }
+
+    fn live_id(&self, r: &str) -> Result<HostId, AdminError> {
+        self.find_host(r).map(|h| h.id)
+    }
+
+    /// Adds or replaces labels.
+    pub fn set_labels(&mut self, r: &str, labels: Labels) -> Result<Host, AdminError> {
+        for (k, v) in &labels {
+            validate_label(k, v)?;
+        }
+        let id = self.live_id(r)?;
+        let h = self
+            .hosts
+            .get_mut(&id)
+            .ok_or_else(|| AdminError::NoSuchHost(r.into()))?;
+        let before = h.labels.clone();
+        h.labels.extend(labels);
+        if h.labels != before {
+            self.membership_dirty = true;
+            self.touch(id);
+        }
+        self.host_result(id, r)
+    }
+
+    /// Removes labels by key (absent keys are ignored).
+    pub fn remove_labels(&mut self, r: &str, keys: &[String]) -> Result<Host, AdminError> {
+        let id = self.live_id(r)?;
+        let h = self
+            .hosts
+            .get_mut(&id)
+            .ok_or_else(|| AdminError::NoSuchHost(r.into()))?;
+        let n = h.labels.len();
+        h.labels.retain(|k, _| !keys.contains(k));
+        if h.labels.len() != n {
+            self.membership_dirty = true;
+            self.touch(id);
+        }
+        self.host_result(id, r)
+    }
+
+    /// Renames a host.
+    pub fn rename(&mut self, r: &str, name: &str) -> Result<Host, AdminError> {
+        validate_name(name)?;
+        let id = self.live_id(r)?;
+        if self.name_taken(name, Some(id)) {
+            return Err(AdminError::NameTaken(name.into()));
+        }
+        let h = self
+            .hosts
+            .get_mut(&id)
+            .ok_or_else(|| AdminError::NoSuchHost(r.into()))?;
+        if h.name != name {
+            h.name = name.to_string();
+            self.touch(id);
+        }
+        self.host_result(id, r)
+    }
+
+    /// Removes a host: it leaves every peer's map, its address returns to the pool, and its
+    /// live session (if any) is kicked with `HostRemoved`.
+    pub fn remove_host(&mut self, r: &str) -> Result<Host, AdminError> {
+        let id = self.live_id(r)?;
+        let h = self
+            .hosts
+            .get_mut(&id)
+            .ok_or_else(|| AdminError::NoSuchHost(r.into()))?;
+        h.removed = true;
+        let addr = h.ipv4;
+        self.pool.release(addr);
+        self.membership_dirty = true;
+        self.touch(id);
+        if let Some(s) = self.sessions.remove(&id) {
+            self.kicks.push(Kick {
+                host: id,
+                conn: s.conn,
+                code: ErrorCode::HostRemoved,
+            });
+        }
+        self.host_result(id, r)
+    }
+
+    fn host_result(&self, id: HostId, r: &str) -> Result<Host, AdminError> {
+        self.hosts
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| AdminError::NoSuchHost(r.into()))
+    }
+
+    /// The peer ids `id` should have, sorted.
+    fn peer_ids(&self, id: HostId) -> Vec<HostId> {
+        let Some(me) = self.hosts.get(&id) else {
+            return Vec::new();
+        };
+        self.hosts
+            .values()
+            .filter(|o| is_peer(me, o))
+            .map(|o| o.id)
+            .collect()
+    }
+
+    /// The full map `id` should have now, at `version`.
+    pub fn full_map_for(&self, id: HostId, version: u64) -> NetworkMap {
+        NetworkMap {
+            version,
+            peers: {
+                let mut v: Vec<Peer> = self
+                    .peer_ids(id)
+                    .into_iter()
+                    .filter_map(|p| self.hosts.get(&p).map(Peer::from_host))
+                    .collect();
+                v.sort_by_key(|p| p.public_key);
+                v
+            },
+        }
+    }
+
+    fn rev(&self, id: HostId) -> u64 {
+        self.revs.get(&id).copied().unwrap_or(0)
+    }
+
+    /// Maps and deltas for connected agents since the last call.
+    pub fn poll_pushes(&mut self) -> Vec<Push> {
+        let changed = std::mem::take(&mut self.changed);
+        let membership = std::mem::take(&mut self.membership_dirty);
+        let need_any = self.sessions.values().any(|s| s.sent.is_none())
+            || (!self.sessions.is_empty() && (membership || !changed.is_empty()));
+        if !need_any {
+            return Vec::new();
+        }
+        let version = self.map_version + 1;
+        let ids: Vec<HostId> = self.sessions.keys().copied().collect();
+        let mut out = Vec::new();
+        for id in ids {
+            let Some(sent) = self.sessions.get(&id).map(|s| s.sent.clone()) else {
+                continue;
+            };
+            let conn = match self.sessions.get(&id) {
+                Some(s) => s.conn,
+                None => continue,
+            };
+            let (new_sent, message) = match sent {
+                None => {
+                    let map = self.full_map_for(id, version);
+                    let ns: Vec<(HostId, u64)> = self
+                        .peer_ids(id)
+                        .into_iter()
+                        .map(|p| (p, self.rev(p)))
+                        .collect();
+                    (ns, Some(CoordinatorMessage::FullMap { map }))
+                }
+                Some(old) => {
+                    let from = self.sessions.get(&id).map_or(0, |s| s.sent_version);
+                    let (ns, delta) = if membership {
+                        self.delta_membership(id, &old, from, version)
+                    } else {
+                        self.delta_changed(&old, &changed, from, version)
+                    };
+                    let msg = (!delta.is_empty()).then_some(CoordinatorMessage::Delta { delta });
+                    (ns, msg)
+                }
+            };
+            if let Some(message) = message {
+                if let Some(s) = self.sessions.get_mut(&id) {
+                    s.sent = Some(new_sent);
+                    s.sent_version = version;
+                }
+                out.push(Push {
+                    host: id,
+                    conn,
+                    message,
+                });
+            }
+        }
+        if !out.is_empty() {
+            self.map_version = version;
+            self.version_dirty = true;
+        }
+        out
+    }
+
+    fn peer_of(&self, id: HostId) -> Option<Peer> {
+        self.hosts.get(&id).map(Peer::from_host)
+    }
+
+    fn delta_membership(
+        &self,
+        id: HostId,
+        old: &[(HostId, u64)],
+        from: u64,
+        to: u64,
+    ) -> (Vec<(HostId, u64)>, MapDelta) {
+        let new_ids = self.peer_ids(id);
+        let mut upserts = Vec::new();
+        let mut removals = Vec::new();
+        let mut ns = Vec::with_capacity(new_ids.len());
+        let (mut i, mut j) = (0, 0);
+        while i < old.len() || j < new_ids.len() {
+            match (old.get(i), new_ids.get(j)) {
+                (Some(&(o, orev)), Some(&n)) if o == n => {
+                    let r = self.rev(n);
+                    if r != orev {
+                        upserts.extend(self.peer_of(n));
+                    }
+                    ns.push((n, r));
+                    i += 1;
+                    j += 1;
+                }
+                (Some(&(o, _)), Some(&n)) if o < n => {
+                    removals.extend(self.hosts.get(&o).map(|h| h.public_key));
+                    i += 1;
+                }
+                (_, Some(&n)) => {
+                    upserts.extend(self.peer_of(n));
+                    ns.push((n, self.rev(n)));
+                    j += 1;
+                }
+                (Some(&(o, _)), None) => {
+                    removals.extend(self.hosts.get(&o).map(|h| h.public_key));
+                    i += 1;
+                }
+                (None, None) => break,
+            }
+        }
+        (
+            ns,
+            MapDelta {
+                from_version: from,
+                to_version: to,
+                upserts,
+                removals,
+            },
+        )
+    }
+
+    fn delta_changed(
+        &self,
+        old: &[(HostId, u64)],
+        changed: &BTreeSet<HostId>,
+        from: u64,
+        to: u64,
+    ) -> (Vec<(HostId, u64)>, MapDelta) {
+        let mut ns = old.to_vec();
+        let mut upserts = Vec::new();
+        for c in changed {
+            if let Ok(i) = ns.binary_search_by(|(h, _)| h.cmp(c)) {
+                let r = self.rev(*c);
+                if ns[i].1 != r {
+                    ns[i].1 = r;
+                    upserts.extend(self.peer_of(*c));
+                }
+            }
+        }
+        (
+            ns,
+            MapDelta {
+                from_version: from,
+                to_version: to,
+                upserts,
+                removals: Vec::new(),
+            },
+        )
+    }
+
+    /// Connections to close since the last call.
+    pub fn poll_kicks(&mut self) -> Vec<Kick> {
+        std::mem::take(&mut self.kicks)
+    }
+
+    /// Records to persist since the last call.
+    pub fn take_dirty(&mut self) -> Dirty {
+        let hosts = std::mem::take(&mut self.dirty_hosts)
+            .into_iter()
+            .filter_map(|id| self.hosts.get(&id).cloned())
+            .collect();
+        let tokens = std::mem::take(&mut self.dirty_tokens)
+            .into_iter()
+            .filter_map(|id| self.tokens.get(&id).cloned())
+            .collect();
+        let map_version = std::mem::take(&mut self.version_dirty).then_some(self.map_version);
+        Dirty {
+            hosts,
+            tokens,
+            map_version,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

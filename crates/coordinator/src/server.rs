@@ -1,0 +1,899 @@
+//! The coordinator: one actor task owns the reconciliation state and the store; connection
+//! tasks speak QUIC + Noise to agents; the admin API sends it commands.
+//!
+//! The actor handles commands in batches: apply all pending commands to the pure state, poll
+//! pushes and kicks, commit the dirty records in one transaction (on a blocking thread), and
+//! only then reply and push. No lock is ever held across network or disk IO.
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use meshd_control::api::{
+    ConnectedAgent, HostView, StatusView, TokenCreateRequest, TokenCreated, TokenView,
+};
+use meshd_control::proto::{
+    AgentMessage, CoordinatorMessage, EndpointReport, ErrorCode, HostInfo, MAX_AGENT_FRAME,
+    MAX_COORDINATOR_FRAME, PROTOCOL_VERSION,
+};
+use meshd_control::state::{AdminError, ConnId, Hello, TokenSpec};
+use meshd_control::token::hash_secret;
+use meshd_control::{
+    CoordinatorState, HostId, IpPool, JoinToken, Labels, TokenId, TokenSecret, UnixTime,
+};
+use meshd_store::{SqliteStore, Store, META_ADMIN_TOKEN_HASH};
+use meshd_tunnel::{PrivateKey, PublicKey};
+use rand_core::{OsRng, RngCore as _};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tracing::{debug, error, info, warn};
+
+use crate::noise::{self, ChannelError};
+use crate::options::CoordinatorOptions;
+use crate::{admin, quic};
+
+/// Key file name in the state directory.
+pub const KEY_FILE: &str = "coordinator.key";
+/// Database file name in the state directory.
+pub const DB_FILE: &str = "coordinator.db";
+/// Admin token file name in the state directory.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+/// Admin token prefix.
+pub const ADMIN_TOKEN_PREFIX: &str = "meshadm-";
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const OUTBOUND_QUEUE: usize = 256;
+const COMMAND_QUEUE: usize = 4096;
+const MAX_BATCH: usize = 1024;
+const MEMBERSHIP_BATCH_WINDOW: Duration = Duration::from_millis(50);
+const OBSERVE_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Seconds since the Unix epoch (the only clock read on the coordinator's state path).
+pub fn unix_now() -> UnixTime {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// An admin operation (the HTTP API and in-process callers use the same set).
+#[derive(Debug, Clone)]
+pub enum AdminOp {
+    /// All non-removed hosts.
+    ListHosts,
+    /// One host by name, id or key.
+    ShowHost(String),
+    /// Add/replace labels.
+    Label(String, Labels),
+    /// Remove labels by key.
+    Unlabel(String, Vec<String>),
+    /// Rename.
+    Rename(String, String),
+    /// Remove from the mesh.
+    Remove(String),
+    /// New join token.
+    CreateToken(TokenCreateRequest),
+    /// All tokens.
+    ListTokens,
+    /// Revoke a token.
+    RevokeToken(TokenId),
+    /// Status.
+    Status,
+}
+
+/// The result of an [`AdminOp`].
+#[derive(Debug, Clone)]
+pub enum AdminReply {
+    /// One host.
+    Host(HostView),
+    /// Hosts.
+    Hosts(Vec<HostView>),
+    /// One token.
+    Token(TokenView),
+    /// Tokens.
+    Tokens(Vec<TokenView>),
+    /// A new token.
+    Created(TokenCreated),
+    /// Status.
+    Status(StatusView),
+}
+
+pub(crate) enum Outbound {
+    Msg(CoordinatorMessage),
+    Close(ErrorCode, String),
+}
+
+pub(crate) enum Cmd {
+    Connect {
+        key: PublicKey,
+        observed: IpAddr,
+        hello: Hello,
+        tx: mpsc::Sender<Outbound>,
+        conn: quinn::Connection,
+        reply: oneshot::Sender<Result<(HostInfo, ConnId), ErrorCode>>,
+    },
+    Report {
+        host: HostId,
+        conn: ConnId,
+        endpoints: EndpointReport,
+    },
+    Observed {
+        host: HostId,
+        conn: ConnId,
+        ip: IpAddr,
+    },
+    Ack {
+        host: HostId,
+        conn: ConnId,
+        version: u64,
+    },
+    Resync {
+        host: HostId,
+        conn: ConnId,
+    },
+    Disconnect {
+        host: HostId,
+        conn: ConnId,
+    },
+    Admin {
+        op: AdminOp,
+        reply: oneshot::Sender<Result<AdminReply, AdminError>>,
+    },
+}
+
+enum Deferred {
+    Connect(
+        oneshot::Sender<Result<(HostInfo, ConnId), ErrorCode>>,
+        Result<(HostInfo, ConnId), ErrorCode>,
+    ),
+    Admin(
+        oneshot::Sender<Result<AdminReply, AdminError>>,
+        Result<AdminReply, AdminError>,
+    ),
+}
+
+struct Live {
+    conn_id: ConnId,
+    tx: mpsc::Sender<Outbound>,
+    conn: quinn::Connection,
+}
+
+struct Actor {
+    state: CoordinatorState,
+    store: Arc<dyn Store>,
+    live: HashMap<HostId, Live>,
+    next_conn: u64,
+    advertise: SocketAddr,
+    public_key: PublicKey,
+    events: Vec<(UnixTime, String, String)>,
+}
+
+impl Actor {
+    async fn run(mut self, mut rx: mpsc::Receiver<Cmd>, mut stop: watch::Receiver<bool>) {
+        loop {
+            let first = tokio::select! {
+                c = rx.recv() => match c { Some(c) => c, None => break },
+                _ = stop.wait_for(|v| *v) => break,
+            };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(c) => batch.push(c),
+                    Err(_) => break,
+                }
+            }
+            let now = unix_now();
+            let mut deferred = Vec::new();
+            for c in batch {
+                self.apply(now, c, &mut deferred);
+            }
+            // Membership changes fan out to every agent: gather more of them (an enrolment
+            // storm) for a moment so each agent gets one delta instead of many.
+            if self.state.membership_pending() {
+                let deadline = tokio::time::Instant::now() + MEMBERSHIP_BATCH_WINDOW;
+                loop {
+                    tokio::select! {
+                        c = rx.recv() => match c {
+                            Some(c) => self.apply(now, c, &mut deferred),
+                            None => break,
+                        },
+                        _ = tokio::time::sleep_until(deadline) => break,
+                    }
+                }
+            }
+            let pushes = self.state.poll_pushes();
+            let kicks = self.state.poll_kicks();
+            let dirty = self.state.take_dirty();
+            let events = std::mem::take(&mut self.events);
+            if !dirty.is_empty() || !events.is_empty() {
+                let store = self.store.clone();
+                let res = tokio::task::spawn_blocking(move || {
+                    store.commit(&dirty)?;
+                    for (at, kind, detail) in &events {
+                        store.log_event(*at, kind, detail)?;
+                    }
+                    Ok::<_, meshd_store::StoreError>(())
+                })
+                .await;
+                match res {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => error!(error = %e, "persisting coordinator state failed"),
+                    Err(e) => error!(error = %e, "persist task failed"),
+                }
+            }
+            for d in deferred {
+                match d {
+                    Deferred::Connect(tx, r) => {
+                        let _agent_gone = tx.send(r);
+                    }
+                    Deferred::Admin(tx, r) => {
+                        let _caller_gone = tx.send(r);
+                    }
+                }
+            }
+            for k in kicks {
+                if let Some(l) = self.live.remove(&k.host) {
+                    if l.conn_id == k.conn {
+                        info!(host = %k.host, code = ?k.code, "closing agent session");
+                        if l.tx
+                            .try_send(Outbound::Close(k.code, k.code.to_string()))
+                            .is_err()
+                        {
+                            l.conn.close(close_code(k.code), b"closed");
+                        }
+                    }
+                }
+            }
+            for p in pushes {
+                let Some(l) = self.live.get(&p.host) else {
+                    continue;
+                };
+                if l.conn_id != p.conn {
+                    continue;
+                }
+                if let Err(e) = l.tx.try_send(Outbound::Msg(p.message)) {
+                    // A full queue means the agent is not reading: drop it; it reconnects and
+                    // gets a full map.
+                    warn!(host = %p.host, error = %e, "agent not keeping up; closing its session");
+                    l.conn.close(close_code(ErrorCode::Internal), b"too slow");
+                    self.state.disconnect(now, p.host, p.conn);
+                    self.live.remove(&p.host);
+                }
+            }
+        }
+        for l in self.live.values() {
+            l.conn
+                .close(quinn::VarInt::from_u32(0), b"coordinator shutting down");
+        }
+    }
+
+    fn apply(&mut self, now: UnixTime, c: Cmd, deferred: &mut Vec<Deferred>) {
+        match c {
+            Cmd::Connect {
+                key,
+                observed,
+                hello,
+                tx,
+                conn,
+                reply,
+            } => {
+                self.next_conn += 1;
+                let cid = ConnId(self.next_conn);
+                // A previous connection that QUIC already knows is closed (e.g. the enrolment
+                // connection, or a restart whose close frame arrived) does not count as live.
+                if let Some(id) = self.state.host_by_key(&key).map(|h| h.id) {
+                    if let Some(old) = self
+                        .live
+                        .get(&id)
+                        .filter(|l| l.conn.close_reason().is_some())
+                    {
+                        let old_id = old.conn_id;
+                        self.state.disconnect(now, id, old_id);
+                        self.live.remove(&id);
+                    }
+                }
+                let r = self.state.connect(now, key, cid, observed, hello);
+                match &r {
+                    Ok(info) => {
+                        debug!(host = %info.id, name = %info.name, peer = %key, "agent connected");
+                        self.live.insert(
+                            info.id,
+                            Live {
+                                conn_id: cid,
+                                tx,
+                                conn,
+                            },
+                        );
+                    }
+                    Err(ErrorCode::AlreadyConnected) => {
+                        warn!(peer = %key, %observed, "refused a second live connection for a connected host");
+                        self.events.push((
+                            now,
+                            "duplicate_connection".into(),
+                            format!("key {key} from {observed}"),
+                        ));
+                    }
+                    Err(code) => debug!(peer = %key, ?code, "agent refused"),
+                }
+                deferred.push(Deferred::Connect(reply, r.map(|i| (i, cid))));
+            }
+            Cmd::Report {
+                host,
+                conn,
+                endpoints,
+            } => self.state.report_endpoints(now, host, conn, endpoints),
+            Cmd::Observed { host, conn, ip } => self.state.observed_changed(now, host, conn, ip),
+            Cmd::Ack {
+                host,
+                conn,
+                version,
+            } => self.state.ack(host, conn, version),
+            Cmd::Resync { host, conn } => self.state.resync(host, conn),
+            Cmd::Disconnect { host, conn } => {
+                self.state.disconnect(now, host, conn);
+                if self.live.get(&host).is_some_and(|l| l.conn_id == conn) {
+                    self.live.remove(&host);
+                }
+            }
+            Cmd::Admin { op, reply } => {
+                let r = self.admin(now, op);
+                deferred.push(Deferred::Admin(reply, r));
+            }
+        }
+    }
+
+    fn view(&self, h: &meshd_control::Host) -> HostView {
+        let s = self.state.sessions().into_iter().find(|s| s.host == h.id);
+        HostView::new(h, s.is_some(), s.map(|s| s.acked_version))
+    }
+
+    fn admin(&mut self, now: UnixTime, op: AdminOp) -> Result<AdminReply, AdminError> {
+        Ok(match op {
+            AdminOp::ListHosts => {
+                let sessions: HashMap<HostId, u64> = self
+                    .state
+                    .sessions()
+                    .into_iter()
+                    .map(|s| (s.host, s.acked_version))
+                    .collect();
+                AdminReply::Hosts(
+                    self.state
+                        .hosts()
+                        .filter(|h| !h.removed)
+                        .map(|h| {
+                            HostView::new(
+                                h,
+                                sessions.contains_key(&h.id),
+                                sessions.get(&h.id).copied(),
+                            )
+                        })
+                        .collect(),
+                )
+            }
+            AdminOp::ShowHost(r) => AdminReply::Host(self.view(self.state.find_host(&r)?)),
+            AdminOp::Label(r, l) => {
+                let h = self.state.set_labels(&r, l)?;
+                AdminReply::Host(self.view(&h))
+            }
+            AdminOp::Unlabel(r, k) => {
+                let h = self.state.remove_labels(&r, &k)?;
+                AdminReply::Host(self.view(&h))
+            }
+            AdminOp::Rename(r, n) => {
+                let h = self.state.rename(&r, &n)?;
+                AdminReply::Host(self.view(&h))
+            }
+            AdminOp::Remove(r) => {
+                let h = self.state.remove_host(&r)?;
+                self.events
+                    .push((now, "host_removed".into(), format!("{} ({})", h.name, h.id)));
+                AdminReply::Host(HostView::new(&h, false, None))
+            }
+            AdminOp::CreateToken(req) => {
+                let mut secret = [0u8; 32];
+                OsRng.fill_bytes(&mut secret);
+                let secret = TokenSecret(secret);
+                let t = self.state.create_token(
+                    now,
+                    TokenSpec {
+                        labels: req.labels,
+                        ttl_secs: req.ttl_secs,
+                        uses: req.uses,
+                    },
+                    secret.hash(),
+                )?;
+                let jt = JoinToken {
+                    control: self.advertise,
+                    coordinator_key: self.public_key,
+                    secret,
+                };
+                AdminReply::Created(TokenCreated {
+                    token: jt.encode(),
+                    info: TokenView::new(&t, now),
+                })
+            }
+            AdminOp::ListTokens => AdminReply::Tokens(
+                self.state
+                    .tokens()
+                    .map(|t| TokenView::new(t, now))
+                    .collect(),
+            ),
+            AdminOp::RevokeToken(id) => {
+                AdminReply::Token(TokenView::new(&self.state.revoke_token(id)?, now))
+            }
+            AdminOp::Status => {
+                let connected = self
+                    .state
+                    .sessions()
+                    .into_iter()
+                    .map(|s| ConnectedAgent {
+                        id: s.host,
+                        name: self
+                            .state
+                            .host(s.host)
+                            .map(|h| h.name.clone())
+                            .unwrap_or_default(),
+                        sent_version: s.sent_version,
+                        acked_version: s.acked_version,
+                        connected_at: s.connected_at,
+                    })
+                    .collect();
+                AdminReply::Status(StatusView {
+                    version: env!("CARGO_PKG_VERSION").to_string(),
+                    map_version: self.state.map_version(),
+                    hosts: self.state.hosts().filter(|h| !h.removed).count(),
+                    connected,
+                    advertise: self.advertise,
+                    public_key: self.public_key,
+                })
+            }
+        })
+    }
+}
+
+fn close_code(c: ErrorCode) -> quinn::VarInt {
+    quinn::VarInt::from_u32(match c {
+        ErrorCode::Malformed => 2,
+        ErrorCode::Internal => 3,
+        _ => 1,
+    })
+}
+
+/// A running coordinator.
+pub struct CoordinatorHandle {
+    control_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    advertise: SocketAddr,
+    public_key: PublicKey,
+    cmds: mpsc::Sender<Cmd>,
+    stop: watch::Sender<bool>,
+    endpoint: quinn::Endpoint,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl CoordinatorHandle {
+    /// Bound control (QUIC) address.
+    pub fn control_addr(&self) -> SocketAddr {
+        self.control_addr
+    }
+    /// Bound admin API address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+    /// Address join tokens carry.
+    pub fn advertise(&self) -> SocketAddr {
+        self.advertise
+    }
+    /// The coordinator's static public key.
+    pub fn public_key(&self) -> PublicKey {
+        self.public_key
+    }
+
+    /// Runs an admin operation in process (same path as the HTTP API).
+    pub async fn admin(&self, op: AdminOp) -> anyhow::Result<Result<AdminReply, AdminError>> {
+        admin_call(&self.cmds, op).await
+    }
+
+    /// Creates a join token and returns its string.
+    pub async fn create_token(&self, req: TokenCreateRequest) -> anyhow::Result<TokenCreated> {
+        match self.admin(AdminOp::CreateToken(req)).await?? {
+            AdminReply::Created(t) => Ok(t),
+            other => anyhow::bail!("unexpected reply {other:?}"),
+        }
+    }
+
+    /// Stops everything and waits until the sockets are released.
+    pub async fn stop(self) {
+        self.stop.send_replace(true);
+        self.endpoint
+            .close(quinn::VarInt::from_u32(0), b"coordinator shutting down");
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.endpoint.wait_idle().await;
+    }
+}
+
+pub(crate) async fn admin_call(
+    cmds: &mpsc::Sender<Cmd>,
+    op: AdminOp,
+) -> anyhow::Result<Result<AdminReply, AdminError>> {
+    let (tx, rx) = oneshot::channel();
+    cmds.send(Cmd::Admin { op, reply: tx })
+        .await
+        .map_err(|_| anyhow::anyhow!("coordinator stopped"))?;
+    rx.await.map_err(|_| anyhow::anyhow!("coordinator stopped"))
+}
+
+fn create_private_file(path: &Path, contents: &str) -> anyhow::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Loads the coordinator key, creating it (0600) on first start.
+pub fn load_or_create_key(path: &Path) -> anyhow::Result<PrivateKey> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => s
+            .trim()
+            .parse::<PrivateKey>()
+            .with_context(|| format!("{} is not a valid key file", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let k = PrivateKey::generate();
+            create_private_file(path, &format!("{}\n", k.to_base64()))?;
+            info!(path = %path.display(), "created coordinator key");
+            Ok(k)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The stored form of an admin token.
+pub fn admin_token_hash(token: &str) -> String {
+    hex(&hash_secret(token.trim().as_bytes()))
+}
+
+/// Starts the coordinator and returns once it is listening.
+pub async fn start(opts: CoordinatorOptions) -> anyhow::Result<CoordinatorHandle> {
+    let dir = opts.state_dir.clone();
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| format!("creating state directory {}", dir.display()))?;
+    }
+    let key = load_or_create_key(&dir.join(KEY_FILE))?;
+    let public_key = key.public_key();
+    let db = dir.join(DB_FILE);
+    let store: Arc<dyn Store> = {
+        let db2 = db.clone();
+        Arc::new(
+            tokio::task::spawn_blocking(move || SqliteStore::open(&db2))
+                .await?
+                .with_context(|| format!("opening {}", db.display()))?,
+        )
+    };
+    let (admin_hash, snapshot) = {
+        let store = store.clone();
+        let token_path = dir.join(ADMIN_TOKEN_FILE);
+        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let hash = match store.get_meta(META_ADMIN_TOKEN_HASH)? {
+                Some(h) => h,
+                None => {
+                    let mut b = [0u8; 32];
+                    OsRng.fill_bytes(&mut b);
+                    let token = format!("{ADMIN_TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(b));
+                    create_private_file(&token_path, &format!("{token}\n"))?;
+                    let h = admin_token_hash(&token);
+                    store.set_meta(META_ADMIN_TOKEN_HASH, &h)?;
+                    info!(path = %token_path.display(), "wrote initial admin token");
+                    h
+                }
+            };
+            Ok((hash, store.load()?))
+        })
+        .await??
+    };
+    let pool = IpPool::new(opts.pool, opts.pool_v6).context("address pool")?;
+    let state =
+        CoordinatorState::restore(pool, snapshot.hosts, snapshot.tokens, snapshot.map_version)
+            .context("restoring state from the database (was --pool changed?)")?;
+
+    let endpoint = quinn::Endpoint::server(quic::server_config()?, opts.listen)
+        .with_context(|| format!("binding control listener on {}", opts.listen))?;
+    let control_addr = endpoint.local_addr()?;
+    let advertise = opts.advertise_for(control_addr)?;
+    let admin_listener = tokio::net::TcpListener::bind(opts.admin_listen)
+        .await
+        .with_context(|| format!("binding admin API on {}", opts.admin_listen))?;
+    let admin_addr = admin_listener.local_addr()?;
+    if !admin_addr.ip().is_loopback() {
+        warn!(%admin_addr, "admin API is plain HTTP on a non-loopback address (TLS not implemented yet)");
+    }
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
+    let actor = Actor {
+        state,
+        store,
+        live: HashMap::new(),
+        next_conn: 0,
+        advertise,
+        public_key,
+        events: Vec::new(),
+    };
+    let mut tasks = vec![tokio::spawn(actor.run(cmd_rx, stop_rx.clone()))];
+    let key = Arc::new(key);
+    {
+        let endpoint = endpoint.clone();
+        let cmds = cmd_tx.clone();
+        let mut stop = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let inc = tokio::select! {
+                    i = endpoint.accept() => match i { Some(i) => i, None => break },
+                    _ = stop.wait_for(|v| *v) => break,
+                };
+                tokio::spawn(handle_conn(inc, key.clone(), cmds.clone()));
+            }
+        }));
+    }
+    tasks.push(tokio::spawn(admin::serve(
+        admin_listener,
+        cmd_tx.clone(),
+        admin_hash,
+        stop_rx,
+    )));
+    info!(%control_addr, %advertise, %admin_addr, public_key = %public_key, "coordinator started");
+    Ok(CoordinatorHandle {
+        control_addr,
+        admin_addr,
+        advertise,
+        public_key,
+        cmds: cmd_tx,
+        stop: stop_tx,
+        endpoint,
+        tasks,
+    })
+}
+
+/// Runs the coordinator until `opts.shutdown` fires.
+pub async fn run(opts: CoordinatorOptions) -> anyhow::Result<()> {
+    let shutdown = opts.shutdown.clone();
+    let h = start(opts).await?;
+    shutdown.wait().await;
+    info!("coordinator stopping");
+    h.stop().await;
+    Ok(())
+}
+
+async fn handle_conn(inc: quinn::Incoming, key: Arc<PrivateKey>, cmds: mpsc::Sender<Cmd>) {
+    let remote = inc.remote_address();
+    let conn = match inc.await {
+        Ok(c) => c,
+        Err(e) => {
+            debug!(%remote, error = %e, "QUIC handshake failed");
+            return;
+        }
+    };
+    if let Err(e) = serve_conn(&conn, &key, &cmds).await {
+        debug!(%remote, error = %e, "control connection ended");
+    }
+    conn.close(quinn::VarInt::from_u32(0), b"bye");
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ServeError {
+    #[error("timed out")]
+    Timeout,
+    #[error("connection: {0}")]
+    Conn(#[from] quinn::ConnectionError),
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
+    #[error("coordinator stopping")]
+    Stopping,
+}
+
+async fn timed<T, E: Into<ServeError>>(
+    f: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, ServeError> {
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, f)
+        .await
+        .map_err(|_| ServeError::Timeout)?
+        .map_err(Into::into)
+}
+
+async fn refuse(w: &mut noise::NoiseWriter, code: ErrorCode, message: String) {
+    let _best_effort = w.send(&CoordinatorMessage::Error { code, message }).await;
+    w.finish(Duration::from_secs(2)).await;
+}
+
+async fn serve_conn(
+    conn: &quinn::Connection,
+    key: &PrivateKey,
+    cmds: &mpsc::Sender<Cmd>,
+) -> Result<(), ServeError> {
+    let (send, recv) = timed(conn.accept_bi()).await?;
+    let (mut reader, mut writer, agent_key) = timed(noise::respond(
+        send,
+        recv,
+        key,
+        MAX_COORDINATOR_FRAME,
+        MAX_AGENT_FRAME,
+    ))
+    .await?;
+    let first = match timed(reader.recv::<AgentMessage>()).await {
+        Ok(m) => m,
+        Err(ServeError::Channel(e @ (ChannelError::Frame(_) | ChannelError::Noise(_)))) => {
+            refuse(&mut writer, ErrorCode::Malformed, e.to_string()).await;
+            return Err(e.into());
+        }
+        Err(e) => return Err(e),
+    };
+    let hello = match first {
+        AgentMessage::Enrol {
+            protocol,
+            secret,
+            name,
+            endpoints,
+        } if protocol == PROTOCOL_VERSION => Hello::Enrol {
+            secret_hash: secret.hash(),
+            name,
+            endpoints,
+        },
+        AgentMessage::Resume {
+            protocol,
+            endpoints,
+        } if protocol == PROTOCOL_VERSION => Hello::Resume { endpoints },
+        AgentMessage::Enrol { protocol, .. } | AgentMessage::Resume { protocol, .. } => {
+            refuse(
+                &mut writer,
+                ErrorCode::ProtocolVersion,
+                format!("protocol {protocol} not supported (want {PROTOCOL_VERSION})"),
+            )
+            .await;
+            return Ok(());
+        }
+        _ => {
+            refuse(
+                &mut writer,
+                ErrorCode::Malformed,
+                "first message must be enrol or resume".into(),
+            )
+            .await;
+            return Ok(());
+        }
+    };
+    let (tx, mut rx) = mpsc::channel(OUTBOUND_QUEUE);
+    let (reply_tx, reply_rx) = oneshot::channel();
+    let mut observed = conn.remote_address();
+    cmds.send(Cmd::Connect {
+        key: agent_key,
+        observed: observed.ip(),
+        hello,
+        tx: tx.clone(),
+        conn: conn.clone(),
+        reply: reply_tx,
+    })
+    .await
+    .map_err(|_| ServeError::Stopping)?;
+    let (info, cid) = match reply_rx.await.map_err(|_| ServeError::Stopping)? {
+        Ok(x) => x,
+        Err(code) => {
+            refuse(&mut writer, code, code.to_string()).await;
+            return Ok(());
+        }
+    };
+    let host = info.id;
+    writer
+        .send(&CoordinatorMessage::Welcome {
+            protocol: PROTOCOL_VERSION,
+            host: info,
+        })
+        .await?;
+
+    let reader_task = {
+        let cmds = cmds.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let err = loop {
+                let m = match reader.recv::<AgentMessage>().await {
+                    Ok(m) => m,
+                    Err(e) => break e,
+                };
+                let cmd = match m {
+                    AgentMessage::ReportEndpoints { endpoints } => Cmd::Report {
+                        host,
+                        conn: cid,
+                        endpoints,
+                    },
+                    AgentMessage::Ack { version } => Cmd::Ack {
+                        host,
+                        conn: cid,
+                        version,
+                    },
+                    AgentMessage::Resync => Cmd::Resync { host, conn: cid },
+                    AgentMessage::Ping { nonce } => {
+                        // Dropped if the queue is full; the agent pings again.
+                        let _queue_full =
+                            tx.try_send(Outbound::Msg(CoordinatorMessage::Pong { nonce }));
+                        continue;
+                    }
+                    AgentMessage::Enrol { .. } | AgentMessage::Resume { .. } => {
+                        let _ = tx
+                            .send(Outbound::Close(
+                                ErrorCode::Malformed,
+                                "unexpected hello".into(),
+                            ))
+                            .await;
+                        break ChannelError::Closed;
+                    }
+                };
+                if cmds.send(cmd).await.is_err() {
+                    break ChannelError::Closed;
+                }
+            };
+            if matches!(
+                err,
+                ChannelError::Frame(_) | ChannelError::Noise(_) | ChannelError::Empty
+            ) {
+                warn!(%host, error = %err, "malformed control message; closing this agent's connection");
+                let _ = tx
+                    .send(Outbound::Close(ErrorCode::Malformed, err.to_string()))
+                    .await;
+            }
+            let _ = cmds.send(Cmd::Disconnect { host, conn: cid }).await;
+        })
+    };
+    drop(tx);
+
+    let mut tick = tokio::time::interval(OBSERVE_INTERVAL);
+    let result = loop {
+        tokio::select! {
+            m = rx.recv() => match m {
+                Some(Outbound::Msg(msg)) => {
+                    if let Err(e) = writer.send(&msg).await {
+                        break Err(e.into());
+                    }
+                }
+                Some(Outbound::Close(code, message)) => {
+                    refuse(&mut writer, code, message).await;
+                    break Ok(());
+                }
+                None => break Ok(()),
+            },
+            _ = tick.tick() => {
+                let now = conn.remote_address();
+                if now != observed {
+                    observed = now;
+                    info!(%host, %now, "agent's observed address changed");
+                    if cmds.send(Cmd::Observed { host, conn: cid, ip: now.ip() }).await.is_err() {
+                        break Err(ServeError::Stopping);
+                    }
+                }
+            }
+            e = conn.closed() => break Err(e.into()),
+        }
+    };
+    reader_task.abort();
+    let _ = cmds.send(Cmd::Disconnect { host, conn: cid }).await;
+    result
+}

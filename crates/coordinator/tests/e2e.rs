@@ -1,0 +1,530 @@
+//! In-process coordinator on 127.0.0.1 with agents using the client library.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use meshd_control::api::{HostView, TokenCreateRequest};
+use meshd_control::proto::{
+    AgentMessage, CoordinatorMessage, EndpointReport, ErrorCode, MAX_AGENT_FRAME,
+    MAX_COORDINATOR_FRAME, PROTOCOL_VERSION,
+};
+use meshd_control::{JoinToken, NetworkMap, TokenSecret};
+use meshd_coordinator::client::{
+    self, enrol, spawn_session, ClientError, SessionConfig, SessionHandle, SessionState,
+};
+use meshd_coordinator::{start, AdminOp, AdminReply, CoordinatorHandle, CoordinatorOptions};
+use meshd_tunnel::{PrivateKey, PublicKey};
+
+async fn coordinator(dir: &std::path::Path, listen: SocketAddr) -> CoordinatorHandle {
+    let mut o = CoordinatorOptions::new(dir);
+    o.listen = listen;
+    o.admin_listen = "127.0.0.1:0".parse().unwrap();
+    start(o).await.unwrap()
+}
+
+fn ep(port: u16) -> EndpointReport {
+    EndpointReport {
+        addrs: vec![SocketAddr::from(([192, 0, 2, 1], port))],
+        listen_port: Some(51820),
+    }
+}
+
+async fn token(c: &CoordinatorHandle, req: TokenCreateRequest) -> JoinToken {
+    JoinToken::parse(&c.create_token(req).await.unwrap().token).unwrap()
+}
+
+struct Agent {
+    key: PrivateKey,
+    session: SessionHandle,
+}
+
+async fn join(c: &CoordinatorHandle, t: &JoinToken, name: &str) -> Agent {
+    let key = PrivateKey::generate();
+    let e = enrol(t, name, &key, ep(1)).await.unwrap();
+    assert_eq!(e.coordinator_key, c.public_key());
+    let session = spawn_session(SessionConfig::new(
+        e.coordinator,
+        e.coordinator_key,
+        key.clone(),
+        ep(1),
+    ));
+    Agent { key, session }
+}
+
+/// Waits until `f(map)` holds, returning the time it took.
+async fn wait_map(a: &Agent, f: impl Fn(&NetworkMap) -> bool) -> Duration {
+    let t0 = Instant::now();
+    let mut rx = a.session.map();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if rx.borrow_and_update().as_ref().is_some_and(&f) {
+                return;
+            }
+            rx.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("map condition not reached in time");
+    t0.elapsed()
+}
+
+async fn wait_state(a: &Agent, f: impl Fn(&SessionState) -> bool) {
+    let mut rx = a.session.state();
+    tokio::time::timeout(Duration::from_secs(20), rx.wait_for(|s| f(s)))
+        .await
+        .expect("state not reached")
+        .unwrap();
+}
+
+fn has_endpoint(m: &NetworkMap, k: &PublicKey, e: SocketAddr) -> bool {
+    m.peer(k).is_some_and(|p| p.endpoints.contains(&e))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_agents_endpoint_change_and_removal() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    let t = token(
+        &c,
+        TokenCreateRequest {
+            labels: [("env".into(), "prod".into())].into(),
+            ttl_secs: Some(3600),
+            uses: Some(3),
+        },
+    )
+    .await;
+    let mut agents = Vec::new();
+    for n in ["a", "b", "c"] {
+        agents.push(join(&c, &t, n).await);
+    }
+    for a in &agents {
+        wait_map(a, |m| m.peers.len() == 2).await;
+        let m = a.session.map().borrow().clone().unwrap();
+        assert!(m.peer(&a.key.public_key()).is_none());
+        assert!(m
+            .peers
+            .iter()
+            .all(|p| p.labels.get("env").map(String::as_str) == Some("prod")));
+        assert!(
+            m.peers
+                .iter()
+                .all(|p| p.endpoints.contains(&"127.0.0.1:51820".parse().unwrap())),
+            "observed endpoint first: {m:?}"
+        );
+    }
+    // C's endpoints change: A and B get the delta quickly.
+    let ck = agents[2].key.public_key();
+    let new_ep: SocketAddr = "198.51.100.9:51820".parse().unwrap();
+    let t0 = Instant::now();
+    agents[2].session.report_endpoints(vec![new_ep]);
+    let (da, db) = tokio::join!(
+        wait_map(&agents[0], |m| has_endpoint(m, &ck, new_ep)),
+        wait_map(&agents[1], |m| has_endpoint(m, &ck, new_ep)),
+    );
+    let total = t0.elapsed();
+    println!("endpoint change propagated to peers in {total:?} (a {da:?}, b {db:?})");
+    assert!(total < Duration::from_secs(1), "{total:?}");
+
+    // Acks arrive.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let Ok(AdminReply::Status(s)) = c.admin(AdminOp::Status).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(s.connected.len(), 3);
+    assert!(
+        s.connected
+            .iter()
+            .all(|a| a.acked_version == a.sent_version && a.sent_version > 0),
+        "{s:?}"
+    );
+
+    // Remove C: it disappears from A and B; C's session is refused for good.
+    let Ok(AdminReply::Host(h)) = c.admin(AdminOp::Remove("c".into())).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(h.public_key, ck);
+    wait_map(&agents[0], |m| m.peer(&ck).is_none() && m.peers.len() == 1).await;
+    wait_map(&agents[1], |m| m.peer(&ck).is_none() && m.peers.len() == 1).await;
+    wait_state(&agents[2], |s| {
+        matches!(
+            s,
+            SessionState::Refused {
+                code: ErrorCode::HostRemoved,
+                ..
+            }
+        )
+    })
+    .await;
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_refusals_are_distinct() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    let expired = token(
+        &c,
+        TokenCreateRequest {
+            ttl_secs: Some(0),
+            ..Default::default()
+        },
+    )
+    .await;
+    let revoked = c.create_token(TokenCreateRequest::default()).await.unwrap();
+    c.admin(AdminOp::RevokeToken(revoked.info.id))
+        .await
+        .unwrap()
+        .unwrap();
+    let revoked = JoinToken::parse(&revoked.token).unwrap();
+    let once = token(
+        &c,
+        TokenCreateRequest {
+            uses: Some(1),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut unknown = once.clone();
+    unknown.secret = TokenSecret([0x55; 32]);
+    let code = |r: Result<client::Enrolment, ClientError>| match r {
+        Err(ClientError::Refused { code, .. }) => code,
+        other => panic!("expected refusal, got {other:?}"),
+    };
+    let k = || PrivateKey::generate();
+    assert_eq!(
+        code(enrol(&unknown, "x", &k(), ep(1)).await),
+        ErrorCode::TokenUnknown
+    );
+    assert_eq!(
+        code(enrol(&expired, "x", &k(), ep(1)).await),
+        ErrorCode::TokenExpired
+    );
+    assert_eq!(
+        code(enrol(&revoked, "x", &k(), ep(1)).await),
+        ErrorCode::TokenRevoked
+    );
+    enrol(&once, "x", &k(), ep(1)).await.unwrap();
+    assert_eq!(
+        code(enrol(&once, "y", &k(), ep(1)).await),
+        ErrorCode::TokenUsedUp
+    );
+    // Wrong pinned coordinator key: the Noise handshake fails.
+    let mut wrong = once.clone();
+    wrong.coordinator_key = PrivateKey::generate().public_key();
+    assert!(matches!(
+        enrol(&wrong, "z", &k(), ep(1)).await,
+        Err(ClientError::Handshake(_) | ClientError::Connection(_) | ClientError::Timeout)
+    ));
+    // Resume of an unknown key.
+    let s = spawn_session(SessionConfig::new(
+        c.control_addr(),
+        c.public_key(),
+        k(),
+        ep(1),
+    ));
+    let mut st = s.state();
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        st.wait_for(|s| matches!(s, SessionState::Refused { .. })),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .clone();
+    assert!(matches!(
+        r,
+        SessionState::Refused {
+            code: ErrorCode::UnknownHost,
+            ..
+        }
+    ));
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_frames_only_hurt_their_sender() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    let t = token(&c, TokenCreateRequest::default()).await;
+    let a = join(&c, &t, "a").await;
+    let b = join(&c, &t, "b").await;
+    wait_map(&a, |m| m.peers.len() == 1).await;
+    wait_map(&b, |m| m.peers.len() == 1).await;
+
+    // Raw clients: garbage before the handshake, an oversized frame, and malformed JSON.
+    let ep_ = client::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+    {
+        let conn = ep_.connect(c.control_addr(), "x").unwrap().await.unwrap();
+        let (mut s, _r) = conn.open_bi().await.unwrap();
+        s.write_all(&[0xff; 5000]).await.unwrap();
+        let _ = s.finish();
+        let e = tokio::time::timeout(Duration::from_secs(15), conn.closed())
+            .await
+            .expect("coordinator closes a garbage handshake");
+        println!("garbage handshake closed: {e}");
+    }
+    for payload in [
+        (u32::try_from(MAX_AGENT_FRAME).unwrap() + 1)
+            .to_be_bytes()
+            .to_vec(),
+        [&[0, 0, 0, 5][..], b"{nope"].concat(),
+    ] {
+        // Enrolled agent key speaking garbage after a valid handshake and hello.
+        let rogue = PrivateKey::generate();
+        let conn = ep_.connect(c.control_addr(), "x").unwrap().await.unwrap();
+        let (s, r) = conn.open_bi().await.unwrap();
+        let (mut reader, mut writer) = meshd_coordinator::noise::initiate(
+            s,
+            r,
+            &rogue,
+            &c.public_key(),
+            MAX_AGENT_FRAME,
+            MAX_COORDINATOR_FRAME,
+        )
+        .await
+        .unwrap();
+        writer
+            .send(&AgentMessage::Enrol {
+                protocol: PROTOCOL_VERSION,
+                secret: t.secret.clone(),
+                name: "rogue".into(),
+                endpoints: ep(9),
+            })
+            .await
+            .unwrap();
+        assert!(matches!(
+            reader.recv::<CoordinatorMessage>().await.unwrap(),
+            CoordinatorMessage::Welcome { .. }
+        ));
+        writer.send_raw(&payload).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match reader.recv::<CoordinatorMessage>().await {
+                    Ok(CoordinatorMessage::Error { code, .. }) => break Some(code),
+                    Ok(_) => continue,
+                    Err(_) => break None,
+                }
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(got, Some(ErrorCode::Malformed));
+    }
+    // The others are unaffected: a change from A still reaches B.
+    let e: SocketAddr = "203.0.113.5:51820".parse().unwrap();
+    a.session.report_endpoints(vec![e]);
+    let ak = a.key.public_key();
+    let d = wait_map(&b, |m| has_endpoint(m, &ak, e)).await;
+    assert!(d < Duration::from_secs(1));
+    assert!(matches!(
+        *a.session.state().borrow(),
+        SessionState::Connected { .. }
+    ));
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeps_state_and_agents_reconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    let addr = c.control_addr();
+    let key = c.public_key();
+    let t = token(
+        &c,
+        TokenCreateRequest {
+            labels: [("app".into(), "db".into())].into(),
+            uses: Some(5),
+            ..Default::default()
+        },
+    )
+    .await;
+    let a = join(&c, &t, "a").await;
+    let b = join(&c, &t, "b").await;
+    wait_map(&a, |m| m.peers.len() == 1).await;
+    c.admin(AdminOp::Label(
+        "b".into(),
+        [("tier".into(), "1".into())].into(),
+    ))
+    .await
+    .unwrap()
+    .unwrap();
+    wait_map(&a, |m| m.peers[0].labels.contains_key("tier")).await;
+    c.stop().await;
+    // Down: agents keep their last map (fail-static) and try to reconnect.
+    wait_state(&a, |s| matches!(s, SessionState::Connecting { .. })).await;
+    assert_eq!(a.session.map().borrow().as_ref().unwrap().peers.len(), 1);
+
+    let c = coordinator(dir.path(), addr).await;
+    assert_eq!(c.public_key(), key, "key persisted");
+    for x in [&a, &b] {
+        wait_state(x, |s| matches!(s, SessionState::Connected { .. })).await;
+    }
+    wait_map(&a, |m| {
+        m.peers.len() == 1 && m.peers[0].labels.get("tier").map(String::as_str) == Some("1")
+    })
+    .await;
+    let Ok(AdminReply::Hosts(hosts)) = c.admin(AdminOp::ListHosts).await.unwrap() else {
+        panic!()
+    };
+    let names: Vec<&str> = hosts.iter().map(|h: &HostView| h.name.as_str()).collect();
+    assert_eq!(names, ["a", "b"]);
+    assert!(hosts
+        .iter()
+        .all(|h| h.labels.get("app").map(String::as_str) == Some("db")));
+    let Ok(AdminReply::Tokens(toks)) = c.admin(AdminOp::ListTokens).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(toks.len(), 1);
+    assert_eq!(toks[0].uses_left, Some(3));
+    // The token still works after the restart.
+    let d = join(&c, &t, "d").await;
+    wait_map(&d, |m| m.peers.len() == 2).await;
+    wait_map(&a, |m| m.peers.len() == 2).await;
+    c.stop().await;
+}
+
+async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+    if let Some(t) = token {
+        req += &format!("Authorization: Bearer {t}\r\n");
+    }
+    let body = body.unwrap_or("");
+    req += &format!(
+        "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let status = out[9..12].parse().unwrap();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_http_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    let admin = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
+    let admin = admin.trim();
+    use std::os::unix::fs::PermissionsExt;
+    for f in ["admin.token", "coordinator.key"] {
+        let mode = std::fs::metadata(dir.path().join(f))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{f}");
+    }
+    let a = c.admin_addr();
+    assert_eq!(http(a, "GET", "/v1/hosts", None, None).await.0, 401);
+    assert_eq!(
+        http(a, "GET", "/v1/hosts", Some("meshadm-wrong"), None)
+            .await
+            .0,
+        401
+    );
+    let (st, body) = http(
+        a,
+        "POST",
+        "/v1/tokens",
+        Some(admin),
+        Some(r#"{"labels":{"app":"web"},"ttl_secs":3600,"uses":2}"#),
+    )
+    .await;
+    assert_eq!(st, 201, "{body}");
+    let created: meshd_control::api::TokenCreated = serde_json::from_str(&body).unwrap();
+    let t = JoinToken::parse(&created.token).unwrap();
+    assert_eq!(t.control, c.control_addr());
+    let agent = join(&c, &t, "web1").await;
+    wait_state(&agent, |s| matches!(s, SessionState::Connected { .. })).await;
+    let (st, body) = http(a, "GET", "/v1/hosts", Some(admin), None).await;
+    assert_eq!(st, 200);
+    let hosts: Vec<HostView> = serde_json::from_str(&body).unwrap();
+    assert_eq!(hosts.len(), 1);
+    assert!(hosts[0].connected);
+    assert_eq!(hosts[0].addresses[0].to_string(), "100.64.0.2");
+    let (st, _) = http(
+        a,
+        "POST",
+        "/v1/hosts/web1/labels",
+        Some(admin),
+        Some(r#"{"labels":{"env":"prod"}}"#),
+    )
+    .await;
+    assert_eq!(st, 200);
+    let (st, _) = http(
+        a,
+        "POST",
+        "/v1/hosts/web1/unlabel",
+        Some(admin),
+        Some(r#"{"keys":["app"]}"#),
+    )
+    .await;
+    assert_eq!(st, 200);
+    let (st, body) = http(
+        a,
+        "POST",
+        "/v1/hosts/web1/rename",
+        Some(admin),
+        Some(r#"{"name":"web-1"}"#),
+    )
+    .await;
+    assert_eq!(st, 200);
+    let h: HostView = serde_json::from_str(&body).unwrap();
+    assert_eq!(h.name, "web-1");
+    assert_eq!(h.labels, [("env".to_string(), "prod".to_string())].into());
+    assert_eq!(
+        http(a, "GET", "/v1/hosts/nope", Some(admin), None).await.0,
+        404
+    );
+    assert_eq!(
+        http(
+            a,
+            "POST",
+            "/v1/hosts/web-1/rename",
+            Some(admin),
+            Some(r#"{"name":"bad name"}"#)
+        )
+        .await
+        .0,
+        400
+    );
+    let (st, body) = http(a, "GET", "/v1/tokens", Some(admin), None).await;
+    assert_eq!(st, 200, "{body}");
+    assert!(body.contains("\"uses_left\":1"), "{body}");
+    assert_eq!(
+        http(
+            a,
+            "DELETE",
+            &format!("/v1/tokens/{}", created.info.id),
+            Some(admin),
+            None
+        )
+        .await
+        .0,
+        200
+    );
+    let (st, body) = http(a, "GET", "/v1/status", Some(admin), None).await;
+    assert_eq!(st, 200);
+    let s: meshd_control::api::StatusView = serde_json::from_str(&body).unwrap();
+    assert_eq!(s.hosts, 1);
+    assert_eq!(s.connected.len(), 1);
+    assert_eq!(
+        http(a, "DELETE", "/v1/hosts/web-1", Some(admin), None)
+            .await
+            .0,
+        200
+    );
+    c.stop().await;
+}

@@ -1,0 +1,52 @@
+//! Versioned schema migrations. Each runs once, in order, inside a transaction, and is
+//! recorded in `schema_migrations`. Never edit a released migration: append a new one.
+
+/// (version, name, SQL).
+pub const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "initial schema",
+    r#"
+-- Enrolled hosts. Removed hosts are kept (removed = 1) for audit and so their key cannot resume.
+CREATE TABLE hosts (
+    id          INTEGER PRIMARY KEY,       -- HostId
+    name        TEXT    NOT NULL,          -- unique among non-removed hosts (enforced by the core)
+    public_key  TEXT    NOT NULL,          -- WireGuard public key, base64
+    ipv4        TEXT    NOT NULL,          -- overlay IPv4 from the pool
+    ipv6        TEXT,                      -- overlay IPv6, if the pool has a v6 prefix
+    labels      TEXT    NOT NULL,          -- JSON object of string → string
+    reported    TEXT    NOT NULL,          -- JSON array of "ip:port" the agent reported
+    listen_port INTEGER,                   -- WireGuard listen port
+    observed_ip TEXT,                      -- control connection's last source IP
+    created_at  INTEGER NOT NULL,          -- Unix seconds
+    last_seen   INTEGER NOT NULL,          -- Unix seconds
+    removed     INTEGER NOT NULL DEFAULT 0,
+    token_id    INTEGER                    -- token used to enrol
+);
+CREATE INDEX hosts_public_key ON hosts(public_key);
+
+-- Join tokens. Only the SHA-256 of the secret is stored.
+CREATE TABLE tokens (
+    id          INTEGER PRIMARY KEY,       -- TokenId
+    labels      TEXT    NOT NULL,          -- JSON object given to enrolling hosts
+    created_at  INTEGER NOT NULL,
+    expires_at  INTEGER,                   -- NULL: never
+    uses_left   INTEGER,                   -- NULL: unlimited
+    revoked     INTEGER NOT NULL DEFAULT 0,
+    secret_hash BLOB    NOT NULL UNIQUE    -- SHA-256(secret)
+);
+
+-- Small key/value settings: admin token hash, map version.
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+
+-- Append-only audit log.
+CREATE TABLE events (
+    id     INTEGER PRIMARY KEY AUTOINCREMENT,
+    at     INTEGER NOT NULL,
+    kind   TEXT    NOT NULL,
+    detail TEXT    NOT NULL
+);
+"#,
+)];

@@ -1,0 +1,469 @@
+//! SQLite implementation of [`Store`].
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
+use std::sync::Mutex;
+
+use meshd_control::state::Dirty;
+use meshd_control::{Host, HostId, Labels, Token, TokenId, UnixTime};
+use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
+
+use crate::migrations::MIGRATIONS;
+use crate::{Snapshot, Store, StoreError, META_MAP_VERSION};
+
+/// SQLite-backed store (one connection behind a mutex; calls are short and blocking).
+#[derive(Debug)]
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+fn to_i64(v: u64, what: &'static str) -> Result<i64, StoreError> {
+    i64::try_from(v).map_err(|_| StoreError::Range(what))
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) a database file, sets WAL + `synchronous=FULL`, and runs
+    /// pending migrations.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        Self::init(conn)
+    }
+
+    /// An in-memory database (tests).
+    pub fn open_in_memory() -> Result<Self, StoreError> {
+        Self::init(Connection::open_in_memory()?)
+    }
+
+    fn init(mut conn: Connection) -> Result<Self, StoreError> {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        migrate(&mut conn)?;
+        Ok(SqliteStore {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    /// The highest migration applied.
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        let c = self.conn.lock().map_err(|_| StoreError::Poisoned)?;
+        Ok(c.query_row(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+            [],
+            |r| r.get(0),
+        )?)
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut c = self.conn.lock().map_err(|_| StoreError::Poisoned)?;
+        f(&mut c)
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+            version    INTEGER PRIMARY KEY,
+            name       TEXT NOT NULL,
+            applied_at INTEGER NOT NULL  -- Unix seconds, from SQLite's clock
+        )",
+    )?;
+    let current: i64 = conn.query_row(
+        "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+        [],
+        |r| r.get(0),
+    )?;
+    let supported = MIGRATIONS.last().map_or(0, |m| m.0);
+    if current > supported {
+        return Err(StoreError::TooNew {
+            found: current,
+            supported,
+        });
+    }
+    for (version, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?1, ?2, unixepoch())",
+            params![version, name],
+        )?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+fn put_host(tx: &Transaction<'_>, h: &Host) -> Result<(), StoreError> {
+    let labels = serde_json::to_string(&h.labels).map_err(|_| StoreError::Range("labels"))?;
+    let reported =
+        serde_json::to_string(&h.reported_endpoints).map_err(|_| StoreError::Range("reported"))?;
+    tx.execute(
+        "INSERT INTO hosts (id, name, public_key, ipv4, ipv6, labels, reported, listen_port,
+                            observed_ip, created_at, last_seen, removed, token_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+         ON CONFLICT(id) DO UPDATE SET
+            name = excluded.name, public_key = excluded.public_key, ipv4 = excluded.ipv4,
+            ipv6 = excluded.ipv6, labels = excluded.labels, reported = excluded.reported,
+            listen_port = excluded.listen_port, observed_ip = excluded.observed_ip,
+            created_at = excluded.created_at, last_seen = excluded.last_seen,
+            removed = excluded.removed, token_id = excluded.token_id",
+        params![
+            to_i64(h.id.0, "host id")?,
+            h.name,
+            h.public_key.to_base64(),
+            h.ipv4.to_string(),
+            h.ipv6.map(|a| a.to_string()),
+            labels,
+            reported,
+            h.listen_port,
+            h.observed_ip.map(|a| a.to_string()),
+            to_i64(h.created_at, "created_at")?,
+            to_i64(h.last_seen, "last_seen")?,
+            h.removed,
+            h.token_id.map(|t| to_i64(t.0, "token id")).transpose()?,
+        ],
+    )?;
+    Ok(())
+}
+
+fn put_token(tx: &Transaction<'_>, t: &Token) -> Result<(), StoreError> {
+    let labels = serde_json::to_string(&t.labels).map_err(|_| StoreError::Range("labels"))?;
+    tx.execute(
+        "INSERT INTO tokens (id, labels, created_at, expires_at, uses_left, revoked, secret_hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT(id) DO UPDATE SET
+            labels = excluded.labels, created_at = excluded.created_at,
+            expires_at = excluded.expires_at, uses_left = excluded.uses_left,
+            revoked = excluded.revoked, secret_hash = excluded.secret_hash",
+        params![
+            to_i64(t.id.0, "token id")?,
+            labels,
+            to_i64(t.created_at, "created_at")?,
+            t.expires_at.map(|e| to_i64(e, "expires_at")).transpose()?,
+            t.uses_left,
+            t.revoked,
+            &t.secret_hash[..],
+        ],
+    )?;
+    Ok(())
+}
+
+fn u64_col(
+    row: &Row<'_>,
+    idx: usize,
+    table: &'static str,
+    id: i64,
+    field: &'static str,
+) -> Result<u64, StoreError> {
+    let v: i64 = row.get(idx)?;
+    u64::try_from(v).map_err(|_| StoreError::Corrupt { table, id, field })
+}
+
+fn host_from_row(row: &Row<'_>) -> Result<Host, StoreError> {
+    let id: i64 = row.get(0)?;
+    let bad = |field| StoreError::Corrupt {
+        table: "hosts",
+        id,
+        field,
+    };
+    let key: String = row.get(2)?;
+    let ipv4: String = row.get(3)?;
+    let ipv6: Option<String> = row.get(4)?;
+    let labels: String = row.get(5)?;
+    let reported: String = row.get(6)?;
+    let observed: Option<String> = row.get(8)?;
+    let token_id: Option<i64> = row.get(12)?;
+    Ok(Host {
+        id: HostId(u64::try_from(id).map_err(|_| bad("id"))?),
+        name: row.get(1)?,
+        public_key: key.parse().map_err(|_| bad("public_key"))?,
+        ipv4: ipv4.parse::<Ipv4Addr>().map_err(|_| bad("ipv4"))?,
+        ipv6: ipv6
+            .map(|s| s.parse::<Ipv6Addr>())
+            .transpose()
+            .map_err(|_| bad("ipv6"))?,
+        labels: serde_json::from_str::<Labels>(&labels).map_err(|_| bad("labels"))?,
+        reported_endpoints: serde_json::from_str::<Vec<SocketAddr>>(&reported)
+            .map_err(|_| bad("reported"))?,
+        listen_port: row.get(7)?,
+        observed_ip: observed
+            .map(|s| s.parse::<IpAddr>())
+            .transpose()
+            .map_err(|_| bad("observed_ip"))?,
+        created_at: u64_col(row, 9, "hosts", id, "created_at")?,
+        last_seen: u64_col(row, 10, "hosts", id, "last_seen")?,
+        removed: row.get(11)?,
+        token_id: token_id
+            .map(|t| u64::try_from(t).map(TokenId))
+            .transpose()
+            .map_err(|_| bad("token_id"))?,
+    })
+}
+
+fn token_from_row(row: &Row<'_>) -> Result<Token, StoreError> {
+    let id: i64 = row.get(0)?;
+    let bad = |field| StoreError::Corrupt {
+        table: "tokens",
+        id,
+        field,
+    };
+    let labels: String = row.get(1)?;
+    let expires: Option<i64> = row.get(3)?;
+    let hash: Vec<u8> = row.get(6)?;
+    Ok(Token {
+        id: TokenId(u64::try_from(id).map_err(|_| bad("id"))?),
+        labels: serde_json::from_str(&labels).map_err(|_| bad("labels"))?,
+        created_at: u64_col(row, 2, "tokens", id, "created_at")?,
+        expires_at: expires
+            .map(u64::try_from)
+            .transpose()
+            .map_err(|_| bad("expires_at"))?,
+        uses_left: row.get(4)?,
+        revoked: row.get(5)?,
+        secret_hash: <[u8; 32]>::try_from(hash.as_slice()).map_err(|_| bad("secret_hash"))?,
+    })
+}
+
+fn get_meta(c: &Connection, key: &str) -> Result<Option<String>, StoreError> {
+    Ok(
+        c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?,
+    )
+}
+
+fn set_meta(c: &Connection, key: &str, value: &str) -> Result<(), StoreError> {
+    c.execute(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2)
+         ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        [key, value],
+    )?;
+    Ok(())
+}
+
+impl Store for SqliteStore {
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let hosts = {
+                let mut st = tx.prepare(
+                    "SELECT id, name, public_key, ipv4, ipv6, labels, reported, listen_port,
+                            observed_ip, created_at, last_seen, removed, token_id
+                     FROM hosts ORDER BY id",
+                )?;
+                let mut rows = st.query([])?;
+                let mut v = Vec::new();
+                while let Some(r) = rows.next()? {
+                    v.push(host_from_row(r)?);
+                }
+                v
+            };
+            let tokens = {
+                let mut st = tx.prepare(
+                    "SELECT id, labels, created_at, expires_at, uses_left, revoked, secret_hash
+                     FROM tokens ORDER BY id",
+                )?;
+                let mut rows = st.query([])?;
+                let mut v = Vec::new();
+                while let Some(r) = rows.next()? {
+                    v.push(token_from_row(r)?);
+                }
+                v
+            };
+            let map_version = match get_meta(&tx, META_MAP_VERSION)? {
+                Some(s) => s.parse().map_err(|_| StoreError::Corrupt {
+                    table: "meta",
+                    id: 0,
+                    field: "map_version",
+                })?,
+                None => 0,
+            };
+            tx.commit()?;
+            Ok(Snapshot {
+                hosts,
+                tokens,
+                map_version,
+            })
+        })
+    }
+
+    fn commit(&self, d: &Dirty) -> Result<(), StoreError> {
+        if d.is_empty() {
+            return Ok(());
+        }
+        self.with(|c| {
+            let tx = c.transaction()?;
+            for h in &d.hosts {
+                put_host(&tx, h)?;
+            }
+            for t in &d.tokens {
+                put_token(&tx, t)?;
+            }
+            if let Some(v) = d.map_version {
+                set_meta(&tx, META_MAP_VERSION, &v.to_string())?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.with(|c| get_meta(c, key))
+    }
+
+    fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.with(|c| set_meta(c, key, value))
+    }
+
+    fn log_event(&self, at: UnixTime, kind: &str, detail: &str) -> Result<(), StoreError> {
+        let at = to_i64(at, "event time")?;
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO events (at, kind, detail) VALUES (?1, ?2, ?3)",
+                params![at, kind, detail],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn recent_events(&self, limit: u32) -> Result<Vec<(UnixTime, String, String)>, StoreError> {
+        self.with(|c| {
+            let mut st =
+                c.prepare("SELECT at, kind, detail FROM events ORDER BY id DESC LIMIT ?1")?;
+            let mut rows = st.query([limit])?;
+            let mut v = Vec::new();
+            while let Some(r) = rows.next()? {
+                let at: i64 = r.get(0)?;
+                v.push((u64::try_from(at).unwrap_or(0), r.get(1)?, r.get(2)?));
+            }
+            Ok(v)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshd_tunnel::PublicKey;
+
+    fn host(id: u64) -> Host {
+        Host {
+            id: HostId(id),
+            name: format!("h{id}"),
+            public_key: PublicKey([id as u8; 32]),
+            ipv4: Ipv4Addr::new(100, 64, 0, id as u8 + 1),
+            ipv6: Some("fd00::1".parse().unwrap()),
+            labels: [("app".to_string(), "db".to_string())].into(),
+            reported_endpoints: vec![
+                "192.0.2.1:51820".parse().unwrap(),
+                "[2001:db8::1]:51820".parse().unwrap(),
+            ],
+            listen_port: Some(51820),
+            observed_ip: Some("198.51.100.7".parse().unwrap()),
+            created_at: 1_700_000_000,
+            last_seen: 1_700_000_100,
+            removed: false,
+            token_id: Some(TokenId(1)),
+        }
+    }
+
+    fn token(id: u64) -> Token {
+        Token {
+            id: TokenId(id),
+            labels: [("env".to_string(), "prod".to_string())].into(),
+            created_at: 5,
+            expires_at: Some(3605),
+            uses_left: Some(2),
+            revoked: false,
+            secret_hash: [id as u8; 32],
+        }
+    }
+
+    #[test]
+    fn roundtrip_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("coordinator.db");
+        let mut h2 = host(2);
+        {
+            let s = SqliteStore::open(&path).unwrap();
+            assert_eq!(s.schema_version().unwrap(), 1);
+            assert_eq!(s.load().unwrap(), Snapshot::default());
+            s.commit(&Dirty {
+                hosts: vec![host(1), h2.clone()],
+                tokens: vec![token(1)],
+                map_version: Some(7),
+            })
+            .unwrap();
+            h2.removed = true;
+            h2.labels.clear();
+            h2.ipv6 = None;
+            h2.observed_ip = None;
+            s.commit(&Dirty {
+                hosts: vec![h2.clone()],
+                tokens: vec![],
+                map_version: None,
+            })
+            .unwrap();
+            s.set_meta("admin_token_hash", "abc").unwrap();
+            s.log_event(9, "duplicate_connection", "host h1").unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        let snap = s.load().unwrap();
+        assert_eq!(snap.hosts, vec![host(1), h2]);
+        assert_eq!(snap.tokens, vec![token(1)]);
+        assert_eq!(snap.map_version, 7);
+        assert_eq!(
+            s.get_meta("admin_token_hash").unwrap().as_deref(),
+            Some("abc")
+        );
+        assert_eq!(s.get_meta("nope").unwrap(), None);
+        assert_eq!(
+            s.recent_events(5).unwrap(),
+            vec![(9, "duplicate_connection".into(), "host h1".into())]
+        );
+        // Migrations are recorded once.
+        assert_eq!(s.schema_version().unwrap(), 1);
+        let journal: String = s
+            .with(|c| Ok(c.query_row("PRAGMA journal_mode", [], |r| r.get(0))?))
+            .unwrap();
+        assert_eq!(journal, "wal");
+    }
+
+    #[test]
+    fn corrupt_row_is_an_error_not_a_panic() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        s.commit(&Dirty {
+            hosts: vec![host(1)],
+            tokens: vec![],
+            map_version: None,
+        })
+        .unwrap();
+        s.with(|c| Ok(c.execute("UPDATE hosts SET public_key = 'xx'", [])?))
+            .unwrap();
+        assert!(matches!(
+            s.load(),
+            Err(StoreError::Corrupt {
+                table: "hosts",
+                field: "public_key",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn refuses_newer_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        drop(SqliteStore::open(&path).unwrap());
+        let c = Connection::open(&path).unwrap();
+        c.execute("INSERT INTO schema_migrations VALUES (99, 'future', 0)", [])
+            .unwrap();
+        drop(c);
+        assert!(matches!(
+            SqliteStore::open(&path),
+            Err(StoreError::TooNew { found: 99, .. })
+        ));
+    }
+}
