@@ -146,25 +146,41 @@ fn removed_host_loses_tunnels_and_bad_tokens_are_refused() {
         p3.stderr().unwrap()
     );
 
-    // A used-up token (uses = 1, already used by host1) is refused, naming why.
+    // A single-use token works once; the second enrolment is refused, naming why.
     let t_once = coord.token(&lab, &[("app", "x")], None, Some(1));
-    let p = join(&lab, 3, &t_once, "again1");
-    assert!(
-        p.wait_timeout(Duration::from_secs(15))
-            .unwrap()
-            .is_some_and(|s| s.success())
-            == false
-    );
-    let _ = p.kill(Signal::Term);
-    let (_, tokens) = coord.api(&lab, "GET", "/v1/tokens", None);
-    let id = tokens.as_array().unwrap().last().unwrap()["id"].clone();
+    let p = join(&lab, 3, &t_once, "first");
+    assert!(wait_for(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || peer_names(lab.host(1)).contains(&"first".to_string())
+    ));
+    p.kill(Signal::Term).unwrap();
+    let _ = p.wait_timeout(Duration::from_secs(5));
+    let again = lab.dir().join("again");
+    let out = lab
+        .host(3)
+        .exec(
+            meshd_bin(),
+            [
+                "up",
+                "--join",
+                &t_once,
+                "--name",
+                "again",
+                "--state-dir",
+                again.to_str().unwrap(),
+            ],
+        )
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("used up"), "{err}");
     // Revoked.
     let t_rev = coord.token(&lab, &[("app", "x")], None, None);
     let (_, tokens) = coord.api(&lab, "GET", "/v1/tokens", None);
     let rev_id = tokens.as_array().unwrap().last().unwrap()["id"].clone();
     let (code, _) = coord.api(&lab, "DELETE", &format!("/v1/tokens/{}", rev_id), None);
     assert!((200..300).contains(&code), "revoke: {code}");
-    let _ = id;
     let out = lab
         .host(3)
         .exec(
