@@ -34,8 +34,10 @@ fn fresh_pair() -> (Device, Device) {
     let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
     let a = Device::new(ka.clone(), 1);
     let b = Device::new(kb.clone(), 2);
-    a.set_peers(&[spec("b", &kb, B, "100.64.0.2/32")]).expect("peers");
-    b.set_peers(&[spec("a", &ka, A, "100.64.0.1/32")]).expect("peers");
+    a.set_peers(&[spec("b", &kb, B, "100.64.0.2/32")])
+        .expect("peers");
+    b.set_peers(&[spec("a", &ka, A, "100.64.0.1/32")])
+        .expect("peers");
     (a, b)
 }
 
@@ -52,7 +54,10 @@ fn handshake(a: &Device, b: &Device) {
     let mut buf = vec![0u8; 2048];
     let mut out = vec![0u8; 2048];
     let ta = a.table();
-    let init = match ta.peers()[0].lock().format_handshake_initiation(&mut buf, true) {
+    let init = match ta.peers()[0]
+        .lock()
+        .format_handshake_initiation(&mut buf, true)
+    {
         TunnResult::WriteToNetwork(d) => d.to_vec(),
         other => panic!("{other:?}"),
     };
@@ -118,7 +123,11 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     // Initiation, response and confirmation, both sides' work (four X25519 operations each).
     g.bench_function("full_handshake", |bench| {
-        bench.iter_batched(fresh_pair, |(a, b)| handshake(&a, &b), BatchSize::SmallInput)
+        bench.iter_batched(
+            fresh_pair,
+            |(a, b)| handshake(&a, &b),
+            BatchSize::SmallInput,
+        )
     });
     g.finish();
 }
