@@ -14,6 +14,7 @@ fn spec(name: &str, key: &PrivateKey, ep: &str, ip: &str) -> PeerSpec {
         allowed_ips: vec![ip.parse().expect("prefix")],
         persistent_keepalive: None,
         preshared_key: None,
+        grants: Default::default(),
     }
 }
 

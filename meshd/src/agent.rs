@@ -88,6 +88,7 @@ pub fn map_to_specs(map: &NetworkMap) -> Vec<PeerSpec> {
             allowed_ips: p.addresses.iter().map(|a| IpNet::from(*a)).collect(),
             persistent_keepalive: Some(PEER_KEEPALIVE),
             preshared_key: None,
+            grants: Arc::new(meshd_policy::PeerGrants::allow_all("coordinator")),
         })
         .collect()
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use meshd_config::Config;
+use meshd_policy::PeerGrants;
 use meshd_tunnel::{Device, PeerSpec, PrivateKey};
 use rand_core::RngCore as _;
 use tokio::signal::unix::{signal, SignalKind};
@@ -60,6 +61,8 @@ fn peer_specs(cfg: &Config) -> Vec<PeerSpec> {
             allowed_ips: p.allowed_ips.clone(),
             persistent_keepalive: p.persistent_keepalive,
             preshared_key: p.preshared_key,
+            // Static mode without rules: the peers the file lists are allowed, as in WireGuard.
+            grants: Arc::new(PeerGrants::allow_all("static-peer")),
         })
         .collect()
 }

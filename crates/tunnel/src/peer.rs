@@ -5,9 +5,11 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::Tunn;
 use ipnet::IpNet;
+use meshd_policy::PeerGrants;
 use parking_lot::{Mutex, MutexGuard};
 
 use crate::keys::{PrivateKey, PublicKey};
@@ -27,6 +29,8 @@ pub struct PeerSpec {
     pub persistent_keepalive: Option<u16>,
     /// Optional pre-shared key (the "psk" of Noise_IKpsk2).
     pub preshared_key: Option<[u8; 32]>,
+    /// What this host and the peer may open to each other (default deny when empty).
+    pub grants: Arc<PeerGrants>,
 }
 
 impl PeerSpec {
@@ -58,6 +62,7 @@ pub struct Peer {
     spec: Mutex<PeerSpec>,
     endpoint: Mutex<Option<SocketAddr>>,
     tunn: Mutex<Tunn>,
+    grants: ArcSwap<PeerGrants>,
     /// Traffic counters.
     pub counters: PeerCounters,
 }
@@ -90,6 +95,7 @@ impl Peer {
             public_key: spec.public_key,
             index,
             endpoint: Mutex::new(spec.endpoint),
+            grants: ArcSwap::new(Arc::clone(&spec.grants)),
             spec: Mutex::new(spec),
             tunn: Mutex::new(tunn),
             counters: PeerCounters::default(),
@@ -107,7 +113,15 @@ impl Peer {
             // The operator moved the peer: that wins over a roamed address.
             *self.endpoint.lock() = new.endpoint;
         }
+        if spec.grants != new.grants {
+            self.grants.store(Arc::clone(&new.grants));
+        }
         *spec = new;
+    }
+
+    /// The current grants (load once per run of packets).
+    pub fn grants(&self) -> arc_swap::Guard<Arc<PeerGrants>> {
+        self.grants.load()
     }
 
     /// Where we currently send to this peer.

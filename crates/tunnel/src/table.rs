@@ -194,6 +194,7 @@ mod tests {
             allowed_ips: vec![ip.parse().unwrap()],
             persistent_keepalive: None,
             preshared_key: None,
+            grants: Default::default(),
         }
     }
 
@@ -253,6 +254,27 @@ mod tests {
 
         let (_t3, d3) = PeerTable::build(&own, &limiter, &v2[..1], &t2, &mut alloc).unwrap();
         assert_eq!(d3.removed, vec!["b", "c"]);
+    }
+
+    #[test]
+    fn grant_changes_keep_the_session() {
+        let own = PrivateKey::generate();
+        let limiter = Arc::new(RateLimiter::new(
+            &x25519_dalek::PublicKey::from(own.secret()),
+            100,
+        ));
+        let k = PrivateKey::generate();
+        let mut alloc = IndexAllocator::new(0);
+        let v1 = vec![spec("a", &k, "100.64.0.2/32")];
+        let (t1, _) =
+            PeerTable::build(&own, &limiter, &v1, &PeerTable::default(), &mut alloc).unwrap();
+        assert!(t1.peers()[0].grants().is_empty());
+        let mut v2 = v1.clone();
+        v2[0].grants = Arc::new(meshd_policy::PeerGrants::allow_all("r"));
+        let (t2, d) = PeerTable::build(&own, &limiter, &v2, &t1, &mut alloc).unwrap();
+        assert_eq!(d.updated, vec!["a"]);
+        assert!(Arc::ptr_eq(&t1.peers()[0], &t2.peers()[0]));
+        assert!(!t2.peers()[0].grants().is_empty());
     }
 
     #[test]

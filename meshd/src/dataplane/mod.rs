@@ -263,7 +263,7 @@ fn tx_worker(
         if !udp::poll_one(fd, libc::POLLIN, 1000) {
             continue;
         }
-        let n = match tun.recv_multiple(&mut original, &mut bufs, &mut sizes, 0) {
+        let mut n = match tun.recv_multiple(&mut original, &mut bufs, &mut sizes, 0) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => {
@@ -272,6 +272,14 @@ fn tx_worker(
                 continue;
             }
         };
+        // Without TSO (UDP floods, many small flows) each read yields one packet: keep
+        // reading while a whole super-packet still fits, so one wake-up fills one batch.
+        while n + TUN_READ_ROOM <= IDEAL_BATCH_SIZE {
+            match tun.recv_multiple(&mut original, &mut bufs[n..], &mut sizes[n..], 0) {
+                Ok(k) if k > 0 => n += k,
+                _ => break,
+            }
+        }
         let table = device.table();
         let mut i = 0;
         while i < n {
@@ -298,6 +306,9 @@ fn tx_worker(
         batch.flush(udp, stats);
     }
 }
+
+/// Buffers one TUN read may fill (a 64 KiB TSO super-packet at MTU 1420 is ~47 segments).
+const TUN_READ_ROOM: usize = 64;
 
 /// Same IP destination (cheap check that the next packet goes to the same peer).
 fn same_dst(a: &[u8], b: &[u8]) -> bool {
