@@ -1,0 +1,283 @@
+//! Blocking client for the coordinator's admin HTTP/JSON API (`meshd_control::api`).
+//!
+//! Failures are a typed [`ApiFailure`] so `main` can turn them into operator hints.
+
+use std::fmt;
+use std::time::Duration;
+
+use meshd_control::api::ApiError;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// Connect timeout.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Whole-request timeout.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why an API call failed.
+#[derive(Debug)]
+pub enum ApiFailure {
+    /// No TCP connection to the server.
+    Unreachable {
+        /// Base URL.
+        url: String,
+        /// Underlying cause.
+        cause: String,
+    },
+    /// 401: the admin token was refused.
+    Unauthorized {
+        /// Where the token came from.
+        token_source: String,
+    },
+    /// 404 with the server's message.
+    NotFound {
+        /// Server message.
+        message: String,
+    },
+    /// Any other non-2xx reply.
+    Server {
+        /// HTTP status.
+        status: u16,
+        /// Server message (the `ApiError` body, or the raw body).
+        message: String,
+    },
+    /// The transfer failed after connecting, or the reply was not the expected JSON.
+    Protocol {
+        /// Base URL.
+        url: String,
+        /// What went wrong.
+        detail: String,
+    },
+}
+
+impl fmt::Display for ApiFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ApiFailure::Unreachable { url, cause } => write!(
+                f,
+                "cannot reach the coordinator at {url} ({cause}): is `meshd coordinator` running? \
+                 set --server or MESH_SERVER"
+            ),
+            ApiFailure::Unauthorized { token_source } => write!(
+                f,
+                "the admin token was refused (it came from {token_source}): check --token/MESH_TOKEN \
+                 or <state-dir>/admin.token"
+            ),
+            ApiFailure::NotFound { message } => write!(f, "{message}"),
+            ApiFailure::Server { status, message } => {
+                write!(f, "the coordinator refused the request ({status}): {message}")
+            }
+            ApiFailure::Protocol { url, detail } => write!(
+                f,
+                "bad reply from {url}: {detail} (is --server the coordinator's admin API address?)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ApiFailure {}
+
+/// An admin API client.
+pub struct Client {
+    base: String,
+    token: String,
+    token_source: String,
+    agent: ureq::Agent,
+    verbose: u8,
+}
+
+impl Client {
+    /// A client for `base` (normalised URL) with a bearer token.
+    pub fn new(base: String, token: String, token_source: String, verbose: u8) -> Self {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(CONNECT_TIMEOUT))
+            .timeout_global(Some(REQUEST_TIMEOUT))
+            .build()
+            .new_agent();
+        Client {
+            base,
+            token,
+            token_source,
+            agent,
+            verbose,
+        }
+    }
+
+    /// GET `path`.
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ApiFailure> {
+        let url = self.url(path);
+        let r = self
+            .agent
+            .get(&url)
+            .header("Authorization", self.auth())
+            .call();
+        self.finish("GET", &url, r)
+    }
+
+    /// POST `body` as JSON to `path`.
+    pub fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ApiFailure> {
+        let url = self.url(path);
+        let body = serde_json::to_string(body).map_err(|e| ApiFailure::Protocol {
+            url: self.base.clone(),
+            detail: format!("encoding the request: {e}"),
+        })?;
+        let r = self
+            .agent
+            .post(&url)
+            .header("Authorization", self.auth())
+            .header("Content-Type", "application/json")
+            .send(body.as_str());
+        self.finish("POST", &url, r)
+    }
+
+    /// DELETE `path`.
+    pub fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ApiFailure> {
+        let url = self.url(path);
+        let r = self
+            .agent
+            .delete(&url)
+            .header("Authorization", self.auth())
+            .call();
+        self.finish("DELETE", &url, r)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn auth(&self) -> String {
+        format!("Bearer {}", self.token)
+    }
+
+    fn finish<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        url: &str,
+        r: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<T, ApiFailure> {
+        let mut resp = r.map_err(|e| {
+            if self.verbose > 0 {
+                eprintln!("meshctl: {method} {url}: {e}");
+            }
+            self.transport_failure(e)
+        })?;
+        let status = resp.status().as_u16();
+        if self.verbose > 0 {
+            eprintln!("meshctl: {method} {url} -> {status}");
+        }
+        let body = resp
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| ApiFailure::Protocol {
+                url: self.base.clone(),
+                detail: format!("reading the reply: {e}"),
+            })?;
+        if self.verbose > 1 {
+            eprintln!("meshctl: reply body: {body}");
+        }
+        if (200..300).contains(&status) {
+            return serde_json::from_str(&body).map_err(|e| ApiFailure::Protocol {
+                url: self.base.clone(),
+                detail: format!("unexpected reply to {method} {url}: {e}"),
+            });
+        }
+        Err(classify(status, &body, &self.token_source))
+    }
+
+    fn transport_failure(&self, e: ureq::Error) -> ApiFailure {
+        let unreachable = |cause: String| ApiFailure::Unreachable {
+            url: self.base.clone(),
+            cause,
+        };
+        match e {
+            ureq::Error::Io(io) => match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => unreachable("connection refused".into()),
+                std::io::ErrorKind::TimedOut => unreachable("connection timed out".into()),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof => {
+                    ApiFailure::Protocol {
+                        url: self.base.clone(),
+                        detail: format!("the connection was closed ({io})"),
+                    }
+                }
+                _ => unreachable(io.to_string()),
+            },
+            ureq::Error::HostNotFound => unreachable("host not found".into()),
+            ureq::Error::ConnectionFailed => unreachable("connection failed".into()),
+            ureq::Error::Timeout(t) => unreachable(format!("timed out ({t})")),
+            ureq::Error::BadUri(u) => ApiFailure::Protocol {
+                url: self.base.clone(),
+                detail: format!("bad URL {u}"),
+            },
+            other => ApiFailure::Protocol {
+                url: self.base.clone(),
+                detail: other.to_string(),
+            },
+        }
+    }
+}
+
+/// Turns a non-2xx reply into a failure, using the server's `ApiError` message when present.
+pub fn classify(status: u16, body: &str, token_source: &str) -> ApiFailure {
+    let message = match serde_json::from_str::<ApiError>(body) {
+        Ok(e) => e.message,
+        Err(_) if body.trim().is_empty() => format!("HTTP {status} with no message"),
+        Err(_) => body.trim().chars().take(500).collect(),
+    };
+    match status {
+        401 => ApiFailure::Unauthorized {
+            token_source: token_source.to_string(),
+        },
+        404 => ApiFailure::NotFound { message },
+        _ => ApiFailure::Server { status, message },
+    }
+}
+
+/// Percent-encodes one URL path segment (host names, ids, base64 keys with `/` and `+`).
+pub fn segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classify_replies() {
+        let body = r#"{"code":"not_found","message":"no host \"x\""}"#;
+        match classify(404, body, "--token") {
+            ApiFailure::NotFound { message } => assert_eq!(message, "no host \"x\""),
+            other => panic!("{other:?}"),
+        }
+        let e = classify(401, "{}", "MESH_TOKEN").to_string();
+        assert!(
+            e.contains("admin token was refused") && e.contains("MESH_TOKEN"),
+            "{e}"
+        );
+        let e = classify(409, r#"{"code":"conflict","message":"name taken"}"#, "").to_string();
+        assert!(e.contains("409") && e.contains("name taken"), "{e}");
+        let e = classify(502, "Bad Gateway", "").to_string();
+        assert!(e.contains("Bad Gateway"), "{e}");
+        let e = classify(500, "", "").to_string();
+        assert!(e.contains("no message"), "{e}");
+    }
+
+    #[test]
+    fn path_segments() {
+        assert_eq!(segment("db-1.prod"), "db-1.prod");
+        assert_eq!(segment("ab+c/d="), "ab%2Bc%2Fd%3D");
+        assert_eq!(segment("a b"), "a%20b");
+    }
+}
