@@ -22,7 +22,7 @@ use rand_core::RngCore as _;
 use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::dataplane::{Dataplane, DataplaneConfig};
+use crate::dataplane::{Dataplane, DataplaneConfig, Enforcement};
 use crate::routes::Routes;
 use crate::status::{self, StatusSource};
 
@@ -197,8 +197,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         );
     }
     let addresses = overlay_addresses(&agent.host);
+    let enforcement = Arc::new(Enforcement::new());
     let dp = Dataplane::start(
         device.clone(),
+        enforcement.clone(),
         &DataplaneConfig {
             name: args.interface.clone(),
             mtu: args.mtu,
@@ -215,9 +217,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         offload: dp.offload,
     };
     {
-        let (device, io) = (device.clone(), dp.stats.clone());
+        let (device, io, policy) = (device.clone(), dp.stats.clone(), enforcement.clone());
         status::serve(&args.interface, move || {
-            status::snapshot(&device, &io, &source)
+            status::snapshot(&device, &io, &policy, &source)
         })?;
     }
     let mut routes = Routes::new(dp.if_index, &addresses)?;

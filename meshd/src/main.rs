@@ -2,6 +2,7 @@
 //! keys; `meshd status` shows peers like `wg show`.
 
 mod agent;
+mod blocks;
 mod dataplane;
 mod routes;
 mod status;

@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use meshd_tunnel::Device;
 use serde::{Deserialize, Serialize};
 
-use crate::dataplane::IoStats;
+use crate::dataplane::{Enforcement, IoStats};
 
 /// Everything `meshd status` shows.
 #[derive(Debug, Serialize, Deserialize)]
@@ -66,7 +66,7 @@ pub struct StatusSource {
 }
 
 /// Builds a snapshot.
-pub fn snapshot(device: &Device, io: &IoStats, src: &StatusSource) -> Status {
+pub fn snapshot(device: &Device, io: &IoStats, policy: &Enforcement, src: &StatusSource) -> Status {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
@@ -104,6 +104,20 @@ pub fn snapshot(device: &Device, io: &IoStats, src: &StatusSource) -> Status {
         ("datagrams_received", &io.datagrams_received),
     ] {
         counters.insert(k.into(), v.load(Ordering::Relaxed));
+    }
+    let fw = policy.firewall.stats();
+    for (k, v) in [
+        ("policy_default_deny", fw.default_deny),
+        ("policy_expired", fw.expired),
+        ("policy_quarantined", fw.quarantined),
+        ("policy_no_flow", fw.no_flow),
+        ("policy_malformed", fw.malformed_total()),
+        ("policy_table_full", fw.table_full),
+        ("flows_opened", fw.flows_opened),
+        ("flows_revoked", fw.flows_revoked),
+        ("flows_tracked", policy.firewall.len() as u64),
+    ] {
+        counters.insert(k.into(), v);
     }
     Status {
         interface: src.interface.clone(),
@@ -189,15 +203,21 @@ pub fn print(s: &Status) {
             println!("  persistent keepalive: every {k} seconds");
         }
     }
-    let drops: Vec<String> = s
-        .counters
-        .iter()
-        .filter(|(k, v)| k.starts_with("drop_") && **v > 0)
-        .map(|(k, v)| format!("{}={v}", &k[5..]))
-        .collect();
+    let listed = |prefix: &str| -> Vec<String> {
+        s.counters
+            .iter()
+            .filter(|(k, v)| k.starts_with(prefix) && **v > 0)
+            .map(|(k, v)| format!("{}={v}", &k[prefix.len()..]))
+            .collect()
+    };
+    let drops = listed("drop_");
     if !drops.is_empty() {
         println!();
         println!("dropped: {}", drops.join(" "));
+    }
+    let denied = listed("policy_");
+    if !denied.is_empty() {
+        println!("denied by policy: {}", denied.join(" "));
     }
 }
 

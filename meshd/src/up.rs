@@ -10,7 +10,8 @@ use meshd_tunnel::{Device, PeerSpec, PrivateKey};
 use rand_core::RngCore as _;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::dataplane::{Dataplane, DataplaneConfig};
+use crate::blocks::{BlockSink, Directory};
+use crate::dataplane::{Dataplane, DataplaneConfig, Enforcement};
 use crate::routes::Routes;
 use crate::status::{self, StatusSource};
 
@@ -46,12 +47,67 @@ pub struct UpArgs {
     mtu: u16,
 }
 
+/// Name of this host in static-mode policy (selectors like `{host: self}`).
+const SELF_NAME: &str = "self";
+
+/// Loads the static policy file, runs its tests against the static inventory and compiles the
+/// grants per peer (by peer index in the config). `None` without a policy file: every listed
+/// peer is allowed both ways, as in WireGuard.
+fn static_grants(cfg: &Config) -> anyhow::Result<Option<Vec<PeerGrants>>> {
+    let Some(path) = &cfg.interface.policy_file else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading policy file {}", path.display()))?;
+    let policy = meshd_policy::Policy::parse(&text).map_err(|e| {
+        anyhow::anyhow!("{}:{}:{}: {}", path.display(), e.line, e.column, e.message)
+    })?;
+    let mut hosts = vec![meshd_policy::HostRef {
+        id: 0,
+        name: SELF_NAME.into(),
+        labels: cfg.interface.labels.clone(),
+    }];
+    hosts.extend(
+        cfg.peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| meshd_policy::HostRef {
+                id: i as u64 + 1,
+                name: p.name.clone(),
+                labels: p.labels.clone(),
+            }),
+    );
+    let now = crate::dataplane::unix_millis() / 1000;
+    let failed: Vec<String> = meshd_policy::run_tests(&policy, &hosts, now)
+        .into_iter()
+        .filter(|t| !t.passed())
+        .map(|t| t.to_string())
+        .collect();
+    if !failed.is_empty() {
+        anyhow::bail!(
+            "{}: policy tests failed:\n  {}",
+            path.display(),
+            failed.join("\n  ")
+        );
+    }
+    let compiled = meshd_policy::compile(&policy, &hosts, now);
+    let mut by_peer = compiled.grants_for(0);
+    Ok(Some(
+        (0..cfg.peers.len())
+            .map(|i| by_peer.remove(&(i as u64 + 1)).unwrap_or_default())
+            .collect(),
+    ))
+}
+
 /// Peer specs from a config file; endpoints resolved now (a failed lookup is logged and
 /// leaves the peer waiting to be contacted).
-fn peer_specs(cfg: &Config) -> Vec<PeerSpec> {
-    cfg.peers
+fn peer_specs(cfg: &Config) -> anyhow::Result<Vec<PeerSpec>> {
+    let grants = static_grants(cfg)?;
+    Ok(cfg
+        .peers
         .iter()
-        .map(|p| PeerSpec {
+        .enumerate()
+        .map(|(i, p)| PeerSpec {
             name: p.name.clone(),
             public_key: p.public_key,
             endpoint: p.resolve_endpoint().and_then(|r| {
@@ -61,10 +117,25 @@ fn peer_specs(cfg: &Config) -> Vec<PeerSpec> {
             allowed_ips: p.allowed_ips.clone(),
             persistent_keepalive: p.persistent_keepalive,
             preshared_key: p.preshared_key,
-            // Static mode without rules: the peers the file lists are allowed, as in WireGuard.
-            grants: Arc::new(PeerGrants::allow_all("static-peer")),
+            grants: Arc::new(match &grants {
+                Some(g) => g[i].clone(),
+                None => PeerGrants::allow_all("static-peer"),
+            }),
         })
-        .collect()
+        .collect())
+}
+
+/// Names and labels for block logs.
+fn directory(cfg: &Config) -> Directory {
+    Directory {
+        host: SELF_NAME.into(),
+        host_labels: cfg.interface.labels.clone(),
+        peers: cfg
+            .peers
+            .iter()
+            .map(|p| (p.public_key, (p.name.clone(), p.labels.clone())))
+            .collect(),
+    }
 }
 
 fn load(path: &std::path::Path) -> anyhow::Result<(Config, PrivateKey)> {
@@ -98,10 +169,12 @@ fn run_static(config: &std::path::Path, state_dir: &std::path::Path) -> anyhow::
     std::fs::create_dir_all(state_dir)
         .with_context(|| format!("creating state directory {}", state_dir.display()))?;
     let device = Arc::new(Device::new(key, rand_core::OsRng.next_u32()));
-    device.set_peers(&peer_specs(&cfg))?;
+    device.set_peers(&peer_specs(&cfg)?)?;
     let iface = &cfg.interface;
+    let enforcement = Arc::new(Enforcement::new());
     let dp = Dataplane::start(
         device.clone(),
+        enforcement.clone(),
         &DataplaneConfig {
             name: iface.name.clone(),
             mtu: iface.mtu,
@@ -118,8 +191,10 @@ fn run_static(config: &std::path::Path, state_dir: &std::path::Path) -> anyhow::
         offload: dp.offload,
     };
     {
-        let (device, io) = (device.clone(), dp.stats.clone());
-        status::serve(&iface.name, move || status::snapshot(&device, &io, &source))?;
+        let (device, io, policy) = (device.clone(), dp.stats.clone(), enforcement.clone());
+        status::serve(&iface.name, move || {
+            status::snapshot(&device, &io, &policy, &source)
+        })?;
     }
     tracing::info!(
         interface = %iface.name,
@@ -133,7 +208,15 @@ fn run_static(config: &std::path::Path, state_dir: &std::path::Path) -> anyhow::
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let result = rt.block_on(control_loop(config, &cfg, &device, dp.if_index));
+    let sink = BlockSink::new(state_dir.join("blocks.jsonl"), directory(&cfg));
+    let result = rt.block_on(control_loop(
+        config,
+        &cfg,
+        &device,
+        &enforcement,
+        sink,
+        dp.if_index,
+    ));
     dp.stop();
     tracing::info!("meshd stopped");
     result
@@ -144,8 +227,11 @@ async fn control_loop(
     config: &std::path::Path,
     cfg: &Config,
     device: &Device,
+    enforcement: &Enforcement,
+    mut sink: BlockSink,
     if_index: u32,
 ) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     let mut routes = Routes::new(if_index, &cfg.interface.addresses)?;
     let allowed = |c: &Config| -> Vec<ipnet::IpNet> {
         c.peers.iter().flat_map(|p| p.allowed_ips.clone()).collect()
@@ -158,14 +244,26 @@ async fn control_loop(
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
+            _ = tick.tick() => {
+                let _events = sink.flush(enforcement, device);
+                enforcement.firewall.sweep_all(crate::dataplane::unix_millis());
+            }
             _ = hup.recv() => {
                 match load(config) {
                     Ok((new, _key)) => {
                         if new.interface != cfg.interface {
                             tracing::warn!("[interface] changes need a restart; applying peer changes only");
                         }
-                        match device.set_peers(&peer_specs(&new)) {
+                        let specs = match peer_specs(&new) {
+                            Ok(s) => s,
+                            Err(e) => {
+                                tracing::error!(error = %format!("{e:#}"), "reload refused; keeping the running peers");
+                                continue;
+                            }
+                        };
+                        match device.set_peers(&specs) {
                             Ok(diff) => {
+                                sink.directory = directory(&new);
                                 tracing::info!(changes = %diff.to_string().trim_end().replace('\n', ", "), "reloaded config");
                                 routes.sync(allowed(&new)).await;
                             }

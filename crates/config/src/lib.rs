@@ -77,6 +77,7 @@ mod error;
 mod keyfile;
 
 use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs as _};
@@ -130,6 +131,11 @@ pub struct Interface {
     pub mode: Mode,
     /// Firewall mark for meshd's UDP packets (`None` when absent or 0).
     pub fwmark: Option<u32>,
+    /// This host's labels (static mode: what policy selectors match).
+    pub labels: BTreeMap<String, String>,
+    /// Static mode: a policy file (the YAML rule syntax of `meshctl policy`); without one,
+    /// every listed peer is allowed both ways, as in WireGuard.
+    pub policy_file: Option<PathBuf>,
 }
 
 /// How traffic reaches the mesh (`interface.mode`).
@@ -158,6 +164,8 @@ pub struct PeerConfig {
     pub persistent_keepalive: Option<u16>,
     /// Optional preshared key (never printed by `Debug`).
     pub preshared_key: Option<[u8; 32]>,
+    /// The peer's labels (static mode policy).
+    pub labels: BTreeMap<String, String>,
 }
 
 impl fmt::Debug for PeerConfig {
@@ -283,6 +291,9 @@ struct RawInterface {
     #[serde(default)]
     mode: Mode,
     fwmark: Option<u32>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    policy_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -294,6 +305,8 @@ struct RawPeer {
     allowed_ips: Option<Spanned<NetList>>,
     persistent_keepalive: Option<Spanned<u16>>,
     preshared_key: Option<Key32>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
 }
 
 /// A 32-byte base64 key that is not a public key (the preshared key).
@@ -562,11 +575,11 @@ impl Ctx<'_> {
                 return Err(self.invalid(&span, "interface.mtu", reason));
             }
         }
-        let key_file = raw.private_key_file.into_inner();
-        let private_key_file = match self.file.parent() {
-            Some(dir) if key_file.is_relative() => dir.join(key_file),
-            _ => key_file,
+        let relative = |p: PathBuf| match self.file.parent() {
+            Some(dir) if p.is_relative() => dir.join(p),
+            _ => p,
         };
+        let private_key_file = relative(raw.private_key_file.into_inner());
         Ok(Interface {
             name: raw.name.into_inner(),
             private_key_file,
@@ -575,6 +588,8 @@ impl Ctx<'_> {
             mtu,
             mode: raw.mode,
             fwmark: raw.fwmark.filter(|&m| m != 0),
+            labels: raw.labels,
+            policy_file: raw.policy_file.map(relative),
         })
     }
 
@@ -665,6 +680,7 @@ impl Ctx<'_> {
                 allowed_ips,
                 persistent_keepalive,
                 preshared_key: p.preshared_key.map(|k| k.0),
+                labels: p.labels,
             });
         }
         Ok(peers)

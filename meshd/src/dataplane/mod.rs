@@ -9,6 +9,9 @@
 //! - `timers`: every 100 ms runs the WireGuard timers (rekey, retries, keepalive).
 //!
 //! Buffers are allocated once per thread. The peer table is loaded once per batch.
+//!
+//! Policy: every packet passes the identity firewall ([`Enforcement`]) keyed on the peer's
+//! public key — outbound before sealing, inbound after opening and after cryptokey routing.
 
 mod tun;
 pub mod udp;
@@ -22,6 +25,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
+use meshd_firewall::{BlockLog, BlockLogConfig, Firewall, Verdict};
+use meshd_policy::Direction;
 use meshd_tunnel::{Decap, Device, Encap};
 use quinn_udp::RecvMeta;
 use tun_rs::{GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
@@ -58,6 +63,63 @@ pub struct IoStats {
     pub datagrams_received: AtomicU64,
 }
 
+/// The identity firewall and its block log, shared by the workers.
+pub struct Enforcement {
+    /// Conntrack and grant checks, keyed by the peer's local index (unique per live peer,
+    /// cheaper to hash than its key).
+    pub firewall: Firewall<u32>,
+    /// Folded, rate-limited denials waiting to be logged (by peer index).
+    pub blocks: BlockLog<u32>,
+}
+
+impl Enforcement {
+    /// Defaults: 64 Ki flows, 100 block events per second.
+    pub fn new() -> Self {
+        Enforcement {
+            firewall: Firewall::new(meshd_firewall::Config::default()),
+            blocks: BlockLog::new(BlockLogConfig::default()),
+        }
+    }
+
+    /// Checks one packet exchanged with `peer`; records denials for the block log.
+    #[inline]
+    fn allow(
+        &self,
+        peer: &meshd_tunnel::Peer,
+        grants: &meshd_policy::PeerGrants,
+        version: u64,
+        dir: Direction,
+        packet: &[u8],
+        now: u64,
+    ) -> bool {
+        match self
+            .firewall
+            .check(peer.index, grants, version, dir, packet, now)
+        {
+            Verdict::Allow => true,
+            Verdict::Deny(d) => {
+                self.blocks.record(peer.index, &d, now);
+                false
+            }
+            Verdict::Drop(_) => false,
+        }
+    }
+}
+
+impl Default for Enforcement {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Unix time in milliseconds (the firewall's clock; read once per batch).
+pub fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// A running packet path. Dropping it stops the threads.
 pub struct Dataplane {
     /// The bound UDP port.
@@ -74,7 +136,11 @@ pub struct Dataplane {
 
 impl Dataplane {
     /// Opens the TUN and the socket and starts the workers.
-    pub fn start(device: Arc<Device>, cfg: &DataplaneConfig) -> anyhow::Result<Dataplane> {
+    pub fn start(
+        device: Arc<Device>,
+        policy: Arc<Enforcement>,
+        cfg: &DataplaneConfig,
+    ) -> anyhow::Result<Dataplane> {
         let udp = Arc::new(Udp::bind(cfg.listen_port, cfg.fwmark)?);
         let tun = tun::open(&cfg.name, cfg.mtu, &cfg.addresses)?;
         let listen_port = udp.local_port();
@@ -90,8 +156,9 @@ impl Dataplane {
             std::thread::Builder::new().name(name.into()).spawn(f)
         };
         {
-            let (device, udp, tun, stop, stats) = (
+            let (device, policy, udp, tun, stop, stats) = (
                 device.clone(),
+                policy.clone(),
                 udp.clone(),
                 tun_rx.clone(),
                 stop.clone(),
@@ -99,12 +166,13 @@ impl Dataplane {
             );
             threads.push(spawn(
                 "meshd-tx",
-                Box::new(move || tx_worker(&device, &udp, &tun, &stop, &stats, mtu)),
+                Box::new(move || tx_worker(&device, &policy, &udp, &tun, &stop, &stats, mtu)),
             )?);
         }
         {
-            let (device, udp, tun, stop, stats) = (
+            let (device, policy, udp, tun, stop, stats) = (
                 device.clone(),
+                policy.clone(),
                 udp.clone(),
                 tun_rx.clone(),
                 stop.clone(),
@@ -112,7 +180,7 @@ impl Dataplane {
             );
             threads.push(spawn(
                 "meshd-rx",
-                Box::new(move || rx_worker(&device, &udp, &tun, &stop, &stats, offload)),
+                Box::new(move || rx_worker(&device, &policy, &udp, &tun, &stop, &stats, offload)),
             )?);
         }
         {
@@ -247,6 +315,7 @@ impl SendBatch {
 
 fn tx_worker(
     device: &Device,
+    policy: &Enforcement,
     udp: &Udp,
     tun: &SyncDevice,
     stop: &AtomicBool,
@@ -281,6 +350,7 @@ fn tx_worker(
             }
         }
         let table = device.table();
+        let now = unix_millis();
         let mut i = 0;
         while i < n {
             let Ok(peer) = device.route(&table, &bufs[i][..sizes[i]]) else {
@@ -289,13 +359,17 @@ fn tx_worker(
             };
             // One lock for the run of packets to this peer (a TSO burst is one flow).
             let mut tunn = peer.lock();
+            let grants = peer.grants();
             loop {
                 let pkt = &bufs[i][..sizes[i]];
-                let out = batch.reserve(sealed_room(pkt.len()), udp, stats);
-                if let Encap::Send { to, datagram } = device.encapsulate(peer, &mut tunn, pkt, out)
-                {
-                    let len = datagram.len();
-                    batch.commit(to, len, udp, stats);
+                if policy.allow(peer, &grants, table.version, Direction::Outbound, pkt, now) {
+                    let out = batch.reserve(sealed_room(pkt.len()), udp, stats);
+                    if let Encap::Send { to, datagram } =
+                        device.encapsulate(peer, &mut tunn, pkt, out)
+                    {
+                        let len = datagram.len();
+                        batch.commit(to, len, udp, stats);
+                    }
                 }
                 i += 1;
                 if i >= n || !same_dst(&bufs[i - 1][..sizes[i - 1]], &bufs[i][..sizes[i]]) {
@@ -325,6 +399,7 @@ const RX_BUFFER_SIZE: usize = 65_536;
 
 fn rx_worker(
     device: &Device,
+    policy: &Enforcement,
     udp: &Udp,
     tun: &SyncDevice,
     stop: &AtomicBool,
@@ -384,6 +459,7 @@ fn rx_worker(
                 }
             };
             let table = device.table();
+            let now = unix_millis();
             for (m, buf) in meta[..n].iter().zip(&rx) {
                 let stride = m.stride.max(1);
                 for d in buf[..m.len].chunks(stride) {
@@ -394,10 +470,14 @@ fn rx_worker(
                     let slot = &mut out[n_out];
                     slot.resize(offset + d.len(), 0);
                     match device.decapsulate(&table, m.addr, d, &mut slot[offset..]) {
-                        Decap::Deliver { packet, .. } => {
+                        Decap::Deliver { peer, packet } => {
                             let len = packet.len();
-                            slot.truncate(offset + len);
-                            n_out += 1;
+                            let grants = peer.grants();
+                            let dir = Direction::Inbound;
+                            if policy.allow(peer, &grants, table.version, dir, packet, now) {
+                                slot.truncate(offset + len);
+                                n_out += 1;
+                            }
                         }
                         Decap::Reply { peer, datagram } => {
                             replies.push((m.addr, datagram.to_vec()));

@@ -1,0 +1,462 @@
+//! Compilation: which hosts each rule's selectors match, kept as one bitset per distinct
+//! selector, and the per-host grants materialised lazily from them.
+//!
+//! Cost model (H hosts, R rules, S ≤ 2R distinct selectors, W = H/64 words):
+//! - [`compile`]: an inverted index label → hosts, then each selector is evaluated once as a few
+//!   bitset operations over that index: O(H·labels + S·(W + matching hosts)).
+//! - [`Compiled::update_host`] / [`Compiled::remove_host`]: each selector is evaluated once for
+//!   that one host, then the affected peers are one OR per rule whose selector flipped: O(S + R·W).
+//! - [`Compiled::grants_for`]: O(R + granted pairs); [`Compiled::peers_of`]: O(R·W).
+//!
+//! A host never gets grants to itself. Rules expired at the compile time are dropped; the others
+//! give grants carrying `expires_at`, which agents enforce themselves.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use crate::file::{Policy, Rule};
+use crate::grant::{Grant, PeerGrants, UnixTime};
+use crate::port::Probe;
+use crate::selector::{HostRef, Match, Selector};
+
+/// A fixed-width set of host slots.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Bits(Vec<u64>);
+
+impl Bits {
+    fn new(words: usize) -> Bits {
+        Bits(vec![0; words])
+    }
+    #[inline]
+    fn get(&self, i: u32) -> bool {
+        let i = i as usize;
+        self.0[i / 64] >> (i % 64) & 1 == 1
+    }
+    #[inline]
+    fn set(&mut self, i: u32, v: bool) {
+        let i = i as usize;
+        let m = 1u64 << (i % 64);
+        if v {
+            self.0[i / 64] |= m;
+        } else {
+            self.0[i / 64] &= !m;
+        }
+    }
+    fn and(&mut self, o: &Bits) {
+        self.0.iter_mut().zip(&o.0).for_each(|(a, b)| *a &= b);
+    }
+    fn or(&mut self, o: &Bits) {
+        self.0.iter_mut().zip(&o.0).for_each(|(a, b)| *a |= b);
+    }
+    fn and_not(&mut self, o: &Bits) {
+        self.0.iter_mut().zip(&o.0).for_each(|(a, b)| *a &= !b);
+    }
+    fn ones(&self) -> impl Iterator<Item = u32> + '_ {
+        self.0.iter().enumerate().flat_map(|(wi, &w)| {
+            let mut w = w;
+            std::iter::from_fn(move || {
+                if w == 0 {
+                    return None;
+                }
+                let b = w.trailing_zeros();
+                w &= w - 1;
+                Some(wi as u32 * 64 + b)
+            })
+        })
+    }
+    fn from_slots(words: usize, slots: &[u32]) -> Bits {
+        let mut b = Bits::new(words);
+        for &s in slots {
+            b.set(s, true);
+        }
+        b
+    }
+}
+
+/// One active rule.
+#[derive(Debug, Clone)]
+struct CRule {
+    name: String,
+    /// Index into `selectors` of `from`.
+    from: usize,
+    /// Index into `selectors` of `to`.
+    to: usize,
+    /// The grants it gives (one per port spec), with the rule name and expiry.
+    grants: Vec<Grant>,
+    expires: Option<UnixTime>,
+}
+
+/// A policy compiled against an inventory. Cheap per-host queries; incremental host changes.
+#[derive(Debug, Clone)]
+pub struct Compiled {
+    compiled_at: UnixTime,
+    rules: Vec<CRule>,
+    /// Distinct selectors of the active rules.
+    selectors: Vec<Selector>,
+    /// Per selector, the slots of the hosts it matches.
+    members: Vec<Bits>,
+    /// Per selector, the rules using it as `from` and as `to`.
+    used_from: Vec<Vec<usize>>,
+    used_to: Vec<Vec<usize>>,
+    /// Slot → host.
+    slots: Vec<Option<HostRef>>,
+    by_id: HashMap<u64, u32>,
+    free: Vec<u32>,
+    words: usize,
+}
+
+/// Whether a connection is allowed, and by which rule.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Explanation {
+    /// Allowed.
+    pub allowed: bool,
+    /// The first rule (in file order) that allows it; `None` when denied.
+    pub rule: Option<String>,
+}
+
+impl Explanation {
+    /// Denied by default.
+    pub const DENY: Explanation = Explanation {
+        allowed: false,
+        rule: None,
+    };
+}
+
+/// Compiles `policy` for `hosts` at `now`. Hosts with the same id: the last one counts.
+pub fn compile<'p>(policy: &'p Policy, hosts: &[HostRef], now: UnixTime) -> Compiled {
+    let mut c = Compiled::empty(now);
+    let mut interned: HashMap<&'p Selector, usize> = HashMap::new();
+    for r in policy.rules.iter().filter(|r| !r.expired(now)) {
+        let mut intern = |s: &'p Selector| {
+            *interned.entry(s).or_insert_with(|| {
+                c.selectors.push(s.clone());
+                c.selectors.len() - 1
+            })
+        };
+        let (from, to) = (intern(&r.from), intern(&r.to));
+        c.rules.push(CRule {
+            name: r.name.clone(),
+            from,
+            to,
+            grants: grants_of(r),
+            expires: r.expires,
+        });
+    }
+    let ns = c.selectors.len();
+    c.used_from = vec![Vec::new(); ns];
+    c.used_to = vec![Vec::new(); ns];
+    for (i, r) in c.rules.iter().enumerate() {
+        c.used_from[r.from].push(i);
+        c.used_to[r.to].push(i);
+    }
+
+    for h in hosts {
+        match c.by_id.get(&h.id) {
+            Some(&s) => c.slots[s as usize] = Some(h.clone()),
+            None => {
+                c.by_id.insert(h.id, c.slots.len() as u32);
+                c.slots.push(Some(h.clone()));
+            }
+        }
+    }
+    c.words = c.slots.len().div_ceil(64).max(1);
+
+    // Inverted index: label → value → slots, label → slots, name → slot.
+    let mut by_value: HashMap<&str, HashMap<&str, Vec<u32>>> = HashMap::new();
+    let mut by_key: HashMap<&str, Vec<u32>> = HashMap::new();
+    let mut by_name: HashMap<&str, u32> = HashMap::new();
+    let mut live = Bits::new(c.words);
+    for (s, h) in c.slots.iter().enumerate() {
+        let (s, h) = (s as u32, h.as_ref().expect("all slots filled"));
+        live.set(s, true);
+        by_name.insert(&h.name, s);
+        for (k, v) in &h.labels {
+            by_value.entry(k).or_default().entry(v).or_default().push(s);
+            by_key.entry(k).or_default().push(s);
+        }
+    }
+    let words = c.words;
+    let value = |k: &str, v: &str| {
+        let slots = by_value.get(k).and_then(|m| m.get(v));
+        Bits::from_slots(words, slots.map_or(&[][..], Vec::as_slice))
+    };
+    let key = |k: &str| Bits::from_slots(words, by_key.get(k).map_or(&[][..], Vec::as_slice));
+    c.members = c
+        .selectors
+        .iter()
+        .map(|sel| {
+            let mut b = live.clone();
+            if let Some(n) = &sel.host {
+                let mut one = Bits::new(words);
+                if let Some(&s) = by_name.get(n.as_str()) {
+                    one.set(s, true);
+                }
+                b.and(&one);
+            }
+            for (k, m) in &sel.labels {
+                match m {
+                    Match::Eq(v) => b.and(&value(k, v)),
+                    Match::In(vs) => {
+                        let mut u = Bits::new(words);
+                        vs.iter().for_each(|v| u.or(&value(k, v)));
+                        b.and(&u);
+                    }
+                    Match::Ne(v) => b.and_not(&value(k, v)),
+                    Match::Exists(true) => b.and(&key(k)),
+                    Match::Exists(false) => b.and_not(&key(k)),
+                }
+            }
+            b
+        })
+        .collect();
+    c
+}
+
+fn grants_of(r: &Rule) -> Vec<Grant> {
+    let mut g: Vec<Grant> = r
+        .ports
+        .iter()
+        .map(|p| p.grant(&r.name, r.expires))
+        .collect();
+    g.dedup();
+    g
+}
+
+impl Compiled {
+    fn empty(now: UnixTime) -> Compiled {
+        Compiled {
+            compiled_at: now,
+            rules: Vec::new(),
+            selectors: Vec::new(),
+            members: Vec::new(),
+            used_from: Vec::new(),
+            used_to: Vec::new(),
+            slots: Vec::new(),
+            by_id: HashMap::new(),
+            free: Vec::new(),
+            words: 1,
+        }
+    }
+
+    /// The time passed to [`compile`].
+    pub fn compiled_at(&self) -> UnixTime {
+        self.compiled_at
+    }
+
+    /// Number of hosts.
+    pub fn host_count(&self) -> usize {
+        self.by_id.len()
+    }
+
+    /// Number of active (not expired at compile time) rules.
+    pub fn rule_count(&self) -> usize {
+        self.rules.len()
+    }
+
+    /// The host with this id.
+    pub fn host(&self, id: u64) -> Option<&HostRef> {
+        let s = *self.by_id.get(&id)?;
+        self.slots[s as usize].as_ref()
+    }
+
+    /// The host with this name (linear scan; for admin queries).
+    pub fn host_by_name(&self, name: &str) -> Option<&HostRef> {
+        self.slots.iter().flatten().find(|h| h.name == name)
+    }
+
+    /// The earliest rule expiry after `now`: recompile then so expired peers are dropped
+    /// (agents stop using expired grants on their own before that).
+    pub fn next_expiry(&self, now: UnixTime) -> Option<UnixTime> {
+        self.rules
+            .iter()
+            .filter_map(|r| r.expires)
+            .filter(|&t| t > now)
+            .min()
+    }
+
+    fn peer_slots(&self, s: u32) -> Bits {
+        let mut b = Bits::new(self.words);
+        for r in &self.rules {
+            if self.members[r.from].get(s) {
+                b.or(&self.members[r.to]);
+            }
+            if self.members[r.to].get(s) {
+                b.or(&self.members[r.from]);
+            }
+        }
+        b.set(s, false);
+        b
+    }
+
+    fn ids(&self, b: &Bits) -> BTreeSet<u64> {
+        b.ones()
+            .filter_map(|s| self.slots[s as usize].as_ref().map(|h| h.id))
+            .collect()
+    }
+
+    /// The hosts `host_id` may open connections to or be reached from (the peers in its map).
+    pub fn peers_of(&self, host_id: u64) -> BTreeSet<u64> {
+        match self.by_id.get(&host_id) {
+            Some(&s) => self.ids(&self.peer_slots(s)),
+            None => BTreeSet::new(),
+        }
+    }
+
+    /// The grants of `host_id` towards each of its peers (none for unknown hosts). Outbound:
+    /// rules with the host in `from` and the peer in `to`; inbound: the peer in `from` and the
+    /// host in `to`. Grants are in rule order.
+    pub fn grants_for(&self, host_id: u64) -> BTreeMap<u64, PeerGrants> {
+        let mut out: BTreeMap<u64, PeerGrants> = BTreeMap::new();
+        let Some(&s) = self.by_id.get(&host_id) else {
+            return out;
+        };
+        for r in &self.rules {
+            let (is_from, is_to) = (self.members[r.from].get(s), self.members[r.to].get(s));
+            if is_from {
+                for p in self.members[r.to].ones().filter(|&p| p != s) {
+                    let id = self.slots[p as usize].as_ref().expect("member is live").id;
+                    out.entry(id)
+                        .or_default()
+                        .outbound
+                        .extend(r.grants.iter().cloned());
+                }
+            }
+            if is_to {
+                for p in self.members[r.from].ones().filter(|&p| p != s) {
+                    let id = self.slots[p as usize].as_ref().expect("member is live").id;
+                    out.entry(id)
+                        .or_default()
+                        .inbound
+                        .extend(r.grants.iter().cloned());
+                }
+            }
+        }
+        out
+    }
+
+    /// The grants between `host_id` and one peer, seen from `host_id`.
+    pub fn grants_between(&self, host_id: u64, peer_id: u64) -> PeerGrants {
+        let mut pg = PeerGrants::default();
+        let (Some(&s), Some(&p)) = (self.by_id.get(&host_id), self.by_id.get(&peer_id)) else {
+            return pg;
+        };
+        if s == p {
+            return pg;
+        }
+        for r in &self.rules {
+            if self.members[r.from].get(s) && self.members[r.to].get(p) {
+                pg.outbound.extend(r.grants.iter().cloned());
+            }
+            if self.members[r.from].get(p) && self.members[r.to].get(s) {
+                pg.inbound.extend(r.grants.iter().cloned());
+            }
+        }
+        pg
+    }
+
+    /// Whether `from` may open a connection to `to` matching `probe` at `now`, and by which rule.
+    pub fn explain(&self, from: u64, to: u64, probe: Probe, now: UnixTime) -> Explanation {
+        let (Some(&f), Some(&t)) = (self.by_id.get(&from), self.by_id.get(&to)) else {
+            return Explanation::DENY;
+        };
+        if f == t {
+            return Explanation::DENY;
+        }
+        self.rules
+            .iter()
+            .find(|r| {
+                self.members[r.from].get(f)
+                    && self.members[r.to].get(t)
+                    && r.grants
+                        .iter()
+                        .any(|g| g.admits(probe.ip_proto, probe.port, now))
+            })
+            .map_or(Explanation::DENY, |r| Explanation {
+                allowed: true,
+                rule: Some(r.name.clone()),
+            })
+    }
+
+    /// The peers whose grants towards the host in `slot` change when its membership of the
+    /// selectors in `flipped` changes (the other hosts' memberships being what they are now).
+    fn affected_by(&self, slot: u32, flipped: &[usize]) -> BTreeSet<u64> {
+        let mut b = Bits::new(self.words);
+        for &sel in flipped {
+            for &r in &self.used_from[sel] {
+                b.or(&self.members[self.rules[r].to]);
+            }
+            for &r in &self.used_to[sel] {
+                b.or(&self.members[self.rules[r].from]);
+            }
+        }
+        b.set(slot, false);
+        self.ids(&b)
+    }
+
+    /// Adds or changes one host. Returns the hosts whose grants changed: the host itself (when
+    /// new or when its grants changed) and every peer whose grants towards it changed.
+    pub fn update_host(&mut self, h: &HostRef) -> BTreeSet<u64> {
+        let (slot, is_new) = match self.by_id.get(&h.id) {
+            Some(&s) => (s, false),
+            None => {
+                let s = match self.free.pop() {
+                    Some(s) => s,
+                    None => {
+                        self.slots.push(None);
+                        (self.slots.len() - 1) as u32
+                    }
+                };
+                let words = self.slots.len().div_ceil(64).max(1);
+                if words > self.words {
+                    // Grow by doubling so a run of additions stays linear.
+                    let words = words.max(self.words * 2);
+                    self.members.iter_mut().for_each(|m| m.0.resize(words, 0));
+                    self.words = words;
+                }
+                self.by_id.insert(h.id, s);
+                (s, true)
+            }
+        };
+        self.slots[slot as usize] = Some(h.clone());
+        let mut flipped = Vec::new();
+        for (i, sel) in self.selectors.iter().enumerate() {
+            let now_in = sel.matches(h);
+            if self.members[i].get(slot) != now_in {
+                flipped.push(i);
+                self.members[i].set(slot, now_in);
+            }
+        }
+        let mut affected = self.affected_by(slot, &flipped);
+        if is_new || !affected.is_empty() {
+            affected.insert(h.id);
+        }
+        affected
+    }
+
+    /// Removes one host. Returns the hosts that had grants towards it (not the host itself).
+    pub fn remove_host(&mut self, id: u64) -> BTreeSet<u64> {
+        let Some(slot) = self.by_id.remove(&id) else {
+            return BTreeSet::new();
+        };
+        let flipped: Vec<usize> = (0..self.selectors.len())
+            .filter(|&i| self.members[i].get(slot))
+            .collect();
+        for &i in &flipped {
+            self.members[i].set(slot, false);
+        }
+        let affected = self.affected_by(slot, &flipped);
+        self.slots[slot as usize] = None;
+        self.free.push(slot);
+        affected
+    }
+
+    /// Every host, in no particular order.
+    pub fn hosts(&self) -> impl Iterator<Item = &HostRef> {
+        self.slots.iter().flatten()
+    }
+}
+
+impl crate::eval::Resolve for Compiled {
+    fn resolve(&self, name: &str) -> Option<HostRef> {
+        self.host_by_name(name).cloned()
+    }
+}

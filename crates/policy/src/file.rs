@@ -1,0 +1,497 @@
+//! The policy file (YAML): rules and tests, parsed once into typed values with errors that give
+//! the line and column.
+//!
+//! ```yaml
+//! rules:
+//!   - name: app1-to-db1
+//!     from: { app: app1 }
+//!     to:   { app: db1, env: prod }
+//!     ports: [tcp/1521]
+//!   - name: contractor-web
+//!     from: { team: contractor }
+//!     to:   { app: web }
+//!     ports: [tcp/443, udp/53, icmp]
+//!     expires: 2026-12-31T18:00:00Z
+//! tests:
+//!   - { from: app1-host-1, to: db1-host-1, port: tcp/1521, expect: allow }
+//!   - { from: { app: web }, to: { app: db1 }, port: tcp/1521, expect: deny }
+//! ```
+//!
+//! A rule `from A to B ports P` lets hosts matching A open connections to hosts matching B on P
+//! (replies of an admitted flow are tracked by the firewall). Unknown keys are refused, rule
+//! names are unique, every rule has at least one port spec. A test endpoint is a host name
+//! (resolved against an inventory) or a label set describing a host (checkable offline).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::marker::PhantomData;
+use std::str::FromStr;
+
+use serde::de::{self, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::grant::UnixTime;
+use crate::port::{ParseVisitor, PortSpec, Probe};
+use crate::selector::{Selector, Text};
+
+/// A parsed policy file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Rules, in file order (the first admitting rule is the one reported).
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+    /// Tests run by `policy check` and before every apply.
+    #[serde(default)]
+    pub tests: Vec<PolicyTest>,
+}
+
+/// One rule.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// Unique name (reported by block logs and `explain`).
+    pub name: String,
+    /// Hosts that may open connections.
+    pub from: Selector,
+    /// Hosts they may open connections to.
+    pub to: Selector,
+    /// Protocols and destination ports (at least one).
+    #[serde(deserialize_with = "nonempty_ports")]
+    pub ports: Vec<PortSpec>,
+    /// When the rule stops working (RFC 3339 in the file, seconds since the epoch here).
+    #[serde(default, deserialize_with = "rfc3339_opt")]
+    pub expires: Option<UnixTime>,
+}
+
+impl Rule {
+    /// True if the rule no longer works at `now`.
+    pub fn expired(&self, now: UnixTime) -> bool {
+        self.expires.is_some_and(|t| now >= t)
+    }
+}
+
+/// A test case: is a connection from `from` to `to` on `port` allowed?
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyTest {
+    /// Who opens the connection.
+    pub from: Endpoint,
+    /// Who is connected to.
+    pub to: Endpoint,
+    /// Protocol and destination port (one port: `tcp/N`, `udp/N` or `icmp`).
+    pub port: Probe,
+    /// The expected outcome.
+    pub expect: Expect,
+}
+
+/// A test endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum Endpoint {
+    /// A host of the inventory, by name.
+    Host(String),
+    /// A (hypothetical) host with exactly these labels.
+    Labels(BTreeMap<String, String>),
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Host(h) => f.write_str(h),
+            Endpoint::Labels(l) => {
+                f.write_str("{")?;
+                for (i, (k, v)) in l.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{k}: {v}")?;
+                }
+                f.write_str("}")
+            }
+        }
+    }
+}
+
+/// A test's expected outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Expect {
+    /// Allowed by some rule.
+    Allow,
+    /// Denied.
+    Deny,
+}
+
+/// Why a policy file does not parse. Lines and columns start at 1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("line {line}, column {column}: {message}")]
+pub struct ParseError {
+    /// Line of the offending value.
+    pub line: usize,
+    /// Column of the offending value.
+    pub column: usize,
+    /// What is wrong (with the path to the field, e.g. `rules[1].ports[0]: …`).
+    pub message: String,
+}
+
+impl Policy {
+    /// Parses and validates a policy file. An empty file is an empty policy (default deny).
+    pub fn parse(text: &str) -> Result<Policy, ParseError> {
+        let blank = text
+            .lines()
+            .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#') || l.trim() == "---");
+        if blank {
+            return Ok(Policy::default());
+        }
+        let policy: Policy = serde_yaml_ng::from_str(text).map_err(|e| {
+            let (line, column) = e
+                .location()
+                .map(|l| (l.line(), l.column()))
+                .unwrap_or((1, 1));
+            let mut message = e.to_string();
+            if let Some(i) = message.rfind(" at line ") {
+                message.truncate(i);
+            }
+            ParseError {
+                line,
+                column,
+                message,
+            }
+        })?;
+        let mut seen = BTreeSet::new();
+        for (i, r) in policy.rules.iter().enumerate() {
+            if r.name.trim().is_empty() {
+                let (line, column) = locate_name(text, &r.name, 0);
+                return Err(ParseError {
+                    line,
+                    column,
+                    message: format!("rules[{i}].name: empty rule name"),
+                });
+            }
+            if !seen.insert(r.name.as_str()) {
+                let (line, column) = locate_name(text, &r.name, 1);
+                return Err(ParseError {
+                    line,
+                    column,
+                    message: format!("rules[{i}].name: duplicate rule name `{}`", r.name),
+                });
+            }
+        }
+        Ok(policy)
+    }
+
+    /// The rule called `name`.
+    pub fn rule(&self, name: &str) -> Option<&Rule> {
+        self.rules.iter().find(|r| r.name == name)
+    }
+}
+
+/// Where the `skip`-th (0-based) `name: <name>` entry is, for errors found after parsing.
+fn locate_name(text: &str, name: &str, skip: usize) -> (usize, usize) {
+    let mut found = 0;
+    for (i, line) in text.lines().enumerate() {
+        let mut from = 0;
+        while let Some(p) = line[from..].find("name:") {
+            let at = from + p;
+            let before = line[..at].chars().last();
+            let rest = line[at + 5..].trim_start();
+            let rest = rest.trim_start_matches(['"', '\'']);
+            let value_ok = rest.starts_with(name)
+                && rest[name.len()..]
+                    .chars()
+                    .next()
+                    .is_none_or(|c| matches!(c, '"' | '\'' | ',' | '}' | ' ' | '#'));
+            if before.is_none_or(|c| !c.is_alphanumeric() && c != '_' && c != '-') && value_ok {
+                if found == skip {
+                    let col = line.len() - line[at + 5..].trim_start().len();
+                    return (i + 1, col + 1);
+                }
+                found += 1;
+            }
+            from = at + 5;
+        }
+    }
+    (1, 1)
+}
+
+fn nonempty_ports<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PortSpec>, D::Error> {
+    struct V;
+    impl<'de> Visitor<'de> for V {
+        type Value = Vec<PortSpec>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a list of port specs such as [tcp/443, udp/53, icmp]")
+        }
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<PortSpec>, A::Error> {
+            let mut v = Vec::new();
+            while let Some(p) = seq.next_element()? {
+                v.push(p);
+            }
+            if v.is_empty() {
+                return Err(de::Error::custom(
+                    "a rule needs at least one port spec (use [any] for everything)",
+                ));
+            }
+            Ok(v)
+        }
+    }
+    d.deserialize_seq(V)
+}
+
+/// An RFC 3339 time as seconds since the epoch.
+struct Rfc3339(UnixTime);
+
+impl FromStr for Rfc3339 {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Rfc3339, String> {
+        parse_rfc3339(s).map(Rfc3339).map_err(|why| {
+            format!("bad time `{s}` ({why}): expected RFC 3339 such as 2026-12-31T18:00:00Z")
+        })
+    }
+}
+
+fn rfc3339_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<UnixTime>, D::Error> {
+    let t: Rfc3339 = d.deserialize_str(ParseVisitor(PhantomData, "an RFC 3339 time"))?;
+    Ok(Some(t.0))
+}
+
+/// Parses an RFC 3339 date-time (`2026-12-31T18:00:00Z`, `…T18:00:00.5+01:00`) into seconds
+/// since the epoch (fractions are dropped).
+pub fn parse_rfc3339(s: &str) -> Result<UnixTime, &'static str> {
+    let b = s.as_bytes();
+    let num = |r: std::ops::Range<usize>| -> Result<i64, &'static str> {
+        let part = b.get(r).ok_or("too short")?;
+        if part.iter().all(u8::is_ascii_digit) {
+            Ok(part.iter().fold(0i64, |a, d| a * 10 + i64::from(d - b'0')))
+        } else {
+            Err("not a number where one is expected")
+        }
+    };
+    if b.len() < 20 {
+        return Err("too short");
+    }
+    if b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return Err("wrong separators");
+    }
+    let (y, mo, d, h, mi, sec) = (
+        num(0..4)?,
+        num(5..7)?,
+        num(8..10)?,
+        num(11..13)?,
+        num(14..16)?,
+        num(17..19)?,
+    );
+    let mut i = 19;
+    if b[i] == b'.' {
+        i += 1;
+        let start = i;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        if i == start {
+            return Err("empty fraction");
+        }
+    }
+    let offset = match b.get(i) {
+        Some(b'Z' | b'z') if i + 1 == b.len() => 0,
+        Some(sign @ (b'+' | b'-')) if i + 6 == b.len() && b[i + 3] == b':' => {
+            let (oh, om) = (num(i + 1..i + 3)?, num(i + 4..i + 6)?);
+            if oh > 23 || om > 59 {
+                return Err("bad offset");
+            }
+            let o = oh * 3600 + om * 60;
+            if *sign == b'+' {
+                o
+            } else {
+                -o
+            }
+        }
+        _ => return Err("missing or bad time zone (Z or ±HH:MM)"),
+    };
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let mdays = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    if !(1..=12).contains(&mo) || d < 1 || d > mdays[(mo - 1) as usize] {
+        return Err("no such date");
+    }
+    if h > 23 || mi > 59 || sec > 60 {
+        return Err("no such time");
+    }
+    // Days from civil (Howard Hinnant).
+    let yy = if mo <= 2 { y - 1 } else { y };
+    let era = yy.div_euclid(400);
+    let yoe = yy - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let t = days * 86_400 + h * 3600 + mi * 60 + sec.min(59) - offset;
+    u64::try_from(t).map_err(|_| "before 1970")
+}
+
+impl<'de> Deserialize<'de> for Endpoint {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Endpoint, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Endpoint;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a host name or a map of labels")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Endpoint, E> {
+                if v.is_empty() {
+                    return Err(E::custom("empty host name"));
+                }
+                Ok(Endpoint::Host(v.to_string()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Endpoint, A::Error> {
+                let mut labels = BTreeMap::new();
+                while let Some(k) = map.next_key::<String>()? {
+                    let v = map.next_value::<Text>()?.0;
+                    if labels.insert(k.clone(), v).is_some() {
+                        return Err(de::Error::custom(format!("duplicate label `{k}`")));
+                    }
+                }
+                Ok(Endpoint::Labels(labels))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::grant::Proto;
+
+    const EXAMPLE: &str = "\
+rules:
+  - name: app1-to-db1
+    from: { app: app1 }
+    to:   { app: db1, env: prod }
+    ports: [tcp/1521]
+  - name: contractor-web
+    from: { team: contractor }
+    to:   { app: web }
+    ports: [tcp/443, udp/53, icmp]
+    expires: 2026-12-31T18:00:00Z
+tests:                      # checked by `policy check` and before every apply
+  - { from: app1-host-1, to: db1-host-1, port: tcp/1521, expect: allow }
+  - { from: { app: web }, to: { app: db1 }, port: tcp/1521, expect: deny }
+";
+
+    #[test]
+    fn parses_the_example() {
+        let p = Policy::parse(EXAMPLE).unwrap();
+        assert_eq!(p.rules.len(), 2);
+        assert_eq!(p.rules[1].ports.len(), 3);
+        assert_eq!(p.rules[1].ports[2].proto, Proto::Icmp);
+        assert_eq!(p.rules[1].expires, Some(1_798_740_000));
+        assert_eq!(p.rules[0].expires, None);
+        assert_eq!(p.tests[0].from, Endpoint::Host("app1-host-1".into()));
+        assert_eq!(
+            p.tests[1].to,
+            Endpoint::Labels([("app".to_string(), "db1".to_string())].into())
+        );
+        assert_eq!(p.tests[1].expect, Expect::Deny);
+        assert_eq!(Policy::parse("").unwrap(), Policy::default());
+        assert_eq!(Policy::parse("# nothing\n").unwrap(), Policy::default());
+        assert_eq!(Policy::parse("rules: []\n").unwrap().rules.len(), 0);
+    }
+
+    fn err(text: &str) -> ParseError {
+        Policy::parse(text).expect_err(text)
+    }
+
+    #[test]
+    fn errors_carry_line_and_column() {
+        // Bad port on line 4: the value starts at column 13.
+        let e = err("rules:\n  - name: a\n    from: {}\n    to: {}\n    ports: [tcp/99999]\n");
+        assert_eq!((e.line, e.column), (5, 13), "{e}");
+        assert!(e.message.contains("bad port"), "{e}");
+        assert!(e.message.contains("rules[0].ports[0]"), "{e}");
+
+        let e = err(
+            "rules:\n  - name: a\n    from: {}\n    to: {}\n    ports: [tcp/1]\n    colour: red\n",
+        );
+        assert_eq!(e.line, 6, "{e}");
+        assert!(e.message.contains("unknown field `colour`"), "{e}");
+
+        let e =
+            err("rules:\n  - name: a\n    from: {env: {like: x}}\n    to: {}\n    ports: [any]\n");
+        assert_eq!(e.line, 3, "{e}");
+        assert!(e.message.contains("unknown label operator"), "{e}");
+
+        let e = err("rules:\n  - name: a\n    from: {}\n    to: {}\n    ports: [any]\n    expires: tomorrow\n");
+        assert_eq!((e.line, e.column), (6, 14), "{e}");
+        assert!(e.message.contains("RFC 3339"), "{e}");
+
+        let e = err("rules:\n  - name: a\n    from: {}\n    to: {}\n    ports: []\n");
+        assert_eq!(e.line, 5, "{e}");
+
+        let e = err("rules:\n  - name: a\n    from: {}\n    ports: [any]\n");
+        assert!(e.message.contains("missing field `to`"), "{e}");
+
+        let e = err("rules:\n  - name: a\n    from: {}\n    to: {}\n    ports: [any]\n  - name: b\n    from: {}\n    to: {}\n    ports: [any]\n  - name: a\n    from: {}\n    to: {}\n    ports: [any]\n");
+        assert_eq!((e.line, e.column), (10, 11), "{e}");
+        assert!(e.message.contains("duplicate rule name `a`"), "{e}");
+
+        // Mis-indented: YAML ends the rule early; the error points at the rule.
+        let e = err("rules:\n  - name: a\n   from: {}\n");
+        assert_eq!((e.line, e.column), (2, 5), "{e}");
+        let e = err("rules: [\n");
+        assert_eq!(e.line, 2, "{e}");
+
+        let e = err("tests:\n  - { from: a, to: b, port: tcp/1-2, expect: allow }\n");
+        assert_eq!(e.line, 2, "{e}");
+        assert!(e.message.contains("single"), "{e}");
+
+        let e = err("tests:\n  - { from: a, to: b, port: tcp/1, expect: maybe }\n");
+        assert_eq!(e.line, 2, "{e}");
+
+        let e = err("policy: 1\n");
+        assert_eq!((e.line, e.column), (1, 1), "{e}");
+        assert!(e.to_string().starts_with("line 1, column 1: "), "{e}");
+    }
+
+    #[test]
+    fn rfc3339() {
+        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Ok(0));
+        assert_eq!(parse_rfc3339("2000-03-01T00:00:00Z"), Ok(951_868_800));
+        assert_eq!(parse_rfc3339("2026-12-31T18:00:00Z"), Ok(1_798_740_000));
+        assert_eq!(
+            parse_rfc3339("2026-12-31T19:00:00.25+01:00"),
+            Ok(1_798_740_000)
+        );
+        assert_eq!(
+            parse_rfc3339("2026-12-31T17:30:00-00:30"),
+            Ok(1_798_740_000)
+        );
+        for bad in [
+            "2026-12-31",
+            "2026-02-30T00:00:00Z",
+            "2026-12-31T18:00:00",
+            "2026-12-31T25:00:00Z",
+            "1969-12-31T23:59:59Z",
+            "2026-12-31T18:00:00+0100",
+        ] {
+            assert!(parse_rfc3339(bad).is_err(), "{bad}");
+        }
+    }
+}

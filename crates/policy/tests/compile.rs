@@ -1,0 +1,413 @@
+//! Compilation against the naive evaluator, incremental changes against a fresh compile, and
+//! explain / run_tests / diff.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use meshd_policy::{
+    compile, diff, ip_proto, run_tests, ChangeKind, Compiled, Grant, HostRef, Match, NoInventory,
+    PeerGrants, Policy, PortSpec, Probe, Proto, Rule, Selector, TestOutcome,
+};
+use proptest::prelude::*;
+
+const NOW: u64 = 1_000;
+
+fn host(id: u64, name: &str, labels: &[(&str, &str)]) -> HostRef {
+    HostRef {
+        id,
+        name: name.into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    }
+}
+
+/// The grants between `a` and `b` seen from `a`, rule by rule, straight from the policy.
+fn naive(policy: &Policy, a: &HostRef, b: &HostRef, now: u64) -> PeerGrants {
+    let mut pg = PeerGrants::default();
+    if a.id == b.id {
+        return pg;
+    }
+    for r in policy.rules.iter().filter(|r| !r.expired(now)) {
+        let grants = || {
+            let mut g: Vec<Grant> = r
+                .ports
+                .iter()
+                .map(|p| p.grant(&r.name, r.expires))
+                .collect();
+            g.dedup();
+            g
+        };
+        if r.from.matches(a) && r.to.matches(b) {
+            pg.outbound.extend(grants());
+        }
+        if r.from.matches(b) && r.to.matches(a) {
+            pg.inbound.extend(grants());
+        }
+    }
+    pg
+}
+
+/// Checks every table of `c` against the naive evaluator over `hosts`.
+fn check_against_naive(policy: &Policy, c: &Compiled, hosts: &BTreeMap<u64, HostRef>) {
+    for a in hosts.values() {
+        let grants = c.grants_for(a.id);
+        let mut want_peers = BTreeSet::new();
+        for b in hosts.values() {
+            let want = naive(policy, a, b, NOW);
+            let got = grants.get(&b.id).cloned().unwrap_or_default();
+            assert_eq!(got, want, "{} -> {}", a.name, b.name);
+            assert_eq!(c.grants_between(a.id, b.id), want);
+            if !want.is_empty() {
+                want_peers.insert(b.id);
+            }
+        }
+        assert!(grants.values().all(|g| !g.is_empty()));
+        assert_eq!(c.peers_of(a.id), want_peers, "peers of {}", a.name);
+    }
+}
+
+const KEYS: [&str; 3] = ["app", "env", "team"];
+const VALUES: [&str; 3] = ["a", "b", "c"];
+
+fn arb_labels() -> impl Strategy<Value = BTreeMap<String, String>> {
+    proptest::collection::btree_map(
+        proptest::sample::select(&KEYS[..]).prop_map(String::from),
+        proptest::sample::select(&VALUES[..]).prop_map(String::from),
+        0..3,
+    )
+}
+
+fn arb_match() -> impl Strategy<Value = Match> {
+    let v = || proptest::sample::select(&VALUES[..]).prop_map(String::from);
+    prop_oneof![
+        v().prop_map(Match::Eq),
+        proptest::collection::vec(v(), 1..3).prop_map(Match::In),
+        v().prop_map(Match::Ne),
+        any::<bool>().prop_map(Match::Exists),
+    ]
+}
+
+fn arb_selector(names: usize) -> impl Strategy<Value = Selector> {
+    (
+        proptest::option::weighted(0.15, 0..names),
+        proptest::collection::btree_map(
+            proptest::sample::select(&KEYS[..]).prop_map(String::from),
+            arb_match(),
+            0..3,
+        ),
+    )
+        .prop_map(|(host, labels)| Selector {
+            host: host.map(|i| format!("h{i}")),
+            labels,
+        })
+}
+
+fn arb_port() -> impl Strategy<Value = PortSpec> {
+    prop_oneof![
+        Just(PortSpec::ANY),
+        Just(PortSpec {
+            proto: Proto::Icmp,
+            lo: 0,
+            hi: 0
+        }),
+        (0u16..4, 0u16..3).prop_map(|(lo, w)| PortSpec {
+            proto: Proto::Tcp,
+            lo,
+            hi: lo + w
+        }),
+        (0u16..4).prop_map(|p| PortSpec {
+            proto: Proto::Udp,
+            lo: p,
+            hi: p
+        }),
+    ]
+}
+
+fn arb_policy(names: usize) -> impl Strategy<Value = Policy> {
+    proptest::collection::vec(
+        (
+            arb_selector(names),
+            arb_selector(names),
+            proptest::collection::vec(arb_port(), 1..3),
+            proptest::option::weighted(0.3, 500u64..1500),
+        ),
+        0..8,
+    )
+    .prop_map(|rules| Policy {
+        rules: rules
+            .into_iter()
+            .enumerate()
+            .map(|(i, (from, to, ports, expires))| Rule {
+                name: format!("r{i}"),
+                from,
+                to,
+                ports,
+                expires,
+            })
+            .collect(),
+        tests: vec![],
+    })
+}
+
+/// Up to 12 hosts with ids 0..12 and names h0..h11.
+fn arb_hosts() -> impl Strategy<Value = Vec<HostRef>> {
+    proptest::collection::vec(arb_labels(), 0..12).prop_map(|ls| {
+        ls.into_iter()
+            .enumerate()
+            .map(|(i, labels)| HostRef {
+                id: i as u64,
+                name: format!("h{i}"),
+                labels,
+            })
+            .collect()
+    })
+}
+
+/// A host change: new labels for id (new host if unknown), or removal.
+fn arb_ops() -> impl Strategy<Value = Vec<(u64, Option<BTreeMap<String, String>>)>> {
+    proptest::collection::vec(
+        (0u64..16, proptest::option::weighted(0.8, arb_labels())),
+        0..10,
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn compiled_agrees_with_naive(policy in arb_policy(12), hosts in arb_hosts()) {
+        let c = compile(&policy, &hosts, NOW);
+        let map = hosts.iter().map(|h| (h.id, h.clone())).collect();
+        check_against_naive(&policy, &c, &map);
+        // explain agrees with direct evaluation for every pair and a few probes.
+        for a in &hosts {
+            for b in &hosts {
+                for probe in ["tcp/1", "tcp/3", "udp/2", "icmp"] {
+                    let probe: Probe = probe.parse().unwrap();
+                    for now in [NOW, 1_200] {
+                        prop_assert_eq!(
+                            c.explain(a.id, b.id, probe, now),
+                            policy.explain_hosts(a, b, probe, now)
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn incremental_equals_fresh(policy in arb_policy(16), hosts in arb_hosts(), ops in arb_ops()) {
+        let mut c = compile(&policy, &hosts, NOW);
+        let mut map: BTreeMap<u64, HostRef> = hosts.iter().map(|h| (h.id, h.clone())).collect();
+        for (id, labels) in ops {
+            let before: BTreeMap<u64, BTreeMap<u64, PeerGrants>> =
+                map.keys().map(|&h| (h, c.grants_for(h))).collect();
+            let affected = match labels {
+                Some(labels) => {
+                    let h = HostRef { id, name: format!("h{id}"), labels };
+                    map.insert(id, h.clone());
+                    c.update_host(&h)
+                }
+                None => {
+                    map.remove(&id);
+                    c.remove_host(id)
+                }
+            };
+            check_against_naive(&policy, &c, &map);
+            // Exactly the hosts whose grants changed are reported (plus a new host).
+            for &h in map.keys() {
+                let changed = before.get(&h) != Some(&c.grants_for(h));
+                if changed {
+                    prop_assert!(affected.contains(&h), "host {} changed but not reported", h);
+                }
+            }
+            for h in &affected {
+                prop_assert!(map.contains_key(h));
+            }
+        }
+        let fresh = compile(&policy, &map.values().cloned().collect::<Vec<_>>(), NOW);
+        for &h in map.keys() {
+            prop_assert_eq!(fresh.grants_for(h), c.grants_for(h));
+        }
+    }
+}
+
+const FILE: &str = "\
+rules:
+  - name: app1-to-db1
+    from: { app: app1 }
+    to:   { app: db1, env: prod }
+    ports: [tcp/1521]
+  - name: contractor-web
+    from: { team: contractor }
+    to:   { app: web }
+    ports: [tcp/443, udp/53, icmp]
+    expires: 1970-01-01T00:20:00Z
+  - name: ops
+    from: ops-1
+    to: {}
+    ports: [tcp/22]
+tests:
+  - { from: app1-host-1, to: db1-host-1, port: tcp/1521, expect: allow }
+  - { from: { app: web }, to: { app: db1 }, port: tcp/1521, expect: deny }
+  - { from: { app: app1 }, to: { app: db1, env: prod }, port: tcp/1521, expect: allow }
+  - { from: { app: app1 }, to: { app: db1, env: prod }, port: tcp/1522, expect: allow }
+";
+
+fn inventory() -> Vec<HostRef> {
+    vec![
+        host(1, "app1-host-1", &[("app", "app1")]),
+        host(2, "db1-host-1", &[("app", "db1"), ("env", "prod")]),
+        host(3, "db1-host-2", &[("app", "db1"), ("env", "dev")]),
+        host(4, "web-1", &[("app", "web")]),
+        host(5, "contractor-1", &[("team", "contractor")]),
+        host(6, "ops-1", &[]),
+    ]
+}
+
+#[test]
+fn example_grants_peers_and_self() {
+    let p = Policy::parse(FILE).unwrap();
+    let c = compile(&p, &inventory(), NOW);
+    let g = c.grants_for(1);
+    assert_eq!(g.keys().copied().collect::<Vec<_>>(), vec![2, 6]);
+    assert_eq!(g[&2].outbound.len(), 1);
+    assert!(g[&2].inbound.is_empty());
+    assert_eq!(g[&6].inbound[0].rule, "ops");
+    assert_eq!(
+        c.peers_of(3),
+        BTreeSet::from([6]),
+        "dev db only reachable by ops"
+    );
+    assert_eq!(c.peers_of(4), BTreeSet::from([5, 6]));
+    // The ops host selects every host, itself included, but gets no grant to itself.
+    assert_eq!(c.peers_of(6), BTreeSet::from([1, 2, 3, 4, 5]));
+    assert!(c.grants_between(6, 6).is_empty());
+    // Expiring grants carry expires_at; agents enforce it.
+    let w = &c.grants_for(5)[&4].outbound;
+    assert_eq!(w.len(), 3);
+    assert!(w.iter().all(|g| g.expires_at == Some(1200)));
+    assert_eq!(c.next_expiry(NOW), Some(1200));
+    // Already expired at compile time: dropped.
+    let late = compile(&p, &inventory(), 1200);
+    assert_eq!(late.peers_of(5), BTreeSet::from([6]), "only ops is left");
+    assert_eq!(late.rule_count(), 2);
+    // Unknown hosts have nothing.
+    assert!(c.grants_for(99).is_empty() && c.peers_of(99).is_empty());
+}
+
+#[test]
+fn explain_names_the_rule() {
+    let p = Policy::parse(FILE).unwrap();
+    let c = compile(&p, &inventory(), NOW);
+    let probe = |s: &str| s.parse::<Probe>().unwrap();
+    let e = c.explain(1, 2, probe("tcp/1521"), NOW);
+    assert!(e.allowed);
+    assert_eq!(e.rule.as_deref(), Some("app1-to-db1"));
+    assert!(
+        !c.explain(2, 1, probe("tcp/1521"), NOW).allowed,
+        "replies are not new flows"
+    );
+    assert!(!c.explain(1, 2, probe("tcp/1522"), NOW).allowed);
+    assert!(!c.explain(1, 3, probe("tcp/1521"), NOW).allowed);
+    assert!(c.explain(5, 4, probe("icmp"), NOW).allowed);
+    assert!(!c.explain(5, 4, probe("icmp"), 1200).allowed, "expired");
+    assert_eq!(
+        c.explain(6, 6, probe("tcp/22"), NOW),
+        meshd_policy::Explanation::DENY
+    );
+    assert_eq!(
+        p.explain_hosts(&inventory()[0], &inventory()[1], probe("tcp/1521"), NOW),
+        e
+    );
+}
+
+#[test]
+fn tests_offline_and_with_inventory() {
+    let p = Policy::parse(FILE).unwrap();
+    let offline = run_tests(&p, &NoInventory, NOW);
+    assert_eq!(offline.len(), 4);
+    assert_eq!(
+        offline[0].outcome,
+        TestOutcome::Unresolved {
+            host: "app1-host-1".into()
+        }
+    );
+    assert!(offline[1].passed() && offline[2].passed());
+    assert_eq!(
+        offline[3].outcome,
+        TestOutcome::Fail {
+            got: meshd_policy::Expect::Deny,
+            rule: None
+        }
+    );
+    assert!(offline[3].to_string().contains("FAILED"), "{}", offline[3]);
+    let inv = inventory();
+    let online = run_tests(&p, &inv, NOW);
+    assert_eq!(
+        online[0].outcome,
+        TestOutcome::Pass {
+            rule: Some("app1-to-db1".into())
+        }
+    );
+    let c = compile(&p, &inv, NOW);
+    assert!(run_tests(&p, &c, NOW)[0].passed());
+}
+
+#[test]
+fn diff_lists_pairs_and_ports() {
+    let old = Policy::parse(FILE).unwrap();
+    let new_text = FILE
+        .replace("ports: [tcp/1521]", "ports: [tcp/1521, tcp/1522]")
+        .replace("from: ops-1", "from: contractor-1");
+    let new = Policy::parse(&new_text).unwrap();
+    let changes = diff(&old, &new, &inventory(), NOW);
+    let shown: Vec<String> = changes.iter().map(ToString::to_string).collect();
+    assert!(
+        shown.contains(&"+ app1-host-1 -> db1-host-1 tcp/1522".to_string()),
+        "{shown:?}"
+    );
+    assert!(
+        shown.contains(&"- ops-1 -> web-1 tcp/22".to_string()),
+        "{shown:?}"
+    );
+    assert!(
+        shown.contains(&"+ contractor-1 -> ops-1 tcp/22".to_string()),
+        "{shown:?}"
+    );
+    assert!(!shown
+        .iter()
+        .any(|s| s.contains("app1-host-1 -> db1-host-1 tcp/1521")));
+    assert_eq!(
+        changes
+            .iter()
+            .filter(|c| c.kind == ChangeKind::Lost)
+            .count(),
+        5
+    );
+    assert!(diff(&old, &old, &inventory(), NOW).is_empty());
+}
+
+#[test]
+fn update_reports_affected_hosts() {
+    let p = Policy::parse(FILE).unwrap();
+    let mut c = compile(&p, &inventory(), NOW);
+    // db1-host-2 moves to prod: app1 gains it; ops already had it.
+    let moved = host(3, "db1-host-2", &[("app", "db1"), ("env", "prod")]);
+    assert_eq!(c.update_host(&moved), BTreeSet::from([1, 3]));
+    // A label change with no policy effect changes nobody.
+    let same = host(
+        3,
+        "db1-host-2",
+        &[("app", "db1"), ("env", "prod"), ("x", "y")],
+    );
+    assert_eq!(c.update_host(&same), BTreeSet::new());
+    // A new host: itself plus ops.
+    assert_eq!(c.update_host(&host(7, "n", &[])), BTreeSet::from([6, 7]));
+    assert_eq!(c.remove_host(7), BTreeSet::from([6]));
+    assert_eq!(c.remove_host(7), BTreeSet::new());
+    assert_eq!(c.host_count(), 6);
+    assert!(c.explain(1, 3, "tcp/1521".parse().unwrap(), NOW).allowed);
+    let _ = ip_proto::TCP;
+}
