@@ -44,7 +44,7 @@ ANCHOR_DIR=${ANCHOR_DIR:-/var/cache/meshd-bench}
 BUILD_TIMEOUT=${BUILD_TIMEOUT:-1800}
 SKIP_BUILD=${SKIP_BUILD:-0}
 
-ALL_IMPLS=(veth meshd wg-go wg-go-bpo boringtun nebula)
+ALL_IMPLS=(veth meshd meshd-policy wg-go wg-go-bpo boringtun nebula)
 
 PREFIX="mbench-$$"
 UA=198.18.0.1 UB=198.18.0.2 OA=100.64.0.1 OB=100.64.0.2
@@ -101,7 +101,7 @@ report() { # report RESULTS.json: the table and the issue-2 targets
     jq -r '
       . as $d | $d.summary.meshd as $m
       | if ($m | length) == 0 then empty else
-        ([$d.implementations[] | select(. != "veth" and . != "meshd")]) as $anchors
+        ([$d.implementations[] | select(. != "veth" and (startswith("meshd") | not))]) as $anchors
         | ([$anchors[] | $d.summary[.].tcp1_gbps // empty] | max) as $best_tcp
         | ([$anchors[] | $d.summary[.].udp_mbps // empty] | max) as $best_udp
         | "targets (issue 2):",
@@ -111,7 +111,10 @@ report() { # report RESULTS.json: the table and the issue-2 targets
               elif $m.udp_mbps > $best_udp then "PASS" else "FAIL" end)",
           "  RTT added below boringtun: \(if $m.rtt_added_ms == null or ($d.summary.boringtun.rtt_added_ms // null) == null then "n/a"
               elif $m.rtt_added_ms < $d.summary.boringtun.rtt_added_ms then "PASS" else "FAIL" end)",
-          "  idle RSS < 8 MiB per daemon: \(if $m.rss_mib == null then "n/a" elif $m.rss_mib < 8 then "PASS" else "FAIL" end)"
+          "  idle RSS < 8 MiB per daemon: \(if $m.rss_mib == null then "n/a" elif $m.rss_mib < 8 then "PASS" else "FAIL" end)",
+          (($d.summary["meshd-policy"].tcp1_gbps // null) as $p
+           | if $p == null or $m.tcp1_gbps == null then empty else
+             "target (issue 4): TCP 1 stream with a 1,000-rule policy within 5% of none: \($p / $m.tcp1_gbps * 100 | round)% " + (if $p >= 0.95 * $m.tcp1_gbps then "PASS" else "FAIL" end) end)
         end' "$1"
     echo "results: $RESULTS"
 }
@@ -262,7 +265,7 @@ find_bins() {
 available() { # available IMPL -> 0, or 1 with NA_REASON
     case $1 in
     veth) return 0 ;;
-    meshd)
+    meshd | meshd-policy)
         [[ -n ${MESHD_BIN:-} ]] || {
             NA_REASON=${MESHD_NA:-"meshd not built"}
             return 1
@@ -437,6 +440,26 @@ build_meshd() {
     fi
 }
 
+# meshd with a 1,000-rule label policy (999 rules for other labels, one that admits the
+# benchmark's traffic): issue 4 wants throughput within 5% of meshd without policy.
+setup_meshd-policy() {
+    local i
+    {
+        echo "rules:"
+        for ((i = 0; i < 999; i++)); do
+            printf '  - name: other-%d\n    from: { app: svc%d }\n    to: { app: db%d }\n    ports: [tcp/%d]\n' \
+                "$i" "$i" "$i" $((10000 + i))
+        done
+        printf '  - name: bench\n    from: { role: bench }\n    to: { role: bench }\n    ports: [tcp/5201, udp/5201, icmp]\n'
+    } >"$LABDIR/policy.yaml"
+    MESHD_EXTRA_IFACE=$'labels = { role = "bench" }\npolicy_file = "'"$LABDIR"'/policy.yaml"'
+    MESHD_EXTRA_PEER='labels = { role = "bench" }'
+    local rc=0
+    setup_meshd || rc=$?
+    MESHD_EXTRA_IFACE='' MESHD_EXTRA_PEER=''
+    return $rc
+}
+
 setup_meshd() {
     local side ns peer_pub peer_ep peer_ip addr
     (umask 077 && "$MESHD_BIN" genkey >"$LABDIR/a.key" && "$MESHD_BIN" genkey >"$LABDIR/b.key")
@@ -458,12 +481,14 @@ private_key_file = "$LABDIR/$side.key"
 listen_port = $WG_PORT
 address = "$addr/10"
 mtu = $MTU
+${MESHD_EXTRA_IFACE:-}
 
 [[peer]]
 name = "peer"
 public_key = "$peer_pub"
 endpoint = "$peer_ep:$WG_PORT"
 allowed_ips = ["$peer_ip/32"]
+${MESHD_EXTRA_PEER:-}
 EOF
         start_in "$ns" "$LABDIR/$side.log" "$MESHD_BIN" up \
             --config "$LABDIR/meshd-$side.toml" --state-dir "$LABDIR/state-$side"
@@ -609,7 +634,7 @@ else
 fi
 
 find_bins
-if [[ " ${IMPLS[*]} " == *" meshd "* ]]; then build_meshd; fi
+if [[ " ${IMPLS[*]} " == *" meshd"* ]]; then build_meshd; fi
 
 log "implementations: ${IMPLS[*]}; DURATION=$DURATION s, ROUNDS=$ROUNDS"
 START=$SECONDS
@@ -652,7 +677,7 @@ jq -Rn \
     | . as $sum
     | (reduce (metrics | keys[]) as $m ({}; .[$m] = (
         if ($sum.meshd[$m] // null) != null then {ref: "meshd", value: $sum.meshd[$m]}
-        else ([$impls[] | select(. != "veth" and . != "meshd") | {ref: ., value: $sum[.][$m]}
+        else ([$impls[] | select(. != "veth" and (startswith("meshd") | not)) | {ref: ., value: $sum[.][$m]}
                | select(.value != null)]
               | if length == 0 then null
                 elif (metrics | .[$m]) == 1 then max_by(.value) else min_by(.value) end)

@@ -8,7 +8,7 @@ use meshd_control::Labels;
 
 use crate::parse;
 
-/// Operate a meshd coordinator: enrolled hosts, join tokens, status.
+/// Operate a meshd coordinator: enrolled hosts, join tokens, label policy, block logs, status.
 ///
 /// The coordinator is found with --server, MESH_SERVER, `server` in the config file, or
 /// http://127.0.0.1:7444. The admin token comes from --token, MESH_TOKEN, `token`/`token_file`
@@ -60,13 +60,25 @@ pub enum Output {
 /// Top-level commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Enrolled hosts.
-    #[command(subcommand)]
+    /// Enrolled hosts (also `meshctl host ...`): list, label, quarantine, release, revoke.
+    #[command(subcommand, visible_alias = "host")]
     Hosts(HostsCmd),
+    /// The label policy: check, diff, apply, show, history, rollback, explain.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// Denied flows reported by the hosts (block logs), oldest first.
+    Blocks {
+        /// Only flows where this host (by name) is either end.
+        #[arg(long, value_name = "NAME")]
+        host: Option<String>,
+        /// Only flows denied in the last DURATION, e.g. 30s, 10m, 1h, 7d [default: all kept].
+        #[arg(long, value_name = "DURATION", value_parser = parse::duration)]
+        since: Option<Duration>,
+    },
     /// Join tokens that enrol hosts.
     #[command(subcommand)]
     Token(TokenCmd),
-    /// Coordinator status: version, hosts, connected agents.
+    /// Coordinator status: version, policy version, hosts, connected agents.
     Status,
     /// Print a shell completion script (e.g. `meshctl completions bash > /etc/bash_completion.d/meshctl`).
     Completions {
@@ -118,6 +130,75 @@ pub enum HostsCmd {
         /// Do not ask for confirmation (required without a terminal).
         #[arg(long, short)]
         yes: bool,
+    },
+    /// Cut a host off from every peer at once (it stays enrolled; undo with `release`).
+    Quarantine {
+        /// Host name, id or public key.
+        host: String,
+    },
+    /// Undo `quarantine`: the host's peers come back as the policy allows.
+    Release {
+        /// Host name, id or public key.
+        host: String,
+    },
+    /// Remove a host's identity for good: its key is refused even if it reconnects.
+    Revoke {
+        /// Host name, id or public key.
+        host: String,
+        /// Do not ask for confirmation (required without a terminal).
+        #[arg(long, short)]
+        yes: bool,
+    },
+}
+
+/// `meshctl policy ...`. FILE is a policy YAML file, or `-` for standard input.
+#[derive(Debug, Subcommand)]
+pub enum PolicyCmd {
+    /// Parse a policy file and run its tests; exit status 1 if it does not parse or a test fails.
+    ///
+    /// Errors are printed as FILE:LINE:COLUMN: message. Tests between label sets run offline;
+    /// tests naming hosts are resolved against the coordinator's inventory when it can be
+    /// reached (a name not in it fails, as it would refuse an apply), and are otherwise reported
+    /// as unresolved (not a failure).
+    Check {
+        /// Policy file (`-`: standard input).
+        file: PathBuf,
+        /// Do not contact the coordinator: host-name tests stay unresolved.
+        #[arg(long)]
+        offline: bool,
+    },
+    /// Which host pairs and ports would gain or lose access if FILE replaced the current policy.
+    Diff {
+        /// Policy file (`-`: standard input).
+        file: PathBuf,
+    },
+    /// Apply a policy file as a new version (the coordinator refuses it if a test fails).
+    Apply {
+        /// Policy file (`-`: standard input).
+        file: PathBuf,
+    },
+    /// Print the current policy (YAML, with its version in a comment).
+    Show,
+    /// List the applied versions, oldest first.
+    #[command(visible_alias = "log")]
+    History,
+    /// Re-apply an earlier version as a new version.
+    Rollback {
+        /// Version to go back to (see `meshctl policy history`).
+        #[arg(value_name = "VERSION")]
+        target: u64,
+    },
+    /// Whether a connection is allowed now, and by which rule.
+    Explain {
+        /// Host that opens the connection (name, id or public key).
+        #[arg(long, value_name = "HOST")]
+        from: String,
+        /// Host it connects to (name, id or public key).
+        #[arg(long, value_name = "HOST")]
+        to: String,
+        /// Protocol and destination port: tcp/N, udp/N or icmp.
+        #[arg(long, value_name = "PROTO/PORT", value_parser = parse::probe)]
+        port: String,
     },
 }
 
@@ -212,6 +293,107 @@ mod tests {
         ));
         assert!(parse(&["hosts", "rename", "db1"]).is_err());
         assert!(parse(&["token", "revoke", "abc"]).is_err());
+    }
+
+    #[test]
+    fn host_alias_and_quarantine() {
+        for group in ["host", "hosts"] {
+            let c = parse(&[group, "quarantine", "db1"]).unwrap();
+            assert!(
+                matches!(&c.command, Command::Hosts(HostsCmd::Quarantine { host }) if host == "db1"),
+                "{c:?}"
+            );
+        }
+        let c = parse(&["host", "release", "db1"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Command::Hosts(HostsCmd::Release { .. })
+        ));
+        let c = parse(&["host", "revoke", "db1", "-y"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Command::Hosts(HostsCmd::Revoke { yes: true, .. })
+        ));
+        let c = parse(&["host", "list"]).unwrap();
+        assert!(matches!(c.command, Command::Hosts(HostsCmd::List)));
+        assert!(parse(&["host", "quarantine"]).is_err());
+    }
+
+    #[test]
+    fn policy_commands() {
+        let c = parse(&["policy", "check", "p.yaml"]).unwrap();
+        assert!(matches!(
+            &c.command,
+            Command::Policy(PolicyCmd::Check { file, offline: false }) if file == &PathBuf::from("p.yaml")
+        ));
+        let c = parse(&["policy", "check", "-", "--offline"]).unwrap();
+        assert!(matches!(
+            &c.command,
+            Command::Policy(PolicyCmd::Check { offline: true, .. })
+        ));
+        assert!(parse(&["policy", "check"]).is_err());
+        for sub in ["diff", "apply"] {
+            assert!(parse(&["policy", sub, "p.yaml"]).is_ok());
+            assert!(parse(&["policy", sub]).is_err());
+        }
+        assert!(matches!(
+            parse(&["policy", "show"]).unwrap().command,
+            Command::Policy(PolicyCmd::Show)
+        ));
+        assert!(matches!(
+            parse(&["policy", "log"]).unwrap().command,
+            Command::Policy(PolicyCmd::History)
+        ));
+        assert!(matches!(
+            parse(&["policy", "rollback", "3"]).unwrap().command,
+            Command::Policy(PolicyCmd::Rollback { target: 3 })
+        ));
+        assert!(parse(&["policy", "rollback", "v3"]).is_err());
+        // `--version` still prints meshctl's version, not the rollback target.
+        assert!(parse(&["policy", "rollback", "--version"]).is_err());
+
+        let c = parse(&[
+            "policy", "explain", "--from", "app1", "--to", "db1", "--port", "tcp/1521",
+        ])
+        .unwrap();
+        match c.command {
+            Command::Policy(PolicyCmd::Explain { from, to, port }) => {
+                assert_eq!(
+                    (from.as_str(), to.as_str(), port.as_str()),
+                    ("app1", "db1", "tcp/1521")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = parse(&[
+            "policy", "explain", "--from", "a", "--to", "b", "--port", "tcp/1-9",
+        ])
+        .unwrap_err();
+        assert!(e.contains("single"), "{e}");
+        assert!(parse(&["policy", "explain", "--from", "a", "--to", "b"]).is_err());
+    }
+
+    #[test]
+    fn blocks_filters() {
+        let c = parse(&["blocks"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Command::Blocks {
+                host: None,
+                since: None
+            }
+        ));
+        let c = parse(&["blocks", "--host", "db1", "--since", "10m", "-o", "json"]).unwrap();
+        match c.command {
+            Command::Blocks { host, since } => {
+                assert_eq!(host.as_deref(), Some("db1"));
+                assert_eq!(since, Some(Duration::from_secs(600)));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(c.global.output, Output::Json);
+        let e = parse(&["blocks", "--since", "10"]).unwrap_err();
+        assert!(e.contains("no unit"), "{e}");
     }
 
     #[test]

@@ -38,8 +38,12 @@ pub enum ApiFailure {
     Server {
         /// HTTP status.
         status: u16,
+        /// The `ApiError` code (`bad_request`, `policy_tests_failed`, ...; empty without one).
+        code: String,
         /// Server message (the `ApiError` body, or the raw body).
         message: String,
+        /// Itemised failures (a policy's parse error or failing tests).
+        failures: Vec<String>,
     },
     /// The transfer failed after connecting, or the reply was not the expected JSON.
     Protocol {
@@ -64,8 +68,17 @@ impl fmt::Display for ApiFailure {
                  or <state-dir>/admin.token"
             ),
             ApiFailure::NotFound { message } => write!(f, "{message}"),
-            ApiFailure::Server { status, message } => {
-                write!(f, "the coordinator refused the request ({status}): {message}")
+            ApiFailure::Server {
+                status,
+                message,
+                failures,
+                ..
+            } => {
+                write!(f, "the coordinator refused the request ({status}): {message}")?;
+                for x in failures {
+                    write!(f, "\n  {x}")?;
+                }
+                Ok(())
             }
             ApiFailure::Protocol { url, detail } => write!(
                 f,
@@ -133,6 +146,37 @@ impl Client {
             .header("Content-Type", "application/json")
             .send(body.as_str());
         self.finish("POST", &url, r)
+    }
+
+    /// POST with an empty body (actions named by the path alone).
+    pub fn post_empty<T: DeserializeOwned>(&self, path: &str) -> Result<T, ApiFailure> {
+        let url = self.url(path);
+        let r = self
+            .agent
+            .post(&url)
+            .header("Authorization", self.auth())
+            .send_empty();
+        self.finish("POST", &url, r)
+    }
+
+    /// PUT `body` as JSON to `path`.
+    pub fn put<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ApiFailure> {
+        let url = self.url(path);
+        let body = serde_json::to_string(body).map_err(|e| ApiFailure::Protocol {
+            url: self.base.clone(),
+            detail: format!("encoding the request: {e}"),
+        })?;
+        let r = self
+            .agent
+            .put(&url)
+            .header("Authorization", self.auth())
+            .header("Content-Type", "application/json")
+            .send(body.as_str());
+        self.finish("PUT", &url, r)
     }
 
     /// DELETE `path`.
@@ -223,18 +267,45 @@ impl Client {
 
 /// Turns a non-2xx reply into a failure, using the server's `ApiError` message when present.
 pub fn classify(status: u16, body: &str, token_source: &str) -> ApiFailure {
-    let message = match serde_json::from_str::<ApiError>(body) {
-        Ok(e) => e.message,
-        Err(_) if body.trim().is_empty() => format!("HTTP {status} with no message"),
-        Err(_) => body.trim().chars().take(500).collect(),
+    let (code, message, failures) = match serde_json::from_str::<ApiError>(body) {
+        Ok(e) => (e.code, e.message, e.failures),
+        Err(_) if body.trim().is_empty() => (
+            String::new(),
+            format!("HTTP {status} with no message"),
+            Vec::new(),
+        ),
+        Err(_) => (
+            String::new(),
+            body.trim().chars().take(500).collect(),
+            Vec::new(),
+        ),
     };
     match status {
         401 => ApiFailure::Unauthorized {
             token_source: token_source.to_string(),
         },
         404 => ApiFailure::NotFound { message },
-        _ => ApiFailure::Server { status, message },
+        _ => ApiFailure::Server {
+            status,
+            code,
+            message,
+            failures,
+        },
     }
+}
+
+/// `?k=v&...` from the pairs whose value is present (values percent-encoded); empty if none.
+pub fn query(pairs: &[(&str, Option<String>)]) -> String {
+    let mut out = String::new();
+    for (k, v) in pairs {
+        if let Some(v) = v {
+            out.push(if out.is_empty() { '?' } else { '&' });
+            out.push_str(k);
+            out.push('=');
+            out.push_str(&segment(v));
+        }
+    }
+    out
 }
 
 /// Percent-encodes one URL path segment (host names, ids, base64 keys with `/` and `+`).
@@ -272,6 +343,39 @@ mod tests {
         assert!(e.contains("Bad Gateway"), "{e}");
         let e = classify(500, "", "").to_string();
         assert!(e.contains("no message"), "{e}");
+        let body = r#"{"code":"policy_tests_failed","message":"1 of the policy's tests failed","failures":["tests[1] a -> b tcp/1 expect deny: FAILED: allowed by rule r"]}"#;
+        match classify(400, body, "") {
+            ApiFailure::Server {
+                status: 400,
+                code,
+                failures,
+                ..
+            } => {
+                assert_eq!(code, "policy_tests_failed");
+                assert_eq!(failures.len(), 1);
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = classify(400, body, "").to_string();
+        assert!(
+            e.ends_with(
+                "tests failed\n  tests[1] a -> b tcp/1 expect deny: FAILED: allowed by rule r"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn queries() {
+        assert_eq!(query(&[("host", None), ("since", None)]), "");
+        assert_eq!(
+            query(&[("host", Some("db 1".into())), ("since", Some("600".into()))]),
+            "?host=db%201&since=600"
+        );
+        assert_eq!(
+            query(&[("host", None), ("since", Some("60".into()))]),
+            "?since=60"
+        );
     }
 
     #[test]

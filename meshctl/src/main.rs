@@ -1,9 +1,10 @@
 //! meshctl: the operator CLI for a meshd coordinator's admin HTTP/JSON API
-//! (`meshd_control::api`): hosts, join tokens, status, shell completions.
+//! (`meshd_control::api`): hosts, join tokens, label policy, block logs, status, shell
+//! completions.
 //!
 //! `main` calls [`run`] and prints any error chain as one `meshctl: error: ...` line on
 //! stderr, exiting 1. Known failures ([`client::ApiFailure`]) already carry a hint that says
-//! what to do.
+//! what to do. A [`Reported`] error was already printed (e.g. `FILE:LINE:COLUMN: message`).
 #![forbid(unsafe_code)]
 
 mod cli;
@@ -11,6 +12,7 @@ mod client;
 mod config;
 mod output;
 mod parse;
+mod policy;
 
 use std::io::{IsTerminal as _, Write as _};
 use std::process::ExitCode;
@@ -19,23 +21,52 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use clap::{CommandFactory as _, Parser as _};
 use meshd_control::api::{
-    HostView, LabelRequest, RenameRequest, StatusView, TokenCreateRequest, TokenCreated, TokenView,
-    UnlabelRequest,
+    ExplainRequest, HostView, LabelRequest, PolicyApplied, PolicyCheck, PolicyCurrent, PolicyText,
+    RenameRequest, StatusView, TokenCreateRequest, TokenCreated, TokenView, UnlabelRequest,
 };
+use meshd_control::policy::PolicyRecord;
 use meshd_control::{Labels, UnixTime};
+use meshd_policy::{BlockEvent, Change, Explanation, NoInventory};
 use serde::Serialize;
 
-use crate::cli::{Cli, Command, HostsCmd, Output, TokenCmd};
-use crate::client::{segment, ApiFailure, Client};
+use crate::cli::{Cli, Command, HostsCmd, Output, PolicyCmd, TokenCmd};
+use crate::client::{query, segment, ApiFailure, Client};
 use crate::config::{EnvValues, FlagValues};
+use crate::output::PolicyState;
+use crate::policy::{CheckReport, Inventory, Source};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<Reported>() => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("meshctl: error: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// A failure already printed on stderr: exit 1 without another message.
+#[derive(Debug)]
+struct Reported;
+
+impl std::fmt::Display for Reported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("(reported above)")
+    }
+}
+
+impl std::error::Error for Reported {}
+
+/// Reads and parses a policy file; a parse error is printed as `FILE:LINE:COLUMN: message`.
+fn load_policy(path: &std::path::Path) -> anyhow::Result<(Source, meshd_policy::Policy)> {
+    let src = policy::read(path)?;
+    match policy::parse(&src) {
+        Ok(p) => Ok((src, p)),
+        Err(line) => {
+            eprintln!("{line}");
+            Err(Reported.into())
         }
     }
 }
@@ -70,6 +101,69 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status => ctx()?.status(),
         Command::Hosts(h) => ctx()?.hosts(h),
         Command::Token(t) => ctx()?.token(t),
+        Command::Blocks { host, since } => ctx()?.blocks(host, since),
+        Command::Policy(PolicyCmd::Check { file, offline }) => {
+            policy_check(&file, offline, g.output, ctx)
+        }
+        Command::Policy(p) => ctx()?.policy(p),
+    }
+}
+
+/// `policy check`: parse locally, run the tests; host-name tests go to the coordinator when it
+/// can be reached (`connect`), and stay unresolved otherwise.
+fn policy_check(
+    file: &std::path::Path,
+    offline: bool,
+    output: Output,
+    connect: impl FnOnce() -> anyhow::Result<Ctx>,
+) -> anyhow::Result<()> {
+    let (src, p) = load_policy(file)?;
+    let hosts = policy::test_hosts(&p);
+    let local = || meshd_policy::run_tests(&p, &NoInventory, unix_now());
+    let (inventory, tests) = if hosts.is_empty() {
+        (Inventory::NotNeeded, local())
+    } else if offline {
+        (Inventory::Offline("--offline".into()), local())
+    } else {
+        let remote = connect().and_then(|c| {
+            let r: PolicyCheck = c
+                .client
+                .post(
+                    "/v1/policy/check",
+                    &PolicyText {
+                        yaml: src.text.clone(),
+                    },
+                )
+                .map_err(|e| match e {
+                    ApiFailure::Server {
+                        code, failures, ..
+                    } if code == "policy_parse" => anyhow::anyhow!(
+                        "the coordinator cannot parse {} although meshctl can (different versions?): {}",
+                        src.name,
+                        failures.join("; ")
+                    ),
+                    e => e.into(),
+                })?;
+            Ok((c.server, r))
+        });
+        match remote {
+            Ok((server, r)) => (Inventory::Coordinator(server), r.tests),
+            Err(e) => {
+                let why = format!("{e:#}");
+                eprintln!("meshctl: warning: host names in the tests were not resolved: {why}");
+                (Inventory::Offline(why), local())
+            }
+        }
+    };
+    let report = CheckReport::new(&src.name, p.rules.len(), inventory, tests);
+    match output {
+        Output::Json => print_json(&report)?,
+        Output::Table => out(&report.render())?,
+    }
+    if report.ok {
+        Ok(())
+    } else {
+        anyhow::bail!("{}", report.failure_message())
     }
 }
 
@@ -85,6 +179,16 @@ struct Ctx {
     server: String,
     output: Output,
     now: UnixTime,
+}
+
+/// Adds the "see hosts list" hint to a 404 naming a host (explain).
+fn hosts_hint(e: ApiFailure) -> anyhow::Error {
+    match e {
+        ApiFailure::NotFound { message } => {
+            anyhow::anyhow!("{message} (see `meshctl hosts list`)")
+        }
+        e => e.into(),
+    }
 }
 
 /// Adds the "which host" hint to a 404.
@@ -114,9 +218,130 @@ fn out(s: &str) -> anyhow::Result<()> {
 impl Ctx {
     fn status(&self) -> anyhow::Result<()> {
         let s: StatusView = self.client.get("/v1/status")?;
+        let policy = match self.client.get::<PolicyCurrent>("/v1/policy") {
+            Ok(PolicyCurrent { policy: None }) => PolicyState::NoPolicy,
+            Ok(PolicyCurrent { policy: Some(r) }) => PolicyState::Current(r),
+            Err(e) => PolicyState::Unknown(e.to_string()),
+        };
         match self.output {
-            Output::Json => print_json(&s),
-            Output::Table => out(&output::status(&s, &self.server, self.now)),
+            Output::Json => {
+                /// The status with the current policy version (`null`: none, default deny).
+                #[derive(Serialize)]
+                struct StatusWithPolicy<'a> {
+                    #[serde(flatten)]
+                    status: &'a StatusView,
+                    policy_version: Option<u64>,
+                }
+                let policy_version = match &policy {
+                    PolicyState::Current(r) => Some(r.version),
+                    PolicyState::NoPolicy => None,
+                    PolicyState::Unknown(e) => anyhow::bail!("reading the policy: {e}"),
+                };
+                print_json(&StatusWithPolicy {
+                    status: &s,
+                    policy_version,
+                })
+            }
+            Output::Table => out(&output::status(&s, &policy, &self.server, self.now)),
+        }
+    }
+
+    fn blocks(
+        &self,
+        host: Option<String>,
+        since: Option<std::time::Duration>,
+    ) -> anyhow::Result<()> {
+        let q = query(&[
+            ("host", host),
+            ("since", since.map(|d| d.as_secs().to_string())),
+        ]);
+        let events: Vec<BlockEvent> = self.client.get(&format!("/v1/blocks{q}"))?;
+        match self.output {
+            Output::Json => print_json(&events),
+            Output::Table => out(&output::blocks_table(&events)),
+        }
+    }
+
+    fn policy(&self, cmd: PolicyCmd) -> anyhow::Result<()> {
+        match cmd {
+            PolicyCmd::Check { .. } => unreachable!("policy check runs without a Ctx first"),
+            PolicyCmd::Diff { file } => {
+                let (src, _) = load_policy(&file)?;
+                let changes: Vec<Change> = self
+                    .client
+                    .post("/v1/policy/diff", &PolicyText { yaml: src.text })
+                    .map_err(|e| policy_refused(&src.name, "compared", e))?;
+                match self.output {
+                    Output::Json => print_json(&changes),
+                    Output::Table => out(&output::changes(&changes)),
+                }
+            }
+            PolicyCmd::Apply { file } => {
+                let (src, _) = load_policy(&file)?;
+                let r: PolicyApplied = self
+                    .client
+                    .put("/v1/policy", &PolicyText { yaml: src.text })
+                    .map_err(|e| policy_refused(&src.name, "applied", e))?;
+                match self.output {
+                    Output::Json => print_json(&r),
+                    Output::Table => out(&output::applied(
+                        &format!("applied {}", src.name),
+                        r.version,
+                        r.tests.len(),
+                    )),
+                }
+            }
+            PolicyCmd::Show => {
+                let c: PolicyCurrent = self.client.get("/v1/policy")?;
+                match self.output {
+                    Output::Json => print_json(&c),
+                    Output::Table => out(&output::policy_show(c.policy.as_ref())),
+                }
+            }
+            PolicyCmd::History => {
+                let mut h: Vec<PolicyRecord> = self.client.get("/v1/policy/history")?;
+                h.sort_by_key(|r| r.version);
+                match self.output {
+                    Output::Json => print_json(&h),
+                    Output::Table => out(&output::policy_history(&h, self.now)),
+                }
+            }
+            PolicyCmd::Rollback { target: version } => {
+                let r: PolicyApplied = self
+                    .client
+                    .post_empty(&format!("/v1/policy/rollback/{version}"))
+                    .map_err(|e| match e {
+                        ApiFailure::NotFound { message } => {
+                            anyhow::anyhow!("{message} (see `meshctl policy history`)")
+                        }
+                        e => e.into(),
+                    })?;
+                match self.output {
+                    Output::Json => print_json(&r),
+                    Output::Table => out(&output::applied(
+                        &format!("rolled back to version {version}"),
+                        r.version,
+                        0,
+                    )),
+                }
+            }
+            PolicyCmd::Explain { from, to, port } => {
+                let e: Explanation = self
+                    .client
+                    .post(
+                        "/v1/policy/explain",
+                        &ExplainRequest {
+                            from: from.clone(),
+                            to: to.clone(),
+                            port: port.clone(),
+                        },
+                    )
+                    .map_err(hosts_hint)?;
+                match self.output {
+                    Output::Json => print_json(&e),
+                    Output::Table => out(&output::explanation(&from, &to, &port, &e)),
+                }
+            }
         }
     }
 
@@ -197,6 +422,51 @@ impl Ctx {
                     .map_err(host_hint(&host))?;
                 self.host_result(&h, &format!("renamed {host} to {}", h.name))
             }
+            HostsCmd::Quarantine { host } => {
+                let h: HostView = self
+                    .client
+                    .post_empty(&format!("/v1/hosts/{}/quarantine", segment(&host)))
+                    .map_err(host_hint(&host))?;
+                match self.output {
+                    Output::Json => print_json(&h),
+                    Output::Table => out(&format!(
+                        "quarantined host {} (id {}): cut off from every peer; undo with \
+                         `meshctl host release {}`\n",
+                        h.name, h.id, h.name
+                    )),
+                }
+            }
+            HostsCmd::Release { host } => {
+                let h: HostView = self
+                    .client
+                    .post_empty(&format!("/v1/hosts/{}/release", segment(&host)))
+                    .map_err(host_hint(&host))?;
+                match self.output {
+                    Output::Json => print_json(&h),
+                    Output::Table => out(&format!(
+                        "released host {} (id {}): its peers are back as the policy allows\n",
+                        h.name, h.id
+                    )),
+                }
+            }
+            HostsCmd::Revoke { host, yes } => {
+                if !yes {
+                    confirm(&format!(
+                        "revoke host {host:?}? it is removed and its key is refused for good"
+                    ))?;
+                }
+                let h: HostView = self
+                    .client
+                    .post_empty(&format!("/v1/hosts/{}/revoke", segment(&host)))
+                    .map_err(host_hint(&host))?;
+                match self.output {
+                    Output::Json => print_json(&h),
+                    Output::Table => out(&format!(
+                        "revoked host {} (id {}): its key is refused from now on\n",
+                        h.name, h.id
+                    )),
+                }
+            }
             HostsCmd::Remove { host, yes } => {
                 if !yes {
                     confirm(&format!(
@@ -265,6 +535,22 @@ impl Ctx {
     }
 }
 
+/// A refused policy (apply, diff): the coordinator's itemised failures, one per line.
+fn policy_refused(file: &str, what: &str, e: ApiFailure) -> anyhow::Error {
+    match e {
+        ApiFailure::Server {
+            message, failures, ..
+        } if !failures.is_empty() => {
+            let mut s = format!("{file} was not {what}: {message}");
+            for f in failures {
+                s.push_str(&format!("\n  {f}"));
+            }
+            anyhow::anyhow!(s)
+        }
+        e => e.into(),
+    }
+}
+
 /// Asks on the terminal; refuses cleanly without one.
 fn confirm(question: &str) -> anyhow::Result<()> {
     if !std::io::stdin().is_terminal() {
@@ -279,6 +565,6 @@ fn confirm(question: &str) -> anyhow::Result<()> {
     if matches!(line.trim().to_ascii_lowercase().as_str(), "y" | "yes") {
         Ok(())
     } else {
-        anyhow::bail!("not removed (answer y to confirm, or pass --yes)")
+        anyhow::bail!("nothing done (answer y to confirm, or pass --yes)")
     }
 }

@@ -1,9 +1,12 @@
 //! Rendering: aligned tables and `key: value` blocks. Pure: the current time is a parameter.
 
 use meshd_control::api::{HostView, StatusView, TokenView};
+use meshd_control::policy::PolicyRecord;
 use meshd_control::{Labels, UnixTime};
+use meshd_policy::{ip_proto, BlockEvent, Change, ChangeKind, Direction, Explanation, Policy};
 
 use crate::parse::format_duration;
+use crate::policy::{plural, verdict};
 
 /// A table: a header row and data rows, rendered with columns padded to their widest cell.
 #[derive(Debug, Clone, Default)]
@@ -189,13 +192,41 @@ pub fn token_summary(k: &TokenView, now: UnixTime) -> String {
     )
 }
 
+/// What `status` knows about the policy.
+#[derive(Debug, Clone)]
+pub enum PolicyState {
+    /// None applied yet: default deny.
+    NoPolicy,
+    /// This version is current.
+    Current(PolicyRecord),
+    /// `GET /v1/policy` failed.
+    Unknown(String),
+}
+
+/// The `policy:` line of `status`.
+pub fn policy_state(p: &PolicyState, now: UnixTime) -> String {
+    match p {
+        PolicyState::NoPolicy => "no policy: all traffic between hosts is denied \
+             (apply one with `meshctl policy apply FILE`)"
+            .into(),
+        PolicyState::Current(r) => format!(
+            "version {} (applied {}, {})",
+            r.version,
+            ago(r.applied_at, now),
+            r.comment
+        ),
+        PolicyState::Unknown(e) => format!("unknown ({e})"),
+    }
+}
+
 /// `status`.
-pub fn status(s: &StatusView, server: &str, now: UnixTime) -> String {
+pub fn status(s: &StatusView, policy: &PolicyState, server: &str, now: UnixTime) -> String {
     let mut t = Table::new(&["coordinator:", server]);
     for (k, v) in [
         ("version:", s.version.clone()),
         ("public key:", s.public_key.to_string()),
         ("advertise:", s.advertise.to_string()),
+        ("policy:", policy_state(policy, now)),
         ("map version:", s.map_version.to_string()),
         ("hosts:", s.hosts.to_string()),
         ("connected:", s.connected.len().to_string()),
@@ -218,6 +249,151 @@ pub fn status(s: &StatusView, server: &str, now: UnixTime) -> String {
         out.push_str(&a.render());
     }
     out
+}
+
+/// Seconds since the epoch as RFC 3339 UTC, e.g. `2026-12-31T18:00:00Z`.
+pub fn rfc3339(t: UnixTime) -> String {
+    let (days, secs) = (t / 86_400, t % 86_400);
+    // Civil from days (Howard Hinnant), for days since 1970-01-01 (never negative here).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+/// An IP protocol number as a name (`tcp`, `udp`, `icmp`, `icmpv6`, or the number).
+pub fn proto_name(p: u8) -> String {
+    match p {
+        ip_proto::TCP => "tcp".into(),
+        ip_proto::UDP => "udp".into(),
+        ip_proto::ICMP => "icmp".into(),
+        ip_proto::ICMPV6 => "icmpv6".into(),
+        n => n.to_string(),
+    }
+}
+
+/// `blocks`.
+pub fn blocks_table(events: &[BlockEvent]) -> String {
+    let mut t = Table::new(&[
+        "TIME",
+        "HOST",
+        "PEER",
+        "DIRECTION",
+        "PROTO",
+        "SRC",
+        "DST",
+        "REASON",
+        "COUNT",
+    ]);
+    for e in events {
+        t.row(vec![
+            rfc3339(e.at),
+            e.host.clone(),
+            e.peer.clone(),
+            match e.direction {
+                Direction::Outbound => "outbound",
+                Direction::Inbound => "inbound",
+            }
+            .into(),
+            proto_name(e.proto),
+            e.src.to_string(),
+            e.dst.to_string(),
+            e.reason.to_string(),
+            e.count.to_string(),
+        ]);
+    }
+    t.render()
+}
+
+/// `policy show`: the file as applied, after a comment with its version (still valid YAML, so
+/// `meshctl policy show > policy.yaml` round-trips).
+pub fn policy_show(p: Option<&PolicyRecord>) -> String {
+    let Some(r) = p else {
+        return "no policy: everything is denied (default deny)\n".into();
+    };
+    let mut out = format!(
+        "# policy version {}, applied {} ({})\n",
+        r.version,
+        rfc3339(r.applied_at),
+        r.comment
+    );
+    out.push_str(&r.yaml);
+    if !r.yaml.is_empty() && !r.yaml.ends_with('\n') {
+        out.push('\n');
+    }
+    out
+}
+
+/// `policy history`, oldest first; the last version is the current one.
+pub fn policy_history(records: &[PolicyRecord], now: UnixTime) -> String {
+    let mut t = Table::new(&["VERSION", "APPLIED", "RULES", "TESTS", "COMMENT"]);
+    let last = records.iter().map(|r| r.version).max();
+    for r in records {
+        let (rules, tests) = match Policy::parse(&r.yaml) {
+            Ok(p) => (p.rules.len().to_string(), p.tests.len().to_string()),
+            Err(_) => ("?".into(), "?".into()),
+        };
+        let mut comment = r.comment.clone();
+        if Some(r.version) == last {
+            comment.push_str(" (current)");
+        }
+        t.row(vec![
+            r.version.to_string(),
+            ago(r.applied_at, now),
+            rules,
+            tests,
+            comment,
+        ]);
+    }
+    t.render()
+}
+
+/// `policy diff`: one `+`/`-` line per host pair and port spec, then a summary.
+pub fn changes(c: &[Change]) -> String {
+    if c.is_empty() {
+        return "no change: no host pair gains or loses access\n".into();
+    }
+    let mut out = String::new();
+    for x in c {
+        out.push_str(&format!("{x}\n"));
+    }
+    let gained = c.iter().filter(|x| x.kind == ChangeKind::Gained).count();
+    out.push_str(&format!("{gained} gained, {} lost\n", c.len() - gained));
+    out
+}
+
+/// `policy explain`.
+pub fn explanation(from: &str, to: &str, port: &str, e: &Explanation) -> String {
+    format!(
+        "{}: {from} -> {to} {port} {}\n",
+        if e.allowed { "allowed" } else { "denied" },
+        verdict(e.allowed, e.rule.as_deref())
+            .trim_start_matches("allowed ")
+            .trim_start_matches("denied ")
+    )
+}
+
+/// One line after `policy apply` / `policy rollback`.
+pub fn applied(what: &str, version: u64, tests: usize) -> String {
+    if tests == 0 {
+        format!("{what}: policy version {version} is now current\n")
+    } else {
+        format!(
+            "{what}: policy version {version} is now current ({} passed)\n",
+            plural(tests, "test")
+        )
+    }
 }
 
 #[cfg(test)]
@@ -348,15 +524,159 @@ mod tests {
             advertise: "192.0.2.10:7443".parse().unwrap(),
             public_key: PublicKey([1; 32]),
         };
-        let out = status(&s, "http://127.0.0.1:7444", 100);
+        let out = status(&s, &PolicyState::NoPolicy, "http://127.0.0.1:7444", 100);
         assert!(
             out.starts_with("coordinator:  http://127.0.0.1:7444\nversion:      0.1.0\n"),
             "{out}"
         );
         assert!(out.contains("connected:    1\n"), "{out}");
         assert!(
+            out.contains("policy:       no policy: all traffic between hosts is denied"),
+            "{out}"
+        );
+        assert!(
             out.ends_with("NAME  ID  CONNECTED  SENT  ACKED\ndb1   1   1m ago     4     3\n"),
             "{out}"
+        );
+        let out = status(&s, &PolicyState::Current(record(3, "apply")), "u", 100);
+        assert!(
+            out.contains("policy:       version 3 (applied 1m ago, apply)\n"),
+            "{out}"
+        );
+        let out = status(&s, &PolicyState::Unknown("boom".into()), "u", 100);
+        assert!(out.contains("policy:       unknown (boom)\n"), "{out}");
+    }
+
+    fn record(version: u64, comment: &str) -> PolicyRecord {
+        PolicyRecord {
+            version,
+            yaml: "rules:\n  - { name: r, from: {}, to: {}, ports: [any] }\n".into(),
+            applied_at: 40,
+            comment: comment.into(),
+        }
+    }
+
+    #[test]
+    fn times_as_rfc3339() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_868_800), "2000-03-01T00:00:00Z");
+        assert_eq!(rfc3339(1_798_740_000), "2026-12-31T18:00:00Z");
+        assert_eq!(rfc3339(1_709_164_799), "2024-02-28T23:59:59Z");
+        for t in [0, 59, 86_399, 951_782_400, 1_798_740_000, 4_102_444_800] {
+            assert_eq!(meshd_policy::parse_rfc3339(&rfc3339(t)), Ok(t));
+        }
+    }
+
+    #[test]
+    fn blocks_rows() {
+        assert_eq!(
+            blocks_table(&[]),
+            "TIME  HOST  PEER  DIRECTION  PROTO  SRC  DST  REASON  COUNT\n"
+        );
+        let e = BlockEvent {
+            at: 1_798_740_000,
+            host: "db1".into(),
+            host_labels: Default::default(),
+            peer: "web1".into(),
+            peer_labels: Default::default(),
+            direction: Direction::Inbound,
+            proto: 6,
+            src: "100.64.0.3:40000".parse().unwrap(),
+            dst: "100.64.0.2:1521".parse().unwrap(),
+            reason: meshd_policy::DenyReason::DefaultDeny,
+            count: 3,
+        };
+        let out = blocks_table(&[e]);
+        let row = out.lines().nth(1).unwrap();
+        assert_eq!(
+            row.split("  ")
+                .filter(|c| !c.is_empty())
+                .map(str::trim)
+                .collect::<Vec<_>>(),
+            [
+                "2026-12-31T18:00:00Z",
+                "db1",
+                "web1",
+                "inbound",
+                "tcp",
+                "100.64.0.3:40000",
+                "100.64.0.2:1521",
+                "default deny",
+                "3"
+            ],
+            "{out}"
+        );
+        assert_eq!(proto_name(17), "udp");
+        assert_eq!(proto_name(47), "47");
+    }
+
+    #[test]
+    fn policy_views() {
+        assert_eq!(
+            policy_show(None),
+            "no policy: everything is denied (default deny)\n"
+        );
+        let r = record(2, "rollback to 1");
+        let out = policy_show(Some(&r));
+        assert!(
+            out.starts_with(
+                "# policy version 2, applied 1970-01-01T00:00:40Z (rollback to 1)\nrules:\n"
+            ),
+            "{out}"
+        );
+        assert!(Policy::parse(&out).is_ok());
+
+        let mut bad = record(3, "apply");
+        bad.yaml = "rules: [".into();
+        let out = policy_history(&[record(1, "apply"), r, bad], 100);
+        assert_eq!(
+            out,
+            "VERSION  APPLIED  RULES  TESTS  COMMENT\n\
+             1        1m ago   1      0      apply\n\
+             2        1m ago   1      0      rollback to 1\n\
+             3        1m ago   ?      ?      apply (current)\n"
+        );
+        assert_eq!(
+            policy_history(&[], 0),
+            "VERSION  APPLIED  RULES  TESTS  COMMENT\n"
+        );
+        assert_eq!(
+            applied("applied p.yaml", 4, 2),
+            "applied p.yaml: policy version 4 is now current (2 tests passed)\n"
+        );
+        assert_eq!(
+            applied("rolled back to version 1", 5, 0),
+            "rolled back to version 1: policy version 5 is now current\n"
+        );
+    }
+
+    #[test]
+    fn diffs_and_explanations() {
+        assert_eq!(
+            changes(&[]),
+            "no change: no host pair gains or loses access\n"
+        );
+        let c = |from: &str, kind| Change {
+            from: from.into(),
+            to: "db1".into(),
+            ports: "tcp/1521".parse().unwrap(),
+            kind,
+        };
+        assert_eq!(
+            changes(&[c("app1", ChangeKind::Gained), c("web1", ChangeKind::Lost)]),
+            "+ app1 -> db1 tcp/1521\n- web1 -> db1 tcp/1521\n1 gained, 1 lost\n"
+        );
+        let yes = Explanation {
+            allowed: true,
+            rule: Some("app1-to-db1".into()),
+        };
+        assert_eq!(
+            explanation("app1", "db1", "tcp/1521", &yes),
+            "allowed: app1 -> db1 tcp/1521 by rule app1-to-db1\n"
+        );
+        assert_eq!(
+            explanation("web1", "db1", "tcp/1521", &Explanation::DENY),
+            "denied: web1 -> db1 tcp/1521 (no rule allows it: default deny)\n"
         );
     }
 }

@@ -120,6 +120,14 @@ pub fn format_duration(secs: u64) -> String {
     out
 }
 
+/// Checks a probe (`tcp/1521`, `udp/53`, `icmp`) for `policy explain`; returns it unchanged.
+pub fn probe(s: &str) -> Result<String, String> {
+    let t = s.trim();
+    t.parse::<meshd_policy::Probe>()
+        .map_err(|e| e.to_string())
+        .map(|_| t.to_string())
+}
+
 /// Normalises a server address: adds `http://` when no scheme is given, drops a trailing
 /// `/`, and refuses schemes meshctl cannot speak.
 pub fn server_url(s: &str) -> Result<String, String> {
@@ -220,6 +228,17 @@ mod tests {
         assert_eq!(format_duration(5400), "1h30m");
         assert_eq!(format_duration(7 * 86_400), "7d");
         assert_eq!(format_duration(2 * 86_400 + 3 * 3600 + 4 * 60 + 5), "2d3h");
+    }
+
+    #[test]
+    fn probes() {
+        assert_eq!(probe("tcp/1521").unwrap(), "tcp/1521");
+        assert_eq!(probe(" icmp ").unwrap(), "icmp");
+        assert_eq!(probe("udp/53").unwrap(), "udp/53");
+        assert!(probe("tcp/1-2").unwrap_err().contains("single"));
+        assert!(probe("any").unwrap_err().contains("single"));
+        assert!(probe("tcp/99999").unwrap_err().contains("bad port"));
+        assert!(probe("1521").unwrap_err().contains("unknown port spec"));
     }
 
     #[test]

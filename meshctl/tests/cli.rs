@@ -432,3 +432,440 @@ fn completions_and_bad_arguments() {
     );
     assert!(e.contains("--uses"), "{e}");
 }
+
+const BLOCKS_HEADER: &str = "TIME  HOST  PEER  DIRECTION  PROTO  SRC  DST  REASON  COUNT\n";
+
+/// app1 may reach db1 on tcp/1521; its tests pass against hosts app1, db1 and web1.
+const POLICY_V1: &str = "\
+rules:
+  - name: app1-to-db1
+    from: { app: app1 }
+    to:   { app: db1, env: prod }
+    ports: [tcp/1521]
+tests:
+  - { from: { app: app1 }, to: { app: db1, env: prod }, port: tcp/1521, expect: allow }
+  - { from: { app: web }, to: { app: db1 }, port: tcp/1521, expect: deny }
+  - { from: app1, to: db1, port: tcp/1521, expect: allow }
+";
+
+/// Adds web -> db1 on tcp/5432.
+const POLICY_V2: &str = "\
+rules:
+  - name: app1-to-db1
+    from: { app: app1 }
+    to:   { app: db1, env: prod }
+    ports: [tcp/1521]
+  - name: web-to-db1
+    from: { app: web }
+    to:   { app: db1 }
+    ports: [tcp/5432]
+tests:
+  - { from: web1, to: db1, port: tcp/5432, expect: allow }
+";
+
+/// Its second test fails: web may not reach db1 under this policy.
+const POLICY_FAILING: &str = "\
+rules:
+  - name: app1-to-db1
+    from: { app: app1 }
+    to:   { app: db1 }
+    ports: [tcp/1521]
+tests:
+  - { from: { app: app1 }, to: { app: db1 }, port: tcp/1521, expect: allow }
+  - { from: { app: web }, to: { app: db1 }, port: tcp/1521, expect: allow }
+";
+
+impl Coord {
+    /// Writes a policy file into the test's directory; returns its path as a string.
+    fn policy_file(&self, name: &str, text: &str) -> String {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    }
+
+    /// `meshctl` pointed at a dead coordinator, with a token: for offline commands.
+    fn offline(&self, args: &[&str]) -> Output {
+        let url = format!("http://127.0.0.1:{}", dead_port());
+        self.bare()
+            .args(["--server", &url, "--token", "x"])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn enrol_three(&self) {
+        self.enrol("app1", &[("app", "app1")]);
+        self.enrol("db1", &[("app", "db1"), ("env", "prod")]);
+        self.enrol("web1", &[("app", "web")]);
+    }
+}
+
+#[test]
+fn policy_apply_history_rollback() {
+    let c = Coord::start();
+    let s = c.ok(&["status"]);
+    assert!(
+        s.contains("policy:       no policy: all traffic between hosts is denied"),
+        "{s}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&c.ok(&["status", "-o", "json"])).unwrap();
+    assert_eq!(v["policy_version"], serde_json::Value::Null, "{v}");
+    assert_eq!(
+        c.ok(&["policy", "show"]),
+        "no policy: everything is denied (default deny)\n"
+    );
+    assert_eq!(
+        c.ok(&["policy", "history"]),
+        "VERSION  APPLIED  RULES  TESTS  COMMENT\n"
+    );
+    c.enrol_three();
+
+    let v1 = c.policy_file("v1.yaml", POLICY_V1);
+    let out = c.ok(&["policy", "apply", &v1]);
+    assert_eq!(
+        out,
+        format!("applied {v1}: policy version 1 is now current (3 tests passed)\n")
+    );
+    let s = c.ok(&["status"]);
+    assert!(s.contains("policy:       version 1 (applied "), "{s}");
+    let v: serde_json::Value = serde_json::from_str(&c.ok(&["status", "-o", "json"])).unwrap();
+    assert_eq!(v["policy_version"], 1, "{v}");
+    assert_eq!(v["hosts"], 3, "{v}");
+    let show = c.ok(&["policy", "show"]);
+    assert!(show.starts_with("# policy version 1, applied "), "{show}");
+    assert!(show.ends_with(POLICY_V1), "{show}");
+
+    // Refused: a failing test. Nothing changes.
+    let bad = c.policy_file("bad.yaml", POLICY_FAILING);
+    let e = fails(&c.run(&["policy", "apply", &bad]));
+    assert!(
+        e.contains(&format!(
+            "{bad} was not applied: 1 of the policy's tests failed"
+        )),
+        "{e}"
+    );
+    assert!(
+        e.contains("\n  tests[1] {app: web} -> {app: db1} tcp/1521 expect allow: FAILED: denied"),
+        "{e}"
+    );
+    assert!(!e.contains("tests[0]"), "only failures are listed: {e}");
+    // A test naming a host that is not enrolled refuses the apply too.
+    let ghost = c.policy_file(
+        "ghost.yaml",
+        "tests:\n  - { from: ghost, to: db1, port: tcp/1, expect: deny }\n",
+    );
+    let e = fails(&c.run(&["policy", "apply", &ghost]));
+    assert!(e.contains("ghost"), "{e}");
+
+    let v2 = c.policy_file("v2.yaml", POLICY_V2);
+    let out = c.ok(&["policy", "apply", &v2]);
+    assert!(out.contains("policy version 2 is now current"), "{out}");
+    let json: serde_json::Value =
+        serde_json::from_str(&c.ok(&["policy", "show", "-o", "json"])).unwrap();
+    assert_eq!(json["policy"]["version"], 2, "{json}");
+
+    let out = c.ok(&["policy", "rollback", "1"]);
+    assert_eq!(
+        out,
+        "rolled back to version 1: policy version 3 is now current\n"
+    );
+    assert!(c.ok(&["policy", "show"]).ends_with(POLICY_V1));
+    let h = c.ok(&["policy", "history"]);
+    let rows: Vec<Vec<&str>> = h
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows.len(), 3, "{h}");
+    assert_eq!(rows[0][0], "1");
+    assert_eq!(rows[0][rows[0].len() - 1], "apply", "{h}");
+    assert_eq!((rows[1][0], rows[2][0]), ("2", "3"), "{h}");
+    assert!(h.contains("rollback to 1 (current)\n"), "{h}");
+    // RULES and TESTS of version 2.
+    assert!(
+        h.lines().nth(2).unwrap().contains("  2      1      apply"),
+        "{h}"
+    );
+    let json: Vec<serde_json::Value> =
+        serde_json::from_str(&c.ok(&["policy", "history", "-o", "json"])).unwrap();
+    assert_eq!(json.len(), 3);
+    assert_eq!(json[2]["yaml"], POLICY_V1);
+
+    let e = fails(&c.run(&["policy", "rollback", "99"]));
+    assert!(
+        e.contains("no policy version 99") && e.contains("meshctl policy history"),
+        "{e}"
+    );
+}
+
+#[test]
+fn policy_diff_and_explain() {
+    let c = Coord::start();
+    c.enrol_three();
+    let v1 = c.policy_file("v1.yaml", POLICY_V1);
+    // Against no policy: app1 gains db1.
+    assert_eq!(
+        c.ok(&["policy", "diff", &v1]),
+        "+ app1 -> db1 tcp/1521\n1 gained, 0 lost\n"
+    );
+    c.ok(&["policy", "apply", &v1]);
+    assert_eq!(
+        c.ok(&["policy", "diff", &v1]),
+        "no change: no host pair gains or loses access\n"
+    );
+    let v2 = c.policy_file("v2.yaml", POLICY_V2);
+    assert_eq!(
+        c.ok(&["policy", "diff", &v2]),
+        "+ web1 -> db1 tcp/5432\n1 gained, 0 lost\n"
+    );
+    let empty = c.policy_file("empty.yaml", "rules: []\n");
+    assert_eq!(
+        c.ok(&["policy", "diff", &empty]),
+        "- app1 -> db1 tcp/1521\n0 gained, 1 lost\n"
+    );
+    let json: Vec<serde_json::Value> =
+        serde_json::from_str(&c.ok(&["policy", "diff", &v2, "-o", "json"])).unwrap();
+    assert_eq!(json.len(), 1);
+    assert_eq!(json[0]["from"], "web1");
+    assert_eq!(json[0]["kind"], "gained");
+    // A file that does not parse is caught before any request.
+    let broken = c.policy_file("broken.yaml", "rules: [\n");
+    let o = c.run(&["policy", "diff", &broken]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o.stderr).starts_with(&format!("{broken}:2:")),
+        "{}",
+        text(&o.stderr)
+    );
+
+    let explain = |from: &str, to: &str, port: &str| {
+        c.ok(&[
+            "policy", "explain", "--from", from, "--to", to, "--port", port,
+        ])
+    };
+    assert_eq!(
+        explain("app1", "db1", "tcp/1521"),
+        "allowed: app1 -> db1 tcp/1521 by rule app1-to-db1\n"
+    );
+    assert_eq!(
+        explain("web1", "db1", "tcp/1521"),
+        "denied: web1 -> db1 tcp/1521 (no rule allows it: default deny)\n"
+    );
+    // Direction matters: db1 may not open connections to app1.
+    assert!(explain("db1", "app1", "tcp/1521").starts_with("denied:"));
+    assert!(explain("app1", "db1", "udp/1521").starts_with("denied:"));
+    let json: serde_json::Value = serde_json::from_str(&c.ok(&[
+        "policy", "explain", "--from", "app1", "--to", "db1", "--port", "tcp/1521", "-o", "json",
+    ]))
+    .unwrap();
+    assert_eq!(json["allowed"], true);
+    assert_eq!(json["rule"], "app1-to-db1");
+    let e = fails(&c.run(&[
+        "policy", "explain", "--from", "nope", "--to", "db1", "--port", "tcp/1521",
+    ]));
+    assert!(
+        e.contains("nope") && e.contains("meshctl hosts list"),
+        "{e}"
+    );
+    let e = usage_error(&c.run(&[
+        "policy", "explain", "--from", "app1", "--to", "db1", "--port", "1521",
+    ]));
+    assert!(e.contains("unknown port spec"), "{e}");
+
+    // A quarantined host is denied everything.
+    c.ok(&["host", "quarantine", "db1"]);
+    assert!(explain("app1", "db1", "tcp/1521").starts_with("denied:"));
+    c.ok(&["host", "release", "db1"]);
+    assert!(explain("app1", "db1", "tcp/1521").starts_with("allowed:"));
+}
+
+#[test]
+fn policy_check_offline_and_online() {
+    let c = Coord::start();
+    // A YAML error: FILE:LINE:COLUMN on stderr, exit 1, no coordinator needed.
+    let bad_port = c.policy_file(
+        "port.yaml",
+        "rules:\n  - name: a\n    from: {}\n    to: {}\n    ports: [tcp/99999]\n",
+    );
+    let o = c.offline(&["policy", "check", &bad_port]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+    let e = text(&o.stderr);
+    assert!(
+        e.starts_with(&format!("{bad_port}:5:13: rules[0].ports[0]: bad port")),
+        "{e}"
+    );
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert_eq!(text(&o.stdout), "");
+    let indent = c.policy_file("indent.yaml", "rules:\n  - name: a\n   from: {}\n");
+    let o = c.offline(&["policy", "check", &indent]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o.stderr).starts_with(&format!("{indent}:2:5: ")),
+        "{}",
+        text(&o.stderr)
+    );
+
+    // Label-set tests run offline.
+    let labels_only = c.policy_file(
+        "labels.yaml",
+        &POLICY_V1.replace(
+            "  - { from: app1, to: db1, port: tcp/1521, expect: allow }\n",
+            "",
+        ),
+    );
+    let o = c.offline(&["policy", "check", &labels_only]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let out = text(&o.stdout);
+    assert!(out.starts_with("ok          tests[0] "), "{out}");
+    assert!(
+        out.ends_with(&format!(
+            "{labels_only}: 1 rule, 2 tests: 2 passed, 0 failed\n"
+        )),
+        "{out}"
+    );
+
+    // A failing test: exit 1, says which.
+    let failing = c.policy_file("failing.yaml", POLICY_FAILING);
+    let o = c.offline(&["policy", "check", &failing]);
+    let e = fails(&o);
+    assert!(
+        e.contains(&format!("{failing}: 1 of 2 tests failed: tests[1]")),
+        "{e}"
+    );
+    assert!(
+        text(&o.stdout).contains(
+            "FAILED      tests[1] {app: web} -> {app: db1} tcp/1521 expect allow: \
+             denied (no rule allows it: default deny), expected allow"
+        ),
+        "{}",
+        text(&o.stdout)
+    );
+
+    // Host-name tests without a coordinator: unresolved, not failed.
+    let v1 = c.policy_file("v1.yaml", POLICY_V1);
+    let o = c.offline(&["policy", "check", &v1]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let out = text(&o.stdout);
+    assert!(
+        out.contains("UNRESOLVED  tests[2] app1 -> db1 tcp/1521 expect allow: host app1 needs"),
+        "{out}"
+    );
+    assert!(out.contains("2 passed, 0 failed, 1 unresolved (host names not checked: cannot reach the coordinator"), "{out}");
+    let o = c.run(&["policy", "check", "--offline", &v1]);
+    assert!(o.status.success());
+    assert!(text(&o.stdout).contains("(host names not checked: --offline)"));
+
+    // With the coordinator: resolved against its inventory; unknown names fail.
+    let o = c.run(&["policy", "check", &v1]);
+    let e = fails(&o);
+    assert!(e.contains("1 of 3 tests failed: tests[2]"), "{e}");
+    assert!(
+        text(&o.stdout).contains("no host named app1 in the coordinator's inventory"),
+        "{}",
+        text(&o.stdout)
+    );
+    c.enrol_three();
+    let out = c.ok(&["policy", "check", &v1]);
+    assert!(
+        out.contains(
+            "ok          tests[2] app1 -> db1 tcp/1521 expect allow: allowed by rule app1-to-db1"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.ends_with(&format!(
+            "3 passed, 0 failed (host names resolved at {})\n",
+            c.url()
+        )),
+        "{out}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&c.ok(&["policy", "check", &v1, "-o", "json"])).unwrap();
+    assert_eq!(json["ok"], true, "{json}");
+    assert_eq!(json["tests"].as_array().unwrap().len(), 3);
+    assert_eq!(json["tests"][2]["outcome"], "pass");
+
+    // Standard input.
+    let mut cmd = c.bare();
+    cmd.args([
+        "--server",
+        "http://127.0.0.1:1",
+        "--token",
+        "x",
+        "policy",
+        "check",
+        "-",
+    ])
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"rules:\n  - name: a\n    from: {}\n    to: {}\n    ports: [tcp/1]\n    colour: red\n").unwrap();
+    }
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o.stderr).starts_with("<stdin>:6:") && text(&o.stderr).contains("colour"),
+        "{}",
+        text(&o.stderr)
+    );
+    let e = fails(&c.offline(&["policy", "check", "/no/such/file.yaml"]));
+    assert!(
+        e.contains("cannot read policy file /no/such/file.yaml"),
+        "{e}"
+    );
+}
+
+#[test]
+fn blocks_on_an_empty_coordinator() {
+    let c = Coord::start();
+    assert_eq!(c.ok(&["blocks"]), BLOCKS_HEADER);
+    assert_eq!(
+        c.ok(&["blocks", "--host", "db1", "--since", "10m"]),
+        BLOCKS_HEADER
+    );
+    assert_eq!(c.ok(&["blocks", "-o", "json"]).trim(), "[]");
+    let e = usage_error(&c.run(&["blocks", "--since", "ten"]));
+    assert!(e.contains("--since"), "{e}");
+}
+
+#[test]
+fn host_quarantine_release_revoke() {
+    let c = Coord::start();
+    c.enrol("db1", &[("app", "db1")]);
+    let out = c.ok(&["host", "quarantine", "db1"]);
+    assert!(
+        out.starts_with("quarantined host db1 (id ") && out.contains("meshctl host release db1"),
+        "{out}"
+    );
+    // Twice is fine.
+    c.ok(&["host", "quarantine", "db1"]);
+    let out = c.ok(&["host", "release", "db1"]);
+    assert!(out.starts_with("released host db1 (id "), "{out}");
+    let h: HostView =
+        serde_json::from_str(&c.ok(&["hosts", "quarantine", "db1", "-o", "json"])).unwrap();
+    assert_eq!(h.name, "db1");
+    c.ok(&["host", "release", "db1"]);
+
+    for cmd in ["quarantine", "release", "revoke"] {
+        let e =
+            fails(&c.run(&["host", cmd, "nope", "--yes"][..if cmd == "revoke" { 4 } else { 3 }]));
+        assert!(
+            e.contains("no host named \"nope\"") && e.contains("meshctl hosts list"),
+            "{cmd}: {e}"
+        );
+    }
+
+    // No terminal and no --yes: refuse rather than hang or revoke.
+    let e = fails(&c.run(&["host", "revoke", "db1"]));
+    assert!(e.contains("--yes"), "{e}");
+    assert!(c.ok(&["hosts", "list"]).contains("\ndb1 "));
+    let out = c.ok(&["host", "revoke", "db1", "--yes"]);
+    assert!(out.starts_with("revoked host db1 (id "), "{out}");
+    assert_eq!(c.ok(&["hosts", "list"]), HOSTS_HEADER);
+    let e = fails(&c.run(&["host", "quarantine", "db1"]));
+    assert!(e.contains("no host named \"db1\""), "{e}");
+}

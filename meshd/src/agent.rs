@@ -22,6 +22,7 @@ use rand_core::RngCore as _;
 use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::blocks::{BlockSink, Directory};
 use crate::dataplane::{Dataplane, DataplaneConfig, Enforcement};
 use crate::routes::Routes;
 use crate::status::{self, StatusSource};
@@ -88,7 +89,7 @@ pub fn map_to_specs(map: &NetworkMap) -> Vec<PeerSpec> {
             allowed_ips: p.addresses.iter().map(|a| IpNet::from(*a)).collect(),
             persistent_keepalive: Some(PEER_KEEPALIVE),
             preshared_key: None,
-            grants: Arc::new(meshd_policy::PeerGrants::allow_all("coordinator")),
+            grants: Arc::new(p.grants.clone()),
         })
         .collect()
 }
@@ -237,6 +238,22 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut poll = tokio::time::interval(ADDRESS_POLL);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut sink = BlockSink::new(args.state_dir.join("blocks.jsonl"), Directory::default());
+    let set_directory = |sink: &mut BlockSink, map: &NetworkMap| {
+        sink.directory = Directory {
+            host: agent.host.name.clone(),
+            host_labels: agent.host.labels.clone(),
+            peers: map
+                .peers
+                .iter()
+                .map(|p| (p.public_key, (p.name.clone(), p.labels.clone())))
+                .collect(),
+        };
+    };
+    if let Some(map) = maps.borrow().as_ref() {
+        set_directory(&mut sink, map);
+    }
     tracing::info!(interface = %args.interface, name = %agent.host.name, coordinator = %agent.coordinator, "meshd up (coordinator-managed)");
 
     let result: anyhow::Result<()> = loop {
@@ -247,6 +264,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 if changed.is_err() { continue; }
                 let map = maps.borrow_and_update().clone();
                 let Some(map) = map else { continue };
+                set_directory(&mut sink, &map);
                 match device.set_peers(&map_to_specs(&map)) {
                     Ok(diff) => {
                         if !diff.is_empty() {
@@ -276,6 +294,15 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                     }
                     _ => {}
                 }
+            }
+            _ = tick.tick() => {
+                let events = sink.flush(&enforcement, &device);
+                for chunk in events.chunks(meshd_control::proto::MAX_BLOCKS_PER_MESSAGE) {
+                    if session.report_blocks(chunk.to_vec()).is_err() {
+                        tracing::debug!("block report queue full; events kept in blocks.jsonl only");
+                    }
+                }
+                enforcement.firewall.sweep_all(crate::dataplane::unix_millis());
             }
             _ = poll.tick() => {
                 let now = local_addresses(&nl, &addresses).await;

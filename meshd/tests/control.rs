@@ -9,10 +9,15 @@ use std::time::{Duration, Instant};
 use common::*;
 use meshd_lab::{wait_for, Lab, Signal};
 
+/// Every host may reach every other on everything (these tests are about the control plane).
+const ALLOW_ALL: &str = "rules:\n  - name: all\n    from: {}\n    to: {}\n    ports: [any]\n";
+
 /// Lab host 0 runs the coordinator; hosts 1..=n join with labelled tokens.
 fn mesh(tag: &str, n: usize) -> (Lab, Coord, Vec<meshd_lab::ProcHandle>, Vec<IpAddr>) {
     let lab = Lab::new(tag, n + 1).unwrap();
     let coord = Coord::start(&lab, 0);
+    let (code, v) = coord.apply_policy(&lab, ALLOW_ALL);
+    assert!((200..300).contains(&code), "policy apply: {code} {v}");
     let mut procs = Vec::new();
     for i in 1..=n {
         let app = format!("app{i}");

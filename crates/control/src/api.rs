@@ -194,4 +194,60 @@ pub struct ApiError {
     pub code: String,
     /// What went wrong and what to do.
     pub message: String,
+    /// Itemised failures (a policy's parse error with line and column, or its failing tests).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failures: Vec<String>,
+}
+
+/// `PUT /v1/policy`, `POST /v1/policy/diff`, `POST /v1/policy/check` as JSON (a `text/*` or
+/// `application/yaml` body is the file itself).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyText {
+    /// The policy file.
+    pub yaml: String,
+}
+
+/// `GET /v1/policy`: the current version (`None`: no policy yet, everything is denied).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyCurrent {
+    /// The current version.
+    pub policy: Option<crate::policy::PolicyRecord>,
+}
+
+/// Reply to `PUT /v1/policy` and `POST /v1/policy/rollback/{version}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyApplied {
+    /// The new version.
+    pub version: u64,
+    /// The file's tests (all passed; empty for a rollback).
+    pub tests: Vec<meshd_policy::TestResult>,
+}
+
+/// Reply to `POST /v1/policy/check` (200 even when tests fail; 400 when it does not parse).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyCheck {
+    /// Every test passed.
+    pub ok: bool,
+    /// Each test's outcome (host names resolved against the inventory).
+    pub tests: Vec<meshd_policy::TestResult>,
+}
+
+/// `POST /v1/policy/explain`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExplainRequest {
+    /// Host opening the connection (name, id or key).
+    pub from: String,
+    /// Host connected to.
+    pub to: String,
+    /// `tcp/N`, `udp/N` or `icmp`.
+    pub port: String,
+}
+
+/// `GET /v1/blocks` query.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlocksQuery {
+    /// Only events where this host (name) is either end.
+    pub host: Option<String>,
+    /// Only events from the last this many seconds.
+    pub since: Option<u64>,
 }

@@ -21,6 +21,9 @@ pub struct Peer {
     pub endpoints: Vec<SocketAddr>,
     /// Labels (for policy).
     pub labels: Labels,
+    /// What this agent may open to the peer and the peer to it (default deny: empty).
+    #[serde(default)]
+    pub grants: meshd_policy::PeerGrants,
 }
 
 impl Peer {
@@ -32,6 +35,15 @@ impl Peer {
             addresses: h.addresses(),
             endpoints: h.endpoints(),
             labels: h.labels.clone(),
+            grants: meshd_policy::PeerGrants::default(),
+        }
+    }
+
+    /// The peer record of a host with the grants between the agent and it.
+    pub fn with_grants(h: &Host, grants: meshd_policy::PeerGrants) -> Peer {
+        Peer {
+            grants,
+            ..Peer::from_host(h)
         }
     }
 }
@@ -177,6 +189,7 @@ mod tests {
             addresses: vec![IpAddr::from([100, 64, 0, k])],
             endpoints: vec![SocketAddr::from(([192, 0, 2, k], ep))],
             labels: Labels::new(),
+            grants: Default::default(),
         }
     }
 

@@ -61,6 +61,12 @@ pub struct Host {
     pub last_seen: UnixTime,
     /// Removed by an operator: no longer a peer of anyone; its key may not resume.
     pub removed: bool,
+    /// Quarantined: in nobody's map and its own map is empty, until released.
+    #[serde(default)]
+    pub quarantined: bool,
+    /// Revoked (implies removed): its key is refused for good, even with a new join token.
+    #[serde(default)]
+    pub revoked: bool,
     /// The join token it enrolled with.
     pub token_id: Option<TokenId>,
 }
@@ -254,6 +260,8 @@ mod tests {
             last_seen: 0,
             removed: false,
             token_id: None,
+            quarantined: false,
+            revoked: false,
         };
         let e: Vec<String> = h.endpoints().iter().map(|e| e.to_string()).collect();
         assert_eq!(e, ["1.2.3.4:51820", "10.0.0.1:51820"]);

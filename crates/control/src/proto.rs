@@ -20,6 +20,9 @@ use crate::token::TokenSecret;
 pub const PROTOCOL_VERSION: u16 = 1;
 /// Largest frame an agent may send (bytes of JSON).
 pub const MAX_AGENT_FRAME: usize = 64 * 1024;
+/// Most block events in one [`AgentMessage::Blocks`] (keeps the frame under [`MAX_AGENT_FRAME`]
+/// with modest labels).
+pub const MAX_BLOCKS_PER_MESSAGE: usize = 64;
 /// Largest frame the coordinator sends (a full map of ~100k peers fits).
 pub const MAX_COORDINATOR_FRAME: usize = 32 * 1024 * 1024;
 
@@ -66,6 +69,12 @@ pub enum AgentMessage {
     },
     /// The agent could not apply a delta; send a full map.
     Resync,
+    /// Denied flows seen by the agent's firewall (at most [`MAX_BLOCKS_PER_MESSAGE`]; more are
+    /// dropped by the coordinator with a counter). Send more messages for more events.
+    Blocks {
+        /// The events, oldest first.
+        events: Vec<meshd_policy::BlockEvent>,
+    },
     /// Liveness probe.
     Ping {
         /// Echoed in `Pong`.
@@ -126,6 +135,9 @@ pub enum ErrorCode {
     /// The host was removed by an operator.
     #[error("this host was removed from the mesh")]
     HostRemoved,
+    /// The host's identity was revoked: its key is refused for good (enrol a new key).
+    #[error("this host's key was revoked and is refused for good")]
+    HostRevoked,
     /// Another live connection exists for this key.
     #[error("another connection for this host is already live")]
     AlreadyConnected,

@@ -8,10 +8,17 @@
 //! 4. send the pushes, close the kicked connections.
 //!
 //! Per session the state keeps, sorted by host id, the revision of every peer record the agent
-//! was last sent; a peer whose host revision moved on is re-sent. Which hosts peer with which is
-//! [`crate::policy::is_peer`].
+//! was last sent and a hash of the grants it was sent with; a peer whose host revision or grants
+//! moved on is re-sent.
+//!
+//! Which hosts peer with which is the compiled label policy ([`meshd_policy::Compiled`]): a host's
+//! map holds exactly the hosts it may open connections to or be reached from, each with its grants.
+//! No policy = default deny = empty maps. Host changes update the compiled policy incrementally and
+//! only the affected agents' maps are recomputed; a policy change recomputes every map.
+//! Quarantined hosts are left out of the compilation (nobody's peer, no peers); revoked hosts are
+//! removed and their key is refused for good ([`ErrorCode::HostRevoked`]).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -22,9 +29,12 @@ use crate::model::{
     validate_label, validate_name, Host, HostId, LabelError, Labels, NameError, Token, TokenId,
     TokenUnusable, UnixTime,
 };
-use crate::policy::is_peer;
+use crate::policy::{host_ref, is_live, PolicyError, PolicyRecord};
 use crate::pool::{IpPool, PoolError};
 use crate::proto::{CoordinatorMessage, EndpointReport, ErrorCode, HostInfo};
+use meshd_policy::{
+    BlockEvent, Change, Compiled, Explanation, PeerGrants, Policy, Probe, TestResult,
+};
 
 /// Identifies one control connection (so a stale disconnect cannot end a newer session).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -83,12 +93,20 @@ pub struct Dirty {
     pub tokens: Vec<Token>,
     /// New map version, if it moved.
     pub map_version: Option<u64>,
+    /// A newly applied policy version.
+    pub policy: Option<PolicyRecord>,
+    /// Block events received since the last call (the store keeps a bounded number).
+    pub blocks: Vec<BlockEvent>,
 }
 
 impl Dirty {
     /// Nothing to persist.
     pub fn is_empty(&self) -> bool {
-        self.hosts.is_empty() && self.tokens.is_empty() && self.map_version.is_none()
+        self.hosts.is_empty()
+            && self.tokens.is_empty()
+            && self.map_version.is_none()
+            && self.policy.is_none()
+            && self.blocks.is_empty()
     }
 }
 
@@ -124,7 +142,16 @@ pub enum AdminError {
     /// The host was removed.
     #[error("host {0:?} was removed")]
     HostRemoved(String),
+    /// A policy operation failed.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// Not a single protocol and port (`tcp/N`, `udp/N`, `icmp`).
+    #[error(transparent)]
+    Port(#[from] meshd_policy::PortSpecError),
 }
+
+/// How many block events the coordinator keeps in memory for `GET /v1/blocks`.
+pub const BLOCKS_KEPT: usize = 10_000;
 
 /// Why persisted state could not be loaded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -158,8 +185,9 @@ pub struct SessionInfo {
 #[derive(Debug)]
 struct Session {
     conn: ConnId,
-    /// Sorted by host id: (peer, revision sent); `None` until the first full map.
-    sent: Option<Vec<(HostId, u64)>>,
+    /// Sorted by host id: (peer, revision sent, fingerprint of the grants sent); `None` until
+    /// the first full map.
+    sent: Option<Vec<(HostId, u64, u64)>>,
     sent_version: u64,
     acked: u64,
     connected_at: UnixTime,
@@ -185,6 +213,25 @@ pub struct CoordinatorState {
     dirty_hosts: BTreeSet<HostId>,
     dirty_tokens: BTreeSet<TokenId>,
     kicks: Vec<Kick>,
+    /// Applied policy versions, oldest first; the last is current.
+    policies: Vec<PolicyRecord>,
+    /// The current policy, parsed.
+    policy: Policy,
+    /// The current policy compiled against the live hosts.
+    compiled: Compiled,
+    /// Hosts whose whole peer set may have changed (all of them if `recheck_all`).
+    recheck: BTreeSet<HostId>,
+    recheck_all: bool,
+    /// Per host, the peers whose grants towards it may have changed (one host changed: only the
+    /// pairs involving it; checked without recomputing the whole map).
+    recheck_pairs: BTreeMap<HostId, BTreeSet<HostId>>,
+    dirty_policy: Option<PolicyRecord>,
+    /// Keys refused for good.
+    revoked_keys: HashSet<PublicKey>,
+    /// The most recent block events (at most [`BLOCKS_KEPT`]) and those not yet persisted.
+    blocks: VecDeque<BlockEvent>,
+    dirty_blocks: Vec<BlockEvent>,
+    blocks_dropped: u64,
 }
 
 impl CoordinatorState {
@@ -212,6 +259,17 @@ impl CoordinatorState {
             dirty_hosts: BTreeSet::new(),
             dirty_tokens: BTreeSet::new(),
             kicks: Vec::new(),
+            policies: Vec::new(),
+            policy: Policy::default(),
+            compiled: meshd_policy::compile(&Policy::default(), &[], 0),
+            recheck: BTreeSet::new(),
+            recheck_all: false,
+            recheck_pairs: BTreeMap::new(),
+            dirty_policy: None,
+            revoked_keys: HashSet::new(),
+            blocks: VecDeque::new(),
+            dirty_blocks: Vec::new(),
+            blocks_dropped: 0,
         }
     }
 
@@ -247,8 +305,12 @@ impl CoordinatorState {
             }
             let rev = s.bump_rev();
             s.revs.insert(h.id, rev);
+            if h.revoked {
+                s.revoked_keys.insert(h.public_key);
+            }
             s.hosts.insert(h.id, h);
         }
+        s.recompile(0);
         for t in tokens {
             s.next_token = s.next_token.max(t.id.0 + 1);
             s.by_hash.insert(t.secret_hash, t.id);
@@ -372,6 +434,9 @@ impl CoordinatorState {
         observed: IpAddr,
         hello: Hello,
     ) -> Result<HostInfo, ErrorCode> {
+        if self.revoked_keys.contains(&key) {
+            return Err(ErrorCode::HostRevoked);
+        }
         let existing = self.by_key.get(&key).copied();
         let (id, endpoints) = match (hello, existing.and_then(|id| self.hosts.get(&id))) {
             (Hello::Resume { .. }, None) => return Err(ErrorCode::UnknownHost),
@@ -459,11 +524,13 @@ impl CoordinatorState {
                 last_seen: now,
                 removed: false,
                 token_id: Some(tid),
+                quarantined: false,
+                revoked: false,
             },
         );
         self.by_key.insert(key, id);
-        self.membership_dirty = true;
         self.touch(id);
+        self.policy_host_changed(id);
         Ok(id)
     }
 
@@ -591,8 +658,8 @@ impl CoordinatorState {
         let before = h.labels.clone();
         h.labels.extend(labels);
         if h.labels != before {
-            self.membership_dirty = true;
             self.touch(id);
+            self.policy_host_changed(id);
         }
         self.host_result(id, r)
     }
@@ -607,8 +674,8 @@ impl CoordinatorState {
         let n = h.labels.len();
         h.labels.retain(|k, _| !keys.contains(k));
         if h.labels.len() != n {
-            self.membership_dirty = true;
             self.touch(id);
+            self.policy_host_changed(id);
         }
         self.host_result(id, r)
     }
@@ -627,6 +694,7 @@ impl CoordinatorState {
         if h.name != name {
             h.name = name.to_string();
             self.touch(id);
+            self.policy_host_changed(id);
         }
         self.host_result(id, r)
     }
@@ -642,8 +710,8 @@ impl CoordinatorState {
         h.removed = true;
         let addr = h.ipv4;
         self.pool.release(addr);
-        self.membership_dirty = true;
         self.touch(id);
+        self.policy_host_changed(id);
         if let Some(s) = self.sessions.remove(&id) {
             self.kicks.push(Kick {
                 host: id,
@@ -654,6 +722,252 @@ impl CoordinatorState {
         self.host_result(id, r)
     }
 
+    /// Brings the compiled policy up to date with host `id` (added, changed, removed,
+    /// quarantined or released) and marks the affected agents' maps for recomputation.
+    fn policy_host_changed(&mut self, id: HostId) {
+        let Some(h) = self.hosts.get(&id) else {
+            return;
+        };
+        let affected = if is_live(h) {
+            self.compiled.update_host(&host_ref(h))
+        } else {
+            self.compiled.remove_host(id.0)
+        };
+        for a in affected {
+            self.recheck_pairs.entry(HostId(a)).or_default().insert(id);
+        }
+        self.recheck.insert(id);
+        self.membership_dirty = true;
+    }
+
+    /// Compiles the current policy against the live hosts; every map is recomputed.
+    fn recompile(&mut self, now: UnixTime) {
+        let hosts: Vec<_> = self
+            .hosts
+            .values()
+            .filter(|h| is_live(h))
+            .map(host_ref)
+            .collect();
+        self.compiled = meshd_policy::compile(&self.policy, &hosts, now);
+        self.recheck_all = true;
+        self.membership_dirty = true;
+    }
+
+    /// Loads the stored policy versions (oldest first; the last is current) at start-up.
+    pub fn restore_policies(
+        &mut self,
+        now: UnixTime,
+        mut versions: Vec<PolicyRecord>,
+    ) -> Result<(), PolicyError> {
+        versions.sort_by_key(|p| p.version);
+        self.policy = match versions.last() {
+            Some(p) => Policy::parse(&p.yaml)?,
+            None => Policy::default(),
+        };
+        self.policies = versions;
+        self.recompile(now);
+        Ok(())
+    }
+
+    /// Rules expiring: recompile at [`CoordinatorState::policy_timeout`] so expired peers leave
+    /// the maps (agents already stopped using the grants on their own).
+    pub fn handle_policy_timeout(&mut self, now: UnixTime) {
+        if self.policy_timeout().is_some_and(|t| t <= now) {
+            self.recompile(now);
+        }
+    }
+
+    /// When [`CoordinatorState::handle_policy_timeout`] has work to do.
+    pub fn policy_timeout(&self) -> Option<UnixTime> {
+        self.compiled.next_expiry(self.compiled.compiled_at())
+    }
+
+    /// The live hosts as the policy sees them (the inventory for tests, diff and explain).
+    pub fn inventory(&self) -> Vec<meshd_policy::HostRef> {
+        self.hosts
+            .values()
+            .filter(|h| !h.removed)
+            .map(host_ref)
+            .collect()
+    }
+
+    /// The current policy version, if any was applied.
+    pub fn policy(&self) -> Option<&PolicyRecord> {
+        self.policies.last()
+    }
+
+    /// Every applied version, oldest first.
+    pub fn policy_history(&self) -> &[PolicyRecord] {
+        &self.policies
+    }
+
+    /// Parses `yaml` and runs its tests against the inventory (host names resolved there).
+    pub fn check_policy(&self, now: UnixTime, yaml: &str) -> Result<Vec<TestResult>, PolicyError> {
+        let p = Policy::parse(yaml)?;
+        Ok(meshd_policy::run_tests(&p, &self.inventory(), now))
+    }
+
+    /// Applies a new policy version: refused if it does not parse or any of its tests fails
+    /// (a test naming a host that is not enrolled fails). Every map is recomputed.
+    pub fn apply_policy(
+        &mut self,
+        now: UnixTime,
+        yaml: &str,
+        comment: &str,
+    ) -> Result<(PolicyRecord, Vec<TestResult>), PolicyError> {
+        let p = Policy::parse(yaml)?;
+        let results = meshd_policy::run_tests(&p, &self.inventory(), now);
+        if results.iter().any(|t| !t.passed()) {
+            return Err(PolicyError::TestsFailed(results));
+        }
+        let rec = self.install(now, p, yaml, comment);
+        Ok((rec, results))
+    }
+
+    fn install(&mut self, now: UnixTime, p: Policy, yaml: &str, comment: &str) -> PolicyRecord {
+        let rec = PolicyRecord {
+            version: self.policies.last().map_or(1, |p| p.version + 1),
+            yaml: yaml.to_string(),
+            applied_at: now,
+            comment: comment.to_string(),
+        };
+        self.policy = p;
+        self.policies.push(rec.clone());
+        self.dirty_policy = Some(rec.clone());
+        self.recompile(now);
+        rec
+    }
+
+    /// Re-applies an earlier version as a new version (its tests are not re-run: it was
+    /// accepted before, and a rollback must work when the inventory has moved on).
+    pub fn rollback_policy(
+        &mut self,
+        now: UnixTime,
+        version: u64,
+    ) -> Result<PolicyRecord, PolicyError> {
+        let old = self
+            .policies
+            .iter()
+            .find(|p| p.version == version)
+            .cloned()
+            .ok_or(PolicyError::NoSuchVersion(version))?;
+        let p = Policy::parse(&old.yaml)?;
+        Ok(self.install(now, p, &old.yaml, &format!("rollback to {version}")))
+    }
+
+    /// Which host pairs and ports gain or lose access if `yaml` replaced the current policy.
+    pub fn diff_policy(&self, now: UnixTime, yaml: &str) -> Result<Vec<Change>, PolicyError> {
+        let new = Policy::parse(yaml)?;
+        let hosts: Vec<_> = self
+            .hosts
+            .values()
+            .filter(|h| is_live(h))
+            .map(host_ref)
+            .collect();
+        Ok(meshd_policy::diff(&self.policy, &new, &hosts, now))
+    }
+
+    /// Whether `from` may open a connection to `to` on `port` (`tcp/1521`) now, and by which
+    /// rule. A quarantined host is denied everything.
+    pub fn explain(
+        &self,
+        now: UnixTime,
+        from: &str,
+        to: &str,
+        port: &str,
+    ) -> Result<Explanation, AdminError> {
+        let probe: Probe = port.parse()?;
+        let (f, t) = (self.find_host(from)?.id, self.find_host(to)?.id);
+        Ok(self.compiled.explain(f.0, t.0, probe, now))
+    }
+
+    /// The grants `id` holds towards each peer (what its map carries).
+    pub fn grants_for(&self, id: HostId) -> BTreeMap<u64, meshd_policy::PeerGrants> {
+        self.compiled.grants_for(id.0)
+    }
+
+    /// Cuts a host off: it leaves every map and its own map empties (pushed with the next poll).
+    pub fn quarantine(&mut self, r: &str) -> Result<Host, AdminError> {
+        self.set_quarantined(r, true)
+    }
+
+    /// Undoes [`CoordinatorState::quarantine`].
+    pub fn release(&mut self, r: &str) -> Result<Host, AdminError> {
+        self.set_quarantined(r, false)
+    }
+
+    fn set_quarantined(&mut self, r: &str, q: bool) -> Result<Host, AdminError> {
+        let id = self.live_id(r)?;
+        let h = self
+            .hosts
+            .get_mut(&id)
+            .ok_or_else(|| AdminError::NoSuchHost(r.into()))?;
+        if h.quarantined != q {
+            h.quarantined = q;
+            self.dirty_hosts.insert(id);
+            self.policy_host_changed(id);
+        }
+        self.host_result(id, r)
+    }
+
+    /// Removes a host for good: as [`CoordinatorState::remove_host`], and its key is refused
+    /// from now on with [`ErrorCode::HostRevoked`], even with a new join token.
+    pub fn revoke_host(&mut self, r: &str) -> Result<Host, AdminError> {
+        let id = self.live_id(r)?;
+        if let Some(h) = self.hosts.get_mut(&id) {
+            h.revoked = true;
+            self.revoked_keys.insert(h.public_key);
+        }
+        self.remove_host(r)?;
+        if let Some(k) = self.kicks.iter_mut().find(|k| k.host == id) {
+            k.code = ErrorCode::HostRevoked;
+        }
+        self.host_result(id, r)
+    }
+
+    /// Block events from the agent of `id` (beyond [`crate::proto::MAX_BLOCKS_PER_MESSAGE`]
+    /// per call they are dropped and counted). The host field is set to the sender's name.
+    pub fn record_blocks(&mut self, id: HostId, conn: ConnId, events: Vec<BlockEvent>) {
+        if !self.session_ok(id, conn) {
+            return;
+        }
+        let Some(name) = self.hosts.get(&id).map(|h| h.name.clone()) else {
+            return;
+        };
+        let max = crate::proto::MAX_BLOCKS_PER_MESSAGE;
+        self.blocks_dropped += events.len().saturating_sub(max) as u64;
+        for mut e in events.into_iter().take(max) {
+            e.host = name.clone();
+            if self.blocks.len() == BLOCKS_KEPT {
+                self.blocks.pop_front();
+            }
+            self.blocks.push_back(e.clone());
+            self.dirty_blocks.push(e);
+        }
+    }
+
+    /// Loads stored block events (oldest first) at start-up.
+    pub fn restore_blocks(&mut self, events: Vec<BlockEvent>) {
+        let skip = events.len().saturating_sub(BLOCKS_KEPT);
+        self.blocks = events.into_iter().skip(skip).collect();
+    }
+
+    /// Block events at or after `since`, optionally only those where `host` is either end,
+    /// oldest first.
+    pub fn blocks(&self, host: Option<&str>, since: UnixTime) -> Vec<BlockEvent> {
+        self.blocks
+            .iter()
+            .filter(|e| e.at >= since)
+            .filter(|e| host.is_none_or(|h| e.host == h || e.peer == h))
+            .cloned()
+            .collect()
+    }
+
+    /// Block events dropped because a message carried too many.
+    pub fn blocks_dropped(&self) -> u64 {
+        self.blocks_dropped
+    }
+
     fn host_result(&self, id: HostId, r: &str) -> Result<Host, AdminError> {
         self.hosts
             .get(&id)
@@ -661,32 +975,22 @@ impl CoordinatorState {
             .ok_or_else(|| AdminError::NoSuchHost(r.into()))
     }
 
-    /// The peer ids `id` should have, sorted.
-    fn peer_ids(&self, id: HostId) -> Vec<HostId> {
-        let Some(me) = self.hosts.get(&id) else {
-            return Vec::new();
-        };
-        self.hosts
-            .values()
-            .filter(|o| is_peer(me, o))
-            .map(|o| o.id)
-            .collect()
+    /// The peers `id` should have, by id, with their grants: the compiled policy's (none when
+    /// the host is removed or quarantined: it is not in the compilation). One pass over the
+    /// rules plus the granted pairs.
+    fn peer_grants(&self, id: HostId) -> BTreeMap<u64, PeerGrants> {
+        self.compiled.grants_for(id.0)
     }
 
     /// The full map `id` should have now, at `version`.
     pub fn full_map_for(&self, id: HostId, version: u64) -> NetworkMap {
-        NetworkMap {
-            version,
-            peers: {
-                let mut v: Vec<Peer> = self
-                    .peer_ids(id)
-                    .into_iter()
-                    .filter_map(|p| self.hosts.get(&p).map(Peer::from_host))
-                    .collect();
-                v.sort_by_key(|p| p.public_key);
-                v
-            },
-        }
+        let mut peers: Vec<Peer> = self
+            .peer_grants(id)
+            .into_iter()
+            .filter_map(|(p, g)| self.hosts.get(&HostId(p)).map(|h| Peer::with_grants(h, g)))
+            .collect();
+        peers.sort_by_key(|p| p.public_key);
+        NetworkMap { version, peers }
     }
 
     fn rev(&self, id: HostId) -> u64 {
@@ -697,6 +1001,9 @@ impl CoordinatorState {
     pub fn poll_pushes(&mut self) -> Vec<Push> {
         let changed = std::mem::take(&mut self.changed);
         let membership = std::mem::take(&mut self.membership_dirty);
+        let recheck = std::mem::take(&mut self.recheck);
+        let recheck_all = std::mem::take(&mut self.recheck_all);
+        let recheck_pairs = std::mem::take(&mut self.recheck_pairs);
         let need_any = self.sessions.values().any(|s| s.sent.is_none())
             || (!self.sessions.is_empty() && (membership || !changed.is_empty()));
         if !need_any {
@@ -706,29 +1013,31 @@ impl CoordinatorState {
         let ids: Vec<HostId> = self.sessions.keys().copied().collect();
         let mut out = Vec::new();
         for id in ids {
-            let Some(sent) = self.sessions.get(&id).map(|s| s.sent.clone()) else {
+            let Some((sent, conn, from)) = self
+                .sessions
+                .get(&id)
+                .map(|s| (s.sent.clone(), s.conn, s.sent_version))
+            else {
                 continue;
-            };
-            let conn = match self.sessions.get(&id) {
-                Some(s) => s.conn,
-                None => continue,
             };
             let (new_sent, message) = match sent {
                 None => {
                     let map = self.full_map_for(id, version);
-                    let ns: Vec<(HostId, u64)> = self
-                        .peer_ids(id)
+                    let ns = self
+                        .compiled
+                        .peer_fingerprints(id.0)
                         .into_iter()
-                        .map(|p| (p, self.rev(p)))
+                        .map(|(p, f)| (HostId(p), self.rev(HostId(p)), f))
                         .collect();
                     (ns, Some(CoordinatorMessage::FullMap { map }))
                 }
                 Some(old) => {
-                    let from = self.sessions.get(&id).map_or(0, |s| s.sent_version);
-                    let (ns, delta) = if membership {
+                    let (ns, delta) = if recheck_all || recheck.contains(&id) {
                         self.delta_membership(id, &old, from, version)
+                    } else if let Some(pairs) = recheck_pairs.get(&id) {
+                        self.delta_pairs(id, &old, pairs, &changed, from, version)
                     } else {
-                        self.delta_changed(&old, &changed, from, version)
+                        self.delta_changed(id, &old, &changed, from, version)
                     };
                     let msg = (!delta.is_empty()).then_some(CoordinatorMessage::Delta { delta });
                     (ns, msg)
@@ -753,43 +1062,55 @@ impl CoordinatorState {
         out
     }
 
-    fn peer_of(&self, id: HostId) -> Option<Peer> {
-        self.hosts.get(&id).map(Peer::from_host)
+    /// The peer record of `peer` as `me` gets it, with the grants between them.
+    fn peer_of(&self, me: HostId, peer: HostId) -> Option<Peer> {
+        let h = self.hosts.get(&peer)?;
+        Some(Peer::with_grants(
+            h,
+            self.compiled.grants_between(me.0, peer.0),
+        ))
     }
 
     fn delta_membership(
         &self,
         id: HostId,
-        old: &[(HostId, u64)],
+        old: &[(HostId, u64, u64)],
         from: u64,
         to: u64,
-    ) -> (Vec<(HostId, u64)>, MapDelta) {
-        let new_ids = self.peer_ids(id);
+    ) -> (Vec<(HostId, u64, u64)>, MapDelta) {
+        // Fingerprints first (no allocation per peer); grants only for new or changed peers.
+        let new = self.compiled.peer_fingerprints(id.0);
+        let new_ids: Vec<HostId> = new.iter().map(|&(p, _)| HostId(p)).collect();
+        let hash_of = |n: HostId| {
+            new.binary_search_by_key(&n.0, |x| x.0)
+                .map_or(0, |i| new[i].1)
+        };
+        let with = |n: HostId| self.peer_of(id, n);
         let mut upserts = Vec::new();
         let mut removals = Vec::new();
         let mut ns = Vec::with_capacity(new_ids.len());
         let (mut i, mut j) = (0, 0);
         while i < old.len() || j < new_ids.len() {
             match (old.get(i), new_ids.get(j)) {
-                (Some(&(o, orev)), Some(&n)) if o == n => {
-                    let r = self.rev(n);
-                    if r != orev {
-                        upserts.extend(self.peer_of(n));
+                (Some(&(o, orev, ogh)), Some(&n)) if o == n => {
+                    let (r, gh) = (self.rev(n), hash_of(n));
+                    if r != orev || gh != ogh {
+                        upserts.extend(with(n));
                     }
-                    ns.push((n, r));
+                    ns.push((n, r, gh));
                     i += 1;
                     j += 1;
                 }
-                (Some(&(o, _)), Some(&n)) if o < n => {
+                (Some(&(o, _, _)), Some(&n)) if o < n => {
                     removals.extend(self.hosts.get(&o).map(|h| h.public_key));
                     i += 1;
                 }
                 (_, Some(&n)) => {
-                    upserts.extend(self.peer_of(n));
-                    ns.push((n, self.rev(n)));
+                    upserts.extend(with(n));
+                    ns.push((n, self.rev(n), hash_of(n)));
                     j += 1;
                 }
-                (Some(&(o, _)), None) => {
+                (Some(&(o, _, _)), None) => {
                     removals.extend(self.hosts.get(&o).map(|h| h.public_key));
                     i += 1;
                 }
@@ -807,21 +1128,70 @@ impl CoordinatorState {
         )
     }
 
-    fn delta_changed(
+    /// Only the pairs (`id`, p ∈ `pairs`) may have changed grants, plus the records in `changed`.
+    fn delta_pairs(
         &self,
-        old: &[(HostId, u64)],
+        id: HostId,
+        old: &[(HostId, u64, u64)],
+        pairs: &BTreeSet<HostId>,
         changed: &BTreeSet<HostId>,
         from: u64,
         to: u64,
-    ) -> (Vec<(HostId, u64)>, MapDelta) {
+    ) -> (Vec<(HostId, u64, u64)>, MapDelta) {
+        let mut ns = old.to_vec();
+        let mut upserts = Vec::new();
+        let mut removals = Vec::new();
+        for &p in pairs {
+            let fp = self.compiled.pair_fingerprint(id.0, p.0);
+            let at = ns.binary_search_by(|(h, _, _)| h.cmp(&p));
+            match (at, fp) {
+                (Ok(i), 0) => {
+                    ns.remove(i);
+                    removals.extend(self.hosts.get(&p).map(|h| h.public_key));
+                }
+                (Err(_), 0) => {}
+                (Ok(i), fp) => {
+                    let r = self.rev(p);
+                    if ns[i].1 != r || ns[i].2 != fp {
+                        ns[i] = (p, r, fp);
+                        upserts.extend(self.peer_of(id, p));
+                    }
+                }
+                (Err(i), fp) => {
+                    ns.insert(i, (p, self.rev(p), fp));
+                    upserts.extend(self.peer_of(id, p));
+                }
+            }
+        }
+        let (ns, rest) = self.delta_changed(id, &ns, changed, from, to);
+        upserts.extend(rest.upserts);
+        (
+            ns,
+            MapDelta {
+                from_version: from,
+                to_version: to,
+                upserts,
+                removals,
+            },
+        )
+    }
+
+    fn delta_changed(
+        &self,
+        id: HostId,
+        old: &[(HostId, u64, u64)],
+        changed: &BTreeSet<HostId>,
+        from: u64,
+        to: u64,
+    ) -> (Vec<(HostId, u64, u64)>, MapDelta) {
         let mut ns = old.to_vec();
         let mut upserts = Vec::new();
         for c in changed {
-            if let Ok(i) = ns.binary_search_by(|(h, _)| h.cmp(c)) {
+            if let Ok(i) = ns.binary_search_by(|(h, _, _)| h.cmp(c)) {
                 let r = self.rev(*c);
                 if ns[i].1 != r {
                     ns[i].1 = r;
-                    upserts.extend(self.peer_of(*c));
+                    upserts.extend(self.peer_of(id, *c));
                 }
             }
         }
@@ -856,6 +1226,8 @@ impl CoordinatorState {
             hosts,
             tokens,
             map_version,
+            policy: self.dirty_policy.take(),
+            blocks: std::mem::take(&mut self.dirty_blocks),
         }
     }
 }

@@ -40,6 +40,11 @@ async fn serve(dir: &str) -> anyhow::Result<()> {
     o.listen = "127.0.0.1:0".parse()?;
     o.admin_listen = "127.0.0.1:0".parse()?;
     let c = start(o).await?;
+    // Full mesh: every agent may reach every other (default deny otherwise).
+    let allow_all = "rules:\n  - {name: all, from: {}, to: {}, ports: [any]}\n";
+    c.admin(meshd_coordinator::AdminOp::PolicyApply(allow_all.into()))
+        .await?
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let t = c.create_token(TokenCreateRequest::default()).await?;
     println!("READY {}", t.token);
     // Run until stdin closes (the parent exits).

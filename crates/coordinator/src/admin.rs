@@ -11,6 +11,8 @@ use axum::{Json, Router};
 use meshd_control::api::{
     ApiError, LabelRequest, RenameRequest, TokenCreateRequest, UnlabelRequest,
 };
+use meshd_control::api::{BlocksQuery, ExplainRequest, PolicyText};
+use meshd_control::policy::PolicyError;
 use meshd_control::state::AdminError;
 use meshd_control::TokenId;
 use tokio::sync::{mpsc, watch};
@@ -23,7 +25,7 @@ struct AppState {
     admin_hash: String,
 }
 
-struct Failure(StatusCode, &'static str, String);
+struct Failure(StatusCode, &'static str, String, Vec<String>);
 
 impl IntoResponse for Failure {
     fn into_response(self) -> Response {
@@ -32,6 +34,7 @@ impl IntoResponse for Failure {
             Json(ApiError {
                 code: self.1.to_string(),
                 message: self.2,
+                failures: self.3,
             }),
         )
             .into_response()
@@ -45,11 +48,35 @@ impl From<AdminError> for Failure {
                 (StatusCode::NOT_FOUND, "not_found")
             }
             AdminError::NameTaken(_) => (StatusCode::CONFLICT, "conflict"),
-            AdminError::InvalidName(_) | AdminError::InvalidLabel(_) => {
+            AdminError::InvalidName(_) | AdminError::InvalidLabel(_) | AdminError::Port(_) => {
                 (StatusCode::BAD_REQUEST, "bad_request")
             }
+            AdminError::Policy(PolicyError::NoSuchVersion(_)) => {
+                (StatusCode::NOT_FOUND, "not_found")
+            }
+            AdminError::Policy(PolicyError::Parse(ref p)) => {
+                return Failure(
+                    StatusCode::BAD_REQUEST,
+                    "policy_parse",
+                    e.to_string(),
+                    vec![p.to_string()],
+                )
+            }
+            AdminError::Policy(PolicyError::TestsFailed(ref t)) => {
+                let failures = t
+                    .iter()
+                    .filter(|t| !t.passed())
+                    .map(ToString::to_string)
+                    .collect();
+                return Failure(
+                    StatusCode::BAD_REQUEST,
+                    "policy_tests_failed",
+                    e.to_string(),
+                    failures,
+                );
+            }
         };
-        Failure(s, c, e.to_string())
+        Failure(s, c, e.to_string(), Vec::new())
     }
 }
 
@@ -70,15 +97,21 @@ impl FromRequestParts<AppState> for Authed {
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
                 "missing or wrong admin token: pass --token, set MESH_TOKEN, or read <state-dir>/admin.token".into(),
+                Vec::new(),
             )),
         }
     }
 }
 
 async fn call(st: &AppState, op: AdminOp) -> Result<Response, Failure> {
-    let r = admin_call(&st.cmds, op)
-        .await
-        .map_err(|e| Failure(StatusCode::SERVICE_UNAVAILABLE, "internal", e.to_string()))??;
+    let r = admin_call(&st.cmds, op).await.map_err(|e| {
+        Failure(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "internal",
+            e.to_string(),
+            Vec::new(),
+        )
+    })??;
     Ok(match r {
         AdminReply::Host(h) => Json(h).into_response(),
         AdminReply::Hosts(h) => Json(h).into_response(),
@@ -86,6 +119,7 @@ async fn call(st: &AppState, op: AdminOp) -> Result<Response, Failure> {
         AdminReply::Tokens(t) => Json(t).into_response(),
         AdminReply::Created(t) => (StatusCode::CREATED, Json(t)).into_response(),
         AdminReply::Status(s) => Json(s).into_response(),
+        AdminReply::Json(v) => Json(v).into_response(),
     })
 }
 
@@ -151,6 +185,98 @@ async fn status(_: Authed, State(st): State<AppState>) -> Result<Response, Failu
     call(&st, AdminOp::Status).await
 }
 
+/// A policy file from the body: JSON `{"yaml": …}` when the content type says JSON or the body
+/// is such an object (a policy file never is: `yaml` is not one of its keys), else the text.
+fn policy_body(headers: &axum::http::HeaderMap, body: &str) -> Result<String, Failure> {
+    let json = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    match serde_json::from_str::<PolicyText>(body) {
+        Ok(p) => Ok(p.yaml),
+        Err(e) if json => Err(Failure(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("expected {{\"yaml\": \"...\"}}: {e}"),
+            Vec::new(),
+        )),
+        Err(_) => Ok(body.to_string()),
+    }
+}
+
+async fn policy_get(_: Authed, State(st): State<AppState>) -> Result<Response, Failure> {
+    call(&st, AdminOp::PolicyGet).await
+}
+async fn policy_put(
+    _: Authed,
+    State(st): State<AppState>,
+    headers: axum::http::HeaderMap,
+    body: String,
+) -> Result<Response, Failure> {
+    call(&st, AdminOp::PolicyApply(policy_body(&headers, &body)?)).await
+}
+async fn policy_history(_: Authed, State(st): State<AppState>) -> Result<Response, Failure> {
+    call(&st, AdminOp::PolicyHistory).await
+}
+async fn policy_rollback(
+    _: Authed,
+    State(st): State<AppState>,
+    Path(v): Path<u64>,
+) -> Result<Response, Failure> {
+    call(&st, AdminOp::PolicyRollback(v)).await
+}
+async fn policy_diff(
+    _: Authed,
+    State(st): State<AppState>,
+    headers: axum::http::HeaderMap,
+    body: String,
+) -> Result<Response, Failure> {
+    call(&st, AdminOp::PolicyDiff(policy_body(&headers, &body)?)).await
+}
+async fn policy_check(
+    _: Authed,
+    State(st): State<AppState>,
+    headers: axum::http::HeaderMap,
+    body: String,
+) -> Result<Response, Failure> {
+    call(&st, AdminOp::PolicyCheck(policy_body(&headers, &body)?)).await
+}
+async fn policy_explain(
+    _: Authed,
+    State(st): State<AppState>,
+    Json(r): Json<ExplainRequest>,
+) -> Result<Response, Failure> {
+    call(&st, AdminOp::Explain(r)).await
+}
+async fn quarantine(
+    _: Authed,
+    State(st): State<AppState>,
+    Path(h): Path<String>,
+) -> Result<Response, Failure> {
+    call(&st, AdminOp::Quarantine(h)).await
+}
+async fn release(
+    _: Authed,
+    State(st): State<AppState>,
+    Path(h): Path<String>,
+) -> Result<Response, Failure> {
+    call(&st, AdminOp::Release(h)).await
+}
+async fn revoke_host(
+    _: Authed,
+    State(st): State<AppState>,
+    Path(h): Path<String>,
+) -> Result<Response, Failure> {
+    call(&st, AdminOp::Revoke(h)).await
+}
+async fn blocks(
+    _: Authed,
+    State(st): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<BlocksQuery>,
+) -> Result<Response, Failure> {
+    call(&st, AdminOp::Blocks(q)).await
+}
+
 /// The admin router.
 fn router(st: AppState) -> Router {
     Router::new()
@@ -162,6 +288,16 @@ fn router(st: AppState) -> Router {
         .route("/v1/tokens", get(list_tokens).post(create_token))
         .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/v1/status", get(status))
+        .route("/v1/policy", get(policy_get).put(policy_put))
+        .route("/v1/policy/history", get(policy_history))
+        .route("/v1/policy/rollback/{version}", post(policy_rollback))
+        .route("/v1/policy/diff", post(policy_diff))
+        .route("/v1/policy/explain", post(policy_explain))
+        .route("/v1/policy/check", post(policy_check))
+        .route("/v1/hosts/{host}/quarantine", post(quarantine))
+        .route("/v1/hosts/{host}/release", post(release))
+        .route("/v1/hosts/{host}/revoke", post(revoke_host))
+        .route("/v1/blocks", get(blocks))
         .with_state(st)
 }
 

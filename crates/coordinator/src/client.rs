@@ -269,9 +269,13 @@ pub struct SessionHandle {
     map: watch::Receiver<Option<NetworkMap>>,
     state: watch::Receiver<SessionState>,
     report: watch::Sender<EndpointReport>,
+    blocks: mpsc::Sender<Vec<meshd_policy::BlockEvent>>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
+
+/// Batches of block events a session holds while the coordinator is slow or unreachable.
+pub const BLOCK_BATCHES_QUEUED: usize = 16;
 
 impl SessionHandle {
     /// The latest network map (`None` until one arrives, unless a persisted one was given).
@@ -302,6 +306,19 @@ impl SessionHandle {
         });
     }
 
+    /// Queues denied-flow events for the coordinator (`meshctl blocks`); sent in messages of at
+    /// most [`meshd_control::proto::MAX_BLOCKS_PER_MESSAGE`] events once connected. A full
+    /// queue ([`BLOCK_BATCHES_QUEUED`] batches) hands the batch back: count it and drop it.
+    pub fn report_blocks(
+        &self,
+        events: Vec<meshd_policy::BlockEvent>,
+    ) -> Result<(), Vec<meshd_policy::BlockEvent>> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        self.blocks.try_send(events).map_err(|e| e.into_inner())
+    }
+
     /// Stops the session and waits for it.
     pub async fn shutdown(self) {
         self.stop.send_replace(true);
@@ -318,12 +335,16 @@ pub fn spawn_session(cfg: SessionConfig) -> SessionHandle {
         last_error: None,
     });
     let (report, report_rx) = watch::channel(cfg.endpoints.clone());
+    let (blocks, blocks_rx) = mpsc::channel(BLOCK_BATCHES_QUEUED);
     let (stop, stop_rx) = watch::channel(false);
-    let task = tokio::spawn(session_loop(cfg, map_tx, state_tx, report_rx, stop_rx));
+    let task = tokio::spawn(session_loop(
+        cfg, map_tx, state_tx, report_rx, blocks_rx, stop_rx,
+    ));
     SessionHandle {
         map,
         state,
         report,
+        blocks,
         stop,
         task,
     }
@@ -343,12 +364,13 @@ async fn session_loop(
     map_tx: watch::Sender<Option<NetworkMap>>,
     state_tx: watch::Sender<SessionState>,
     mut report_rx: watch::Receiver<EndpointReport>,
+    mut blocks_rx: mpsc::Receiver<Vec<meshd_policy::BlockEvent>>,
     mut stop_rx: watch::Receiver<bool>,
 ) {
     let mut attempt = 0u32;
     loop {
         let res = tokio::select! {
-            r = run_once(&cfg, &map_tx, &state_tx, &mut report_rx, &mut attempt) => r,
+            r = run_once(&cfg, &map_tx, &state_tx, &mut report_rx, &mut blocks_rx, &mut attempt) => r,
             _ = stop_rx.wait_for(|v| *v) => break,
         };
         let last_error = match res {
@@ -381,6 +403,7 @@ async fn run_once(
     map_tx: &watch::Sender<Option<NetworkMap>>,
     state_tx: &watch::Sender<SessionState>,
     report_rx: &mut watch::Receiver<EndpointReport>,
+    blocks_rx: &mut mpsc::Receiver<Vec<meshd_policy::BlockEvent>>,
     attempt: &mut u32,
 ) -> Result<(), ClientError> {
     let mut o = open(
@@ -463,6 +486,11 @@ async fn run_once(
                 }
                 let endpoints = report_rx.borrow_and_update().clone();
                 writer.send(&AgentMessage::ReportEndpoints { endpoints }).await?;
+            }
+            Some(events) = blocks_rx.recv() => {
+                for chunk in events.chunks(meshd_control::proto::MAX_BLOCKS_PER_MESSAGE) {
+                    writer.send(&AgentMessage::Blocks { events: chunk.to_vec() }).await?;
+                }
             }
         }
     };

@@ -17,7 +17,8 @@ use anyhow::Context as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use meshd_control::api::{
-    ConnectedAgent, HostView, StatusView, TokenCreateRequest, TokenCreated, TokenView,
+    ConnectedAgent, HostView, PolicyApplied, PolicyCheck, PolicyCurrent, StatusView,
+    TokenCreateRequest, TokenCreated, TokenView,
 };
 use meshd_control::proto::{
     AgentMessage, CoordinatorMessage, EndpointReport, ErrorCode, HostInfo, MAX_AGENT_FRAME,
@@ -85,6 +86,28 @@ pub enum AdminOp {
     RevokeToken(TokenId),
     /// Status.
     Status,
+    /// The current policy.
+    PolicyGet,
+    /// Apply a policy file (refused if it does not parse or its tests fail).
+    PolicyApply(String),
+    /// Every applied version.
+    PolicyHistory,
+    /// Re-apply an earlier version.
+    PolicyRollback(u64),
+    /// Access changes if this file were applied.
+    PolicyDiff(String),
+    /// Parse and run the file's tests against the inventory.
+    PolicyCheck(String),
+    /// Allowed or denied, and by which rule.
+    Explain(meshd_control::api::ExplainRequest),
+    /// Cut a host off from every peer.
+    Quarantine(String),
+    /// Undo a quarantine.
+    Release(String),
+    /// Remove a host for good; its key is refused from then on.
+    Revoke(String),
+    /// Recent block events.
+    Blocks(meshd_control::api::BlocksQuery),
 }
 
 /// The result of an [`AdminOp`].
@@ -102,6 +125,8 @@ pub enum AdminReply {
     Created(TokenCreated),
     /// Status.
     Status(StatusView),
+    /// Any other JSON reply (policy, explain, blocks).
+    Json(serde_json::Value),
 }
 
 pub(crate) enum Outbound {
@@ -141,6 +166,11 @@ pub(crate) enum Cmd {
         host: HostId,
         conn: ConnId,
     },
+    Blocks {
+        host: HostId,
+        conn: ConnId,
+        events: Vec<meshd_policy::BlockEvent>,
+    },
     Admin {
         op: AdminOp,
         reply: oneshot::Sender<Result<AdminReply, AdminError>>,
@@ -177,11 +207,18 @@ struct Actor {
 impl Actor {
     async fn run(mut self, mut rx: mpsc::Receiver<Cmd>, mut stop: watch::Receiver<bool>) {
         loop {
+            // Wake up when a rule expires, to drop peers that no longer have any grant (agents
+            // already stopped using the expired grants on their own).
+            let expiry = self
+                .state
+                .policy_timeout()
+                .map(|t| Duration::from_secs(t.saturating_sub(unix_now()).clamp(1, 3600)));
             let first = tokio::select! {
-                c = rx.recv() => match c { Some(c) => c, None => break },
+                c = rx.recv() => match c { Some(c) => Some(c), None => break },
                 _ = stop.wait_for(|v| *v) => break,
+                _ = tokio::time::sleep(expiry.unwrap_or(Duration::from_secs(3600))), if expiry.is_some() => None,
             };
-            let mut batch = vec![first];
+            let mut batch: Vec<Cmd> = first.into_iter().collect();
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
                     Ok(c) => batch.push(c),
@@ -189,6 +226,7 @@ impl Actor {
                 }
             }
             let now = unix_now();
+            self.state.handle_policy_timeout(now);
             let mut deferred = Vec::new();
             for c in batch {
                 self.apply(now, c, &mut deferred);
@@ -341,6 +379,7 @@ impl Actor {
                     self.live.remove(&host);
                 }
             }
+            Cmd::Blocks { host, conn, events } => self.state.record_blocks(host, conn, events),
             Cmd::Admin { op, reply } => {
                 let r = self.admin(now, op);
                 deferred.push(Deferred::Admin(reply, r));
@@ -427,6 +466,73 @@ impl Actor {
             AdminOp::RevokeToken(id) => {
                 AdminReply::Token(TokenView::new(&self.state.revoke_token(id)?, now))
             }
+            AdminOp::PolicyGet => json(&PolicyCurrent {
+                policy: self.state.policy().cloned(),
+            }),
+            AdminOp::PolicyApply(yaml) => {
+                let (rec, tests) = self.state.apply_policy(now, &yaml, "apply")?;
+                info!(rules_version = rec.version, "policy applied");
+                self.events.push((
+                    now,
+                    "policy_applied".into(),
+                    format!("version {}", rec.version),
+                ));
+                json(&PolicyApplied {
+                    version: rec.version,
+                    tests,
+                })
+            }
+            AdminOp::PolicyHistory => json(&self.state.policy_history()),
+            AdminOp::PolicyRollback(v) => {
+                let rec = self.state.rollback_policy(now, v)?;
+                info!(rules_version = rec.version, to = v, "policy rolled back");
+                self.events.push((
+                    now,
+                    "policy_rollback".into(),
+                    format!("version {} = version {v}", rec.version),
+                ));
+                json(&PolicyApplied {
+                    version: rec.version,
+                    tests: Vec::new(),
+                })
+            }
+            AdminOp::PolicyDiff(yaml) => json(&self.state.diff_policy(now, &yaml)?),
+            AdminOp::PolicyCheck(yaml) => {
+                let tests = self.state.check_policy(now, &yaml)?;
+                json(&PolicyCheck {
+                    ok: tests.iter().all(|t| t.passed()),
+                    tests,
+                })
+            }
+            AdminOp::Explain(r) => json(&self.state.explain(now, &r.from, &r.to, &r.port)?),
+            AdminOp::Quarantine(r) => {
+                let h = self.state.quarantine(&r)?;
+                self.events.push((
+                    now,
+                    "host_quarantined".into(),
+                    format!("{} ({})", h.name, h.id),
+                ));
+                AdminReply::Host(self.view(&h))
+            }
+            AdminOp::Release(r) => {
+                let h = self.state.release(&r)?;
+                self.events.push((
+                    now,
+                    "host_released".into(),
+                    format!("{} ({})", h.name, h.id),
+                ));
+                AdminReply::Host(self.view(&h))
+            }
+            AdminOp::Revoke(r) => {
+                let h = self.state.revoke_host(&r)?;
+                self.events
+                    .push((now, "host_revoked".into(), format!("{} ({})", h.name, h.id)));
+                AdminReply::Host(HostView::new(&h, false, None))
+            }
+            AdminOp::Blocks(q) => {
+                let since = q.since.map_or(0, |s| now.saturating_sub(s));
+                json(&self.state.blocks(q.host.as_deref(), since))
+            }
             AdminOp::Status => {
                 let connected = self
                     .state
@@ -455,6 +561,10 @@ impl Actor {
             }
         })
     }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> AdminReply {
+    AdminReply::Json(serde_json::to_value(v).unwrap_or(serde_json::Value::Null))
 }
 
 fn close_code(c: ErrorCode) -> quinn::VarInt {
@@ -613,9 +723,13 @@ pub async fn start(opts: CoordinatorOptions) -> anyhow::Result<CoordinatorHandle
         .await??
     };
     let pool = IpPool::new(opts.pool, opts.pool_v6).context("address pool")?;
-    let state =
+    let mut state =
         CoordinatorState::restore(pool, snapshot.hosts, snapshot.tokens, snapshot.map_version)
             .context("restoring state from the database (was --pool changed?)")?;
+    state
+        .restore_policies(unix_now(), snapshot.policies)
+        .context("restoring the stored policy")?;
+    state.restore_blocks(snapshot.blocks);
 
     let endpoint = quinn::Endpoint::server(quic::server_config()?, opts.listen)
         .with_context(|| format!("binding control listener on {}", opts.listen))?;
@@ -831,6 +945,11 @@ async fn serve_conn(
                         version,
                     },
                     AgentMessage::Resync => Cmd::Resync { host, conn: cid },
+                    AgentMessage::Blocks { events } => Cmd::Blocks {
+                        host,
+                        conn: cid,
+                        events,
+                    },
                     AgentMessage::Ping { nonce } => {
                         // Dropped if the queue is full; the agent pings again.
                         let _queue_full =

@@ -22,6 +22,15 @@ async fn coordinator(dir: &std::path::Path, listen: SocketAddr) -> CoordinatorHa
     start(o).await.unwrap()
 }
 
+/// Every host may reach every host (the tests below that are not about policy).
+async fn allow_all(c: &CoordinatorHandle) {
+    let yaml = "rules:\n  - {name: all, from: {}, to: {}, ports: [any]}\n";
+    c.admin(AdminOp::PolicyApply(yaml.into()))
+        .await
+        .unwrap()
+        .unwrap();
+}
+
 fn ep(port: u16) -> EndpointReport {
     EndpointReport {
         addrs: vec![SocketAddr::from(([192, 0, 2, 1], port))],
@@ -84,6 +93,7 @@ fn has_endpoint(m: &NetworkMap, k: &PublicKey, e: SocketAddr) -> bool {
 async fn three_agents_endpoint_change_and_removal() {
     let dir = tempfile::tempdir().unwrap();
     let c = coordinator(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    allow_all(&c).await;
     let t = token(
         &c,
         TokenCreateRequest {
@@ -245,6 +255,7 @@ async fn token_refusals_are_distinct() {
 async fn malformed_and_oversized_frames_only_hurt_their_sender() {
     let dir = tempfile::tempdir().unwrap();
     let c = coordinator(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    allow_all(&c).await;
     let t = token(&c, TokenCreateRequest::default()).await;
     let a = join(&c, &t, "a").await;
     let b = join(&c, &t, "b").await;
@@ -327,6 +338,8 @@ async fn malformed_and_oversized_frames_only_hurt_their_sender() {
 async fn restart_keeps_state_and_agents_reconnect() {
     let dir = tempfile::tempdir().unwrap();
     let c = coordinator(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    // Applied once: the policy survives the restart below.
+    allow_all(&c).await;
     let addr = c.control_addr();
     let key = c.public_key();
     let t = token(
@@ -390,6 +403,17 @@ async fn http(
     token: Option<&str>,
     body: Option<&str>,
 ) -> (u16, String) {
+    http_ct(addr, method, path, token, body, "application/json").await
+}
+
+async fn http_ct(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+    content_type: &str,
+) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
@@ -398,7 +422,7 @@ async fn http(
     }
     let body = body.unwrap_or("");
     req += &format!(
-        "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes()).await.unwrap();
@@ -526,5 +550,248 @@ async fn admin_http_api() {
             .0,
         200
     );
+    c.stop().await;
+}
+
+const POLICY: &str = "\
+rules:
+  - name: app-to-db
+    from: { app: app }
+    to:   { app: db }
+    ports: [tcp/5432]
+tests:
+  - { from: a, to: b, port: tcp/5432, expect: allow }
+  - { from: { app: web }, to: { app: db }, port: tcp/5432, expect: deny }
+";
+
+async fn labelled(c: &CoordinatorHandle, name: &str, app: &str) -> Agent {
+    let t = token(
+        c,
+        TokenCreateRequest {
+            labels: [("app".into(), app.into())].into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let a = join(c, &t, name).await;
+    wait_state(&a, |s| matches!(s, SessionState::Connected { .. })).await;
+    a
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_quarantine_revoke_and_blocks() {
+    use meshd_control::api::{ApiError, PolicyApplied, PolicyCheck, PolicyCurrent};
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    let admin = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
+    let admin = Some(admin.trim());
+    let h = c.admin_addr();
+    let a = labelled(&c, "a", "app").await;
+    let b = labelled(&c, "b", "db").await;
+    let w = labelled(&c, "w", "web").await;
+    // No policy yet: default deny, empty maps.
+    for x in [&a, &b, &w] {
+        wait_map(x, |m| m.peers.is_empty()).await;
+    }
+    let (st, body) = http(h, "GET", "/v1/policy", admin, None).await;
+    assert_eq!(st, 200);
+    let cur: PolicyCurrent = serde_json::from_str(&body).unwrap();
+    assert!(cur.policy.is_none());
+
+    // Refused: does not parse (line and column), then a failing test.
+    let (st, body) = http_ct(
+        h,
+        "PUT",
+        "/v1/policy",
+        admin,
+        Some("rules:\n  - name: x\n    form: {}\n"),
+        "text/yaml",
+    )
+    .await;
+    assert_eq!(st, 400, "{body}");
+    let e: ApiError = serde_json::from_str(&body).unwrap();
+    assert_eq!(e.code, "policy_parse");
+    assert!(e.failures[0].starts_with("line 3, column 5"), "{e:?}");
+    let failing = POLICY.replace("expect: deny", "expect: allow");
+    let (st, body) = http_ct(h, "PUT", "/v1/policy", admin, Some(&failing), "text/yaml").await;
+    assert_eq!(st, 400, "{body}");
+    let e: ApiError = serde_json::from_str(&body).unwrap();
+    assert_eq!(e.code, "policy_tests_failed");
+    assert_eq!(e.failures.len(), 1, "{e:?}");
+    // check: 200 with the outcome; diff: the pair that gains access.
+    let (st, body) = http_ct(
+        h,
+        "POST",
+        "/v1/policy/check",
+        admin,
+        Some(&failing),
+        "text/yaml",
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    let chk: PolicyCheck = serde_json::from_str(&body).unwrap();
+    assert!(!chk.ok && chk.tests[0].passed());
+    let req = serde_json::json!({ "yaml": POLICY }).to_string();
+    let (st, body) = http(h, "POST", "/v1/policy/diff", admin, Some(&req)).await;
+    assert_eq!(st, 200, "{body}");
+    let changes: Vec<meshd_policy::Change> = serde_json::from_str(&body).unwrap();
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0].to_string(), "+ a -> b tcp/5432");
+
+    // Apply (JSON body): a and b learn each other with grants; w learns nobody.
+    let t0 = Instant::now();
+    let (st, body) = http(h, "PUT", "/v1/policy", admin, Some(&req)).await;
+    assert_eq!(st, 200, "{body}");
+    let applied: PolicyApplied = serde_json::from_str(&body).unwrap();
+    assert_eq!(applied.version, 1);
+    let (bk, ak) = (b.key.public_key(), a.key.public_key());
+    wait_map(&a, |m| {
+        m.peers.len() == 1 && m.peer(&bk).is_some_and(|p| !p.grants.outbound.is_empty())
+    })
+    .await;
+    wait_map(&b, |m| {
+        m.peers.len() == 1 && m.peer(&ak).is_some_and(|p| !p.grants.inbound.is_empty())
+    })
+    .await;
+    println!("policy applied and pushed in {:?}", t0.elapsed());
+    assert!(w.session.map().borrow().as_ref().unwrap().peers.is_empty());
+    let ex = serde_json::json!({"from": "a", "to": "b", "port": "tcp/5432"}).to_string();
+    let (st, body) = http(h, "POST", "/v1/policy/explain", admin, Some(&ex)).await;
+    assert_eq!(st, 200, "{body}");
+    let e: meshd_policy::Explanation = serde_json::from_str(&body).unwrap();
+    assert!(e.allowed && e.rule.as_deref() == Some("app-to-db"));
+    let ex = serde_json::json!({"from": "w", "to": "b", "port": "tcp/5432"}).to_string();
+    let (_, body) = http(h, "POST", "/v1/policy/explain", admin, Some(&ex)).await;
+    assert!(
+        !serde_json::from_str::<meshd_policy::Explanation>(&body)
+            .unwrap()
+            .allowed
+    );
+
+    // A label change moves w into the allowed set.
+    c.admin(AdminOp::Label(
+        "w".into(),
+        [("app".into(), "app".into())].into(),
+    ))
+    .await
+    .unwrap()
+    .unwrap();
+    wait_map(&w, |m| m.peer(&bk).is_some()).await;
+    wait_map(&b, |m| m.peers.len() == 2).await;
+
+    // Quarantine a: cut off from everyone within 1 s; release brings it back.
+    let t0 = Instant::now();
+    let (st, _) = http(h, "POST", "/v1/hosts/a/quarantine", admin, None).await;
+    assert_eq!(st, 200);
+    let (da, db) = tokio::join!(
+        wait_map(&a, |m| m.peers.is_empty()),
+        wait_map(&b, |m| m.peer(&ak).is_none()),
+    );
+    let took = t0.elapsed();
+    println!("quarantine took effect in {took:?} (a {da:?}, b {db:?})");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    let (st, _) = http(h, "POST", "/v1/hosts/a/release", admin, None).await;
+    assert_eq!(st, 200);
+    wait_map(&a, |m| m.peer(&bk).is_some()).await;
+
+    // History and rollback (to deny-all by applying an empty policy first).
+    let (st, _) = http_ct(
+        h,
+        "PUT",
+        "/v1/policy",
+        admin,
+        Some("rules: []\n"),
+        "text/yaml",
+    )
+    .await;
+    assert_eq!(st, 200);
+    wait_map(&a, |m| m.peers.is_empty()).await;
+    let (st, body) = http(h, "POST", "/v1/policy/rollback/1", admin, None).await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<PolicyApplied>(&body)
+            .unwrap()
+            .version,
+        3
+    );
+    wait_map(&a, |m| m.peer(&bk).is_some()).await;
+    let (st, body) = http(h, "GET", "/v1/policy/history", admin, None).await;
+    assert_eq!(st, 200);
+    let hist: Vec<meshd_control::policy::PolicyRecord> = serde_json::from_str(&body).unwrap();
+    assert_eq!(hist.len(), 3);
+    assert_eq!(hist[2].comment, "rollback to 1");
+    assert_eq!(
+        http(h, "POST", "/v1/policy/rollback/9", admin, None)
+            .await
+            .0,
+        404
+    );
+
+    // Blocks reported by an agent show up, named by the sender.
+    let ev = meshd_policy::BlockEvent {
+        at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
+        host: "whoever".into(),
+        host_labels: Default::default(),
+        peer: "w".into(),
+        peer_labels: Default::default(),
+        direction: meshd_policy::Direction::Inbound,
+        proto: 6,
+        src: "100.64.0.4:40000".parse().unwrap(),
+        dst: "100.64.0.3:5432".parse().unwrap(),
+        reason: meshd_policy::DenyReason::DefaultDeny,
+        count: 1,
+    };
+    b.session.report_blocks(vec![ev; 100]).unwrap();
+    let t0 = Instant::now();
+    let blocks = loop {
+        let (st, body) = http(h, "GET", "/v1/blocks?host=b&since=600", admin, None).await;
+        assert_eq!(st, 200, "{body}");
+        let v: Vec<meshd_policy::BlockEvent> = serde_json::from_str(&body).unwrap();
+        if v.len() == 100 || t0.elapsed() > Duration::from_secs(10) {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(blocks.len(), 100, "two messages of at most 64");
+    assert!(blocks.iter().all(|e| e.host == "b"));
+    let (_, body) = http(h, "GET", "/v1/blocks?host=a", admin, None).await;
+    assert_eq!(body, "[]");
+
+    // Revoke b: its session is refused with a distinct code, and so is its key with a new token.
+    let (st, _) = http(h, "POST", "/v1/hosts/b/revoke", admin, None).await;
+    assert_eq!(st, 200);
+    wait_state(&b, |s| {
+        matches!(
+            s,
+            SessionState::Refused {
+                code: ErrorCode::HostRevoked,
+                ..
+            }
+        )
+    })
+    .await;
+    wait_map(&a, |m| m.peers.is_empty()).await;
+    let t = token(&c, TokenCreateRequest::default()).await;
+    match enrol(&t, "b-again", &b.key, ep(1)).await {
+        Err(ClientError::Refused { code, .. }) => assert_eq!(code, ErrorCode::HostRevoked),
+        other => panic!("{other:?}"),
+    }
+    // Policy, quarantine state and blocks survive a restart.
+    let addr = c.control_addr();
+    c.stop().await;
+    let c = coordinator(dir.path(), addr).await;
+    let Ok(AdminReply::Json(v)) = c.admin(AdminOp::PolicyGet).await.unwrap() else {
+        panic!()
+    };
+    let cur: PolicyCurrent = serde_json::from_value(v).unwrap();
+    assert_eq!(cur.policy.unwrap().version, 3);
+    let Ok(AdminReply::Json(v)) = c.admin(AdminOp::Blocks(Default::default())).await.unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(v.as_array().unwrap().len(), 100);
     c.stop().await;
 }

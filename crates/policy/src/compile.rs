@@ -97,6 +97,8 @@ pub struct Compiled {
     /// Per selector, the rules using it as `from` and as `to`.
     used_from: Vec<Vec<usize>>,
     used_to: Vec<Vec<usize>>,
+    /// Per rule, a hash of its name and grants (for [`Compiled::peer_fingerprints`]).
+    rule_sigs: Vec<u64>,
     /// Slot → host.
     slots: Vec<Option<HostRef>>,
     by_id: HashMap<u64, u32>,
@@ -141,6 +143,16 @@ pub fn compile<'p>(policy: &'p Policy, hosts: &[HostRef], now: UnixTime) -> Comp
             expires: r.expires,
         });
     }
+    c.rule_sigs = c
+        .rules
+        .iter()
+        .map(|r| {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (&r.name, &r.grants).hash(&mut h);
+            h.finish()
+        })
+        .collect();
     let ns = c.selectors.len();
     c.used_from = vec![Vec::new(); ns];
     c.used_to = vec![Vec::new(); ns];
@@ -211,6 +223,15 @@ pub fn compile<'p>(policy: &'p Policy, hosts: &[HostRef], now: UnixTime) -> Comp
     c
 }
 
+const OUT: u64 = 0x6f75_7462_6f75_6e64;
+const IN: u64 = 0x696e_626f_756e_6421;
+
+/// Order-sensitive fingerprint step (never 0, so 0 means "no grants").
+#[inline]
+fn mix(a: u64, x: u64) -> u64 {
+    ((a ^ x).wrapping_mul(0x9e37_79b9_7f4a_7c15)).rotate_left(29) | 1
+}
+
 fn grants_of(r: &Rule) -> Vec<Grant> {
     let mut g: Vec<Grant> = r
         .ports
@@ -226,6 +247,7 @@ impl Compiled {
         Compiled {
             compiled_at: now,
             rules: Vec::new(),
+            rule_sigs: Vec::new(),
             selectors: Vec::new(),
             members: Vec::new(),
             used_from: Vec::new(),
@@ -331,6 +353,58 @@ impl Compiled {
             }
         }
         out
+    }
+
+    /// Per peer of `host_id`, sorted by peer id: a fingerprint of the grants between them (equal
+    /// grants give equal fingerprints; different grants differ up to 64-bit hash collisions).
+    /// No allocation per peer: for checking many maps for changes, then fetching only the
+    /// changed peers with [`Compiled::grants_between`].
+    pub fn peer_fingerprints(&self, host_id: u64) -> Vec<(u64, u64)> {
+        let Some(&s) = self.by_id.get(&host_id) else {
+            return Vec::new();
+        };
+        let mut acc = vec![0u64; self.slots.len()];
+        for (r, &sig) in self.rules.iter().zip(&self.rule_sigs) {
+            if self.members[r.from].get(s) {
+                for p in self.members[r.to].ones().filter(|&p| p != s) {
+                    acc[p as usize] = mix(acc[p as usize], sig ^ OUT);
+                }
+            }
+            if self.members[r.to].get(s) {
+                for p in self.members[r.from].ones().filter(|&p| p != s) {
+                    acc[p as usize] = mix(acc[p as usize], sig ^ IN);
+                }
+            }
+        }
+        let mut v: Vec<(u64, u64)> = acc
+            .iter()
+            .enumerate()
+            .filter(|(_, &a)| a != 0)
+            .filter_map(|(p, &a)| self.slots[p].as_ref().map(|h| (h.id, a)))
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// The fingerprint [`Compiled::peer_fingerprints`] gives `peer_id` (0: no grants).
+    pub fn pair_fingerprint(&self, host_id: u64, peer_id: u64) -> u64 {
+        let (Some(&s), Some(&p)) = (self.by_id.get(&host_id), self.by_id.get(&peer_id)) else {
+            return 0;
+        };
+        if s == p {
+            return 0;
+        }
+        let mut acc = 0;
+        for (r, &sig) in self.rules.iter().zip(&self.rule_sigs) {
+            let (f, t) = (&self.members[r.from], &self.members[r.to]);
+            if f.get(s) && t.get(p) {
+                acc = mix(acc, sig ^ OUT);
+            }
+            if t.get(s) && f.get(p) {
+                acc = mix(acc, sig ^ IN);
+            }
+        }
+        acc
     }
 
     /// The grants between `host_id` and one peer, seen from `host_id`.

@@ -63,6 +63,15 @@ fn check_against_naive(policy: &Policy, c: &Compiled, hosts: &BTreeMap<u64, Host
             }
         }
         assert!(grants.values().all(|g| !g.is_empty()));
+        let fp = c.peer_fingerprints(a.id);
+        assert_eq!(
+            fp.iter().map(|x| x.0).collect::<Vec<_>>(),
+            grants.keys().copied().collect::<Vec<_>>()
+        );
+        for b in hosts.values() {
+            let f = fp.iter().find(|x| x.0 == b.id).map_or(0, |x| x.1);
+            assert_eq!(c.pair_fingerprint(a.id, b.id), f);
+        }
         assert_eq!(c.peers_of(a.id), want_peers, "peers of {}", a.name);
     }
 }
@@ -203,6 +212,8 @@ proptest! {
         for (id, labels) in ops {
             let before: BTreeMap<u64, BTreeMap<u64, PeerGrants>> =
                 map.keys().map(|&h| (h, c.grants_for(h))).collect();
+            let fp_before: BTreeMap<u64, Vec<(u64, u64)>> =
+                map.keys().map(|&h| (h, c.peer_fingerprints(h))).collect();
             let affected = match labels {
                 Some(labels) => {
                     let h = HostRef { id, name: format!("h{id}"), labels };
@@ -220,6 +231,15 @@ proptest! {
                 let changed = before.get(&h) != Some(&c.grants_for(h));
                 if changed {
                     prop_assert!(affected.contains(&h), "host {} changed but not reported", h);
+                }
+                // Fingerprints change exactly when grants do (per peer).
+                if let Some(old) = fp_before.get(&h) {
+                    let now_fp = c.peer_fingerprints(h);
+                    for (p, f) in &now_fp {
+                        let old_f = old.iter().find(|x| x.0 == *p).map(|x| x.1);
+                        let same = before[&h].get(p) == c.grants_for(h).get(p);
+                        prop_assert_eq!(old_f == Some(*f), same);
+                    }
                 }
             }
             for h in &affected {

@@ -15,8 +15,10 @@
 mod migrations;
 mod sqlite;
 
+use meshd_control::policy::PolicyRecord;
 use meshd_control::state::Dirty;
 use meshd_control::{Host, Token, UnixTime};
+use meshd_policy::BlockEvent;
 
 pub use migrations::MIGRATIONS;
 pub use sqlite::SqliteStore;
@@ -30,7 +32,14 @@ pub struct Snapshot {
     pub tokens: Vec<Token>,
     /// The global map version.
     pub map_version: u64,
+    /// Applied policy versions, oldest first.
+    pub policies: Vec<PolicyRecord>,
+    /// The newest block events (at most [`BLOCKS_KEPT`]), oldest first.
+    pub blocks: Vec<BlockEvent>,
 }
+
+/// How many block events the store keeps (older ones are deleted on insert).
+pub const BLOCKS_KEPT: u32 = meshd_control::state::BLOCKS_KEPT as u32;
 
 /// Why a storage operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -66,9 +75,10 @@ pub enum StoreError {
 
 /// Coordinator storage. Implementations must be durable once a method returns `Ok`.
 pub trait Store: Send + Sync + 'static {
-    /// Loads hosts, tokens and the map version.
+    /// Loads hosts, tokens, the map version, policy versions and recent block events.
     fn load(&self) -> Result<Snapshot, StoreError>;
-    /// Writes a batch of changed records in one transaction (upserts by id).
+    /// Writes a batch of changed records in one transaction (upserts by id; a new policy
+    /// version and block events are appended, block events pruned to [`BLOCKS_KEPT`]).
     fn commit(&self, changes: &Dirty) -> Result<(), StoreError>;
     /// Reads a meta value (e.g. `admin_token_hash`).
     fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError>;

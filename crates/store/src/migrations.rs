@@ -2,10 +2,11 @@
 //! recorded in `schema_migrations`. Never edit a released migration: append a new one.
 
 /// (version, name, SQL).
-pub const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "initial schema",
-    r#"
+pub const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "initial schema",
+        r#"
 -- Enrolled hosts. Removed hosts are kept (removed = 1) for audit and so their key cannot resume.
 CREATE TABLE hosts (
     id          INTEGER PRIMARY KEY,       -- HostId
@@ -49,4 +50,31 @@ CREATE TABLE events (
     detail TEXT    NOT NULL
 );
 "#,
-)];
+    ),
+    (
+        2,
+        "label policy: versions, quarantine/revoke, block log",
+        r#"
+-- Quarantined hosts are in nobody's map; revoked hosts (also removed) have their key refused.
+ALTER TABLE hosts ADD COLUMN quarantined INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE hosts ADD COLUMN revoked     INTEGER NOT NULL DEFAULT 0;
+
+-- Applied policy versions; the highest is current. Rollback appends a copy.
+CREATE TABLE policies (
+    version    INTEGER PRIMARY KEY,       -- from 1
+    yaml       TEXT    NOT NULL,          -- the file as applied
+    applied_at INTEGER NOT NULL,          -- Unix seconds
+    comment    TEXT    NOT NULL           -- "apply", "rollback to N"
+);
+
+-- Denied flows reported by agents; pruned to the newest BLOCKS_KEPT rows on every insert.
+CREATE TABLE blocks (
+    id    INTEGER PRIMARY KEY AUTOINCREMENT,
+    at    INTEGER NOT NULL,               -- Unix seconds of the first folded packet
+    host  TEXT    NOT NULL,               -- reporting host's name
+    event TEXT    NOT NULL                -- JSON meshd_policy::BlockEvent
+);
+CREATE INDEX blocks_at ON blocks(at);
+"#,
+    ),
+];

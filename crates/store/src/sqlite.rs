@@ -9,7 +9,9 @@ use meshd_control::{Host, HostId, Labels, Token, TokenId, UnixTime};
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 
 use crate::migrations::MIGRATIONS;
-use crate::{Snapshot, Store, StoreError, META_MAP_VERSION};
+use crate::{Snapshot, Store, StoreError, BLOCKS_KEPT, META_MAP_VERSION};
+use meshd_control::policy::PolicyRecord;
+use meshd_policy::BlockEvent;
 
 /// SQLite-backed store (one connection behind a mutex; calls are short and blocking).
 #[derive(Debug)]
@@ -102,14 +104,16 @@ fn put_host(tx: &Transaction<'_>, h: &Host) -> Result<(), StoreError> {
         serde_json::to_string(&h.reported_endpoints).map_err(|_| StoreError::Range("reported"))?;
     tx.execute(
         "INSERT INTO hosts (id, name, public_key, ipv4, ipv6, labels, reported, listen_port,
-                            observed_ip, created_at, last_seen, removed, token_id)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+                            observed_ip, created_at, last_seen, removed, token_id,
+                            quarantined, revoked)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
          ON CONFLICT(id) DO UPDATE SET
             name = excluded.name, public_key = excluded.public_key, ipv4 = excluded.ipv4,
             ipv6 = excluded.ipv6, labels = excluded.labels, reported = excluded.reported,
             listen_port = excluded.listen_port, observed_ip = excluded.observed_ip,
             created_at = excluded.created_at, last_seen = excluded.last_seen,
-            removed = excluded.removed, token_id = excluded.token_id",
+            removed = excluded.removed, token_id = excluded.token_id,
+            quarantined = excluded.quarantined, revoked = excluded.revoked",
         params![
             to_i64(h.id.0, "host id")?,
             h.name,
@@ -124,6 +128,8 @@ fn put_host(tx: &Transaction<'_>, h: &Host) -> Result<(), StoreError> {
             to_i64(h.last_seen, "last_seen")?,
             h.removed,
             h.token_id.map(|t| to_i64(t.0, "token id")).transpose()?,
+            h.quarantined,
+            h.revoked,
         ],
     )?;
     Ok(())
@@ -200,6 +206,8 @@ fn host_from_row(row: &Row<'_>) -> Result<Host, StoreError> {
             .map(|t| u64::try_from(t).map(TokenId))
             .transpose()
             .map_err(|_| bad("token_id"))?,
+        quarantined: row.get(13)?,
+        revoked: row.get(14)?,
     })
 }
 
@@ -250,7 +258,8 @@ impl Store for SqliteStore {
             let hosts = {
                 let mut st = tx.prepare(
                     "SELECT id, name, public_key, ipv4, ipv6, labels, reported, listen_port,
-                            observed_ip, created_at, last_seen, removed, token_id
+                            observed_ip, created_at, last_seen, removed, token_id,
+                            quarantined, revoked
                      FROM hosts ORDER BY id",
                 )?;
                 let mut rows = st.query([])?;
@@ -280,11 +289,54 @@ impl Store for SqliteStore {
                 })?,
                 None => 0,
             };
+            let policies = {
+                let mut st = tx.prepare(
+                    "SELECT version, yaml, applied_at, comment FROM policies ORDER BY version",
+                )?;
+                let mut rows = st.query([])?;
+                let mut v = Vec::new();
+                while let Some(r) = rows.next()? {
+                    let version: i64 = r.get(0)?;
+                    v.push(PolicyRecord {
+                        version: u64::try_from(version).map_err(|_| StoreError::Corrupt {
+                            table: "policies",
+                            id: version,
+                            field: "version",
+                        })?,
+                        yaml: r.get(1)?,
+                        applied_at: u64_col(r, 2, "policies", version, "applied_at")?,
+                        comment: r.get(3)?,
+                    });
+                }
+                v
+            };
+            let blocks = {
+                let mut st = tx.prepare(
+                    "SELECT id, event FROM (SELECT id, event FROM blocks ORDER BY id DESC LIMIT ?1)
+                     ORDER BY id",
+                )?;
+                let mut rows = st.query([BLOCKS_KEPT])?;
+                let mut v = Vec::new();
+                while let Some(r) = rows.next()? {
+                    let id: i64 = r.get(0)?;
+                    let ev: String = r.get(1)?;
+                    v.push(serde_json::from_str::<BlockEvent>(&ev).map_err(|_| {
+                        StoreError::Corrupt {
+                            table: "blocks",
+                            id,
+                            field: "event",
+                        }
+                    })?);
+                }
+                v
+            };
             tx.commit()?;
             Ok(Snapshot {
                 hosts,
                 tokens,
                 map_version,
+                policies,
+                blocks,
             })
         })
     }
@@ -303,6 +355,31 @@ impl Store for SqliteStore {
             }
             if let Some(v) = d.map_version {
                 set_meta(&tx, META_MAP_VERSION, &v.to_string())?;
+            }
+            if let Some(p) = &d.policy {
+                tx.execute(
+                    "INSERT INTO policies (version, yaml, applied_at, comment)
+                     VALUES (?1, ?2, ?3, ?4)",
+                    params![
+                        to_i64(p.version, "policy version")?,
+                        p.yaml,
+                        to_i64(p.applied_at, "applied_at")?,
+                        p.comment
+                    ],
+                )?;
+            }
+            if !d.blocks.is_empty() {
+                for b in &d.blocks {
+                    let ev = serde_json::to_string(b).map_err(|_| StoreError::Range("block"))?;
+                    tx.execute(
+                        "INSERT INTO blocks (at, host, event) VALUES (?1, ?2, ?3)",
+                        params![to_i64(b.at, "block time")?, b.host, ev],
+                    )?;
+                }
+                tx.execute(
+                    "DELETE FROM blocks WHERE id <= (SELECT MAX(id) FROM blocks) - ?1",
+                    [BLOCKS_KEPT],
+                )?;
             }
             tx.commit()?;
             Ok(())
@@ -366,6 +443,8 @@ mod tests {
             last_seen: 1_700_000_100,
             removed: false,
             token_id: Some(TokenId(1)),
+            quarantined: false,
+            revoked: false,
         }
     }
 
@@ -388,12 +467,13 @@ mod tests {
         let mut h2 = host(2);
         {
             let s = SqliteStore::open(&path).unwrap();
-            assert_eq!(s.schema_version().unwrap(), 1);
+            assert_eq!(s.schema_version().unwrap(), 2);
             assert_eq!(s.load().unwrap(), Snapshot::default());
             s.commit(&Dirty {
                 hosts: vec![host(1), h2.clone()],
                 tokens: vec![token(1)],
                 map_version: Some(7),
+                ..Default::default()
             })
             .unwrap();
             h2.removed = true;
@@ -404,6 +484,7 @@ mod tests {
                 hosts: vec![h2.clone()],
                 tokens: vec![],
                 map_version: None,
+                ..Default::default()
             })
             .unwrap();
             s.set_meta("admin_token_hash", "abc").unwrap();
@@ -424,11 +505,79 @@ mod tests {
             vec![(9, "duplicate_connection".into(), "host h1".into())]
         );
         // Migrations are recorded once.
-        assert_eq!(s.schema_version().unwrap(), 1);
+        assert_eq!(s.schema_version().unwrap(), 2);
         let journal: String = s
             .with(|c| Ok(c.query_row("PRAGMA journal_mode", [], |r| r.get(0))?))
             .unwrap();
         assert_eq!(journal, "wal");
+    }
+
+    fn block(at: u64, host: &str) -> BlockEvent {
+        BlockEvent {
+            at,
+            host: host.into(),
+            host_labels: Default::default(),
+            peer: "p".into(),
+            peer_labels: Default::default(),
+            direction: meshd_policy::Direction::Inbound,
+            proto: 6,
+            src: "100.64.0.2:40000".parse().unwrap(),
+            dst: "100.64.0.1:22".parse().unwrap(),
+            reason: meshd_policy::DenyReason::DefaultDeny,
+            count: 1,
+        }
+    }
+
+    #[test]
+    fn policies_blocks_and_host_states_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("coordinator.db");
+        let rec = |v: u64| PolicyRecord {
+            version: v,
+            yaml: format!("# v{v}\n"),
+            applied_at: 100 + v,
+            comment: "apply".into(),
+        };
+        let mut h = host(1);
+        h.quarantined = true;
+        let mut r = host(2);
+        r.removed = true;
+        r.revoked = true;
+        {
+            let s = SqliteStore::open(&path).unwrap();
+            for v in 1..=2 {
+                s.commit(&Dirty {
+                    policy: Some(rec(v)),
+                    ..Default::default()
+                })
+                .unwrap();
+            }
+            s.commit(&Dirty {
+                hosts: vec![h.clone(), r.clone()],
+                blocks: (0..(BLOCKS_KEPT as u64 + 5))
+                    .map(|i| block(i, "a"))
+                    .collect(),
+                ..Default::default()
+            })
+            .unwrap();
+            // A version is written once.
+            assert!(s
+                .commit(&Dirty {
+                    policy: Some(rec(2)),
+                    ..Default::default()
+                })
+                .is_err());
+        }
+        let snap = SqliteStore::open(&path).unwrap().load().unwrap();
+        assert_eq!(snap.policies, vec![rec(1), rec(2)]);
+        assert_eq!(snap.hosts, vec![h, r]);
+        assert_eq!(
+            snap.blocks.len(),
+            BLOCKS_KEPT as usize,
+            "pruned to the newest"
+        );
+        assert_eq!(snap.blocks[0].at, 5);
+        assert_eq!(snap.blocks.last().unwrap().at, BLOCKS_KEPT as u64 + 4);
     }
 
     #[test]
@@ -438,6 +587,7 @@ mod tests {
             hosts: vec![host(1)],
             tokens: vec![],
             map_version: None,
+            ..Default::default()
         })
         .unwrap();
         s.with(|c| Ok(c.execute("UPDATE hosts SET public_key = 'xx'", [])?))

@@ -307,6 +307,16 @@ impl Coord {
         )
     }
 
+    /// Applies a policy (YAML); returns (status code, body).
+    pub fn apply_policy(&self, lab: &Lab, yaml: &str) -> (u16, serde_json::Value) {
+        self.api(
+            lab,
+            "PUT",
+            "/v1/policy",
+            Some(serde_json::json!({ "yaml": yaml })),
+        )
+    }
+
     /// Creates a join token with `labels` ("k=v" pairs), optional ttl and uses.
     pub fn token(
         &self,
@@ -419,4 +429,120 @@ pub fn peer_names(host: &Host) -> Vec<String> {
                 .unwrap_or_default()
         })
         .unwrap_or_default()
+}
+
+/// Like [`in_netns`] but returns the running thread.
+pub fn spawn_in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = File::open(&path).unwrap();
+        // SAFETY: setns on a valid namespace fd; affects only this thread.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}");
+        f()
+    })
+}
+
+/// A TCP stream that keeps sending (bounded: 30 s) and counts what arrives.
+pub struct Stream {
+    pub received: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pub last_rx: std::sync::Arc<std::sync::Mutex<Instant>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Stream {
+    pub fn start(from_ns: &str, to_ns: &str, to: IpAddr, port: u16) -> Stream {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::{Arc, Mutex};
+        let received = Arc::new(AtomicU64::new(0));
+        let last_rx = Arc::new(Mutex::new(Instant::now()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let listener = in_netns(to_ns, move || TcpListener::bind(("0.0.0.0", port)).unwrap());
+        {
+            let (received, last_rx, stop) = (received.clone(), last_rx.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let Ok((mut s, _)) = listener.accept() else {
+                    return;
+                };
+                s.set_read_timeout(Some(Duration::from_millis(200)))
+                    .unwrap();
+                let mut buf = vec![0u8; 65536];
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    match s.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            received.fetch_add(n as u64, Ordering::Relaxed);
+                            *last_rx.lock().unwrap() = Instant::now();
+                        }
+                        Err(_) => continue,
+                    }
+                }
+            });
+        }
+        {
+            let stop = stop.clone();
+            spawn_in_netns(from_ns, move || {
+                let Ok(mut s) =
+                    TcpStream::connect_timeout(&SocketAddr::new(to, port), Duration::from_secs(5))
+                else {
+                    return;
+                };
+                s.set_write_timeout(Some(Duration::from_millis(500)))
+                    .unwrap();
+                let chunk = vec![7u8; 8192];
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    let _ = s.write(&chunk);
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            });
+        }
+        Stream {
+            received,
+            last_rx,
+            stop,
+        }
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.received.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// True if bytes keep arriving over the next `window`.
+    pub fn flowing(&self, window: Duration) -> bool {
+        let before = self.bytes();
+        std::thread::sleep(window);
+        self.bytes() > before
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Whether a TCP connection from `from_ns` to `to:port` (a listener in `to_ns`) succeeds.
+pub fn tcp_connects(from_ns: &str, to_ns: &str, to: IpAddr, port: u16) -> bool {
+    // An earlier listener on the port may still be closing: retry the bind briefly.
+    let _l = in_netns(to_ns, move || {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            match TcpListener::bind(("0.0.0.0", port)) {
+                Ok(l) => return l,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("bind {port}: {e}"),
+            }
+        }
+    });
+    in_netns(from_ns, move || {
+        TcpStream::connect_timeout(&SocketAddr::new(to, port), Duration::from_millis(1500)).is_ok()
+    })
 }

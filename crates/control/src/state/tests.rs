@@ -11,6 +11,12 @@ fn st() -> CoordinatorState {
     CoordinatorState::new("100.64.0.0/24".parse().unwrap(), None).unwrap()
 }
 
+const ALLOW_ALL: &str = "rules:\n  - {name: all, from: {}, to: {}, ports: [any]}\n";
+
+fn allow_all(s: &mut CoordinatorState) {
+    s.apply_policy(0, ALLOW_ALL, "test").unwrap();
+}
+
 fn ep(port: u16) -> EndpointReport {
     EndpointReport {
         addrs: vec![SocketAddr::from(([192, 0, 2, 1], port))],
@@ -152,6 +158,7 @@ fn endpoint_change_pushes_one_peer_delta() {
     let mut s = st();
     s.create_token(0, TokenSpec::default(), hash_secret(b"t"))
         .unwrap();
+    allow_all(&mut s);
     for k in 1..=3 {
         enrol(&mut s, k, b"t").unwrap();
     }
@@ -230,8 +237,22 @@ enum Op {
     Rename(u8, u8),
     Remove(u8),
     Resync(u8),
+    Quarantine(u8, bool),
+    Revoke(u8),
+    Policy(usize),
     Poll,
 }
+
+/// Policies the property test switches between: deny all, allow all, label- and name-based.
+const POLICIES: [&str; 3] = [
+    "",
+    ALLOW_ALL,
+    "rules:
+  - {name: ssh, from: {role: {exists: true}}, to: {}, ports: [tcp/22]}
+  - {name: dns, from: n1, to: {role: {in: [r2, r3]}}, ports: [udp/53, icmp]}
+  - {name: x, from: {role: {'!=': r4}}, to: x1, ports: [tcp/1-9]}
+",
+];
 
 fn op() -> impl Strategy<Value = Op> {
     let k = 1u8..7;
@@ -244,7 +265,10 @@ fn op() -> impl Strategy<Value = Op> {
         (k.clone(), any::<bool>()).prop_map(|(k, b)| Op::Label(k, b)),
         (k.clone(), 1u8..4).prop_map(|(k, n)| Op::Rename(k, n)),
         k.clone().prop_map(Op::Remove),
-        k.prop_map(Op::Resync),
+        k.clone().prop_map(Op::Resync),
+        (k.clone(), any::<bool>()).prop_map(|(k, q)| Op::Quarantine(k, q)),
+        k.prop_map(Op::Revoke),
+        (0..POLICIES.len()).prop_map(Op::Policy),
         Just(Op::Poll),
         Just(Op::Poll),
     ]
@@ -257,6 +281,7 @@ proptest! {
     fn deltas_track_full_maps(ops in proptest::collection::vec(op(), 1..80)) {
         let mut s = st();
         s.create_token(0, TokenSpec::default(), hash_secret(b"t")).unwrap();
+        s.apply_policy(0, POLICIES[2], "test").unwrap();
         let mut agents: HashMap<HostId, (ConnId, Option<NetworkMap>)> = HashMap::new();
         let mut next_conn = 0u64;
         let id_of = |s: &CoordinatorState, k: u8| s.host_by_key(&key(k)).map(|h| h.id);
@@ -304,6 +329,19 @@ proptest! {
                         agents.remove(&kick.host);
                     }
                 },
+                Op::Quarantine(k, q) => {
+                    let name = format!("n{k}");
+                    let _ = if q { s.quarantine(&name) } else { s.release(&name) };
+                }
+                Op::Revoke(k) => if let Some(i) = id_of(&s, k) {
+                    let name = s.host(i).unwrap().name.clone();
+                    s.revoke_host(&name).unwrap();
+                    for kick in s.poll_kicks() {
+                        prop_assert_eq!(kick.code, ErrorCode::HostRevoked);
+                        agents.remove(&kick.host);
+                    }
+                },
+                Op::Policy(i) => { s.apply_policy(now, POLICIES[i], "test").unwrap(); }
                 Op::Resync(k) => if let Some((i, c)) = conn_of(&agents, id_of(&s, k)) {
                     s.resync(i, c);
                     if let Some(a) = agents.get_mut(&i) { a.1 = None; }
@@ -327,11 +365,323 @@ proptest! {
                         let m = m.as_ref().expect("every agent has a map after a poll");
                         let fresh = s.full_map_for(*id, m.version);
                         prop_assert_eq!(m, &fresh);
-                        let me = s.host(*id).unwrap().public_key;
-                        prop_assert!(m.peer(&me).is_none());
+                        let me = s.host(*id).unwrap();
+                        prop_assert!(m.peer(&me.public_key).is_none());
+                        if me.quarantined {
+                            prop_assert!(m.peers.is_empty());
+                        }
+                        let grants = s.grants_for(*id);
+                        prop_assert_eq!(m.peers.len(), grants.len());
+                        for p in &m.peers {
+                            let h = s.host_by_key(&p.public_key).unwrap();
+                            prop_assert!(!h.quarantined && !h.removed);
+                            prop_assert_eq!(Some(&p.grants), grants.get(&h.id.0));
+                            prop_assert!(!p.grants.is_empty());
+                        }
                     }
                 }
             }
         }
     }
+}
+
+const POLICY: &str = "\
+rules:
+  - name: app-to-db
+    from: { app: app }
+    to:   { app: db }
+    ports: [tcp/5432]
+tests:
+  - { from: { app: app }, to: { app: db }, port: tcp/5432, expect: allow }
+  - { from: { app: db }, to: { app: app }, port: tcp/5432, expect: deny }
+";
+
+/// Three connected hosts: h1 app=app, h2 app=db, h3 app=web; maps drained.
+fn three() -> CoordinatorState {
+    let mut s = st();
+    s.create_token(0, TokenSpec::default(), hash_secret(b"t"))
+        .unwrap();
+    for k in 1..=3 {
+        enrol(&mut s, k, b"t").unwrap();
+    }
+    for (h, app) in [("h1", "app"), ("h2", "db"), ("h3", "web")] {
+        s.set_labels(h, [("app".into(), app.into())].into())
+            .unwrap();
+    }
+    s
+}
+
+fn maps(s: &mut CoordinatorState) -> BTreeMap<HostId, CoordinatorMessage> {
+    let out = s
+        .poll_pushes()
+        .into_iter()
+        .map(|p| (p.host, p.message))
+        .collect();
+    let _ = s.take_dirty();
+    out
+}
+
+fn peer_names(s: &CoordinatorState, id: u64) -> Vec<String> {
+    let m = s.full_map_for(HostId(id), 0);
+    let mut v: Vec<String> = m.peers.iter().map(|p| p.name.clone()).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn default_deny_then_policy_then_label_change() {
+    let mut s = three();
+    // No policy: every map is empty.
+    for (_, m) in maps(&mut s) {
+        let CoordinatorMessage::FullMap { map } = m else {
+            panic!()
+        };
+        assert!(map.peers.is_empty());
+    }
+    assert!(s.policy().is_none());
+    let (rec, tests) = s.apply_policy(10, POLICY, "apply").unwrap();
+    assert_eq!(rec.version, 1);
+    assert!(tests.iter().all(|t| t.passed()));
+    let pushed = maps(&mut s);
+    assert_eq!(pushed.len(), 2, "web gets nothing");
+    let CoordinatorMessage::Delta { delta } = &pushed[&HostId(1)] else {
+        panic!()
+    };
+    assert_eq!(delta.upserts.len(), 1);
+    let g = &delta.upserts[0].grants;
+    assert_eq!(delta.upserts[0].name, "h2");
+    assert_eq!(g.outbound.len(), 1);
+    assert!(g.inbound.is_empty());
+    assert!(g
+        .find(meshd_policy::Direction::Outbound, 6, 5432, 10)
+        .is_some());
+    let CoordinatorMessage::Delta { delta } = &pushed[&HostId(2)] else {
+        panic!()
+    };
+    assert_eq!(delta.upserts[0].grants.inbound[0].rule, "app-to-db");
+    assert_eq!(s.take_dirty().policy, None, "already taken");
+    // web becomes an app: it and db get a delta; h1 does not.
+    s.set_labels("h3", [("app".into(), "app".into())].into())
+        .unwrap();
+    let pushed = maps(&mut s);
+    assert_eq!(
+        pushed.keys().copied().collect::<Vec<_>>(),
+        vec![HostId(2), HostId(3)]
+    );
+    assert_eq!(peer_names(&s, 2), vec!["h1", "h3"]);
+    // explain
+    let e = s.explain(10, "h3", "h2", "tcp/5432").unwrap();
+    assert!(e.allowed);
+    assert_eq!(e.rule.as_deref(), Some("app-to-db"));
+    assert!(!s.explain(10, "h2", "h3", "tcp/5432").unwrap().allowed);
+    assert!(matches!(
+        s.explain(10, "h2", "h3", "tcp/1-2"),
+        Err(AdminError::Port(_))
+    ));
+    assert!(matches!(
+        s.explain(10, "nope", "h3", "tcp/1"),
+        Err(AdminError::NoSuchHost(_))
+    ));
+}
+
+#[test]
+fn apply_refused_check_diff_history_rollback() {
+    let mut s = three();
+    let _ = maps(&mut s);
+    // Does not parse: line and column.
+    let Err(PolicyError::Parse(e)) = s.apply_policy(1, "rules:\n  - name: a\n    frm: {}\n", "")
+    else {
+        panic!()
+    };
+    assert_eq!(e.line, 3);
+    // Tests fail (a host-name test resolved against the inventory).
+    let bad = format!("{POLICY}  - {{ from: h3, to: h2, port: tcp/5432, expect: allow }}\n");
+    let Err(PolicyError::TestsFailed(t)) = s.apply_policy(1, &bad, "") else {
+        panic!()
+    };
+    assert_eq!(t.iter().filter(|t| !t.passed()).count(), 1);
+    let unknown = format!("{POLICY}  - {{ from: ghost, to: h2, port: tcp/5432, expect: deny }}\n");
+    assert!(matches!(
+        s.apply_policy(1, &unknown, ""),
+        Err(PolicyError::TestsFailed(_))
+    ));
+    assert!(s.policy().is_none());
+    assert!(s.take_dirty().policy.is_none());
+    assert!(maps(&mut s).is_empty(), "nothing changed");
+    // check reports without applying.
+    let checked = s.check_policy(1, &bad).unwrap();
+    assert_eq!(checked.len(), 3);
+    assert!(!checked[2].passed());
+    // diff against the (empty) current policy.
+    let d = s.diff_policy(1, POLICY).unwrap();
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0].to_string(), "+ h1 -> h2 tcp/5432");
+    // Apply, apply allow-all, roll back to 1.
+    s.apply_policy(2, POLICY, "apply").unwrap();
+    assert_eq!(s.take_dirty().policy.unwrap().version, 1);
+    s.apply_policy(3, ALLOW_ALL, "apply").unwrap();
+    let _ = maps(&mut s);
+    assert_eq!(peer_names(&s, 3), vec!["h1", "h2"]);
+    let rec = s.rollback_policy(4, 1).unwrap();
+    assert_eq!((rec.version, rec.comment.as_str()), (3, "rollback to 1"));
+    assert_eq!(rec.yaml, POLICY);
+    assert_eq!(s.take_dirty().policy, Some(rec));
+    assert!(peer_names(&s, 3).is_empty());
+    assert_eq!(s.policy_history().len(), 3);
+    assert_eq!(
+        s.rollback_policy(5, 9).unwrap_err(),
+        PolicyError::NoSuchVersion(9)
+    );
+    // Restore: the last version is current.
+    let hosts: Vec<Host> = s.hosts().cloned().collect();
+    let mut r = CoordinatorState::restore(
+        IpPool::new("100.64.0.0/24".parse().unwrap(), None).unwrap(),
+        hosts,
+        vec![],
+        s.map_version(),
+    )
+    .unwrap();
+    r.restore_policies(5, s.policy_history().to_vec()).unwrap();
+    assert_eq!(r.policy().unwrap().version, 3);
+    assert_eq!(peer_names(&r, 1), vec!["h2"]);
+}
+
+#[test]
+fn quarantine_and_release() {
+    let mut s = three();
+    allow_all(&mut s);
+    let _ = maps(&mut s);
+    let h = s.quarantine("h1").unwrap();
+    assert!(h.quarantined);
+    // Persisted as a host change.
+    assert!(s.take_dirty().hosts.iter().any(|h| h.quarantined));
+    let pushed = maps(&mut s);
+    assert_eq!(pushed.len(), 3, "everyone hears at once");
+    let CoordinatorMessage::Delta { delta } = &pushed[&HostId(1)] else {
+        panic!()
+    };
+    assert_eq!(delta.removals.len(), 2);
+    let CoordinatorMessage::Delta { delta } = &pushed[&HostId(2)] else {
+        panic!()
+    };
+    assert_eq!(delta.removals, vec![key(1)]);
+    assert!(!s.explain(0, "h1", "h2", "icmp").unwrap().allowed);
+    // A policy change keeps it out.
+    s.apply_policy(1, ALLOW_ALL, "again").unwrap();
+    assert!(peer_names(&s, 1).is_empty());
+    assert_eq!(peer_names(&s, 2), vec!["h3"]);
+    s.release("h1").unwrap();
+    let pushed = maps(&mut s);
+    assert_eq!(pushed.len(), 3);
+    assert_eq!(peer_names(&s, 1), vec!["h2", "h3"]);
+    // Idempotent.
+    s.release("h1").unwrap();
+    assert!(maps(&mut s).is_empty());
+}
+
+#[test]
+fn revoked_key_is_refused_for_good() {
+    let mut s = three();
+    allow_all(&mut s);
+    let _ = maps(&mut s);
+    let h = s.revoke_host("h2").unwrap();
+    assert!(h.revoked && h.removed);
+    assert!(s.take_dirty().hosts.iter().any(|h| h.revoked));
+    let kicks = s.poll_kicks();
+    assert_eq!(kicks.len(), 1);
+    assert_eq!(kicks[0].code, ErrorCode::HostRevoked);
+    let pushed = maps(&mut s);
+    assert_eq!(pushed.len(), 2);
+    assert_eq!(peer_names(&s, 1), vec!["h3"]);
+    // Neither resume nor a fresh enrolment with a valid token gets in.
+    assert_eq!(enrol(&mut s, 2, b"t").unwrap_err(), ErrorCode::HostRevoked);
+    assert_eq!(
+        s.connect(
+            0,
+            key(2),
+            ConnId(9),
+            [1, 1, 1, 1].into(),
+            Hello::Resume { endpoints: ep(1) }
+        )
+        .unwrap_err(),
+        ErrorCode::HostRevoked
+    );
+    // Survives a restart.
+    let hosts: Vec<Host> = s.hosts().cloned().collect();
+    let tokens: Vec<Token> = s.tokens().cloned().collect();
+    let mut r = CoordinatorState::restore(
+        IpPool::new("100.64.0.0/24".parse().unwrap(), None).unwrap(),
+        hosts,
+        tokens,
+        0,
+    )
+    .unwrap();
+    assert_eq!(enrol(&mut r, 2, b"t").unwrap_err(), ErrorCode::HostRevoked);
+}
+
+fn block(at: u64, peer: &str) -> BlockEvent {
+    BlockEvent {
+        at,
+        host: "spoofed".into(),
+        host_labels: Default::default(),
+        peer: peer.into(),
+        peer_labels: Default::default(),
+        direction: meshd_policy::Direction::Inbound,
+        proto: 6,
+        src: "100.64.0.2:40000".parse().unwrap(),
+        dst: "100.64.0.1:22".parse().unwrap(),
+        reason: meshd_policy::DenyReason::DefaultDeny,
+        count: 3,
+    }
+}
+
+#[test]
+fn blocks_are_bounded_and_filtered() {
+    let mut s = three();
+    let max = crate::proto::MAX_BLOCKS_PER_MESSAGE;
+    s.record_blocks(
+        HostId(1),
+        ConnId(1),
+        (0..max as u64 + 10).map(|t| block(t, "h2")).collect(),
+    );
+    assert_eq!(s.blocks_dropped(), 10);
+    s.record_blocks(HostId(3), ConnId(3), vec![block(500, "h1")]);
+    // A stale connection's events are ignored.
+    s.record_blocks(HostId(3), ConnId(99), vec![block(600, "h1")]);
+    let all = s.blocks(None, 0);
+    assert_eq!(all.len(), max + 1);
+    assert_eq!(all[0].host, "h1", "the sender's name, not what it claims");
+    assert_eq!(s.blocks(Some("h3"), 0).len(), 1);
+    assert_eq!(s.blocks(Some("h1"), 0).len(), max + 1, "either end");
+    assert_eq!(s.blocks(None, 500).len(), 1);
+    assert_eq!(s.take_dirty().blocks.len(), max + 1);
+    for _ in 0..(BLOCKS_KEPT / max + 1) {
+        s.record_blocks(
+            HostId(2),
+            ConnId(2),
+            (0..max as u64).map(|t| block(1000 + t, "h1")).collect(),
+        );
+    }
+    assert_eq!(s.blocks(None, 0).len(), BLOCKS_KEPT);
+}
+
+#[test]
+fn expired_rules_leave_the_maps() {
+    let mut s = three();
+    let yaml = "rules:\n  - {name: tmp, from: {app: app}, to: {app: db}, ports: [icmp], expires: 1970-01-01T00:01:40Z}\n";
+    s.apply_policy(10, yaml, "apply").unwrap();
+    let _ = maps(&mut s);
+    let g = &s.full_map_for(HostId(1), 0).peers[0].grants;
+    assert_eq!(
+        g.outbound[0].expires_at,
+        Some(100),
+        "agents enforce it themselves"
+    );
+    assert_eq!(s.policy_timeout(), Some(100));
+    s.handle_policy_timeout(99);
+    assert!(maps(&mut s).is_empty());
+    s.handle_policy_timeout(100);
+    assert_eq!(maps(&mut s).len(), 2, "both ends lose the peer");
+    assert!(peer_names(&s, 1).is_empty());
+    assert_eq!(s.policy_timeout(), None);
 }
