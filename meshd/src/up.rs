@@ -54,14 +54,20 @@ const SELF_NAME: &str = "self";
 /// grants per peer (by peer index in the config). `None` without a policy file: every listed
 /// peer is allowed both ways, as in WireGuard.
 fn static_grants(cfg: &Config) -> anyhow::Result<Option<Vec<PeerGrants>>> {
-    let Some(path) = &cfg.interface.policy_file else {
-        return Ok(None);
+    let (origin, text) = match (&cfg.interface.policy_file, &cfg.interface.policy) {
+        (Some(path), _) => (
+            path.display().to_string(),
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading policy file {}", path.display()))?,
+        ),
+        (None, Some(inline)) => (
+            format!("{} [interface] policy", cfg.path.display()),
+            inline.clone(),
+        ),
+        (None, None) => return Ok(None),
     };
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading policy file {}", path.display()))?;
-    let policy = meshd_policy::Policy::parse(&text).map_err(|e| {
-        anyhow::anyhow!("{}:{}:{}: {}", path.display(), e.line, e.column, e.message)
-    })?;
+    let policy = meshd_policy::Policy::parse(&text)
+        .map_err(|e| anyhow::anyhow!("{origin}:{}:{}: {}", e.line, e.column, e.message))?;
     let mut hosts = vec![meshd_policy::HostRef {
         id: 0,
         name: SELF_NAME.into(),
@@ -84,11 +90,7 @@ fn static_grants(cfg: &Config) -> anyhow::Result<Option<Vec<PeerGrants>>> {
         .map(|t| t.to_string())
         .collect();
     if !failed.is_empty() {
-        anyhow::bail!(
-            "{}: policy tests failed:\n  {}",
-            path.display(),
-            failed.join("\n  ")
-        );
+        anyhow::bail!("{origin}: policy tests failed:\n  {}", failed.join("\n  "));
     }
     let compiled = meshd_policy::compile(&policy, &hosts, now);
     let mut by_peer = compiled.grants_for(0);

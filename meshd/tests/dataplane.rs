@@ -377,14 +377,18 @@ fn static_policy_allows_only_granted_ports_and_logs_denials() {
     let policy = "rules:\n  - name: app1-to-db1\n    from: { app: app1 }\n    to: { app: db1 }\n    ports: [tcp/1521]\ntests:\n  - { from: { app: app1 }, to: { app: db1 }, port: tcp/1521, expect: allow }\n  - { from: { app: db1 }, to: { app: app1 }, port: tcp/1521, expect: deny }\n";
     for (node, me, peer, peer_app) in [(&a, "app1", &b, "db1"), (&b, "db1", &a, "app1")] {
         node.write_config(&lab, &[(peer, true)], "");
-        std::fs::write(node.dir.join("policy.yaml"), policy).unwrap();
+        // a keeps its rules in a YAML file, b inline in its TOML: same syntax either way.
+        let policy_line = if node.idx == 0 {
+            std::fs::write(node.dir.join("policy.yaml"), policy).unwrap();
+            "policy_file = \"policy.yaml\"".to_string()
+        } else {
+            format!("policy = '''\n{policy}'''")
+        };
         let text = std::fs::read_to_string(node.config_path()).unwrap();
         let text = text
             .replace(
                 "mtu = 1420\n",
-                &format!(
-                    "mtu = 1420\nlabels = {{ app = \"{me}\" }}\npolicy_file = \"policy.yaml\"\n"
-                ),
+                &format!("mtu = 1420\nlabels = {{ app = \"{me}\" }}\n{policy_line}\n"),
             )
             .replace(
                 &format!("name = \"h{}\"\n", peer.idx),

@@ -136,6 +136,9 @@ pub struct Interface {
     /// Static mode: a policy file (the YAML rule syntax of `meshctl policy`); without one,
     /// every listed peer is allowed both ways, as in WireGuard.
     pub policy_file: Option<PathBuf>,
+    /// Static mode: the same YAML rules inline (a TOML multi-line string); used when
+    /// `policy_file` is absent.
+    pub policy: Option<String>,
 }
 
 /// How traffic reaches the mesh (`interface.mode`).
@@ -294,6 +297,7 @@ struct RawInterface {
     #[serde(default)]
     labels: BTreeMap<String, String>,
     policy_file: Option<PathBuf>,
+    policy: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -590,6 +594,7 @@ impl Ctx<'_> {
             fwmark: raw.fwmark.filter(|&m| m != 0),
             labels: raw.labels,
             policy_file: raw.policy_file.map(relative),
+            policy: raw.policy,
         })
     }
 
