@@ -101,10 +101,7 @@ pub fn unreachable(src: IpAddr, dst: IpAddr, quoted: &[u8]) -> Vec<u8> {
 /// Splits an IPv4 packet into two fragments at transport offset `at` (a multiple of 8):
 /// returns (first, later). Identification `id`.
 pub fn fragment_v4(packet: &[u8], at: usize, id: u16) -> (Vec<u8>, Vec<u8>) {
-    assert!(
-        at.is_multiple_of(8) && packet.len() > 20 + at,
-        "bad fragment split"
-    );
+    assert!(at % 8 == 0 && packet.len() > 20 + at, "bad fragment split");
     let mut first = packet[..20 + at].to_vec();
     let total = first.len() as u16;
     first[2..4].copy_from_slice(&total.to_be_bytes());
