@@ -104,6 +104,7 @@ pub fn hosts_table(hosts: &[HostView], now: UnixTime) -> String {
         "ID",
         "ADDRESS",
         "STATE",
+        "MODE",
         "LAST SEEN",
         "ENDPOINT",
         "LABELS",
@@ -113,7 +114,13 @@ pub fn hosts_table(hosts: &[HostView], now: UnixTime) -> String {
             h.name.clone(),
             h.id.to_string(),
             list(&h.addresses),
-            if h.connected { "connected" } else { "offline" }.into(),
+            match (h.quarantined, h.connected) {
+                (true, _) => "quarantined",
+                (false, true) => "connected",
+                (false, false) => "offline",
+            }
+            .into(),
+            mode(h),
             if h.connected {
                 "now".into()
             } else {
@@ -128,19 +135,31 @@ pub fn hosts_table(hosts: &[HostView], now: UnixTime) -> String {
     t.render()
 }
 
+fn mode(h: &HostView) -> String {
+    if h.mode.is_empty() {
+        "-".into()
+    } else {
+        h.mode.clone()
+    }
+}
+
 /// `hosts show` (and the result of label, unlabel, rename, remove).
 pub fn host_detail(h: &HostView, now: UnixTime) -> String {
     let mut t = Table::new(&["name:", &h.name]);
-    let state = match (h.connected, h.acked_version) {
+    let mut state = match (h.connected, h.acked_version) {
         (true, Some(v)) => format!("connected (map version {v} acked)"),
         (true, None) => "connected".into(),
         (false, _) => "offline".into(),
     };
+    if h.quarantined {
+        state.push_str(", quarantined");
+    }
     for (k, v) in [
         ("id:", h.id.to_string()),
         ("public key:", h.public_key.to_string()),
         ("addresses:", list(&h.addresses)),
         ("state:", state),
+        ("mode:", mode(h)),
         ("last seen:", ago(h.last_seen, now)),
         ("enrolled:", ago(h.created_at, now)),
         (
@@ -235,7 +254,15 @@ pub fn status(s: &StatusView, policy: &PolicyState, server: &str, now: UnixTime)
     }
     let mut out = t.render();
     if !s.connected.is_empty() {
-        let mut a = Table::new(&["NAME", "ID", "CONNECTED", "SENT", "ACKED"]);
+        let mut a = Table::new(&[
+            "NAME",
+            "ID",
+            "CONNECTED",
+            "SENT",
+            "ACKED",
+            "MODE",
+            "PROTECTED",
+        ]);
         for c in &s.connected {
             a.row(vec![
                 c.name.clone(),
@@ -243,6 +270,16 @@ pub fn status(s: &StatusView, policy: &PolicyState, server: &str, now: UnixTime)
                 ago(c.connected_at, now),
                 c.sent_version.to_string(),
                 c.acked_version.to_string(),
+                if c.mode.is_empty() {
+                    "-".into()
+                } else {
+                    c.mode.clone()
+                },
+                if c.protected.is_empty() {
+                    "-".into()
+                } else {
+                    list(&c.protected)
+                },
             ]);
         }
         out.push('\n');
@@ -416,6 +453,8 @@ mod tests {
             created_at: 1000,
             last_seen: 1000,
             acked_version: connected.then_some(7),
+            mode: if id == 1 { "transparent" } else { "overlay" }.into(),
+            quarantined: id == 12,
         }
     }
 
@@ -466,9 +505,9 @@ mod tests {
         );
         assert_eq!(
             out,
-            "NAME          ID  ADDRESS     STATE      LAST SEEN  ENDPOINT         LABELS\n\
-             db1           1   100.64.0.2  connected  now        192.0.2.1:51820  env=prod\n\
-             web-frontend  12  100.64.0.2  offline    1m ago     192.0.2.1:51820  env=prod\n"
+            "NAME          ID  ADDRESS     STATE        MODE         LAST SEEN  ENDPOINT         LABELS\n\
+             db1           1   100.64.0.2  connected    transparent  now        192.0.2.1:51820  env=prod\n\
+             web-frontend  12  100.64.0.2  quarantined  overlay      1m ago     192.0.2.1:51820  env=prod\n"
         );
         let d = host_detail(&host("db1", 1, true), 1060);
         assert!(d.starts_with("name:         db1\n"), "{d}");
@@ -477,6 +516,7 @@ mod tests {
             "{d}"
         );
         assert!(d.contains("observed ip:  -\n"), "{d}");
+        assert!(d.contains("mode:         transparent\n"), "{d}");
     }
 
     #[test]
@@ -520,6 +560,8 @@ mod tests {
                 sent_version: 4,
                 acked_version: 3,
                 connected_at: 40,
+                mode: "transparent".into(),
+                protected: vec!["198.18.0.2".parse().unwrap()],
             }],
             advertise: "192.0.2.10:7443".parse().unwrap(),
             public_key: PublicKey([1; 32]),
@@ -535,7 +577,10 @@ mod tests {
             "{out}"
         );
         assert!(
-            out.ends_with("NAME  ID  CONNECTED  SENT  ACKED\ndb1   1   1m ago     4     3\n"),
+            out.ends_with(
+                "NAME  ID  CONNECTED  SENT  ACKED  MODE         PROTECTED\n\
+                 db1   1   1m ago     4     3      transparent  198.18.0.2\n"
+            ),
             "{out}"
         );
         let out = status(&s, &PolicyState::Current(record(3, "apply")), "u", 100);

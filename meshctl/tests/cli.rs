@@ -104,6 +104,7 @@ impl Coord {
             let ep = EndpointReport {
                 addrs: vec![SocketAddr::from(([192, 0, 2, 1], 51820))],
                 listen_port: Some(51820),
+                transparent: false,
             };
             client::enrol(&t, name, &PrivateKey::generate(), ep)
                 .await

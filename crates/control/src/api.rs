@@ -50,6 +50,12 @@ pub struct HostView {
     pub last_seen: UnixTime,
     /// Map version last acked (when connected).
     pub acked_version: Option<u64>,
+    /// `overlay` or `transparent` (as the agent last reported).
+    #[serde(default)]
+    pub mode: String,
+    /// Quarantined: in nobody's map until released.
+    #[serde(default)]
+    pub quarantined: bool,
 }
 
 impl HostView {
@@ -67,6 +73,8 @@ impl HostView {
             created_at: h.created_at,
             last_seen: h.last_seen,
             acked_version,
+            mode: if h.transparent { "transparent" } else { "overlay" }.into(),
+            quarantined: h.quarantined,
         }
     }
 }
@@ -168,6 +176,13 @@ pub struct ConnectedAgent {
     pub acked_version: u64,
     /// Connected since.
     pub connected_at: UnixTime,
+    /// `overlay` or `transparent`.
+    #[serde(default)]
+    pub mode: String,
+    /// Transparent mode: the host's underlay addresses, which its transparent peers reach
+    /// only through the tunnel (empty in overlay mode).
+    #[serde(default)]
+    pub protected: Vec<IpAddr>,
 }
 
 /// Coordinator status.

@@ -24,6 +24,10 @@ pub struct Peer {
     /// What this agent may open to the peer and the peer to it (default deny: empty).
     #[serde(default)]
     pub grants: meshd_policy::PeerGrants,
+    /// The peer runs in transparent mode: its underlay addresses are reached through the tunnel
+    /// by peers that run in transparent mode too.
+    #[serde(default)]
+    pub transparent: bool,
 }
 
 impl Peer {
@@ -36,6 +40,7 @@ impl Peer {
             endpoints: h.endpoints(),
             labels: h.labels.clone(),
             grants: meshd_policy::PeerGrants::default(),
+            transparent: h.transparent,
         }
     }
 
@@ -190,6 +195,7 @@ mod tests {
             endpoints: vec![SocketAddr::from(([192, 0, 2, k], ep))],
             labels: Labels::new(),
             grants: Default::default(),
+            transparent: k % 2 == 0,
         }
     }
 

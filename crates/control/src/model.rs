@@ -69,6 +69,9 @@ pub struct Host {
     pub revoked: bool,
     /// The join token it enrolled with.
     pub token_id: Option<TokenId>,
+    /// The agent runs in transparent mode (as it last reported).
+    #[serde(default)]
+    pub transparent: bool,
 }
 
 impl Host {
@@ -262,6 +265,7 @@ mod tests {
             token_id: None,
             quarantined: false,
             revoked: false,
+            transparent: false,
         };
         let e: Vec<String> = h.endpoints().iter().map(|e| e.to_string()).collect();
         assert_eq!(e, ["1.2.3.4:51820", "10.0.0.1:51820"]);

@@ -33,6 +33,10 @@ pub struct EndpointReport {
     pub addrs: Vec<SocketAddr>,
     /// The WireGuard listen port; the coordinator pairs it with the observed source IP.
     pub listen_port: Option<u16>,
+    /// The host runs in transparent mode: peers that do too send it traffic for its underlay
+    /// addresses through the tunnel (and accept its underlay addresses as inner sources).
+    #[serde(default)]
+    pub transparent: bool,
 }
 
 /// Agent → coordinator.
@@ -300,6 +304,7 @@ mod tests {
                 endpoints: EndpointReport {
                     addrs: vec!["192.0.2.1:51820".parse().unwrap()],
                     listen_port: Some(51820),
+                    transparent: false,
                 },
             },
             AgentMessage::Ack { version: 9 },

@@ -526,6 +526,7 @@ impl CoordinatorState {
                 token_id: Some(tid),
                 quarantined: false,
                 revoked: false,
+                transparent: endpoints.transparent,
             },
         );
         self.by_key.insert(key, id);
@@ -544,16 +545,17 @@ impl CoordinatorState {
         let Some(h) = self.hosts.get_mut(&id) else {
             return;
         };
-        let before = h.endpoints();
+        let before = (h.endpoints(), h.transparent);
         if let Some(r) = report {
             h.reported_endpoints = r.addrs;
             h.listen_port = r.listen_port;
+            h.transparent = r.transparent;
         }
         if let Some(o) = observed {
             h.observed_ip = Some(o);
         }
         h.last_seen = now;
-        let changed = h.endpoints() != before;
+        let changed = (h.endpoints(), h.transparent) != before;
         self.dirty_hosts.insert(id);
         if changed {
             self.touch(id);

@@ -116,6 +116,7 @@ async fn main() -> anyhow::Result<()> {
             let report = EndpointReport {
                 addrs: vec![SocketAddr::from(([10, (i >> 8) as u8, i as u8, 1], 51820))],
                 listen_port: Some(51820),
+                transparent: false,
             };
             let e = enrol_via(Some(&ep), &token, &format!("h{i}"), &key, report.clone()).await?;
             let mut cfg = SessionConfig::new(e.coordinator, e.coordinator_key, key.clone(), report);

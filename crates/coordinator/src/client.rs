@@ -5,7 +5,7 @@
 //! # async fn f(token: meshd_control::JoinToken, key: meshd_tunnel::PrivateKey) -> Result<(), Box<dyn std::error::Error>> {
 //! use meshd_coordinator::client::{enrol, spawn_session, SessionConfig};
 //! use meshd_control::proto::EndpointReport;
-//! let ep = EndpointReport { addrs: vec![], listen_port: Some(51820) };
+//! let ep = EndpointReport { addrs: vec![], listen_port: Some(51820), transparent: false };
 //! let e = enrol(&token, "db1", &key, ep.clone()).await?;          // persist e.coordinator + key
 //! let s = spawn_session(SessionConfig::new(e.coordinator, e.coordinator_key, key, ep));
 //! let mut maps = s.map();
@@ -93,6 +93,37 @@ pub fn client_endpoint(bind: SocketAddr) -> Result<quinn::Endpoint, ClientError>
     Ok(ep)
 }
 
+/// Like [`client_endpoint`], with the socket's packets carrying firewall mark `fwmark`
+/// (`SO_MARK`): transparent mode's policy routing lets marked packets bypass the tunnel, so
+/// the control connection to a coordinator on a peer's address is not steered into it.
+pub fn client_endpoint_marked(
+    bind: SocketAddr,
+    fwmark: Option<u32>,
+) -> Result<quinn::Endpoint, ClientError> {
+    let Some(mark) = fwmark else {
+        return client_endpoint(bind);
+    };
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(bind),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    sock.set_mark(mark)?;
+    sock.bind(&bind.into())?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| ClientError::Setup("no async runtime for the QUIC endpoint".into()))?;
+    let mut ep = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        sock.into(),
+        runtime,
+    )?;
+    ep.set_default_client_config(
+        quic::client_config().map_err(|e| ClientError::Setup(format!("{e:#}")))?,
+    );
+    Ok(ep)
+}
+
 fn wildcard_for(addr: SocketAddr) -> SocketAddr {
     if addr.is_ipv4() {
         SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
@@ -123,10 +154,11 @@ async fn open(
     coordinator_key: &PublicKey,
     key: &PrivateKey,
     endpoint: Option<&quinn::Endpoint>,
+    fwmark: Option<u32>,
 ) -> Result<Open, ClientError> {
     let ep = match endpoint {
         Some(e) => e.clone(),
-        None => client_endpoint(wildcard_for(addr))?,
+        None => client_endpoint_marked(wildcard_for(addr), fwmark)?,
     };
     let conn = timed(ep.connect(addr, "meshd-coordinator")?).await?;
     let (send, recv) = timed(conn.open_bi()).await?;
@@ -182,7 +214,7 @@ pub async fn enrol_via(
     key: &PrivateKey,
     endpoints: EndpointReport,
 ) -> Result<Enrolment, ClientError> {
-    let mut o = open(token.control, &token.coordinator_key, key, endpoint).await?;
+    let mut o = open(token.control, &token.coordinator_key, key, endpoint, None).await?;
     let host = hello(
         &mut o,
         AgentMessage::Enrol {
@@ -216,6 +248,8 @@ pub struct SessionConfig {
     pub initial_map: Option<NetworkMap>,
     /// A shared client endpoint (`None`: one per session).
     pub endpoint: Option<quinn::Endpoint>,
+    /// Firewall mark for the session's own socket (when `endpoint` is `None`).
+    pub fwmark: Option<u32>,
 }
 
 impl SessionConfig {
@@ -233,6 +267,7 @@ impl SessionConfig {
             endpoints,
             initial_map: None,
             endpoint: None,
+            fwmark: None,
         }
     }
 }
@@ -411,6 +446,7 @@ async fn run_once(
         &cfg.coordinator_key,
         &cfg.private_key,
         cfg.endpoint.as_ref(),
+        cfg.fwmark,
     )
     .await?;
     let report = report_rx.borrow_and_update().clone();

@@ -538,16 +538,23 @@ impl Actor {
                     .state
                     .sessions()
                     .into_iter()
-                    .map(|s| ConnectedAgent {
-                        id: s.host,
-                        name: self
-                            .state
-                            .host(s.host)
-                            .map(|h| h.name.clone())
-                            .unwrap_or_default(),
-                        sent_version: s.sent_version,
-                        acked_version: s.acked_version,
-                        connected_at: s.connected_at,
+                    .map(|s| {
+                        let host = self.state.host(s.host);
+                        let transparent = host.is_some_and(|h| h.transparent);
+                        let mut protected: Vec<IpAddr> = host
+                            .filter(|h| h.transparent)
+                            .map(|h| h.endpoints().iter().map(|e| e.ip()).collect())
+                            .unwrap_or_default();
+                        protected.dedup();
+                        ConnectedAgent {
+                            id: s.host,
+                            name: host.map(|h| h.name.clone()).unwrap_or_default(),
+                            sent_version: s.sent_version,
+                            acked_version: s.acked_version,
+                            connected_at: s.connected_at,
+                            mode: if transparent { "transparent" } else { "overlay" }.into(),
+                            protected,
+                        }
                     })
                     .collect();
                 AdminReply::Status(StatusView {

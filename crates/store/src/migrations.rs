@@ -77,4 +77,12 @@ CREATE TABLE blocks (
 CREATE INDEX blocks_at ON blocks(at);
 "#,
     ),
+    (
+        3,
+        "transparent mode",
+        r#"
+-- The agent runs in transparent mode (encrypts traffic to peers' underlay addresses).
+ALTER TABLE hosts ADD COLUMN transparent INTEGER NOT NULL DEFAULT 0;
+"#,
+    ),
 ];

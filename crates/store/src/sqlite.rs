@@ -105,15 +105,16 @@ fn put_host(tx: &Transaction<'_>, h: &Host) -> Result<(), StoreError> {
     tx.execute(
         "INSERT INTO hosts (id, name, public_key, ipv4, ipv6, labels, reported, listen_port,
                             observed_ip, created_at, last_seen, removed, token_id,
-                            quarantined, revoked)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+                            quarantined, revoked, transparent)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
          ON CONFLICT(id) DO UPDATE SET
             name = excluded.name, public_key = excluded.public_key, ipv4 = excluded.ipv4,
             ipv6 = excluded.ipv6, labels = excluded.labels, reported = excluded.reported,
             listen_port = excluded.listen_port, observed_ip = excluded.observed_ip,
             created_at = excluded.created_at, last_seen = excluded.last_seen,
             removed = excluded.removed, token_id = excluded.token_id,
-            quarantined = excluded.quarantined, revoked = excluded.revoked",
+            quarantined = excluded.quarantined, revoked = excluded.revoked,
+            transparent = excluded.transparent",
         params![
             to_i64(h.id.0, "host id")?,
             h.name,
@@ -130,6 +131,7 @@ fn put_host(tx: &Transaction<'_>, h: &Host) -> Result<(), StoreError> {
             h.token_id.map(|t| to_i64(t.0, "token id")).transpose()?,
             h.quarantined,
             h.revoked,
+            h.transparent,
         ],
     )?;
     Ok(())
@@ -208,6 +210,7 @@ fn host_from_row(row: &Row<'_>) -> Result<Host, StoreError> {
             .map_err(|_| bad("token_id"))?,
         quarantined: row.get(13)?,
         revoked: row.get(14)?,
+        transparent: row.get(15)?,
     })
 }
 
@@ -259,7 +262,7 @@ impl Store for SqliteStore {
                 let mut st = tx.prepare(
                     "SELECT id, name, public_key, ipv4, ipv6, labels, reported, listen_port,
                             observed_ip, created_at, last_seen, removed, token_id,
-                            quarantined, revoked
+                            quarantined, revoked, transparent
                      FROM hosts ORDER BY id",
                 )?;
                 let mut rows = st.query([])?;
@@ -445,6 +448,7 @@ mod tests {
             token_id: Some(TokenId(1)),
             quarantined: false,
             revoked: false,
+            transparent: true,
         }
     }
 
@@ -467,7 +471,7 @@ mod tests {
         let mut h2 = host(2);
         {
             let s = SqliteStore::open(&path).unwrap();
-            assert_eq!(s.schema_version().unwrap(), 2);
+            assert_eq!(s.schema_version().unwrap(), 3);
             assert_eq!(s.load().unwrap(), Snapshot::default());
             s.commit(&Dirty {
                 hosts: vec![host(1), h2.clone()],

@@ -21,6 +21,7 @@ fn ep(port: u16) -> EndpointReport {
     EndpointReport {
         addrs: vec![SocketAddr::from(([192, 0, 2, 1], port))],
         listen_port: Some(51820),
+        transparent: false,
     }
 }
 
