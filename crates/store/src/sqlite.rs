@@ -509,7 +509,7 @@ mod tests {
             vec![(9, "duplicate_connection".into(), "host h1".into())]
         );
         // Migrations are recorded once.
-        assert_eq!(s.schema_version().unwrap(), 2);
+        assert_eq!(s.schema_version().unwrap(), 3);
         let journal: String = s
             .with(|c| Ok(c.query_row("PRAGMA journal_mode", [], |r| r.get(0))?))
             .unwrap();
