@@ -1,0 +1,612 @@
+//! Host networking for meshd's transparent mode.
+//!
+//! In transparent mode applications keep talking to peers' *underlay* addresses and meshd
+//! encrypts that traffic anyway. This crate installs what the host needs for that and removes
+//! it again:
+//!
+//! - **Policy routing** (rtnetlink, IPv4 and IPv6), like wg-quick's full tunnel: a rule
+//!   `not fwmark MARK lookup TABLE` at a fixed priority, and in TABLE one host route
+//!   (/32, /128) per peer underlay address via the TUN, with the host's own underlay address as
+//!   preferred source (so sockets bind the real address, not the overlay one). Unmarked traffic
+//!   to a peer therefore enters the TUN with its real addresses; meshd's own sockets set
+//!   `SO_MARK = MARK`, skip the rule and reach the peer directly.
+//! - **An input guard** (nftables table `inet meshd_<ifname>`): on the covered TCP/UDP ports,
+//!   only packets from `lo`, from the TUN, to meshd's tunnel port, or replies to connections
+//!   this host opened are accepted. Other packets to covered ports (plaintext from the
+//!   underlay) are recorded as `source . protocol . port` with a packet counter in a dynamic
+//!   set and dropped; [`HostNet::take_blocked`] reads those counters for the block log.
+//!   Uncovered ports are untouched.
+//! - **Marks for strict reverse-path filtering**: packets to the tunnel port, and replies on
+//!   marked connections (ct mark save/restore), carry MARK on input, and
+//!   `net.ipv4.conf.all.src_valid_mark` is set to 1 (as wg-quick does; it is not reset on
+//!   stop, because other tunnels may rely on it). With `rp_filter = 1` the reverse lookup of
+//!   an encrypted packet from a peer would otherwise pick the TUN route and drop it.
+//!
+//! Everything is keyed by the [`Config`]: the rules are those pointing at `table`, the routes
+//! are those in `table`, the nft table is named after the interface. [`HostNet::start`]
+//! deletes all of that first, so a restart after SIGKILL leaves no duplicates;
+//! [`HostNet::stop`] (or [`cleanup_stale`]) deletes it. Dropping a [`HostNet`] without `stop`
+//! leaves the state installed (that is what a crash does).
+//!
+//! The decisions (route diffs, port-range merging, counter deltas, the nft JSON documents)
+//! are pure functions in [`plan`] and [`nft`]; the nft documents are applied with
+//! `nft -j -f -`, each as one atomic transaction. Needs CAP_NET_ADMIN and the `nft` binary.
+
+pub mod nft;
+pub mod plan;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use anyhow::Context as _;
+use futures_util::TryStreamExt as _;
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope,
+};
+use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage};
+use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
+
+/// Default firewall mark of meshd's own sockets ("MSH").
+pub const DEFAULT_FWMARK: u32 = 0x004d_5348;
+/// Default routing table for the routes into the TUN.
+pub const DEFAULT_TABLE: u32 = 0x004d_5348;
+/// Default priority of the `not fwmark lookup TABLE` rules (before main at 32766).
+pub const DEFAULT_RULE_PRIORITY: u32 = 5200;
+
+/// What to install, and for which interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Index of the TUN device the routes point into.
+    pub if_index: u32,
+    /// Name of the TUN device (input accepted from it; names the nft table).
+    pub if_name: String,
+    /// Mark on meshd's own sockets (SO_MARK); marked traffic bypasses the TUN routes.
+    pub fwmark: u32,
+    /// Routing table for the routes into the TUN (owned by this instance).
+    pub table: u32,
+    /// Priority of the IPv4 and IPv6 rules.
+    pub rule_priority: u32,
+    /// meshd's bound UDP tunnel port (always accepted on input); not 0.
+    pub listen_port: u16,
+}
+
+impl Config {
+    /// A config with the default mark, table and priority.
+    pub fn with_defaults(if_index: u32, if_name: impl Into<String>, listen_port: u16) -> Config {
+        Config {
+            if_index,
+            if_name: if_name.into(),
+            fwmark: DEFAULT_FWMARK,
+            table: DEFAULT_TABLE,
+            rule_priority: DEFAULT_RULE_PRIORITY,
+            listen_port,
+        }
+    }
+
+    /// Rejects values that would touch state that is not ours or cannot work.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.if_name.is_empty() || self.if_name.len() > 15 {
+            anyhow::bail!("interface name {:?} must have 1 to 15 bytes", self.if_name);
+        }
+        if self.if_index == 0 {
+            anyhow::bail!("interface index must not be 0");
+        }
+        if self.fwmark == 0 {
+            anyhow::bail!("fwmark must not be 0 (unmarked traffic would bypass the TUN too)");
+        }
+        // 0 unspec, 253 default, 254 main, 255 local.
+        if matches!(self.table, 0 | 253..=255) {
+            anyhow::bail!(
+                "table {} is a kernel table; use a table of its own",
+                self.table
+            );
+        }
+        if self.rule_priority == 0 || self.rule_priority >= 32766 {
+            anyhow::bail!(
+                "rule priority {} must be between 1 and 32765 (before the main table)",
+                self.rule_priority
+            );
+        }
+        if self.listen_port == 0 {
+            anyhow::bail!("listen_port must be the bound tunnel port, not 0");
+        }
+        Ok(())
+    }
+
+    /// Name of the nft table, `meshd_<sanitised ifname>`.
+    pub fn nft_table(&self) -> String {
+        plan::nft_table_name(&self.if_name)
+    }
+}
+
+/// A host route to a peer underlay address via the TUN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Route {
+    /// The peer's underlay address (a /32 or /128 route).
+    pub dst: IpAddr,
+    /// This host's own underlay address of the same family (RTA_PREFSRC).
+    pub src: Option<IpAddr>,
+}
+
+/// Ports whose inbound traffic must come through the TUN: inclusive ranges.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Covered {
+    /// Covered TCP port ranges.
+    pub tcp: Vec<(u16, u16)>,
+    /// Covered UDP port ranges.
+    pub udp: Vec<(u16, u16)>,
+}
+
+/// Transport protocol of a blocked packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proto {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        })
+    }
+}
+
+/// Plaintext packets dropped on a covered port since the previous [`HostNet::take_blocked`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Blocked {
+    /// Source address of the dropped packets.
+    pub src: IpAddr,
+    /// Their protocol.
+    pub proto: Proto,
+    /// Their destination port.
+    pub port: u16,
+    /// How many were dropped since the previous call.
+    pub packets: u64,
+}
+
+/// The installed host-networking state of one meshd instance.
+///
+/// Call order: [`HostNet::start`], then any number of [`HostNet::set_routes`],
+/// [`HostNet::set_covered`] and [`HostNet::take_blocked`], then [`HostNet::stop`].
+pub struct HostNet {
+    cfg: Config,
+    nft_table: String,
+    handle: Handle,
+    conn: tokio::task::JoinHandle<()>,
+    /// Routes in `cfg.table` that this instance installed: destination → preferred source.
+    installed: BTreeMap<IpAddr, Option<IpAddr>>,
+    /// Blocked-set counters at the previous `take_blocked`.
+    blocked_seen: HashMap<plan::BlockedKey, u64>,
+}
+
+impl fmt::Debug for HostNet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HostNet")
+            .field("cfg", &self.cfg)
+            .field("installed", &self.installed)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opens an rtnetlink connection whose task runs on the current tokio runtime.
+fn connect() -> anyhow::Result<(Handle, tokio::task::JoinHandle<()>)> {
+    let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+    Ok((handle, tokio::spawn(conn)))
+}
+
+impl HostNet {
+    /// Removes stale state of `cfg` (from a crash), then installs the IPv4 and IPv6 rules
+    /// and the nft table with empty covered sets. Must run inside a tokio runtime.
+    pub async fn start(cfg: Config) -> anyhow::Result<HostNet> {
+        cfg.validate()?;
+        let (handle, conn) = connect()?;
+        let nft_table = cfg.nft_table();
+        let mut me = HostNet {
+            cfg,
+            nft_table,
+            handle,
+            conn,
+            installed: BTreeMap::new(),
+            blocked_seen: HashMap::new(),
+        };
+        if let Err(e) = me.install().await {
+            // Leave nothing half-installed behind.
+            if let Err(e2) = remove_all(&me.handle, &me.cfg).await {
+                tracing::warn!(error = %format!("{e2:#}"), "cleanup after failed start");
+            }
+            me.conn.abort();
+            return Err(e);
+        }
+        Ok(me)
+    }
+
+    async fn install(&mut self) -> anyhow::Result<()> {
+        remove_all(&self.handle, &self.cfg)
+            .await
+            .context("removing stale state")?;
+        for v6 in [false, true] {
+            add_rule(&self.handle, &self.cfg, v6).await?;
+        }
+        nft::apply(
+            &nft::create_table(&self.nft_table, &self.cfg),
+            "creating the input guard table",
+        )?;
+        enable_src_valid_mark();
+        Ok(())
+    }
+
+    /// The config this instance was started with.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Makes the routes in the table equal to `routes`: adds new ones, replaces those whose
+    /// source changed, deletes those no longer wanted. Every change is tried; the first
+    /// failure is returned, and what did succeed is remembered.
+    pub async fn set_routes(&mut self, routes: &[Route]) -> anyhow::Result<()> {
+        let wanted = plan::wanted_routes(routes)?;
+        let diff = plan::diff_routes(&self.installed, &wanted);
+        let mut first_err: Option<anyhow::Error> = None;
+        for dst in diff.remove {
+            let src = self.installed.get(&dst).copied().flatten();
+            let msg = route_message(&self.cfg, Route { dst, src });
+            match self.handle.route().del(msg).execute().await {
+                Ok(()) => {
+                    self.installed.remove(&dst);
+                }
+                Err(e) if is_errno(&e, libc_esrch()) => {
+                    // Already gone (someone deleted it, or the TUN went down): fine.
+                    self.installed.remove(&dst);
+                }
+                Err(e) => {
+                    let e = anyhow::Error::new(e).context(format!("deleting route to {dst}"));
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        for r in diff.upsert {
+            let msg = route_message(&self.cfg, r);
+            match self.handle.route().add(msg).replace().execute().await {
+                Ok(()) => {
+                    self.installed.insert(r.dst, r.src);
+                }
+                Err(e) => {
+                    let src = r.src.map_or_else(|| "none".to_owned(), |s| s.to_string());
+                    let e = anyhow::Error::new(e).context(format!(
+                        "adding route to {} (src {src}) in table {}",
+                        r.dst, self.cfg.table
+                    ));
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// The routes currently installed by this instance.
+    pub fn routes(&self) -> Vec<Route> {
+        self.installed
+            .iter()
+            .map(|(&dst, &src)| Route { dst, src })
+            .collect()
+    }
+
+    /// Replaces the covered ports in one nft transaction (both sets flushed and refilled;
+    /// established tunnel traffic is never affected). Overlapping ranges are merged.
+    pub fn set_covered(&mut self, covered: &Covered) -> anyhow::Result<()> {
+        let normal = Covered {
+            tcp: plan::normalize_ranges(&covered.tcp).context("covered tcp ports")?,
+            udp: plan::normalize_ranges(&covered.udp).context("covered udp ports")?,
+        };
+        nft::apply(
+            &nft::set_covered(&self.nft_table, &normal),
+            "replacing covered ports",
+        )
+    }
+
+    /// Plaintext packets dropped on covered ports since the previous call, per source,
+    /// protocol and port. Records expire after [`nft::BLOCKED_TIMEOUT_S`] without hits, so
+    /// call this more often than that.
+    pub fn take_blocked(&mut self) -> anyhow::Result<Vec<Blocked>> {
+        let listing = nft::list_table(&self.nft_table)?.with_context(|| {
+            format!(
+                "nft table inet {} is gone (deleted by someone else?)",
+                self.nft_table
+            )
+        })?;
+        let now = nft::parse_blocked(&listing)?;
+        Ok(plan::blocked_increase(&mut self.blocked_seen, now))
+    }
+
+    /// Removes the rules, the routes in the table and the nft table.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        let res = remove_all(&self.handle, &self.cfg).await;
+        self.installed.clear();
+        self.conn.abort();
+        res
+    }
+}
+
+impl Drop for HostNet {
+    fn drop(&mut self) {
+        self.conn.abort();
+    }
+}
+
+/// Removes whatever an instance with `cfg` may have left behind (rules pointing at the
+/// table, routes in the table, the nft table). Idempotent; needs a tokio runtime.
+pub async fn cleanup_stale(cfg: &Config) -> anyhow::Result<()> {
+    cfg.validate()?;
+    let (handle, conn) = connect()?;
+    let res = remove_all(&handle, cfg).await;
+    conn.abort();
+    res
+}
+
+/// Deletes rules, routes and the nft table of `cfg`; tries all three, returns the first error.
+async fn remove_all(handle: &Handle, cfg: &Config) -> anyhow::Result<()> {
+    let mut errors = Vec::new();
+    if let Err(e) = remove_rules(handle, cfg).await {
+        errors.push(e);
+    }
+    if let Err(e) = remove_routes(handle, cfg).await {
+        errors.push(e);
+    }
+    if let Err(e) = nft::apply(&nft::delete_table(&cfg.nft_table()), "deleting the table") {
+        errors.push(e);
+    }
+    match errors.into_iter().next() {
+        None => Ok(()),
+        Some(e) => Err(e),
+    }
+}
+
+/// Table of a rule: the FRA_TABLE attribute if present, else the header byte.
+pub fn rule_table(rule: &RuleMessage) -> u32 {
+    rule.attributes
+        .iter()
+        .find_map(|a| match a {
+            RuleAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(rule.header.table))
+}
+
+/// Table of a route: the RTA_TABLE attribute if present, else the header byte.
+pub fn route_table(route: &RouteMessage) -> u32 {
+    route
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(route.header.table))
+}
+
+/// All rules of one family.
+pub async fn dump_rules(handle: &Handle, v6: bool) -> anyhow::Result<Vec<RuleMessage>> {
+    let ver = if v6 { IpVersion::V6 } else { IpVersion::V4 };
+    handle
+        .rule()
+        .get(ver)
+        .execute()
+        .try_collect()
+        .await
+        .context("dumping rules")
+}
+
+/// All routes of one family, in every table.
+pub async fn dump_routes(handle: &Handle, v6: bool) -> anyhow::Result<Vec<RouteMessage>> {
+    let msg = if v6 {
+        RouteMessageBuilder::<Ipv6Addr>::new().build()
+    } else {
+        RouteMessageBuilder::<Ipv4Addr>::new().build()
+    };
+    handle
+        .route()
+        .get(msg)
+        .execute()
+        .try_collect()
+        .await
+        .context("dumping routes")
+}
+
+async fn remove_rules(handle: &Handle, cfg: &Config) -> anyhow::Result<()> {
+    for v6 in [false, true] {
+        for rule in dump_rules(handle, v6).await? {
+            if rule_table(&rule) != cfg.table {
+                continue;
+            }
+            match handle.rule().del(rule).execute().await {
+                Ok(()) => {}
+                Err(e) if is_errno(&e, libc_enoent()) => {}
+                Err(e) => return Err(anyhow::Error::new(e).context("deleting a stale rule")),
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn remove_routes(handle: &Handle, cfg: &Config) -> anyhow::Result<()> {
+    for v6 in [false, true] {
+        for route in dump_routes(handle, v6).await? {
+            if route_table(&route) != cfg.table {
+                continue;
+            }
+            match handle.route().del(route).execute().await {
+                Ok(()) => {}
+                Err(e) if is_errno(&e, libc_esrch()) => {}
+                Err(e) => return Err(anyhow::Error::new(e).context("deleting a route")),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `not fwmark MARK lookup TABLE` at the configured priority, for one family.
+async fn add_rule(handle: &Handle, cfg: &Config, v6: bool) -> anyhow::Result<()> {
+    let base = handle
+        .rule()
+        .add()
+        .table_id(cfg.table)
+        .priority(cfg.rule_priority)
+        .fw_mark(cfg.fwmark)
+        .action(RuleAction::ToTable);
+    let res = if v6 {
+        let mut req = base.v6();
+        req.message_mut().header.flags |= RuleFlags::Invert;
+        req.execute().await
+    } else {
+        let mut req = base.v4();
+        req.message_mut().header.flags |= RuleFlags::Invert;
+        req.execute().await
+    };
+    res.with_context(|| {
+        format!(
+            "adding IPv{} rule 'not fwmark {:#x} lookup {}' at priority {}",
+            if v6 { 6 } else { 4 },
+            cfg.fwmark,
+            cfg.table,
+            cfg.rule_priority
+        )
+    })
+}
+
+/// The netlink message for a host route to `r.dst` via the TUN in the table.
+fn route_message(cfg: &Config, r: Route) -> RouteMessage {
+    let mut msg = match (r.dst, r.src) {
+        (IpAddr::V4(dst), src) => {
+            let mut b = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(dst, 32);
+            if let Some(IpAddr::V4(s)) = src {
+                b = b.pref_source(s);
+            }
+            b.output_interface(cfg.if_index)
+                .table_id(cfg.table)
+                .scope(RouteScope::Link)
+                .build()
+        }
+        (IpAddr::V6(dst), src) => {
+            let mut b = RouteMessageBuilder::<Ipv6Addr>::new().destination_prefix(dst, 128);
+            if let Some(IpAddr::V6(s)) = src {
+                b = b.pref_source(s);
+            }
+            b.output_interface(cfg.if_index)
+                .table_id(cfg.table)
+                .scope(RouteScope::Link)
+                .build()
+        }
+    };
+    if cfg.table > 255 {
+        msg.header.table = RouteHeader::RT_TABLE_UNSPEC;
+    }
+    msg
+}
+
+/// The preferred source of a dumped route, if any.
+pub fn route_pref_source(route: &RouteMessage) -> Option<IpAddr> {
+    route.attributes.iter().find_map(|a| match a {
+        RouteAttribute::PrefSource(RouteAddress::Inet(a)) => Some(IpAddr::V4(*a)),
+        RouteAttribute::PrefSource(RouteAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
+        _ => None,
+    })
+}
+
+/// True if `e` is a netlink error with this (positive) errno.
+fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.code.is_some_and(|c| c.get().abs() == errno),
+        _ => false,
+    }
+}
+
+/// ENOENT: a rule to delete is already gone.
+const fn libc_enoent() -> i32 {
+    2
+}
+
+/// ESRCH: a route to delete is already gone.
+const fn libc_esrch() -> i32 {
+    3
+}
+
+/// Sets `net.ipv4.conf.all.src_valid_mark = 1` if it is 0 (see the crate docs); a failure
+/// is only logged, since it matters only with strict reverse-path filtering.
+fn enable_src_valid_mark() {
+    const PATH: &str = "/proc/sys/net/ipv4/conf/all/src_valid_mark";
+    match std::fs::read_to_string(PATH) {
+        Ok(v) if v.trim() == "0" => {
+            if let Err(e) = std::fs::write(PATH, "1") {
+                tracing::warn!(error = %e, "could not set {PATH} = 1; strict rp_filter may drop tunnel packets");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not read {PATH}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_validation() {
+        let good = Config::with_defaults(3, "mesh0", 51820);
+        good.validate().unwrap();
+        for bad in [
+            Config {
+                fwmark: 0,
+                ..good.clone()
+            },
+            Config {
+                table: 254,
+                ..good.clone()
+            },
+            Config {
+                listen_port: 0,
+                ..good.clone()
+            },
+            Config {
+                if_name: "a-very-long-interface".into(),
+                ..good.clone()
+            },
+            Config {
+                rule_priority: 32766,
+                ..good.clone()
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+        assert_eq!(good.nft_table(), "meshd_mesh0");
+    }
+
+    #[test]
+    fn route_messages_carry_table_oif_and_source() {
+        let cfg = Config::with_defaults(9, "mesh0", 51820);
+        let msg = route_message(
+            &cfg,
+            Route {
+                dst: "198.18.0.2".parse().unwrap(),
+                src: Some("198.18.0.1".parse().unwrap()),
+            },
+        );
+        assert_eq!(route_table(&msg), DEFAULT_TABLE);
+        assert_eq!(msg.header.destination_prefix_length, 32);
+        assert!(msg.attributes.contains(&RouteAttribute::Oif(9)));
+        assert_eq!(route_pref_source(&msg), Some("198.18.0.1".parse().unwrap()));
+        let msg6 = route_message(
+            &cfg,
+            Route {
+                dst: "fd00:1::2".parse().unwrap(),
+                src: None,
+            },
+        );
+        assert_eq!(msg6.header.destination_prefix_length, 128);
+        assert_eq!(route_pref_source(&msg6), None);
+    }
+}
