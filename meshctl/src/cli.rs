@@ -14,6 +14,11 @@ use crate::parse;
 /// http://127.0.0.1:7444. The admin token comes from --token, MESH_TOKEN, `token`/`token_file`
 /// in the config file, or <state-dir>/admin.token. Config file: --config, MESHCTL_CONFIG,
 /// ~/.config/meshctl/config.toml, or /etc/meshd/meshctl.toml.
+///
+/// An admin API bound anywhere but loopback speaks HTTPS only: use --server https://HOST:PORT.
+/// Its certificate is checked against --ca, MESH_CA, `ca_file` in the config file, or
+/// <state-dir>/admin-cert.pem (the coordinator's self-signed one) when that exists, else the
+/// system's trusted roots.
 #[derive(Debug, Parser)]
 #[command(name = "meshctl", version, propagate_version = true)]
 pub struct Cli {
@@ -28,16 +33,20 @@ pub struct Cli {
 /// Options every command takes.
 #[derive(Debug, Clone, Args)]
 pub struct GlobalArgs {
-    /// Coordinator admin API URL [env: MESH_SERVER] [default: http://127.0.0.1:7444].
+    /// Coordinator admin API URL, http:// or https:// [env: MESH_SERVER] [default: http://127.0.0.1:7444].
     #[arg(long, global = true, value_name = "URL")]
     pub server: Option<String>,
     /// Admin token [env: MESH_TOKEN] [default: read from <state-dir>/admin.token].
     #[arg(long, global = true, value_name = "TOKEN")]
     pub token: Option<String>,
-    /// Coordinator state directory holding admin.token [env: MESH_STATE_DIR] [default: /var/lib/meshd].
+    /// Coordinator state directory holding admin.token and admin-cert.pem [env: MESH_STATE_DIR] [default: /var/lib/meshd].
     #[arg(long, global = true, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
-    /// Config file with `server` and `token` or `token_file` [env: MESHCTL_CONFIG].
+    /// PEM certificate(s) to trust for an https:// server: the coordinator's admin-cert.pem or
+    /// its CA [env: MESH_CA] [default: <state-dir>/admin-cert.pem if it exists, else the system's roots].
+    #[arg(long, global = true, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// Config file with `server`, `token` or `token_file`, and `ca_file` [env: MESHCTL_CONFIG].
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Output format.

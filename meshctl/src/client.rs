@@ -8,6 +8,9 @@ use std::time::Duration;
 use meshd_control::api::ApiError;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use ureq::tls::{RootCerts, TlsConfig, TlsProvider};
+
+use crate::config::Trust;
 
 /// Connect timeout.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -45,6 +48,24 @@ pub enum ApiFailure {
         /// Itemised failures (a policy's parse error or failing tests).
         failures: Vec<String>,
     },
+    /// The server's TLS certificate was refused.
+    Untrusted {
+        /// Base URL.
+        url: String,
+        /// Why rustls refused it.
+        cause: CertProblem,
+        /// rustls' own words.
+        detail: String,
+        /// What it was checked against.
+        trust: String,
+    },
+    /// The TLS handshake failed for another reason.
+    Tls {
+        /// Base URL.
+        url: String,
+        /// What went wrong.
+        detail: String,
+    },
     /// The transfer failed after connecting, or the reply was not the expected JSON.
     Protocol {
         /// Base URL.
@@ -80,6 +101,48 @@ impl fmt::Display for ApiFailure {
                 }
                 Ok(())
             }
+            ApiFailure::Untrusted {
+                url,
+                cause,
+                detail,
+                trust,
+            } => {
+                let what = match cause {
+                    CertProblem::UnknownIssuer => "is not signed by a trusted certificate",
+                    CertProblem::WrongName => "is not valid for the name in the URL",
+                    CertProblem::Expired => "has expired or is not valid yet",
+                    CertProblem::Other => "was refused",
+                };
+                write!(
+                    f,
+                    "the coordinator's TLS certificate at {url} {what} ({detail}; checked against \
+                     {trust}): "
+                )?;
+                match cause {
+                    CertProblem::WrongName => write!(
+                        f,
+                        "use a --server address the certificate names (a generated one names the \
+                         admin listen address, --advertise, localhost and 127.0.0.1), or give the \
+                         coordinator a certificate for this name with --admin-tls-cert/--admin-tls-key"
+                    ),
+                    CertProblem::Expired => write!(
+                        f,
+                        "renew it (a generated one: delete admin-cert.pem and admin-key.pem in the \
+                         coordinator's state directory and restart it), or check this machine's clock"
+                    ),
+                    CertProblem::UnknownIssuer | CertProblem::Other => write!(
+                        f,
+                        "pass --ca <coordinator state-dir>/admin-cert.pem (or set MESH_CA, or \
+                         `ca_file` in the config file; a copy of that file works too), and compare its \
+                         SHA-256 fingerprint with the one the coordinator logs at start"
+                    ),
+                }
+            }
+            ApiFailure::Tls { url, detail } => write!(
+                f,
+                "TLS handshake with {url} failed ({detail}): is the admin API plain HTTP? \
+                 (it is on loopback unless the coordinator runs with --admin-tls) then use http://"
+            ),
             ApiFailure::Protocol { url, detail } => write!(
                 f,
                 "bad reply from {url}: {detail} (is --server the coordinator's admin API address?)"
@@ -90,28 +153,77 @@ impl fmt::Display for ApiFailure {
 
 impl std::error::Error for ApiFailure {}
 
+/// Why a server certificate was refused, as far as the hint goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertProblem {
+    /// Not signed by a trusted certificate (self-signed and not given with --ca, another CA).
+    UnknownIssuer,
+    /// Valid, but not for the host name or address in the URL.
+    WrongName,
+    /// Outside its validity period.
+    Expired,
+    /// Anything else (bad signature, revoked, wrong usage, ...).
+    Other,
+}
+
+impl CertProblem {
+    fn of(e: &rustls::CertificateError) -> CertProblem {
+        use rustls::CertificateError as C;
+        match e {
+            C::UnknownIssuer | C::BadSignature | C::UnhandledCriticalExtension => {
+                CertProblem::UnknownIssuer
+            }
+            C::NotValidForName | C::NotValidForNameContext { .. } => CertProblem::WrongName,
+            C::Expired
+            | C::ExpiredContext { .. }
+            | C::NotValidYet
+            | C::NotValidYetContext { .. } => CertProblem::Expired,
+            _ => CertProblem::Other,
+        }
+    }
+}
+
 /// An admin API client.
 pub struct Client {
     base: String,
     token: String,
     token_source: String,
+    trust: String,
     agent: ureq::Agent,
     verbose: u8,
 }
 
 impl Client {
-    /// A client for `base` (normalised URL) with a bearer token.
-    pub fn new(base: String, token: String, token_source: String, verbose: u8) -> Self {
+    /// A client for `base` (normalised URL) with a bearer token; `trust` checks an https://
+    /// server's certificate.
+    pub fn new(
+        base: String,
+        token: String,
+        token_source: String,
+        trust: &Trust,
+        verbose: u8,
+    ) -> Self {
+        let roots = match trust {
+            Trust::Certs { certs, .. } => RootCerts::new_with_certs(certs),
+            Trust::System { .. } => RootCerts::PlatformVerifier,
+        };
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(CONNECT_TIMEOUT))
             .timeout_global(Some(REQUEST_TIMEOUT))
+            .tls_config(
+                TlsConfig::builder()
+                    .provider(TlsProvider::Rustls)
+                    .root_certs(roots)
+                    .build(),
+            )
             .build()
             .new_agent();
         Client {
             base,
             token,
             token_source,
+            trust: trust.to_string(),
             agent,
             verbose,
         }
@@ -238,7 +350,23 @@ impl Client {
             url: self.base.clone(),
             cause,
         };
+        let tls = |e: &rustls::Error| match e {
+            rustls::Error::InvalidCertificate(c) => ApiFailure::Untrusted {
+                url: self.base.clone(),
+                cause: CertProblem::of(c),
+                detail: e.to_string(),
+                trust: self.trust.clone(),
+            },
+            _ => ApiFailure::Tls {
+                url: self.base.clone(),
+                detail: e.to_string(),
+            },
+        };
         match e {
+            ureq::Error::Rustls(r) => tls(&r),
+            ureq::Error::Io(io) if rustls_error(&io).is_some() => {
+                rustls_error(&io).map_or_else(|| unreachable(io.to_string()), tls)
+            }
             ureq::Error::Io(io) => match io.kind() {
                 std::io::ErrorKind::ConnectionRefused => unreachable("connection refused".into()),
                 std::io::ErrorKind::TimedOut => unreachable("connection timed out".into()),
@@ -263,6 +391,11 @@ impl Client {
             },
         }
     }
+}
+
+/// The rustls error inside an I/O error (how a failed handshake reaches ureq's caller).
+fn rustls_error(io: &std::io::Error) -> Option<&rustls::Error> {
+    io.get_ref()?.downcast_ref::<rustls::Error>()
 }
 
 /// Turns a non-2xx reply into a failure, using the server's `ApiError` message when present.

@@ -3,6 +3,8 @@
 //! Precedence, highest first: command-line flag, environment variable, config file, default.
 //! - server: `--server`, `MESH_SERVER`, file `server`, `http://127.0.0.1:7444`.
 //! - token: `--token`, `MESH_TOKEN`, file `token`, file `token_file`, `<state-dir>/admin.token`.
+//! - CA for an https:// server: `--ca`, `MESH_CA`, file `ca_file` (or `ca`),
+//!   `<state-dir>/admin-cert.pem` when it exists, else the system's trusted roots.
 //! - state dir: `--state-dir`, `MESH_STATE_DIR`, `/var/lib/meshd`.
 //! - config file: `--config` / `MESHCTL_CONFIG` (must exist), else the first that exists of
 //!   `$XDG_CONFIG_HOME/meshctl/config.toml` (or `~/.config/meshctl/config.toml`) and
@@ -22,6 +24,8 @@ pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7444";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshd";
 /// Admin token file name inside the state directory.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+/// The coordinator's generated admin API certificate inside the state directory.
+pub const ADMIN_CERT_FILE: &str = "admin-cert.pem";
 /// System-wide config file.
 pub const SYSTEM_CONFIG: &str = "/etc/meshd/meshctl.toml";
 
@@ -34,6 +38,8 @@ pub struct FlagValues {
     pub token: Option<String>,
     /// `--state-dir`.
     pub state_dir: Option<PathBuf>,
+    /// `--ca`.
+    pub ca: Option<PathBuf>,
 }
 
 /// Values from the environment.
@@ -45,6 +51,8 @@ pub struct EnvValues {
     pub token: Option<String>,
     /// `MESH_STATE_DIR`.
     pub state_dir: Option<PathBuf>,
+    /// `MESH_CA`.
+    pub ca: Option<PathBuf>,
     /// `MESHCTL_CONFIG`.
     pub config: Option<PathBuf>,
     /// `XDG_CONFIG_HOME`.
@@ -66,6 +74,7 @@ impl EnvValues {
             server: s("MESH_SERVER"),
             token: s("MESH_TOKEN"),
             state_dir: p("MESH_STATE_DIR"),
+            ca: p("MESH_CA"),
             config: p("MESHCTL_CONFIG"),
             xdg_config_home: p("XDG_CONFIG_HOME"),
             home: p("HOME"),
@@ -73,7 +82,7 @@ impl EnvValues {
     }
 }
 
-/// The config file (`server`, `token` or `token_file`).
+/// The config file (`server`, `token` or `token_file`, `ca_file`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
@@ -83,6 +92,10 @@ pub struct FileConfig {
     pub token: Option<String>,
     /// File holding the admin token (relative paths: relative to the config file).
     pub token_file: Option<PathBuf>,
+    /// PEM file with the CA certificate(s) to trust for an https:// server (relative paths:
+    /// relative to the config file).
+    #[serde(alias = "ca")]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// A loaded config file and where it came from.
@@ -172,6 +185,122 @@ impl fmt::Display for TokenSource {
     }
 }
 
+/// Which certificates an https:// server's certificate is checked against (before any is read).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaSource {
+    /// `--ca`.
+    Flag(PathBuf),
+    /// `MESH_CA`.
+    Env(PathBuf),
+    /// `ca_file` in the config file (resolved against its directory).
+    File {
+        /// The config file.
+        config: PathBuf,
+        /// The CA file.
+        path: PathBuf,
+    },
+    /// `<state-dir>/admin-cert.pem` if it exists (the coordinator's generated certificate),
+    /// else the system's trusted roots.
+    Default(PathBuf),
+}
+
+impl CaSource {
+    /// The CA file named explicitly or by default (a default one may not exist).
+    pub fn path(&self) -> &Path {
+        match self {
+            CaSource::Flag(p) | CaSource::Env(p) | CaSource::Default(p) => p,
+            CaSource::File { path, .. } => path,
+        }
+    }
+}
+
+/// What an https:// server's certificate is checked against.
+#[derive(Debug, Clone)]
+pub enum Trust {
+    /// These certificates only (the coordinator's own, or the CA that signed it).
+    Certs {
+        /// The certificates.
+        certs: Vec<ureq::tls::Certificate<'static>>,
+        /// Where they came from (for messages).
+        from: String,
+    },
+    /// The system's trusted roots.
+    System {
+        /// Why (for messages), e.g. that the default CA file does not exist.
+        why: String,
+    },
+}
+
+impl fmt::Display for Trust {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Trust::Certs { from, .. } => write!(f, "{from}"),
+            Trust::System { why } => write!(f, "the system's trusted roots ({why})"),
+        }
+    }
+}
+
+impl CaSource {
+    /// Reads the certificates. A missing or unreadable default file means the system's roots;
+    /// a named file must be readable and hold at least one PEM certificate.
+    pub fn load(&self) -> anyhow::Result<Trust> {
+        let p = self.path();
+        let bytes = match std::fs::read(p) {
+            Ok(b) => b,
+            Err(e) if matches!(self, CaSource::Default(_)) => {
+                let why = match e.kind() {
+                    std::io::ErrorKind::NotFound => format!("no {}", p.display()),
+                    _ => format!("cannot read {}: {e}", p.display()),
+                };
+                return Ok(Trust::System { why });
+            }
+            Err(e) => {
+                let why = match e.kind() {
+                    std::io::ErrorKind::NotFound => "it does not exist".to_string(),
+                    std::io::ErrorKind::PermissionDenied => "permission denied".to_string(),
+                    _ => e.to_string(),
+                };
+                anyhow::bail!(
+                    "cannot read the CA file from {self}: {why}; pass --ca with the \
+                     coordinator's certificate (<coordinator state-dir>/{ADMIN_CERT_FILE}) \
+                     or the CA that signed it"
+                );
+            }
+        };
+        let mut certs = Vec::new();
+        for item in ureq::tls::parse_pem(&bytes) {
+            match item {
+                Ok(ureq::tls::PemItem::Certificate(c)) => certs.push(c),
+                Ok(_) => {}
+                Err(e) => anyhow::bail!("the CA file from {self} is not valid PEM: {e}"),
+            }
+        }
+        if certs.is_empty() {
+            anyhow::bail!(
+                "the CA file from {self} holds no certificate (expected PEM: \
+                 -----BEGIN CERTIFICATE-----)"
+            );
+        }
+        Ok(Trust::Certs {
+            certs,
+            from: self.to_string(),
+        })
+    }
+}
+
+impl fmt::Display for CaSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CaSource::Flag(p) => write!(f, "--ca {}", p.display()),
+            CaSource::Env(p) => write!(f, "MESH_CA={}", p.display()),
+            CaSource::File { config, path } => {
+                write!(f, "`ca_file` {} in {}", path.display(), config.display())
+            }
+            CaSource::Default(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
 /// Resolved settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
@@ -183,6 +312,8 @@ pub struct Settings {
     pub token: TokenSource,
     /// Coordinator state directory.
     pub state_dir: PathBuf,
+    /// Trust for an https:// server.
+    pub ca: CaSource,
 }
 
 /// Applies the precedence rules. Pure: no environment or file access.
@@ -217,11 +348,25 @@ pub fn resolve(flags: &FlagValues, env: &EnvValues, file: Option<&LoadedFile>) -
     } else {
         TokenSource::TokenFile(state_dir.join(ADMIN_TOKEN_FILE))
     };
+    let ca = if let Some(p) = &flags.ca {
+        CaSource::Flag(p.clone())
+    } else if let Some(p) = &env.ca {
+        CaSource::Env(p.clone())
+    } else if let (Some(f), Some(p)) = (file, fc.and_then(|c| c.ca_file.clone())) {
+        let base = f.path.parent().unwrap_or(Path::new("/"));
+        CaSource::File {
+            config: f.path.clone(),
+            path: base.join(p),
+        }
+    } else {
+        CaSource::Default(state_dir.join(ADMIN_CERT_FILE))
+    };
     Settings {
         server,
         server_source,
         token,
         state_dir,
+        ca,
     }
 }
 
@@ -269,6 +414,7 @@ mod tests {
                 server: server.map(Into::into),
                 token: token.map(Into::into),
                 token_file: token_file.map(Into::into),
+                ca_file: None,
             },
         }
     }
@@ -298,6 +444,7 @@ mod tests {
             server: Some("http://flag:1".into()),
             token: Some("flag-tok".into()),
             state_dir: Some("/flag/state".into()),
+            ca: None,
         };
         let s = resolve(&flags, &env, Some(&f));
         assert_eq!(
@@ -349,6 +496,75 @@ mod tests {
             s.token,
             TokenSource::TokenFile("/srv/mesh/admin.token".into())
         );
+    }
+
+    #[test]
+    fn ca_precedence() {
+        let mut f = file(None, None, None);
+        f.config.ca_file = Some("tls/ca.pem".into());
+        let env = EnvValues {
+            ca: Some("/env/ca.pem".into()),
+            ..Default::default()
+        };
+        let flags = FlagValues {
+            ca: Some("/flag/ca.pem".into()),
+            state_dir: Some("/srv/mesh".into()),
+            ..Default::default()
+        };
+        let s = resolve(&flags, &env, Some(&f));
+        assert_eq!(s.ca, CaSource::Flag("/flag/ca.pem".into()));
+        let s = resolve(&FlagValues::default(), &env, Some(&f));
+        assert_eq!(s.ca, CaSource::Env("/env/ca.pem".into()));
+        let s = resolve(&FlagValues::default(), &EnvValues::default(), Some(&f));
+        assert_eq!(s.ca.path(), Path::new("/etc/meshd/tls/ca.pem"));
+        assert!(
+            s.ca.to_string().contains("/etc/meshd/meshctl.toml"),
+            "{}",
+            s.ca
+        );
+        let flags = FlagValues {
+            state_dir: Some("/srv/mesh".into()),
+            ..Default::default()
+        };
+        let s = resolve(&flags, &EnvValues::default(), None);
+        assert_eq!(s.ca, CaSource::Default("/srv/mesh/admin-cert.pem".into()));
+        let p = Path::new("/x/meshctl.toml");
+        let c = FileConfig::parse("ca = \"a.pem\"", p).unwrap();
+        assert_eq!(c.ca_file, Some(PathBuf::from("a.pem")));
+    }
+
+    #[test]
+    fn ca_loading() {
+        let dir = tempfile::tempdir().unwrap();
+        // A missing default file means the system's roots; a missing named one is an error.
+        let missing = dir.path().join("admin-cert.pem");
+        match CaSource::Default(missing.clone()).load().unwrap() {
+            Trust::System { why } => assert!(why.contains("admin-cert.pem"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        let e = CaSource::Flag(missing.clone())
+            .load()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--ca") && e.contains("does not exist") && e.contains("admin-cert.pem"),
+            "{e}"
+        );
+        std::fs::write(&missing, "not a certificate\n").unwrap();
+        let e = CaSource::Env(missing.clone())
+            .load()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("MESH_CA") && e.contains("no certificate"), "{e}");
+        let pem = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .cert
+            .pem();
+        std::fs::write(&missing, format!("{pem}{pem}")).unwrap();
+        match CaSource::Default(missing).load().unwrap() {
+            Trust::Certs { certs, .. } => assert_eq!(certs.len(), 2),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

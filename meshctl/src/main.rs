@@ -80,13 +80,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             server: g.server.clone(),
             token: g.token.clone(),
             state_dir: g.state_dir.clone(),
+            ca: g.ca.clone(),
         };
         let s = config::resolve(&flags, &env, file.as_ref());
         let base = parse::server_url(&s.server)
             .map_err(|e| anyhow::anyhow!("{e} (from {})", s.server_source))?;
         let token = s.token.read()?;
+        let trust = if base.starts_with("https://") {
+            s.ca.load()?
+        } else {
+            config::Trust::System {
+                why: "plain HTTP".into(),
+            }
+        };
         Ok(Ctx {
-            client: Client::new(base.clone(), token, s.token.to_string(), g.verbose),
+            client: Client::new(base.clone(), token, s.token.to_string(), &trust, g.verbose),
             server: base,
             output: g.output,
             now: unix_now(),

@@ -129,7 +129,7 @@ pub fn probe(s: &str) -> Result<String, String> {
 }
 
 /// Normalises a server address: adds `http://` when no scheme is given, drops a trailing
-/// `/`, and refuses schemes meshctl cannot speak.
+/// `/`, and refuses schemes other than `http://` and `https://`.
 pub fn server_url(s: &str) -> Result<String, String> {
     let t = s.trim();
     let t = match t.find("://") {
@@ -139,22 +139,21 @@ pub fn server_url(s: &str) -> Result<String, String> {
     if t.is_empty() {
         return Err("empty server address: expected e.g. http://127.0.0.1:7444".into());
     }
-    if t.starts_with("https://") {
-        return Err(format!(
-            "{t}: https is not supported yet (the coordinator's admin API is plain HTTP; \
-             bind it to loopback and use http://)"
-        ));
-    }
-    if let Some(rest) = t.strip_prefix("http://") {
-        if rest.is_empty() {
-            return Err(format!(
-                "{s:?} has no host: expected e.g. http://127.0.0.1:7444"
-            ));
+    for scheme in ["http://", "https://"] {
+        if let Some(rest) = t.strip_prefix(scheme) {
+            if rest.is_empty() {
+                return Err(format!(
+                    "{s:?} has no host: expected e.g. {scheme}127.0.0.1:7444"
+                ));
+            }
+            return Ok(t.to_string());
         }
-        return Ok(t.to_string());
     }
     if t.contains("://") {
-        return Err(format!("{t}: unsupported scheme (use http://HOST:PORT)"));
+        return Err(format!(
+            "{t}: unsupported scheme (use http://HOST:PORT, or https://HOST:PORT when the \
+             admin API is not on loopback)"
+        ));
     }
     Ok(format!("http://{t}"))
 }
@@ -248,7 +247,12 @@ mod tests {
             "http://127.0.0.1:7444"
         );
         assert_eq!(server_url("http://h:1/").unwrap(), "http://h:1");
-        assert!(server_url("https://h:1").unwrap_err().contains("https"));
+        assert_eq!(server_url("https://h:1/").unwrap(), "https://h:1");
+        assert_eq!(
+            server_url(" https://198.18.0.1:7444 ").unwrap(),
+            "https://198.18.0.1:7444"
+        );
+        assert!(server_url("https://").unwrap_err().contains("no host"));
         assert!(server_url("ftp://h")
             .unwrap_err()
             .contains("unsupported scheme"));

@@ -343,13 +343,20 @@ fn unreachable_server() {
         e.contains("is `meshd coordinator` running? set --server or MESH_SERVER"),
         "{e}"
     );
+    // https:// is spoken too (tests/tls.rs); here nothing listens.
+    let url = format!("https://127.0.0.1:{}", dead_port());
     let e = fails(
         &c.bare()
-            .args(["--server", "https://h:1", "--token", "x", "status"])
+            .args(["--server", &url, "--token", "x", "--state-dir"])
+            .arg(c.dir.path().join("none"))
+            .arg("status")
             .output()
             .unwrap(),
     );
-    assert!(e.contains("https is not supported"), "{e}");
+    assert!(
+        e.contains(&format!("cannot reach the coordinator at {url}")),
+        "{e}"
+    );
 }
 
 #[test]

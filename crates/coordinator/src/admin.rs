@@ -1,6 +1,11 @@
 //! Admin HTTP/JSON API (axum) for `meshctl`. Routes and types: `meshd_control::api`.
 //! Authentication: `Authorization: Bearer <admin token>`, checked against the stored SHA-256.
-//! Plain HTTP: bind it to loopback (the default); TLS for other addresses is not implemented yet.
+//!
+//! Transport: plain HTTP on loopback (the default, 127.0.0.1:7444); HTTPS only anywhere else
+//! ([`crate::options::admin_needs_tls`]), with rustls. The certificate is the operator's
+//! (`--admin-tls-cert`/`--admin-tls-key`) or a self-signed one made on first start and kept as
+//! `<state-dir>/admin-cert.pem` + `admin-key.pem` (0600), which `meshctl` trusts by default.
+//! A plain HTTP request to the HTTPS port gets a 400 that says to use `https://`.
 
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
@@ -16,6 +21,26 @@ use meshd_control::policy::PolicyError;
 use meshd_control::state::AdminError;
 use meshd_control::TokenId;
 use tokio::sync::{mpsc, watch};
+
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{self, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use sha2::Digest as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, error, info, warn};
+
+use crate::options::AdminTlsFiles;
 
 use crate::server::{admin_call, admin_token_hash, AdminOp, AdminReply, Cmd};
 
@@ -301,19 +326,415 @@ fn router(st: AppState) -> Router {
         .with_state(st)
 }
 
+/// Serves the admin API on `listener` (HTTPS when `tls` is given) until `stop`.
 pub(crate) async fn serve(
-    listener: tokio::net::TcpListener,
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     cmds: mpsc::Sender<Cmd>,
     admin_hash: String,
     mut stop: watch::Receiver<bool>,
 ) {
     let app = router(AppState { cmds, admin_hash });
-    let res = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|v| *v).await;
-        })
-        .await;
+    let stopped = async move {
+        let _closed_means_stop = stop.wait_for(|v| *v).await;
+    };
+    let res = match tls {
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stopped)
+                .await
+        }
+        Some(config) => {
+            let (tls_listener, acceptor) = TlsListener::start(listener, config);
+            let res = axum::serve(tls_listener, app)
+                .with_graceful_shutdown(stopped)
+                .await;
+            // The accept loop owns the socket and the handshakes in flight: end them now.
+            acceptor.abort();
+            let _aborted = acceptor.await;
+            res
+        }
+    };
     if let Err(e) = res {
-        tracing::error!(error = %e, "admin API stopped");
+        error!(error = %e, "admin API stopped");
+    }
+}
+
+/// The admin certificate file in the state directory (made on first start when needed).
+pub const ADMIN_CERT_FILE: &str = "admin-cert.pem";
+/// The admin certificate's private key in the state directory (0600).
+pub const ADMIN_KEY_FILE: &str = "admin-key.pem";
+
+/// Validity of a generated certificate.
+const GENERATED_VALIDITY_DAYS: i64 = 10 * 365;
+/// TLS handshakes in progress at once; further connections wait in the kernel's backlog.
+const MAX_HANDSHAKES: usize = 64;
+/// A client has this long to finish the TLS handshake (or its plain HTTP request head).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Established connections handed to the HTTP server but not yet taken.
+const ACCEPTED_QUEUE: usize = 16;
+/// First byte of a TLS record carrying a handshake (a ClientHello).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+/// Largest plain HTTP request head read before answering it.
+const MAX_PLAIN_HEAD: usize = 8 * 1024;
+
+/// The admin API's TLS set-up, ready to serve.
+pub struct AdminTls {
+    /// rustls server configuration (HTTP/1.1).
+    pub config: Arc<rustls::ServerConfig>,
+    /// The leaf certificate file.
+    pub cert_path: PathBuf,
+    /// SHA-256 of the leaf certificate (DER), as `AB:CD:...` like `openssl x509 -fingerprint -sha256`.
+    pub fingerprint: String,
+    /// Whether the certificate was made on this start.
+    pub generated: bool,
+}
+
+/// SHA-256 fingerprint of a DER certificate, upper-case hex pairs joined by `:`.
+pub fn fingerprint(der: &[u8]) -> String {
+    let d = sha2::Sha256::digest(der);
+    let hex: Vec<String> = d.iter().map(|b| format!("{b:02X}")).collect();
+    hex.join(":")
+}
+
+/// The names a generated certificate is made for: localhost, 127.0.0.1 and ::1, the admin
+/// listen address, the control listen and advertised addresses (wildcards left out) and the
+/// host name, without duplicates.
+pub fn generated_names(ips: &[IpAddr], hostname: Option<&str>) -> Vec<String> {
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
+    let extra = ips
+        .iter()
+        .filter(|ip| !ip.is_unspecified())
+        .map(|ip| ip.to_canonical().to_string())
+        .chain(
+            hostname
+                .map(str::trim)
+                .filter(|h| !h.is_empty() && h.parse::<IpAddr>().is_err())
+                .filter(|h| ServerName::try_from(*h).is_ok())
+                .map(str::to_string),
+        );
+    for n in extra {
+        if !names.contains(&n) {
+            names.push(n);
+        }
+    }
+    names
+}
+
+/// Loads the operator's certificate and key, or the generated pair in `state_dir`, making the
+/// pair on first use. `ips`: addresses a generated certificate must name (see
+/// [`generated_names`]); a kept one that lacks one of them is reported, not replaced, so its
+/// fingerprint stays what clients trust.
+pub fn load_or_create(
+    state_dir: &path::Path,
+    own: Option<&AdminTlsFiles>,
+    ips: &[IpAddr],
+) -> anyhow::Result<AdminTls> {
+    let (cert_path, key_path, generated) = match own {
+        Some(f) => (f.cert.clone(), f.key.clone(), false),
+        None => {
+            let cert = state_dir.join(ADMIN_CERT_FILE);
+            let key = state_dir.join(ADMIN_KEY_FILE);
+            let generated = match (cert.exists(), key.exists()) {
+                (true, true) => false,
+                (false, false) => {
+                    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").ok();
+                    generate(&cert, &key, &generated_names(ips, hostname.as_deref()))?;
+                    true
+                }
+                (c, _) => {
+                    let (there, missing) = if c { (&cert, &key) } else { (&key, &cert) };
+                    anyhow::bail!(
+                        "{} exists but {} does not: restore it, or delete {} so a new \
+                         certificate is made (clients that trusted the old one must then be \
+                         given the new {})",
+                        there.display(),
+                        missing.display(),
+                        there.display(),
+                        cert.display()
+                    );
+                }
+            };
+            (cert, key, generated)
+        }
+    };
+    let certs = CertificateDer::pem_file_iter(&cert_path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .with_context(|| format!("reading the admin API certificate {}", cert_path.display()))?;
+    let Some(leaf) = certs.first() else {
+        anyhow::bail!(
+            "{} holds no certificate (expected PEM: -----BEGIN CERTIFICATE-----)",
+            cert_path.display()
+        );
+    };
+    let fp = fingerprint(leaf);
+    if own.is_none() && !generated {
+        warn_missing_names(&cert_path, leaf, ips);
+    }
+    if own.is_some() {
+        warn_if_readable(&key_path);
+    }
+    let key = PrivateKeyDer::from_pem_file(&key_path)
+        .with_context(|| format!("reading the admin API private key {}", key_path.display()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("admin API TLS protocol versions")?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .with_context(|| {
+        format!(
+            "admin API certificate {} with key {}",
+            cert_path.display(),
+            key_path.display()
+        )
+    })?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(AdminTls {
+        config: Arc::new(config),
+        cert_path,
+        fingerprint: fp,
+        generated,
+    })
+}
+
+/// Makes a self-signed certificate for `names` and writes it (0644) and its key (0600).
+fn generate(cert_path: &path::Path, key_path: &path::Path, names: &[String]) -> anyhow::Result<()> {
+    let mut params =
+        rcgen::CertificateParams::new(names.to_vec()).context("admin certificate names")?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "meshd coordinator admin API");
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(1);
+    params.not_after = now + time::Duration::days(GENERATED_VALIDITY_DAYS);
+    let key = rcgen::KeyPair::generate().context("generating the admin certificate key")?;
+    let cert = params
+        .self_signed(&key)
+        .context("signing the admin certificate")?;
+    // The key first: a crash in between leaves a key without a certificate, which start-up
+    // reports, never a certificate whose key is lost.
+    write_file(key_path, &key.serialize_pem(), 0o600)?;
+    write_file(cert_path, &cert.pem(), 0o644)?;
+    info!(cert = %cert_path.display(), key = %key_path.display(), names = ?names,
+        "generated a self-signed admin API certificate");
+    Ok(())
+}
+
+/// Writes `path` whole through a temporary file and a rename, with `mode`.
+fn write_file(path: &path::Path, contents: &str, mode: u32) -> anyhow::Result<()> {
+    let tmp = path.with_extension("pem.tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(contents.as_bytes())
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+}
+
+/// Warns when a kept generated certificate does not name one of `ips` (the listen address moved).
+fn warn_missing_names(cert_path: &path::Path, leaf: &CertificateDer<'_>, ips: &[IpAddr]) {
+    let Ok(parsed) = rustls::server::ParsedCertificate::try_from(leaf) else {
+        warn!(cert = %cert_path.display(), "cannot parse the admin API certificate");
+        return;
+    };
+    for ip in ips.iter().filter(|ip| !ip.is_unspecified()) {
+        let name = ServerName::IpAddress(ip.to_canonical().into());
+        if rustls::client::verify_server_name(&parsed, &name).is_err() {
+            warn!(cert = %cert_path.display(), %ip,
+                "the admin API certificate does not name this address, so clients using it will \
+                 refuse it: delete admin-cert.pem and admin-key.pem in the state directory to \
+                 make a new one (and give clients the new admin-cert.pem), or use --admin-tls-cert");
+        }
+    }
+}
+
+/// Warns when the operator's private key file can be read by other users.
+fn warn_if_readable(key_path: &path::Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    if let Ok(m) = std::fs::metadata(key_path) {
+        if m.permissions().mode() & 0o004 != 0 {
+            warn!(key = %key_path.display(), "the admin API private key is world-readable: chmod o-r it");
+        }
+    }
+}
+
+/// An axum listener handing over connections whose TLS handshake is done. The handshakes run
+/// in their own tasks (at most [`MAX_HANDSHAKES`], each within [`HANDSHAKE_TIMEOUT`]), so a
+/// slow or silent client holds up no one.
+struct TlsListener {
+    accepted: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    local: SocketAddr,
+}
+
+impl TlsListener {
+    /// Starts the accept loop; abort the returned task to close the socket.
+    fn start(
+        tcp: TcpListener,
+        config: Arc<rustls::ServerConfig>,
+    ) -> (TlsListener, tokio::task::JoinHandle<()>) {
+        let local = tcp
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let (tx, rx) = mpsc::channel(ACCEPTED_QUEUE);
+        let task = tokio::spawn(accept_loop(tcp, TlsAcceptor::from(config), tx));
+        (
+            TlsListener {
+                accepted: rx,
+                local,
+            },
+            task,
+        )
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.accepted.recv().await {
+            Some(c) => c,
+            None => {
+                error!("admin API accept loop ended");
+                std::future::pending().await
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.local)
+    }
+}
+
+async fn accept_loop(
+    mut tcp: TcpListener,
+    acceptor: TlsAcceptor,
+    tx: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
+) {
+    let mut pending = JoinSet::new();
+    loop {
+        while pending.len() >= MAX_HANDSHAKES {
+            pending.join_next().await;
+        }
+        let (stream, peer) = tokio::select! {
+            () = tx.closed() => return,
+            Some(_) = pending.join_next(), if !pending.is_empty() => continue,
+            c = axum::serve::Listener::accept(&mut tcp) => c,
+        };
+        let (acceptor, tx) = (acceptor.clone(), tx.clone());
+        pending.spawn(async move {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(stream, &acceptor)).await {
+                Ok(Ok(Some(s))) => {
+                    if tx.send((s, peer)).await.is_err() {
+                        debug!(%peer, "admin API stopping: connection dropped");
+                    }
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => debug!(%peer, error = %e, "admin API TLS handshake failed"),
+                Err(_) => debug!(%peer, "admin API TLS handshake timed out"),
+            }
+        });
+    }
+}
+
+/// The TLS handshake; a client speaking plain HTTP gets a 400 saying to use HTTPS (`None`).
+async fn handshake(
+    stream: TcpStream,
+    acceptor: &TlsAcceptor,
+) -> std::io::Result<Option<TlsStream<TcpStream>>> {
+    let mut first = [0u8; 1];
+    if stream.peek(&mut first).await? == 0 {
+        return Ok(None);
+    }
+    if first[0] != TLS_HANDSHAKE_RECORD {
+        refuse_plain_http(stream).await?;
+        return Ok(None);
+    }
+    acceptor.accept(stream).await.map(Some)
+}
+
+/// Answers a plain HTTP request on the HTTPS port with a 400 `tls_required` [`ApiError`], and
+/// reads what the client still sends so closing does not reset the reply away.
+async fn refuse_plain_http(mut stream: TcpStream) -> std::io::Result<()> {
+    let local = stream.local_addr()?;
+    let mut buf = vec![0u8; MAX_PLAIN_HEAD];
+    let mut n = 0;
+    while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf[n..]).await? {
+            0 => return Ok(()),
+            r => n += r,
+        }
+    }
+    let body = serde_json::to_string(&ApiError {
+        code: "tls_required".into(),
+        message: format!(
+            "the admin API on {local} speaks HTTPS only: use https://{local} \
+             (meshctl: --server https://{local} --ca <coordinator state-dir>/{ADMIN_CERT_FILE})"
+        ),
+        failures: Vec::new(),
+    })
+    .map_err(std::io::Error::other)?;
+    let head = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await?;
+    while stream.read(&mut buf).await? > 0 {}
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_format() {
+        // SHA-256 of the empty input.
+        assert_eq!(
+            fingerprint(b""),
+            "E3:B0:C4:42:98:FC:1C:14:9A:FB:F4:C8:99:6F:B9:24:\
+             27:AE:41:E4:64:9B:93:4C:A4:95:99:1B:78:52:B8:55"
+        );
+    }
+
+    #[test]
+    fn names_of_a_generated_certificate() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            generated_names(&[ip("0.0.0.0"), ip("::")], None),
+            ["localhost", "127.0.0.1", "::1"]
+        );
+        assert_eq!(
+            generated_names(
+                &[
+                    ip("198.18.0.1"),
+                    ip("127.0.0.1"),
+                    ip("::ffff:198.18.0.1"),
+                    ip("fd00::1")
+                ],
+                Some("coord-1\n"),
+            ),
+            [
+                "localhost",
+                "127.0.0.1",
+                "::1",
+                "198.18.0.1",
+                "fd00::1",
+                "coord-1"
+            ]
+        );
+        // Not a DNS name: left out.
+        assert_eq!(generated_names(&[], Some("bad name")).len(), 3);
     }
 }

@@ -1,6 +1,6 @@
 //! Coordinator options, the clap flags for `meshd coordinator`, and the config file.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
@@ -60,6 +60,11 @@ pub struct CoordinatorOptions {
     pub advertise: Option<SocketAddr>,
     /// Admin HTTP API listen address.
     pub admin_listen: SocketAddr,
+    /// Serve the admin API over HTTPS on loopback too (elsewhere it always is).
+    pub admin_tls: bool,
+    /// The admin API's certificate and key (PEM files); `None`: a self-signed pair made once
+    /// and kept in the state directory.
+    pub admin_tls_files: Option<AdminTlsFiles>,
     /// Overlay IPv4 pool.
     pub pool: Ipv4Net,
     /// Optional overlay IPv6 prefix (/96 or shorter).
@@ -76,6 +81,8 @@ impl CoordinatorOptions {
             listen: SocketAddr::from(([0, 0, 0, 0], 7443)),
             advertise: None,
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 7444)),
+            admin_tls: false,
+            admin_tls_files: None,
             pool: Ipv4Net::new([100, 64, 0, 0].into(), 10).unwrap_or_default(),
             pool_v6: None,
             shutdown: Shutdown::never(),
@@ -94,12 +101,41 @@ impl CoordinatorOptions {
             None => Ok(bound),
         }
     }
+
+    /// Whether the admin API speaks HTTPS (see [`admin_needs_tls`]).
+    pub fn admin_uses_tls(&self) -> bool {
+        admin_needs_tls(
+            self.admin_listen.ip(),
+            self.admin_tls,
+            self.admin_tls_files.is_some(),
+        )
+    }
+}
+
+/// An operator-supplied admin API certificate (chain) and private key, both PEM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminTlsFiles {
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// Whether the admin API must speak HTTPS: always when bound anywhere but loopback (a wildcard
+/// address included), and on loopback when asked to (`--admin-tls`) or given a certificate.
+pub fn admin_needs_tls(bind: IpAddr, forced: bool, own_cert: bool) -> bool {
+    let loopback = match bind {
+        IpAddr::V4(a) => a.is_loopback(),
+        IpAddr::V6(a) => a.is_loopback() || a.to_ipv4_mapped().is_some_and(|v| v.is_loopback()),
+    };
+    forced || own_cert || !loopback
 }
 
 /// `meshd coordinator` flags (flatten into the subcommand).
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct CoordinatorArgs {
-    /// TOML file with any of: state_dir, listen, advertise, admin_listen, pool, pool_v6.
+    /// TOML file with any of: state_dir, listen, advertise, admin_listen, admin_tls,
+    /// admin_tls_cert, admin_tls_key, pool, pool_v6.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// State directory (key, database, admin.token) [default: /var/lib/meshd].
@@ -111,9 +147,20 @@ pub struct CoordinatorArgs {
     /// Control address put into join tokens [default: --listen unless it is a wildcard].
     #[arg(long, value_name = "ADDR:PORT")]
     pub advertise: Option<SocketAddr>,
-    /// Admin HTTP API listen address [default: 127.0.0.1:7444].
+    /// Admin HTTP API listen address [default: 127.0.0.1:7444]; anywhere but loopback it is
+    /// HTTPS only.
     #[arg(long, value_name = "ADDR:PORT")]
     pub admin_listen: Option<SocketAddr>,
+    /// Serve the admin API over HTTPS on loopback too.
+    #[arg(long)]
+    pub admin_tls: bool,
+    /// Admin API certificate chain, PEM (with --admin-tls-key) [default: a self-signed one
+    /// made once as <state-dir>/admin-cert.pem].
+    #[arg(long, value_name = "FILE", requires = "admin_tls_key")]
+    pub admin_tls_cert: Option<PathBuf>,
+    /// Admin API private key, PEM (with --admin-tls-cert) [default: <state-dir>/admin-key.pem].
+    #[arg(long, value_name = "FILE", requires = "admin_tls_cert")]
+    pub admin_tls_key: Option<PathBuf>,
     /// Overlay IPv4 address pool [default: 100.64.0.0/10].
     #[arg(long, value_name = "CIDR")]
     pub pool: Option<Ipv4Net>,
@@ -134,6 +181,12 @@ pub struct CoordinatorFile {
     pub advertise: Option<SocketAddr>,
     /// Admin listen address.
     pub admin_listen: Option<SocketAddr>,
+    /// HTTPS on loopback too.
+    pub admin_tls: Option<bool>,
+    /// Admin API certificate chain (relative: to the config file's directory).
+    pub admin_tls_cert: Option<PathBuf>,
+    /// Admin API private key (relative: to the config file's directory).
+    pub admin_tls_key: Option<PathBuf>,
     /// IPv4 pool.
     pub pool: Option<Ipv4Net>,
     /// IPv6 prefix.
@@ -145,8 +198,16 @@ impl CoordinatorFile {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading coordinator config {}", path.display()))?;
-        toml::from_str(&text)
-            .with_context(|| format!("parsing coordinator config {}", path.display()))
+        let mut f: CoordinatorFile = toml::from_str(&text)
+            .with_context(|| format!("parsing coordinator config {}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new(""));
+        for p in [&mut f.admin_tls_cert, &mut f.admin_tls_key]
+            .into_iter()
+            .flatten()
+        {
+            *p = base.join(&*p);
+        }
+        Ok(f)
     }
 }
 
@@ -170,6 +231,19 @@ impl CoordinatorArgs {
         if let Some(a) = self.admin_listen.or(file.admin_listen) {
             o.admin_listen = a;
         }
+        o.admin_tls = self.admin_tls || file.admin_tls.unwrap_or(false);
+        o.admin_tls_files = match (self.admin_tls_cert.clone(), self.admin_tls_key.clone()) {
+            (Some(cert), Some(key)) => Some(AdminTlsFiles { cert, key }),
+            _ => match (file.admin_tls_cert, file.admin_tls_key) {
+                (Some(cert), Some(key)) => Some(AdminTlsFiles { cert, key }),
+                (None, None) => None,
+                _ => anyhow::bail!(
+                    "coordinator config {}: admin_tls_cert and admin_tls_key go together: set \
+                     both, or neither to use a self-signed certificate kept in the state directory",
+                    self.config.as_deref().unwrap_or(Path::new("")).display()
+                ),
+            },
+        };
         if let Some(p) = self.pool.or(file.pool) {
             o.pool = p;
         }
@@ -220,6 +294,83 @@ mod tests {
         assert!(e.contains("--advertise"), "{e}");
         let cli = Cli::parse_from(["x", "--advertise", "192.0.2.1:7443"]);
         assert!(cli.c.resolve(Shutdown::never()).is_ok());
+    }
+
+    #[test]
+    fn tls_decision() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        for lo in ["127.0.0.1", "127.0.0.2", "::1", "::ffff:127.0.0.1"] {
+            assert!(!admin_needs_tls(ip(lo), false, false), "{lo}");
+            assert!(admin_needs_tls(ip(lo), true, false), "{lo} forced");
+            assert!(admin_needs_tls(ip(lo), false, true), "{lo} own cert");
+        }
+        for other in [
+            "0.0.0.0",
+            "::",
+            "198.18.0.1",
+            "10.0.0.1",
+            "fd00::1",
+            "::ffff:198.18.0.1",
+        ] {
+            assert!(admin_needs_tls(ip(other), false, false), "{other}");
+        }
+        let o = CoordinatorOptions::new("/x");
+        assert!(!o.admin_uses_tls(), "the default admin address is loopback");
+    }
+
+    #[test]
+    fn admin_tls_flags_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "listen = \"10.0.0.1:7443\"\nadmin_tls = true\n\
+             admin_tls_cert = \"tls/c.pem\"\nadmin_tls_key = \"/etc/k.pem\"\n",
+        )
+        .unwrap();
+        let o = Cli::parse_from(["x", "--config", f.to_str().unwrap()])
+            .c
+            .resolve(Shutdown::never())
+            .unwrap();
+        assert!(o.admin_tls);
+        assert_eq!(
+            o.admin_tls_files,
+            Some(AdminTlsFiles {
+                cert: dir.path().join("tls/c.pem"),
+                key: "/etc/k.pem".into(),
+            })
+        );
+        // Flags win over the file.
+        let cli = Cli::parse_from([
+            "x",
+            "--config",
+            f.to_str().unwrap(),
+            "--admin-tls-cert",
+            "a.pem",
+            "--admin-tls-key",
+            "b.pem",
+        ]);
+        let o = cli.c.resolve(Shutdown::never()).unwrap();
+        assert_eq!(o.admin_tls_files.unwrap().cert, PathBuf::from("a.pem"));
+        // One without the other.
+        assert!(Cli::try_parse_from(["x", "--admin-tls-cert", "a.pem"]).is_err());
+        std::fs::write(
+            &f,
+            "listen = \"10.0.0.1:7443\"\nadmin_tls_cert = \"c.pem\"\n",
+        )
+        .unwrap();
+        let e = Cli::parse_from(["x", "--config", f.to_str().unwrap()])
+            .c
+            .resolve(Shutdown::never())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("admin_tls_key") && e.contains("c.toml"), "{e}");
+        // Defaults: no TLS settings.
+        let o = Cli::parse_from(["x", "--listen", "127.0.0.1:1"])
+            .c
+            .resolve(Shutdown::never())
+            .unwrap();
+        assert!(!o.admin_tls && o.admin_tls_files.is_none());
     }
 
     #[test]

@@ -586,6 +586,8 @@ fn close_code(c: ErrorCode) -> quinn::VarInt {
 pub struct CoordinatorHandle {
     control_addr: SocketAddr,
     admin_addr: SocketAddr,
+    /// SHA-256 fingerprint of the admin API's certificate; `None`: plain HTTP.
+    admin_fingerprint: Option<String>,
     advertise: SocketAddr,
     public_key: PublicKey,
     cmds: mpsc::Sender<Cmd>,
@@ -602,6 +604,14 @@ impl CoordinatorHandle {
     /// Bound admin API address.
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
+    }
+    /// Whether the admin API speaks HTTPS.
+    pub fn admin_tls(&self) -> bool {
+        self.admin_fingerprint.is_some()
+    }
+    /// SHA-256 fingerprint of the admin API's certificate (`AB:CD:...`); `None`: plain HTTP.
+    pub fn admin_fingerprint(&self) -> Option<&str> {
+        self.admin_fingerprint.as_deref()
     }
     /// Address join tokens carry.
     pub fn advertise(&self) -> SocketAddr {
@@ -746,9 +756,17 @@ pub async fn start(opts: CoordinatorOptions) -> anyhow::Result<CoordinatorHandle
         .await
         .with_context(|| format!("binding admin API on {}", opts.admin_listen))?;
     let admin_addr = admin_listener.local_addr()?;
-    if !admin_addr.ip().is_loopback() {
-        warn!(%admin_addr, "admin API is plain HTTP on a non-loopback address (TLS not implemented yet)");
-    }
+    let admin_tls = if opts.admin_uses_tls() {
+        let mut ips = vec![admin_addr.ip(), control_addr.ip()];
+        ips.extend(opts.advertise.map(|a| a.ip()));
+        let tls = admin::load_or_create(&dir, opts.admin_tls_files.as_ref(), &ips)?;
+        info!(%admin_addr, scheme = "https", cert = %tls.cert_path.display(),
+            fingerprint = %tls.fingerprint, "admin API");
+        Some(tls)
+    } else {
+        info!(%admin_addr, scheme = "http", "admin API (plain HTTP on loopback)");
+        None
+    };
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
@@ -777,8 +795,10 @@ pub async fn start(opts: CoordinatorOptions) -> anyhow::Result<CoordinatorHandle
             }
         }));
     }
+    let admin_fingerprint = admin_tls.as_ref().map(|t| t.fingerprint.clone());
     tasks.push(tokio::spawn(admin::serve(
         admin_listener,
+        admin_tls.map(|t| t.config),
         cmd_tx.clone(),
         admin_hash,
         stop_rx,
@@ -787,6 +807,7 @@ pub async fn start(opts: CoordinatorOptions) -> anyhow::Result<CoordinatorHandle
     Ok(CoordinatorHandle {
         control_addr,
         admin_addr,
+        admin_fingerprint,
         advertise,
         public_key,
         cmds: cmd_tx,
