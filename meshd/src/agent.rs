@@ -5,10 +5,15 @@
 //! last network map `<state-dir>/netmap.json` (fail-static: with the coordinator down, a
 //! restarted meshd comes back from it), follows map updates by swapping the peer table, and
 //! reports its own underlay addresses when they change.
+//!
+//! Cloned machines: `agent.json` records the machine id the host enrolled on. A copy of the
+//! state directory started on another machine (another `/etc/machine-id`) does not use the
+//! original's key: it makes a fresh one and enrols itself with the join token kept in
+//! `<state-dir>/join.token` (or the one given with `--join`), getting its own identity.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -26,6 +31,7 @@ use crate::blocks::{BlockSink, Directory};
 use crate::dataplane::{Dataplane, DataplaneConfig, Enforcement};
 use crate::routes::Routes;
 use crate::status::{self, StatusSource};
+use crate::transparent::{self, Transparent};
 
 /// Keepalive towards coordinator-managed peers (keeps NAT mappings and detects loss).
 const PEER_KEEPALIVE: u16 = 25;
@@ -41,6 +47,9 @@ pub struct AgentState {
     pub coordinator_key: PublicKey,
     /// Our record at enrolment.
     pub host: HostInfo,
+    /// The machine id this state belongs to (a copy on another machine is a clone).
+    #[serde(default)]
+    pub machine_id: Option<String>,
 }
 
 /// Options for a coordinator-managed host.
@@ -51,6 +60,65 @@ pub struct AgentArgs {
     pub interface: String,
     pub listen_port: u16,
     pub mtu: u16,
+    /// Transparent mode: encrypt traffic to peers' underlay addresses.
+    pub transparent: bool,
+    /// Where the machine id is read (clone detection).
+    pub machine_id_file: PathBuf,
+}
+
+/// Reads the machine id (`None` if the file is missing or empty: clone detection is off).
+fn machine_id(path: &Path) -> Option<String> {
+    let id = std::fs::read_to_string(path).ok()?.trim().to_string();
+    (!id.is_empty()).then_some(id)
+}
+
+/// Enrols with `token` under `name` (the key is made by the caller and stays here), records the
+/// enrolment and keeps the token for re-enrolling a clone. An earlier map is discarded.
+async fn enrol(
+    token: &str,
+    name: &str,
+    key: &PrivateKey,
+    report: EndpointReport,
+    machine_id: Option<String>,
+    state_dir: &Path,
+) -> anyhow::Result<AgentState> {
+    let parsed = JoinToken::parse(token.trim()).context("the join token is not valid")?;
+    let e = client::enrol(&parsed, name, key, report)
+        .await
+        .map_err(|e| anyhow::anyhow!("enrolment failed: {e}"))?;
+    let state = AgentState {
+        coordinator: e.coordinator,
+        coordinator_key: e.coordinator_key,
+        host: e.host,
+        machine_id,
+    };
+    write_atomic(
+        &state_dir.join("agent.json"),
+        &serde_json::to_vec_pretty(&state)?,
+    )?;
+    write_secret(&state_dir.join("join.token"), token.trim().as_bytes())?;
+    // A new identity: a map from an earlier life must not be reused.
+    let _ = std::fs::remove_file(state_dir.join("netmap.json"));
+    tracing::info!(name = %state.host.name, addresses = ?state.host.addresses, "enrolled");
+    Ok(state)
+}
+
+/// Writes a file only the owner can read.
+fn write_secret(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(data)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    Ok(())
 }
 
 fn write_atomic(path: &Path, data: &[u8]) -> anyhow::Result<()> {
@@ -94,6 +162,41 @@ pub fn map_to_specs(map: &NetworkMap) -> Vec<PeerSpec> {
         .collect()
 }
 
+/// Transparent mode's plan for `map`; adds the peers' underlay addresses to `specs`' allowed
+/// IPs (index-aligned with `map.peers`).
+fn plan_transparent(
+    map: &NetworkMap,
+    specs: &mut [PeerSpec],
+    own: &[IpNet],
+    overlay: &[IpNet],
+) -> transparent::Plan {
+    let peers: Vec<transparent::PeerUnderlay<'_>> = map
+        .peers
+        .iter()
+        .map(|p| transparent::PeerUnderlay {
+            name: &p.name,
+            transparent: p.transparent,
+            addrs: p.endpoints.iter().map(SocketAddr::ip).collect(),
+            grants: &p.grants,
+        })
+        .collect();
+    let overlay_nets: Vec<IpNet> = overlay.iter().map(IpNet::trunc).collect();
+    let plan = transparent::plan(
+        true,
+        &peers,
+        own,
+        &overlay_nets,
+        crate::dataplane::unix_millis() / 1000,
+    );
+    for (spec, extra) in specs.iter_mut().zip(&plan.extra_allowed) {
+        spec.allowed_ips.extend(extra.iter().copied());
+    }
+    if !plan.conflicts.is_empty() {
+        tracing::warn!(addresses = ?plan.conflicts, "underlay addresses claimed by several peers are not protected");
+    }
+    plan
+}
+
 /// Our overlay addresses with the pool's prefix length (so the whole pool routes to the TUN).
 fn overlay_addresses(host: &HostInfo) -> Vec<IpNet> {
     host.addresses
@@ -110,10 +213,11 @@ fn overlay_addresses(host: &HostInfo) -> Vec<IpNet> {
         .collect()
 }
 
-/// Local underlay addresses worth reporting (not loopback, link-local or our overlay).
-async fn local_addresses(handle: &rtnetlink::Handle, overlay: &[IpNet]) -> Vec<IpAddr> {
+/// Local underlay addresses worth reporting (not loopback, link-local or our overlay), with
+/// their prefix lengths.
+pub(crate) async fn local_addresses(handle: &rtnetlink::Handle, overlay: &[IpNet]) -> Vec<IpNet> {
     use rtnetlink::packet_route::address::AddressAttribute;
-    let mut out = Vec::new();
+    let mut out: Vec<IpNet> = Vec::new();
     let mut stream = handle.address().get().execute();
     while let Ok(Some(msg)) = stream.try_next().await {
         for attr in &msg.attributes {
@@ -126,8 +230,9 @@ async fn local_addresses(handle: &rtnetlink::Handle, overlay: &[IpNet]) -> Vec<I
                 || matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80)
                 || matches!(ip, IpAddr::V4(v4) if v4.is_link_local())
                 || overlay.iter().any(|n| n.addr() == ip);
-            if !skip && !out.contains(&ip) {
-                out.push(ip);
+            let net = IpNet::new(ip, msg.header.prefix_len).unwrap_or_else(|_| IpNet::from(ip));
+            if !skip && !out.iter().any(|n| n.addr() == ip) {
+                out.push(net);
             }
         }
     }
@@ -135,68 +240,94 @@ async fn local_addresses(handle: &rtnetlink::Handle, overlay: &[IpNet]) -> Vec<I
     out
 }
 
+/// Decides who this host is: a fresh enrolment (`--join`), the enrolled identity from the
+/// state directory, or — when the state was copied from another machine — a new identity
+/// enrolled with the kept join token.
+async fn identity(
+    args: &AgentArgs,
+    key_path: &Path,
+    report: EndpointReport,
+) -> anyhow::Result<(AgentState, PrivateKey)> {
+    let agent_path = args.state_dir.join("agent.json");
+    let here = machine_id(&args.machine_id_file);
+    let name = || args.name.clone().unwrap_or_else(default_name);
+    if let Some(token) = &args.join {
+        let key = load_or_create_key(key_path)?;
+        let state = enrol(token, &name(), &key, report, here, &args.state_dir).await?;
+        return Ok((state, key));
+    }
+    let text = std::fs::read(&agent_path).with_context(|| {
+        format!(
+            "{} not found: this host is not enrolled. Join with `meshd up --join TOKEN` \
+             (from `meshctl token create`) or run static with `meshd up --config FILE`",
+            agent_path.display()
+        )
+    })?;
+    let mut state: AgentState = serde_json::from_slice(&text)
+        .with_context(|| format!("{} is corrupt", agent_path.display()))?;
+    match (&state.machine_id, &here) {
+        (Some(then), Some(now)) if then != now => {
+            let token_path = args.state_dir.join("join.token");
+            let token = std::fs::read_to_string(&token_path).with_context(|| {
+                format!(
+                    "this state directory belongs to another machine (machine id {then}, this \
+                     is {now}) and {} is missing: give this clone its own identity with \
+                     `meshd up --join TOKEN`",
+                    token_path.display()
+                )
+            })?;
+            tracing::warn!(
+                original = %state.host.name,
+                original_key = %state.host.public_key,
+                "state copied from another machine: making a new key and enrolling as a new host"
+            );
+            // The original's private key has no business on this machine.
+            std::fs::remove_file(key_path)
+                .with_context(|| format!("removing the copied key {}", key_path.display()))?;
+            let key = PrivateKey::generate();
+            meshd_config::write_private_key(key_path, &key)?;
+            let state = enrol(&token, &name(), &key, report, here, &args.state_dir)
+                .await
+                .context("re-enrolling this clone with the kept join token")?;
+            Ok((state, key))
+        }
+        _ => {
+            let key = meshd_config::load_private_key(key_path)?;
+            if state.machine_id.is_none() && here.is_some() {
+                state.machine_id = here;
+                write_atomic(&agent_path, &serde_json::to_vec_pretty(&state)?)?;
+            }
+            Ok((state, key))
+        }
+    }
+}
+
 /// Runs a coordinator-managed host until SIGTERM/SIGINT.
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("creating state directory {}", args.state_dir.display()))?;
-    let key = load_or_create_key(&args.state_dir.join("host.key"))?;
-    let agent_path = args.state_dir.join("agent.json");
     let map_path = args.state_dir.join("netmap.json");
 
     let (conn, nl, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
     tokio::spawn(conn);
-    let report_for = |ips: &[IpAddr]| EndpointReport {
-        addrs: ips
+    let report_for = |nets: &[IpNet]| EndpointReport {
+        addrs: nets
             .iter()
-            .map(|ip| SocketAddr::new(*ip, args.listen_port))
+            .map(|n| SocketAddr::new(n.addr(), args.listen_port))
             .collect(),
         listen_port: Some(args.listen_port),
+        transparent: args.transparent,
     };
 
-    let agent = match &args.join {
-        Some(token) => {
-            let token = JoinToken::parse(token.trim()).context("the join token is not valid")?;
-            let name = args.name.clone().unwrap_or_else(default_name);
-            let ips = local_addresses(&nl, &[]).await;
-            let e = client::enrol(&token, &name, &key, report_for(&ips))
-                .await
-                .map_err(|e| anyhow::anyhow!("enrolment failed: {e}"))?;
-            let state = AgentState {
-                coordinator: e.coordinator,
-                coordinator_key: e.coordinator_key,
-                host: e.host,
-            };
-            write_atomic(&agent_path, &serde_json::to_vec_pretty(&state)?)?;
-            // A new identity: a map from an earlier life must not be reused.
-            let _ = std::fs::remove_file(&map_path);
-            tracing::info!(name = %state.host.name, addresses = ?state.host.addresses, "enrolled");
-            state
-        }
-        None => {
-            let text = std::fs::read(&agent_path).with_context(|| {
-                format!(
-                    "{} not found: this host is not enrolled. Join with `meshd up --join TOKEN` \
-                     (from `meshctl token create`) or run static with `meshd up --config FILE`",
-                    agent_path.display()
-                )
-            })?;
-            serde_json::from_slice(&text)
-                .with_context(|| format!("{} is corrupt", agent_path.display()))?
-        }
-    };
+    let first = local_addresses(&nl, &[]).await;
+    let (agent, key) =
+        identity(&args, &args.state_dir.join("host.key"), report_for(&first)).await?;
     let persisted: Option<NetworkMap> = std::fs::read(&map_path)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
 
+    let fwmark = args.transparent.then_some(transparent::FWMARK);
     let device = Arc::new(Device::new(key.clone(), rand_core::OsRng.next_u32()));
-    if let Some(map) = &persisted {
-        device.set_peers(&map_to_specs(map))?;
-        tracing::info!(
-            version = map.version,
-            peers = map.peers.len(),
-            "restored the last network map"
-        );
-    }
     let addresses = overlay_addresses(&agent.host);
     let enforcement = Arc::new(Enforcement::new());
     let dp = Dataplane::start(
@@ -207,15 +338,22 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             mtu: args.mtu,
             addresses: addresses.clone(),
             listen_port: args.listen_port,
-            fwmark: None,
+            fwmark,
         },
     )?;
+    let protected: Arc<Mutex<Vec<String>>> = Arc::default();
     let source = StatusSource {
         interface: args.interface.clone(),
         listen_port: dp.listen_port,
-        mode: "overlay".into(),
+        mode: if args.transparent {
+            "transparent"
+        } else {
+            "overlay"
+        }
+        .into(),
         addresses: addresses.iter().map(|a| a.to_string()).collect(),
         offload: dp.offload,
+        protected: protected.clone(),
     };
     {
         let (device, io, policy) = (device.clone(), dp.stats.clone(), enforcement.clone());
@@ -223,8 +361,41 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             status::snapshot(&device, &io, &policy, &source)
         })?;
     }
+    let mut transparent = if args.transparent {
+        match Transparent::start(
+            dp.if_index,
+            &args.interface,
+            dp.listen_port,
+            transparent::FWMARK,
+        )
+        .await
+        {
+            Ok(t) => Some(t),
+            Err(e) => {
+                dp.stop();
+                return Err(e.context("setting up transparent mode"));
+            }
+        }
+    } else {
+        None
+    };
     let mut routes = Routes::new(dp.if_index, &addresses)?;
     let mut ips = local_addresses(&nl, &addresses).await;
+    let mut applier = MapApplier {
+        device: &device,
+        routes: &mut routes,
+        transparent: transparent.as_mut(),
+        overlay: &addresses,
+        protected: &protected,
+    };
+    if let Some(map) = &persisted {
+        applier.apply(map, &ips).await;
+        tracing::info!(
+            version = map.version,
+            peers = map.peers.len(),
+            "restored the last network map"
+        );
+    }
     let mut cfg = SessionConfig::new(
         agent.coordinator,
         agent.coordinator_key,
@@ -232,6 +403,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         report_for(&ips),
     );
     cfg.initial_map = persisted;
+    cfg.fwmark = fwmark;
     let session = client::spawn_session(cfg);
     let mut maps = session.map();
     let mut state = session.state();
@@ -251,10 +423,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 .collect(),
         };
     };
-    if let Some(map) = maps.borrow().as_ref() {
+    let mut current = maps.borrow().clone();
+    if let Some(map) = &current {
         set_directory(&mut sink, map);
     }
-    tracing::info!(interface = %args.interface, name = %agent.host.name, coordinator = %agent.coordinator, "meshd up (coordinator-managed)");
+    tracing::info!(interface = %args.interface, name = %agent.host.name, coordinator = %agent.coordinator,
+        mode = if args.transparent { "transparent" } else { "overlay" }, "meshd up (coordinator-managed)");
 
     let result: anyhow::Result<()> = loop {
         tokio::select! {
@@ -265,19 +439,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 let map = maps.borrow_and_update().clone();
                 let Some(map) = map else { continue };
                 set_directory(&mut sink, &map);
-                match device.set_peers(&map_to_specs(&map)) {
-                    Ok(diff) => {
-                        if !diff.is_empty() {
-                            tracing::info!(version = map.version, changes = %diff.to_string().trim_end().replace('\n', ", "), "network map applied");
-                        }
-                        let nets: Vec<IpNet> = map.peers.iter().flat_map(|p| p.addresses.iter().map(|a| IpNet::from(*a))).collect();
-                        routes.sync(nets).await;
-                        if let Err(e) = serde_json::to_vec(&map).map_err(anyhow::Error::from).and_then(|b| write_atomic(&map_path, &b)) {
-                            tracing::warn!(error = %format!("{e:#}"), "persisting the network map failed");
-                        }
+                if applier.apply(&map, &ips).await {
+                    if let Err(e) = serde_json::to_vec(&map).map_err(anyhow::Error::from).and_then(|b| write_atomic(&map_path, &b)) {
+                        tracing::warn!(error = %format!("{e:#}"), "persisting the network map failed");
                     }
-                    Err(e) => tracing::error!(error = %e, "network map refused"),
                 }
+                current = Some(map);
             }
             changed = state.changed() => {
                 if changed.is_err() { continue; }
@@ -296,13 +463,27 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 }
             }
             _ = tick.tick() => {
-                let events = sink.flush(&enforcement, &device);
+                let now = crate::dataplane::unix_millis();
+                let mut events = sink.flush(&enforcement, &device);
+                if let (Some(t), Some(map)) = (applier.transparent.as_deref_mut(), &current) {
+                    let plain = t.blocked(&agent.host.name, &agent.host.labels, |ip| {
+                        map.peers.iter().find(|p| p.endpoints.iter().any(|e| e.ip() == ip))
+                            .map(|p| (p.name.clone(), p.labels.clone()))
+                    }, now / 1000);
+                    events.extend(sink.emit(plain));
+                }
                 for chunk in events.chunks(meshd_control::proto::MAX_BLOCKS_PER_MESSAGE) {
                     if session.report_blocks(chunk.to_vec()).is_err() {
                         tracing::debug!("block report queue full; events kept in blocks.jsonl only");
                     }
                 }
-                enforcement.firewall.sweep_all(crate::dataplane::unix_millis());
+                enforcement.firewall.sweep_all(now);
+                // Grants expire: covered ports follow.
+                if let Some(map) = &current {
+                    if applier.transparent.is_some() {
+                        applier.apply(map, &ips).await;
+                    }
+                }
             }
             _ = poll.tick() => {
                 let now = local_addresses(&nl, &addresses).await;
@@ -310,12 +491,70 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                     tracing::info!(addresses = ?now, "underlay addresses changed; reporting");
                     session.report_endpoints(report_for(&now).addrs);
                     ips = now;
+                    if let Some(map) = &current {
+                        applier.apply(map, &ips).await;
+                    }
                 }
             }
         }
     };
     routes.clear().await;
+    if let Some(t) = transparent {
+        t.stop().await;
+    }
     session.shutdown().await;
     dp.stop();
     result
+}
+
+/// Applies network maps: the peer table, overlay routes and (transparent mode) underlay routes,
+/// allowed IPs and covered ports.
+struct MapApplier<'a> {
+    device: &'a Device,
+    routes: &'a mut Routes,
+    transparent: Option<&'a mut Transparent>,
+    overlay: &'a [IpNet],
+    protected: &'a Mutex<Vec<String>>,
+}
+
+impl MapApplier<'_> {
+    /// Returns false if the device refused the map (the previous one stays).
+    async fn apply(&mut self, map: &NetworkMap, own: &[IpNet]) -> bool {
+        let mut specs = map_to_specs(map);
+        let plan = self
+            .transparent
+            .as_ref()
+            .map(|_| plan_transparent(map, &mut specs, own, self.overlay));
+        match self.device.set_peers(&specs) {
+            Ok(diff) => {
+                if !diff.is_empty() {
+                    tracing::info!(version = map.version, changes = %diff.to_string().trim_end().replace('\n', ", "), "network map applied");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "network map refused");
+                return false;
+            }
+        }
+        let nets: Vec<IpNet> = map
+            .peers
+            .iter()
+            .flat_map(|p| p.addresses.iter().map(|a| IpNet::from(*a)))
+            .collect();
+        self.routes.sync(nets).await;
+        if let (Some(t), Some(plan)) = (self.transparent.as_deref_mut(), plan) {
+            if let Err(e) = t.apply(&plan).await {
+                tracing::error!(error = %format!("{e:#}"), "transparent mode: applying routes and filter");
+            }
+            let list = plan
+                .protected
+                .iter()
+                .map(|(ip, name)| format!("{ip} ({name})"))
+                .collect();
+            if let Ok(mut p) = self.protected.lock() {
+                *p = list;
+            }
+        }
+        true
+    }
 }

@@ -64,6 +64,14 @@ impl BlockSink {
                 )
             })
             .collect();
+        self.emit(events)
+    }
+
+    /// Writes and logs events from elsewhere (transparent mode's plaintext drops); returns them.
+    pub fn emit(&mut self, events: Vec<BlockEvent>) -> Vec<BlockEvent> {
+        if events.is_empty() {
+            return events;
+        }
         if let Err(e) = self.write(&events) {
             tracing::warn!(error = %e, path = %self.path.display(), "writing block log");
         }

@@ -6,6 +6,7 @@ mod blocks;
 mod dataplane;
 mod routes;
 mod status;
+mod transparent;
 mod up;
 
 use std::io::Read as _;

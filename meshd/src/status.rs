@@ -27,6 +27,10 @@ pub struct Status {
     pub mode: String,
     /// Overlay addresses.
     pub addresses: Vec<String>,
+    /// Transparent mode: peer underlay addresses reached only through the tunnel,
+    /// as `address (peer)`.
+    #[serde(default)]
+    pub protected: Vec<String>,
     /// TUN offload on.
     pub offload: bool,
     /// Peers in table order.
@@ -63,6 +67,8 @@ pub struct StatusSource {
     pub mode: String,
     pub addresses: Vec<String>,
     pub offload: bool,
+    /// Transparent mode's protected peer addresses (updated with each map).
+    pub protected: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 /// Builds a snapshot.
@@ -125,6 +131,7 @@ pub fn snapshot(device: &Device, io: &IoStats, policy: &Enforcement, src: &Statu
         listen_port: src.listen_port,
         mode: src.mode.clone(),
         addresses: src.addresses.clone(),
+        protected: src.protected.lock().map(|p| p.clone()).unwrap_or_default(),
         offload: src.offload,
         peers,
         counters,
@@ -179,6 +186,13 @@ pub fn print(s: &Status) {
     println!("  listening port: {}", s.listen_port);
     println!("  mode: {}", s.mode);
     println!("  addresses: {}", s.addresses.join(", "));
+    if s.mode == "transparent" {
+        if s.protected.is_empty() {
+            println!("  protected peer addresses: none yet");
+        } else {
+            println!("  protected peer addresses: {}", s.protected.join(", "));
+        }
+    }
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -1,10 +1,10 @@
 //! `meshd up`: bring the interface up from a config file, run until told to stop.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
-use meshd_config::Config;
+use meshd_config::{Config, Mode};
 use meshd_policy::PeerGrants;
 use meshd_tunnel::{Device, PeerSpec, PrivateKey};
 use rand_core::RngCore as _;
@@ -14,6 +14,7 @@ use crate::blocks::{BlockSink, Directory};
 use crate::dataplane::{Dataplane, DataplaneConfig, Enforcement};
 use crate::routes::Routes;
 use crate::status::{self, StatusSource};
+use crate::transparent::{self, Transparent};
 
 /// Flags of `meshd up`. With `--config`, peers come from the file (static mode); with
 /// `--join`, the host enrols with a coordinator; with neither, it resumes from `--state-dir`.
@@ -45,6 +46,14 @@ pub struct UpArgs {
     /// TUN MTU (coordinator mode).
     #[arg(long, default_value_t = 1420)]
     mtu: u16,
+    /// Transparent mode: encrypt traffic to peers' ordinary (underlay) addresses, with no
+    /// change to applications (static mode: same as `mode = "transparent"`).
+    #[arg(long)]
+    transparent: bool,
+    /// Machine id file: a state directory copied to a machine with another id is a clone and
+    /// enrols itself as a new host (coordinator mode).
+    #[arg(long, default_value = "/etc/machine-id", env = "MESHD_MACHINE_ID_FILE")]
+    machine_id_file: PathBuf,
 }
 
 /// Name of this host in static-mode policy (selectors like `{host: self}`).
@@ -140,8 +149,11 @@ fn directory(cfg: &Config) -> Directory {
     }
 }
 
-fn load(path: &std::path::Path) -> anyhow::Result<(Config, PrivateKey)> {
-    let cfg = Config::load(path)?;
+fn load(path: &std::path::Path, transparent: bool) -> anyhow::Result<(Config, PrivateKey)> {
+    let mut cfg = Config::load(path)?;
+    if transparent {
+        cfg.interface.mode = Mode::Transparent;
+    }
     let key = cfg.load_private_key()?;
     cfg.check_own_key(&key.public_key())?;
     Ok((cfg, key))
@@ -160,14 +172,20 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             interface: args.interface,
             listen_port: args.listen_port,
             mtu: args.mtu,
+            transparent: args.transparent,
+            machine_id_file: args.machine_id_file,
         }));
     };
-    run_static(&config, &args.state_dir)
+    run_static(&config, &args.state_dir, args.transparent)
 }
 
 /// Static mode: peers from the config file, SIGHUP reloads them.
-fn run_static(config: &std::path::Path, state_dir: &std::path::Path) -> anyhow::Result<()> {
-    let (cfg, key) = load(config)?;
+fn run_static(
+    config: &std::path::Path,
+    state_dir: &std::path::Path,
+    transparent: bool,
+) -> anyhow::Result<()> {
+    let (cfg, key) = load(config, transparent)?;
     std::fs::create_dir_all(state_dir)
         .with_context(|| format!("creating state directory {}", state_dir.display()))?;
     let device = Arc::new(Device::new(key, rand_core::OsRng.next_u32()));
@@ -182,15 +200,17 @@ fn run_static(config: &std::path::Path, state_dir: &std::path::Path) -> anyhow::
             mtu: iface.mtu,
             addresses: iface.addresses.clone(),
             listen_port: iface.listen_port,
-            fwmark: iface.fwmark,
+            fwmark: fwmark(&cfg),
         },
     )?;
+    let protected: Arc<Mutex<Vec<String>>> = Arc::default();
     let source = StatusSource {
         interface: iface.name.clone(),
         listen_port: dp.listen_port,
         mode: format!("{:?}", iface.mode).to_lowercase(),
         addresses: iface.addresses.iter().map(|a| a.to_string()).collect(),
         offload: dp.offload,
+        protected: protected.clone(),
     };
     {
         let (device, io, policy) = (device.clone(), dp.stats.clone(), enforcement.clone());
@@ -217,7 +237,8 @@ fn run_static(config: &std::path::Path, state_dir: &std::path::Path) -> anyhow::
         &device,
         &enforcement,
         sink,
-        dp.if_index,
+        (dp.if_index, dp.listen_port),
+        &protected,
     ));
     dp.stop();
     tracing::info!("meshd stopped");
@@ -231,7 +252,8 @@ async fn control_loop(
     device: &Device,
     enforcement: &Enforcement,
     mut sink: BlockSink,
-    if_index: u32,
+    (if_index, listen_port): (u32, u16),
+    protected: &Mutex<Vec<String>>,
 ) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     let mut routes = Routes::new(if_index, &cfg.interface.addresses)?;
@@ -239,6 +261,24 @@ async fn control_loop(
         c.peers.iter().flat_map(|p| p.allowed_ips.clone()).collect()
     };
     routes.sync(allowed(cfg)).await;
+    let mut transparent = match fwmark(cfg).filter(|_| cfg.interface.mode == Mode::Transparent) {
+        Some(mark) => {
+            let name = &cfg.interface.name;
+            let t = Transparent::start(if_index, name, listen_port, mark).await;
+            Some(t.context("setting up transparent mode")?)
+        }
+        None => None,
+    };
+    let (conn, nl, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+    tokio::spawn(conn);
+    let overlay: Vec<ipnet::IpNet> = cfg.interface.addresses.iter().map(|n| n.trunc()).collect();
+    let mut own = crate::agent::local_addresses(&nl, &cfg.interface.addresses).await;
+    // The peers as configured; transparent mode adds underlay addresses to a copy.
+    let mut specs = peer_specs(cfg)?;
+    if let Some(t) = transparent.as_mut() {
+        apply_transparent(t, device, &mut specs.clone(), &own, &overlay, protected).await;
+    }
+    let mut current = cfg.clone();
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -247,27 +287,47 @@ async fn control_loop(
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = tick.tick() => {
+                let now = crate::dataplane::unix_millis();
                 let _events = sink.flush(enforcement, device);
-                enforcement.firewall.sweep_all(crate::dataplane::unix_millis());
+                enforcement.firewall.sweep_all(now);
+                if let Some(t) = transparent.as_mut() {
+                    let peer_of = |ip: std::net::IpAddr| {
+                        let s = specs.iter().find(|s| s.endpoint.is_some_and(|e| e.ip() == ip))?;
+                        let labels = current.peers.iter().find(|p| p.name == s.name).map(|p| p.labels.clone());
+                        Some((s.name.clone(), labels.unwrap_or_default()))
+                    };
+                    let plain = t.blocked(SELF_NAME, &current.interface.labels, peer_of, now / 1000);
+                    let _events = sink.emit(plain);
+                    // Own addresses move and grants expire: the plan follows.
+                    own = crate::agent::local_addresses(&nl, &current.interface.addresses).await;
+                    apply_transparent(t, device, &mut specs.clone(), &own, &overlay, protected).await;
+                }
             }
             _ = hup.recv() => {
-                match load(config) {
+                match load(config, cfg.interface.mode == Mode::Transparent) {
                     Ok((new, _key)) => {
                         if new.interface != cfg.interface {
                             tracing::warn!("[interface] changes need a restart; applying peer changes only");
                         }
-                        let specs = match peer_specs(&new) {
+                        let mut new_specs = match peer_specs(&new) {
                             Ok(s) => s,
                             Err(e) => {
                                 tracing::error!(error = %format!("{e:#}"), "reload refused; keeping the running peers");
                                 continue;
                             }
                         };
-                        match device.set_peers(&specs) {
+                        match device.set_peers(&new_specs) {
                             Ok(diff) => {
                                 sink.directory = directory(&new);
                                 tracing::info!(changes = %diff.to_string().trim_end().replace('\n', ", "), "reloaded config");
                                 routes.sync(allowed(&new)).await;
+                                if let Some(t) = transparent.as_mut() {
+                                    specs = new_specs.clone();
+                                    apply_transparent(t, device, &mut new_specs, &own, &overlay, protected).await;
+                                } else {
+                                    specs = new_specs;
+                                }
+                                current = new;
                             }
                             Err(e) => tracing::error!(error = %e, "reload refused; keeping the running peers"),
                         }
@@ -278,5 +338,61 @@ async fn control_loop(
         }
     }
     routes.clear().await;
+    if let Some(t) = transparent {
+        t.stop().await;
+    }
     Ok(())
+}
+
+/// The socket mark: the configured one, or in transparent mode meshd's default.
+fn fwmark(cfg: &Config) -> Option<u32> {
+    match cfg.interface.mode {
+        Mode::Transparent => Some(cfg.interface.fwmark.unwrap_or(transparent::FWMARK)),
+        Mode::Overlay => cfg.interface.fwmark,
+    }
+}
+
+/// Static transparent mode: every listed peer is taken to run transparent mode too; its
+/// endpoint's address is what gets protected.
+async fn apply_transparent(
+    t: &mut Transparent,
+    device: &Device,
+    specs: &mut [PeerSpec],
+    own: &[ipnet::IpNet],
+    overlay: &[ipnet::IpNet],
+    protected: &Mutex<Vec<String>>,
+) {
+    let peers: Vec<transparent::PeerUnderlay<'_>> = specs
+        .iter()
+        .map(|s| transparent::PeerUnderlay {
+            name: &s.name,
+            transparent: true,
+            addrs: s.endpoint.map(|e| e.ip()).into_iter().collect(),
+            grants: &s.grants,
+        })
+        .collect();
+    let now = crate::dataplane::unix_millis() / 1000;
+    let plan = transparent::plan(true, &peers, own, overlay, now);
+    drop(peers);
+    for (s, extra) in specs.iter_mut().zip(&plan.extra_allowed) {
+        for n in extra {
+            if !s.allowed_ips.contains(n) {
+                s.allowed_ips.push(*n);
+            }
+        }
+    }
+    if let Err(e) = device.set_peers(specs) {
+        tracing::error!(error = %e, "transparent mode: peer table refused");
+        return;
+    }
+    if let Err(e) = t.apply(&plan).await {
+        tracing::error!(error = %format!("{e:#}"), "transparent mode: applying routes and filter");
+    }
+    if let Ok(mut p) = protected.lock() {
+        *p = plan
+            .protected
+            .iter()
+            .map(|(ip, name)| format!("{ip} ({name})"))
+            .collect();
+    }
 }

@@ -73,7 +73,12 @@ impl HostView {
             created_at: h.created_at,
             last_seen: h.last_seen,
             acked_version,
-            mode: if h.transparent { "transparent" } else { "overlay" }.into(),
+            mode: if h.transparent {
+                "transparent"
+            } else {
+                "overlay"
+            }
+            .into(),
             quarantined: h.quarantined,
         }
     }

@@ -112,12 +112,8 @@ pub fn client_endpoint_marked(
     sock.bind(&bind.into())?;
     let runtime = quinn::default_runtime()
         .ok_or_else(|| ClientError::Setup("no async runtime for the QUIC endpoint".into()))?;
-    let mut ep = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        None,
-        sock.into(),
-        runtime,
-    )?;
+    let mut ep =
+        quinn::Endpoint::new(quinn::EndpointConfig::default(), None, sock.into(), runtime)?;
     ep.set_default_client_config(
         quic::client_config().map_err(|e| ClientError::Setup(format!("{e:#}")))?,
     );

@@ -552,7 +552,12 @@ impl Actor {
                             sent_version: s.sent_version,
                             acked_version: s.acked_version,
                             connected_at: s.connected_at,
-                            mode: if transparent { "transparent" } else { "overlay" }.into(),
+                            mode: if transparent {
+                                "transparent"
+                            } else {
+                                "overlay"
+                            }
+                            .into(),
                             protected,
                         }
                     })

@@ -726,7 +726,8 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
             DenyReason::DefaultDeny => &c.default_deny,
             DenyReason::Expired(_) => &c.expired,
             DenyReason::Quarantined => &c.quarantined,
-            DenyReason::NoFlow => &c.no_flow,
+            // Not a firewall verdict (transparent mode's nftables drops); counted as no flow.
+            DenyReason::NoFlow | DenyReason::Plaintext => &c.no_flow,
         }
         .fetch_add(1, Relaxed);
         let ports = matches!(t.proto, ip_proto::TCP | ip_proto::UDP);

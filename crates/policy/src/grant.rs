@@ -147,6 +147,8 @@ pub enum DenyReason {
     Quarantined,
     /// Not the start of a connection and no tracked flow (e.g. a TCP segment without SYN).
     NoFlow,
+    /// Transparent mode: plaintext to a port the policy covers, not through the tunnel.
+    Plaintext,
 }
 
 impl std::fmt::Display for DenyReason {
@@ -156,6 +158,9 @@ impl std::fmt::Display for DenyReason {
             DenyReason::Expired(r) => write!(f, "rule {r} expired"),
             DenyReason::Quarantined => f.write_str("quarantined"),
             DenyReason::NoFlow => f.write_str("no tracked flow"),
+            DenyReason::Plaintext => {
+                f.write_str("plaintext to a covered port (encryption required)")
+            }
         }
     }
 }

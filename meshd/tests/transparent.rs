@@ -1,0 +1,414 @@
+//! End-to-end tests of transparent mode: applications use the hosts' ordinary (underlay)
+//! addresses and meshd encrypts that traffic, guards the ports the policy covers, follows
+//! address changes, gives cloned VMs their own identity, and cleans up after itself.
+
+mod common;
+
+use std::io::{Read as _, Write as _};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::*;
+use meshd_lab::{wait_for, Cmd, Lab, ProcHandle, Signal};
+
+/// app1 may open tcp/1521 on db1 (and ping it); nothing else.
+const POLICY: &str = "rules:
+  - name: app-to-db
+    from: {app: app1}
+    to: {app: db1}
+    ports: [tcp/1521, icmp]
+";
+
+const COVERED: u16 = 1521;
+const UNCOVERED: u16 = 8080;
+
+/// Starts `meshd up --transparent` on lab host `idx` with its own state dir and machine id.
+fn join_transparent(lab: &Lab, idx: usize, token: &str, name: &str) -> ProcHandle {
+    let state = state_dir(lab, idx);
+    std::fs::create_dir_all(&state).unwrap();
+    spawn_agent(
+        lab,
+        idx,
+        &state,
+        Some(token),
+        Some(name),
+        &machine_id(lab, idx),
+    )
+}
+
+fn state_dir(lab: &Lab, idx: usize) -> PathBuf {
+    lab.dir().join(format!("agent{idx}"))
+}
+
+/// A machine-id file per lab host (namespaces share /etc/machine-id).
+fn machine_id(lab: &Lab, idx: usize) -> PathBuf {
+    let path = lab.dir().join(format!("machine-id-{idx}"));
+    if !path.exists() {
+        std::fs::write(&path, format!("{:032x}\n", 0x6d65_7368_0000 + idx as u128)).unwrap();
+    }
+    path
+}
+
+fn spawn_agent(
+    lab: &Lab,
+    idx: usize,
+    state: &std::path::Path,
+    token: Option<&str>,
+    name: Option<&str>,
+    machine_id: &std::path::Path,
+) -> ProcHandle {
+    let mut cmd = Cmd::new(meshd_bin());
+    cmd.args(["up", "--transparent", "--state-dir"])
+        .arg(state)
+        .arg("--machine-id-file")
+        .arg(machine_id);
+    if let Some(t) = token {
+        cmd.args(["--join", t]);
+    }
+    if let Some(n) = name {
+        cmd.args(["--name", n]);
+    }
+    lab.host(idx)
+        .spawn(
+            cmd.env("RUST_LOG", "info")
+                .label(format!("agent-{idx}-{}", name.unwrap_or("resumed"))),
+        )
+        .unwrap()
+}
+
+/// The protected peer addresses `meshd status` lists on `host`.
+fn protected(host: &meshd_lab::Host) -> Vec<String> {
+    status_json(host)
+        .and_then(|s| {
+            s["protected"].as_array().map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+fn wait_protected(host: &meshd_lab::Host, ip: IpAddr) -> bool {
+    let want = format!("{ip} (");
+    wait_for(Duration::from_secs(15), Duration::from_millis(100), || {
+        protected(host).iter().any(|p| p.starts_with(&want))
+    })
+}
+
+/// A coordinator on host 0 with [`POLICY`]; host `a` joins as app1 and host `b` as db1, both
+/// transparent.
+fn mesh(tag: &str, hosts: usize, a: usize, b: usize) -> (Lab, Coord, Vec<ProcHandle>) {
+    let lab = Lab::new(tag, hosts).unwrap();
+    let coord = Coord::start(&lab, 0);
+    let (code, v) = coord.apply_policy(&lab, POLICY);
+    assert!((200..300).contains(&code), "policy apply: {code} {v}");
+    let ta = coord.token(&lab, &[("app", "app1")], Some(3600), Some(1));
+    // db1's image keeps a reusable token, so clones of it can enrol themselves.
+    let tb = coord.token(&lab, &[("app", "db1")], Some(3600), Some(5));
+    let procs = vec![
+        join_transparent(&lab, a, &ta, "app1"),
+        join_transparent(&lab, b, &tb, "db1"),
+    ];
+    let (ha, hb) = (lab.host(a), lab.host(b));
+    assert!(
+        wait_protected(ha, hb.underlay_ip().into()),
+        "app1 never protected db1's address: {:?}; stderr: {}",
+        protected(ha),
+        procs[0].stderr().unwrap_or_default()
+    );
+    assert!(
+        wait_protected(hb, ha.underlay_ip().into()),
+        "db1 never protected app1's address: {:?}",
+        protected(hb)
+    );
+    (lab, coord, procs)
+}
+
+/// A one-connection server on `port` in `ns`: returns (peer address, bytes read).
+fn serve_once(ns: &str, port: u16) -> std::thread::JoinHandle<Option<(SocketAddr, Vec<u8>)>> {
+    let listener = in_netns(ns, move || TcpListener::bind(("::", port)).unwrap());
+    std::thread::spawn(move || {
+        listener.set_nonblocking(true).ok()?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let (mut s, peer) = loop {
+            match listener.accept() {
+                Ok(x) => break x,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(_) => return None,
+            }
+        };
+        s.set_nonblocking(false).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        Some((peer, got))
+    })
+}
+
+/// Connects from `ns` to `to:port` and sends `data` (bounded).
+fn send(ns: &str, to: IpAddr, port: u16, data: &'static [u8]) -> bool {
+    send_within(ns, to, port, data, Duration::from_millis(1500))
+}
+
+fn send_within(ns: &str, to: IpAddr, port: u16, data: &'static [u8], limit: Duration) -> bool {
+    in_netns(ns, move || {
+        let Ok(mut s) = TcpStream::connect_timeout(&SocketAddr::new(to, port), limit) else {
+            return false;
+        };
+        s.write_all(data).is_ok()
+    })
+}
+
+fn canonical(a: SocketAddr) -> IpAddr {
+    match a.ip() {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+#[test]
+fn underlay_traffic_is_encrypted_and_covered_ports_require_the_tunnel() {
+    // Host 0: coordinator; 1: app1; 2: db1; 3: a host outside the mesh.
+    let (lab, coord, procs) = mesh("tp-guard", 4, 1, 2);
+    let (ha, hb, hc) = (lab.host(1), lab.host(2), lab.host(3));
+    let (a_ip, b_ip) = (
+        IpAddr::from(ha.underlay_ip()),
+        IpAddr::from(hb.underlay_ip()),
+    );
+
+    // A's client talks to B's ordinary address; the underlay shows only tunnel UDP.
+    let cap = lab
+        .capture(
+            2,
+            "eth0",
+            &format!("(host {a_ip} or host {}) and not icmp6", ha.underlay_ipv6()),
+        )
+        .unwrap();
+    let marker: &'static [u8] = b"MESHD-TRANSPARENT-MARKER-91c2";
+    let server = serve_once(hb.netns(), COVERED);
+    assert!(
+        send(ha.netns(), b_ip, COVERED, marker),
+        "app1 could not reach db1's address on tcp/{COVERED}: {}",
+        procs[0].stderr().unwrap_or_default()
+    );
+    let (peer, got) = server
+        .join()
+        .unwrap()
+        .expect("db1's server got no connection");
+    assert_eq!(got, marker);
+    assert_eq!(canonical(peer), a_ip, "db1 must see app1's real address");
+    // IPv6 too.
+    let b6 = IpAddr::from(hb.underlay_ipv6());
+    assert!(
+        wait_protected(ha, b6),
+        "v6 not protected: {:?}",
+        protected(ha)
+    );
+    let server = serve_once(hb.netns(), COVERED);
+    assert!(
+        send(ha.netns(), b6, COVERED, marker),
+        "no v6 through the tunnel"
+    );
+    let (peer, got) = server.join().unwrap().expect("no v6 connection");
+    assert_eq!(got, marker);
+    assert_eq!(peer.ip(), IpAddr::from(ha.underlay_ipv6()));
+    // A port the policy does not grant is refused by the tunnel's own policy, even though the
+    // route leads into the tunnel.
+    assert!(!send(ha.netns(), b_ip, UNCOVERED, b"nope"));
+    std::thread::sleep(Duration::from_millis(300));
+    let pcap = cap.stop_parsed().unwrap();
+    assert!(!pcap.any_contains(marker), "marker visible on the underlay");
+    let mut tunnel = 0;
+    for s in pcap.summaries() {
+        assert_eq!(s.ip_proto, 17, "non-UDP packet between app1 and db1: {s:?}");
+        assert_eq!(
+            (s.src_port, s.dst_port),
+            (Some(51820), Some(51820)),
+            "{s:?}"
+        );
+        tunnel += 1;
+    }
+    assert!(tunnel >= 2, "only {tunnel} tunnel packets captured");
+
+    // A host outside the mesh: the covered port is closed to it, other ports are untouched.
+    assert!(
+        !tcp_connects(hc.netns(), hb.netns(), b_ip, COVERED),
+        "plaintext reached the covered port"
+    );
+    assert!(
+        tcp_connects(hc.netns(), hb.netns(), b_ip, UNCOVERED),
+        "an uncovered port was cut"
+    );
+    // ... and the drop is in db1's block log, naming the source.
+    let c_ip = hc.underlay_ip().to_string();
+    let log = state_dir(&lab, 2).join("blocks.jsonl");
+    let logged = wait_for(Duration::from_secs(5), Duration::from_millis(100), || {
+        read(&log)
+            .lines()
+            .any(|l| l.contains("plaintext") && l.contains(&c_ip) && l.contains("1521"))
+    });
+    assert!(logged, "no plaintext block event: {}", read(&log));
+    let reached = wait_for(Duration::from_secs(5), Duration::from_millis(200), || {
+        let (_, v) = coord.api(&lab, "GET", "/v1/blocks", None);
+        v.to_string().contains("plaintext")
+    });
+    assert!(
+        reached,
+        "the coordinator never got the plaintext block event"
+    );
+
+    // Both status views name the mode and the protected addresses.
+    let s = status_json(hb).unwrap();
+    assert_eq!(s["mode"], "transparent");
+    assert!(protected(hb)
+        .iter()
+        .any(|p| p.starts_with(&format!("{a_ip} (app1)"))));
+    let (_, st) = coord.api(&lab, "GET", "/v1/status", None);
+    let db = st["connected"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["name"] == "db1"))
+        .cloned()
+        .expect("db1 connected");
+    assert_eq!(db["mode"], "transparent");
+    assert!(
+        db["protected"].to_string().contains(&b_ip.to_string()),
+        "{db}"
+    );
+}
+
+#[test]
+fn address_change_clone_and_crash_cleanup() {
+    // Host 0: coordinator; 1: app1; 2: db1; 3: where db1's clone starts.
+    let (lab, coord, mut procs) = mesh("tp-move", 4, 1, 2);
+    let (ha, hb, hc) = (lab.host(1), lab.host(2), lab.host(3));
+
+    // db1's address changes: app1's client reaches the new address through the tunnel.
+    let new_ip = std::net::Ipv4Addr::new(198, 18, 0, 77);
+    let t0 = Instant::now();
+    hb.set_underlay_ip(new_ip).unwrap();
+    // Until app1 has the new route, its attempts go out in plaintext and db1 drops them.
+    let server = serve_once(hb.netns(), COVERED);
+    // Short attempts, so the time measured is not a SYN retransmission timer.
+    let moved = wait_for(Duration::from_secs(15), Duration::from_millis(20), || {
+        send_within(
+            ha.netns(),
+            new_ip.into(),
+            COVERED,
+            b"after-move",
+            Duration::from_millis(100),
+        )
+    });
+    assert!(
+        moved,
+        "app1 never reached db1's new address through the tunnel"
+    );
+    let (peer, data) = server.join().unwrap().expect("db1 got no connection");
+    assert_eq!(data, b"after-move");
+    assert_eq!(canonical(peer), IpAddr::from(ha.underlay_ip()));
+    println!(
+        "transparent: traffic to a moved host flows again after {} ms",
+        t0.elapsed().as_millis()
+    );
+    assert!(wait_protected(ha, new_ip.into()));
+
+    // A clone of db1's state directory, started on another machine, enrols as a new host.
+    let clone_dir = lab.dir().join("clone-of-db1");
+    let out = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(state_dir(&lab, 2))
+        .arg(&clone_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let original_key = status_json(hb).unwrap()["public_key"].clone();
+    let clone = spawn_agent(&lab, 3, &clone_dir, None, None, &machine_id(&lab, 3));
+    let enrolled = wait_for(Duration::from_secs(15), Duration::from_millis(200), || {
+        let (_, hosts) = coord.api(&lab, "GET", "/v1/hosts", None);
+        hosts.as_array().is_some_and(|h| h.len() == 3)
+    });
+    let (_, hosts) = coord.api(&lab, "GET", "/v1/hosts", None);
+    assert!(
+        enrolled,
+        "clone did not enrol: {hosts}; stderr: {}",
+        clone.stderr().unwrap_or_default()
+    );
+    let clone_key = status_json(hc).unwrap()["public_key"].clone();
+    assert_ne!(clone_key, original_key, "the clone kept the original's key");
+    let db_hosts = hosts
+        .as_array()
+        .map(|h| h.iter().filter(|h| h["labels"]["app"] == "db1").count());
+    assert_eq!(db_hosts, Some(2), "the clone lacks db1's labels: {hosts}");
+    // The original keeps working.
+    let server = serve_once(hb.netns(), COVERED);
+    assert!(send(ha.netns(), new_ip.into(), COVERED, b"still-db1"));
+    assert_eq!(
+        server.join().unwrap().map(|x| x.1),
+        Some(b"still-db1".to_vec())
+    );
+    clone.kill(Signal::Term).unwrap();
+
+    // SIGKILL and restart: no duplicate rules, routes or tables; SIGTERM: none left.
+    let before = host_state(ha);
+    assert_eq!(before.rules, 2, "one rule per family: {before:?}");
+    assert_eq!(before.tables, 2, "{before:?}");
+    assert!(before.routes >= 2, "{before:?}");
+    let a = procs.remove(0);
+    a.kill(Signal::Kill).unwrap();
+    let _ = a.wait_timeout(Duration::from_secs(5));
+    let a = spawn_agent(
+        &lab,
+        1,
+        &state_dir(&lab, 1),
+        None,
+        None,
+        &machine_id(&lab, 1),
+    );
+    assert!(wait_protected(ha, new_ip.into()));
+    let after = host_state(ha);
+    assert_eq!(after, before, "state after a crash and restart differs");
+    let server = serve_once(hb.netns(), COVERED);
+    assert!(send(ha.netns(), new_ip.into(), COVERED, b"after-crash"));
+    assert!(server.join().unwrap().is_some());
+    a.kill(Signal::Term).unwrap();
+    let st = a.wait_timeout(Duration::from_secs(10)).unwrap();
+    assert!(
+        st.is_some_and(|s| s.success()),
+        "meshd did not exit cleanly"
+    );
+    let gone = host_state(ha);
+    assert_eq!(gone, HostState::default(), "left behind after stop");
+}
+
+/// What transparent mode installed in a host: rules pointing at meshd's table, routes in it,
+/// nft tables named meshd_*.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct HostState {
+    rules: usize,
+    routes: usize,
+    tables: usize,
+}
+
+fn host_state(host: &meshd_lab::Host) -> HostState {
+    let table = meshd_hostnet::DEFAULT_TABLE.to_string();
+    let count = |args: &[&str], needle: &str| -> usize {
+        let out = host.exec(args[0], &args[1..]).unwrap();
+        String::from_utf8_lossy(&out.stdout).matches(needle).count()
+    };
+    let rules = count(&["ip", "-4", "rule", "show"], &format!("lookup {table}"))
+        + count(&["ip", "-6", "rule", "show"], &format!("lookup {table}"));
+    let routes = count(&["ip", "-4", "route", "show", "table", &table], "dev mesh0")
+        + count(&["ip", "-6", "route", "show", "table", &table], "dev mesh0");
+    let tables = count(&["nft", "list", "tables"], "meshd_");
+    HostState {
+        rules,
+        routes,
+        tables,
+    }
+}
