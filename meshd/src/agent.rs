@@ -35,8 +35,9 @@ use crate::transparent::{self, Transparent};
 
 /// Keepalive towards coordinator-managed peers (keeps NAT mappings and detects loss).
 const PEER_KEEPALIVE: u16 = 25;
-/// How often the agent looks at its own addresses.
-const ADDRESS_POLL: Duration = Duration::from_millis(250);
+/// How often the agent looks at its own addresses without being told (a safety net: address
+/// changes arrive at once as netlink notifications).
+const ADDRESS_POLL: Duration = Duration::from_secs(5);
 
 /// What an enrolled agent keeps on disk.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -310,6 +311,13 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
 
     let (conn, nl, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
     tokio::spawn(conn);
+    // Address notifications (like `ip monitor address`): each one triggers a fresh dump.
+    let (conn, _, mut addr_events) = rtnetlink::new_multicast_connection(&[
+        rtnetlink::MulticastGroup::Ipv4Ifaddr,
+        rtnetlink::MulticastGroup::Ipv6Ifaddr,
+    ])
+    .context("subscribing to address changes over rtnetlink")?;
+    tokio::spawn(conn);
     let report_for = |nets: &[IpNet]| EndpointReport {
         addrs: nets
             .iter()
@@ -485,7 +493,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                     }
                 }
             }
-            _ = poll.tick() => {
+            _ = address_change(&mut addr_events, &mut poll) => {
                 let now = local_addresses(&nl, &addresses).await;
                 if now != ips {
                     tracing::info!(addresses = ?now, "underlay addresses changed; reporting");
@@ -505,6 +513,21 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     session.shutdown().await;
     dp.stop();
     result
+}
+
+/// Waits for an address notification (draining any that queued up behind it) or the next
+/// safety-net poll.
+async fn address_change(
+    events: &mut (impl futures_util::Stream + Unpin),
+    poll: &mut tokio::time::Interval,
+) {
+    use futures_util::{FutureExt as _, StreamExt as _};
+    tokio::select! {
+        Some(_) = events.next() => {
+            while let Some(Some(_)) = events.next().now_or_never() {}
+        }
+        _ = poll.tick() => {}
+    }
 }
 
 /// Applies network maps: the peer table, overlay routes and (transparent mode) underlay routes,
