@@ -38,6 +38,10 @@ const PEER_KEEPALIVE: u16 = 25;
 /// How often the agent looks at its own addresses without being told (a safety net: address
 /// changes arrive at once as netlink notifications).
 const ADDRESS_POLL: Duration = Duration::from_secs(5);
+/// Address notifications are gathered until none came for this long ...
+const ADDRESS_SETTLE: Duration = Duration::from_millis(50);
+/// ... but for no longer than this.
+const ADDRESS_SETTLE_MAX: Duration = Duration::from_millis(300);
 
 /// What an enrolled agent keeps on disk.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -524,7 +528,16 @@ async fn address_change(
     use futures_util::{FutureExt as _, StreamExt as _};
     tokio::select! {
         Some(_) = events.next() => {
-            while let Some(Some(_)) = events.next().now_or_never() {}
+            // One change often comes as several notifications (`ip addr flush` then `add`):
+            // wait until they stop for a moment, so peers get one consistent report.
+            let deadline = tokio::time::Instant::now() + ADDRESS_SETTLE_MAX;
+            loop {
+                while let Some(Some(_)) = events.next().now_or_never() {}
+                let quiet = tokio::time::timeout(ADDRESS_SETTLE, events.next());
+                if quiet.await.is_err() || tokio::time::Instant::now() >= deadline {
+                    break;
+                }
+            }
         }
         _ = poll.tick() => {}
     }
