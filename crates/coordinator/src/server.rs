@@ -365,7 +365,15 @@ impl Actor {
                 host,
                 conn,
                 endpoints,
-            } => self.state.report_endpoints(now, host, conn, endpoints),
+            } => {
+                // The report just came over the connection, so its source is the freshest
+                // observation: take both at once (one consistent map for the peers).
+                if let Some(l) = self.live.get(&host).filter(|l| l.conn_id == conn) {
+                    let ip = l.conn.remote_address().ip();
+                    self.state.observed_changed(now, host, conn, ip);
+                }
+                self.state.report_endpoints(now, host, conn, endpoints)
+            }
             Cmd::Observed { host, conn, ip } => self.state.observed_changed(now, host, conn, ip),
             Cmd::Ack {
                 host,
