@@ -416,3 +416,42 @@ fn host_state(host: &meshd_lab::Host) -> HostState {
         tables,
     }
 }
+
+#[test]
+fn static_mode_transparent_with_a_policy_file() {
+    // Static config: two transparent hosts, host 2 outside the mesh. The inline policy grants
+    // tcp/1521 from h0 to h1, so only that port is covered on h1.
+    let lab = Lab::new("tp-static", 3).unwrap();
+    let (n0, n1) = (Node::new(&lab, 0), Node::new(&lab, 1));
+    let policy = "policy = '''\nrules:\n  - name: db\n    from: {host: h0}\n    to: {host: self}\n    ports: [tcp/1521]\n'''\n";
+    let transparent = |n: &Node, peer: &Node, peer_name_self: bool| {
+        n.write_config(&lab, &[(peer, true)], "");
+        let text = std::fs::read_to_string(n.config_path()).unwrap();
+        let mut iface = "mtu = 1420\nmode = \"transparent\"\n".to_string();
+        if peer_name_self {
+            iface.push_str(policy);
+        }
+        std::fs::write(n.config_path(), text.replacen("mtu = 1420\n", &iface, 1)).unwrap();
+    };
+    transparent(&n0, &n1, false);
+    transparent(&n1, &n0, true);
+    let (p0, p1) = (n0.start(&lab), n1.start(&lab));
+    let (h0, h1, h2) = (lab.host(0), lab.host(1), lab.host(2));
+    let b_ip = IpAddr::from(h1.underlay_ip());
+    assert!(wait_protected(h0, b_ip), "{:?}", protected(h0));
+    assert!(wait_protected(h1, h0.underlay_ip().into()));
+    let (sent, got, _) = tcp_transfer(h0.netns(), h1.netns(), b_ip, COVERED, 4 << 20);
+    assert_eq!(sent, got);
+    assert!(!tcp_connects(h2.netns(), h1.netns(), b_ip, COVERED));
+    assert!(tcp_connects(h2.netns(), h1.netns(), b_ip, UNCOVERED));
+    for p in [p0, p1] {
+        p.kill(Signal::Term).unwrap();
+        let st = p.wait_timeout(Duration::from_secs(10)).unwrap();
+        assert!(
+            st.is_some_and(|s| s.success()),
+            "meshd did not exit cleanly"
+        );
+    }
+    assert_eq!(host_state(h0), HostState::default());
+    assert_eq!(host_state(h1), HostState::default());
+}
