@@ -3,16 +3,28 @@
 //! Three threads, no channels on the packet path:
 //! - `tx`: reads batches from the TUN (one TSO super-packet splits into up to 128 packets),
 //!   seals each into one contiguous buffer and sends runs of equal-sized datagrams to the same
-//!   endpoint with one GSO `sendmsg`.
+//!   endpoint with one GSO `sendmsg`. A lone packet (no TSO) is sent before the next read.
 //! - `rx`: `recvmmsg` with GRO (many datagrams per buffer), opens each into a TUN buffer and
-//!   writes the batch with one coalescing `send_multiple` (GRO on the TUN).
+//!   writes the batch with one coalescing `send_multiple` (GRO on the TUN). Then it runs the
+//!   tx path once itself (if `tx` is not busy): the TUN write ran the host's stack, which has
+//!   often queued its answer (echo reply, ACK, RPC response) on the TUN already, and sealing
+//!   it here saves a thread wake-up per round trip. Only while tx is quiet (nothing read for
+//!   1 ms): under bulk traffic both threads stay busy in parallel.
 //! - `timers`: every 100 ms runs the WireGuard timers (rekey, retries, keepalive).
 //!
-//! Buffers are allocated once per thread. The peer table is loaded once per batch.
+//! The tx path's state (buffers, send batch) sits behind a mutex so that both threads can
+//! run it; whoever holds it reads, seals and sends in order, so a flow is never reordered.
+//!
+//! Buffers are allocated once per path, from `mmap` ([`buffers::Pages`]): pages become
+//! resident only when a packet is written into them, and after 5 idle seconds a path hands
+//! them back (`MADV_DONTNEED`); the rx path's GRO table is made on the first batch that can
+//! coalesce and dropped when idle. An idle daemon keeps almost no buffer memory; nothing is
+//! allocated per packet or per batch. The peer table is loaded once per batch.
 //!
 //! Policy: every packet passes the identity firewall ([`Enforcement`]) keyed on the peer's
 //! public key — outbound before sealing, inbound after opening and after cryptokey routing.
 
+mod buffers;
 mod tun;
 pub mod udp;
 
@@ -20,7 +32,7 @@ use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -31,6 +43,7 @@ use meshd_tunnel::{Decap, Device, Encap};
 use quinn_udp::RecvMeta;
 use tun_rs::{GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
+use buffers::{page_round, Chunk, Pages, Slot};
 use udp::Udp;
 
 /// What the packet path needs to start.
@@ -130,8 +143,23 @@ pub struct Dataplane {
     pub offload: bool,
     /// IO counters.
     pub stats: Arc<IoStats>,
-    stop: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
+}
+
+/// What the workers share.
+struct Shared {
+    device: Arc<Device>,
+    policy: Arc<Enforcement>,
+    udp: Udp,
+    tun: SyncDevice,
+    offload: bool,
+    stop: AtomicBool,
+    stats: Arc<IoStats>,
+    /// The TUN → UDP path. The `tx` thread takes it on every TUN wake-up; the `rx` thread
+    /// takes it (without waiting) right after it wrote to the TUN, to seal the reply that the
+    /// write may have produced.
+    tx: Mutex<TxPath>,
 }
 
 impl Dataplane {
@@ -141,62 +169,41 @@ impl Dataplane {
         policy: Arc<Enforcement>,
         cfg: &DataplaneConfig,
     ) -> anyhow::Result<Dataplane> {
-        let udp = Arc::new(Udp::bind(cfg.listen_port, cfg.fwmark)?);
+        let udp = Udp::bind(cfg.listen_port, cfg.fwmark)?;
         let tun = tun::open(&cfg.name, cfg.mtu, &cfg.addresses)?;
         let listen_port = udp.local_port();
         let offload = tun.offload;
         let if_index = tun.index;
-        let tun_rx = Arc::new(tun.dev);
-        let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(IoStats::default());
-        let mtu = usize::from(cfg.mtu);
+        let tx = TxPath::new(usize::from(cfg.mtu), udp.max_segments())?;
+        let rx = RxPath::new()?;
+        let shared = Arc::new(Shared {
+            device,
+            policy,
+            udp,
+            tun: tun.dev,
+            offload,
+            stop: AtomicBool::new(false),
+            stats: stats.clone(),
+            tx: Mutex::new(tx),
+        });
 
-        let mut threads = Vec::new();
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new().name(name.into()).spawn(f)
         };
-        {
-            let (device, policy, udp, tun, stop, stats) = (
-                device.clone(),
-                policy.clone(),
-                udp.clone(),
-                tun_rx.clone(),
-                stop.clone(),
-                stats.clone(),
-            );
-            threads.push(spawn(
-                "meshd-tx",
-                Box::new(move || tx_worker(&device, &policy, &udp, &tun, &stop, &stats, mtu)),
-            )?);
-        }
-        {
-            let (device, policy, udp, tun, stop, stats) = (
-                device.clone(),
-                policy.clone(),
-                udp.clone(),
-                tun_rx.clone(),
-                stop.clone(),
-                stats.clone(),
-            );
-            threads.push(spawn(
-                "meshd-rx",
-                Box::new(move || rx_worker(&device, &policy, &udp, &tun, &stop, &stats, offload)),
-            )?);
-        }
-        {
-            let (device, udp, stop, stats) =
-                (device.clone(), udp.clone(), stop.clone(), stats.clone());
-            threads.push(spawn(
-                "meshd-timers",
-                Box::new(move || timer_worker(&device, &udp, &stop, &stats)),
-            )?);
-        }
+        let mut threads = Vec::new();
+        let sh = shared.clone();
+        threads.push(spawn("meshd-tx", Box::new(move || tx_worker(&sh)))?);
+        let sh = shared.clone();
+        threads.push(spawn("meshd-rx", Box::new(move || rx_worker(&sh, rx)))?);
+        let sh = shared.clone();
+        threads.push(spawn("meshd-timers", Box::new(move || timer_worker(&sh)))?);
         Ok(Dataplane {
             listen_port,
             if_index,
             offload,
             stats,
-            stop,
+            shared,
             threads,
         })
     }
@@ -207,7 +214,7 @@ impl Dataplane {
     }
 
     fn shutdown(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.shared.stop.store(true, Ordering::Relaxed);
         for t in self.threads.drain(..) {
             let _joined = t.join();
         }
@@ -220,6 +227,50 @@ impl Drop for Dataplane {
     }
 }
 
+/// Locks a worker's path (a panic aborts the daemon, so there is no poisoned state to fear).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Takes a worker's path if nobody holds it.
+fn try_lock<T>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
+    match m.try_lock() {
+        Ok(g) => Some(g),
+        Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+        Err(TryLockError::WouldBlock) => None,
+    }
+}
+
+/// Idle seconds after which a path hands its written buffer pages back to the kernel.
+const IDLE_RELEASE_SECS: u32 = 5;
+
+/// Whether a path's buffers hold written pages, and for how many idle seconds.
+#[derive(Default)]
+struct Idle {
+    used: bool,
+    seconds: u32,
+}
+
+impl Idle {
+    fn touch(&mut self) {
+        self.used = true;
+        self.seconds = 0;
+    }
+
+    /// Called after an idle second; true when the buffers should be released now.
+    fn tick(&mut self) -> bool {
+        if !self.used {
+            return false;
+        }
+        self.seconds += 1;
+        if self.seconds < IDLE_RELEASE_SECS {
+            return false;
+        }
+        self.used = false;
+        true
+    }
+}
+
 /// Room per sealed datagram: packet + WireGuard overhead (32), at least a handshake (148).
 fn sealed_room(len: usize) -> usize {
     (len + 32).max(148)
@@ -228,7 +279,7 @@ fn sealed_room(len: usize) -> usize {
 /// Sealed datagrams laid end to end, sent in GSO runs (same endpoint, equal sizes, the last
 /// of a run may be shorter).
 struct SendBatch {
-    buf: Vec<u8>,
+    buf: Chunk,
     pos: usize,
     run_start: usize,
     run_to: Option<SocketAddr>,
@@ -242,9 +293,9 @@ struct SendBatch {
 const GSO_MAX_BYTES: usize = 65_000;
 
 impl SendBatch {
-    fn new(capacity: usize, max_segments: usize) -> Self {
+    fn new(buf: Chunk, max_segments: usize) -> Self {
         SendBatch {
-            buf: vec![0u8; capacity],
+            buf,
             pos: 0,
             run_start: 0,
             run_to: None,
@@ -261,7 +312,7 @@ impl SendBatch {
             self.flush(udp, stats);
         }
         let end = (self.pos + room).min(self.buf.len());
-        &mut self.buf[self.pos..end]
+        &mut self.buf.as_mut()[self.pos..end]
     }
 
     /// Records that `len` bytes for `to` were written at the reserved position.
@@ -286,7 +337,7 @@ impl SendBatch {
 
     fn send_run(&mut self, udp: &Udp, stats: &IoStats) {
         let Some(to) = self.run_to.take() else { return };
-        let contents = &self.buf[self.run_start..self.pos];
+        let contents = &self.buf.as_ref()[self.run_start..self.pos];
         let segment = (self.run_count > 1).then_some(self.run_seg);
         match udp.send(to, contents, segment) {
             Ok(()) => {
@@ -313,47 +364,112 @@ impl SendBatch {
     }
 }
 
-fn tx_worker(
-    device: &Device,
-    policy: &Enforcement,
-    udp: &Udp,
-    tun: &SyncDevice,
-    stop: &AtomicBool,
-    stats: &IoStats,
-    mtu: usize,
-) {
-    let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65535];
-    let slot = mtu.max(1500) + 64;
-    let mut bufs = vec![vec![0u8; slot]; IDEAL_BATCH_SIZE];
-    let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
-    let mut batch = SendBatch::new(IDEAL_BATCH_SIZE * sealed_room(slot), udp.max_segments());
-    let fd = tun.as_raw_fd();
-    while !stop.load(Ordering::Relaxed) {
-        if !udp::poll_one(fd, libc::POLLIN, 1000) {
-            continue;
+/// Buffers one TUN read may fill (a 64 KiB TSO super-packet at MTU 1420 is ~47 segments).
+const TUN_READ_ROOM: usize = 64;
+
+/// What one pass over the TUN did.
+enum TxPass {
+    /// Nothing was queued.
+    Empty,
+    /// Packets were read and sent.
+    Sent,
+    /// The read failed.
+    Failed(io::Error),
+}
+
+/// The TUN → UDP path: read buffers (one TSO super-packet splits into up to 128 packets)
+/// and the send batch, all in one lazily touched mapping.
+struct TxPath {
+    pages: Pages,
+    original: Chunk,
+    bufs: Vec<Chunk>,
+    sizes: Vec<usize>,
+    batch: SendBatch,
+    idle: Idle,
+    /// When a pass last read packets (the rx thread seals replies only while tx is quiet).
+    last_read: Instant,
+}
+
+impl TxPath {
+    fn new(mtu: usize, max_segments: usize) -> io::Result<TxPath> {
+        let slot = mtu.max(1500) + 64;
+        let original = page_round(VIRTIO_NET_HDR_LEN + 65535);
+        let batch = IDEAL_BATCH_SIZE * sealed_room(slot);
+        let mut pages = Pages::new(original + IDEAL_BATCH_SIZE * slot + batch)?;
+        let mut chunks = pages.carve(
+            std::iter::once(original)
+                .chain(std::iter::repeat_n(slot, IDEAL_BATCH_SIZE))
+                .chain(std::iter::once(batch)),
+        );
+        let carve_err = || io::Error::other("carving the TX buffers");
+        let batch = chunks.pop().ok_or_else(carve_err)?;
+        if chunks.len() != 1 + IDEAL_BATCH_SIZE {
+            return Err(carve_err());
         }
-        let mut n = match tun.recv_multiple(&mut original, &mut bufs, &mut sizes, 0) {
+        let original = chunks.remove(0);
+        Ok(TxPath {
+            pages,
+            original,
+            bufs: chunks,
+            sizes: vec![0; IDEAL_BATCH_SIZE],
+            batch: SendBatch::new(batch, max_segments),
+            idle: Idle::default(),
+            last_read: Instant::now(),
+        })
+    }
+
+    /// Reads one TUN read's worth of packets into `bufs[at..]`.
+    fn read(&mut self, tun: &SyncDevice, at: usize) -> io::Result<usize> {
+        tun.recv_multiple(
+            self.original.as_mut(),
+            &mut self.bufs[at..],
+            &mut self.sizes[at..],
+            0,
+        )
+    }
+
+    /// One pass: reads what the TUN holds (bounded), seals it and sends it.
+    fn run(&mut self, sh: &Shared) -> TxPass {
+        let mut n = match self.read(&sh.tun, 0) {
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => {
-                tracing::warn!(error = %e, "TUN read failed");
-                std::thread::sleep(Duration::from_millis(10));
-                continue;
-            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return TxPass::Empty,
+            Err(e) => return TxPass::Failed(e),
         };
+        self.idle.touch();
+        self.last_read = Instant::now();
+        if n == 1 {
+            // A lone packet (no TSO: a ping, an ACK, a request): send it before looking for
+            // more, so its latency does not include another read.
+            self.seal(sh, 1);
+            n = 0;
+        }
         // Without TSO (UDP floods, many small flows) each read yields one packet: keep
         // reading while a whole super-packet still fits, so one wake-up fills one batch.
         while n + TUN_READ_ROOM <= IDEAL_BATCH_SIZE {
-            match tun.recv_multiple(&mut original, &mut bufs[n..], &mut sizes[n..], 0) {
+            match self.read(&sh.tun, n) {
                 Ok(k) if k > 0 => n += k,
                 _ => break,
             }
         }
-        let table = device.table();
+        self.seal(sh, n);
+        TxPass::Sent
+    }
+
+    /// Seals `bufs[..n]` and sends them.
+    fn seal(&mut self, sh: &Shared, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let table = sh.device.table();
         let now = unix_millis();
+        let (bufs, sizes) = (&self.bufs, &self.sizes);
+        let packet = |i: usize| {
+            let b = bufs[i].as_ref();
+            &b[..sizes[i].min(b.len())]
+        };
         let mut i = 0;
         while i < n {
-            let Ok(peer) = device.route(&table, &bufs[i][..sizes[i]]) else {
+            let Ok(peer) = sh.device.route(&table, packet(i)) else {
                 i += 1;
                 continue;
             };
@@ -361,28 +477,52 @@ fn tx_worker(
             let mut tunn = peer.lock();
             let grants = peer.grants();
             loop {
-                let pkt = &bufs[i][..sizes[i]];
-                if policy.allow(peer, &grants, table.version, Direction::Outbound, pkt, now) {
-                    let out = batch.reserve(sealed_room(pkt.len()), udp, stats);
+                let pkt = packet(i);
+                let out = Direction::Outbound;
+                if sh.policy.allow(peer, &grants, table.version, out, pkt, now) {
+                    let room = self
+                        .batch
+                        .reserve(sealed_room(pkt.len()), &sh.udp, &sh.stats);
                     if let Encap::Send { to, datagram } =
-                        device.encapsulate(peer, &mut tunn, pkt, out)
+                        sh.device.encapsulate(peer, &mut tunn, pkt, room)
                     {
                         let len = datagram.len();
-                        batch.commit(to, len, udp, stats);
+                        self.batch.commit(to, len, &sh.udp, &sh.stats);
                     }
                 }
                 i += 1;
-                if i >= n || !same_dst(&bufs[i - 1][..sizes[i - 1]], &bufs[i][..sizes[i]]) {
+                if i >= n || !same_dst(packet(i - 1), packet(i)) {
                     break;
                 }
             }
         }
-        batch.flush(udp, stats);
+        self.batch.flush(&sh.udp, &sh.stats);
     }
 }
 
-/// Buffers one TUN read may fill (a 64 KiB TSO super-packet at MTU 1420 is ~47 segments).
-const TUN_READ_ROOM: usize = 64;
+fn tx_worker(sh: &Shared) {
+    let fd = sh.tun.as_raw_fd();
+    while !sh.stop.load(Ordering::Relaxed) {
+        if !udp::poll_one(fd, libc::POLLIN, 1000) {
+            let mut tx = lock(&sh.tx);
+            if tx.idle.tick() {
+                tx.pages.discard();
+            }
+            continue;
+        }
+        // Never wait for the rx thread: it is reading the TUN itself and lets go as soon as
+        // the TUN is empty (then poll sleeps) or its pass is done (then we take over).
+        let Some(mut tx) = try_lock(&sh.tx) else {
+            std::thread::yield_now();
+            continue;
+        };
+        if let TxPass::Failed(e) = tx.run(sh) {
+            drop(tx);
+            tracing::warn!(error = %e, "TUN read failed");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
 
 /// Same IP destination (cheap check that the next packet goes to the same peer).
 fn same_dst(a: &[u8], b: &[u8]) -> bool {
@@ -396,60 +536,114 @@ fn same_dst(a: &[u8], b: &[u8]) -> bool {
 /// How many UDP buffers one `recvmmsg` fills; each holds a GRO train of up to 64 KiB.
 const RX_BUFFERS: usize = 16;
 const RX_BUFFER_SIZE: usize = 65_536;
+/// One TUN write buffer: header room and a packet that GRO coalescing may grow to 64 KiB.
+const TUN_SLOT_SIZE: usize = 65_536;
+/// Header room in front of each packet written to the TUN.
+const TUN_OFFSET: usize = VIRTIO_NET_HDR_LEN;
 
-fn rx_worker(
-    device: &Device,
-    policy: &Enforcement,
-    udp: &Udp,
-    tun: &SyncDevice,
-    stop: &AtomicBool,
-    stats: &IoStats,
-    offload: bool,
-) {
-    let mut rx: Vec<Vec<u8>> = (0..RX_BUFFERS).map(|_| vec![0u8; RX_BUFFER_SIZE]).collect();
-    let mut meta = vec![RecvMeta::default(); RX_BUFFERS];
-    let offset = VIRTIO_NET_HDR_LEN;
-    // TUN write buffers: packet at `offset`, capacity for GRO coalescing to grow into.
-    let mut out: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE)
-        .map(|_| Vec::with_capacity(offset + 65_536))
-        .collect();
-    let mut n_out = 0usize;
-    let mut gro = GROTable::default();
-    let mut scratch = vec![0u8; RX_BUFFER_SIZE];
-    let mut replies: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
+/// Decrypted packets waiting for one coalescing TUN write.
+struct TunBatch {
+    out: Vec<Slot>,
+    n: usize,
+    /// Made on the first batch that can coalesce, dropped when idle: tun-rs preallocates
+    /// 128 item vectors per protocol (~1.7 MiB of small chunks, nearly every page touched).
+    gro: Option<GROTable>,
+}
 
-    let flush_tun = |out: &mut Vec<Vec<u8>>, n_out: &mut usize, gro: &mut GROTable| {
-        if *n_out == 0 {
+impl TunBatch {
+    /// Writes the batch to the TUN (GRO-coalesced with offload) and empties it.
+    fn flush(&mut self, sh: &Shared) {
+        if self.n == 0 {
             return;
         }
-        let res = if offload {
-            tun.send_multiple(gro, &mut out[..*n_out], offset)
+        let bufs = &mut self.out[..self.n];
+        let res = if sh.offload && bufs.len() > 1 {
+            let gro = self.gro.get_or_insert_with(GROTable::default);
+            sh.tun.send_multiple(gro, bufs, TUN_OFFSET)
+        } else if let [one] = bufs {
+            // Nothing to coalesce: a zeroed virtio header (no GSO, checksum complete) and
+            // one write, as send_multiple would do after its table work.
+            let skip = if sh.offload {
+                one.as_mut()[..TUN_OFFSET].fill(0);
+                0
+            } else {
+                TUN_OFFSET
+            };
+            sh.tun.send(&one.as_ref()[skip..])
         } else {
             let mut r = Ok(0);
-            for b in &out[..*n_out] {
-                if let Err(e) = tun.send(&b[offset..]) {
+            for b in bufs.iter() {
+                if let Err(e) = sh.tun.send(&b.as_ref()[TUN_OFFSET..]) {
                     r = Err(e);
                 }
             }
             r
         };
         if let Err(e) = res {
-            stats.tun_write_errors.fetch_add(1, Ordering::Relaxed);
+            sh.stats.tun_write_errors.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(error = %e, "TUN write failed");
         }
-        *n_out = 0;
-    };
+        self.n = 0;
+    }
+}
 
-    while !stop.load(Ordering::Relaxed) {
-        if !udp.wait_readable(1000) {
-            continue;
-        }
-        // Drain what is queued (bounded), then write one TUN batch.
+/// The UDP → TUN path: `recvmmsg` buffers and the TUN write batch, in one lazily touched
+/// mapping (only the rx thread uses it).
+struct RxPath {
+    pages: Pages,
+    rx: [Chunk; RX_BUFFERS],
+    meta: Vec<RecvMeta>,
+    tun: TunBatch,
+    scratch: Chunk,
+    replies: Vec<(SocketAddr, Vec<u8>)>,
+    idle: Idle,
+}
+
+impl RxPath {
+    fn new() -> io::Result<RxPath> {
+        let mut pages = Pages::new(
+            RX_BUFFERS * RX_BUFFER_SIZE + IDEAL_BATCH_SIZE * TUN_SLOT_SIZE + RX_BUFFER_SIZE,
+        )?;
+        let mut chunks = pages.carve(
+            std::iter::repeat_n(RX_BUFFER_SIZE, RX_BUFFERS)
+                .chain(std::iter::repeat_n(TUN_SLOT_SIZE, IDEAL_BATCH_SIZE))
+                .chain(std::iter::once(RX_BUFFER_SIZE)),
+        );
+        let scratch = chunks
+            .pop()
+            .ok_or_else(|| io::Error::other("carving the RX buffers"))?;
+        let out: Vec<Slot> = chunks
+            .split_off(RX_BUFFERS)
+            .into_iter()
+            .map(Slot::new)
+            .collect();
+        let rx: [Chunk; RX_BUFFERS] = chunks
+            .try_into()
+            .map_err(|_| io::Error::other("carving the RX buffers"))?;
+        Ok(RxPath {
+            pages,
+            rx,
+            meta: vec![RecvMeta::default(); RX_BUFFERS],
+            tun: TunBatch {
+                out,
+                n: 0,
+                gro: None,
+            },
+            scratch,
+            replies: Vec::new(),
+            idle: Idle::default(),
+        })
+    }
+
+    /// One pass: drains what the socket holds (bounded), opens it and writes one TUN batch.
+    /// Returns how many packets went to the TUN.
+    fn run(&mut self, sh: &Shared) -> usize {
+        self.idle.touch();
+        let mut delivered = 0;
         for _ in 0..8 {
             let n = {
-                let mut iov: Vec<IoSliceMut<'_>> =
-                    rx.iter_mut().map(|b| IoSliceMut::new(b)).collect();
-                match udp.recv(&mut iov, &mut meta) {
+                let mut iov = self.rx.each_mut().map(|c| IoSliceMut::new(c.as_mut()));
+                match sh.udp.recv(&mut iov, &mut self.meta) {
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => {
@@ -458,31 +652,39 @@ fn rx_worker(
                     }
                 }
             };
-            let table = device.table();
+            let table = sh.device.table();
             let now = unix_millis();
-            for (m, buf) in meta[..n].iter().zip(&rx) {
+            for (m, buf) in self.meta[..n].iter().zip(&self.rx) {
+                let buf = buf.as_ref();
                 let stride = m.stride.max(1);
-                for d in buf[..m.len].chunks(stride) {
-                    stats.datagrams_received.fetch_add(1, Ordering::Relaxed);
-                    if n_out == out.len() {
-                        flush_tun(&mut out, &mut n_out, &mut gro);
+                for d in buf[..m.len.min(buf.len())].chunks(stride) {
+                    sh.stats.datagrams_received.fetch_add(1, Ordering::Relaxed);
+                    if self.tun.n == self.tun.out.len() {
+                        self.tun.flush(sh);
                     }
-                    let slot = &mut out[n_out];
-                    slot.resize(offset + d.len(), 0);
-                    match device.decapsulate(&table, m.addr, d, &mut slot[offset..]) {
+                    let slot = &mut self.tun.out[self.tun.n];
+                    let Some(space) = slot.space().get_mut(TUN_OFFSET..TUN_OFFSET + d.len()) else {
+                        continue;
+                    };
+                    match sh.device.decapsulate(&table, m.addr, d, space) {
                         Decap::Deliver { peer, packet } => {
                             let len = packet.len();
                             let grants = peer.grants();
                             let dir = Direction::Inbound;
-                            if policy.allow(peer, &grants, table.version, dir, packet, now) {
-                                slot.truncate(offset + len);
-                                n_out += 1;
+                            if sh
+                                .policy
+                                .allow(peer, &grants, table.version, dir, packet, now)
+                            {
+                                slot.set_len(TUN_OFFSET + len);
+                                self.tun.n += 1;
+                                delivered += 1;
                             }
                         }
                         Decap::Reply { peer, datagram } => {
-                            replies.push((m.addr, datagram.to_vec()));
+                            self.replies.push((m.addr, datagram.to_vec()));
                             if let Some(peer) = peer {
-                                device.flush(peer, &mut scratch, |to, d| {
+                                let replies = &mut self.replies;
+                                sh.device.flush(peer, self.scratch.as_mut(), |to, d| {
                                     replies.push((to, d.to_vec()));
                                 });
                             }
@@ -492,20 +694,51 @@ fn rx_worker(
                 }
             }
             // Handshake traffic is rare: plain sends, allocation is fine here.
-            for (to, d) in replies.drain(..) {
-                if udp.send(to, &d, None).is_err() {
-                    stats.udp_send_errors.fetch_add(1, Ordering::Relaxed);
+            for (to, d) in self.replies.drain(..) {
+                if sh.udp.send(to, &d, None).is_err() {
+                    sh.stats.udp_send_errors.fetch_add(1, Ordering::Relaxed);
                 }
             }
             if n < RX_BUFFERS {
                 break;
             }
         }
-        flush_tun(&mut out, &mut n_out, &mut gro);
+        self.tun.flush(sh);
+        delivered
     }
 }
 
-fn timer_worker(device: &Device, udp: &Udp, stop: &AtomicBool, stats: &IoStats) {
+/// How long the tx path must have read nothing before the rx thread runs it itself.
+const TX_QUIET: Duration = Duration::from_millis(1);
+
+fn rx_worker(sh: &Shared, mut rx: RxPath) {
+    while !sh.stop.load(Ordering::Relaxed) {
+        if !sh.udp.wait_readable(1000) {
+            if rx.idle.tick() {
+                rx.pages.discard();
+                rx.tun.gro = None;
+            }
+            continue;
+        }
+        if rx.run(sh) == 0 {
+            continue;
+        }
+        // Run to completion: the TUN write ran the host's stack, which may have queued its
+        // answer (echo reply, ACK, response) on the TUN already. While the tx thread is quiet
+        // (asleep: waking it costs tens of µs) seal and send that answer from here. While it
+        // is busy (bulk traffic) leave the TUN to it: both threads keep working in parallel.
+        if let Some(mut tx) = try_lock(&sh.tx) {
+            if tx.last_read.elapsed() >= TX_QUIET {
+                if let TxPass::Failed(e) = tx.run(sh) {
+                    tracing::debug!(error = %e, "TUN read failed");
+                }
+            }
+        }
+    }
+}
+
+fn timer_worker(sh: &Shared) {
+    let (device, udp, stats) = (&sh.device, &sh.udp, &sh.stats);
     let mut scratch = vec![0u8; 2048];
     let mut last_second = Instant::now();
     device.initiate_all(&mut scratch, |to, d| {
@@ -513,7 +746,7 @@ fn timer_worker(device: &Device, udp: &Udp, stop: &AtomicBool, stats: &IoStats) 
             stats.udp_send_errors.fetch_add(1, Ordering::Relaxed);
         }
     });
-    while !stop.load(Ordering::Relaxed) {
+    while !sh.stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
         device.update_timers(&mut scratch, |to, d| {
             if udp.send(to, d, None).is_err() {
