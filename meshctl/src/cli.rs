@@ -84,6 +84,14 @@ pub enum Command {
         #[arg(long, value_name = "DURATION", value_parser = parse::duration)]
         since: Option<Duration>,
     },
+    /// The coordinator's audit log (refused duplicate connections, removals, quarantines,
+    /// policy versions), oldest first.
+    Events {
+        /// Show the newest N events (1-1000).
+        #[arg(long, short = 'n', value_name = "N", default_value_t = 100,
+              value_parser = clap::value_parser!(u32).range(1..=1000))]
+        limit: u32,
+    },
     /// Join tokens that enrol hosts.
     #[command(subcommand)]
     Token(TokenCmd),
@@ -403,6 +411,21 @@ mod tests {
         assert_eq!(c.global.output, Output::Json);
         let e = parse(&["blocks", "--since", "10"]).unwrap_err();
         assert!(e.contains("no unit"), "{e}");
+    }
+
+    #[test]
+    fn events_limit() {
+        assert!(matches!(
+            parse(&["events"]).unwrap().command,
+            Command::Events { limit: 100 }
+        ));
+        let c = parse(&["events", "--limit", "5", "-o", "json"]).unwrap();
+        assert!(matches!(c.command, Command::Events { limit: 5 }));
+        assert_eq!(c.global.output, Output::Json);
+        assert!(parse(&["events", "-n", "1000"]).is_ok());
+        for bad in ["0", "1001", "ten"] {
+            assert!(parse(&["events", "--limit", bad]).is_err(), "{bad}");
+        }
     }
 
     #[test]

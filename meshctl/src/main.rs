@@ -21,8 +21,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use clap::{CommandFactory as _, Parser as _};
 use meshd_control::api::{
-    ExplainRequest, HostView, LabelRequest, PolicyApplied, PolicyCheck, PolicyCurrent, PolicyText,
-    RenameRequest, StatusView, TokenCreateRequest, TokenCreated, TokenView, UnlabelRequest,
+    EventView, ExplainRequest, HostView, LabelRequest, PolicyApplied, PolicyCheck, PolicyCurrent,
+    PolicyText, RenameRequest, StatusView, TokenCreateRequest, TokenCreated, TokenView,
+    UnlabelRequest,
 };
 use meshd_control::policy::PolicyRecord;
 use meshd_control::{Labels, UnixTime};
@@ -110,6 +111,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Hosts(h) => ctx()?.hosts(h),
         Command::Token(t) => ctx()?.token(t),
         Command::Blocks { host, since } => ctx()?.blocks(host, since),
+        Command::Events { limit } => ctx()?.events(limit),
         Command::Policy(PolicyCmd::Check { file, offline }) => {
             policy_check(&file, offline, g.output, ctx)
         }
@@ -267,6 +269,14 @@ impl Ctx {
         match self.output {
             Output::Json => print_json(&events),
             Output::Table => out(&output::blocks_table(&events)),
+        }
+    }
+
+    fn events(&self, limit: u32) -> anyhow::Result<()> {
+        let events: Vec<EventView> = self.client.get(&format!("/v1/events?limit={limit}"))?;
+        match self.output {
+            Output::Json => print_json(&events),
+            Output::Table => out(&output::events_table(&events)),
         }
     }
 

@@ -1,6 +1,6 @@
 //! Rendering: aligned tables and `key: value` blocks. Pure: the current time is a parameter.
 
-use meshd_control::api::{HostView, StatusView, TokenView};
+use meshd_control::api::{EventView, HostView, StatusView, TokenView};
 use meshd_control::policy::PolicyRecord;
 use meshd_control::{Labels, UnixTime};
 use meshd_policy::{ip_proto, BlockEvent, Change, ChangeKind, Direction, Explanation, Policy};
@@ -353,6 +353,15 @@ pub fn blocks_table(events: &[BlockEvent]) -> String {
     t.render()
 }
 
+/// `events`, oldest first.
+pub fn events_table(events: &[EventView]) -> String {
+    let mut t = Table::new(&["TIME", "KIND", "DETAIL"]);
+    for e in events {
+        t.row(vec![rfc3339(e.at), e.kind.clone(), e.detail.clone()]);
+    }
+    t.render()
+}
+
 /// `policy show`: the file as applied, after a comment with its version (still valid YAML, so
 /// `meshctl policy show > policy.yaml` round-trips).
 pub fn policy_show(p: Option<&PolicyRecord>) -> String {
@@ -653,6 +662,30 @@ mod tests {
         );
         assert_eq!(proto_name(17), "udp");
         assert_eq!(proto_name(47), "47");
+    }
+
+    #[test]
+    fn events_rows() {
+        assert_eq!(events_table(&[]), "TIME  KIND  DETAIL\n");
+        let e = |at, kind: &str, detail: &str| EventView {
+            at,
+            kind: kind.into(),
+            detail: detail.into(),
+        };
+        let out = events_table(&[
+            e(1_798_740_000, "host_quarantined", "db1 (2)"),
+            e(
+                1_798_740_001,
+                "duplicate_connection",
+                "key abc= from 192.0.2.1",
+            ),
+        ]);
+        assert_eq!(
+            out,
+            "TIME                  KIND                  DETAIL\n\
+             2026-12-31T18:00:00Z  host_quarantined      db1 (2)\n\
+             2026-12-31T18:00:01Z  duplicate_connection  key abc= from 192.0.2.1\n"
+        );
     }
 
     #[test]

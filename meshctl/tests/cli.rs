@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
-use meshd_control::api::{HostView, StatusView, TokenCreateRequest, TokenView};
+use meshd_control::api::{EventView, HostView, StatusView, TokenCreateRequest, TokenView};
 use meshd_control::proto::EndpointReport;
 use meshd_control::JoinToken;
 use meshd_coordinator::{client, start, CoordinatorHandle, CoordinatorOptions};
@@ -876,4 +876,100 @@ fn host_quarantine_release_revoke() {
     assert_eq!(c.ok(&["hosts", "list"]), HOSTS_HEADER);
     let e = fails(&c.run(&["host", "quarantine", "db1"]));
     assert!(e.contains("no host named \"db1\""), "{e}");
+}
+
+const EVENTS_HEADER: &str = "TIME  KIND  DETAIL\n";
+
+#[test]
+fn events_table_and_json() {
+    let c = Coord::start();
+    assert_eq!(c.ok(&["events"]), EVENTS_HEADER);
+    assert_eq!(c.ok(&["events", "-o", "json"]).trim(), "[]");
+
+    c.enrol("db1", &[("app", "db1")]);
+    c.ok(&["host", "quarantine", "db1"]);
+    c.ok(&["host", "release", "db1"]);
+    // A second live connection for web1's key is refused and logged.
+    let key = PrivateKey::generate();
+    let first = c.rt.block_on(async {
+        let h = c.handle();
+        let t = h.create_token(TokenCreateRequest::default()).await.unwrap();
+        let t = JoinToken::parse(&t.token).unwrap();
+        let ep = EndpointReport {
+            addrs: vec![SocketAddr::from(([192, 0, 2, 2], 51820))],
+            listen_port: Some(51820),
+            transparent: false,
+        };
+        client::enrol(&t, "web1", &key, ep.clone()).await.unwrap();
+        let session = |ep| {
+            client::spawn_session(client::SessionConfig::new(
+                h.control_addr(),
+                h.public_key(),
+                key.clone(),
+                ep,
+            ))
+        };
+        let within = std::time::Duration::from_secs(20);
+        let first = session(ep.clone());
+        let mut st = first.state();
+        tokio::time::timeout(
+            within,
+            st.wait_for(|s| matches!(s, client::SessionState::Connected { .. })),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let second = session(ep);
+        let mut st = second.state();
+        tokio::time::timeout(
+            within,
+            st.wait_for(|s| {
+                matches!(s, client::SessionState::Connecting { last_error: Some(e), .. }
+                    if e.contains("already live"))
+            }),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        second.shutdown().await;
+        first
+    });
+
+    let table = c.ok(&["events"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(
+        lines[0].split_whitespace().collect::<Vec<_>>(),
+        ["TIME", "KIND", "DETAIL"],
+        "{table}"
+    );
+    let kinds: Vec<&str> = lines[1..]
+        .iter()
+        .map(|l| l.split_whitespace().nth(1).unwrap_or(""))
+        .collect();
+    assert_eq!(kinds[..2], ["host_quarantined", "host_released"], "{table}");
+    assert!(
+        kinds[2..].iter().all(|k| *k == "duplicate_connection"),
+        "{table}"
+    );
+    assert!(kinds.len() >= 3, "{table}");
+    let dup = format!("key {} from 127.0.0.1", key.public_key());
+    assert!(lines[3].ends_with(&dup), "{table}");
+    // Times as the other commands show them (RFC 3339, UTC).
+    let time = lines[1].split_whitespace().next().unwrap_or("");
+    assert!(
+        time.len() == 20 && time.ends_with('Z') && time.as_bytes()[10] == b'T',
+        "{table}"
+    );
+
+    let all: Vec<EventView> = serde_json::from_str(&c.ok(&["events", "-o", "json"])).unwrap();
+    assert_eq!(all.len(), kinds.len());
+    assert_eq!(all[0].kind, "host_quarantined");
+    assert!(all[0].detail.starts_with("db1 "), "{all:?}");
+    let last: Vec<EventView> =
+        serde_json::from_str(&c.ok(&["events", "--limit", "1", "-o", "json"])).unwrap();
+    assert_eq!(last.as_slice(), &all[all.len() - 1..]);
+    assert_eq!(last[0].detail, dup);
+    let e = usage_error(&c.run(&["events", "--limit", "0"]));
+    assert!(e.contains("--limit"), "{e}");
+    c.rt.block_on(first.shutdown());
 }

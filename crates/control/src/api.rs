@@ -14,6 +14,7 @@
 //! | GET | `/v1/tokens` | | `Vec<TokenView>` |
 //! | DELETE | `/v1/tokens/{id}` | | `TokenView` |
 //! | GET | `/v1/status` | | `StatusView` |
+//! | GET | `/v1/events?limit=N` | | `Vec<EventView>` (newest `N`, oldest first) |
 //!
 //! `{host}` is a name, an id or a public key (base64, URL-encoded). Errors reply with a 4xx/5xx
 //! status and an [`ApiError`] body.
@@ -270,4 +271,28 @@ pub struct BlocksQuery {
     pub host: Option<String>,
     /// Only events from the last this many seconds.
     pub since: Option<u64>,
+}
+
+/// Most events `GET /v1/events` returns (and the coordinator keeps in memory).
+pub const EVENTS_MAX: u32 = 1000;
+/// Events `GET /v1/events` returns without `limit`.
+pub const EVENTS_DEFAULT: u32 = 100;
+
+/// `GET /v1/events` query.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventsQuery {
+    /// How many of the newest events (default [`EVENTS_DEFAULT`], at most [`EVENTS_MAX`]).
+    pub limit: Option<u32>,
+}
+
+/// One entry of the coordinator's audit log (`GET /v1/events`, oldest first).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventView {
+    /// When (Unix seconds).
+    pub at: UnixTime,
+    /// What: `duplicate_connection`, `host_removed`, `host_quarantined`, `host_released`,
+    /// `host_revoked`, `policy_applied`, `policy_rollback`.
+    pub kind: String,
+    /// Details, e.g. `key <base64> from 192.0.2.1` for a refused duplicate connection.
+    pub detail: String,
 }

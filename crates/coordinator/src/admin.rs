@@ -16,7 +16,7 @@ use axum::{Json, Router};
 use meshd_control::api::{
     ApiError, LabelRequest, RenameRequest, TokenCreateRequest, UnlabelRequest,
 };
-use meshd_control::api::{BlocksQuery, ExplainRequest, PolicyText};
+use meshd_control::api::{BlocksQuery, EventsQuery, ExplainRequest, PolicyText, EVENTS_DEFAULT};
 use meshd_control::policy::PolicyError;
 use meshd_control::state::AdminError;
 use meshd_control::TokenId;
@@ -144,6 +144,7 @@ async fn call(st: &AppState, op: AdminOp) -> Result<Response, Failure> {
         AdminReply::Tokens(t) => Json(t).into_response(),
         AdminReply::Created(t) => (StatusCode::CREATED, Json(t)).into_response(),
         AdminReply::Status(s) => Json(s).into_response(),
+        AdminReply::Events(e) => Json(e).into_response(),
         AdminReply::Json(v) => Json(v).into_response(),
     })
 }
@@ -302,6 +303,25 @@ async fn blocks(
     call(&st, AdminOp::Blocks(q)).await
 }
 
+/// `GET /v1/events?limit=N`: the newest N audit events (default 100, at most 1000), oldest
+/// first.
+async fn events(
+    _: Authed,
+    State(st): State<AppState>,
+    q: Result<axum::extract::Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Failure> {
+    let axum::extract::Query(q) = q.map_err(|e| {
+        Failure(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("{}: limit must be a number of events", e.body_text()),
+            Vec::new(),
+        )
+    })?;
+    let limit = q.limit.unwrap_or(EVENTS_DEFAULT);
+    call(&st, AdminOp::Events { limit }).await
+}
+
 /// The admin router.
 fn router(st: AppState) -> Router {
     Router::new()
@@ -323,6 +343,7 @@ fn router(st: AppState) -> Router {
         .route("/v1/hosts/{host}/release", post(release))
         .route("/v1/hosts/{host}/revoke", post(revoke_host))
         .route("/v1/blocks", get(blocks))
+        .route("/v1/events", get(events))
         .with_state(st)
 }
 

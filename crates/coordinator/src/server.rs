@@ -5,7 +5,7 @@
 //! pushes and kicks, commit the dirty records in one transaction (on a blocking thread), and
 //! only then reply and push. No lock is ever held across network or disk IO.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
@@ -17,8 +17,8 @@ use anyhow::Context as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use meshd_control::api::{
-    ConnectedAgent, HostView, PolicyApplied, PolicyCheck, PolicyCurrent, StatusView,
-    TokenCreateRequest, TokenCreated, TokenView,
+    ConnectedAgent, EventView, HostView, PolicyApplied, PolicyCheck, PolicyCurrent, StatusView,
+    TokenCreateRequest, TokenCreated, TokenView, EVENTS_MAX,
 };
 use meshd_control::proto::{
     AgentMessage, CoordinatorMessage, EndpointReport, ErrorCode, HostInfo, MAX_AGENT_FRAME,
@@ -108,6 +108,11 @@ pub enum AdminOp {
     Revoke(String),
     /// Recent block events.
     Blocks(meshd_control::api::BlocksQuery),
+    /// The newest `limit` audit events (at most [`EVENTS_MAX`]), oldest first.
+    Events {
+        /// How many.
+        limit: u32,
+    },
 }
 
 /// The result of an [`AdminOp`].
@@ -125,6 +130,8 @@ pub enum AdminReply {
     Created(TokenCreated),
     /// Status.
     Status(StatusView),
+    /// Audit events, oldest first.
+    Events(Vec<EventView>),
     /// Any other JSON reply (policy, explain, blocks).
     Json(serde_json::Value),
 }
@@ -201,7 +208,11 @@ struct Actor {
     next_conn: u64,
     advertise: SocketAddr,
     public_key: PublicKey,
+    /// Events of this batch, not yet written to the store.
     events: Vec<(UnixTime, String, String)>,
+    /// The newest events already handed to the store (at most [`EVENTS_MAX`], oldest first):
+    /// `GET /v1/events` is served from here and `events`, with no database read on the actor.
+    recent: VecDeque<(UnixTime, String, String)>,
 }
 
 impl Actor {
@@ -249,6 +260,7 @@ impl Actor {
             let kicks = self.state.poll_kicks();
             let dirty = self.state.take_dirty();
             let events = std::mem::take(&mut self.events);
+            self.remember(&events);
             if !dirty.is_empty() || !events.is_empty() {
                 let store = self.store.clone();
                 let res = tokio::task::spawn_blocking(move || {
@@ -393,6 +405,32 @@ impl Actor {
                 deferred.push(Deferred::Admin(reply, r));
             }
         }
+    }
+
+    /// Keeps the newest [`EVENTS_MAX`] events for `GET /v1/events`.
+    fn remember(&mut self, events: &[(UnixTime, String, String)]) {
+        let max = EVENTS_MAX as usize;
+        let skip = events.len().saturating_sub(max);
+        self.recent.extend(events[skip..].iter().cloned());
+        let excess = self.recent.len().saturating_sub(max);
+        self.recent.drain(..excess);
+    }
+
+    /// The newest `limit` events (capped at [`EVENTS_MAX`]), oldest first, including this
+    /// batch's.
+    fn recent_events(&self, limit: u32) -> Vec<EventView> {
+        let n = limit.min(EVENTS_MAX) as usize;
+        let all = self.recent.len() + self.events.len();
+        self.recent
+            .iter()
+            .chain(&self.events)
+            .skip(all.saturating_sub(n))
+            .map(|(at, kind, detail)| EventView {
+                at: *at,
+                kind: kind.clone(),
+                detail: detail.clone(),
+            })
+            .collect()
     }
 
     fn view(&self, h: &meshd_control::Host) -> HostView {
@@ -541,6 +579,7 @@ impl Actor {
                 let since = q.since.map_or(0, |s| now.saturating_sub(s));
                 json(&self.state.blocks(q.host.as_deref(), since))
             }
+            AdminOp::Events { limit } => AdminReply::Events(self.recent_events(limit)),
             AdminOp::Status => {
                 let connected = self
                     .state
@@ -731,7 +770,7 @@ pub async fn start(opts: CoordinatorOptions) -> anyhow::Result<CoordinatorHandle
                 .with_context(|| format!("opening {}", db.display()))?,
         )
     };
-    let (admin_hash, snapshot) = {
+    let (admin_hash, snapshot, recent_events) = {
         let store = store.clone();
         let token_path = dir.join(ADMIN_TOKEN_FILE);
         tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
@@ -748,7 +787,10 @@ pub async fn start(opts: CoordinatorOptions) -> anyhow::Result<CoordinatorHandle
                     h
                 }
             };
-            Ok((hash, store.load()?))
+            // Newest first from the store; the actor keeps them oldest first.
+            let mut events = store.recent_events(EVENTS_MAX)?;
+            events.reverse();
+            Ok((hash, store.load()?, events))
         })
         .await??
     };
@@ -791,6 +833,7 @@ pub async fn start(opts: CoordinatorOptions) -> anyhow::Result<CoordinatorHandle
         advertise,
         public_key,
         events: Vec::new(),
+        recent: recent_events.into(),
     };
     let mut tasks = vec![tokio::spawn(actor.run(cmd_rx, stop_rx.clone()))];
     let key = Arc::new(key);

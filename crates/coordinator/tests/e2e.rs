@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use meshd_control::api::{HostView, TokenCreateRequest};
+use meshd_control::api::{EventView, HostView, TokenCreateRequest};
 use meshd_control::proto::{
     AgentMessage, CoordinatorMessage, EndpointReport, ErrorCode, MAX_AGENT_FRAME,
     MAX_COORDINATOR_FRAME, PROTOCOL_VERSION,
@@ -794,5 +794,140 @@ async fn policy_quarantine_revoke_and_blocks() {
         panic!()
     };
     assert_eq!(v.as_array().unwrap().len(), 100);
+    c.stop().await;
+}
+
+/// `GET /v1/events` with the admin token: the parsed events, oldest first.
+async fn events(c: &CoordinatorHandle, admin: &str, query: &str) -> Vec<EventView> {
+    let (st, body) = http(
+        c.admin_addr(),
+        "GET",
+        &format!("/v1/events{query}"),
+        Some(admin),
+        None,
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+fn names_key(e: &EventView, key: &PublicKey) -> bool {
+    e.kind == "duplicate_connection" && e.detail.contains(&key.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_connection_is_refused_logged_and_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    let admin = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
+    let admin = admin.trim();
+    allow_all(&c).await;
+    let t = token(&c, TokenCreateRequest::default()).await;
+    let a = join(&c, &t, "a").await;
+    wait_state(&a, |s| matches!(s, SessionState::Connected { .. })).await;
+    let ak = a.key.public_key();
+    assert!(
+        !events(&c, admin, "")
+            .await
+            .iter()
+            .any(|e| names_key(e, &ak)),
+        "no duplicate yet"
+    );
+
+    // A second session with A's key: the coordinator refuses it with AlreadyConnected. The
+    // code is retryable (the old connection may be a dead one not yet timed out), so the
+    // session keeps trying with backoff and reports the refusal as its last error.
+    let dup = Agent {
+        key: a.key.clone(),
+        session: spawn_session(SessionConfig::new(
+            c.control_addr(),
+            c.public_key(),
+            a.key.clone(),
+            ep(2),
+        )),
+    };
+    let refused = ErrorCode::AlreadyConnected.to_string();
+    wait_state(&dup, |s| {
+        matches!(s, SessionState::Connecting { last_error: Some(e), .. } if e.contains(&refused))
+    })
+    .await;
+    // The same on the wire: the exact code.
+    {
+        let ep_ = client::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+        let conn = ep_.connect(c.control_addr(), "x").unwrap().await.unwrap();
+        let (s, r) = conn.open_bi().await.unwrap();
+        let (mut reader, mut writer) = meshd_coordinator::noise::initiate(
+            s,
+            r,
+            &a.key,
+            &c.public_key(),
+            MAX_AGENT_FRAME,
+            MAX_COORDINATOR_FRAME,
+        )
+        .await
+        .unwrap();
+        writer
+            .send(&AgentMessage::Resume {
+                protocol: PROTOCOL_VERSION,
+                endpoints: ep(3),
+            })
+            .await
+            .unwrap();
+        let reply =
+            tokio::time::timeout(Duration::from_secs(5), reader.recv::<CoordinatorMessage>())
+                .await
+                .unwrap()
+                .unwrap();
+        assert!(
+            matches!(
+                reply,
+                CoordinatorMessage::Error {
+                    code: ErrorCode::AlreadyConnected,
+                    ..
+                }
+            ),
+            "{reply:?}"
+        );
+    }
+    dup.session.shutdown().await;
+
+    // The first session is untouched: still connected, and it still follows the map.
+    assert!(matches!(
+        *a.session.state().borrow(),
+        SessionState::Connected { .. }
+    ));
+    let b = join(&c, &t, "b").await;
+    let bk = b.key.public_key();
+    wait_map(&a, |m| m.peer(&bk).is_some()).await;
+    assert!(matches!(
+        *a.session.state().borrow(),
+        SessionState::Connected { .. }
+    ));
+
+    // The admin API lists the refusals, naming the key, oldest first.
+    let all = events(&c, admin, "").await;
+    let dups: Vec<&EventView> = all.iter().filter(|e| names_key(e, &ak)).collect();
+    assert!(dups.len() >= 2, "session and raw refusals: {all:?}");
+    assert_eq!(all[0].kind, "policy_applied", "{all:?}");
+    assert!(all.windows(2).all(|w| w[0].at <= w[1].at), "{all:?}");
+    let last = events(&c, admin, "?limit=1").await;
+    assert_eq!(last.as_slice(), &all[all.len() - 1..]);
+    let Ok(AdminReply::Events(same)) = c.admin(AdminOp::Events { limit: 5000 }).await.unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(same, all, "capped, not refused; same as over HTTP");
+    let a_ = c.admin_addr();
+    assert_eq!(http(a_, "GET", "/v1/events", None, None).await.0, 401);
+    let (st, body) = http(a_, "GET", "/v1/events?limit=ten", Some(admin), None).await;
+    assert_eq!(st, 400, "{body}");
+    assert!(body.contains("bad_request"), "{body}");
+    drop((a, b));
+    c.stop().await;
+
+    // After a restart the events come from the database.
+    let c = coordinator(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    let again = events(&c, admin, "").await;
+    assert_eq!(again, all);
     c.stop().await;
 }
