@@ -7,7 +7,7 @@
 #   tcp1   iperf3 TCP, one stream                 Gbit/s received
 #   tcp4   iperf3 TCP, 4 streams (-P 4)           Gbit/s received
 #   udp    iperf3 UDP at max rate (-u -b 0)       Mbit/s delivered, and loss %
-#   rtt    ping, 50 x 10 ms apart                 avg ms, and the RTT added over plain veth
+#   rtt    ping, PING_COUNT (50) x 10 ms apart     avg and min ms, and each over plain veth
 #   cpu    utime+stime of both tunnel daemons during the tcp1 run, seconds per Gbit carried
 #   rss    VmRSS of each daemon after the tunnel is up and idle for 2 s (the larger of the two)
 # Implementations run interleaved in ROUNDS rounds (order rotated every round); the figures are
@@ -27,6 +27,7 @@
 #   ANCHOR_DIR=/var/cache/meshd-bench
 #   MESHD=/path/to/meshd     use this binary instead of building (implies SKIP_BUILD=1)
 #   SKIP_BUILD=1             do not run cargo build; use target/release/meshd as it is
+#   RTT_ONLY=1 PING_COUNT=500  only the ping figures (quick latency experiments)
 #
 # Usage (root; ~40 s per implementation per round at DURATION=10):
 #   sudo scripts/bench-tunnel.sh
@@ -52,8 +53,9 @@ UA=198.18.0.1 UB=198.18.0.2 OA=100.64.0.1 OB=100.64.0.2
 MTU=1420
 WG_PORT=51820
 UDP_LEN=$((MTU - 28)) # one datagram fills one tunnel packet, no fragmentation
-PING_COUNT=50
+PING_COUNT=${PING_COUNT:-50}
 PING_INTERVAL=0.01
+RTT_ONLY=${RTT_ONLY:-0}
 
 log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() {
@@ -69,7 +71,8 @@ print_table() { # print_table RESULTS.json
     jq -r '
       def rows: [["tcp1_gbps", "TCP 1 stream Gbit/s", "%.2f"], ["tcp4_gbps", "TCP 4 streams Gbit/s", "%.2f"],
                  ["udp_mbps", "UDP delivered Mbit/s", "%.0f"], ["udp_loss_pct", "UDP loss %", "%.1f"],
-                 ["rtt_ms", "ping RTT ms", "%.3f"], ["rtt_added_ms", "RTT over veth ms", "%.3f"],
+                 ["rtt_ms", "ping RTT avg ms", "%.3f"], ["rtt_added_ms", "RTT over veth ms", "%.3f"],
+                 ["rtt_min_ms", "ping RTT min ms", "%.3f"], ["rtt_min_added_ms", "min RTT over veth", "%.3f"],
                  ["cpu_s_per_gbit", "CPU s/Gbit", "%.2f"], ["rss_mib", "idle RSS MiB", "%.1f"]];
       . as $d
       | (["figure", "ratio to", "-"] + [.implementations[] | (., "-")] | @tsv),
@@ -110,8 +113,10 @@ report() { # report RESULTS.json: the table and the issue-2 targets
               else "\($m.tcp1_gbps / $best_tcp * 100 | round / 100)x " + (if $m.tcp1_gbps >= 1.5 * $best_tcp then "PASS" else "FAIL" end) end)",
           "  UDP delivered above every anchor: \(if $m.udp_mbps == null or $best_udp == null then "n/a"
               elif $m.udp_mbps > $best_udp then "PASS" else "FAIL" end)",
-          "  RTT added below boringtun: \(if $m.rtt_added_ms == null or ($d.summary.boringtun.rtt_added_ms // null) == null then "n/a"
+          "  RTT added below boringtun (avg): \(if $m.rtt_added_ms == null or ($d.summary.boringtun.rtt_added_ms // null) == null then "n/a"
               elif $m.rtt_added_ms < $d.summary.boringtun.rtt_added_ms then "PASS" else "FAIL" end)",
+          "  RTT added below boringtun (min): \(if $m.rtt_min_added_ms == null or ($d.summary.boringtun.rtt_min_added_ms // null) == null then "n/a"
+              elif $m.rtt_min_added_ms < $d.summary.boringtun.rtt_min_added_ms then "PASS" else "FAIL" end)",
           "  idle RSS < 8 MiB per daemon: \(if $m.rss_mib == null then "n/a" elif $m.rss_mib < 8 then "PASS" else "FAIL" end)",
           (($d.summary["meshd-policy"].tcp1_gbps // null) as $p
            | if $p == null or $m.tcp1_gbps == null then empty else
@@ -576,12 +581,19 @@ measure() { # measure IMPL
     fi
     # ping RTT
     if out=$(timeout 30 ip netns exec "$NSA" ping -q -c "$PING_COUNT" -i "$PING_INTERVAL" -W 1 "$TARGET" 2>&1); then
-        r=$(awk -F'[/ ]+' '/^rtt|^round-trip/ {print $7}' <<<"$out")
+        # "rtt min/avg/max/mdev = 0.036/0.061/0.266/0.020 ms": fields 7, 8, 9
+        r=$(awk -F'[/ ]+' '/^rtt|^round-trip/ {print $8}' <<<"$out")
         if [[ -n $r ]]; then record "$impl" rtt_ms "$r"; fi
+        r=$(awk -F'[/ ]+' '/^rtt|^round-trip/ {print $7}' <<<"$out")
+        if [[ -n $r ]]; then record "$impl" rtt_min_ms "$r"; fi
         r=$(grep -oE '[0-9.]+% packet loss' <<<"$out" | grep -oE '^[0-9.]+' || true)
         if [[ -n $r ]]; then record "$impl" ping_loss_pct "$r"; fi
     else
         log "  $impl: ping failed"
+    fi
+    if ((RTT_ONLY)); then
+        log "  $impl: rtt $(awk -F'[/ ]+' '/^rtt|^round-trip/ {print $7 "/" $8 "/" $9}' <<<"$out") ms (min/avg/max)"
+        return 0
     fi
     # TCP single stream, with daemon CPU
     if ((${#DAEMONS[@]})); then t0=$(cpu_ticks "${DAEMONS[@]}") || t0=""; fi
@@ -680,14 +692,14 @@ jq -Rn \
     --argjson duration "$DURATION" --argjson rounds "$ROUNDS" --argjson elapsed "$ELAPSED" \
     --arg host "$(uname -n)" --arg kernel "$(uname -r)" --arg cpus "$(nproc)" \
     --arg date "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
-    --arg udp_len "$UDP_LEN" --arg mtu "$MTU" '
+    --arg udp_len "$UDP_LEN" --arg mtu "$MTU" --arg ping_count "$PING_COUNT" '
     def median: sort | if length == 0 then null
         elif length % 2 == 1 then .[length / 2 | floor]
         else (.[length / 2 - 1] + .[length / 2]) / 2 end;
     def r3: if . == null then null else (. * 1000 | round) / 1000 end;
     # direction: 1 = higher is better, -1 = lower is better
     def metrics: {tcp1_gbps: 1, tcp4_gbps: 1, udp_mbps: 1, udp_loss_pct: -1, rtt_ms: -1,
-                  rtt_added_ms: -1, cpu_s_per_gbit: -1, rss_mib: -1};
+                  rtt_added_ms: -1, rtt_min_ms: -1, rtt_min_added_ms: -1, cpu_s_per_gbit: -1, rss_mib: -1};
     [inputs | split("\t") | {round: (.[0] | tonumber), impl: .[1], key: .[2],
         value: (.[3] as $v | try ($v | tonumber) catch $v)}] as $raw
     | ($raw | map(select(.key == "na")) | group_by(.impl)
@@ -698,6 +710,9 @@ jq -Rn \
     | (.veth.rtt_ms // null) as $veth_rtt
     | with_entries(if $veth_rtt != null and .value.rtt_ms != null
         then .value.rtt_added_ms = (.value.rtt_ms - $veth_rtt) else . end)
+    | (.veth.rtt_min_ms // null) as $veth_min
+    | with_entries(if $veth_min != null and .value.rtt_min_ms != null
+        then .value.rtt_min_added_ms = (.value.rtt_min_ms - $veth_min) else . end)
     | . as $sum
     | (reduce (metrics | keys[]) as $m ({}; .[$m] = (
         if ($sum.meshd[$m] // null) != null then {ref: "meshd", value: $sum.meshd[$m]}
@@ -711,7 +726,7 @@ jq -Rn \
                duration_s: $duration, rounds: $rounds, elapsed_s: $elapsed,
                mtu: ($mtu | tonumber), udp_datagram_bytes: ($udp_len | tonumber),
                iperf3: "tcp1: -t D; tcp4: -t D -P 4; udp: -t D -u -b 0 -l \($udp_len)",
-               ping: "-c 50 -i 0.01", cpu: "utime+stime of both daemons during tcp1, per Gbit received",
+               ping: "-c \($ping_count) -i 0.01 (avg and min)", cpu: "utime+stime of both daemons during tcp1, per Gbit received",
                rss: "max VmRSS of the two daemons after 2 s idle"},
         implementations: $impls,
         not_available: $na,

@@ -69,6 +69,8 @@ pub struct AgentArgs {
     pub transparent: bool,
     /// Where the machine id is read (clone detection).
     pub machine_id_file: PathBuf,
+    /// Busy-poll window of the packet path (zero: off).
+    pub busy_poll: std::time::Duration,
 }
 
 /// Reads the machine id (`None` if the file is missing or empty: clone detection is off).
@@ -351,6 +353,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             addresses: addresses.clone(),
             listen_port: args.listen_port,
             fwmark,
+            busy_poll: args.busy_poll,
         },
     )?;
     let protected: Arc<Mutex<Vec<String>>> = Arc::default();

@@ -10,6 +10,11 @@
 //!   often queued its answer (echo reply, ACK, RPC response) on the TUN already, and sealing
 //!   it here saves a thread wake-up per round trip. Only while tx is quiet (nothing read for
 //!   1 ms): under bulk traffic both threads stay busy in parallel.
+//! - Busy polling ([`BusyPoll`]): when a lone packet leaves while nothing came in lately (a
+//!   request), the tx thread polls the socket for the answer for up to `busy_poll` (200 µs)
+//!   instead of sleeping and handles it itself; symmetrically the rx thread waits on the TUN
+//!   for an answer that was not ready at once. One worker polls at a time, at most 5% of its
+//!   time, never under bulk traffic.
 //! - `timers`: every 100 ms runs the WireGuard timers (rekey, retries, keepalive).
 //!
 //! The tx path's state (buffers, send batch) sits behind a mutex so that both threads can
@@ -59,6 +64,9 @@ pub struct DataplaneConfig {
     pub listen_port: u16,
     /// Firewall mark for the tunnel socket.
     pub fwmark: Option<u32>,
+    /// How long a worker polls for the answer to a lone exchange before it sleeps (zero:
+    /// never). See [`BusyPoll`].
+    pub busy_poll: Duration,
 }
 
 /// IO-level counters (the device keeps the protocol-level ones).
@@ -160,6 +168,43 @@ struct Shared {
     /// takes it (without waiting) right after it wrote to the TUN, to seal the reply that the
     /// write may have produced.
     tx: Mutex<TxPath>,
+    /// The UDP → TUN path: the `rx` thread's, or a busy-polling worker's.
+    rx: Mutex<RxPath>,
+    /// Busy polling: its window, and whether a worker is polling now (one at a time).
+    busy_poll: Duration,
+    polling: AtomicBool,
+    /// When each path last carried packets (read by the other thread without its lock).
+    tx_active: LastActive,
+    rx_active: LastActive,
+}
+
+/// When a path last carried packets, as microseconds since the dataplane started.
+struct LastActive {
+    base: Instant,
+    micros: AtomicU64,
+}
+
+impl LastActive {
+    fn new(base: Instant) -> Self {
+        LastActive {
+            base,
+            micros: AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    fn touch(&self) {
+        self.micros.store(self.now(), Ordering::Relaxed);
+    }
+
+    /// Whether nothing passed for at least `d`.
+    fn quiet_for(&self, d: Duration) -> bool {
+        let last = self.micros.load(Ordering::Relaxed);
+        u128::from(self.now().saturating_sub(last)) >= d.as_micros()
+    }
 }
 
 impl Dataplane {
@@ -177,6 +222,7 @@ impl Dataplane {
         let stats = Arc::new(IoStats::default());
         let tx = TxPath::new(usize::from(cfg.mtu), udp.max_segments())?;
         let rx = RxPath::new()?;
+        let started = Instant::now();
         let shared = Arc::new(Shared {
             device,
             policy,
@@ -186,6 +232,11 @@ impl Dataplane {
             stop: AtomicBool::new(false),
             stats: stats.clone(),
             tx: Mutex::new(tx),
+            rx: Mutex::new(rx),
+            busy_poll: cfg.busy_poll,
+            polling: AtomicBool::new(false),
+            tx_active: LastActive::new(started),
+            rx_active: LastActive::new(started),
         });
 
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
@@ -195,7 +246,7 @@ impl Dataplane {
         let sh = shared.clone();
         threads.push(spawn("meshd-tx", Box::new(move || tx_worker(&sh)))?);
         let sh = shared.clone();
-        threads.push(spawn("meshd-rx", Box::new(move || rx_worker(&sh, rx)))?);
+        threads.push(spawn("meshd-rx", Box::new(move || rx_worker(&sh)))?);
         let sh = shared.clone();
         threads.push(spawn("meshd-timers", Box::new(move || timer_worker(&sh)))?);
         Ok(Dataplane {
@@ -386,8 +437,6 @@ struct TxPath {
     sizes: Vec<usize>,
     batch: SendBatch,
     idle: Idle,
-    /// When a pass last read packets (the rx thread seals replies only while tx is quiet).
-    last_read: Instant,
 }
 
 impl TxPath {
@@ -414,7 +463,6 @@ impl TxPath {
             sizes: vec![0; IDEAL_BATCH_SIZE],
             batch: SendBatch::new(batch, max_segments),
             idle: Idle::default(),
-            last_read: Instant::now(),
         })
     }
 
@@ -436,7 +484,7 @@ impl TxPath {
             Err(e) => return TxPass::Failed(e),
         };
         self.idle.touch();
-        self.last_read = Instant::now();
+        sh.tx_active.touch();
         if n == 1 {
             // A lone packet (no TSO: a ping, an ACK, a request): send it before looking for
             // more, so its latency does not include another read.
@@ -502,6 +550,7 @@ impl TxPath {
 
 fn tx_worker(sh: &Shared) {
     let fd = sh.tun.as_raw_fd();
+    let mut poller = BusyPoll::new(sh.busy_poll);
     while !sh.stop.load(Ordering::Relaxed) {
         if !udp::poll_one(fd, libc::POLLIN, 1000) {
             let mut tx = lock(&sh.tx);
@@ -516,10 +565,21 @@ fn tx_worker(sh: &Shared) {
             std::thread::yield_now();
             continue;
         };
-        if let TxPass::Failed(e) = tx.run(sh) {
-            drop(tx);
-            tracing::warn!(error = %e, "TUN read failed");
-            std::thread::sleep(Duration::from_millis(10));
+        match tx.run(sh) {
+            TxPass::Failed(e) => {
+                drop(tx);
+                tracing::warn!(error = %e, "TUN read failed");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            TxPass::Sent => {
+                drop(tx);
+                // A request left while nothing came in lately: its answer is probably
+                // on its way. Wait for it here instead of waking the rx thread.
+                if rx_quiet(sh) {
+                    poller.wait_for_rx(sh);
+                }
+            }
+            TxPass::Empty => {}
         }
     }
 }
@@ -652,6 +712,7 @@ impl RxPath {
                     }
                 }
             };
+            sh.rx_active.touch();
             let table = sh.device.table();
             let now = unix_millis();
             for (m, buf) in self.meta[..n].iter().zip(&self.rx) {
@@ -708,30 +769,153 @@ impl RxPath {
     }
 }
 
-/// How long the tx path must have read nothing before the rx thread runs it itself.
-const TX_QUIET: Duration = Duration::from_millis(1);
+/// How long a path must have carried nothing before the other path's thread runs it.
+const QUIET: Duration = Duration::from_millis(1);
 
-fn rx_worker(sh: &Shared, mut rx: RxPath) {
+/// Whether the rx path has received nothing lately (false while its thread is working).
+fn rx_quiet(sh: &Shared) -> bool {
+    sh.rx_active.quiet_for(QUIET)
+}
+
+/// One rx pass; then, if it delivered packets while the tx path is quiet, the tx pass for
+/// the answers the TUN write produced. Returns (delivered, whether a tx pass sent).
+fn rx_and_answer(sh: &Shared, rx: &mut RxPath) -> (usize, bool) {
+    let delivered = rx.run(sh);
+    if delivered == 0 {
+        return (0, false);
+    }
+    // Run to completion: the TUN write ran the host's stack, which may have queued its
+    // answer (echo reply, ACK, response) on the TUN already. While the tx thread is quiet
+    // (asleep: waking it costs tens of µs) seal and send that answer from here. While it
+    // is busy (bulk traffic) leave the TUN to it: both threads keep working in parallel.
+    let Some(mut tx) = try_lock(&sh.tx) else {
+        return (delivered, false);
+    };
+    if !sh.tx_active.quiet_for(QUIET) {
+        return (delivered, false);
+    }
+    match tx.run(sh) {
+        TxPass::Sent => (delivered, true),
+        TxPass::Empty => (delivered, false),
+        TxPass::Failed(e) => {
+            tracing::debug!(error = %e, "TUN read failed");
+            (delivered, false)
+        }
+    }
+}
+
+fn rx_worker(sh: &Shared) {
+    let mut poller = BusyPoll::new(sh.busy_poll);
     while !sh.stop.load(Ordering::Relaxed) {
         if !sh.udp.wait_readable(1000) {
-            if rx.idle.tick() {
-                rx.pages.discard();
-                rx.tun.gro = None;
+            if let Some(mut rx) = try_lock(&sh.rx) {
+                if rx.idle.tick() {
+                    rx.pages.discard();
+                    rx.tun.gro = None;
+                }
             }
             continue;
         }
-        if rx.run(sh) == 0 {
+        // A busy-polling tx thread may be draining the socket itself: let it.
+        let Some(mut rx) = try_lock(&sh.rx) else {
+            std::thread::yield_now();
             continue;
+        };
+        let (delivered, answered) = rx_and_answer(sh, &mut rx);
+        drop(rx);
+        // A request came in and no answer was ready yet (a server at work): wait for the
+        // answer on the TUN here rather than waking the tx thread for it.
+        if delivered > 0 && !answered && tx_quiet(sh) {
+            poller.wait_for_tx(sh);
         }
-        // Run to completion: the TUN write ran the host's stack, which may have queued its
-        // answer (echo reply, ACK, response) on the TUN already. While the tx thread is quiet
-        // (asleep: waking it costs tens of µs) seal and send that answer from here. While it
-        // is busy (bulk traffic) leave the TUN to it: both threads keep working in parallel.
+    }
+}
+
+/// Whether the tx path has read nothing lately (false while its thread is working).
+fn tx_quiet(sh: &Shared) -> bool {
+    sh.tx_active.quiet_for(QUIET)
+}
+
+/// Bounded busy polling for the answer to a lone exchange.
+///
+/// An idle thread woken by the kernel costs tens of microseconds (more in a VM) on each
+/// side of a round trip. When one path has just carried a packet while the other was quiet
+/// (a request went out; a request came in and its answer is not ready yet), the thread that
+/// carried it polls the other path's descriptor for up to `window` and handles the answer
+/// itself. Under bulk traffic both paths are busy and nobody polls. One worker polls at a
+/// time and each spends at most [`BUSY_POLL_SHARE`] of its time polling, so a host with many
+/// sparse exchanges never burns more than that.
+struct BusyPoll {
+    window: Duration,
+    /// Start of the current accounting second and the time spent polling in it.
+    second: Instant,
+    spent: Duration,
+}
+
+/// The most of each second a worker may spend busy polling.
+const BUSY_POLL_SHARE: Duration = Duration::from_millis(50);
+
+impl BusyPoll {
+    fn new(window: Duration) -> Self {
+        BusyPoll {
+            window,
+            second: Instant::now(),
+            spent: Duration::ZERO,
+        }
+    }
+
+    /// Polls `fd` without sleeping until it is readable (true) or the window closes.
+    /// `polling` is shared by the workers: only one polls at a time.
+    fn spin(&mut self, polling: &AtomicBool, fd: libc::c_int) -> bool {
+        if self.window.is_zero() {
+            return false;
+        }
+        let start = Instant::now();
+        if start.duration_since(self.second) >= Duration::from_secs(1) {
+            self.second = start;
+            self.spent = Duration::ZERO;
+        }
+        if self.spent >= BUSY_POLL_SHARE
+            || polling
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_err()
+        {
+            return false;
+        }
+        let window = self.window.min(BUSY_POLL_SHARE - self.spent);
+        let mut ready = false;
+        while !ready && start.elapsed() < window {
+            ready = udp::poll_one(fd, libc::POLLIN, 0);
+            if !ready {
+                // The answer's path often runs on this very CPU (the peer's reader was
+                // woken here by our send): let it run rather than spin against it.
+                std::thread::yield_now();
+            }
+        }
+        polling.store(false, Ordering::Release);
+        self.spent += start.elapsed();
+        ready
+    }
+
+    /// After a send: waits for the answer on the UDP socket and delivers it (and the tx
+    /// pass for whatever that delivery produced).
+    fn wait_for_rx(&mut self, sh: &Shared) {
+        if !self.spin(&sh.polling, sh.udp.as_raw_fd()) {
+            return;
+        }
+        if let Some(mut rx) = try_lock(&sh.rx) {
+            rx_and_answer(sh, &mut rx);
+        }
+    }
+
+    /// After a delivery: waits for the answer on the TUN and sends it.
+    fn wait_for_tx(&mut self, sh: &Shared) {
+        if !self.spin(&sh.polling, sh.tun.as_raw_fd()) {
+            return;
+        }
         if let Some(mut tx) = try_lock(&sh.tx) {
-            if tx.last_read.elapsed() >= TX_QUIET {
-                if let TxPass::Failed(e) = tx.run(sh) {
-                    tracing::debug!(error = %e, "TUN read failed");
-                }
+            if let TxPass::Failed(e) = tx.run(sh) {
+                tracing::debug!(error = %e, "TUN read failed");
             }
         }
     }
@@ -756,6 +940,76 @@ fn timer_worker(sh: &Shared) {
         if last_second.elapsed() >= Duration::from_secs(1) {
             device.tick_second();
             last_second = Instant::now();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write as _;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn last_active_is_quiet_only_after_the_interval() {
+        let a = LastActive::new(Instant::now());
+        a.touch();
+        assert!(!a.quiet_for(Duration::from_millis(50)));
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(a.quiet_for(Duration::from_millis(50)));
+        a.touch();
+        assert!(!a.quiet_for(Duration::from_millis(50)));
+    }
+
+    #[test]
+    fn busy_poll_sees_data_and_gives_up_after_its_window() {
+        let (mut w, r) = UnixStream::pair().expect("socketpair");
+        let polling = AtomicBool::new(false);
+        let mut p = BusyPoll::new(Duration::from_millis(2));
+        let t = Instant::now();
+        assert!(!p.spin(&polling, r.as_raw_fd()), "nothing to read");
+        assert!(t.elapsed() >= Duration::from_millis(2));
+        assert!(!polling.load(Ordering::Relaxed), "flag released");
+        w.write_all(b"x").expect("write");
+        assert!(p.spin(&polling, r.as_raw_fd()), "data is ready");
+    }
+
+    #[test]
+    fn busy_poll_is_off_when_zero_taken_or_over_budget() {
+        let (mut w, r) = UnixStream::pair().expect("socketpair");
+        w.write_all(b"x").expect("write");
+        let polling = AtomicBool::new(false);
+        assert!(!BusyPoll::new(Duration::ZERO).spin(&polling, r.as_raw_fd()));
+        let mut p = BusyPoll::new(Duration::from_millis(1));
+        polling.store(true, Ordering::Relaxed);
+        assert!(!p.spin(&polling, r.as_raw_fd()), "another worker polls");
+        polling.store(false, Ordering::Relaxed);
+        p.spent = BUSY_POLL_SHARE;
+        assert!(!p.spin(&polling, r.as_raw_fd()), "budget spent this second");
+        p.second -= Duration::from_secs(1);
+        assert!(
+            p.spin(&polling, r.as_raw_fd()),
+            "a new second, a new budget"
+        );
+    }
+
+    #[test]
+    fn busy_poll_spends_at_most_its_share_per_second() {
+        let (_w, r) = UnixStream::pair().expect("socketpair");
+        let polling = AtomicBool::new(false);
+        let mut p = BusyPoll::new(Duration::from_millis(20));
+        let t = Instant::now();
+        for _ in 0..10 {
+            p.spin(&polling, r.as_raw_fd());
+        }
+        // 10 windows of 20 ms would be 200 ms; the share caps it (allow scheduling slack,
+        // unless the second rolled over on a very slow machine).
+        if t.elapsed() < Duration::from_secs(1) {
+            assert!(
+                p.spent <= BUSY_POLL_SHARE + Duration::from_millis(5),
+                "{:?}",
+                p.spent
+            );
         }
     }
 }

@@ -108,6 +108,11 @@ impl Udp {
         Ok(n)
     }
 
+    /// The socket's descriptor (for polling).
+    pub fn as_raw_fd(&self) -> libc::c_int {
+        self.sock.as_raw_fd()
+    }
+
     /// Waits until readable or `timeout_ms` passes.
     pub fn wait_readable(&self, timeout_ms: i32) -> bool {
         poll_one(self.sock.as_fd().as_raw_fd(), libc::POLLIN, timeout_ms)
