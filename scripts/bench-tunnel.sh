@@ -560,6 +560,17 @@ cpu_ticks() { # utime+stime summed over the given pids
     echo "$total"
 }
 
+cpu_ns() { # on-CPU nanoseconds summed over every thread of the given pids
+    local p t total=0 v
+    for p in "$@"; do
+        for t in /proc/"$p"/task/*/schedstat; do
+            read -r v _ <"$t" 2>/dev/null || continue
+            total=$((total + v))
+        done
+    done
+    echo "$total"
+}
+
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
 # iperf3 from A to TARGET; prints the JSON. Bounded in time.
@@ -579,8 +590,10 @@ measure() { # measure IMPL
         done
         record "$impl" rss_mib "$(awk -v k="$max_rss" 'BEGIN {printf "%.2f", k / 1024}')"
     fi
-    # ping RTT
-    if out=$(timeout 30 ip netns exec "$NSA" ping -q -c "$PING_COUNT" -i "$PING_INTERVAL" -W 1 "$TARGET" 2>&1); then
+    # ping RTT (and, in RTT_ONLY mode, the daemons' CPU time per ping from schedstat)
+    local ns0=0 ns1=0
+    if ((RTT_ONLY && ${#DAEMONS[@]})); then ns0=$(cpu_ns "${DAEMONS[@]}"); fi
+    if out=$(timeout 60 ip netns exec "$NSA" ping -q -c "$PING_COUNT" -i "$PING_INTERVAL" -W 1 "$TARGET" 2>&1); then
         # "rtt min/avg/max/mdev = 0.036/0.061/0.266/0.020 ms": fields 7, 8, 9
         r=$(awk -F'[/ ]+' '/^rtt|^round-trip/ {print $8}' <<<"$out")
         if [[ -n $r ]]; then record "$impl" rtt_ms "$r"; fi
@@ -592,6 +605,10 @@ measure() { # measure IMPL
         log "  $impl: ping failed"
     fi
     if ((RTT_ONLY)); then
+        if ((${#DAEMONS[@]})); then
+            ns1=$(cpu_ns "${DAEMONS[@]}")
+            log "  $impl: daemon CPU per ping: $(((ns1 - ns0) / PING_COUNT / 1000)) us"
+        fi
         log "  $impl: rtt $(awk -F'[/ ]+' '/^rtt|^round-trip/ {print $7 "/" $8 "/" $9}' <<<"$out") ms (min/avg/max)"
         return 0
     fi

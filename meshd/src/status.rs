@@ -119,6 +119,7 @@ pub fn snapshot(device: &Device, io: &IoStats, policy: &Enforcement, src: &Statu
         ("policy_no_flow", fw.no_flow),
         ("policy_malformed", fw.malformed_total()),
         ("policy_table_full", fw.table_full),
+        ("policy_peer_flow_limit", fw.peer_limit),
         ("flows_opened", fw.flows_opened),
         ("flows_revoked", fw.flows_revoked),
         ("flows_tracked", policy.firewall.len() as u64),

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 use foldhash::fast::SeedableRandomState;
 use foldhash::SharedSeed;
-use hashbrown::HashTable;
+use hashbrown::{HashMap, HashTable};
 use meshd_policy::{ip_proto, DenyReason, Direction, PeerGrants, UnixTime};
 use parking_lot::Mutex;
 
@@ -56,6 +56,11 @@ pub struct Config {
     /// Most tracked entries (flows and fragment trains) over all shards; new flows beyond it
     /// are dropped with [`DropReason::TableFull`]. Split evenly over the shards.
     pub max_flows: usize,
+    /// Most entries one peer may hold, so that one admitted peer cannot fill the table and
+    /// starve the others; beyond it its new flows are dropped with
+    /// [`DropReason::PeerLimit`]. Enforced per shard (`max_flows_per_peer / shards`, rounded
+    /// up); the flow hash is seeded randomly, so a peer cannot aim its flows at one shard.
+    pub max_flows_per_peer: usize,
     /// Number of shards (rounded up to a power of two, at least 1).
     pub shards: usize,
     /// Idle timeouts.
@@ -69,6 +74,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             max_flows: 65_536,
+            max_flows_per_peer: 16_384,
             shards: 64,
             timeouts: Timeouts::default(),
             hash_seed: None,
@@ -106,6 +112,8 @@ pub enum DropReason {
     Malformed(Malformed),
     /// A new flow was admitted but the flow table is full.
     TableFull,
+    /// A new flow was admitted but its peer holds its share of the table already.
+    PeerLimit,
     /// A non-first fragment whose first fragment was not admitted recently.
     UntrackedFragment,
 }
@@ -115,6 +123,7 @@ impl std::fmt::Display for DropReason {
         match self {
             DropReason::Malformed(m) => write!(f, "malformed packet ({m})"),
             DropReason::TableFull => f.write_str("flow table full"),
+            DropReason::PeerLimit => f.write_str("peer's flow limit reached"),
             DropReason::UntrackedFragment => f.write_str("fragment of no admitted datagram"),
         }
     }
@@ -155,6 +164,8 @@ pub struct Stats {
     pub malformed: [u64; 6],
     /// Dropped: the flow table was full.
     pub table_full: u64,
+    /// Dropped: the peer held its share of the flow table (`max_flows_per_peer`).
+    pub peer_limit: u64,
     /// Dropped: later fragment of no admitted datagram.
     pub untracked_fragment: u64,
     /// Flows opened.
@@ -178,6 +189,7 @@ struct Counters {
     no_flow: AtomicU64,
     malformed: [AtomicU64; 6],
     table_full: AtomicU64,
+    peer_limit: AtomicU64,
     untracked_fragment: AtomicU64,
     flows_opened: AtomicU64,
     flows_revoked: AtomicU64,
@@ -285,6 +297,8 @@ struct Entry<P> {
 
 struct ShardInner<P> {
     table: HashTable<Entry<P>>,
+    /// Entries per peer in this shard (peers with none are absent).
+    per_peer: HashMap<P, u32, SeedableRandomState>,
     /// Earliest time the shard may be scanned for idle entries again when full.
     next_evict: Millis,
 }
@@ -308,6 +322,7 @@ pub struct Firewall<P> {
     shards: Box<[Shard<P>]>,
     mask: usize,
     per_shard: usize,
+    per_peer_per_shard: u32,
     timeouts: Timeouts,
     hasher: SeedableRandomState,
     sweep_cursor: AtomicUsize,
@@ -355,22 +370,26 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
     pub fn new(config: Config) -> Self {
         let n = config.shards.max(1).next_power_of_two();
         let per_shard = config.max_flows.div_ceil(n).max(1);
-        let shards = (0..n)
-            .map(|_| Shard {
-                inner: Mutex::new(ShardInner {
-                    table: HashTable::new(),
-                    next_evict: 0,
-                }),
-            })
-            .collect();
+        let per_peer_per_shard =
+            u32::try_from(config.max_flows_per_peer.div_ceil(n).max(1)).unwrap_or(u32::MAX);
         let hasher = match config.hash_seed {
             Some(s) => SeedableRandomState::with_seed(s, SharedSeed::global_fixed()),
             None => SeedableRandomState::random(),
         };
+        let shards = (0..n)
+            .map(|_| Shard {
+                inner: Mutex::new(ShardInner {
+                    table: HashTable::new(),
+                    per_peer: HashMap::with_hasher(hasher.clone()),
+                    next_evict: 0,
+                }),
+            })
+            .collect();
         Firewall {
             shards,
             mask: n - 1,
             per_shard,
+            per_peer_per_shard,
             timeouts: config.timeouts,
             hasher,
             sweep_cursor: AtomicUsize::new(0),
@@ -437,6 +456,7 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
             let mut g = s.inner.lock();
             let before = g.table.len();
             g.table.retain(|e| e.key.peer != peer);
+            g.per_peer.remove(&peer);
             removed += before - g.table.len();
         }
         removed
@@ -489,6 +509,7 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
             no_flow: c.no_flow.load(Relaxed),
             malformed: std::array::from_fn(|i| c.malformed[i].load(Relaxed)),
             table_full: c.table_full.load(Relaxed),
+            peer_limit: c.peer_limit.load(Relaxed),
             untracked_fragment: c.untracked_fragment.load(Relaxed),
             flows_opened: c.flows_opened.load(Relaxed),
             flows_revoked: c.flows_revoked.load(Relaxed),
@@ -522,9 +543,18 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
     }
 
     fn evict_idle(&self, g: &mut ShardInner<P>, now: Millis) -> usize {
-        let before = g.table.len();
-        g.table.retain(|e| !self.idle(&e.flow, now));
-        before - g.table.len()
+        let ShardInner {
+            table, per_peer, ..
+        } = g;
+        let before = table.len();
+        table.retain(|e| {
+            let keep = !self.idle(&e.flow, now);
+            if !keep {
+                release(per_peer, e.key.peer);
+            }
+            keep
+        });
+        before - table.len()
     }
 
     /// The flow-table path for TCP, UDP, ICMP echo and other protocols.
@@ -557,6 +587,7 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
                 };
             if restart {
                 entry.remove();
+                release(&mut g.per_peer, peer);
             } else {
                 if forward != (dir == f.dir) {
                     // The opener's end sent it the wrong way through the tunnel (spoofed).
@@ -585,6 +616,7 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
                         }
                         Err(r) => {
                             entry.remove();
+                            release(&mut g.per_peer, peer);
                             drop(g);
                             self.counters.flows_revoked.fetch_add(1, Relaxed);
                             return self.deny(r, dir, &p.t);
@@ -617,9 +649,9 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
                 return self.deny(r, dir, &p.t);
             }
         };
-        if !self.make_room(&mut g, now) {
+        if let Err(full) = self.make_room(&mut g, peer, now) {
             drop(g);
-            return self.drop(DropReason::TableFull);
+            return self.drop(full);
         }
         let flow = Flow {
             last_seen: now,
@@ -633,21 +665,32 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
         };
         g.table
             .insert_unique(hash, Entry { key, flow }, |e| self.hasher.hash_one(e.key));
+        *g.per_peer.entry(peer).or_insert(0) += 1;
         drop(g);
         self.counters.flows_opened.fetch_add(1, Relaxed);
         Verdict::Allow
     }
 
-    /// True if the shard may take one more entry (evicting idle ones at most once a second).
-    fn make_room(&self, g: &mut ShardInner<P>, now: Millis) -> bool {
-        if g.table.len() < self.per_shard {
-            return true;
+    /// Whether the shard may take one more entry of `peer` (evicting idle ones at most once
+    /// a second); if not, why.
+    fn make_room(&self, g: &mut ShardInner<P>, peer: P, now: Millis) -> Result<(), DropReason> {
+        let peer_full = |g: &ShardInner<P>| {
+            g.per_peer.get(&peer).copied().unwrap_or(0) >= self.per_peer_per_shard
+        };
+        if g.table.len() < self.per_shard && !peer_full(g) {
+            return Ok(());
         }
         if now >= g.next_evict {
             g.next_evict = now.saturating_add(1000);
             self.evict_idle(g, now);
         }
-        g.table.len() < self.per_shard
+        if g.table.len() >= self.per_shard {
+            Err(DropReason::TableFull)
+        } else if peer_full(g) {
+            Err(DropReason::PeerLimit)
+        } else {
+            Ok(())
+        }
     }
 
     /// Remembers an admitted first fragment so the rest of its datagram may follow.
@@ -659,7 +702,7 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
             e.flow.last_seen = now;
             return;
         }
-        if !self.make_room(&mut g, now) {
+        if self.make_room(&mut g, peer, now).is_err() {
             return; // Its later fragments will count as untracked.
         }
         let flow = Flow {
@@ -674,6 +717,7 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
         };
         g.table
             .insert_unique(hash, Entry { key, flow }, |e| self.hasher.hash_one(e.key));
+        *g.per_peer.entry(peer).or_insert(0) += 1;
     }
 
     fn later_fragment(&self, peer: P, p: &Parsed, now: Millis) -> Verdict {
@@ -749,10 +793,22 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
         match reason {
             DropReason::Malformed(m) => &c.malformed[m as usize],
             DropReason::TableFull => &c.table_full,
+            DropReason::PeerLimit => &c.peer_limit,
             DropReason::UntrackedFragment => &c.untracked_fragment,
         }
         .fetch_add(1, Relaxed);
         Verdict::Drop(reason)
+    }
+}
+
+/// One entry of `peer` left its shard.
+#[inline]
+fn release<P: Eq + Hash>(per_peer: &mut HashMap<P, u32, SeedableRandomState>, peer: P) {
+    if let Some(n) = per_peer.get_mut(&peer) {
+        *n -= 1;
+        if *n == 0 {
+            per_peer.remove(&peer);
+        }
     }
 }
 

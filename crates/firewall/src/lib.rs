@@ -13,7 +13,8 @@
 //! - Flows are stamped with the grants version and grant expiry that admitted them and are
 //!   re-checked on their next packet after either changes: flows that became forbidden stop.
 //! - Conntrack is sharded (`parking_lot::Mutex` per shard, one foldhash per packet), bounded
-//!   ([`DropReason::TableFull`]), with idle timeouts enforced on lookup and reclaimed by a
+//!   ([`DropReason::TableFull`]) overall and per peer ([`DropReason::PeerLimit`]: one admitted
+//!   peer cannot fill the table and starve the others), with idle timeouts enforced on lookup and reclaimed by a
 //!   bounded [`Firewall::sweep`].
 //! - Every packet not allowed is counted ([`Stats`]); denials feed the folding, rate-limited
 //!   [`BlockLog`], whose [`Denial`]s become [`BlockEvent`](meshd_policy::BlockEvent)s.

@@ -431,6 +431,64 @@ fn table_is_bounded() {
 }
 
 #[test]
+fn one_peer_cannot_fill_the_table() {
+    const GREEDY: u32 = 1;
+    const OTHER: u32 = 2;
+    let fw: Firewall<u32> = Firewall::new(Config {
+        max_flows: 1024,
+        max_flows_per_peer: 64,
+        shards: 4,
+        hash_seed: Some(9),
+        ..Config::default()
+    });
+    let g = PeerGrants::allow_all("all");
+    let mut limited = 0;
+    for port in 0..1000u16 {
+        let p = build::udp(l(), port, r(), 53, 0);
+        match fw.check(GREEDY, &g, 1, OUT, &p, T0) {
+            Verdict::Allow => {}
+            Verdict::Drop(DropReason::PeerLimit) => limited += 1,
+            v => panic!("{v:?}"),
+        }
+    }
+    // 16 per shard: at most 64 flows, at least one full shard's worth.
+    assert!(fw.len() <= 64 && fw.len() >= 16, "{}", fw.len());
+    assert_eq!(fw.stats().peer_limit, limited);
+    assert_eq!(fw.stats().table_full, 0);
+    // Another peer still opens flows (16 cannot overfill any shard's share of 16), and the
+    // greedy one's open flows keep working.
+    for port in 0..16u16 {
+        let p = build::udp(l(), port, r(), 53, 0);
+        assert!(fw.check(OTHER, &g, 1, OUT, &p, T0).is_allow());
+    }
+    let first = build::udp(l(), 0, r(), 53, 0);
+    assert!(fw.check(GREEDY, &g, 1, OUT, &first, T0).is_allow());
+    // Forgetting the peer frees its share at once.
+    fw.forget_peer(GREEDY);
+    let p = build::udp(l(), 5000, r(), 53, 0);
+    assert!(fw.check(GREEDY, &g, 1, OUT, &p, T0).is_allow());
+    // Once its flows idle out, the share is free again (lazily, without a sweep).
+    let later = T0 + 61_000;
+    let mut opened = 0;
+    for port in 6000..6100u16 {
+        let p = build::udp(l(), port, r(), 53, 0);
+        if fw.check(GREEDY, &g, 1, OUT, &p, later).is_allow() {
+            opened += 1;
+        }
+    }
+    assert!(opened >= 16, "{opened}");
+    // The sweep keeps the per-peer counts right: after everything idles out, all is free.
+    fw.sweep_all(later + 61_000);
+    assert!(fw.is_empty());
+    // 16 flows cannot overfill any shard's share of 16.
+    for port in 7000..7016u16 {
+        let p = build::udp(l(), port, r(), 53, 0);
+        assert!(fw.check(GREEDY, &g, 1, OUT, &p, later + 61_000).is_allow());
+    }
+    assert_eq!(fw.len(), 16);
+}
+
+#[test]
 fn sweep_reclaims_idle_flows_with_bounded_work() {
     let fw: Firewall<u32> = Firewall::new(Config {
         shards: 8,

@@ -41,6 +41,9 @@ pub struct Snapshot {
 /// How many block events the store keeps (older ones are deleted on insert).
 pub const BLOCKS_KEPT: u32 = meshd_control::state::BLOCKS_KEPT as u32;
 
+/// How many audit events (`log_event`) the store keeps; older ones are deleted on insert.
+pub const EVENTS_KEPT: u32 = 100_000;
+
 /// Why a storage operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -9,7 +9,7 @@ use meshd_control::{Host, HostId, Labels, Token, TokenId, UnixTime};
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 
 use crate::migrations::MIGRATIONS;
-use crate::{Snapshot, Store, StoreError, BLOCKS_KEPT, META_MAP_VERSION};
+use crate::{Snapshot, Store, StoreError, BLOCKS_KEPT, EVENTS_KEPT, META_MAP_VERSION};
 use meshd_control::policy::PolicyRecord;
 use meshd_policy::BlockEvent;
 
@@ -17,6 +17,8 @@ use meshd_policy::BlockEvent;
 #[derive(Debug)]
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    /// How many audit events are kept (older ones are deleted on insert).
+    events_kept: u32,
 }
 
 fn to_i64(v: u64, what: &'static str) -> Result<i64, StoreError> {
@@ -44,6 +46,7 @@ impl SqliteStore {
         migrate(&mut conn)?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
+            events_kept: EVENTS_KEPT,
         })
     }
 
@@ -404,6 +407,11 @@ impl Store for SqliteStore {
                 "INSERT INTO events (at, kind, detail) VALUES (?1, ?2, ?3)",
                 params![at, kind, detail],
             )?;
+            // A range on the rowid: nothing to scan until the log is full.
+            c.execute(
+                "DELETE FROM events WHERE id <= last_insert_rowid() - ?1",
+                [self.events_kept],
+            )?;
             Ok(())
         })
     }
@@ -582,6 +590,23 @@ mod tests {
         );
         assert_eq!(snap.blocks[0].at, 5);
         assert_eq!(snap.blocks.last().unwrap().at, BLOCKS_KEPT as u64 + 4);
+    }
+
+    #[test]
+    fn events_are_pruned_to_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SqliteStore::open(&dir.path().join("s.db")).unwrap();
+        s.events_kept = 3;
+        for i in 0..10 {
+            s.log_event(i, "k", &format!("e{i}")).unwrap();
+        }
+        let ev = s.recent_events(100).unwrap();
+        let details: Vec<&str> = ev.iter().map(|e| e.2.as_str()).collect();
+        assert_eq!(details, ["e9", "e8", "e7"]);
+        let n: i64 = s
+            .with(|c| Ok(c.query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))?))
+            .unwrap();
+        assert_eq!(n, 3);
     }
 
     #[test]
