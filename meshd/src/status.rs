@@ -107,6 +107,7 @@ pub fn snapshot(device: &Device, io: &IoStats, policy: &Enforcement, src: &Statu
         ("tun_write_errors", &io.tun_write_errors),
         ("gso_sends", &io.gso_sends),
         ("datagrams_sent", &io.datagrams_sent),
+        ("tx_thread_wakeups", &io.tx_wakeups),
         ("datagrams_received", &io.datagrams_received),
     ] {
         counters.insert(k.into(), v.load(Ordering::Relaxed));

@@ -55,11 +55,11 @@ pub struct UpArgs {
     /// enrols itself as a new host (coordinator mode).
     #[arg(long, default_value = "/etc/machine-id", env = "MESHD_MACHINE_ID_FILE")]
     machine_id_file: PathBuf,
-    /// Busy-poll window in microseconds: after a lone packet leaves (or arrives) while the
-    /// other direction is quiet, the worker polls for the answer this long instead of
-    /// sleeping, which saves a thread wake-up per round trip. Capped at 5% of a core per
-    /// worker; 0 turns it off.
-    #[arg(long, value_name = "US", default_value_t = 200, env = "MESHD_BUSY_POLL_US", value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    /// Busy-poll window in microseconds (0: off, the default): after a lone packet leaves
+    /// (or arrives) while the other direction is quiet, the worker polls for the answer this
+    /// long instead of sleeping, trading CPU for steadier latency. Capped at 5% of a core
+    /// per worker; never under bulk traffic.
+    #[arg(long, value_name = "US", default_value_t = 0, env = "MESHD_BUSY_POLL_US", value_parser = clap::value_parser!(u32).range(0..=10_000))]
     busy_poll_us: u32,
 }
 

@@ -15,13 +15,20 @@ fn tcp_and_udp_both_ways() {
     let (a, b) = (Node::new(&lab, 0), Node::new(&lab, 1));
     a.write_config(&lab, &[(&b, true)], "");
     b.write_config(&lab, &[(&a, true)], "");
-    let _pa = a.start(&lab);
+    // One side busy-polls, the other sleeps: both packet-path variants carry the traffic.
+    let _pa = a.start_with(&lab, &["--busy-poll-us", "200"]);
     let _pb = b.start(&lab);
     let (ha, hb) = (lab.host(0), lab.host(1));
     assert!(
         wait_ping(ha, overlay(1).into(), Duration::from_secs(10)),
         "tunnel never came up"
     );
+    // Sparse traffic is carried by the rx thread alone: pings never wake the tx thread.
+    for _ in 0..20 {
+        assert!(wait_ping(ha, overlay(1).into(), Duration::from_secs(2)));
+    }
+    assert_eq!(counter(ha, "tx_thread_wakeups"), 0);
+    assert_eq!(counter(hb, "tx_thread_wakeups"), 0);
 
     for (from, to, to_idx) in [(ha, hb, 1), (hb, ha, 0)] {
         let (sent, got, secs) = tcp_transfer(
@@ -36,6 +43,9 @@ fn tcp_and_udp_both_ways() {
         let n = udp_exchange(from.netns(), to.netns(), overlay(to_idx).into(), 5002, 200);
         assert!(n >= 195, "only {n}/200 UDP datagrams arrived");
     }
+    // A bulk transfer does wake it (each side sent 16 MiB).
+    assert!(counter(ha, "tx_thread_wakeups") > 0);
+    assert!(counter(hb, "tx_thread_wakeups") > 0);
     let s = status_json(ha).unwrap();
     let peer = &s["peers"][0];
     assert_eq!(peer["name"], "h1");

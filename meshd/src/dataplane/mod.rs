@@ -10,8 +10,11 @@
 //!   often queued its answer (echo reply, ACK, RPC response) on the TUN already, and sealing
 //!   it here saves a thread wake-up per round trip. Only while tx is quiet (nothing read for
 //!   1 ms): under bulk traffic both threads stay busy in parallel.
-//! - Busy polling ([`BusyPoll`]): when a lone packet leaves while nothing came in lately (a
-//!   request), the tx thread polls the socket for the answer for up to `busy_poll` (200 µs)
+//! - Parking ([`TxPark`]): sparse traffic is carried by the rx thread alone, polling the socket
+//!   and the TUN; a TUN pass that reads a batch wakes the tx thread, which owns the TUN until
+//!   it has read nothing for 50 ms. A round trip then wakes one thread per host, not two.
+//! - Busy polling ([`BusyPoll`], off by default): when a lone packet leaves while nothing came
+//!   in lately (a request), the worker polls the socket for the answer for up to `busy_poll`
 //!   instead of sleeping and handles it itself; symmetrically the rx thread waits on the TUN
 //!   for an answer that was not ready at once. One worker polls at a time, at most 5% of its
 //!   time, never under bulk traffic.
@@ -33,7 +36,7 @@ mod buffers;
 mod tun;
 pub mod udp;
 
-use std::io::{self, IoSliceMut};
+use std::io::{self, IoSliceMut, Read as _, Write as _};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -82,6 +85,8 @@ pub struct IoStats {
     pub datagrams_sent: AtomicU64,
     /// Datagrams received.
     pub datagrams_received: AtomicU64,
+    /// Times bulk traffic woke the parked tx thread.
+    pub tx_wakeups: AtomicU64,
 }
 
 /// The identity firewall and its block log, shared by the workers.
@@ -176,6 +181,10 @@ struct Shared {
     /// When each path last carried packets (read by the other thread without its lock).
     tx_active: LastActive,
     rx_active: LastActive,
+    /// Whether the tx thread is awake (bulk traffic) or leaves the TUN to the rx thread.
+    tx_park: TxPark,
+    /// Wakes the rx thread when the tx thread parks.
+    rx_wake: Signal,
 }
 
 /// When a path last carried packets, as microseconds since the dataplane started.
@@ -237,6 +246,8 @@ impl Dataplane {
             polling: AtomicBool::new(false),
             tx_active: LastActive::new(started),
             rx_active: LastActive::new(started),
+            tx_park: TxPark::new(),
+            rx_wake: Signal::new()?,
         });
 
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
@@ -422,8 +433,8 @@ const TUN_READ_ROOM: usize = 64;
 enum TxPass {
     /// Nothing was queued.
     Empty,
-    /// Packets were read and sent.
-    Sent,
+    /// This many packets were read and sent.
+    Sent(usize),
     /// The read failed.
     Failed(io::Error),
 }
@@ -485,6 +496,7 @@ impl TxPath {
         };
         self.idle.touch();
         sh.tx_active.touch();
+        let mut total = n;
         if n == 1 {
             // A lone packet (no TSO: a ping, an ACK, a request): send it before looking for
             // more, so its latency does not include another read.
@@ -495,12 +507,15 @@ impl TxPath {
         // reading while a whole super-packet still fits, so one wake-up fills one batch.
         while n + TUN_READ_ROOM <= IDEAL_BATCH_SIZE {
             match self.read(&sh.tun, n) {
-                Ok(k) if k > 0 => n += k,
+                Ok(k) if k > 0 => {
+                    n += k;
+                    total += k;
+                }
                 _ => break,
             }
         }
         self.seal(sh, n);
-        TxPass::Sent
+        TxPass::Sent(total)
     }
 
     /// Seals `bufs[..n]` and sends them.
@@ -552,11 +567,19 @@ fn tx_worker(sh: &Shared) {
     let fd = sh.tun.as_raw_fd();
     let mut poller = BusyPoll::new(sh.busy_poll);
     while !sh.stop.load(Ordering::Relaxed) {
-        if !udp::poll_one(fd, libc::POLLIN, 1000) {
-            let mut tx = lock(&sh.tx);
-            if tx.idle.tick() {
-                tx.pages.discard();
+        if !sh.tx_park.wait(Duration::from_secs(1)) {
+            // Parked: the rx thread watches the TUN. Count idle seconds meanwhile.
+            if let Some(mut tx) = try_lock(&sh.tx) {
+                if tx.idle.tick() {
+                    tx.pages.discard();
+                }
             }
+            continue;
+        }
+        if !udp::poll_one(fd, libc::POLLIN, TX_LINGER_MS) {
+            // Nothing to read for a while: hand the TUN back to the rx thread.
+            sh.tx_park.park();
+            sh.rx_wake.signal();
             continue;
         }
         // Never wait for the rx thread: it is reading the TUN itself and lets go as soon as
@@ -571,7 +594,7 @@ fn tx_worker(sh: &Shared) {
                 tracing::warn!(error = %e, "TUN read failed");
                 std::thread::sleep(Duration::from_millis(10));
             }
-            TxPass::Sent => {
+            TxPass::Sent(_) => {
                 drop(tx);
                 // A request left while nothing came in lately: its answer is probably
                 // on its way. Wait for it here instead of waking the rx thread.
@@ -581,6 +604,99 @@ fn tx_worker(sh: &Shared) {
             }
             TxPass::Empty => {}
         }
+    }
+}
+
+/// Packets one TUN pass must read for the rx thread to wake the tx thread (bulk traffic:
+/// from then on the two directions run on two cores).
+const BULK_PACKETS: usize = 8;
+/// How long the awake tx thread waits for the TUN before it parks and hands it back.
+const TX_LINGER_MS: i32 = 50;
+
+/// Whether the tx thread watches the TUN (awake) or leaves it to the rx thread (parked).
+///
+/// Sparse traffic (requests, pings, keepalives) is carried by the rx thread alone: it polls
+/// both the socket and the TUN, so a round trip wakes one thread per host, and nothing wakes
+/// a second thread just to find the packet gone. When a TUN pass reads a batch
+/// ([`BULK_PACKETS`]) the rx thread wakes the tx thread, which then owns the TUN until it
+/// has read nothing for [`TX_LINGER_MS`]; it parks and signals the rx thread to watch the
+/// TUN again. Someone always watches the TUN: the flag is cleared by the tx thread only, and
+/// the rx thread re-reads it after every signal.
+struct TxPark {
+    awake: AtomicBool,
+    lock: Mutex<()>,
+    cv: std::sync::Condvar,
+}
+
+impl TxPark {
+    fn new() -> Self {
+        TxPark {
+            awake: AtomicBool::new(false),
+            lock: Mutex::new(()),
+            cv: std::sync::Condvar::new(),
+        }
+    }
+
+    fn is_awake(&self) -> bool {
+        self.awake.load(Ordering::Acquire)
+    }
+
+    /// Wakes the tx thread (the rx thread saw bulk traffic on the TUN); false if it was
+    /// awake already.
+    fn wake(&self) -> bool {
+        if self.is_awake() {
+            return false;
+        }
+        {
+            let _g = lock(&self.lock);
+            self.awake.store(true, Ordering::Release);
+        }
+        self.cv.notify_one();
+        true
+    }
+
+    /// The tx thread goes back to sleep.
+    fn park(&self) {
+        let _g = lock(&self.lock);
+        self.awake.store(false, Ordering::Release);
+    }
+
+    /// The tx thread waits (up to `timeout`) to be woken; true if awake.
+    fn wait(&self, timeout: Duration) -> bool {
+        if self.is_awake() {
+            return true;
+        }
+        let g = lock(&self.lock);
+        let (_g, _) = self
+            .cv
+            .wait_timeout_while(g, timeout, |_| !self.awake.load(Ordering::Acquire))
+            .unwrap_or_else(|e| e.into_inner());
+        self.is_awake()
+    }
+}
+
+/// A self-pipe that wakes the rx thread from `poll` (to re-read whether it must watch the TUN).
+struct Signal {
+    rx: std::os::unix::net::UnixStream,
+    tx: std::os::unix::net::UnixStream,
+}
+
+impl Signal {
+    fn new() -> io::Result<Self> {
+        let (rx, tx) = std::os::unix::net::UnixStream::pair()?;
+        rx.set_nonblocking(true)?;
+        tx.set_nonblocking(true)?;
+        Ok(Signal { rx, tx })
+    }
+
+    fn signal(&self) {
+        // A full pipe already holds a pending signal.
+        let _ = (&self.tx).write(&[1]);
+    }
+
+    fn drain(&self) {
+        let mut buf = [0u8; 64];
+        while matches!((&self.rx).read(&mut buf), Ok(n) if n > 0) {}
     }
 }
 
@@ -791,11 +907,11 @@ fn rx_and_answer(sh: &Shared, rx: &mut RxPath) -> (usize, bool) {
     let Some(mut tx) = try_lock(&sh.tx) else {
         return (delivered, false);
     };
-    if !sh.tx_active.quiet_for(QUIET) {
+    if sh.tx_park.is_awake() && !sh.tx_active.quiet_for(QUIET) {
         return (delivered, false);
     }
     match tx.run(sh) {
-        TxPass::Sent => (delivered, true),
+        TxPass::Sent(_) => (delivered, true),
         TxPass::Empty => (delivered, false),
         TxPass::Failed(e) => {
             tracing::debug!(error = %e, "TUN read failed");
@@ -806,8 +922,24 @@ fn rx_and_answer(sh: &Shared, rx: &mut RxPath) -> (usize, bool) {
 
 fn rx_worker(sh: &Shared) {
     let mut poller = BusyPoll::new(sh.busy_poll);
+    let pollfd = |fd: libc::c_int| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
     while !sh.stop.load(Ordering::Relaxed) {
-        if !sh.udp.wait_readable(1000) {
+        // While the tx thread is parked, watch the TUN too (a negative fd is skipped).
+        let tun = if sh.tx_park.is_awake() {
+            -1
+        } else {
+            sh.tun.as_raw_fd()
+        };
+        let mut fds = [
+            pollfd(sh.udp.as_raw_fd()),
+            pollfd(sh.rx_wake.rx.as_raw_fd()),
+            pollfd(tun),
+        ];
+        if udp::poll_fds(&mut fds, 1000) == 0 {
             if let Some(mut rx) = try_lock(&sh.rx) {
                 if rx.idle.tick() {
                     rx.pages.discard();
@@ -816,17 +948,48 @@ fn rx_worker(sh: &Shared) {
             }
             continue;
         }
-        // A busy-polling tx thread may be draining the socket itself: let it.
-        let Some(mut rx) = try_lock(&sh.rx) else {
-            std::thread::yield_now();
-            continue;
-        };
-        let (delivered, answered) = rx_and_answer(sh, &mut rx);
-        drop(rx);
-        // A request came in and no answer was ready yet (a server at work): wait for the
-        // answer on the TUN here rather than waking the tx thread for it.
-        if delivered > 0 && !answered && tx_quiet(sh) {
-            poller.wait_for_tx(sh);
+        let ready = |i: usize| fds[i].revents & (libc::POLLIN | libc::POLLERR) != 0;
+        if ready(1) {
+            sh.rx_wake.drain();
+        }
+        if ready(0) {
+            // A busy-polling tx thread may be draining the socket itself: let it.
+            let Some(mut rx) = try_lock(&sh.rx) else {
+                std::thread::yield_now();
+                continue;
+            };
+            let (delivered, answered) = rx_and_answer(sh, &mut rx);
+            drop(rx);
+            // A request came in and no answer was ready yet (a server at work): wait for
+            // the answer on the TUN here rather than waking the tx thread for it.
+            if delivered > 0 && !answered && tx_quiet(sh) {
+                poller.wait_for_tx(sh);
+            }
+        }
+        if ready(2) {
+            let Some(mut tx) = try_lock(&sh.tx) else {
+                continue;
+            };
+            match tx.run(sh) {
+                TxPass::Sent(n) if n >= BULK_PACKETS => {
+                    drop(tx);
+                    if sh.tx_park.wake() {
+                        sh.stats.tx_wakeups.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                TxPass::Sent(_) => {
+                    drop(tx);
+                    if rx_quiet(sh) {
+                        poller.wait_for_rx(sh);
+                    }
+                }
+                TxPass::Empty => {}
+                TxPass::Failed(e) => {
+                    drop(tx);
+                    tracing::warn!(error = %e, "TUN read failed");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
         }
     }
 }

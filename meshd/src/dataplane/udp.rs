@@ -113,11 +113,6 @@ impl Udp {
         self.sock.as_raw_fd()
     }
 
-    /// Waits until readable or `timeout_ms` passes.
-    pub fn wait_readable(&self, timeout_ms: i32) -> bool {
-        poll_one(self.sock.as_fd().as_raw_fd(), libc::POLLIN, timeout_ms)
-    }
-
     fn map(&self, to: SocketAddr) -> SocketAddr {
         match to {
             SocketAddr::V4(v4) if self.dual_stack => {
@@ -165,4 +160,12 @@ pub fn poll_one(fd: libc::c_int, events: libc::c_short, timeout_ms: i32) -> bool
     // SAFETY: one valid pollfd, count 1.
     let rc = unsafe { libc::poll(&mut p, 1, timeout_ms) };
     rc > 0 && (p.revents & events) != 0
+}
+
+/// poll(2) on several descriptors (negative ones are skipped). Returns how many are ready
+/// (0 on timeout or error).
+pub fn poll_fds(fds: &mut [libc::pollfd], timeout_ms: i32) -> usize {
+    // SAFETY: a valid, exclusively borrowed slice of pollfd and its length.
+    let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+    usize::try_from(rc).unwrap_or(0)
 }

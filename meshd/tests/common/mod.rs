@@ -77,6 +77,11 @@ impl Node {
 
     /// Starts `meshd up` and waits until its status socket answers.
     pub fn start(&self, lab: &Lab) -> ProcHandle {
+        self.start_with(lab, &[])
+    }
+
+    /// Starts `meshd up` with extra arguments and waits until its status socket answers.
+    pub fn start_with(&self, lab: &Lab, extra: &[&str]) -> ProcHandle {
         let host = lab.host(self.idx);
         let proc = host
             .spawn(
@@ -85,6 +90,7 @@ impl Node {
                     .arg(self.config_path())
                     .arg("--state-dir")
                     .arg(self.dir.join("state"))
+                    .args(extra.iter().copied())
                     .env("RUST_LOG", "debug")
                     .label(format!("meshd-h{}", self.idx)),
             )
