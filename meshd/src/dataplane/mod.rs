@@ -1110,7 +1110,6 @@ fn timer_worker(sh: &Shared) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write as _;
     use std::os::unix::net::UnixStream;
 
     #[test]
