@@ -911,12 +911,25 @@ fn rx_and_answer(sh: &Shared, rx: &mut RxPath) -> (usize, bool) {
         return (delivered, false);
     }
     match tx.run(sh) {
-        TxPass::Sent(_) => (delivered, true),
+        TxPass::Sent(n) => {
+            drop(tx);
+            // Traffic both ways (a bulk transfer's other direction): hand the TUN to the tx
+            // thread so the two directions run on two cores.
+            wake_tx_for_bulk(sh, n);
+            (delivered, true)
+        }
         TxPass::Empty => (delivered, false),
         TxPass::Failed(e) => {
             tracing::debug!(error = %e, "TUN read failed");
             (delivered, false)
         }
+    }
+}
+
+/// Wakes the parked tx thread if a TUN pass run by the rx thread read a batch.
+fn wake_tx_for_bulk(sh: &Shared, packets: usize) {
+    if packets >= BULK_PACKETS && sh.tx_park.wake() {
+        sh.stats.tx_wakeups.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -973,9 +986,7 @@ fn rx_worker(sh: &Shared) {
             match tx.run(sh) {
                 TxPass::Sent(n) if n >= BULK_PACKETS => {
                     drop(tx);
-                    if sh.tx_park.wake() {
-                        sh.stats.tx_wakeups.fetch_add(1, Ordering::Relaxed);
-                    }
+                    wake_tx_for_bulk(sh, n);
                 }
                 TxPass::Sent(_) => {
                     drop(tx);
