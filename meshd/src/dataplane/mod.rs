@@ -8,8 +8,8 @@
 //!   writes the batch with one coalescing `send_multiple` (GRO on the TUN). Then it runs the
 //!   tx path once itself (if `tx` is not busy): the TUN write ran the host's stack, which has
 //!   often queued its answer (echo reply, ACK, RPC response) on the TUN already, and sealing
-//!   it here saves a thread wake-up per round trip. Only while tx is quiet (nothing read for
-//!   1 ms): under bulk traffic both threads stay busy in parallel.
+//!   it here saves a thread wake-up per round trip. Only while the tx thread is parked or
+//!   quiet (nothing read for 1 ms): under bulk traffic both threads stay busy in parallel.
 //! - Parking ([`TxPark`]): sparse traffic is carried by the rx thread alone, polling the socket
 //!   and the TUN; a TUN pass that reads a batch wakes the tx thread, which owns the TUN until
 //!   it has read nothing for 50 ms. A round trip then wakes one thread per host, not two.
