@@ -444,6 +444,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     }
     tracing::info!(interface = %args.interface, name = %agent.host.name, coordinator = %agent.coordinator,
         mode = if args.transparent { "transparent" } else { "overlay" }, "meshd up (coordinator-managed)");
+    crate::memory::release_startup_code_logged();
 
     let result: anyhow::Result<()> = loop {
         tokio::select! {

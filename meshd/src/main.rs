@@ -4,6 +4,7 @@
 mod agent;
 mod blocks;
 mod dataplane;
+mod memory;
 mod routes;
 mod status;
 mod transparent;

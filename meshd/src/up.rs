@@ -293,6 +293,7 @@ async fn control_loop(
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    crate::memory::release_startup_code_logged();
     loop {
         tokio::select! {
             _ = term.recv() => break,
