@@ -7,7 +7,7 @@
 #   tcp1   iperf3 TCP, one stream                 Gbit/s received
 #   tcp4   iperf3 TCP, 4 streams (-P 4)           Gbit/s received
 #   udp    iperf3 UDP at max rate (-u -b 0)       Mbit/s delivered, and loss %
-#   rtt    ping, PING_COUNT (50) x 10 ms apart     avg and min ms, and each over plain veth
+#   rtt    ping, PING_COUNT (50) x 10 ms apart     avg, p50 and min ms, each over plain veth
 #   cpu    utime+stime of both tunnel daemons during the tcp1 run, seconds per Gbit carried
 #   rss    VmRSS of each daemon after the tunnel is up and idle for 2 s (the larger of the two)
 # Implementations run interleaved in ROUNDS rounds (order rotated every round); the figures are
@@ -72,6 +72,7 @@ print_table() { # print_table RESULTS.json
       def rows: [["tcp1_gbps", "TCP 1 stream Gbit/s", "%.2f"], ["tcp4_gbps", "TCP 4 streams Gbit/s", "%.2f"],
                  ["udp_mbps", "UDP delivered Mbit/s", "%.0f"], ["udp_loss_pct", "UDP loss %", "%.1f"],
                  ["rtt_ms", "ping RTT avg ms", "%.3f"], ["rtt_added_ms", "RTT over veth ms", "%.3f"],
+                 ["rtt_p50_ms", "ping RTT p50 ms", "%.3f"], ["rtt_p50_added_ms", "p50 RTT over veth", "%.3f"],
                  ["rtt_min_ms", "ping RTT min ms", "%.3f"], ["rtt_min_added_ms", "min RTT over veth", "%.3f"],
                  ["cpu_s_per_gbit", "CPU s/Gbit", "%.2f"], ["rss_mib", "idle RSS MiB", "%.1f"]];
       . as $d
@@ -115,6 +116,8 @@ report() { # report RESULTS.json: the table and the issue-2 targets
               elif $m.udp_mbps > $best_udp then "PASS" else "FAIL" end)",
           "  RTT added below boringtun (avg): \(if $m.rtt_added_ms == null or ($d.summary.boringtun.rtt_added_ms // null) == null then "n/a"
               elif $m.rtt_added_ms < $d.summary.boringtun.rtt_added_ms then "PASS" else "FAIL" end)",
+          "  RTT added below boringtun (p50): \(if $m.rtt_p50_added_ms == null or ($d.summary.boringtun.rtt_p50_added_ms // null) == null then "n/a"
+              elif $m.rtt_p50_added_ms < $d.summary.boringtun.rtt_p50_added_ms then "PASS" else "FAIL" end)",
           "  RTT added below boringtun (min): \(if $m.rtt_min_added_ms == null or ($d.summary.boringtun.rtt_min_added_ms // null) == null then "n/a"
               elif $m.rtt_min_added_ms < $d.summary.boringtun.rtt_min_added_ms then "PASS" else "FAIL" end)",
           "  idle RSS < 8 MiB per daemon: \(if $m.rss_mib == null then "n/a" elif $m.rss_mib < 8 then "PASS" else "FAIL" end)",
@@ -571,6 +574,12 @@ cpu_ns() { # on-CPU nanoseconds summed over every thread of the given pids
     echo "$total"
 }
 
+# rtt_percentile P < ping output: the P-th percentile of the per-reply "time=" values.
+rtt_percentile() {
+    grep -oE 'time=[0-9.]+' | cut -d= -f2 | sort -g |
+        awk -v p="$1" '{v[NR] = $1} END {if (NR) {i = int((NR - 1) * p / 100) + 1; print v[i]}}'
+}
+
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
 # iperf3 from A to TARGET; prints the JSON. Bounded in time.
@@ -593,12 +602,14 @@ measure() { # measure IMPL
     # ping RTT (and, in RTT_ONLY mode, the daemons' CPU time per ping from schedstat)
     local ns0=0 ns1=0
     if ((RTT_ONLY && ${#DAEMONS[@]})); then ns0=$(cpu_ns "${DAEMONS[@]}"); fi
-    if out=$(timeout 60 ip netns exec "$NSA" ping -q -c "$PING_COUNT" -i "$PING_INTERVAL" -W 1 "$TARGET" 2>&1); then
+    if out=$(timeout 60 ip netns exec "$NSA" ping -c "$PING_COUNT" -i "$PING_INTERVAL" -W 1 "$TARGET" 2>&1); then
         # "rtt min/avg/max/mdev = 0.036/0.061/0.266/0.020 ms": fields 7, 8, 9
         r=$(awk -F'[/ ]+' '/^rtt|^round-trip/ {print $8}' <<<"$out")
         if [[ -n $r ]]; then record "$impl" rtt_ms "$r"; fi
         r=$(awk -F'[/ ]+' '/^rtt|^round-trip/ {print $7}' <<<"$out")
         if [[ -n $r ]]; then record "$impl" rtt_min_ms "$r"; fi
+        r=$(rtt_percentile 50 <<<"$out")
+        if [[ -n $r ]]; then record "$impl" rtt_p50_ms "$r"; fi
         r=$(grep -oE '[0-9.]+% packet loss' <<<"$out" | grep -oE '^[0-9.]+' || true)
         if [[ -n $r ]]; then record "$impl" ping_loss_pct "$r"; fi
     else
@@ -609,7 +620,8 @@ measure() { # measure IMPL
             ns1=$(cpu_ns "${DAEMONS[@]}")
             log "  $impl: daemon CPU per ping: $(((ns1 - ns0) / PING_COUNT / 1000)) us"
         fi
-        log "  $impl: rtt $(awk -F'[/ ]+' '/^rtt|^round-trip/ {print $7 "/" $8 "/" $9}' <<<"$out") ms (min/avg/max)"
+        log "  $impl: rtt $(awk -F'[/ ]+' '/^rtt|^round-trip/ {print $7 "/" $8 "/" $9}' <<<"$out") ms (min/avg/max)," \
+            "p10/p50/p90 $(rtt_percentile 10 <<<"$out")/$(rtt_percentile 50 <<<"$out")/$(rtt_percentile 90 <<<"$out") ms"
         return 0
     fi
     # TCP single stream, with daemon CPU
@@ -716,7 +728,7 @@ jq -Rn \
     def r3: if . == null then null else (. * 1000 | round) / 1000 end;
     # direction: 1 = higher is better, -1 = lower is better
     def metrics: {tcp1_gbps: 1, tcp4_gbps: 1, udp_mbps: 1, udp_loss_pct: -1, rtt_ms: -1,
-                  rtt_added_ms: -1, rtt_min_ms: -1, rtt_min_added_ms: -1, cpu_s_per_gbit: -1, rss_mib: -1};
+                  rtt_added_ms: -1, rtt_p50_ms: -1, rtt_p50_added_ms: -1, rtt_min_ms: -1, rtt_min_added_ms: -1, cpu_s_per_gbit: -1, rss_mib: -1};
     [inputs | split("\t") | {round: (.[0] | tonumber), impl: .[1], key: .[2],
         value: (.[3] as $v | try ($v | tonumber) catch $v)}] as $raw
     | ($raw | map(select(.key == "na")) | group_by(.impl)
@@ -727,6 +739,9 @@ jq -Rn \
     | (.veth.rtt_ms // null) as $veth_rtt
     | with_entries(if $veth_rtt != null and .value.rtt_ms != null
         then .value.rtt_added_ms = (.value.rtt_ms - $veth_rtt) else . end)
+    | (.veth.rtt_p50_ms // null) as $veth_p50
+    | with_entries(if $veth_p50 != null and .value.rtt_p50_ms != null
+        then .value.rtt_p50_added_ms = (.value.rtt_p50_ms - $veth_p50) else . end)
     | (.veth.rtt_min_ms // null) as $veth_min
     | with_entries(if $veth_min != null and .value.rtt_min_ms != null
         then .value.rtt_min_added_ms = (.value.rtt_min_ms - $veth_min) else . end)
@@ -743,7 +758,7 @@ jq -Rn \
                duration_s: $duration, rounds: $rounds, elapsed_s: $elapsed,
                mtu: ($mtu | tonumber), udp_datagram_bytes: ($udp_len | tonumber),
                iperf3: "tcp1: -t D; tcp4: -t D -P 4; udp: -t D -u -b 0 -l \($udp_len)",
-               ping: "-c \($ping_count) -i 0.01 (avg and min)", cpu: "utime+stime of both daemons during tcp1, per Gbit received",
+               ping: "-c \($ping_count) -i 0.01 (avg, median and min)", cpu: "utime+stime of both daemons during tcp1, per Gbit received",
                rss: "max VmRSS of the two daemons after 2 s idle"},
         implementations: $impls,
         not_available: $na,
