@@ -17,7 +17,9 @@
 # Implementations: veth (no tunnel: the limit), meshd, wg-go (bookworm wireguard-go), wg-go-bpo
 # (bookworm-backports wireguard-go v0.0.20230223, TUN offload), boringtun (boringtun-cli),
 # nebula; meshd-policy (a 1,000-rule label policy) and meshd-transparent (transparent mode:
-# iperf3 runs against B's underlay address 198.18.0.2, encrypted by meshd). Anchors come from scripts/install-anchors.sh; missing ones are skipped.
+# iperf3 runs against B's underlay address 198.18.0.2, encrypted by meshd) and meshd-busypoll
+# (--busy-poll-us BUSY_POLL_US, default 300: the opt-in latency trade-off). Anchors come from
+# scripts/install-anchors.sh; missing ones are skipped.
 #
 # Environment:
 #   ONLY="meshd wg-go-bpo"   run only these implementations
@@ -46,7 +48,7 @@ ANCHOR_DIR=${ANCHOR_DIR:-/var/cache/meshd-bench}
 BUILD_TIMEOUT=${BUILD_TIMEOUT:-1800}
 SKIP_BUILD=${SKIP_BUILD:-0}
 
-ALL_IMPLS=(veth meshd meshd-policy meshd-transparent wg-go wg-go-bpo boringtun nebula)
+ALL_IMPLS=(veth meshd meshd-policy meshd-transparent meshd-busypoll wg-go wg-go-bpo boringtun nebula)
 
 PREFIX="mbench-$$"
 UA=198.18.0.1 UB=198.18.0.2 OA=100.64.0.1 OB=100.64.0.2
@@ -262,6 +264,7 @@ wait_tunnel() {
 # against) and DAEMONS (pids whose CPU and RSS count). Returns non-zero with NA_REASON set.
 
 declare -A BIN=()
+MESHD_EXTRA_ARGS=()
 find_bins() {
     local b
     BIN[wg]=$(command -v wg || true)
@@ -277,7 +280,7 @@ find_bins() {
 available() { # available IMPL -> 0, or 1 with NA_REASON
     case $1 in
     veth) return 0 ;;
-    meshd | meshd-policy | meshd-transparent)
+    meshd | meshd-policy | meshd-transparent | meshd-busypoll)
         [[ -n ${MESHD_BIN:-} ]] || {
             NA_REASON=${MESHD_NA:-"meshd not built"}
             return 1
@@ -492,6 +495,16 @@ setup_meshd-transparent() {
     return 1
 }
 
+# meshd with opt-in busy polling (--busy-poll-us): the latency trade-off, for comparison
+# with the default (which sleeps).
+setup_meshd-busypoll() {
+    MESHD_EXTRA_ARGS=(--busy-poll-us "${BUSY_POLL_US:-300}")
+    local rc=0
+    setup_meshd || rc=$?
+    MESHD_EXTRA_ARGS=()
+    return $rc
+}
+
 setup_meshd() {
     local side ns peer_pub peer_ep peer_ip addr
     (umask 077 && "$MESHD_BIN" genkey >"$LABDIR/a.key" && "$MESHD_BIN" genkey >"$LABDIR/b.key")
@@ -523,7 +536,7 @@ allowed_ips = ["$peer_ip/32"]
 ${MESHD_EXTRA_PEER:-}
 EOF
         start_in "$ns" "$LABDIR/$side.log" "$MESHD_BIN" up \
-            --config "$LABDIR/meshd-$side.toml" --state-dir "$LABDIR/state-$side"
+            --config "$LABDIR/meshd-$side.toml" --state-dir "$LABDIR/state-$side" "${MESHD_EXTRA_ARGS[@]}"
         DAEMONS+=("$BGPID")
     done
     local i
