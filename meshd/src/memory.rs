@@ -191,7 +191,13 @@ Rss:                  68 kB
         assert!(released.resident_kib > 0);
         // What runs next (this test, the harness) faults back in, a fraction of the rest.
         let after = resident_code_kib();
-        assert!(after < before, "{after} KiB resident after, {before} before");
-        assert_eq!(header("1000-2000 r-xp 0 0:0 1 /x").map(|h| h.0), Some((0x1000, 0x2000)));
+        assert!(
+            after < before,
+            "{after} KiB resident after, {before} before"
+        );
+        assert_eq!(
+            header("1000-2000 r-xp 0 0:0 1 /x").map(|h| h.0),
+            Some((0x1000, 0x2000))
+        );
     }
 }

@@ -178,6 +178,7 @@ struct Shared {
     /// Busy polling: its window, and whether a worker is polling now (one at a time).
     busy_poll: Duration,
     polling: AtomicBool,
+    clock: Clock,
     /// When each path last carried packets (read by the other thread without its lock).
     tx_active: LastActive,
     rx_active: LastActive,
@@ -187,32 +188,71 @@ struct Shared {
     rx_wake: Signal,
 }
 
-/// When a path last carried packets, as microseconds since the dataplane started.
-struct LastActive {
+/// The workers' clock: one monotonic read per pass gives both the activity stamps and the
+/// firewall's wall-clock milliseconds. The wall clock is derived from the monotonic one with
+/// an offset that the timer thread re-reads every 100 ms, so a stepped wall clock is
+/// followed within that (the firewall counts seconds).
+struct Clock {
     base: Instant,
+    /// Unix milliseconds at `base` (as of the last `resync`).
+    unix_at_base_ms: AtomicU64,
+}
+
+/// One reading of the [`Clock`].
+#[derive(Clone, Copy, Debug)]
+struct Now {
+    /// Microseconds since the dataplane started.
+    micros: u64,
+    /// Unix milliseconds.
+    unix_ms: u64,
+}
+
+impl Clock {
+    fn new() -> Self {
+        let clock = Clock {
+            base: Instant::now(),
+            unix_at_base_ms: AtomicU64::new(0),
+        };
+        clock.resync();
+        clock
+    }
+
+    fn now(&self) -> Now {
+        self.at(self.base.elapsed())
+    }
+
+    fn at(&self, since_base: Duration) -> Now {
+        let micros = u64::try_from(since_base.as_micros()).unwrap_or(u64::MAX);
+        let base = self.unix_at_base_ms.load(Ordering::Relaxed);
+        Now {
+            micros,
+            unix_ms: base.saturating_add(micros / 1000),
+        }
+    }
+
+    /// Re-reads the wall clock.
+    fn resync(&self) {
+        let elapsed = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let base = unix_millis().saturating_sub(elapsed);
+        self.unix_at_base_ms.store(base, Ordering::Relaxed);
+    }
+}
+
+/// When a path last carried packets, as [`Now::micros`].
+#[derive(Default)]
+struct LastActive {
     micros: AtomicU64,
 }
 
 impl LastActive {
-    fn new(base: Instant) -> Self {
-        LastActive {
-            base,
-            micros: AtomicU64::new(0),
-        }
+    fn touch(&self, now: Now) {
+        self.micros.store(now.micros, Ordering::Relaxed);
     }
 
-    fn now(&self) -> u64 {
-        u64::try_from(self.base.elapsed().as_micros()).unwrap_or(u64::MAX)
-    }
-
-    fn touch(&self) {
-        self.micros.store(self.now(), Ordering::Relaxed);
-    }
-
-    /// Whether nothing passed for at least `d`.
-    fn quiet_for(&self, d: Duration) -> bool {
+    /// Whether nothing passed for at least `d` before `now`.
+    fn quiet_at(&self, now: Now, d: Duration) -> bool {
         let last = self.micros.load(Ordering::Relaxed);
-        u128::from(self.now().saturating_sub(last)) >= d.as_micros()
+        u128::from(now.micros.saturating_sub(last)) >= d.as_micros()
     }
 }
 
@@ -231,7 +271,6 @@ impl Dataplane {
         let stats = Arc::new(IoStats::default());
         let tx = TxPath::new(usize::from(cfg.mtu), udp.max_segments())?;
         let rx = RxPath::new()?;
-        let started = Instant::now();
         let shared = Arc::new(Shared {
             device,
             policy,
@@ -244,8 +283,9 @@ impl Dataplane {
             rx: Mutex::new(rx),
             busy_poll: cfg.busy_poll,
             polling: AtomicBool::new(false),
-            tx_active: LastActive::new(started),
-            rx_active: LastActive::new(started),
+            clock: Clock::new(),
+            tx_active: LastActive::default(),
+            rx_active: LastActive::default(),
             tx_park: TxPark::new(),
             rx_wake: Signal::new()?,
         });
@@ -433,8 +473,8 @@ const TUN_READ_ROOM: usize = 64;
 enum TxPass {
     /// Nothing was queued.
     Empty,
-    /// This many packets were read and sent.
-    Sent(usize),
+    /// This many packets were read and sent, the first read at `Now`.
+    Sent(usize, Now),
     /// The read failed.
     Failed(io::Error),
 }
@@ -495,12 +535,13 @@ impl TxPath {
             Err(e) => return TxPass::Failed(e),
         };
         self.idle.touch();
-        sh.tx_active.touch();
+        let now = sh.clock.now();
+        sh.tx_active.touch(now);
         let mut total = n;
         if n == 1 {
             // A lone packet (no TSO: a ping, an ACK, a request): send it before looking for
             // more, so its latency does not include another read.
-            self.seal(sh, 1);
+            self.seal(sh, 1, now);
             n = 0;
         }
         // Without TSO (UDP floods, many small flows) each read yields one packet: keep
@@ -514,17 +555,17 @@ impl TxPath {
                 _ => break,
             }
         }
-        self.seal(sh, n);
-        TxPass::Sent(total)
+        self.seal(sh, n, now);
+        TxPass::Sent(total, now)
     }
 
     /// Seals `bufs[..n]` and sends them.
-    fn seal(&mut self, sh: &Shared, n: usize) {
+    fn seal(&mut self, sh: &Shared, n: usize, now: Now) {
         if n == 0 {
             return;
         }
         let table = sh.device.table();
-        let now = unix_millis();
+        let now = now.unix_ms;
         let (bufs, sizes) = (&self.bufs, &self.sizes);
         let packet = |i: usize| {
             let b = bufs[i].as_ref();
@@ -594,11 +635,11 @@ fn tx_worker(sh: &Shared) {
                 tracing::warn!(error = %e, "TUN read failed");
                 std::thread::sleep(Duration::from_millis(10));
             }
-            TxPass::Sent(_) => {
+            TxPass::Sent(_, now) => {
                 drop(tx);
                 // A request left while nothing came in lately: its answer is probably
                 // on its way. Wait for it here instead of waking the rx thread.
-                if rx_quiet(sh) {
+                if rx_quiet(sh, now) {
                     poller.wait_for_rx(sh);
                 }
             }
@@ -812,10 +853,11 @@ impl RxPath {
     }
 
     /// One pass: drains what the socket holds (bounded), opens it and writes one TUN batch.
-    /// Returns how many packets went to the TUN.
-    fn run(&mut self, sh: &Shared) -> usize {
+    /// Returns how many packets went to the TUN, and when the last batch was received.
+    fn run(&mut self, sh: &Shared) -> (usize, Option<Now>) {
         self.idle.touch();
         let mut delivered = 0;
+        let mut at = None;
         for _ in 0..8 {
             let n = {
                 let mut iov = self.rx.each_mut().map(|c| IoSliceMut::new(c.as_mut()));
@@ -828,9 +870,11 @@ impl RxPath {
                     }
                 }
             };
-            sh.rx_active.touch();
+            let now = sh.clock.now();
+            at = Some(now);
+            sh.rx_active.touch(now);
             let table = sh.device.table();
-            let now = unix_millis();
+            let now = now.unix_ms;
             for (m, buf) in self.meta[..n].iter().zip(&self.rx) {
                 let buf = buf.as_ref();
                 let stride = m.stride.max(1);
@@ -881,7 +925,7 @@ impl RxPath {
             }
         }
         self.tun.flush(sh);
-        delivered
+        (delivered, at)
     }
 }
 
@@ -889,41 +933,54 @@ impl RxPath {
 const QUIET: Duration = Duration::from_millis(1);
 
 /// Whether the rx path has received nothing lately (false while its thread is working).
-fn rx_quiet(sh: &Shared) -> bool {
-    sh.rx_active.quiet_for(QUIET)
+fn rx_quiet(sh: &Shared, now: Now) -> bool {
+    sh.rx_active.quiet_at(now, QUIET)
+}
+
+/// What [`rx_and_answer`] did.
+struct Answered {
+    /// Packets delivered to the TUN.
+    delivered: usize,
+    /// Whether a tx pass then sent something.
+    answered: bool,
+    /// When the last batch was received (if any was).
+    at: Option<Now>,
 }
 
 /// One rx pass; then, if it delivered packets while the tx path is quiet, the tx pass for
-/// the answers the TUN write produced. Returns (delivered, whether a tx pass sent).
-fn rx_and_answer(sh: &Shared, rx: &mut RxPath) -> (usize, bool) {
-    let delivered = rx.run(sh);
-    if delivered == 0 {
-        return (0, false);
-    }
+/// the answers the TUN write produced.
+fn rx_and_answer(sh: &Shared, rx: &mut RxPath) -> Answered {
+    let (delivered, at) = rx.run(sh);
+    let mut done = Answered {
+        delivered,
+        answered: false,
+        at,
+    };
+    let Some(now) = at.filter(|_| delivered > 0) else {
+        return done;
+    };
     // Run to completion: the TUN write ran the host's stack, which may have queued its
     // answer (echo reply, ACK, response) on the TUN already. While the tx thread is quiet
     // (asleep: waking it costs tens of µs) seal and send that answer from here. While it
     // is busy (bulk traffic) leave the TUN to it: both threads keep working in parallel.
     let Some(mut tx) = try_lock(&sh.tx) else {
-        return (delivered, false);
+        return done;
     };
-    if sh.tx_park.is_awake() && !sh.tx_active.quiet_for(QUIET) {
-        return (delivered, false);
+    if sh.tx_park.is_awake() && !sh.tx_active.quiet_at(now, QUIET) {
+        return done;
     }
     match tx.run(sh) {
-        TxPass::Sent(n) => {
+        TxPass::Sent(n, _) => {
             drop(tx);
             // Traffic both ways (a bulk transfer's other direction): hand the TUN to the tx
             // thread so the two directions run on two cores.
             wake_tx_for_bulk(sh, n);
-            (delivered, true)
+            done.answered = true;
         }
-        TxPass::Empty => (delivered, false),
-        TxPass::Failed(e) => {
-            tracing::debug!(error = %e, "TUN read failed");
-            (delivered, false)
-        }
+        TxPass::Empty => {}
+        TxPass::Failed(e) => tracing::debug!(error = %e, "TUN read failed"),
     }
+    done
 }
 
 /// Wakes the parked tx thread if a TUN pass run by the rx thread read a batch.
@@ -971,12 +1028,14 @@ fn rx_worker(sh: &Shared) {
                 std::thread::yield_now();
                 continue;
             };
-            let (delivered, answered) = rx_and_answer(sh, &mut rx);
+            let pass = rx_and_answer(sh, &mut rx);
             drop(rx);
             // A request came in and no answer was ready yet (a server at work): wait for
             // the answer on the TUN here rather than waking the tx thread for it.
-            if delivered > 0 && !answered && tx_quiet(sh) {
-                poller.wait_for_tx(sh);
+            if let Some(now) = pass.at.filter(|_| pass.delivered > 0 && !pass.answered) {
+                if tx_quiet(sh, now) {
+                    poller.wait_for_tx(sh);
+                }
             }
         }
         if ready(2) {
@@ -984,13 +1043,13 @@ fn rx_worker(sh: &Shared) {
                 continue;
             };
             match tx.run(sh) {
-                TxPass::Sent(n) if n >= BULK_PACKETS => {
+                TxPass::Sent(n, _) if n >= BULK_PACKETS => {
                     drop(tx);
                     wake_tx_for_bulk(sh, n);
                 }
-                TxPass::Sent(_) => {
+                TxPass::Sent(_, now) => {
                     drop(tx);
-                    if rx_quiet(sh) {
+                    if rx_quiet(sh, now) {
                         poller.wait_for_rx(sh);
                     }
                 }
@@ -1006,8 +1065,8 @@ fn rx_worker(sh: &Shared) {
 }
 
 /// Whether the tx path has read nothing lately (false while its thread is working).
-fn tx_quiet(sh: &Shared) -> bool {
-    sh.tx_active.quiet_for(QUIET)
+fn tx_quiet(sh: &Shared, now: Now) -> bool {
+    sh.tx_active.quiet_at(now, QUIET)
 }
 
 /// Bounded busy polling for the answer to a lone exchange.
@@ -1106,6 +1165,7 @@ fn timer_worker(sh: &Shared) {
     });
     while !sh.stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
+        sh.clock.resync();
         device.update_timers(&mut scratch, |to, d| {
             if udp.send(to, d, None).is_err() {
                 stats.udp_send_errors.fetch_add(1, Ordering::Relaxed);
@@ -1125,13 +1185,36 @@ mod tests {
 
     #[test]
     fn last_active_is_quiet_only_after_the_interval() {
-        let a = LastActive::new(Instant::now());
-        a.touch();
-        assert!(!a.quiet_for(Duration::from_millis(50)));
-        std::thread::sleep(Duration::from_millis(60));
-        assert!(a.quiet_for(Duration::from_millis(50)));
-        a.touch();
-        assert!(!a.quiet_for(Duration::from_millis(50)));
+        let clock = Clock::new();
+        let at = |ms: u64| clock.at(Duration::from_millis(ms));
+        let a = LastActive::default();
+        a.touch(at(1_000));
+        assert!(!a.quiet_at(at(1_000), Duration::from_millis(50)));
+        assert!(!a.quiet_at(at(1_049), Duration::from_millis(50)));
+        assert!(a.quiet_at(at(1_050), Duration::from_millis(50)));
+        a.touch(at(1_060));
+        assert!(!a.quiet_at(at(1_060), Duration::from_millis(50)));
+        // A reading from before the last touch (another thread's, slightly stale) is not quiet.
+        assert!(!a.quiet_at(at(900), Duration::from_millis(50)));
+    }
+
+    #[test]
+    fn clock_derives_wall_time_from_one_monotonic_read() {
+        let clock = Clock::new();
+        let wall = unix_millis();
+        let now = clock.now();
+        // Derived and read wall clocks agree (allowing for the time between the two reads).
+        assert!(
+            now.unix_ms.abs_diff(wall) < 1_000,
+            "{} vs {wall}",
+            now.unix_ms
+        );
+        let later = clock.at(Duration::from_micros(now.micros) + Duration::from_secs(90));
+        assert_eq!(later.unix_ms - now.unix_ms, 90_000);
+        assert_eq!(later.micros - now.micros, 90_000_000);
+        // A resync follows the wall clock again (here: no step, so nothing moves much).
+        clock.resync();
+        assert!(clock.now().unix_ms.abs_diff(unix_millis()) < 1_000);
     }
 
     #[test]
