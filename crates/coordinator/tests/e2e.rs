@@ -826,13 +826,13 @@ async fn duplicate_connection_is_refused_logged_and_listed() {
     let a = join(&c, &t, "a").await;
     wait_state(&a, |s| matches!(s, SessionState::Connected { .. })).await;
     let ak = a.key.public_key();
-    assert!(
-        !events(&c, admin, "")
-            .await
-            .iter()
-            .any(|e| names_key(e, &ak)),
-        "no duplicate yet"
-    );
+    // Usually none yet; on a loaded machine the agent's first attempt may have been refused
+    // while its enrolment connection was still registered (it retries), so count them.
+    let before = events(&c, admin, "")
+        .await
+        .iter()
+        .filter(|e| names_key(e, &ak))
+        .count();
 
     // A second session with A's key: the coordinator refuses it with AlreadyConnected. The
     // code is retryable (the old connection may be a dead one not yet timed out), so the
@@ -907,7 +907,10 @@ async fn duplicate_connection_is_refused_logged_and_listed() {
     // The admin API lists the refusals, naming the key, oldest first.
     let all = events(&c, admin, "").await;
     let dups: Vec<&EventView> = all.iter().filter(|e| names_key(e, &ak)).collect();
-    assert!(dups.len() >= 2, "session and raw refusals: {all:?}");
+    assert!(
+        dups.len() >= before + 2,
+        "session and raw refusals after {before}: {all:?}"
+    );
     assert_eq!(all[0].kind, "policy_applied", "{all:?}");
     assert!(all.windows(2).all(|w| w[0].at <= w[1].at), "{all:?}");
     let last = events(&c, admin, "?limit=1").await;

@@ -130,12 +130,15 @@ pub enum Encap<'a> {
     Drop(DropReason),
 }
 
+/// A worker's cached view of the peer table (see [`Device::table_cache`]).
+pub type TableCache = arc_swap::Cache<Arc<ArcSwap<PeerTable>>, Arc<PeerTable>>;
+
 /// Our side of the mesh: identity, peers and counters.
 pub struct Device {
     private: PrivateKey,
     public: x25519_dalek::PublicKey,
     limiter: Arc<RateLimiter>,
-    table: ArcSwap<PeerTable>,
+    table: Arc<ArcSwap<PeerTable>>,
     alloc: Mutex<IndexAllocator>,
     /// Drop counters.
     pub counters: DeviceCounters,
@@ -157,7 +160,7 @@ impl Device {
             limiter: Arc::new(RateLimiter::new(&public, limit)),
             private,
             public,
-            table: ArcSwap::from_pointee(PeerTable::default()),
+            table: Arc::new(ArcSwap::from_pointee(PeerTable::default())),
             alloc: Mutex::new(IndexAllocator::new(index_seed)),
             counters: DeviceCounters::default(),
         }
@@ -181,6 +184,12 @@ impl Device {
     /// The current peer table. Load once per batch.
     pub fn table(&self) -> Guard<Arc<PeerTable>> {
         self.table.load()
+    }
+
+    /// A view of the peer table for one worker thread: [`TableCache::load`] returns the
+    /// current table after a single atomic read (no reference counting) while it is unchanged.
+    pub fn table_cache(&self) -> TableCache {
+        arc_swap::Cache::new(Arc::clone(&self.table))
     }
 
     /// Call once a second: resets the handshake rate counter.

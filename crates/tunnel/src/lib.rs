@@ -16,7 +16,7 @@ pub mod peer;
 pub mod table;
 
 pub use boringtun::noise::{Tunn, TunnResult};
-pub use device::{Decap, Device, DeviceCounters, DropReason, Encap};
+pub use device::{Decap, Device, DeviceCounters, DropReason, Encap, TableCache};
 pub use keys::{KeyError, PrivateKey, PublicKey};
 pub use peer::{Peer, PeerCounters, PeerSpec};
 pub use table::{PeerDiff, PeerTable, TableError};

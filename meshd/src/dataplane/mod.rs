@@ -47,7 +47,7 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 use meshd_firewall::{BlockLog, BlockLogConfig, Firewall, Verdict};
 use meshd_policy::Direction;
-use meshd_tunnel::{Decap, Device, Encap};
+use meshd_tunnel::{Decap, Device, Encap, TableCache};
 use quinn_udp::RecvMeta;
 use tun_rs::{GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
@@ -269,8 +269,12 @@ impl Dataplane {
         let offload = tun.offload;
         let if_index = tun.index;
         let stats = Arc::new(IoStats::default());
-        let tx = TxPath::new(usize::from(cfg.mtu), udp.max_segments())?;
-        let rx = RxPath::new()?;
+        let tx = TxPath::new(
+            device.table_cache(),
+            usize::from(cfg.mtu),
+            udp.max_segments(),
+        )?;
+        let rx = RxPath::new(device.table_cache())?;
         let shared = Arc::new(Shared {
             device,
             policy,
@@ -482,6 +486,7 @@ enum TxPass {
 /// The TUN → UDP path: read buffers (one TSO super-packet splits into up to 128 packets)
 /// and the send batch, all in one lazily touched mapping.
 struct TxPath {
+    table: TableCache,
     pages: Pages,
     original: Chunk,
     bufs: Vec<Chunk>,
@@ -491,7 +496,7 @@ struct TxPath {
 }
 
 impl TxPath {
-    fn new(mtu: usize, max_segments: usize) -> io::Result<TxPath> {
+    fn new(table: TableCache, mtu: usize, max_segments: usize) -> io::Result<TxPath> {
         let slot = mtu.max(1500) + 64;
         let original = page_round(VIRTIO_NET_HDR_LEN + 65535);
         let batch = IDEAL_BATCH_SIZE * sealed_room(slot);
@@ -508,6 +513,7 @@ impl TxPath {
         }
         let original = chunks.remove(0);
         Ok(TxPath {
+            table,
             pages,
             original,
             bufs: chunks,
@@ -564,7 +570,7 @@ impl TxPath {
         if n == 0 {
             return;
         }
-        let table = sh.device.table();
+        let table = self.table.load();
         let now = now.unix_ms;
         let (bufs, sizes) = (&self.bufs, &self.sizes);
         let packet = |i: usize| {
@@ -573,7 +579,7 @@ impl TxPath {
         };
         let mut i = 0;
         while i < n {
-            let Ok(peer) = sh.device.route(&table, packet(i)) else {
+            let Ok(peer) = sh.device.route(table, packet(i)) else {
                 i += 1;
                 continue;
             };
@@ -807,6 +813,7 @@ impl TunBatch {
 /// The UDP → TUN path: `recvmmsg` buffers and the TUN write batch, in one lazily touched
 /// mapping (only the rx thread uses it).
 struct RxPath {
+    table: TableCache,
     pages: Pages,
     rx: [Chunk; RX_BUFFERS],
     meta: Vec<RecvMeta>,
@@ -817,7 +824,7 @@ struct RxPath {
 }
 
 impl RxPath {
-    fn new() -> io::Result<RxPath> {
+    fn new(table: TableCache) -> io::Result<RxPath> {
         let mut pages = Pages::new(
             RX_BUFFERS * RX_BUFFER_SIZE + IDEAL_BATCH_SIZE * TUN_SLOT_SIZE + RX_BUFFER_SIZE,
         )?;
@@ -838,6 +845,7 @@ impl RxPath {
             .try_into()
             .map_err(|_| io::Error::other("carving the RX buffers"))?;
         Ok(RxPath {
+            table,
             pages,
             rx,
             meta: vec![RecvMeta::default(); RX_BUFFERS],
@@ -873,7 +881,7 @@ impl RxPath {
             let now = sh.clock.now();
             at = Some(now);
             sh.rx_active.touch(now);
-            let table = sh.device.table();
+            let table = self.table.load();
             let now = now.unix_ms;
             for (m, buf) in self.meta[..n].iter().zip(&self.rx) {
                 let buf = buf.as_ref();
@@ -887,7 +895,7 @@ impl RxPath {
                     let Some(space) = slot.space().get_mut(TUN_OFFSET..TUN_OFFSET + d.len()) else {
                         continue;
                     };
-                    match sh.device.decapsulate(&table, m.addr, d, space) {
+                    match sh.device.decapsulate(table, m.addr, d, space) {
                         Decap::Deliver { peer, packet } => {
                             let len = packet.len();
                             let grants = peer.grants();
