@@ -199,6 +199,8 @@ struct Live {
     conn_id: ConnId,
     tx: mpsc::Sender<Outbound>,
     conn: quinn::Connection,
+    /// Opened to enrol: the agent closes it once enrolled and resumes on a new one.
+    enrolment: bool,
 }
 
 struct Actor {
@@ -335,15 +337,19 @@ impl Actor {
             } => {
                 self.next_conn += 1;
                 let cid = ConnId(self.next_conn);
-                // A previous connection that QUIC already knows is closed (e.g. the enrolment
-                // connection, or a restart whose close frame arrived) does not count as live.
+                let enrolment = matches!(hello, Hello::Enrol { .. });
+                // A previous connection that QUIC already knows is closed (a restart whose
+                // close frame arrived) does not count as live, nor does the enrolment
+                // connection: the agent closes it and resumes at once, and its close frame
+                // may still be in flight (on a loaded host) when the resume arrives.
                 if let Some(id) = self.state.host_by_key(&key).map(|h| h.id) {
                     if let Some(old) = self
                         .live
                         .get(&id)
-                        .filter(|l| l.conn.close_reason().is_some())
+                        .filter(|l| l.enrolment || l.conn.close_reason().is_some())
                     {
                         let old_id = old.conn_id;
+                        old.conn.close(quinn::VarInt::from_u32(0), b"superseded");
                         self.state.disconnect(now, id, old_id);
                         self.live.remove(&id);
                     }
@@ -358,6 +364,7 @@ impl Actor {
                                 conn_id: cid,
                                 tx,
                                 conn,
+                                enrolment,
                             },
                         );
                     }
