@@ -61,6 +61,32 @@ async fn join(c: &CoordinatorHandle, t: &JoinToken, name: &str) -> Agent {
     Agent { key, session }
 }
 
+/// A raw control connection from `ep_` with `key`, past the Noise handshake (for speaking
+/// the protocol by hand).
+async fn raw_channel(
+    ep_: &quinn::Endpoint,
+    c: &CoordinatorHandle,
+    key: &PrivateKey,
+) -> (
+    quinn::Connection,
+    meshd_coordinator::noise::NoiseReader,
+    meshd_coordinator::noise::NoiseWriter,
+) {
+    let conn = ep_.connect(c.control_addr(), "x").unwrap().await.unwrap();
+    let (s, r) = conn.open_bi().await.unwrap();
+    let (reader, writer) = meshd_coordinator::noise::initiate(
+        s,
+        r,
+        key,
+        &c.public_key(),
+        MAX_AGENT_FRAME,
+        MAX_COORDINATOR_FRAME,
+    )
+    .await
+    .unwrap();
+    (conn, reader, writer)
+}
+
 /// Waits until `f(map)` holds, returning the time it took.
 async fn wait_map(a: &Agent, f: impl Fn(&NetworkMap) -> bool) -> Duration {
     let t0 = Instant::now();
@@ -283,18 +309,7 @@ async fn malformed_and_oversized_frames_only_hurt_their_sender() {
     ] {
         // Enrolled agent key speaking garbage after a valid handshake and hello.
         let rogue = PrivateKey::generate();
-        let conn = ep_.connect(c.control_addr(), "x").unwrap().await.unwrap();
-        let (s, r) = conn.open_bi().await.unwrap();
-        let (mut reader, mut writer) = meshd_coordinator::noise::initiate(
-            s,
-            r,
-            &rogue,
-            &c.public_key(),
-            MAX_AGENT_FRAME,
-            MAX_COORDINATOR_FRAME,
-        )
-        .await
-        .unwrap();
+        let (_conn, mut reader, mut writer) = raw_channel(&ep_, &c, &rogue).await;
         writer
             .send(&AgentMessage::Enrol {
                 protocol: PROTOCOL_VERSION,
@@ -850,18 +865,7 @@ async fn duplicate_connection_is_refused_logged_and_listed() {
     // The same on the wire: the exact code.
     {
         let ep_ = client::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
-        let conn = ep_.connect(c.control_addr(), "x").unwrap().await.unwrap();
-        let (s, r) = conn.open_bi().await.unwrap();
-        let (mut reader, mut writer) = meshd_coordinator::noise::initiate(
-            s,
-            r,
-            &a.key,
-            &c.public_key(),
-            MAX_AGENT_FRAME,
-            MAX_COORDINATOR_FRAME,
-        )
-        .await
-        .unwrap();
+        let (_conn, mut reader, mut writer) = raw_channel(&ep_, &c, &a.key).await;
         writer
             .send(&AgentMessage::Resume {
                 protocol: PROTOCOL_VERSION,
@@ -940,18 +944,7 @@ async fn resume_supersedes_an_open_enrolment_connection() {
     let t = token(&c, TokenCreateRequest::default()).await;
     let key = PrivateKey::generate();
     let ep_ = client::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
-    let conn = ep_.connect(c.control_addr(), "x").unwrap().await.unwrap();
-    let (s, r) = conn.open_bi().await.unwrap();
-    let (mut reader, mut writer) = meshd_coordinator::noise::initiate(
-        s,
-        r,
-        &key,
-        &c.public_key(),
-        MAX_AGENT_FRAME,
-        MAX_COORDINATOR_FRAME,
-    )
-    .await
-    .unwrap();
+    let (conn, mut reader, mut writer) = raw_channel(&ep_, &c, &key).await;
     writer
         .send(&AgentMessage::Enrol {
             protocol: PROTOCOL_VERSION,
