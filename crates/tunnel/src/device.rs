@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 use crate::keys::{PrivateKey, PublicKey};
 use crate::packet;
 use crate::peer::{Peer, PeerSpec};
-use crate::table::{IndexAllocator, PeerDiff, PeerTable, TableError};
+use crate::table::{IndexAllocator, PeerDiff, PeerTable, RouteMemo, TableError};
 
 /// Why a packet was dropped. Each reason has its own counter in [`DeviceCounters`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -260,6 +260,19 @@ impl Device {
         datagram: &[u8],
         out: &'a mut [u8],
     ) -> Decap<'t, 'a> {
+        self.decapsulate_memo(table, &mut RouteMemo::default(), from, datagram, out)
+    }
+
+    /// [`decapsulate`](Self::decapsulate), checking the inner source through a worker's
+    /// [`RouteMemo`].
+    pub fn decapsulate_memo<'t, 'a>(
+        &self,
+        table: &'t PeerTable,
+        memo: &mut RouteMemo,
+        from: SocketAddr,
+        datagram: &[u8],
+        out: &'a mut [u8],
+    ) -> Decap<'t, 'a> {
         let drop = |reason| {
             self.counters.count(reason);
             Decap::Drop(reason)
@@ -312,8 +325,12 @@ impl Device {
                     datagram: d,
                 }
             }
-            TunnResult::WriteToTunnelV4(p, src) => self.admit(table, peer, from, p, src.into()),
-            TunnResult::WriteToTunnelV6(p, src) => self.admit(table, peer, from, p, src.into()),
+            TunnResult::WriteToTunnelV4(p, src) => {
+                self.admit(table, memo, peer, from, p, src.into())
+            }
+            TunnResult::WriteToTunnelV6(p, src) => {
+                self.admit(table, memo, peer, from, p, src.into())
+            }
             TunnResult::Err(WireGuardError::InvalidMac | WireGuardError::UnderLoad) => {
                 drop(DropReason::Refused)
             }
@@ -325,13 +342,14 @@ impl Device {
     fn admit<'t, 'a>(
         &self,
         table: &'t PeerTable,
+        memo: &mut RouteMemo,
         peer: &'t Arc<Peer>,
         from: SocketAddr,
         packet: &'a mut [u8],
         src: std::net::IpAddr,
     ) -> Decap<'t, 'a> {
         peer.set_endpoint(from);
-        match table.route(src) {
+        match table.route_memo(memo, src) {
             Some(owner) if Arc::ptr_eq(owner, peer) => {
                 peer.counters
                     .rx_bytes
@@ -365,9 +383,19 @@ impl Device {
         table: &'t PeerTable,
         packet: &[u8],
     ) -> Result<&'t Arc<Peer>, DropReason> {
+        self.route_memo(table, &mut RouteMemo::default(), packet)
+    }
+
+    /// [`route`](Self::route) through a worker's [`RouteMemo`].
+    pub fn route_memo<'t>(
+        &self,
+        table: &'t PeerTable,
+        memo: &mut RouteMemo,
+        packet: &[u8],
+    ) -> Result<&'t Arc<Peer>, DropReason> {
         let reason = match packet::dst_addr(packet) {
             None => DropReason::Malformed,
-            Some(dst) => match table.route(dst) {
+            Some(dst) => match table.route_memo(memo, dst) {
                 Some(p) => return Ok(p),
                 None => DropReason::NoRoute,
             },

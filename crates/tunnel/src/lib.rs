@@ -19,4 +19,4 @@ pub use boringtun::noise::{Tunn, TunnResult};
 pub use device::{Decap, Device, DeviceCounters, DropReason, Encap, TableCache};
 pub use keys::{KeyError, PrivateKey, PublicKey};
 pub use peer::{Peer, PeerCounters, PeerSpec};
-pub use table::{PeerDiff, PeerTable, TableError};
+pub use table::{PeerDiff, PeerTable, RouteMemo, TableError};

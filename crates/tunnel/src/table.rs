@@ -180,6 +180,28 @@ impl PeerTable {
     pub fn route(&self, ip: IpAddr) -> Option<&Arc<Peer>> {
         self.routes.lookup(ip).map(|&i| &self.peers[i])
     }
+
+    /// [`route`](Self::route) through a worker's one-entry memo: packets to the address the
+    /// worker routed last (a flow's run, a ping) skip the prefix-tree walk, whose nodes are
+    /// cache misses once the path has been idle for a few milliseconds.
+    pub fn route_memo(&self, memo: &mut RouteMemo, ip: IpAddr) -> Option<&Arc<Peer>> {
+        if let Some((version, addr, i)) = memo.last {
+            if version == self.version && addr == ip {
+                return self.peers.get(i);
+            }
+        }
+        let i = *self.routes.lookup(ip)?;
+        memo.last = Some((self.version, ip, i));
+        self.peers.get(i)
+    }
+}
+
+/// One worker's memo for [`PeerTable::route_memo`]: the last address it routed, to which
+/// peer, in which table version (every rebuild bumps the version, so a memo never outlives
+/// the table it was taken from).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RouteMemo {
+    last: Option<(u64, IpAddr, usize)>,
 }
 
 #[cfg(test)]
@@ -196,6 +218,47 @@ mod tests {
             preshared_key: None,
             grants: Default::default(),
         }
+    }
+
+    #[test]
+    fn route_memo_answers_as_the_tree_and_forgets_on_rebuild() {
+        let own = PrivateKey::generate();
+        let limiter = Arc::new(RateLimiter::new(
+            &x25519_dalek::PublicKey::from(own.secret()),
+            100,
+        ));
+        let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+        let mut alloc = IndexAllocator::new(7);
+        let specs = vec![
+            spec("a", &ka, "100.64.0.0/24"),
+            spec("b", &kb, "100.64.0.7/32"),
+        ];
+        let (t1, _) =
+            PeerTable::build(&own, &limiter, &specs, &PeerTable::default(), &mut alloc).unwrap();
+        let mut memo = RouteMemo::default();
+        for ip in [
+            "100.64.0.7",
+            "100.64.0.7",
+            "100.64.0.8",
+            "100.64.0.7",
+            "100.65.0.1",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let via_memo = t1.route_memo(&mut memo, ip).map(|p| p.public_key);
+            let via_tree = t1.route(ip).map(|p| p.public_key);
+            assert_eq!(via_memo, via_tree, "{ip}");
+        }
+        // The next table routes 100.64.0.7 to `a`: a memo from the old table is not used.
+        let ip: IpAddr = "100.64.0.7".parse().unwrap();
+        assert_eq!(
+            t1.route_memo(&mut memo, ip).map(|p| p.public_key),
+            Some(kb.public_key())
+        );
+        let (t2, _) = PeerTable::build(&own, &limiter, &specs[..1], &t1, &mut alloc).unwrap();
+        assert_eq!(
+            t2.route_memo(&mut memo, ip).map(|p| p.public_key),
+            Some(ka.public_key())
+        );
     }
 
     #[test]

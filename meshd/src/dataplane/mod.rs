@@ -33,9 +33,11 @@
 //! public key — outbound before sealing, inbound after opening and after cryptokey routing.
 
 mod buffers;
+mod clock;
 mod tun;
 pub mod udp;
 
+use std::collections::HashSet;
 use std::io::{self, IoSliceMut, Read as _, Write as _};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -47,11 +49,12 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 use meshd_firewall::{BlockLog, BlockLogConfig, Firewall, Verdict};
 use meshd_policy::Direction;
-use meshd_tunnel::{Decap, Device, Encap, TableCache};
+use meshd_tunnel::{Decap, Device, Encap, RouteMemo, TableCache};
 use quinn_udp::RecvMeta;
 use tun_rs::{GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use buffers::{page_round, Chunk, Pages, Slot};
+use clock::{Clock, Now};
 use udp::Udp;
 
 /// What the packet path needs to start.
@@ -186,56 +189,6 @@ struct Shared {
     tx_park: TxPark,
     /// Wakes the rx thread when the tx thread parks.
     rx_wake: Signal,
-}
-
-/// The workers' clock: one monotonic read per pass gives both the activity stamps and the
-/// firewall's wall-clock milliseconds. The wall clock is derived from the monotonic one with
-/// an offset that the timer thread re-reads every 100 ms, so a stepped wall clock is
-/// followed within that (the firewall counts seconds).
-struct Clock {
-    base: Instant,
-    /// Unix milliseconds at `base` (as of the last `resync`).
-    unix_at_base_ms: AtomicU64,
-}
-
-/// One reading of the [`Clock`].
-#[derive(Clone, Copy, Debug)]
-struct Now {
-    /// Microseconds since the dataplane started.
-    micros: u64,
-    /// Unix milliseconds.
-    unix_ms: u64,
-}
-
-impl Clock {
-    fn new() -> Self {
-        let clock = Clock {
-            base: Instant::now(),
-            unix_at_base_ms: AtomicU64::new(0),
-        };
-        clock.resync();
-        clock
-    }
-
-    fn now(&self) -> Now {
-        self.at(self.base.elapsed())
-    }
-
-    fn at(&self, since_base: Duration) -> Now {
-        let micros = u64::try_from(since_base.as_micros()).unwrap_or(u64::MAX);
-        let base = self.unix_at_base_ms.load(Ordering::Relaxed);
-        Now {
-            micros,
-            unix_ms: base.saturating_add(micros / 1000),
-        }
-    }
-
-    /// Re-reads the wall clock.
-    fn resync(&self) {
-        let elapsed = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let base = unix_millis().saturating_sub(elapsed);
-        self.unix_at_base_ms.store(base, Ordering::Relaxed);
-    }
 }
 
 /// When a path last carried packets, as [`Now::micros`].
@@ -445,7 +398,7 @@ impl SendBatch {
         let Some(to) = self.run_to.take() else { return };
         let contents = &self.buf.as_ref()[self.run_start..self.pos];
         let segment = (self.run_count > 1).then_some(self.run_seg);
-        match udp.send(to, contents, segment) {
+        match udp.send_to_peer(to, contents, segment) {
             Ok(()) => {
                 stats.gso_sends.fetch_add(1, Ordering::Relaxed);
                 stats
@@ -492,6 +445,7 @@ struct TxPath {
     bufs: Vec<Chunk>,
     sizes: Vec<usize>,
     batch: SendBatch,
+    route: RouteMemo,
     idle: Idle,
 }
 
@@ -519,6 +473,7 @@ impl TxPath {
             bufs: chunks,
             sizes: vec![0; IDEAL_BATCH_SIZE],
             batch: SendBatch::new(batch, max_segments),
+            route: RouteMemo::default(),
             idle: Idle::default(),
         })
     }
@@ -579,7 +534,7 @@ impl TxPath {
         };
         let mut i = 0;
         while i < n {
-            let Ok(peer) = sh.device.route(table, packet(i)) else {
+            let Ok(peer) = sh.device.route_memo(table, &mut self.route, packet(i)) else {
                 i += 1;
                 continue;
             };
@@ -820,6 +775,7 @@ struct RxPath {
     tun: TunBatch,
     scratch: Chunk,
     replies: Vec<(SocketAddr, Vec<u8>)>,
+    route: RouteMemo,
     idle: Idle,
 }
 
@@ -856,20 +812,22 @@ impl RxPath {
             },
             scratch,
             replies: Vec::new(),
+            route: RouteMemo::default(),
             idle: Idle::default(),
         })
     }
 
-    /// One pass: drains what the socket holds (bounded), opens it and writes one TUN batch.
-    /// Returns how many packets went to the TUN, and when the last batch was received.
-    fn run(&mut self, sh: &Shared) -> (usize, Option<Now>) {
+    /// One pass: drains what the sockets `ready` reports hold (bounded), opens it and writes
+    /// one TUN batch. Returns how many packets went to the TUN, and when the last batch was
+    /// received.
+    fn run(&mut self, sh: &Shared, ready: &mut udp::Ready) -> (usize, Option<Now>) {
         self.idle.touch();
         let mut delivered = 0;
         let mut at = None;
         for _ in 0..8 {
             let n = {
                 let mut iov = self.rx.each_mut().map(|c| IoSliceMut::new(c.as_mut()));
-                match sh.udp.recv(&mut iov, &mut self.meta) {
+                match sh.udp.recv(ready, &mut iov, &mut self.meta) {
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => {
@@ -895,7 +853,10 @@ impl RxPath {
                     let Some(space) = slot.space().get_mut(TUN_OFFSET..TUN_OFFSET + d.len()) else {
                         continue;
                     };
-                    match sh.device.decapsulate(table, m.addr, d, space) {
+                    match sh
+                        .device
+                        .decapsulate_memo(table, &mut self.route, m.addr, d, space)
+                    {
                         Decap::Deliver { peer, packet } => {
                             let len = packet.len();
                             let grants = peer.grants();
@@ -928,9 +889,6 @@ impl RxPath {
                     sh.stats.udp_send_errors.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            if n < RX_BUFFERS {
-                break;
-            }
         }
         self.tun.flush(sh);
         (delivered, at)
@@ -957,8 +915,8 @@ struct Answered {
 
 /// One rx pass; then, if it delivered packets while the tx path is quiet, the tx pass for
 /// the answers the TUN write produced.
-fn rx_and_answer(sh: &Shared, rx: &mut RxPath) -> Answered {
-    let (delivered, at) = rx.run(sh);
+fn rx_and_answer(sh: &Shared, rx: &mut RxPath, ready: &mut udp::Ready) -> Answered {
+    let (delivered, at) = rx.run(sh, ready);
     let mut done = Answered {
         delivered,
         answered: false,
@@ -998,26 +956,27 @@ fn wake_tx_for_bulk(sh: &Shared, packets: usize) {
     }
 }
 
+/// The rx thread's tokens for its other descriptors in the sockets' epoll set.
+const WAKE_TOKEN: u64 = udp::FIRST_OTHER_TOKEN;
+const TUN_TOKEN: u64 = udp::FIRST_OTHER_TOKEN + 1;
+
 fn rx_worker(sh: &Shared) {
     let mut poller = BusyPoll::new(sh.busy_poll);
-    let pollfd = |fd: libc::c_int| libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
+    let mut ready = udp::Ready::default();
+    if let Err(e) = sh.udp.watch(sh.rx_wake.rx.as_raw_fd(), WAKE_TOKEN, true) {
+        tracing::error!(error = %e, "cannot watch the rx wake-up socket");
+    }
+    let mut tun_watched = false;
     while !sh.stop.load(Ordering::Relaxed) {
-        // While the tx thread is parked, watch the TUN too (a negative fd is skipped).
-        let tun = if sh.tx_park.is_awake() {
-            -1
-        } else {
-            sh.tun.as_raw_fd()
-        };
-        let mut fds = [
-            pollfd(sh.udp.as_raw_fd()),
-            pollfd(sh.rx_wake.rx.as_raw_fd()),
-            pollfd(tun),
-        ];
-        if udp::poll_fds(&mut fds, 1000) == 0 {
+        // While the tx thread is parked, watch the TUN too.
+        let want_tun = !sh.tx_park.is_awake();
+        if want_tun != tun_watched {
+            match sh.udp.watch(sh.tun.as_raw_fd(), TUN_TOKEN, want_tun) {
+                Ok(()) => tun_watched = want_tun,
+                Err(e) => tracing::warn!(error = %e, "cannot watch the TUN"),
+            }
+        }
+        if sh.udp.wait(&mut ready, 1000) == 0 {
             if let Some(mut rx) = try_lock(&sh.rx) {
                 if rx.idle.tick() {
                     rx.pages.discard();
@@ -1026,17 +985,17 @@ fn rx_worker(sh: &Shared) {
             }
             continue;
         }
-        let ready = |i: usize| fds[i].revents & (libc::POLLIN | libc::POLLERR) != 0;
-        if ready(1) {
+        if ready.has(WAKE_TOKEN) {
             sh.rx_wake.drain();
         }
-        if ready(0) {
-            // A busy-polling tx thread may be draining the socket itself: let it.
+        let tun_ready = tun_watched && ready.has(TUN_TOKEN);
+        if ready.has_socket() {
+            // A busy-polling tx thread may be draining the sockets itself: let it.
             let Some(mut rx) = try_lock(&sh.rx) else {
                 std::thread::yield_now();
                 continue;
             };
-            let pass = rx_and_answer(sh, &mut rx);
+            let pass = rx_and_answer(sh, &mut rx, &mut ready);
             drop(rx);
             // A request came in and no answer was ready yet (a server at work): wait for
             // the answer on the TUN here rather than waking the tx thread for it.
@@ -1046,7 +1005,7 @@ fn rx_worker(sh: &Shared) {
                 }
             }
         }
-        if ready(2) {
+        if tun_ready {
             let Some(mut tx) = try_lock(&sh.tx) else {
                 continue;
             };
@@ -1145,7 +1104,7 @@ impl BusyPoll {
             return;
         }
         if let Some(mut rx) = try_lock(&sh.rx) {
-            rx_and_answer(sh, &mut rx);
+            rx_and_answer(sh, &mut rx, &mut udp::Ready::default());
         }
     }
 
@@ -1162,26 +1121,37 @@ impl BusyPoll {
     }
 }
 
+/// How often connected sockets of peers that left or roamed are closed.
+const SOCKET_SWEEP: Duration = Duration::from_secs(5);
+
 fn timer_worker(sh: &Shared) {
     let (device, udp, stats) = (&sh.device, &sh.udp, &sh.stats);
     let mut scratch = vec![0u8; 2048];
     let mut last_second = Instant::now();
-    device.initiate_all(&mut scratch, |to, d| {
-        if udp.send(to, d, None).is_err() {
+    let mut last_sweep = Instant::now();
+    let send = |to, d: &[u8]| {
+        if udp.send_to_peer(to, d, None).is_err() {
             stats.udp_send_errors.fetch_add(1, Ordering::Relaxed);
         }
-    });
+    };
+    device.initiate_all(&mut scratch, send);
     while !sh.stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
         sh.clock.resync();
-        device.update_timers(&mut scratch, |to, d| {
-            if udp.send(to, d, None).is_err() {
-                stats.udp_send_errors.fetch_add(1, Ordering::Relaxed);
-            }
-        });
+        device.update_timers(&mut scratch, send);
         if last_second.elapsed() >= Duration::from_secs(1) {
             device.tick_second();
             last_second = Instant::now();
+        }
+        if last_sweep.elapsed() >= SOCKET_SWEEP {
+            let table = device.table();
+            let endpoints: HashSet<SocketAddr> =
+                table.peers().iter().filter_map(|p| p.endpoint()).collect();
+            let closed = udp.retain_connected(|a| endpoints.contains(a));
+            if closed > 0 {
+                tracing::debug!(closed, "closed connected sockets of departed endpoints");
+            }
+            last_sweep = Instant::now();
         }
     }
 }
@@ -1204,25 +1174,6 @@ mod tests {
         assert!(!a.quiet_at(at(1_060), Duration::from_millis(50)));
         // A reading from before the last touch (another thread's, slightly stale) is not quiet.
         assert!(!a.quiet_at(at(900), Duration::from_millis(50)));
-    }
-
-    #[test]
-    fn clock_derives_wall_time_from_one_monotonic_read() {
-        let clock = Clock::new();
-        let wall = unix_millis();
-        let now = clock.now();
-        // Derived and read wall clocks agree (allowing for the time between the two reads).
-        assert!(
-            now.unix_ms.abs_diff(wall) < 1_000,
-            "{} vs {wall}",
-            now.unix_ms
-        );
-        let later = clock.at(Duration::from_micros(now.micros) + Duration::from_secs(90));
-        assert_eq!(later.unix_ms - now.unix_ms, 90_000);
-        assert_eq!(later.micros - now.micros, 90_000_000);
-        // A resync follows the wall clock again (here: no step, so nothing moves much).
-        clock.resync();
-        assert!(clock.now().unix_ms.abs_diff(unix_millis()) < 1_000);
     }
 
     #[test]
