@@ -709,6 +709,23 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_peers_get_connected_sockets_too() {
+        if std::net::UdpSocket::bind("[::1]:0").is_err() {
+            return; // no IPv6 loopback here
+        }
+        let a = Udp::bind(0, None).unwrap();
+        let b = Udp::bind(0, None).unwrap();
+        let v6 = |u: &Udp| SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, u.local_port()));
+        for i in 0..3u8 {
+            a.send_to_peer(v6(&b), &[i], None).unwrap();
+            assert_eq!(recv_one(&b), Some((vec![i], v6(&a))));
+            b.send_to_peer(v6(&a), &[i, i], None).unwrap();
+            assert_eq!(recv_one(&a), Some((vec![i, i], v6(&b))));
+        }
+        assert_eq!((a.connected(), b.connected()), (1, 1));
+    }
+
+    #[test]
     fn strangers_get_no_socket_and_departed_peers_lose_theirs() {
         let a = Udp::bind(0, None).unwrap();
         let b = Udp::bind(0, None).unwrap();
