@@ -30,6 +30,7 @@
 #   MESHD=/path/to/meshd     use this binary instead of building (implies SKIP_BUILD=1)
 #   SKIP_BUILD=1             do not run cargo build; use target/release/meshd as it is
 #   RTT_ONLY=1 PING_COUNT=500  only the ping figures (quick latency experiments)
+#   RTT_DUMP=DIR             keep each ping run's output there (IMPL-EPOCH.txt) for histograms
 #
 # Usage (root; ~40 s per implementation per round at DURATION=10):
 #   sudo scripts/bench-tunnel.sh
@@ -617,6 +618,9 @@ measure() { # measure IMPL
     if ((RTT_ONLY && ${#DAEMONS[@]})); then ns0=$(cpu_ns "${DAEMONS[@]}"); fi
     if out=$(timeout 60 ip netns exec "$NSA" ping -c "$PING_COUNT" -i "$PING_INTERVAL" -W 1 "$TARGET" 2>&1); then
         # "rtt min/avg/max/mdev = 0.036/0.061/0.266/0.020 ms": fields 7, 8, 9
+        if [[ -n ${RTT_DUMP:-} ]]; then
+            mkdir -p "$RTT_DUMP" && printf '%s\n' "$out" >"$RTT_DUMP/$impl-$(date +%s).txt"
+        fi
         r=$(awk -F'[/ ]+' '/^rtt|^round-trip/ {print $8}' <<<"$out")
         if [[ -n $r ]]; then record "$impl" rtt_ms "$r"; fi
         r=$(awk -F'[/ ]+' '/^rtt|^round-trip/ {print $7}' <<<"$out")

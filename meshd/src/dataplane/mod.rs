@@ -497,12 +497,19 @@ impl TxPath {
         };
         self.idle.touch();
         let now = sh.clock.now();
+        let after_quiet = sh.tx_active.quiet_at(now, QUIET);
         sh.tx_active.touch(now);
         let mut total = n;
         if n == 1 {
             // A lone packet (no TSO: a ping, an ACK, a request): send it before looking for
             // more, so its latency does not include another read.
             self.seal(sh, 1, now);
+            if after_quiet {
+                // After a quiet spell it is most likely alone: end the pass without the read
+                // that would find the TUN empty. The answer's path may be waiting for this
+                // CPU, and a packet that did follow keeps the TUN readable for the next poll.
+                return TxPass::Sent(1, now);
+            }
             n = 0;
         }
         // Without TSO (UDP floods, many small flows) each read yields one packet: keep
