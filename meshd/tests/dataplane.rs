@@ -29,6 +29,20 @@ fn tcp_and_udp_both_ways() {
     }
     assert_eq!(counter(ha, "tx_thread_wakeups"), 0);
     assert_eq!(counter(hb, "tx_thread_wakeups"), 0);
+    // A lone packet after a quiet spell ends its TUN pass early: whatever followed it must
+    // still be picked up (the TUN stays watched), not left until the next packet comes.
+    for (from, to, to_idx) in [(ha, hb, 1), (hb, ha, 0)] {
+        let port = 5003 + to_idx as u16;
+        let missing =
+            udp_bursts_after_quiet(from.netns(), to.netns(), overlay(to_idx).into(), port);
+        assert_eq!(
+            missing,
+            Vec::<String>::new(),
+            "{} -> {}",
+            from.name(),
+            to.name()
+        );
+    }
 
     for (from, to, to_idx) in [(ha, hb, 1), (hb, ha, 0)] {
         let (sent, got, secs) = tcp_transfer(
@@ -52,6 +66,38 @@ fn tcp_and_udp_both_ways() {
     assert!(peer["latest_handshake"].as_u64().is_some());
     assert!(peer["tx_bytes"].as_u64().unwrap() > 16 << 20);
     assert!(peer["rx_bytes"].as_u64().unwrap() > 16 << 20);
+}
+
+/// Sends bursts of 2-5 back-to-back datagrams, each after 30 ms of silence, and returns the
+/// ones that did not arrive within a second of their burst.
+fn udp_bursts_after_quiet(from: &str, to_ns: &str, to_addr: IpAddr, port: u16) -> Vec<String> {
+    let rx = in_netns(to_ns, move || {
+        UdpSocket::bind((IpAddr::from([0u8; 4]), port)).unwrap()
+    });
+    rx.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let tx = in_netns(from, || {
+        UdpSocket::bind((IpAddr::from([0u8; 4]), 0)).unwrap()
+    });
+    let mut missing = Vec::new();
+    let mut buf = [0u8; 256];
+    for burst in 0..8 {
+        std::thread::sleep(Duration::from_millis(30));
+        let mut want: std::collections::BTreeSet<String> = (0..2 + burst % 4)
+            .map(|i| format!("burst-{burst}-{i}"))
+            .collect();
+        for msg in &want {
+            tx.send_to(msg.as_bytes(), (to_addr, port)).unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while !want.is_empty() && Instant::now() < deadline {
+            if let Ok(n) = rx.recv(&mut buf) {
+                want.remove(std::str::from_utf8(&buf[..n]).unwrap_or(""));
+            }
+        }
+        missing.extend(want);
+    }
+    missing
 }
 
 fn counter(host: &meshd_lab::Host, name: &str) -> u64 {
