@@ -22,6 +22,16 @@ async fn coordinator(dir: &std::path::Path, listen: SocketAddr) -> CoordinatorHa
     start(o).await.unwrap()
 }
 
+/// A UDP port on 127.0.0.1 below the ephemeral range (32768 and up), free when asked; the
+/// start depends on the process id so parallel test binaries rarely probe the same ports.
+fn fixed_port() -> u16 {
+    let start = std::process::id() % 12_000;
+    (0..12_000)
+        .map(|i| 20_000 + ((start + i) % 12_000) as u16)
+        .find(|&p| std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok())
+        .expect("a free UDP port in 20000..32000")
+}
+
 /// Every host may reach every host (the tests below that are not about policy).
 async fn allow_all(c: &CoordinatorHandle) {
     let yaml = "rules:\n  - {name: all, from: {}, to: {}, ports: [any]}\n";
@@ -353,7 +363,9 @@ async fn malformed_and_oversized_frames_only_hurt_their_sender() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_keeps_state_and_agents_reconnect() {
     let dir = tempfile::tempdir().unwrap();
-    let c = coordinator(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    // Below the ephemeral range: while the coordinator is down, no socket bound to port 0
+    // (the agents', other tests') can be given its port.
+    let c = coordinator(dir.path(), SocketAddr::from(([127, 0, 0, 1], fixed_port()))).await;
     // Applied once: the policy survives the restart below.
     allow_all(&c).await;
     let addr = c.control_addr();
@@ -383,7 +395,24 @@ async fn restart_keeps_state_and_agents_reconnect() {
     wait_state(&a, |s| matches!(s, SessionState::Connecting { .. })).await;
     assert_eq!(a.session.map().borrow().as_ref().unwrap().peers.len(), 1);
 
-    let c = coordinator(dir.path(), addr).await;
+    // The old endpoint's socket closes when its driver task ends, just after stop().
+    let mut restarted = None;
+    for _ in 0..50 {
+        let mut o = CoordinatorOptions::new(dir.path());
+        o.listen = addr;
+        o.admin_listen = "127.0.0.1:0".parse().unwrap();
+        match start(o).await {
+            Ok(c) => {
+                restarted = Some(c);
+                break;
+            }
+            Err(e) => {
+                eprintln!("restart: {e:#}; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let c = restarted.expect("coordinator restarts on its old address within 5 s");
     assert_eq!(c.public_key(), key, "key persisted");
     for x in [&a, &b] {
         wait_state(x, |s| matches!(s, SessionState::Connected { .. })).await;
