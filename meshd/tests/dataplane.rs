@@ -71,14 +71,7 @@ fn tcp_and_udp_both_ways() {
 /// Sends bursts of 2-5 back-to-back datagrams, each after 30 ms of silence, and returns the
 /// ones that did not arrive within a second of their burst.
 fn udp_bursts_after_quiet(from: &str, to_ns: &str, to_addr: IpAddr, port: u16) -> Vec<String> {
-    let rx = in_netns(to_ns, move || {
-        UdpSocket::bind((IpAddr::from([0u8; 4]), port)).unwrap()
-    });
-    rx.set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    let tx = in_netns(from, || {
-        UdpSocket::bind((IpAddr::from([0u8; 4]), 0)).unwrap()
-    });
+    let (tx, rx) = udp_pair(from, to_ns, port, Duration::from_millis(100));
     let mut missing = Vec::new();
     let mut buf = [0u8; 256];
     for burst in 0..8 {

@@ -190,14 +190,7 @@ pub fn tcp_transfer(
 /// Sends `count` UDP datagrams from `from` to a socket in `to_ns` and returns how many
 /// arrived intact (waits at most 3 s).
 pub fn udp_exchange(from: &str, to_ns: &str, to_addr: IpAddr, port: u16, count: usize) -> usize {
-    let rx = in_netns(to_ns, move || {
-        UdpSocket::bind((IpAddr::from([0u8; 4]), port)).unwrap()
-    });
-    rx.set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
-    let tx = in_netns(from, || {
-        UdpSocket::bind((IpAddr::from([0u8; 4]), 0)).unwrap()
-    });
+    let (tx, rx) = udp_pair(from, to_ns, port, Duration::from_millis(300));
     for i in 0..count {
         let msg = format!("datagram-{i}");
         tx.send_to(msg.as_bytes(), (to_addr, port)).unwrap();
@@ -218,6 +211,24 @@ pub fn udp_exchange(from: &str, to_ns: &str, to_addr: IpAddr, port: u16, count: 
         }
     }
     got.len()
+}
+
+/// A sender in netns `from` and a receiver on `port` in netns `to_ns` (reads time out after
+/// `read_timeout`).
+pub fn udp_pair(
+    from: &str,
+    to_ns: &str,
+    port: u16,
+    read_timeout: Duration,
+) -> (UdpSocket, UdpSocket) {
+    let rx = in_netns(to_ns, move || {
+        UdpSocket::bind((IpAddr::from([0u8; 4]), port)).unwrap()
+    });
+    rx.set_read_timeout(Some(read_timeout)).unwrap();
+    let tx = in_netns(from, || {
+        UdpSocket::bind((IpAddr::from([0u8; 4]), 0)).unwrap()
+    });
+    (tx, rx)
 }
 
 /// Pings `dst` from `host` until it answers (bounded).
