@@ -122,6 +122,7 @@ pub fn snapshot(device: &Device, io: &IoStats, policy: &Enforcement, src: &Statu
         ("policy_table_full", fw.table_full),
         ("policy_peer_flow_limit", fw.peer_limit),
         ("flows_opened", fw.flows_opened),
+        ("flows_picked_up", fw.flows_picked_up),
         ("flows_revoked", fw.flows_revoked),
         ("flows_tracked", policy.firewall.len() as u64),
     ] {

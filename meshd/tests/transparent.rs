@@ -5,7 +5,9 @@
 mod common;
 
 use std::io::{Read as _, Write as _};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -100,9 +102,20 @@ fn wait_protected(host: &meshd_lab::Host, ip: IpAddr) -> bool {
 /// A coordinator on host 0 with [`POLICY`]; host `a` joins as app1 and host `b` as db1, both
 /// transparent.
 fn mesh(tag: &str, hosts: usize, a: usize, b: usize) -> (Lab, Coord, Vec<ProcHandle>) {
+    mesh_with(tag, hosts, a, b, POLICY)
+}
+
+/// [`mesh`] with another policy.
+fn mesh_with(
+    tag: &str,
+    hosts: usize,
+    a: usize,
+    b: usize,
+    policy: &str,
+) -> (Lab, Coord, Vec<ProcHandle>) {
     let lab = Lab::new(tag, hosts).unwrap();
     let coord = Coord::start(&lab, 0);
-    let (code, v) = coord.apply_policy(&lab, POLICY);
+    let (code, v) = coord.apply_policy(&lab, policy);
     assert!((200..300).contains(&code), "policy apply: {code} {v}");
     let ta = coord.token(&lab, &[("app", "app1")], Some(3600), Some(1));
     // db1's image keeps a reusable token, so clones of it can enrol themselves.
@@ -363,6 +376,7 @@ fn address_change_clone_and_crash_cleanup() {
     assert_eq!(before.rules, 2, "one rule per family: {before:?}");
     assert_eq!(before.tables, 2, "{before:?}");
     assert!(before.routes >= 2, "{before:?}");
+    assert_eq!(before.guards, before.routes, "a guard per route: {before:?}");
     let a = procs.remove(0);
     a.kill(Signal::Kill).unwrap();
     let _ = a.wait_timeout(Duration::from_secs(5));
@@ -396,6 +410,8 @@ fn address_change_clone_and_crash_cleanup() {
 struct HostState {
     rules: usize,
     routes: usize,
+    /// `unreachable` guard routes in meshd's table (they outlive the TUN).
+    guards: usize,
     tables: usize,
 }
 
@@ -409,10 +425,13 @@ fn host_state(host: &meshd_lab::Host) -> HostState {
         + count(&["ip", "-6", "rule", "show"], &format!("lookup {table}"));
     let routes = count(&["ip", "-4", "route", "show", "table", &table], "dev mesh0")
         + count(&["ip", "-6", "route", "show", "table", &table], "dev mesh0");
+    let guards = count(&["ip", "-4", "route", "show", "table", &table], "unreachable")
+        + count(&["ip", "-6", "route", "show", "table", &table], "unreachable");
     let tables = count(&["nft", "list", "tables"], "meshd_");
     HostState {
         rules,
         routes,
+        guards,
         tables,
     }
 }
@@ -454,4 +473,266 @@ fn static_mode_transparent_with_a_policy_file() {
     }
     assert_eq!(host_state(h0), HostState::default());
     assert_eq!(host_state(h1), HostState::default());
+}
+
+/// Payload of the client's requests and of the server's replies in the fail-closed test:
+/// neither may ever appear on the underlay.
+const REQUEST: &[u8] = b"MESHD-FAILCLOSED-REQUEST-4f1a";
+const REPLY: &[u8] = b"MESHD-FAILCLOSED-REPLY-93be";
+
+/// Counters of the fail-closed test's traffic.
+#[derive(Default)]
+struct Traffic {
+    /// UDP replies received by the client.
+    udp_replies: AtomicU64,
+    /// New TCP connections that exchanged a request and a reply.
+    tcp_new: AtomicU64,
+    /// Replies received on each long-lived connection (v4, v6).
+    long_replies: [AtomicU64; 2],
+    /// Set if a long-lived connection broke (error or EOF).
+    long_broken: [AtomicBool; 2],
+    stop: AtomicBool,
+}
+
+impl Traffic {
+    fn snapshot(&self) -> [u64; 4] {
+        [
+            self.udp_replies.load(Relaxed),
+            self.tcp_new.load(Relaxed),
+            self.long_replies[0].load(Relaxed),
+            self.long_replies[1].load(Relaxed),
+        ]
+    }
+
+    /// Waits (at most `limit`) until every kind of traffic moved past `since`.
+    fn all_moved(&self, since: [u64; 4], limit: Duration) -> bool {
+        wait_for(limit, Duration::from_millis(50), || {
+            self.snapshot().iter().zip(since).all(|(now, then)| *now > then)
+        })
+    }
+}
+
+/// Echo servers on `ns`'s port [`COVERED`] (TCP and UDP, dual-stack): every read gets a
+/// [`REPLY`]. Bounded by `t.stop` and 90 s.
+fn echo_servers(ns: &str, t: &Arc<Traffic>) {
+    let (tcp, udp) = in_netns(ns, || {
+        (
+            TcpListener::bind(("::", COVERED)).unwrap(),
+            UdpSocket::bind(("::", COVERED)).unwrap(),
+        )
+    });
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let t2 = t.clone();
+    std::thread::spawn(move || {
+        udp.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let mut buf = [0u8; 256];
+        while !t2.stop.load(Relaxed) && Instant::now() < deadline {
+            if let Ok((_, from)) = udp.recv_from(&mut buf) {
+                let _ = udp.send_to(REPLY, from);
+            }
+        }
+    });
+    let t2 = t.clone();
+    std::thread::spawn(move || {
+        tcp.set_nonblocking(true).unwrap();
+        while !t2.stop.load(Relaxed) && Instant::now() < deadline {
+            let Ok((mut s, _)) = tcp.accept() else {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            };
+            let t3 = t2.clone();
+            std::thread::spawn(move || {
+                s.set_nonblocking(false).unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+                let mut buf = [0u8; 4096];
+                while !t3.stop.load(Relaxed) && Instant::now() < deadline {
+                    match s.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(_) => {
+                            if s.write_all(REPLY).is_err() {
+                                break;
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                        Err(_) => break,
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// The client side on `ns`, towards `dsts` (v4, v6) port [`COVERED`]: UDP requests every
+/// 20 ms, a new TCP connection every 100 ms, and one long-lived connection per family that
+/// sends a request every 50 ms. Bounded by `t.stop` and 90 s.
+fn clients(ns: &str, dsts: [IpAddr; 2], t: &Arc<Traffic>) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let t2 = t.clone();
+    spawn_in_netns(ns, move || {
+        let sock = UdpSocket::bind("[::]:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        let mut buf = [0u8; 256];
+        while !t2.stop.load(Relaxed) && Instant::now() < deadline {
+            for d in dsts {
+                // Sends refused locally (the guard) are expected while meshd is down.
+                let _ = sock.send_to(REQUEST, SocketAddr::new(d, COVERED));
+            }
+            while let Ok((n, _)) = sock.recv_from(&mut buf) {
+                if &buf[..n] == REPLY {
+                    t2.udp_replies.fetch_add(1, Relaxed);
+                }
+            }
+        }
+    });
+    let t2 = t.clone();
+    spawn_in_netns(ns, move || {
+        let mut buf = [0u8; 256];
+        while !t2.stop.load(Relaxed) && Instant::now() < deadline {
+            for d in dsts {
+                let to = SocketAddr::new(d, COVERED);
+                let Ok(mut s) = TcpStream::connect_timeout(&to, Duration::from_millis(300)) else {
+                    continue;
+                };
+                s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+                if s.write_all(REQUEST).is_ok() && s.read(&mut buf).is_ok_and(|n| n > 0) {
+                    t2.tcp_new.fetch_add(1, Relaxed);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    for (i, d) in dsts.into_iter().enumerate() {
+        let t2 = t.clone();
+        spawn_in_netns(ns, move || {
+            let to = SocketAddr::new(d, COVERED);
+            let Ok(mut s) = TcpStream::connect_timeout(&to, Duration::from_secs(5)) else {
+                t2.long_broken[i].store(true, Relaxed);
+                return;
+            };
+            s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+            let mut buf = [0u8; 4096];
+            while !t2.stop.load(Relaxed) && Instant::now() < deadline {
+                if s.write_all(REQUEST).is_err() {
+                    t2.long_broken[i].store(true, Relaxed);
+                    return;
+                }
+                match s.read(&mut buf) {
+                    Ok(0) => {
+                        t2.long_broken[i].store(true, Relaxed);
+                        return;
+                    }
+                    Ok(n) => {
+                        let replies = buf[..n].windows(REPLY.len()).filter(|w| *w == REPLY).count();
+                        t2.long_replies[i].fetch_add(replies.max(1) as u64, Relaxed);
+                    }
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) => {}
+                    Err(_) => {
+                        t2.long_broken[i].store(true, Relaxed);
+                        return;
+                    }
+                }
+            }
+        });
+    }
+}
+
+#[test]
+fn sigkill_of_either_end_never_lets_plaintext_out_and_connections_survive_the_restart() {
+    // Host 0: coordinator; 1: app1 (client); 2: db1 (server). tcp/1521 and udp/1521 covered.
+    let policy = "rules:
+  - name: app-to-db
+    from: {app: app1}
+    to: {app: db1}
+    ports: [tcp/1521, udp/1521, icmp]
+";
+    let (lab, _coord, procs) = mesh_with("tp-kill", 3, 1, 2, policy);
+    let (ha, hb) = (lab.host(1), lab.host(2));
+    let db = [
+        IpAddr::from(hb.underlay_ip()),
+        IpAddr::from(hb.underlay_ipv6()),
+    ];
+    assert!(wait_protected(ha, db[1]), "v6 not protected: {:?}", protected(ha));
+    assert!(wait_protected(hb, ha.underlay_ipv6().into()));
+    // Everything between the two on the underlay, both ways.
+    let cap = lab
+        .capture(
+            2,
+            "eth0",
+            &format!(
+                "(host {} or host {}) and not icmp6",
+                ha.underlay_ip(),
+                ha.underlay_ipv6()
+            ),
+        )
+        .unwrap();
+    let t = Arc::new(Traffic::default());
+    echo_servers(hb.netns(), &t);
+    clients(ha.netns(), db, &t);
+    assert!(
+        t.all_moved([0; 4], Duration::from_secs(15)),
+        "traffic never flowed: {:?}",
+        t.snapshot()
+    );
+
+    let mut procs = procs.into_iter();
+    let mut agents = [procs.next(), procs.next()];
+    for (side, idx) in [(0usize, 1usize), (1, 2)] {
+        let name = ["app1", "db1"][side];
+        let p = agents[side].take().unwrap();
+        p.kill(Signal::Kill).unwrap();
+        let _ = p.wait_timeout(Duration::from_secs(5));
+        // Down for a while, with the client still sending.
+        std::thread::sleep(Duration::from_millis(1500));
+        let down = t.snapshot();
+        let restarted = spawn_agent(
+            &lab,
+            idx,
+            &state_dir(&lab, idx),
+            None,
+            None,
+            &machine_id(&lab, idx),
+        );
+        assert!(
+            t.all_moved(down, Duration::from_secs(20)),
+            "traffic did not resume after {name}'s meshd restarted: {:?} -> {:?}; stderr: {}",
+            down,
+            t.snapshot(),
+            restarted.stderr().unwrap_or_default()
+        );
+        agents[side] = Some(restarted);
+    }
+    t.stop.store(true, Relaxed);
+    std::thread::sleep(Duration::from_millis(300));
+    let pcap = cap.stop_parsed().unwrap();
+    assert!(
+        !pcap.any_contains(REQUEST),
+        "a client request crossed the underlay in plaintext"
+    );
+    assert!(
+        !pcap.any_contains(REPLY),
+        "a server reply crossed the underlay in plaintext"
+    );
+    for s in pcap.summaries() {
+        assert_eq!(s.ip_proto, 17, "non-UDP packet between app1 and db1: {s:?}");
+        assert_eq!((s.src_port, s.dst_port), (Some(51820), Some(51820)), "{s:?}");
+    }
+    // The established connections outlived both restarts.
+    for (i, fam) in ["IPv4", "IPv6"].iter().enumerate() {
+        assert!(
+            !t.long_broken[i].load(Relaxed),
+            "the long-lived {fam} connection broke across the restarts"
+        );
+    }
+    // And were taken up mid-stream by the restarted firewalls.
+    for (h, name) in [(ha, "app1"), (hb, "db1")] {
+        let picked = status_json(h)
+            .and_then(|s| s["counters"]["flows_picked_up"].as_u64())
+            .unwrap_or(0);
+        assert!(picked >= 1, "{name} took up no established flow");
+    }
 }

@@ -170,6 +170,9 @@ pub struct Stats {
     pub untracked_fragment: u64,
     /// Flows opened.
     pub flows_opened: u64,
+    /// Established TCP connections taken up mid-stream (no SYN seen: they predate this table,
+    /// e.g. meshd restarted under them) because a grant admits them.
+    pub flows_picked_up: u64,
     /// Tracked flows removed because re-checking them against newer or expired grants failed.
     pub flows_revoked: u64,
 }
@@ -192,6 +195,7 @@ struct Counters {
     peer_limit: AtomicU64,
     untracked_fragment: AtomicU64,
     flows_opened: AtomicU64,
+    flows_picked_up: AtomicU64,
     flows_revoked: AtomicU64,
 }
 
@@ -512,6 +516,7 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
             peer_limit: c.peer_limit.load(Relaxed),
             untracked_fragment: c.untracked_fragment.load(Relaxed),
             flows_opened: c.flows_opened.load(Relaxed),
+            flows_picked_up: c.flows_picked_up.load(Relaxed),
             flows_revoked: c.flows_revoked.load(Relaxed),
         }
     }
@@ -594,6 +599,13 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
                     drop(g);
                     return self.deny(DenyReason::NoFlow, dir, &p.t);
                 }
+                if !forward && matches!(p.kind, Kind::Tcp(fl) if fl & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN)
+                {
+                    // A connection attempt from the responder's end is a new connection the
+                    // other way, never part of this flow (simultaneous open is not carried).
+                    drop(g);
+                    return self.deny(DenyReason::NoFlow, dir, &p.t);
+                }
                 if matches!(
                     (p.kind, forward),
                     (Kind::EchoRequest, false) | (Kind::EchoReply, true)
@@ -629,11 +641,44 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
             }
         }
         // A new flow.
+        let mut opener = (dir, p.t.dport, src_lo);
         let state = match p.kind {
             Kind::Tcp(fl)
                 if fl & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::RST) == tcp_flags::SYN =>
             {
                 State::TcpOpening
+            }
+            Kind::Tcp(fl) if fl & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::ACK => {
+                // Mid-stream, no flow: a connection older than this table (meshd restarted
+                // under it). Take it up if a grant would have admitted its SYN: from this
+                // packet's sender to its destination port, or from the receiver to its
+                // source port (this is the responder's side). Any other segment is denied.
+                let as_sent = admit(grants, dir, p.t.proto, p.t.dport, now_s);
+                let picked = match as_sent {
+                    Ok(a) => Some(a),
+                    Err(_) => {
+                        let back = dir.reverse();
+                        admit(grants, back, p.t.proto, p.t.sport, now_s)
+                            .ok()
+                            .inspect(|_| opener = (back, p.t.sport, !src_lo))
+                    }
+                };
+                let Some((grant, expires_at)) = picked else {
+                    drop(g);
+                    return self.deny(DenyReason::NoFlow, dir, &p.t);
+                };
+                if let Err(full) = self.make_room(&mut g, peer, now) {
+                    drop(g);
+                    return self.drop(full);
+                }
+                let state = if fl & (tcp_flags::FIN | tcp_flags::RST) != 0 {
+                    State::TcpClosing
+                } else {
+                    State::TcpEstablished
+                };
+                self.insert(g, hash, key, peer, now, (grant, expires_at), version, opener, state);
+                self.counters.flows_picked_up.fetch_add(1, Relaxed);
+                return Verdict::Allow;
             }
             Kind::Tcp(_) | Kind::EchoReply => {
                 drop(g);
@@ -642,7 +687,7 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
             Kind::EchoRequest => State::Echo,
             _ => State::Unreplied,
         };
-        let (grant, expires_at) = match admit(grants, dir, p.t.proto, p.t.dport, now_s) {
+        let admitted = match admit(grants, dir, p.t.proto, p.t.dport, now_s) {
             Ok(a) => a,
             Err(r) => {
                 drop(g);
@@ -653,22 +698,43 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
             drop(g);
             return self.drop(full);
         }
+        self.insert(g, hash, key, peer, now, admitted, version, opener, state);
+        self.counters.flows_opened.fetch_add(1, Relaxed);
+        Verdict::Allow
+    }
+
+    /// Adds a flow (room already made) and releases the shard. `admitted` is the grant index
+    /// and its expiry; `opener` the opener's direction, the responder's port and whether the
+    /// opener is the key's low end.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn insert(
+        &self,
+        mut g: parking_lot::MutexGuard<'_, ShardInner<P>>,
+        hash: u64,
+        key: FlowKey<P>,
+        peer: P,
+        now: Millis,
+        admitted: (u32, UnixTime),
+        version: u64,
+        opener: (Direction, u16, bool),
+        state: State,
+    ) {
+        let (grant, expires_at) = admitted;
+        let (dir, port, opener_lo) = opener;
         let flow = Flow {
             last_seen: now,
             expires_at,
             version,
             grant,
-            port: p.t.dport,
+            port,
             dir,
-            opener_lo: src_lo,
+            opener_lo,
             state,
         };
         g.table
             .insert_unique(hash, Entry { key, flow }, |e| self.hasher.hash_one(e.key));
         *g.per_peer.entry(peer).or_insert(0) += 1;
-        drop(g);
-        self.counters.flows_opened.fetch_add(1, Relaxed);
-        Verdict::Allow
     }
 
     /// Whether the shard may take one more entry of `peer` (evicting idle ones at most once

@@ -88,7 +88,7 @@ fn tcp_syn_opens_and_replies_pass() {
 fn tcp_without_syn_and_without_flow_is_denied() {
     let fw = fw();
     let g = grants();
-    for flags in [ACK, SYN | ACK, FIN, RST, 0] {
+    for flags in [SYN | ACK, FIN, RST, 0] {
         let p = build::tcp(l(), 40000, r(), 1521, flags);
         let v = fw.check(PEER, &g, 1, OUT, &p, T0);
         let Verdict::Deny(d) = v else { panic!("{v:?}") };
@@ -97,9 +97,88 @@ fn tcp_without_syn_and_without_flow_is_denied() {
         assert_eq!(d.flow.dst, "100.64.0.2:1521".parse().unwrap());
         assert_eq!(d.direction, OUT);
     }
-    assert_eq!(fw.stats().no_flow, 5);
+    assert_eq!(fw.stats().no_flow, 4);
     assert!(fw.is_empty());
+    // Mid-stream on a port no grant admits either way.
+    for (dir, p) in [
+        (OUT, build::tcp(l(), 40000, r(), 1522, ACK)),
+        (IN, build::tcp(r(), 1522, l(), 40000, ACK)),
+        (IN, build::tcp(r(), 40000, l(), 1521, ACK)),
+    ] {
+        assert_eq!(reason(fw.check(PEER, &g, 1, dir, &p, T0)), DenyReason::NoFlow);
+    }
+    assert!(fw.is_empty());
+    assert_eq!(fw.stats().flows_picked_up, 0);
 }
+
+#[test]
+fn established_tcp_is_taken_up_mid_stream_on_granted_ports() {
+    // A restarted meshd sees connections it never saw open: their segments carry ACK and
+    // no SYN. They are taken up if a grant admits them, either end first.
+    let g = grants();
+    // Our client's next segment to the granted port (outbound tcp/1521).
+    let fw = fw();
+    let ack = build::tcp(l(), 40000, r(), 1521, ACK);
+    assert_eq!(fw.check(PEER, &g, 1, OUT, &ack, T0), Verdict::Allow);
+    let back = build::tcp(r(), 1521, l(), 40000, ACK);
+    assert_eq!(fw.check(PEER, &g, 1, IN, &back, T0 + 1), Verdict::Allow);
+    assert_eq!(fw.stats().flows_picked_up, 1);
+    assert_eq!(fw.stats().flows_opened, 0);
+    assert_eq!(fw.len(), 1);
+    // The server's reply arriving first (its retransmission): still the connection we
+    // opened to tcp/1521.
+    let fw2 = Firewall::<u32>::new(Config::default());
+    assert_eq!(fw2.check(PEER, &g, 1, IN, &back, T0), Verdict::Allow);
+    assert_eq!(fw2.check(PEER, &g, 1, OUT, &ack, T0 + 1), Verdict::Allow);
+    assert_eq!(fw2.stats().flows_picked_up, 1);
+    // The peer's connection to our granted inbound range, seen mid-stream here.
+    let fw3 = Firewall::<u32>::new(Config::default());
+    let data = build::tcp(r(), 50000, l(), 8050, ACK | FIN);
+    assert_eq!(fw3.check(PEER, &g, 1, IN, &data, T0), Verdict::Allow);
+    assert_eq!(fw3.stats().flows_picked_up, 1);
+    // Taken up flows are re-checked like any other: the grant goes, the flow goes.
+    let none = PeerGrants::default();
+    assert_eq!(
+        reason(fw.check(PEER, &none, 2, OUT, &ack, T0 + 2)),
+        DenyReason::DefaultDeny
+    );
+    assert_eq!(fw.stats().flows_revoked, 1);
+}
+
+#[test]
+fn a_taken_up_flow_does_not_let_the_responder_open_the_other_way() {
+    // The peer (the server of tcp/1521) sends an ACK from 1521 to our port 22: it is taken
+    // up as "our connection to its 1521" (our kernel answers RST). A SYN it then sends on
+    // the same ports is a new connection to our port 22, which no grant admits.
+    let taken = fw();
+    let g = grants();
+    let stray = build::tcp(r(), 1521, l(), 22, ACK);
+    assert_eq!(taken.check(PEER, &g, 1, IN, &stray, T0), Verdict::Allow);
+    let rst = build::tcp(l(), 22, r(), 1521, RST);
+    assert_eq!(taken.check(PEER, &g, 1, OUT, &rst, T0 + 1), Verdict::Allow);
+    for flags in [SYN, SYN | ECE_CWR] {
+        let syn = build::tcp(r(), 1521, l(), 22, flags);
+        assert_eq!(
+            reason(taken.check(PEER, &g, 1, IN, &syn, T0 + 2)),
+            DenyReason::NoFlow,
+            "flags {flags:#x}"
+        );
+    }
+    // The same holds for a flow opened with a SYN: the responder cannot send a bare SYN.
+    let opened = fw();
+    let syn = build::tcp(l(), 40000, r(), 1521, SYN);
+    assert_eq!(opened.check(PEER, &g, 1, OUT, &syn, T0), Verdict::Allow);
+    let reverse_syn = build::tcp(r(), 1521, l(), 40000, SYN);
+    assert_eq!(
+        reason(opened.check(PEER, &g, 1, IN, &reverse_syn, T0 + 1)),
+        DenyReason::NoFlow
+    );
+    let synack = build::tcp(r(), 1521, l(), 40000, SYN | ACK);
+    assert_eq!(opened.check(PEER, &g, 1, IN, &synack, T0 + 2), Verdict::Allow);
+}
+
+/// ECE | CWR: flags a SYN may carry (ECN set-up).
+const ECE_CWR: u8 = 0x40 | 0x80;
 
 #[test]
 fn default_deny_and_port_ranges() {
@@ -297,7 +376,8 @@ fn forget_peer_and_reject() {
     assert!(fw.check(PEER + 1, &g, 1, OUT, &syn, T0).is_allow());
     assert_eq!(fw.forget_peer(PEER), 1);
     assert_eq!(fw.len(), 1);
-    let ack = build::tcp(l(), 40000, r(), 1521, ACK);
+    // A segment of the forgotten flow that could not be taken up mid-stream (no ACK).
+    let ack = build::tcp(l(), 40000, r(), 1521, FIN);
     assert_eq!(
         reason(fw.check(PEER, &g, 1, OUT, &ack, T0)),
         DenyReason::NoFlow
@@ -322,7 +402,7 @@ fn ipv6_tcp_with_extension_headers() {
     };
     assert_eq!(d.flow.src, "[fd00::1]:40000".parse().unwrap());
     // A v4 packet with the same numbers is not the v6 flow.
-    let v4_mapped_reply = build::tcp(r(), 1521, l(), 40000, ACK);
+    let v4_mapped_reply = build::tcp(r(), 1521, l(), 40000, SYN | ACK);
     assert!(!fw.check(PEER, &g, 1, IN, &v4_mapped_reply, T0).is_allow());
     // An extension chain that runs past the end.
     let mut bad = build::with_ext_headers(&build::tcp(l6(), 1, r6(), 1521, SYN), &[(0, 8)]);
@@ -540,8 +620,9 @@ fn tcp_fin_rst_shorten_timeout_and_port_reuse_reopens() {
     let t = T0 + 3_600_000;
     assert!(fw.check(PEER, &g, 1, OUT, &fin, t).is_allow());
     assert!(fw.check(PEER, &g, 1, IN, &ack, t + 9_999).is_allow());
+    // Gone after the closing timeout (a SYN-ACK is never taken up mid-stream).
     assert_eq!(
-        reason(fw.check(PEER, &g, 1, IN, &ack, t + 9_999 + 10_000)),
+        reason(fw.check(PEER, &g, 1, IN, &synack, t + 9_999 + 10_000)),
         DenyReason::NoFlow
     );
     // Same ports again while closing: the new SYN reopens (and is checked against grants).

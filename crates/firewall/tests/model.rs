@@ -164,7 +164,7 @@ impl Model {
                 self.flows.remove(i);
             } else {
                 let f = &mut self.flows[i];
-                if forward != (dir == f.dir) {
+                if forward != (dir == f.dir) || (bare_syn && !forward) {
                     return Self::deny(DenyReason::NoFlow, dir, p);
                 }
                 if (p.kind == Pk::EchoReq && !forward) || (p.kind == Pk::EchoRep && forward) {
@@ -196,13 +196,34 @@ impl Model {
                 return Verdict::Allow;
             }
         }
+        let mut opener = (p.src, p.dst, dir, p.dst.1);
         let state = match p.kind {
             Pk::Tcp(fl) if fl & (SYN | ACK | RST) == SYN => St::Opening,
+            // Mid-stream with no flow: taken up if a grant admits it one way or the other.
+            Pk::Tcp(fl) if fl & (SYN | ACK) == ACK => {
+                let back = if dir == Direction::Outbound {
+                    Direction::Inbound
+                } else {
+                    Direction::Outbound
+                };
+                if admit(g, dir, proto, p.dst.1, now_s).is_err() {
+                    if admit(g, back, proto, p.src.1, now_s).is_err() {
+                        return Self::deny(DenyReason::NoFlow, dir, p);
+                    }
+                    opener = (p.dst, p.src, back, p.src.1);
+                }
+                if fl & (FIN | RST) != 0 {
+                    St::Closing
+                } else {
+                    St::Established
+                }
+            }
             Pk::Tcp(_) | Pk::EchoRep => return Self::deny(DenyReason::NoFlow, dir, p),
             Pk::EchoReq => St::Echo,
             Pk::Udp => St::Unreplied,
         };
-        let port = if proto == ip_proto::ICMP { 0 } else { p.dst.1 };
+        let (opener_addr, responder, dir, resp_port) = opener;
+        let port = if proto == ip_proto::ICMP { 0 } else { resp_port };
         let expires = match admit(g, dir, proto, port, now_s) {
             Ok(e) => e,
             Err(r) => return Self::deny(r, dir, p),
@@ -219,14 +240,14 @@ impl Model {
         self.flows.push(MFlow {
             peer,
             proto,
-            opener: p.src,
-            responder: p.dst,
+            opener: opener_addr,
+            responder,
             dir,
             state,
             last_seen: now,
             version,
             expires,
-            port: p.dst.1,
+            port: resp_port,
         });
         Verdict::Allow
     }

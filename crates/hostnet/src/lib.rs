@@ -22,11 +22,22 @@
 //!   stop, because other tunnels may rely on it). With `rp_filter = 1` the reverse lookup of
 //!   an encrypted packet from a peer would otherwise pick the TUN route and drop it.
 //!
+//! - **A guard that outlives meshd** (fail closed): next to each route into the TUN, an
+//!   `unreachable` route to the same address at metric [`GUARD_METRIC`] in the same table, and
+//!   in the nft table an output chain that drops unmarked TCP/UDP to a protected address
+//!   leaving by any interface but the TUN. When meshd dies the kernel removes the TUN and its
+//!   routes; the rule, the `unreachable` routes and the nft table stay, so traffic to a
+//!   protected peer fails locally (EHOSTUNREACH) instead of leaving in plaintext, until meshd
+//!   is back or the operator runs `meshd down`.
+//!
 //! Everything is keyed by the [`Config`]: the rules are those pointing at `table`, the routes
 //! are those in `table`, the nft table is named after the interface. [`HostNet::start`]
-//! deletes all of that first, so a restart after SIGKILL leaves no duplicates;
-//! [`HostNet::stop`] (or [`cleanup_stale`]) deletes it. Dropping a [`HostNet`] without `stop`
-//! leaves the state installed (that is what a crash does).
+//! reconciles what a crashed instance left: it keeps one rule per family, the `unreachable`
+//! guards and the nft sets' contents (the table is re-created in one transaction that
+//! carries them over), so a restart after SIGKILL leaves no duplicates and no unguarded
+//! moment. Only [`HostNet::stop`] (a clean stop) or [`cleanup_stale`] (`meshd down`) delete
+//! it. Dropping a [`HostNet`] without `stop` leaves the state installed (that is what a
+//! crash does).
 //!
 //! The decisions (route diffs, port-range merging, counter deltas, the nft JSON documents)
 //! are pure functions in [`plan`] and [`nft`]; the nft documents are applied with
@@ -35,14 +46,14 @@
 pub mod nft;
 pub mod plan;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::Context as _;
 use futures_util::TryStreamExt as _;
 use rtnetlink::packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope,
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope, RouteType,
 };
 use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage};
 use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
@@ -53,6 +64,9 @@ pub const DEFAULT_FWMARK: u32 = 0x004d_5348;
 pub const DEFAULT_TABLE: u32 = 0x004d_5348;
 /// Default priority of the `not fwmark lookup TABLE` rules (before main at 32766).
 pub const DEFAULT_RULE_PRIORITY: u32 = 5200;
+/// Metric of the `unreachable` guard routes: below every route into the TUN (metric 0), so
+/// they decide only when the TUN's route is gone.
+pub const GUARD_METRIC: u32 = 0x7fff_ffff;
 
 /// What to install, and for which interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -180,6 +194,12 @@ pub struct HostNet {
     conn: tokio::task::JoinHandle<()>,
     /// Routes in `cfg.table` that this instance installed: destination → preferred source.
     installed: BTreeMap<IpAddr, Option<IpAddr>>,
+    /// Destinations with an `unreachable` guard route in `cfg.table` (found at start or
+    /// added since).
+    guards: BTreeSet<IpAddr>,
+    /// The nft protected sets' content (carried over at start, then kept equal to the
+    /// destinations that have a route or a guard).
+    protected: BTreeSet<IpAddr>,
     /// Blocked-set counters at the previous `take_blocked`.
     blocked_seen: HashMap<plan::BlockedKey, u64>,
 }
@@ -212,31 +232,59 @@ impl HostNet {
             handle,
             conn,
             installed: BTreeMap::new(),
+            guards: BTreeSet::new(),
+            protected: BTreeSet::new(),
             blocked_seen: HashMap::new(),
         };
+        // A failed start leaves whatever guard was there: failing closed is the point.
         if let Err(e) = me.install().await {
-            // Leave nothing half-installed behind.
-            if let Err(e2) = remove_all(&me.handle, &me.cfg).await {
-                tracing::warn!(error = %format!("{e2:#}"), "cleanup after failed start");
-            }
             me.conn.abort();
             return Err(e);
         }
         Ok(me)
     }
 
+    /// Reconciles what an earlier instance left (never removing a guard first) and installs
+    /// what is missing.
     async fn install(&mut self) -> anyhow::Result<()> {
-        remove_all(&self.handle, &self.cfg)
-            .await
-            .context("removing stale state")?;
-        for v6 in [false, true] {
-            add_rule(&self.handle, &self.cfg, v6).await?;
-        }
+        // The nft table is re-created in one transaction carrying over the old sets, so
+        // covered ports and protected addresses stay guarded across the restart.
+        let kept = match nft::list_table(&self.nft_table) {
+            Ok(Some(listing)) => nft::parse_kept(&listing),
+            Ok(None) => nft::Kept::default(),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "reading the old nft table; starting with empty sets");
+                nft::Kept::default()
+            }
+        };
         nft::apply(
-            &nft::create_table(&self.nft_table, &self.cfg),
-            "creating the input guard table",
+            &nft::create_table(&self.nft_table, &self.cfg, &kept),
+            "creating the input and output guard table",
         )?;
+        self.guards = reconcile_routes(&self.handle, &self.cfg)
+            .await
+            .context("reconciling routes left by an earlier run")?;
+        self.protected = kept.protected.iter().copied().collect();
+        for v6 in [false, true] {
+            ensure_rule(&self.handle, &self.cfg, v6).await?;
+        }
         enable_src_valid_mark();
+        Ok(())
+    }
+
+    /// Addresses guarded now: an `unreachable` route, or the nft output guard, or both.
+    pub fn guarded(&self) -> Vec<IpAddr> {
+        self.guards.union(&self.protected).copied().collect()
+    }
+
+    /// Makes the nft protected sets equal to `want` if they differ.
+    fn sync_protected(&mut self, want: BTreeSet<IpAddr>, what: &str) -> anyhow::Result<()> {
+        if want == self.protected {
+            return Ok(());
+        }
+        let all: Vec<IpAddr> = want.iter().copied().collect();
+        nft::apply(&nft::set_protected(&self.nft_table, &all), what)?;
+        self.protected = want;
         Ok(())
     }
 
@@ -248,10 +296,37 @@ impl HostNet {
     /// Makes the routes in the table equal to `routes`: adds new ones, replaces those whose
     /// source changed, deletes those no longer wanted. Every change is tried; the first
     /// failure is returned, and what did succeed is remembered.
+    ///
+    /// Every destination also gets a guard (an `unreachable` route at [`GUARD_METRIC`] and an
+    /// element of the nft protected set) before its route into the TUN, and loses it only
+    /// after that route is gone: at no point does a wanted destination lack both.
     pub async fn set_routes(&mut self, routes: &[Route]) -> anyhow::Result<()> {
         let wanted = plan::wanted_routes(routes)?;
         let diff = plan::diff_routes(&self.installed, &wanted);
         let mut first_err: Option<anyhow::Error> = None;
+        // Guards first: the nft set, then an unreachable route per new destination.
+        if !wanted.keys().all(|d| self.protected.contains(d)) {
+            let more = self.protected.iter().chain(wanted.keys()).copied().collect();
+            self.sync_protected(more, "adding protected addresses")?;
+        }
+        let new_guards: Vec<IpAddr> = wanted
+            .keys()
+            .filter(|d| !self.guards.contains(d))
+            .copied()
+            .collect();
+        for dst in new_guards {
+            let msg = guard_message(&self.cfg, dst);
+            match self.handle.route().add(msg).replace().execute().await {
+                Ok(()) => {
+                    self.guards.insert(dst);
+                }
+                Err(e) => {
+                    let e = anyhow::Error::new(e)
+                        .context(format!("adding the unreachable guard route to {dst}"));
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
         for dst in diff.remove {
             let src = self.installed.get(&dst).copied().flatten();
             let msg = route_message(&self.cfg, Route { dst, src });
@@ -271,6 +346,10 @@ impl HostNet {
         }
         for r in diff.upsert {
             let msg = route_message(&self.cfg, r);
+            if !self.guards.contains(&r.dst) {
+                // Its guard could not be installed: do not route it without one.
+                continue;
+            }
             match self.handle.route().add(msg).replace().execute().await {
                 Ok(()) => {
                     self.installed.insert(r.dst, r.src);
@@ -284,6 +363,38 @@ impl HostNet {
                     first_err.get_or_insert(e);
                 }
             }
+        }
+        // Guards of destinations no longer wanted, once their route into the TUN is gone.
+        let old_guards: Vec<IpAddr> = self
+            .guards
+            .iter()
+            .filter(|d| !wanted.contains_key(d) && !self.installed.contains_key(d))
+            .copied()
+            .collect();
+        for dst in old_guards {
+            let msg = guard_message(&self.cfg, dst);
+            match self.handle.route().del(msg).execute().await {
+                Ok(()) => {
+                    self.guards.remove(&dst);
+                }
+                Err(e) if is_errno(&e, libc_esrch()) => {
+                    self.guards.remove(&dst);
+                }
+                Err(e) => {
+                    let e =
+                        anyhow::Error::new(e).context(format!("deleting the guard route to {dst}"));
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        let keep = wanted
+            .keys()
+            .chain(self.installed.keys())
+            .chain(self.guards.iter())
+            .copied()
+            .collect();
+        if let Err(e) = self.sync_protected(keep, "removing protected addresses") {
+            first_err.get_or_insert(e);
         }
         first_err.map_or(Ok(()), Err)
     }
@@ -323,10 +434,13 @@ impl HostNet {
         Ok(plan::blocked_increase(&mut self.blocked_seen, now))
     }
 
-    /// Removes the rules, the routes in the table and the nft table.
+    /// Removes the rules, the routes in the table (guards too) and the nft table: after a
+    /// clean stop traffic to the peers flows as it did before meshd.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         let res = remove_all(&self.handle, &self.cfg).await;
         self.installed.clear();
+        self.guards.clear();
+        self.protected.clear();
         self.conn.abort();
         res
     }
@@ -447,6 +561,107 @@ async fn remove_routes(handle: &Handle, cfg: &Config) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// True for an `unreachable` route (a guard).
+fn is_guard(route: &RouteMessage) -> bool {
+    route.header.kind == RouteType::Unreachable
+}
+
+/// At start: deletes routes in the table other than guards (routes into an earlier TUN are
+/// gone with it; anything else is not ours) and returns the guarded destinations.
+async fn reconcile_routes(handle: &Handle, cfg: &Config) -> anyhow::Result<BTreeSet<IpAddr>> {
+    let mut guards = BTreeSet::new();
+    for v6 in [false, true] {
+        for route in dump_routes(handle, v6).await? {
+            if route_table(&route) != cfg.table {
+                continue;
+            }
+            if is_guard(&route) {
+                if let Some(dst) = route_destination(&route) {
+                    guards.insert(dst);
+                }
+                continue;
+            }
+            match handle.route().del(route).execute().await {
+                Ok(()) => {}
+                Err(e) if is_errno(&e, libc_esrch()) => {}
+                Err(e) => return Err(anyhow::Error::new(e).context("deleting a stale route")),
+            }
+        }
+    }
+    Ok(guards)
+}
+
+/// The destination of a host route (/32 or /128), if it is one.
+fn route_destination(route: &RouteMessage) -> Option<IpAddr> {
+    let full = route.header.destination_prefix_length;
+    route.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Destination(RouteAddress::Inet(a)) if full == 32 => Some(IpAddr::V4(*a)),
+        RouteAttribute::Destination(RouteAddress::Inet6(a)) if full == 128 => {
+            Some(IpAddr::V6(*a))
+        }
+        _ => None,
+    })
+}
+
+/// True if `rule` is exactly the rule [`add_rule`] installs for `cfg`.
+fn is_our_rule(rule: &RuleMessage, cfg: &Config) -> bool {
+    let attr = |want: &RuleAttribute| rule.attributes.contains(want);
+    rule.header.flags.contains(RuleFlags::Invert)
+        && rule.header.action == RuleAction::ToTable
+        && attr(&RuleAttribute::Priority(cfg.rule_priority))
+        && attr(&RuleAttribute::FwMark(cfg.fwmark))
+}
+
+/// Leaves exactly one `not fwmark MARK lookup TABLE` rule for the family: adds it if
+/// missing, then deletes any other rule pointing at the table (duplicates, or a different
+/// priority or mark from an older config). Never a moment without the rule.
+async fn ensure_rule(handle: &Handle, cfg: &Config, v6: bool) -> anyhow::Result<()> {
+    let rules: Vec<RuleMessage> = dump_rules(handle, v6)
+        .await?
+        .into_iter()
+        .filter(|r| rule_table(r) == cfg.table)
+        .collect();
+    let keep = rules.iter().position(|r| is_our_rule(r, cfg));
+    if keep.is_none() {
+        add_rule(handle, cfg, v6).await?;
+    }
+    for (i, rule) in rules.into_iter().enumerate() {
+        if Some(i) == keep {
+            continue;
+        }
+        match handle.rule().del(rule).execute().await {
+            Ok(()) => {}
+            Err(e) if is_errno(&e, libc_enoent()) => {}
+            Err(e) => return Err(anyhow::Error::new(e).context("deleting a stale rule")),
+        }
+    }
+    Ok(())
+}
+
+/// The netlink message for the `unreachable` guard route to `dst` in the table.
+fn guard_message(cfg: &Config, dst: IpAddr) -> RouteMessage {
+    let mut msg = match dst {
+        IpAddr::V4(dst) => RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst, 32)
+            .table_id(cfg.table)
+            .kind(RouteType::Unreachable)
+            .scope(RouteScope::Universe)
+            .priority(GUARD_METRIC)
+            .build(),
+        IpAddr::V6(dst) => RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(dst, 128)
+            .table_id(cfg.table)
+            .kind(RouteType::Unreachable)
+            .scope(RouteScope::Universe)
+            .priority(GUARD_METRIC)
+            .build(),
+    };
+    if cfg.table > 255 {
+        msg.header.table = RouteHeader::RT_TABLE_UNSPEC;
+    }
+    msg
 }
 
 /// `not fwmark MARK lookup TABLE` at the configured priority, for one family.

@@ -20,6 +20,11 @@ const ARP: &str = "arp";
 pub const SET_COVERED_TCP: &str = "covered_tcp";
 /// Named interval set of covered UDP ports.
 pub const SET_COVERED_UDP: &str = "covered_udp";
+/// Set of protected peer IPv4 addresses: unmarked TCP/UDP to them that would leave by another
+/// interface than the TUN is dropped (the output guard).
+pub const SET_PROTECTED4: &str = "protected4";
+/// The IPv6 twin of [`SET_PROTECTED4`].
+pub const SET_PROTECTED6: &str = "protected6";
 /// Dynamic set `ipv4_addr . inet_proto . inet_service` of dropped plaintext, with counters.
 pub const SET_BLOCKED4: &str = "blocked4";
 /// The IPv6 twin of [`SET_BLOCKED4`].
@@ -34,9 +39,20 @@ const PRIO_FILTER: i32 = 0;
 /// Priority of the mark save/restore chains (`mangle`).
 const PRIO_MANGLE: i32 = -150;
 
+/// What a new table starts with: the set contents of the table it replaces, so that a
+/// restart never opens a window in which covered ports or protected addresses are unguarded.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Kept {
+    /// Covered port ranges (normalised).
+    pub covered: Covered,
+    /// Protected peer addresses (the output guard).
+    pub protected: Vec<IpAddr>,
+}
+
 /// Commands that (re)create the table for `cfg` in one transaction: any old table of that
-/// name is deleted first, so applying this twice leaves exactly one table.
-pub fn create_table(table: &str, cfg: &Config) -> Value {
+/// name is deleted first, so applying this twice leaves exactly one table. The sets start
+/// with `kept` (what the old table held), in the same transaction.
+pub fn create_table(table: &str, cfg: &Config, kept: &Kept) -> Value {
     let t = |name: &str| json!({ "family": FAMILY, "table": table, "name": name });
     let mut cmds = vec![];
     for family in [FAMILY, ARP] {
@@ -48,6 +64,11 @@ pub fn create_table(table: &str, cfg: &Config) -> Value {
         let mut s = t(name);
         s["type"] = json!("inet_service");
         s["flags"] = json!(["interval"]);
+        cmds.push(json!({ "add": { "set": s } }));
+    }
+    for (name, addr) in [(SET_PROTECTED4, "ipv4_addr"), (SET_PROTECTED6, "ipv6_addr")] {
+        let mut s = t(name);
+        s["type"] = json!(addr);
         cmds.push(json!({ "add": { "set": s } }));
     }
     for (name, addr) in [(SET_BLOCKED4, "ipv4_addr"), (SET_BLOCKED6, "ipv6_addr")] {
@@ -62,6 +83,7 @@ pub fn create_table(table: &str, cfg: &Config) -> Value {
     }
     for (name, hook, prio) in [
         ("input", "input", PRIO_FILTER),
+        ("output", "output", PRIO_FILTER),
         ("premangle", "prerouting", PRIO_MANGLE),
         ("postmangle", "postrouting", PRIO_MANGLE),
     ] {
@@ -132,6 +154,42 @@ pub fn create_table(table: &str, cfg: &Config) -> Value {
         ));
     }
 
+    // Output guard: TCP and UDP to a protected peer address leave only through the TUN, or
+    // carry meshd's mark (its own tunnel and control sockets). The routes already send such
+    // traffic into the TUN; this holds when they do not (the TUN is gone because meshd
+    // crashed, or someone flushed the table), and it outlives the process.
+    cmds.push(rule(
+        "output",
+        vec![
+            eq(json!({ "meta": { "key": "mark" } }), json!(mark)),
+            json!({ "accept": null }),
+        ],
+    ));
+    cmds.push(rule(
+        "output",
+        vec![
+            eq(json!({ "meta": { "key": "oifname" } }), json!(cfg.if_name)),
+            json!({ "accept": null }),
+        ],
+    ));
+    for (l3, set) in [("ip", SET_PROTECTED4), ("ip6", SET_PROTECTED6)] {
+        cmds.push(rule(
+            "output",
+            vec![
+                eq(
+                    json!({ "meta": { "key": "l4proto" } }),
+                    json!({ "set": ["tcp", "udp"] }),
+                ),
+                eq(
+                    json!({ "payload": { "protocol": l3, "field": "daddr" } }),
+                    json!(format!("@{set}")),
+                ),
+                json!({ "counter": null }),
+                json!({ "drop": null }),
+            ],
+        ));
+    }
+
     // Marks for strict reverse-path filtering (with src_valid_mark): packets to the tunnel
     // port and replies on connections meshd opened with its mark carry the mark, so their
     // reverse lookup skips the TUN routes, like wg-quick's premangle/postmangle.
@@ -166,6 +224,8 @@ pub fn create_table(table: &str, cfg: &Config) -> Value {
     cmds.push(json!({ "add": { "rule": {
         "family": ARP, "table": table, "chain": "input", "expr": [set_meta_mark(json!(mark))],
     } } }));
+    cmds.extend(covered_elements(table, &kept.covered));
+    cmds.extend(protected_elements(table, &kept.protected));
     json!({ "nftables": cmds })
 }
 
@@ -183,18 +243,39 @@ pub fn delete_table(table: &str) -> Value {
 /// `covered` must be normalised (see [`crate::plan::normalize_ranges`]).
 pub fn set_covered(table: &str, covered: &Covered) -> Value {
     let mut cmds = Vec::new();
-    for (name, ranges) in [
-        (SET_COVERED_TCP, &covered.tcp),
-        (SET_COVERED_UDP, &covered.udp),
-    ] {
-        cmds.push(
-            json!({ "flush": { "set": { "family": FAMILY, "table": table, "name": name } } }),
-        );
-        if ranges.is_empty() {
-            continue;
-        }
-        let elem: Vec<Value> = ranges
-            .iter()
+    for name in [SET_COVERED_TCP, SET_COVERED_UDP] {
+        cmds.push(flush_set(table, name));
+    }
+    cmds.extend(covered_elements(table, covered));
+    json!({ "nftables": cmds })
+}
+
+/// Commands that replace the protected address sets in one transaction (flush and refill).
+pub fn set_protected(table: &str, protected: &[IpAddr]) -> Value {
+    let mut cmds = Vec::new();
+    for name in [SET_PROTECTED4, SET_PROTECTED6] {
+        cmds.push(flush_set(table, name));
+    }
+    cmds.extend(protected_elements(table, protected));
+    json!({ "nftables": cmds })
+}
+
+fn flush_set(table: &str, name: &str) -> Value {
+    json!({ "flush": { "set": { "family": FAMILY, "table": table, "name": name } } })
+}
+
+fn add_elements(table: &str, set: &str, elem: Vec<Value>) -> Option<Value> {
+    (!elem.is_empty()).then(|| {
+        json!({ "add": { "element": {
+            "family": FAMILY, "table": table, "name": set, "elem": elem,
+        } } })
+    })
+}
+
+/// `add element` commands for the covered port sets (none for an empty set).
+fn covered_elements(table: &str, covered: &Covered) -> Vec<Value> {
+    let ranges = |r: &[(u16, u16)]| -> Vec<Value> {
+        r.iter()
             .map(|&(lo, hi)| {
                 if lo == hi {
                     json!(lo)
@@ -202,12 +283,83 @@ pub fn set_covered(table: &str, covered: &Covered) -> Value {
                     json!({ "range": [lo, hi] })
                 }
             })
+            .collect()
+    };
+    [
+        add_elements(table, SET_COVERED_TCP, ranges(&covered.tcp)),
+        add_elements(table, SET_COVERED_UDP, ranges(&covered.udp)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+/// `add element` commands for the protected address sets (none for an empty set).
+fn protected_elements(table: &str, protected: &[IpAddr]) -> Vec<Value> {
+    let of = |v6: bool| -> Vec<Value> {
+        let mut a: Vec<IpAddr> = protected
+            .iter()
+            .filter(|a| a.is_ipv6() == v6)
+            .copied()
             .collect();
-        cmds.push(json!({ "add": { "element": {
-            "family": FAMILY, "table": table, "name": name, "elem": elem,
-        } } }));
+        a.sort_unstable();
+        a.dedup();
+        a.into_iter().map(|a| json!(a.to_string())).collect()
+    };
+    [
+        add_elements(table, SET_PROTECTED4, of(false)),
+        add_elements(table, SET_PROTECTED6, of(true)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+/// What the sets of an existing table hold (`nft -j list table` output), to carry over into
+/// its replacement. Unknown element shapes are skipped with a warning.
+pub fn parse_kept(listing: &Value) -> Kept {
+    let mut kept = Kept::default();
+    let Some(objects) = listing.get("nftables").and_then(Value::as_array) else {
+        return kept;
+    };
+    for set in objects.iter().filter_map(|o| o.get("set")) {
+        let name = set.get("name").and_then(Value::as_str).unwrap_or("");
+        let elems = set
+            .get("elem")
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        for e in elems {
+            let ok = match name {
+                SET_COVERED_TCP | SET_COVERED_UDP => port_range(e).map(|r| {
+                    if name == SET_COVERED_TCP {
+                        kept.covered.tcp.push(r)
+                    } else {
+                        kept.covered.udp.push(r)
+                    }
+                }),
+                SET_PROTECTED4 | SET_PROTECTED6 => e
+                    .as_str()
+                    .and_then(|a| a.parse::<IpAddr>().ok())
+                    .map(|a| kept.protected.push(a)),
+                _ => Some(()),
+            };
+            if ok.is_none() {
+                tracing::warn!(set = name, element = %e, "unexpected set element");
+            }
+        }
     }
-    json!({ "nftables": cmds })
+    kept
+}
+
+/// A covered-set element: a port or `{"range": [lo, hi]}`.
+fn port_range(e: &Value) -> Option<(u16, u16)> {
+    let port = |v: &Value| v.as_u64().and_then(|p| u16::try_from(p).ok());
+    match e.get("range").and_then(Value::as_array).map(Vec::as_slice) {
+        Some([lo, hi]) => Some((port(lo)?, port(hi)?)),
+        Some(_) => None,
+        None => port(e).map(|p| (p, p)),
+    }
 }
 
 /// `left == right` as an nft JSON match.
@@ -348,7 +500,7 @@ mod tests {
 
     #[test]
     fn create_table_is_delete_then_add_with_the_guard_rules() {
-        let doc = create_table("meshd_mesh0", &cfg());
+        let doc = create_table("meshd_mesh0", &cfg(), &Kept::default());
         let cmds = doc["nftables"].as_array().unwrap();
         assert!(cmds[0]["add"]["table"].is_object());
         assert!(cmds[1]["delete"]["table"].is_object());
@@ -379,6 +531,98 @@ mod tests {
     }
 
     #[test]
+    fn output_guard_drops_unmarked_tcp_udp_to_protected_addresses_not_via_the_tun() {
+        let doc = create_table("meshd_mesh0", &cfg(), &Kept::default());
+        let cmds = doc["nftables"].as_array().unwrap();
+        let output: Vec<&Value> = cmds
+            .iter()
+            .filter_map(|c| c["add"]["rule"].as_object())
+            .filter(|r| r["chain"] == "output")
+            .map(|r| &r["expr"])
+            .collect();
+        assert_eq!(output.len(), 4, "{output:?}");
+        // The two accepts (meshd's mark, the TUN) come before the drops.
+        assert_eq!(output[0][0]["match"]["right"], json!(0x4d5348));
+        assert_eq!(output[1][0]["match"]["right"], json!("mesh0"));
+        for (expr, set) in output[2..].iter().zip(["@protected4", "@protected6"]) {
+            assert_eq!(expr[1]["match"]["right"], json!(set));
+            assert_eq!(expr[0]["match"]["right"], json!({ "set": ["tcp", "udp"] }));
+            assert_eq!(expr.as_array().unwrap().last(), Some(&json!({ "drop": null })));
+        }
+        let chain = cmds
+            .iter()
+            .find(|c| c["add"]["chain"]["name"] == "output")
+            .unwrap();
+        assert_eq!(chain["add"]["chain"]["hook"], "output");
+        // No elements without something to keep.
+        assert!(!doc.to_string().contains(r#""element""#));
+    }
+
+    #[test]
+    fn a_recreated_table_keeps_the_old_sets_in_the_same_transaction() {
+        let kept = Kept {
+            covered: Covered {
+                tcp: vec![(22, 22), (5000, 5010)],
+                udp: vec![(53, 53)],
+            },
+            protected: vec![
+                "198.18.0.2".parse().unwrap(),
+                "fd00:1::2".parse().unwrap(),
+                "198.18.0.2".parse().unwrap(),
+            ],
+        };
+        let doc = create_table("t", &cfg(), &kept);
+        let cmds = doc["nftables"].as_array().unwrap();
+        let elements: Vec<(&str, &Value)> = cmds
+            .iter()
+            .filter_map(|c| c["add"]["element"].as_object())
+            .map(|e| (e["name"].as_str().unwrap(), &e["elem"]))
+            .collect();
+        assert_eq!(
+            elements,
+            vec![
+                (SET_COVERED_TCP, &json!([22, { "range": [5000, 5010] }])),
+                (SET_COVERED_UDP, &json!([53])),
+                (SET_PROTECTED4, &json!(["198.18.0.2"])),
+                (SET_PROTECTED6, &json!(["fd00:1::2"])),
+            ]
+        );
+        // ... after the delete and the set definitions.
+        let first_elem = cmds.iter().position(|c| c["add"]["element"].is_object());
+        let last_set = cmds.iter().rposition(|c| c["add"]["set"].is_object());
+        assert!(first_elem > last_set);
+        // Reading such a table back gives the same sets.
+        let listing = json!({ "nftables": [
+            { "metainfo": { "version": "1.0.6" } },
+            { "set": { "name": "covered_tcp", "elem": [22, { "range": [5000, 5010] }] } },
+            { "set": { "name": "covered_udp", "elem": [53] } },
+            { "set": { "name": "protected4", "elem": ["198.18.0.2"] } },
+            { "set": { "name": "protected6", "elem": ["fd00:1::2", { "odd": 1 }] } },
+            { "set": { "name": "blocked4", "elem": [] } },
+        ] });
+        let back = parse_kept(&listing);
+        assert_eq!(back.covered, kept.covered);
+        assert_eq!(
+            back.protected,
+            vec![
+                "198.18.0.2".parse::<IpAddr>().unwrap(),
+                "fd00:1::2".parse().unwrap()
+            ]
+        );
+        assert_eq!(parse_kept(&json!({})), Kept::default());
+    }
+
+    #[test]
+    fn protected_flushes_and_refills_both_sets() {
+        let doc = set_protected("t", &["fd00:1::3".parse().unwrap()]);
+        let cmds = doc["nftables"].as_array().unwrap();
+        assert_eq!(cmds.len(), 3);
+        assert_eq!(cmds[0]["flush"]["set"]["name"], SET_PROTECTED4);
+        assert_eq!(cmds[1]["flush"]["set"]["name"], SET_PROTECTED6);
+        assert_eq!(cmds[2]["add"]["element"]["elem"], json!(["fd00:1::3"]));
+    }
+
+    #[test]
     fn covered_flushes_and_refills_both_sets() {
         let doc = set_covered(
             "t",
@@ -390,11 +634,12 @@ mod tests {
         let cmds = doc["nftables"].as_array().unwrap();
         assert_eq!(cmds.len(), 3);
         assert_eq!(cmds[0]["flush"]["set"]["name"], SET_COVERED_TCP);
+        assert_eq!(cmds[1]["flush"]["set"]["name"], SET_COVERED_UDP);
+        assert_eq!(cmds[2]["add"]["element"]["name"], SET_COVERED_TCP);
         assert_eq!(
-            cmds[1]["add"]["element"]["elem"],
+            cmds[2]["add"]["element"]["elem"],
             json!([22, { "range": [5000, 5010] }])
         );
-        assert_eq!(cmds[2]["flush"]["set"]["name"], SET_COVERED_UDP);
     }
 
     #[test]

@@ -181,8 +181,34 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-/// Asserts the whole footprint of `cfg` in `ns`: rules per family, routes in the table,
-/// nft tables.
+/// Routes into the TUN (not the `unreachable` guards) in `table` for one family.
+fn tun_routes(ns: &str, v6: bool, table: u32) -> Vec<Value> {
+    table_routes(ns, v6, table)
+        .into_iter()
+        .filter(|r| r["type"] != "unreachable")
+        .collect()
+}
+
+/// Destinations of the `unreachable` guard routes in `table` for one family.
+fn guard_routes(ns: &str, v6: bool, table: u32) -> Vec<String> {
+    table_routes(ns, v6, table)
+        .into_iter()
+        .filter(|r| r["type"] == "unreachable")
+        .map(|r| {
+            assert_eq!(r["metric"], meshd_hostnet::GUARD_METRIC, "{r}");
+            r["dst"].as_str().unwrap().to_owned()
+        })
+        .collect()
+}
+
+/// Asserts the guard routes of `cfg` in `ns` (IPv4 and IPv6 counts).
+fn assert_guards(ns: &str, cfg: &Config, v4: usize, v6: usize) {
+    assert_eq!(guard_routes(ns, false, cfg.table).len(), v4, "IPv4 guards");
+    assert_eq!(guard_routes(ns, true, cfg.table).len(), v6, "IPv6 guards");
+}
+
+/// Asserts the whole footprint of `cfg` in `ns`: rules per family, routes into the TUN in
+/// the table, nft tables.
 fn assert_footprint(ns: &str, cfg: &Config, rules: usize, routes4: usize, routes6: usize) {
     assert_eq!(
         rule_count(ns, false, cfg.rule_priority),
@@ -191,12 +217,12 @@ fn assert_footprint(ns: &str, cfg: &Config, rules: usize, routes4: usize, routes
     );
     assert_eq!(rule_count(ns, true, cfg.rule_priority), rules, "IPv6 rules");
     assert_eq!(
-        table_routes(ns, false, cfg.table).len(),
+        tun_routes(ns, false, cfg.table).len(),
         routes4,
         "IPv4 routes"
     );
     assert_eq!(
-        table_routes(ns, true, cfg.table).len(),
+        tun_routes(ns, true, cfg.table).len(),
         routes6,
         "IPv6 routes"
     );
@@ -250,6 +276,7 @@ fn routes_rules_restart_and_stop() {
         .await
         .unwrap();
         assert_footprint(&ns, &c, 1, 1, 1);
+        assert_guards(&ns, &c, 1, 1);
         assert_eq!(
             route_get(&ns, "198.18.0.2", None),
             (TUN.to_owned(), "198.18.0.1".to_owned())
@@ -281,7 +308,8 @@ fn routes_rules_restart_and_stop() {
         .await
         .unwrap();
         assert_footprint(&ns, &c, 1, 2, 1);
-        let r6 = table_routes(&ns, true, c.table);
+        assert_guards(&ns, &c, 2, 1);
+        let r6 = tun_routes(&ns, true, c.table);
         assert_eq!(r6[0]["dst"], "fd00:1::2");
         assert!(r6[0].get("prefsrc").is_none(), "{r6:?}");
         // Remove one.
@@ -292,6 +320,7 @@ fn routes_rules_restart_and_stop() {
         .await
         .unwrap();
         assert_footprint(&ns, &c, 1, 1, 0);
+        assert_guards(&ns, &c, 1, 0);
         assert_eq!(route_get(&ns, "198.18.0.2", None).0, "eth0");
         assert_eq!(route_get(&ns, "198.18.0.3", None).0, TUN);
         assert_eq!(hn.routes().len(), 1);
@@ -299,6 +328,7 @@ fn routes_rules_restart_and_stop() {
         drop(hn);
     });
     assert_footprint(&ns, &cfg, 1, 1, 0);
+    assert_guards(&ns, &cfg, 1, 0);
 
     // A stale rule into our table from an older run with another priority (the kernel
     // refuses an exact duplicate of the live one).
@@ -321,7 +351,10 @@ fn routes_rules_restart_and_stop() {
     run_in(&ns, move || async move {
         let ns = ns2;
         let mut hn = HostNet::start(c.clone()).await.unwrap();
+        // The crashed run's guard stays until the first set_routes reconciles it.
         assert_footprint(&ns, &c, 1, 0, 0);
+        assert_eq!(guard_routes(&ns, false, c.table), ["198.18.0.3"]);
+        assert_eq!(hn.guarded(), [ip("198.18.0.3")]);
         assert_eq!(rule_count(&ns, false, 5100), 0);
         assert_eq!(rule_count(&ns, true, 5100), 0);
         hn.set_routes(&[Route {
@@ -330,12 +363,16 @@ fn routes_rules_restart_and_stop() {
         }])
         .await
         .unwrap();
+        assert_eq!(guard_routes(&ns, false, c.table), ["198.18.0.2"]);
+        assert_eq!(hn.guarded(), [ip("198.18.0.2")]);
         // And again: start on top of a live-looking state.
         drop(hn);
         let hn = HostNet::start(c.clone()).await.unwrap();
         assert_footprint(&ns, &c, 1, 0, 0);
+        assert_guards(&ns, &c, 1, 0);
         hn.stop().await.unwrap();
         assert_footprint(&ns, &c, 0, 0, 0);
+        assert_guards(&ns, &c, 0, 0);
         assert_eq!(route_get(&ns, "198.18.0.2", None).0, "eth0");
 
         // cleanup_stale removes a crashed instance's state and is idempotent.
@@ -348,8 +385,10 @@ fn routes_rules_restart_and_stop() {
         .unwrap();
         drop(hn);
         assert_footprint(&ns, &c, 1, 0, 1);
+        assert_guards(&ns, &c, 0, 1);
         cleanup_stale(&c).await.unwrap();
         assert_footprint(&ns, &c, 0, 0, 0);
+        assert_guards(&ns, &c, 0, 0);
         cleanup_stale(&c).await.unwrap();
         assert_footprint(&ns, &c, 0, 0, 0);
     });
@@ -591,4 +630,161 @@ fn tunnel_packets_bypass_the_tun_under_strict_rp_filter() {
         );
         hn.stop().await.unwrap();
     });
+}
+
+/// What a connection attempt from `from` to `to` ran into.
+#[derive(Debug, PartialEq, Eq)]
+enum Attempt {
+    /// Connected.
+    Connected,
+    /// Refused on this host at once (no route: `unreachable`; or dropped by nft on output).
+    LocalError,
+    /// Nothing came back in time (dropped somewhere).
+    TimedOut,
+}
+
+fn tcp_attempt(from: &str, to: SocketAddr) -> Attempt {
+    in_netns(from, move || {
+        match TcpStream::connect_timeout(&to, Duration::from_millis(700)) {
+            Ok(_) => Attempt::Connected,
+            Err(e) if e.kind() == ErrorKind::TimedOut || e.kind() == ErrorKind::WouldBlock => {
+                Attempt::TimedOut
+            }
+            Err(_) => Attempt::LocalError,
+        }
+    })
+}
+
+/// Sends a UDP datagram from `from` (with `SO_MARK = mark` if given); true if `rx` got it.
+fn udp_marked_delivered(from: &str, to: SocketAddr, mark: Option<u32>, rx: &UdpSocket) -> bool {
+    in_netns(from, move || {
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(to),
+            socket2::Type::DGRAM,
+            None,
+        )
+        .unwrap();
+        if let Some(m) = mark {
+            s.set_mark(m).unwrap();
+        }
+        // A send refused locally (no route, or nft on output) is "not delivered".
+        let _ = s.send_to(b"plaintext", &to.into());
+    });
+    rx.set_read_timeout(Some(Duration::from_millis(400)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    rx.recv_from(&mut buf).is_ok()
+}
+
+/// Asserts that TCP and UDP from `ns` to the peer's `dsts` do not leave in plaintext, and
+/// that meshd's own marked sockets still get through.
+fn assert_blocked(ns: &str, dsts: &[IpAddr], mark: u32, udp: &UdpSocket, when: &str) {
+    for &dst in dsts {
+        let got = tcp_attempt(ns, SocketAddr::new(dst, 5005));
+        assert_ne!(got, Attempt::Connected, "{when}: tcp to {dst} left in plaintext");
+        assert!(
+            !udp_marked_delivered(ns, SocketAddr::new(dst, 5300), None, udp),
+            "{when}: udp to {dst} left in plaintext"
+        );
+        assert!(
+            udp_marked_delivered(ns, SocketAddr::new(dst, 5300), Some(mark), udp),
+            "{when}: marked udp to {dst} was dropped"
+        );
+    }
+}
+
+/// Asserts that TCP and UDP from `ns` to the peer's `dsts` flow in plaintext (no meshd).
+fn assert_plain(ns: &str, dsts: &[IpAddr], udp: &UdpSocket, when: &str) {
+    for &dst in dsts {
+        let got = tcp_attempt(ns, SocketAddr::new(dst, 5005));
+        assert_eq!(got, Attempt::Connected, "{when}: tcp to {dst}");
+        assert!(
+            udp_marked_delivered(ns, SocketAddr::new(dst, 5300), None, udp),
+            "{when}: udp to {dst}"
+        );
+    }
+}
+
+#[test]
+fn the_guard_outlives_the_tun_the_process_and_a_flushed_table() {
+    let lab = Lab::new("hostnet-failclosed", 2).unwrap();
+    let (h0, h1) = (lab.host(0), lab.host(1));
+    let (ns0, ns1) = (h0.netns().to_owned(), h1.netns().to_owned());
+    let cfg = dummy_tun(h0);
+    let peer = [IpAddr::V4(h1.underlay_ip()), IpAddr::V6(h1.underlay_ipv6())];
+    let routes = [
+        Route {
+            dst: peer[0],
+            src: Some(IpAddr::V4(h0.underlay_ip())),
+        },
+        Route {
+            dst: peer[1],
+            src: Some(IpAddr::V6(h0.underlay_ipv6())),
+        },
+    ];
+    // The peer serves TCP and UDP on its underlay addresses.
+    let (_tcp, udp) = in_netns(&ns1, || {
+        (
+            TcpListener::bind("[::]:5005").unwrap(),
+            UdpSocket::bind("[::]:5300").unwrap(),
+        )
+    });
+    assert_plain(&ns0, &peer, &udp, "before meshd");
+
+    let c = cfg.clone();
+    run_in(&ns0, move || async move {
+        let mut hn = HostNet::start(c).await.unwrap();
+        hn.set_routes(&routes).await.unwrap();
+        // Crash: the process dies without stop.
+        drop(hn);
+    });
+    // The kernel deletes the TUN with the process, and its routes with it.
+    ip_ok(&ns0, &["link", "del", TUN]);
+    assert_footprint(&ns0, &cfg, 1, 0, 0);
+    assert_guards(&ns0, &cfg, 1, 1);
+    let out = std::process::Command::new("ip")
+        .args(["-n", &ns0, "route", "get", &peer[0].to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a route to the peer without the TUN: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // Connecting fails at once, on this host.
+    assert_eq!(
+        tcp_attempt(&ns0, SocketAddr::new(peer[0], 5005)),
+        Attempt::LocalError
+    );
+    assert_blocked(&ns0, &peer, cfg.fwmark, &udp, "meshd crashed");
+
+    // Second layer: even with the guard routes flushed by someone, nft drops it on output.
+    for fam in ["-4", "-6"] {
+        ip_ok(
+            &ns0,
+            &[fam, "route", "flush", "table", &cfg.table.to_string()],
+        );
+    }
+    assert_guards(&ns0, &cfg, 0, 0);
+    assert_blocked(&ns0, &peer, cfg.fwmark, &udp, "meshd crashed, table flushed");
+
+    // Restart on a new TUN: the sets carry over, so nothing opens before the map arrives;
+    // then the guard routes come back. A clean stop removes it all.
+    let cfg2 = dummy_tun(h0);
+    let c = cfg2.clone();
+    let ns = ns0.clone();
+    let udp = run_in(&ns0, move || async move {
+        let mut hn = HostNet::start(c.clone()).await.unwrap();
+        assert_eq!(hn.guarded(), peer);
+        assert_blocked(&ns, &peer, c.fwmark, &udp, "restarted, no map yet");
+        hn.set_routes(&routes).await.unwrap();
+        assert_guards(&ns, &c, 1, 1);
+        assert_eq!(route_get(&ns, &peer[0].to_string(), None).0, TUN);
+        hn.stop().await.unwrap();
+        udp
+    });
+    ip_ok(&ns0, &["link", "del", TUN]);
+    assert_footprint(&ns0, &cfg2, 0, 0, 0);
+    assert_guards(&ns0, &cfg2, 0, 0);
+    assert_plain(&ns0, &peer, &udp, "after a clean stop");
 }

@@ -42,6 +42,16 @@ pub enum Direction {
     Inbound,
 }
 
+impl Direction {
+    /// The other direction.
+    pub fn reverse(self) -> Direction {
+        match self {
+            Direction::Outbound => Direction::Inbound,
+            Direction::Inbound => Direction::Outbound,
+        }
+    }
+}
+
 /// Permission to open connections with `proto` to destination ports `ports.0..=ports.1`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Grant {
