@@ -48,6 +48,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Remove what meshd leaves installed on purpose when it dies (transparent mode's
+    /// fail-closed guard: the policy-routing rules, the routes and `unreachable` guards in
+    /// its table, the nft tables). A clean stop (SIGTERM) does this itself; run it after a
+    /// crash when uninstalling. Refused while meshd runs on the interface.
+    Down {
+        /// Interface name.
+        #[arg(short, long, default_value = "mesh0")]
+        interface: String,
+    },
     /// Parse and validate a config file, then exit (0 if valid).
     CheckConfig {
         /// The TOML file.
@@ -115,6 +124,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Down { interface } => down(&interface),
         Command::CheckConfig { config } => {
             let cfg = meshd_config::Config::load(&config)?;
             let key = cfg.load_private_key()?;
@@ -127,6 +137,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `meshd down`: removes the guard a crashed meshd left on `interface`.
+fn down(interface: &str) -> anyhow::Result<()> {
+    if status::fetch(interface).is_ok() {
+        anyhow::bail!(
+            "meshd is running on {interface}; stop it with SIGTERM (a clean stop removes its \
+             host state itself)"
+        );
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(meshd_hostnet::remove(
+        interface,
+        meshd_hostnet::DEFAULT_TABLE,
+    ))
+    .with_context(|| format!("removing meshd's host state for {interface}"))?;
+    println!("{interface}: meshd's rules, routes, guards and nft tables removed");
+    Ok(())
 }
 
 fn run_coordinator(args: meshd_coordinator::CoordinatorArgs) -> anyhow::Result<()> {

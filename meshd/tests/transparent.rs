@@ -6,9 +6,9 @@ mod common;
 
 use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -376,7 +376,10 @@ fn address_change_clone_and_crash_cleanup() {
     assert_eq!(before.rules, 2, "one rule per family: {before:?}");
     assert_eq!(before.tables, 2, "{before:?}");
     assert!(before.routes >= 2, "{before:?}");
-    assert_eq!(before.guards, before.routes, "a guard per route: {before:?}");
+    assert_eq!(
+        before.guards, before.routes,
+        "a guard per route: {before:?}"
+    );
     let a = procs.remove(0);
     a.kill(Signal::Kill).unwrap();
     let _ = a.wait_timeout(Duration::from_secs(5));
@@ -425,8 +428,13 @@ fn host_state(host: &meshd_lab::Host) -> HostState {
         + count(&["ip", "-6", "rule", "show"], &format!("lookup {table}"));
     let routes = count(&["ip", "-4", "route", "show", "table", &table], "dev mesh0")
         + count(&["ip", "-6", "route", "show", "table", &table], "dev mesh0");
-    let guards = count(&["ip", "-4", "route", "show", "table", &table], "unreachable")
-        + count(&["ip", "-6", "route", "show", "table", &table], "unreachable");
+    let guards = count(
+        &["ip", "-4", "route", "show", "table", &table],
+        "unreachable",
+    ) + count(
+        &["ip", "-6", "route", "show", "table", &table],
+        "unreachable",
+    );
     let tables = count(&["nft", "list", "tables"], "meshd_");
     HostState {
         rules,
@@ -507,7 +515,10 @@ impl Traffic {
     /// Waits (at most `limit`) until every kind of traffic moved past `since`.
     fn all_moved(&self, since: [u64; 4], limit: Duration) -> bool {
         wait_for(limit, Duration::from_millis(50), || {
-            self.snapshot().iter().zip(since).all(|(now, then)| *now > then)
+            self.snapshot()
+                .iter()
+                .zip(since)
+                .all(|(now, then)| *now > then)
         })
     }
 }
@@ -524,7 +535,8 @@ fn echo_servers(ns: &str, t: &Arc<Traffic>) {
     let deadline = Instant::now() + Duration::from_secs(90);
     let t2 = t.clone();
     std::thread::spawn(move || {
-        udp.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        udp.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
         let mut buf = [0u8; 256];
         while !t2.stop.load(Relaxed) && Instant::now() < deadline {
             if let Ok((_, from)) = udp.recv_from(&mut buf) {
@@ -543,7 +555,8 @@ fn echo_servers(ns: &str, t: &Arc<Traffic>) {
             let t3 = t2.clone();
             std::thread::spawn(move || {
                 s.set_nonblocking(false).unwrap();
-                s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(200)))
+                    .unwrap();
                 let mut buf = [0u8; 4096];
                 while !t3.stop.load(Relaxed) && Instant::now() < deadline {
                     match s.read(&mut buf) {
@@ -571,7 +584,8 @@ fn clients(ns: &str, dsts: [IpAddr; 2], t: &Arc<Traffic>) {
     let t2 = t.clone();
     spawn_in_netns(ns, move || {
         let sock = UdpSocket::bind("[::]:0").unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
         let mut buf = [0u8; 256];
         while !t2.stop.load(Relaxed) && Instant::now() < deadline {
             for d in dsts {
@@ -594,7 +608,8 @@ fn clients(ns: &str, dsts: [IpAddr; 2], t: &Arc<Traffic>) {
                 let Ok(mut s) = TcpStream::connect_timeout(&to, Duration::from_millis(300)) else {
                     continue;
                 };
-                s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(500)))
+                    .unwrap();
                 if s.write_all(REQUEST).is_ok() && s.read(&mut buf).is_ok_and(|n| n > 0) {
                     t2.tcp_new.fetch_add(1, Relaxed);
                 }
@@ -623,7 +638,10 @@ fn clients(ns: &str, dsts: [IpAddr; 2], t: &Arc<Traffic>) {
                         return;
                     }
                     Ok(n) => {
-                        let replies = buf[..n].windows(REPLY.len()).filter(|w| *w == REPLY).count();
+                        let replies = buf[..n]
+                            .windows(REPLY.len())
+                            .filter(|w| *w == REPLY)
+                            .count();
                         t2.long_replies[i].fetch_add(replies.max(1) as u64, Relaxed);
                     }
                     Err(e)
@@ -656,7 +674,11 @@ fn sigkill_of_either_end_never_lets_plaintext_out_and_connections_survive_the_re
         IpAddr::from(hb.underlay_ip()),
         IpAddr::from(hb.underlay_ipv6()),
     ];
-    assert!(wait_protected(ha, db[1]), "v6 not protected: {:?}", protected(ha));
+    assert!(
+        wait_protected(ha, db[1]),
+        "v6 not protected: {:?}",
+        protected(ha)
+    );
     assert!(wait_protected(hb, ha.underlay_ipv6().into()));
     // Everything between the two on the underlay, both ways.
     let cap = lab
@@ -719,7 +741,11 @@ fn sigkill_of_either_end_never_lets_plaintext_out_and_connections_survive_the_re
     );
     for s in pcap.summaries() {
         assert_eq!(s.ip_proto, 17, "non-UDP packet between app1 and db1: {s:?}");
-        assert_eq!((s.src_port, s.dst_port), (Some(51820), Some(51820)), "{s:?}");
+        assert_eq!(
+            (s.src_port, s.dst_port),
+            (Some(51820), Some(51820)),
+            "{s:?}"
+        );
     }
     // The established connections outlived both restarts.
     for (i, fam) in ["IPv4", "IPv6"].iter().enumerate() {
@@ -735,4 +761,28 @@ fn sigkill_of_either_end_never_lets_plaintext_out_and_connections_survive_the_re
             .unwrap_or(0);
         assert!(picked >= 1, "{name} took up no established flow");
     }
+
+    // Uninstalling after a crash: `meshd down` removes the guard (refused while meshd runs).
+    let out = ha.exec(meshd_bin(), ["down"]).unwrap();
+    assert!(!out.status.success(), "meshd down ran under a live meshd");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is running"));
+    let a = agents[0].take().unwrap();
+    a.kill(Signal::Kill).unwrap();
+    let _ = a.wait_timeout(Duration::from_secs(5));
+    let left = host_state(ha);
+    assert!(
+        left.guards >= 2 && left.rules == 2 && left.tables == 2,
+        "{left:?}"
+    );
+    let out = ha.exec(meshd_bin(), ["down"]).unwrap();
+    assert!(
+        out.status.success(),
+        "meshd down: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        host_state(ha),
+        HostState::default(),
+        "left after meshd down"
+    );
 }

@@ -599,7 +599,8 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
                     drop(g);
                     return self.deny(DenyReason::NoFlow, dir, &p.t);
                 }
-                if !forward && matches!(p.kind, Kind::Tcp(fl) if fl & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN)
+                if !forward
+                    && matches!(p.kind, Kind::Tcp(fl) if fl & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN)
                 {
                     // A connection attempt from the responder's end is a new connection the
                     // other way, never part of this flow (simultaneous open is not carried).
@@ -676,7 +677,17 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
                 } else {
                     State::TcpEstablished
                 };
-                self.insert(g, hash, key, peer, now, (grant, expires_at), version, opener, state);
+                self.insert(
+                    g,
+                    hash,
+                    key,
+                    peer,
+                    now,
+                    (grant, expires_at),
+                    version,
+                    opener,
+                    state,
+                );
                 self.counters.flows_picked_up.fetch_add(1, Relaxed);
                 return Verdict::Allow;
             }

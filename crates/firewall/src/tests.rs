@@ -105,7 +105,10 @@ fn tcp_without_syn_and_without_flow_is_denied() {
         (IN, build::tcp(r(), 1522, l(), 40000, ACK)),
         (IN, build::tcp(r(), 40000, l(), 1521, ACK)),
     ] {
-        assert_eq!(reason(fw.check(PEER, &g, 1, dir, &p, T0)), DenyReason::NoFlow);
+        assert_eq!(
+            reason(fw.check(PEER, &g, 1, dir, &p, T0)),
+            DenyReason::NoFlow
+        );
     }
     assert!(fw.is_empty());
     assert_eq!(fw.stats().flows_picked_up, 0);
@@ -174,7 +177,10 @@ fn a_taken_up_flow_does_not_let_the_responder_open_the_other_way() {
         DenyReason::NoFlow
     );
     let synack = build::tcp(r(), 1521, l(), 40000, SYN | ACK);
-    assert_eq!(opened.check(PEER, &g, 1, IN, &synack, T0 + 2), Verdict::Allow);
+    assert_eq!(
+        opened.check(PEER, &g, 1, IN, &synack, T0 + 2),
+        Verdict::Allow
+    );
 }
 
 /// ECE | CWR: flags a SYN may carry (ECN set-up).

@@ -223,7 +223,11 @@ impl Model {
             Pk::Udp => St::Unreplied,
         };
         let (opener_addr, responder, dir, resp_port) = opener;
-        let port = if proto == ip_proto::ICMP { 0 } else { resp_port };
+        let port = if proto == ip_proto::ICMP {
+            0
+        } else {
+            resp_port
+        };
         let expires = match admit(g, dir, proto, port, now_s) {
             Ok(e) => e,
             Err(r) => return Self::deny(r, dir, p),

@@ -306,7 +306,12 @@ impl HostNet {
         let mut first_err: Option<anyhow::Error> = None;
         // Guards first: the nft set, then an unreachable route per new destination.
         if !wanted.keys().all(|d| self.protected.contains(d)) {
-            let more = self.protected.iter().chain(wanted.keys()).copied().collect();
+            let more = self
+                .protected
+                .iter()
+                .chain(wanted.keys())
+                .copied()
+                .collect();
             self.sync_protected(more, "adding protected addresses")?;
         }
         let new_guards: Vec<IpAddr> = wanted
@@ -462,6 +467,19 @@ pub async fn cleanup_stale(cfg: &Config) -> anyhow::Result<()> {
     res
 }
 
+/// What `meshd down` runs: removes everything an instance on interface `if_name` with
+/// routing table `table` installed (the rules pointing at the table, every route in it, the
+/// guards too, and the nft tables), whether or not its TUN still exists. Idempotent; needs a
+/// tokio runtime.
+pub async fn remove(if_name: &str, table: u32) -> anyhow::Result<()> {
+    // Only the name and the table matter for removal; the rest just has to validate.
+    let cfg = Config {
+        table,
+        ..Config::with_defaults(u32::MAX, if_name, u16::MAX)
+    };
+    cleanup_stale(&cfg).await
+}
+
 /// Deletes rules, routes and the nft table of `cfg`; tries all three, returns the first error.
 async fn remove_all(handle: &Handle, cfg: &Config) -> anyhow::Result<()> {
     let mut errors = Vec::new();
@@ -598,9 +616,7 @@ fn route_destination(route: &RouteMessage) -> Option<IpAddr> {
     let full = route.header.destination_prefix_length;
     route.attributes.iter().find_map(|a| match a {
         RouteAttribute::Destination(RouteAddress::Inet(a)) if full == 32 => Some(IpAddr::V4(*a)),
-        RouteAttribute::Destination(RouteAddress::Inet6(a)) if full == 128 => {
-            Some(IpAddr::V6(*a))
-        }
+        RouteAttribute::Destination(RouteAddress::Inet6(a)) if full == 128 => Some(IpAddr::V6(*a)),
         _ => None,
     })
 }

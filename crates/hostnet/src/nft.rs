@@ -547,7 +547,10 @@ mod tests {
         for (expr, set) in output[2..].iter().zip(["@protected4", "@protected6"]) {
             assert_eq!(expr[1]["match"]["right"], json!(set));
             assert_eq!(expr[0]["match"]["right"], json!({ "set": ["tcp", "udp"] }));
-            assert_eq!(expr.as_array().unwrap().last(), Some(&json!({ "drop": null })));
+            assert_eq!(
+                expr.as_array().unwrap().last(),
+                Some(&json!({ "drop": null }))
+            );
         }
         let chain = cmds
             .iter()

@@ -658,12 +658,8 @@ fn tcp_attempt(from: &str, to: SocketAddr) -> Attempt {
 /// Sends a UDP datagram from `from` (with `SO_MARK = mark` if given); true if `rx` got it.
 fn udp_marked_delivered(from: &str, to: SocketAddr, mark: Option<u32>, rx: &UdpSocket) -> bool {
     in_netns(from, move || {
-        let s = socket2::Socket::new(
-            socket2::Domain::for_address(to),
-            socket2::Type::DGRAM,
-            None,
-        )
-        .unwrap();
+        let s = socket2::Socket::new(socket2::Domain::for_address(to), socket2::Type::DGRAM, None)
+            .unwrap();
         if let Some(m) = mark {
             s.set_mark(m).unwrap();
         }
@@ -681,7 +677,11 @@ fn udp_marked_delivered(from: &str, to: SocketAddr, mark: Option<u32>, rx: &UdpS
 fn assert_blocked(ns: &str, dsts: &[IpAddr], mark: u32, udp: &UdpSocket, when: &str) {
     for &dst in dsts {
         let got = tcp_attempt(ns, SocketAddr::new(dst, 5005));
-        assert_ne!(got, Attempt::Connected, "{when}: tcp to {dst} left in plaintext");
+        assert_ne!(
+            got,
+            Attempt::Connected,
+            "{when}: tcp to {dst} left in plaintext"
+        );
         assert!(
             !udp_marked_delivered(ns, SocketAddr::new(dst, 5300), None, udp),
             "{when}: udp to {dst} left in plaintext"
@@ -766,7 +766,13 @@ fn the_guard_outlives_the_tun_the_process_and_a_flushed_table() {
         );
     }
     assert_guards(&ns0, &cfg, 0, 0);
-    assert_blocked(&ns0, &peer, cfg.fwmark, &udp, "meshd crashed, table flushed");
+    assert_blocked(
+        &ns0,
+        &peer,
+        cfg.fwmark,
+        &udp,
+        "meshd crashed, table flushed",
+    );
 
     // Restart on a new TUN: the sets carry over, so nothing opens before the map arrives;
     // then the guard routes come back. A clean stop removes it all.
