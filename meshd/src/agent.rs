@@ -394,7 +394,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    let mut routes = Routes::new(dp.if_index, &addresses)?;
+    let mut routes = Routes::new(dp.if_index, &addresses).await?;
     let mut ips = local_addresses(&nl, &addresses).await;
     let mut applier = MapApplier {
         device: &device,

@@ -155,7 +155,13 @@ fn down(interface: &str) -> anyhow::Result<()> {
         meshd_hostnet::DEFAULT_TABLE,
     ))
     .with_context(|| format!("removing meshd's host state for {interface}"))?;
-    println!("{interface}: meshd's rules, routes, guards and nft tables removed");
+    let overlay = rt
+        .block_on(routes::remove_guards())
+        .context("removing the overlay guards")?;
+    println!(
+        "{interface}: meshd's rules, routes, guards and nft tables removed \
+         ({overlay} overlay guards)"
+    );
     Ok(())
 }
 

@@ -267,7 +267,7 @@ async fn control_loop(
     protected: &Mutex<Vec<String>>,
 ) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-    let mut routes = Routes::new(if_index, &cfg.interface.addresses)?;
+    let mut routes = Routes::new(if_index, &cfg.interface.addresses).await?;
     let allowed = |c: &Config| -> Vec<ipnet::IpNet> {
         c.peers.iter().flat_map(|p| p.allowed_ips.clone()).collect()
     };
