@@ -971,8 +971,9 @@ async fn accept_loop(
                 }
             }
             QuicAdmission::RefuseFull => {
-                inc.refuse();
+                // Counted first: the client may hear of it before this thread goes on.
                 Counters::bump(&c.quic_refused_full);
+                inc.refuse();
                 if let Some(n) = pressure.hit(now) {
                     warn!(half_open, retries = c.quic_retries.load(Ordering::Relaxed),
                         refused = c.quic_refused_full.load(Ordering::Relaxed), since_last = n,
@@ -980,8 +981,8 @@ async fn accept_loop(
                 }
             }
             QuicAdmission::RefuseBackoff => {
-                inc.refuse();
                 Counters::bump(&c.join_backoff_refused);
+                inc.refuse();
                 if let Some(n) = backoff_log.hit(now) {
                     warn!(source = %remote.ip(), refused = n,
                         "control endpoint: refusing connections from a source that keeps presenting bad join tokens");
