@@ -609,7 +609,10 @@ mod tests {
             ..s.clone()
         };
         let b = status(&busy, &PolicyState::NoPolicy, "u", 100);
-        assert!(b.contains("bad join tokens 7 (0 refused backing off)"), "{b}");
+        assert!(
+            b.contains("bad join tokens 7 (0 refused backing off)"),
+            "{b}"
+        );
         assert!(b.contains("retries 3\n"), "{b}");
         assert!(
             out.starts_with("coordinator:  http://127.0.0.1:7444\nversion:      0.1.0\n"),

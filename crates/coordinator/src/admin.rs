@@ -141,9 +141,7 @@ impl FromRequestParts<AppState> for Authed {
                 let mut r = Failure(
                     StatusCode::TOO_MANY_REQUESTS,
                     "too_many_failures",
-                    format!(
-                        "too many failed authentications from {ip}: try again in {secs} s"
-                    ),
+                    format!("too many failed authentications from {ip}: try again in {secs} s"),
                     Vec::new(),
                 )
                 .into_response();
@@ -472,11 +470,13 @@ async fn serve_http<L>(
         let app = app.clone();
         let mut stop = stop.clone();
         conns.spawn(async move {
-            let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(ConnectInfo(peer));
-                let mut app = app.clone();
-                tower_service::Service::call(&mut app, req.map(axum::body::Body::new))
-            });
+            let svc = hyper::service::service_fn(
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(ConnectInfo(peer));
+                    let mut app = app.clone();
+                    tower_service::Service::call(&mut app, req.map(axum::body::Body::new))
+                },
+            );
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(header_timeout)

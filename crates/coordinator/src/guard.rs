@@ -317,7 +317,10 @@ impl LogLimiter {
     #[must_use]
     pub fn hit(&mut self, now: Instant) -> Option<u64> {
         self.unlogged += 1;
-        if self.last.is_some_and(|t| now.duration_since(t) < self.every) {
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < self.every)
+        {
             return None;
         }
         self.last = Some(now);
@@ -467,7 +470,11 @@ mod tests {
         assert_eq!(s.take(ip("198.18.0.1")), Ok(()));
         assert_eq!(s.take(ip("198.18.0.1")), Err(SlotRefusal::PerSource));
         assert_eq!(s.take(ip("198.18.0.2")), Ok(()));
-        assert_eq!(s.take(ip("::ffff:198.18.0.2")), Ok(()), "mapped = same source");
+        assert_eq!(
+            s.take(ip("::ffff:198.18.0.2")),
+            Ok(()),
+            "mapped = same source"
+        );
         assert_eq!(s.take(ip("::ffff:198.18.0.2")), Err(SlotRefusal::PerSource));
         assert_eq!(s.take(ip("198.18.0.3")), Ok(()));
         // Five non-loopback slots taken: the other two are loopback's.
@@ -481,7 +488,11 @@ mod tests {
         assert_eq!(s.take(ip("198.18.0.3")), Ok(()));
         assert_eq!(s.take(ip("198.18.0.1")), Err(SlotRefusal::Full));
         s.release(ip("127.0.0.1"));
-        assert_eq!(s.take(ip("198.18.0.1")), Err(SlotRefusal::Full), "loopback's share");
+        assert_eq!(
+            s.take(ip("198.18.0.1")),
+            Err(SlotRefusal::Full),
+            "loopback's share"
+        );
         assert_eq!(s.take(ip("127.0.0.5")), Ok(()));
         // Releasing what was never taken changes nothing.
         s.release(ip("203.0.113.9"));
@@ -493,7 +504,10 @@ mod tests {
         let mut s = Slots::new(10, 2, 0);
         assert_eq!(s.take(ip("2001:db8:1:2::1")), Ok(()));
         assert_eq!(s.take(ip("2001:db8:1:2::ffff")), Ok(()));
-        assert_eq!(s.take(ip("2001:db8:1:2:abcd::1")), Err(SlotRefusal::PerSource));
+        assert_eq!(
+            s.take(ip("2001:db8:1:2:abcd::1")),
+            Err(SlotRefusal::PerSource)
+        );
         assert_eq!(s.take(ip("2001:db8:1:3::1")), Ok(()));
     }
 
@@ -524,9 +538,14 @@ mod tests {
         for want in [1, 2, 4, 8, 8] {
             let f = b.failure(at(t), a);
             assert_eq!(f.blocked_for, Some(Duration::from_secs(want)), "{f:?}");
-            assert!(matches!(b.check(at(t), a), Check::Blocked { retry_after, .. }
-                if retry_after == Duration::from_secs(want)));
-            assert!(matches!(b.check(at(t + want - 1), a), Check::Blocked { .. }));
+            assert!(
+                matches!(b.check(at(t), a), Check::Blocked { retry_after, .. }
+                if retry_after == Duration::from_secs(want))
+            );
+            assert!(matches!(
+                b.check(at(t + want - 1), a),
+                Check::Blocked { .. }
+            ));
             t += want;
             assert_eq!(b.check(at(t), a), Check::Allowed);
         }
@@ -553,7 +572,8 @@ mod tests {
         }
         assert_eq!(b.len(), 3);
         assert_eq!(
-            b.failure(later + Duration::from_secs(9), ip("10.0.0.1")).failures,
+            b.failure(later + Duration::from_secs(9), ip("10.0.0.1"))
+                .failures,
             2,
             "still remembered"
         );

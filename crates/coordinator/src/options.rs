@@ -139,7 +139,10 @@ impl Limits {
                 "admin_handshakes_per_source",
                 self.admin_handshakes_per_source as u64,
             ),
-            ("admin_handshake_timeout_ms", self.admin_handshake_timeout_ms),
+            (
+                "admin_handshake_timeout_ms",
+                self.admin_handshake_timeout_ms,
+            ),
             ("admin_header_timeout_ms", self.admin_header_timeout_ms),
             ("auth_backoff_sources", self.auth_backoff_sources as u64),
             ("quic_max_half_open", self.quic_max_half_open as u64),
@@ -485,18 +488,17 @@ mod tests {
             .resolve(Shutdown::never())
             .unwrap();
         assert_eq!(o.limits.quic_retry_threshold, 32);
-        assert_eq!(o.limits.admin_handshakes, Limits::default().admin_handshakes);
+        assert_eq!(
+            o.limits.admin_handshakes,
+            Limits::default().admin_handshakes
+        );
         assert!(Limits::default().validate().is_ok());
         for bad in [
             "admin_handshakes_per_source = 0",
             "admin_loopback_reserved = 64",
             "quic_max_half_open = 0",
         ] {
-            std::fs::write(
-                &f,
-                format!("listen = \"10.0.0.1:7443\"\n[limits]\n{bad}\n"),
-            )
-            .unwrap();
+            std::fs::write(&f, format!("listen = \"10.0.0.1:7443\"\n[limits]\n{bad}\n")).unwrap();
             let e = Cli::parse_from(["x", "--config", f.to_str().unwrap()])
                 .c
                 .resolve(Shutdown::never())

@@ -19,8 +19,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use meshd_control::api::{
     ConnectedAgent, EventView, GuardStats, HostView, PolicyApplied, PolicyCheck, PolicyCurrent,
-    StatusView,
-    TokenCreateRequest, TokenCreated, TokenView, EVENTS_MAX,
+    StatusView, TokenCreateRequest, TokenCreated, TokenView, EVENTS_MAX,
 };
 use meshd_control::proto::{
     AgentMessage, CoordinatorMessage, EndpointReport, ErrorCode, HostInfo, MAX_AGENT_FRAME,
@@ -933,7 +932,8 @@ async fn accept_loop(
         };
         let now = std::time::Instant::now();
         let remote = inc.remote_address();
-        let half_open = usize::try_from(c.quic_half_open.load(Ordering::Relaxed)).unwrap_or(usize::MAX);
+        let half_open =
+            usize::try_from(c.quic_half_open.load(Ordering::Relaxed)).unwrap_or(usize::MAX);
         let validated = inc.remote_address_validated();
         // Only a proven address is looked up: a spoofed one is sent a Retry at most.
         let blocked = validated
@@ -975,9 +975,13 @@ async fn accept_loop(
                 Counters::bump(&c.quic_refused_full);
                 inc.refuse();
                 if let Some(n) = pressure.hit(now) {
-                    warn!(half_open, retries = c.quic_retries.load(Ordering::Relaxed),
-                        refused = c.quic_refused_full.load(Ordering::Relaxed), since_last = n,
-                        "control endpoint: QUIC half-open limit reached; refusing new connections");
+                    warn!(
+                        half_open,
+                        retries = c.quic_retries.load(Ordering::Relaxed),
+                        refused = c.quic_refused_full.load(Ordering::Relaxed),
+                        since_last = n,
+                        "control endpoint: QUIC half-open limit reached; refusing new connections"
+                    );
                 }
             }
             QuicAdmission::RefuseBackoff => {

@@ -52,7 +52,12 @@ fn tls_connector(dir: &Path) -> tokio_rustls::TlsConnector {
 }
 
 /// `GET /v1/status` over TLS from `from`; the whole reply.
-async fn https_status(dir: &Path, from: &str, to: SocketAddr, token: &str) -> std::io::Result<String> {
+async fn https_status(
+    dir: &Path,
+    from: &str,
+    to: SocketAddr,
+    token: &str,
+) -> std::io::Result<String> {
     let tcp = connect_from(from, to).await?;
     let name = ServerName::try_from("127.0.0.1").unwrap();
     let mut tls = tls_connector(dir).connect(name, tcp).await?;
@@ -106,10 +111,13 @@ async fn silent_flood_from_one_source_locks_no_one_out() {
     // Well within the old 10 s deadline, and within the new 3 s one: another source and the
     // operator on 127.0.0.1 get in.
     for from in ["127.0.0.3", "127.0.0.1"] {
-        let reply = tokio::time::timeout(Duration::from_secs(2), https_status(dir.path(), from, addr, &tok))
-            .await
-            .unwrap_or_else(|_| panic!("a TLS request from {from} did not get through the flood"))
-            .unwrap();
+        let reply = tokio::time::timeout(
+            Duration::from_secs(2),
+            https_status(dir.path(), from, addr, &tok),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("a TLS request from {from} did not get through the flood"))
+        .unwrap();
         assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     }
     // Every silent connection is closed: those over the source's share at once, the others
@@ -136,7 +144,10 @@ async fn partial_request_head_is_cut() {
     let c = coordinator(dir.path(), "127.0.0.1:0").await;
     let mut s = TcpStream::connect(c.admin_addr()).await.unwrap();
     s.write_all(partial).await.unwrap();
-    assert!(closed_within(&mut s, Duration::from_secs(9)).await, "plain HTTP head not cut");
+    assert!(
+        closed_within(&mut s, Duration::from_secs(9)).await,
+        "plain HTTP head not cut"
+    );
     c.stop().await;
 
     let dir = tempfile::tempdir().unwrap();

@@ -213,7 +213,10 @@ async fn initial_flood_is_capped_and_retried() {
     .unwrap_or_else(|_| panic!("the flood was not answered: {:?}", c.guard_stats()));
     real_agent_enrols(&c, "during").await;
     let g = c.guard_stats();
-    assert!(g.quic_half_open_peak <= 8 + 1, "half-open not capped: {g:?} (seen {seen:?})");
+    assert!(
+        g.quic_half_open_peak <= 8 + 1,
+        "half-open not capped: {g:?} (seen {seen:?})"
+    );
     assert!(g.quic_retries as usize >= f.forwarded - 9, "{g:?}");
     assert!(
         f.retries.load(Ordering::Relaxed) >= 1,
@@ -284,7 +287,13 @@ async fn join_token_guesses_back_off_per_source() {
             .await
             .unwrap_err();
         assert!(
-            matches!(e, ClientError::Refused { code: ErrorCode::TokenUnknown, .. }),
+            matches!(
+                e,
+                ClientError::Refused {
+                    code: ErrorCode::TokenUnknown,
+                    ..
+                }
+            ),
             "attempt {i}: {e:?}"
         );
     }
@@ -292,14 +301,23 @@ async fn join_token_guesses_back_off_per_source() {
         .await
         .unwrap_err();
     assert!(
-        matches!(e, ClientError::Connection(quinn::ConnectionError::ConnectionClosed(_))),
+        matches!(
+            e,
+            ClientError::Connection(quinn::ConnectionError::ConnectionClosed(_))
+        ),
         "refused before the token is looked at: {e:?}"
     );
     // Even the right token, from that source, for now.
     let e = enrol_via(Some(&attacker), &real, "x", &PrivateKey::generate(), ep())
         .await
         .unwrap_err();
-    assert!(matches!(e, ClientError::Connection(quinn::ConnectionError::ConnectionClosed(_))), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            ClientError::Connection(quinn::ConnectionError::ConnectionClosed(_))
+        ),
+        "{e:?}"
+    );
     let g = c.guard_stats();
     assert_eq!(g.join_token_failures, 5, "{g:?}");
     assert!(g.join_backoff_refused >= 2, "{g:?}");
@@ -310,8 +328,14 @@ async fn join_token_guesses_back_off_per_source() {
         .unwrap();
     // The first refusal lasts 1 s; then the right token works from 127.0.0.2 too.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    enrol_via(Some(&attacker), &real, "late", &PrivateKey::generate(), ep())
-        .await
-        .unwrap();
+    enrol_via(
+        Some(&attacker),
+        &real,
+        "late",
+        &PrivateKey::generate(),
+        ep(),
+    )
+    .await
+    .unwrap();
     c.stop().await;
 }
