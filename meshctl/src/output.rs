@@ -1,6 +1,6 @@
 //! Rendering: aligned tables and `key: value` blocks. Pure: the current time is a parameter.
 
-use meshd_control::api::{EventView, HostView, StatusView, TokenView};
+use meshd_control::api::{EventView, GuardStats, HostView, StatusView, TokenView};
 use meshd_control::policy::PolicyRecord;
 use meshd_control::{Labels, UnixTime};
 use meshd_policy::{ip_proto, BlockEvent, Change, ChangeKind, Direction, Explanation, Policy};
@@ -238,6 +238,25 @@ pub fn policy_state(p: &PolicyState, now: UnixTime) -> String {
     }
 }
 
+/// The listener limits' counters on one line.
+fn guard_summary(g: &GuardStats) -> String {
+    format!(
+        "admin auth failures {} ({} refused backing off), admin handshakes refused {} \
+         (timed out {}); bad join tokens {} ({} refused backing off); QUIC half-open {} \
+         (peak {}, refused {}), retries {}",
+        g.admin_auth_failures,
+        g.admin_auth_backoff,
+        g.admin_handshakes_refused,
+        g.admin_handshakes_timed_out,
+        g.join_token_failures,
+        g.join_backoff_refused,
+        g.quic_half_open,
+        g.quic_half_open_peak,
+        g.quic_refused_full,
+        g.quic_retries,
+    )
+}
+
 /// `status`.
 pub fn status(s: &StatusView, policy: &PolicyState, server: &str, now: UnixTime) -> String {
     let mut t = Table::new(&["coordinator:", server]);
@@ -251,6 +270,9 @@ pub fn status(s: &StatusView, policy: &PolicyState, server: &str, now: UnixTime)
         ("connected:", s.connected.len().to_string()),
     ] {
         t.row(vec![k.into(), v]);
+    }
+    if s.guard != GuardStats::default() {
+        t.row(vec!["limits:".into(), guard_summary(&s.guard)]);
     }
     let mut out = t.render();
     if !s.connected.is_empty() {
@@ -574,8 +596,24 @@ mod tests {
             }],
             advertise: "192.0.2.10:7443".parse().unwrap(),
             public_key: PublicKey([1; 32]),
+            guard: GuardStats::default(),
         };
         let out = status(&s, &PolicyState::NoPolicy, "http://127.0.0.1:7444", 100);
+        assert!(!out.contains("limits:"), "all zero: no line\n{out}");
+        let busy = StatusView {
+            guard: GuardStats {
+                join_token_failures: 7,
+                quic_retries: 3,
+                ..GuardStats::default()
+            },
+            ..s.clone()
+        };
+        let b = status(&busy, &PolicyState::NoPolicy, "u", 100);
+        assert!(
+            b.contains("bad join tokens 7 (0 refused backing off)"),
+            "{b}"
+        );
+        assert!(b.contains("retries 3\n"), "{b}");
         assert!(
             out.starts_with("coordinator:  http://127.0.0.1:7444\nversion:      0.1.0\n"),
             "{out}"

@@ -206,6 +206,34 @@ pub struct StatusView {
     pub advertise: SocketAddr,
     /// Coordinator public key.
     pub public_key: PublicKey,
+    /// What the listeners' limits refused and saw (admin API and control endpoint).
+    #[serde(default)]
+    pub guard: GuardStats,
+}
+
+/// Counters of the coordinator's listener limits (since start).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuardStats {
+    /// Admin requests with a missing or wrong token.
+    pub admin_auth_failures: u64,
+    /// Admin requests refused (429) while their source was backing off.
+    pub admin_auth_backoff: u64,
+    /// Admin HTTPS connections closed at once (their source's share, or all slots, busy).
+    pub admin_handshakes_refused: u64,
+    /// Admin HTTPS connections closed for a TLS handshake that took too long.
+    pub admin_handshakes_timed_out: u64,
+    /// Enrolments with an unknown, expired, revoked or used-up join token.
+    pub join_token_failures: u64,
+    /// Control connections refused at once while their source was backing off.
+    pub join_backoff_refused: u64,
+    /// QUIC handshakes in progress.
+    pub quic_half_open: u64,
+    /// Most QUIC handshakes in progress at once.
+    pub quic_half_open_peak: u64,
+    /// QUIC Retry packets sent (address validation).
+    pub quic_retries: u64,
+    /// QUIC attempts refused with the half-open limit reached.
+    pub quic_refused_full: u64,
 }
 
 /// Error body.

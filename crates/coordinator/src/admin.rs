@@ -6,8 +6,16 @@
 //! (`--admin-tls-cert`/`--admin-tls-key`) or a self-signed one made on first start and kept as
 //! `<state-dir>/admin-cert.pem` + `admin-key.pem` (0600), which `meshctl` trusts by default.
 //! A plain HTTP request to the HTTPS port gets a 400 that says to use `https://`.
+//!
+//! Limits ([`crate::options::Limits`]): TLS handshakes in progress are bounded in total and per
+//! source, with a share only loopback clients may take, and each must finish within a few
+//! seconds; every request head must arrive within `admin_header_timeout_ms` (hyper's header
+//! read timeout, which also closes idle keep-alive connections). Failed authentications are
+//! logged (one line per source per 10 s, with a count), counted in `GET /v1/status`, and a
+//! source that keeps failing gets 429 with `Retry-After` for a doubling time
+//! ([`crate::guard::Backoff`]).
 
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Path, State};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -22,6 +30,7 @@ use meshd_control::state::AdminError;
 use meshd_control::TokenId;
 use tokio::sync::{mpsc, watch};
 
+use std::collections::HashMap;
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::OpenOptionsExt as _;
@@ -40,7 +49,8 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, error, info, warn};
 
-use crate::options::AdminTlsFiles;
+use crate::guard::{self, Check, Counters, Guard, LogLimiter, Slots};
+use crate::options::{AdminTlsFiles, Limits};
 
 use crate::server::{admin_call, admin_token_hash, AdminOp, AdminReply, Cmd};
 
@@ -48,6 +58,7 @@ use crate::server::{admin_call, admin_token_hash, AdminOp, AdminReply, Cmd};
 struct AppState {
     cmds: mpsc::Sender<Cmd>,
     admin_hash: String,
+    guard: Arc<Guard>,
 }
 
 struct Failure(StatusCode, &'static str, String, Vec<String>);
@@ -109,35 +120,85 @@ impl From<AdminError> for Failure {
 struct Authed;
 
 impl FromRequestParts<AppState> for Authed {
-    type Rejection = Failure;
-    async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, Failure> {
+    type Rejection = Response;
+    async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, Response> {
+        // Every connection is served by `serve_http`, which records the peer.
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip());
+        let now = std::time::Instant::now();
+        let counters = &st.guard.counters;
+        if let Some(ip) = peer {
+            if let Check::Blocked { retry_after, log } = guard::lock(&st.guard.admin).check(now, ip)
+            {
+                Counters::bump(&counters.admin_auth_backoff);
+                if let Some(refused) = log {
+                    warn!(source = %ip, refused, retry_after_secs = retry_after.as_secs(),
+                        "admin API: refusing requests from a source that keeps failing to authenticate");
+                }
+                let secs = retry_after.as_secs_f64().ceil().max(1.0);
+                let mut r = Failure(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_failures",
+                    format!("too many failed authentications from {ip}: try again in {secs} s"),
+                    Vec::new(),
+                )
+                .into_response();
+                r.headers_mut().insert(
+                    axum::http::header::RETRY_AFTER,
+                    axum::http::HeaderValue::from(secs as u64),
+                );
+                return Err(r);
+            }
+        }
         let tok = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        match tok {
-            Some(t) if admin_token_hash(t) == st.admin_hash => Ok(Authed),
-            _ => Err(Failure(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "missing or wrong admin token: pass --token, set MESH_TOKEN, or read <state-dir>/admin.token".into(),
-                Vec::new(),
-            )),
+        if tok.is_some_and(|t| admin_token_hash(t) == st.admin_hash) {
+            if let Some(ip) = peer {
+                guard::lock(&st.guard.admin).success(ip);
+            }
+            return Ok(Authed);
         }
+        Counters::bump(&counters.admin_auth_failures);
+        if let Some(ip) = peer {
+            let f = guard::lock(&st.guard.admin).failure(now, ip);
+            if let Some(failed) = f.log {
+                warn!(source = %ip, failed, in_a_row = f.failures,
+                    backoff_secs = f.blocked_for.map(|d| d.as_secs_f64()),
+                    presented = tok.is_some(), "admin API: failed authentication");
+            }
+        }
+        Err(Failure(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong admin token: pass --token, set MESH_TOKEN, or read <state-dir>/admin.token".into(),
+            Vec::new(),
+        )
+        .into_response())
     }
 }
 
 async fn call(st: &AppState, op: AdminOp) -> Result<Response, Failure> {
-    let r = admin_call(&st.cmds, op).await.map_err(|e| {
+    Ok(reply(ask(st, op).await?))
+}
+
+async fn ask(st: &AppState, op: AdminOp) -> Result<AdminReply, Failure> {
+    Ok(admin_call(&st.cmds, op).await.map_err(|e| {
         Failure(
             StatusCode::SERVICE_UNAVAILABLE,
             "internal",
             e.to_string(),
             Vec::new(),
         )
-    })??;
-    Ok(match r {
+    })??)
+}
+
+fn reply(r: AdminReply) -> Response {
+    match r {
         AdminReply::Host(h) => Json(h).into_response(),
         AdminReply::Hosts(h) => Json(h).into_response(),
         AdminReply::Token(t) => Json(t).into_response(),
@@ -146,7 +207,7 @@ async fn call(st: &AppState, op: AdminOp) -> Result<Response, Failure> {
         AdminReply::Status(s) => Json(s).into_response(),
         AdminReply::Events(e) => Json(e).into_response(),
         AdminReply::Json(v) => Json(v).into_response(),
-    })
+    }
 }
 
 async fn list_hosts(_: Authed, State(st): State<AppState>) -> Result<Response, Failure> {
@@ -207,8 +268,15 @@ async fn revoke_token(
 ) -> Result<Response, Failure> {
     call(&st, AdminOp::RevokeToken(TokenId(id))).await
 }
+/// `GET /v1/status`, with the listener limits' counters (kept outside the actor).
 async fn status(_: Authed, State(st): State<AppState>) -> Result<Response, Failure> {
-    call(&st, AdminOp::Status).await
+    match ask(&st, AdminOp::Status).await? {
+        AdminReply::Status(mut s) => {
+            s.guard = st.guard.counters.snapshot();
+            Ok(Json(s).into_response())
+        }
+        other => Ok(reply(other)),
+    }
 }
 
 /// A policy file from the body: JSON `{"yaml": …}` when the content type says JSON or the body
@@ -353,32 +421,85 @@ pub(crate) async fn serve(
     tls: Option<Arc<rustls::ServerConfig>>,
     cmds: mpsc::Sender<Cmd>,
     admin_hash: String,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
+    limits: Limits,
+    guard: Arc<Guard>,
 ) {
-    let app = router(AppState { cmds, admin_hash });
-    let stopped = async move {
-        let _closed_means_stop = stop.wait_for(|v| *v).await;
-    };
-    let res = match tls {
-        None => {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stopped)
-                .await
-        }
+    let header_timeout = Duration::from_millis(limits.admin_header_timeout_ms);
+    let app = router(AppState {
+        cmds,
+        admin_hash,
+        guard: guard.clone(),
+    });
+    match tls {
+        None => serve_http(listener, app, header_timeout, stop).await,
         Some(config) => {
-            let (tls_listener, acceptor) = TlsListener::start(listener, config);
-            let res = axum::serve(tls_listener, app)
-                .with_graceful_shutdown(stopped)
-                .await;
+            let (tls_listener, acceptor) = TlsListener::start(listener, config, &limits, guard);
+            serve_http(tls_listener, app, header_timeout, stop).await;
             // The accept loop owns the socket and the handshakes in flight: end them now.
             acceptor.abort();
             let _aborted = acceptor.await;
-            res
         }
-    };
-    if let Err(e) = res {
-        error!(error = %e, "admin API stopped");
     }
+}
+
+/// Resolves once `stop` is set (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _closed_means_stop = stop.wait_for(|v| *v).await;
+}
+
+/// Serves HTTP/1.1 on the connections `listener` hands over until `stop`: each request head
+/// must arrive within `header_timeout` (so must the next one on a kept-alive connection), and
+/// carries the peer's address ([`ConnectInfo`]). On stop, connections finish the request in
+/// progress (for at most [`SHUTDOWN_GRACE`]).
+async fn serve_http<L>(
+    mut listener: L,
+    app: Router,
+    header_timeout: Duration,
+    mut stop: watch::Receiver<bool>,
+) where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+{
+    let mut conns = JoinSet::new();
+    loop {
+        let (io, peer) = tokio::select! {
+            c = listener.accept() => c,
+            () = stopped(&mut stop) => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+        };
+        let app = app.clone();
+        let mut stop = stop.clone();
+        conns.spawn(async move {
+            let svc = hyper::service::service_fn(
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(ConnectInfo(peer));
+                    let mut app = app.clone();
+                    tower_service::Service::call(&mut app, req.map(axum::body::Body::new))
+                },
+            );
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+            let mut conn = std::pin::pin!(conn);
+            let res = tokio::select! {
+                r = conn.as_mut() => r,
+                () = stopped(&mut stop) => {
+                    conn.as_mut().graceful_shutdown();
+                    tokio::time::timeout(SHUTDOWN_GRACE, conn).await.unwrap_or(Ok(()))
+                }
+            };
+            if let Err(e) = res {
+                debug!(%peer, error = %e, "admin API connection ended");
+            }
+        });
+    }
+    // Stopping: the tasks are finishing their last request.
+    let _done = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    conns.abort_all();
 }
 
 /// The admin certificate file in the state directory (made on first start when needed).
@@ -388,10 +509,8 @@ pub const ADMIN_KEY_FILE: &str = "admin-key.pem";
 
 /// Validity of a generated certificate.
 const GENERATED_VALIDITY_DAYS: i64 = 10 * 365;
-/// TLS handshakes in progress at once; further connections wait in the kernel's backlog.
-const MAX_HANDSHAKES: usize = 64;
-/// A client has this long to finish the TLS handshake (or its plain HTTP request head).
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long connections may finish their request once the admin API stops.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Established connections handed to the HTTP server but not yet taken.
 const ACCEPTED_QUEUE: usize = 16;
 /// First byte of a TLS record carrying a handshake (a ClientHello).
@@ -588,8 +707,11 @@ fn warn_if_readable(key_path: &path::Path) {
 }
 
 /// An axum listener handing over connections whose TLS handshake is done. The handshakes run
-/// in their own tasks (at most [`MAX_HANDSHAKES`], each within [`HANDSHAKE_TIMEOUT`]), so a
-/// slow or silent client holds up no one.
+/// in their own tasks, each within `admin_handshake_timeout_ms`, so a slow or silent client
+/// holds up no one; at most `admin_handshakes` at once, `admin_handshakes_per_source` per
+/// source, the last `admin_loopback_reserved` only for loopback ([`Slots`]). A connection that
+/// finds no slot is closed at once (not left in the backlog, where it would queue an operator's
+/// connection behind a flood).
 struct TlsListener {
     accepted: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
     local: SocketAddr,
@@ -600,12 +722,27 @@ impl TlsListener {
     fn start(
         tcp: TcpListener,
         config: Arc<rustls::ServerConfig>,
+        limits: &Limits,
+        guard: Arc<Guard>,
     ) -> (TlsListener, tokio::task::JoinHandle<()>) {
         let local = tcp
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
         let (tx, rx) = mpsc::channel(ACCEPTED_QUEUE);
-        let task = tokio::spawn(accept_loop(tcp, TlsAcceptor::from(config), tx));
+        let slots = Slots::new(
+            limits.admin_handshakes,
+            limits.admin_handshakes_per_source,
+            limits.admin_loopback_reserved,
+        );
+        let timeout = Duration::from_millis(limits.admin_handshake_timeout_ms);
+        let task = tokio::spawn(accept_loop(
+            tcp,
+            TlsAcceptor::from(config),
+            tx,
+            slots,
+            timeout,
+            guard,
+        ));
         (
             TlsListener {
                 accepted: rx,
@@ -639,20 +776,43 @@ async fn accept_loop(
     mut tcp: TcpListener,
     acceptor: TlsAcceptor,
     tx: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
+    mut slots: Slots,
+    timeout: Duration,
+    guard: Arc<Guard>,
 ) {
     let mut pending = JoinSet::new();
+    // Which source each handshake task holds a slot for.
+    let mut owners: HashMap<tokio::task::Id, IpAddr> = HashMap::new();
+    let mut refusals = LogLimiter::new(Duration::from_secs(guard::LOG_EVERY_SECS));
     loop {
-        while pending.len() >= MAX_HANDSHAKES {
-            pending.join_next().await;
-        }
         let (stream, peer) = tokio::select! {
             () = tx.closed() => return,
-            Some(_) = pending.join_next(), if !pending.is_empty() => continue,
+            Some(done) = pending.join_next_with_id(), if !pending.is_empty() => {
+                let id = match done {
+                    Ok((id, ())) => id,
+                    Err(e) => e.id(),
+                };
+                if let Some(ip) = owners.remove(&id) {
+                    slots.release(ip);
+                }
+                continue;
+            }
             c = axum::serve::Listener::accept(&mut tcp) => c,
         };
-        let (acceptor, tx) = (acceptor.clone(), tx.clone());
-        pending.spawn(async move {
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(stream, &acceptor)).await {
+        if let Err(why) = slots.take(peer.ip()) {
+            Counters::bump(&guard.counters.admin_handshakes_refused);
+            if let Some(refused) = refusals.hit(std::time::Instant::now()) {
+                warn!(source = %peer.ip(), reason = ?why, refused, in_progress = slots.in_use(),
+                    "admin API: too many TLS handshakes in progress; closing new connections");
+            }
+            // A reset rather than a close: no TIME_WAIT left behind for a flood.
+            let _reset = stream.set_zero_linger();
+            drop(stream);
+            continue;
+        }
+        let (acceptor, tx, guard) = (acceptor.clone(), tx.clone(), guard.clone());
+        let task = pending.spawn(async move {
+            match tokio::time::timeout(timeout, handshake(stream, &acceptor)).await {
                 Ok(Ok(Some(s))) => {
                     if tx.send((s, peer)).await.is_err() {
                         debug!(%peer, "admin API stopping: connection dropped");
@@ -660,9 +820,13 @@ async fn accept_loop(
                 }
                 Ok(Ok(None)) => {}
                 Ok(Err(e)) => debug!(%peer, error = %e, "admin API TLS handshake failed"),
-                Err(_) => debug!(%peer, "admin API TLS handshake timed out"),
+                Err(_) => {
+                    Counters::bump(&guard.counters.admin_handshakes_timed_out);
+                    debug!(%peer, "admin API TLS handshake timed out");
+                }
             }
         });
+        owners.insert(task.id(), peer.ip());
     }
 }
 

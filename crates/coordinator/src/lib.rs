@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod client;
+pub mod guard;
 pub mod noise;
 pub mod options;
 pub mod quic;

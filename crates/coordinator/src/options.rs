@@ -69,8 +69,97 @@ pub struct CoordinatorOptions {
     pub pool: Ipv4Net,
     /// Optional overlay IPv6 prefix (/96 or shorter).
     pub pool_v6: Option<Ipv6Net>,
+    /// Limits on the listeners (handshakes, timeouts, failure backoff).
+    pub limits: Limits,
     /// Stop signal.
     pub shutdown: Shutdown,
+}
+
+/// Limits on the admin API and the control endpoint (`[limits]` in the config file; every
+/// field optional).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Admin API TLS handshakes in progress at once.
+    pub admin_handshakes: usize,
+    /// Of those, at most this many from one source (an IPv4 address, an IPv6 /64).
+    pub admin_handshakes_per_source: usize,
+    /// Of those, this many only for loopback clients (an operator on this host).
+    pub admin_loopback_reserved: usize,
+    /// A client has this long to finish the TLS handshake (ms).
+    pub admin_handshake_timeout_ms: u64,
+    /// A client has this long to send a whole request head, and an idle keep-alive connection
+    /// is closed after it (ms).
+    pub admin_header_timeout_ms: u64,
+    /// Failed admin authentications or join tokens one source may make before it is refused.
+    pub auth_failures_before_backoff: u32,
+    /// The first refusal's length (ms); each further failure doubles it.
+    pub auth_backoff_base_ms: u64,
+    /// The longest refusal (s).
+    pub auth_backoff_max_secs: u64,
+    /// A source without failures for this long starts afresh (s).
+    pub auth_forget_after_secs: u64,
+    /// Sources each backoff table remembers (the least recently seen is forgotten first).
+    pub auth_backoff_sources: usize,
+    /// QUIC handshakes in progress from unproven addresses beyond which new clients must
+    /// prove theirs with a Retry first (0: always).
+    pub quic_retry_threshold: usize,
+    /// QUIC handshakes in progress at most; further attempts are refused.
+    pub quic_max_half_open: usize,
+    /// Connection attempts quinn queues before the accept loop sees them.
+    pub quic_max_incoming: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            admin_handshakes: 64,
+            admin_handshakes_per_source: 8,
+            admin_loopback_reserved: 16,
+            admin_handshake_timeout_ms: 3_000,
+            admin_header_timeout_ms: 5_000,
+            auth_failures_before_backoff: 5,
+            auth_backoff_base_ms: 1_000,
+            auth_backoff_max_secs: 300,
+            auth_forget_after_secs: 900,
+            auth_backoff_sources: 4096,
+            quic_retry_threshold: 0,
+            quic_max_half_open: 256,
+            quic_max_incoming: 1024,
+        }
+    }
+}
+
+impl Limits {
+    /// Refuses settings that would lock everyone out or disable a limit by accident.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let nonzero = [
+            ("admin_handshakes", self.admin_handshakes as u64),
+            (
+                "admin_handshakes_per_source",
+                self.admin_handshakes_per_source as u64,
+            ),
+            (
+                "admin_handshake_timeout_ms",
+                self.admin_handshake_timeout_ms,
+            ),
+            ("admin_header_timeout_ms", self.admin_header_timeout_ms),
+            ("auth_backoff_sources", self.auth_backoff_sources as u64),
+            ("quic_max_half_open", self.quic_max_half_open as u64),
+            ("quic_max_incoming", self.quic_max_incoming as u64),
+        ];
+        if let Some((name, _)) = nonzero.iter().find(|(_, v)| *v == 0) {
+            anyhow::bail!("limits.{name} must be at least 1");
+        }
+        if self.admin_loopback_reserved >= self.admin_handshakes {
+            anyhow::bail!(
+                "limits.admin_loopback_reserved ({}) must be below limits.admin_handshakes ({})",
+                self.admin_loopback_reserved,
+                self.admin_handshakes
+            );
+        }
+        Ok(())
+    }
 }
 
 impl CoordinatorOptions {
@@ -85,6 +174,7 @@ impl CoordinatorOptions {
             admin_tls_files: None,
             pool: Ipv4Net::new([100, 64, 0, 0].into(), 10).unwrap_or_default(),
             pool_v6: None,
+            limits: Limits::default(),
             shutdown: Shutdown::never(),
         }
     }
@@ -135,7 +225,7 @@ pub fn admin_needs_tls(bind: IpAddr, forced: bool, own_cert: bool) -> bool {
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct CoordinatorArgs {
     /// TOML file with any of: state_dir, listen, advertise, admin_listen, admin_tls,
-    /// admin_tls_cert, admin_tls_key, pool, pool_v6.
+    /// admin_tls_cert, admin_tls_key, pool, pool_v6, and a [limits] table.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// State directory (key, database, admin.token) [default: /var/lib/meshd].
@@ -191,6 +281,8 @@ pub struct CoordinatorFile {
     pub pool: Option<Ipv4Net>,
     /// IPv6 prefix.
     pub pool_v6: Option<Ipv6Net>,
+    /// Listener limits.
+    pub limits: Option<Limits>,
 }
 
 impl CoordinatorFile {
@@ -248,6 +340,15 @@ impl CoordinatorArgs {
             o.pool = p;
         }
         o.pool_v6 = self.pool_v6.or(file.pool_v6);
+        if let Some(l) = file.limits {
+            l.validate().with_context(|| {
+                format!(
+                    "coordinator config {}",
+                    self.config.as_deref().unwrap_or(Path::new("")).display()
+                )
+            })?;
+            o.limits = l;
+        }
         o.shutdown = shutdown;
         if o.advertise.is_none() && o.listen.ip().is_unspecified() {
             o.advertise_for(o.listen)?;
@@ -371,6 +472,44 @@ mod tests {
             .resolve(Shutdown::never())
             .unwrap();
         assert!(!o.admin_tls && o.admin_tls_files.is_none());
+    }
+
+    #[test]
+    fn limits_from_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "listen = \"10.0.0.1:7443\"\n[limits]\nquic_retry_threshold = 32\n",
+        )
+        .unwrap();
+        let o = Cli::parse_from(["x", "--config", f.to_str().unwrap()])
+            .c
+            .resolve(Shutdown::never())
+            .unwrap();
+        assert_eq!(o.limits.quic_retry_threshold, 32);
+        assert_eq!(
+            o.limits.admin_handshakes,
+            Limits::default().admin_handshakes
+        );
+        assert!(Limits::default().validate().is_ok());
+        for bad in [
+            "admin_handshakes_per_source = 0",
+            "admin_loopback_reserved = 64",
+            "quic_max_half_open = 0",
+        ] {
+            std::fs::write(&f, format!("listen = \"10.0.0.1:7443\"\n[limits]\n{bad}\n")).unwrap();
+            let e = Cli::parse_from(["x", "--config", f.to_str().unwrap()])
+                .c
+                .resolve(Shutdown::never())
+                .unwrap_err();
+            let e = format!("{e:#}");
+            let field = bad.split(' ').next().unwrap();
+            assert!(e.contains(field) && e.contains("c.toml"), "{e}");
+        }
+        std::fs::write(&f, "[limits]\nnope = 1\n").unwrap();
+        let e = format!("{:#}", CoordinatorFile::load(&f).unwrap_err());
+        assert!(e.contains("nope"), "{e}");
     }
 
     #[test]

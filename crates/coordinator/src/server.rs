@@ -10,6 +10,7 @@ use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,8 +18,8 @@ use anyhow::Context as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use meshd_control::api::{
-    ConnectedAgent, EventView, HostView, PolicyApplied, PolicyCheck, PolicyCurrent, StatusView,
-    TokenCreateRequest, TokenCreated, TokenView, EVENTS_MAX,
+    ConnectedAgent, EventView, GuardStats, HostView, PolicyApplied, PolicyCheck, PolicyCurrent,
+    StatusView, TokenCreateRequest, TokenCreated, TokenView, EVENTS_MAX,
 };
 use meshd_control::proto::{
     AgentMessage, CoordinatorMessage, EndpointReport, ErrorCode, HostInfo, MAX_AGENT_FRAME,
@@ -36,8 +37,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
+use crate::guard::{self, admit_quic, Check, Counters, Guard, LogLimiter, QuicAdmission};
 use crate::noise::{self, ChannelError};
-use crate::options::CoordinatorOptions;
+use crate::options::{CoordinatorOptions, Limits};
 use crate::{admin, quic};
 
 /// Key file name in the state directory.
@@ -50,6 +52,10 @@ pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 pub const ADMIN_TOKEN_PREFIX: &str = "meshadm-";
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes quinn buffers for one connection attempt not yet accepted (0-RTT and the like).
+const INCOMING_BUFFER: u64 = 64 * 1024;
+/// Bytes quinn buffers for all of them.
+const INCOMING_BUFFER_TOTAL: u64 = 8 * 1024 * 1024;
 const OUTBOUND_QUEUE: usize = 256;
 const COMMAND_QUEUE: usize = 4096;
 const MAX_BATCH: usize = 1024;
@@ -623,6 +629,8 @@ impl Actor {
                     connected,
                     advertise: self.advertise,
                     public_key: self.public_key,
+                    // Filled in by the admin API (the counters live outside the actor).
+                    guard: GuardStats::default(),
                 })
             }
         })
@@ -653,6 +661,7 @@ pub struct CoordinatorHandle {
     stop: watch::Sender<bool>,
     endpoint: quinn::Endpoint,
     tasks: Vec<JoinHandle<()>>,
+    guard: Arc<Guard>,
 }
 
 impl CoordinatorHandle {
@@ -679,6 +688,11 @@ impl CoordinatorHandle {
     /// The coordinator's static public key.
     pub fn public_key(&self) -> PublicKey {
         self.public_key
+    }
+
+    /// The listener limits' counters now (what `GET /v1/status` reports as `guard`).
+    pub fn guard_stats(&self) -> GuardStats {
+        self.guard.counters.snapshot()
     }
 
     /// Runs an admin operation in process (same path as the HTTP API).
@@ -810,7 +824,15 @@ pub async fn start(opts: CoordinatorOptions) -> anyhow::Result<CoordinatorHandle
         .context("restoring the stored policy")?;
     state.restore_blocks(snapshot.blocks);
 
-    let endpoint = quinn::Endpoint::server(quic::server_config()?, opts.listen)
+    opts.limits.validate()?;
+    let limits = opts.limits.clone();
+    let guard = Arc::new(Guard::new(&limits));
+    let mut server_config = quic::server_config()?;
+    server_config
+        .max_incoming(limits.quic_max_incoming)
+        .incoming_buffer_size(INCOMING_BUFFER)
+        .incoming_buffer_size_total(INCOMING_BUFFER_TOTAL);
+    let endpoint = quinn::Endpoint::server(server_config, opts.listen)
         .with_context(|| format!("binding control listener on {}", opts.listen))?;
     let control_addr = endpoint.local_addr()?;
     let advertise = opts.advertise_for(control_addr)?;
@@ -844,20 +866,14 @@ pub async fn start(opts: CoordinatorOptions) -> anyhow::Result<CoordinatorHandle
     };
     let mut tasks = vec![tokio::spawn(actor.run(cmd_rx, stop_rx.clone()))];
     let key = Arc::new(key);
-    {
-        let endpoint = endpoint.clone();
-        let cmds = cmd_tx.clone();
-        let mut stop = stop_rx.clone();
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let inc = tokio::select! {
-                    i = endpoint.accept() => match i { Some(i) => i, None => break },
-                    _ = stop.wait_for(|v| *v) => break,
-                };
-                tokio::spawn(handle_conn(inc, key.clone(), cmds.clone()));
-            }
-        }));
-    }
+    tasks.push(tokio::spawn(accept_loop(
+        endpoint.clone(),
+        key,
+        cmd_tx.clone(),
+        stop_rx.clone(),
+        limits.clone(),
+        guard.clone(),
+    )));
     let admin_fingerprint = admin_tls.as_ref().map(|t| t.fingerprint.clone());
     tasks.push(tokio::spawn(admin::serve(
         admin_listener,
@@ -865,6 +881,8 @@ pub async fn start(opts: CoordinatorOptions) -> anyhow::Result<CoordinatorHandle
         cmd_tx.clone(),
         admin_hash,
         stop_rx,
+        limits,
+        guard.clone(),
     )));
     info!(%control_addr, %advertise, %admin_addr, public_key = %public_key, "coordinator started");
     Ok(CoordinatorHandle {
@@ -877,6 +895,7 @@ pub async fn start(opts: CoordinatorOptions) -> anyhow::Result<CoordinatorHandle
         stop: stop_tx,
         endpoint,
         tasks,
+        guard,
     })
 }
 
@@ -890,19 +909,145 @@ pub async fn run(opts: CoordinatorOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn handle_conn(inc: quinn::Incoming, key: Arc<PrivateKey>, cmds: mpsc::Sender<Cmd>) {
+/// Takes the control endpoint's connection attempts: a client whose address is not proven is
+/// sent a Retry once `quic_retry_threshold` handshakes are in progress (by default always, so
+/// nothing but a Retry, smaller than the client's Initial, goes to an unproven address);
+/// `quic_max_half_open` handshakes in progress at most; a source in its join-token backoff is
+/// refused. Pressure is logged at most once per 10 s, with counts.
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    key: Arc<PrivateKey>,
+    cmds: mpsc::Sender<Cmd>,
+    mut stop: watch::Receiver<bool>,
+    limits: Limits,
+    guard: Arc<Guard>,
+) {
+    let mut pressure = LogLimiter::new(Duration::from_secs(guard::LOG_EVERY_SECS));
+    let mut backoff_log = LogLimiter::new(Duration::from_secs(guard::LOG_EVERY_SECS));
+    let c = &guard.counters;
+    loop {
+        let inc = tokio::select! {
+            i = endpoint.accept() => match i { Some(i) => i, None => break },
+            _ = stop.wait_for(|v| *v) => break,
+        };
+        let now = std::time::Instant::now();
+        let remote = inc.remote_address();
+        let half_open =
+            usize::try_from(c.quic_half_open.load(Ordering::Relaxed)).unwrap_or(usize::MAX);
+        let validated = inc.remote_address_validated();
+        // Only a proven address is looked up: a spoofed one is sent a Retry at most.
+        let blocked = validated
+            && matches!(
+                guard::lock(&guard.joins).check(now, remote.ip()),
+                Check::Blocked { .. }
+            );
+        match admit_quic(
+            validated,
+            half_open,
+            blocked,
+            limits.quic_retry_threshold,
+            limits.quic_max_half_open,
+        ) {
+            QuicAdmission::Accept => {
+                c.half_open_started();
+                tokio::spawn(handle_conn(
+                    inc,
+                    key.clone(),
+                    cmds.clone(),
+                    HalfOpen(guard.clone()),
+                ));
+            }
+            QuicAdmission::Retry => {
+                match inc.retry() {
+                    Ok(()) => Counters::bump(&c.quic_retries),
+                    Err(e) => e.into_incoming().ignore(),
+                }
+                if half_open > 0 {
+                    if let Some(n) = pressure.hit(now) {
+                        warn!(half_open, retries = c.quic_retries.load(Ordering::Relaxed),
+                            refused = c.quic_refused_full.load(Ordering::Relaxed), since_last = n,
+                            "control endpoint: many QUIC handshakes in progress; new clients must prove their address (Retry)");
+                    }
+                }
+            }
+            QuicAdmission::RefuseFull => {
+                // Counted first: the client may hear of it before this thread goes on.
+                Counters::bump(&c.quic_refused_full);
+                inc.refuse();
+                if let Some(n) = pressure.hit(now) {
+                    warn!(
+                        half_open,
+                        retries = c.quic_retries.load(Ordering::Relaxed),
+                        refused = c.quic_refused_full.load(Ordering::Relaxed),
+                        since_last = n,
+                        "control endpoint: QUIC half-open limit reached; refusing new connections"
+                    );
+                }
+            }
+            QuicAdmission::RefuseBackoff => {
+                Counters::bump(&c.join_backoff_refused);
+                inc.refuse();
+                if let Some(n) = backoff_log.hit(now) {
+                    warn!(source = %remote.ip(), refused = n,
+                        "control endpoint: refusing connections from a source that keeps presenting bad join tokens");
+                }
+            }
+        }
+    }
+}
+
+/// One QUIC handshake in progress: counted in `quic_half_open` until dropped.
+struct HalfOpen(Arc<Guard>);
+
+impl Drop for HalfOpen {
+    fn drop(&mut self) {
+        self.0.counters.half_open_ended();
+    }
+}
+
+async fn handle_conn(
+    inc: quinn::Incoming,
+    key: Arc<PrivateKey>,
+    cmds: mpsc::Sender<Cmd>,
+    half_open: HalfOpen,
+) {
     let remote = inc.remote_address();
-    let conn = match inc.await {
+    let res = inc.await;
+    let guard = half_open.0.clone();
+    drop(half_open);
+    let conn = match res {
         Ok(c) => c,
         Err(e) => {
             debug!(%remote, error = %e, "QUIC handshake failed");
             return;
         }
     };
-    if let Err(e) = serve_conn(&conn, &key, &cmds).await {
+    if let Err(e) = serve_conn(&conn, &key, &cmds, &guard).await {
         debug!(%remote, error = %e, "control connection ended");
     }
     conn.close(quinn::VarInt::from_u32(0), b"bye");
+}
+
+/// Whether a refusal means the join token was wrong (a guess, or one no longer valid).
+fn bad_join_token(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::TokenUnknown
+            | ErrorCode::TokenExpired
+            | ErrorCode::TokenRevoked
+            | ErrorCode::TokenUsedUp
+    )
+}
+
+/// Counts, logs (rate-limited per source) and backs off a bad join token from `ip`.
+fn join_token_failed(guard: &Guard, ip: IpAddr, code: ErrorCode) {
+    Counters::bump(&guard.counters.join_token_failures);
+    let f = guard::lock(&guard.joins).failure(std::time::Instant::now(), ip);
+    if let Some(failed) = f.log {
+        warn!(source = %ip, ?code, failed, in_a_row = f.failures,
+            backoff_secs = f.blocked_for.map(|d| d.as_secs_f64()),
+            "control endpoint: enrolment with a bad join token");
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -935,6 +1080,7 @@ async fn serve_conn(
     conn: &quinn::Connection,
     key: &PrivateKey,
     cmds: &mpsc::Sender<Cmd>,
+    guard: &Guard,
 ) -> Result<(), ServeError> {
     let (send, recv) = timed(conn.accept_bi()).await?;
     let (mut reader, mut writer, agent_key) = timed(noise::respond(
@@ -987,6 +1133,7 @@ async fn serve_conn(
             return Ok(());
         }
     };
+    let enrolling = matches!(hello, Hello::Enrol { .. });
     let (tx, mut rx) = mpsc::channel(OUTBOUND_QUEUE);
     let (reply_tx, reply_rx) = oneshot::channel();
     let mut observed = conn.remote_address();
@@ -1003,10 +1150,16 @@ async fn serve_conn(
     let (info, cid) = match reply_rx.await.map_err(|_| ServeError::Stopping)? {
         Ok(x) => x,
         Err(code) => {
+            if enrolling && bad_join_token(code) {
+                join_token_failed(guard, observed.ip(), code);
+            }
             refuse(&mut writer, code, code.to_string()).await;
             return Ok(());
         }
     };
+    if enrolling {
+        guard::lock(&guard.joins).success(observed.ip());
+    }
     let host = info.id;
     writer
         .send(&CoordinatorMessage::Welcome {
