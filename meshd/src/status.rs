@@ -312,7 +312,8 @@ mod tests {
         let device = Device::new(PrivateKey::generate(), 1);
         let policy = Enforcement::new();
         let io = IoStats::default();
-        let (l, r): (IpAddr, IpAddr) = ("100.64.0.1".parse().unwrap(), "100.64.0.2".parse().unwrap());
+        let (l, r): (IpAddr, IpAddr) =
+            ("100.64.0.1".parse().unwrap(), "100.64.0.2".parse().unwrap());
         let big = meshd_firewall::build::udp(r, 5353, l, 53, 2000);
         // A later fragment whose first fragment was never admitted: no port to check.
         let (_first, later) = meshd_firewall::build::fragment_v4(&big, 1480, 0x1234);
@@ -338,7 +339,10 @@ mod tests {
         ] {
             assert_eq!(s.counters.get(name), Some(&0), "{name}");
         }
-        device.counters.cookie_replies.fetch_add(2, Ordering::Relaxed);
+        device
+            .counters
+            .cookie_replies
+            .fetch_add(2, Ordering::Relaxed);
         device
             .counters
             .count(meshd_tunnel::DropReason::InnerDestination);

@@ -65,7 +65,12 @@ pub struct UpArgs {
     /// it routes to), comma-separated or repeated (coordinator mode; static mode:
     /// `[interface] routed_prefixes`). Without it, inner packets to any other destination
     /// are dropped and counted as `inner_destination`.
-    #[arg(long, value_name = "PREFIX", value_delimiter = ',', conflicts_with = "config")]
+    #[arg(
+        long,
+        value_name = "PREFIX",
+        value_delimiter = ',',
+        conflicts_with = "config"
+    )]
     routed_prefixes: Vec<ipnet::IpNet>,
 }
 

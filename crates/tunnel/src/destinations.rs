@@ -126,10 +126,7 @@ mod tests {
 
     #[test]
     fn own_addresses_only_by_default() {
-        let d = Destinations::new(
-            [ip("100.64.0.1"), ip("fd00::1"), ip("198.18.0.1")],
-            &[],
-        );
+        let d = Destinations::new([ip("100.64.0.1"), ip("fd00::1"), ip("198.18.0.1")], &[]);
         assert!(d.accepts(ip("100.64.0.1")));
         assert!(d.accepts(ip("fd00::1")));
         assert!(d.accepts(ip("198.18.0.1")));

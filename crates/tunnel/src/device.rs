@@ -320,7 +320,14 @@ impl Device {
         out: &'a mut [u8],
     ) -> Decap<'t, 'a> {
         let local = self.destinations.load();
-        self.decapsulate_memo(table, &mut RouteMemo::default(), &local, from, datagram, out)
+        self.decapsulate_memo(
+            table,
+            &mut RouteMemo::default(),
+            &local,
+            from,
+            datagram,
+            out,
+        )
     }
 
     /// [`decapsulate`](Self::decapsulate), checking the inner source through a worker's

@@ -20,9 +20,7 @@ pub mod table;
 
 pub use boringtun::noise::{Tunn, TunnResult};
 pub use destinations::Destinations;
-pub use device::{
-    Decap, Device, DestinationsCache, DeviceCounters, DropReason, Encap, TableCache,
-};
+pub use device::{Decap, DestinationsCache, Device, DeviceCounters, DropReason, Encap, TableCache};
 pub use keys::{KeyError, PrivateKey, PublicKey};
 pub use peer::{Peer, PeerCounters, PeerSpec};
 pub use table::{PeerDiff, PeerTable, RouteMemo, TableError};

@@ -342,7 +342,11 @@ fn inner_destination_other_than_ours_is_dropped_and_counted() {
         net.seal_to_first_peer(&a, A_ADDR, &ip4([100, 64, 0, 1], dst, b"relay me"));
     }
     net.run(&a, &b);
-    assert_eq!(net.delivered.len(), 1, "nothing but the first packet delivered");
+    assert_eq!(
+        net.delivered.len(),
+        1,
+        "nothing but the first packet delivered"
+    );
     assert_eq!(nonzero(&b), vec![("inner_destination", 6)]);
     // To b's own address it passes.
     let mine = ip4([100, 64, 0, 1], [100, 64, 0, 2], b"for b");
@@ -375,8 +379,14 @@ fn routed_prefix_and_runtime_swap() {
     assert_eq!(net.delivered, vec![("b", mine6.clone())]);
     assert_eq!(nonzero(&b), vec![("inner_destination", 2)]);
     // The operator routes 10.1.0.0/16 and fd10::/64 through b: swapped in while running.
-    assert!(b.set_destinations(own(&["100.64.0.2", "fd00::2"], &["10.1.0.0/16", "fd10::/64"])));
-    assert!(!b.set_destinations(own(&["100.64.0.2", "fd00::2"], &["10.1.0.0/16", "fd10::/64"])));
+    assert!(b.set_destinations(own(
+        &["100.64.0.2", "fd00::2"],
+        &["10.1.0.0/16", "fd10::/64"]
+    )));
+    assert!(!b.set_destinations(own(
+        &["100.64.0.2", "fd00::2"],
+        &["10.1.0.0/16", "fd10::/64"]
+    )));
     net.seal_to_first_peer(&a, A_ADDR, &relayed);
     net.seal_to_first_peer(&a, A_ADDR, &relayed6);
     // Outside the routed prefix: still dropped.

@@ -877,10 +877,14 @@ impl RxPath {
                     let Some(space) = slot.space().get_mut(TUN_OFFSET..TUN_OFFSET + d.len()) else {
                         continue;
                     };
-                    match sh
-                        .device
-                        .decapsulate_memo(table, &mut self.route, local, m.addr, d, space)
-                    {
+                    match sh.device.decapsulate_memo(
+                        table,
+                        &mut self.route,
+                        local,
+                        m.addr,
+                        d,
+                        space,
+                    ) {
                         Decap::Deliver { peer, packet } => {
                             let len = packet.len();
                             let grants = peer.grants();
