@@ -430,3 +430,46 @@ async fn apply_transparent(
             .collect();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        up: UpArgs,
+    }
+
+    #[test]
+    fn routed_prefixes_flag() {
+        let cli = Cli::try_parse_from([
+            "up",
+            "--join",
+            "T",
+            "--routed-prefixes",
+            "10.1.0.0/16,fd10::/64",
+            "--routed-prefixes",
+            "192.0.2.0/24",
+        ])
+        .unwrap();
+        let got: Vec<String> = cli
+            .up
+            .routed_prefixes
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(got, ["10.1.0.0/16", "fd10::/64", "192.0.2.0/24"]);
+        assert!(Cli::try_parse_from(["up", "--routed-prefixes", "10.1.0.0"]).is_err());
+        // Static mode takes them from [interface] routed_prefixes.
+        let e = Cli::try_parse_from([
+            "up",
+            "--config",
+            "m.toml",
+            "--routed-prefixes",
+            "10.1.0.0/16",
+        ]);
+        assert!(e.is_err());
+    }
+}
