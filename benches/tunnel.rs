@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use meshd_tunnel::{Decap, Device, Encap, PeerSpec, PrivateKey, TunnResult};
+use meshd_tunnel::{Decap, Destinations, Device, Encap, PeerSpec, PrivateKey, TunnResult};
 
 fn spec(name: &str, key: &PrivateKey, ep: &str, ip: &str) -> PeerSpec {
     PeerSpec {
@@ -39,6 +39,9 @@ fn fresh_pair() -> (Device, Device) {
         .expect("peers");
     b.set_peers(&[spec("a", &ka, A, "100.64.0.1/32")])
         .expect("peers");
+    let own = |ip: [u8; 4]| Destinations::new([ip.into()], &[]);
+    a.set_destinations(own([100, 64, 0, 1]));
+    b.set_destinations(own([100, 64, 0, 2]));
     (a, b)
 }
 

@@ -71,6 +71,8 @@ pub struct AgentArgs {
     pub machine_id_file: PathBuf,
     /// Busy-poll window of the packet path (zero: off).
     pub busy_poll: std::time::Duration,
+    /// Inner destinations peers may reach through this host besides its own addresses.
+    pub routed_prefixes: Vec<IpNet>,
 }
 
 /// Reads the machine id (`None` if the file is missing or empty: clone detection is off).
@@ -343,6 +345,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let fwmark = args.transparent.then_some(transparent::FWMARK);
     let device = Arc::new(Device::new(key.clone(), rand_core::OsRng.next_u32()));
     let addresses = overlay_addresses(&agent.host);
+    device.set_destinations(crate::dataplane::local_destinations(
+        &addresses,
+        &[],
+        &args.routed_prefixes,
+    ));
     let enforcement = Arc::new(Enforcement::new());
     let dp = Dataplane::start(
         device.clone(),
@@ -401,6 +408,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         routes: &mut routes,
         transparent: transparent.as_mut(),
         overlay: &addresses,
+        routed: &args.routed_prefixes,
         protected: &protected,
     };
     if let Some(map) = &persisted {
@@ -554,6 +562,8 @@ struct MapApplier<'a> {
     routes: &'a mut Routes,
     transparent: Option<&'a mut Transparent>,
     overlay: &'a [IpNet],
+    /// Prefixes peers may reach through this host (`--routed-prefixes`).
+    routed: &'a [IpNet],
     protected: &'a Mutex<Vec<String>>,
 }
 
@@ -583,6 +593,9 @@ impl MapApplier<'_> {
             .collect();
         self.routes.sync(nets).await;
         if let (Some(t), Some(plan)) = (self.transparent.as_deref_mut(), plan) {
+            // Peers reach our own underlay addresses through the tunnel now.
+            let local = crate::dataplane::local_destinations(self.overlay, own, self.routed);
+            self.device.set_destinations(local);
             if let Err(e) = t.apply(&plan).await {
                 tracing::error!(error = %format!("{e:#}"), "transparent mode: applying routes and filter");
             }

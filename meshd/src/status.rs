@@ -27,6 +27,10 @@ pub struct Status {
     pub mode: String,
     /// Overlay addresses.
     pub addresses: Vec<String>,
+    /// Prefixes peers may reach through this host besides its own addresses
+    /// (`routed_prefixes`); inner packets to anything else are dropped.
+    #[serde(default)]
+    pub routed_prefixes: Vec<String>,
     /// Transparent mode: peer underlay addresses reached only through the tunnel,
     /// as `address (peer)`.
     #[serde(default)]
@@ -35,7 +39,9 @@ pub struct Status {
     pub offload: bool,
     /// Peers in table order.
     pub peers: Vec<PeerStatus>,
-    /// Drop and IO counters by name.
+    /// Drop, handshake and IO counters by name: `drop_<reason>` (the device's
+    /// [`meshd_tunnel::DropReason`]s), `policy_<reason>` (the firewall's), `cookie_replies_sent`,
+    /// IO counters.
     pub counters: std::collections::BTreeMap<String, u64>,
 }
 
@@ -103,6 +109,7 @@ pub fn snapshot(device: &Device, io: &IoStats, policy: &Enforcement, src: &Statu
         .map(|(k, v)| (format!("drop_{k}"), v))
         .collect();
     for (k, v) in [
+        ("cookie_replies_sent", &device.counters.cookie_replies),
         ("udp_send_errors", &io.udp_send_errors),
         ("tun_write_errors", &io.tun_write_errors),
         ("gso_sends", &io.gso_sends),
@@ -121,6 +128,7 @@ pub fn snapshot(device: &Device, io: &IoStats, policy: &Enforcement, src: &Statu
         ("policy_malformed", fw.malformed_total()),
         ("policy_table_full", fw.table_full),
         ("policy_peer_flow_limit", fw.peer_limit),
+        ("policy_untracked_fragment", fw.untracked_fragment),
         ("flows_opened", fw.flows_opened),
         ("flows_picked_up", fw.flows_picked_up),
         ("flows_revoked", fw.flows_revoked),
@@ -134,6 +142,12 @@ pub fn snapshot(device: &Device, io: &IoStats, policy: &Enforcement, src: &Statu
         listen_port: src.listen_port,
         mode: src.mode.clone(),
         addresses: src.addresses.clone(),
+        routed_prefixes: device
+            .destinations()
+            .routed()
+            .iter()
+            .map(|n| n.to_string())
+            .collect(),
         protected: src.protected.lock().map(|p| p.clone()).unwrap_or_default(),
         offload: src.offload,
         peers,
@@ -189,6 +203,9 @@ pub fn print(s: &Status) {
     println!("  listening port: {}", s.listen_port);
     println!("  mode: {}", s.mode);
     println!("  addresses: {}", s.addresses.join(", "));
+    if !s.routed_prefixes.is_empty() {
+        println!("  routed prefixes: {}", s.routed_prefixes.join(", "));
+    }
     if s.mode == "transparent" {
         if s.protected.is_empty() {
             println!("  protected peer addresses: none yet");
@@ -236,6 +253,9 @@ pub fn print(s: &Status) {
     if !denied.is_empty() {
         println!("denied by policy: {}", denied.join(" "));
     }
+    if let Some(n) = s.counters.get("cookie_replies_sent").filter(|n| **n > 0) {
+        println!("cookie replies sent (under load): {n}");
+    }
 }
 
 fn ago(secs: u64) -> String {
@@ -258,5 +278,86 @@ fn bytes(n: u64) -> String {
         format!("{n} B")
     } else {
         format!("{v:.2} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshd_policy::{Direction, PeerGrants};
+    use meshd_tunnel::PrivateKey;
+    use std::net::IpAddr;
+
+    fn source() -> StatusSource {
+        StatusSource {
+            interface: "mesh0".into(),
+            listen_port: 51820,
+            mode: "overlay".into(),
+            addresses: vec!["100.64.0.1/24".into()],
+            offload: false,
+            protected: Default::default(),
+        }
+    }
+
+    /// Counters that are not zero.
+    fn nonzero(s: &Status) -> Vec<(String, u64)> {
+        s.counters
+            .iter()
+            .filter(|(_, v)| **v > 0)
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    }
+
+    #[test]
+    fn later_fragment_drops_are_shown() {
+        let device = Device::new(PrivateKey::generate(), 1);
+        let policy = Enforcement::new();
+        let io = IoStats::default();
+        let (l, r): (IpAddr, IpAddr) =
+            ("100.64.0.1".parse().unwrap(), "100.64.0.2".parse().unwrap());
+        let big = meshd_firewall::build::udp(r, 5353, l, 53, 2000);
+        // A later fragment whose first fragment was never admitted: no port to check.
+        let (_first, later) = meshd_firewall::build::fragment_v4(&big, 1480, 0x1234);
+        let grants = PeerGrants::allow_all("test");
+        let v = policy
+            .firewall
+            .check(7, &grants, 1, Direction::Inbound, &later, 1_000);
+        assert!(!v.is_allow());
+        let s = snapshot(&device, &io, &policy, &source());
+        assert_eq!(nonzero(&s), vec![("policy_untracked_fragment".into(), 1)]);
+    }
+
+    #[test]
+    fn every_device_counter_is_shown() {
+        let device = Device::new(PrivateKey::generate(), 1);
+        let s = snapshot(&device, &IoStats::default(), &Enforcement::new(), &source());
+        for name in [
+            "drop_replayed_initiation",
+            "drop_malformed_inner",
+            "drop_inner_destination",
+            "cookie_replies_sent",
+            "policy_untracked_fragment",
+        ] {
+            assert_eq!(s.counters.get(name), Some(&0), "{name}");
+        }
+        device
+            .counters
+            .cookie_replies
+            .fetch_add(2, Ordering::Relaxed);
+        device
+            .counters
+            .count(meshd_tunnel::DropReason::InnerDestination);
+        let s = snapshot(&device, &IoStats::default(), &Enforcement::new(), &source());
+        assert_eq!(
+            nonzero(&s),
+            vec![
+                ("cookie_replies_sent".into(), 2),
+                ("drop_inner_destination".into(), 1)
+            ]
+        );
+        // The JSON form carries them too.
+        let json: serde_json::Value = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["counters"]["cookie_replies_sent"], 2);
+        assert_eq!(json["counters"]["drop_inner_destination"], 1);
     }
 }

@@ -61,6 +61,17 @@ pub struct UpArgs {
     /// per worker; never under bulk traffic.
     #[arg(long, value_name = "US", default_value_t = 0, env = "MESHD_BUSY_POLL_US", value_parser = clap::value_parser!(u32).range(0..=10_000))]
     busy_poll_us: u32,
+    /// Prefixes peers may reach through this host besides its own addresses (e.g. a subnet
+    /// it routes to), comma-separated or repeated (coordinator mode; static mode:
+    /// `[interface] routed_prefixes`). Without it, inner packets to any other destination
+    /// are dropped and counted as `inner_destination`.
+    #[arg(
+        long,
+        value_name = "PREFIX",
+        value_delimiter = ',',
+        conflicts_with = "config"
+    )]
+    routed_prefixes: Vec<ipnet::IpNet>,
 }
 
 /// Name of this host in static-mode policy (selectors like `{host: self}`).
@@ -182,6 +193,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             transparent: args.transparent,
             machine_id_file: args.machine_id_file,
             busy_poll: Duration::from_micros(args.busy_poll_us.into()),
+            routed_prefixes: args.routed_prefixes,
         }));
     };
     let busy_poll = Duration::from_micros(args.busy_poll_us.into());
@@ -201,6 +213,11 @@ fn run_static(
     let device = Arc::new(Device::new(key, rand_core::OsRng.next_u32()));
     device.set_peers(&peer_specs(&cfg)?)?;
     let iface = &cfg.interface;
+    device.set_destinations(crate::dataplane::local_destinations(
+        &iface.addresses,
+        &[],
+        &iface.routed_prefixes,
+    ));
     let enforcement = Arc::new(Enforcement::new());
     let dp = Dataplane::start(
         device.clone(),
@@ -282,7 +299,7 @@ async fn control_loop(
     };
     let (conn, nl, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
     tokio::spawn(conn);
-    let overlay: Vec<ipnet::IpNet> = cfg.interface.addresses.iter().map(|n| n.trunc()).collect();
+    let overlay: Vec<ipnet::IpNet> = cfg.interface.addresses.clone();
     let mut own = crate::agent::local_addresses(&nl, &cfg.interface.addresses).await;
     // The peers as configured; transparent mode adds underlay addresses to a copy.
     let mut specs = peer_specs(cfg)?;
@@ -384,7 +401,8 @@ async fn apply_transparent(
         })
         .collect();
     let now = crate::dataplane::unix_millis() / 1000;
-    let plan = transparent::plan(true, &peers, own, overlay, now);
+    let overlay_nets: Vec<ipnet::IpNet> = overlay.iter().map(ipnet::IpNet::trunc).collect();
+    let plan = transparent::plan(true, &peers, own, &overlay_nets, now);
     drop(peers);
     for (s, extra) in specs.iter_mut().zip(&plan.extra_allowed) {
         for n in extra {
@@ -397,6 +415,10 @@ async fn apply_transparent(
         tracing::error!(error = %e, "transparent mode: peer table refused");
         return;
     }
+    // Peers reach our own underlay addresses through the tunnel now (routed prefixes
+    // come from [interface] and change only with a restart).
+    let routed = device.destinations().routed().to_vec();
+    device.set_destinations(crate::dataplane::local_destinations(overlay, own, &routed));
     if let Err(e) = t.apply(&plan).await {
         tracing::error!(error = %format!("{e:#}"), "transparent mode: applying routes and filter");
     }
@@ -406,5 +428,48 @@ async fn apply_transparent(
             .iter()
             .map(|(ip, name)| format!("{ip} ({name})"))
             .collect();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        up: UpArgs,
+    }
+
+    #[test]
+    fn routed_prefixes_flag() {
+        let cli = Cli::try_parse_from([
+            "up",
+            "--join",
+            "T",
+            "--routed-prefixes",
+            "10.1.0.0/16,fd10::/64",
+            "--routed-prefixes",
+            "192.0.2.0/24",
+        ])
+        .unwrap();
+        let got: Vec<String> = cli
+            .up
+            .routed_prefixes
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(got, ["10.1.0.0/16", "fd10::/64", "192.0.2.0/24"]);
+        assert!(Cli::try_parse_from(["up", "--routed-prefixes", "10.1.0.0"]).is_err());
+        // Static mode takes them from [interface] routed_prefixes.
+        let e = Cli::try_parse_from([
+            "up",
+            "--config",
+            "m.toml",
+            "--routed-prefixes",
+            "10.1.0.0/16",
+        ]);
+        assert!(e.is_err());
     }
 }

@@ -17,6 +17,7 @@
 //! mtu = 1420
 //! mode = "overlay"
 //! fwmark = 0x4d5348
+//! routed_prefixes = ["10.1.0.0/16"]
 //!
 //! [[peer]]
 //! name = "db1"
@@ -37,6 +38,7 @@
 //! | `mtu` | default `1420` | TUN MTU, `576..=9000`; at least `1280` if any address is IPv6. |
 //! | `mode` | default `"overlay"` | `"overlay"`: peers are reached by the overlay addresses above. `"transparent"`: meshd encrypts traffic to peers' ordinary addresses. |
 //! | `fwmark` | optional | Firewall mark (u32, hex allowed: `0x4d5348`) set on meshd's UDP packets; `0` means none, as in `wg`. |
+//! | `routed_prefixes` | default `[]` | Inner destinations beyond this host's own addresses that peers may send to through the tunnel (this host routes them on, e.g. a subnet behind it): one prefix string or an array. Without it, a decrypted packet is written to the TUN only if its destination is one of `address` (and, in transparent mode, this host's own underlay addresses); anything else (another host, a broadcast or multicast address) is dropped and counted as `inner_destination`. Peers still need the prefix in their `allowed_ips` for this host. |
 //!
 //! ## `[[peer]]` (any number, including none)
 //!
@@ -139,6 +141,9 @@ pub struct Interface {
     /// Static mode: the same YAML rules inline (a TOML multi-line string); used when
     /// `policy_file` is absent.
     pub policy: Option<String>,
+    /// Inner destinations peers may reach through this host besides its own addresses
+    /// (host bits cleared; empty: only this host's own addresses).
+    pub routed_prefixes: Vec<IpNet>,
 }
 
 /// How traffic reaches the mesh (`interface.mode`).
@@ -298,6 +303,7 @@ struct RawInterface {
     labels: BTreeMap<String, String>,
     policy_file: Option<PathBuf>,
     policy: Option<String>,
+    routed_prefixes: Option<Spanned<NetList>>,
 }
 
 #[derive(Deserialize)]
@@ -584,6 +590,16 @@ impl Ctx<'_> {
             _ => p,
         };
         let private_key_file = relative(raw.private_key_file.into_inner());
+        let mut routed_prefixes: Vec<IpNet> = match raw.routed_prefixes {
+            Some(list) => self
+                .nets(list, "interface.routed_prefixes")?
+                .into_iter()
+                .map(|(net, _, _)| net.trunc())
+                .collect(),
+            None => Vec::new(),
+        };
+        routed_prefixes.sort();
+        routed_prefixes.dedup();
         Ok(Interface {
             name: raw.name.into_inner(),
             private_key_file,
@@ -595,6 +611,7 @@ impl Ctx<'_> {
             labels: raw.labels,
             policy_file: raw.policy_file.map(relative),
             policy: raw.policy,
+            routed_prefixes,
         })
     }
 

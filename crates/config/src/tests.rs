@@ -718,3 +718,36 @@ fn line_col_counts_chars() {
     assert_eq!(line_col(text, 5), (2, 2));
     assert_eq!(line_col(text, 999), (3, 1));
 }
+
+#[test]
+fn routed_prefixes() {
+    assert!(parse(MINIMAL).interface.routed_prefixes.is_empty());
+    let c = parse(&MINIMAL.replace(
+        "[interface]\n",
+        "[interface]\nrouted_prefixes = [\"10.1.2.3/16\", \"fd10::/64\", \"10.1.0.0/16\"]\n",
+    ));
+    // Host bits cleared, sorted, duplicates folded.
+    let want: Vec<IpNet> = ["10.1.0.0/16", "fd10::/64"]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    assert_eq!(c.interface.routed_prefixes, want);
+    let c = parse(&MINIMAL.replace(
+        "[interface]\n",
+        "[interface]\nrouted_prefixes = \"192.0.2.0/24\"\n",
+    ));
+    assert_eq!(
+        c.interface.routed_prefixes,
+        vec!["192.0.2.0/24".parse::<IpNet>().unwrap()]
+    );
+    let e = err(&MINIMAL.replace(
+        "[interface]\n",
+        "[interface]\nrouted_prefixes = [\"10.1.0.0/16\", \"10.2.0.0\"]\n",
+    ));
+    assert_msg(
+        &e,
+        "2:35",
+        "interface.routed_prefixes[1]",
+        "needs a prefix length",
+    );
+}

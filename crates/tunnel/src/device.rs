@@ -12,6 +12,7 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use parking_lot::Mutex;
 
+use crate::destinations::Destinations;
 use crate::keys::{PrivateKey, PublicKey};
 use crate::packet;
 use crate::peer::{Peer, PeerSpec};
@@ -20,16 +21,27 @@ use crate::table::{IndexAllocator, PeerDiff, PeerTable, RouteMemo, TableError};
 /// Why a packet was dropped. Each reason has its own counter in [`DeviceCounters`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DropReason {
-    /// Not a WireGuard message (bad type, size or reserved bits) or not an IP packet.
+    /// Not a WireGuard message (bad type, size or reserved bits), or (outbound) not an IP
+    /// packet.
     Malformed,
     /// No peer with that key or receiver index: the sender is not in our mesh.
     UnknownPeer,
     /// Handshake MAC wrong, or refused because we are under load without a valid cookie.
     Refused,
-    /// Authentication failed, replayed counter, or no session for the index.
+    /// Authentication failed, replayed data counter, or no session for the index.
     Decrypt,
+    /// A handshake initiation whose timestamp is not newer than the last one accepted from
+    /// that peer (a replay; WireGuard answers none), or unreadable.
+    ReplayedInitiation,
+    /// Decrypted, but not a valid IPv4 or IPv6 packet (bad version, or a header or length
+    /// that does not fit the payload).
+    MalformedInner,
     /// The decrypted packet's inner source is not in the sending peer's allowed IPs.
     SourceNotAllowed,
+    /// The decrypted packet's inner destination is not this host (none of its own addresses,
+    /// no routed prefix; see [`Destinations`]): a peer trying to use this host as a relay,
+    /// or a broadcast or multicast address.
+    InnerDestination,
     /// Outbound: no peer's allowed IPs hold the destination.
     NoRoute,
     /// Outbound: the peer has no known endpoint yet.
@@ -47,12 +59,21 @@ pub struct DeviceCounters {
     pub refused: AtomicU64,
     /// See [`DropReason::Decrypt`].
     pub decrypt: AtomicU64,
+    /// See [`DropReason::ReplayedInitiation`].
+    pub replayed_initiation: AtomicU64,
+    /// See [`DropReason::MalformedInner`].
+    pub malformed_inner: AtomicU64,
     /// See [`DropReason::SourceNotAllowed`].
     pub source_not_allowed: AtomicU64,
+    /// See [`DropReason::InnerDestination`].
+    pub inner_destination: AtomicU64,
     /// See [`DropReason::NoRoute`].
     pub no_route: AtomicU64,
     /// See [`DropReason::NoEndpoint`].
     pub no_endpoint: AtomicU64,
+    /// Cookie replies sent to handshake initiations that came while under load without a
+    /// valid cookie MAC (not a drop: the initiator retries with the cookie).
+    pub cookie_replies: AtomicU64,
 }
 
 impl DeviceCounters {
@@ -63,21 +84,28 @@ impl DeviceCounters {
             DropReason::UnknownPeer => &self.unknown_peer,
             DropReason::Refused => &self.refused,
             DropReason::Decrypt => &self.decrypt,
+            DropReason::ReplayedInitiation => &self.replayed_initiation,
+            DropReason::MalformedInner => &self.malformed_inner,
             DropReason::SourceNotAllowed => &self.source_not_allowed,
+            DropReason::InnerDestination => &self.inner_destination,
             DropReason::NoRoute => &self.no_route,
             DropReason::NoEndpoint => &self.no_endpoint,
         };
         c.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// `(name, value)` pairs for status output.
+    /// `(name, value)` pairs of the drop counters, one per [`DropReason`], for status output
+    /// ([`cookie_replies`](Self::cookie_replies) is not a drop and not listed).
     pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
         [
             ("malformed", &self.malformed),
             ("unknown_peer", &self.unknown_peer),
             ("refused", &self.refused),
             ("decrypt", &self.decrypt),
+            ("replayed_initiation", &self.replayed_initiation),
+            ("malformed_inner", &self.malformed_inner),
             ("source_not_allowed", &self.source_not_allowed),
+            ("inner_destination", &self.inner_destination),
             ("no_route", &self.no_route),
             ("no_endpoint", &self.no_endpoint),
         ]
@@ -91,7 +119,8 @@ impl DeviceCounters {
 #[must_use]
 #[derive(Debug)]
 pub enum Decap<'t, 'a> {
-    /// Write this IP packet to the TUN; it came from `peer` and passed cryptokey routing.
+    /// Write this IP packet to the TUN; it came from `peer`, passed cryptokey routing and is
+    /// addressed to this host (or a routed prefix).
     Deliver {
         /// The sending peer.
         peer: &'t Arc<Peer>,
@@ -133,12 +162,17 @@ pub enum Encap<'a> {
 /// A worker's cached view of the peer table (see [`Device::table_cache`]).
 pub type TableCache = arc_swap::Cache<Arc<ArcSwap<PeerTable>>, Arc<PeerTable>>;
 
+/// A worker's cached view of the accepted inner destinations (see
+/// [`Device::destinations_cache`]).
+pub type DestinationsCache = arc_swap::Cache<Arc<ArcSwap<Destinations>>, Arc<Destinations>>;
+
 /// Our side of the mesh: identity, peers and counters.
 pub struct Device {
     private: PrivateKey,
     public: x25519_dalek::PublicKey,
     limiter: Arc<RateLimiter>,
     table: Arc<ArcSwap<PeerTable>>,
+    destinations: Arc<ArcSwap<Destinations>>,
     alloc: Mutex<IndexAllocator>,
     /// Drop counters.
     pub counters: DeviceCounters,
@@ -148,7 +182,8 @@ pub struct Device {
 pub const HANDSHAKE_LOAD_LIMIT: u64 = 1000;
 
 impl Device {
-    /// A device with no peers. `index_seed` should be random.
+    /// A device with no peers that accepts no inner destination until
+    /// [`set_destinations`](Self::set_destinations). `index_seed` should be random.
     pub fn new(private: PrivateKey, index_seed: u32) -> Self {
         Self::with_load_limit(private, index_seed, HANDSHAKE_LOAD_LIMIT)
     }
@@ -161,6 +196,7 @@ impl Device {
             private,
             public,
             table: Arc::new(ArcSwap::from_pointee(PeerTable::default())),
+            destinations: Arc::new(ArcSwap::from_pointee(Destinations::default())),
             alloc: Mutex::new(IndexAllocator::new(index_seed)),
             counters: DeviceCounters::default(),
         }
@@ -190,6 +226,27 @@ impl Device {
     /// current table after a single atomic read (no reference counting) while it is unchanged.
     pub fn table_cache(&self) -> TableCache {
         arc_swap::Cache::new(Arc::clone(&self.table))
+    }
+
+    /// Replaces the set of inner destinations peers may send to (this host's own addresses
+    /// and routed prefixes) while running: built by the caller, swapped atomically. Returns
+    /// false (and swaps nothing) if the set is unchanged.
+    pub fn set_destinations(&self, destinations: Destinations) -> bool {
+        if **self.destinations.load() == destinations {
+            return false;
+        }
+        self.destinations.store(Arc::new(destinations));
+        true
+    }
+
+    /// The current inner-destination set. Load once per batch.
+    pub fn destinations(&self) -> Guard<Arc<Destinations>> {
+        self.destinations.load()
+    }
+
+    /// A view of the destination set for one worker thread (see [`table_cache`](Self::table_cache)).
+    pub fn destinations_cache(&self) -> DestinationsCache {
+        arc_swap::Cache::new(Arc::clone(&self.destinations))
     }
 
     /// Call once a second: resets the handshake rate counter.
@@ -252,7 +309,9 @@ impl Device {
         }
     }
 
-    /// Handles one datagram received from `from`, decrypting into `out` (≥ datagram length).
+    /// Handles one datagram received from `from`, decrypting into `out` (≥ datagram length),
+    /// against the current destination set (the packet path uses
+    /// [`decapsulate_memo`](Self::decapsulate_memo) with the set it loaded for the batch).
     pub fn decapsulate<'t, 'a>(
         &self,
         table: &'t PeerTable,
@@ -260,15 +319,24 @@ impl Device {
         datagram: &[u8],
         out: &'a mut [u8],
     ) -> Decap<'t, 'a> {
-        self.decapsulate_memo(table, &mut RouteMemo::default(), from, datagram, out)
+        let local = self.destinations.load();
+        self.decapsulate_memo(
+            table,
+            &mut RouteMemo::default(),
+            &local,
+            from,
+            datagram,
+            out,
+        )
     }
 
     /// [`decapsulate`](Self::decapsulate), checking the inner source through a worker's
-    /// [`RouteMemo`].
+    /// [`RouteMemo`] and the inner destination against `local`.
     pub fn decapsulate_memo<'t, 'a>(
         &self,
         table: &'t PeerTable,
         memo: &mut RouteMemo,
+        local: &Destinations,
         from: SocketAddr,
         datagram: &[u8],
         out: &'a mut [u8],
@@ -281,6 +349,7 @@ impl Device {
             Ok(p) => p,
             Err(_) => return drop(DropReason::Malformed),
         };
+        let is_data = matches!(parsed, Packet::PacketData(_));
         let peer = match parsed {
             Packet::HandshakeInit(init) => {
                 // Check MAC1 and load before the expensive DH that identifies the sender.
@@ -293,6 +362,7 @@ impl Device {
                     Err(TunnResult::WriteToNetwork(c)) => {
                         let n = c.len();
                         out[..n].copy_from_slice(&cookie[..n]);
+                        self.counters.cookie_replies.fetch_add(1, Ordering::Relaxed);
                         return Decap::Reply {
                             peer: None,
                             datagram: &out[..n],
@@ -318,6 +388,15 @@ impl Device {
                 peer.set_endpoint(from);
                 Decap::Done
             }
+            // The session's own load check (the limiter counts each initiation twice) can
+            // answer with a cookie too: not an authenticated packet, the endpoint stays.
+            TunnResult::WriteToNetwork(d) if is_cookie_reply(d) => {
+                self.counters.cookie_replies.fetch_add(1, Ordering::Relaxed);
+                Decap::Reply {
+                    peer: None,
+                    datagram: d,
+                }
+            }
             TunnResult::WriteToNetwork(d) => {
                 peer.set_endpoint(from);
                 Decap::Reply {
@@ -326,23 +405,34 @@ impl Device {
                 }
             }
             TunnResult::WriteToTunnelV4(p, src) => {
-                self.admit(table, memo, peer, from, p, src.into())
+                self.admit(table, memo, local, peer, from, p, src.into())
             }
             TunnResult::WriteToTunnelV6(p, src) => {
-                self.admit(table, memo, peer, from, p, src.into())
+                self.admit(table, memo, local, peer, from, p, src.into())
             }
             TunnResult::Err(WireGuardError::InvalidMac | WireGuardError::UnderLoad) => {
                 drop(DropReason::Refused)
+            }
+            TunnResult::Err(
+                WireGuardError::WrongTai64nTimestamp | WireGuardError::InvalidTai64nTimestamp,
+            ) => drop(DropReason::ReplayedInitiation),
+            // Only a data message's decrypted payload is checked for being an IP packet.
+            TunnResult::Err(WireGuardError::InvalidPacket) if is_data => {
+                drop(DropReason::MalformedInner)
             }
             TunnResult::Err(_) => drop(DropReason::Decrypt),
         }
     }
 
-    /// Cryptokey routing on receive: the inner source must belong to the sending peer.
+    /// Cryptokey routing on receive: the inner source must belong to the sending peer, and
+    /// the inner destination must be this host (or a routed prefix).
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
     fn admit<'t, 'a>(
         &self,
         table: &'t PeerTable,
         memo: &mut RouteMemo,
+        local: &Destinations,
         peer: &'t Arc<Peer>,
         from: SocketAddr,
         packet: &'a mut [u8],
@@ -350,18 +440,27 @@ impl Device {
     ) -> Decap<'t, 'a> {
         peer.set_endpoint(from);
         match table.route_memo(memo, src) {
-            Some(owner) if Arc::ptr_eq(owner, peer) => {
-                peer.counters
-                    .rx_bytes
-                    .fetch_add(packet.len() as u64, Ordering::Relaxed);
-                Decap::Deliver { peer, packet }
-            }
+            Some(owner) if Arc::ptr_eq(owner, peer) => {}
             _ => {
                 peer.counters.rx_not_allowed.fetch_add(1, Ordering::Relaxed);
                 self.counters.count(DropReason::SourceNotAllowed);
-                Decap::Drop(DropReason::SourceNotAllowed)
+                return Decap::Drop(DropReason::SourceNotAllowed);
             }
         }
+        // boringtun checked the version and that the length field fits; a length field
+        // shorter than the fixed header still gets here.
+        let reason = match packet::dst_addr(packet) {
+            Some(dst) if local.accepts(dst) => {
+                peer.counters
+                    .rx_bytes
+                    .fetch_add(packet.len() as u64, Ordering::Relaxed);
+                return Decap::Deliver { peer, packet };
+            }
+            Some(_) => DropReason::InnerDestination,
+            None => DropReason::MalformedInner,
+        };
+        self.counters.count(reason);
+        Decap::Drop(reason)
     }
 
     /// After a [`Decap::Reply`] for `peer`: sends the packets queued during the handshake.
@@ -404,3 +503,11 @@ impl Device {
         Err(reason)
     }
 }
+
+/// Whether a datagram the session wants sent is a cookie reply (message type 3).
+fn is_cookie_reply(d: &[u8]) -> bool {
+    d.len() == COOKIE_REPLY_LEN && d.first() == Some(&3)
+}
+
+/// Size of a WireGuard cookie reply message.
+const COOKIE_REPLY_LEN: usize = 64;

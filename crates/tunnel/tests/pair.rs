@@ -1,10 +1,12 @@
 //! Two devices wired back to back in memory: handshake, data both ways, cryptokey routing,
-//! unknown peers, garbage. No sockets, no TUN.
+//! inner destinations, unknown peers, garbage, replays, cookies. No sockets, no TUN.
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
 
-use meshd_tunnel::{Decap, Device, DropReason, Encap, PeerSpec, PrivateKey};
+use ipnet::IpNet;
+use meshd_tunnel::{Decap, Destinations, Device, DropReason, Encap, PeerSpec, PrivateKey};
 
 const A_ADDR: &str = "198.18.0.1:51820";
 const B_ADDR: &str = "198.18.0.2:51820";
@@ -42,6 +44,26 @@ struct Net {
 }
 
 impl Net {
+    fn new() -> Net {
+        Net {
+            wire: VecDeque::new(),
+            delivered: Vec::new(),
+        }
+    }
+
+    /// Seals `packet` for the device's first peer whatever its destination (what a peer
+    /// that routes anything into the tunnel would send).
+    fn seal_to_first_peer(&mut self, dev: &Device, me: &str, packet: &[u8]) {
+        let table = dev.table();
+        let peer = &table.peers()[0];
+        let mut tunn = peer.lock();
+        let mut out = vec![0u8; packet.len() + 148];
+        if let Encap::Send { to, datagram } = dev.encapsulate(peer, &mut tunn, packet, &mut out) {
+            self.wire
+                .push_back((me.parse().unwrap(), to, datagram.to_vec()));
+        }
+    }
+
     fn send(&mut self, dev: &Device, me: &str, packet: &[u8]) {
         let table = dev.table();
         let peer = dev.route(&table, packet).expect("route");
@@ -96,7 +118,52 @@ fn pair() -> (Device, Device, PrivateKey, PrivateKey) {
         .unwrap();
     b.set_peers(&[spec("a", &ka, A_ADDR, "100.64.0.1/32")])
         .unwrap();
+    a.set_destinations(own(&["100.64.0.1"], &[]));
+    b.set_destinations(own(&["100.64.0.2"], &[]));
     (a, b, ka, kb)
+}
+
+fn own(addrs: &[&str], routed: &[&str]) -> Destinations {
+    let routed: Vec<IpNet> = routed.iter().map(|s| s.parse().unwrap()).collect();
+    Destinations::new(addrs.iter().map(|s| s.parse::<IpAddr>().unwrap()), &routed)
+}
+
+/// The device's counters that are not zero, by name (cookie replies as `cookie_replies`).
+fn nonzero(dev: &Device) -> Vec<(&'static str, u64)> {
+    let mut v: Vec<_> = dev
+        .counters
+        .snapshot()
+        .into_iter()
+        .filter(|c| c.1 > 0)
+        .collect();
+    let cookies = dev.counters.cookie_replies.load(Ordering::Relaxed);
+    if cookies > 0 {
+        v.push(("cookie_replies", cookies));
+    }
+    v
+}
+
+/// A minimal IPv6 packet (UDP) from `src` to `dst`.
+fn ip6(src: &str, dst: &str, payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0u8; 40];
+    p[0] = 0x60;
+    p[4..6].copy_from_slice(&(payload.len() as u16).to_be_bytes());
+    p[6] = 17;
+    p[7] = 64;
+    p[8..24].copy_from_slice(&src.parse::<std::net::Ipv6Addr>().unwrap().octets());
+    p[24..40].copy_from_slice(&dst.parse::<std::net::Ipv6Addr>().unwrap().octets());
+    p.extend_from_slice(payload);
+    p
+}
+
+/// a and b with a session up (one packet delivered to b).
+fn connected() -> (Device, Device, Net) {
+    let (a, b, _, _) = pair();
+    let mut net = Net::new();
+    net.send(&a, A_ADDR, &ip4([100, 64, 0, 1], [100, 64, 0, 2], b"hi"));
+    net.run(&a, &b);
+    assert_eq!(net.delivered.len(), 1, "session up");
+    (a, b, net)
 }
 
 #[test]
@@ -256,4 +323,127 @@ fn cookie_reply_under_load() {
         }
     }
     assert!(cookies > 0, "under load, handshakes get cookie replies");
+    // Each is counted as sent, and as nothing else.
+    assert_eq!(nonzero(&b), vec![("cookie_replies", cookies)]);
+}
+
+#[test]
+fn inner_destination_other_than_ours_is_dropped_and_counted() {
+    let (a, b, mut net) = connected();
+    // a (allowed to reach b) sends through b to a third host, b's broadcast and multicast.
+    for dst in [
+        [198, 18, 0, 3],
+        [10, 1, 2, 3],
+        [100, 64, 0, 3],
+        [255, 255, 255, 255],
+        [100, 64, 0, 255],
+        [224, 0, 0, 1],
+    ] {
+        net.seal_to_first_peer(&a, A_ADDR, &ip4([100, 64, 0, 1], dst, b"relay me"));
+    }
+    net.run(&a, &b);
+    assert_eq!(
+        net.delivered.len(),
+        1,
+        "nothing but the first packet delivered"
+    );
+    assert_eq!(nonzero(&b), vec![("inner_destination", 6)]);
+    // To b's own address it passes.
+    let mine = ip4([100, 64, 0, 1], [100, 64, 0, 2], b"for b");
+    net.seal_to_first_peer(&a, A_ADDR, &mine);
+    net.run(&a, &b);
+    assert_eq!(net.delivered.last(), Some(&("b", mine)));
+    assert_eq!(nonzero(&b), vec![("inner_destination", 6)]);
+}
+
+#[test]
+fn routed_prefix_and_runtime_swap() {
+    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+    let a = Device::new(ka.clone(), 1);
+    let b = Device::new(kb.clone(), 2);
+    let mut sa = spec("b", &kb, B_ADDR, "100.64.0.2/32");
+    sa.allowed_ips.push("fd00::2/128".parse().unwrap());
+    a.set_peers(&[sa]).unwrap();
+    let mut sb = spec("a", &ka, A_ADDR, "100.64.0.1/32");
+    sb.allowed_ips.push("fd00::1/128".parse().unwrap());
+    b.set_peers(&[sb]).unwrap();
+    b.set_destinations(own(&["100.64.0.2", "fd00::2"], &[]));
+    let mut net = Net::new();
+    let relayed = ip4([100, 64, 0, 1], [10, 1, 2, 3], b"to the subnet behind b");
+    let relayed6 = ip6("fd00::1", "fd10::3", b"v6 subnet");
+    let mine6 = ip6("fd00::1", "fd00::2", b"v6 for b");
+    for p in [&relayed, &relayed6, &mine6] {
+        net.seal_to_first_peer(&a, A_ADDR, p);
+    }
+    net.run(&a, &b);
+    assert_eq!(net.delivered, vec![("b", mine6.clone())]);
+    assert_eq!(nonzero(&b), vec![("inner_destination", 2)]);
+    // The operator routes 10.1.0.0/16 and fd10::/64 through b: swapped in while running.
+    assert!(b.set_destinations(own(
+        &["100.64.0.2", "fd00::2"],
+        &["10.1.0.0/16", "fd10::/64"]
+    )));
+    assert!(!b.set_destinations(own(
+        &["100.64.0.2", "fd00::2"],
+        &["10.1.0.0/16", "fd10::/64"]
+    )));
+    net.seal_to_first_peer(&a, A_ADDR, &relayed);
+    net.seal_to_first_peer(&a, A_ADDR, &relayed6);
+    // Outside the routed prefix: still dropped.
+    net.seal_to_first_peer(&a, A_ADDR, &ip4([100, 64, 0, 1], [10, 2, 0, 1], b"x"));
+    net.run(&a, &b);
+    assert_eq!(
+        net.delivered,
+        vec![("b", mine6), ("b", relayed), ("b", relayed6)]
+    );
+    assert_eq!(nonzero(&b), vec![("inner_destination", 3)]);
+}
+
+#[test]
+fn replayed_initiation_is_counted_as_such() {
+    let (a, b, _, _) = pair();
+    let mut net = Net::new();
+    net.send(&a, A_ADDR, &ip4([100, 64, 0, 1], [100, 64, 0, 2], b"x"));
+    let (from, _to, init) = net.wire.pop_front().unwrap();
+    let table = b.table();
+    let mut out = vec![0u8; 2048];
+    assert!(matches!(
+        b.decapsulate(&table, from, &init, &mut out),
+        Decap::Reply { peer: Some(_), .. }
+    ));
+    assert_eq!(nonzero(&b), vec![]);
+    // An attacker replays the captured initiation (from anywhere): refused, counted as a
+    // replay, no answer, and the peer's endpoint does not move.
+    let evil: SocketAddr = "198.18.0.99:4444".parse().unwrap();
+    for _ in 0..3 {
+        let r = b.decapsulate(&table, evil, &init, &mut out);
+        assert!(
+            matches!(r, Decap::Drop(DropReason::ReplayedInitiation)),
+            "{r:?}"
+        );
+    }
+    assert_eq!(nonzero(&b), vec![("replayed_initiation", 3)]);
+    assert_eq!(table.peers()[0].endpoint(), Some(from));
+}
+
+#[test]
+fn malformed_inner_packet_is_counted_as_such() {
+    let (a, b, mut net) = connected();
+    // Authenticated, but the payload is not an IP packet: a bad version nibble, an IPv4
+    // header cut short, a total length beyond the payload, and one shorter than a header.
+    let mut short_len = ip4([100, 64, 0, 1], [100, 64, 0, 2], b"payload");
+    short_len[2..4].copy_from_slice(&8u16.to_be_bytes());
+    let mut long_len = ip4([100, 64, 0, 1], [100, 64, 0, 2], b"payload");
+    long_len[2..4].copy_from_slice(&1400u16.to_be_bytes());
+    for junk in [
+        b"\x99 definitely not an IP packet".to_vec(),
+        vec![0x45, 0, 0, 19, 0, 0, 0, 0, 64, 17, 0, 0, 100, 64, 0],
+        long_len,
+        short_len,
+    ] {
+        net.seal_to_first_peer(&a, A_ADDR, &junk);
+    }
+    net.run(&a, &b);
+    assert_eq!(net.delivered.len(), 1, "none of it delivered");
+    assert_eq!(nonzero(&b), vec![("malformed_inner", 4)]);
 }

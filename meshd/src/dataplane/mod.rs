@@ -27,10 +27,13 @@
 //! resident only when a packet is written into them, and after 5 idle seconds a path hands
 //! them back (`MADV_DONTNEED`); the rx path's GRO table is made on the first batch that can
 //! coalesce and dropped when idle. An idle daemon keeps almost no buffer memory; nothing is
-//! allocated per packet or per batch. The peer table is loaded once per batch.
+//! allocated per packet or per batch. The peer table and the set of accepted inner
+//! destinations are loaded once per batch.
 //!
 //! Policy: every packet passes the identity firewall ([`Enforcement`]) keyed on the peer's
-//! public key — outbound before sealing, inbound after opening and after cryptokey routing.
+//! public key — outbound before sealing, inbound after opening, after cryptokey routing and
+//! after the inner-destination check (the device drops packets not addressed to this host
+//! unless a routed prefix covers them, see [`meshd_tunnel::Destinations`]).
 
 mod buffers;
 mod clock;
@@ -49,7 +52,7 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 use meshd_firewall::{BlockLog, BlockLogConfig, Firewall, Verdict};
 use meshd_policy::Direction;
-use meshd_tunnel::{Decap, Device, Encap, RouteMemo, TableCache};
+use meshd_tunnel::{Decap, DestinationsCache, Device, Encap, RouteMemo, TableCache};
 use quinn_udp::RecvMeta;
 use tun_rs::{GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
@@ -141,6 +144,17 @@ impl Default for Enforcement {
     }
 }
 
+/// The inner destinations peers may send to: this host's overlay addresses, in transparent
+/// mode its own underlay addresses (peers route them into their tunnels), and the operator's
+/// routed prefixes. Decrypted packets to anything else are dropped (`inner_destination`).
+pub fn local_destinations(
+    overlay: &[IpNet],
+    underlay: &[IpNet],
+    routed: &[IpNet],
+) -> meshd_tunnel::Destinations {
+    meshd_tunnel::Destinations::new(overlay.iter().chain(underlay).map(IpNet::addr), routed)
+}
+
 /// Unix time in milliseconds (the firewall's clock; read once per batch).
 pub fn unix_millis() -> u64 {
     std::time::SystemTime::now()
@@ -227,7 +241,7 @@ impl Dataplane {
             usize::from(cfg.mtu),
             udp.max_segments(),
         )?;
-        let rx = RxPath::new(device.table_cache())?;
+        let rx = RxPath::new(device.table_cache(), device.destinations_cache())?;
         let shared = Arc::new(Shared {
             device,
             policy,
@@ -776,6 +790,7 @@ impl TunBatch {
 /// mapping (only the rx thread uses it).
 struct RxPath {
     table: TableCache,
+    destinations: DestinationsCache,
     pages: Pages,
     rx: [Chunk; RX_BUFFERS],
     meta: Vec<RecvMeta>,
@@ -787,7 +802,7 @@ struct RxPath {
 }
 
 impl RxPath {
-    fn new(table: TableCache) -> io::Result<RxPath> {
+    fn new(table: TableCache, destinations: DestinationsCache) -> io::Result<RxPath> {
         let mut pages = Pages::new(
             RX_BUFFERS * RX_BUFFER_SIZE + IDEAL_BATCH_SIZE * TUN_SLOT_SIZE + RX_BUFFER_SIZE,
         )?;
@@ -809,6 +824,7 @@ impl RxPath {
             .map_err(|_| io::Error::other("carving the RX buffers"))?;
         Ok(RxPath {
             table,
+            destinations,
             pages,
             rx,
             meta: vec![RecvMeta::default(); RX_BUFFERS],
@@ -847,6 +863,7 @@ impl RxPath {
             at = Some(now);
             sh.rx_active.touch(now);
             let table = self.table.load();
+            let local = self.destinations.load();
             let now = now.unix_ms;
             for (m, buf) in self.meta[..n].iter().zip(&self.rx) {
                 let buf = buf.as_ref();
@@ -860,10 +877,14 @@ impl RxPath {
                     let Some(space) = slot.space().get_mut(TUN_OFFSET..TUN_OFFSET + d.len()) else {
                         continue;
                     };
-                    match sh
-                        .device
-                        .decapsulate_memo(table, &mut self.route, m.addr, d, space)
-                    {
+                    match sh.device.decapsulate_memo(
+                        table,
+                        &mut self.route,
+                        local,
+                        m.addr,
+                        d,
+                        space,
+                    ) {
                         Decap::Deliver { peer, packet } => {
                             let len = packet.len();
                             let grants = peer.grants();
