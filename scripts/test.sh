@@ -16,7 +16,7 @@ fi
 need_tools scripts/test.sh ip:iproute2 nft:nftables tcpdump:tcpdump wireguard-go:wireguard-go \
     wg:wireguard-tools socat:socat ping:iputils-ping sysctl:procps
 if ! command -v cargo >/dev/null; then
-    echo "scripts/test.sh: cargo is not on root's PATH ($PATH): install Rust for root (https://rustup.rs), or keep your PATH: sudo env \"PATH=\$PATH\" scripts/test.sh" >&2
+    echo "scripts/test.sh: cargo is not on root's PATH ($PATH): install Rust for root (https://rustup.rs), or use yours: sudo env \"PATH=\$PATH\" \"RUSTUP_HOME=\$HOME/.rustup\" \"CARGO_HOME=\$HOME/.cargo\" scripts/test.sh" >&2
     exit 1
 fi
 # Namespaces left by a killed earlier run are removed by the lab itself at start.
