@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Remove stale network namespaces left behind by killed benchmark or test runs.
 #
-# Handles two name prefixes, both of the form <prefix><owner-pid>-...:
+# Handles three name prefixes, all of the form <prefix><owner-pid>-...:
 #   mbench-<pid>-...       scripts/bench-tunnel.sh
+#   mdemo-<pid>-...        scripts/demo.sh
 #   mlab-<pid>-<seq>-...   the meshd test lab (crates/lab)
 # A namespace is stale when its owner pid no longer exists. Namespaces of live owners are
 # never touched, so this is safe to run while other benchmarks or tests are running.
@@ -10,19 +11,23 @@
 # Processes still running inside a stale namespace are only reported, unless --kill is given
 # (or NETNS_CLEAN_KILL=1): then they get SIGTERM, and SIGKILL after 2 s if still there.
 #
-# Usage: sudo scripts/netns-clean.sh [--kill] [--dry-run] [--quiet]
+# --only=PREFIX (e.g. --only=mdemo) limits it to that one prefix.
+#
+# Usage: sudo scripts/netns-clean.sh [--kill] [--dry-run] [--quiet] [--only=PREFIX]
 set -euo pipefail
 
 KILL=${NETNS_CLEAN_KILL:-0}
 DRY=0
 QUIET=0
+PREFIXES='mbench|mdemo|mlab'
 for arg in "$@"; do
     case $arg in
     --kill) KILL=1 ;;
     --dry-run | -n) DRY=1 ;;
     --quiet | -q) QUIET=1 ;;
+    --only=mbench | --only=mdemo | --only=mlab) PREFIXES=${arg#--only=} ;;
     -h | --help)
-        sed -n '2,13p' "$0"
+        sed -n '2,16p' "$0"
         exit 0
         ;;
     *)
@@ -42,7 +47,7 @@ fi
 removed=0
 kept=0
 # `ip netns list` prints "name" or "name (id: N)"
-mapfile -t names < <(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^(mbench|mlab)-[0-9]+-' || true)
+mapfile -t names < <(ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^($PREFIXES)-[0-9]+-" || true)
 for ns in "${names[@]}"; do
     owner=${ns#*-}
     owner=${owner%%-*}

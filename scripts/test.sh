@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
 # Runs meshd's whole test suite: unit, property and end-to-end tests. End-to-end tests build
 # hosts in network namespaces, so this needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN).
+#
+# On a Debian/Ubuntu machine it installs, with apt-get, the commands the tests call and that
+# are missing (see scripts/need.sh; MESHD_NO_INSTALL=1 only checks): ip (iproute2), nft
+# (nftables), tcpdump, wireguard-go, wg (wireguard-tools), socat, ping (iputils-ping) and
+# sysctl (procps). Arguments go to `cargo test --workspace`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" -ne 0 ]; then
-    echo "scripts/test.sh: the end-to-end tests need root (they create network namespaces); run: sudo scripts/test.sh" >&2
+    echo "scripts/test.sh: the end-to-end tests need root (they create network namespaces); run it as root (e.g. sudo scripts/test.sh)" >&2
     exit 1
 fi
-missing=()
-for tool in ip tcpdump wireguard-go wg; do
-    command -v "$tool" >/dev/null || missing+=("$tool")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "scripts/test.sh: missing ${missing[*]}: apt-get install -y iproute2 tcpdump wireguard-go wireguard-tools" >&2
+. scripts/need.sh
+need_tools scripts/test.sh ip:iproute2 nft:nftables tcpdump:tcpdump wireguard-go:wireguard-go \
+    wg:wireguard-tools socat:socat ping:iputils-ping sysctl:procps
+if ! command -v cargo >/dev/null; then
+    echo "scripts/test.sh: cargo is not on root's PATH ($PATH): install Rust for root (https://rustup.rs), or use yours: sudo env \"PATH=\$PATH\" \"RUSTUP_HOME=\$HOME/.rustup\" \"CARGO_HOME=\$HOME/.cargo\" scripts/test.sh" >&2
     exit 1
 fi
 # Namespaces left by a killed earlier run are removed by the lab itself at start.

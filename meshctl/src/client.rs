@@ -318,13 +318,13 @@ impl Client {
     ) -> Result<T, ApiFailure> {
         let mut resp = r.map_err(|e| {
             if self.verbose > 0 {
-                eprintln!("meshctl: {method} {url}: {e}");
+                crate::note(format_args!("meshctl: {method} {url}: {e}"));
             }
             self.transport_failure(e)
         })?;
         let status = resp.status().as_u16();
         if self.verbose > 0 {
-            eprintln!("meshctl: {method} {url} -> {status}");
+            crate::note(format_args!("meshctl: {method} {url} -> {status}"));
         }
         let body = resp
             .body_mut()
@@ -334,7 +334,7 @@ impl Client {
                 detail: format!("reading the reply: {e}"),
             })?;
         if self.verbose > 1 {
-            eprintln!("meshctl: reply body: {body}");
+            crate::note(format_args!("meshctl: reply body: {body}"));
         }
         if (200..300).contains(&status) {
             return serde_json::from_str(&body).map_err(|e| ApiFailure::Protocol {

@@ -42,10 +42,16 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is::<Reported>() => ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("meshctl: error: {e:#}");
+            note(format_args!("meshctl: error: {e:#}"));
             ExitCode::FAILURE
         }
     }
+}
+
+/// Writes one line to stderr. Not `eprintln!`, which panics when stderr is a closed pipe
+/// (`meshctl token create 2>&1 | head -1`): a lost note is not worth a panic.
+fn note(line: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// A failure already printed on stderr: exit 1 without another message.
@@ -66,7 +72,7 @@ fn load_policy(path: &std::path::Path) -> anyhow::Result<(Source, meshd_policy::
     match policy::parse(&src) {
         Ok(p) => Ok((src, p)),
         Err(line) => {
-            eprintln!("{line}");
+            note(format_args!("{line}"));
             Err(Reported.into())
         }
     }
@@ -103,9 +109,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     match cli.command {
         Command::Completions { shell } => {
-            let mut cmd = Cli::command();
-            clap_complete::generate(shell, &mut cmd, "meshctl", &mut std::io::stdout());
-            Ok(())
+            // Into a buffer first: clap_complete panics on a failed write (a closed pipe).
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "meshctl", &mut buf);
+            out(&String::from_utf8_lossy(&buf))
         }
         Command::Status => ctx()?.status(),
         Command::Hosts(h) => ctx()?.hosts(h),
@@ -160,7 +167,9 @@ fn policy_check(
             Ok((server, r)) => (Inventory::Coordinator(server), r.tests),
             Err(e) => {
                 let why = format!("{e:#}");
-                eprintln!("meshctl: warning: host names in the tests were not resolved: {why}");
+                note(format_args!(
+                    "meshctl: warning: host names in the tests were not resolved: {why}"
+                ));
                 (Inventory::Offline(why), local())
             }
         }
@@ -368,7 +377,7 @@ impl Ctx {
             Output::Json => print_json(h),
             Output::Table => {
                 if !what.is_empty() {
-                    eprintln!("{what}");
+                    note(format_args!("{what}"));
                 }
                 out(&output::host_detail(h, self.now))
             }
@@ -515,10 +524,10 @@ impl Ctx {
                 match self.output {
                     Output::Json => print_json(&t),
                     Output::Table => {
-                        eprintln!(
+                        note(format_args!(
                             "created {}; enrol a host with `meshd up --join TOKEN`",
                             output::token_summary(&t.info, self.now)
-                        );
+                        ));
                         out(&format!("{}\n", t.token))
                     }
                 }
@@ -574,8 +583,8 @@ fn confirm(question: &str) -> anyhow::Result<()> {
     if !std::io::stdin().is_terminal() {
         anyhow::bail!("{question}: no terminal to confirm on; pass --yes");
     }
-    eprint!("{question} [y/N] ");
-    std::io::stderr().flush().ok();
+    let mut err = std::io::stderr();
+    let _ = write!(err, "{question} [y/N] ").and_then(|()| err.flush());
     let mut line = String::new();
     std::io::stdin()
         .read_line(&mut line)

@@ -10,7 +10,7 @@ mod status;
 mod transparent;
 mod up;
 
-use std::io::Read as _;
+use std::io::{Read as _, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -74,10 +74,39 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // `meshd status | head`: the reader has what it wanted.
+        Err(e) if e.is::<StdoutClosed>() => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("meshd: error: {e:#}");
+            // Not `eprintln!`: it panics when stderr is a closed pipe.
+            let _ = writeln!(std::io::stderr(), "meshd: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Stdout is a pipe whose reader has gone (`meshd status | head -1`): stop quietly, exit 0.
+///
+/// Rust ignores SIGPIPE, so a write to such a pipe fails with `EPIPE` (and `println!` would
+/// panic). SIGPIPE is not restored to its default instead: that would also kill meshd on a
+/// write to a closed socket (the status socket, a reset TLS connection, a daemon's log pipe)
+/// without a word, where an error naming the cause is wanted.
+#[derive(Debug)]
+struct StdoutClosed;
+
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stdout is closed")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+/// Writes to stdout through its lock and flushes; a closed pipe becomes [`StdoutClosed`].
+fn out(f: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> anyhow::Result<()> {
+    let mut o = std::io::stdout().lock();
+    match f(&mut o).and_then(|()| o.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        r => r.context("writing to stdout"),
     }
 }
 
@@ -92,14 +121,17 @@ fn init_logging(verbose: u8) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A log line that cannot be written (stderr a closed pipe) is lost, not reported with
+        // `eprintln!`, which would panic and take the daemon down.
+        .log_internal_errors(false)
         .init();
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Genkey => {
-            println!("{}", PrivateKey::generate().to_base64());
-            Ok(())
+            let key = PrivateKey::generate();
+            out(|w| writeln!(w, "{}", key.to_base64()))
         }
         Command::Pubkey => {
             let mut s = String::new();
@@ -110,31 +142,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .trim()
                 .parse()
                 .context("stdin does not hold a base64 private key")?;
-            println!("{}", key.public_key().to_base64());
-            Ok(())
+            out(|w| writeln!(w, "{}", key.public_key().to_base64()))
         }
         Command::Up(args) => up::run(args),
         Command::Coordinator(args) => run_coordinator(args),
         Command::Status { interface, json } => {
             let s = status::fetch(&interface)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
+                let text = serde_json::to_string_pretty(&s)?;
+                out(|w| writeln!(w, "{text}"))
             } else {
-                status::print(&s);
+                out(|w| status::print(w, &s))
             }
-            Ok(())
         }
         Command::Down { interface } => down(&interface),
         Command::CheckConfig { config } => {
             let cfg = meshd_config::Config::load(&config)?;
             let key = cfg.load_private_key()?;
             cfg.check_own_key(&key.public_key())?;
-            println!("{}: ok ({} peers)", config.display(), cfg.peers.len());
-            Ok(())
+            out(|w| writeln!(w, "{}: ok ({} peers)", config.display(), cfg.peers.len()))
         }
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "meshd", &mut std::io::stdout());
-            Ok(())
+            // Into a buffer first: clap_complete panics on a failed write.
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "meshd", &mut buf);
+            out(|w| w.write_all(&buf))
         }
     }
 }

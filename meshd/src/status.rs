@@ -2,7 +2,7 @@
 //! interface. Abstract sockets live in the network namespace, so many meshd instances on one
 //! machine (one per namespace, same interface name) never collide, and nothing is left on disk.
 
-use std::io::{Read as _, Write as _};
+use std::io::{Read as _, Write};
 use std::os::linux::net::SocketAddrExt as _;
 use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener, UnixStream};
 use std::sync::atomic::Ordering;
@@ -197,20 +197,20 @@ pub fn fetch(interface: &str) -> anyhow::Result<Status> {
 }
 
 /// Prints a status like `wg show`.
-pub fn print(s: &Status) {
-    println!("interface: {}", s.interface);
-    println!("  public key: {}", s.public_key);
-    println!("  listening port: {}", s.listen_port);
-    println!("  mode: {}", s.mode);
-    println!("  addresses: {}", s.addresses.join(", "));
+pub fn print(w: &mut dyn Write, s: &Status) -> std::io::Result<()> {
+    writeln!(w, "interface: {}", s.interface)?;
+    writeln!(w, "  public key: {}", s.public_key)?;
+    writeln!(w, "  listening port: {}", s.listen_port)?;
+    writeln!(w, "  mode: {}", s.mode)?;
+    writeln!(w, "  addresses: {}", s.addresses.join(", "))?;
     if !s.routed_prefixes.is_empty() {
-        println!("  routed prefixes: {}", s.routed_prefixes.join(", "));
+        writeln!(w, "  routed prefixes: {}", s.routed_prefixes.join(", "))?;
     }
     if s.mode == "transparent" {
         if s.protected.is_empty() {
-            println!("  protected peer addresses: none yet");
+            writeln!(w, "  protected peer addresses: none yet")?;
         } else {
-            println!("  protected peer addresses: {}", s.protected.join(", "));
+            writeln!(w, "  protected peer addresses: {}", s.protected.join(", "))?;
         }
     }
     let now = SystemTime::now()
@@ -218,23 +218,24 @@ pub fn print(s: &Status) {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     for p in &s.peers {
-        println!();
-        println!("peer: {} ({})", p.name, p.public_key);
+        writeln!(w)?;
+        writeln!(w, "peer: {} ({})", p.name, p.public_key)?;
         if let Some(ep) = &p.endpoint {
-            println!("  endpoint: {ep}");
+            writeln!(w, "  endpoint: {ep}")?;
         }
-        println!("  allowed ips: {}", p.allowed_ips.join(", "));
+        writeln!(w, "  allowed ips: {}", p.allowed_ips.join(", "))?;
         match p.latest_handshake {
-            Some(t) => println!("  latest handshake: {} ago", ago(now.saturating_sub(t))),
-            None => println!("  latest handshake: never"),
+            Some(t) => writeln!(w, "  latest handshake: {} ago", ago(now.saturating_sub(t)))?,
+            None => writeln!(w, "  latest handshake: never")?,
         }
-        println!(
+        writeln!(
+            w,
             "  transfer: {} received, {} sent",
             bytes(p.rx_bytes),
             bytes(p.tx_bytes)
-        );
+        )?;
         if let Some(k) = p.persistent_keepalive {
-            println!("  persistent keepalive: every {k} seconds");
+            writeln!(w, "  persistent keepalive: every {k} seconds")?;
         }
     }
     let listed = |prefix: &str| -> Vec<String> {
@@ -246,16 +247,17 @@ pub fn print(s: &Status) {
     };
     let drops = listed("drop_");
     if !drops.is_empty() {
-        println!();
-        println!("dropped: {}", drops.join(" "));
+        writeln!(w)?;
+        writeln!(w, "dropped: {}", drops.join(" "))?;
     }
     let denied = listed("policy_");
     if !denied.is_empty() {
-        println!("denied by policy: {}", denied.join(" "));
+        writeln!(w, "denied by policy: {}", denied.join(" "))?;
     }
     if let Some(n) = s.counters.get("cookie_replies_sent").filter(|n| **n > 0) {
-        println!("cookie replies sent (under load): {n}");
+        writeln!(w, "cookie replies sent (under load): {n}")?;
     }
+    Ok(())
 }
 
 fn ago(secs: u64) -> String {

@@ -4,8 +4,10 @@
 //! coordinator's RSS and CPU time (from /proc/<pid>).
 //!
 //! `cargo run --release -p meshd-coordinator --example scale -- [AGENTS] [ROUNDS]`
+//!
+//! A closed stdout (`... | head -1`) ends it quietly with exit 0.
 
-use std::io::BufRead as _;
+use std::io::{BufRead as _, Write as _};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,7 +48,7 @@ async fn serve(dir: &str) -> anyhow::Result<()> {
         .await?
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let t = c.create_token(TokenCreateRequest::default()).await?;
-    println!("READY {}", t.token);
+    say(format_args!("READY {}", t.token))?;
     // Run until stdin closes (the parent exits).
     tokio::task::spawn_blocking(|| {
         let mut s = String::new();
@@ -67,8 +69,42 @@ fn pct(v: &mut [Duration], p: f64) -> Duration {
     v[i.min(v.len() - 1)]
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// Stdout's reader has gone: stop quietly.
+#[derive(Debug)]
+struct StdoutClosed;
+
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stdout is closed")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+/// Prints one line; a closed pipe (EPIPE: Rust ignores SIGPIPE) becomes [`StdoutClosed`].
+fn say(line: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+    let mut o = std::io::stdout().lock();
+    match writeln!(o, "{line}").and_then(|()| o.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        r => Ok(r?),
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let r = tokio::runtime::Runtime::new()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(run()));
+    match r {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if e.is::<StdoutClosed>() => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "scale: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("serve") {
         return serve(&args[2]).await;
@@ -96,10 +132,10 @@ async fn main() -> anyhow::Result<()> {
             .ok_or_else(|| anyhow::anyhow!("bad child output {line:?}"))?,
     )?;
     let (rss0, _) = proc_stat(pid);
-    println!(
+    say(format_args!(
         "coordinator pid {pid}, idle RSS {:.1} MiB; {n} agents",
         rss0 as f64 / 1024.0
-    );
+    ))?;
 
     // A few shared client sockets.
     let eps: Vec<quinn::Endpoint> = (0..8)
@@ -140,11 +176,11 @@ async fn main() -> anyhow::Result<()> {
     }
     let converged = t0.elapsed();
     let (rss1, cpu1) = proc_stat(pid);
-    println!(
+    say(format_args!(
         "enrolled+connected {n} in {enrolled:.2?}; all full maps ({} peers each) by {converged:.2?}; coordinator RSS {:.1} MiB, CPU {cpu1:.2} s",
         n - 1,
         rss1 as f64 / 1024.0
-    );
+    ))?;
 
     let mut all = Vec::new();
     for r in 0..rounds {
@@ -177,12 +213,12 @@ async fn main() -> anyhow::Result<()> {
             lat.push(w.await?);
         }
         let (p50, p99, max) = (pct(&mut lat, 0.5), pct(&mut lat, 0.99), pct(&mut lat, 1.0));
-        println!("round {r}: endpoint change reached {} peers: p50 {p50:.2?} p99 {p99:.2?} max {max:.2?}", lat.len());
+        say(format_args!("round {r}: endpoint change reached {} peers: p50 {p50:.2?} p99 {p99:.2?} max {max:.2?}", lat.len()))?;
         all.extend(lat);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let (rss2, cpu2) = proc_stat(pid);
-    println!(
+    say(format_args!(
         "ALL ROUNDS: n={} p50 {:.2?} p99 {:.2?} max {:.2?}; coordinator RSS {:.1} MiB, CPU total {cpu2:.2} s (changes: {:.2} s)",
         all.len(),
         pct(&mut all, 0.5),
@@ -190,7 +226,7 @@ async fn main() -> anyhow::Result<()> {
         pct(&mut all, 1.0),
         rss2 as f64 / 1024.0,
         cpu2 - cpu1
-    );
+    ))?;
     drop(child.stdin.take());
     let _ = child.wait();
     Ok(())
