@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Layers that stay layers: the pure crates (protocol, policy, conntrack, coordinator state)
+# must never depend on an async runtime, a database, QUIC or a socket/TUN/netlink crate.
+# Fails naming the crate and the dependency. Run by .ci/run; needs only cargo (no build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+pure=(meshd-tunnel meshd-policy meshd-firewall meshd-control)
+forbidden='^(tokio|async-std|mio|rusqlite|tokio-postgres|sqlx|quinn|quinn-proto|quinn-udp|socket2|tun-rs|rtnetlink|netlink-sys|axum|hyper)$'
+bad=0
+for crate in "${pure[@]}"; do
+    deps=$(cargo tree -p "$crate" -e normal --prefix none --offline 2>/dev/null || cargo tree -p "$crate" -e normal --prefix none)
+    hits=$(printf '%s\n' "$deps" | awk '{print $1}' | sort -u | grep -E "$forbidden" || true)
+    if [ -n "$hits" ]; then
+        echo "check-layers: $crate must stay free of IO crates but depends on: $(echo $hits)" >&2
+        bad=1
+    fi
+done
+[ "$bad" -eq 0 ] && echo "check-layers: ${pure[*]} depend on no runtime, database, QUIC or socket crate"
+exit "$bad"
