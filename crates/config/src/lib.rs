@@ -74,6 +74,7 @@
 #![forbid(unsafe_code)]
 
 mod error;
+pub mod fsutil;
 mod keyfile;
 
 use std::collections::BTreeMap;
