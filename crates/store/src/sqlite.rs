@@ -12,9 +12,7 @@ use meshd_control::{Host, HostId, Labels, Token, TokenId, UnixTime};
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 
 use crate::migrations::MIGRATIONS;
-use crate::{
-    EventRecord, Snapshot, Store, StoreError, BLOCKS_KEPT, EVENTS_KEPT, META_MAP_VERSION,
-};
+use crate::{EventRecord, Snapshot, Store, StoreError, BLOCKS_KEPT, EVENTS_KEPT, META_MAP_VERSION};
 use meshd_control::policy::PolicyRecord;
 use meshd_policy::BlockEvent;
 
@@ -523,23 +521,29 @@ mod tests {
             let s = SqliteStore::open(&path).unwrap();
             assert_eq!(s.schema_version().unwrap(), 3);
             assert_eq!(s.load().unwrap(), Snapshot::default());
-            s.commit(&Dirty {
-                hosts: vec![host(1), h2.clone()],
-                tokens: vec![token(1)],
-                map_version: Some(7),
-                ..Default::default()
-            }, &[])
+            s.commit(
+                &Dirty {
+                    hosts: vec![host(1), h2.clone()],
+                    tokens: vec![token(1)],
+                    map_version: Some(7),
+                    ..Default::default()
+                },
+                &[],
+            )
             .unwrap();
             h2.removed = true;
             h2.labels.clear();
             h2.ipv6 = None;
             h2.observed_ip = None;
-            s.commit(&Dirty {
-                hosts: vec![h2.clone()],
-                tokens: vec![],
-                map_version: None,
-                ..Default::default()
-            }, &[])
+            s.commit(
+                &Dirty {
+                    hosts: vec![h2.clone()],
+                    tokens: vec![],
+                    map_version: None,
+                    ..Default::default()
+                },
+                &[],
+            )
             .unwrap();
             s.set_meta("admin_token_hash", "abc").unwrap();
             s.log_event(9, "duplicate_connection", "host h1").unwrap();
@@ -600,26 +604,35 @@ mod tests {
         {
             let s = SqliteStore::open(&path).unwrap();
             for v in 1..=2 {
-                s.commit(&Dirty {
-                    policy: Some(rec(v)),
-                    ..Default::default()
-                }, &[])
+                s.commit(
+                    &Dirty {
+                        policy: Some(rec(v)),
+                        ..Default::default()
+                    },
+                    &[],
+                )
                 .unwrap();
             }
-            s.commit(&Dirty {
-                hosts: vec![h.clone(), r.clone()],
-                blocks: (0..(BLOCKS_KEPT as u64 + 5))
-                    .map(|i| block(i, "a"))
-                    .collect(),
-                ..Default::default()
-            }, &[])
+            s.commit(
+                &Dirty {
+                    hosts: vec![h.clone(), r.clone()],
+                    blocks: (0..(BLOCKS_KEPT as u64 + 5))
+                        .map(|i| block(i, "a"))
+                        .collect(),
+                    ..Default::default()
+                },
+                &[],
+            )
             .unwrap();
             // A version is written once.
             assert!(s
-                .commit(&Dirty {
-                    policy: Some(rec(2)),
-                    ..Default::default()
-                }, &[])
+                .commit(
+                    &Dirty {
+                        policy: Some(rec(2)),
+                        ..Default::default()
+                    },
+                    &[]
+                )
                 .is_err());
         }
         let snap = SqliteStore::open(&path).unwrap().load().unwrap();
@@ -654,12 +667,15 @@ mod tests {
     #[test]
     fn corrupt_row_is_an_error_not_a_panic() {
         let s = SqliteStore::open_in_memory().unwrap();
-        s.commit(&Dirty {
-            hosts: vec![host(1)],
-            tokens: vec![],
-            map_version: None,
-            ..Default::default()
-        }, &[])
+        s.commit(
+            &Dirty {
+                hosts: vec![host(1)],
+                tokens: vec![],
+                map_version: None,
+                ..Default::default()
+            },
+            &[],
+        )
         .unwrap();
         s.with(|c| Ok(c.execute("UPDATE hosts SET public_key = 'xx'", [])?))
             .unwrap();
@@ -703,7 +719,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.load().unwrap().tokens, vec![token(1)]);
-        assert_eq!(s.recent_events(10).unwrap(), vec![(2, "k".into(), "d".into())]);
+        assert_eq!(
+            s.recent_events(10).unwrap(),
+            vec![(2, "k".into(), "d".into())]
+        );
     }
 
     #[test]
@@ -720,10 +739,16 @@ mod tests {
         })
         .unwrap();
         let big = "x".repeat(64 * 1024);
-        let e = s.commit(&Dirty::default(), &[(2, "k".into(), big)]).unwrap_err();
+        let e = s
+            .commit(&Dirty::default(), &[(2, "k".into(), big)])
+            .unwrap_err();
         assert!(matches!(e, StoreError::DiskFull), "{e:?}");
         assert!(e.to_string().starts_with("disk full"), "{e}");
-        assert_eq!(s.recent_events(10).unwrap().len(), 1, "nothing of the batch");
+        assert_eq!(
+            s.recent_events(10).unwrap().len(),
+            1,
+            "nothing of the batch"
+        );
     }
 
     #[test]
