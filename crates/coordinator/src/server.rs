@@ -292,8 +292,10 @@ impl Actor {
             if !dirty.is_empty() || !events.is_empty() {
                 let what = describe_batch(&dirty, &events);
                 let store = self.store.clone();
-                let res = tokio::task::spawn_blocking(move || store.commit(&dirty, &events).map(|()| events))
-                    .await;
+                let res = tokio::task::spawn_blocking(move || {
+                    store.commit(&dirty, &events).map(|()| events)
+                })
+                .await;
                 let error = match res {
                     Ok(Ok(events)) => {
                         if let Some(f) = self.store_failure.take() {
@@ -391,7 +393,8 @@ impl Actor {
                 .try_send(Outbound::Close(ErrorCode::Internal, message.clone()))
                 .is_err()
             {
-                l.conn.close(close_code(ErrorCode::Internal), b"state not saved");
+                l.conn
+                    .close(close_code(ErrorCode::Internal), b"state not saved");
             }
         }
         if let Err(e) = self.reload(now).await {
@@ -758,7 +761,10 @@ impl Actor {
 }
 
 /// What a batch held, for the log and `meshctl status` (`2 hosts, 1 token, 3 events`).
-fn describe_batch(d: &meshd_control::state::Dirty, events: &[(UnixTime, String, String)]) -> String {
+fn describe_batch(
+    d: &meshd_control::state::Dirty,
+    events: &[(UnixTime, String, String)],
+) -> String {
     let mut parts = Vec::new();
     let mut count = |n: usize, one: &str, many: &str| {
         if n > 0 {
@@ -767,10 +773,18 @@ fn describe_batch(d: &meshd_control::state::Dirty, events: &[(UnixTime, String, 
     };
     count(d.hosts.len(), "host", "hosts");
     count(d.tokens.len(), "token", "tokens");
-    count(usize::from(d.policy.is_some()), "policy version", "policy versions");
+    count(
+        usize::from(d.policy.is_some()),
+        "policy version",
+        "policy versions",
+    );
     count(d.blocks.len(), "block event", "block events");
     count(events.len(), "event", "events");
-    count(usize::from(d.map_version.is_some()), "map version", "map versions");
+    count(
+        usize::from(d.map_version.is_some()),
+        "map version",
+        "map versions",
+    );
     parts.join(", ")
 }
 

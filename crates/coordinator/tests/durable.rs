@@ -1,0 +1,252 @@
+//! Commit, then acknowledge: an in-process coordinator (agents over QUIC on 127.0.0.1) whose
+//! store fails commits on demand. No root needed.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshd_control::api::{HealthView, StatusView, TokenCreateRequest};
+use meshd_control::proto::{EndpointReport, ErrorCode};
+use meshd_control::state::{AdminError, Dirty, MAX_TOKEN_TTL_SECS};
+use meshd_control::{JoinToken, NetworkMap, UnixTime};
+use meshd_coordinator::client::SessionHandle;
+use meshd_coordinator::client::{enrol, spawn_session, ClientError, SessionConfig, SessionState};
+use meshd_coordinator::{
+    start_with_store, AdminOp, AdminReply, CoordinatorHandle, CoordinatorOptions,
+};
+use meshd_store::{EventRecord, Snapshot, SqliteStore, Store, StoreError};
+use meshd_tunnel::PrivateKey;
+
+/// SQLite, except that commits fail with "disk full" while `fail` is set.
+struct Flaky {
+    inner: SqliteStore,
+    fail: AtomicBool,
+}
+
+impl Store for Flaky {
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        self.inner.load()
+    }
+    fn commit(&self, d: &Dirty, events: &[EventRecord]) -> Result<(), StoreError> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(StoreError::DiskFull);
+        }
+        self.inner.commit(d, events)
+    }
+    fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.inner.get_meta(key)
+    }
+    fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.inner.set_meta(key, value)
+    }
+    fn log_event(&self, at: UnixTime, kind: &str, detail: &str) -> Result<(), StoreError> {
+        self.inner.log_event(at, kind, detail)
+    }
+    fn recent_events(&self, limit: u32) -> Result<Vec<EventRecord>, StoreError> {
+        self.inner.recent_events(limit)
+    }
+}
+
+fn ep() -> EndpointReport {
+    EndpointReport {
+        addrs: vec![SocketAddr::from(([192, 0, 2, 1], 1))],
+        listen_port: Some(51820),
+        transparent: false,
+    }
+}
+
+async fn join(c: &CoordinatorHandle, t: &JoinToken, name: &str) -> SessionHandle {
+    let key = PrivateKey::generate();
+    let e = enrol(t, name, &key, ep()).await.unwrap();
+    assert_eq!(e.coordinator_key, c.public_key());
+    spawn_session(SessionConfig::new(
+        e.coordinator,
+        e.coordinator_key,
+        key,
+        ep(),
+    ))
+}
+
+async fn wait_map(a: &SessionHandle, f: impl Fn(&NetworkMap) -> bool) {
+    let mut rx = a.map();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if rx.borrow_and_update().as_ref().is_some_and(&f) {
+                return;
+            }
+            rx.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("map condition not reached in time");
+}
+
+async fn wait_state(a: &SessionHandle, f: impl Fn(&SessionState) -> bool) {
+    let mut rx = a.state();
+    tokio::time::timeout(Duration::from_secs(20), rx.wait_for(|s| f(s)))
+        .await
+        .expect("state not reached")
+        .unwrap();
+}
+
+fn not_saved(r: Result<AdminReply, AdminError>) -> String {
+    match r {
+        Err(AdminError::NotSaved(m)) => m,
+        other => panic!("expected a not-saved error, got {other:?}"),
+    }
+}
+
+async fn status(c: &CoordinatorHandle) -> StatusView {
+    match c.admin(AdminOp::Status).await.unwrap() {
+        Ok(AdminReply::Status(s)) => s,
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn health(c: &CoordinatorHandle) -> HealthView {
+    match c.admin(AdminOp::Health).await.unwrap() {
+        Ok(AdminReply::Health(h)) => h,
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn event_kinds(c: &CoordinatorHandle) -> Vec<String> {
+    match c.admin(AdminOp::Events { limit: 1000 }).await.unwrap() {
+        Ok(AdminReply::Events(e)) => e.into_iter().map(|e| e.kind).collect(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_commit_is_refused_rolled_back_and_never_pushed() {
+    let dir = tempfile::Builder::new()
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .tempdir()
+        .unwrap();
+    let store = Arc::new(Flaky {
+        inner: SqliteStore::open(&dir.path().join("test.db")).unwrap(),
+        fail: AtomicBool::new(false),
+    });
+    let mut o = CoordinatorOptions::new(dir.path());
+    o.listen = "127.0.0.1:0".parse().unwrap();
+    o.admin_listen = "127.0.0.1:0".parse().unwrap();
+    let c = start_with_store(o, store.clone()).await.unwrap();
+    c.admin(AdminOp::PolicyApply(
+        "rules:\n  - {name: all, from: {}, to: {}, ports: [any]}\n".into(),
+    ))
+    .await
+    .unwrap()
+    .unwrap();
+    let t = JoinToken::parse(
+        &c.create_token(TokenCreateRequest {
+            uses: Some(10),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .token,
+    )
+    .unwrap();
+    let a = join(&c, &t, "a").await;
+    let b = join(&c, &t, "b").await;
+    wait_map(&a, |m| m.peers.len() == 1).await;
+    wait_map(&b, |m| m.peers.len() == 1).await;
+    assert!(health(&c).await.ok);
+
+    // A lifetime the store cannot hold is refused before it gets there.
+    let r = c
+        .admin(AdminOp::CreateToken(TokenCreateRequest {
+            ttl_secs: Some(u64::MAX),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    assert!(matches!(r, Err(AdminError::InvalidTtl(u64::MAX))), "{r:?}");
+    assert!(
+        health(&c).await.ok,
+        "a refused input is not a store failure"
+    );
+
+    store.fail.store(true, Ordering::SeqCst);
+    // Admin changes are refused with the cause.
+    let m = not_saved(
+        c.admin(AdminOp::Label(
+            "b".into(),
+            [("tier".into(), "1".into())].into(),
+        ))
+        .await
+        .unwrap(),
+    );
+    assert!(m.contains("disk full"), "{m}");
+    let m = not_saved(
+        c.admin(AdminOp::CreateToken(TokenCreateRequest {
+            ttl_secs: Some(MAX_TOKEN_TTL_SECS),
+            ..Default::default()
+        }))
+        .await
+        .unwrap(),
+    );
+    assert!(m.contains("disk full"), "{m}");
+    not_saved(c.admin(AdminOp::Remove("a".into())).await.unwrap());
+    // So is an enrolment: no address is handed out.
+    match enrol(&t, "c", &PrivateKey::generate(), ep()).await {
+        Err(ClientError::Refused {
+            code: ErrorCode::Internal,
+            message,
+        }) => assert!(message.contains("disk full"), "{message}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // Status and health say so, naming the cause.
+    let s = status(&c).await;
+    let f = s.store_failure.expect("status shows the failed commit");
+    assert!(f.error.contains("disk full"), "{f:?}");
+    assert!(!f.what.is_empty(), "{f:?}");
+    let h = health(&c).await;
+    assert!(!h.ok);
+    assert_eq!(h.store_failure.map(|f| f.error), Some(f.error));
+    // The agents were sent nothing of it: their sessions were closed, and the maps they
+    // keep (fail-static) are the last committed ones.
+    for x in [&a, &b] {
+        wait_state(x, |s| !matches!(s, SessionState::Connected { .. })).await;
+    }
+    let map = a.map().borrow().clone().unwrap();
+    assert_eq!(map.peers.len(), 1);
+    assert!(!map.peers[0].labels.contains_key("tier"), "{map:?}");
+
+    // Nothing of it remains in memory either.
+    let Ok(AdminReply::Hosts(hosts)) = c.admin(AdminOp::ListHosts).await.unwrap() else {
+        panic!()
+    };
+    let names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
+    assert_eq!(names, ["a", "b"]);
+    assert!(hosts.iter().all(|h| !h.labels.contains_key("tier")));
+    let Ok(AdminReply::Tokens(toks)) = c.admin(AdminOp::ListTokens).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(toks.len(), 1, "{toks:?}");
+    assert_eq!(toks[0].uses_left, Some(8));
+    let kinds = event_kinds(&c).await;
+    assert!(!kinds.iter().any(|k| k == "host_removed"), "{kinds:?}");
+
+    // Space again: the agents come back with maps of the committed state, the next commit
+    // clears the failure, and the refused enrolment works now.
+    store.fail.store(false, Ordering::SeqCst);
+    for x in [&a, &b] {
+        wait_state(x, |s| matches!(s, SessionState::Connected { .. })).await;
+    }
+    wait_map(&b, |m| m.peers.len() == 1).await;
+    let d = join(&c, &t, "c").await;
+    wait_map(&d, |m| m.peers.len() == 2).await;
+    assert!(health(&c).await.ok);
+    assert_eq!(status(&c).await.store_failure, None);
+    let Ok(AdminReply::Hosts(hosts)) = c.admin(AdminOp::ListHosts).await.unwrap() else {
+        panic!()
+    };
+    let mut addrs: Vec<_> = hosts.iter().flat_map(|h| h.addresses.clone()).collect();
+    let n = addrs.len();
+    addrs.sort();
+    addrs.dedup();
+    assert_eq!(addrs.len(), n, "no address twice: {hosts:?}");
+    c.stop().await;
+}
