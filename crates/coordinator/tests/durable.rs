@@ -120,18 +120,14 @@ async fn event_kinds(c: &CoordinatorHandle) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_commit_is_refused_rolled_back_and_never_pushed() {
-    let dir = tempfile::Builder::new()
-        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
-        .tempdir()
-        .unwrap();
+    let dir = private_tempdir();
     let store = Arc::new(Flaky {
         inner: SqliteStore::open(&dir.path().join("test.db")).unwrap(),
         fail: AtomicBool::new(false),
     });
-    let mut o = CoordinatorOptions::new(dir.path());
-    o.listen = "127.0.0.1:0".parse().unwrap();
-    o.admin_listen = "127.0.0.1:0".parse().unwrap();
-    let c = start_with_store(o, store.clone()).await.unwrap();
+    let c = start_with_store(local_opts(dir.path()), store.clone())
+        .await
+        .unwrap();
     c.admin(AdminOp::PolicyApply(
         "rules:\n  - {name: all, from: {}, to: {}, ports: [any]}\n".into(),
     ))
@@ -248,5 +244,77 @@ async fn a_failed_commit_is_refused_rolled_back_and_never_pushed() {
     addrs.sort();
     addrs.dedup();
     assert_eq!(addrs.len(), n, "no address twice: {hosts:?}");
+    c.stop().await;
+}
+
+fn private_tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .tempdir()
+        .unwrap()
+}
+
+fn local_opts(dir: &std::path::Path) -> CoordinatorOptions {
+    let mut o = CoordinatorOptions::new(dir);
+    o.listen = "127.0.0.1:0".parse().unwrap();
+    o.admin_listen = "127.0.0.1:0".parse().unwrap();
+    o
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_files_are_private_and_loose_ones_refused() {
+    use meshd_coordinator::start;
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let set = |p: &std::path::Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    let top = private_tempdir();
+    let dir = top.path().join("state");
+    let c = start(local_opts(&dir)).await.unwrap();
+    c.create_token(TokenCreateRequest::default()).await.unwrap();
+    assert_eq!(mode(&dir), 0o700);
+    for f in [
+        "coordinator.key",
+        "admin.token",
+        "coordinator.db",
+        "coordinator.db-wal",
+        "coordinator.db-shm",
+    ] {
+        assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
+    }
+    c.stop().await;
+
+    // A state directory others may enter is refused, naming the fix.
+    set(&dir, 0o755);
+    let e = format!("{:#}", start(local_opts(&dir)).await.err().unwrap());
+    assert!(e.contains(&format!("chmod 700 {}", dir.display())), "{e}");
+    set(&dir, 0o700);
+    // So is a key others may read.
+    let key = dir.join("coordinator.key");
+    set(&key, 0o644);
+    let e = format!("{:#}", start(local_opts(&dir)).await.err().unwrap());
+    assert!(e.contains(&format!("chmod 600 {}", key.display())), "{e}");
+    set(&key, 0o600);
+    // An admin token written 0644 by an earlier version is made private.
+    set(&dir.join("admin.token"), 0o644);
+    let c = start(local_opts(&dir)).await.unwrap();
+    assert_eq!(mode(&dir.join("admin.token")), 0o600);
+    c.stop().await;
+
+    // The empty key an earlier version left after a full disk at first start (before any
+    // database) no longer blocks every start.
+    let fresh = top.path().join("fresh");
+    std::fs::create_dir(&fresh).unwrap();
+    set(&fresh, 0o700);
+    std::fs::write(fresh.join("coordinator.key"), b"").unwrap();
+    set(&fresh.join("coordinator.key"), 0o600);
+    let c = start(local_opts(&fresh)).await.unwrap();
+    assert_eq!(
+        std::fs::metadata(fresh.join("coordinator.key"))
+            .unwrap()
+            .len(),
+        45
+    );
     c.stop().await;
 }

@@ -204,7 +204,7 @@ async fn a_full_disk_loses_nothing_acknowledged_and_gives_no_address_twice() {
     let (mut acked_tokens, mut refused_tokens) = (BTreeSet::new(), BTreeSet::new());
     let (mut acked_labels, mut refused_labels) = (BTreeSet::new(), BTreeSet::new());
     let (mut acked_hosts, mut refused_hosts) = (Vec::new(), BTreeSet::new());
-    for i in 0..200 {
+    for i in 0..50 {
         if !refused_tokens.is_empty() && !refused_labels.is_empty() && !refused_hosts.is_empty() {
             break;
         }
