@@ -148,12 +148,12 @@ pub enum AdminError {
     /// Not a single protocol and port (`tcp/N`, `udp/N`, `icmp`).
     #[error(transparent)]
     Port(#[from] meshd_policy::PortSpecError),
-    /// A token lifetime of zero or beyond [`MAX_TOKEN_TTL_SECS`].
-    #[error("token lifetime {0} s is out of range: give 1 s to {MAX_TOKEN_TTL_SECS} s (10 years), or none for no expiry")]
+    /// A token lifetime beyond [`MAX_TOKEN_TTL_SECS`].
+    #[error("token lifetime {0} s is out of range: give at most {MAX_TOKEN_TTL_SECS} s (10 years), or none for no expiry")]
     InvalidTtl(u64),
-    /// A token use count of zero or beyond [`MAX_TOKEN_USES`].
+    /// A token use count beyond [`MAX_TOKEN_USES`].
     #[error(
-        "token use count {0} is out of range: give 1 to {MAX_TOKEN_USES}, or none for unlimited"
+        "token use count {0} is out of range: give at most {MAX_TOKEN_USES}, or none for unlimited"
     )]
     InvalidUses(u32),
     /// More than [`MAX_LABELS`] labels on a host or token.
@@ -761,13 +761,11 @@ impl CoordinatorState {
         secret_hash: [u8; 32],
     ) -> Result<Token, AdminError> {
         validate_labels(&spec.labels)?;
-        if let Some(t) = spec
-            .ttl_secs
-            .filter(|t| !(1..=MAX_TOKEN_TTL_SECS).contains(t))
-        {
+        // Zero is allowed: a token that is expired or used up at once.
+        if let Some(t) = spec.ttl_secs.filter(|&t| t > MAX_TOKEN_TTL_SECS) {
             return Err(AdminError::InvalidTtl(t));
         }
-        if let Some(u) = spec.uses.filter(|u| !(1..=MAX_TOKEN_USES).contains(u)) {
+        if let Some(u) = spec.uses.filter(|&u| u > MAX_TOKEN_USES) {
             return Err(AdminError::InvalidUses(u));
         }
         let id = TokenId(self.next_token);

@@ -15,9 +15,13 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
+/// Makes an existing state directory private (tempdir makes it 0755); a missing one is made
+/// 0700 by the coordinator.
 fn private_dir(dir: &Path) {
     use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    if dir.exists() {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
 }
 
 /// A coordinator whose admin API listens on `admin` (control on 127.0.0.1).

@@ -318,3 +318,57 @@ async fn state_files_are_private_and_loose_ones_refused() {
     );
     c.stop().await;
 }
+
+async fn events(c: &CoordinatorHandle) -> Vec<(String, String)> {
+    match c.admin(AdminOp::Events { limit: 1000 }).await.unwrap() {
+        Ok(AdminReply::Events(e)) => e.into_iter().map(|e| (e.kind, e.detail)).collect(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rename_on_enrol_and_an_exhausted_pool_are_events() {
+    let dir = private_tempdir();
+    let mut o = local_opts(dir.path());
+    // A /29 has five allocatable addresses.
+    o.pool = "100.64.0.0/29".parse().unwrap();
+    let c = meshd_coordinator::start(o).await.unwrap();
+    let t = JoinToken::parse(
+        &c.create_token(TokenCreateRequest::default())
+            .await
+            .unwrap()
+            .token,
+    )
+    .unwrap();
+    enrol(&t, "a", &PrivateKey::generate(), ep()).await.unwrap();
+    let e = enrol(&t, "a", &PrivateKey::generate(), ep()).await.unwrap();
+    assert_eq!(e.host.name, "a-2");
+    let ev = events(&c).await;
+    assert!(
+        ev.contains(&(
+            "host_renamed_on_enrol".into(),
+            "requested name a taken; enrolled as a-2 (2)".into()
+        )),
+        "{ev:?}"
+    );
+    for i in 0..3 {
+        enrol(&t, &format!("f{i}"), &PrivateKey::generate(), ep())
+            .await
+            .unwrap();
+    }
+    match enrol(&t, "g", &PrivateKey::generate(), ep()).await {
+        Err(ClientError::Refused {
+            code: ErrorCode::PoolExhausted,
+            ..
+        }) => {}
+        other => panic!("expected pool exhaustion, got {other:?}"),
+    }
+    let ev = events(&c).await;
+    assert!(
+        ev.iter().any(|(k, d)| k == "pool_exhausted"
+            && d.contains("100.64.0.0/29")
+            && d.contains("refused to enrol g")),
+        "{ev:?}"
+    );
+    c.stop().await;
+}

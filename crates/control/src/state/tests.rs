@@ -781,14 +781,14 @@ fn admin_inputs_are_bounded_before_they_reach_the_store() {
         uses,
         ..Default::default()
     };
-    for ttl in [0, MAX_TOKEN_TTL_SECS + 1, u64::MAX, i64::MAX as u64] {
+    for ttl in [MAX_TOKEN_TTL_SECS + 1, u64::MAX, i64::MAX as u64] {
         let e = s
             .create_token(1_700_000_000, spec(Some(ttl), None), hash_secret(b"x"))
             .unwrap_err();
         assert_eq!(e, AdminError::InvalidTtl(ttl));
         assert!(e.to_string().contains("10 years"), "{e}");
     }
-    for uses in [0, MAX_TOKEN_USES + 1, u32::MAX] {
+    for uses in [MAX_TOKEN_USES + 1, u32::MAX] {
         let e = s
             .create_token(0, spec(None, Some(uses)), hash_secret(b"x"))
             .unwrap_err();
