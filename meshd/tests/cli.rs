@@ -74,6 +74,36 @@ fn config_errors_name_file_line_and_field() {
 }
 
 #[test]
+fn open_state_dir_is_refused() {
+    let d = temp_dir("dirperm");
+    let key = meshd_tunnel::PrivateKey::generate();
+    std::fs::write(d.join("host.key"), key.to_base64()).unwrap();
+    std::fs::set_permissions(d.join("host.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(
+        d.join("meshd.toml"),
+        "[interface]\nname = \"mesh0\"\nprivate_key_file = \"host.key\"\naddress = \"100.64.0.1/24\"\n",
+    )
+    .unwrap();
+    let state = d.join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = Command::new(meshd_bin())
+        .args(["up", "--state-dir"])
+        .arg(&state)
+        .arg("--config")
+        .arg(d.join("meshd.toml"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!("run `chmod 700 {}`", state.display())),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
 fn readable_key_file_is_refused() {
     let d = temp_dir("keyperm");
     let key = meshd_tunnel::PrivateKey::generate();

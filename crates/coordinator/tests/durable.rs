@@ -97,6 +97,25 @@ fn not_saved(r: Result<AdminReply, AdminError>) -> String {
     }
 }
 
+/// `GET /v1/health` over HTTP without a token: (status code, body).
+async fn http_health(c: &CoordinatorHandle) -> (u16, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(c.admin_addr())
+        .await
+        .unwrap();
+    s.write_all(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    let code = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, buf)
+}
+
 async fn status(c: &CoordinatorHandle) -> StatusView {
     match c.admin(AdminOp::Status).await.unwrap() {
         Ok(AdminReply::Status(s)) => s,
@@ -149,6 +168,7 @@ async fn a_failed_commit_is_refused_rolled_back_and_never_pushed() {
     wait_map(&a, |m| m.peers.len() == 1).await;
     wait_map(&b, |m| m.peers.len() == 1).await;
     assert!(health(&c).await.ok);
+    assert_eq!(http_health(&c).await.0, 200);
 
     // A lifetime the store cannot hold is refused before it gets there.
     let r = c
@@ -201,6 +221,9 @@ async fn a_failed_commit_is_refused_rolled_back_and_never_pushed() {
     let h = health(&c).await;
     assert!(!h.ok);
     assert_eq!(h.store_failure.map(|f| f.error), Some(f.error));
+    let (code, body) = http_health(&c).await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("disk full"), "{body}");
     // The agents were sent nothing of it: their sessions were closed, and the maps they
     // keep (fail-static) are the last committed ones.
     for x in [&a, &b] {
@@ -235,6 +258,7 @@ async fn a_failed_commit_is_refused_rolled_back_and_never_pushed() {
     let d = join(&c, &t, "c").await;
     wait_map(&d, |m| m.peers.len() == 2).await;
     assert!(health(&c).await.ok);
+    assert_eq!(http_health(&c).await.0, 200);
     assert_eq!(status(&c).await.store_failure, None);
     let Ok(AdminReply::Hosts(hosts)) = c.admin(AdminOp::ListHosts).await.unwrap() else {
         panic!()
