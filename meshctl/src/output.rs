@@ -1,6 +1,6 @@
 //! Rendering: aligned tables and `key: value` blocks. Pure: the current time is a parameter.
 
-use meshd_control::api::{EventView, GuardStats, HostView, StatusView, TokenView};
+use meshd_control::api::{EventView, GuardStats, HostView, StatusView, StoreFailure, TokenView};
 use meshd_control::policy::PolicyRecord;
 use meshd_control::{Labels, UnixTime};
 use meshd_policy::{ip_proto, BlockEvent, Change, ChangeKind, Direction, Explanation, Policy};
@@ -238,6 +238,19 @@ pub fn policy_state(p: &PolicyState, now: UnixTime) -> String {
     }
 }
 
+/// The store line of `status`: `ok`, or the last failed commit while none has succeeded since.
+fn store_health(f: Option<&StoreFailure>, now: UnixTime) -> String {
+    match f {
+        None => "ok".into(),
+        Some(f) => format!(
+            "LAST COMMIT FAILED {} ({}): {}; changes are refused until a commit succeeds",
+            ago(f.at, now),
+            f.what,
+            f.error
+        ),
+    }
+}
+
 /// The listener limits' counters on one line.
 fn guard_summary(g: &GuardStats) -> String {
     format!(
@@ -268,6 +281,7 @@ pub fn status(s: &StatusView, policy: &PolicyState, server: &str, now: UnixTime)
         ("map version:", s.map_version.to_string()),
         ("hosts:", s.hosts.to_string()),
         ("connected:", s.connected.len().to_string()),
+        ("store:", store_health(s.store_failure.as_ref(), now)),
     ] {
         t.row(vec![k.into(), v]);
     }
@@ -597,6 +611,7 @@ mod tests {
             advertise: "192.0.2.10:7443".parse().unwrap(),
             public_key: PublicKey([1; 32]),
             guard: GuardStats::default(),
+            store_failure: None,
         };
         let out = status(&s, &PolicyState::NoPolicy, "http://127.0.0.1:7444", 100);
         assert!(!out.contains("limits:"), "all zero: no line\n{out}");
@@ -614,6 +629,22 @@ mod tests {
             "{b}"
         );
         assert!(b.contains("retries 3\n"), "{b}");
+        assert!(out.contains("store:        ok\n"), "{out}");
+        let failed = StatusView {
+            store_failure: Some(StoreFailure {
+                at: 70,
+                error: "disk full: the database cannot grow".into(),
+                what: "1 token".into(),
+            }),
+            ..s.clone()
+        };
+        let f = status(&failed, &PolicyState::NoPolicy, "u", 100);
+        assert!(
+            f.contains(
+                "store:        LAST COMMIT FAILED 30s ago (1 token): disk full: the database cannot grow;"
+            ),
+            "{f}"
+        );
         assert!(
             out.starts_with("coordinator:  http://127.0.0.1:7444\nversion:      0.1.0\n"),
             "{out}"

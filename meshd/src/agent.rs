@@ -105,36 +105,21 @@ async fn enrol(
         &state_dir.join("agent.json"),
         &serde_json::to_vec_pretty(&state)?,
     )?;
-    write_secret(&state_dir.join("join.token"), token.trim().as_bytes())?;
+    write_atomic(&state_dir.join("join.token"), token.trim().as_bytes())?;
     // A new identity: a map from an earlier life must not be reused.
     let _ = std::fs::remove_file(state_dir.join("netmap.json"));
+    if state.host.name != name {
+        tracing::warn!(requested = %name, name = %state.host.name,
+            "requested name {name} is taken by another host; enrolled as {} (rename with `meshctl hosts rename`)",
+            state.host.name);
+    }
     tracing::info!(name = %state.host.name, addresses = ?state.host.addresses, "enrolled");
     Ok(state)
 }
 
-/// Writes a file only the owner can read.
-fn write_secret(path: &Path, data: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(data)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
-    Ok(())
-}
-
+/// Writes a state file: private (0600) and atomic, through the one writer.
 fn write_atomic(path: &Path, data: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
-    Ok(())
+    Ok(meshd_config::fsutil::write_private_atomic(path, data)?)
 }
 
 fn load_or_create_key(path: &Path) -> anyhow::Result<PrivateKey> {
@@ -313,8 +298,11 @@ async fn identity(
 
 /// Runs a coordinator-managed host until SIGTERM/SIGINT.
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.state_dir)
-        .with_context(|| format!("creating state directory {}", args.state_dir.display()))?;
+    meshd_config::fsutil::ensure_private_dir(&args.state_dir).context("meshd state directory")?;
+    // Written 0644 by earlier versions.
+    for f in ["agent.json", "netmap.json", "join.token"] {
+        meshd_config::fsutil::make_private(&args.state_dir.join(f))?;
+    }
     let map_path = args.state_dir.join("netmap.json");
 
     let (conn, nl, _) = rtnetlink::new_connection().context("opening rtnetlink")?;

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::PathBuf;
 
 use meshd_policy::BlockEvent;
@@ -34,8 +35,11 @@ pub struct BlockSink {
 }
 
 impl BlockSink {
-    /// Events go to `path` (JSON lines).
+    /// Events go to `path` (JSON lines, mode 0600; an older file is made 0600).
     pub fn new(path: PathBuf, directory: Directory) -> Self {
+        if let Err(e) = meshd_config::fsutil::make_private(&path) {
+            tracing::warn!(error = %e, "block log permissions");
+        }
         BlockSink { path, directory }
     }
 
@@ -98,6 +102,7 @@ impl BlockSink {
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&self.path)?;
         let mut buf = Vec::new();
         for e in events {

@@ -208,8 +208,7 @@ fn run_static(
     busy_poll: Duration,
 ) -> anyhow::Result<()> {
     let (cfg, key) = load(config, transparent)?;
-    std::fs::create_dir_all(state_dir)
-        .with_context(|| format!("creating state directory {}", state_dir.display()))?;
+    meshd_config::fsutil::ensure_private_dir(state_dir).context("meshd state directory")?;
     let device = Arc::new(Device::new(key, rand_core::OsRng.next_u32()));
     device.set_peers(&peer_specs(&cfg)?)?;
     let iface = &cfg.interface;

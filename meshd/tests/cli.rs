@@ -74,6 +74,60 @@ fn config_errors_name_file_line_and_field() {
 }
 
 #[test]
+fn open_state_dir_is_refused() {
+    let d = temp_dir("dirperm");
+    let key = meshd_tunnel::PrivateKey::generate();
+    std::fs::write(d.join("host.key"), key.to_base64()).unwrap();
+    std::fs::set_permissions(d.join("host.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(
+        d.join("meshd.toml"),
+        "[interface]\nname = \"mesh0\"\nprivate_key_file = \"host.key\"\naddress = \"100.64.0.1/24\"\n",
+    )
+    .unwrap();
+    let state = d.join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // In a throwaway network namespace when root, and killed if it starts after all: a
+    // regression must not bring up an interface on this machine.
+    let root = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false);
+    let mut cmd = if root {
+        let mut c = Command::new("unshare");
+        c.arg("-n").arg(meshd_bin());
+        c
+    } else {
+        Command::new(meshd_bin())
+    };
+    let mut child = cmd
+        .args(["up", "--state-dir"])
+        .arg(&state)
+        .arg("--config")
+        .arg(d.join("meshd.toml"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            let _ = child.wait();
+            panic!("meshd started on a state directory others may read");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!("run `chmod 700 {}`", state.display())),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
 fn readable_key_file_is_refused() {
     let d = temp_dir("keyperm");
     let key = meshd_tunnel::PrivateKey::generate();

@@ -247,6 +247,31 @@ fn removed_host_loses_tunnels_and_bad_tokens_are_refused() {
 fn agent_restarts_from_persisted_map_with_coordinator_down() {
     let (lab, mut coord, mut procs, ov) = mesh("ctl-static", 2);
     all_pairs_ping(&lab, &ov, Duration::from_secs(10));
+    // State directories are 0700 and their files 0600 (agent and coordinator).
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = |p: &std::path::Path| {
+            std::fs::metadata(p)
+                .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        let agent = lab.dir().join("agent2");
+        assert_eq!(mode(&agent), 0o700);
+        for f in ["host.key", "agent.json", "join.token", "netmap.json"] {
+            assert_eq!(mode(&agent.join(f)), 0o600, "{f}");
+        }
+        assert_eq!(mode(&coord.dir), 0o700);
+        for f in [
+            "coordinator.key",
+            "admin.token",
+            "coordinator.db",
+            "coordinator.db-wal",
+        ] {
+            assert_eq!(mode(&coord.dir.join(f)), 0o600, "{f}");
+        }
+    }
     let p = coord.proc.take().unwrap();
     p.kill(Signal::Kill).unwrap();
     p.wait_timeout(Duration::from_secs(5)).unwrap();

@@ -28,7 +28,6 @@ const UNCOVERED: u16 = 8080;
 /// Starts `meshd up --transparent` on lab host `idx` with its own state dir and machine id.
 fn join_transparent(lab: &Lab, idx: usize, token: &str, name: &str) -> ProcHandle {
     let state = state_dir(lab, idx);
-    std::fs::create_dir_all(&state).unwrap();
     spawn_agent(
         lab,
         idx,

@@ -1,12 +1,13 @@
 //! Private key files: one base64 key, mode 0600.
 
-use std::fs::{DirBuilder, File, OpenOptions};
-use std::io::{self, Read as _, Write as _};
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::fs::File;
+use std::io::{self, Read as _};
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 
 use meshd_tunnel::PrivateKey;
 
+use crate::fsutil::{create_private_atomic, ensure_private_dir, FsError};
 use crate::KeyFileError;
 
 /// Longest key file we read; a base64 key with a newline is 45 bytes.
@@ -48,8 +49,8 @@ pub fn load_private_key(path: impl AsRef<Path>) -> Result<PrivateKey, KeyFileErr
     })
 }
 
-/// Writes `key` to a new file at `path` with mode 0600, creating missing parent
-/// directories with mode 0700.
+/// Writes `key` to a new file at `path` with mode 0600 (atomically: a full disk leaves no
+/// empty key behind), creating missing parent directories with mode 0700.
 ///
 /// Refuses to overwrite an existing file ([`KeyFileError::Write`] with
 /// [`io::ErrorKind::AlreadyExists`]): replacing a key changes the host's identity.
@@ -57,27 +58,24 @@ pub fn write_private_key(path: impl AsRef<Path>, key: &PrivateKey) -> Result<(),
     let path = path.as_ref();
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         if !dir.exists() {
-            DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(|source| KeyFileError::CreateDir {
-                    path: dir.to_owned(),
-                    source,
-                })?;
+            ensure_private_dir(dir).map_err(|e| KeyFileError::CreateDir {
+                path: dir.to_owned(),
+                source: into_io(e),
+            })?;
         }
     }
-    let write_err = |source| KeyFileError::Write {
-        path: path.to_owned(),
-        source,
-    };
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(write_err)?;
-    file.write_all(format!("{}\n", key.to_base64()).as_bytes())
-        .map_err(write_err)?;
-    file.sync_all().map_err(write_err)
+    create_private_atomic(path, format!("{}\n", key.to_base64()).as_bytes()).map_err(|e| {
+        KeyFileError::Write {
+            path: path.to_owned(),
+            source: into_io(e),
+        }
+    })
+}
+
+fn into_io(e: FsError) -> io::Error {
+    match e {
+        FsError::CreateDir { source, .. } | FsError::Write { source, .. } => source,
+        FsError::Exists { .. } => io::Error::from(io::ErrorKind::AlreadyExists),
+        other => io::Error::other(other.to_string()),
+    }
 }

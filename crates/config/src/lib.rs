@@ -76,6 +76,7 @@
 #![forbid(unsafe_code)]
 
 mod error;
+pub mod fsutil;
 mod keyfile;
 
 use std::collections::BTreeMap;

@@ -14,6 +14,7 @@
 //! | GET | `/v1/tokens` | | `Vec<TokenView>` |
 //! | DELETE | `/v1/tokens/{id}` | | `TokenView` |
 //! | GET | `/v1/status` | | `StatusView` |
+//! | GET | `/v1/health` | (no token) | `HealthView` (503 while commits fail) |
 //! | GET | `/v1/events?limit=N` | | `Vec<EventView>` (newest `N`, oldest first) |
 //!
 //! `{host}` is a name, an id or a public key (base64, URL-encoded). Errors reply with a 4xx/5xx
@@ -209,6 +210,30 @@ pub struct StatusView {
     /// What the listeners' limits refused and saw (admin API and control endpoint).
     #[serde(default)]
     pub guard: GuardStats,
+    /// The last failed commit, while no commit has succeeded since (`None`: healthy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_failure: Option<StoreFailure>,
+}
+
+/// A commit the coordinator could not make (the change was refused and rolled back).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreFailure {
+    /// When.
+    pub at: UnixTime,
+    /// Why (`disk full: …`, `value out of range for the database: …`).
+    pub error: String,
+    /// What the batch held (`1 host, 2 events`).
+    pub what: String,
+}
+
+/// `GET /v1/health` (no token needed): 200 when the coordinator can save changes, else 503.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthView {
+    /// Whether the last commit succeeded.
+    pub ok: bool,
+    /// The last failed commit, while no commit has succeeded since.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_failure: Option<StoreFailure>,
 }
 
 /// Counters of the coordinator's listener limits (since start).

@@ -148,6 +148,112 @@ pub enum AdminError {
     /// Not a single protocol and port (`tcp/N`, `udp/N`, `icmp`).
     #[error(transparent)]
     Port(#[from] meshd_policy::PortSpecError),
+    /// A token lifetime beyond [`MAX_TOKEN_TTL_SECS`].
+    #[error("token lifetime {0} s is out of range: give at most {MAX_TOKEN_TTL_SECS} s (10 years), or none for no expiry")]
+    InvalidTtl(u64),
+    /// A token use count beyond [`MAX_TOKEN_USES`].
+    #[error(
+        "token use count {0} is out of range: give at most {MAX_TOKEN_USES}, or none for unlimited"
+    )]
+    InvalidUses(u32),
+    /// More than [`MAX_LABELS`] labels on a host or token.
+    #[error("{0} labels is too many (at most {MAX_LABELS})")]
+    TooManyLabels(usize),
+    /// A policy file over [`MAX_POLICY_BYTES`].
+    #[error("the policy file is {0} bytes; at most {MAX_POLICY_BYTES} are accepted")]
+    PolicyTooLarge(usize),
+    /// The change could not be saved, so it was not made (the state is as before the request).
+    #[error("not saved, nothing changed: {0}")]
+    NotSaved(String),
+}
+
+/// Longest token lifetime: 10 years (longer ones overflowed the store's 64-bit signed time).
+pub const MAX_TOKEN_TTL_SECS: u64 = 10 * 365 * 24 * 3600;
+/// Most enrolments one token may allow.
+pub const MAX_TOKEN_USES: u32 = 1_000_000;
+/// Most labels on one host or token.
+pub const MAX_LABELS: usize = 64;
+/// Largest policy file accepted.
+pub const MAX_POLICY_BYTES: usize = 1024 * 1024;
+/// Most underlay endpoints kept from one agent's report (the rest are dropped).
+pub const MAX_REPORTED_ENDPOINTS: usize = 64;
+/// Latest event time the store can hold (its integers are signed 64-bit).
+const MAX_STORED_TIME: u64 = i64::MAX as u64;
+
+/// Something the operator should hear about, from [`CoordinatorState::poll_notices`] (the
+/// coordinator logs it and records it as an event).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// An enrolling host asked for a name another host has; it got another one.
+    HostRenamedOnEnrol {
+        /// The new host.
+        id: HostId,
+        /// The name it asked for.
+        requested: String,
+        /// The name it got.
+        assigned: String,
+    },
+    /// An enrolment was refused: no overlay address left.
+    PoolExhausted {
+        /// The pool.
+        pool: Ipv4Net,
+        /// Addresses in use.
+        used: usize,
+        /// The name the refused host asked for.
+        requested: String,
+    },
+}
+
+impl Notice {
+    /// The event kind (`meshctl events`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Notice::HostRenamedOnEnrol { .. } => "host_renamed_on_enrol",
+            Notice::PoolExhausted { .. } => "pool_exhausted",
+        }
+    }
+}
+
+impl std::fmt::Display for Notice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Notice::HostRenamedOnEnrol {
+                id,
+                requested,
+                assigned,
+            } => write!(
+                f,
+                "requested name {requested} taken; enrolled as {assigned} ({id})"
+            ),
+            Notice::PoolExhausted {
+                pool,
+                used,
+                requested,
+            } => write!(
+                f,
+                "address pool {pool} exhausted ({used} addresses in use); refused to enrol {requested}"
+            ),
+        }
+    }
+}
+
+/// Checks a label set's size and each pair.
+fn validate_labels(labels: &Labels) -> Result<(), AdminError> {
+    if labels.len() > MAX_LABELS {
+        return Err(AdminError::TooManyLabels(labels.len()));
+    }
+    for (k, v) in labels {
+        validate_label(k, v)?;
+    }
+    Ok(())
+}
+
+/// Refuses a policy file over [`MAX_POLICY_BYTES`] (before it is parsed or stored).
+pub fn check_policy_size(yaml: &str) -> Result<(), AdminError> {
+    if yaml.len() > MAX_POLICY_BYTES {
+        return Err(AdminError::PolicyTooLarge(yaml.len()));
+    }
+    Ok(())
 }
 
 /// How many block events the coordinator keeps in memory for `GET /v1/blocks`.
@@ -232,6 +338,7 @@ pub struct CoordinatorState {
     blocks: VecDeque<BlockEvent>,
     dirty_blocks: Vec<BlockEvent>,
     blocks_dropped: u64,
+    notices: Vec<Notice>,
 }
 
 impl CoordinatorState {
@@ -270,6 +377,7 @@ impl CoordinatorState {
             blocks: VecDeque::new(),
             dirty_blocks: Vec::new(),
             blocks_dropped: 0,
+            notices: Vec::new(),
         }
     }
 
@@ -474,6 +582,29 @@ impl CoordinatorState {
         Ok(HostInfo::from_host(h, self.networks()))
     }
 
+    /// A free name for host `id` that asked for the taken `name`: `name-ID` (then `name-ID-2`,
+    /// …), with `name` shortened so the result stays a valid name.
+    fn free_name(&self, name: &str, id: HostId) -> String {
+        (1u64..)
+            .map(|n| {
+                let suffix = if n == 1 {
+                    format!("-{}", id.0)
+                } else {
+                    format!("-{}-{n}", id.0)
+                };
+                // Validated names are ASCII: any byte index is a char boundary.
+                let keep = name.len().min(63usize.saturating_sub(suffix.len()));
+                format!("{}{suffix}", &name[..keep])
+            })
+            .find(|n| !self.name_taken(n, None))
+            .unwrap_or_else(|| format!("host-{}", id.0))
+    }
+
+    /// What happened that the operator should hear about, since the last call.
+    pub fn poll_notices(&mut self) -> Vec<Notice> {
+        std::mem::take(&mut self.notices)
+    }
+
     fn enrol(
         &mut self,
         now: UnixTime,
@@ -495,12 +626,28 @@ impl CoordinatorState {
         validate_name(&name).map_err(|_| ErrorCode::InvalidName)?;
         let labels = token.labels.clone();
         let id = HostId(self.next_host);
+        let (ipv4, ipv6) = match self.pool.allocate() {
+            Ok(a) => a,
+            Err(_) => {
+                self.notices.push(Notice::PoolExhausted {
+                    pool: self.pool.network(),
+                    used: self.pool.allocated(),
+                    requested: name,
+                });
+                return Err(ErrorCode::PoolExhausted);
+            }
+        };
         let name = if self.name_taken(&name, None) {
-            format!("{name}-{}", id.0)
+            let assigned = self.free_name(&name, id);
+            self.notices.push(Notice::HostRenamedOnEnrol {
+                id,
+                requested: name,
+                assigned: assigned.clone(),
+            });
+            assigned
         } else {
             name
         };
-        let (ipv4, ipv6) = self.pool.allocate().map_err(|_| ErrorCode::PoolExhausted)?;
         self.next_host += 1;
         if let Some(t) = self.tokens.get_mut(&tid) {
             if let Some(u) = t.uses_left.as_mut() {
@@ -546,7 +693,8 @@ impl CoordinatorState {
             return;
         };
         let before = (h.endpoints(), h.transparent);
-        if let Some(r) = report {
+        if let Some(mut r) = report {
+            r.addrs.truncate(MAX_REPORTED_ENDPOINTS);
             h.reported_endpoints = r.addrs;
             h.listen_port = r.listen_port;
             h.transparent = r.transparent;
@@ -612,8 +760,13 @@ impl CoordinatorState {
         spec: TokenSpec,
         secret_hash: [u8; 32],
     ) -> Result<Token, AdminError> {
-        for (k, v) in &spec.labels {
-            validate_label(k, v)?;
+        validate_labels(&spec.labels)?;
+        // Zero is allowed: a token that is expired or used up at once.
+        if let Some(t) = spec.ttl_secs.filter(|&t| t > MAX_TOKEN_TTL_SECS) {
+            return Err(AdminError::InvalidTtl(t));
+        }
+        if let Some(u) = spec.uses.filter(|&u| u > MAX_TOKEN_USES) {
+            return Err(AdminError::InvalidUses(u));
         }
         let id = TokenId(self.next_token);
         self.next_token += 1;
@@ -649,14 +802,21 @@ impl CoordinatorState {
 
     /// Adds or replaces labels.
     pub fn set_labels(&mut self, r: &str, labels: Labels) -> Result<Host, AdminError> {
-        for (k, v) in &labels {
-            validate_label(k, v)?;
-        }
+        validate_labels(&labels)?;
         let id = self.live_id(r)?;
         let h = self
             .hosts
             .get_mut(&id)
             .ok_or_else(|| AdminError::NoSuchHost(r.into()))?;
+        let after = h
+            .labels
+            .keys()
+            .chain(labels.keys())
+            .collect::<BTreeSet<_>>()
+            .len();
+        if after > MAX_LABELS {
+            return Err(AdminError::TooManyLabels(after));
+        }
         let before = h.labels.clone();
         h.labels.extend(labels);
         if h.labels != before {
@@ -939,6 +1099,11 @@ impl CoordinatorState {
         let max = crate::proto::MAX_BLOCKS_PER_MESSAGE;
         self.blocks_dropped += events.len().saturating_sub(max) as u64;
         for mut e in events.into_iter().take(max) {
+            if e.at > MAX_STORED_TIME {
+                // The store cannot hold it (and it would fail the whole batch's commit).
+                self.blocks_dropped += 1;
+                continue;
+            }
             e.host = name.clone();
             if self.blocks.len() == BLOCKS_KEPT {
                 self.blocks.pop_front();

@@ -112,6 +112,11 @@ async fn run() -> anyhow::Result<()> {
     let n: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1000);
     let rounds: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(5);
     let dir = tempfile::tempdir()?;
+    // The state directory must be private (tempdir makes it 0755).
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )?;
     let mut child = std::process::Command::new(std::env::current_exe()?)
         .args(["serve", dir.path().to_str().unwrap_or(".")])
         .stdin(std::process::Stdio::piped())

@@ -31,9 +31,7 @@ use meshd_control::TokenId;
 use tokio::sync::{mpsc, watch};
 
 use std::collections::HashMap;
-use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{self, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -84,9 +82,15 @@ impl From<AdminError> for Failure {
                 (StatusCode::NOT_FOUND, "not_found")
             }
             AdminError::NameTaken(_) => (StatusCode::CONFLICT, "conflict"),
-            AdminError::InvalidName(_) | AdminError::InvalidLabel(_) | AdminError::Port(_) => {
-                (StatusCode::BAD_REQUEST, "bad_request")
-            }
+            AdminError::InvalidName(_)
+            | AdminError::InvalidLabel(_)
+            | AdminError::Port(_)
+            | AdminError::InvalidTtl(_)
+            | AdminError::InvalidUses(_)
+            | AdminError::TooManyLabels(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            AdminError::PolicyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            // Nothing was changed; the same request may work once the cause is fixed.
+            AdminError::NotSaved(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_saved"),
             AdminError::Policy(PolicyError::NoSuchVersion(_)) => {
                 (StatusCode::NOT_FOUND, "not_found")
             }
@@ -206,6 +210,8 @@ fn reply(r: AdminReply) -> Response {
         AdminReply::Created(t) => (StatusCode::CREATED, Json(t)).into_response(),
         AdminReply::Status(s) => Json(s).into_response(),
         AdminReply::Events(e) => Json(e).into_response(),
+        AdminReply::Health(h) if h.ok => Json(h).into_response(),
+        AdminReply::Health(h) => (StatusCode::SERVICE_UNAVAILABLE, Json(h)).into_response(),
         AdminReply::Json(v) => Json(v).into_response(),
     }
 }
@@ -277,6 +283,10 @@ async fn status(_: Authed, State(st): State<AppState>) -> Result<Response, Failu
         }
         other => Ok(reply(other)),
     }
+}
+/// `GET /v1/health` (no token: for monitoring): 503 while commits fail.
+async fn health(State(st): State<AppState>) -> Result<Response, Failure> {
+    call(&st, AdminOp::Health).await
 }
 
 /// A policy file from the body: JSON `{"yaml": …}` when the content type says JSON or the body
@@ -401,6 +411,7 @@ fn router(st: AppState) -> Router {
         .route("/v1/tokens", get(list_tokens).post(create_token))
         .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/v1/status", get(status))
+        .route("/v1/health", get(health))
         .route("/v1/policy", get(policy_get).put(policy_put))
         .route("/v1/policy/history", get(policy_history))
         .route("/v1/policy/rollback/{version}", post(policy_rollback))
@@ -639,7 +650,8 @@ pub fn load_or_create(
     })
 }
 
-/// Makes a self-signed certificate for `names` and writes it (0644) and its key (0600).
+/// Makes a self-signed certificate for `names` and writes it and its key (both 0600, in the
+/// 0700 state directory).
 fn generate(cert_path: &path::Path, key_path: &path::Path, names: &[String]) -> anyhow::Result<()> {
     let mut params =
         rcgen::CertificateParams::new(names.to_vec()).context("admin certificate names")?;
@@ -656,27 +668,19 @@ fn generate(cert_path: &path::Path, key_path: &path::Path, names: &[String]) -> 
         .context("signing the admin certificate")?;
     // The key first: a crash in between leaves a key without a certificate, which start-up
     // reports, never a certificate whose key is lost.
-    write_file(key_path, &key.serialize_pem(), 0o600)?;
-    write_file(cert_path, &cert.pem(), 0o644)?;
+    write_file(key_path, &key.serialize_pem())?;
+    write_file(cert_path, &cert.pem())?;
     info!(cert = %cert_path.display(), key = %key_path.display(), names = ?names,
         "generated a self-signed admin API certificate");
     Ok(())
 }
 
-/// Writes `path` whole through a temporary file and a rename, with `mode`.
-fn write_file(path: &path::Path, contents: &str, mode: u32) -> anyhow::Result<()> {
-    let tmp = path.with_extension("pem.tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(contents.as_bytes())
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+/// Writes `path` whole and private (0600) through the one atomic writer.
+fn write_file(path: &path::Path, contents: &str) -> anyhow::Result<()> {
+    Ok(meshd_config::fsutil::write_private_atomic(
+        path,
+        contents.as_bytes(),
+    )?)
 }
 
 /// Warns when a kept generated certificate does not name one of `ips` (the listen address moved).

@@ -16,4 +16,4 @@ pub mod server;
 pub use options::{
     CoordinatorArgs, CoordinatorFile, CoordinatorOptions, Shutdown, ShutdownTrigger,
 };
-pub use server::{run, start, AdminOp, AdminReply, CoordinatorHandle};
+pub use server::{run, start, start_with_store, AdminOp, AdminReply, CoordinatorHandle};

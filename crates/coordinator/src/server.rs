@@ -6,9 +6,7 @@
 //! only then reply and push. No lock is ever held across network or disk IO.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -17,15 +15,17 @@ use std::time::Duration;
 use anyhow::Context as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
+use meshd_config::fsutil::{ensure_private_dir, make_private, write_private_atomic};
 use meshd_control::api::{
-    ConnectedAgent, EventView, GuardStats, HostView, PolicyApplied, PolicyCheck, PolicyCurrent,
-    StatusView, TokenCreateRequest, TokenCreated, TokenView, EVENTS_MAX,
+    ConnectedAgent, EventView, GuardStats, HealthView, HostView, PolicyApplied, PolicyCheck,
+    PolicyCurrent, StatusView, StoreFailure, TokenCreateRequest, TokenCreated, TokenView,
+    EVENTS_MAX,
 };
 use meshd_control::proto::{
     AgentMessage, CoordinatorMessage, EndpointReport, ErrorCode, HostInfo, MAX_AGENT_FRAME,
     MAX_COORDINATOR_FRAME, PROTOCOL_VERSION,
 };
-use meshd_control::state::{AdminError, ConnId, Hello, TokenSpec};
+use meshd_control::state::{check_policy_size, AdminError, ConnId, Hello, TokenSpec};
 use meshd_control::token::hash_secret;
 use meshd_control::{
     CoordinatorState, HostId, IpPool, JoinToken, Labels, TokenId, TokenSecret, UnixTime,
@@ -119,6 +119,8 @@ pub enum AdminOp {
         /// How many.
         limit: u32,
     },
+    /// Whether changes can be saved (answered even when nothing else is).
+    Health,
 }
 
 /// The result of an [`AdminOp`].
@@ -138,6 +140,8 @@ pub enum AdminReply {
     Status(StatusView),
     /// Audit events, oldest first.
     Events(Vec<EventView>),
+    /// Health.
+    Health(HealthView),
     /// Any other JSON reply (policy, explain, blocks).
     Json(serde_json::Value),
 }
@@ -154,7 +158,7 @@ pub(crate) enum Cmd {
         hello: Hello,
         tx: mpsc::Sender<Outbound>,
         conn: quinn::Connection,
-        reply: oneshot::Sender<Result<(HostInfo, ConnId), ErrorCode>>,
+        reply: oneshot::Sender<ConnectReply>,
     },
     Report {
         host: HostId,
@@ -190,11 +194,11 @@ pub(crate) enum Cmd {
     },
 }
 
+/// The actor's answer to a `Connect`: the welcome, or the refusal with its message.
+pub(crate) type ConnectReply = Result<(HostInfo, ConnId), (ErrorCode, String)>;
+
 enum Deferred {
-    Connect(
-        oneshot::Sender<Result<(HostInfo, ConnId), ErrorCode>>,
-        Result<(HostInfo, ConnId), ErrorCode>,
-    ),
+    Connect(oneshot::Sender<ConnectReply>, ConnectReply),
     Admin(
         oneshot::Sender<Result<AdminReply, AdminError>>,
         Result<AdminReply, AdminError>,
@@ -218,9 +222,16 @@ struct Actor {
     public_key: PublicKey,
     /// Events of this batch, not yet written to the store.
     events: Vec<(UnixTime, String, String)>,
-    /// The newest events already handed to the store (at most [`EVENTS_MAX`], oldest first):
-    /// `GET /v1/events` is served from here and `events`, with no database read on the actor.
+    /// The newest committed events (at most [`EVENTS_MAX`], oldest first): `GET /v1/events`
+    /// is served from here, with no database read on the actor.
     recent: VecDeque<(UnixTime, String, String)>,
+    /// The empty pool the state is rebuilt over after a failed commit.
+    pool: IpPool,
+    /// The last failed commit, until one succeeds (`meshctl status`, `GET /v1/health`).
+    store_failure: Option<StoreFailure>,
+    /// Set when the state could not be reloaded after a failed commit: every command is
+    /// refused until a reload works.
+    stale: Option<String>,
 }
 
 impl Actor {
@@ -245,6 +256,17 @@ impl Actor {
                 }
             }
             let now = unix_now();
+            if let Some(why) = self.stale.clone() {
+                // A failed commit whose state could not be reloaded: nothing is applied
+                // until the store is readable again.
+                if let Err(e) = self.reload(now).await {
+                    self.stale = Some(e.clone());
+                    for c in batch {
+                        self.refuse_stale(c, &why);
+                    }
+                    continue;
+                }
+            }
             self.state.handle_policy_timeout(now);
             let mut deferred = Vec::new();
             for c in batch {
@@ -264,25 +286,37 @@ impl Actor {
                     }
                 }
             }
+            for n in self.state.poll_notices() {
+                warn!(kind = n.kind(), "{n}");
+                self.events.push((now, n.kind().into(), n.to_string()));
+            }
             let pushes = self.state.poll_pushes();
             let kicks = self.state.poll_kicks();
             let dirty = self.state.take_dirty();
             let events = std::mem::take(&mut self.events);
-            self.remember(&events);
+            // Commit, then acknowledge: nothing of the batch is replied, pushed or shown
+            // before the store has it.
             if !dirty.is_empty() || !events.is_empty() {
+                let what = describe_batch(&dirty, &events);
                 let store = self.store.clone();
                 let res = tokio::task::spawn_blocking(move || {
-                    store.commit(&dirty)?;
-                    for (at, kind, detail) in &events {
-                        store.log_event(*at, kind, detail)?;
-                    }
-                    Ok::<_, meshd_store::StoreError>(())
+                    store.commit(&dirty, &events).map(|()| events)
                 })
                 .await;
-                match res {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => error!(error = %e, "persisting coordinator state failed"),
-                    Err(e) => error!(error = %e, "persist task failed"),
+                let error = match res {
+                    Ok(Ok(events)) => {
+                        if let Some(f) = self.store_failure.take() {
+                            info!(failed_at = f.at, "commits succeed again");
+                        }
+                        self.remember(&events);
+                        None
+                    }
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(e) => Some(format!("commit task failed: {e}")),
+                };
+                if let Some(error) = error {
+                    self.roll_back(now, error, what, deferred).await;
+                    continue;
                 }
             }
             for d in deferred {
@@ -329,6 +363,96 @@ impl Actor {
             l.conn
                 .close(quinn::VarInt::from_u32(0), b"coordinator shutting down");
         }
+    }
+
+    /// A commit failed: every reply of the batch becomes an error naming the cause, its pushes
+    /// and events are dropped, the state is rebuilt from the store (which holds exactly the
+    /// last committed state), and every agent session is closed so that the agents (fail-static:
+    /// their tunnels keep running) reconnect and get maps of the rolled-back state.
+    async fn roll_back(
+        &mut self,
+        now: UnixTime,
+        error: String,
+        what: String,
+        deferred: Vec<Deferred>,
+    ) {
+        error!(%error, batch = %what, "saving coordinator state failed; the batch is refused and rolled back");
+        self.store_failure = Some(StoreFailure {
+            at: now,
+            error: error.clone(),
+            what,
+        });
+        for d in deferred {
+            match d {
+                Deferred::Connect(tx, _) => {
+                    let _agent_gone =
+                        tx.send(Err((ErrorCode::Internal, format!("not saved: {error}"))));
+                }
+                Deferred::Admin(tx, _) => {
+                    let _caller_gone = tx.send(Err(AdminError::NotSaved(error.clone())));
+                }
+            }
+        }
+        let message = format!("coordinator could not save its state ({error}); reconnect");
+        for (host, l) in self.live.drain() {
+            debug!(%host, "closing agent session after a failed commit");
+            if l.tx
+                .try_send(Outbound::Close(ErrorCode::Internal, message.clone()))
+                .is_err()
+            {
+                l.conn
+                    .close(close_code(ErrorCode::Internal), b"state not saved");
+            }
+        }
+        if let Err(e) = self.reload(now).await {
+            error!(error = %e, "reloading the state from the store failed; refusing every command until it works");
+            self.stale = Some(e);
+        }
+    }
+
+    /// Rebuilds the state from the store, as at start-up (live sessions are not kept).
+    async fn reload(&mut self, now: UnixTime) -> Result<(), String> {
+        let store = self.store.clone();
+        let (snapshot, mut recent) = tokio::task::spawn_blocking(move || {
+            Ok::<_, meshd_store::StoreError>((store.load()?, store.recent_events(EVENTS_MAX)?))
+        })
+        .await
+        .map_err(|e| format!("reload task failed: {e}"))?
+        .map_err(|e| e.to_string())?;
+        recent.reverse();
+        self.state =
+            restore_state(self.pool.clone(), snapshot, now).map_err(|e| format!("{e:#}"))?;
+        self.recent = recent.into();
+        self.events.clear();
+        self.stale = None;
+        Ok(())
+    }
+
+    /// Answers a command while the state could not be reloaded.
+    fn refuse_stale(&mut self, c: Cmd, why: &str) {
+        let msg = format!("the coordinator cannot read its store: {why}");
+        match c {
+            Cmd::Connect { reply, .. } => {
+                let _agent_gone = reply.send(Err((ErrorCode::Internal, msg)));
+            }
+            Cmd::Admin {
+                op: AdminOp::Health,
+                reply,
+            } => {
+                let _caller_gone = reply.send(Ok(self.health()));
+            }
+            Cmd::Admin { reply, .. } => {
+                let _caller_gone = reply.send(Err(AdminError::NotSaved(msg)));
+            }
+            _ => {}
+        }
+    }
+
+    fn health(&self) -> AdminReply {
+        AdminReply::Health(HealthView {
+            ok: self.store_failure.is_none() && self.stale.is_none(),
+            store_failure: self.store_failure.clone(),
+        })
     }
 
     fn apply(&mut self, now: UnixTime, c: Cmd, deferred: &mut Vec<Deferred>) {
@@ -384,7 +508,10 @@ impl Actor {
                     }
                     Err(code) => debug!(peer = %key, ?code, "agent refused"),
                 }
-                deferred.push(Deferred::Connect(reply, r.map(|i| (i, cid))));
+                deferred.push(Deferred::Connect(
+                    reply,
+                    r.map(|i| (i, cid)).map_err(|c| (c, c.to_string())),
+                ));
             }
             Cmd::Report {
                 host,
@@ -429,15 +556,13 @@ impl Actor {
         self.recent.drain(..excess);
     }
 
-    /// The newest `limit` events (capped at [`EVENTS_MAX`]), oldest first, including this
-    /// batch's.
+    /// The newest `limit` committed events (capped at [`EVENTS_MAX`]), oldest first (this
+    /// batch's are not committed yet, so they are not shown).
     fn recent_events(&self, limit: u32) -> Vec<EventView> {
         let n = limit.min(EVENTS_MAX) as usize;
-        let all = self.recent.len() + self.events.len();
         self.recent
             .iter()
-            .chain(&self.events)
-            .skip(all.saturating_sub(n))
+            .skip(self.recent.len().saturating_sub(n))
             .map(|(at, kind, detail)| EventView {
                 at: *at,
                 kind: kind.clone(),
@@ -529,6 +654,7 @@ impl Actor {
                 policy: self.state.policy().cloned(),
             }),
             AdminOp::PolicyApply(yaml) => {
+                check_policy_size(&yaml)?;
                 let (rec, tests) = self.state.apply_policy(now, &yaml, "apply")?;
                 info!(rules_version = rec.version, "policy applied");
                 self.events.push((
@@ -555,8 +681,12 @@ impl Actor {
                     tests: Vec::new(),
                 })
             }
-            AdminOp::PolicyDiff(yaml) => json(&self.state.diff_policy(now, &yaml)?),
+            AdminOp::PolicyDiff(yaml) => json(&{
+                check_policy_size(&yaml)?;
+                self.state.diff_policy(now, &yaml)?
+            }),
             AdminOp::PolicyCheck(yaml) => {
+                check_policy_size(&yaml)?;
                 let tests = self.state.check_policy(now, &yaml)?;
                 json(&PolicyCheck {
                     ok: tests.iter().all(|t| t.passed()),
@@ -631,10 +761,56 @@ impl Actor {
                     public_key: self.public_key,
                     // Filled in by the admin API (the counters live outside the actor).
                     guard: GuardStats::default(),
+                    store_failure: self.store_failure.clone(),
                 })
             }
+            AdminOp::Health => self.health(),
         })
     }
+}
+
+/// What a batch held, for the log and `meshctl status` (`2 hosts, 1 token, 3 events`).
+fn describe_batch(
+    d: &meshd_control::state::Dirty,
+    events: &[(UnixTime, String, String)],
+) -> String {
+    let mut parts = Vec::new();
+    let mut count = |n: usize, one: &str, many: &str| {
+        if n > 0 {
+            parts.push(format!("{n} {}", if n == 1 { one } else { many }));
+        }
+    };
+    count(d.hosts.len(), "host", "hosts");
+    count(d.tokens.len(), "token", "tokens");
+    count(
+        usize::from(d.policy.is_some()),
+        "policy version",
+        "policy versions",
+    );
+    count(d.blocks.len(), "block event", "block events");
+    count(events.len(), "event", "events");
+    count(
+        usize::from(d.map_version.is_some()),
+        "map version",
+        "map versions",
+    );
+    parts.join(", ")
+}
+
+/// The state as the store holds it (at start-up, and after a failed commit).
+fn restore_state(
+    pool: IpPool,
+    snapshot: meshd_store::Snapshot,
+    now: UnixTime,
+) -> anyhow::Result<CoordinatorState> {
+    let mut state =
+        CoordinatorState::restore(pool, snapshot.hosts, snapshot.tokens, snapshot.map_version)
+            .context("restoring state from the database (was --pool changed?)")?;
+    state
+        .restore_policies(now, snapshot.policies)
+        .context("restoring the stored policy")?;
+    state.restore_blocks(snapshot.blocks);
+    Ok(state)
 }
 
 fn json<T: serde::Serialize>(v: &T) -> AdminReply {
@@ -731,34 +907,24 @@ pub(crate) async fn admin_call(
     rx.await.map_err(|_| anyhow::anyhow!("coordinator stopped"))
 }
 
-fn create_private_file(path: &Path, contents: &str) -> anyhow::Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(contents.as_bytes())?;
-    f.sync_all()?;
-    Ok(())
-}
-
-/// Loads the coordinator key, creating it (0600) on first start.
+/// Loads the coordinator key, creating it (0600, atomically) on first start. A key file that
+/// group or others may read is refused with the `chmod` that fixes it.
 pub fn load_or_create_key(path: &Path) -> anyhow::Result<PrivateKey> {
-    match std::fs::read_to_string(path) {
-        Ok(s) => s
-            .trim()
-            .parse::<PrivateKey>()
-            .with_context(|| format!("{} is not a valid key file", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let k = PrivateKey::generate();
-            create_private_file(path, &format!("{}\n", k.to_base64()))?;
-            info!(path = %path.display(), "created coordinator key");
-            Ok(k)
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.len() == 0 && !path.with_file_name(DB_FILE).exists() => {
+            // Left by an earlier version whose first start hit a full disk: no key was ever
+            // used (the database comes after it), so a new one is made.
+            warn!(path = %path.display(), "replacing an empty coordinator key left by a failed first start");
+            std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
         }
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        Ok(_) => return Ok(meshd_config::load_private_key(path)?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     }
+    let k = PrivateKey::generate();
+    meshd_config::write_private_key(path, &k)?;
+    info!(path = %path.display(), "created coordinator key");
+    Ok(k)
 }
 
 fn hex(b: &[u8]) -> String {
@@ -770,26 +936,43 @@ pub fn admin_token_hash(token: &str) -> String {
     hex(&hash_secret(token.trim().as_bytes()))
 }
 
-/// Starts the coordinator and returns once it is listening.
+/// Starts the coordinator (state in `<state-dir>/coordinator.db`) and returns once it is
+/// listening.
 pub async fn start(opts: CoordinatorOptions) -> anyhow::Result<CoordinatorHandle> {
+    start_inner(opts, None).await
+}
+
+/// As [`start`], with `store` instead of the SQLite database in the state directory (another
+/// storage backend; tests pass one that fails on demand). The key and admin token files are
+/// still kept in the state directory.
+pub async fn start_with_store(
+    opts: CoordinatorOptions,
+    store: Arc<dyn Store>,
+) -> anyhow::Result<CoordinatorHandle> {
+    start_inner(opts, Some(store)).await
+}
+
+async fn start_inner(
+    opts: CoordinatorOptions,
+    store: Option<Arc<dyn Store>>,
+) -> anyhow::Result<CoordinatorHandle> {
     let dir = opts.state_dir.clone();
-    if !dir.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .with_context(|| format!("creating state directory {}", dir.display()))?;
-    }
+    ensure_private_dir(&dir).context("coordinator state directory")?;
     let key = load_or_create_key(&dir.join(KEY_FILE))?;
+    // Written 0644 by earlier versions.
+    make_private(&dir.join(ADMIN_TOKEN_FILE))?;
     let public_key = key.public_key();
-    let db = dir.join(DB_FILE);
-    let store: Arc<dyn Store> = {
-        let db2 = db.clone();
-        Arc::new(
-            tokio::task::spawn_blocking(move || SqliteStore::open(&db2))
-                .await?
-                .with_context(|| format!("opening {}", db.display()))?,
-        )
+    let store: Arc<dyn Store> = match store {
+        Some(s) => s,
+        None => {
+            let db = dir.join(DB_FILE);
+            let db2 = db.clone();
+            Arc::new(
+                tokio::task::spawn_blocking(move || SqliteStore::open(&db2))
+                    .await?
+                    .with_context(|| format!("opening {}", db.display()))?,
+            )
+        }
     };
     let (admin_hash, snapshot, recent_events) = {
         let store = store.clone();
@@ -801,7 +984,7 @@ pub async fn start(opts: CoordinatorOptions) -> anyhow::Result<CoordinatorHandle
                     let mut b = [0u8; 32];
                     OsRng.fill_bytes(&mut b);
                     let token = format!("{ADMIN_TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(b));
-                    create_private_file(&token_path, &format!("{token}\n"))?;
+                    write_private_atomic(&token_path, format!("{token}\n").as_bytes())?;
                     let h = admin_token_hash(&token);
                     store.set_meta(META_ADMIN_TOKEN_HASH, &h)?;
                     info!(path = %token_path.display(), "wrote initial admin token");
@@ -816,13 +999,7 @@ pub async fn start(opts: CoordinatorOptions) -> anyhow::Result<CoordinatorHandle
         .await??
     };
     let pool = IpPool::new(opts.pool, opts.pool_v6).context("address pool")?;
-    let mut state =
-        CoordinatorState::restore(pool, snapshot.hosts, snapshot.tokens, snapshot.map_version)
-            .context("restoring state from the database (was --pool changed?)")?;
-    state
-        .restore_policies(unix_now(), snapshot.policies)
-        .context("restoring the stored policy")?;
-    state.restore_blocks(snapshot.blocks);
+    let state = restore_state(pool.clone(), snapshot, unix_now())?;
 
     opts.limits.validate()?;
     let limits = opts.limits.clone();
@@ -863,6 +1040,9 @@ pub async fn start(opts: CoordinatorOptions) -> anyhow::Result<CoordinatorHandle
         public_key,
         events: Vec::new(),
         recent: recent_events.into(),
+        pool,
+        store_failure: None,
+        stale: None,
     };
     let mut tasks = vec![tokio::spawn(actor.run(cmd_rx, stop_rx.clone()))];
     let key = Arc::new(key);
@@ -1149,11 +1329,11 @@ async fn serve_conn(
     .map_err(|_| ServeError::Stopping)?;
     let (info, cid) = match reply_rx.await.map_err(|_| ServeError::Stopping)? {
         Ok(x) => x,
-        Err(code) => {
+        Err((code, message)) => {
             if enrolling && bad_join_token(code) {
                 join_token_failed(guard, observed.ip(), code);
             }
-            refuse(&mut writer, code, code.to_string()).await;
+            refuse(&mut writer, code, message).await;
             return Ok(());
         }
     };

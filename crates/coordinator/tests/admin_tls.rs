@@ -15,12 +15,23 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
+/// Makes an existing state directory private (tempdir makes it 0755); a missing one is made
+/// 0700 by the coordinator.
+fn private_dir(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    if dir.exists() {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+}
+
 /// A coordinator whose admin API listens on `admin` (control on 127.0.0.1).
 async fn coordinator(
     dir: &Path,
     admin: &str,
     tweak: impl FnOnce(&mut CoordinatorOptions),
 ) -> CoordinatorHandle {
+    // The state directory must be private (tempdir makes it 0755).
+    private_dir(dir);
     let mut o = CoordinatorOptions::new(dir);
     o.listen = "127.0.0.1:0".parse().unwrap();
     o.admin_listen = admin.parse().unwrap();

@@ -16,6 +16,9 @@ use meshd_coordinator::{start, AdminOp, AdminReply, CoordinatorHandle, Coordinat
 use meshd_tunnel::{PrivateKey, PublicKey};
 
 async fn coordinator(dir: &std::path::Path, listen: SocketAddr) -> CoordinatorHandle {
+    // The state directory must be private (tempdir makes it 0755).
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).unwrap();
     let mut o = CoordinatorOptions::new(dir);
     o.listen = listen;
     o.admin_listen = "127.0.0.1:0".parse().unwrap();

@@ -44,12 +44,21 @@ pub const BLOCKS_KEPT: u32 = meshd_control::state::BLOCKS_KEPT as u32;
 /// How many audit events (`log_event`) the store keeps; older ones are deleted on insert.
 pub const EVENTS_KEPT: u32 = 100_000;
 
-/// Why a storage operation failed.
+/// Why a storage operation failed. Nothing of a failed [`Store::commit`] was written.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The database reported an error.
+    /// The file system is full (`SQLITE_FULL`, `ENOSPC`).
+    #[error("disk full: the database cannot grow (free space where the state directory is)")]
+    DiskFull,
+    /// The database or its directory is read-only (`SQLITE_READONLY`).
+    #[error("the database is read-only: {0}")]
+    ReadOnly(#[source] rusqlite::Error),
+    /// The operating system failed a read, write or sync (`SQLITE_IOERR`).
+    #[error("I/O error on the database: {0}")]
+    Io(#[source] rusqlite::Error),
+    /// Any other database error.
     #[error("database error: {0}")]
-    Db(#[from] rusqlite::Error),
+    Db(#[source] rusqlite::Error),
     /// A stored value could not be decoded.
     #[error("corrupt {table} row {id}: bad {field}")]
     Corrupt {
@@ -60,7 +69,7 @@ pub enum StoreError {
         /// Column.
         field: &'static str,
     },
-    /// A value does not fit the database's integer type.
+    /// A value does not fit the database's integer type (SQLite's is a signed 64-bit one).
     #[error("value out of range for the database: {0}")]
     Range(&'static str),
     /// The database was written by a newer meshd.
@@ -74,15 +83,39 @@ pub enum StoreError {
     /// The connection mutex was poisoned by a panic in another thread.
     #[error("database connection poisoned by an earlier panic")]
     Poisoned,
+    /// A database file's permissions could not be made private.
+    #[error(transparent)]
+    Permissions(#[from] meshd_config::fsutil::FsError),
 }
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        use rusqlite::ffi::ErrorCode as C;
+        match &e {
+            rusqlite::Error::SqliteFailure(f, _) => match f.code {
+                C::DiskFull => StoreError::DiskFull,
+                C::ReadOnly => StoreError::ReadOnly(e),
+                C::SystemIoFailure => StoreError::Io(e),
+                _ => StoreError::Db(e),
+            },
+            rusqlite::Error::ToSqlConversionFailure(_) => StoreError::Range("an integer"),
+            _ => StoreError::Db(e),
+        }
+    }
+}
+
+/// One audit event: (time, kind, detail).
+pub type EventRecord = (UnixTime, String, String);
 
 /// Coordinator storage. Implementations must be durable once a method returns `Ok`.
 pub trait Store: Send + Sync + 'static {
     /// Loads hosts, tokens, the map version, policy versions and recent block events.
     fn load(&self) -> Result<Snapshot, StoreError>;
-    /// Writes a batch of changed records in one transaction (upserts by id; a new policy
-    /// version and block events are appended, block events pruned to [`BLOCKS_KEPT`]).
-    fn commit(&self, changes: &Dirty) -> Result<(), StoreError>;
+    /// Writes a batch of changed records and audit events in one transaction (upserts by id;
+    /// a new policy version, block events and audit events are appended, block events pruned
+    /// to [`BLOCKS_KEPT`], audit events to [`EVENTS_KEPT`]). All or nothing: on `Err` nothing
+    /// of the batch is stored.
+    fn commit(&self, changes: &Dirty, events: &[EventRecord]) -> Result<(), StoreError>;
     /// Reads a meta value (e.g. `admin_token_hash`).
     fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError>;
     /// Writes a meta value.
@@ -90,7 +123,7 @@ pub trait Store: Send + Sync + 'static {
     /// Appends to the audit/event log (e.g. a refused duplicate connection).
     fn log_event(&self, at: UnixTime, kind: &str, detail: &str) -> Result<(), StoreError>;
     /// The most recent `limit` events, newest first: (time, kind, detail).
-    fn recent_events(&self, limit: u32) -> Result<Vec<(UnixTime, String, String)>, StoreError>;
+    fn recent_events(&self, limit: u32) -> Result<Vec<EventRecord>, StoreError>;
 }
 
 /// Meta key: SHA-256 (hex) of the admin token.

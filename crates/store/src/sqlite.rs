@@ -1,15 +1,18 @@
 //! SQLite implementation of [`Store`].
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 use std::sync::Mutex;
+
+use meshd_config::fsutil::{make_private, FsError};
 
 use meshd_control::state::Dirty;
 use meshd_control::{Host, HostId, Labels, Token, TokenId, UnixTime};
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 
 use crate::migrations::MIGRATIONS;
-use crate::{Snapshot, Store, StoreError, BLOCKS_KEPT, EVENTS_KEPT, META_MAP_VERSION};
+use crate::{EventRecord, Snapshot, Store, StoreError, BLOCKS_KEPT, EVENTS_KEPT, META_MAP_VERSION};
 use meshd_control::policy::PolicyRecord;
 use meshd_policy::BlockEvent;
 
@@ -27,10 +30,36 @@ fn to_i64(v: u64, what: &'static str) -> Result<i64, StoreError> {
 
 impl SqliteStore {
     /// Opens (creating if needed) a database file, sets WAL + `synchronous=FULL`, and runs
-    /// pending migrations.
+    /// pending migrations. The database and its `-wal` and `-shm` files are mode 0600 (SQLite
+    /// gives the journal files the database file's mode, so the database is made 0600 first).
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if std::fs::symlink_metadata(path).is_err() {
+            let created = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path);
+            match created {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(source) => {
+                    return Err(FsError::Write {
+                        path: path.to_owned(),
+                        source,
+                    }
+                    .into())
+                }
+            }
+        }
+        make_private(path)?;
         let conn = Connection::open(path)?;
-        Self::init(conn)
+        let s = Self::init(conn)?;
+        for suffix in ["-wal", "-shm"] {
+            let mut p = path.as_os_str().to_owned();
+            p.push(suffix);
+            make_private(Path::new(&p))?;
+        }
+        Ok(s)
     }
 
     /// An in-memory database (tests).
@@ -257,6 +286,25 @@ fn set_meta(c: &Connection, key: &str, value: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
+fn insert_event(
+    c: &Connection,
+    kept: u32,
+    at: UnixTime,
+    kind: &str,
+    detail: &str,
+) -> Result<(), StoreError> {
+    c.execute(
+        "INSERT INTO events (at, kind, detail) VALUES (?1, ?2, ?3)",
+        params![to_i64(at, "event time")?, kind, detail],
+    )?;
+    // A range on the rowid: nothing to scan until the log is full.
+    c.execute(
+        "DELETE FROM events WHERE id <= last_insert_rowid() - ?1",
+        [kept],
+    )?;
+    Ok(())
+}
+
 impl Store for SqliteStore {
     fn load(&self) -> Result<Snapshot, StoreError> {
         self.with(|c| {
@@ -347,12 +395,16 @@ impl Store for SqliteStore {
         })
     }
 
-    fn commit(&self, d: &Dirty) -> Result<(), StoreError> {
-        if d.is_empty() {
+    fn commit(&self, d: &Dirty, events: &[EventRecord]) -> Result<(), StoreError> {
+        if d.is_empty() && events.is_empty() {
             return Ok(());
         }
+        let kept = self.events_kept;
         self.with(|c| {
             let tx = c.transaction()?;
+            for (at, kind, detail) in events {
+                insert_event(&tx, kept, *at, kind, detail)?;
+            }
             for h in &d.hosts {
                 put_host(&tx, h)?;
             }
@@ -401,22 +453,10 @@ impl Store for SqliteStore {
     }
 
     fn log_event(&self, at: UnixTime, kind: &str, detail: &str) -> Result<(), StoreError> {
-        let at = to_i64(at, "event time")?;
-        self.with(|c| {
-            c.execute(
-                "INSERT INTO events (at, kind, detail) VALUES (?1, ?2, ?3)",
-                params![at, kind, detail],
-            )?;
-            // A range on the rowid: nothing to scan until the log is full.
-            c.execute(
-                "DELETE FROM events WHERE id <= last_insert_rowid() - ?1",
-                [self.events_kept],
-            )?;
-            Ok(())
-        })
+        self.with(|c| insert_event(c, self.events_kept, at, kind, detail))
     }
 
-    fn recent_events(&self, limit: u32) -> Result<Vec<(UnixTime, String, String)>, StoreError> {
+    fn recent_events(&self, limit: u32) -> Result<Vec<EventRecord>, StoreError> {
         self.with(|c| {
             let mut st =
                 c.prepare("SELECT at, kind, detail FROM events ORDER BY id DESC LIMIT ?1")?;
@@ -481,23 +521,29 @@ mod tests {
             let s = SqliteStore::open(&path).unwrap();
             assert_eq!(s.schema_version().unwrap(), 3);
             assert_eq!(s.load().unwrap(), Snapshot::default());
-            s.commit(&Dirty {
-                hosts: vec![host(1), h2.clone()],
-                tokens: vec![token(1)],
-                map_version: Some(7),
-                ..Default::default()
-            })
+            s.commit(
+                &Dirty {
+                    hosts: vec![host(1), h2.clone()],
+                    tokens: vec![token(1)],
+                    map_version: Some(7),
+                    ..Default::default()
+                },
+                &[],
+            )
             .unwrap();
             h2.removed = true;
             h2.labels.clear();
             h2.ipv6 = None;
             h2.observed_ip = None;
-            s.commit(&Dirty {
-                hosts: vec![h2.clone()],
-                tokens: vec![],
-                map_version: None,
-                ..Default::default()
-            })
+            s.commit(
+                &Dirty {
+                    hosts: vec![h2.clone()],
+                    tokens: vec![],
+                    map_version: None,
+                    ..Default::default()
+                },
+                &[],
+            )
             .unwrap();
             s.set_meta("admin_token_hash", "abc").unwrap();
             s.log_event(9, "duplicate_connection", "host h1").unwrap();
@@ -558,26 +604,35 @@ mod tests {
         {
             let s = SqliteStore::open(&path).unwrap();
             for v in 1..=2 {
-                s.commit(&Dirty {
-                    policy: Some(rec(v)),
-                    ..Default::default()
-                })
+                s.commit(
+                    &Dirty {
+                        policy: Some(rec(v)),
+                        ..Default::default()
+                    },
+                    &[],
+                )
                 .unwrap();
             }
-            s.commit(&Dirty {
-                hosts: vec![h.clone(), r.clone()],
-                blocks: (0..(BLOCKS_KEPT as u64 + 5))
-                    .map(|i| block(i, "a"))
-                    .collect(),
-                ..Default::default()
-            })
+            s.commit(
+                &Dirty {
+                    hosts: vec![h.clone(), r.clone()],
+                    blocks: (0..(BLOCKS_KEPT as u64 + 5))
+                        .map(|i| block(i, "a"))
+                        .collect(),
+                    ..Default::default()
+                },
+                &[],
+            )
             .unwrap();
             // A version is written once.
             assert!(s
-                .commit(&Dirty {
-                    policy: Some(rec(2)),
-                    ..Default::default()
-                })
+                .commit(
+                    &Dirty {
+                        policy: Some(rec(2)),
+                        ..Default::default()
+                    },
+                    &[]
+                )
                 .is_err());
         }
         let snap = SqliteStore::open(&path).unwrap().load().unwrap();
@@ -612,12 +667,15 @@ mod tests {
     #[test]
     fn corrupt_row_is_an_error_not_a_panic() {
         let s = SqliteStore::open_in_memory().unwrap();
-        s.commit(&Dirty {
-            hosts: vec![host(1)],
-            tokens: vec![],
-            map_version: None,
-            ..Default::default()
-        })
+        s.commit(
+            &Dirty {
+                hosts: vec![host(1)],
+                tokens: vec![],
+                map_version: None,
+                ..Default::default()
+            },
+            &[],
+        )
         .unwrap();
         s.with(|c| Ok(c.execute("UPDATE hosts SET public_key = 'xx'", [])?))
             .unwrap();
@@ -629,6 +687,95 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn a_failed_commit_writes_nothing_of_its_batch() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        let mut bad = token(2);
+        bad.expires_at = Some(u64::MAX);
+        let e = s
+            .commit(
+                &Dirty {
+                    hosts: vec![host(1)],
+                    tokens: vec![token(1), bad],
+                    map_version: Some(3),
+                    ..Default::default()
+                },
+                &[(1, "host_enrolled".into(), "h1".into())],
+            )
+            .unwrap_err();
+        assert!(matches!(e, StoreError::Range("expires_at")), "{e:?}");
+        assert!(e.to_string().contains("value out of range"), "{e}");
+        assert_eq!(s.load().unwrap(), Snapshot::default());
+        assert_eq!(s.recent_events(10).unwrap(), vec![]);
+        // A good batch stores its records and events together.
+        s.commit(
+            &Dirty {
+                tokens: vec![token(1)],
+                ..Default::default()
+            },
+            &[(2, "k".into(), "d".into())],
+        )
+        .unwrap();
+        assert_eq!(s.load().unwrap().tokens, vec![token(1)]);
+        assert_eq!(
+            s.recent_events(10).unwrap(),
+            vec![(2, "k".into(), "d".into())]
+        );
+    }
+
+    #[test]
+    fn a_full_database_is_disk_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("db")).unwrap();
+        s.commit(&Dirty::default(), &[(1, "k".into(), "x".into())])
+            .unwrap();
+        // SQLite refuses to grow past max_page_count with SQLITE_FULL, as on a full disk.
+        s.with(|c| {
+            let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+            c.pragma_update(None, "max_page_count", pages)?;
+            Ok(())
+        })
+        .unwrap();
+        let big = "x".repeat(64 * 1024);
+        let e = s
+            .commit(&Dirty::default(), &[(2, "k".into(), big)])
+            .unwrap_err();
+        assert!(matches!(e, StoreError::DiskFull), "{e:?}");
+        assert!(e.to_string().starts_with("disk full"), "{e}");
+        assert_eq!(
+            s.recent_events(10).unwrap().len(),
+            1,
+            "nothing of the batch"
+        );
+    }
+
+    #[test]
+    fn database_files_are_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("coordinator.db");
+        let mode = |suffix: &str| {
+            let mut p = path.as_os_str().to_owned();
+            p.push(suffix);
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777
+        };
+        let s = SqliteStore::open(&path).unwrap();
+        s.commit(&Dirty::default(), &[(1, "k".into(), "x".into())])
+            .unwrap();
+        for suffix in ["", "-wal", "-shm"] {
+            assert_eq!(mode(suffix), 0o600, "coordinator.db{suffix}");
+        }
+        drop(s);
+        // A database from an earlier version (0644) is made private on open.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let s = SqliteStore::open(&path).unwrap();
+        s.commit(&Dirty::default(), &[(2, "k".into(), "y".into())])
+            .unwrap();
+        for suffix in ["", "-wal", "-shm"] {
+            assert_eq!(mode(suffix), 0o600, "coordinator.db{suffix} after reopen");
+        }
     }
 
     #[test]

@@ -686,3 +686,200 @@ fn expired_rules_leave_the_maps() {
     assert!(peer_names(&s, 1).is_empty());
     assert_eq!(s.policy_timeout(), None);
 }
+
+fn enrol_named(s: &mut CoordinatorState, k: u8, name: &str) -> Result<HostInfo, ErrorCode> {
+    s.connect(
+        0,
+        key(k),
+        ConnId(u64::from(k)),
+        [1, 1, 1, k].into(),
+        Hello::Enrol {
+            secret_hash: hash_secret(b"t"),
+            name: name.into(),
+            endpoints: ep(1),
+        },
+    )
+}
+
+#[test]
+fn a_rename_on_enrol_is_a_notice() {
+    let mut s = st();
+    s.create_token(0, TokenSpec::default(), hash_secret(b"t"))
+        .unwrap();
+    enrol_named(&mut s, 1, "a").unwrap();
+    assert_eq!(s.poll_notices(), vec![], "a free name is no news");
+    let b = enrol_named(&mut s, 2, "a").unwrap();
+    assert_eq!(b.name, "a-2");
+    let n = s.poll_notices();
+    assert_eq!(
+        n,
+        vec![Notice::HostRenamedOnEnrol {
+            id: HostId(2),
+            requested: "a".into(),
+            assigned: "a-2".into(),
+        }]
+    );
+    assert_eq!(n[0].kind(), "host_renamed_on_enrol");
+    assert_eq!(
+        n[0].to_string(),
+        "requested name a taken; enrolled as a-2 (2)"
+    );
+    assert_eq!(s.poll_notices(), vec![], "drained");
+
+    // The suffixed name is taken too (an operator named a host so): another one is found.
+    s.rename("a-2", "b").unwrap();
+    s.rename("a", "a-3").unwrap();
+    enrol_named(&mut s, 9, "a-3").unwrap();
+    let c = enrol_named(&mut s, 3, "a-3").unwrap();
+    assert!(s.find_host("a-3").is_ok());
+    assert_ne!(c.name, "a-3");
+    assert_eq!(
+        s.hosts().filter(|h| h.name == c.name).count(),
+        1,
+        "{c:?}: names stay unique"
+    );
+
+    // A long name stays a valid name with its suffix.
+    let long = "x".repeat(63);
+    enrol_named(&mut s, 4, &long).unwrap();
+    let d = enrol_named(&mut s, 5, &long).unwrap();
+    validate_name(&d.name).unwrap();
+    assert!(d.name.ends_with("-6"), "{}", d.name);
+}
+
+#[test]
+fn pool_exhaustion_is_refused_and_a_notice() {
+    // A /30 has one allocatable address (network, .1, broadcast are kept).
+    let mut s = CoordinatorState::new("100.64.0.0/30".parse().unwrap(), None).unwrap();
+    s.create_token(0, TokenSpec::default(), hash_secret(b"t"))
+        .unwrap();
+    enrol_named(&mut s, 1, "a").unwrap();
+    let _ = s.poll_notices();
+    let _ = s.take_dirty();
+    assert_eq!(
+        enrol_named(&mut s, 2, "b").unwrap_err(),
+        ErrorCode::PoolExhausted
+    );
+    let n = s.poll_notices();
+    assert_eq!(n.len(), 1, "{n:?}");
+    assert_eq!(n[0].kind(), "pool_exhausted");
+    assert_eq!(
+        n[0].to_string(),
+        "address pool 100.64.0.0/30 exhausted (1 addresses in use); refused to enrol b"
+    );
+    // Nothing changed: the token's use is not spent, no host added.
+    let d = s.take_dirty();
+    assert!(d.hosts.is_empty() && d.tokens.is_empty(), "{d:?}");
+    assert_eq!(s.hosts().count(), 1);
+}
+
+#[test]
+fn admin_inputs_are_bounded_before_they_reach_the_store() {
+    let mut s = st();
+    let spec = |ttl: Option<u64>, uses: Option<u32>| TokenSpec {
+        ttl_secs: ttl,
+        uses,
+        ..Default::default()
+    };
+    for ttl in [MAX_TOKEN_TTL_SECS + 1, u64::MAX, i64::MAX as u64] {
+        let e = s
+            .create_token(1_700_000_000, spec(Some(ttl), None), hash_secret(b"x"))
+            .unwrap_err();
+        assert_eq!(e, AdminError::InvalidTtl(ttl));
+        assert!(e.to_string().contains("10 years"), "{e}");
+    }
+    for uses in [MAX_TOKEN_USES + 1, u32::MAX] {
+        let e = s
+            .create_token(0, spec(None, Some(uses)), hash_secret(b"x"))
+            .unwrap_err();
+        assert_eq!(e, AdminError::InvalidUses(uses));
+    }
+    assert!(s.take_dirty().is_empty(), "refusals change nothing");
+    let t = s
+        .create_token(
+            1_700_000_000,
+            spec(Some(MAX_TOKEN_TTL_SECS), Some(MAX_TOKEN_USES)),
+            hash_secret(b"t"),
+        )
+        .unwrap();
+    assert_eq!(t.expires_at, Some(1_700_000_000 + MAX_TOKEN_TTL_SECS));
+
+    let many: Labels = (0..=MAX_LABELS)
+        .map(|i| (format!("k{i}"), "v".to_string()))
+        .collect();
+    let e = s
+        .create_token(
+            0,
+            TokenSpec {
+                labels: many.clone(),
+                ..Default::default()
+            },
+            hash_secret(b"y"),
+        )
+        .unwrap_err();
+    assert_eq!(e, AdminError::TooManyLabels(MAX_LABELS + 1));
+    enrol_named(&mut s, 1, "a").unwrap();
+    assert_eq!(
+        s.set_labels("a", many).unwrap_err(),
+        AdminError::TooManyLabels(MAX_LABELS + 1)
+    );
+    // Adding to existing labels counts them all.
+    let half = |from: usize| -> Labels {
+        (from..from + MAX_LABELS / 2 + 1)
+            .map(|i| (format!("k{i}"), "v".to_string()))
+            .collect()
+    };
+    s.set_labels("a", half(0)).unwrap();
+    assert!(matches!(
+        s.set_labels("a", half(1000)),
+        Err(AdminError::TooManyLabels(_))
+    ));
+    assert_eq!(s.find_host("a").unwrap().labels.len(), MAX_LABELS / 2 + 1);
+
+    assert!(check_policy_size(ALLOW_ALL).is_ok());
+    let huge = format!("{ALLOW_ALL}#{}\n", "x".repeat(MAX_POLICY_BYTES));
+    assert!(matches!(
+        check_policy_size(&huge),
+        Err(AdminError::PolicyTooLarge(_))
+    ));
+}
+
+#[test]
+fn agent_input_that_the_store_cannot_hold_is_dropped() {
+    let mut s = st();
+    s.create_token(0, TokenSpec::default(), hash_secret(b"t"))
+        .unwrap();
+    enrol_named(&mut s, 1, "a").unwrap();
+    let _ = s.take_dirty();
+    let ev = |at: u64| BlockEvent {
+        at,
+        host: String::new(),
+        host_labels: Default::default(),
+        peer: "p".into(),
+        peer_labels: Default::default(),
+        direction: meshd_policy::Direction::Inbound,
+        proto: 6,
+        src: "100.64.0.3:4000".parse().unwrap(),
+        dst: "100.64.0.2:22".parse().unwrap(),
+        reason: meshd_policy::DenyReason::DefaultDeny,
+        count: 1,
+    };
+    s.record_blocks(HostId(1), ConnId(1), vec![ev(5), ev(u64::MAX)]);
+    let d = s.take_dirty();
+    assert_eq!(d.blocks.len(), 1);
+    assert_eq!(d.blocks[0].at, 5);
+    assert_eq!(s.blocks_dropped(), 1);
+
+    let many = EndpointReport {
+        addrs: (0..1000u16)
+            .map(|p| SocketAddr::from(([192, 0, 2, 1], p)))
+            .collect(),
+        listen_port: Some(1),
+        transparent: false,
+    };
+    s.report_endpoints(1, HostId(1), ConnId(1), many);
+    assert_eq!(
+        s.host(HostId(1)).unwrap().reported_endpoints.len(),
+        MAX_REPORTED_ENDPOINTS
+    );
+}
