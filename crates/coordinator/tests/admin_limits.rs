@@ -16,6 +16,8 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpSocket, TcpStream};
 
 async fn coordinator(dir: &Path, admin: &str) -> CoordinatorHandle {
+    // The coordinator refuses a state directory others can read (tempdir makes it 0755).
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
     let mut o = CoordinatorOptions::new(dir);
     o.listen = "127.0.0.1:0".parse().unwrap();
     o.admin_listen = admin.parse().unwrap();

@@ -20,6 +20,8 @@ async fn coordinator(
     dir: &std::path::Path,
     tweak: impl FnOnce(&mut CoordinatorOptions),
 ) -> CoordinatorHandle {
+    // The coordinator refuses a state directory others can read (tempdir makes it 0755).
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
     let mut o = CoordinatorOptions::new(dir);
     o.listen = "127.0.0.1:0".parse().unwrap();
     o.admin_listen = "127.0.0.1:0".parse().unwrap();
