@@ -549,17 +549,31 @@ pub async fn dump_routes(handle: &Handle, v6: bool) -> anyhow::Result<Vec<RouteM
         .context("dumping routes")
 }
 
+/// Deletes a dumped rule; one already gone is fine.
+async fn del_rule(handle: &Handle, rule: RuleMessage) -> anyhow::Result<()> {
+    match handle.rule().del(rule).execute().await {
+        Ok(()) => Ok(()),
+        Err(e) if is_errno(&e, libc_enoent()) => Ok(()),
+        Err(e) => Err(anyhow::Error::new(e).context("deleting a stale rule")),
+    }
+}
+
+/// Deletes a dumped route; one already gone is fine.
+async fn del_route(handle: &Handle, route: RouteMessage) -> anyhow::Result<()> {
+    match handle.route().del(route).execute().await {
+        Ok(()) => Ok(()),
+        Err(e) if is_errno(&e, libc_esrch()) => Ok(()),
+        Err(e) => Err(anyhow::Error::new(e).context("deleting a route")),
+    }
+}
+
 async fn remove_rules(handle: &Handle, cfg: &Config) -> anyhow::Result<()> {
     for v6 in [false, true] {
         for rule in dump_rules(handle, v6).await? {
             if rule_table(&rule) != cfg.table {
                 continue;
             }
-            match handle.rule().del(rule).execute().await {
-                Ok(()) => {}
-                Err(e) if is_errno(&e, libc_enoent()) => {}
-                Err(e) => return Err(anyhow::Error::new(e).context("deleting a stale rule")),
-            }
+            del_rule(handle, rule).await?;
         }
     }
     Ok(())
@@ -571,11 +585,7 @@ async fn remove_routes(handle: &Handle, cfg: &Config) -> anyhow::Result<()> {
             if route_table(&route) != cfg.table {
                 continue;
             }
-            match handle.route().del(route).execute().await {
-                Ok(()) => {}
-                Err(e) if is_errno(&e, libc_esrch()) => {}
-                Err(e) => return Err(anyhow::Error::new(e).context("deleting a route")),
-            }
+            del_route(handle, route).await?;
         }
     }
     Ok(())
@@ -601,11 +611,7 @@ async fn reconcile_routes(handle: &Handle, cfg: &Config) -> anyhow::Result<BTree
                 }
                 continue;
             }
-            match handle.route().del(route).execute().await {
-                Ok(()) => {}
-                Err(e) if is_errno(&e, libc_esrch()) => {}
-                Err(e) => return Err(anyhow::Error::new(e).context("deleting a stale route")),
-            }
+            del_route(handle, route).await?;
         }
     }
     Ok(guards)
@@ -647,11 +653,7 @@ async fn ensure_rule(handle: &Handle, cfg: &Config, v6: bool) -> anyhow::Result<
         if Some(i) == keep {
             continue;
         }
-        match handle.rule().del(rule).execute().await {
-            Ok(()) => {}
-            Err(e) if is_errno(&e, libc_enoent()) => {}
-            Err(e) => return Err(anyhow::Error::new(e).context("deleting a stale rule")),
-        }
+        del_rule(handle, rule).await?;
     }
     Ok(())
 }
