@@ -519,7 +519,7 @@ setup_meshd() {
         else
             ns=$NSB peer_pub=$PUBA peer_ep=$UA peer_ip=$OA addr=$OB
         fi
-        mkdir -p "$LABDIR/state-$side"
+        mkdir -p -m 700 "$LABDIR/state-$side"  # meshd refuses a state dir others can read
         cat >"$LABDIR/meshd-$side.toml" <<EOF
 [interface]
 name = "mesh0"
