@@ -112,12 +112,7 @@ fn overlay_traffic_never_follows_the_default_route_when_meshd_dies() {
 
     // A clean stop removes the guard.
     for p in [p0, p1] {
-        p.kill(Signal::Term).unwrap();
-        let st = p.wait_timeout(Duration::from_secs(10)).unwrap();
-        assert!(
-            st.is_some_and(|s| s.success()),
-            "meshd did not exit cleanly"
-        );
+        stop_cleanly(p);
     }
     assert_eq!(guards(h0), 0, "a guard left after a clean stop");
 }

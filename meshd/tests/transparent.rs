@@ -471,12 +471,7 @@ fn static_mode_transparent_with_a_policy_file() {
     assert!(!tcp_connects(h2.netns(), h1.netns(), b_ip, COVERED));
     assert!(tcp_connects(h2.netns(), h1.netns(), b_ip, UNCOVERED));
     for p in [p0, p1] {
-        p.kill(Signal::Term).unwrap();
-        let st = p.wait_timeout(Duration::from_secs(10)).unwrap();
-        assert!(
-            st.is_some_and(|s| s.success()),
-            "meshd did not exit cleanly"
-        );
+        stop_cleanly(p);
     }
     assert_eq!(host_state(h0), HostState::default());
     assert_eq!(host_state(h1), HostState::default());

@@ -563,3 +563,14 @@ pub fn tcp_connects(from_ns: &str, to_ns: &str, to: IpAddr, port: u16) -> bool {
         TcpStream::connect_timeout(&SocketAddr::new(to, port), Duration::from_millis(1500)).is_ok()
     })
 }
+
+/// Stops `p` with SIGTERM and asserts it exits 0 within 10 s (a clean stop).
+pub fn stop_cleanly(p: ProcHandle) {
+    p.kill(meshd_lab::Signal::Term).unwrap();
+    let st = p.wait_timeout(Duration::from_secs(10)).unwrap();
+    assert!(
+        st.is_some_and(|s| s.success()),
+        "meshd did not exit cleanly: {}",
+        p.stderr().unwrap_or_default()
+    );
+}
