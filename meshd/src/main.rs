@@ -1,14 +1,7 @@
 //! `meshd`: the mesh daemon. `meshd up` runs a host's tunnels; `meshd genkey`/`pubkey` make
 //! keys; `meshd status` shows peers like `wg show`.
 
-mod agent;
-mod blocks;
-mod dataplane;
-mod memory;
-mod routes;
-mod status;
-mod transparent;
-mod up;
+use meshd::{routes, status, up};
 
 use std::io::{Read as _, Write};
 use std::path::PathBuf;
