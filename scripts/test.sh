@@ -20,4 +20,14 @@ if ! command -v cargo >/dev/null; then
     exit 1
 fi
 # Namespaces left by a killed earlier run are removed by the lab itself at start.
-exec cargo test --workspace "$@"
+# Under root no test may skip itself (meshd_lab::require_root! prints "SKIP …: needs root").
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+rc=0
+cargo test --workspace "$@" 2>&1 | tee "$log" || rc=$?
+if grep -q 'SKIP .*needs root' "$log"; then
+    echo "scripts/test.sh: tests skipped themselves although this runs as root:" >&2
+    grep -o 'SKIP [^;]*' "$log" >&2
+    exit 1
+fi
+exit "$rc"

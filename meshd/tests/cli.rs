@@ -153,6 +153,7 @@ fn readable_key_file_is_refused() {
 
 #[test]
 fn port_in_use_and_missing_capability_are_explained() {
+    meshd_lab::require_root!();
     let lab = Lab::new("cli-errors", 1).unwrap();
     let node = Node::new(&lab, 0);
     node.write_config(&lab, &[], "");

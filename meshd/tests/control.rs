@@ -58,6 +58,7 @@ fn all_pairs_ping(lab: &Lab, overlays: &[IpAddr], timeout: Duration) {
 
 #[test]
 fn enrol_three_hosts_traffic_ip_change_and_coordinator_restart() {
+    meshd_lab::require_root!();
     let (lab, mut coord, _procs, ov) = mesh("ctl-3", 3);
     let (code, hosts) = coord.api(&lab, "GET", "/v1/hosts", None);
     assert_eq!(code, 200);
@@ -121,6 +122,7 @@ fn enrol_three_hosts_traffic_ip_change_and_coordinator_restart() {
 
 #[test]
 fn removed_host_loses_tunnels_and_bad_tokens_are_refused() {
+    meshd_lab::require_root!();
     let (lab, coord, mut procs, ov) = mesh("ctl-rm", 3);
     all_pairs_ping(&lab, &ov, Duration::from_secs(10));
     let (code, v) = coord.api(&lab, "DELETE", "/v1/hosts/host3", None);
@@ -245,6 +247,7 @@ fn removed_host_loses_tunnels_and_bad_tokens_are_refused() {
 
 #[test]
 fn agent_restarts_from_persisted_map_with_coordinator_down() {
+    meshd_lab::require_root!();
     let (lab, mut coord, mut procs, ov) = mesh("ctl-static", 2);
     all_pairs_ping(&lab, &ov, Duration::from_secs(10));
     // State directories are 0700 and their files 0600 (agent and coordinator).

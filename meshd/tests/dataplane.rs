@@ -11,6 +11,7 @@ use meshd_lab::{wait_for, Cmd, Lab, Signal};
 
 #[test]
 fn tcp_and_udp_both_ways() {
+    meshd_lab::require_root!();
     let lab = Lab::new("tcp-udp", 2).unwrap();
     let (a, b) = (Node::new(&lab, 0), Node::new(&lab, 1));
     a.write_config(&lab, &[(&b, true)], "");
@@ -116,6 +117,7 @@ fn two_hosts(tag: &str, n: usize) -> (Lab, Vec<Node>, Vec<meshd_lab::ProcHandle>
 
 #[test]
 fn underlay_shows_only_tunnel_udp_never_the_marker() {
+    meshd_lab::require_root!();
     let (lab, _nodes, _procs) = two_hosts("marker", 2);
     let (ha, hb) = (lab.host(0), lab.host(1));
     // IPv6 multicast (MLD, neighbour discovery) is background noise of the lab, not ours.
@@ -174,6 +176,7 @@ fn underlay_shows_only_tunnel_udp_never_the_marker() {
 
 #[test]
 fn restarted_peer_comes_back_by_itself() {
+    meshd_lab::require_root!();
     let (lab, nodes, mut procs) = two_hosts("restart", 2);
     let (ha, hb) = (lab.host(0), lab.host(1));
     let old = procs.pop().unwrap();
@@ -204,6 +207,7 @@ fn restarted_peer_comes_back_by_itself() {
 
 #[test]
 fn roaming_follows_a_changed_underlay_ip() {
+    meshd_lab::require_root!();
     let (lab, _nodes, _procs) = two_hosts("roam", 2);
     let (ha, hb) = (lab.host(0), lab.host(1));
     let new_ip = Ipv4Addr::new(198, 18, 0, 77);
@@ -225,6 +229,7 @@ fn roaming_follows_a_changed_underlay_ip() {
 
 #[test]
 fn unknown_key_gets_no_answer() {
+    meshd_lab::require_root!();
     let (lab, nodes, _procs) = two_hosts("stranger", 3);
     let (hb, hc) = (lab.host(1), lab.host(2));
     // C knows B, but B does not know C.
@@ -255,6 +260,7 @@ fn unknown_key_gets_no_answer() {
 
 #[test]
 fn garbage_datagrams_are_dropped_and_counted() {
+    meshd_lab::require_root!();
     let (lab, _nodes, _procs) = two_hosts("garbage", 3);
     let (ha, hb, hc) = (lab.host(0), lab.host(1), lab.host(2));
     let b_ip = hb.underlay_ip();
@@ -290,6 +296,7 @@ fn garbage_datagrams_are_dropped_and_counted() {
 
 #[test]
 fn sighup_adds_a_peer_without_dropping_others() {
+    meshd_lab::require_root!();
     let lab = Lab::new("reload", 3).unwrap();
     let (a, b, c) = (Node::new(&lab, 0), Node::new(&lab, 1), Node::new(&lab, 2));
     a.write_config(&lab, &[(&b, true)], "");
@@ -332,6 +339,7 @@ fn sighup_adds_a_peer_without_dropping_others() {
 
 #[test]
 fn interop_with_wireguard_go() {
+    meshd_lab::require_root!();
     let lab = Lab::new("wg-interop", 2).unwrap();
     let a = Node::new(&lab, 0);
     let hb = lab.host(1);
@@ -421,6 +429,7 @@ fn interop_with_wireguard_go() {
 /// Static mode with a policy file: labels in the config, rules in YAML, enforced both ends.
 #[test]
 fn static_policy_allows_only_granted_ports_and_logs_denials() {
+    meshd_lab::require_root!();
     let lab = Lab::new("static-policy", 2).unwrap();
     let (a, b) = (Node::new(&lab, 0), Node::new(&lab, 1));
     let policy = "rules:\n  - name: app1-to-db1\n    from: { app: app1 }\n    to: { app: db1 }\n    ports: [tcp/1521]\ntests:\n  - { from: { app: app1 }, to: { app: db1 }, port: tcp/1521, expect: allow }\n  - { from: { app: db1 }, to: { app: app1 }, port: tcp/1521, expect: deny }\n";
@@ -492,6 +501,7 @@ fn static_policy_allows_only_granted_ports_and_logs_denials() {
 
 #[test]
 fn static_policy_with_failing_tests_is_refused() {
+    meshd_lab::require_root!();
     let lab = Lab::new("static-policy-bad", 1).unwrap();
     let a = Node::new(&lab, 0);
     a.write_config(&lab, &[], "");

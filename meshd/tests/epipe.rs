@@ -83,10 +83,7 @@ fn closed_stdout_ends_every_command_quietly() {
 
 #[test]
 fn status_into_a_closed_pipe_is_quiet() {
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipping status_into_a_closed_pipe_is_quiet: needs root (network namespaces)");
-        return;
-    }
+    meshd_lab::require_root!();
     let lab = Lab::new("epipe", 1).unwrap();
     let node = Node::new(&lab, 0);
     node.write_config(&lab, &[], "");

@@ -46,6 +46,7 @@ fn udp_through(ns: &str, to: SocketAddr, rx: &UdpSocket) -> bool {
 
 #[test]
 fn overlay_traffic_never_follows_the_default_route_when_meshd_dies() {
+    meshd_lab::require_root!();
     let lab = Lab::new("fc-overlay", 2).unwrap();
     let (n0, n1) = (Node::new(&lab, 0), Node::new(&lab, 1));
     n0.write_config(&lab, &[(&n1, true)], "");

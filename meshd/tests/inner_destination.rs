@@ -10,11 +10,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use meshd_lab::{Lab, Signal};
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
 fn counter(host: &meshd_lab::Host, name: &str) -> u64 {
     status_json(host)
         .and_then(|s| s["counters"][name].as_u64())
@@ -44,10 +39,7 @@ fn relay_attempt(from: &str, to_ns: &str, to: SocketAddr, count: usize) -> usize
 
 #[test]
 fn peer_cannot_relay_through_a_forwarding_host() {
-    if !is_root() {
-        eprintln!("skipping peer_cannot_relay_through_a_forwarding_host: needs root (namespaces)");
-        return;
-    }
+    meshd_lab::require_root!();
     // h0 = A (forwards IP), h1 = B (the peer), h2 = C (a third host behind A, no meshd).
     let lab = Lab::new("relay", 3).unwrap();
     let (ha, hb, hc) = (lab.host(0), lab.host(1), lab.host(2));

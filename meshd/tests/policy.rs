@@ -71,6 +71,7 @@ fn mesh(tag: &str, policy: &str) -> Mesh {
 
 #[test]
 fn only_granted_flows_pass_and_denials_are_reported() {
+    meshd_lab::require_root!();
     let m = mesh("pol-basic", POLICY);
     let (web, app1, db1) = (m.lab.host(1), m.lab.host(2), m.lab.host(3));
     // app1 -> db1 on tcp/1521 only.
@@ -108,6 +109,7 @@ fn only_granted_flows_pass_and_denials_are_reported() {
 
 #[test]
 fn label_change_moves_a_host_while_traffic_runs() {
+    meshd_lab::require_root!();
     let m = mesh("pol-label", POLICY);
     let (app1, db1) = (m.lab.host(2), m.lab.host(3));
     let stream = Stream::start(app1.netns(), db1.netns(), m.ov[2], 1521);
@@ -154,6 +156,7 @@ fn label_change_moves_a_host_while_traffic_runs() {
 
 #[test]
 fn expiring_rule_stops_on_time() {
+    meshd_lab::require_root!();
     let expires = std::time::SystemTime::now() + Duration::from_secs(6);
     let secs = expires
         .duration_since(std::time::UNIX_EPOCH)
@@ -214,6 +217,7 @@ fn rfc3339(secs: u64) -> String {
 
 #[test]
 fn quarantine_cuts_an_open_connection_and_revoke_is_final() {
+    meshd_lab::require_root!();
     let m = mesh("pol-quarantine", POLICY);
     let (app1, db1) = (m.lab.host(2), m.lab.host(3));
     let stream = Stream::start(app1.netns(), db1.netns(), m.ov[2], 1521);

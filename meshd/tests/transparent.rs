@@ -187,6 +187,7 @@ fn canonical(a: SocketAddr) -> IpAddr {
 
 #[test]
 fn underlay_traffic_is_encrypted_and_covered_ports_require_the_tunnel() {
+    meshd_lab::require_root!();
     // Host 0: coordinator; 1: app1; 2: db1; 3: a host outside the mesh.
     let (lab, coord, procs) = mesh("tp-guard", 4, 1, 2);
     let (ha, hb, hc) = (lab.host(1), lab.host(2), lab.host(3));
@@ -301,6 +302,7 @@ fn underlay_traffic_is_encrypted_and_covered_ports_require_the_tunnel() {
 
 #[test]
 fn address_change_clone_and_crash_cleanup() {
+    meshd_lab::require_root!();
     // Host 0: coordinator; 1: app1; 2: db1; 3: where db1's clone starts.
     let (lab, coord, mut procs) = mesh("tp-move", 4, 1, 2);
     let (ha, hb, hc) = (lab.host(1), lab.host(2), lab.host(3));
@@ -445,6 +447,7 @@ fn host_state(host: &meshd_lab::Host) -> HostState {
 
 #[test]
 fn static_mode_transparent_with_a_policy_file() {
+    meshd_lab::require_root!();
     // Static config: two transparent hosts, host 2 outside the mesh. The inline policy grants
     // tcp/1521 from h0 to h1, so only that port is covered on h1.
     let lab = Lab::new("tp-static", 3).unwrap();
@@ -655,6 +658,7 @@ fn clients(ns: &str, dsts: [IpAddr; 2], t: &Arc<Traffic>) {
 
 #[test]
 fn sigkill_of_either_end_never_lets_plaintext_out_and_connections_survive_the_restart() {
+    meshd_lab::require_root!();
     // Host 0: coordinator; 1: app1 (client); 2: db1 (server). tcp/1521 and udp/1521 covered.
     let policy = "rules:
   - name: app-to-db

@@ -239,6 +239,7 @@ fn assert_footprint(ns: &str, cfg: &Config, rules: usize, routes4: usize, routes
 
 #[test]
 fn routes_rules_restart_and_stop() {
+    meshd_lab::require_root!("network namespaces and nft");
     let lab = Lab::new("hostnet-routes", 1).unwrap();
     let h = lab.host(0);
     let ns = h.netns().to_owned();
@@ -430,6 +431,7 @@ fn find(blocked: &[Blocked], src: &str, proto: Proto, port: u16) -> u64 {
 
 #[test]
 fn covered_ports_only_accept_traffic_through_the_tun() {
+    meshd_lab::require_root!("network namespaces and nft");
     let lab = Lab::new("hostnet-guard", 2).unwrap();
     let (h0, h1) = (lab.host(0), lab.host(1));
     let (ns0, ns1) = (h0.netns().to_owned(), h1.netns().to_owned());
@@ -547,6 +549,7 @@ fn covered_ports_only_accept_traffic_through_the_tun() {
 
 #[test]
 fn tunnel_packets_bypass_the_tun_under_strict_rp_filter() {
+    meshd_lab::require_root!("network namespaces and nft");
     let lab = Lab::new("hostnet-mark", 2).unwrap();
     let (h0, h1) = (lab.host(0), lab.host(1));
     let (ns0, ns1) = (h0.netns().to_owned(), h1.netns().to_owned());
@@ -707,6 +710,7 @@ fn assert_plain(ns: &str, dsts: &[IpAddr], udp: &UdpSocket, when: &str) {
 
 #[test]
 fn the_guard_outlives_the_tun_the_process_and_a_flushed_table() {
+    meshd_lab::require_root!("network namespaces and nft");
     let lab = Lab::new("hostnet-failclosed", 2).unwrap();
     let (h0, h1) = (lab.host(0), lab.host(1));
     let (ns0, ns1) = (h0.netns().to_owned(), h1.netns().to_owned());

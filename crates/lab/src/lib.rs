@@ -86,6 +86,48 @@ static LAB_SEQ: AtomicU64 = AtomicU64::new(0);
 /// Serialises this process's first `ip netns add`, which sets up the shared `/run/netns` mount.
 static NETNS_FIRST_ADD: Mutex<bool> = Mutex::new(false);
 
+/// True when this process runs as root (effective uid 0), which a lab needs: network
+/// namespaces, veth links, TUN devices and nft all take `CAP_NET_ADMIN`/`CAP_SYS_ADMIN`.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Prints that the current test is skipped because it needs root. Written straight to
+/// stderr, past libtest's output capture, so a normal `cargo test` shows it.
+pub fn skip_notice(why: &str) {
+    use std::io::Write as _;
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("a test");
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "SKIP {test}: needs root ({why}); run the tests as root to include it"
+    );
+}
+
+/// Returns from the calling test (skips it) with a printed notice unless this process is
+/// root. Under root, as in CI, nothing is skipped.
+///
+/// ```no_run
+/// #[test]
+/// fn two_hosts_talk() {
+///     meshd_lab::require_root!();
+///     let lab = meshd_lab::Lab::new("talk", 2).unwrap();
+/// }
+/// ```
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        $crate::require_root!("network namespaces")
+    };
+    ($why:expr) => {
+        if !$crate::is_root() {
+            $crate::skip_notice($why);
+            return;
+        }
+    };
+}
+
 /// The IPv4 underlay address host `index` starts with: 198.18.0.(index+1).
 pub fn underlay_ipv4(index: usize) -> Ipv4Addr {
     assert!(index < MAX_HOSTS, "host index {index} out of range");

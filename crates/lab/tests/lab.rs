@@ -59,6 +59,7 @@ fn assert_drop_removes(lab: Lab) {
 
 #[test]
 fn three_hosts_ping_roam_and_drop() {
+    meshd_lab::require_root!();
     let lab = Lab::new("ping", 3).unwrap();
     assert_eq!(lab.hosts().len(), 3);
     for (i, h) in lab.hosts().iter().enumerate() {
@@ -119,6 +120,7 @@ fn three_hosts_ping_roam_and_drop() {
 
 #[test]
 fn add_host_later_and_labs_are_isolated() {
+    meshd_lab::require_root!();
     let mut a = Lab::new("grow", 1).unwrap();
     let b = Lab::new("other", 2).unwrap();
     assert_ne!(a.prefix(), b.prefix());
@@ -146,6 +148,7 @@ fn add_host_later_and_labs_are_isolated() {
 
 #[test]
 fn exec_spawn_env_cwd_and_timeouts() {
+    meshd_lab::require_root!();
     let lab = Lab::new("exec", 1).unwrap();
     let h = lab.host(0);
 
@@ -209,6 +212,7 @@ fn libc_sigterm() -> i32 {
 
 #[test]
 fn drop_kills_spawned_processes_even_if_they_ignore_sigterm() {
+    meshd_lab::require_root!();
     let lab = Lab::new("kill", 2).unwrap();
     let plain = lab.host(0).spawn(Cmd::new("sleep").arg("1000")).unwrap();
     // Ignored signals stay ignored across exec, so neither sh nor its sleeps die on SIGTERM.
@@ -241,6 +245,7 @@ fn drop_kills_spawned_processes_even_if_they_ignore_sigterm() {
 
 #[test]
 fn panic_inside_a_lab_still_cleans_up() {
+    meshd_lab::require_root!();
     let seen: Mutex<Option<(Vec<String>, u32)>> = Mutex::new(None);
     let result = std::panic::catch_unwind(|| {
         let lab = Lab::new("panic", 2).unwrap();
@@ -260,6 +265,7 @@ fn panic_inside_a_lab_still_cleans_up() {
 
 #[test]
 fn stale_namespaces_of_dead_pids_are_removed_live_ones_kept() {
+    meshd_lab::require_root!();
     let dead = (4_000_000u32..4_001_000)
         .find(|p| !Path::new(&format!("/proc/{p}")).exists())
         .unwrap();
@@ -309,6 +315,7 @@ fn stale_namespaces_of_dead_pids_are_removed_live_ones_kept() {
 
 #[test]
 fn capture_sees_udp_marker() {
+    meshd_lab::require_root!();
     let lab = Lab::new("capture", 2).unwrap();
     let (h0, h1) = (lab.host(0), lab.host(1));
     let marker = format!("MESHD-LAB-MARKER-{}", std::process::id());
