@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use meshd_tunnel::PublicKey;
 
 use super::{ConnId, CoordinatorState, SentPeer};
+use crate::event::EventKind;
 use crate::model::{validate_name, Host, HostId, TokenUnusable, UnixTime};
 use crate::proto::{EndpointReport, ErrorCode, HostInfo};
 use ipnet::Ipv4Net;
@@ -58,10 +59,10 @@ pub enum Notice {
 
 impl Notice {
     /// The event kind (`meshctl events`).
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> EventKind {
         match self {
-            Notice::HostRenamedOnEnrol { .. } => "host_renamed_on_enrol",
-            Notice::PoolExhausted { .. } => "pool_exhausted",
+            Notice::HostRenamedOnEnrol { .. } => EventKind::HostRenamedOnEnrol,
+            Notice::PoolExhausted { .. } => EventKind::PoolExhausted,
         }
     }
 }

@@ -130,7 +130,7 @@ fn pool_exhaustion_is_refused_and_a_notice() {
     );
     let n = s.poll_notices();
     assert_eq!(n.len(), 1, "{n:?}");
-    assert_eq!(n[0].kind(), "pool_exhausted");
+    assert_eq!(n[0].kind().as_str(), "pool_exhausted");
     assert_eq!(
         n[0].to_string(),
         "address pool 100.64.0.0/30 exhausted (1 addresses in use); refused to enrol b"
@@ -159,7 +159,7 @@ fn a_rename_on_enrol_is_a_notice() {
             assigned: "a-2".into(),
         }]
     );
-    assert_eq!(n[0].kind(), "host_renamed_on_enrol");
+    assert_eq!(n[0].kind().as_str(), "host_renamed_on_enrol");
     assert_eq!(
         n[0].to_string(),
         "requested name a taken; enrolled as a-2 (2)"
