@@ -413,7 +413,7 @@ async fn serve_conn(
                 let now = conn.remote_address();
                 if now != observed {
                     observed = now;
-                    info!(host_id = %host, host = %name, %now, "agent's observed address changed");
+                    info!(host_id = %host, host = %name, remote = %now, "agent's observed address changed");
                     if cmds.send(Cmd::Observed { host, conn: cid, ip: now.ip() }).await.is_err() {
                         break Err(ServeError::Stopping);
                     }
