@@ -211,6 +211,6 @@ fn run_coordinator(args: meshd_coordinator::CoordinatorArgs) -> anyhow::Result<(
             }
             trigger.trigger();
         });
-        meshd_coordinator::run(opts).await
+        Ok(meshd_coordinator::run(opts).await?)
     })
 }

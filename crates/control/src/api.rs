@@ -343,8 +343,8 @@ pub struct EventsQuery {
 pub struct EventView {
     /// When (Unix seconds).
     pub at: UnixTime,
-    /// What: `duplicate_connection`, `host_removed`, `host_quarantined`, `host_released`,
-    /// `host_revoked`, `policy_applied`, `policy_rollback`.
+    /// What: an [`EventKind`](crate::EventKind)'s name (`duplicate_connection`,
+    /// `host_removed`, `policy_applied`, …).
     pub kind: String,
     /// Details, e.g. `key <base64> from 192.0.2.1` for a refused duplicate connection.
     pub detail: String,

@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod event;
 pub mod map;
 pub mod model;
 pub mod policy;
@@ -21,6 +22,7 @@ pub mod proto;
 pub mod state;
 pub mod token;
 
+pub use event::{AuditEvent, EventKind};
 pub use map::{DeltaError, MapDelta, NetworkMap, Peer};
 pub use model::{Host, HostId, Labels, Token, TokenId, UnixTime};
 pub use pool::{IpPool, PoolError};

@@ -36,25 +36,27 @@ use std::path::{self, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use sha2::Digest as _;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, warn};
 
 use crate::guard::{self, Check, Counters, Guard, LogLimiter, Slots};
 use crate::options::{AdminTlsFiles, Limits};
 
-use crate::server::{admin_call, admin_token_hash, AdminOp, AdminReply, Cmd};
+use crate::actor::Commands;
+use crate::error::AdminTlsError;
+use crate::ops::{AdminOp, AdminReply};
+use crate::state_dir::{admin_cert_files, admin_token_hash};
+pub use crate::state_dir::{fingerprint, generated_names, ADMIN_CERT_FILE, ADMIN_KEY_FILE};
 
 #[derive(Clone)]
 struct AppState {
-    cmds: mpsc::Sender<Cmd>,
+    cmds: Commands,
     admin_hash: String,
     guard: Arc<Guard>,
 }
@@ -126,14 +128,14 @@ struct Authed;
 impl FromRequestParts<AppState> for Authed {
     type Rejection = Response;
     async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, Response> {
-        // Every connection is served by `serve_http`, which records the peer.
-        let peer = parts
+        // Every connection is served by `serve_http`, which records the client address.
+        let source = parts
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
             .map(|c| c.0.ip());
         let now = std::time::Instant::now();
         let counters = &st.guard.counters;
-        if let Some(ip) = peer {
+        if let Some(ip) = source {
             if let Check::Blocked { retry_after, log } = guard::lock(&st.guard.admin).check(now, ip)
             {
                 Counters::bump(&counters.admin_auth_backoff);
@@ -162,13 +164,13 @@ impl FromRequestParts<AppState> for Authed {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         if tok.is_some_and(|t| admin_token_hash(t) == st.admin_hash) {
-            if let Some(ip) = peer {
+            if let Some(ip) = source {
                 guard::lock(&st.guard.admin).success(ip);
             }
             return Ok(Authed);
         }
         Counters::bump(&counters.admin_auth_failures);
-        if let Some(ip) = peer {
+        if let Some(ip) = source {
             let f = guard::lock(&st.guard.admin).failure(now, ip);
             if let Some(failed) = f.log {
                 warn!(source = %ip, failed, in_a_row = f.failures,
@@ -191,7 +193,7 @@ async fn call(st: &AppState, op: AdminOp) -> Result<Response, Failure> {
 }
 
 async fn ask(st: &AppState, op: AdminOp) -> Result<AdminReply, Failure> {
-    Ok(admin_call(&st.cmds, op).await.map_err(|e| {
+    Ok(st.cmds.admin(op).await.map_err(|e| {
         Failure(
             StatusCode::SERVICE_UNAVAILABLE,
             "internal",
@@ -430,7 +432,7 @@ fn router(st: AppState) -> Router {
 pub(crate) async fn serve(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
-    cmds: mpsc::Sender<Cmd>,
+    cmds: Commands,
     admin_hash: String,
     stop: watch::Receiver<bool>,
     limits: Limits,
@@ -473,7 +475,7 @@ async fn serve_http<L>(
 {
     let mut conns = JoinSet::new();
     loop {
-        let (io, peer) = tokio::select! {
+        let (io, remote) = tokio::select! {
             c = listener.accept() => c,
             () = stopped(&mut stop) => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
@@ -483,7 +485,7 @@ async fn serve_http<L>(
         conns.spawn(async move {
             let svc = hyper::service::service_fn(
                 move |mut req: hyper::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(ConnectInfo(peer));
+                    req.extensions_mut().insert(ConnectInfo(remote));
                     let mut app = app.clone();
                     tower_service::Service::call(&mut app, req.map(axum::body::Body::new))
                 },
@@ -501,7 +503,7 @@ async fn serve_http<L>(
                 }
             };
             if let Err(e) = res {
-                debug!(%peer, error = %e, "admin API connection ended");
+                debug!(%remote, error = %e, "admin API connection ended");
             }
         });
     }
@@ -513,13 +515,6 @@ async fn serve_http<L>(
     conns.abort_all();
 }
 
-/// The admin certificate file in the state directory (made on first start when needed).
-pub const ADMIN_CERT_FILE: &str = "admin-cert.pem";
-/// The admin certificate's private key in the state directory (0600).
-pub const ADMIN_KEY_FILE: &str = "admin-key.pem";
-
-/// Validity of a generated certificate.
-const GENERATED_VALIDITY_DAYS: i64 = 10 * 365;
 /// How long connections may finish their request once the admin API stops.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Established connections handed to the HTTP server but not yet taken.
@@ -541,146 +536,56 @@ pub struct AdminTls {
     pub generated: bool,
 }
 
-/// SHA-256 fingerprint of a DER certificate, upper-case hex pairs joined by `:`.
-pub fn fingerprint(der: &[u8]) -> String {
-    let d = sha2::Sha256::digest(der);
-    let hex: Vec<String> = d.iter().map(|b| format!("{b:02X}")).collect();
-    hex.join(":")
-}
-
-/// The names a generated certificate is made for: localhost, 127.0.0.1 and ::1, the admin
-/// listen address, the control listen and advertised addresses (wildcards left out) and the
-/// host name, without duplicates.
-pub fn generated_names(ips: &[IpAddr], hostname: Option<&str>) -> Vec<String> {
-    let mut names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
-    let extra = ips
-        .iter()
-        .filter(|ip| !ip.is_unspecified())
-        .map(|ip| ip.to_canonical().to_string())
-        .chain(
-            hostname
-                .map(str::trim)
-                .filter(|h| !h.is_empty() && h.parse::<IpAddr>().is_err())
-                .filter(|h| ServerName::try_from(*h).is_ok())
-                .map(str::to_string),
-        );
-    for n in extra {
-        if !names.contains(&n) {
-            names.push(n);
-        }
-    }
-    names
-}
-
 /// Loads the operator's certificate and key, or the generated pair in `state_dir`, making the
-/// pair on first use. `ips`: addresses a generated certificate must name (see
-/// [`generated_names`]); a kept one that lacks one of them is reported, not replaced, so its
-/// fingerprint stays what clients trust.
+/// pair on first use ([`admin_cert_files`]). `ips`: addresses a generated certificate must name
+/// (see [`generated_names`]); a kept one that lacks one of them is reported, not replaced, so
+/// its fingerprint stays what clients trust.
 pub fn load_or_create(
     state_dir: &path::Path,
     own: Option<&AdminTlsFiles>,
     ips: &[IpAddr],
-) -> anyhow::Result<AdminTls> {
-    let (cert_path, key_path, generated) = match own {
-        Some(f) => (f.cert.clone(), f.key.clone(), false),
-        None => {
-            let cert = state_dir.join(ADMIN_CERT_FILE);
-            let key = state_dir.join(ADMIN_KEY_FILE);
-            let generated = match (cert.exists(), key.exists()) {
-                (true, true) => false,
-                (false, false) => {
-                    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").ok();
-                    generate(&cert, &key, &generated_names(ips, hostname.as_deref()))?;
-                    true
-                }
-                (c, _) => {
-                    let (there, missing) = if c { (&cert, &key) } else { (&key, &cert) };
-                    anyhow::bail!(
-                        "{} exists but {} does not: restore it, or delete {} so a new \
-                         certificate is made (clients that trusted the old one must then be \
-                         given the new {})",
-                        there.display(),
-                        missing.display(),
-                        there.display(),
-                        cert.display()
-                    );
-                }
-            };
-            (cert, key, generated)
-        }
-    };
+) -> Result<AdminTls, AdminTlsError> {
+    let files = admin_cert_files(state_dir, own, ips)?;
+    let (cert_path, key_path) = (files.cert, files.key);
     let certs = CertificateDer::pem_file_iter(&cert_path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .with_context(|| format!("reading the admin API certificate {}", cert_path.display()))?;
+        .map_err(|source| AdminTlsError::ReadCert {
+            path: cert_path.clone(),
+            source,
+        })?;
     let Some(leaf) = certs.first() else {
-        anyhow::bail!(
-            "{} holds no certificate (expected PEM: -----BEGIN CERTIFICATE-----)",
-            cert_path.display()
-        );
+        return Err(AdminTlsError::NoCert { path: cert_path });
     };
     let fp = fingerprint(leaf);
-    if own.is_none() && !generated {
+    if own.is_none() && !files.generated {
         warn_missing_names(&cert_path, leaf, ips);
     }
     if own.is_some() {
         warn_if_readable(&key_path);
     }
-    let key = PrivateKeyDer::from_pem_file(&key_path)
-        .with_context(|| format!("reading the admin API private key {}", key_path.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|source| AdminTlsError::ReadKey {
+        path: key_path.clone(),
+        source,
+    })?;
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
-    .context("admin API TLS protocol versions")?
+    .map_err(AdminTlsError::Versions)?
     .with_no_client_auth()
     .with_single_cert(certs, key)
-    .with_context(|| {
-        format!(
-            "admin API certificate {} with key {}",
-            cert_path.display(),
-            key_path.display()
-        )
+    .map_err(|source| AdminTlsError::CertKey {
+        cert: cert_path.clone(),
+        key: key_path.clone(),
+        source,
     })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(AdminTls {
         config: Arc::new(config),
         cert_path,
         fingerprint: fp,
-        generated,
+        generated: files.generated,
     })
-}
-
-/// Makes a self-signed certificate for `names` and writes it and its key (both 0600, in the
-/// 0700 state directory).
-fn generate(cert_path: &path::Path, key_path: &path::Path, names: &[String]) -> anyhow::Result<()> {
-    let mut params =
-        rcgen::CertificateParams::new(names.to_vec()).context("admin certificate names")?;
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "meshd coordinator admin API");
-    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-    let now = time::OffsetDateTime::now_utc();
-    params.not_before = now - time::Duration::days(1);
-    params.not_after = now + time::Duration::days(GENERATED_VALIDITY_DAYS);
-    let key = rcgen::KeyPair::generate().context("generating the admin certificate key")?;
-    let cert = params
-        .self_signed(&key)
-        .context("signing the admin certificate")?;
-    // The key first: a crash in between leaves a key without a certificate, which start-up
-    // reports, never a certificate whose key is lost.
-    write_file(key_path, &key.serialize_pem())?;
-    write_file(cert_path, &cert.pem())?;
-    info!(cert = %cert_path.display(), key = %key_path.display(), names = ?names,
-        "generated a self-signed admin API certificate");
-    Ok(())
-}
-
-/// Writes `path` whole and private (0600) through the one atomic writer.
-fn write_file(path: &path::Path, contents: &str) -> anyhow::Result<()> {
-    Ok(meshd_config::fsutil::write_private_atomic(
-        path,
-        contents.as_bytes(),
-    )?)
 }
 
 /// Warns when a kept generated certificate does not name one of `ips` (the listen address moved).
@@ -789,7 +694,7 @@ async fn accept_loop(
     let mut owners: HashMap<tokio::task::Id, IpAddr> = HashMap::new();
     let mut refusals = LogLimiter::new(Duration::from_secs(guard::LOG_EVERY_SECS));
     loop {
-        let (stream, peer) = tokio::select! {
+        let (stream, remote) = tokio::select! {
             () = tx.closed() => return,
             Some(done) = pending.join_next_with_id(), if !pending.is_empty() => {
                 let id = match done {
@@ -803,10 +708,10 @@ async fn accept_loop(
             }
             c = axum::serve::Listener::accept(&mut tcp) => c,
         };
-        if let Err(why) = slots.take(peer.ip()) {
+        if let Err(why) = slots.take(remote.ip()) {
             Counters::bump(&guard.counters.admin_handshakes_refused);
             if let Some(refused) = refusals.hit(std::time::Instant::now()) {
-                warn!(source = %peer.ip(), reason = ?why, refused, in_progress = slots.in_use(),
+                warn!(source = %remote.ip(), reason = ?why, refused, in_progress = slots.in_use(),
                     "admin API: too many TLS handshakes in progress; closing new connections");
             }
             // A reset rather than a close: no TIME_WAIT left behind for a flood.
@@ -818,19 +723,19 @@ async fn accept_loop(
         let task = pending.spawn(async move {
             match tokio::time::timeout(timeout, handshake(stream, &acceptor)).await {
                 Ok(Ok(Some(s))) => {
-                    if tx.send((s, peer)).await.is_err() {
-                        debug!(%peer, "admin API stopping: connection dropped");
+                    if tx.send((s, remote)).await.is_err() {
+                        debug!(%remote, "admin API stopping: connection dropped");
                     }
                 }
                 Ok(Ok(None)) => {}
-                Ok(Err(e)) => debug!(%peer, error = %e, "admin API TLS handshake failed"),
+                Ok(Err(e)) => debug!(%remote, error = %e, "admin API TLS handshake failed"),
                 Err(_) => {
                     Counters::bump(&guard.counters.admin_handshakes_timed_out);
-                    debug!(%peer, "admin API TLS handshake timed out");
+                    debug!(%remote, "admin API TLS handshake timed out");
                 }
             }
         });
-        owners.insert(task.id(), peer.ip());
+        owners.insert(task.id(), remote.ip());
     }
 }
 
@@ -881,49 +786,4 @@ async fn refuse_plain_http(mut stream: TcpStream) -> std::io::Result<()> {
     stream.shutdown().await?;
     while stream.read(&mut buf).await? > 0 {}
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fingerprint_format() {
-        // SHA-256 of the empty input.
-        assert_eq!(
-            fingerprint(b""),
-            "E3:B0:C4:42:98:FC:1C:14:9A:FB:F4:C8:99:6F:B9:24:\
-             27:AE:41:E4:64:9B:93:4C:A4:95:99:1B:78:52:B8:55"
-        );
-    }
-
-    #[test]
-    fn names_of_a_generated_certificate() {
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        assert_eq!(
-            generated_names(&[ip("0.0.0.0"), ip("::")], None),
-            ["localhost", "127.0.0.1", "::1"]
-        );
-        assert_eq!(
-            generated_names(
-                &[
-                    ip("198.18.0.1"),
-                    ip("127.0.0.1"),
-                    ip("::ffff:198.18.0.1"),
-                    ip("fd00::1")
-                ],
-                Some("coord-1\n"),
-            ),
-            [
-                "localhost",
-                "127.0.0.1",
-                "::1",
-                "198.18.0.1",
-                "fd00::1",
-                "coord-1"
-            ]
-        );
-        // Not a DNS name: left out.
-        assert_eq!(generated_names(&[], Some("bad name")).len(), 3);
-    }
 }

@@ -4,16 +4,253 @@
 //! Entry points: [`run`] (what `meshd coordinator` calls, with [`CoordinatorArgs`] flattened
 //! into its flags), [`start`] (tests: returns a handle with the bound addresses),
 //! [`client::enrol`] and [`client::spawn_session`] (what `meshd up` calls).
+//!
+//! The server's parts, and who uses whom (no cycle):
+//! - [`ops`]: the admin operations ([`AdminOp`] → [`AdminReply`]) over the state;
+//! - `actor`: the task owning the state and the store (commit, then acknowledge), fed by
+//!   commands; it runs the operations;
+//! - `agent_conn`: the control endpoint and one task per agent connection, sending commands;
+//! - [`admin`]: the admin HTTP(S) API, sending operations;
+//! - [`state_dir`]: the key, admin token and certificate files;
+//! - [`start`] (here) wires them together.
 
+mod actor;
 pub mod admin;
+mod agent_conn;
 pub mod client;
+pub mod error;
 pub mod guard;
 pub mod noise;
+pub mod ops;
 pub mod options;
 pub mod quic;
-pub mod server;
+pub mod state_dir;
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use meshd_control::api::{GuardStats, TokenCreateRequest, TokenCreated, EVENTS_MAX};
+use meshd_control::state::AdminError;
+use meshd_control::IpPool;
+use meshd_store::{SqliteStore, Store};
+use meshd_tunnel::PublicKey;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::info;
+
+pub use actor::unix_now;
+pub use error::{CallError, StartError, Stopped};
+pub use ops::{AdminOp, AdminReply};
 pub use options::{
     CoordinatorArgs, CoordinatorFile, CoordinatorOptions, Shutdown, ShutdownTrigger,
 };
-pub use server::{run, start, start_with_store, AdminOp, AdminReply, CoordinatorHandle};
+pub use state_dir::{admin_token_hash, load_or_create_key};
+
+use actor::{restore_state, Actor, Commands};
+use guard::Guard;
+use ops::Identity;
+
+/// A running coordinator.
+pub struct CoordinatorHandle {
+    control_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    /// SHA-256 fingerprint of the admin API's certificate; `None`: plain HTTP.
+    admin_fingerprint: Option<String>,
+    identity: Identity,
+    cmds: Commands,
+    stop: watch::Sender<bool>,
+    endpoint: quinn::Endpoint,
+    tasks: Vec<JoinHandle<()>>,
+    guard: Arc<Guard>,
+}
+
+impl CoordinatorHandle {
+    /// Bound control (QUIC) address.
+    pub fn control_addr(&self) -> SocketAddr {
+        self.control_addr
+    }
+    /// Bound admin API address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+    /// Whether the admin API speaks HTTPS.
+    pub fn admin_tls(&self) -> bool {
+        self.admin_fingerprint.is_some()
+    }
+    /// SHA-256 fingerprint of the admin API's certificate (`AB:CD:...`); `None`: plain HTTP.
+    pub fn admin_fingerprint(&self) -> Option<&str> {
+        self.admin_fingerprint.as_deref()
+    }
+    /// Address join tokens carry.
+    pub fn advertise(&self) -> SocketAddr {
+        self.identity.advertise
+    }
+    /// The coordinator's static public key.
+    pub fn public_key(&self) -> PublicKey {
+        self.identity.public_key
+    }
+
+    /// The listener limits' counters now (what `GET /v1/status` reports as `guard`).
+    pub fn guard_stats(&self) -> GuardStats {
+        self.guard.counters.snapshot()
+    }
+
+    /// Runs an admin operation in process (same path as the HTTP API).
+    pub async fn admin(&self, op: AdminOp) -> Result<Result<AdminReply, AdminError>, Stopped> {
+        self.cmds.admin(op).await
+    }
+
+    /// Creates a join token and returns its string.
+    pub async fn create_token(&self, req: TokenCreateRequest) -> Result<TokenCreated, CallError> {
+        match self.admin(AdminOp::CreateToken(req)).await?? {
+            AdminReply::Created(t) => Ok(t),
+            other => Err(CallError::UnexpectedReply(format!("{other:?}"))),
+        }
+    }
+
+    /// Stops everything and waits until the sockets are released.
+    pub async fn stop(self) {
+        self.stop.send_replace(true);
+        self.endpoint
+            .close(quinn::VarInt::from_u32(0), b"coordinator shutting down");
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.endpoint.wait_idle().await;
+    }
+}
+
+/// Starts the coordinator (state in `<state-dir>/coordinator.db`) and returns once it is
+/// listening.
+pub async fn start(opts: CoordinatorOptions) -> Result<CoordinatorHandle, StartError> {
+    start_inner(opts, None).await
+}
+
+/// As [`start`], with `store` instead of the SQLite database in the state directory (another
+/// storage backend; tests pass one that fails on demand). The key and admin token files are
+/// still kept in the state directory.
+pub async fn start_with_store(
+    opts: CoordinatorOptions,
+    store: Arc<dyn Store>,
+) -> Result<CoordinatorHandle, StartError> {
+    start_inner(opts, Some(store)).await
+}
+
+/// Runs a blocking start-up step on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StartError> + Send + 'static,
+) -> Result<T, StartError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(StartError::Task)?
+}
+
+async fn start_inner(
+    opts: CoordinatorOptions,
+    store: Option<Arc<dyn Store>>,
+) -> Result<CoordinatorHandle, StartError> {
+    let dir = opts.state_dir.clone();
+    state_dir::prepare(&dir)?;
+    let key = load_or_create_key(&dir.join(state_dir::KEY_FILE))?;
+    let public_key = key.public_key();
+    let store: Arc<dyn Store> = match store {
+        Some(s) => s,
+        None => {
+            let path = dir.join(state_dir::DB_FILE);
+            Arc::new(
+                blocking(move || {
+                    SqliteStore::open(&path)
+                        .map_err(|source| StartError::OpenStore { path, source })
+                })
+                .await?,
+            )
+        }
+    };
+    let (admin_hash, snapshot, recent_events) = {
+        let (store, dir) = (store.clone(), dir.clone());
+        blocking(move || {
+            let hash = state_dir::load_or_create_admin_token(&*store, &dir)?;
+            // Newest first from the store; the actor keeps them oldest first.
+            let mut events = store.recent_events(EVENTS_MAX)?;
+            events.reverse();
+            Ok((hash, store.load()?, events))
+        })
+        .await?
+    };
+    let pool = IpPool::new(opts.pool, opts.pool_v6).map_err(StartError::Pool)?;
+    let state = restore_state(pool.clone(), snapshot, unix_now())?;
+
+    opts.limits.validate()?;
+    let limits = opts.limits.clone();
+    let guard = Arc::new(Guard::new(&limits));
+    let endpoint = agent_conn::control_endpoint(opts.listen, &limits)?;
+    let control_addr = endpoint.local_addr().map_err(StartError::LocalAddr)?;
+    let advertise = opts.advertise_for(control_addr)?;
+    let admin_listener = tokio::net::TcpListener::bind(opts.admin_listen)
+        .await
+        .map_err(|source| StartError::BindAdmin {
+            addr: opts.admin_listen,
+            source,
+        })?;
+    let admin_addr = admin_listener.local_addr().map_err(StartError::LocalAddr)?;
+    let admin_tls = if opts.admin_uses_tls() {
+        let mut ips = vec![admin_addr.ip(), control_addr.ip()];
+        ips.extend(opts.advertise.map(|a| a.ip()));
+        let tls = admin::load_or_create(&dir, opts.admin_tls_files.as_ref(), &ips)?;
+        info!(%admin_addr, scheme = "https", cert = %tls.cert_path.display(),
+            fingerprint = %tls.fingerprint, "admin API");
+        Some(tls)
+    } else {
+        info!(%admin_addr, scheme = "http", "admin API (plain HTTP on loopback)");
+        None
+    };
+
+    let identity = Identity {
+        advertise,
+        public_key,
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let actor = Actor::new(state, store, pool, identity, recent_events);
+    let (cmds, actor_task) = actor.spawn(stop_rx.clone());
+    let mut tasks = vec![actor_task];
+    tasks.push(tokio::spawn(agent_conn::accept_loop(
+        endpoint.clone(),
+        Arc::new(key),
+        cmds.clone(),
+        stop_rx.clone(),
+        limits.clone(),
+        guard.clone(),
+    )));
+    let admin_fingerprint = admin_tls.as_ref().map(|t| t.fingerprint.clone());
+    tasks.push(tokio::spawn(admin::serve(
+        admin_listener,
+        admin_tls.map(|t| t.config),
+        cmds.clone(),
+        admin_hash,
+        stop_rx,
+        limits,
+        guard.clone(),
+    )));
+    info!(%control_addr, %advertise, %admin_addr, public_key = %public_key, "coordinator started");
+    Ok(CoordinatorHandle {
+        control_addr,
+        admin_addr,
+        admin_fingerprint,
+        identity,
+        cmds,
+        stop: stop_tx,
+        endpoint,
+        tasks,
+        guard,
+    })
+}
+
+/// Runs the coordinator until `opts.shutdown` fires.
+pub async fn run(opts: CoordinatorOptions) -> Result<(), StartError> {
+    let shutdown = opts.shutdown.clone();
+    let h = start(opts).await?;
+    shutdown.wait().await;
+    info!("coordinator stopping");
+    h.stop().await;
+    Ok(())
+}

@@ -3,9 +3,88 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
-use anyhow::Context as _;
 use ipnet::{Ipv4Net, Ipv6Net};
 use serde::Deserialize;
+
+/// Why the `--config` file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigFileError {
+    /// The file could not be read.
+    #[error("reading coordinator config {}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid (the cause names the line and field).
+    #[error("parsing coordinator config {}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: toml::de::Error,
+    },
+}
+
+/// Why listener limits were refused ([`Limits::validate`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LimitsError {
+    /// A limit that must be at least 1 is 0.
+    #[error("limits.{0} must be at least 1")]
+    Zero(&'static str),
+    /// The loopback share would leave no handshake for anyone else.
+    #[error("limits.admin_loopback_reserved ({reserved}) must be below limits.admin_handshakes ({total})")]
+    LoopbackReserved {
+        /// `admin_loopback_reserved`.
+        reserved: usize,
+        /// `admin_handshakes`.
+        total: usize,
+    },
+}
+
+/// No address for join tokens to carry ([`CoordinatorOptions::advertise_for`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "--listen {listen} is a wildcard address, so join tokens cannot carry it: \
+     pass --advertise ADDR:PORT with the address hosts reach the coordinator on"
+)]
+pub struct AdvertiseError {
+    /// The wildcard listen address.
+    pub listen: SocketAddr,
+}
+
+/// Why flags and config file do not make options ([`CoordinatorArgs::resolve`]).
+#[derive(Debug, thiserror::Error)]
+pub enum OptionsError {
+    /// The config file could not be read or parsed.
+    #[error(transparent)]
+    File(#[from] ConfigFileError),
+    /// Only one of `admin_tls_cert` and `admin_tls_key` is set in the file.
+    #[error(
+        "coordinator config {}: admin_tls_cert and admin_tls_key go together: set \
+         both, or neither to use a self-signed certificate kept in the state directory",
+        path.display()
+    )]
+    TlsPair {
+        /// The config file.
+        path: PathBuf,
+    },
+    /// The file's `[limits]` are refused.
+    #[error("coordinator config {}", path.display())]
+    Limits {
+        /// The config file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: LimitsError,
+    },
+    /// No address for join tokens.
+    #[error(transparent)]
+    Advertise(#[from] AdvertiseError),
+}
 
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshd";
@@ -132,7 +211,7 @@ impl Default for Limits {
 
 impl Limits {
     /// Refuses settings that would lock everyone out or disable a limit by accident.
-    pub fn validate(&self) -> anyhow::Result<()> {
+    pub fn validate(&self) -> Result<(), LimitsError> {
         let nonzero = [
             ("admin_handshakes", self.admin_handshakes as u64),
             (
@@ -149,14 +228,13 @@ impl Limits {
             ("quic_max_incoming", self.quic_max_incoming as u64),
         ];
         if let Some((name, _)) = nonzero.iter().find(|(_, v)| *v == 0) {
-            anyhow::bail!("limits.{name} must be at least 1");
+            return Err(LimitsError::Zero(name));
         }
         if self.admin_loopback_reserved >= self.admin_handshakes {
-            anyhow::bail!(
-                "limits.admin_loopback_reserved ({}) must be below limits.admin_handshakes ({})",
-                self.admin_loopback_reserved,
-                self.admin_handshakes
-            );
+            return Err(LimitsError::LoopbackReserved {
+                reserved: self.admin_loopback_reserved,
+                total: self.admin_handshakes,
+            });
         }
         Ok(())
     }
@@ -180,14 +258,12 @@ impl CoordinatorOptions {
     }
 
     /// The advertised control address, given the actually bound listen address.
-    pub fn advertise_for(&self, bound: SocketAddr) -> anyhow::Result<SocketAddr> {
+    pub fn advertise_for(&self, bound: SocketAddr) -> Result<SocketAddr, AdvertiseError> {
         match self.advertise {
             Some(a) => Ok(a),
-            None if bound.ip().is_unspecified() => anyhow::bail!(
-                "--listen {} is a wildcard address, so join tokens cannot carry it: \
-                 pass --advertise ADDR:PORT with the address hosts reach the coordinator on",
-                self.listen
-            ),
+            None if bound.ip().is_unspecified() => Err(AdvertiseError {
+                listen: self.listen,
+            }),
             None => Ok(bound),
         }
     }
@@ -287,11 +363,16 @@ pub struct CoordinatorFile {
 
 impl CoordinatorFile {
     /// Reads and parses a config file; errors name the file and the field.
-    pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading coordinator config {}", path.display()))?;
-        let mut f: CoordinatorFile = toml::from_str(&text)
-            .with_context(|| format!("parsing coordinator config {}", path.display()))?;
+    pub fn load(path: &Path) -> Result<Self, ConfigFileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigFileError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut f: CoordinatorFile =
+            toml::from_str(&text).map_err(|source| ConfigFileError::Parse {
+                path: path.to_owned(),
+                source,
+            })?;
         let base = path.parent().unwrap_or(Path::new(""));
         for p in [&mut f.admin_tls_cert, &mut f.admin_tls_key]
             .into_iter()
@@ -305,7 +386,8 @@ impl CoordinatorFile {
 
 impl CoordinatorArgs {
     /// Merges flags over the config file over defaults.
-    pub fn resolve(&self, shutdown: Shutdown) -> anyhow::Result<CoordinatorOptions> {
+    pub fn resolve(&self, shutdown: Shutdown) -> Result<CoordinatorOptions, OptionsError> {
+        let config_path = || self.config.clone().unwrap_or_default();
         let file = match &self.config {
             Some(p) => CoordinatorFile::load(p)?,
             None => CoordinatorFile::default(),
@@ -329,11 +411,11 @@ impl CoordinatorArgs {
             _ => match (file.admin_tls_cert, file.admin_tls_key) {
                 (Some(cert), Some(key)) => Some(AdminTlsFiles { cert, key }),
                 (None, None) => None,
-                _ => anyhow::bail!(
-                    "coordinator config {}: admin_tls_cert and admin_tls_key go together: set \
-                     both, or neither to use a self-signed certificate kept in the state directory",
-                    self.config.as_deref().unwrap_or(Path::new("")).display()
-                ),
+                _ => {
+                    return Err(OptionsError::TlsPair {
+                        path: config_path(),
+                    })
+                }
             },
         };
         if let Some(p) = self.pool.or(file.pool) {
@@ -341,11 +423,9 @@ impl CoordinatorArgs {
         }
         o.pool_v6 = self.pool_v6.or(file.pool_v6);
         if let Some(l) = file.limits {
-            l.validate().with_context(|| {
-                format!(
-                    "coordinator config {}",
-                    self.config.as_deref().unwrap_or(Path::new("")).display()
-                )
+            l.validate().map_err(|source| OptionsError::Limits {
+                path: config_path(),
+                source,
             })?;
             o.limits = l;
         }
@@ -361,6 +441,11 @@ impl CoordinatorArgs {
 mod tests {
     use super::*;
     use clap::Parser;
+
+    /// An error as `meshd coordinator` prints it (anyhow's `{:#}`: context, then causes).
+    fn shown(e: impl std::error::Error + Send + Sync + 'static) -> String {
+        format!("{:#}", anyhow::Error::from(e))
+    }
 
     #[derive(clap::Parser)]
     struct Cli {
@@ -391,7 +476,7 @@ mod tests {
     #[test]
     fn wildcard_needs_advertise() {
         let cli = Cli::parse_from(["x"]);
-        let e = cli.c.resolve(Shutdown::never()).unwrap_err().to_string();
+        let e = shown(cli.c.resolve(Shutdown::never()).unwrap_err());
         assert!(e.contains("--advertise"), "{e}");
         let cli = Cli::parse_from(["x", "--advertise", "192.0.2.1:7443"]);
         assert!(cli.c.resolve(Shutdown::never()).is_ok());
@@ -460,11 +545,12 @@ mod tests {
             "listen = \"10.0.0.1:7443\"\nadmin_tls_cert = \"c.pem\"\n",
         )
         .unwrap();
-        let e = Cli::parse_from(["x", "--config", f.to_str().unwrap()])
-            .c
-            .resolve(Shutdown::never())
-            .unwrap_err()
-            .to_string();
+        let e = shown(
+            Cli::parse_from(["x", "--config", f.to_str().unwrap()])
+                .c
+                .resolve(Shutdown::never())
+                .unwrap_err(),
+        );
         assert!(e.contains("admin_tls_key") && e.contains("c.toml"), "{e}");
         // Defaults: no TLS settings.
         let o = Cli::parse_from(["x", "--listen", "127.0.0.1:1"])
@@ -499,17 +585,18 @@ mod tests {
             "quic_max_half_open = 0",
         ] {
             std::fs::write(&f, format!("listen = \"10.0.0.1:7443\"\n[limits]\n{bad}\n")).unwrap();
-            let e = Cli::parse_from(["x", "--config", f.to_str().unwrap()])
-                .c
-                .resolve(Shutdown::never())
-                .unwrap_err();
-            let e = format!("{e:#}");
+            let e = shown(
+                Cli::parse_from(["x", "--config", f.to_str().unwrap()])
+                    .c
+                    .resolve(Shutdown::never())
+                    .unwrap_err(),
+            );
             let field = bad.split(' ').next().unwrap();
             assert!(e.contains(field) && e.contains("c.toml"), "{e}");
         }
         std::fs::write(&f, "[limits]\nnope = 1\n").unwrap();
-        let e = format!("{:#}", CoordinatorFile::load(&f).unwrap_err());
-        assert!(e.contains("nope"), "{e}");
+        let e = shown(CoordinatorFile::load(&f).unwrap_err());
+        assert!(e.contains("nope") && e.contains("c.toml"), "{e}");
     }
 
     #[test]
@@ -517,7 +604,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.toml");
         std::fs::write(&f, "lissten = \"10.0.0.1:7443\"\n").unwrap();
-        let e = format!("{:#}", CoordinatorFile::load(&f).unwrap_err());
+        let e = shown(CoordinatorFile::load(&f).unwrap_err());
         assert!(e.contains("lissten"), "{e}");
     }
 }

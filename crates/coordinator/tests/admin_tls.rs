@@ -15,6 +15,11 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
+/// A start error as `meshd coordinator` prints it (anyhow's `{:#}`: context, then causes).
+fn shown(e: meshd_coordinator::StartError) -> String {
+    format!("{:#}", anyhow::Error::from(e))
+}
+
 /// Makes an existing state directory private (tempdir makes it 0755); a missing one is made
 /// 0700 by the coordinator.
 fn private_dir(dir: &Path) {
@@ -245,7 +250,7 @@ async fn operator_certificate() {
     o.listen = "127.0.0.1:0".parse().unwrap();
     o.admin_listen = "127.0.0.1:0".parse().unwrap();
     o.admin_tls_files = Some(files.clone());
-    let e = format!("{:#}", start(o).await.err().unwrap());
+    let e = shown(start(o).await.err().unwrap());
     assert!(e.contains("c.pem") && e.contains("k.pem"), "{e}");
 }
 
@@ -258,7 +263,7 @@ async fn half_a_generated_pair_is_reported() {
     let mut o = CoordinatorOptions::new(dir.path());
     o.listen = "127.0.0.1:0".parse().unwrap();
     o.admin_listen = "0.0.0.0:0".parse().unwrap();
-    let e = format!("{:#}", start(o).await.err().unwrap());
+    let e = shown(start(o).await.err().unwrap());
     assert!(
         e.contains(ADMIN_CERT_FILE) && e.contains(ADMIN_KEY_FILE) && e.contains("does not"),
         "{e}"

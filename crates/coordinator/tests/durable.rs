@@ -9,14 +9,19 @@ use std::time::Duration;
 use meshd_control::api::{HealthView, StatusView, TokenCreateRequest};
 use meshd_control::proto::{EndpointReport, ErrorCode};
 use meshd_control::state::{AdminError, Dirty, MAX_TOKEN_TTL_SECS};
-use meshd_control::{JoinToken, NetworkMap, UnixTime};
+use meshd_control::{AuditEvent, JoinToken, NetworkMap};
 use meshd_coordinator::client::SessionHandle;
 use meshd_coordinator::client::{enrol, spawn_session, ClientError, SessionConfig, SessionState};
 use meshd_coordinator::{
     start_with_store, AdminOp, AdminReply, CoordinatorHandle, CoordinatorOptions,
 };
-use meshd_store::{EventRecord, Snapshot, SqliteStore, Store, StoreError};
+use meshd_store::{Snapshot, SqliteStore, Store, StoreError};
 use meshd_tunnel::PrivateKey;
+
+/// A start error as `meshd coordinator` prints it (anyhow's `{:#}`: context, then causes).
+fn shown(e: meshd_coordinator::StartError) -> String {
+    format!("{:#}", anyhow::Error::from(e))
+}
 
 /// SQLite, except that commits fail with "disk full" while `fail` is set.
 struct Flaky {
@@ -28,7 +33,7 @@ impl Store for Flaky {
     fn load(&self) -> Result<Snapshot, StoreError> {
         self.inner.load()
     }
-    fn commit(&self, d: &Dirty, events: &[EventRecord]) -> Result<(), StoreError> {
+    fn commit(&self, d: &Dirty, events: &[AuditEvent]) -> Result<(), StoreError> {
         if self.fail.load(Ordering::SeqCst) {
             return Err(StoreError::DiskFull);
         }
@@ -40,10 +45,10 @@ impl Store for Flaky {
     fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
         self.inner.set_meta(key, value)
     }
-    fn log_event(&self, at: UnixTime, kind: &str, detail: &str) -> Result<(), StoreError> {
-        self.inner.log_event(at, kind, detail)
+    fn log_event(&self, event: &AuditEvent) -> Result<(), StoreError> {
+        self.inner.log_event(event)
     }
-    fn recent_events(&self, limit: u32) -> Result<Vec<EventRecord>, StoreError> {
+    fn recent_events(&self, limit: u32) -> Result<Vec<AuditEvent>, StoreError> {
         self.inner.recent_events(limit)
     }
 }
@@ -311,13 +316,13 @@ async fn state_files_are_private_and_loose_ones_refused() {
 
     // A state directory others may enter is refused, naming the fix.
     set(&dir, 0o755);
-    let e = format!("{:#}", start(local_opts(&dir)).await.err().unwrap());
+    let e = shown(start(local_opts(&dir)).await.err().unwrap());
     assert!(e.contains(&format!("chmod 700 {}", dir.display())), "{e}");
     set(&dir, 0o700);
     // So is a key others may read.
     let key = dir.join("coordinator.key");
     set(&key, 0o644);
-    let e = format!("{:#}", start(local_opts(&dir)).await.err().unwrap());
+    let e = shown(start(local_opts(&dir)).await.err().unwrap());
     assert!(e.contains(&format!("chmod 600 {}", key.display())), "{e}");
     set(&key, 0o600);
     // An admin token written 0644 by an earlier version is made private.

@@ -17,6 +17,11 @@ use meshd_coordinator::client::{enrol, ClientError};
 use meshd_coordinator::{start, AdminOp, AdminReply, CoordinatorHandle, CoordinatorOptions};
 use meshd_tunnel::PrivateKey;
 
+/// A start error as `meshd coordinator` prints it (anyhow's `{:#}`: context, then causes).
+fn shown(e: meshd_coordinator::StartError) -> String {
+    format!("{:#}", anyhow::Error::from(e))
+}
+
 fn is_root() -> bool {
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
@@ -123,7 +128,7 @@ async fn first_start_on_a_full_disk_leaves_no_empty_key() {
     };
     let state = fs.mnt.join("state");
     fs.fill();
-    let e = format!("{:#}", start(opts(&state)).await.err().expect("no space"));
+    let e = shown(start(opts(&state)).await.err().expect("no space"));
     let key = state.join("coordinator.key");
     assert!(e.contains(&key.display().to_string()), "{e}");
     assert!(e.contains("No space left on device"), "{e}");

@@ -17,7 +17,7 @@ mod sqlite;
 
 use meshd_control::policy::PolicyRecord;
 use meshd_control::state::Dirty;
-use meshd_control::{Host, Token, UnixTime};
+use meshd_control::{AuditEvent, Host, Token};
 use meshd_policy::BlockEvent;
 
 pub use migrations::MIGRATIONS;
@@ -104,8 +104,8 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
-/// One audit event: (time, kind, detail).
-pub type EventRecord = (UnixTime, String, String);
+/// The former name of [`AuditEvent`] (the store keeps its kind as the string).
+pub type EventRecord = AuditEvent;
 
 /// Coordinator storage. Implementations must be durable once a method returns `Ok`.
 pub trait Store: Send + Sync + 'static {
@@ -115,15 +115,15 @@ pub trait Store: Send + Sync + 'static {
     /// a new policy version, block events and audit events are appended, block events pruned
     /// to [`BLOCKS_KEPT`], audit events to [`EVENTS_KEPT`]). All or nothing: on `Err` nothing
     /// of the batch is stored.
-    fn commit(&self, changes: &Dirty, events: &[EventRecord]) -> Result<(), StoreError>;
+    fn commit(&self, changes: &Dirty, events: &[AuditEvent]) -> Result<(), StoreError>;
     /// Reads a meta value (e.g. `admin_token_hash`).
     fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError>;
     /// Writes a meta value.
     fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError>;
     /// Appends to the audit/event log (e.g. a refused duplicate connection).
-    fn log_event(&self, at: UnixTime, kind: &str, detail: &str) -> Result<(), StoreError>;
-    /// The most recent `limit` events, newest first: (time, kind, detail).
-    fn recent_events(&self, limit: u32) -> Result<Vec<EventRecord>, StoreError>;
+    fn log_event(&self, event: &AuditEvent) -> Result<(), StoreError>;
+    /// The most recent `limit` events, newest first.
+    fn recent_events(&self, limit: u32) -> Result<Vec<AuditEvent>, StoreError>;
 }
 
 /// Meta key: SHA-256 (hex) of the admin token.

@@ -8,11 +8,11 @@ use std::sync::Mutex;
 use meshd_config::fsutil::{make_private, FsError};
 
 use meshd_control::state::Dirty;
-use meshd_control::{Host, HostId, Labels, Token, TokenId, UnixTime};
+use meshd_control::{AuditEvent, EventKind, Host, HostId, Labels, Token, TokenId};
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 
 use crate::migrations::MIGRATIONS;
-use crate::{EventRecord, Snapshot, Store, StoreError, BLOCKS_KEPT, EVENTS_KEPT, META_MAP_VERSION};
+use crate::{Snapshot, Store, StoreError, BLOCKS_KEPT, EVENTS_KEPT, META_MAP_VERSION};
 use meshd_control::policy::PolicyRecord;
 use meshd_policy::BlockEvent;
 
@@ -286,16 +286,10 @@ fn set_meta(c: &Connection, key: &str, value: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn insert_event(
-    c: &Connection,
-    kept: u32,
-    at: UnixTime,
-    kind: &str,
-    detail: &str,
-) -> Result<(), StoreError> {
+fn insert_event(c: &Connection, kept: u32, e: &AuditEvent) -> Result<(), StoreError> {
     c.execute(
         "INSERT INTO events (at, kind, detail) VALUES (?1, ?2, ?3)",
-        params![to_i64(at, "event time")?, kind, detail],
+        params![to_i64(e.at, "event time")?, e.kind.as_str(), e.detail],
     )?;
     // A range on the rowid: nothing to scan until the log is full.
     c.execute(
@@ -395,15 +389,15 @@ impl Store for SqliteStore {
         })
     }
 
-    fn commit(&self, d: &Dirty, events: &[EventRecord]) -> Result<(), StoreError> {
+    fn commit(&self, d: &Dirty, events: &[AuditEvent]) -> Result<(), StoreError> {
         if d.is_empty() && events.is_empty() {
             return Ok(());
         }
         let kept = self.events_kept;
         self.with(|c| {
             let tx = c.transaction()?;
-            for (at, kind, detail) in events {
-                insert_event(&tx, kept, *at, kind, detail)?;
+            for e in events {
+                insert_event(&tx, kept, e)?;
             }
             for h in &d.hosts {
                 put_host(&tx, h)?;
@@ -452,11 +446,11 @@ impl Store for SqliteStore {
         self.with(|c| set_meta(c, key, value))
     }
 
-    fn log_event(&self, at: UnixTime, kind: &str, detail: &str) -> Result<(), StoreError> {
-        self.with(|c| insert_event(c, self.events_kept, at, kind, detail))
+    fn log_event(&self, event: &AuditEvent) -> Result<(), StoreError> {
+        self.with(|c| insert_event(c, self.events_kept, event))
     }
 
-    fn recent_events(&self, limit: u32) -> Result<Vec<EventRecord>, StoreError> {
+    fn recent_events(&self, limit: u32) -> Result<Vec<AuditEvent>, StoreError> {
         self.with(|c| {
             let mut st =
                 c.prepare("SELECT at, kind, detail FROM events ORDER BY id DESC LIMIT ?1")?;
@@ -464,7 +458,12 @@ impl Store for SqliteStore {
             let mut v = Vec::new();
             while let Some(r) = rows.next()? {
                 let at: i64 = r.get(0)?;
-                v.push((u64::try_from(at).unwrap_or(0), r.get(1)?, r.get(2)?));
+                let kind: String = r.get(1)?;
+                v.push(AuditEvent::new(
+                    u64::try_from(at).unwrap_or(0),
+                    EventKind::from_stored(&kind),
+                    r.get::<_, String>(2)?,
+                ));
             }
             Ok(v)
         })
@@ -546,7 +545,12 @@ mod tests {
             )
             .unwrap();
             s.set_meta("admin_token_hash", "abc").unwrap();
-            s.log_event(9, "duplicate_connection", "host h1").unwrap();
+            s.log_event(&AuditEvent::new(
+                9,
+                EventKind::DuplicateConnection,
+                "host h1",
+            ))
+            .unwrap();
         }
         let s = SqliteStore::open(&path).unwrap();
         let snap = s.load().unwrap();
@@ -560,7 +564,11 @@ mod tests {
         assert_eq!(s.get_meta("nope").unwrap(), None);
         assert_eq!(
             s.recent_events(5).unwrap(),
-            vec![(9, "duplicate_connection".into(), "host h1".into())]
+            vec![AuditEvent::new(
+                9,
+                EventKind::DuplicateConnection,
+                "host h1"
+            )]
         );
         // Migrations are recorded once.
         assert_eq!(s.schema_version().unwrap(), 3);
@@ -653,10 +661,11 @@ mod tests {
         let mut s = SqliteStore::open(&dir.path().join("s.db")).unwrap();
         s.events_kept = 3;
         for i in 0..10 {
-            s.log_event(i, "k", &format!("e{i}")).unwrap();
+            s.log_event(&AuditEvent::new(i, EventKind::HostRemoved, format!("e{i}")))
+                .unwrap();
         }
         let ev = s.recent_events(100).unwrap();
-        let details: Vec<&str> = ev.iter().map(|e| e.2.as_str()).collect();
+        let details: Vec<&str> = ev.iter().map(|e| e.detail.as_str()).collect();
         assert_eq!(details, ["e9", "e8", "e7"]);
         let n: i64 = s
             .with(|c| Ok(c.query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))?))
@@ -702,7 +711,11 @@ mod tests {
                     map_version: Some(3),
                     ..Default::default()
                 },
-                &[(1, "host_enrolled".into(), "h1".into())],
+                &[AuditEvent::new(
+                    1,
+                    EventKind::Other("host_enrolled".into()),
+                    "h1",
+                )],
             )
             .unwrap_err();
         assert!(matches!(e, StoreError::Range("expires_at")), "{e:?}");
@@ -715,13 +728,13 @@ mod tests {
                 tokens: vec![token(1)],
                 ..Default::default()
             },
-            &[(2, "k".into(), "d".into())],
+            &[AuditEvent::new(2, EventKind::Other("k".into()), "d")],
         )
         .unwrap();
         assert_eq!(s.load().unwrap().tokens, vec![token(1)]);
         assert_eq!(
             s.recent_events(10).unwrap(),
-            vec![(2, "k".into(), "d".into())]
+            vec![AuditEvent::new(2, EventKind::Other("k".into()), "d")]
         );
     }
 
@@ -729,8 +742,11 @@ mod tests {
     fn a_full_database_is_disk_full() {
         let dir = tempfile::tempdir().unwrap();
         let s = SqliteStore::open(&dir.path().join("db")).unwrap();
-        s.commit(&Dirty::default(), &[(1, "k".into(), "x".into())])
-            .unwrap();
+        s.commit(
+            &Dirty::default(),
+            &[AuditEvent::new(1, EventKind::HostRemoved, "x")],
+        )
+        .unwrap();
         // SQLite refuses to grow past max_page_count with SQLITE_FULL, as on a full disk.
         s.with(|c| {
             let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
@@ -740,7 +756,10 @@ mod tests {
         .unwrap();
         let big = "x".repeat(64 * 1024);
         let e = s
-            .commit(&Dirty::default(), &[(2, "k".into(), big)])
+            .commit(
+                &Dirty::default(),
+                &[AuditEvent::new(2, EventKind::HostRemoved, big)],
+            )
             .unwrap_err();
         assert!(matches!(e, StoreError::DiskFull), "{e:?}");
         assert!(e.to_string().starts_with("disk full"), "{e}");
@@ -762,8 +781,11 @@ mod tests {
             std::fs::metadata(&p).unwrap().permissions().mode() & 0o777
         };
         let s = SqliteStore::open(&path).unwrap();
-        s.commit(&Dirty::default(), &[(1, "k".into(), "x".into())])
-            .unwrap();
+        s.commit(
+            &Dirty::default(),
+            &[AuditEvent::new(1, EventKind::HostRemoved, "x")],
+        )
+        .unwrap();
         for suffix in ["", "-wal", "-shm"] {
             assert_eq!(mode(suffix), 0o600, "coordinator.db{suffix}");
         }
@@ -771,8 +793,11 @@ mod tests {
         // A database from an earlier version (0644) is made private on open.
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let s = SqliteStore::open(&path).unwrap();
-        s.commit(&Dirty::default(), &[(2, "k".into(), "y".into())])
-            .unwrap();
+        s.commit(
+            &Dirty::default(),
+            &[AuditEvent::new(2, EventKind::HostRemoved, "y")],
+        )
+        .unwrap();
         for suffix in ["", "-wal", "-shm"] {
             assert_eq!(mode(suffix), 0o600, "coordinator.db{suffix} after reopen");
         }

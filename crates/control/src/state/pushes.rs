@@ -1,0 +1,332 @@
+//! What goes out: full maps and deltas for connected agents, connections to close, and the
+//! records to persist.
+
+use std::collections::BTreeSet;
+
+use super::{ConnId, CoordinatorState};
+use crate::map::{MapDelta, NetworkMap, Peer};
+use crate::model::HostId;
+use crate::model::{Host, Token};
+use crate::policy::PolicyRecord;
+use crate::proto::{CoordinatorMessage, ErrorCode};
+use meshd_policy::BlockEvent;
+
+/// A message for one connected agent.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct Push {
+    /// Recipient host.
+    pub host: HostId,
+    /// Recipient connection.
+    pub conn: ConnId,
+    /// `FullMap` or `Delta`.
+    pub message: CoordinatorMessage,
+}
+
+/// A connection to close, with the error to send first.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct Kick {
+    /// Host.
+    pub host: HostId,
+    /// Connection.
+    pub conn: ConnId,
+    /// Why.
+    pub code: ErrorCode,
+}
+
+/// Records changed since the last `take_dirty` (persist all in one transaction).
+#[derive(Debug, Clone, Default)]
+#[must_use]
+pub struct Dirty {
+    /// Changed hosts (full records).
+    pub hosts: Vec<Host>,
+    /// Changed tokens (full records).
+    pub tokens: Vec<Token>,
+    /// New map version, if it moved.
+    pub map_version: Option<u64>,
+    /// A newly applied policy version.
+    pub policy: Option<PolicyRecord>,
+    /// Block events received since the last call (the store keeps a bounded number).
+    pub blocks: Vec<BlockEvent>,
+}
+
+impl Dirty {
+    /// Nothing to persist.
+    pub fn is_empty(&self) -> bool {
+        self.hosts.is_empty()
+            && self.tokens.is_empty()
+            && self.map_version.is_none()
+            && self.policy.is_none()
+            && self.blocks.is_empty()
+    }
+}
+
+/// One peer as a session was last sent it (a session keeps them sorted by host id): a peer
+/// whose revision or grants moved on since is sent again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct SentPeer {
+    /// The peer.
+    pub(super) host: HostId,
+    /// The revision of its record that was sent.
+    pub(super) rev: u64,
+    /// Fingerprint of the grants it was sent with.
+    pub(super) grants: u64,
+}
+
+impl SentPeer {
+    fn new(host: HostId, rev: u64, grants: u64) -> Self {
+        SentPeer { host, rev, grants }
+    }
+}
+
+impl CoordinatorState {
+    /// The full map `id` should have now, at `version`.
+    pub fn full_map_for(&self, id: HostId, version: u64) -> NetworkMap {
+        let mut peers: Vec<Peer> = self
+            .peer_grants(id)
+            .into_iter()
+            .filter_map(|(p, g)| self.hosts.get(&HostId(p)).map(|h| Peer::with_grants(h, g)))
+            .collect();
+        peers.sort_by_key(|p| p.public_key);
+        NetworkMap { version, peers }
+    }
+
+    fn rev(&self, id: HostId) -> u64 {
+        self.revs.get(&id).copied().unwrap_or(0)
+    }
+
+    /// Maps and deltas for connected agents since the last call.
+    pub fn poll_pushes(&mut self) -> Vec<Push> {
+        let changed = std::mem::take(&mut self.changed);
+        let membership = std::mem::take(&mut self.membership_dirty);
+        let recheck = std::mem::take(&mut self.recheck);
+        let recheck_all = std::mem::take(&mut self.recheck_all);
+        let recheck_pairs = std::mem::take(&mut self.recheck_pairs);
+        let need_any = self.sessions.values().any(|s| s.sent.is_none())
+            || (!self.sessions.is_empty() && (membership || !changed.is_empty()));
+        if !need_any {
+            return Vec::new();
+        }
+        let version = self.map_version + 1;
+        let ids: Vec<HostId> = self.sessions.keys().copied().collect();
+        let mut out = Vec::new();
+        for id in ids {
+            let Some((sent, conn, from)) = self
+                .sessions
+                .get(&id)
+                .map(|s| (s.sent.clone(), s.conn, s.sent_version))
+            else {
+                continue;
+            };
+            let (new_sent, message) = match sent {
+                None => {
+                    let map = self.full_map_for(id, version);
+                    let ns = self
+                        .compiled
+                        .peer_fingerprints(id.0)
+                        .into_iter()
+                        .map(|(p, grants)| SentPeer::new(HostId(p), self.rev(HostId(p)), grants))
+                        .collect();
+                    (ns, Some(CoordinatorMessage::FullMap { map }))
+                }
+                Some(old) => {
+                    let (ns, delta) = if recheck_all || recheck.contains(&id) {
+                        self.delta_membership(id, &old, from, version)
+                    } else if let Some(pairs) = recheck_pairs.get(&id) {
+                        self.delta_pairs(id, &old, pairs, &changed, from, version)
+                    } else {
+                        self.delta_changed(id, &old, &changed, from, version)
+                    };
+                    let msg = (!delta.is_empty()).then_some(CoordinatorMessage::Delta { delta });
+                    (ns, msg)
+                }
+            };
+            if let Some(message) = message {
+                if let Some(s) = self.sessions.get_mut(&id) {
+                    s.sent = Some(new_sent);
+                    s.sent_version = version;
+                }
+                out.push(Push {
+                    host: id,
+                    conn,
+                    message,
+                });
+            }
+        }
+        if !out.is_empty() {
+            self.map_version = version;
+            self.version_dirty = true;
+        }
+        out
+    }
+
+    /// The peer record of `peer` as `me` gets it, with the grants between them.
+    fn peer_of(&self, me: HostId, peer: HostId) -> Option<Peer> {
+        let h = self.hosts.get(&peer)?;
+        Some(Peer::with_grants(
+            h,
+            self.compiled.grants_between(me.0, peer.0),
+        ))
+    }
+
+    fn delta_membership(
+        &self,
+        id: HostId,
+        old: &[SentPeer],
+        from: u64,
+        to: u64,
+    ) -> (Vec<SentPeer>, MapDelta) {
+        // Fingerprints first (no allocation per peer); grants only for new or changed peers.
+        let new = self.compiled.peer_fingerprints(id.0);
+        let new_ids: Vec<HostId> = new.iter().map(|&(p, _)| HostId(p)).collect();
+        let hash_of = |n: HostId| {
+            new.binary_search_by_key(&n.0, |x| x.0)
+                .map_or(0, |i| new[i].1)
+        };
+        let with = |n: HostId| self.peer_of(id, n);
+        let mut upserts = Vec::new();
+        let mut removals = Vec::new();
+        let mut ns = Vec::with_capacity(new_ids.len());
+        let (mut i, mut j) = (0, 0);
+        while i < old.len() || j < new_ids.len() {
+            match (old.get(i), new_ids.get(j)) {
+                (Some(o), Some(&n)) if o.host == n => {
+                    let sent = SentPeer::new(n, self.rev(n), hash_of(n));
+                    if sent != *o {
+                        upserts.extend(with(n));
+                    }
+                    ns.push(sent);
+                    i += 1;
+                    j += 1;
+                }
+                (Some(o), Some(&n)) if o.host < n => {
+                    removals.extend(self.hosts.get(&o.host).map(|h| h.public_key));
+                    i += 1;
+                }
+                (_, Some(&n)) => {
+                    upserts.extend(with(n));
+                    ns.push(SentPeer::new(n, self.rev(n), hash_of(n)));
+                    j += 1;
+                }
+                (Some(o), None) => {
+                    removals.extend(self.hosts.get(&o.host).map(|h| h.public_key));
+                    i += 1;
+                }
+                (None, None) => break,
+            }
+        }
+        (
+            ns,
+            MapDelta {
+                from_version: from,
+                to_version: to,
+                upserts,
+                removals,
+            },
+        )
+    }
+
+    /// Only the pairs (`id`, p ∈ `pairs`) may have changed grants, plus the records in `changed`.
+    fn delta_pairs(
+        &self,
+        id: HostId,
+        old: &[SentPeer],
+        pairs: &BTreeSet<HostId>,
+        changed: &BTreeSet<HostId>,
+        from: u64,
+        to: u64,
+    ) -> (Vec<SentPeer>, MapDelta) {
+        let mut ns = old.to_vec();
+        let mut upserts = Vec::new();
+        let mut removals = Vec::new();
+        for &p in pairs {
+            let fp = self.compiled.pair_fingerprint(id.0, p.0);
+            let at = ns.binary_search_by(|s| s.host.cmp(&p));
+            match (at, fp) {
+                (Ok(i), 0) => {
+                    ns.remove(i);
+                    removals.extend(self.hosts.get(&p).map(|h| h.public_key));
+                }
+                (Err(_), 0) => {}
+                (Ok(i), fp) => {
+                    let sent = SentPeer::new(p, self.rev(p), fp);
+                    if ns[i] != sent {
+                        ns[i] = sent;
+                        upserts.extend(self.peer_of(id, p));
+                    }
+                }
+                (Err(i), fp) => {
+                    ns.insert(i, SentPeer::new(p, self.rev(p), fp));
+                    upserts.extend(self.peer_of(id, p));
+                }
+            }
+        }
+        let (ns, rest) = self.delta_changed(id, &ns, changed, from, to);
+        upserts.extend(rest.upserts);
+        (
+            ns,
+            MapDelta {
+                from_version: from,
+                to_version: to,
+                upserts,
+                removals,
+            },
+        )
+    }
+
+    fn delta_changed(
+        &self,
+        id: HostId,
+        old: &[SentPeer],
+        changed: &BTreeSet<HostId>,
+        from: u64,
+        to: u64,
+    ) -> (Vec<SentPeer>, MapDelta) {
+        let mut ns = old.to_vec();
+        let mut upserts = Vec::new();
+        for c in changed {
+            if let Ok(i) = ns.binary_search_by(|s| s.host.cmp(c)) {
+                let r = self.rev(*c);
+                if ns[i].rev != r {
+                    ns[i].rev = r;
+                    upserts.extend(self.peer_of(id, *c));
+                }
+            }
+        }
+        (
+            ns,
+            MapDelta {
+                from_version: from,
+                to_version: to,
+                upserts,
+                removals: Vec::new(),
+            },
+        )
+    }
+
+    /// Connections to close since the last call.
+    pub fn poll_kicks(&mut self) -> Vec<Kick> {
+        std::mem::take(&mut self.kicks)
+    }
+
+    /// Records to persist since the last call.
+    pub fn take_dirty(&mut self) -> Dirty {
+        let hosts = std::mem::take(&mut self.dirty_hosts)
+            .into_iter()
+            .filter_map(|id| self.hosts.get(&id).cloned())
+            .collect();
+        let tokens = std::mem::take(&mut self.dirty_tokens)
+            .into_iter()
+            .filter_map(|id| self.tokens.get(&id).cloned())
+            .collect();
+        let map_version = std::mem::take(&mut self.version_dirty).then_some(self.map_version);
+        Dirty {
+            hosts,
+            tokens,
+            map_version,
+            policy: self.dirty_policy.take(),
+            blocks: std::mem::take(&mut self.dirty_blocks),
+        }
+    }
+}

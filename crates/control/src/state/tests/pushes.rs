@@ -1,0 +1,199 @@
+use super::*;
+
+#[test]
+fn endpoint_change_pushes_one_peer_delta() {
+    let mut s = st();
+    s.create_token(0, TokenSpec::default(), hash_secret(b"t"))
+        .unwrap();
+    allow_all(&mut s);
+    for k in 1..=3 {
+        enrol(&mut s, k, b"t").unwrap();
+    }
+    let p = s.poll_pushes();
+    assert_eq!(p.len(), 3);
+    for push in &p {
+        match &push.message {
+            CoordinatorMessage::FullMap { map } => assert_eq!(map.peers.len(), 2),
+            m => panic!("unexpected {m:?}"),
+        }
+    }
+    let _ = s.take_dirty();
+    s.report_endpoints(5, HostId(3), ConnId(3), ep(2));
+    let p = s.poll_pushes();
+    assert_eq!(p.len(), 2, "only the two peers of host 3");
+    for push in &p {
+        let CoordinatorMessage::Delta { delta } = &push.message else {
+            panic!()
+        };
+        assert_eq!(delta.upserts.len(), 1);
+        assert_eq!(delta.upserts[0].public_key, key(3));
+        assert!(delta.upserts[0]
+            .endpoints
+            .contains(&SocketAddr::from(([192, 0, 2, 1], 2))));
+    }
+    let d = s.take_dirty();
+    assert_eq!(d.hosts.len(), 1);
+    assert_eq!(d.map_version, Some(2));
+    // A report that changes nothing pushes nothing.
+    s.report_endpoints(6, HostId(3), ConnId(3), ep(2));
+    assert!(s.poll_pushes().is_empty());
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Enrol(u8),
+    Resume(u8),
+    Disconnect(u8),
+    Report(u8, u16),
+    Observed(u8, u8),
+    Label(u8, bool),
+    Rename(u8, u8),
+    Remove(u8),
+    Resync(u8),
+    Quarantine(u8, bool),
+    Revoke(u8),
+    Policy(usize),
+    Poll,
+}
+
+/// Policies the property test switches between: deny all, allow all, label- and name-based.
+const POLICIES: [&str; 3] = [
+    "",
+    ALLOW_ALL,
+    "rules:
+  - {name: ssh, from: {role: {exists: true}}, to: {}, ports: [tcp/22]}
+  - {name: dns, from: n1, to: {role: {in: [r2, r3]}}, ports: [udp/53, icmp]}
+  - {name: x, from: {role: {'!=': r4}}, to: x1, ports: [tcp/1-9]}
+",
+];
+
+fn op() -> impl Strategy<Value = Op> {
+    let k = 1u8..7;
+    prop_oneof![
+        k.clone().prop_map(Op::Enrol),
+        k.clone().prop_map(Op::Resume),
+        k.clone().prop_map(Op::Disconnect),
+        (k.clone(), 1u16..4).prop_map(|(k, p)| Op::Report(k, p)),
+        (k.clone(), 1u8..4).prop_map(|(k, p)| Op::Observed(k, p)),
+        (k.clone(), any::<bool>()).prop_map(|(k, b)| Op::Label(k, b)),
+        (k.clone(), 1u8..4).prop_map(|(k, n)| Op::Rename(k, n)),
+        k.clone().prop_map(Op::Remove),
+        k.clone().prop_map(Op::Resync),
+        (k.clone(), any::<bool>()).prop_map(|(k, q)| Op::Quarantine(k, q)),
+        k.prop_map(Op::Revoke),
+        (0..POLICIES.len()).prop_map(Op::Policy),
+        Just(Op::Poll),
+        Just(Op::Poll),
+    ]
+}
+
+proptest! {
+    /// Agents that apply every full map and delta they are sent always hold exactly the map
+    /// the coordinator would compute from scratch.
+    #[test]
+    fn deltas_track_full_maps(ops in proptest::collection::vec(op(), 1..80)) {
+        let mut s = st();
+        s.create_token(0, TokenSpec::default(), hash_secret(b"t")).unwrap();
+        s.apply_policy(0, POLICIES[2], "test").unwrap();
+        let mut agents: HashMap<HostId, (ConnId, Option<NetworkMap>)> = HashMap::new();
+        let mut next_conn = 0u64;
+        let id_of = |s: &CoordinatorState, k: u8| s.host_by_key(&key(k)).map(|h| h.id);
+        for (now, op) in ops.into_iter().enumerate() {
+            let now = now as u64;
+            let conn_of = |agents: &HashMap<HostId, (ConnId, Option<NetworkMap>)>, id: Option<HostId>| {
+                id.and_then(|i| agents.get(&i).map(|a| (i, a.0)))
+            };
+            match op {
+                Op::Enrol(k) | Op::Resume(k) => {
+                    next_conn += 1;
+                    let hello = if matches!(op, Op::Enrol(_)) {
+                        Hello::Enrol { secret_hash: hash_secret(b"t"), name: format!("n{k}"), endpoints: ep(1) }
+                    } else {
+                        Hello::Resume { endpoints: ep(1) }
+                    };
+                    if let Ok(info) = s.connect(now, key(k), ConnId(next_conn), [10, 0, 0, k].into(), hello) {
+                        prop_assert!(!agents.contains_key(&info.id));
+                        agents.insert(info.id, (ConnId(next_conn), None));
+                    }
+                }
+                Op::Disconnect(k) => if let Some((i, c)) = conn_of(&agents, id_of(&s, k)) {
+                    s.disconnect(now, i, c);
+                    agents.remove(&i);
+                },
+                Op::Report(k, p) => if let Some((i, c)) = conn_of(&agents, id_of(&s, k)) {
+                    s.report_endpoints(now, i, c, ep(p));
+                },
+                Op::Observed(k, o) => if let Some((i, c)) = conn_of(&agents, id_of(&s, k)) {
+                    s.observed_changed(now, i, c, [203, 0, 113, o].into());
+                },
+                Op::Label(k, add) => {
+                    let name = format!("n{k}");
+                    if add {
+                        let _ = s.set_labels(&name, [("role".into(), format!("r{k}"))].into());
+                    } else {
+                        let _ = s.remove_labels(&name, &["role".into()]);
+                    }
+                }
+                Op::Rename(k, n) => { let _ = s.rename(&format!("n{k}"), &format!("x{n}")); }
+                Op::Remove(k) => if let Some(i) = id_of(&s, k) {
+                    let name = s.host(i).unwrap().name.clone();
+                    s.remove_host(&name).unwrap();
+                    for kick in s.poll_kicks() {
+                        agents.remove(&kick.host);
+                    }
+                },
+                Op::Quarantine(k, q) => {
+                    let name = format!("n{k}");
+                    let _ = if q { s.quarantine(&name) } else { s.release(&name) };
+                }
+                Op::Revoke(k) => if let Some(i) = id_of(&s, k) {
+                    let name = s.host(i).unwrap().name.clone();
+                    s.revoke_host(&name).unwrap();
+                    for kick in s.poll_kicks() {
+                        prop_assert_eq!(kick.code, ErrorCode::HostRevoked);
+                        agents.remove(&kick.host);
+                    }
+                },
+                Op::Policy(i) => { s.apply_policy(now, POLICIES[i], "test").unwrap(); }
+                Op::Resync(k) => if let Some((i, c)) = conn_of(&agents, id_of(&s, k)) {
+                    s.resync(i, c);
+                    if let Some(a) = agents.get_mut(&i) { a.1 = None; }
+                },
+                Op::Poll => {
+                    for p in s.poll_pushes() {
+                        let a = agents.get_mut(&p.host).expect("push to a connected agent");
+                        prop_assert_eq!(a.0, p.conn);
+                        match p.message {
+                            CoordinatorMessage::FullMap { map } => a.1 = Some(map),
+                            CoordinatorMessage::Delta { delta } => {
+                                let m = a.1.as_mut().expect("delta before full map");
+                                prop_assert!(delta.to_version > m.version);
+                                m.apply(&delta).unwrap();
+                            }
+                            other => prop_assert!(false, "unexpected {:?}", other),
+                        }
+                    }
+                    let _ = s.take_dirty();
+                    for (id, (_, m)) in &agents {
+                        let m = m.as_ref().expect("every agent has a map after a poll");
+                        let fresh = s.full_map_for(*id, m.version);
+                        prop_assert_eq!(m, &fresh);
+                        let me = s.host(*id).unwrap();
+                        prop_assert!(m.peer(&me.public_key).is_none());
+                        if me.quarantined {
+                            prop_assert!(m.peers.is_empty());
+                        }
+                        let grants = s.grants_for(*id);
+                        prop_assert_eq!(m.peers.len(), grants.len());
+                        for p in &m.peers {
+                            let h = s.host_by_key(&p.public_key).unwrap();
+                            prop_assert!(!h.quarantined && !h.removed);
+                            prop_assert_eq!(Some(&p.grants), grants.get(&h.id.0));
+                            prop_assert!(!p.grants.is_empty());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,623 @@
+//! The actor: one task owns the reconciliation state ([`CoordinatorState`]) and the store;
+//! agent connections and the admin API send it [`Cmd`]s through [`Commands`].
+//!
+//! It handles commands in batches: apply all pending commands to the pure state, poll pushes
+//! and kicks, commit the dirty records and the batch's audit events in one transaction (on a
+//! blocking thread), and only then reply and push. A failed commit rolls the batch back: the
+//! state is rebuilt from the store. No lock is ever held across network or disk IO.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshd_control::api::{HealthView, StoreFailure, EVENTS_MAX};
+use meshd_control::proto::{CoordinatorMessage, EndpointReport, ErrorCode, HostInfo};
+use meshd_control::state::{AdminError, ConnId, Dirty, Hello};
+use meshd_control::{AuditEvent, CoordinatorState, EventKind, HostId, IpPool, UnixTime};
+use meshd_store::{Snapshot, Store};
+use meshd_tunnel::PublicKey;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, error, info, warn};
+
+use crate::error::{chain, RestoreStateError, Stopped};
+use crate::ops::{AdminOp, AdminReply, Identity, Ops};
+
+const COMMAND_QUEUE: usize = 4096;
+const MAX_BATCH: usize = 1024;
+const MEMBERSHIP_BATCH_WINDOW: Duration = Duration::from_millis(50);
+
+/// Seconds since the Unix epoch (the only clock read on the coordinator's state path).
+pub fn unix_now() -> UnixTime {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// What a connection task sends its agent.
+pub(crate) enum Outbound {
+    /// A control message.
+    Msg(CoordinatorMessage),
+    /// An error message, then the end of the connection.
+    Close(Refusal),
+}
+
+/// A session's welcome: the host as the agent sees it, and the connection's id.
+#[derive(Debug)]
+pub(crate) struct Welcome {
+    /// The agent's host.
+    pub(crate) info: HostInfo,
+    /// This connection.
+    pub(crate) conn: ConnId,
+}
+
+/// Why a connection is refused or closed, as the agent is told.
+#[derive(Debug, Clone)]
+pub(crate) struct Refusal {
+    /// The error code.
+    pub(crate) code: ErrorCode,
+    /// The message.
+    pub(crate) message: String,
+}
+
+impl Refusal {
+    /// A refusal whose message is the code's own text.
+    pub(crate) fn of(code: ErrorCode) -> Self {
+        Refusal {
+            code,
+            message: code.to_string(),
+        }
+    }
+}
+
+/// The actor's answer to a [`Cmd::Connect`].
+pub(crate) type ConnectReply = Result<Welcome, Refusal>;
+
+/// The answer to an admin operation.
+pub(crate) type AdminResult = Result<AdminReply, AdminError>;
+
+/// A command for the actor.
+pub(crate) enum Cmd {
+    /// An agent proved `key` and said hello.
+    Connect {
+        key: PublicKey,
+        observed: IpAddr,
+        hello: Hello,
+        tx: mpsc::Sender<Outbound>,
+        conn: quinn::Connection,
+        reply: oneshot::Sender<ConnectReply>,
+    },
+    /// New underlay endpoints.
+    Report {
+        host: HostId,
+        conn: ConnId,
+        endpoints: EndpointReport,
+    },
+    /// The connection's source address changed.
+    Observed {
+        host: HostId,
+        conn: ConnId,
+        ip: IpAddr,
+    },
+    /// The agent applied `version`.
+    Ack {
+        host: HostId,
+        conn: ConnId,
+        version: u64,
+    },
+    /// The agent wants a full map.
+    Resync { host: HostId, conn: ConnId },
+    /// The connection ended.
+    Disconnect { host: HostId, conn: ConnId },
+    /// Block events from the agent.
+    Blocks {
+        host: HostId,
+        conn: ConnId,
+        events: Vec<meshd_policy::BlockEvent>,
+    },
+    /// An admin operation.
+    Admin {
+        op: AdminOp,
+        reply: oneshot::Sender<AdminResult>,
+    },
+}
+
+/// The actor's inbox (bounded): what connection tasks and the admin API hold.
+#[derive(Clone)]
+pub(crate) struct Commands(mpsc::Sender<Cmd>);
+
+impl Commands {
+    /// Hands `c` to the actor (waits while the inbox is full).
+    pub(crate) async fn send(&self, c: Cmd) -> Result<(), Stopped> {
+        self.0.send(c).await.map_err(|_| Stopped)
+    }
+
+    /// Runs an admin operation and waits for its (committed) answer.
+    pub(crate) async fn admin(&self, op: AdminOp) -> Result<AdminResult, Stopped> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Cmd::Admin { op, reply: tx }).await?;
+        rx.await.map_err(|_| Stopped)
+    }
+}
+
+/// A reply held back until the batch is committed.
+enum Deferred {
+    Connect(oneshot::Sender<ConnectReply>, ConnectReply),
+    Admin(oneshot::Sender<AdminResult>, AdminResult),
+}
+
+/// One agent's live connection.
+struct Live {
+    conn_id: ConnId,
+    tx: mpsc::Sender<Outbound>,
+    conn: quinn::Connection,
+    /// Opened to enrol: the agent closes it once enrolled and resumes on a new one.
+    enrolment: bool,
+}
+
+/// The task owning the state and the store.
+pub(crate) struct Actor {
+    state: CoordinatorState,
+    store: Arc<dyn Store>,
+    live: HashMap<HostId, Live>,
+    next_conn: u64,
+    identity: Identity,
+    /// Events of this batch, not yet written to the store.
+    events: Vec<AuditEvent>,
+    /// The newest committed events (at most [`EVENTS_MAX`], oldest first): `GET /v1/events`
+    /// is served from here, with no database read on the actor.
+    recent: VecDeque<AuditEvent>,
+    /// The empty pool the state is rebuilt over after a failed commit.
+    pool: IpPool,
+    /// The last failed commit, until one succeeds (`meshctl status`, `GET /v1/health`).
+    store_failure: Option<StoreFailure>,
+    /// Set when the state could not be reloaded after a failed commit: every command is
+    /// refused until a reload works.
+    stale: Option<String>,
+}
+
+impl Actor {
+    /// An actor over a state restored from `store` (`recent`: its newest events, oldest first).
+    pub(crate) fn new(
+        state: CoordinatorState,
+        store: Arc<dyn Store>,
+        pool: IpPool,
+        identity: Identity,
+        recent: Vec<AuditEvent>,
+    ) -> Self {
+        Actor {
+            state,
+            store,
+            live: HashMap::new(),
+            next_conn: 0,
+            identity,
+            events: Vec::new(),
+            recent: recent.into(),
+            pool,
+            store_failure: None,
+            stale: None,
+        }
+    }
+
+    /// Starts the actor's task; it ends when `stop` is set or every [`Commands`] is dropped.
+    pub(crate) fn spawn(
+        self,
+        stop: watch::Receiver<bool>,
+    ) -> (Commands, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+        (Commands(tx), tokio::spawn(self.run(rx, stop)))
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Cmd>, mut stop: watch::Receiver<bool>) {
+        loop {
+            // Wake up when a rule expires, to drop peers that no longer have any grant (agents
+            // already stopped using the expired grants on their own).
+            let expiry = self
+                .state
+                .policy_timeout()
+                .map(|t| Duration::from_secs(t.saturating_sub(unix_now()).clamp(1, 3600)));
+            let first = tokio::select! {
+                c = rx.recv() => match c { Some(c) => Some(c), None => break },
+                _ = stop.wait_for(|v| *v) => break,
+                _ = tokio::time::sleep(expiry.unwrap_or(Duration::from_secs(3600))), if expiry.is_some() => None,
+            };
+            let mut batch: Vec<Cmd> = first.into_iter().collect();
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(c) => batch.push(c),
+                    Err(_) => break,
+                }
+            }
+            let now = unix_now();
+            if let Some(why) = self.stale.clone() {
+                // A failed commit whose state could not be reloaded: nothing is applied
+                // until the store is readable again.
+                if let Err(e) = self.reload(now).await {
+                    self.stale = Some(e.clone());
+                    for c in batch {
+                        self.refuse_stale(c, &why);
+                    }
+                    continue;
+                }
+            }
+            self.state.handle_policy_timeout(now);
+            let mut deferred = Vec::new();
+            for c in batch {
+                self.apply(now, c, &mut deferred);
+            }
+            // Membership changes fan out to every agent: gather more of them (an enrolment
+            // storm) for a moment so each agent gets one delta instead of many.
+            if self.state.membership_pending() {
+                let deadline = tokio::time::Instant::now() + MEMBERSHIP_BATCH_WINDOW;
+                loop {
+                    tokio::select! {
+                        c = rx.recv() => match c {
+                            Some(c) => self.apply(now, c, &mut deferred),
+                            None => break,
+                        },
+                        _ = tokio::time::sleep_until(deadline) => break,
+                    }
+                }
+            }
+            for n in self.state.poll_notices() {
+                warn!(kind = %n.kind(), "{n}");
+                self.events
+                    .push(AuditEvent::new(now, n.kind(), n.to_string()));
+            }
+            let pushes = self.state.poll_pushes();
+            let kicks = self.state.poll_kicks();
+            let dirty = self.state.take_dirty();
+            let events = std::mem::take(&mut self.events);
+            // Commit, then acknowledge: nothing of the batch is replied, pushed or shown
+            // before the store has it.
+            if !dirty.is_empty() || !events.is_empty() {
+                let what = describe_batch(&dirty, &events);
+                let store = self.store.clone();
+                let res = tokio::task::spawn_blocking(move || {
+                    store.commit(&dirty, &events).map(|()| events)
+                })
+                .await;
+                let error = match res {
+                    Ok(Ok(events)) => {
+                        if let Some(f) = self.store_failure.take() {
+                            info!(failed_at = f.at, "commits succeed again");
+                        }
+                        self.remember(events);
+                        None
+                    }
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(e) => Some(format!("commit task failed: {e}")),
+                };
+                if let Some(error) = error {
+                    self.roll_back(now, error, what, deferred).await;
+                    continue;
+                }
+            }
+            for d in deferred {
+                match d {
+                    Deferred::Connect(tx, r) => {
+                        let _agent_gone = tx.send(r);
+                    }
+                    Deferred::Admin(tx, r) => {
+                        let _caller_gone = tx.send(r);
+                    }
+                }
+            }
+            for k in kicks {
+                if let Some(l) = self.live.remove(&k.host) {
+                    if l.conn_id == k.conn {
+                        info!(host_id = %k.host, code = ?k.code, "closing agent session");
+                        if l.tx.try_send(Outbound::Close(Refusal::of(k.code))).is_err() {
+                            l.conn.close(close_code(k.code), b"closed");
+                        }
+                    }
+                }
+            }
+            for p in pushes {
+                let Some(l) = self.live.get(&p.host) else {
+                    continue;
+                };
+                if l.conn_id != p.conn {
+                    continue;
+                }
+                if let Err(e) = l.tx.try_send(Outbound::Msg(p.message)) {
+                    // A full queue means the agent is not reading: drop it; it reconnects and
+                    // gets a full map.
+                    warn!(host_id = %p.host, error = %e, "agent not keeping up; closing its session");
+                    l.conn.close(close_code(ErrorCode::Internal), b"too slow");
+                    self.state.disconnect(now, p.host, p.conn);
+                    self.live.remove(&p.host);
+                }
+            }
+        }
+        for l in self.live.values() {
+            l.conn
+                .close(quinn::VarInt::from_u32(0), b"coordinator shutting down");
+        }
+    }
+
+    /// A commit failed: every reply of the batch becomes an error naming the cause, its pushes
+    /// and events are dropped, the state is rebuilt from the store (which holds exactly the
+    /// last committed state), and every agent session is closed so that the agents (fail-static:
+    /// their tunnels keep running) reconnect and get maps of the rolled-back state.
+    async fn roll_back(
+        &mut self,
+        now: UnixTime,
+        error: String,
+        what: String,
+        deferred: Vec<Deferred>,
+    ) {
+        error!(%error, batch = %what, "saving coordinator state failed; the batch is refused and rolled back");
+        self.store_failure = Some(StoreFailure {
+            at: now,
+            error: error.clone(),
+            what,
+        });
+        for d in deferred {
+            match d {
+                Deferred::Connect(tx, _) => {
+                    let _agent_gone = tx.send(Err(Refusal {
+                        code: ErrorCode::Internal,
+                        message: format!("not saved: {error}"),
+                    }));
+                }
+                Deferred::Admin(tx, _) => {
+                    let _caller_gone = tx.send(Err(AdminError::NotSaved(error.clone())));
+                }
+            }
+        }
+        let refusal = Refusal {
+            code: ErrorCode::Internal,
+            message: format!("coordinator could not save its state ({error}); reconnect"),
+        };
+        for (host, l) in self.live.drain() {
+            debug!(host_id = %host, "closing agent session after a failed commit");
+            if l.tx.try_send(Outbound::Close(refusal.clone())).is_err() {
+                l.conn
+                    .close(close_code(ErrorCode::Internal), b"state not saved");
+            }
+        }
+        if let Err(e) = self.reload(now).await {
+            error!(error = %e, "reloading the state from the store failed; refusing every command until it works");
+            self.stale = Some(e);
+        }
+    }
+
+    /// Rebuilds the state from the store, as at start-up (live sessions are not kept).
+    async fn reload(&mut self, now: UnixTime) -> Result<(), String> {
+        let store = self.store.clone();
+        let (snapshot, mut recent) = tokio::task::spawn_blocking(move || {
+            Ok::<_, meshd_store::StoreError>((store.load()?, store.recent_events(EVENTS_MAX)?))
+        })
+        .await
+        .map_err(|e| format!("reload task failed: {e}"))?
+        .map_err(|e| e.to_string())?;
+        recent.reverse();
+        self.state = restore_state(self.pool.clone(), snapshot, now).map_err(|e| chain(&e))?;
+        self.recent = recent.into();
+        self.events.clear();
+        self.stale = None;
+        Ok(())
+    }
+
+    /// Answers a command while the state could not be reloaded.
+    fn refuse_stale(&mut self, c: Cmd, why: &str) {
+        let message = format!("the coordinator cannot read its store: {why}");
+        match c {
+            Cmd::Connect { reply, .. } => {
+                let _agent_gone = reply.send(Err(Refusal {
+                    code: ErrorCode::Internal,
+                    message,
+                }));
+            }
+            Cmd::Admin {
+                op: AdminOp::Health,
+                reply,
+            } => {
+                let _caller_gone = reply.send(Ok(AdminReply::Health(self.health())));
+            }
+            Cmd::Admin { reply, .. } => {
+                let _caller_gone = reply.send(Err(AdminError::NotSaved(message)));
+            }
+            _ => {}
+        }
+    }
+
+    fn health(&self) -> HealthView {
+        HealthView {
+            ok: self.store_failure.is_none() && self.stale.is_none(),
+            store_failure: self.store_failure.clone(),
+        }
+    }
+
+    fn apply(&mut self, now: UnixTime, c: Cmd, deferred: &mut Vec<Deferred>) {
+        match c {
+            Cmd::Connect {
+                key,
+                observed,
+                hello,
+                tx,
+                conn,
+                reply,
+            } => {
+                let r = self.connect(now, key, observed, hello, tx, conn);
+                deferred.push(Deferred::Connect(reply, r));
+            }
+            Cmd::Report {
+                host,
+                conn,
+                endpoints,
+            } => {
+                // The report just came over the connection, so its source is the freshest
+                // observation: take both at once (one consistent map for the peers).
+                if let Some(l) = self.live.get(&host).filter(|l| l.conn_id == conn) {
+                    let ip = l.conn.remote_address().ip();
+                    self.state.observed_changed(now, host, conn, ip);
+                }
+                self.state.report_endpoints(now, host, conn, endpoints)
+            }
+            Cmd::Observed { host, conn, ip } => self.state.observed_changed(now, host, conn, ip),
+            Cmd::Ack {
+                host,
+                conn,
+                version,
+            } => self.state.ack(host, conn, version),
+            Cmd::Resync { host, conn } => self.state.resync(host, conn),
+            Cmd::Disconnect { host, conn } => {
+                self.state.disconnect(now, host, conn);
+                if self.live.get(&host).is_some_and(|l| l.conn_id == conn) {
+                    self.live.remove(&host);
+                }
+            }
+            Cmd::Blocks { host, conn, events } => self.state.record_blocks(host, conn, events),
+            Cmd::Admin { op, reply } => {
+                let health = self.health();
+                let r = Ops {
+                    state: &mut self.state,
+                    events: &mut self.events,
+                    recent: &self.recent,
+                    identity: self.identity,
+                    health,
+                }
+                .run(now, op);
+                deferred.push(Deferred::Admin(reply, r));
+            }
+        }
+    }
+
+    fn connect(
+        &mut self,
+        now: UnixTime,
+        key: PublicKey,
+        observed: IpAddr,
+        hello: Hello,
+        tx: mpsc::Sender<Outbound>,
+        conn: quinn::Connection,
+    ) -> ConnectReply {
+        self.next_conn += 1;
+        let cid = ConnId(self.next_conn);
+        let enrolment = matches!(hello, Hello::Enrol { .. });
+        // A previous connection that QUIC already knows is closed (a restart whose close
+        // frame arrived) does not count as live, nor does the enrolment connection: the agent
+        // closes it and resumes at once, and its close frame may still be in flight (on a
+        // loaded host) when the resume arrives.
+        if let Some(id) = self.state.host_by_key(&key).map(|h| h.id) {
+            if let Some(old) = self
+                .live
+                .get(&id)
+                .filter(|l| l.enrolment || l.conn.close_reason().is_some())
+            {
+                let old_id = old.conn_id;
+                old.conn.close(quinn::VarInt::from_u32(0), b"superseded");
+                self.state.disconnect(now, id, old_id);
+                self.live.remove(&id);
+            }
+        }
+        match self.state.connect(now, key, cid, observed, hello) {
+            Ok(info) => {
+                debug!(host_id = %info.id, host = %info.name, peer_key = %key, "agent connected");
+                self.live.insert(
+                    info.id,
+                    Live {
+                        conn_id: cid,
+                        tx,
+                        conn,
+                        enrolment,
+                    },
+                );
+                Ok(Welcome { info, conn: cid })
+            }
+            Err(code) => {
+                if matches!(code, ErrorCode::AlreadyConnected) {
+                    warn!(peer_key = %key, %observed, "refused a second live connection for a connected host");
+                    self.events.push(AuditEvent::new(
+                        now,
+                        EventKind::DuplicateConnection,
+                        format!("key {key} from {observed}"),
+                    ));
+                } else {
+                    debug!(peer_key = %key, ?code, "agent refused");
+                }
+                Err(Refusal::of(code))
+            }
+        }
+    }
+
+    /// Keeps the newest [`EVENTS_MAX`] events for `GET /v1/events`.
+    fn remember(&mut self, events: Vec<AuditEvent>) {
+        let max = EVENTS_MAX as usize;
+        let skip = events.len().saturating_sub(max);
+        self.recent.extend(events.into_iter().skip(skip));
+        let excess = self.recent.len().saturating_sub(max);
+        self.recent.drain(..excess);
+    }
+}
+
+/// What a batch held, for the log and `meshctl status` (`2 hosts, 1 token, 3 events`).
+fn describe_batch(d: &Dirty, events: &[AuditEvent]) -> String {
+    let mut parts = Vec::new();
+    let mut count = |n: usize, one: &str, many: &str| {
+        if n > 0 {
+            parts.push(format!("{n} {}", if n == 1 { one } else { many }));
+        }
+    };
+    count(d.hosts.len(), "host", "hosts");
+    count(d.tokens.len(), "token", "tokens");
+    count(
+        usize::from(d.policy.is_some()),
+        "policy version",
+        "policy versions",
+    );
+    count(d.blocks.len(), "block event", "block events");
+    count(events.len(), "event", "events");
+    count(
+        usize::from(d.map_version.is_some()),
+        "map version",
+        "map versions",
+    );
+    parts.join(", ")
+}
+
+/// The state as the store holds it (at start-up, and after a failed commit).
+pub(crate) fn restore_state(
+    pool: IpPool,
+    snapshot: Snapshot,
+    now: UnixTime,
+) -> Result<CoordinatorState, RestoreStateError> {
+    let mut state =
+        CoordinatorState::restore(pool, snapshot.hosts, snapshot.tokens, snapshot.map_version)
+            .map_err(RestoreStateError::Hosts)?;
+    state
+        .restore_policies(now, snapshot.policies)
+        .map_err(RestoreStateError::Policy)?;
+    state.restore_blocks(snapshot.blocks);
+    Ok(state)
+}
+
+/// The QUIC application close code for an error code.
+pub(crate) fn close_code(c: ErrorCode) -> quinn::VarInt {
+    quinn::VarInt::from_u32(match c {
+        ErrorCode::Malformed => 2,
+        ErrorCode::Internal => 3,
+        _ => 1,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_is_described_by_what_it_holds() {
+        let d = Dirty {
+            map_version: Some(3),
+            ..Default::default()
+        };
+        let events = vec![
+            AuditEvent::new(1, EventKind::HostRemoved, "a (1)"),
+            AuditEvent::new(1, EventKind::HostRevoked, "b (2)"),
+        ];
+        assert_eq!(describe_batch(&d, &events), "2 events, 1 map version");
+        assert_eq!(describe_batch(&Dirty::default(), &[]), "");
+    }
+}

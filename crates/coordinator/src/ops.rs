@@ -1,0 +1,399 @@
+//! The admin operations ([`AdminOp`] in, [`AdminReply`] out): what the HTTP API and in-process
+//! callers ask the actor to do. The actor lends them its state for one operation ([`Ops`]);
+//! the events they record are committed with the batch, before the reply goes out.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+
+use meshd_control::api::{
+    BlocksQuery, ConnectedAgent, EventView, ExplainRequest, GuardStats, HealthView, HostView,
+    PolicyApplied, PolicyCheck, PolicyCurrent, StatusView, TokenCreateRequest, TokenCreated,
+    TokenView, EVENTS_MAX,
+};
+use meshd_control::state::{check_policy_size, AdminError, TokenSpec};
+use meshd_control::{
+    AuditEvent, CoordinatorState, EventKind, Host, HostId, JoinToken, Labels, TokenId, TokenSecret,
+    UnixTime,
+};
+use meshd_tunnel::PublicKey;
+use rand_core::{OsRng, RngCore as _};
+use tracing::info;
+
+/// An admin operation (the HTTP API and in-process callers use the same set).
+#[derive(Debug, Clone)]
+pub enum AdminOp {
+    /// All non-removed hosts.
+    ListHosts,
+    /// One host by name, id or key.
+    ShowHost(String),
+    /// Add/replace labels.
+    Label(String, Labels),
+    /// Remove labels by key.
+    Unlabel(String, Vec<String>),
+    /// Rename.
+    Rename(String, String),
+    /// Remove from the mesh.
+    Remove(String),
+    /// New join token.
+    CreateToken(TokenCreateRequest),
+    /// All tokens.
+    ListTokens,
+    /// Revoke a token.
+    RevokeToken(TokenId),
+    /// Status.
+    Status,
+    /// The current policy.
+    PolicyGet,
+    /// Apply a policy file (refused if it does not parse or its tests fail).
+    PolicyApply(String),
+    /// Every applied version.
+    PolicyHistory,
+    /// Re-apply an earlier version.
+    PolicyRollback(u64),
+    /// Access changes if this file were applied.
+    PolicyDiff(String),
+    /// Parse and run the file's tests against the inventory.
+    PolicyCheck(String),
+    /// Allowed or denied, and by which rule.
+    Explain(ExplainRequest),
+    /// Cut a host off from every peer.
+    Quarantine(String),
+    /// Undo a quarantine.
+    Release(String),
+    /// Remove a host for good; its key is refused from then on.
+    Revoke(String),
+    /// Recent block events.
+    Blocks(BlocksQuery),
+    /// The newest `limit` audit events (at most [`EVENTS_MAX`]), oldest first.
+    Events {
+        /// How many.
+        limit: u32,
+    },
+    /// Whether changes can be saved (answered even when nothing else is).
+    Health,
+}
+
+/// The result of an [`AdminOp`].
+#[derive(Debug, Clone)]
+pub enum AdminReply {
+    /// One host.
+    Host(HostView),
+    /// Hosts.
+    Hosts(Vec<HostView>),
+    /// One token.
+    Token(TokenView),
+    /// Tokens.
+    Tokens(Vec<TokenView>),
+    /// A new token.
+    Created(TokenCreated),
+    /// Status.
+    Status(StatusView),
+    /// Audit events, oldest first.
+    Events(Vec<EventView>),
+    /// Health.
+    Health(HealthView),
+    /// Any other JSON reply (policy, explain, blocks).
+    Json(serde_json::Value),
+}
+
+/// Who the coordinator is, as join tokens and `status` show it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Identity {
+    /// The control address join tokens carry.
+    pub(crate) advertise: SocketAddr,
+    /// The coordinator's static public key.
+    pub(crate) public_key: PublicKey,
+}
+
+/// What one admin operation works on, lent by the actor.
+pub(crate) struct Ops<'a> {
+    /// The reconciliation state.
+    pub(crate) state: &'a mut CoordinatorState,
+    /// This batch's audit events (committed with the batch).
+    pub(crate) events: &'a mut Vec<AuditEvent>,
+    /// The newest committed events, oldest first.
+    pub(crate) recent: &'a VecDeque<AuditEvent>,
+    /// Who the coordinator is.
+    pub(crate) identity: Identity,
+    /// Whether commits work now.
+    pub(crate) health: HealthView,
+}
+
+impl Ops<'_> {
+    /// Runs `op` at `now`.
+    pub(crate) fn run(self, now: UnixTime, op: AdminOp) -> Result<AdminReply, AdminError> {
+        let Ops {
+            state,
+            events,
+            recent,
+            identity,
+            health,
+        } = self;
+        let view = |state: &CoordinatorState, h: &Host| {
+            let s = state.sessions().into_iter().find(|s| s.host == h.id);
+            HostView::new(h, s.is_some(), s.map(|s| s.acked_version))
+        };
+        let mut record = |kind, detail: String| events.push(AuditEvent::new(now, kind, detail));
+        let named = |h: &Host| format!("{} ({})", h.name, h.id);
+        Ok(match op {
+            AdminOp::ListHosts => {
+                let sessions: HashMap<HostId, u64> = state
+                    .sessions()
+                    .into_iter()
+                    .map(|s| (s.host, s.acked_version))
+                    .collect();
+                AdminReply::Hosts(
+                    state
+                        .hosts()
+                        .filter(|h| !h.removed)
+                        .map(|h| {
+                            HostView::new(
+                                h,
+                                sessions.contains_key(&h.id),
+                                sessions.get(&h.id).copied(),
+                            )
+                        })
+                        .collect(),
+                )
+            }
+            AdminOp::ShowHost(r) => AdminReply::Host(view(state, state.find_host(&r)?)),
+            AdminOp::Label(r, l) => {
+                let h = state.set_labels(&r, l)?;
+                AdminReply::Host(view(state, &h))
+            }
+            AdminOp::Unlabel(r, k) => {
+                let h = state.remove_labels(&r, &k)?;
+                AdminReply::Host(view(state, &h))
+            }
+            AdminOp::Rename(r, n) => {
+                let h = state.rename(&r, &n)?;
+                AdminReply::Host(view(state, &h))
+            }
+            AdminOp::Remove(r) => {
+                let h = state.remove_host(&r)?;
+                record(EventKind::HostRemoved, named(&h));
+                AdminReply::Host(HostView::new(&h, false, None))
+            }
+            AdminOp::CreateToken(req) => {
+                let mut secret = [0u8; 32];
+                OsRng.fill_bytes(&mut secret);
+                let secret = TokenSecret(secret);
+                let t = state.create_token(
+                    now,
+                    TokenSpec {
+                        labels: req.labels,
+                        ttl_secs: req.ttl_secs,
+                        uses: req.uses,
+                    },
+                    secret.hash(),
+                )?;
+                let jt = JoinToken {
+                    control: identity.advertise,
+                    coordinator_key: identity.public_key,
+                    secret,
+                };
+                AdminReply::Created(TokenCreated {
+                    token: jt.encode(),
+                    info: TokenView::new(&t, now),
+                })
+            }
+            AdminOp::ListTokens => {
+                AdminReply::Tokens(state.tokens().map(|t| TokenView::new(t, now)).collect())
+            }
+            AdminOp::RevokeToken(id) => {
+                AdminReply::Token(TokenView::new(&state.revoke_token(id)?, now))
+            }
+            AdminOp::PolicyGet => json(&PolicyCurrent {
+                policy: state.policy().cloned(),
+            }),
+            AdminOp::PolicyApply(yaml) => {
+                check_policy_size(&yaml)?;
+                let (rec, tests) = state.apply_policy(now, &yaml, "apply")?;
+                info!(rules_version = rec.version, "policy applied");
+                record(EventKind::PolicyApplied, format!("version {}", rec.version));
+                json(&PolicyApplied {
+                    version: rec.version,
+                    tests,
+                })
+            }
+            AdminOp::PolicyHistory => json(&state.policy_history()),
+            AdminOp::PolicyRollback(v) => {
+                let rec = state.rollback_policy(now, v)?;
+                info!(rules_version = rec.version, to = v, "policy rolled back");
+                record(
+                    EventKind::PolicyRollback,
+                    format!("version {} = version {v}", rec.version),
+                );
+                json(&PolicyApplied {
+                    version: rec.version,
+                    tests: Vec::new(),
+                })
+            }
+            AdminOp::PolicyDiff(yaml) => json(&{
+                check_policy_size(&yaml)?;
+                state.diff_policy(now, &yaml)?
+            }),
+            AdminOp::PolicyCheck(yaml) => {
+                check_policy_size(&yaml)?;
+                let tests = state.check_policy(now, &yaml)?;
+                json(&PolicyCheck {
+                    ok: tests.iter().all(|t| t.passed()),
+                    tests,
+                })
+            }
+            AdminOp::Explain(r) => json(&state.explain(now, &r.from, &r.to, &r.port)?),
+            AdminOp::Quarantine(r) => {
+                let h = state.quarantine(&r)?;
+                record(EventKind::HostQuarantined, named(&h));
+                AdminReply::Host(view(state, &h))
+            }
+            AdminOp::Release(r) => {
+                let h = state.release(&r)?;
+                record(EventKind::HostReleased, named(&h));
+                AdminReply::Host(view(state, &h))
+            }
+            AdminOp::Revoke(r) => {
+                let h = state.revoke_host(&r)?;
+                record(EventKind::HostRevoked, named(&h));
+                AdminReply::Host(HostView::new(&h, false, None))
+            }
+            AdminOp::Blocks(q) => {
+                let since = q.since.map_or(0, |s| now.saturating_sub(s));
+                json(&state.blocks(q.host.as_deref(), since))
+            }
+            AdminOp::Events { limit } => AdminReply::Events(newest(recent, limit)),
+            AdminOp::Status => AdminReply::Status(status(state, identity, &health)),
+            AdminOp::Health => AdminReply::Health(health),
+        })
+    }
+}
+
+/// The newest `limit` committed events (capped at [`EVENTS_MAX`]), oldest first (the current
+/// batch's are not committed yet, so they are not shown).
+fn newest(recent: &VecDeque<AuditEvent>, limit: u32) -> Vec<EventView> {
+    let n = limit.min(EVENTS_MAX) as usize;
+    recent
+        .iter()
+        .skip(recent.len().saturating_sub(n))
+        .cloned()
+        .map(EventView::from)
+        .collect()
+}
+
+fn status(state: &CoordinatorState, identity: Identity, health: &HealthView) -> StatusView {
+    let connected = state
+        .sessions()
+        .into_iter()
+        .map(|s| {
+            let host = state.host(s.host);
+            let transparent = host.is_some_and(|h| h.transparent);
+            let mut protected: Vec<IpAddr> = host
+                .filter(|h| h.transparent)
+                .map(|h| h.endpoints().iter().map(|e| e.ip()).collect())
+                .unwrap_or_default();
+            protected.dedup();
+            ConnectedAgent {
+                id: s.host,
+                name: host.map(|h| h.name.clone()).unwrap_or_default(),
+                sent_version: s.sent_version,
+                acked_version: s.acked_version,
+                connected_at: s.connected_at,
+                mode: if transparent {
+                    "transparent"
+                } else {
+                    "overlay"
+                }
+                .into(),
+                protected,
+            }
+        })
+        .collect();
+    StatusView {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        map_version: state.map_version(),
+        hosts: state.hosts().filter(|h| !h.removed).count(),
+        connected,
+        advertise: identity.advertise,
+        public_key: identity.public_key,
+        // Filled in by the admin API (the counters live outside the actor).
+        guard: GuardStats::default(),
+        store_failure: health.store_failure.clone(),
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> AdminReply {
+    AdminReply::Json(serde_json::to_value(v).unwrap_or(serde_json::Value::Null))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ops_over<'a>(
+        state: &'a mut CoordinatorState,
+        events: &'a mut Vec<AuditEvent>,
+        recent: &'a VecDeque<AuditEvent>,
+    ) -> Ops<'a> {
+        Ops {
+            state,
+            events,
+            recent,
+            identity: Identity {
+                advertise: "192.0.2.1:7443".parse().unwrap(),
+                public_key: PublicKey([7; 32]),
+            },
+            health: HealthView {
+                ok: true,
+                store_failure: None,
+            },
+        }
+    }
+
+    #[test]
+    fn operations_record_named_events_with_todays_strings() {
+        let mut state = CoordinatorState::new("100.64.0.0/24".parse().unwrap(), None).unwrap();
+        let (mut events, recent) = (Vec::new(), VecDeque::new());
+        let yaml = "rules:\n  - {name: all, from: {}, to: {}, ports: [any]}\n";
+        ops_over(&mut state, &mut events, &recent)
+            .run(5, AdminOp::PolicyApply(yaml.into()))
+            .unwrap();
+        ops_over(&mut state, &mut events, &recent)
+            .run(6, AdminOp::PolicyRollback(1))
+            .unwrap();
+        let shown: Vec<_> = events
+            .iter()
+            .map(|e| (e.at, e.kind.as_str(), e.detail.as_str()))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                (5, "policy_applied", "version 1"),
+                (6, "policy_rollback", "version 2 = version 1")
+            ]
+        );
+        // A refused operation records nothing.
+        let e = ops_over(&mut state, &mut events, &recent)
+            .run(7, AdminOp::Remove("nobody".into()))
+            .unwrap_err();
+        assert!(matches!(e, AdminError::NoSuchHost(_)), "{e}");
+        assert_eq!(events.len(), 2);
+    }
+
+    #[test]
+    fn events_are_the_newest_committed_oldest_first() {
+        let mut state = CoordinatorState::new("100.64.0.0/24".parse().unwrap(), None).unwrap();
+        let mut events = Vec::new();
+        let recent: VecDeque<AuditEvent> = (0..5)
+            .map(|i| AuditEvent::new(i, EventKind::HostRemoved, format!("h{i}")))
+            .collect();
+        let r = ops_over(&mut state, &mut events, &recent)
+            .run(9, AdminOp::Events { limit: 2 })
+            .unwrap();
+        let AdminReply::Events(v) = r else {
+            panic!("{r:?}")
+        };
+        let details: Vec<_> = v.iter().map(|e| e.detail.as_str()).collect();
+        assert_eq!(details, ["h3", "h4"]);
+        assert!(v.iter().all(|e| e.kind == "host_removed"));
+    }
+}
