@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Layers that stay layers: the pure crates (protocol, policy, conntrack, coordinator state)
-# must never depend on an async runtime, a database, QUIC or a socket/TUN/netlink crate.
+# (and the time vocabulary) must never depend on an async runtime, a database, QUIC or a socket/TUN/netlink crate.
 # Fails naming the crate and the dependency. Run by .ci/run; needs only cargo (no build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-pure=(meshd-tunnel meshd-policy meshd-firewall meshd-control)
+pure=(meshd-tunnel meshd-policy meshd-firewall meshd-control meshd-time)
 forbidden='^(tokio|async-std|mio|rusqlite|tokio-postgres|sqlx|quinn|quinn-proto|quinn-udp|socket2|tun-rs|rtnetlink|netlink-sys|axum|hyper)$'
 bad=0
 for crate in "${pure[@]}"; do
@@ -15,5 +15,12 @@ for crate in "${pure[@]}"; do
         bad=1
     fi
 done
+# The time vocabulary (meshd-time) is std only: no dependency at all.
+deps=$(cargo tree -p meshd-time -e normal --prefix none --offline 2>/dev/null || cargo tree -p meshd-time -e normal --prefix none)
+time_deps=$(printf '%s\n' "$deps" | awk '{print $1}' | sort -u | grep -v '^meshd-time$' || true)
+if [ -n "$time_deps" ]; then
+    echo "check-layers: meshd-time must depend on std only but depends on: $(echo $time_deps)" >&2
+    bad=1
+fi
 [ "$bad" -eq 0 ] && echo "check-layers: ${pure[*]} depend on no runtime, database, QUIC or socket crate"
 exit "$bad"

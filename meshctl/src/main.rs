@@ -16,7 +16,6 @@ mod policy;
 
 use std::io::{IsTerminal as _, Write as _};
 use std::process::ExitCode;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use clap::{CommandFactory as _, Parser as _};
@@ -28,6 +27,7 @@ use meshd_control::api::{
 use meshd_control::policy::PolicyRecord;
 use meshd_control::{Labels, UnixTime};
 use meshd_policy::{BlockEvent, Change, Explanation, NoInventory};
+use meshd_time::unix_now;
 use serde::Serialize;
 
 use crate::cli::{Cli, Command, HostsCmd, Output, PolicyCmd, TokenCmd};
@@ -184,12 +184,6 @@ fn policy_check(
     } else {
         anyhow::bail!("{}", report.failure_message())
     }
-}
-
-fn unix_now() -> UnixTime {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// Everything a command needs.

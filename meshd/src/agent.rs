@@ -481,7 +481,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                     let plain = t.blocked(&agent.host.name, &agent.host.labels, |ip| {
                         map.peers.iter().find(|p| p.endpoints.iter().any(|e| e.ip() == ip))
                             .map(|p| (p.name.clone(), p.labels.clone()))
-                    }, now / 1000);
+                    }, now / 1000).await;
                     events.extend(sink.emit(plain));
                 }
                 for chunk in events.chunks(meshd_control::proto::MAX_BLOCKS_PER_MESSAGE) {

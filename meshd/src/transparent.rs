@@ -164,7 +164,7 @@ impl Transparent {
     pub async fn apply(&mut self, plan: &Plan) -> anyhow::Result<()> {
         self.net.set_routes(&plan.routes).await?;
         if self.covered.as_ref() != Some(&plan.covered) {
-            self.net.set_covered(&plan.covered)?;
+            self.net.set_covered(&plan.covered).await?;
             tracing::info!(tcp = ?plan.covered.tcp, udp = ?plan.covered.udp, "transparent mode: covered ports");
             self.covered = Some(plan.covered.clone());
         }
@@ -173,17 +173,17 @@ impl Transparent {
 
     /// Plaintext drops since the last call, as block events. `peer_of` names the mesh peer an
     /// address belongs to (plaintext from a peer that bypassed meshd), if any.
-    pub fn blocked(
+    pub async fn blocked(
         &mut self,
         host: &str,
         host_labels: &BTreeMap<String, String>,
         peer_of: impl Fn(IpAddr) -> Option<(String, BTreeMap<String, String>)>,
         now: u64,
     ) -> Vec<BlockEvent> {
-        let drops = match self.net.take_blocked() {
+        let drops = match self.net.take_blocked().await {
             Ok(d) => d,
             Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "reading plaintext drops");
+                tracing::warn!(error = %format!("{:#}", anyhow::Error::new(e)), "reading plaintext drops");
                 return Vec::new();
             }
         };
@@ -220,7 +220,7 @@ impl Transparent {
     /// Removes every rule, route and filter it added.
     pub async fn stop(self) {
         if let Err(e) = self.net.stop().await {
-            tracing::warn!(error = %format!("{e:#}"), "removing transparent-mode state");
+            tracing::warn!(error = %format!("{:#}", anyhow::Error::new(e)), "removing transparent-mode state");
         }
     }
 }

@@ -324,7 +324,7 @@ async fn control_loop(
                         let labels = current.peers.iter().find(|p| p.name == s.name).map(|p| p.labels.clone());
                         Some((s.name.clone(), labels.unwrap_or_default()))
                     };
-                    let plain = t.blocked(SELF_NAME, &current.interface.labels, peer_of, now / 1000);
+                    let plain = t.blocked(SELF_NAME, &current.interface.labels, peer_of, now / 1000).await;
                     let _events = sink.emit(plain);
                     // Own addresses move and grants expire: the plan follows.
                     own = crate::agent::local_addresses(&nl, &current.interface.addresses).await;

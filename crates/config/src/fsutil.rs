@@ -278,6 +278,73 @@ mod tests {
     }
 
     #[test]
+    fn a_symlink_in_the_way_is_replaced_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::write(&elsewhere, b"not ours").unwrap();
+        std::fs::set_permissions(&elsewhere, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let p = dir.path().join("state.json");
+        std::os::unix::fs::symlink(&elsewhere, &p).unwrap();
+        write_private_atomic(&p, b"ours").unwrap();
+        assert_eq!(std::fs::read(&elsewhere).unwrap(), b"not ours");
+        assert_eq!(mode(&elsewhere), 0o644);
+        assert!(std::fs::symlink_metadata(&p).unwrap().is_file());
+        assert_eq!(std::fs::read(&p).unwrap(), b"ours");
+        assert_eq!(mode(&p), 0o600);
+        // A key is never created through a link, not even a dangling one.
+        let k = dir.path().join("host.key");
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), &k).unwrap();
+        let e = create_private_atomic(&k, b"key").unwrap_err();
+        assert!(matches!(e, FsError::Exists { .. }), "{e:?}");
+        assert!(!dir.path().join("nowhere").exists());
+        assert_eq!(entries(dir.path()), ["elsewhere", "host.key", "state.json"]);
+    }
+
+    /// Set in the child process of the test below: the directory to write into.
+    const FSIZE_CHILD: &str = "MESHD_FSUTIL_FSIZE_CHILD";
+
+    #[test]
+    fn a_write_that_fails_midway_keeps_the_old_file_and_leaves_no_temp_file() {
+        if let Some(dir) = std::env::var_os(FSIZE_CHILD) {
+            // In the child, whose files may not grow past 512 bytes: the temporary file's
+            // write fails part of the way (EFBIG), as on a full disk.
+            let p = Path::new(&dir).join("state.json");
+            let e = write_private_atomic(&p, &[b'x'; 64 * 1024]).unwrap_err();
+            assert!(matches!(e, FsError::Write { .. }), "{e:?}");
+            assert_eq!(
+                e.io().and_then(io::Error::raw_os_error),
+                Some(27),
+                "EFBIG: {e:?}"
+            );
+            assert!(e.to_string().contains(&p.display().to_string()), "{e}");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.json");
+        write_private_atomic(&p, b"old").unwrap();
+        // The test binary again, running only this test, with a file size limit (ignoring
+        // SIGXFSZ, so that the write returns an error instead of killing the process).
+        let exe = std::env::current_exe().unwrap();
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("trap '' XFSZ; ulimit -f 1 && exec \"$0\" --exact \"$1\" --test-threads 1")
+            .arg(exe)
+            .arg("fsutil::tests::a_write_that_fails_midway_keeps_the_old_file_and_leaves_no_temp_file")
+            .env(FSIZE_CHILD, dir.path())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "child: {}\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(std::fs::read(&p).unwrap(), b"old");
+        assert_eq!(entries(dir.path()), ["state.json"]);
+    }
+
+    #[test]
     fn private_dirs_are_made_0700_and_loose_ones_refused() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().join("a/b");

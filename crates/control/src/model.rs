@@ -6,8 +6,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use meshd_tunnel::PublicKey;
 use serde::{Deserialize, Serialize};
 
-/// Seconds since the Unix epoch. Passed in by the caller; this crate never reads a clock.
-pub type UnixTime = u64;
+/// Seconds since the Unix epoch (defined once, in `meshd-time`). Passed in by the caller;
+/// this crate never reads a clock.
+pub use meshd_time::UnixTime;
 
 /// Host labels (`app=db1`, `env=prod`).
 pub type Labels = BTreeMap<String, String>;

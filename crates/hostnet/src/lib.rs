@@ -43,14 +43,16 @@
 //! are pure functions in [`plan`] and [`nft`]; the nft documents are applied with
 //! `nft -j -f -`, each as one atomic transaction. Needs CAP_NET_ADMIN and the `nft` binary.
 
+mod error;
 pub mod nft;
 pub mod plan;
+
+pub use error::{ConfigError, Error, NetlinkOp, NftError, NftOp, RangeError, RouteError};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use anyhow::Context as _;
 use futures_util::TryStreamExt as _;
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope, RouteType,
@@ -99,31 +101,25 @@ impl Config {
     }
 
     /// Rejects values that would touch state that is not ours or cannot work.
-    pub fn validate(&self) -> anyhow::Result<()> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.if_name.is_empty() || self.if_name.len() > 15 {
-            anyhow::bail!("interface name {:?} must have 1 to 15 bytes", self.if_name);
+            return Err(ConfigError::InterfaceName(self.if_name.clone()));
         }
         if self.if_index == 0 {
-            anyhow::bail!("interface index must not be 0");
+            return Err(ConfigError::InterfaceIndex);
         }
         if self.fwmark == 0 {
-            anyhow::bail!("fwmark must not be 0 (unmarked traffic would bypass the TUN too)");
+            return Err(ConfigError::Fwmark);
         }
         // 0 unspec, 253 default, 254 main, 255 local.
         if matches!(self.table, 0 | 253..=255) {
-            anyhow::bail!(
-                "table {} is a kernel table; use a table of its own",
-                self.table
-            );
+            return Err(ConfigError::KernelTable(self.table));
         }
         if self.rule_priority == 0 || self.rule_priority >= 32766 {
-            anyhow::bail!(
-                "rule priority {} must be between 1 and 32765 (before the main table)",
-                self.rule_priority
-            );
+            return Err(ConfigError::RulePriority(self.rule_priority));
         }
         if self.listen_port == 0 {
-            anyhow::bail!("listen_port must be the bound tunnel port, not 0");
+            return Err(ConfigError::ListenPort);
         }
         Ok(())
     }
@@ -214,15 +210,15 @@ impl fmt::Debug for HostNet {
 }
 
 /// Opens an rtnetlink connection whose task runs on the current tokio runtime.
-fn connect() -> anyhow::Result<(Handle, tokio::task::JoinHandle<()>)> {
-    let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+fn connect() -> Result<(Handle, tokio::task::JoinHandle<()>), Error> {
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(Error::Connect)?;
     Ok((handle, tokio::spawn(conn)))
 }
 
 impl HostNet {
     /// Removes stale state of `cfg` (from a crash), then installs the IPv4 and IPv6 rules
     /// and the nft table with empty covered sets. Must run inside a tokio runtime.
-    pub async fn start(cfg: Config) -> anyhow::Result<HostNet> {
+    pub async fn start(cfg: Config) -> Result<HostNet, Error> {
         cfg.validate()?;
         let (handle, conn) = connect()?;
         let nft_table = cfg.nft_table();
@@ -246,24 +242,25 @@ impl HostNet {
 
     /// Reconciles what an earlier instance left (never removing a guard first) and installs
     /// what is missing.
-    async fn install(&mut self) -> anyhow::Result<()> {
+    async fn install(&mut self) -> Result<(), Error> {
         // The nft table is re-created in one transaction carrying over the old sets, so
         // covered ports and protected addresses stay guarded across the restart.
-        let kept = match nft::list_table(&self.nft_table) {
+        let kept = match nft::list_table(&self.nft_table).await {
             Ok(Some(listing)) => nft::parse_kept(&listing),
             Ok(None) => nft::Kept::default(),
             Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "reading the old nft table; starting with empty sets");
+                tracing::warn!(error = %error_chain(&e), "reading the old nft table; starting with empty sets");
                 nft::Kept::default()
             }
         };
         nft::apply(
             &nft::create_table(&self.nft_table, &self.cfg, &kept),
-            "creating the input and output guard table",
-        )?;
+            NftOp::CreateTable,
+        )
+        .await?;
         self.guards = reconcile_routes(&self.handle, &self.cfg)
             .await
-            .context("reconciling routes left by an earlier run")?;
+            .map_err(|e| Error::Reconcile(Box::new(e)))?;
         self.protected = kept.protected.iter().copied().collect();
         for v6 in [false, true] {
             ensure_rule(&self.handle, &self.cfg, v6).await?;
@@ -278,12 +275,12 @@ impl HostNet {
     }
 
     /// Makes the nft protected sets equal to `want` if they differ.
-    fn sync_protected(&mut self, want: BTreeSet<IpAddr>, what: &str) -> anyhow::Result<()> {
+    async fn sync_protected(&mut self, want: BTreeSet<IpAddr>, op: NftOp) -> Result<(), Error> {
         if want == self.protected {
             return Ok(());
         }
         let all: Vec<IpAddr> = want.iter().copied().collect();
-        nft::apply(&nft::set_protected(&self.nft_table, &all), what)?;
+        nft::apply(&nft::set_protected(&self.nft_table, &all), op).await?;
         self.protected = want;
         Ok(())
     }
@@ -300,10 +297,10 @@ impl HostNet {
     /// Every destination also gets a guard (an `unreachable` route at [`GUARD_METRIC`] and an
     /// element of the nft protected set) before its route into the TUN, and loses it only
     /// after that route is gone: at no point does a wanted destination lack both.
-    pub async fn set_routes(&mut self, routes: &[Route]) -> anyhow::Result<()> {
+    pub async fn set_routes(&mut self, routes: &[Route]) -> Result<(), Error> {
         let wanted = plan::wanted_routes(routes)?;
         let diff = plan::diff_routes(&self.installed, &wanted);
-        let mut first_err: Option<anyhow::Error> = None;
+        let mut first_err: Option<Error> = None;
         // Guards first: the nft set, then an unreachable route per new destination.
         if !wanted.keys().all(|d| self.protected.contains(d)) {
             let more = self
@@ -312,7 +309,7 @@ impl HostNet {
                 .chain(wanted.keys())
                 .copied()
                 .collect();
-            self.sync_protected(more, "adding protected addresses")?;
+            self.sync_protected(more, NftOp::AddProtected).await?;
         }
         let new_guards: Vec<IpAddr> = wanted
             .keys()
@@ -325,10 +322,11 @@ impl HostNet {
                 Ok(()) => {
                     self.guards.insert(dst);
                 }
-                Err(e) => {
-                    let e = anyhow::Error::new(e)
-                        .context(format!("adding the unreachable guard route to {dst}"));
-                    first_err.get_or_insert(e);
+                Err(source) => {
+                    first_err.get_or_insert(Error::Netlink {
+                        op: NetlinkOp::AddGuard(dst),
+                        source,
+                    });
                 }
             }
         }
@@ -343,9 +341,11 @@ impl HostNet {
                     // Already gone (someone deleted it, or the TUN went down): fine.
                     self.installed.remove(&dst);
                 }
-                Err(e) => {
-                    let e = anyhow::Error::new(e).context(format!("deleting route to {dst}"));
-                    first_err.get_or_insert(e);
+                Err(source) => {
+                    first_err.get_or_insert(Error::Netlink {
+                        op: NetlinkOp::DeleteRoute(dst),
+                        source,
+                    });
                 }
             }
         }
@@ -359,13 +359,13 @@ impl HostNet {
                 Ok(()) => {
                     self.installed.insert(r.dst, r.src);
                 }
-                Err(e) => {
-                    let src = r.src.map_or_else(|| "none".to_owned(), |s| s.to_string());
-                    let e = anyhow::Error::new(e).context(format!(
-                        "adding route to {} (src {src}) in table {}",
-                        r.dst, self.cfg.table
-                    ));
-                    first_err.get_or_insert(e);
+                Err(source) => {
+                    let op = NetlinkOp::AddRoute {
+                        dst: r.dst,
+                        src: r.src,
+                        table: self.cfg.table,
+                    };
+                    first_err.get_or_insert(Error::Netlink { op, source });
                 }
             }
         }
@@ -385,10 +385,11 @@ impl HostNet {
                 Err(e) if is_errno(&e, libc_esrch()) => {
                     self.guards.remove(&dst);
                 }
-                Err(e) => {
-                    let e =
-                        anyhow::Error::new(e).context(format!("deleting the guard route to {dst}"));
-                    first_err.get_or_insert(e);
+                Err(source) => {
+                    first_err.get_or_insert(Error::Netlink {
+                        op: NetlinkOp::DeleteGuard(dst),
+                        source,
+                    });
                 }
             }
         }
@@ -398,7 +399,7 @@ impl HostNet {
             .chain(self.guards.iter())
             .copied()
             .collect();
-        if let Err(e) = self.sync_protected(keep, "removing protected addresses") {
+        if let Err(e) = self.sync_protected(keep, NftOp::RemoveProtected).await {
             first_err.get_or_insert(e);
         }
         first_err.map_or(Ok(()), Err)
@@ -414,34 +415,38 @@ impl HostNet {
 
     /// Replaces the covered ports in one nft transaction (both sets flushed and refilled;
     /// established tunnel traffic is never affected). Overlapping ranges are merged.
-    pub fn set_covered(&mut self, covered: &Covered) -> anyhow::Result<()> {
+    pub async fn set_covered(&mut self, covered: &Covered) -> Result<(), Error> {
+        let ports = |proto, ranges: &[(u16, u16)]| {
+            plan::normalize_ranges(ranges).map_err(|source| Error::Ports { proto, source })
+        };
         let normal = Covered {
-            tcp: plan::normalize_ranges(&covered.tcp).context("covered tcp ports")?,
-            udp: plan::normalize_ranges(&covered.udp).context("covered udp ports")?,
+            tcp: ports(Proto::Tcp, &covered.tcp)?,
+            udp: ports(Proto::Udp, &covered.udp)?,
         };
         nft::apply(
             &nft::set_covered(&self.nft_table, &normal),
-            "replacing covered ports",
+            NftOp::SetCovered,
         )
+        .await?;
+        Ok(())
     }
 
     /// Plaintext packets dropped on covered ports since the previous call, per source,
     /// protocol and port. Records expire after [`nft::BLOCKED_TIMEOUT_S`] without hits, so
     /// call this more often than that.
-    pub fn take_blocked(&mut self) -> anyhow::Result<Vec<Blocked>> {
-        let listing = nft::list_table(&self.nft_table)?.with_context(|| {
-            format!(
-                "nft table inet {} is gone (deleted by someone else?)",
-                self.nft_table
-            )
-        })?;
+    pub async fn take_blocked(&mut self) -> Result<Vec<Blocked>, Error> {
+        let listing = nft::list_table(&self.nft_table)
+            .await?
+            .ok_or_else(|| Error::TableGone {
+                table: self.nft_table.clone(),
+            })?;
         let now = nft::parse_blocked(&listing)?;
         Ok(plan::blocked_increase(&mut self.blocked_seen, now))
     }
 
     /// Removes the rules, the routes in the table (guards too) and the nft table: after a
     /// clean stop traffic to the peers flows as it did before meshd.
-    pub async fn stop(mut self) -> anyhow::Result<()> {
+    pub async fn stop(mut self) -> Result<(), Error> {
         let res = remove_all(&self.handle, &self.cfg).await;
         self.installed.clear();
         self.guards.clear();
@@ -459,7 +464,7 @@ impl Drop for HostNet {
 
 /// Removes whatever an instance with `cfg` may have left behind (rules pointing at the
 /// table, routes in the table, the nft table). Idempotent; needs a tokio runtime.
-pub async fn cleanup_stale(cfg: &Config) -> anyhow::Result<()> {
+pub async fn cleanup_stale(cfg: &Config) -> Result<(), Error> {
     cfg.validate()?;
     let (handle, conn) = connect()?;
     let res = remove_all(&handle, cfg).await;
@@ -471,7 +476,7 @@ pub async fn cleanup_stale(cfg: &Config) -> anyhow::Result<()> {
 /// routing table `table` installed (the rules pointing at the table, every route in it, the
 /// guards too, and the nft tables), whether or not its TUN still exists. Idempotent; needs a
 /// tokio runtime.
-pub async fn remove(if_name: &str, table: u32) -> anyhow::Result<()> {
+pub async fn remove(if_name: &str, table: u32) -> Result<(), Error> {
     // Only the name and the table matter for removal; the rest just has to validate.
     let cfg = Config {
         table,
@@ -481,7 +486,7 @@ pub async fn remove(if_name: &str, table: u32) -> anyhow::Result<()> {
 }
 
 /// Deletes rules, routes and the nft table of `cfg`; tries all three, returns the first error.
-async fn remove_all(handle: &Handle, cfg: &Config) -> anyhow::Result<()> {
+async fn remove_all(handle: &Handle, cfg: &Config) -> Result<(), Error> {
     let mut errors = Vec::new();
     if let Err(e) = remove_rules(handle, cfg).await {
         errors.push(e);
@@ -489,8 +494,8 @@ async fn remove_all(handle: &Handle, cfg: &Config) -> anyhow::Result<()> {
     if let Err(e) = remove_routes(handle, cfg).await {
         errors.push(e);
     }
-    if let Err(e) = nft::apply(&nft::delete_table(&cfg.nft_table()), "deleting the table") {
-        errors.push(e);
+    if let Err(e) = nft::apply(&nft::delete_table(&cfg.nft_table()), NftOp::DeleteTable).await {
+        errors.push(e.into());
     }
     match errors.into_iter().next() {
         None => Ok(()),
@@ -522,7 +527,7 @@ pub fn route_table(route: &RouteMessage) -> u32 {
 }
 
 /// All rules of one family.
-pub async fn dump_rules(handle: &Handle, v6: bool) -> anyhow::Result<Vec<RuleMessage>> {
+pub async fn dump_rules(handle: &Handle, v6: bool) -> Result<Vec<RuleMessage>, Error> {
     let ver = if v6 { IpVersion::V6 } else { IpVersion::V4 };
     handle
         .rule()
@@ -530,11 +535,14 @@ pub async fn dump_rules(handle: &Handle, v6: bool) -> anyhow::Result<Vec<RuleMes
         .execute()
         .try_collect()
         .await
-        .context("dumping rules")
+        .map_err(|source| Error::Netlink {
+            op: NetlinkOp::DumpRules,
+            source,
+        })
 }
 
 /// All routes of one family, in every table.
-pub async fn dump_routes(handle: &Handle, v6: bool) -> anyhow::Result<Vec<RouteMessage>> {
+pub async fn dump_routes(handle: &Handle, v6: bool) -> Result<Vec<RouteMessage>, Error> {
     let msg = if v6 {
         RouteMessageBuilder::<Ipv6Addr>::new().build()
     } else {
@@ -546,28 +554,37 @@ pub async fn dump_routes(handle: &Handle, v6: bool) -> anyhow::Result<Vec<RouteM
         .execute()
         .try_collect()
         .await
-        .context("dumping routes")
+        .map_err(|source| Error::Netlink {
+            op: NetlinkOp::DumpRoutes,
+            source,
+        })
 }
 
 /// Deletes a dumped rule; one already gone is fine.
-async fn del_rule(handle: &Handle, rule: RuleMessage) -> anyhow::Result<()> {
+async fn del_rule(handle: &Handle, rule: RuleMessage) -> Result<(), Error> {
     match handle.rule().del(rule).execute().await {
         Ok(()) => Ok(()),
         Err(e) if is_errno(&e, libc_enoent()) => Ok(()),
-        Err(e) => Err(anyhow::Error::new(e).context("deleting a stale rule")),
+        Err(source) => Err(Error::Netlink {
+            op: NetlinkOp::DeleteStaleRule,
+            source,
+        }),
     }
 }
 
 /// Deletes a dumped route; one already gone is fine.
-async fn del_route(handle: &Handle, route: RouteMessage) -> anyhow::Result<()> {
+async fn del_route(handle: &Handle, route: RouteMessage) -> Result<(), Error> {
     match handle.route().del(route).execute().await {
         Ok(()) => Ok(()),
         Err(e) if is_errno(&e, libc_esrch()) => Ok(()),
-        Err(e) => Err(anyhow::Error::new(e).context("deleting a route")),
+        Err(source) => Err(Error::Netlink {
+            op: NetlinkOp::DeleteStaleRoute,
+            source,
+        }),
     }
 }
 
-async fn remove_rules(handle: &Handle, cfg: &Config) -> anyhow::Result<()> {
+async fn remove_rules(handle: &Handle, cfg: &Config) -> Result<(), Error> {
     for v6 in [false, true] {
         for rule in dump_rules(handle, v6).await? {
             if rule_table(&rule) != cfg.table {
@@ -579,7 +596,7 @@ async fn remove_rules(handle: &Handle, cfg: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn remove_routes(handle: &Handle, cfg: &Config) -> anyhow::Result<()> {
+async fn remove_routes(handle: &Handle, cfg: &Config) -> Result<(), Error> {
     for v6 in [false, true] {
         for route in dump_routes(handle, v6).await? {
             if route_table(&route) != cfg.table {
@@ -598,7 +615,7 @@ fn is_guard(route: &RouteMessage) -> bool {
 
 /// At start: deletes routes in the table other than guards (routes into an earlier TUN are
 /// gone with it; anything else is not ours) and returns the guarded destinations.
-async fn reconcile_routes(handle: &Handle, cfg: &Config) -> anyhow::Result<BTreeSet<IpAddr>> {
+async fn reconcile_routes(handle: &Handle, cfg: &Config) -> Result<BTreeSet<IpAddr>, Error> {
     let mut guards = BTreeSet::new();
     for v6 in [false, true] {
         for route in dump_routes(handle, v6).await? {
@@ -639,7 +656,7 @@ fn is_our_rule(rule: &RuleMessage, cfg: &Config) -> bool {
 /// Leaves exactly one `not fwmark MARK lookup TABLE` rule for the family: adds it if
 /// missing, then deletes any other rule pointing at the table (duplicates, or a different
 /// priority or mark from an older config). Never a moment without the rule.
-async fn ensure_rule(handle: &Handle, cfg: &Config, v6: bool) -> anyhow::Result<()> {
+async fn ensure_rule(handle: &Handle, cfg: &Config, v6: bool) -> Result<(), Error> {
     let rules: Vec<RuleMessage> = dump_rules(handle, v6)
         .await?
         .into_iter()
@@ -683,7 +700,7 @@ fn guard_message(cfg: &Config, dst: IpAddr) -> RouteMessage {
 }
 
 /// `not fwmark MARK lookup TABLE` at the configured priority, for one family.
-async fn add_rule(handle: &Handle, cfg: &Config, v6: bool) -> anyhow::Result<()> {
+async fn add_rule(handle: &Handle, cfg: &Config, v6: bool) -> Result<(), Error> {
     let base = handle
         .rule()
         .add()
@@ -700,14 +717,14 @@ async fn add_rule(handle: &Handle, cfg: &Config, v6: bool) -> anyhow::Result<()>
         req.message_mut().header.flags |= RuleFlags::Invert;
         req.execute().await
     };
-    res.with_context(|| {
-        format!(
-            "adding IPv{} rule 'not fwmark {:#x} lookup {}' at priority {}",
-            if v6 { 6 } else { 4 },
-            cfg.fwmark,
-            cfg.table,
-            cfg.rule_priority
-        )
+    res.map_err(|source| Error::Netlink {
+        op: NetlinkOp::AddRule {
+            v6,
+            fwmark: cfg.fwmark,
+            table: cfg.table,
+            priority: cfg.rule_priority,
+        },
+        source,
     })
 }
 
@@ -768,6 +785,18 @@ const fn libc_esrch() -> i32 {
     3
 }
 
+/// `e` and its sources, `: `-separated (as anyhow's `{:#}` prints a chain), for a log line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
 /// Sets `net.ipv4.conf.all.src_valid_mark = 1` if it is 0 (see the crate docs); a failure
 /// is only logged, since it matters only with strict reverse-path filtering.
 fn enable_src_valid_mark() {
@@ -791,29 +820,51 @@ mod tests {
     fn config_validation() {
         let good = Config::with_defaults(3, "mesh0", 51820);
         good.validate().unwrap();
-        for bad in [
-            Config {
-                fwmark: 0,
-                ..good.clone()
-            },
-            Config {
-                table: 254,
-                ..good.clone()
-            },
-            Config {
-                listen_port: 0,
-                ..good.clone()
-            },
-            Config {
-                if_name: "a-very-long-interface".into(),
-                ..good.clone()
-            },
-            Config {
-                rule_priority: 32766,
-                ..good.clone()
-            },
+        for (bad, why) in [
+            (
+                Config {
+                    fwmark: 0,
+                    ..good.clone()
+                },
+                ConfigError::Fwmark,
+            ),
+            (
+                Config {
+                    table: 254,
+                    ..good.clone()
+                },
+                ConfigError::KernelTable(254),
+            ),
+            (
+                Config {
+                    listen_port: 0,
+                    ..good.clone()
+                },
+                ConfigError::ListenPort,
+            ),
+            (
+                Config {
+                    if_name: "a-very-long-interface".into(),
+                    ..good.clone()
+                },
+                ConfigError::InterfaceName("a-very-long-interface".into()),
+            ),
+            (
+                Config {
+                    rule_priority: 32766,
+                    ..good.clone()
+                },
+                ConfigError::RulePriority(32766),
+            ),
+            (
+                Config {
+                    if_index: 0,
+                    ..good.clone()
+                },
+                ConfigError::InterfaceIndex,
+            ),
         ] {
-            assert!(bad.validate().is_err(), "{bad:?}");
+            assert_eq!(bad.validate(), Err(why), "{bad:?}");
         }
         assert_eq!(good.nft_table(), "meshd_mesh0");
     }

@@ -1,13 +1,17 @@
 //! The nftables side: JSON documents for `nft -j -f -` (built by pure functions) and the
-//! parser for the blocked-traffic sets, plus the one function that runs `nft`.
+//! parser for the blocked-traffic sets, plus the one function that runs `nft` (a child
+//! process awaited on the tokio runtime).
 
 use std::collections::HashMap;
-use std::io::Write as _;
+use std::io;
 use std::net::IpAddr;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
-use anyhow::Context as _;
 use serde_json::{json, Value};
+use tokio::io::AsyncWriteExt as _;
+use tokio::process::Command;
+
+use crate::error::{NftError, NftOp};
 
 use crate::plan::BlockedKey;
 use crate::{Config, Covered, Proto};
@@ -374,11 +378,11 @@ fn port_of(proto: &str) -> Value {
 
 /// Reads the packet counters of the blocked sets from `nft -j list table` output.
 /// Elements that do not parse (unexpected shapes) are skipped with a warning.
-pub fn parse_blocked(listing: &Value) -> anyhow::Result<HashMap<BlockedKey, u64>> {
+pub fn parse_blocked(listing: &Value) -> Result<HashMap<BlockedKey, u64>, NftError> {
     let objects = listing
         .get("nftables")
         .and_then(Value::as_array)
-        .context("nft listing has no \"nftables\" array")?;
+        .ok_or(NftError::Listing)?;
     let mut out = HashMap::new();
     for obj in objects {
         let Some(set) = obj.get("set") else { continue };
@@ -433,24 +437,79 @@ fn parse_blocked_elem(e: &Value) -> Option<(BlockedKey, u64)> {
 }
 
 /// Runs `nft -j -f -` with `doc` on stdin: one atomic transaction.
-pub fn apply(doc: &Value, what: &str) -> anyhow::Result<()> {
-    run(&["-j", "-f", "-"], Some(doc.to_string()), what).map(drop)
+pub async fn apply(doc: &Value, op: NftOp) -> Result<(), NftError> {
+    run(&["-j", "-f", "-"], Some(doc.to_string()), op)
+        .await
+        .map(drop)
 }
 
 /// Runs `nft -j list table inet TABLE` and parses the JSON; `None` if there is no such table.
-pub fn list_table(table: &str) -> anyhow::Result<Option<Value>> {
-    match run(&["-j", "list", "table", FAMILY, table], None, "listing") {
-        Ok(out) => Ok(Some(
-            serde_json::from_slice(&out).context("parsing nft -j list table output")?,
-        )),
-        Err(e) if format!("{e:#}").contains("No such file or directory") => Ok(None),
-        Err(e) => Err(e),
+///
+/// Whether a failed listing means "no such table" is not read from nft's message (its wording
+/// differs between versions and locales): the tables are listed ([`list_tables`]) and looked
+/// at. If that fails too, or shows the table, the listing's own error is returned.
+pub async fn list_table(table: &str) -> Result<Option<Value>, NftError> {
+    let err = match run(
+        &["-j", "list", "table", FAMILY, table],
+        None,
+        NftOp::ListTable,
+    )
+    .await
+    {
+        Ok(out) => return parse_json(&out, NftOp::ListTable).map(Some),
+        Err(e) => e,
+    };
+    if !matches!(err, NftError::Failed { .. }) {
+        return Err(err);
+    }
+    match list_tables().await {
+        Ok(tables) if !has_table(&tables, FAMILY, table) => Ok(None),
+        _ => Err(err),
     }
 }
 
+/// Runs `nft -j list tables` (every family) and parses the JSON.
+pub async fn list_tables() -> Result<Value, NftError> {
+    let out = run(&["-j", "list", "tables"], None, NftOp::ListTables).await?;
+    parse_json(&out, NftOp::ListTables)
+}
+
+/// True if `nft -j list tables` output `listing` names table `name` of `family`.
+pub fn has_table(listing: &Value, family: &str, name: &str) -> bool {
+    listing
+        .get("nftables")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o.get("table"))
+        .any(|t| {
+            t.get("family").and_then(Value::as_str) == Some(family)
+                && t.get("name").and_then(Value::as_str) == Some(name)
+        })
+}
+
+fn parse_json(out: &[u8], op: NftOp) -> Result<Value, NftError> {
+    serde_json::from_slice(out).map_err(|source| NftError::Json { op, source })
+}
+
 /// Runs `nft ARGS` (feeding `stdin` if given) and returns stdout; errors carry stderr.
-fn run(args: &[&str], stdin: Option<String>, what: &str) -> anyhow::Result<Vec<u8>> {
-    let mut cmd = Command::new("nft");
+///
+/// A child process awaited on the tokio runtime, never blocking it. It is started from the
+/// calling thread (so it runs in that thread's network namespace, which the namespace tests
+/// rely on) and its stdin is written while its output is read, so neither side can stall on
+/// a full pipe.
+async fn run(args: &[&str], stdin: Option<String>, op: NftOp) -> Result<Vec<u8>, NftError> {
+    run_program("nft", args, stdin, op).await
+}
+
+/// [`run`] with another program (tests).
+async fn run_program(
+    program: &str,
+    args: &[&str],
+    stdin: Option<String>,
+    op: NftOp,
+) -> Result<Vec<u8>, NftError> {
+    let mut cmd = Command::new(program);
     cmd.args(args)
         .stdin(if stdin.is_some() {
             Stdio::piped()
@@ -461,25 +520,32 @@ fn run(args: &[&str], stdin: Option<String>, what: &str) -> anyhow::Result<Vec<u
         .stderr(Stdio::piped());
     let mut child = cmd
         .spawn()
-        .with_context(|| format!("nft {what}: starting nft (is nftables installed?)"))?;
-    if let Some(input) = stdin {
-        let mut pipe = child
-            .stdin
-            .take()
-            .context("nft: stdin pipe missing after spawn")?;
-        pipe.write_all(input.as_bytes())
-            .with_context(|| format!("nft {what}: writing the ruleset"))?;
-    }
-    let out = child
-        .wait_with_output()
-        .with_context(|| format!("nft {what}: waiting for nft"))?;
+        .map_err(|source| NftError::Spawn { op, source })?;
+    let pipe = child.stdin.take();
+    let feed = async move {
+        match (pipe, stdin) {
+            (Some(mut pipe), Some(input)) => {
+                pipe.write_all(input.as_bytes()).await
+                // `pipe` is dropped here, closing it: nft sees the end of its input.
+            }
+            (None, Some(_)) => Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "nft: stdin pipe missing after spawn",
+            )),
+            _ => Ok(()),
+        }
+    };
+    let (fed, out) = tokio::join!(feed, child.wait_with_output());
+    let out = out.map_err(|source| NftError::Wait { op, source })?;
     if !out.status.success() {
-        anyhow::bail!(
-            "nft {what} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        // nft's own complaint says more than the broken pipe it may have left us.
+        return Err(NftError::Failed {
+            op,
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
     }
+    fed.map_err(|source| NftError::Stdin { op, source })?;
     Ok(out.stdout)
 }
 
@@ -645,6 +711,95 @@ mod tests {
         );
     }
 
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    #[test]
+    fn the_runner_feeds_stdin_while_reading_stdout_and_reports_failures() {
+        block_on(async {
+            // More than a pipe holds each way: writing all before reading would stall.
+            let big = "x".repeat(1 << 20);
+            let cat = run_program("cat", &[], Some(big.clone()), NftOp::SetCovered);
+            // A liveness bound, not a speed claim: the sequential version hangs forever.
+            let out = tokio::time::timeout(std::time::Duration::from_secs(60), cat)
+                .await
+                .expect("the runner stalled on a full pipe")
+                .unwrap();
+            assert_eq!(out.len(), big.len());
+            let out = run_program("echo", &["-n", "hi"], None, NftOp::ListTables)
+                .await
+                .unwrap();
+            assert_eq!(out, b"hi");
+
+            let e = run_program(
+                "sh",
+                &["-c", "echo '  Error: no  ' >&2; exit 3"],
+                None,
+                NftOp::ListTable,
+            )
+            .await
+            .unwrap_err();
+            match &e {
+                NftError::Failed { op, status, stderr } => {
+                    assert_eq!(*op, NftOp::ListTable);
+                    assert_eq!(status.code(), Some(3));
+                    assert_eq!(stderr, "Error: no");
+                }
+                other => panic!("{other:?}"),
+            }
+            assert_eq!(
+                e.to_string(),
+                "nft listing failed (exit status: 3): Error: no"
+            );
+            // A failure that closes stdin early is reported as nft's failure, not the pipe's.
+            let e = run_program(
+                "sh",
+                &["-c", "exec 0<&-; echo bad >&2; exit 1"],
+                Some(big),
+                NftOp::CreateTable,
+            )
+            .await
+            .unwrap_err();
+            assert!(
+                matches!(&e, NftError::Failed { stderr, .. } if stderr == "bad"),
+                "{e:?}"
+            );
+
+            let e = run_program("/nonexistent/nft", &[], None, NftOp::DeleteTable)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&e, NftError::Spawn { op: NftOp::DeleteTable, source } if source.kind() == io::ErrorKind::NotFound),
+                "{e:?}"
+            );
+        });
+    }
+
+    #[test]
+    fn a_table_is_found_in_the_list_of_tables_by_family_and_name() {
+        let listing = json!({ "nftables": [
+            { "metainfo": { "version": "1.0.6", "json_schema_version": 1 } },
+            { "table": { "family": "inet", "name": "meshd_mesh0", "handle": 1 } },
+            { "table": { "family": "arp", "name": "meshd_mesh1", "handle": 2 } },
+            { "table": { "family": "inet" } },
+        ] });
+        assert!(has_table(&listing, "inet", "meshd_mesh0"));
+        assert!(!has_table(&listing, "inet", "meshd_mesh1"), "other family");
+        assert!(!has_table(&listing, "arp", "meshd_mesh0"));
+        assert!(!has_table(&listing, "inet", "meshd_mesh"), "prefix only");
+        assert!(!has_table(
+            &json!({ "nftables": [] }),
+            "inet",
+            "meshd_mesh0"
+        ));
+        assert!(!has_table(&json!({}), "inet", "meshd_mesh0"));
+    }
+
     #[test]
     fn blocked_listing_parses() {
         let listing = json!({ "nftables": [
@@ -667,6 +822,6 @@ mod tests {
         assert_eq!(got[&("198.18.0.1".parse().unwrap(), Proto::Tcp, 5005)], 3);
         assert_eq!(got[&("198.18.0.9".parse().unwrap(), Proto::Udp, 53)], 1);
         assert_eq!(got[&("fd00:1::1".parse().unwrap(), Proto::Tcp, 5005)], 2);
-        assert!(parse_blocked(&json!({})).is_err());
+        assert!(matches!(parse_blocked(&json!({})), Err(NftError::Listing)));
     }
 }

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
+use crate::error::{RangeError, RouteError};
 use crate::{Blocked, Proto, Route};
 
 /// What [`diff_routes`] decided: routes to delete, and routes to add or replace.
@@ -25,20 +26,17 @@ impl RouteDiff {
 
 /// Checks `wanted` (address families agree, no destination twice with different sources)
 /// and returns it as a map destination → preferred source.
-pub fn wanted_routes(wanted: &[Route]) -> anyhow::Result<BTreeMap<IpAddr, Option<IpAddr>>> {
+pub fn wanted_routes(wanted: &[Route]) -> Result<BTreeMap<IpAddr, Option<IpAddr>>, RouteError> {
     let mut out = BTreeMap::new();
     for r in wanted {
         if let Some(src) = r.src {
             if src.is_ipv4() != r.dst.is_ipv4() {
-                anyhow::bail!(
-                    "route to {}: source {src} is of the other address family",
-                    r.dst
-                );
+                return Err(RouteError::FamilyMismatch { dst: r.dst, src });
             }
         }
         if let Some(prev) = out.insert(r.dst, r.src) {
             if prev != r.src {
-                anyhow::bail!("route to {} given twice with different sources", r.dst);
+                return Err(RouteError::Conflict(r.dst));
             }
         }
     }
@@ -65,10 +63,10 @@ pub fn diff_routes(
 
 /// Sorts inclusive port ranges and merges overlapping or adjacent ones (nft rejects
 /// overlapping intervals in one set). Fails on a range whose start is above its end.
-pub fn normalize_ranges(ranges: &[(u16, u16)]) -> anyhow::Result<Vec<(u16, u16)>> {
+pub fn normalize_ranges(ranges: &[(u16, u16)]) -> Result<Vec<(u16, u16)>, RangeError> {
     let mut sorted = ranges.to_vec();
     if let Some(&(lo, hi)) = sorted.iter().find(|(lo, hi)| lo > hi) {
-        anyhow::bail!("port range {lo}-{hi} is empty (start above end)");
+        return Err(RangeError { lo, hi });
     }
     sorted.sort_unstable();
     let mut out: Vec<(u16, u16)> = Vec::with_capacity(sorted.len());
@@ -164,23 +162,30 @@ mod tests {
     #[test]
     fn wanted_routes_rejects_mixed_families_and_conflicts() {
         let six = IpAddr::V6(Ipv6Addr::LOCALHOST);
-        assert!(wanted_routes(&[Route {
-            dst: v4(2),
-            src: Some(six)
-        }])
-        .is_err());
+        assert_eq!(
+            wanted_routes(&[Route {
+                dst: v4(2),
+                src: Some(six)
+            }]),
+            Err(RouteError::FamilyMismatch {
+                dst: v4(2),
+                src: six
+            })
+        );
         let r = Route {
             dst: v4(2),
             src: Some(v4(1)),
         };
-        assert!(wanted_routes(&[
-            r,
-            Route {
-                dst: v4(2),
-                src: None
-            }
-        ])
-        .is_err());
+        assert_eq!(
+            wanted_routes(&[
+                r,
+                Route {
+                    dst: v4(2),
+                    src: None
+                }
+            ]),
+            Err(RouteError::Conflict(v4(2)))
+        );
         assert_eq!(wanted_routes(&[r, r]).unwrap().len(), 1);
     }
 
@@ -190,7 +195,10 @@ mod tests {
             normalize_ranges(&[(10, 20), (5, 9), (30, 30), (15, 25), (65535, 65535)]).unwrap(),
             vec![(5, 25), (30, 30), (65535, 65535)]
         );
-        assert!(normalize_ranges(&[(2, 1)]).is_err());
+        assert_eq!(
+            normalize_ranges(&[(1, 1), (2, 1)]),
+            Err(RangeError { lo: 2, hi: 1 })
+        );
         assert_eq!(normalize_ranges(&[]).unwrap(), vec![]);
         assert_eq!(
             normalize_ranges(&[(0, 65535), (1, 2)]).unwrap(),

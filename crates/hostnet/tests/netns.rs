@@ -141,6 +141,20 @@ fn nft_tables(ns: &str) -> Vec<String> {
     names
 }
 
+/// Runs `nft ARGS` in `ns` and asserts it succeeded.
+fn nft_ok(ns: &str, args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "nft"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nft {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// (dev, prefsrc) of `ip route get DST [mark M]`.
 fn route_get(ns: &str, dst: &str, mark: Option<u32>) -> (String, String) {
     let m = mark.map(|m| format!("{m:#x}"));
@@ -464,15 +478,26 @@ fn covered_ports_only_accept_traffic_through_the_tun() {
         let v6 = |p: u16| SocketAddr::new(ip("fd00:1::2"), p);
         let overlay = |p: u16| SocketAddr::new(ip("100.64.0.2"), p);
 
+        // No table yet: the listing says so (whatever nft's message), and start creates it.
+        let table = c.nft_table();
+        assert!(meshd_hostnet::nft::list_table(&table)
+            .await
+            .unwrap()
+            .is_none());
         let mut hn = HostNet::start(c.clone()).await.unwrap();
+        assert!(meshd_hostnet::nft::list_table(&table)
+            .await
+            .unwrap()
+            .is_some());
         // Nothing covered yet: everything connects.
         assert!(tcp_connects(&ns0, v4(5005)));
-        assert!(hn.take_blocked().unwrap().is_empty());
+        assert!(hn.take_blocked().await.unwrap().is_empty());
 
         hn.set_covered(&Covered {
             tcp: vec![(5000, 5010), (5004, 5006)],
             udp: vec![(5300, 5300), (51000, 52000)],
         })
+        .await
         .unwrap();
         assert!(
             !tcp_connects(&ns0, v4(5005)),
@@ -495,7 +520,7 @@ fn covered_ports_only_accept_traffic_through_the_tun() {
             "tunnel port v6"
         );
 
-        let blocked = hn.take_blocked().unwrap();
+        let blocked = hn.take_blocked().await.unwrap();
         assert!(
             find(&blocked, "198.18.0.1", Proto::Tcp, 5005) >= 1,
             "{blocked:?}"
@@ -511,9 +536,9 @@ fn covered_ports_only_accept_traffic_through_the_tun() {
         );
         assert_eq!(blocked.len(), 3, "only the dropped flows: {blocked:?}");
         // Increases only: nothing new since.
-        assert!(hn.take_blocked().unwrap().is_empty());
+        assert!(hn.take_blocked().await.unwrap().is_empty());
         assert!(!tcp_connects(&ns0, v4(5005)));
-        let again = hn.take_blocked().unwrap();
+        let again = hn.take_blocked().await.unwrap();
         assert_eq!(again.len(), 1, "{again:?}");
         assert!(again[0].packets >= 1);
 
@@ -522,6 +547,7 @@ fn covered_ports_only_accept_traffic_through_the_tun() {
             tcp: vec![(1024, 65535)],
             udp: vec![],
         })
+        .await
         .unwrap();
         let h0_addr = SocketAddr::new(ip("198.18.0.1"), 7000);
         let reply_ok = TcpStream::connect_timeout(&h0_addr, CONNECT_TIMEOUT);
@@ -532,6 +558,7 @@ fn covered_ports_only_accept_traffic_through_the_tun() {
             tcp: vec![(6000, 6000)],
             udp: vec![],
         })
+        .await
         .unwrap();
         assert!(tcp_connects(&ns0, v4(5005)));
         assert!(!tcp_connects(&ns0, v4(6000)));
@@ -540,6 +567,14 @@ fn covered_ports_only_accept_traffic_through_the_tun() {
             "udp no longer covered"
         );
 
+        // Someone deletes the table: reading the drops says it is gone, and stop still works.
+        nft_ok(&ns1, &["delete", "table", "inet", &table]);
+        let gone = hn.take_blocked().await.unwrap_err();
+        assert!(
+            matches!(&gone, meshd_hostnet::Error::TableGone { table: t } if *t == table),
+            "{gone:?}"
+        );
+        assert!(gone.to_string().contains("is gone"), "{gone}");
         hn.stop().await.unwrap();
         assert!(tcp_connects(&ns0, v4(6000)), "after stop");
         assert!(nft_tables(&ns1).is_empty());

@@ -3,8 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Seconds since the Unix epoch.
-pub type UnixTime = u64;
+/// Seconds since the Unix epoch (defined once, in `meshd-time`).
+pub use meshd_time::UnixTime;
 
 /// IP protocol numbers the policy knows.
 pub mod ip_proto {
