@@ -28,11 +28,7 @@ const MAX_BATCH: usize = 1024;
 const MEMBERSHIP_BATCH_WINDOW: Duration = Duration::from_millis(50);
 
 /// Seconds since the Unix epoch (the only clock read on the coordinator's state path).
-pub fn unix_now() -> UnixTime {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+pub use meshd_time::unix_now;
 
 /// What a connection task sends its agent.
 pub(crate) enum Outbound {
