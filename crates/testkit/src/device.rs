@@ -18,11 +18,9 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use boringtun::noise::TunnResult;
-use ipnet::IpNet;
 use meshd_control::NetworkMap;
 use meshd_firewall::{Firewall, Stats, Verdict};
 use meshd_policy::Direction;
@@ -35,8 +33,6 @@ use meshd_tunnel::{
 pub const REKEY_AFTER_TIME: Duration = Duration::from_secs(120);
 /// WireGuard's REKEY_TIMEOUT: an unanswered handshake initiation is resent after this.
 pub const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
-/// The keepalive meshd's agent gives every peer from a map (`meshd/src/agent.rs`).
-pub const PEER_KEEPALIVE: u16 = 25;
 
 /// WireGuard message types (first byte of every datagram).
 pub mod msg {
@@ -89,23 +85,6 @@ struct HandshakeClock {
     initiated_at: Option<Instant>,
 }
 
-/// Peer specs from a network map, as meshd's agent makes them (`meshd::agent::map_to_specs`):
-/// allowed IPs are the peers' overlay addresses, the first endpoint is where to send.
-pub fn map_to_specs(map: &NetworkMap) -> Vec<PeerSpec> {
-    map.peers
-        .iter()
-        .map(|p| PeerSpec {
-            name: p.name.clone(),
-            public_key: p.public_key,
-            endpoint: p.endpoints.first().copied(),
-            allowed_ips: p.addresses.iter().map(|a| IpNet::from(*a)).collect(),
-            persistent_keepalive: Some(PEER_KEEPALIVE),
-            preshared_key: None,
-            grants: Arc::new(p.grants.clone()),
-        })
-        .collect()
-}
-
 /// One host's device and firewall. See the module docs.
 pub struct SimDevice {
     device: Device,
@@ -153,7 +132,7 @@ impl SimDevice {
 
     /// Programs the peer table from a map (build, diff, swap: unchanged peers keep sessions).
     pub fn apply_map(&mut self, map: &NetworkMap) -> Result<PeerDiff, TableError> {
-        let diff = self.device.set_peers(&map_to_specs(map))?;
+        let diff = self.device.set_peers(&meshd_control::specs::peer_specs(map))?;
         let table = self.device.table();
         self.clocks
             .retain(|k, _| table.peers().iter().any(|p| p.public_key == *k));

@@ -10,6 +10,8 @@
 //!   crates' tests share.
 //! - [`device`]: one host's data plane ([`SimDevice`](device::SimDevice)): meshd's tunnel
 //!   `Device` and identity `Firewall`, fed from network maps.
+//! - [`mesh`]: the harness: a [`Mesh`](mesh::Mesh) of a coordinator and N hosts (agent
+//!   session + device each) over fake links, run from one due event to the next.
 //! - [`coordinator`]: `CoordinatorState` driven as the coordinator's actor drives it, with an
 //!   in-memory store and restarts from it.
 //!
@@ -29,5 +31,6 @@ pub mod coordinator;
 pub mod device;
 pub mod fixtures;
 pub mod link;
+pub mod mesh;
 pub mod rng;
 pub mod time;
