@@ -12,9 +12,13 @@ use std::collections::BTreeMap;
 
 use ipnet::{Ipv4Net, Ipv6Net};
 use meshd_control::policy::PolicyRecord;
-use meshd_control::proto::{AgentMessage, CoordinatorMessage, ErrorCode, HostInfo, PROTOCOL_VERSION};
+use meshd_control::proto::{
+    AgentMessage, CoordinatorMessage, ErrorCode, HostInfo, PROTOCOL_VERSION,
+};
 use meshd_control::state::{ConnId, Dirty, Hello, Kick, Notice, RestoreError, TokenSpec};
-use meshd_control::{CoordinatorState, Host, HostId, IpPool, PoolError, Push, Token, TokenId, UnixTime};
+use meshd_control::{
+    CoordinatorState, Host, HostId, IpPool, PoolError, Push, Token, TokenId, UnixTime,
+};
 use meshd_policy::BlockEvent;
 use meshd_tunnel::PublicKey;
 

@@ -132,7 +132,9 @@ impl SimDevice {
 
     /// Programs the peer table from a map (build, diff, swap: unchanged peers keep sessions).
     pub fn apply_map(&mut self, map: &NetworkMap) -> Result<PeerDiff, TableError> {
-        let diff = self.device.set_peers(&meshd_control::specs::peer_specs(map))?;
+        let diff = self
+            .device
+            .set_peers(&meshd_control::specs::peer_specs(map))?;
         let table = self.device.table();
         self.clocks
             .retain(|k, _| table.peers().iter().any(|p| p.public_key == *k));
@@ -169,7 +171,12 @@ impl SimDevice {
     }
 
     /// Sends one inner IP packet from this host's stack: route, firewall (outbound), seal.
-    pub fn send(&mut self, now: Instant, unix_ms: u64, packet: &[u8]) -> Result<Vec<Transmit>, SendError> {
+    pub fn send(
+        &mut self,
+        now: Instant,
+        unix_ms: u64,
+        packet: &[u8],
+    ) -> Result<Vec<Transmit>, SendError> {
         let table = self.device.table();
         let peer = self
             .device
@@ -192,7 +199,10 @@ impl SimDevice {
         match self.device.encapsulate(peer, &mut tunn, packet, &mut out) {
             Encap::Send { to, datagram } => {
                 if datagram.first() == Some(&msg::INITIATION) {
-                    self.clocks.entry(peer.public_key).or_default().pending_since = Some(now);
+                    self.clocks
+                        .entry(peer.public_key)
+                        .or_default()
+                        .pending_since = Some(now);
                 }
                 Ok(vec![Transmit {
                     to,
@@ -205,7 +215,13 @@ impl SimDevice {
     }
 
     /// Handles one datagram from `from`: decapsulate, firewall (inbound), deliver.
-    pub fn receive(&mut self, now: Instant, unix_ms: u64, from: SocketAddr, datagram: &[u8]) -> Received {
+    pub fn receive(
+        &mut self,
+        now: Instant,
+        unix_ms: u64,
+        from: SocketAddr,
+        datagram: &[u8],
+    ) -> Received {
         let table = self.device.table();
         let mut out = vec![0u8; datagram.len().max(148)];
         let mut r = Received::default();
@@ -274,8 +290,7 @@ impl SimDevice {
                 .pending_since
                 .is_some_and(|t| now.saturating_duration_since(t) >= REKEY_TIMEOUT);
             let rekey = c.pending_since.is_none()
-                && c
-                    .initiated_at
+                && c.initiated_at
                     .is_some_and(|t| now.saturating_duration_since(t) >= REKEY_AFTER_TIME);
             if !(retry || rekey) {
                 continue;

@@ -106,8 +106,12 @@ pub fn block_event(at: u64, host: &str, peer: &str) -> BlockEvent {
         peer_labels: Default::default(),
         direction: Direction::Inbound,
         proto: 6,
-        src: "100.64.0.2:40000".parse().unwrap_or(SocketAddr::from(([0; 4], 0))),
-        dst: "100.64.0.1:22".parse().unwrap_or(SocketAddr::from(([0; 4], 0))),
+        src: "100.64.0.2:40000"
+            .parse()
+            .unwrap_or(SocketAddr::from(([0; 4], 0))),
+        dst: "100.64.0.1:22"
+            .parse()
+            .unwrap_or(SocketAddr::from(([0; 4], 0))),
         reason: DenyReason::DefaultDeny,
         count: 3,
     }
@@ -123,7 +127,12 @@ pub fn endpoint_report(addr: SocketAddr) -> EndpointReport {
 }
 
 /// A peer spec with one allowed prefix, no keepalive and no grants.
-pub fn peer_spec(name: &str, key: &PublicKey, endpoint: Option<SocketAddr>, allowed: &str) -> PeerSpec {
+pub fn peer_spec(
+    name: &str,
+    key: &PublicKey,
+    endpoint: Option<SocketAddr>,
+    allowed: &str,
+) -> PeerSpec {
     PeerSpec {
         name: name.into(),
         public_key: *key,
@@ -225,14 +234,25 @@ mod tests {
         assert_eq!(udp_payload(&p), Some(&marked(b"x")[..]));
         assert!(contains_marker(&p));
         assert!(!contains_marker(&p[..30]));
-        let p6 = udp("fd00::1".parse().unwrap(), 1, "fd00::2".parse().unwrap(), 2, b"y");
+        let p6 = udp(
+            "fd00::1".parse().unwrap(),
+            1,
+            "fd00::2".parse().unwrap(),
+            2,
+            b"y",
+        );
         assert_eq!(udp_payload(&p6), Some(&b"y"[..]));
         assert_eq!(udp_payload(&ip4([1; 4], [2; 4], b"")), None);
     }
 
     #[test]
     fn policies_parse() {
-        for p in [policy::DENY_ALL, policy::ALLOW_ALL, policy::APP_TO_DB, policy::APP_DB_UDP] {
+        for p in [
+            policy::DENY_ALL,
+            policy::ALLOW_ALL,
+            policy::APP_TO_DB,
+            policy::APP_DB_UDP,
+        ] {
             meshd_policy::Policy::parse(p).unwrap();
         }
         meshd_policy::Policy::parse(&policy::allow_udp_until("2030-01-01T00:00:00Z")).unwrap();

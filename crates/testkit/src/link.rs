@@ -204,7 +204,13 @@ impl Network {
 
     /// Sends a datagram at `now`. Returns its fate as decided now (`InFlight` if it is on its
     /// way).
-    pub fn send(&mut self, now: Instant, from: SocketAddr, to: SocketAddr, payload: Vec<u8>) -> Fate {
+    pub fn send(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        to: SocketAddr,
+        payload: Vec<u8>,
+    ) -> Fate {
         let src = self.owner(from.ip());
         let dst = self.owner(to.ip());
         let cfg = match (src, dst) {
@@ -354,7 +360,12 @@ mod tests {
             n.attach(NodeId(2), addr(2).ip());
             let t = Instant::now();
             for i in 0..200u8 {
-                n.send(t + Duration::from_micros(u64::from(i) * 100), addr(1), addr(2), vec![i]);
+                n.send(
+                    t + Duration::from_micros(u64::from(i) * 100),
+                    addr(1),
+                    addr(2),
+                    vec![i],
+                );
             }
             drain(&mut n, t + Duration::from_secs(1))
                 .into_iter()

@@ -25,7 +25,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use ipnet::{Ipv4Net, Ipv6Net};
-use meshd_control::proto::{AgentMessage, CoordinatorMessage, ErrorCode, HostInfo, PROTOCOL_VERSION};
+use meshd_control::proto::{
+    AgentMessage, CoordinatorMessage, ErrorCode, HostInfo, PROTOCOL_VERSION,
+};
 use meshd_control::session::{Action, AgentSession, Input, SessionParams, SessionState};
 use meshd_control::state::TokenSpec;
 use meshd_control::{CoordinatorState, HostId, Labels, NetworkMap, TokenSecret, UnixTime};
@@ -92,7 +94,9 @@ enum ConnPhase {
     /// Connect asked for, transport not up yet.
     Opening,
     /// Transport up; `session` once the coordinator accepted the hello.
-    Open { session: Option<(HostId, meshd_control::state::ConnId)> },
+    Open {
+        session: Option<(HostId, meshd_control::state::ConnId)>,
+    },
 }
 
 #[derive(Debug)]
@@ -113,12 +117,24 @@ enum Frame {
 
 #[derive(Debug)]
 enum Ctl {
-    TransportUp { host: HostIdx, epoch: u64 },
-    Frame { host: HostIdx, epoch: u64, frame: Frame },
+    TransportUp {
+        host: HostIdx,
+        epoch: u64,
+    },
+    Frame {
+        host: HostIdx,
+        epoch: u64,
+        frame: Frame,
+    },
     /// The agent closed: the coordinator sees the disconnect.
-    AgentClosed { session: (HostId, meshd_control::state::ConnId) },
+    AgentClosed {
+        session: (HostId, meshd_control::state::ConnId),
+    },
     /// QUIC idle timeout check for a connection that met a partition.
-    Idle { host: HostIdx, epoch: u64 },
+    Idle {
+        host: HostIdx,
+        epoch: u64,
+    },
 }
 
 /// One host: its identity, agent session, device and what its stack received.
@@ -393,7 +409,10 @@ impl Mesh {
 
     /// An admin operation on the coordinator's state at now, as one batch (its pushes and
     /// kicks go out after it).
-    pub fn admin<R>(&mut self, op: impl FnOnce(&mut CoordinatorState, UnixTime) -> R) -> Result<R, MeshError> {
+    pub fn admin<R>(
+        &mut self,
+        op: impl FnOnce(&mut CoordinatorState, UnixTime) -> R,
+    ) -> Result<R, MeshError> {
         if !self.coord_up {
             return Err(MeshError::Unreachable);
         }
@@ -472,10 +491,20 @@ impl Mesh {
         let Some(c) = host.conn.as_mut() else { return };
         let epoch = c.epoch;
         for frame in std::mem::take(&mut c.held) {
-            self.control.push(at, Ctl::Frame { host: h, epoch, frame });
+            self.control.push(
+                at,
+                Ctl::Frame {
+                    host: h,
+                    epoch,
+                    frame,
+                },
+            );
         }
         if matches!(c.phase, ConnPhase::Opening) && coord_up {
-            self.control.push(at + self.control_latency, Ctl::TransportUp { host: h, epoch });
+            self.control.push(
+                at + self.control_latency,
+                Ctl::TransportUp { host: h, epoch },
+            );
         }
     }
 
@@ -529,17 +558,32 @@ impl Mesh {
     }
 
     /// Sends a UDP datagram from `from`'s stack to `to`'s overlay address, port `dport`.
-    pub fn send_udp(&mut self, from: HostIdx, to: HostIdx, dport: u16, payload: &[u8]) -> Result<(), MeshError> {
+    pub fn send_udp(
+        &mut self,
+        from: HostIdx,
+        to: HostIdx,
+        dport: u16,
+        payload: &[u8],
+    ) -> Result<(), MeshError> {
         let dst = self.hosts[to.0].overlay_v4();
         self.send_udp_to(from, dst, dport, payload)
     }
 
     /// Sends a UDP datagram from `from`'s stack to `dst`.
-    pub fn send_udp_to(&mut self, from: HostIdx, dst: IpAddr, dport: u16, payload: &[u8]) -> Result<(), MeshError> {
+    pub fn send_udp_to(
+        &mut self,
+        from: HostIdx,
+        dst: IpAddr,
+        dport: u16,
+        payload: &[u8],
+    ) -> Result<(), MeshError> {
         let (now, ms) = (self.clock.now(), self.clock.unix_millis());
         let host = &mut self.hosts[from.0];
         let packet = fixtures::udp(host.overlay_v4(), 40_000, dst, dport, payload);
-        let tx = host.device.send(now, ms, &packet).map_err(MeshError::Send)?;
+        let tx = host
+            .device
+            .send(now, ms, &packet)
+            .map_err(MeshError::Send)?;
         let src = host.addr;
         self.transmit(src, tx);
         Ok(())
@@ -617,13 +661,23 @@ impl Mesh {
         while let Some((_, e)) = self.control.pop_due(now) {
             self.control_event(e);
         }
-        if self.coord_up && self.coord.state().policy_timeout().is_some_and(|t| t <= secs) {
+        if self.coord_up
+            && self
+                .coord
+                .state()
+                .policy_timeout()
+                .is_some_and(|t| t <= secs)
+        {
             self.coord.begin(secs);
             let out = self.coord.flush();
             self.deliver(out);
         }
         for i in 0..self.hosts.len() {
-            if self.hosts[i].session.poll_timeout().is_some_and(|t| t <= now) {
+            if self.hosts[i]
+                .session
+                .poll_timeout()
+                .is_some_and(|t| t <= now)
+            {
                 self.hosts[i].session.handle_timeout(now);
                 self.drive(HostIdx(i));
             }
@@ -721,7 +775,11 @@ impl Mesh {
                 host.session.handle_input(Input::TransportUp, now);
                 self.drive(h);
             }
-            Ctl::Frame { host: h, epoch, frame } => {
+            Ctl::Frame {
+                host: h,
+                epoch,
+                frame,
+            } => {
                 let host = &mut self.hosts[h.0];
                 let Some(c) = host.conn.as_mut().filter(|c| c.epoch == epoch) else {
                     return;
@@ -731,14 +789,15 @@ impl Mesh {
                     return;
                 }
                 match frame {
-                    Frame::Up(m) => self.to_coordinator(h, m),
+                    Frame::Up(m) => self.at_coordinator(h, m),
                     Frame::Down(m) => {
                         host.session.handle_input(Input::Frame(m), now);
                         self.drive(h);
                     }
                     Frame::Closed(error) => {
                         host.conn = None;
-                        host.session.handle_input(Input::TransportDown { error }, now);
+                        host.session
+                            .handle_input(Input::TransportDown { error }, now);
                         self.drive(h);
                     }
                 }
@@ -764,7 +823,10 @@ impl Mesh {
                     },
                     now,
                 );
-                if let ConnPhase::Open { session: Some((id, conn)) } = c.phase {
+                if let ConnPhase::Open {
+                    session: Some((id, conn)),
+                } = c.phase
+                {
                     if self.coord_up {
                         let secs = unix_secs(&self.clock);
                         self.coord.begin(secs);
@@ -779,7 +841,7 @@ impl Mesh {
     }
 
     /// A frame arrived at the coordinator over `h`'s connection.
-    fn to_coordinator(&mut self, h: HostIdx, m: AgentMessage) {
+    fn at_coordinator(&mut self, h: HostIdx, m: AgentMessage) {
         if !self.coord_up {
             return;
         }
@@ -819,7 +881,14 @@ impl Mesh {
         }
         let at = self.clock.now() + self.control_latency;
         for frame in replies {
-            self.control.push(at, Ctl::Frame { host: h, epoch, frame });
+            self.control.push(
+                at,
+                Ctl::Frame {
+                    host: h,
+                    epoch,
+                    frame,
+                },
+            );
         }
         let out = self.coord.flush();
         self.deliver(out);

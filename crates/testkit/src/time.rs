@@ -63,8 +63,8 @@ impl Clock {
 
     /// The Unix seconds of a virtual instant (instants before the base map to the base).
     pub fn unix_secs_at(&self, t: Instant) -> u64 {
-        let ms = u64::try_from(t.saturating_duration_since(self.base).as_millis())
-            .unwrap_or(u64::MAX);
+        let ms =
+            u64::try_from(t.saturating_duration_since(self.base).as_millis()).unwrap_or(u64::MAX);
         self.unix_base_ms.saturating_add(ms) / 1000
     }
 

@@ -114,7 +114,13 @@ fn run(seed: u64, ops: &[Op]) -> Result<(), TestCaseError> {
             Op::Quarantine(i, q) => {
                 if let Some(h) = pick(&m, i) {
                     let name = m.host(h).name.clone();
-                    let _maybe_gone = m.admin(|s, _| if q { s.quarantine(&name) } else { s.release(&name) });
+                    let _maybe_gone = m.admin(|s, _| {
+                        if q {
+                            s.quarantine(&name)
+                        } else {
+                            s.release(&name)
+                        }
+                    });
                 }
             }
             Op::CutControl(i) => {
@@ -154,10 +160,18 @@ fn run(seed: u64, ops: &[Op]) -> Result<(), TestCaseError> {
         let want = m.expected_map(h);
         let removed = m.state().host(host.id()).is_none_or(|r| r.removed);
         if removed {
-            prop_assert!(host.device().peers().is_empty(), "{}: removed, no tunnels", host.name);
+            prop_assert!(
+                host.device().peers().is_empty(),
+                "{}: removed, no tunnels",
+                host.name
+            );
             continue;
         }
-        prop_assert!(host.is_connected(), "{}: connected after settling", host.name);
+        prop_assert!(
+            host.is_connected(),
+            "{}: connected after settling",
+            host.name
+        );
         let have = host.session().map().cloned().unwrap_or_default();
         prop_assert_eq!(&have.peers, &want.peers, "{}: session map", &host.name);
         let grants = m.state().grants_for(host.id());
@@ -170,7 +184,13 @@ fn run(seed: u64, ops: &[Op]) -> Result<(), TestCaseError> {
                 .map(|p| p.public_key)
                 .unwrap();
             let (spec, _) = peers.get(&key).unwrap();
-            prop_assert_eq!(&*spec.grants, g, "{}: grants towards host {}", &host.name, pid);
+            prop_assert_eq!(
+                &*spec.grants,
+                g,
+                "{}: grants towards host {}",
+                &host.name,
+                pid
+            );
         }
     }
     // Traffic between every pair over lossless links: delivered exactly when granted.
@@ -184,13 +204,23 @@ fn run(seed: u64, ops: &[Op]) -> Result<(), TestCaseError> {
                 .state()
                 .grants_for(ha.id())
                 .get(&hb.id().0)
-                .is_some_and(|g| g.find(Direction::Outbound, ip_proto::UDP, 5000, now).is_some());
+                .is_some_and(|g| {
+                    g.find(Direction::Outbound, ip_proto::UDP, 5000, now)
+                        .is_some()
+                });
             let p = marked(format!("final {} {}", a.0, b.0).as_bytes());
             let ka = ha.public_key();
             let _denied_or_unroutable = m.send_udp(a, b, 5000, &p);
             m.run_for(Duration::from_millis(50));
             let got = m.host(b).received(&ka, &p);
-            prop_assert_eq!(got, usize::from(allowed), "{} -> {}: allowed {}", a.0, b.0, allowed);
+            prop_assert_eq!(
+                got,
+                usize::from(allowed),
+                "{} -> {}: allowed {}",
+                a.0,
+                b.0,
+                allowed
+            );
             sent += 1;
         }
     }
@@ -201,7 +231,11 @@ fn run(seed: u64, ops: &[Op]) -> Result<(), TestCaseError> {
             "a datagram that is not a WireGuard message: {:?}",
             r
         );
-        prop_assert!(!fixtures::contains_marker(&r.payload), "plaintext on the wire: {:?}", r);
+        prop_assert!(
+            !fixtures::contains_marker(&r.payload),
+            "plaintext on the wire: {:?}",
+            r
+        );
     }
     Ok(())
 }
@@ -226,6 +260,13 @@ fn traffic_in_the_random_life_is_delivered_when_policy_allows() {
     m.run_for(Duration::from_secs(1));
     m.send_udp(b, a, 5000, &marked(b"db to app")).unwrap();
     m.run_for(Duration::from_millis(20));
-    assert_eq!(m.host(a).received(&m.host(b).public_key(), &marked(b"db to app")), 1);
-    assert!(m.send_udp(a, b, 5000, &marked(b"app to db")).is_err(), "not granted");
+    assert_eq!(
+        m.host(a)
+            .received(&m.host(b).public_key(), &marked(b"db to app")),
+        1
+    );
+    assert!(
+        m.send_udp(a, b, 5000, &marked(b"app to db")).is_err(),
+        "not granted"
+    );
 }

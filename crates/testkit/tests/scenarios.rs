@@ -32,7 +32,11 @@ fn assert_maps_current(m: &Mesh, h: HostIdx) {
     assert_eq!(peers.len(), want.peers.len(), "{}: device peers", host.name);
     for p in &want.peers {
         let (spec, _) = &peers[&p.public_key];
-        assert_eq!(*spec.grants, p.grants, "{}: grants towards {}", host.name, p.name);
+        assert_eq!(
+            *spec.grants, p.grants,
+            "{}: grants towards {}",
+            host.name, p.name
+        );
         assert_eq!(spec.endpoint, p.endpoints.first().copied());
     }
 }
@@ -46,7 +50,11 @@ fn hosts_enrol_follow_maps_and_talk() {
     let ka = m.host(h[0]).public_key();
     assert_eq!(m.host(h[1]).received(&ka, &msg), 1);
     assert_eq!(m.host(h[2]).inbox.len(), 0);
-    assert!(m.net().log().iter().all(|r| !fixtures::contains_marker(&r.payload)));
+    assert!(m
+        .net()
+        .log()
+        .iter()
+        .all(|r| !fixtures::contains_marker(&r.payload)));
 }
 
 /// Sends `payload` from `a` to `b` and runs until it could have arrived.
@@ -75,7 +83,12 @@ fn ip_change_propagates_to_every_affected_host_and_traffic_follows() {
     for x in [b, c] {
         let peers = m.host(x).device().peers();
         let (spec, endpoint) = &peers[&m.host(a).public_key()];
-        assert_eq!(spec.endpoint, Some(new), "{}'s map has a's new endpoint", m.host(x).name);
+        assert_eq!(
+            spec.endpoint,
+            Some(new),
+            "{}'s map has a's new endpoint",
+            m.host(x).name
+        );
         assert_eq!(*endpoint, Some(new));
         assert_maps_current(&m, x);
     }
@@ -91,7 +104,10 @@ fn ip_change_propagates_to_every_affected_host_and_traffic_follows() {
         .filter(|r| r.sent_at > start + Duration::from_millis(50) && r.to.ip() != new.ip())
         .filter(|r| r.to.ip() == "198.18.0.1".parse::<std::net::IpAddr>().unwrap())
         .count();
-    assert_eq!(old_seen, 0, "nothing went to the old address once the maps moved");
+    assert_eq!(
+        old_seen, 0,
+        "nothing went to the old address once the maps moved"
+    );
 }
 
 #[test]
@@ -146,7 +162,11 @@ fn an_expiring_grant_expires_while_the_coordinator_is_partitioned() {
     let err = m.send_udp(a, b, 5000, &marked(b"late")).unwrap_err();
     assert!(format!("{err:?}").contains("Expired"), "{err:?}");
     m.run_for(Duration::from_millis(20));
-    assert_eq!(m.host(b).received(&m.host(a).public_key(), &marked(b"late")), 0);
+    assert_eq!(
+        m.host(b)
+            .received(&m.host(a).public_key(), &marked(b"late")),
+        0
+    );
     assert_eq!(m.host(a).device().firewall_stats().expired, 1);
     // Healed: the agents reconnect and get maps without the expired peer.
     m.heal_coordinator();
@@ -194,7 +214,11 @@ fn rekey_after_time_keeps_traffic_flowing() {
         .filter(|r| r.payload.first() == Some(&1))
         .map(|r| r.sent_at - start)
         .collect();
-    assert_eq!(inits.len(), 2, "the first handshake and one rekey: {inits:?}");
+    assert_eq!(
+        inits.len(),
+        2,
+        "the first handshake and one rekey: {inits:?}"
+    );
     assert!(inits[1] >= Duration::from_secs(120), "{inits:?}");
     let to_b = data_indices(&m, m.host(b).addr());
     assert_eq!(to_b.len(), 2, "a's data moved to the new session: {to_b:?}");
@@ -226,7 +250,11 @@ fn roaming_peer_is_followed_without_the_coordinator() {
 #[test]
 fn coordinator_restart_restores_state_and_agents_resync_while_tunnels_run() {
     let (mut m, h) = mesh(
-        &[("a", &[("app", "app")]), ("b", &[("app", "db")]), ("c", &[("role", "ops")])],
+        &[
+            ("a", &[("app", "app")]),
+            ("b", &[("app", "db")]),
+            ("c", &[("role", "ops")]),
+        ],
         policy::APP_DB_UDP,
     );
     let (a, b, c) = (h[0], h[1], h[2]);
@@ -236,12 +264,17 @@ fn coordinator_restart_restores_state_and_agents_resync_while_tunnels_run() {
     m.run_for(Duration::from_millis(50));
     assert!(h.iter().all(|&x| !m.host(x).is_connected()));
     for i in 0..20u8 {
-        assert_eq!(ping(&mut m, a, b, &marked(&[b'd', i])), 1, "tunnels keep running");
+        assert_eq!(
+            ping(&mut m, a, b, &marked(&[b'd', i])),
+            1,
+            "tunnels keep running"
+        );
         m.run_for(Duration::from_millis(500));
     }
     m.start_coordinator().unwrap();
     assert_eq!(m.coordinator().restarts(), 1);
-    let ids = |v: &[meshd_control::Host]| v.iter().map(|h| (h.id, h.name.clone())).collect::<Vec<_>>();
+    let ids =
+        |v: &[meshd_control::Host]| v.iter().map(|h| (h.id, h.name.clone())).collect::<Vec<_>>();
     let hosts_after: Vec<_> = m.state().hosts().cloned().collect();
     assert_eq!(ids(&hosts_after), ids(&hosts_before));
     assert!(m.state().policy().is_some(), "policy restored");
@@ -249,11 +282,19 @@ fn coordinator_restart_restores_state_and_agents_resync_while_tunnels_run() {
     for &x in &h {
         let host = m.host(x);
         assert!(host.is_connected(), "{} reconnected", host.name);
-        assert!(host.states.iter().filter(|s| matches!(s, meshd_control::session::SessionState::Connected { .. })).count() >= 2);
+        assert!(
+            host.states
+                .iter()
+                .filter(|s| matches!(s, meshd_control::session::SessionState::Connected { .. }))
+                .count()
+                >= 2
+        );
         assert_maps_current(&m, x);
     }
     // The restarted coordinator pushes changes again.
-    m.admin(|s, _| s.set_labels("c", labels(&[("app", "app")]))).unwrap().unwrap();
+    m.admin(|s, _| s.set_labels("c", labels(&[("app", "app")])))
+        .unwrap()
+        .unwrap();
     m.run_for(Duration::from_millis(50));
     for &x in &h {
         assert_maps_current(&m, x);
