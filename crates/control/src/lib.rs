@@ -10,6 +10,9 @@
 //! 1. feed events with `enrol` / `connect` / `report_endpoints` / admin operations (each takes `now`);
 //! 2. `take_dirty()` → records to persist (persist them before sending anything);
 //! 3. `poll_pushes()` → full maps / deltas to send to connected agents.
+//!
+//! The agent's side of the control channel is a state machine too ([`session::AgentSession`]:
+//! inputs in, actions polled, time passed in); `meshd-agent` drives it over QUIC.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -19,6 +22,8 @@ pub mod model;
 pub mod policy;
 pub mod pool;
 pub mod proto;
+pub mod session;
+pub mod specs;
 pub mod state;
 pub mod token;
 
@@ -27,5 +32,7 @@ pub use map::{DeltaError, MapDelta, NetworkMap, Peer};
 pub use model::{Host, HostId, Labels, Token, TokenId, UnixTime};
 pub use pool::{IpPool, PoolError};
 pub use proto::{AgentMessage, CoordinatorMessage, ErrorCode, FrameDecoder, FrameError};
+pub use session::{AgentSession, SessionParams, SessionState};
+pub use specs::peer_specs;
 pub use state::{CoordinatorState, Push};
 pub use token::{JoinToken, JoinTokenError, TokenSecret};

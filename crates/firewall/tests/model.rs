@@ -7,9 +7,10 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use meshd_firewall::tcp_flags::{ACK, FIN, RST, SYN};
 use meshd_firewall::{build, Config, Denied, DropReason, Firewall, FlowTuple, Timeouts, Verdict};
 use meshd_policy::{ip_proto, DenyReason, Direction, Grant, PeerGrants, Proto};
+use meshd_testkit::fixtures;
 use proptest::prelude::*;
 
-const T0: u64 = 1_700_000_000_000;
+const T0: u64 = meshd_testkit::time::UNIX_BASE_MS;
 const CAP: usize = 6;
 
 // ---------- the model ----------
@@ -287,11 +288,8 @@ enum Op {
 }
 
 fn grant_sets() -> Vec<PeerGrants> {
-    let g = |proto, lo, hi, exp: Option<u64>, rule: &str| Grant {
-        proto,
-        ports: (lo, hi),
-        expires_at: exp.map(|s| T0 / 1000 + s),
-        rule: rule.into(),
+    let g = |proto, lo, hi, exp: Option<u64>, rule: &str| {
+        fixtures::grant(proto, lo, hi, exp.map(|s| T0 / 1000 + s), rule)
     };
     vec![
         PeerGrants::default(),

@@ -7,20 +7,10 @@ use meshd_policy::{
     compile, diff, ip_proto, run_tests, ChangeKind, Compiled, Grant, HostRef, Match, NoInventory,
     PeerGrants, Policy, PortSpec, Probe, Proto, Rule, Selector, TestOutcome,
 };
+use meshd_testkit::fixtures::host_ref as host;
 use proptest::prelude::*;
 
 const NOW: u64 = 1_000;
-
-fn host(id: u64, name: &str, labels: &[(&str, &str)]) -> HostRef {
-    HostRef {
-        id,
-        name: name.into(),
-        labels: labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-    }
-}
 
 /// The grants between `a` and `b` seen from `a`, rule by rule, straight from the policy.
 fn naive(policy: &Policy, a: &HostRef, b: &HostRef, now: u64) -> PeerGrants {

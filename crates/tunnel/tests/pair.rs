@@ -6,34 +6,14 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 
 use ipnet::IpNet;
+use meshd_testkit::fixtures::{self, ip4};
 use meshd_tunnel::{Decap, Destinations, Device, DropReason, Encap, PeerSpec, PrivateKey};
 
 const A_ADDR: &str = "198.18.0.1:51820";
 const B_ADDR: &str = "198.18.0.2:51820";
 
-/// A minimal IPv4 packet from `src` to `dst` carrying `payload`.
-fn ip4(src: [u8; 4], dst: [u8; 4], payload: &[u8]) -> Vec<u8> {
-    let mut p = vec![0u8; 20];
-    p[0] = 0x45;
-    let len = (20 + payload.len()) as u16;
-    p[2..4].copy_from_slice(&len.to_be_bytes());
-    p[9] = 17;
-    p[12..16].copy_from_slice(&src);
-    p[16..20].copy_from_slice(&dst);
-    p.extend_from_slice(payload);
-    p
-}
-
 fn spec(name: &str, key: &PrivateKey, ep: &str, ip: &str) -> PeerSpec {
-    PeerSpec {
-        name: name.into(),
-        public_key: key.public_key(),
-        endpoint: Some(ep.parse().unwrap()),
-        allowed_ips: vec![ip.parse().unwrap()],
-        persistent_keepalive: None,
-        preshared_key: None,
-        grants: Default::default(),
-    }
+    fixtures::peer_spec(name, &key.public_key(), Some(ep.parse().unwrap()), ip)
 }
 
 struct Net {
@@ -143,17 +123,8 @@ fn nonzero(dev: &Device) -> Vec<(&'static str, u64)> {
     v
 }
 
-/// A minimal IPv6 packet (UDP) from `src` to `dst`.
 fn ip6(src: &str, dst: &str, payload: &[u8]) -> Vec<u8> {
-    let mut p = vec![0u8; 40];
-    p[0] = 0x60;
-    p[4..6].copy_from_slice(&(payload.len() as u16).to_be_bytes());
-    p[6] = 17;
-    p[7] = 64;
-    p[8..24].copy_from_slice(&src.parse::<std::net::Ipv6Addr>().unwrap().octets());
-    p[24..40].copy_from_slice(&dst.parse::<std::net::Ipv6Addr>().unwrap().octets());
-    p.extend_from_slice(payload);
-    p
+    fixtures::ip6(src.parse().unwrap(), dst.parse().unwrap(), payload)
 }
 
 /// a and b with a session up (one packet delivered to b).

@@ -1,0 +1,493 @@
+//! The agent's control session as a state machine without IO, in the style of quinn-proto.
+//!
+//! [`AgentSession`] knows the protocol an agent speaks to the coordinator: open a transport,
+//! say `Resume` with the endpoint report, wait for `Welcome`, then follow the network map (a
+//! full map, then deltas; each applied map is acked, a delta that does not fit the map asks
+//! for a full one with `Resync`), report endpoint changes and queued block events, and, when
+//! anything fails, close and reconnect after an exponential backoff with jitter — until the
+//! coordinator refuses the host for good. It reads no clock, opens no socket and spawns
+//! nothing: the driver (`meshd-agent`, over QUIC + Noise) does the IO.
+//!
+//! Call order, repeated for as long as the session lives:
+//! 1. feed what happened: [`AgentSession::handle_input`] (transport up or down, a frame from
+//!    the coordinator, new endpoints, block events) and, once the instant from
+//!    [`AgentSession::poll_timeout`] has passed, [`AgentSession::handle_timeout`];
+//! 2. drain [`AgentSession::poll_action`] until it returns `None`, carrying out each
+//!    [`Action`] in order (connect, send a frame, close, apply a map, show a state);
+//! 3. wait for the next input or for [`AgentSession::poll_timeout`].
+//!
+//! Frames are only ever asked to be sent between an [`Input::TransportUp`] and the next
+//! [`Input::TransportDown`] or [`Action::Close`]; the first one is always `Resume`.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meshd_policy::BlockEvent;
+
+use crate::map::NetworkMap;
+use crate::proto::{
+    AgentMessage, CoordinatorMessage, EndpointReport, ErrorCode, HostInfo, MAX_BLOCKS_PER_MESSAGE,
+    PROTOCOL_VERSION,
+};
+
+/// Reconnect backoff cap.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// The backoff before the first reconnect attempt (before jitter).
+pub const BASE_BACKOFF: Duration = Duration::from_millis(100);
+/// How long a requested transport may take to come up (QUIC handshake, stream, Noise).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the coordinator may take to answer `Resume` with `Welcome`.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Batches of block events the session holds while the coordinator is slow or unreachable.
+pub const BLOCK_BATCHES_QUEUED: usize = 16;
+
+/// Backoff before reconnect attempt `attempt` (1-based): 100 ms doubling, capped at
+/// [`MAX_BACKOFF`], then 50–100 % of that chosen by `random` (any value; uniform is best).
+pub fn backoff(attempt: u32, random: u32) -> Duration {
+    let exp = BASE_BACKOFF.saturating_mul(1u32 << attempt.saturating_sub(1).min(10));
+    let d = exp.min(MAX_BACKOFF);
+    let frac = 0.5 + f64::from(random % 1000) / 2000.0;
+    d.mul_f64(frac)
+}
+
+/// A small xorshift64* generator for the backoff jitter (seeded by the driver).
+#[derive(Debug, Clone)]
+struct Jitter(u64);
+
+impl Jitter {
+    fn new(seed: u64) -> Self {
+        // xorshift has one fixed point, zero.
+        Jitter(if seed == 0 {
+            0x9E37_79B9_7F4A_7C15
+        } else {
+            seed
+        })
+    }
+
+    fn next_u32(&mut self) -> u32 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        // The high half of the product is the well-mixed part.
+        (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 32) as u32
+    }
+}
+
+/// What a session starts from.
+#[derive(Debug, Clone)]
+pub struct SessionParams {
+    /// The endpoint report sent in the first `Resume`.
+    pub endpoints: EndpointReport,
+    /// Last persisted map: applied at once and kept until the first map arrives (fail-static).
+    pub initial_map: Option<NetworkMap>,
+    /// Seed for the backoff jitter (the driver passes a random one; tests a fixed one).
+    pub jitter_seed: u64,
+}
+
+/// Where the session is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionState {
+    /// Not connected; `attempt` failures in a row so far.
+    Connecting {
+        /// Consecutive failures.
+        attempt: u32,
+        /// The last failure.
+        last_error: Option<String>,
+    },
+    /// Connected and following the map.
+    Connected {
+        /// Our record as the coordinator sent it.
+        host: HostInfo,
+    },
+    /// Refused for good (host removed, unknown host …): the session stopped.
+    Refused {
+        /// Why.
+        code: ErrorCode,
+        /// Detail.
+        message: String,
+    },
+    /// Stopped by [`AgentSession::shutdown`].
+    Stopped,
+}
+
+/// Something that happened, fed to [`AgentSession::handle_input`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// The driver's QUIC+Noise transport to the coordinator is up.
+    TransportUp,
+    /// It failed or closed.
+    TransportDown {
+        /// Why (shown as the state's `last_error`).
+        error: String,
+    },
+    /// A frame from the coordinator.
+    Frame(CoordinatorMessage),
+    /// Local underlay endpoints changed.
+    Endpoints(EndpointReport),
+    /// Denied-flow events to report. The queue is bounded ([`BLOCK_BATCHES_QUEUED`] batches):
+    /// a batch that does not fit is dropped and counted ([`AgentSession::blocks_dropped`]);
+    /// use [`AgentSession::queue_blocks`] to get it handed back instead.
+    Blocks(Vec<BlockEvent>),
+}
+
+/// Something the driver must do, drained with [`AgentSession::poll_action`].
+#[must_use]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Open the transport; answer with [`Input::TransportUp`] or [`Input::TransportDown`].
+    Connect,
+    /// Send this frame on the open transport.
+    Send(AgentMessage),
+    /// Close the transport (the session then waits for its reconnect timer).
+    Close,
+    /// Apply this map to the host; the host persists what it accepted.
+    ApplyMap(Arc<NetworkMap>),
+    /// The session state changed.
+    State(SessionState),
+}
+
+/// Why a connection ended (its `Display` is the state's `last_error`).
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error("coordinator refused: {code} ({message})")]
+    Refused { code: ErrorCode, message: String },
+    #[error("timed out waiting for the coordinator")]
+    Timeout,
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("{0}")]
+    Transport(String),
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// No transport; reconnect at `until`.
+    Waiting { until: Instant },
+    /// A transport was asked for ([`Action::Connect`]).
+    Connecting { deadline: Instant },
+    /// `Resume` sent with `sent`; waiting for `Welcome`.
+    Hello {
+        deadline: Instant,
+        sent: EndpointReport,
+    },
+    /// Following the map; `reported` is the endpoint report the coordinator last got.
+    Connected {
+        have_full: bool,
+        reported: EndpointReport,
+    },
+    /// Refused for good.
+    Refused,
+    /// Shut down.
+    Stopped,
+}
+
+impl Phase {
+    fn has_transport(&self) -> bool {
+        matches!(
+            self,
+            Phase::Connecting { .. } | Phase::Hello { .. } | Phase::Connected { .. }
+        )
+    }
+}
+
+/// The agent's side of one long-lived control session (see the module docs for the call
+/// order).
+#[derive(Debug)]
+pub struct AgentSession {
+    phase: Phase,
+    state: SessionState,
+    attempt: u32,
+    endpoints: EndpointReport,
+    map: Option<Arc<NetworkMap>>,
+    blocks: VecDeque<Vec<BlockEvent>>,
+    blocks_dropped: u64,
+    actions: VecDeque<Action>,
+    jitter: Jitter,
+}
+
+impl AgentSession {
+    /// A session that connects at once: the first [`poll_action`](Self::poll_action)s yield
+    /// [`Action::ApplyMap`] of the initial map, if any (fail-static), then [`Action::Connect`].
+    pub fn new(params: SessionParams, now: Instant) -> Self {
+        let mut actions = VecDeque::new();
+        let map = params.initial_map.map(Arc::new);
+        if let Some(m) = &map {
+            actions.push_back(Action::ApplyMap(m.clone()));
+        }
+        actions.push_back(Action::Connect);
+        AgentSession {
+            phase: Phase::Connecting {
+                deadline: now + CONNECT_TIMEOUT,
+            },
+            state: SessionState::Connecting {
+                attempt: 0,
+                last_error: None,
+            },
+            attempt: 0,
+            endpoints: params.endpoints,
+            map,
+            blocks: VecDeque::new(),
+            blocks_dropped: 0,
+            actions,
+            jitter: Jitter::new(params.jitter_seed),
+        }
+    }
+
+    /// Feeds one input.
+    pub fn handle_input(&mut self, input: Input, now: Instant) {
+        match input {
+            Input::TransportUp => {
+                // A late answer to a connect the session has given up on is ignored: the
+                // driver was told to close it.
+                if let Phase::Connecting { .. } = self.phase {
+                    let sent = self.endpoints.clone();
+                    self.actions.push_back(Action::Send(AgentMessage::Resume {
+                        protocol: PROTOCOL_VERSION,
+                        endpoints: sent.clone(),
+                    }));
+                    self.phase = Phase::Hello {
+                        deadline: now + HELLO_TIMEOUT,
+                        sent,
+                    };
+                }
+            }
+            Input::TransportDown { error } => {
+                if self.phase.has_transport() {
+                    self.fail(now, Failure::Transport(error), false);
+                }
+            }
+            Input::Frame(msg) => self.on_frame(msg, now),
+            Input::Endpoints(report) => self.endpoints = report,
+            Input::Blocks(events) => {
+                if self.queue_blocks(events).is_err() {
+                    self.blocks_dropped = self.blocks_dropped.saturating_add(1);
+                }
+            }
+        }
+    }
+
+    /// Queues denied-flow events, sent after `Welcome` in messages of at most
+    /// [`MAX_BLOCKS_PER_MESSAGE`] events. A full queue ([`BLOCK_BATCHES_QUEUED`] batches), or
+    /// a session that was refused or stopped, hands the batch back.
+    pub fn queue_blocks(&mut self, events: Vec<BlockEvent>) -> Result<(), Vec<BlockEvent>> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        if matches!(self.phase, Phase::Refused | Phase::Stopped)
+            || self.blocks.len() >= BLOCK_BATCHES_QUEUED
+        {
+            return Err(events);
+        }
+        self.blocks.push_back(events);
+        Ok(())
+    }
+
+    /// Acts on the timer from [`poll_timeout`](Self::poll_timeout) (early calls do nothing).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.phase {
+            Phase::Waiting { until } if now >= until => {
+                self.phase = Phase::Connecting {
+                    deadline: now + CONNECT_TIMEOUT,
+                };
+                self.actions.push_back(Action::Connect);
+            }
+            Phase::Connecting { deadline } | Phase::Hello { deadline, .. } if now >= deadline => {
+                self.fail(now, Failure::Timeout, true);
+            }
+            _ => {}
+        }
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) wants to be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match &self.phase {
+            Phase::Waiting { until } => Some(*until),
+            Phase::Connecting { deadline } | Phase::Hello { deadline, .. } => Some(*deadline),
+            Phase::Connected { .. } | Phase::Refused | Phase::Stopped => None,
+        }
+    }
+
+    /// The next thing to do, in order.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        if let Some(a) = self.actions.pop_front() {
+            return Some(a);
+        }
+        let Phase::Connected { reported, .. } = &mut self.phase else {
+            return None;
+        };
+        if *reported != self.endpoints {
+            *reported = self.endpoints.clone();
+            return Some(Action::Send(AgentMessage::ReportEndpoints {
+                endpoints: self.endpoints.clone(),
+            }));
+        }
+        let front = self.blocks.front_mut()?;
+        let events = if front.len() <= MAX_BLOCKS_PER_MESSAGE {
+            self.blocks.pop_front().unwrap_or_default()
+        } else {
+            front.drain(..MAX_BLOCKS_PER_MESSAGE).collect()
+        };
+        Some(Action::Send(AgentMessage::Blocks { events }))
+    }
+
+    /// Stops for good: closes the transport, if any, and ends in [`SessionState::Stopped`]
+    /// (a refused session stays refused).
+    pub fn shutdown(&mut self) {
+        if matches!(self.phase, Phase::Refused | Phase::Stopped) {
+            return;
+        }
+        self.drop_sends();
+        if self.phase.has_transport() {
+            self.actions.push_back(Action::Close);
+        }
+        self.phase = Phase::Stopped;
+        self.blocks.clear();
+        self.set_state(SessionState::Stopped);
+    }
+
+    /// The current map (the initial one until the coordinator sends one).
+    pub fn map(&self) -> Option<&NetworkMap> {
+        self.map.as_deref()
+    }
+
+    /// The session state.
+    pub fn state(&self) -> &SessionState {
+        &self.state
+    }
+
+    /// The endpoint report the session holds (sent in the next `Resume`, or already reported).
+    pub fn endpoints(&self) -> &EndpointReport {
+        &self.endpoints
+    }
+
+    /// Batches of block events queued, not yet sent.
+    pub fn blocks_queued(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Batches given as [`Input::Blocks`] that were dropped because the queue was full (or the
+    /// session refused or stopped).
+    pub fn blocks_dropped(&self) -> u64 {
+        self.blocks_dropped
+    }
+
+    /// True once the session will never do anything again (refused or stopped).
+    pub fn is_finished(&self) -> bool {
+        matches!(self.phase, Phase::Refused | Phase::Stopped)
+    }
+
+    fn on_frame(&mut self, msg: CoordinatorMessage, now: Instant) {
+        match &mut self.phase {
+            Phase::Hello { sent, .. } => match msg {
+                CoordinatorMessage::Welcome { host, .. } => {
+                    self.phase = Phase::Connected {
+                        have_full: false,
+                        reported: std::mem::take(sent),
+                    };
+                    self.attempt = 0;
+                    self.set_state(SessionState::Connected { host });
+                }
+                CoordinatorMessage::Error { code, message } => self.refused(code, message, now),
+                other => self.fail(
+                    now,
+                    Failure::Protocol(format!("expected welcome, got {}", kind(&other))),
+                    true,
+                ),
+            },
+            Phase::Connected { have_full, .. } => match msg {
+                CoordinatorMessage::FullMap { map } => {
+                    let version = map.version;
+                    let map = Arc::new(map);
+                    self.map = Some(map.clone());
+                    *have_full = true;
+                    self.actions.push_back(Action::ApplyMap(map));
+                    self.actions
+                        .push_back(Action::Send(AgentMessage::Ack { version }));
+                }
+                CoordinatorMessage::Delta { delta } => {
+                    let applied = match self.map.as_mut() {
+                        Some(m) if *have_full && m.version == delta.from_version => {
+                            Arc::make_mut(m).apply(&delta).is_ok()
+                        }
+                        _ => false,
+                    };
+                    match (applied, &self.map) {
+                        (true, Some(m)) => {
+                            self.actions.push_back(Action::ApplyMap(m.clone()));
+                            self.actions.push_back(Action::Send(AgentMessage::Ack {
+                                version: delta.to_version,
+                            }));
+                        }
+                        _ => {
+                            *have_full = false;
+                            self.actions.push_back(Action::Send(AgentMessage::Resync));
+                        }
+                    }
+                }
+                CoordinatorMessage::Pong { .. } => {}
+                CoordinatorMessage::Error { code, message } => self.refused(code, message, now),
+                CoordinatorMessage::Welcome { .. } => {
+                    self.fail(now, Failure::Protocol("second welcome".into()), true)
+                }
+            },
+            // No transport the session knows of: a stale frame.
+            Phase::Waiting { .. } | Phase::Connecting { .. } | Phase::Refused | Phase::Stopped => {}
+        }
+    }
+
+    /// The coordinator sent an error: stop for good, or reconnect if the code says it may help.
+    fn refused(&mut self, code: ErrorCode, message: String, now: Instant) {
+        if code.is_retryable() {
+            self.fail(now, Failure::Refused { code, message }, true);
+            return;
+        }
+        self.drop_sends();
+        self.actions.push_back(Action::Close);
+        self.phase = Phase::Refused;
+        self.blocks.clear();
+        self.set_state(SessionState::Refused { code, message });
+    }
+
+    /// The connection ended: close it if the driver does not know yet, wait, reconnect.
+    fn fail(&mut self, now: Instant, why: Failure, close: bool) {
+        self.drop_sends();
+        if close {
+            self.actions.push_back(Action::Close);
+        }
+        self.attempt = self.attempt.saturating_add(1);
+        let wait = backoff(self.attempt, self.jitter.next_u32());
+        self.phase = Phase::Waiting { until: now + wait };
+        self.set_state(SessionState::Connecting {
+            attempt: self.attempt,
+            last_error: Some(why.to_string()),
+        });
+    }
+
+    /// Frames not yet handed out were meant for a transport that is gone.
+    fn drop_sends(&mut self) {
+        self.actions.retain(|a| !matches!(a, Action::Send(_)));
+    }
+
+    fn set_state(&mut self, s: SessionState) {
+        if self.state != s {
+            self.state = s.clone();
+            self.actions.push_back(Action::State(s));
+        }
+    }
+}
+
+fn kind(m: &CoordinatorMessage) -> &'static str {
+    match m {
+        CoordinatorMessage::Welcome { .. } => "welcome",
+        CoordinatorMessage::FullMap { .. } => "full_map",
+        CoordinatorMessage::Delta { .. } => "delta",
+        CoordinatorMessage::Pong { .. } => "pong",
+        CoordinatorMessage::Error { .. } => "error",
+    }
+}
+
+#[cfg(test)]
+mod tests;
