@@ -12,6 +12,8 @@
 
 pub mod edges;
 #[cfg(test)]
+pub(crate) mod fake;
+#[cfg(test)]
 mod tests;
 
 use std::net::IpAddr;

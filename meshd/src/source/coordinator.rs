@@ -453,3 +453,124 @@ impl PeerSource for Coordinator {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::fake::{host, table};
+
+    fn key(n: u8) -> PrivateKey {
+        PrivateKey::from_bytes([n; 32])
+    }
+
+    fn source(dir: &Path, pending: Option<Pending>) -> Coordinator {
+        Coordinator {
+            state_dir: dir.to_path_buf(),
+            agent: AgentState {
+                coordinator: "127.0.0.1:7443".parse().unwrap(),
+                coordinator_key: key(9).public_key(),
+                host: HostInfo {
+                    id: meshd_control::model::HostId(1),
+                    name: "app1".into(),
+                    public_key: key(1).public_key(),
+                    addresses: vec!["100.64.0.1".parse().unwrap()],
+                    networks: vec!["100.64.0.0/10".parse().unwrap()],
+                    labels: [("app".to_string(), "app1".to_string())].into(),
+                },
+                machine_id: None,
+            },
+            key: key(1),
+            listen_port: 51820,
+            transparent: false,
+            persisted: None,
+            session: None,
+            pending,
+        }
+    }
+
+    fn map(version: u64, keys: &[u8]) -> NetworkMap {
+        NetworkMap {
+            version,
+            peers: keys
+                .iter()
+                .enumerate()
+                .map(|(i, &k)| meshd_control::map::Peer {
+                    name: format!("p{i}"),
+                    public_key: key(k).public_key(),
+                    addresses: vec![format!("100.64.0.{}", 10 + i).parse().unwrap()],
+                    endpoints: vec![format!("198.18.0.{}:51820", 10 + i).parse().unwrap()],
+                    labels: Default::default(),
+                    grants: meshd_policy::PeerGrants::default(),
+                    transparent: false,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn map_peers_keep_their_keepalive_endpoints_and_labels() {
+        let mut m = map(3, &[2, 3]);
+        m.peers[1].endpoints.push("[fd00:18::3]:51820".parse().unwrap());
+        m.peers[1].transparent = true;
+        let u = map_update(&m, &source(Path::new("/"), None).agent.host);
+        assert_eq!((u.host.as_str(), u.host_labels["app"].as_str()), ("app1", "app1"));
+        assert_eq!(u.peers[1].spec.endpoint, Some(m.peers[1].endpoints[0]));
+        assert_eq!(u.peers[1].underlay.len(), 2);
+        assert!(u.peers[1].transparent && !u.peers[0].transparent);
+        assert_eq!(u.peers[0].spec.persistent_keepalive, Some(PEER_KEEPALIVE));
+        assert_eq!(u.overlay_routes().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_refused_map_is_not_persisted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("netmap.json");
+        let mut h = host(Mode::Overlay, &[]);
+        let mut src = source(dir.path(), None);
+        let good = map(1, &[2, 3]);
+        src.pending = Some(Pending::Received(good.clone()));
+        let outcome = h.host.apply(map_update(&good, &src.agent.host), 0).await;
+        src.applied(outcome.as_ref()).unwrap();
+        let on_disk: NetworkMap = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(on_disk, good);
+        let running = table(&h.device);
+
+        // Two peers with one key: the device refuses, the file keeps the last good map.
+        let bad = map(2, &[2, 2]);
+        src.pending = Some(Pending::Received(bad.clone()));
+        let outcome = h.host.apply(map_update(&bad, &src.agent.host), 0).await;
+        assert!(outcome.is_err());
+        src.applied(outcome.as_ref()).unwrap();
+        let on_disk: NetworkMap = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(on_disk, good);
+        assert_eq!(table(&h.device), running);
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[tokio::test]
+    async fn a_restored_map_is_not_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut src = source(
+            dir.path(),
+            Some(Pending::Restored {
+                version: 4,
+                peers: 2,
+            }),
+        );
+        let mut h = host(Mode::Overlay, &[]);
+        let outcome = h.host.apply(map_update(&map(4, &[2, 3]), &src.agent.host), 0).await;
+        src.applied(outcome.as_ref()).unwrap();
+        assert!(!dir.path().join("netmap.json").exists());
+        assert_eq!(table(&h.device).len(), 2);
+    }
+
+    #[test]
+    fn overlay_addresses_take_the_pool_prefix() {
+        let mut info = source(Path::new("/"), None).agent.host;
+        info.addresses.push("fd7a::1".parse().unwrap());
+        let got: Vec<String> = overlay_addresses(&info).iter().map(|n| n.to_string()).collect();
+        assert_eq!(got, ["100.64.0.1/10", "fd7a::1/128"]);
+    }
+}
