@@ -388,6 +388,9 @@ mod tests {
         let mut text = Vec::new();
         print(&mut text, &s).unwrap();
         let text = String::from_utf8(text).unwrap();
-        assert!(text.contains("  mode: overlay\n") && !text.contains("protected"), "{text}");
+        assert!(
+            text.contains("  mode: overlay\n") && !text.contains("protected"),
+            "{text}"
+        );
     }
 }

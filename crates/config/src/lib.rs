@@ -96,8 +96,8 @@ use toml::Spanned;
 
 pub use error::{ConfigError, Invalid, KeyFileError, Location};
 pub use keyfile::{load_private_key, write_private_key};
-pub use static_peers::{peer_specs, static_grants, StaticPeers, StaticPolicyError, SELF_NAME};
 pub use meshd_tunnel::{KeyError, PrivateKey};
+pub use static_peers::{peer_specs, static_grants, StaticPeers, StaticPolicyError, SELF_NAME};
 
 /// Default UDP listen port (WireGuard's).
 pub const DEFAULT_LISTEN_PORT: u16 = 51820;

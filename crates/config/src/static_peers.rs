@@ -227,7 +227,12 @@ tests:
         assert_eq!(peers.specs.len(), 2);
         assert!(peers.unresolved.is_empty());
         for s in &peers.specs {
-            assert_eq!(*s.grants, PeerGrants::allow_all("static-peer"), "{}", s.name);
+            assert_eq!(
+                *s.grants,
+                PeerGrants::allow_all("static-peer"),
+                "{}",
+                s.name
+            );
         }
         assert_eq!(
             peers.specs[0].endpoint,
@@ -255,7 +260,9 @@ tests:
     fn failing_policy_tests_are_refused() {
         let failing = RULES.replace("expect: allow", "expect: deny");
         let e = peer_specs(&config(&failing), 0).unwrap_err();
-        assert!(matches!(e, StaticPolicyError::TestsFailed { ref failed, .. } if failed.len() == 1));
+        assert!(
+            matches!(e, StaticPolicyError::TestsFailed { ref failed, .. } if failed.len() == 1)
+        );
         let msg = e.to_string();
         assert!(
             msg.starts_with("/etc/meshd/meshd.toml [interface] policy: policy tests failed:\n  "),

@@ -120,7 +120,12 @@ async fn a_static_source_and_a_map_give_the_same_host_state() {
     let (a, b) = (from_file.seen.borrow(), from_map.seen.borrow());
     assert_eq!(a.plans, b.plans);
     assert_eq!(a.plans.len(), 1);
-    assert_eq!(a.plans[0].0.len(), 2, "two underlay routes: {:?}", a.plans[0]);
+    assert_eq!(
+        a.plans[0].0.len(),
+        2,
+        "two underlay routes: {:?}",
+        a.plans[0]
+    );
     assert_eq!(a.route_syncs, b.route_syncs);
     let want: Vec<ipnet::IpNet> = ["100.64.0.2/32", "100.64.0.3/32", "fd7a::3/128"]
         .iter()
@@ -174,13 +179,16 @@ async fn a_refused_table_keeps_the_running_peers_routes_and_plan() {
     assert_eq!(e, TableError::DuplicateKey("impostor".into()));
     assert_eq!(table(&h.device), before);
     assert_eq!(*h.protected.lock().unwrap(), protected);
-    let seen = h.seen.borrow();
-    assert_eq!((seen.route_syncs.len(), seen.plans.len()), (1, 1));
+    let counts = |h: &super::fake::TestHost| {
+        let seen = h.seen.borrow();
+        (seen.route_syncs.len(), seen.plans.len())
+    };
+    assert_eq!(counts(&h), (1, 1));
     assert_eq!(h.host.sink.directory.peers[&key(2)].0, "db1");
-    drop(seen);
     // The re-plan of the next tick still works from the accepted update.
     h.host.tick(1_000).await;
     assert_eq!(table(&h.device), before);
+    assert_eq!(counts(&h), (2, 2));
 }
 
 #[tokio::test]
@@ -197,7 +205,10 @@ async fn grant_expiry_uncovers_ports_on_the_tick() {
         }],
     };
     m.peers[1].grants = PeerGrants::default();
-    h.host.apply(map_update(&m, &host_info()), 999).await.unwrap();
+    h.host
+        .apply(map_update(&m, &host_info()), 999)
+        .await
+        .unwrap();
     let covered = |h: &super::fake::TestHost| h.seen.borrow().plans.last().unwrap().1.clone();
     assert_eq!(covered(&h).tcp, vec![(1521, 1521)]);
     h.host.tick(999_500).await;
@@ -213,10 +224,22 @@ async fn own_address_changes_re_plan() {
         .apply(map_update(&map(1), &host_info()), 0)
         .await
         .unwrap();
-    assert!(!h.host.set_own_addresses(vec!["198.18.0.1/24".parse().unwrap()], 0).await);
-    assert_eq!(h.seen.borrow().plans.len(), 1, "same addresses: nothing to do");
+    assert!(
+        !h.host
+            .set_own_addresses(vec!["198.18.0.1/24".parse().unwrap()], 0)
+            .await
+    );
+    assert_eq!(
+        h.seen.borrow().plans.len(),
+        1,
+        "same addresses: nothing to do"
+    );
     // db1's address is ours now: no longer routed or protected, and a local destination.
-    assert!(h.host.set_own_addresses(vec!["198.18.0.2/24".parse().unwrap()], 0).await);
+    assert!(
+        h.host
+            .set_own_addresses(vec!["198.18.0.2/24".parse().unwrap()], 0)
+            .await
+    );
     assert_eq!(h.host.own_addresses(), ["198.18.0.2/24".parse().unwrap()]);
     assert_eq!(*h.protected.lock().unwrap(), ["198.18.0.3 (web)"]);
     assert!(h.device.destinations().accepts(ip("198.18.0.2")));

@@ -92,7 +92,10 @@ async fn enrol(
         host: e.host,
         machine_id,
     };
-    write_private(&state_dir.join("agent.json"), &serde_json::to_vec_pretty(&state)?)?;
+    write_private(
+        &state_dir.join("agent.json"),
+        &serde_json::to_vec_pretty(&state)?,
+    )?;
     write_private(&state_dir.join("join.token"), token.trim().as_bytes())?;
     // A new identity: a map from an earlier life must not be reused.
     let _ = std::fs::remove_file(state_dir.join("netmap.json"));
@@ -216,7 +219,6 @@ async fn identity(
         }
     }
 }
-
 
 /// The peers of a network map as an update: allowed IPs are the peers' overlay addresses,
 /// underlay addresses their endpoints' IPs.
@@ -510,10 +512,15 @@ mod tests {
     #[test]
     fn map_peers_keep_their_keepalive_endpoints_and_labels() {
         let mut m = map(3, &[2, 3]);
-        m.peers[1].endpoints.push("[fd00:18::3]:51820".parse().unwrap());
+        m.peers[1]
+            .endpoints
+            .push("[fd00:18::3]:51820".parse().unwrap());
         m.peers[1].transparent = true;
         let u = map_update(&m, &source(Path::new("/"), None).agent.host);
-        assert_eq!((u.host.as_str(), u.host_labels["app"].as_str()), ("app1", "app1"));
+        assert_eq!(
+            (u.host.as_str(), u.host_labels["app"].as_str()),
+            ("app1", "app1")
+        );
         assert_eq!(u.peers[1].spec.endpoint, Some(m.peers[1].endpoints[0]));
         assert_eq!(u.peers[1].underlay.len(), 2);
         assert!(u.peers[1].transparent && !u.peers[0].transparent);
@@ -560,7 +567,10 @@ mod tests {
             }),
         );
         let mut h = host(Mode::Overlay, &[]);
-        let outcome = h.host.apply(map_update(&map(4, &[2, 3]), &src.agent.host), 0).await;
+        let outcome = h
+            .host
+            .apply(map_update(&map(4, &[2, 3]), &src.agent.host), 0)
+            .await;
         src.applied(outcome.as_ref()).unwrap();
         assert!(!dir.path().join("netmap.json").exists());
         assert_eq!(table(&h.device).len(), 2);
@@ -570,7 +580,10 @@ mod tests {
     fn overlay_addresses_take_the_pool_prefix() {
         let mut info = source(Path::new("/"), None).agent.host;
         info.addresses.push("fd7a::1".parse().unwrap());
-        let got: Vec<String> = overlay_addresses(&info).iter().map(|n| n.to_string()).collect();
+        let got: Vec<String> = overlay_addresses(&info)
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
         assert_eq!(got, ["100.64.0.1/10", "fd7a::1/128"]);
     }
 }
