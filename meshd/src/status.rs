@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
+use meshd_config::Mode;
 use meshd_tunnel::Device;
 use serde::{Deserialize, Serialize};
 
@@ -23,8 +24,8 @@ pub struct Status {
     pub public_key: String,
     /// UDP port.
     pub listen_port: u16,
-    /// "overlay" or "transparent".
-    pub mode: String,
+    /// `overlay` or `transparent` (as in the config file).
+    pub mode: Mode,
     /// Overlay addresses.
     pub addresses: Vec<String>,
     /// Prefixes peers may reach through this host besides its own addresses
@@ -70,7 +71,7 @@ pub struct PeerStatus {
 pub struct StatusSource {
     pub interface: String,
     pub listen_port: u16,
-    pub mode: String,
+    pub mode: Mode,
     pub addresses: Vec<String>,
     pub offload: bool,
     /// Transparent mode's protected peer addresses (updated with each map).
@@ -140,7 +141,7 @@ pub fn snapshot(device: &Device, io: &IoStats, policy: &Enforcement, src: &Statu
         interface: src.interface.clone(),
         public_key: device.public_key().to_base64(),
         listen_port: src.listen_port,
-        mode: src.mode.clone(),
+        mode: src.mode,
         addresses: src.addresses.clone(),
         routed_prefixes: device
             .destinations()
@@ -206,7 +207,7 @@ pub fn print(w: &mut dyn Write, s: &Status) -> std::io::Result<()> {
     if !s.routed_prefixes.is_empty() {
         writeln!(w, "  routed prefixes: {}", s.routed_prefixes.join(", "))?;
     }
-    if s.mode == "transparent" {
+    if s.mode == Mode::Transparent {
         if s.protected.is_empty() {
             writeln!(w, "  protected peer addresses: none yet")?;
         } else {
@@ -294,7 +295,7 @@ mod tests {
         StatusSource {
             interface: "mesh0".into(),
             listen_port: 51820,
-            mode: "overlay".into(),
+            mode: Mode::Overlay,
             addresses: vec!["100.64.0.1/24".into()],
             offload: false,
             protected: Default::default(),
@@ -361,5 +362,35 @@ mod tests {
         let json: serde_json::Value = serde_json::to_value(&s).unwrap();
         assert_eq!(json["counters"]["cookie_replies_sent"], 2);
         assert_eq!(json["counters"]["drop_inner_destination"], 1);
+    }
+
+    #[test]
+    fn mode_is_shown_as_before() {
+        let device = Device::new(PrivateKey::generate(), 1);
+        let mut src = source();
+        src.mode = Mode::Transparent;
+        *src.protected.lock().unwrap() = vec!["198.18.0.2 (db1)".into()];
+        let s = snapshot(&device, &IoStats::default(), &Enforcement::new(), &src);
+        let json: serde_json::Value = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["mode"], "transparent");
+        let back: Status = serde_json::from_value(json).unwrap();
+        assert_eq!(back.mode, Mode::Transparent);
+        let mut text = Vec::new();
+        print(&mut text, &s).unwrap();
+        let text = String::from_utf8(text).unwrap();
+        assert!(text.contains("  mode: transparent\n"), "{text}");
+        assert!(
+            text.contains("  protected peer addresses: 198.18.0.2 (db1)\n"),
+            "{text}"
+        );
+        let s = snapshot(&device, &IoStats::default(), &Enforcement::new(), &source());
+        assert_eq!(serde_json::to_value(&s).unwrap()["mode"], "overlay");
+        let mut text = Vec::new();
+        print(&mut text, &s).unwrap();
+        let text = String::from_utf8(text).unwrap();
+        assert!(
+            text.contains("  mode: overlay\n") && !text.contains("protected"),
+            "{text}"
+        );
     }
 }

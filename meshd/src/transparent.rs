@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
-use meshd_hostnet::{Covered, HostNet, Route};
+use meshd_hostnet::{Blocked, Covered, HostNet, Route};
 use meshd_policy::{BlockEvent, DenyReason, Direction, PeerGrants, Proto};
 
 /// The firewall mark on meshd's own sockets in transparent mode (ASCII "MSH").
@@ -171,50 +171,9 @@ impl Transparent {
         Ok(())
     }
 
-    /// Plaintext drops since the last call, as block events. `peer_of` names the mesh peer an
-    /// address belongs to (plaintext from a peer that bypassed meshd), if any.
-    pub async fn blocked(
-        &mut self,
-        host: &str,
-        host_labels: &BTreeMap<String, String>,
-        peer_of: impl Fn(IpAddr) -> Option<(String, BTreeMap<String, String>)>,
-        now: u64,
-    ) -> Vec<BlockEvent> {
-        let drops = match self.net.take_blocked().await {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::warn!(error = %format!("{:#}", anyhow::Error::new(e)), "reading plaintext drops");
-                return Vec::new();
-            }
-        };
-        drops
-            .into_iter()
-            .map(|b| {
-                let (peer, peer_labels) =
-                    peer_of(b.src).unwrap_or_else(|| ("outside-mesh".into(), BTreeMap::new()));
-                let unspecified: IpAddr = if b.src.is_ipv4() {
-                    IpAddr::from([0, 0, 0, 0])
-                } else {
-                    IpAddr::from([0u16; 8])
-                };
-                BlockEvent {
-                    at: now,
-                    host: host.to_string(),
-                    host_labels: host_labels.clone(),
-                    peer,
-                    peer_labels,
-                    direction: Direction::Inbound,
-                    proto: match b.proto {
-                        meshd_hostnet::Proto::Tcp => meshd_policy::ip_proto::TCP,
-                        meshd_hostnet::Proto::Udp => meshd_policy::ip_proto::UDP,
-                    },
-                    src: SocketAddr::new(b.src, 0),
-                    dst: SocketAddr::new(unspecified, b.port),
-                    reason: DenyReason::Plaintext,
-                    count: b.packets,
-                }
-            })
-            .collect()
+    /// Plaintext drops since the last call.
+    pub async fn take_blocked(&mut self) -> anyhow::Result<Vec<Blocked>> {
+        Ok(self.net.take_blocked().await?)
     }
 
     /// Removes every rule, route and filter it added.
@@ -223,6 +182,46 @@ impl Transparent {
             tracing::warn!(error = %format!("{:#}", anyhow::Error::new(e)), "removing transparent-mode state");
         }
     }
+}
+
+/// Plaintext drops as block events (reason `plaintext`, inbound, towards `host`). `peer_of`
+/// names the mesh peer an address belongs to (plaintext from a peer that bypassed meshd), if
+/// any; other sources are `outside-mesh`. `now` is Unix seconds.
+pub fn plaintext_events(
+    drops: Vec<Blocked>,
+    host: &str,
+    host_labels: &BTreeMap<String, String>,
+    peer_of: impl Fn(IpAddr) -> Option<(String, BTreeMap<String, String>)>,
+    now: u64,
+) -> Vec<BlockEvent> {
+    drops
+        .into_iter()
+        .map(|b| {
+            let (peer, peer_labels) =
+                peer_of(b.src).unwrap_or_else(|| ("outside-mesh".into(), BTreeMap::new()));
+            let unspecified: IpAddr = if b.src.is_ipv4() {
+                IpAddr::from([0, 0, 0, 0])
+            } else {
+                IpAddr::from([0u16; 8])
+            };
+            BlockEvent {
+                at: now,
+                host: host.to_string(),
+                host_labels: host_labels.clone(),
+                peer,
+                peer_labels,
+                direction: Direction::Inbound,
+                proto: match b.proto {
+                    meshd_hostnet::Proto::Tcp => meshd_policy::ip_proto::TCP,
+                    meshd_hostnet::Proto::Udp => meshd_policy::ip_proto::UDP,
+                },
+                src: SocketAddr::new(b.src, 0),
+                dst: SocketAddr::new(unspecified, b.port),
+                reason: DenyReason::Plaintext,
+                count: b.packets,
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -392,5 +391,45 @@ mod tests {
         );
         assert_eq!(p.covered.tcp, vec![(1, u16::MAX)]);
         assert_eq!(p.covered.udp, vec![(1, u16::MAX)]);
+    }
+
+    #[test]
+    fn plaintext_drops_name_the_peer_or_outside_mesh() {
+        let drops = vec![
+            Blocked {
+                src: ip("198.18.0.2"),
+                proto: meshd_hostnet::Proto::Tcp,
+                port: 1521,
+                packets: 3,
+            },
+            Blocked {
+                src: ip("fd00:18::9"),
+                proto: meshd_hostnet::Proto::Udp,
+                port: 53,
+                packets: 1,
+            },
+        ];
+        let labels: BTreeMap<String, String> = [("app".to_string(), "db1".to_string())].into();
+        let peer_of = |a: IpAddr| {
+            (a == ip("198.18.0.2")).then(|| {
+                let l = [("app".to_string(), "app1".to_string())].into();
+                ("app1".to_string(), l)
+            })
+        };
+        let ev = plaintext_events(drops, "db1", &labels, peer_of, 77);
+        assert_eq!(ev.len(), 2);
+        assert_eq!(
+            (ev[0].peer.as_str(), ev[0].peer_labels["app"].as_str()),
+            ("app1", "app1")
+        );
+        assert_eq!(ev[0].dst, "0.0.0.0:1521".parse().unwrap());
+        assert_eq!(ev[0].proto, meshd_policy::ip_proto::TCP);
+        assert_eq!((ev[0].count, ev[0].at), (3, 77));
+        assert_eq!(ev[0].reason, DenyReason::Plaintext);
+        assert_eq!(ev[0].host_labels, labels);
+        assert_eq!(ev[1].peer, "outside-mesh");
+        assert!(ev[1].peer_labels.is_empty());
+        assert_eq!(ev[1].dst, "[::]:53".parse().unwrap());
+        assert_eq!(ev[1].src, "[fd00:18::9]:0".parse().unwrap());
     }
 }

@@ -78,6 +78,7 @@
 mod error;
 pub mod fsutil;
 mod keyfile;
+pub mod static_peers;
 
 use std::collections::BTreeMap;
 use std::collections::HashMap;
@@ -96,6 +97,7 @@ use toml::Spanned;
 pub use error::{ConfigError, Invalid, KeyFileError, Location};
 pub use keyfile::{load_private_key, write_private_key};
 pub use meshd_tunnel::{KeyError, PrivateKey};
+pub use static_peers::{peer_specs, static_grants, StaticPeers, StaticPolicyError, SELF_NAME};
 
 /// Default UDP listen port (WireGuard's).
 pub const DEFAULT_LISTEN_PORT: u16 = 51820;
@@ -147,8 +149,9 @@ pub struct Interface {
     pub routed_prefixes: Vec<IpNet>,
 }
 
-/// How traffic reaches the mesh (`interface.mode`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
+/// How traffic reaches the mesh (`interface.mode`; `meshd status` shows it as the same
+/// lowercase word).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Peers are addressed by their overlay addresses (the default).
@@ -156,6 +159,22 @@ pub enum Mode {
     Overlay,
     /// Traffic to peers' ordinary addresses is encrypted transparently.
     Transparent,
+}
+
+impl Mode {
+    /// The word used in the config file and in `meshd status`: `overlay` or `transparent`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Overlay => "overlay",
+            Mode::Transparent => "transparent",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// One `[[peer]]` table.

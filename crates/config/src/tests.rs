@@ -751,3 +751,17 @@ fn routed_prefixes() {
         "needs a prefix length",
     );
 }
+
+#[test]
+fn mode_is_one_lowercase_word_everywhere() {
+    for (mode, word) in [
+        (Mode::Overlay, "overlay"),
+        (Mode::Transparent, "transparent"),
+    ] {
+        assert_eq!(mode.to_string(), word);
+        assert_eq!(serde_json::to_string(&mode).unwrap(), format!("\"{word}\""));
+        let back: Mode = serde_json::from_str(&format!("\"{word}\"")).unwrap();
+        assert_eq!(back, mode);
+    }
+    assert!(serde_json::from_str::<Mode>("\"Overlay\"").is_err());
+}

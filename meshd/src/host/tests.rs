@@ -1,0 +1,371 @@
+//! What the host decides, in process: no root, no sockets, time passed in.
+
+use std::net::IpAddr;
+use std::os::unix::fs::PermissionsExt as _;
+
+use meshd_config::{Config, Mode};
+use meshd_control::map::Peer as MapPeer;
+use meshd_control::NetworkMap;
+use meshd_hostnet::Blocked;
+use meshd_policy::{Grant, PeerGrants, Proto};
+use meshd_tunnel::{PrivateKey, PublicKey, TableError};
+
+use super::fake::{host, table};
+use crate::source::coordinator::map_update;
+use crate::source::static_file::{update_from, StaticFile};
+use crate::source::PeerSource as _;
+
+fn key(n: u8) -> PublicKey {
+    PrivateKey::from_bytes([n; 32]).public_key()
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// A static config with db1 (one endpoint) and web (IPv4 and IPv6 overlay addresses).
+fn config_text(mode: &str, extra_peer: &str) -> String {
+    format!(
+        r#"
+[interface]
+name = "mesh0"
+private_key_file = "host.key"
+address = "100.64.0.1/10"
+mode = "{mode}"
+
+[[peer]]
+name = "db1"
+public_key = "{k2}"
+endpoint = "198.18.0.2:51820"
+allowed_ips = "100.64.0.2/32"
+persistent_keepalive = 25
+labels = {{ app = "db1" }}
+
+[[peer]]
+name = "web"
+public_key = "{k3}"
+endpoint = "198.18.0.3:51820"
+allowed_ips = ["100.64.0.3/32", "fd7a::3/128"]
+persistent_keepalive = 25
+labels = {{ app = "web" }}
+{extra_peer}"#,
+        k2 = key(2).to_base64(),
+        k3 = key(3).to_base64(),
+    )
+}
+
+fn config(mode: &str) -> Config {
+    Config::parse(&config_text(mode, ""), "/etc/meshd/meshd.toml").unwrap()
+}
+
+/// The network map a coordinator would send for the same two peers.
+fn map(version: u64) -> NetworkMap {
+    let peer = |name: &str, k: u8, addrs: &[&str], ep: &str| MapPeer {
+        name: name.into(),
+        public_key: key(k),
+        addresses: addrs.iter().map(|a| ip(a)).collect(),
+        endpoints: vec![ep.parse().unwrap()],
+        labels: [("app".to_string(), name.to_string())].into(),
+        grants: PeerGrants::allow_all("static-peer"),
+        transparent: true,
+    };
+    NetworkMap {
+        version,
+        peers: vec![
+            peer("db1", 2, &["100.64.0.2"], "198.18.0.2:51820"),
+            peer("web", 3, &["100.64.0.3", "fd7a::3"], "198.18.0.3:51820"),
+        ],
+    }
+}
+
+fn host_info() -> meshd_control::proto::HostInfo {
+    meshd_control::proto::HostInfo {
+        id: meshd_control::model::HostId(1),
+        name: "self".into(),
+        public_key: key(1),
+        addresses: vec![ip("100.64.0.1")],
+        networks: vec!["100.64.0.0/10".parse().unwrap()],
+        labels: Default::default(),
+    }
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn a_static_source_and_a_map_give_the_same_host_state() {
+    let own = ["198.18.0.1/24"];
+    let mut from_file = host(Mode::Transparent, &own);
+    let mut from_map = host(Mode::Transparent, &own);
+    from_file
+        .host
+        .apply(update_from(&config("transparent"), 0).unwrap(), 0)
+        .await
+        .unwrap();
+    from_map
+        .host
+        .apply(map_update(&map(1), &host_info()), 0)
+        .await
+        .unwrap();
+    let t = sorted(table(&from_file.device));
+    assert_eq!(t, sorted(table(&from_map.device)));
+    // The underlay addresses joined the overlay ones in the allowed IPs.
+    assert!(t[0].contains("[100.64.0.2/32 198.18.0.2/32]"), "{t:?}");
+    assert!(
+        t[1].contains("[100.64.0.3/32 198.18.0.3/32 fd7a::3/128]"),
+        "{t:?}"
+    );
+    let (a, b) = (from_file.seen.borrow(), from_map.seen.borrow());
+    assert_eq!(a.plans, b.plans);
+    assert_eq!(a.plans.len(), 1);
+    assert_eq!(
+        a.plans[0].0.len(),
+        2,
+        "two underlay routes: {:?}",
+        a.plans[0]
+    );
+    assert_eq!(a.route_syncs, b.route_syncs);
+    let want: Vec<ipnet::IpNet> = ["100.64.0.2/32", "100.64.0.3/32", "fd7a::3/128"]
+        .iter()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert_eq!(a.route_syncs, vec![want], "overlay routes only");
+    let protected = from_file.protected.lock().unwrap().clone();
+    assert_eq!(protected, ["198.18.0.2 (db1)", "198.18.0.3 (web)"]);
+    assert_eq!(protected, *from_map.protected.lock().unwrap());
+    // Our own underlay address is a local destination now.
+    assert!(from_file.device.destinations().accepts(ip("198.18.0.1")));
+    assert!(from_map.device.destinations().accepts(ip("198.18.0.1")));
+    assert_eq!(
+        from_file.host.sink.directory.peers[&key(2)],
+        from_map.host.sink.directory.peers[&key(2)]
+    );
+}
+
+#[tokio::test]
+async fn overlay_mode_plans_nothing_transparent() {
+    let mut h = host(Mode::Overlay, &["198.18.0.1/24"]);
+    h.host
+        .apply(update_from(&config("overlay"), 0).unwrap(), 0)
+        .await
+        .unwrap();
+    let t = sorted(table(&h.device));
+    assert!(t[0].contains("[100.64.0.2/32]"), "{t:?}");
+    assert!(h.seen.borrow().plans.is_empty());
+    assert!(!h.device.destinations().accepts(ip("198.18.0.1")));
+    assert!(h.protected.lock().unwrap().is_empty());
+    assert_eq!(h.seen.borrow().route_syncs.len(), 1);
+}
+
+#[tokio::test]
+async fn a_refused_table_keeps_the_running_peers_routes_and_plan() {
+    let mut h = host(Mode::Transparent, &["198.18.0.1/24"]);
+    h.host
+        .apply(map_update(&map(1), &host_info()), 0)
+        .await
+        .unwrap();
+    let before = table(&h.device);
+    let protected = h.protected.lock().unwrap().clone();
+    let mut bad = map(2);
+    bad.peers[1].public_key = key(2);
+    bad.peers[1].name = "impostor".into();
+    let e = h
+        .host
+        .apply(map_update(&bad, &host_info()), 0)
+        .await
+        .unwrap_err();
+    assert_eq!(e, TableError::DuplicateKey("impostor".into()));
+    assert_eq!(table(&h.device), before);
+    assert_eq!(*h.protected.lock().unwrap(), protected);
+    let counts = |h: &super::fake::TestHost| {
+        let seen = h.seen.borrow();
+        (seen.route_syncs.len(), seen.plans.len())
+    };
+    assert_eq!(counts(&h), (1, 1));
+    assert_eq!(h.host.sink.directory.peers[&key(2)].0, "db1");
+    // The re-plan of the next tick still works from the accepted update.
+    h.host.tick(1_000).await;
+    assert_eq!(table(&h.device), before);
+    assert_eq!(counts(&h), (2, 2));
+}
+
+#[tokio::test]
+async fn grant_expiry_uncovers_ports_on_the_tick() {
+    let mut h = host(Mode::Transparent, &["198.18.0.1/24"]);
+    let mut m = map(1);
+    m.peers[0].grants = PeerGrants {
+        outbound: vec![],
+        inbound: vec![Grant {
+            proto: Proto::Tcp,
+            ports: (1521, 1521),
+            expires_at: Some(1_000),
+            rule: "r".into(),
+        }],
+    };
+    m.peers[1].grants = PeerGrants::default();
+    h.host
+        .apply(map_update(&m, &host_info()), 999)
+        .await
+        .unwrap();
+    let covered = |h: &super::fake::TestHost| h.seen.borrow().plans.last().unwrap().1.clone();
+    assert_eq!(covered(&h).tcp, vec![(1521, 1521)]);
+    h.host.tick(999_500).await;
+    assert_eq!(covered(&h).tcp, vec![(1521, 1521)]);
+    h.host.tick(1_000_000).await;
+    assert!(covered(&h).tcp.is_empty(), "{:?}", covered(&h));
+}
+
+#[tokio::test]
+async fn own_address_changes_re_plan() {
+    let mut h = host(Mode::Transparent, &["198.18.0.1/24"]);
+    h.host
+        .apply(map_update(&map(1), &host_info()), 0)
+        .await
+        .unwrap();
+    assert!(
+        !h.host
+            .set_own_addresses(vec!["198.18.0.1/24".parse().unwrap()], 0)
+            .await
+    );
+    assert_eq!(
+        h.seen.borrow().plans.len(),
+        1,
+        "same addresses: nothing to do"
+    );
+    // db1's address is ours now: no longer routed or protected, and a local destination.
+    assert!(
+        h.host
+            .set_own_addresses(vec!["198.18.0.2/24".parse().unwrap()], 0)
+            .await
+    );
+    assert_eq!(h.host.own_addresses(), ["198.18.0.2/24".parse().unwrap()]);
+    assert_eq!(*h.protected.lock().unwrap(), ["198.18.0.3 (web)"]);
+    assert!(h.device.destinations().accepts(ip("198.18.0.2")));
+    assert!(!h.device.destinations().accepts(ip("198.18.0.1")));
+    let t = sorted(table(&h.device));
+    assert!(t[0].contains("[100.64.0.2/32]"), "{t:?}");
+}
+
+#[tokio::test]
+async fn plaintext_drops_become_block_events_naming_the_peer() {
+    let mut h = host(Mode::Transparent, &["198.18.0.1/24"]);
+    h.host
+        .apply(update_from(&config("transparent"), 0).unwrap(), 0)
+        .await
+        .unwrap();
+    h.seen.borrow_mut().drops = vec![
+        Blocked {
+            src: ip("198.18.0.3"),
+            proto: meshd_hostnet::Proto::Tcp,
+            port: 5432,
+            packets: 2,
+        },
+        Blocked {
+            src: ip("198.18.0.77"),
+            proto: meshd_hostnet::Proto::Udp,
+            port: 53,
+            packets: 1,
+        },
+    ];
+    let events = h.host.tick(5_000).await;
+    assert_eq!(events.len(), 2);
+    assert_eq!(
+        (events[0].host.as_str(), events[0].peer.as_str()),
+        ("self", "web")
+    );
+    assert_eq!(events[0].peer_labels["app"], "web");
+    assert_eq!(events[0].at, 5);
+    assert_eq!(events[1].peer, "outside-mesh");
+    let log = std::fs::read_to_string(h.dir.path().join("blocks.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 2, "{log}");
+    assert!(log.contains("\"peer\":\"web\""), "{log}");
+}
+
+#[tokio::test]
+async fn refusal_clears_the_peers_and_stop_removes_host_state() {
+    let mut h = host(Mode::Transparent, &[]);
+    h.host
+        .apply(map_update(&map(1), &host_info()), 0)
+        .await
+        .unwrap();
+    assert_eq!(table(&h.device).len(), 2);
+    h.host.clear_peers();
+    assert!(table(&h.device).is_empty());
+    let seen = h.seen.clone();
+    h.host.stop().await;
+    assert!(seen.borrow().routes_cleared && seen.borrow().guard_stopped);
+}
+
+/// Writes a static config (and its key) into `dir`.
+fn write_config(dir: &std::path::Path, text: &str) -> std::path::PathBuf {
+    let path = dir.join("meshd.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn a_refused_reload_keeps_the_running_peers() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_path = dir.path().join("host.key");
+    meshd_config::write_private_key(&key_path, &PrivateKey::from_bytes([1; 32])).unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let path = write_config(dir.path(), &config_text("overlay", ""));
+    let (mut source, setup, first) =
+        StaticFile::open(&path, &state, false, std::time::Duration::ZERO).unwrap();
+    assert_eq!(setup.mode, Mode::Overlay);
+    assert_eq!(setup.host, "self");
+    let mut h = host(Mode::Overlay, &[]);
+    let outcome = h.host.apply(first, 0).await;
+    source.applied(outcome.as_ref()).unwrap();
+    let running = table(&h.device);
+    assert_eq!(running.len(), 2);
+
+    // Policy tests that fail: refused, nothing to apply.
+    let failing = "policy = '''\nrules: []\ntests:\n  - { from: { app: web }, to: { app: db1 }, port: tcp/1, expect: allow }\n'''\n";
+    let text = config_text("overlay", "").replace(
+        "mode = \"overlay\"\n",
+        &format!("mode = \"overlay\"\n{failing}"),
+    );
+    write_config(dir.path(), &text);
+    assert!(source.reload().is_none());
+    // Not TOML: refused too.
+    write_config(dir.path(), "[interface\n");
+    assert!(source.reload().is_none());
+    assert_eq!(table(&h.device), running);
+
+    // A good file with a third peer goes through.
+    let third = format!(
+        "\n[[peer]]\nname = \"cache\"\npublic_key = \"{}\"\nallowed_ips = \"100.64.0.4/32\"\n",
+        key(4).to_base64()
+    );
+    write_config(dir.path(), &config_text("overlay", &third));
+    let update = source.reload().expect("a valid reload");
+    let outcome = h.host.apply(update, 0).await;
+    source.applied(outcome.as_ref()).unwrap();
+    assert_eq!(table(&h.device).len(), 3);
+    assert_eq!(h.host.sink.directory.host, "self");
+}
+
+#[test]
+fn a_refused_first_table_stops_a_static_host_but_a_refused_reload_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    meshd_config::write_private_key(
+        dir.path().join("host.key"),
+        &PrivateKey::from_bytes([1; 32]),
+    )
+    .unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let path = write_config(dir.path(), &config_text("overlay", ""));
+    let (mut source, ..) =
+        StaticFile::open(&path, &state, true, std::time::Duration::ZERO).unwrap();
+    let refused = TableError::DuplicateKey("db1".into());
+    assert!(source.applied(Err(&refused)).is_err());
+    assert!(source.reload().is_some());
+    assert!(source.applied(Err(&refused)).is_ok());
+}
