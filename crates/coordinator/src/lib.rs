@@ -1,17 +1,16 @@
 //! meshd coordinator: the control-plane server (QUIC + Noise control channel to agents, admin
-//! HTTP/JSON API, SQLite state) and the agent-side client library ([`client`]).
+//! HTTP/JSON API, SQLite state). The channel itself is `meshd-channel`; the agent's side of it
+//! is `meshd-agent`.
 //!
 //! Entry points: [`run`] (what `meshd coordinator` calls, with [`CoordinatorArgs`] flattened
-//! into its flags), [`start`] (tests: returns a handle with the bound addresses),
-//! [`client::enrol`] and [`client::spawn_session`] (what `meshd up` calls).
+//! into its flags), [`start`] (tests: returns a handle with the bound addresses).
 
 pub mod admin;
-pub mod client;
 pub mod guard;
-pub mod noise;
 pub mod options;
-pub mod quic;
 pub mod server;
+
+pub(crate) use meshd_channel::{noise, quic};
 
 pub use options::{
     CoordinatorArgs, CoordinatorFile, CoordinatorOptions, Shutdown, ShutdownTrigger,
