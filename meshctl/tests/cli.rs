@@ -4,10 +4,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
+use meshd_agent as client;
 use meshd_control::api::{EventView, HostView, StatusView, TokenCreateRequest, TokenView};
 use meshd_control::proto::EndpointReport;
 use meshd_control::JoinToken;
-use meshd_coordinator::{client, start, CoordinatorHandle, CoordinatorOptions};
+use meshd_coordinator::{start, CoordinatorHandle, CoordinatorOptions};
 use meshd_tunnel::PrivateKey;
 
 const HOSTS_HEADER: &str = "NAME  ID  ADDRESS  STATE  MODE  LAST SEEN  ENDPOINT  LABELS\n";

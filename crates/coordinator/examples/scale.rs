@@ -12,12 +12,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use meshd_agent::{
+    client_endpoint, enrol_via, spawn_session, SessionConfig, SessionHandle, SessionState,
+};
 use meshd_control::api::TokenCreateRequest;
 use meshd_control::proto::EndpointReport;
 use meshd_control::JoinToken;
-use meshd_coordinator::client::{
-    client_endpoint, enrol_via, spawn_session, SessionConfig, SessionHandle, SessionState,
-};
 use meshd_coordinator::{start, CoordinatorOptions};
 use meshd_tunnel::PrivateKey;
 

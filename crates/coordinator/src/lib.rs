@@ -1,9 +1,9 @@
 //! meshd coordinator: the control-plane server (QUIC + Noise control channel to agents, admin
-//! HTTP/JSON API, SQLite state) and the agent-side client library ([`client`]).
+//! HTTP/JSON API, SQLite state). The channel itself is `meshd-channel`; the agent's side of it
+//! is `meshd-agent`.
 //!
 //! Entry points: [`run`] (what `meshd coordinator` calls, with [`CoordinatorArgs`] flattened
-//! into its flags), [`start`] (tests: returns a handle with the bound addresses),
-//! [`client::enrol`] and [`client::spawn_session`] (what `meshd up` calls).
+//! into its flags), [`start`] (tests: returns a handle with the bound addresses).
 //!
 //! The server's parts, and who uses whom (no cycle):
 //! - [`ops`]: the admin operations ([`AdminOp`] → [`AdminReply`]) over the state;
@@ -17,14 +17,13 @@
 mod actor;
 pub mod admin;
 mod agent_conn;
-pub mod client;
 pub mod error;
 pub mod guard;
-pub mod noise;
 pub mod ops;
 pub mod options;
-pub mod quic;
 pub mod state_dir;
+
+pub(crate) use meshd_channel::{noise, quic};
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -6,12 +6,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use meshd_agent::SessionHandle;
+use meshd_agent::{enrol, spawn_session, ClientError, SessionConfig, SessionState};
 use meshd_control::api::{HealthView, StatusView, TokenCreateRequest};
 use meshd_control::proto::{EndpointReport, ErrorCode};
 use meshd_control::state::{AdminError, Dirty, MAX_TOKEN_TTL_SECS};
 use meshd_control::{AuditEvent, JoinToken, NetworkMap};
-use meshd_coordinator::client::SessionHandle;
-use meshd_coordinator::client::{enrol, spawn_session, ClientError, SessionConfig, SessionState};
 use meshd_coordinator::{
     start_with_store, AdminOp, AdminReply, CoordinatorHandle, CoordinatorOptions,
 };

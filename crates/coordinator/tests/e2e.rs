@@ -3,15 +3,15 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use meshd_agent::{
+    self as client, enrol, spawn_session, ClientError, SessionConfig, SessionHandle, SessionState,
+};
 use meshd_control::api::{EventView, HostView, TokenCreateRequest};
 use meshd_control::proto::{
     AgentMessage, CoordinatorMessage, EndpointReport, ErrorCode, MAX_AGENT_FRAME,
     MAX_COORDINATOR_FRAME, PROTOCOL_VERSION,
 };
 use meshd_control::{JoinToken, NetworkMap, TokenSecret};
-use meshd_coordinator::client::{
-    self, enrol, spawn_session, ClientError, SessionConfig, SessionHandle, SessionState,
-};
 use meshd_coordinator::{start, AdminOp, AdminReply, CoordinatorHandle, CoordinatorOptions};
 use meshd_tunnel::{PrivateKey, PublicKey};
 
@@ -82,12 +82,12 @@ async fn raw_channel(
     key: &PrivateKey,
 ) -> (
     quinn::Connection,
-    meshd_coordinator::noise::NoiseReader,
-    meshd_coordinator::noise::NoiseWriter,
+    meshd_channel::noise::NoiseReader,
+    meshd_channel::noise::NoiseWriter,
 ) {
     let conn = ep_.connect(c.control_addr(), "x").unwrap().await.unwrap();
     let (s, r) = conn.open_bi().await.unwrap();
-    let (reader, writer) = meshd_coordinator::noise::initiate(
+    let (reader, writer) = meshd_channel::noise::initiate(
         s,
         r,
         key,

@@ -9,11 +9,11 @@ use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use meshd_agent::{enrol, ClientError};
 use meshd_control::api::{HealthView, TokenCreateRequest};
 use meshd_control::proto::{EndpointReport, ErrorCode};
 use meshd_control::state::AdminError;
 use meshd_control::JoinToken;
-use meshd_coordinator::client::{enrol, ClientError};
 use meshd_coordinator::{start, AdminOp, AdminReply, CoordinatorHandle, CoordinatorOptions};
 use meshd_tunnel::PrivateKey;
 

@@ -8,10 +8,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use meshd_agent::{enrol, enrol_via, ClientError};
 use meshd_control::api::TokenCreateRequest;
 use meshd_control::proto::{EndpointReport, ErrorCode};
 use meshd_control::{JoinToken, TokenSecret};
-use meshd_coordinator::client::{enrol, enrol_via, ClientError};
 use meshd_coordinator::{start, CoordinatorHandle, CoordinatorOptions};
 use meshd_tunnel::PrivateKey;
 use tokio::net::UdpSocket;
@@ -49,7 +49,7 @@ fn is_initial(d: &[u8]) -> bool {
 
 fn client_endpoint() -> quinn::Endpoint {
     let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(meshd_coordinator::quic::client_config().unwrap());
+    ep.set_default_client_config(meshd_channel::quic::client_config().unwrap());
     ep
 }
 
@@ -269,7 +269,7 @@ fn guessed(real: &JoinToken) -> JoinToken {
 
 fn endpoint_on(ip: &str) -> quinn::Endpoint {
     let mut ep = quinn::Endpoint::client(format!("{ip}:0").parse().unwrap()).unwrap();
-    ep.set_default_client_config(meshd_coordinator::quic::client_config().unwrap());
+    ep.set_default_client_config(meshd_channel::quic::client_config().unwrap());
     ep
 }
 

@@ -14,17 +14,16 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::Context as _;
 use ipnet::IpNet;
+use meshd_agent::{self as client, SessionConfig, SessionHandle, SessionState};
 use meshd_config::fsutil::write_private_atomic as write_private;
 use meshd_config::Mode;
 use meshd_control::proto::{EndpointReport, HostInfo};
 use meshd_control::{JoinToken, NetworkMap};
-use meshd_coordinator::client::{self, SessionConfig, SessionHandle, SessionState};
 use meshd_policy::BlockEvent;
-use meshd_tunnel::{PeerDiff, PeerSpec, PrivateKey, PublicKey, TableError};
+use meshd_tunnel::{PeerDiff, PrivateKey, PublicKey, TableError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -32,8 +31,6 @@ use super::{HostSetup, Peer, PeerSource, PeerUpdate, SourceEvent, UpFacts};
 use crate::host::edges::LocalAddresses;
 use crate::transparent;
 
-/// Keepalive towards coordinator-managed peers (keeps NAT mappings and detects loss).
-const PEER_KEEPALIVE: u16 = 25;
 /// What an enrolled agent keeps on disk.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AgentState {
@@ -126,22 +123,6 @@ fn default_name() -> String {
         .unwrap_or_else(|| "host".into())
 }
 
-/// Peer specs from a network map: allowed IPs are the peers' overlay addresses.
-pub fn map_to_specs(map: &NetworkMap) -> Vec<PeerSpec> {
-    map.peers
-        .iter()
-        .map(|p| PeerSpec {
-            name: p.name.clone(),
-            public_key: p.public_key,
-            endpoint: p.endpoints.first().copied(),
-            allowed_ips: p.addresses.iter().map(|a| IpNet::from(*a)).collect(),
-            persistent_keepalive: Some(PEER_KEEPALIVE),
-            preshared_key: None,
-            grants: Arc::new(p.grants.clone()),
-        })
-        .collect()
-}
-
 /// Our overlay addresses with the pool's prefix length (so the whole pool routes to the TUN).
 fn overlay_addresses(host: &HostInfo) -> Vec<IpNet> {
     host.addresses
@@ -226,7 +207,7 @@ pub fn map_update(map: &NetworkMap, host: &HostInfo) -> PeerUpdate {
     PeerUpdate {
         host: host.name.clone(),
         host_labels: host.labels.clone(),
-        peers: map_to_specs(map)
+        peers: meshd_control::peer_specs(map)
             .into_iter()
             .zip(&map.peers)
             .map(|(spec, p)| Peer {
@@ -524,7 +505,10 @@ mod tests {
         assert_eq!(u.peers[1].spec.endpoint, Some(m.peers[1].endpoints[0]));
         assert_eq!(u.peers[1].underlay.len(), 2);
         assert!(u.peers[1].transparent && !u.peers[0].transparent);
-        assert_eq!(u.peers[0].spec.persistent_keepalive, Some(PEER_KEEPALIVE));
+        assert_eq!(
+            u.peers[0].spec.persistent_keepalive,
+            Some(meshd_control::specs::PEER_KEEPALIVE)
+        );
         assert_eq!(u.overlay_routes().len(), 2);
     }
 

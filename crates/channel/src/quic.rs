@@ -4,12 +4,25 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
-use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::crypto::rustls::{NoInitialCipherSuite, QuicClientConfig, QuicServerConfig};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 
 /// ALPN of the control protocol.
 pub const ALPN: &[u8] = b"meshd-control/1";
+
+/// Why a QUIC configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum QuicSetupError {
+    /// Generating the self-signed certificate failed.
+    #[error("generating the QUIC certificate: {0}")]
+    Certificate(#[from] rcgen::Error),
+    /// rustls refused the TLS configuration (protocol versions, certificate).
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    /// The crypto provider has no cipher suite QUIC can use for its initial packets.
+    #[error("QUIC crypto: {0}")]
+    Crypto(#[from] NoInitialCipherSuite),
+}
 
 /// QUIC keep-alive interval.
 pub const KEEPALIVE: Duration = Duration::from_secs(2);
@@ -34,35 +47,31 @@ fn transport() -> Arc<quinn::TransportConfig> {
 }
 
 /// Server config with a fresh self-signed certificate.
-pub fn server_config() -> anyhow::Result<quinn::ServerConfig> {
-    let ck = rcgen::generate_simple_self_signed(vec!["meshd-coordinator".to_string()])
-        .context("generating the QUIC certificate")?;
+pub fn server_config() -> Result<quinn::ServerConfig, QuicSetupError> {
+    let ck = rcgen::generate_simple_self_signed(vec!["meshd-coordinator".to_string()])?;
     let cert: CertificateDer<'static> = ck.cert.der().clone();
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()));
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .context("TLS 1.3")?
+        .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
-        .with_single_cert(vec![cert], key)
-        .context("TLS server certificate")?;
+        .with_single_cert(vec![cert], key)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    let crypto = QuicServerConfig::try_from(tls).context("QUIC server crypto")?;
+    let crypto = QuicServerConfig::try_from(tls)?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(transport());
     Ok(cfg)
 }
 
 /// Client config that accepts any certificate (Noise authenticates the coordinator).
-pub fn client_config() -> anyhow::Result<quinn::ClientConfig> {
+pub fn client_config() -> Result<quinn::ClientConfig, QuicSetupError> {
     let p = provider();
     let mut tls = rustls::ClientConfig::builder_with_provider(p.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .context("TLS 1.3")?
+        .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(NoCertVerification(p)))
         .with_no_client_auth();
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    let crypto = QuicClientConfig::try_from(tls).context("QUIC client crypto")?;
+    let crypto = QuicClientConfig::try_from(tls)?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     cfg.transport_config(transport());
     Ok(cfg)
@@ -113,5 +122,14 @@ impl rustls::client::danger::ServerCertVerifier for NoCertVerification {
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn configs_build() {
+        super::server_config().unwrap();
+        super::client_config().unwrap();
     }
 }

@@ -1,0 +1,391 @@
+//! The tokio driver of [`AgentSession`]: one task per session that opens the transport when
+//! the session asks, feeds it frames, timer expiries and local changes, and carries out its
+//! actions. All protocol decisions are the session's.
+//!
+//! The session sits behind a mutex shared with the [`SessionHandle`] (as quinn's `Connection`
+//! shares its quinn-proto state): the handle's methods feed their input directly — so a full
+//! block queue hands the batch back at once — and wake the task to drain the actions. The lock
+//! is never held across an await.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use meshd_channel::noise::{ChannelError, NoiseWriter};
+use meshd_control::proto::{AgentMessage, CoordinatorMessage, EndpointReport};
+use meshd_control::session::{Action, AgentSession, Input, SessionParams, SessionState};
+use meshd_control::NetworkMap;
+use meshd_tunnel::{PrivateKey, PublicKey};
+use parking_lot::Mutex;
+use rand_core::{OsRng, RngCore as _};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::transport::{open, ClientError, Open};
+
+/// Frames read ahead of the session (the reader task waits when they are not taken).
+const FRAMES_QUEUED: usize = 16;
+
+/// Session parameters.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Coordinator control address.
+    pub coordinator: SocketAddr,
+    /// Pinned coordinator key.
+    pub coordinator_key: PublicKey,
+    /// This host's WireGuard private key.
+    pub private_key: PrivateKey,
+    /// Initial endpoint report.
+    pub endpoints: EndpointReport,
+    /// Last persisted map (published until the first map arrives; fail-static).
+    pub initial_map: Option<NetworkMap>,
+    /// A shared client endpoint (`None`: one per session).
+    pub endpoint: Option<quinn::Endpoint>,
+    /// Firewall mark for the session's own socket (when `endpoint` is `None`).
+    pub fwmark: Option<u32>,
+}
+
+impl SessionConfig {
+    /// A config with no persisted map and its own QUIC socket.
+    pub fn new(
+        coordinator: SocketAddr,
+        coordinator_key: PublicKey,
+        private_key: PrivateKey,
+        endpoints: EndpointReport,
+    ) -> Self {
+        SessionConfig {
+            coordinator,
+            coordinator_key,
+            private_key,
+            endpoints,
+            initial_map: None,
+            endpoint: None,
+            fwmark: None,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    session: Mutex<AgentSession>,
+    /// Set after feeding the session from outside the task: its actions want draining.
+    wake: Notify,
+}
+
+impl Shared {
+    fn input(&self, input: Input) {
+        self.session.lock().handle_input(input, Instant::now());
+        self.wake.notify_one();
+    }
+}
+
+/// A running session.
+#[derive(Debug)]
+pub struct SessionHandle {
+    shared: Arc<Shared>,
+    map: watch::Receiver<Option<NetworkMap>>,
+    state: watch::Receiver<SessionState>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl SessionHandle {
+    /// The latest network map (`None` until one arrives, unless a persisted one was given).
+    pub fn map(&self) -> watch::Receiver<Option<NetworkMap>> {
+        self.map.clone()
+    }
+
+    /// The session state.
+    pub fn state(&self) -> watch::Receiver<SessionState> {
+        self.state.clone()
+    }
+
+    /// Reports new local underlay endpoints (sent at once if connected, else on reconnect).
+    pub fn report_endpoints(&self, addrs: Vec<SocketAddr>) {
+        let report = {
+            let s = self.shared.session.lock();
+            if s.endpoints().addrs == addrs {
+                return;
+            }
+            EndpointReport {
+                addrs,
+                ..s.endpoints().clone()
+            }
+        };
+        self.shared.input(Input::Endpoints(report));
+    }
+
+    /// Replaces the whole endpoint report (addresses and listen port).
+    pub fn report(&self, report: EndpointReport) {
+        if *self.shared.session.lock().endpoints() == report {
+            return;
+        }
+        self.shared.input(Input::Endpoints(report));
+    }
+
+    /// Queues denied-flow events for the coordinator (`meshctl blocks`); sent in messages of at
+    /// most [`meshd_control::proto::MAX_BLOCKS_PER_MESSAGE`] events once connected. A full
+    /// queue ([`crate::BLOCK_BATCHES_QUEUED`] batches), or a session that has ended, hands the
+    /// batch back: count it and drop it.
+    pub fn report_blocks(
+        &self,
+        events: Vec<meshd_policy::BlockEvent>,
+    ) -> Result<(), Vec<meshd_policy::BlockEvent>> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        self.shared.session.lock().queue_blocks(events)?;
+        self.shared.wake.notify_one();
+        Ok(())
+    }
+
+    /// Stops the session and waits for it.
+    pub async fn shutdown(self) {
+        self.stop.send_replace(true);
+        let _finished_or_panicked = self.task.await;
+    }
+}
+
+/// Starts a session: connect, `Resume`, follow maps, ack, report endpoints; reconnect with
+/// exponential backoff and jitter (capped at [`crate::MAX_BACKOFF`]) until refused for good.
+/// Dropping the handle stops it too.
+pub fn spawn_session(mut cfg: SessionConfig) -> SessionHandle {
+    let initial_map = cfg.initial_map.take();
+    let mut session = AgentSession::new(
+        SessionParams {
+            endpoints: cfg.endpoints.clone(),
+            initial_map: initial_map.clone(),
+            jitter_seed: OsRng.next_u64(),
+        },
+        Instant::now(),
+    );
+    // The initial map is the watch's first value (so it is not a change); the rest (the
+    // connect) is for the task.
+    let mut first = VecDeque::new();
+    while let Some(a) = session.poll_action() {
+        if !matches!(a, Action::ApplyMap(_)) {
+            first.push_back(a);
+        }
+    }
+    let (map_tx, map) = watch::channel(initial_map);
+    let (state_tx, state) = watch::channel(session.state().clone());
+    let (stop, stop_rx) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        session: Mutex::new(session),
+        wake: Notify::new(),
+    });
+    let task = tokio::spawn(
+        Driver {
+            cfg,
+            shared: shared.clone(),
+            map_tx,
+            state_tx,
+            link: Link::Down,
+        }
+        .run(first, stop_rx),
+    );
+    SessionHandle {
+        shared,
+        map,
+        state,
+        stop,
+        task,
+    }
+}
+
+type Connecting =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Open, ClientError>> + Send>>;
+
+/// The live connection: dropping it closes the connection and stops its reader.
+struct Live {
+    conn: quinn::Connection,
+    writer: NoiseWriter,
+    frames: mpsc::Receiver<Result<CoordinatorMessage, ChannelError>>,
+    _reader: AbortOnDrop,
+    _endpoint: quinn::Endpoint,
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.conn.close(quinn::VarInt::from_u32(0), b"bye");
+    }
+}
+
+enum Link {
+    Down,
+    Connecting(Connecting),
+    Up(Live),
+}
+
+enum Event {
+    Opened(Result<Open, ClientError>),
+    Frame(Result<CoordinatorMessage, ChannelError>),
+    Timer,
+    Woken,
+    Stop,
+}
+
+impl Link {
+    /// The next thing the transport has to say (pending forever when down).
+    async fn next(&mut self) -> Event {
+        match self {
+            Link::Down => std::future::pending().await,
+            Link::Connecting(f) => Event::Opened(f.await),
+            Link::Up(live) => Event::Frame(
+                live.frames
+                    .recv()
+                    .await
+                    .unwrap_or(Err(ChannelError::Closed)),
+            ),
+        }
+    }
+}
+
+struct Driver {
+    cfg: SessionConfig,
+    shared: Arc<Shared>,
+    map_tx: watch::Sender<Option<NetworkMap>>,
+    state_tx: watch::Sender<SessionState>,
+    link: Link,
+}
+
+impl Driver {
+    fn input(&self, input: Input) {
+        self.shared
+            .session
+            .lock()
+            .handle_input(input, Instant::now());
+    }
+
+    async fn run(mut self, mut pending: VecDeque<Action>, mut stop: watch::Receiver<bool>) {
+        loop {
+            while let Some(a) = pending
+                .pop_front()
+                .or_else(|| self.shared.session.lock().poll_action())
+            {
+                self.act(a).await;
+            }
+            let (finished, timeout) = {
+                let s = self.shared.session.lock();
+                (s.is_finished(), s.poll_timeout())
+            };
+            if finished {
+                break;
+            }
+            let timer = async {
+                match timeout {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let event = tokio::select! {
+                e = self.link.next() => e,
+                () = timer => Event::Timer,
+                () = self.shared.wake.notified() => Event::Woken,
+                // A dropped handle stops the session as well.
+                _ = stop.wait_for(|v| *v) => Event::Stop,
+            };
+            match event {
+                Event::Opened(Ok(o)) => {
+                    let Open {
+                        conn,
+                        mut reader,
+                        writer,
+                        endpoint,
+                    } = o;
+                    let (tx, frames) = mpsc::channel(FRAMES_QUEUED);
+                    let reader = tokio::spawn(async move {
+                        loop {
+                            let r = reader.recv::<CoordinatorMessage>().await;
+                            let end = r.is_err();
+                            if tx.send(r).await.is_err() || end {
+                                break;
+                            }
+                        }
+                    });
+                    self.link = Link::Up(Live {
+                        conn,
+                        writer,
+                        frames,
+                        _reader: AbortOnDrop(reader),
+                        _endpoint: endpoint,
+                    });
+                    self.input(Input::TransportUp);
+                }
+                Event::Opened(Err(e)) => self.down(e),
+                Event::Frame(Ok(m)) => self.input(Input::Frame(m)),
+                Event::Frame(Err(e)) => self.down(ClientError::Channel(e)),
+                Event::Timer => self.shared.session.lock().handle_timeout(Instant::now()),
+                Event::Woken => {}
+                Event::Stop => self.shared.session.lock().shutdown(),
+            }
+        }
+        self.link = Link::Down;
+    }
+
+    /// The transport failed: drop it and tell the session.
+    fn down(&mut self, e: ClientError) {
+        self.link = Link::Down;
+        self.input(Input::TransportDown {
+            error: e.to_string(),
+        });
+    }
+
+    async fn act(&mut self, a: Action) {
+        match a {
+            Action::Connect => {
+                let (addr, coordinator_key) = (self.cfg.coordinator, self.cfg.coordinator_key);
+                let (key, endpoint, fwmark) = (
+                    self.cfg.private_key.clone(),
+                    self.cfg.endpoint.clone(),
+                    self.cfg.fwmark,
+                );
+                self.link = Link::Connecting(Box::pin(async move {
+                    open(addr, &coordinator_key, &key, endpoint.as_ref(), fwmark).await
+                }));
+            }
+            Action::Close => self.link = Link::Down,
+            Action::Send(msg) => {
+                if matches!(msg, AgentMessage::Resync) {
+                    warn!("cannot apply map delta; asking for a full map");
+                }
+                // A frame for a transport that is gone is dropped (the session knows).
+                let Link::Up(live) = &mut self.link else {
+                    return;
+                };
+                if let Err(e) = live.writer.send(&msg).await {
+                    self.down(ClientError::Channel(e));
+                }
+            }
+            Action::ApplyMap(m) => {
+                self.map_tx.send_replace(Some(Arc::unwrap_or_clone(m)));
+            }
+            Action::State(s) => {
+                match &s {
+                    SessionState::Connected { host } => {
+                        info!(host = %host.name, coordinator = %self.cfg.coordinator, "control session up")
+                    }
+                    SessionState::Connecting {
+                        last_error: Some(e),
+                        ..
+                    } => debug!(error = %e, "control session ended"),
+                    SessionState::Refused { code, message } => {
+                        warn!(%code, %message, "coordinator refused this host; session stopped")
+                    }
+                    SessionState::Connecting { .. } | SessionState::Stopped => {}
+                }
+                self.state_tx.send_replace(s);
+            }
+        }
+    }
+}
+
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,0 +1,214 @@
+//! Opening the QUIC + Noise transport to the coordinator, and enrolment (one exchange on it).
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use meshd_channel::noise::{self, ChannelError, NoiseReader, NoiseWriter};
+use meshd_channel::quic;
+use meshd_control::proto::{
+    AgentMessage, CoordinatorMessage, EndpointReport, ErrorCode, HostInfo, MAX_AGENT_FRAME,
+    MAX_COORDINATOR_FRAME, PROTOCOL_VERSION,
+};
+use meshd_control::JoinToken;
+use meshd_tunnel::{PrivateKey, PublicKey};
+
+/// How long each step of opening the transport (QUIC handshake, stream, Noise handshake) and
+/// the enrolment's answer may take.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why talking to the coordinator failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The coordinator said no (token expired/revoked/used up, host removed, …).
+    #[error("coordinator refused: {code} ({message})")]
+    Refused {
+        /// Which refusal.
+        code: ErrorCode,
+        /// Detail from the coordinator.
+        message: String,
+    },
+    /// Could not create the local QUIC socket.
+    #[error("creating the QUIC socket: {0}")]
+    Socket(#[from] std::io::Error),
+    /// QUIC configuration problem.
+    #[error("QUIC setup: {0}")]
+    Setup(String),
+    /// Could not start connecting.
+    #[error("connecting to the coordinator: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    /// The QUIC connection failed or closed.
+    #[error("coordinator connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// The Noise handshake failed: the coordinator's key is not the pinned one, or it is not a
+    /// meshd coordinator.
+    #[error("secure handshake with the coordinator failed (wrong coordinator key pinned, or not a meshd coordinator): {0}")]
+    Handshake(#[source] ChannelError),
+    /// The secure channel failed after the handshake.
+    #[error("control channel: {0}")]
+    Channel(#[from] ChannelError),
+    /// No answer in time.
+    #[error("timed out waiting for the coordinator")]
+    Timeout,
+    /// The coordinator sent something out of order.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+/// What to keep after enrolling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enrolment {
+    /// Our record: id, name (may have been de-duplicated), overlay addresses, labels.
+    pub host: HostInfo,
+    /// The coordinator's control address.
+    pub coordinator: SocketAddr,
+    /// The coordinator's static key (pin it).
+    pub coordinator_key: PublicKey,
+}
+
+fn setup_error(e: quic::QuicSetupError) -> ClientError {
+    ClientError::Setup(e.to_string())
+}
+
+/// A client QUIC endpoint bound to `bind` (share one between many sessions if you like).
+pub fn client_endpoint(bind: SocketAddr) -> Result<quinn::Endpoint, ClientError> {
+    let mut ep = quinn::Endpoint::client(bind)?;
+    ep.set_default_client_config(quic::client_config().map_err(setup_error)?);
+    Ok(ep)
+}
+
+/// Like [`client_endpoint`], with the socket's packets carrying firewall mark `fwmark`
+/// (`SO_MARK`): transparent mode's policy routing lets marked packets bypass the tunnel, so
+/// the control connection to a coordinator on a peer's address is not steered into it.
+pub fn client_endpoint_marked(
+    bind: SocketAddr,
+    fwmark: Option<u32>,
+) -> Result<quinn::Endpoint, ClientError> {
+    let Some(mark) = fwmark else {
+        return client_endpoint(bind);
+    };
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(bind),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    sock.set_mark(mark)?;
+    sock.bind(&bind.into())?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| ClientError::Setup("no async runtime for the QUIC endpoint".into()))?;
+    let mut ep =
+        quinn::Endpoint::new(quinn::EndpointConfig::default(), None, sock.into(), runtime)?;
+    ep.set_default_client_config(quic::client_config().map_err(setup_error)?);
+    Ok(ep)
+}
+
+fn wildcard_for(addr: SocketAddr) -> SocketAddr {
+    if addr.is_ipv4() {
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
+    } else {
+        SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
+    }
+}
+
+/// An open transport: the QUIC connection and the two halves of the Noise channel on its
+/// stream.
+pub(crate) struct Open {
+    pub(crate) conn: quinn::Connection,
+    pub(crate) reader: NoiseReader,
+    pub(crate) writer: NoiseWriter,
+    /// The endpoint the connection runs on (the session's own one, when not shared).
+    pub(crate) endpoint: quinn::Endpoint,
+}
+
+async fn timed<T, E>(f: impl std::future::Future<Output = Result<T, E>>) -> Result<T, ClientError>
+where
+    ClientError: From<E>,
+{
+    tokio::time::timeout(TIMEOUT, f)
+        .await
+        .map_err(|_| ClientError::Timeout)?
+        .map_err(Into::into)
+}
+
+/// Connects to `addr` over `endpoint` (`None`: a fresh one, marked with `fwmark`) and runs
+/// the Noise handshake pinning `coordinator_key`.
+pub(crate) async fn open(
+    addr: SocketAddr,
+    coordinator_key: &PublicKey,
+    key: &PrivateKey,
+    endpoint: Option<&quinn::Endpoint>,
+    fwmark: Option<u32>,
+) -> Result<Open, ClientError> {
+    let ep = match endpoint {
+        Some(e) => e.clone(),
+        None => client_endpoint_marked(wildcard_for(addr), fwmark)?,
+    };
+    let conn = timed(ep.connect(addr, "meshd-coordinator")?).await?;
+    let (send, recv) = timed(conn.open_bi()).await?;
+    let (reader, writer) = tokio::time::timeout(
+        TIMEOUT,
+        noise::initiate(
+            send,
+            recv,
+            key,
+            coordinator_key,
+            MAX_AGENT_FRAME,
+            MAX_COORDINATOR_FRAME,
+        ),
+    )
+    .await
+    .map_err(|_| ClientError::Timeout)?
+    .map_err(ClientError::Handshake)?;
+    Ok(Open {
+        conn,
+        reader,
+        writer,
+        endpoint: ep,
+    })
+}
+
+/// Enrols this host with a join token. The private key never leaves the host: only the
+/// Noise handshake proves it.
+pub async fn enrol(
+    token: &JoinToken,
+    name: &str,
+    key: &PrivateKey,
+    endpoints: EndpointReport,
+) -> Result<Enrolment, ClientError> {
+    enrol_via(None, token, name, key, endpoints).await
+}
+
+/// [`enrol`] over a given client endpoint (`None`: a fresh one).
+pub async fn enrol_via(
+    endpoint: Option<&quinn::Endpoint>,
+    token: &JoinToken,
+    name: &str,
+    key: &PrivateKey,
+    endpoints: EndpointReport,
+) -> Result<Enrolment, ClientError> {
+    let mut o = open(token.control, &token.coordinator_key, key, endpoint, None).await?;
+    let msg = AgentMessage::Enrol {
+        protocol: PROTOCOL_VERSION,
+        secret: token.secret.clone(),
+        name: name.to_string(),
+        endpoints,
+    };
+    let host = async {
+        o.writer.send(&msg).await?;
+        match timed(o.reader.recv::<CoordinatorMessage>()).await? {
+            CoordinatorMessage::Welcome { host, .. } => Ok(host),
+            CoordinatorMessage::Error { code, message } => {
+                Err(ClientError::Refused { code, message })
+            }
+            other => Err(ClientError::Protocol(format!(
+                "expected welcome, got {other:?}"
+            ))),
+        }
+    }
+    .await;
+    o.conn.close(quinn::VarInt::from_u32(0), b"enrolled");
+    Ok(Enrolment {
+        host: host?,
+        coordinator: token.control,
+        coordinator_key: token.coordinator_key,
+    })
+}
