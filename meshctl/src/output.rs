@@ -1,6 +1,8 @@
 //! Rendering: aligned tables and `key: value` blocks. Pure: the current time is a parameter.
 
-use meshd_control::api::{EventView, GuardStats, HostView, StatusView, StoreFailure, TokenView};
+use meshd_control::api::{
+    EventView, GuardStats, HostMode, HostView, StatusView, StoreFailure, TokenView,
+};
 use meshd_control::policy::PolicyRecord;
 use meshd_control::{Labels, UnixTime};
 use meshd_policy::{ip_proto, BlockEvent, Change, ChangeKind, Direction, Explanation, Policy};
@@ -136,11 +138,7 @@ pub fn hosts_table(hosts: &[HostView], now: UnixTime) -> String {
 }
 
 fn mode(h: &HostView) -> String {
-    if h.mode.is_empty() {
-        "-".into()
-    } else {
-        h.mode.clone()
-    }
+    h.mode.map_or("-", HostMode::as_str).into()
 }
 
 /// `hosts show` (and the result of label, unlabel, rename, remove).
@@ -306,11 +304,7 @@ pub fn status(s: &StatusView, policy: &PolicyState, server: &str, now: UnixTime)
                 ago(c.connected_at, now),
                 c.sent_version.to_string(),
                 c.acked_version.to_string(),
-                if c.mode.is_empty() {
-                    "-".into()
-                } else {
-                    c.mode.clone()
-                },
+                c.mode.map_or("-", HostMode::as_str).into(),
                 if c.protected.is_empty() {
                     "-".into()
                 } else {
@@ -498,7 +492,7 @@ mod tests {
             created_at: 1000,
             last_seen: 1000,
             acked_version: connected.then_some(7),
-            mode: if id == 1 { "transparent" } else { "overlay" }.into(),
+            mode: Some(HostMode::of(id == 1)),
             quarantined: id == 12,
         }
     }
@@ -605,7 +599,7 @@ mod tests {
                 sent_version: 4,
                 acked_version: 3,
                 connected_at: 40,
-                mode: "transparent".into(),
+                mode: Some(HostMode::Transparent),
                 protected: vec!["198.18.0.2".parse().unwrap()],
             }],
             advertise: "192.0.2.10:7443".parse().unwrap(),

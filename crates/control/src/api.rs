@@ -27,6 +27,42 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{Host, HostId, Labels, Token, TokenId, UnixTime};
 
+/// How a host carries its traffic, as its agent reported: on the JSON wire `"overlay"` or
+/// `"transparent"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HostMode {
+    /// Overlay addresses only (the default).
+    Overlay,
+    /// Transparent mode: the host's underlay addresses are carried too.
+    Transparent,
+}
+
+impl HostMode {
+    /// `Transparent` if `transparent`, else `Overlay`.
+    pub fn of(transparent: bool) -> Self {
+        if transparent {
+            HostMode::Transparent
+        } else {
+            HostMode::Overlay
+        }
+    }
+
+    /// The name on the wire and at the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostMode::Overlay => "overlay",
+            HostMode::Transparent => "transparent",
+        }
+    }
+}
+
+impl std::fmt::Display for HostMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A host as the admin API shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostView {
@@ -52,9 +88,10 @@ pub struct HostView {
     pub last_seen: UnixTime,
     /// Map version last acked (when connected).
     pub acked_version: Option<u64>,
-    /// `overlay` or `transparent` (as the agent last reported).
+    /// `overlay` or `transparent` (as the agent last reported); absent from coordinators
+    /// older than the field.
     #[serde(default)]
-    pub mode: String,
+    pub mode: Option<HostMode>,
     /// Quarantined: in nobody's map until released.
     #[serde(default)]
     pub quarantined: bool,
@@ -75,12 +112,7 @@ impl HostView {
             created_at: h.created_at,
             last_seen: h.last_seen,
             acked_version,
-            mode: if h.transparent {
-                "transparent"
-            } else {
-                "overlay"
-            }
-            .into(),
+            mode: Some(HostMode::of(h.transparent)),
             quarantined: h.quarantined,
         }
     }
@@ -183,9 +215,9 @@ pub struct ConnectedAgent {
     pub acked_version: u64,
     /// Connected since.
     pub connected_at: UnixTime,
-    /// `overlay` or `transparent`.
+    /// `overlay` or `transparent`; absent from coordinators older than the field.
     #[serde(default)]
-    pub mode: String,
+    pub mode: Option<HostMode>,
     /// Transparent mode: the host's underlay addresses, which its transparent peers reach
     /// only through the tunnel (empty in overlay mode).
     #[serde(default)]
@@ -348,4 +380,29 @@ pub struct EventView {
     pub kind: String,
     /// Details, e.g. `key <base64> from 192.0.2.1` for a refused duplicate connection.
     pub detail: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_mode_keeps_its_wire_names_and_an_old_coordinator_omits_it() {
+        for (m, name) in [
+            (HostMode::Overlay, "\"overlay\""),
+            (HostMode::Transparent, "\"transparent\""),
+        ] {
+            assert_eq!(serde_json::to_string(&m).unwrap(), name);
+            assert_eq!(serde_json::from_str::<HostMode>(name).unwrap(), m);
+            assert_eq!(format!("\"{m}\""), name);
+        }
+        assert!(serde_json::from_str::<HostMode>("\"bridge\"").is_err());
+        // A connected-agent row from a coordinator older than the field.
+        let old = r#"{"id":1,"name":"a","sent_version":2,"acked_version":2,"connected_at":5}"#;
+        let c: ConnectedAgent = serde_json::from_str(old).unwrap();
+        assert_eq!(c.mode, None);
+        let now = r#"{"id":1,"name":"a","sent_version":2,"acked_version":2,"connected_at":5,"mode":"transparent"}"#;
+        let c: ConnectedAgent = serde_json::from_str(now).unwrap();
+        assert_eq!(c.mode, Some(HostMode::Transparent));
+    }
 }

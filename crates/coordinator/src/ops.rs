@@ -298,12 +298,7 @@ fn status(state: &CoordinatorState, identity: Identity, health: &HealthView) -> 
                 sent_version: s.sent_version,
                 acked_version: s.acked_version,
                 connected_at: s.connected_at,
-                mode: if transparent {
-                    "transparent"
-                } else {
-                    "overlay"
-                }
-                .into(),
+                mode: Some(meshd_control::api::HostMode::of(transparent)),
                 protected,
             }
         })
