@@ -320,7 +320,8 @@ impl Dataplane<Real> {
 
 impl<E: Edges> Dataplane<E> {
     /// Starts the workers over edges the caller made (fakes: a whole host's threads without
-    /// root). `listen_port`, `if_index` and `offload` are then what the caller says.
+    /// root). The caller knows its edges: `listen_port` and `if_index` are 0 and `offload`
+    /// false.
     pub fn start_with(
         device: Arc<Device>,
         policy: Arc<Enforcement>,
