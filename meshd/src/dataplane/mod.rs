@@ -101,19 +101,22 @@ pub struct DataplaneConfig {
     pub busy_poll: Duration,
 }
 
-/// IO-level counters (the device keeps the protocol-level ones).
+/// IO-level counters (the device keeps the protocol-level ones). The tx path's counters and
+/// the rx path's sit on separate cache lines: each is bumped every batch by its own thread.
 #[derive(Debug, Default)]
+#[repr(C)]
 pub struct IoStats {
     /// Datagrams that could not be sent.
     pub udp_send_errors: AtomicU64,
-    /// TUN write errors.
-    pub tun_write_errors: AtomicU64,
     /// GSO sends and the datagrams they carried (their ratio is the mean batch).
     pub gso_sends: AtomicU64,
     /// Datagrams sent.
     pub datagrams_sent: AtomicU64,
+    _rx_apart: [u64; 14],
     /// Datagrams received.
     pub datagrams_received: AtomicU64,
+    /// TUN write errors.
+    pub tun_write_errors: AtomicU64,
     /// Times bulk traffic woke the parked tx thread.
     pub tx_wakeups: AtomicU64,
 }
@@ -215,16 +218,16 @@ pub(crate) struct Shared<E: Edges> {
     /// The TUN → UDP path. The `tx` thread takes it on every TUN wake-up; the `rx` thread
     /// takes it (without waiting) right after it wrote to the TUN, to seal the reply that the
     /// write may have produced.
-    tx: Mutex<TxPath>,
+    tx: Padded<Mutex<TxPath>>,
     /// The UDP → TUN path: the `rx` thread's, or a busy-polling worker's.
-    rx: Mutex<RxPath<E::Tun>>,
+    rx: Padded<Mutex<RxPath<E::Tun>>>,
     /// Busy polling: its window, and whether a worker is polling now (one at a time).
     busy_poll: Duration,
     polling: AtomicBool,
     clock: Clock,
     /// When each path last carried packets (read by the other thread without its lock).
-    tx_active: LastActive,
-    rx_active: LastActive,
+    tx_active: Padded<LastActive>,
+    rx_active: Padded<LastActive>,
     /// Whether the tx thread is awake (bulk traffic) or leaves the TUN to the rx thread.
     tx_park: TxPark,
 }
@@ -248,13 +251,13 @@ impl<E: Edges> Shared<E> {
             poller,
             stop: AtomicBool::new(false),
             stats: Arc::new(IoStats::default()),
-            tx: Mutex::new(tx),
-            rx: Mutex::new(rx),
+            tx: Padded(Mutex::new(tx)),
+            rx: Padded(Mutex::new(rx)),
             busy_poll,
             polling: AtomicBool::new(false),
             clock: Clock::new(),
-            tx_active: LastActive::default(),
-            rx_active: LastActive::default(),
+            tx_active: Padded(LastActive::default()),
+            rx_active: Padded(LastActive::default()),
             tx_park: TxPark::new(),
         })
     }
@@ -262,6 +265,21 @@ impl<E: Edges> Shared<E> {
     #[inline]
     fn stopped(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
+    }
+}
+
+/// A value on cache lines of its own: what one worker writes every batch (its path's lock,
+/// its activity stamp) must not share a line with what the other worker writes or reads
+/// every batch (128 bytes: the adjacent-line prefetcher pairs 64-byte lines).
+#[repr(align(128))]
+struct Padded<T>(T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+
+    #[inline]
+    fn deref(&self) -> &T {
+        &self.0
     }
 }
 
