@@ -18,8 +18,9 @@
 # (bookworm-backports wireguard-go v0.0.20230223, TUN offload), boringtun (boringtun-cli),
 # nebula; meshd-policy (a 1,000-rule label policy) and meshd-transparent (transparent mode:
 # iperf3 runs against B's underlay address 198.18.0.2, encrypted by meshd) and meshd-busypoll
-# (--busy-poll-us BUSY_POLL_US, default 300: the opt-in latency trade-off). Anchors come from
-# scripts/install-anchors.sh; missing ones are skipped.
+# (--busy-poll-us BUSY_POLL_US, default 300: the opt-in latency trade-off); meshd-before
+# (the binary MESHD_BEFORE, run exactly like meshd: before/after rows of a change in one run).
+# Anchors come from scripts/install-anchors.sh; missing ones are skipped.
 #
 # Environment:
 #   ONLY="meshd wg-go-bpo"   run only these implementations
@@ -28,6 +29,8 @@
 #   RESULTS=target/bench-tunnel.json
 #   ANCHOR_DIR=/var/cache/meshd-bench
 #   MESHD=/path/to/meshd     use this binary instead of building (implies SKIP_BUILD=1)
+#   MESHD_BEFORE=/path/to/meshd  also run this binary as implementation meshd-before (added
+#                            after meshd when ONLY is unset)
 #   SKIP_BUILD=1             do not run cargo build; use target/release/meshd as it is
 #   RTT_ONLY=1 PING_COUNT=500  only the ping figures (quick latency experiments)
 #   RTT_DUMP=DIR             keep each ping run's output there (IMPL-EPOCH.txt) for histograms
@@ -49,7 +52,8 @@ ANCHOR_DIR=${ANCHOR_DIR:-/var/cache/meshd-bench}
 BUILD_TIMEOUT=${BUILD_TIMEOUT:-1800}
 SKIP_BUILD=${SKIP_BUILD:-0}
 
-ALL_IMPLS=(veth meshd meshd-policy meshd-transparent meshd-busypoll wg-go wg-go-bpo boringtun nebula)
+ALL_IMPLS=(veth meshd meshd-before meshd-policy meshd-transparent meshd-busypoll wg-go wg-go-bpo boringtun nebula)
+MESHD_BEFORE=${MESHD_BEFORE:-}
 
 PREFIX="mbench-$$"
 UA=198.18.0.1 UB=198.18.0.2 OA=100.64.0.1 OB=100.64.0.2
@@ -281,6 +285,16 @@ find_bins() {
 available() { # available IMPL -> 0, or 1 with NA_REASON
     case $1 in
     veth) return 0 ;;
+    meshd-before)
+        [[ -n $MESHD_BEFORE ]] || {
+            NA_REASON="MESHD_BEFORE is not set"
+            return 1
+        }
+        [[ -x $MESHD_BEFORE ]] || {
+            NA_REASON="MESHD_BEFORE=$MESHD_BEFORE is not executable"
+            return 1
+        }
+        ;;
     meshd | meshd-policy | meshd-transparent | meshd-busypoll)
         [[ -n ${MESHD_BIN:-} ]] || {
             NA_REASON=${MESHD_NA:-"meshd not built"}
@@ -506,6 +520,15 @@ setup_meshd-busypoll() {
     return $rc
 }
 
+# The binary of MESHD_BEFORE, run exactly like meshd (same config, same arguments).
+setup_meshd-before() {
+    local rc=0 after=$MESHD_BIN
+    MESHD_BIN=$MESHD_BEFORE
+    setup_meshd || rc=$?
+    MESHD_BIN=$after
+    return $rc
+}
+
 setup_meshd() {
     local side ns peer_pub peer_ep peer_ip addr
     (umask 077 && "$MESHD_BIN" genkey >"$LABDIR/a.key" && "$MESHD_BIN" genkey >"$LABDIR/b.key")
@@ -712,7 +735,10 @@ if [[ -n $ONLY ]]; then
         [[ " ${ALL_IMPLS[*]} " == *" $i "* ]] || die "unknown implementation '$i' (known: ${ALL_IMPLS[*]})"
     done
 else
-    IMPLS=("${ALL_IMPLS[@]}")
+    IMPLS=()
+    for i in "${ALL_IMPLS[@]}"; do
+        [[ $i != meshd-before || -n $MESHD_BEFORE ]] && IMPLS+=("$i")
+    done
 fi
 
 find_bins

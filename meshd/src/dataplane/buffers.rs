@@ -96,6 +96,11 @@ impl Chunk {
     pub fn len(&self) -> usize {
         self.len
     }
+
+    /// Whether the chunk has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 impl AsRef<[u8]> for Chunk {

@@ -12,13 +12,34 @@
 use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// One reading of the [`Clock`].
-#[derive(Clone, Copy, Debug)]
+/// One reading of the [`Clock`] (or a time a [`Pump`](super::Pump) is given).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Now {
     /// Microseconds since the dataplane started.
     pub micros: u64,
     /// Unix milliseconds.
     pub unix_ms: u64,
+}
+
+/// Where a pass takes its time from: the workers read the [`Clock`] (once per batch, and
+/// only once something was read); a [`Pump`](super::Pump) passes a fixed [`Now`].
+pub trait ReadClock {
+    /// The time now.
+    fn now(&self) -> Now;
+}
+
+impl ReadClock for Clock {
+    #[inline]
+    fn now(&self) -> Now {
+        Clock::now(self)
+    }
+}
+
+impl ReadClock for Now {
+    #[inline]
+    fn now(&self) -> Now {
+        *self
+    }
 }
 
 /// See the module documentation.
