@@ -6,7 +6,7 @@ use std::io::{Read as _, Write};
 use std::os::linux::net::SocketAddrExt as _;
 use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener, UnixStream};
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use meshd_config::Mode;
@@ -80,9 +80,7 @@ pub struct StatusSource {
 
 /// Builds a snapshot.
 pub fn snapshot(device: &Device, io: &IoStats, policy: &Enforcement, src: &StatusSource) -> Status {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
+    let now = Duration::from_millis(meshd_time::unix_millis());
     let table = device.table();
     let peers = table
         .peers()
@@ -214,10 +212,7 @@ pub fn print(w: &mut dyn Write, s: &Status) -> std::io::Result<()> {
             writeln!(w, "  protected peer addresses: {}", s.protected.join(", "))?;
         }
     }
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = meshd_time::unix_now();
     for p in &s.peers {
         writeln!(w)?;
         writeln!(w, "peer: {} ({})", p.name, p.public_key)?;

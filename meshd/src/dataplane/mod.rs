@@ -182,12 +182,7 @@ pub fn local_destinations(
 }
 
 /// Unix time in milliseconds (the firewall's clock; read once per batch).
-pub fn unix_millis() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use meshd_time::unix_millis;
 
 /// A running packet path. Dropping it stops the threads.
 ///

@@ -348,7 +348,7 @@ async fn serve<S: PeerSource>(
     );
     let result = async {
         if let Some(u) = initial {
-            let outcome = host.apply(u, unix_millis() / 1000).await;
+            let outcome = host.apply(u, meshd_time::unix_now()).await;
             source.applied(outcome.as_ref())?;
         }
         source.start(host.own_addresses()).await?;
@@ -385,7 +385,7 @@ async fn run_loop<S: PeerSource, R: OverlayRoutes, T: UnderlayGuard>(
             _ = int.recv() => return Ok(()),
             event = source.next() => match event {
                 SourceEvent::Update(update) => {
-                    let outcome = host.apply(update, unix_millis() / 1000).await;
+                    let outcome = host.apply(update, meshd_time::unix_now()).await;
                     source.applied(outcome.as_ref())?;
                 }
                 SourceEvent::Refused(e) => {
@@ -399,7 +399,7 @@ async fn run_loop<S: PeerSource, R: OverlayRoutes, T: UnderlayGuard>(
             }
             () = watch.changed() => {
                 let own = addresses.local_addresses(overlay).await;
-                if host.set_own_addresses(own, unix_millis() / 1000).await {
+                if host.set_own_addresses(own, meshd_time::unix_now()).await {
                     source.addresses_changed(host.own_addresses());
                 }
             }

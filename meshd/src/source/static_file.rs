@@ -12,7 +12,6 @@ use meshd_tunnel::{PeerDiff, PrivateKey, TableError};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use super::{HostSetup, Peer, PeerSource, PeerUpdate, SourceEvent, UpFacts};
-use crate::dataplane::unix_millis;
 use crate::transparent;
 
 /// The config file as a [`PeerSource`].
@@ -89,7 +88,7 @@ impl StaticFile {
     ) -> anyhow::Result<(Self, HostSetup, PeerUpdate)> {
         let (cfg, key) = load(path, transparent)?;
         meshd_config::fsutil::ensure_private_dir(state_dir).context("meshd state directory")?;
-        let first = update_from(&cfg, unix_millis() / 1000)?;
+        let first = update_from(&cfg, meshd_time::unix_now())?;
         let iface = &cfg.interface;
         let setup = HostSetup {
             key,
@@ -127,7 +126,7 @@ impl StaticFile {
         if new.interface != self.running {
             tracing::warn!("[interface] changes need a restart; applying peer changes only");
         }
-        match update_from(&new, unix_millis() / 1000) {
+        match update_from(&new, meshd_time::unix_now()) {
             Ok(update) => {
                 self.pending = Pending::Reload;
                 Some(update)
