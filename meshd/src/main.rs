@@ -14,7 +14,8 @@ use meshd_tunnel::PrivateKey;
 /// Zero-trust encryption mesh: WireGuard-protocol tunnels between labelled hosts.
 #[derive(Parser)]
 #[command(name = "meshd", version, about)]
-struct Cli {
+// pub(crate): examples/mangen.rs includes this file as a module to render the man pages.
+pub(crate) struct Cli {
     /// More logging (-v debug, -vv trace). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,

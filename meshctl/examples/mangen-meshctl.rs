@@ -1,0 +1,18 @@
+//! Writes meshctl's man pages (section 1: a user command) from its clap definition:
+//! `cargo run -p meshctl --example mangen-meshctl -- OUTDIR` gives meshctl.1, meshctl-token.1,
+//! meshctl-token-create.1, … (scripts/package.sh puts them in the .deb).
+
+// The binary's own CLI definition (and the value parsers it names), so the pages cannot
+// drift from `meshctl --help`.
+#[allow(dead_code)]
+#[path = "../src/cli.rs"]
+mod cli;
+#[allow(dead_code)]
+#[path = "../src/parse.rs"]
+mod parse;
+#[path = "../../packaging/mangen.rs"]
+mod mangen;
+
+fn main() -> anyhow::Result<()> {
+    mangen::main(<cli::Cli as clap::CommandFactory>::command(), "1")
+}
