@@ -7,11 +7,11 @@
 #[allow(dead_code)]
 #[path = "../src/cli.rs"]
 mod cli;
+#[path = "../../packaging/mangen.rs"]
+mod mangen;
 #[allow(dead_code)]
 #[path = "../src/parse.rs"]
 mod parse;
-#[path = "../../packaging/mangen.rs"]
-mod mangen;
 
 fn main() -> anyhow::Result<()> {
     mangen::main(<cli::Cli as clap::CommandFactory>::command(), "1")
