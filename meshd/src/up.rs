@@ -153,4 +153,15 @@ mod tests {
         ]);
         assert!(e.is_err());
     }
+
+    #[test]
+    fn uapi_dir_flag() {
+        let cli = Cli::try_parse_from(["up", "--join", "T"]).unwrap();
+        assert_eq!(cli.up.uapi_dir, PathBuf::from("/var/run/wireguard"));
+        let cli = Cli::try_parse_from(["up", "--uapi-dir", "/run/ns1/wg"]).unwrap();
+        assert_eq!(cli.up.uapi_dir, PathBuf::from("/run/ns1/wg"));
+        // Static mode takes it from [interface] uapi_dir.
+        assert!(Cli::try_parse_from(["up", "--config", "m.toml", "--uapi-dir", "/x"]).is_err());
+        assert!(Cli::try_parse_from(["up", "--config", "m.toml"]).is_ok());
+    }
 }

@@ -138,9 +138,15 @@ fn wg_show_matches_meshd_status_and_wg_set_adds_a_peer() {
     assert_eq!(s["persistent_keepalive"], 25);
     // A handshake, within a second of what status says; counters read before status, so no
     // larger than its, and not zero after the pings.
-    let hs = s["latest_handshake"].as_u64().expect("status has a handshake");
+    let hs = s["latest_handshake"]
+        .as_u64()
+        .expect("status has a handshake");
     assert!(p.latest_handshake > 0);
-    assert!(p.latest_handshake.abs_diff(hs) <= 1, "{} vs {hs}", p.latest_handshake);
+    assert!(
+        p.latest_handshake.abs_diff(hs) <= 1,
+        "{} vs {hs}",
+        p.latest_handshake
+    );
     assert!(p.rx > 0 && p.tx > 0, "{p:?}");
     assert!(p.rx <= s["rx_bytes"].as_u64().unwrap(), "{p:?} {s}");
     assert!(p.tx <= s["tx_bytes"].as_u64().unwrap(), "{p:?} {s}");
@@ -150,11 +156,19 @@ fn wg_show_matches_meshd_status_and_wg_set_adds_a_peer() {
     assert!(show.contains(&format!("peer: {}", p.public_key)), "{show}");
     assert!(show.contains("latest handshake:"), "{show}");
     let conf = wg_ok(ha, &a.uapi_dir(), &["showconf", "mesh0"]);
-    assert!(conf.contains(&format!("PrivateKey = {}", a.key.to_base64())), "{conf}");
-    assert!(conf.contains(&format!("PublicKey = {}", p.public_key)), "{conf}");
+    assert!(
+        conf.contains(&format!("PrivateKey = {}", a.key.to_base64())),
+        "{conf}"
+    );
+    assert!(
+        conf.contains(&format!("PublicKey = {}", p.public_key)),
+        "{conf}"
+    );
 
     // `wg set` adds a peer (static mode: applied like a reload).
-    let new_key = meshd_tunnel::PrivateKey::generate().public_key().to_base64();
+    let new_key = meshd_tunnel::PrivateKey::generate()
+        .public_key()
+        .to_base64();
     wg_ok(
         ha,
         &a.uapi_dir(),
@@ -187,7 +201,11 @@ fn wg_show_matches_meshd_status_and_wg_set_adds_a_peer() {
     // And the old peer still carries traffic.
     assert!(wait_ping(ha, overlay(1).into(), Duration::from_secs(5)));
     // `wg set peer … remove` takes it away again.
-    wg_ok(ha, &a.uapi_dir(), &["set", "mesh0", "peer", &new_key, "remove"]);
+    wg_ok(
+        ha,
+        &a.uapi_dir(),
+        &["set", "mesh0", "peer", &new_key, "remove"],
+    );
     assert!(status_peer(&status_json(ha).unwrap(), &new_key).is_none());
     // Another listen port needs a restart: refused with EOPNOTSUPP.
     let out = wg(ha, &a.uapi_dir(), &["set", "mesh0", "listen-port", "51999"]);
@@ -277,11 +295,20 @@ fn coordinator_mode_serves_wg_show_and_refuses_wg_set() {
     let s = status_peer(&status, &peers[0].public_key).expect("the same peer in status");
     assert_eq!(s["name"], "host2");
     // The coordinator owns the peers: `wg set` is refused with EPERM and changes nothing.
-    let new_key = meshd_tunnel::PrivateKey::generate().public_key().to_base64();
+    let new_key = meshd_tunnel::PrivateKey::generate()
+        .public_key()
+        .to_base64();
     let out = wg(
         h1,
         &dir,
-        &["set", "mesh0", "peer", &new_key, "allowed-ips", "100.64.9.9/32"],
+        &[
+            "set",
+            "mesh0",
+            "peer",
+            &new_key,
+            "allowed-ips",
+            "100.64.9.9/32",
+        ],
     );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);

@@ -383,7 +383,10 @@ async fn a_wg_set_reaches_the_device_through_the_static_source_like_a_reload() {
     let path = write_config(dir.path(), &config_text("overlay", ""));
     let (mut source, setup, first) =
         StaticFile::open(&path, &state, false, std::time::Duration::ZERO).unwrap();
-    assert_eq!(setup.uapi_dir, std::path::PathBuf::from("/var/run/wireguard"));
+    assert_eq!(
+        setup.uapi_dir,
+        std::path::PathBuf::from("/var/run/wireguard")
+    );
     let mut h = host(Mode::Overlay, &[]);
     let outcome = h.host.apply(first, 0).await;
     source.applied(outcome.as_ref()).unwrap();
@@ -402,24 +405,55 @@ async fn a_wg_set_reaches_the_device_through_the_static_source_like_a_reload() {
         "public_key={}\nendpoint=198.18.0.4:51820\nreplace_allowed_ips=true\nallowed_ip=100.64.0.4/32\n",
         to_hex(&key(4).0)
     ));
-    let e = super::uapi_set(&mut h.host, &mut source, &add, &facts, 0).await.unwrap();
+    let e = super::uapi_set(&mut h.host, &mut source, &add, &facts, 0)
+        .await
+        .unwrap();
     assert_eq!(e, Errno::OK);
     let t = table(&h.device);
     assert_eq!(t.len(), 3, "{t:?}");
-    assert!(t[2].starts_with(&format!("{} {} Some(198.18.0.4:51820) [100.64.0.4/32]", key(4).to_base64(), key(4))), "{t:?}");
+    assert!(
+        t[2].starts_with(&format!(
+            "{} {} Some(198.18.0.4:51820) [100.64.0.4/32]",
+            key(4).to_base64(),
+            key(4)
+        )),
+        "{t:?}"
+    );
     // Static mode without a policy: the new peer is allowed both ways, like a listed one.
-    assert_eq!(h.device.table().peers()[2].spec().grants, h.device.table().peers()[0].spec().grants);
+    assert_eq!(
+        h.device.table().peers()[2].spec().grants,
+        h.device.table().peers()[0].spec().grants
+    );
     let last_routes = h.seen.borrow().route_syncs.last().cloned().unwrap();
-    assert!(last_routes.contains(&"100.64.0.4/32".parse().unwrap()), "{last_routes:?}");
+    assert!(
+        last_routes.contains(&"100.64.0.4/32".parse().unwrap()),
+        "{last_routes:?}"
+    );
     // A later set starts from the running peers (the added one stays).
     let rm = set(format!("public_key={}\nremove=true\n", to_hex(&key(2).0)));
-    assert_eq!(super::uapi_set(&mut h.host, &mut source, &rm, &facts, 0).await.unwrap(), Errno::OK);
-    let names: Vec<String> = h.device.table().peers().iter().map(|p| p.spec().name).collect();
+    assert_eq!(
+        super::uapi_set(&mut h.host, &mut source, &rm, &facts, 0)
+            .await
+            .unwrap(),
+        Errno::OK
+    );
+    let names: Vec<String> = h
+        .device
+        .table()
+        .peers()
+        .iter()
+        .map(|p| p.spec().name)
+        .collect();
     assert_eq!(names, vec!["web".to_string(), key(4).to_base64()]);
     // Another private key or port: refused, nothing changes.
     let before = table(&h.device);
     let port = set(format!("listen_port=1\npublic_key={}\n", to_hex(&key(5).0)));
-    assert_eq!(super::uapi_set(&mut h.host, &mut source, &port, &facts, 0).await.unwrap(), Errno::EOPNOTSUPP);
+    assert_eq!(
+        super::uapi_set(&mut h.host, &mut source, &port, &facts, 0)
+            .await
+            .unwrap(),
+        Errno::EOPNOTSUPP
+    );
     assert_eq!(table(&h.device), before);
     // A reload goes back to the file.
     let update = source.reload().unwrap();

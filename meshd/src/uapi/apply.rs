@@ -198,7 +198,10 @@ mod tests {
         // The existing peer keeps its name and labels; its fields change.
         assert_eq!(peers[0].name, "db1");
         assert_eq!(peers[0].labels.get("app").map(String::as_str), Some("db1"));
-        assert_eq!(peers[0].allowed_ips, vec!["100.64.0.22/32".parse().unwrap()]);
+        assert_eq!(
+            peers[0].allowed_ips,
+            vec!["100.64.0.22/32".parse().unwrap()]
+        );
         assert_eq!(peers[0].persistent_keepalive, None);
         assert_eq!(peers[0].preshared_key, Some([7; 32]));
         // The new one is named after its key.
@@ -239,7 +242,10 @@ mod tests {
         assert_eq!(peers[0].allowed_ips, vec!["100.64.0.2/32".parse().unwrap()]);
         assert_eq!(peers[1].allowed_ips, vec!["10.9.1.1/16".parse().unwrap()]);
         // allowed_ip=-prefix removes, matching on the network.
-        let s = set(&format!("public_key={}\nallowed_ip=-10.9.0.0/16\n", hex(&key(4))));
+        let s = set(&format!(
+            "public_key={}\nallowed_ip=-10.9.0.0/16\n",
+            hex(&key(4))
+        ));
         apply_peers(&mut peers, &s, &own).unwrap();
         assert!(peers[1].allowed_ips.is_empty());
         // replace_peers: only what follows stays.
@@ -259,16 +265,26 @@ mod tests {
             name: k.to_base64(),
             ..peer("x", 2, &[])
         }];
-        apply_peers(&mut peers, &set(&format!("public_key={}\n", hex(&k))), &facts().public_key)
-            .unwrap();
+        apply_peers(
+            &mut peers,
+            &set(&format!("public_key={}\n", hex(&k))),
+            &facts().public_key,
+        )
+        .unwrap();
         assert_eq!(peers[1].name, format!("{}#2", k.to_base64()));
     }
 
     #[test]
     fn endpoint_port_zero_is_refused() {
         let mut peers = vec![];
-        let s = set(&format!("public_key={}\nendpoint=198.18.0.3:0\n", hex(&key(3))));
-        assert_eq!(apply_peers(&mut peers, &s, &facts().public_key), Err(Errno::EINVAL));
+        let s = set(&format!(
+            "public_key={}\nendpoint=198.18.0.3:0\n",
+            hex(&key(3))
+        ));
+        assert_eq!(
+            apply_peers(&mut peers, &s, &facts().public_key),
+            Err(Errno::EINVAL)
+        );
     }
 
     #[test]
@@ -284,13 +300,20 @@ mod tests {
             "listen_port=51821\n".to_string(),
             "fwmark=7\n".to_string(),
         ] {
-            assert_eq!(check_device(&set(&text), &f), Err(Errno::EOPNOTSUPP), "{text}");
+            assert_eq!(
+                check_device(&set(&text), &f),
+                Err(Errno::EOPNOTSUPP),
+                "{text}"
+            );
         }
         let marked = DeviceFacts {
             fwmark: Some(7),
             ..f
         };
         assert_eq!(check_device(&set("fwmark=7\n"), &marked), Ok(()));
-        assert_eq!(check_device(&set("fwmark=0\n"), &marked), Err(Errno::EOPNOTSUPP));
+        assert_eq!(
+            check_device(&set("fwmark=0\n"), &marked),
+            Err(Errno::EOPNOTSUPP)
+        );
     }
 }

@@ -314,7 +314,11 @@ pub fn format_get(d: &DeviceState) -> String {
         let _ = writeln!(s, "last_handshake_time_nsec={}", p.last_handshake.1);
         let _ = writeln!(s, "tx_bytes={}", p.tx_bytes);
         let _ = writeln!(s, "rx_bytes={}", p.rx_bytes);
-        let _ = writeln!(s, "persistent_keepalive_interval={}", p.persistent_keepalive);
+        let _ = writeln!(
+            s,
+            "persistent_keepalive_interval={}",
+            p.persistent_keepalive
+        );
         for ip in &p.allowed_ips {
             let _ = writeln!(s, "allowed_ip={ip}");
         }

@@ -9,7 +9,9 @@ fn key(hex: &str) -> [u8; 32] {
 
 /// What `wg` makes of a `get` answer (ipc-uapi.h `userspace_get_device`), enough to compare.
 fn parse_get(text: &str) -> Result<DeviceState, String> {
-    let body = text.strip_suffix("errno=0\n\n").ok_or("no errno=0 at the end")?;
+    let body = text
+        .strip_suffix("errno=0\n\n")
+        .ok_or("no errno=0 at the end")?;
     let mut d = DeviceState {
         private_key: [0; 32],
         listen_port: 0,
@@ -40,9 +42,7 @@ fn parse_get(text: &str) -> Result<DeviceState, String> {
             ("last_handshake_time_nsec", Some(p)) => p.last_handshake.1 = num(v)? as u32,
             ("tx_bytes", Some(p)) => p.tx_bytes = num(v)?,
             ("rx_bytes", Some(p)) => p.rx_bytes = num(v)?,
-            ("persistent_keepalive_interval", Some(p)) => {
-                p.persistent_keepalive = num(v)? as u16
-            }
+            ("persistent_keepalive_interval", Some(p)) => p.persistent_keepalive = num(v)? as u16,
             ("allowed_ip", Some(p)) => p.allowed_ips.push(v.parse().map_err(|_| v.to_string())?),
             _ => return Err(format!("unexpected line {line:?}")),
         }
@@ -126,7 +126,10 @@ fn get_answer_is_in_wireguard_go_order_and_round_trips() {
                 tx_bytes: 10,
                 rx_bytes: 20,
                 persistent_keepalive: 25,
-                allowed_ips: vec!["100.64.0.2/32".parse().unwrap(), "fd00::2/128".parse().unwrap()],
+                allowed_ips: vec![
+                    "100.64.0.2/32".parse().unwrap(),
+                    "fd00::2/128".parse().unwrap(),
+                ],
             },
             PeerState {
                 public_key: [9; 32],
@@ -237,17 +240,35 @@ fn malformed_requests_get_wireguard_go_errnos() {
         ("set=1\nprivate_key=00\n\n".into(), Errno::EINVAL),
         ("set=1\nreplace_peers=false\n\n".into(), Errno::EINVAL),
         ("set=1\npublic_key=xyz\n\n".into(), Errno::EINVAL),
-        (format!("set=1\n{pk}endpoint=host.example:51820\n\n"), Errno::EINVAL),
+        (
+            format!("set=1\n{pk}endpoint=host.example:51820\n\n"),
+            Errno::EINVAL,
+        ),
         (format!("set=1\n{pk}endpoint=1.2.3.4\n\n"), Errno::EINVAL),
         (format!("set=1\n{pk}allowed_ip=10.0.0.1\n\n"), Errno::EINVAL),
-        (format!("set=1\n{pk}allowed_ip=10.0.0.0/33\n\n"), Errno::EINVAL),
-        (format!("set=1\n{pk}allowed_ip=--10.0.0.0/8\n\n"), Errno::EINVAL),
-        (format!("set=1\n{pk}persistent_keepalive_interval=65536\n\n"), Errno::EINVAL),
+        (
+            format!("set=1\n{pk}allowed_ip=10.0.0.0/33\n\n"),
+            Errno::EINVAL,
+        ),
+        (
+            format!("set=1\n{pk}allowed_ip=--10.0.0.0/8\n\n"),
+            Errno::EINVAL,
+        ),
+        (
+            format!("set=1\n{pk}persistent_keepalive_interval=65536\n\n"),
+            Errno::EINVAL,
+        ),
         (format!("set=1\n{pk}protocol_version=2\n\n"), Errno::EINVAL),
         (format!("set=1\n{pk}remove=yes\n\n"), Errno::EINVAL),
         (format!("set=1\n{pk}update_only=1\n\n"), Errno::EINVAL),
-        (format!("set=1\n{pk}replace_allowed_ips=\n\n"), Errno::EINVAL),
-        (format!("set=1\n{pk}preshared_key={}\n\n", &K1[1..]), Errno::EINVAL),
+        (
+            format!("set=1\n{pk}replace_allowed_ips=\n\n"),
+            Errno::EINVAL,
+        ),
+        (
+            format!("set=1\n{pk}preshared_key={}\n\n", &K1[1..]),
+            Errno::EINVAL,
+        ),
         // Something after get=1 but the blank line.
         ("get=1\nx=1\n\n".into(), Errno::EINVAL),
     ] {
@@ -288,7 +309,9 @@ fn arbitrary_text_never_panics_and_what_parses_round_trips() {
         let mut s = String::from(if x & 1 == 0 { "set=1\n" } else { "get=1\n" });
         let mut y = x;
         for _ in 0..len {
-            y = y.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            y = y
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             s.push(alphabet[(y >> 33) as usize % alphabet.len()] as char);
         }
         s.push_str("\n\n");

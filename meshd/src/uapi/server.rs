@@ -79,7 +79,8 @@ impl Listener {
                     .with_context(|| format!("binding the UAPI socket {}", path.display()))?
             }
             Err(e) => {
-                return Err(e).with_context(|| format!("binding the UAPI socket {}", path.display()))
+                return Err(e)
+                    .with_context(|| format!("binding the UAPI socket {}", path.display()))
             }
         };
         let meta = std::fs::symlink_metadata(&path)
@@ -129,11 +130,9 @@ impl Listener {
                 let (state, sets) = (state.clone(), sets.clone());
                 tokio::spawn(async move {
                     let _slot = slot;
-                    let _ = tokio::time::timeout(
-                        CONNECTION_TIMEOUT,
-                        connection(conn, &*state, &sets),
-                    )
-                    .await;
+                    let _ =
+                        tokio::time::timeout(CONNECTION_TIMEOUT, connection(conn, &*state, &sets))
+                            .await;
                 });
             }
         });
@@ -178,9 +177,7 @@ fn replace_stale(path: &Path) -> anyhow::Result<()> {
             std::fs::remove_file(path)
                 .with_context(|| format!("removing the stale UAPI socket {}", path.display()))
         }
-        Err(e) => {
-            Err(e).with_context(|| format!("checking the UAPI socket {}", path.display()))
-        }
+        Err(e) => Err(e).with_context(|| format!("checking the UAPI socket {}", path.display())),
     }
 }
 
@@ -228,10 +225,7 @@ async fn connection<F: Fn() -> DeviceState>(
 /// Reads the next request (up to its blank line) from `conn`, keeping what follows it in
 /// `buf`. `None`: the connection ended, or sent something that is no request (closed without
 /// an answer, as wireguard-go does). `Some(Err)`: answer with that errno.
-async fn read_request(
-    conn: &mut UnixStream,
-    buf: &mut Vec<u8>,
-) -> Option<Result<Request, Errno>> {
+async fn read_request(conn: &mut UnixStream, buf: &mut Vec<u8>) -> Option<Result<Request, Errno>> {
     let mut chunk = [0u8; 4096];
     // Bytes of `buf` already searched for the end.
     let mut scanned: usize = 0;
@@ -326,7 +320,10 @@ mod tests {
         assert_eq!(mode(&path), 0o600);
         // Live: refused, naming the path, and left alone.
         let e = Listener::bind(&dir, "mesh0").err().unwrap();
-        assert!(format!("{e:#}").contains(&path.display().to_string()), "{e:#}");
+        assert!(
+            format!("{e:#}").contains(&path.display().to_string()),
+            "{e:#}"
+        );
         assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
         // Dropped: removed.
         drop(l);
@@ -365,8 +362,14 @@ mod tests {
         });
         let got = ask(&path, "get=1\n\n").await;
         assert_eq!(got, proto::format_get(&state()));
-        assert_eq!(ask(&path, "set=1\nreplace_peers=true\n\n").await, "errno=0\n\n");
-        assert_eq!(ask(&path, "set=1\nlisten_port=1\n\n").await, "errno=-95\n\n");
+        assert_eq!(
+            ask(&path, "set=1\nreplace_peers=true\n\n").await,
+            "errno=0\n\n"
+        );
+        assert_eq!(
+            ask(&path, "set=1\nlisten_port=1\n\n").await,
+            "errno=-95\n\n"
+        );
         assert_eq!(ask(&path, "set=1\nbogus\n\n").await, "errno=-71\n\n");
         assert_eq!(ask(&path, "set=1\nfoo=bar\n\n").await, "errno=-22\n\n");
         // Two requests on one connection, as the protocol allows.
@@ -379,7 +382,10 @@ mod tests {
         // An unknown operation: closed without an answer.
         assert_eq!(ask(&path, "hello=1\n").await, "");
         // Too long: refused without reading it all.
-        let huge = format!("set=1\n{}", "allowed_ip=10.0.0.0/8\n".repeat(MAX_REQUEST / 20));
+        let huge = format!(
+            "set=1\n{}",
+            "allowed_ip=10.0.0.0/8\n".repeat(MAX_REQUEST / 20)
+        );
         let (mut r, mut w) = UnixStream::connect(&path).await.unwrap().into_split();
         let writer = tokio::spawn(async move { w.write_all(huge.as_bytes()).await.is_ok() });
         let mut out = vec![0u8; 64];
