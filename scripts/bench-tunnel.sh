@@ -550,6 +550,7 @@ private_key_file = "$LABDIR/$side.key"
 listen_port = $WG_PORT
 address = "$addr/10"
 mtu = $MTU
+uapi_dir = "$LABDIR/$side-uapi"
 ${MESHD_EXTRA_IFACE:-}
 
 [[peer]]

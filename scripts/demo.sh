@@ -134,7 +134,7 @@ for idx in "${!HOSTS[@]}"; do
     h=${HOSTS[$idx]}
     token=$(ctl token create --labels "${LABELS[$idx]}" --ttl 10m --uses 1)
     echo "   $h: ${LABELS[$idx]}"
-    ip netns exec "$P-$h" "$MESHD" up --join "$token" --name "$h" --state-dir "$WORK/$h" 2>"$WORK/$h.log" & PIDS+=($!)
+    ip netns exec "$P-$h" "$MESHD" up --join "$token" --name "$h" --state-dir "$WORK/$h" --uapi-dir "$WORK/$h-uapi" 2>"$WORK/$h.log" & PIDS+=($!)
     DAEMONS+=("meshd on $h")
 done
 for h in "${HOSTS[@]}"; do

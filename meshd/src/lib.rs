@@ -9,4 +9,5 @@ pub mod routes;
 pub mod source;
 pub mod status;
 pub mod transparent;
+pub mod uapi;
 pub mod up;

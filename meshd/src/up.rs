@@ -63,6 +63,16 @@ pub struct UpArgs {
         conflicts_with = "config"
     )]
     routed_prefixes: Vec<ipnet::IpNet>,
+    /// Directory of the WireGuard userspace API socket `<DIR>/<interface>.sock`, read by
+    /// `wg show` (coordinator mode; static mode: `[interface] uapi_dir`). Shared by every
+    /// network namespace: give each meshd with the same interface name its own.
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = meshd_config::DEFAULT_UAPI_DIR,
+        conflicts_with = "config"
+    )]
+    uapi_dir: PathBuf,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT: a [`host`](crate::host) fed by the config file
@@ -92,6 +102,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                     machine_id_file: args.machine_id_file,
                     busy_poll,
                     routed_prefixes: args.routed_prefixes,
+                    uapi_dir: args.uapi_dir,
                 };
                 let addresses = NetlinkAddresses::new()?;
                 let (source, setup, first) = Coordinator::open(agent, &addresses).await?;
@@ -141,5 +152,16 @@ mod tests {
             "10.1.0.0/16",
         ]);
         assert!(e.is_err());
+    }
+
+    #[test]
+    fn uapi_dir_flag() {
+        let cli = Cli::try_parse_from(["up", "--join", "T"]).unwrap();
+        assert_eq!(cli.up.uapi_dir, PathBuf::from("/var/run/wireguard"));
+        let cli = Cli::try_parse_from(["up", "--uapi-dir", "/run/ns1/wg"]).unwrap();
+        assert_eq!(cli.up.uapi_dir, PathBuf::from("/run/ns1/wg"));
+        // Static mode takes it from [interface] uapi_dir.
+        assert!(Cli::try_parse_from(["up", "--config", "m.toml", "--uapi-dir", "/x"]).is_err());
+        assert!(Cli::try_parse_from(["up", "--config", "m.toml"]).is_ok());
     }
 }

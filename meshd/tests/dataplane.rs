@@ -350,7 +350,7 @@ fn interop_with_wireguard_go() {
     std::fs::write(&b_key_path, wg_key.to_base64()).unwrap();
     let b_pub = wg_key.public_key();
     let mut conf = format!(
-        "[interface]\nname = \"mesh0\"\nprivate_key_file = \"host.key\"\nlisten_port = 51820\naddress = \"{}/24\"\n",
+        "[interface]\nname = \"mesh0\"\nprivate_key_file = \"host.key\"\nlisten_port = 51820\naddress = \"{}/24\"\nuapi_dir = \"uapi\"\n",
         overlay(0)
     );
     conf += &format!(

@@ -62,6 +62,8 @@ fn spawn_agent(
     let mut cmd = Cmd::new(meshd_bin());
     cmd.args(["up", "--transparent", "--state-dir"])
         .arg(state)
+        .arg("--uapi-dir")
+        .arg(format!("{}-uapi", state.display()))
         .arg("--machine-id-file")
         .arg(machine_id);
     if let Some(t) = token {

@@ -18,6 +18,7 @@
 //! mode = "overlay"
 //! fwmark = 0x4d5348
 //! routed_prefixes = ["10.1.0.0/16"]
+//! uapi_dir = "/var/run/wireguard"
 //!
 //! [[peer]]
 //! name = "db1"
@@ -39,6 +40,7 @@
 //! | `mode` | default `"overlay"` | `"overlay"`: peers are reached by the overlay addresses above. `"transparent"`: meshd encrypts traffic to peers' ordinary addresses. |
 //! | `fwmark` | optional | Firewall mark (u32, hex allowed: `0x4d5348`) set on meshd's UDP packets; `0` means none, as in `wg`. |
 //! | `routed_prefixes` | default `[]` | Inner destinations beyond this host's own addresses that peers may send to through the tunnel (this host routes them on, e.g. a subnet behind it): one prefix string or an array. Without it, a decrypted packet is written to the TUN only if its destination is one of `address` (and, in transparent mode, this host's own underlay addresses); anything else (another host, a broadcast or multicast address) is dropped and counted as `inner_destination`. Peers still need the prefix in their `allowed_ips` for this host. |
+//! | `uapi_dir` | default `"/var/run/wireguard"` | Directory of the WireGuard userspace API socket `<uapi_dir>/<name>.sock`, which `wg show`, `wg showconf` and `wg set` use (the same socket wireguard-go and boringtun serve). It is shared by every network namespace of the machine, so two meshd with the same interface name in different namespaces need different directories (`wg` itself only looks in `/var/run/wireguard`). A relative path is relative to the directory of the config file. Created 0755 if missing. |
 //!
 //! ## `[[peer]]` (any number, including none)
 //!
@@ -107,6 +109,8 @@ pub const DEFAULT_MTU: u16 = 1420;
 pub const MTU_RANGE: std::ops::RangeInclusive<u16> = 576..=9000;
 /// Smallest MTU IPv6 allows; required when any overlay address is IPv6.
 pub const MIN_IPV6_MTU: u16 = 1280;
+/// Default directory of the WireGuard userspace API sockets (where `wg` looks).
+pub const DEFAULT_UAPI_DIR: &str = "/var/run/wireguard";
 
 /// A parsed and validated config file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,6 +151,9 @@ pub struct Interface {
     /// Inner destinations peers may reach through this host besides its own addresses
     /// (host bits cleared; empty: only this host's own addresses).
     pub routed_prefixes: Vec<IpNet>,
+    /// Directory of the WireGuard userspace API socket (`<uapi_dir>/<name>.sock`), already
+    /// resolved against the config file's directory.
+    pub uapi_dir: PathBuf,
 }
 
 /// How traffic reaches the mesh (`interface.mode`; `meshd status` shows it as the same
@@ -324,6 +331,7 @@ struct RawInterface {
     policy_file: Option<PathBuf>,
     policy: Option<String>,
     routed_prefixes: Option<Spanned<NetList>>,
+    uapi_dir: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Deserialize)]
@@ -620,6 +628,13 @@ impl Ctx<'_> {
         };
         routed_prefixes.sort();
         routed_prefixes.dedup();
+        let uapi_dir = match raw.uapi_dir {
+            Some(d) if d.get_ref().as_os_str().is_empty() => {
+                return Err(self.invalid(&d.span(), "interface.uapi_dir", Invalid::EmptyPath))
+            }
+            Some(d) => relative(d.into_inner()),
+            None => PathBuf::from(DEFAULT_UAPI_DIR),
+        };
         Ok(Interface {
             name: raw.name.into_inner(),
             private_key_file,
@@ -632,6 +647,7 @@ impl Ctx<'_> {
             policy_file: raw.policy_file.map(relative),
             policy: raw.policy,
             routed_prefixes,
+            uapi_dir,
         })
     }
 

@@ -765,3 +765,24 @@ fn mode_is_one_lowercase_word_everywhere() {
     }
     assert!(serde_json::from_str::<Mode>("\"Overlay\"").is_err());
 }
+
+#[test]
+fn uapi_dir() {
+    // Default: where `wg` looks.
+    assert_eq!(
+        parse(MINIMAL).interface.uapi_dir,
+        PathBuf::from("/var/run/wireguard")
+    );
+    let c = parse(&MINIMAL.replace(
+        "[interface]\n",
+        "[interface]\nuapi_dir = \"/run/meshd-ns1\"\n",
+    ));
+    assert_eq!(c.interface.uapi_dir, PathBuf::from("/run/meshd-ns1"));
+    // Relative to the config file's directory, like the key file.
+    let c = parse(&MINIMAL.replace("[interface]\n", "[interface]\nuapi_dir = \"uapi\"\n"));
+    assert_eq!(c.interface.uapi_dir, PathBuf::from("/etc/meshd/uapi"));
+    let e = err(&MINIMAL.replace("[interface]\n", "[interface]\nuapi_dir = \"\"\n"));
+    assert_msg(&e, "2:12", "interface.uapi_dir", "");
+    let e = err(&MINIMAL.replace("[interface]\n", "[interface]\nuapi_dir = 3\n"));
+    assert!(e.to_string().contains("interface.uapi_dir"), "{e}");
+}

@@ -93,6 +93,7 @@ pub fn setup(mode: Mode, dir: &std::path::Path) -> HostSetup {
         mode,
         routed_prefixes: vec![],
         state_dir: dir.to_path_buf(),
+        uapi_dir: dir.join("uapi"),
         host: "h0".into(),
         host_labels: Default::default(),
     }

@@ -1,9 +1,10 @@
 //! The host: one composition root for `meshd up`, whatever feeds it peers.
 //!
-//! [`run`] builds the device, the data plane, the status socket, transparent mode and the
-//! overlay routes from a [`HostSetup`], then runs ONE loop: SIGTERM/SIGINT stop it; one
-//! one-second tick (block log, firewall sweep, transparent mode's plaintext drops, re-plan for
-//! grant expiry); address changes; and the [`PeerSource`]'s updates. `meshd up --config` and
+//! [`run`] builds the device, the data plane, the status and UAPI sockets, transparent mode
+//! and the overlay routes from a [`HostSetup`], then runs ONE loop: SIGTERM/SIGINT stop it;
+//! one one-second tick (block log, firewall sweep, transparent mode's plaintext drops, re-plan
+//! for grant expiry); address changes; the [`PeerSource`]'s updates; and `wg set`s, which the
+//! source turns into updates (or refuses). `meshd up --config` and
 //! `meshd up --join`/resume differ only in the source they plug in.
 //!
 //! [`Host`] is what decides: it applies a [`PeerUpdate`] the same way for every source
@@ -34,6 +35,7 @@ use crate::routes::Routes;
 use crate::source::{HostSetup, PeerSource, PeerUpdate, SourceEvent, UpFacts};
 use crate::status::{self, StatusSource};
 use crate::transparent::{self, Transparent};
+use crate::uapi::{self, DeviceFacts, Errno, SetCall};
 use edges::{AddressWatch, LocalAddresses, NetlinkAddresses, OverlayRoutes, UnderlayGuard};
 
 /// What a running host owns besides the data plane: the device's peer table and destinations,
@@ -245,6 +247,8 @@ pub async fn run<S: PeerSource>(
     mut source: S,
     addresses: NetlinkAddresses,
 ) -> anyhow::Result<()> {
+    // First: a socket path someone else serves refuses the start before anything is set up.
+    let uapi = uapi::Listener::bind(&setup.uapi_dir, &setup.interface)?;
     let device = Arc::new(Device::new(setup.key.clone(), rand_core::OsRng.next_u32()));
     if let Some(u) = &initial {
         // Peers from the first packet on; the full apply below reports a refusal.
@@ -276,6 +280,7 @@ pub async fn run<S: PeerSource>(
         &device,
         &enforcement,
         &dp,
+        uapi,
     )
     .await;
     source.stop().await;
@@ -285,6 +290,7 @@ pub async fn run<S: PeerSource>(
 }
 
 /// Everything after the data plane is up; returns after removing what it added.
+#[allow(clippy::too_many_arguments)]
 async fn serve<S: PeerSource>(
     setup: &HostSetup,
     initial: Option<PeerUpdate>,
@@ -293,6 +299,7 @@ async fn serve<S: PeerSource>(
     device: &Arc<Device>,
     enforcement: &Arc<Enforcement>,
     dp: &Dataplane,
+    uapi: uapi::Listener,
 ) -> anyhow::Result<()> {
     let protected: Arc<Mutex<Vec<String>>> = Arc::default();
     let status_source = StatusSource {
@@ -309,6 +316,17 @@ async fn serve<S: PeerSource>(
             status::snapshot(&device, &io, &policy, &status_source)
         })?;
     }
+    let facts = DeviceFacts {
+        private_key: setup.key.to_bytes(),
+        public_key: device.public_key(),
+        listen_port: dp.listen_port,
+        fwmark: setup.fwmark,
+    };
+    let (set_tx, mut sets) = tokio::sync::mpsc::channel(4);
+    let _uapi = {
+        let (device, facts) = (device.clone(), facts.clone());
+        uapi.serve(move || uapi::device_state(&device, &facts), set_tx)?
+    };
     let mut watch = AddressWatch::new()?;
     let transparent = match setup.mode {
         Mode::Transparent => {
@@ -361,20 +379,61 @@ async fn serve<S: PeerSource>(
             peers: device.table().peers().len(),
         });
         crate::memory::release_startup_code_logged();
-        run_loop(&mut host, source, addresses, &mut watch, &setup.addresses).await
+        let mut uapi = UapiSets {
+            calls: &mut sets,
+            facts: &facts,
+        };
+        run_loop(
+            &mut host,
+            source,
+            addresses,
+            &mut watch,
+            &setup.addresses,
+            &mut uapi,
+        )
+        .await
     }
     .await;
     host.stop().await;
     result
 }
 
-/// The one loop: signals, the source, the tick, address changes.
+/// `wg set`s from the UAPI socket, and the running device they are checked against.
+struct UapiSets<'a> {
+    calls: &'a mut tokio::sync::mpsc::Receiver<SetCall>,
+    facts: &'a DeviceFacts,
+}
+
+/// A `wg set`: the source turns it into an update (or refuses it), the host applies it like
+/// any other, the source hears how it went. Returns the client's errno: 0, the source's
+/// refusal, or `EINVAL` for a table the device refused (the running peers stay).
+pub(crate) async fn uapi_set<S: PeerSource, R: OverlayRoutes, T: UnderlayGuard>(
+    host: &mut Host<R, T>,
+    source: &mut S,
+    set: &uapi::SetRequest,
+    facts: &DeviceFacts,
+    now: u64,
+) -> anyhow::Result<Errno> {
+    let update = match source.uapi_set(set, facts) {
+        Ok(update) => update,
+        Err(errno) => return Ok(errno),
+    };
+    let outcome = host.apply(update, now).await;
+    source.applied(outcome.as_ref())?;
+    Ok(match outcome {
+        Ok(_) => Errno::OK,
+        Err(_) => Errno::EINVAL,
+    })
+}
+
+/// The one loop: signals, the source, the tick, address changes, `wg set`s.
 async fn run_loop<S: PeerSource, R: OverlayRoutes, T: UnderlayGuard>(
     host: &mut Host<R, T>,
     source: &mut S,
     addresses: &impl LocalAddresses,
     watch: &mut AddressWatch,
     overlay: &[IpNet],
+    uapi: &mut UapiSets<'_>,
 ) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -393,6 +452,12 @@ async fn run_loop<S: PeerSource, R: OverlayRoutes, T: UnderlayGuard>(
                     return Err(e);
                 }
             },
+            Some(call) = uapi.calls.recv() => {
+                let errno = uapi_set(host, source, &call.request, uapi.facts, meshd_time::unix_now()).await?;
+                if call.reply.send(errno).is_err() {
+                    tracing::debug!("the wg set client left before its answer");
+                }
+            }
             _ = tick.tick() => {
                 let events = host.tick(unix_millis()).await;
                 source.report_blocks(events);

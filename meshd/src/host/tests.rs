@@ -369,3 +369,95 @@ fn a_refused_first_table_stops_a_static_host_but_a_refused_reload_does_not() {
     assert!(source.reload().is_some());
     assert!(source.applied(Err(&refused)).is_ok());
 }
+
+#[tokio::test]
+async fn a_wg_set_reaches_the_device_through_the_static_source_like_a_reload() {
+    use crate::uapi::proto::{parse_request, to_hex, Request};
+    use crate::uapi::{DeviceFacts, Errno};
+    let dir = tempfile::tempdir().unwrap();
+    let private = PrivateKey::from_bytes([1; 32]);
+    meshd_config::write_private_key(dir.path().join("host.key"), &private).unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let path = write_config(dir.path(), &config_text("overlay", ""));
+    let (mut source, setup, first) =
+        StaticFile::open(&path, &state, false, std::time::Duration::ZERO).unwrap();
+    assert_eq!(
+        setup.uapi_dir,
+        std::path::PathBuf::from("/var/run/wireguard")
+    );
+    let mut h = host(Mode::Overlay, &[]);
+    let outcome = h.host.apply(first, 0).await;
+    source.applied(outcome.as_ref()).unwrap();
+    let facts = DeviceFacts {
+        private_key: private.to_bytes(),
+        public_key: private.public_key(),
+        listen_port: 51820,
+        fwmark: None,
+    };
+    let set = |text: String| match parse_request(&format!("set=1\n{text}\n")) {
+        Ok(Request::Set(s)) => s,
+        other => panic!("{other:?}"),
+    };
+    // `wg set mesh0 peer K4 allowed-ips 100.64.0.4/32 endpoint 198.18.0.4:51820`
+    let add = set(format!(
+        "public_key={}\nendpoint=198.18.0.4:51820\nreplace_allowed_ips=true\nallowed_ip=100.64.0.4/32\n",
+        to_hex(&key(4).0)
+    ));
+    let e = super::uapi_set(&mut h.host, &mut source, &add, &facts, 0)
+        .await
+        .unwrap();
+    assert_eq!(e, Errno::OK);
+    let t = table(&h.device);
+    assert_eq!(t.len(), 3, "{t:?}");
+    assert!(
+        t[2].starts_with(&format!(
+            "{} {} Some(198.18.0.4:51820) [100.64.0.4/32]",
+            key(4).to_base64(),
+            key(4)
+        )),
+        "{t:?}"
+    );
+    // Static mode without a policy: the new peer is allowed both ways, like a listed one.
+    assert_eq!(
+        h.device.table().peers()[2].spec().grants,
+        h.device.table().peers()[0].spec().grants
+    );
+    let last_routes = h.seen.borrow().route_syncs.last().cloned().unwrap();
+    assert!(
+        last_routes.contains(&"100.64.0.4/32".parse().unwrap()),
+        "{last_routes:?}"
+    );
+    // A later set starts from the running peers (the added one stays).
+    let rm = set(format!("public_key={}\nremove=true\n", to_hex(&key(2).0)));
+    assert_eq!(
+        super::uapi_set(&mut h.host, &mut source, &rm, &facts, 0)
+            .await
+            .unwrap(),
+        Errno::OK
+    );
+    let names: Vec<String> = h
+        .device
+        .table()
+        .peers()
+        .iter()
+        .map(|p| p.spec().name)
+        .collect();
+    assert_eq!(names, vec!["web".to_string(), key(4).to_base64()]);
+    // Another private key or port: refused, nothing changes.
+    let before = table(&h.device);
+    let port = set(format!("listen_port=1\npublic_key={}\n", to_hex(&key(5).0)));
+    assert_eq!(
+        super::uapi_set(&mut h.host, &mut source, &port, &facts, 0)
+            .await
+            .unwrap(),
+        Errno::EOPNOTSUPP
+    );
+    assert_eq!(table(&h.device), before);
+    // A reload goes back to the file.
+    let update = source.reload().unwrap();
+    let outcome = h.host.apply(update, 0).await;
+    source.applied(outcome.as_ref()).unwrap();
+    assert_eq!(table(&h.device).len(), 2);
+}

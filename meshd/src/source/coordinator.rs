@@ -30,6 +30,7 @@ use tokio::sync::watch;
 use super::{HostSetup, Peer, PeerSource, PeerUpdate, SourceEvent, UpFacts};
 use crate::host::edges::LocalAddresses;
 use crate::transparent;
+use crate::uapi::{DeviceFacts, Errno, SetRequest};
 
 /// What an enrolled agent keeps on disk.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -61,6 +62,8 @@ pub struct AgentArgs {
     pub busy_poll: std::time::Duration,
     /// Inner destinations peers may reach through this host besides its own addresses.
     pub routed_prefixes: Vec<IpNet>,
+    /// Directory of the UAPI socket.
+    pub uapi_dir: PathBuf,
 }
 
 /// Reads the machine id (`None` if the file is missing or empty: clone detection is off).
@@ -283,6 +286,7 @@ impl Coordinator {
             },
             routed_prefixes: args.routed_prefixes,
             state_dir: args.state_dir.clone(),
+            uapi_dir: args.uapi_dir.clone(),
             host: agent.host.name.clone(),
             host_labels: agent.host.labels.clone(),
         };
@@ -423,6 +427,11 @@ impl PeerSource for Coordinator {
                 tracing::debug!("block report queue full; events kept in blocks.jsonl only");
             }
         }
+    }
+
+    fn uapi_set(&mut self, _set: &SetRequest, _facts: &DeviceFacts) -> Result<PeerUpdate, Errno> {
+        tracing::info!("wg set refused: the coordinator owns the peers");
+        Err(Errno::EPERM)
     }
 
     fn log_up(&self, up: &UpFacts<'_>) {

@@ -19,6 +19,7 @@ use meshd_policy::BlockEvent;
 use meshd_tunnel::{PeerDiff, PeerSpec, PrivateKey, TableError};
 
 use crate::blocks::Directory;
+use crate::uapi::{DeviceFacts, Errno, SetRequest};
 
 /// Labels by key (`app = "db1"`).
 pub type Labels = BTreeMap<String, String>;
@@ -108,6 +109,8 @@ pub struct HostSetup {
     pub routed_prefixes: Vec<IpNet>,
     /// Where `blocks.jsonl` goes.
     pub state_dir: PathBuf,
+    /// Directory of the UAPI socket `<uapi_dir>/<interface>.sock`.
+    pub uapi_dir: PathBuf,
     /// This host's name and labels in block logs until the first update says otherwise.
     pub host: String,
     /// See `host`.
@@ -164,6 +167,10 @@ pub trait PeerSource {
 
     /// Denied flows of the last tick (already written to `blocks.jsonl` and logged).
     fn report_blocks(&mut self, events: Vec<BlockEvent>);
+
+    /// A `wg set` (UAPI `set=1`): the update to apply (the host answers the client after
+    /// [`applied`](Self::applied)), or the errno that refuses it at once.
+    fn uapi_set(&mut self, set: &SetRequest, facts: &DeviceFacts) -> Result<PeerUpdate, Errno>;
 
     /// Logs the source's "meshd up" line.
     fn log_up(&self, up: &UpFacts<'_>);

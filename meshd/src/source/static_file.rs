@@ -1,6 +1,7 @@
 //! Static mode (`meshd up --config FILE`): peers from the config file, SIGHUP reloads them.
 //! `[interface]` changes need a restart; a reload the policy or the device refuses keeps the
-//! running peers.
+//! running peers. A `wg set` edits the running peers (as config entries) and goes the same
+//! way as a reload; it lasts until the next reload or restart (the file is the truth).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,12 +14,16 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use super::{HostSetup, Peer, PeerSource, PeerUpdate, SourceEvent, UpFacts};
 use crate::transparent;
+use crate::uapi::{self, DeviceFacts, Errno, SetRequest};
 
 /// The config file as a [`PeerSource`].
 pub struct StaticFile {
     path: PathBuf,
     /// The `[interface]` the host runs with (reloads change only peers).
     running: Interface,
+    /// The config whose peers the device runs (the file as last applied, with `wg set`
+    /// changes since).
+    current: Config,
     /// SIGHUP (`None` in tests: no reloads but [`StaticFile::reload`]).
     hup: Option<Signal>,
     /// What the last update came from, until the host says how it went.
@@ -28,8 +33,10 @@ pub struct StaticFile {
 enum Pending {
     /// The first update (from [`StaticFile::open`]).
     Start,
-    /// A reload.
-    Reload,
+    /// A reload of this config.
+    Reload(Box<Config>),
+    /// A `wg set` that gives this config.
+    Uapi(Box<Config>),
     /// Nothing outstanding.
     None,
 }
@@ -101,12 +108,14 @@ impl StaticFile {
             mode: iface.mode,
             routed_prefixes: iface.routed_prefixes.clone(),
             state_dir: state_dir.to_path_buf(),
+            uapi_dir: iface.uapi_dir.clone(),
             host: SELF_NAME.into(),
             host_labels: iface.labels.clone(),
         };
         let source = StaticFile {
             path: path.to_path_buf(),
             running: cfg.interface.clone(),
+            current: cfg.clone(),
             hup: None,
             pending: Pending::Start,
         };
@@ -128,7 +137,7 @@ impl StaticFile {
         }
         match update_from(&new, meshd_time::unix_now()) {
             Ok(update) => {
-                self.pending = Pending::Reload;
+                self.pending = Pending::Reload(Box::new(new));
                 Some(update)
             }
             Err(e) => {
@@ -167,12 +176,22 @@ impl PeerSource for StaticFile {
         match (pending, outcome) {
             (Pending::Start, Err(e)) => Err(anyhow::Error::from(e.clone())
                 .context(format!("the peers of {}", self.path.display()))),
-            (Pending::Reload, Ok(diff)) => {
+            (Pending::Reload(cfg), Ok(diff)) => {
                 tracing::info!(changes = %diff.to_string().trim_end().replace('\n', ", "), "reloaded config");
+                self.current = *cfg;
                 Ok(())
             }
-            (Pending::Reload, Err(e)) => {
+            (Pending::Reload(_), Err(e)) => {
                 tracing::error!(error = %e, "reload refused; keeping the running peers");
+                Ok(())
+            }
+            (Pending::Uapi(cfg), Ok(diff)) => {
+                tracing::info!(changes = %diff.to_string().trim_end().replace('\n', ", "), "applied wg set");
+                self.current = *cfg;
+                Ok(())
+            }
+            (Pending::Uapi(_), Err(e)) => {
+                tracing::warn!(error = %e, "wg set refused; keeping the running peers");
                 Ok(())
             }
             _ => Ok(()),
@@ -180,6 +199,22 @@ impl PeerSource for StaticFile {
     }
 
     fn addresses_changed(&mut self, _own: &[ipnet::IpNet]) {}
+
+    fn uapi_set(&mut self, set: &SetRequest, facts: &DeviceFacts) -> Result<PeerUpdate, Errno> {
+        uapi::apply::check_device(set, facts)?;
+        let mut cfg = self.current.clone();
+        uapi::apply::apply_peers(&mut cfg.peers, set, &facts.public_key)?;
+        match update_from(&cfg, meshd_time::unix_now()) {
+            Ok(update) => {
+                self.pending = Pending::Uapi(Box::new(cfg));
+                Ok(update)
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{:#}", anyhow::Error::from(e)), "wg set refused; keeping the running peers");
+                Err(Errno::EINVAL)
+            }
+        }
+    }
 
     fn report_blocks(&mut self, _events: Vec<BlockEvent>) {}
 

@@ -49,10 +49,16 @@ impl Node {
         self.dir.join("meshd.toml")
     }
 
+    /// This node's UAPI directory (`uapi_dir = "uapi"`: every lab host has its own, since
+    /// /var/run/wireguard is shared by all namespaces).
+    pub fn uapi_dir(&self) -> PathBuf {
+        self.dir.join("uapi")
+    }
+
     /// Writes a config naming `peers` as (node, endpoint-known).
     pub fn write_config(&self, lab: &Lab, peers: &[(&Node, bool)], extra_peer_toml: &str) {
         let mut s = format!(
-            "[interface]\nname = \"mesh0\"\nprivate_key_file = \"host.key\"\nlisten_port = {}\naddress = \"{}/24\"\nmtu = 1420\n",
+            "[interface]\nname = \"mesh0\"\nprivate_key_file = \"host.key\"\nlisten_port = {}\naddress = \"{}/24\"\nmtu = 1420\nuapi_dir = \"uapi\"\n",
             self.port,
             overlay(self.idx)
         );
@@ -396,6 +402,11 @@ pub fn http(
     })
 }
 
+/// The UAPI directory of the agent on lab host `idx` (its own: /var/run/wireguard is shared).
+pub fn agent_uapi_dir(lab: &Lab, idx: usize) -> PathBuf {
+    lab.dir().join(format!("agent{idx}-uapi"))
+}
+
 /// Starts `meshd up --join TOKEN --name NAME` on lab host `idx` with its own state dir.
 pub fn join(lab: &Lab, idx: usize, token: &str, name: &str) -> ProcHandle {
     let host = lab.host(idx);
@@ -405,6 +416,8 @@ pub fn join(lab: &Lab, idx: usize, token: &str, name: &str) -> ProcHandle {
             .args(["up", "--join", token, "--name", name])
             .arg("--state-dir")
             .arg(&state)
+            .arg("--uapi-dir")
+            .arg(agent_uapi_dir(lab, idx))
             .env("RUST_LOG", "info")
             .label(format!("agent-{name}")),
     )
@@ -419,6 +432,8 @@ pub fn resume(lab: &Lab, idx: usize, name: &str) -> ProcHandle {
         Cmd::new(meshd_bin())
             .args(["up", "--state-dir"])
             .arg(&state)
+            .arg("--uapi-dir")
+            .arg(agent_uapi_dir(lab, idx))
             .env("RUST_LOG", "info")
             .label(format!("agent-{name}-resumed")),
     )
