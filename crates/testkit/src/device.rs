@@ -116,7 +116,10 @@ impl FirewallDrop {
                 + before.table_full
                 + before.peer_limit
                 + before.untracked_fragment,
-            after.malformed_total() + after.table_full + after.peer_limit + after.untracked_fragment,
+            after.malformed_total()
+                + after.table_full
+                + after.peer_limit
+                + after.untracked_fragment,
         ) {
             Some(FirewallDrop::Dropped)
         } else {
@@ -187,7 +190,10 @@ impl std::fmt::Debug for SimDevice {
 const BIND_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
 
 /// A drop counter that moved between two snapshots of the device's counters.
-fn tunnel_drop(before: &[(&'static str, u64)], after: &[(&'static str, u64)]) -> Option<DropReason> {
+fn tunnel_drop(
+    before: &[(&'static str, u64)],
+    after: &[(&'static str, u64)],
+) -> Option<DropReason> {
     let name = before
         .iter()
         .zip(after)
@@ -320,9 +326,11 @@ impl SimDevice {
             if w.datagram.first() != Some(&msg::INITIATION) {
                 continue;
             }
-            if let Some(peer) = index_at(&w.datagram, 4).and_then(|i| table.by_receiver_index(i))
-            {
-                self.clocks.entry(peer.public_key).or_default().pending_since = Some(now);
+            if let Some(peer) = index_at(&w.datagram, 4).and_then(|i| table.by_receiver_index(i)) {
+                self.clocks
+                    .entry(peer.public_key)
+                    .or_default()
+                    .pending_since = Some(now);
             }
         }
         wire.into_iter()

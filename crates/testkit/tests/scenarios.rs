@@ -334,7 +334,11 @@ fn the_receiver_enforces_its_own_map_against_a_peer_with_a_stale_one() {
     }
     let stats = m.host(b).device().firewall_stats();
     assert_eq!(stats.default_deny, denied + 2);
-    assert_eq!(stats.flows_revoked, revoked + 1, "the open flow was revoked");
+    assert_eq!(
+        stats.flows_revoked,
+        revoked + 1,
+        "the open flow was revoked"
+    );
     // What both maps grant still passes.
     let before = m.host(b).received(&ka, &marked(b"dns"));
     m.send_udp(a, b, 53, &marked(b"dns")).unwrap();
@@ -343,5 +347,8 @@ fn the_receiver_enforces_its_own_map_against_a_peer_with_a_stale_one() {
     m.heal_control(a);
     m.run_for(Duration::from_millis(50));
     assert_eq!(rule(&m, a, kb), "dns", "a caught up");
-    assert!(m.send_udp(a, b, 5000, &marked(b"late")).is_err(), "now a refuses it itself");
+    assert!(
+        m.send_udp(a, b, 5000, &marked(b"late")).is_err(),
+        "now a refuses it itself"
+    );
 }

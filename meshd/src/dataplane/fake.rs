@@ -558,7 +558,11 @@ mod tests {
         assert!(net.take_wire().is_empty(), "taken");
         assert!(net.wire().is_empty());
         assert_eq!(net.sends().len(), 2, "send calls stay recorded");
-        assert_eq!(net.in_flight(), 0, "nobody at the destinations: nothing queued");
+        assert_eq!(
+            net.in_flight(),
+            0,
+            "nobody at the destinations: nothing queued"
+        );
     }
 
     #[test]
@@ -573,7 +577,10 @@ mod tests {
             recv_all(&a.bind),
             [(addr(7), b"hello".to_vec()), (addr(8), b"again".to_vec())]
         );
-        assert!(net.wire().is_empty(), "injected datagrams did not cross this link");
+        assert!(
+            net.wire().is_empty(),
+            "injected datagrams did not cross this link"
+        );
         // The poller wakes for it, as for a datagram carried by the link.
         a.bind.inject(addr(7), b"x");
         let woken = a
