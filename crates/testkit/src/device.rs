@@ -38,9 +38,15 @@
 //! matter are driven here in virtual time instead, as boringtun's would fire: a handshake
 //! initiation not answered within [`REKEY_TIMEOUT`] is resent, and a session this side
 //! initiated is re-keyed once it is [`REKEY_AFTER_TIME`] old (a fresh initiation on the live
-//! session; the old keys still open packets in flight until the new ones are confirmed).
-//! Both leave through the fake bind like everything else. Persistent keepalives, session
-//! expiry (`REJECT_AFTER_TIME`) and boringtun's cookie timers do not run in virtual time.
+//! session; the old keys still open packets in flight until the new ones are confirmed), and
+//! data sent with nothing heard back from the peer for [`UNANSWERED_TIMEOUT`] starts a new
+//! handshake (the peer may have dropped and re-added us, losing the session we still use).
+//! Persistent keepalives (the map's `persistent_keepalive`, 25 s) are sent here too, on a live
+//! session to which nothing was sent for that long: without them a peer that roamed while
+//! its last packet from the old address was still in flight would never be followed (meshd
+//! relies on them for exactly that). All of these leave through the fake bind like
+//! everything else. Session expiry (`REJECT_AFTER_TIME`) and boringtun's cookie timers do
+//! not run in virtual time.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -60,6 +66,9 @@ use meshd_tunnel::{Device, DropReason, PeerDiff, PeerSpec, PrivateKey, PublicKey
 pub const REKEY_AFTER_TIME: Duration = Duration::from_secs(120);
 /// WireGuard's REKEY_TIMEOUT: an unanswered handshake initiation is resent after this.
 pub const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
+/// WireGuard's KEEPALIVE_TIMEOUT + REKEY_TIMEOUT: data sent and nothing heard back for this
+/// long starts a new handshake (the peer may have lost the session).
+pub const UNANSWERED_TIMEOUT: Duration = Duration::from_secs(15);
 /// The TUN MTU of every simulated host (meshd's default).
 pub const TUN_MTU: u16 = 1420;
 
@@ -159,6 +168,10 @@ struct HandshakeClock {
     pending_since: Option<Instant>,
     /// When the current session this side initiated was confirmed.
     initiated_at: Option<Instant>,
+    /// When we last sent anything to the peer's endpoint (persistent keepalive).
+    last_sent: Option<Instant>,
+    /// When we sent the first data packet the peer has not answered anything to since.
+    unanswered_since: Option<Instant>,
 }
 
 /// One host's packet path over fake edges. See the module docs.
@@ -323,6 +336,15 @@ impl SimDevice {
         let wire = self.net.take_wire();
         let table = self.device.table();
         for w in &wire {
+            // A data message (not a keepalive) is longer than its 32-byte header and tag.
+            let data = w.datagram.first() == Some(&msg::DATA) && w.datagram.len() > 32;
+            for peer in table.peers().iter().filter(|p| p.endpoint() == Some(w.to)) {
+                let c = self.clocks.entry(peer.public_key).or_default();
+                c.last_sent = Some(now);
+                if data && c.unanswered_since.is_none() {
+                    c.unanswered_since = Some(now);
+                }
+            }
             if w.datagram.first() != Some(&msg::INITIATION) {
                 continue;
             }
@@ -394,6 +416,25 @@ impl SimDevice {
                 r.delivered = Some((key, packet));
             }
         }
+        // Authenticated traffic from the peer: its data and responses name our index, our
+        // response to its initiation names it as the sender.
+        let from_peer = match datagram.first().copied() {
+            _ if r.tunnel_drop.is_some() => None,
+            Some(msg::DATA) => index_at(datagram, 4),
+            Some(msg::RESPONSE) => index_at(datagram, 8),
+            Some(msg::INITIATION) => r
+                .transmits
+                .iter()
+                .find(|t| t.datagram.first() == Some(&msg::RESPONSE))
+                .and_then(|t| index_at(&t.datagram, 4)),
+            _ => None,
+        };
+        if let Some(peer) = from_peer.and_then(|i| table.by_receiver_index(i)) {
+            self.clocks
+                .entry(peer.public_key)
+                .or_default()
+                .unanswered_since = None;
+        }
         if datagram.first() == Some(&msg::RESPONSE)
             && r.tunnel_drop.is_none()
             && !r.transmits.is_empty()
@@ -410,8 +451,8 @@ impl SimDevice {
     }
 
     /// Runs the timers at `now` (call every 100 ms of virtual time): the data path's timer
-    /// pass, the host's once-a-second firewall sweep, and the handshake retries and rekeying
-    /// of the module docs.
+    /// pass, the host's once-a-second firewall sweep, and the handshake retries, rekeying and
+    /// persistent keepalives of the module docs.
     pub fn tick(&mut self, now: Instant, unix_ms: u64) -> Vec<Transmit> {
         let at = self.now(now, unix_ms);
         self.pump.timers(at);
@@ -429,13 +470,30 @@ impl SimDevice {
                 .pending_since
                 .is_some_and(|t| now.saturating_duration_since(t) >= REKEY_TIMEOUT);
             let rekey = c.pending_since.is_none()
-                && c.initiated_at
-                    .is_some_and(|t| now.saturating_duration_since(t) >= REKEY_AFTER_TIME);
-            if !(retry || rekey) {
-                continue;
-            }
+                && (c
+                    .initiated_at
+                    .is_some_and(|t| now.saturating_duration_since(t) >= REKEY_AFTER_TIME)
+                    || c.unanswered_since
+                        .is_some_and(|t| now.saturating_duration_since(t) >= UNANSWERED_TIMEOUT));
             let Some(to) = peer.endpoint() else { continue };
             let mut tunn = peer.lock();
+            if !(retry || rekey) {
+                // Persistent keepalive: nothing sent for its interval on a live session.
+                let interval = peer.spec().persistent_keepalive.map(u64::from);
+                let due = interval.is_some_and(|k| {
+                    c.last_sent
+                        .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(k))
+                });
+                if due && tunn.time_since_last_handshake().is_some() {
+                    if let TunnResult::WriteToNetwork(d) = tunn.encapsulate(&[], &mut self.scratch)
+                    {
+                        if self.edges.bind.send_to_peer(to, d, None).is_ok() {
+                            c.last_sent = Some(now);
+                        }
+                    }
+                }
+                continue;
+            }
             if let TunnResult::WriteToNetwork(d) =
                 tunn.format_handshake_initiation(&mut self.scratch, retry)
             {
@@ -444,6 +502,7 @@ impl SimDevice {
                     continue;
                 }
                 c.pending_since = Some(now);
+                c.unanswered_since = None;
             }
         }
         self.sent(now)

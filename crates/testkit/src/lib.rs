@@ -35,8 +35,9 @@
 //! coordinator's clock, grant expiry) and everything meshd's data path is given a `now` for
 //! (firewall verdicts and flow expiry, block-log stamps, the timer pass's schedule and its
 //! once-a-second work). Not boringtun's session timers: its `Tunn` reads the monotonic clock
-//! itself, so handshake retries and rekeying are driven by [`device`] in virtual time and
-//! persistent keepalives and session expiry do not run (see [`device`]'s docs).
+//! itself, so handshake retries, rekeying, the unanswered-data handshake and persistent
+//! keepalives are driven by [`device`] in virtual time, and session expiry does not run (see
+//! [`device`]'s docs).
 #![forbid(unsafe_code)]
 
 pub mod coordinator;
