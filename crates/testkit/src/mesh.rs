@@ -14,8 +14,10 @@
 //!   connect while the coordinator is down is never answered (the session times out).
 //! - **Agents**: meshd_control's sans-IO [`AgentSession`], driven by its actions: `Connect`,
 //!   `Send`, `Close`, `ApplyMap` (programs the device), `State` (a refusal clears the device).
-//! - **Data plane**: a [`SimDevice`] per host on a seeded [`Network`]; the device's timers run
-//!   every 100 ms of virtual time.
+//! - **Data plane**: a [`SimDevice`] per host — meshd's packet path over fake edges — on a
+//!   seeded [`Network`]: what a host's fake bind sends is handed to the network (with the
+//!   host's current underlay address as source), what the network delivers is fed to the
+//!   destination's bind; the device's timers run every 100 ms of virtual time.
 //!
 //! Everything happens in [`Mesh::run_for`] / [`Mesh::run_until`], which jump the clock from one
 //! due event to the next.

@@ -196,8 +196,18 @@ fn run(seed: u64, ops: &[Op]) -> Result<(), TestCaseError> {
     }
     // Traffic between every pair over lossless links: delivered exactly when granted.
     m.net_mut().set_default_link(LinkConfig::default());
-    let now = m.clock().unix_secs();
+    // The data plane settles through traffic too, as WireGuard does: a host that kept a
+    // session while its peer dropped and re-added it (one side's map changed while the other
+    // was cut off) is heard from no more, and its next data starts a new handshake only
+    // after the unanswered-data timeout. One round of traffic, then that long.
     let n = m.hosts().len();
+    for a in (0..n).map(HostIdx) {
+        for b in (0..n).map(HostIdx).filter(|&b| b != a) {
+            let _denied_or_unroutable = m.send_udp(a, b, 5000, b"warm-up");
+        }
+    }
+    m.run_for(meshd_testkit::device::UNANSWERED_TIMEOUT + Duration::from_secs(1));
+    let now = m.clock().unix_secs();
     for a in (0..n).map(HostIdx) {
         for b in (0..n).map(HostIdx).filter(|&b| b != a) {
             let (ha, hb) = (m.host(a), m.host(b));

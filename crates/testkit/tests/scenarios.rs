@@ -302,3 +302,53 @@ fn coordinator_restart_restores_state_and_agents_resync_while_tunnels_run() {
     assert_eq!(ping(&mut m, c, b, &marked(b"c is an app now")), 1);
     assert_eq!(ping(&mut m, a, b, &marked(b"after")), 1);
 }
+
+#[test]
+fn the_receiver_enforces_its_own_map_against_a_peer_with_a_stale_one() {
+    let (mut m, h) = mesh(&[("a", &[]), ("b", &[])], policy::ALLOW_ALL);
+    let (a, b) = (h[0], h[1]);
+    assert_eq!(ping(&mut m, a, b, &marked(b"open")), 1, "the flow is open");
+    // a's control path is cut: it keeps its old map (any port) while b gets the new one.
+    m.partition_control(a);
+    m.apply_policy("rules:\n  - {name: dns, from: {}, to: {}, ports: [udp/53]}\n")
+        .unwrap();
+    m.run_for(Duration::from_millis(50));
+    let ka = m.host(a).public_key();
+    let kb = m.host(b).public_key();
+    let rule = |m: &Mesh, x: HostIdx, peer| {
+        m.host(x).device().peers()[&peer].0.grants.outbound[0]
+            .rule
+            .clone()
+    };
+    assert_eq!(rule(&m, a, kb), "all", "a still has the old map");
+    assert_eq!(rule(&m, b, ka), "dns", "b has the new one");
+    // a's outbound check passes on its stale map; b's inbound check on its own map refuses
+    // the open flow (re-checked against the new table) and a new one alike.
+    let denied = m.host(b).device().firewall_stats().default_deny;
+    let revoked = m.host(b).device().firewall_stats().flows_revoked;
+    for payload in [marked(b"open"), marked(b"stale")] {
+        let before = m.host(b).received(&ka, &payload);
+        m.send_udp(a, b, 5000, &payload).unwrap();
+        m.run_for(Duration::from_millis(20));
+        assert_eq!(m.host(b).received(&ka, &payload), before, "refused by b");
+    }
+    let stats = m.host(b).device().firewall_stats();
+    assert_eq!(stats.default_deny, denied + 2);
+    assert_eq!(
+        stats.flows_revoked,
+        revoked + 1,
+        "the open flow was revoked"
+    );
+    // What both maps grant still passes.
+    let before = m.host(b).received(&ka, &marked(b"dns"));
+    m.send_udp(a, b, 53, &marked(b"dns")).unwrap();
+    m.run_for(Duration::from_millis(20));
+    assert_eq!(m.host(b).received(&ka, &marked(b"dns")), before + 1);
+    m.heal_control(a);
+    m.run_for(Duration::from_millis(50));
+    assert_eq!(rule(&m, a, kb), "dns", "a caught up");
+    assert!(
+        m.send_udp(a, b, 5000, &marked(b"late")).is_err(),
+        "now a refuses it itself"
+    );
+}

@@ -309,6 +309,13 @@ impl FakeNet {
         guard(&self.state).wire.clone()
     }
 
+    /// Takes the datagrams that crossed the link since the last take, in order (a harness
+    /// that carries them over links of its own: attach one host per [`FakeNet`] and nothing
+    /// sent to a peer arrives here by itself).
+    pub fn take_wire(&self) -> Vec<Wire> {
+        std::mem::take(&mut guard(&self.state).wire)
+    }
+
     /// Every send call so far: (destination, bytes, GSO segment size).
     pub fn sends(&self) -> Vec<SendCall> {
         guard(&self.state).sends.clone()
@@ -369,6 +376,22 @@ impl FakeBind {
     /// This host's address on the link.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Queues `datagram` as arriving from `from` (what a link outside this [`FakeNet`]
+    /// delivered), for the next receive. Not recorded on the wire: it did not cross this link.
+    pub fn inject(&self, from: SocketAddr, datagram: &[u8]) {
+        let bell = guard(&self.net.state).hosts.get_mut(&self.addr).map(|h| {
+            h.trains.push_back(Train {
+                from,
+                data: datagram.to_vec(),
+                stride: datagram.len().max(1),
+            });
+            h.bell.clone()
+        });
+        if let Some(b) = bell {
+            b.ring();
+        }
     }
 
     fn pending(&self) -> bool {
@@ -482,5 +505,88 @@ impl Poller<Fake> for FakePoller {
 
     fn socket_readable(&self, bind: &FakeBind) -> bool {
         bind.pending()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(last: u8) -> SocketAddr {
+        SocketAddr::from(([198, 18, 0, last], 51820))
+    }
+
+    fn recv_all(bind: &FakeBind) -> Vec<(SocketAddr, Vec<u8>)> {
+        let mut got = Vec::new();
+        let mut bufs = [[0u8; 64]; 4];
+        let mut meta = [RecvMeta::default(); 4];
+        loop {
+            let mut iov = bufs.each_mut().map(|b| IoSliceMut::new(b));
+            match bind.recv(&mut FakeReady, &mut iov, &mut meta) {
+                Ok(n) => {
+                    for (m, b) in meta[..n].iter().zip(&bufs) {
+                        got.push((m.addr, b[..m.len].to_vec()));
+                    }
+                }
+                Err(e) => {
+                    assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+                    return got;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn take_wire_drains_what_was_sent_and_keeps_the_send_calls() {
+        let net = FakeNet::new();
+        let a = net.host(addr(1), false);
+        a.bind.send(addr(2), b"one").unwrap();
+        a.bind.send_to_peer(addr(3), b"twothree", Some(3)).unwrap();
+        let wire = net.take_wire();
+        let seen: Vec<(SocketAddr, &[u8])> =
+            wire.iter().map(|w| (w.to, w.datagram.as_slice())).collect();
+        assert_eq!(
+            seen,
+            [
+                (addr(2), &b"one"[..]),
+                (addr(3), b"two"),
+                (addr(3), b"thr"),
+                (addr(3), b"ee")
+            ]
+        );
+        assert!(wire.iter().all(|w| w.from == addr(1)));
+        assert!(net.take_wire().is_empty(), "taken");
+        assert!(net.wire().is_empty());
+        assert_eq!(net.sends().len(), 2, "send calls stay recorded");
+        assert_eq!(
+            net.in_flight(),
+            0,
+            "nobody at the destinations: nothing queued"
+        );
+    }
+
+    #[test]
+    fn inject_queues_a_datagram_with_its_source_for_the_next_receive() {
+        let net = FakeNet::new();
+        let a = net.host(addr(1), false);
+        assert!(!a.poller.socket_readable(&a.bind));
+        a.bind.inject(addr(7), b"hello");
+        a.bind.inject(addr(8), b"again");
+        assert!(a.poller.socket_readable(&a.bind));
+        assert_eq!(
+            recv_all(&a.bind),
+            [(addr(7), b"hello".to_vec()), (addr(8), b"again".to_vec())]
+        );
+        assert!(
+            net.wire().is_empty(),
+            "injected datagrams did not cross this link"
+        );
+        // The poller wakes for it, as for a datagram carried by the link.
+        a.bind.inject(addr(7), b"x");
+        let woken = a
+            .poller
+            .wait(&a.tun, &a.bind, &mut FakeReady, false, 1000)
+            .unwrap();
+        assert!(woken.sockets);
     }
 }
