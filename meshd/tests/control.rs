@@ -282,10 +282,21 @@ fn agent_restarts_from_persisted_map_with_coordinator_down() {
     let p2 = procs.pop().unwrap();
     p2.kill(Signal::Term).unwrap();
     assert!(p2.wait_timeout(Duration::from_secs(5)).unwrap().is_some());
-    let _p2 = resume(&lab, 2, "host2");
+    let p2 = resume(&lab, 2, "host2");
     assert!(
         wait_ping(lab.host(2), ov[0], Duration::from_secs(15)),
         "no tunnel from persisted map"
+    );
+    assert!(wait_ping(lab.host(1), ov[1], Duration::from_secs(5)));
+    // SIGHUP (what `systemctl reload` and log rotation send) has nothing to reload in
+    // coordinator mode, and must not kill the daemon (its default action would).
+    p2.kill(Signal::Hup).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        p2.wait_timeout(Duration::from_millis(10))
+            .unwrap()
+            .is_none(),
+        "SIGHUP killed a coordinator-mode meshd"
     );
     assert!(wait_ping(lab.host(1), ov[1], Duration::from_secs(5)));
 }

@@ -242,6 +242,9 @@ struct Session {
     /// `None` once the session dropped its end.
     maps: Option<watch::Receiver<Option<NetworkMap>>>,
     state: Option<watch::Receiver<SessionState>>,
+    /// SIGHUP: nothing to reload here (the coordinator owns the peers), but without a handler
+    /// its default action would kill the daemon. `None` if it could not be installed.
+    hup: Option<tokio::signal::unix::Signal>,
 }
 
 enum Pending {
@@ -336,9 +339,12 @@ impl PeerSource for Coordinator {
         cfg.initial_map = self.persisted.take();
         cfg.fwmark = self.transparent.then_some(transparent::FWMARK);
         let handle = client::spawn_session(cfg);
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("installing the SIGHUP handler")?;
         self.session = Some(Session {
             maps: Some(handle.map()),
             state: Some(handle.state()),
+            hup: Some(hup),
             handle,
         });
         Ok(())
@@ -349,8 +355,15 @@ impl PeerSource for Coordinator {
             return std::future::pending().await;
         };
         loop {
-            let (maps, state) = (&mut session.maps, &mut session.state);
+            let (maps, state, hup) = (&mut session.maps, &mut session.state, &mut session.hup);
             tokio::select! {
+                got = async { hup.as_mut()?.recv().await }, if hup.is_some() => {
+                    if got.is_none() {
+                        session.hup = None;
+                    } else {
+                        tracing::info!("SIGHUP ignored: in coordinator mode the coordinator owns the peers");
+                    }
+                }
                 changed = async { maps.as_mut()?.changed().await.ok() }, if maps.is_some() => {
                     let Some(()) = changed else {
                         session.maps = None;
