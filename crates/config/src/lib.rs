@@ -18,6 +18,7 @@
 //! mode = "overlay"
 //! fwmark = 0x4d5348
 //! routed_prefixes = ["10.1.0.0/16"]
+//! log_format = "text"
 //!
 //! [[peer]]
 //! name = "db1"
@@ -39,6 +40,7 @@
 //! | `mode` | default `"overlay"` | `"overlay"`: peers are reached by the overlay addresses above. `"transparent"`: meshd encrypts traffic to peers' ordinary addresses. |
 //! | `fwmark` | optional | Firewall mark (u32, hex allowed: `0x4d5348`) set on meshd's UDP packets; `0` means none, as in `wg`. |
 //! | `routed_prefixes` | default `[]` | Inner destinations beyond this host's own addresses that peers may send to through the tunnel (this host routes them on, e.g. a subnet behind it): one prefix string or an array. Without it, a decrypted packet is written to the TUN only if its destination is one of `address` (and, in transparent mode, this host's own underlay addresses); anything else (another host, a broadcast or multicast address) is dropped and counted as `inner_destination`. Peers still need the prefix in their `allowed_ips` for this host. |
+//! | `log_format` | default `"text"` | `"text"` or `"json"` (one object per line, fields in docs/LOGGING.md); `meshd --log-format` wins. Read at start, not on reload. |
 //!
 //! ## `[[peer]]` (any number, including none)
 //!
@@ -78,6 +80,7 @@
 mod error;
 pub mod fsutil;
 mod keyfile;
+mod log_format;
 pub mod static_peers;
 
 use std::collections::BTreeMap;
@@ -96,6 +99,7 @@ use toml::Spanned;
 
 pub use error::{ConfigError, Invalid, KeyFileError, Location};
 pub use keyfile::{load_private_key, write_private_key};
+pub use log_format::{LogFormat, UnknownLogFormat};
 pub use meshd_tunnel::{KeyError, PrivateKey};
 pub use static_peers::{peer_specs, static_grants, StaticPeers, StaticPolicyError, SELF_NAME};
 
@@ -147,6 +151,8 @@ pub struct Interface {
     /// Inner destinations peers may reach through this host besides its own addresses
     /// (host bits cleared; empty: only this host's own addresses).
     pub routed_prefixes: Vec<IpNet>,
+    /// `log_format`, when the file sets it (`meshd --log-format` wins).
+    pub log_format: Option<LogFormat>,
 }
 
 /// How traffic reaches the mesh (`interface.mode`; `meshd status` shows it as the same
@@ -324,6 +330,7 @@ struct RawInterface {
     policy_file: Option<PathBuf>,
     policy: Option<String>,
     routed_prefixes: Option<Spanned<NetList>>,
+    log_format: Option<LogFormat>,
 }
 
 #[derive(Deserialize)]
@@ -632,6 +639,7 @@ impl Ctx<'_> {
             policy_file: raw.policy_file.map(relative),
             policy: raw.policy,
             routed_prefixes,
+            log_format: raw.log_format,
         })
     }
 

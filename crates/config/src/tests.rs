@@ -765,3 +765,21 @@ fn mode_is_one_lowercase_word_everywhere() {
     }
     assert!(serde_json::from_str::<Mode>("\"Overlay\"").is_err());
 }
+
+#[test]
+fn log_format() {
+    assert_eq!(parse(MINIMAL).interface.log_format, None);
+    for (word, want) in [("json", LogFormat::Json), ("text", LogFormat::Text)] {
+        let c = parse(&MINIMAL.replace(
+            "[interface]\n",
+            &format!("[interface]\nlog_format = \"{word}\"\n"),
+        ));
+        assert_eq!(c.interface.log_format, Some(want));
+        assert_eq!(word.parse::<LogFormat>().unwrap(), want);
+        assert_eq!(want.to_string(), word);
+    }
+    let e = err(&MINIMAL.replace("[interface]\n", "[interface]\nlog_format = \"JSON\"\n"));
+    assert_msg(&e, "2:14", "interface.log_format", "unknown variant");
+    let e = "yaml".parse::<LogFormat>().unwrap_err().to_string();
+    assert!(e.contains("yaml") && e.contains("json"), "{e}");
+}
