@@ -13,6 +13,14 @@ mod mangen;
 #[path = "../src/parse.rs"]
 mod parse;
 
+/// What `meshctl --version` prints (the same as meshctl/src/main.rs: build.rs sets the commit).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("MESHD_GIT_COMMIT"),
+    ")"
+);
+
 fn main() -> anyhow::Result<()> {
     mangen::main(<cli::Cli as clap::CommandFactory>::command(), "1")
 }

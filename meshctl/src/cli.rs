@@ -20,7 +20,7 @@ use crate::parse;
 /// <state-dir>/admin-cert.pem (the coordinator's self-signed one) when that exists, else the
 /// system's trusted roots.
 #[derive(Debug, Parser)]
-#[command(name = "meshctl", version, propagate_version = true)]
+#[command(name = "meshctl", version = crate::VERSION, propagate_version = true)]
 pub struct Cli {
     /// Connection and output options.
     #[command(flatten)]

@@ -28,6 +28,15 @@ use meshd_control::policy::PolicyRecord;
 use meshd_control::{Labels, UnixTime};
 use meshd_policy::{BlockEvent, Change, Explanation, NoInventory};
 use meshd_time::unix_now;
+
+/// `0.1.0 (abc1234)`: the crate version and the git commit it was built from (`-dirty` when
+/// tracked files had changes, `unknown` without git; see build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("MESHD_GIT_COMMIT"),
+    ")"
+);
 use serde::Serialize;
 
 use crate::cli::{Cli, Command, HostsCmd, Output, PolicyCmd, TokenCmd};

@@ -974,3 +974,43 @@ fn events_table_and_json() {
     assert!(e.contains("--limit"), "{e}");
     c.rt.block_on(first.shutdown());
 }
+
+#[test]
+fn version_names_the_commit() {
+    let out = Command::new(env!("CARGO_BIN_EXE_meshctl"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let line = text(&out.stdout);
+    let line = line.trim();
+    let commit = line
+        .strip_prefix(&format!("meshctl {} (", env!("CARGO_PKG_VERSION")))
+        .and_then(|r| r.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("{line:?} is not `meshctl VERSION (COMMIT)`"));
+    let commit = commit.strip_suffix("-dirty").unwrap_or(commit);
+    if commit != "unknown" {
+        assert!(
+            commit.len() >= 7 && commit.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{line:?}"
+        );
+        let head = Command::new("git")
+            .args(["-C", env!("CARGO_MANIFEST_DIR"), "rev-parse", "HEAD"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success());
+        if let Some(head) = head {
+            assert!(text(&head.stdout).starts_with(commit), "{line:?}");
+        }
+    }
+    // Subcommands say the same.
+    let sub = Command::new(env!("CARGO_BIN_EXE_meshctl"))
+        .args(["hosts", "--version"])
+        .output()
+        .unwrap();
+    assert!(
+        text(&sub.stdout).contains(&format!("({commit}")),
+        "{}",
+        text(&sub.stdout)
+    );
+}

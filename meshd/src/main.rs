@@ -11,14 +11,32 @@ use anyhow::Context as _;
 use clap::{CommandFactory as _, Parser, Subcommand};
 use meshd_tunnel::PrivateKey;
 
+/// `0.1.0 (abc1234)`: the crate version and the git commit it was built from (`-dirty` when
+/// tracked files had changes, `unknown` without git; see build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("MESHD_GIT_COMMIT"),
+    ")"
+);
+
 /// Zero-trust encryption mesh: WireGuard-protocol tunnels between labelled hosts.
 #[derive(Parser)]
-#[command(name = "meshd", version, about)]
+#[command(name = "meshd", version = VERSION, about)]
 // pub(crate): examples/mangen.rs includes this file as a module to render the man pages.
 pub(crate) struct Cli {
     /// More logging (-v debug, -vv trace). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// Log line format on stderr: `text` (the default, terminal or not) or `json` (one
+    /// object per line, fields in docs/LOGGING.md). Wins over `log_format` in the config file.
+    #[arg(
+        long,
+        value_name = "text|json",
+        global = true,
+        env = "MESHD_LOG_FORMAT"
+    )]
+    log_format: Option<meshd_config::LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -65,7 +83,11 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    let format = cli
+        .log_format
+        .or_else(|| configured_log_format(&cli.command))
+        .unwrap_or_default();
+    init_logging(cli.verbose, format);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         // `meshd status | head`: the reader has what it wanted.
@@ -104,7 +126,20 @@ fn out(f: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> anyhow::Result<
     }
 }
 
-fn init_logging(verbose: u8) {
+/// The config file's `log_format` (static mode's `[interface]`, the coordinator's file).
+/// A file that cannot be read is reported by the command itself, once logging is set up.
+fn configured_log_format(command: &Command) -> Option<meshd_config::LogFormat> {
+    match command {
+        Command::Up(args) => args.log_format(),
+        Command::Coordinator(args) => args.log_format(),
+        _ => None,
+    }
+}
+
+/// Logs to stderr in `format`; text is coloured only when stderr is a terminal (and
+/// `NO_COLOR` is unset), so a journal or a log file gets no escape codes.
+fn init_logging(verbose: u8, format: meshd_config::LogFormat) {
+    use std::io::IsTerminal as _;
     let default = match verbose {
         0 => "info",
         1 => "debug",
@@ -112,13 +147,25 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         // A log line that cannot be written (stderr a closed pipe) is lost, not reported with
         // `eprintln!`, which would panic and take the daemon down.
-        .log_internal_errors(false)
-        .init();
+        .log_internal_errors(false);
+    match format {
+        meshd_config::LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+            .init(),
+        // docs/LOGGING.md: `timestamp`, `level`, `target`, `message` and the event's fields,
+        // all at the top level; no span keys (meshd records no spans), so the keys are fixed.
+        meshd_config::LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {

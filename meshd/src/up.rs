@@ -75,6 +75,15 @@ pub struct UpArgs {
     uapi_dir: PathBuf,
 }
 
+impl UpArgs {
+    /// Static mode: the config file's `[interface] log_format`, if set (a file that does
+    /// not load is reported by [`run`]).
+    pub fn log_format(&self) -> Option<meshd_config::LogFormat> {
+        let path = self.config.as_deref()?;
+        meshd_config::Config::load(path).ok()?.interface.log_format
+    }
+}
+
 /// Runs the daemon until SIGTERM or SIGINT: a [`host`](crate::host) fed by the config file
 /// (`--config`) or by the coordinator (`--join`, or resume from `--state-dir`).
 pub fn run(args: UpArgs) -> anyhow::Result<()> {

@@ -188,3 +188,63 @@ fn port_in_use_and_missing_capability_are_explained() {
     assert!(!out.status.success());
     assert!(err.contains("CAP_NET_ADMIN"), "{err}");
 }
+
+/// `NAME 0.1.0 (abc1234)`, `(abc1234-dirty)` or `(unknown)`: the commit is the checkout's
+/// HEAD when git can tell.
+fn check_version_line(name: &str, line: &str) {
+    let rest = line
+        .strip_prefix(&format!("{name} {} (", env!("CARGO_PKG_VERSION")))
+        .and_then(|r| r.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("{line:?} is not `{name} VERSION (COMMIT)`"));
+    if rest == "unknown" {
+        return;
+    }
+    let commit = rest.strip_suffix("-dirty").unwrap_or(rest);
+    assert!(
+        commit.len() >= 7 && commit.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{line:?}"
+    );
+    let head = Command::new("git")
+        .args(["-C", env!("CARGO_MANIFEST_DIR"), "rev-parse", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success());
+    if let Some(out) = head {
+        let head = String::from_utf8_lossy(&out.stdout);
+        assert!(head.starts_with(commit), "{line:?} is not HEAD {head}");
+    }
+}
+
+#[test]
+fn version_names_the_commit() {
+    let out = Command::new(meshd_bin()).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    check_version_line("meshd", String::from_utf8_lossy(&out.stdout).trim());
+    // meshctl's build script is the same file but for the line naming the other one.
+    let read = |p: &str| std::fs::read_to_string(format!("{}/../{p}", env!("CARGO_MANIFEST_DIR")));
+    let (a, b) = (
+        read("meshd/build.rs").unwrap(),
+        read("meshctl/build.rs").unwrap(),
+    );
+    assert_eq!(
+        a.replace("meshctl/build.rs", "OTHER"),
+        b.replace("meshd/build.rs", "OTHER")
+    );
+}
+
+#[test]
+fn version_format_check_rejects_others() {
+    for bad in [
+        "meshd 0.1.0",
+        "meshd 0.1.0 (xyz)",
+        "meshd 9.9.9 (abcdef0)",
+        "meshd 0.1.0 (abc)",
+    ] {
+        let r = std::panic::catch_unwind(|| check_version_line("meshd", bad));
+        assert!(r.is_err(), "{bad} accepted");
+    }
+    check_version_line(
+        "meshd",
+        &format!("meshd {} (unknown)", env!("CARGO_PKG_VERSION")),
+    );
+}

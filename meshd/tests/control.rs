@@ -118,6 +118,8 @@ fn enrol_three_hosts_traffic_ip_change_and_coordinator_restart() {
         listed.matches("\"host").count()
     );
     assert!(hosts.to_string().contains("app3"));
+    // No admin token, join token, token secret or private key in any log.
+    coord.assert_no_secrets_in_logs(&lab);
 }
 
 #[test]
@@ -243,6 +245,8 @@ fn removed_host_loses_tunnels_and_bad_tokens_are_refused() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("join token"));
+    // No admin token, join token, token secret or private key in any log.
+    coord.assert_no_secrets_in_logs(&lab);
 }
 
 #[test]
@@ -299,4 +303,6 @@ fn agent_restarts_from_persisted_map_with_coordinator_down() {
         "SIGHUP killed a coordinator-mode meshd"
     );
     assert!(wait_ping(lab.host(1), ov[1], Duration::from_secs(5)));
+    // No admin token, join token, token secret or private key in any log.
+    coord.assert_no_secrets_in_logs(&lab);
 }

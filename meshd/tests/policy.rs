@@ -105,6 +105,8 @@ fn only_granted_flows_pass_and_denials_are_reported() {
         "no block for app1 -> db1:22: {}",
         m.coord.api(&m.lab, "GET", "/v1/blocks", None).1
     );
+    // No admin token, join token, token secret or private key in any log.
+    m.coord.assert_no_secrets_in_logs(&m.lab);
 }
 
 #[test]
@@ -152,6 +154,8 @@ fn label_change_moves_a_host_while_traffic_runs() {
         }),
         "app1 cannot reach db1 again after the label came back"
     );
+    // No admin token, join token, token secret or private key in any log.
+    m.coord.assert_no_secrets_in_logs(&m.lab);
 }
 
 #[test]
@@ -184,6 +188,8 @@ fn expiring_rule_stops_on_time() {
         !app1.ping(m.ov[2]).unwrap(),
         "ping still allowed after the rule expired"
     );
+    // No admin token, join token, token secret or private key in any log.
+    m.coord.assert_no_secrets_in_logs(&m.lab);
 }
 
 const POLICY_RULES: &str = "rules:
@@ -295,4 +301,6 @@ fn quarantine_cuts_an_open_connection_and_revoke_is_final() {
         "{}",
         p.stderr().unwrap()
     );
+    // No admin token, join token, token secret or private key in any log.
+    m.coord.assert_no_secrets_in_logs(&m.lab);
 }

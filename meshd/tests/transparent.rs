@@ -300,6 +300,8 @@ fn underlay_traffic_is_encrypted_and_covered_ports_require_the_tunnel() {
         db["protected"].to_string().contains(&b_ip.to_string()),
         "{db}"
     );
+    // No admin token, join token, token secret or private key in any log.
+    coord.assert_no_secrets_in_logs(&lab);
 }
 
 #[test]
@@ -408,6 +410,8 @@ fn address_change_clone_and_crash_cleanup() {
     );
     let gone = host_state(ha);
     assert_eq!(gone, HostState::default(), "left behind after stop");
+    // No admin token, join token, token secret or private key in any log.
+    coord.assert_no_secrets_in_logs(&lab);
 }
 
 /// What transparent mode installed in a host: rules pointing at meshd's table, routes in it,
@@ -785,4 +789,6 @@ fn sigkill_of_either_end_never_lets_plaintext_out_and_connections_survive_the_re
         HostState::default(),
         "left after meshd down"
     );
+    // No admin token, join token, token secret or private key in any log.
+    _coord.assert_no_secrets_in_logs(&lab);
 }

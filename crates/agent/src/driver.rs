@@ -372,7 +372,7 @@ impl Driver {
                         ..
                     } => debug!(error = %e, "control session ended"),
                     SessionState::Refused { code, message } => {
-                        warn!(%code, %message, "coordinator refused this host; session stopped")
+                        warn!(%code, reason = %message, "coordinator refused this host; session stopped")
                     }
                     SessionState::Connecting { .. } | SessionState::Stopped => {}
                 }

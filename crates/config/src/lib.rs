@@ -19,6 +19,7 @@
 //! fwmark = 0x4d5348
 //! routed_prefixes = ["10.1.0.0/16"]
 //! uapi_dir = "/var/run/wireguard"
+//! log_format = "text"
 //!
 //! [[peer]]
 //! name = "db1"
@@ -41,6 +42,7 @@
 //! | `fwmark` | optional | Firewall mark (u32, hex allowed: `0x4d5348`) set on meshd's UDP packets; `0` means none, as in `wg`. |
 //! | `routed_prefixes` | default `[]` | Inner destinations beyond this host's own addresses that peers may send to through the tunnel (this host routes them on, e.g. a subnet behind it): one prefix string or an array. Without it, a decrypted packet is written to the TUN only if its destination is one of `address` (and, in transparent mode, this host's own underlay addresses); anything else (another host, a broadcast or multicast address) is dropped and counted as `inner_destination`. Peers still need the prefix in their `allowed_ips` for this host. |
 //! | `uapi_dir` | default `"/var/run/wireguard"` | Directory of the WireGuard userspace API socket `<uapi_dir>/<name>.sock`, which `wg show`, `wg showconf` and `wg set` use (the same socket wireguard-go and boringtun serve). It is shared by every network namespace of the machine, so two meshd with the same interface name in different namespaces need different directories (`wg` itself only looks in `/var/run/wireguard`). A relative path is relative to the directory of the config file. Created 0755 if missing. |
+//! | `log_format` | default `"text"` | `"text"` or `"json"` (one object per line, fields in docs/LOGGING.md); `meshd --log-format` wins. Read at start, not on reload. |
 //!
 //! ## `[[peer]]` (any number, including none)
 //!
@@ -80,6 +82,7 @@
 mod error;
 pub mod fsutil;
 mod keyfile;
+mod log_format;
 pub mod static_peers;
 
 use std::collections::BTreeMap;
@@ -98,6 +101,7 @@ use toml::Spanned;
 
 pub use error::{ConfigError, Invalid, KeyFileError, Location};
 pub use keyfile::{load_private_key, write_private_key};
+pub use log_format::{LogFormat, UnknownLogFormat};
 pub use meshd_tunnel::{KeyError, PrivateKey};
 pub use static_peers::{peer_specs, static_grants, StaticPeers, StaticPolicyError, SELF_NAME};
 
@@ -154,6 +158,8 @@ pub struct Interface {
     /// Directory of the WireGuard userspace API socket (`<uapi_dir>/<name>.sock`), already
     /// resolved against the config file's directory.
     pub uapi_dir: PathBuf,
+    /// `log_format`, when the file sets it (`meshd --log-format` wins).
+    pub log_format: Option<LogFormat>,
 }
 
 /// How traffic reaches the mesh (`interface.mode`; `meshd status` shows it as the same
@@ -332,6 +338,7 @@ struct RawInterface {
     policy: Option<String>,
     routed_prefixes: Option<Spanned<NetList>>,
     uapi_dir: Option<Spanned<PathBuf>>,
+    log_format: Option<LogFormat>,
 }
 
 #[derive(Deserialize)]
@@ -648,6 +655,7 @@ impl Ctx<'_> {
             policy: raw.policy,
             routed_prefixes,
             uapi_dir,
+            log_format: raw.log_format,
         })
     }
 

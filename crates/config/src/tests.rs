@@ -786,3 +786,21 @@ fn uapi_dir() {
     let e = err(&MINIMAL.replace("[interface]\n", "[interface]\nuapi_dir = 3\n"));
     assert!(e.to_string().contains("interface.uapi_dir"), "{e}");
 }
+
+#[test]
+fn log_format() {
+    assert_eq!(parse(MINIMAL).interface.log_format, None);
+    for (word, want) in [("json", LogFormat::Json), ("text", LogFormat::Text)] {
+        let c = parse(&MINIMAL.replace(
+            "[interface]\n",
+            &format!("[interface]\nlog_format = \"{word}\"\n"),
+        ));
+        assert_eq!(c.interface.log_format, Some(want));
+        assert_eq!(word.parse::<LogFormat>().unwrap(), want);
+        assert_eq!(want.to_string(), word);
+    }
+    let e = err(&MINIMAL.replace("[interface]\n", "[interface]\nlog_format = \"JSON\"\n"));
+    assert_msg(&e, "2:14", "interface.log_format", "unknown variant");
+    let e = "yaml".parse::<LogFormat>().unwrap_err().to_string();
+    assert!(e.contains("yaml") && e.contains("json"), "{e}");
+}

@@ -525,7 +525,7 @@ impl Actor {
             }
             Err(code) => {
                 if matches!(code, ErrorCode::AlreadyConnected) {
-                    warn!(peer_key = %key, %observed, "refused a second live connection for a connected host");
+                    warn!(peer_key = %key, source = %observed, "refused a second live connection for a connected host");
                     self.events.push(AuditEvent::new(
                         now,
                         EventKind::DuplicateConnection,

@@ -591,13 +591,13 @@ pub fn load_or_create(
 /// Warns when a kept generated certificate does not name one of `ips` (the listen address moved).
 fn warn_missing_names(cert_path: &path::Path, leaf: &CertificateDer<'_>, ips: &[IpAddr]) {
     let Ok(parsed) = rustls::server::ParsedCertificate::try_from(leaf) else {
-        warn!(cert = %cert_path.display(), "cannot parse the admin API certificate");
+        warn!(cert_path = %cert_path.display(), "cannot parse the admin API certificate");
         return;
     };
     for ip in ips.iter().filter(|ip| !ip.is_unspecified()) {
         let name = ServerName::IpAddress(ip.to_canonical().into());
         if rustls::client::verify_server_name(&parsed, &name).is_err() {
-            warn!(cert = %cert_path.display(), %ip,
+            warn!(cert_path = %cert_path.display(), address = %ip,
                 "the admin API certificate does not name this address, so clients using it will \
                  refuse it: delete admin-cert.pem and admin-key.pem in the state directory to \
                  make a new one (and give clients the new admin-cert.pem), or use --admin-tls-cert");
@@ -610,7 +610,7 @@ fn warn_if_readable(key_path: &path::Path) {
     use std::os::unix::fs::PermissionsExt as _;
     if let Ok(m) = std::fs::metadata(key_path) {
         if m.permissions().mode() & 0o004 != 0 {
-            warn!(key = %key_path.display(), "the admin API private key is world-readable: chmod o-r it");
+            warn!(key_path = %key_path.display(), "the admin API private key is world-readable: chmod o-r it");
         }
     }
 }

@@ -196,7 +196,7 @@ async fn start_inner(
         let mut ips = vec![admin_addr.ip(), control_addr.ip()];
         ips.extend(opts.advertise.map(|a| a.ip()));
         let tls = admin::load_or_create(&dir, opts.admin_tls_files.as_ref(), &ips)?;
-        info!(%admin_addr, scheme = "https", cert = %tls.cert_path.display(),
+        info!(%admin_addr, scheme = "https", cert_path = %tls.cert_path.display(),
             fingerprint = %tls.fingerprint, "admin API");
         Some(tls)
     } else {

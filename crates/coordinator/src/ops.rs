@@ -219,7 +219,11 @@ impl Ops<'_> {
             AdminOp::PolicyHistory => json(&state.policy_history()),
             AdminOp::PolicyRollback(v) => {
                 let rec = state.rollback_policy(now, v)?;
-                info!(rules_version = rec.version, to = v, "policy rolled back");
+                info!(
+                    rules_version = rec.version,
+                    restored_version = v,
+                    "policy rolled back"
+                );
                 record(
                     EventKind::PolicyRollback,
                     format!("version {} = version {v}", rec.version),

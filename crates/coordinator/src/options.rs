@@ -301,7 +301,7 @@ pub fn admin_needs_tls(bind: IpAddr, forced: bool, own_cert: bool) -> bool {
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct CoordinatorArgs {
     /// TOML file with any of: state_dir, listen, advertise, admin_listen, admin_tls,
-    /// admin_tls_cert, admin_tls_key, pool, pool_v6, and a [limits] table.
+    /// admin_tls_cert, admin_tls_key, pool, pool_v6, log_format, and a [limits] table.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// State directory (key, database, admin.token) [default: /var/lib/meshd].
@@ -359,6 +359,9 @@ pub struct CoordinatorFile {
     pub pool_v6: Option<Ipv6Net>,
     /// Listener limits.
     pub limits: Option<Limits>,
+    /// `"text"` or `"json"` log lines (`meshd --log-format` wins; read by meshd's main
+    /// before the coordinator starts, see [`CoordinatorArgs::log_format`]).
+    pub log_format: Option<meshd_config::LogFormat>,
 }
 
 impl CoordinatorFile {
@@ -385,6 +388,13 @@ impl CoordinatorFile {
 }
 
 impl CoordinatorArgs {
+    /// The config file's `log_format`, if the file sets one (errors are left for
+    /// [`resolve`](Self::resolve) to report once logging is set up).
+    pub fn log_format(&self) -> Option<meshd_config::LogFormat> {
+        let path = self.config.as_deref()?;
+        CoordinatorFile::load(path).ok()?.log_format
+    }
+
     /// Merges flags over the config file over defaults.
     pub fn resolve(&self, shutdown: Shutdown) -> Result<CoordinatorOptions, OptionsError> {
         let config_path = || self.config.clone().unwrap_or_default();
@@ -597,6 +607,23 @@ mod tests {
         std::fs::write(&f, "[limits]\nnope = 1\n").unwrap();
         let e = shown(CoordinatorFile::load(&f).unwrap_err());
         assert!(e.contains("nope") && e.contains("c.toml"), "{e}");
+    }
+
+    #[test]
+    fn log_format_from_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        let cli = |f: &Path| Cli::parse_from(["x", "--config", f.to_str().unwrap()]);
+        assert_eq!(Cli::parse_from(["x"]).c.log_format(), None);
+        std::fs::write(&f, "listen = \"10.0.0.1:7443\"\n").unwrap();
+        assert_eq!(cli(&f).c.log_format(), None);
+        std::fs::write(&f, "log_format = \"json\"\nlisten = \"10.0.0.1:7443\"\n").unwrap();
+        assert_eq!(cli(&f).c.log_format(), Some(meshd_config::LogFormat::Json));
+        assert!(cli(&f).c.resolve(Shutdown::never()).is_ok());
+        std::fs::write(&f, "log_format = \"xml\"\n").unwrap();
+        assert_eq!(cli(&f).c.log_format(), None);
+        let e = shown(CoordinatorFile::load(&f).unwrap_err());
+        assert!(e.contains("log_format") && e.contains("c.toml"), "{e}");
     }
 
     #[test]

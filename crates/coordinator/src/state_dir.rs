@@ -199,7 +199,7 @@ fn generate(cert_path: &Path, key_path: &Path, names: &[String]) -> Result<(), A
     // reports, never a certificate whose key is lost.
     write_private_atomic(key_path, key.serialize_pem().as_bytes())?;
     write_private_atomic(cert_path, cert.pem().as_bytes())?;
-    info!(cert = %cert_path.display(), key = %key_path.display(), names = ?names,
+    info!(cert_path = %cert_path.display(), key_path = %key_path.display(), names = ?names,
         "generated a self-signed admin API certificate");
     Ok(())
 }

@@ -89,7 +89,7 @@ impl SendBatch {
                 stats
                     .udp_send_errors
                     .fetch_add(self.run_count as u64, Ordering::Relaxed);
-                tracing::debug!(error = %e, %to, "udp send failed");
+                tracing::debug!(error = %e, endpoint = %to, "udp send failed");
             }
         }
         self.run_count = 0;

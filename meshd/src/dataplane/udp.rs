@@ -403,7 +403,7 @@ impl Udp {
             Err(e) => {
                 // E.g. our address changed under the socket: drop it, the listener takes over
                 // and the next send opens a fresh one.
-                tracing::debug!(error = %e, %to, "connected socket failed; closing it");
+                tracing::debug!(error = %e, endpoint = %to, "connected socket failed; closing it");
                 drop(conns);
                 self.disconnect(to, true);
                 None
@@ -471,7 +471,7 @@ impl Udp {
                 c.exhausted = true;
             }
             Err(e) => {
-                tracing::debug!(error = %e, %to, "no connected socket for this endpoint");
+                tracing::debug!(error = %e, endpoint = %to, "no connected socket for this endpoint");
                 if c.refused.len() < self.max_conns {
                     c.refused.insert(to);
                 }

@@ -393,7 +393,7 @@ impl PeerSource for Coordinator {
                         }
                         SessionState::Connected { .. } => tracing::info!("connected to the coordinator"),
                         SessionState::Connecting { attempt, last_error } if attempt > 0 => {
-                            tracing::debug!(attempt, error = ?last_error, "coordinator unreachable; tunnels keep running");
+                            tracing::debug!(attempt, error = %last_error.as_deref().unwrap_or_default(), "coordinator unreachable; tunnels keep running");
                         }
                         _ => {}
                     }
@@ -406,11 +406,15 @@ impl PeerSource for Coordinator {
     fn applied(&mut self, outcome: Result<&PeerDiff, &TableError>) -> anyhow::Result<()> {
         match (self.pending.take(), outcome) {
             (Some(Pending::Restored { version, peers }), Ok(_)) => {
-                tracing::info!(version, peers, "restored the last network map");
+                tracing::info!(
+                    map_version = version,
+                    peers,
+                    "restored the last network map"
+                );
             }
             (Some(Pending::Received(map)), Ok(diff)) => {
                 if !diff.is_empty() {
-                    tracing::info!(version = map.version, changes = %diff.to_string().trim_end().replace('\n', ", "), "network map applied");
+                    tracing::info!(map_version = map.version, changes = %diff.to_string().trim_end().replace('\n', ", "), "network map applied");
                 }
                 let written = serde_json::to_vec(&map)
                     .map_err(anyhow::Error::from)

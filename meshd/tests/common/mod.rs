@@ -255,6 +255,8 @@ pub struct Coord {
     pub idx: usize,
     pub dir: PathBuf,
     pub proc: Option<ProcHandle>,
+    /// Every join token [`Coord::token`] created (for [`Coord::assert_no_secrets_in_logs`]).
+    pub tokens: std::sync::Mutex<Vec<String>>,
 }
 
 impl Coord {
@@ -264,6 +266,7 @@ impl Coord {
             idx,
             dir,
             proc: None,
+            tokens: Default::default(),
         };
         c.restart(lab);
         c
@@ -359,7 +362,16 @@ impl Coord {
             Some(serde_json::json!({"labels": labels, "ttl_secs": ttl_secs, "uses": uses})),
         );
         assert!(code == 200 || code == 201, "token create: {code} {v}");
-        v["token"].as_str().unwrap().to_string()
+        let token = v["token"].as_str().unwrap().to_string();
+        self.tokens.lock().unwrap().push(token.clone());
+        token
+    }
+
+    /// Fails if any log the lab's processes wrote holds a secret: see
+    /// [`assert_no_secrets_in_logs`] (the join tokens this coordinator made included).
+    pub fn assert_no_secrets_in_logs(&self, lab: &Lab) {
+        let tokens = self.tokens.lock().unwrap().clone();
+        assert_no_secrets_in_logs(lab, &tokens);
     }
 }
 
@@ -587,5 +599,113 @@ pub fn stop_cleanly(p: ProcHandle) {
         st.is_some_and(|s| s.success()),
         "meshd did not exit cleanly: {}",
         p.stderr().unwrap_or_default()
+    );
+}
+
+/// The secrets a join token string carries: the string itself and its 32-byte secret in
+/// every encoding a careless log line might use.
+fn join_token_secrets(token: &str) -> Vec<(String, String)> {
+    use base64::Engine as _;
+    let mut out = vec![("join token".to_string(), token.trim().to_string())];
+    if let Ok(t) = meshd_control::JoinToken::parse(token) {
+        let s = &t.secret.0;
+        let hex: String = s.iter().map(|b| format!("{b:02x}")).collect();
+        for (how, text) in [
+            (
+                "base64url",
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s),
+            ),
+            (
+                "base64",
+                base64::engine::general_purpose::STANDARD.encode(s),
+            ),
+            ("hex", hex),
+        ] {
+            out.push((format!("join token secret ({how})"), text));
+        }
+    }
+    out
+}
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            files_under(&p, out);
+        } else {
+            out.push(p);
+        }
+    }
+}
+
+/// Fails if any log (`*.out`, `*.err`) of the lab's processes contains the admin token (or
+/// its part after `meshadm-`), one of `join_tokens` or a join token kept in a state
+/// directory (or its secret), or a private key found in the lab's directory (`*.key`, the
+/// admin API's PEM key). Needs at least one log, one admin token and one private key, so it
+/// cannot pass by finding nothing.
+pub fn assert_no_secrets_in_logs(lab: &Lab, join_tokens: &[String]) {
+    let mut files = Vec::new();
+    files_under(lab.dir(), &mut files);
+    let mut secrets: Vec<(String, String)> = Vec::new();
+    let mut logs = Vec::new();
+    for f in &files {
+        let name = f.file_name().unwrap().to_string_lossy().into_owned();
+        let text = || read(f).trim().to_string();
+        if name.ends_with(".out") || name.ends_with(".err") {
+            logs.push(f.clone());
+        } else if name == "admin.token" {
+            let t = text();
+            if let Some(secret) = t.strip_prefix("meshadm-") {
+                secrets.push(("admin token secret".into(), secret.to_string()));
+            }
+            secrets.push(("admin token".into(), t));
+        } else if name == "join.token" {
+            secrets.extend(join_token_secrets(&text()));
+        } else if name.ends_with(".key") {
+            secrets.push((format!("private key {name}"), text()));
+        } else if name.ends_with("key.pem") {
+            for line in text()
+                .lines()
+                .filter(|l| !l.starts_with("-----") && l.len() >= 40)
+            {
+                secrets.push((format!("PEM private key {name}"), line.to_string()));
+            }
+        }
+    }
+    for t in join_tokens {
+        secrets.extend(join_token_secrets(t));
+    }
+    secrets.retain(|(_, s)| s.len() >= 16);
+    assert!(!logs.is_empty(), "no logs in {}", lab.dir().display());
+    assert!(
+        secrets.iter().any(|(w, _)| w == "admin token"),
+        "no admin token in {}",
+        lab.dir().display()
+    );
+    assert!(
+        secrets.iter().any(|(w, _)| w.starts_with("private key")),
+        "no private key in {}",
+        lab.dir().display()
+    );
+    let mut found = Vec::new();
+    for log in &logs {
+        let text = read(log);
+        for (what, secret) in &secrets {
+            if let Some(at) = text.find(secret.as_str()) {
+                let line = text[..at].matches('\n').count() + 1;
+                found.push(format!("{}:{line}: {what}", log.display()));
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "secrets in logs ({} logs, {} secrets checked):\n{}",
+        logs.len(),
+        secrets.len(),
+        found.join("\n")
     );
 }
