@@ -11,7 +11,7 @@ use meshd_control::proto::{
     AgentMessage, CoordinatorMessage, ErrorCode, MAX_AGENT_FRAME, MAX_COORDINATOR_FRAME,
     PROTOCOL_VERSION,
 };
-use meshd_control::state::Hello;
+use meshd_control::state::{Hello, HelloRefused};
 use meshd_tunnel::PrivateKey;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
@@ -256,41 +256,10 @@ async fn serve_conn(
         }
         Err(e) => return Err(e),
     };
-    let hello = match first {
-        AgentMessage::Enrol {
-            protocol,
-            secret,
-            name,
-            endpoints,
-        } if protocol == PROTOCOL_VERSION => Hello::Enrol {
-            secret_hash: secret.hash(),
-            name,
-            endpoints,
-        },
-        AgentMessage::Resume {
-            protocol,
-            endpoints,
-        } if protocol == PROTOCOL_VERSION => Hello::Resume { endpoints },
-        AgentMessage::Enrol { protocol, .. } | AgentMessage::Resume { protocol, .. } => {
-            refuse(
-                &mut writer,
-                Refusal {
-                    code: ErrorCode::ProtocolVersion,
-                    message: format!("protocol {protocol} not supported (want {PROTOCOL_VERSION})"),
-                },
-            )
-            .await;
-            return Ok(());
-        }
-        _ => {
-            refuse(
-                &mut writer,
-                Refusal {
-                    code: ErrorCode::Malformed,
-                    message: "first message must be enrol or resume".into(),
-                },
-            )
-            .await;
+    let hello = match Hello::from_first(first) {
+        Ok(hello) => hello,
+        Err(HelloRefused { code, message }) => {
+            refuse(&mut writer, Refusal { code, message }).await;
             return Ok(());
         }
     };

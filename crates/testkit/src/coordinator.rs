@@ -12,9 +12,7 @@ use std::collections::BTreeMap;
 
 use ipnet::{Ipv4Net, Ipv6Net};
 use meshd_control::policy::PolicyRecord;
-use meshd_control::proto::{
-    AgentMessage, CoordinatorMessage, ErrorCode, HostInfo, PROTOCOL_VERSION,
-};
+use meshd_control::proto::{AgentMessage, CoordinatorMessage, ErrorCode, HostInfo};
 use meshd_control::state::{ConnId, Dirty, Hello, Kick, Notice, RestoreError, TokenSpec};
 use meshd_control::{
     CoordinatorState, Host, HostId, IpPool, PoolError, Push, Token, TokenId, UnixTime,
@@ -161,26 +159,7 @@ impl SimCoordinator {
         observed: std::net::IpAddr,
         first: AgentMessage,
     ) -> Result<(ConnId, HostInfo), ErrorCode> {
-        let hello = match first {
-            AgentMessage::Enrol {
-                protocol,
-                secret,
-                name,
-                endpoints,
-            } if protocol == PROTOCOL_VERSION => Hello::Enrol {
-                secret_hash: secret.hash(),
-                name,
-                endpoints,
-            },
-            AgentMessage::Resume {
-                protocol,
-                endpoints,
-            } if protocol == PROTOCOL_VERSION => Hello::Resume { endpoints },
-            AgentMessage::Enrol { .. } | AgentMessage::Resume { .. } => {
-                return Err(ErrorCode::ProtocolVersion)
-            }
-            _ => return Err(ErrorCode::Malformed),
-        };
+        let hello = Hello::from_first(first).map_err(|r| r.code)?;
         self.next_conn += 1;
         let conn = ConnId(self.next_conn);
         let info = self.state.connect(now, key, conn, observed, hello)?;

@@ -46,7 +46,7 @@ pub use admin::{
 };
 pub use blocks::BLOCKS_KEPT;
 pub use pushes::{Dirty, Kick, Push};
-pub use sessions::{Hello, Notice, SessionInfo, MAX_REPORTED_ENDPOINTS};
+pub use sessions::{Hello, HelloRefused, Notice, SessionInfo, MAX_REPORTED_ENDPOINTS};
 
 use pushes::SentPeer;
 use sessions::Session;

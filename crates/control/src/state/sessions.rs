@@ -8,7 +8,7 @@ use meshd_tunnel::PublicKey;
 use super::{ConnId, CoordinatorState, SentPeer};
 use crate::event::EventKind;
 use crate::model::{validate_name, Host, HostId, TokenUnusable, UnixTime};
-use crate::proto::{EndpointReport, ErrorCode, HostInfo};
+use crate::proto::{AgentMessage, EndpointReport, ErrorCode, HostInfo, PROTOCOL_VERSION};
 use ipnet::Ipv4Net;
 
 /// How an agent opens a session.
@@ -28,6 +28,49 @@ pub enum Hello {
         /// Underlay endpoints.
         endpoints: EndpointReport,
     },
+}
+
+/// Why a connection's first message opens no session: the code and text the agent is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelloRefused {
+    /// The error code.
+    pub code: ErrorCode,
+    /// The message.
+    pub message: String,
+}
+
+impl Hello {
+    /// The hello a connection's first message asks for: `Enrol` or `Resume` at this
+    /// protocol version (only the token secret's hash is kept); anything else is refused.
+    /// The coordinator's connection task and the test harness both call this.
+    pub fn from_first(first: AgentMessage) -> Result<Hello, HelloRefused> {
+        match first {
+            AgentMessage::Enrol {
+                protocol,
+                secret,
+                name,
+                endpoints,
+            } if protocol == PROTOCOL_VERSION => Ok(Hello::Enrol {
+                secret_hash: secret.hash(),
+                name,
+                endpoints,
+            }),
+            AgentMessage::Resume {
+                protocol,
+                endpoints,
+            } if protocol == PROTOCOL_VERSION => Ok(Hello::Resume { endpoints }),
+            AgentMessage::Enrol { protocol, .. } | AgentMessage::Resume { protocol, .. } => {
+                Err(HelloRefused {
+                    code: ErrorCode::ProtocolVersion,
+                    message: format!("protocol {protocol} not supported (want {PROTOCOL_VERSION})"),
+                })
+            }
+            _ => Err(HelloRefused {
+                code: ErrorCode::Malformed,
+                message: "first message must be enrol or resume".into(),
+            }),
+        }
+    }
 }
 
 /// Most underlay endpoints kept from one agent's report (the rest are dropped).

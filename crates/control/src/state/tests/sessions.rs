@@ -186,3 +186,23 @@ fn a_rename_on_enrol_is_a_notice() {
     validate_name(&d.name).unwrap();
     assert!(d.name.ends_with("-6"), "{}", d.name);
 }
+
+#[test]
+fn a_first_message_opens_a_hello_or_is_refused_with_the_reason() {
+    use crate::proto::{AgentMessage, ErrorCode, PROTOCOL_VERSION};
+    let endpoints = EndpointReport::default();
+    let resume = |protocol| AgentMessage::Resume {
+        protocol,
+        endpoints: endpoints.clone(),
+    };
+    assert!(matches!(
+        Hello::from_first(resume(PROTOCOL_VERSION)),
+        Ok(Hello::Resume { .. })
+    ));
+    let old = Hello::from_first(resume(PROTOCOL_VERSION + 1)).unwrap_err();
+    assert_eq!(old.code, ErrorCode::ProtocolVersion);
+    assert!(old.message.contains("not supported"), "{}", old.message);
+    let odd = Hello::from_first(AgentMessage::Resync).unwrap_err();
+    assert_eq!(odd.code, ErrorCode::Malformed);
+    assert_eq!(odd.message, "first message must be enrol or resume");
+}
