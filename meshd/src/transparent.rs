@@ -231,6 +231,7 @@ mod tests {
 
     fn grants(inbound: &[(Proto, u16, u16, Option<u64>)]) -> PeerGrants {
         PeerGrants {
+            learn: false,
             outbound: vec![],
             inbound: inbound
                 .iter()

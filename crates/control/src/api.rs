@@ -16,6 +16,9 @@
 //! | GET | `/v1/status` | | `StatusView` |
 //! | GET | `/v1/health` | (no token) | `HealthView` (503 while commits fail) |
 //! | GET | `/v1/events?limit=N` | | `Vec<EventView>` (newest `N`, oldest first) |
+//! | GET | `/v1/flows?since=T&host=H` | | `Vec<FlowView>` (oldest first) |
+//! | GET | `/v1/topology?since=T&group_by=K` | | `TopologyView` |
+//! | GET | `/ui` | (token cookie) | the topology page |
 //!
 //! `{host}` is a name, an id or a public key (base64, URL-encoded). Errors reply with a 4xx/5xx
 //! status and an [`ApiError`] body.
@@ -405,4 +408,120 @@ mod tests {
         let c: ConnectedAgent = serde_json::from_str(now).unwrap();
         assert_eq!(c.mode, Some(HostMode::Transparent));
     }
+}
+
+/// Query of `GET /v1/flows` and `GET /v1/topology`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct FlowsQuery {
+    /// Only flows last seen at or after this time (Unix seconds; absent: the retention window).
+    #[serde(default)]
+    pub since: Option<UnixTime>,
+    /// Only flows where this host (name, id or key) is either end.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Topology only: group nodes by `host` (the default), or by a label key such as `app`.
+    #[serde(default)]
+    pub group_by: Option<String>,
+}
+
+/// One stored flow row, as `GET /v1/flows` and `meshctl export flows` show it: one reporting
+/// host's aggregate for one interval, by host id and labels (never by bare address, except the
+/// source of a plaintext drop, which has no identity).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowView {
+    /// The reporting (enforcing) host.
+    pub host: String,
+    /// Its id.
+    pub host_id: HostId,
+    /// Its labels when the row was stored.
+    pub host_labels: Labels,
+    /// The peer's name (absent for a plaintext drop).
+    #[serde(default)]
+    pub peer: Option<String>,
+    /// The peer's id (absent for a plaintext drop or a peer since removed).
+    #[serde(default)]
+    pub peer_id: Option<HostId>,
+    /// The peer's labels when the row was stored.
+    #[serde(default)]
+    pub peer_labels: Labels,
+    /// Plaintext drop only: the source address outside the mesh.
+    #[serde(default)]
+    pub src: Option<IpAddr>,
+    /// `outbound`: the reporting host opened the flows; `inbound`: the other end did.
+    pub direction: meshd_policy::Direction,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Responder's port (0 for ICMP).
+    pub port: u16,
+    /// Packets.
+    pub packets: u64,
+    /// Bytes.
+    pub bytes: u64,
+    /// Connections opened.
+    pub flows: u64,
+    /// First seen (Unix seconds).
+    pub first_seen: UnixTime,
+    /// Last seen (Unix seconds).
+    pub last_seen: UnixTime,
+    /// Verdict (plaintext drops are `denied`).
+    pub verdict: crate::flow::FlowVerdict,
+    /// The admitting rule (allowed flows).
+    #[serde(default)]
+    pub rule: Option<String>,
+}
+
+/// `GET /v1/topology`: who talks to whom, grouped.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct TopologyView {
+    /// What a node is: `host` or a label key.
+    pub group_by: String,
+    /// Window start (Unix seconds).
+    pub since: UnixTime,
+    /// Nodes, sorted by id.
+    pub nodes: Vec<TopologyNode>,
+    /// Edges (opener → responder), sorted by (from, to, proto, port, verdict).
+    pub edges: Vec<TopologyEdge>,
+}
+
+/// A node: one host, or one label group (`app=web`; hosts without the key form `app=(none)`),
+/// or `outside` for plaintext sources beyond the mesh.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopologyNode {
+    /// Stable id: the host name, `KEY=VALUE`, or `outside:ADDR`.
+    pub id: String,
+    /// Hosts in the node (sorted).
+    pub hosts: Vec<String>,
+    /// How many of them are not enforcing (learning mode).
+    #[serde(default)]
+    pub learning: usize,
+}
+
+/// An edge: flows from one node to another on one protocol/port with one verdict.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopologyEdge {
+    /// Opener node id.
+    pub from: String,
+    /// Responder node id.
+    pub to: String,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Responder port (0 for ICMP).
+    pub port: u16,
+    /// Verdict.
+    pub verdict: crate::flow::FlowVerdict,
+    /// Rules that admitted the flows (allowed), sorted.
+    #[serde(default)]
+    pub rules: Vec<String>,
+    /// Packets (counted once per flow, not once per reporting end).
+    pub packets: u64,
+    /// Bytes (likewise).
+    pub bytes: u64,
+    /// Connections.
+    pub flows: u64,
+    /// First seen.
+    pub first_seen: UnixTime,
+    /// Last seen.
+    pub last_seen: UnixTime,
+    /// Host pairs behind the edge, `opener>responder`, sorted.
+    pub pairs: Vec<String>,
 }

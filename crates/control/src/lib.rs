@@ -17,6 +17,7 @@
 
 pub mod api;
 pub mod event;
+pub mod flow;
 pub mod map;
 pub mod model;
 pub mod policy;
@@ -28,6 +29,7 @@ pub mod state;
 pub mod token;
 
 pub use event::{AuditEvent, EventKind};
+pub use flow::{FlowRecord, FlowVerdict, PlaintextFlow};
 pub use map::{DeltaError, MapDelta, NetworkMap, Peer};
 pub use model::{Host, HostId, Labels, Token, TokenId, UnixTime};
 pub use pool::{IpPool, PoolError};

@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::map::{MapDelta, NetworkMap};
-use crate::model::{Host, HostId, Labels};
+use crate::model::{Host, HostId, Labels, UnixTime};
 use crate::token::TokenSecret;
 
 /// Protocol version carried in `Enrol`, `Resume` and `Welcome`.
@@ -78,6 +78,21 @@ pub enum AgentMessage {
     Blocks {
         /// The events, oldest first.
         events: Vec<meshd_policy::BlockEvent>,
+    },
+    /// Flow records of one interval (at most [`crate::flow::MAX_FLOWS_PER_MESSAGE`] records
+    /// and plaintext flows together; more are dropped by the coordinator with a counter). An
+    /// agent that saw more sends several messages.
+    Flows {
+        /// Start of the interval (Unix seconds).
+        interval_start: UnixTime,
+        /// Flows with peers.
+        records: Vec<crate::flow::FlowRecord>,
+        /// Transparent mode: plaintext drops from outside the mesh.
+        #[serde(default)]
+        plaintext: Vec<crate::flow::PlaintextFlow>,
+        /// Flows the agent could not keep this interval (its cap was reached).
+        #[serde(default)]
+        overflow: u64,
     },
     /// Liveness probe.
     Ping {

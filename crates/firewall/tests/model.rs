@@ -294,6 +294,7 @@ fn grant_sets() -> Vec<PeerGrants> {
     vec![
         PeerGrants::default(),
         PeerGrants {
+            learn: false,
             outbound: vec![
                 g(Proto::Tcp, 80, 80, None, "web"),
                 g(Proto::Udp, 53, 53, None, "dns"),
@@ -301,6 +302,7 @@ fn grant_sets() -> Vec<PeerGrants> {
             inbound: vec![g(Proto::Icmp, 0, 0, None, "ping")],
         },
         PeerGrants {
+            learn: false,
             outbound: vec![
                 g(Proto::Tcp, 53, 1000, Some(40), "temp"),
                 g(Proto::Icmp, 0, 0, None, "ping"),
@@ -312,6 +314,7 @@ fn grant_sets() -> Vec<PeerGrants> {
         },
         PeerGrants::allow_all("all"),
         PeerGrants {
+            learn: false,
             outbound: vec![g(Proto::Any, 0, 0, Some(20), "any-temp")],
             inbound: vec![
                 g(Proto::Any, 0, 0, Some(300), "any-temp-in"),

@@ -160,6 +160,7 @@ fn benches(c: &mut Criterion) {
         rule: "r".into(),
     };
     let pg = PeerGrants {
+        learn: false,
         outbound: (0..7)
             .map(|i| grant(Proto::Udp, 100 + i, 100 + i))
             .chain([grant(Proto::Tcp, 1521, 1521)])

@@ -96,6 +96,11 @@ pub struct PeerGrants {
     /// Connections the peer may open to this host.
     #[serde(default)]
     pub inbound: Vec<Grant>,
+    /// Learning mode for this pair (this host or the peer is in a `learn` group): a new flow
+    /// no grant admits still passes, and is tracked and reported as would-deny
+    /// (`FlowVerdict::WouldDeny`) instead of being denied. Quarantine still denies.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub learn: bool,
 }
 
 impl PeerGrants {
@@ -108,6 +113,7 @@ impl PeerGrants {
             rule: rule.to_string(),
         };
         PeerGrants {
+            learn: false,
             outbound: vec![any.clone()],
             inbound: vec![any],
         }
@@ -221,6 +227,7 @@ mod tests {
     #[test]
     fn protocols_ports_and_expiry() {
         let pg = PeerGrants {
+            learn: false,
             outbound: vec![
                 g(Proto::Tcp, 1521, 1521, None),
                 g(Proto::Icmp, 0, 0, Some(100)),

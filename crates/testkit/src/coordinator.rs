@@ -185,6 +185,8 @@ impl SimCoordinator {
             AgentMessage::Ack { version } => self.state.ack(host, conn, version),
             AgentMessage::Resync => self.state.resync(host, conn),
             AgentMessage::Blocks { events } => self.state.record_blocks(host, conn, events),
+            // Not stored yet: the flow store lands with the rest of issue 16.
+            AgentMessage::Flows { .. } => {}
             AgentMessage::Ping { nonce } => return Ok(Some(CoordinatorMessage::Pong { nonce })),
             AgentMessage::Enrol { .. } | AgentMessage::Resume { .. } => {
                 return Err(ErrorCode::Malformed)

@@ -196,6 +196,7 @@ async fn grant_expiry_uncovers_ports_on_the_tick() {
     let mut h = host(Mode::Transparent, &["198.18.0.1/24"]);
     let mut m = map(1);
     m.peers[0].grants = PeerGrants {
+        learn: false,
         outbound: vec![],
         inbound: vec![Grant {
             proto: Proto::Tcp,
