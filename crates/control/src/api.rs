@@ -422,13 +422,24 @@ pub struct FlowsQuery {
     /// Topology only: group nodes by `host` (the default), or by a label key such as `app`.
     #[serde(default)]
     pub group_by: Option<String>,
+    /// Flows only: at most this many rows, the newest (default and most:
+    /// [`FLOWS_MAX_ROWS`]).
+    #[serde(default)]
+    pub limit: Option<u32>,
 }
+
+/// Most rows `GET /v1/flows` returns (the newest; `limit` may ask for fewer).
+pub const FLOWS_MAX_ROWS: u32 = 100_000;
 
 /// One stored flow row, as `GET /v1/flows` and `meshctl export flows` show it: one reporting
 /// host's aggregate for one interval, by host id and labels (never by bare address, except the
 /// source of a plaintext drop, which has no identity).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowView {
+    /// Start of the reporting interval (Unix seconds; in a topology's summed rows, the
+    /// earliest).
+    #[serde(default)]
+    pub interval_start: UnixTime,
     /// The reporting (enforcing) host.
     pub host: String,
     /// Its id.

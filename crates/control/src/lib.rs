@@ -26,7 +26,9 @@ pub mod proto;
 pub mod session;
 pub mod specs;
 pub mod state;
+pub mod suggest;
 pub mod token;
+pub mod topology;
 
 pub use event::{AuditEvent, EventKind};
 pub use flow::{FlowRecord, FlowVerdict, PlaintextFlow};

@@ -21,7 +21,7 @@
 //! The type and its constructors are here; its methods are grouped by seam:
 //! `sessions.rs` (connect, hello, ack, resync, disconnect), `admin.rs` (tokens, labels, rename,
 //! remove, quarantine, revoke, input bounds), `policy.rs` (apply, rollback, diff, explain,
-//! check, expiry), `blocks.rs` (block events) and `pushes.rs` (maps and deltas out, kicks,
+//! check, expiry), `blocks.rs` (block events), `flows.rs` (flow records) and `pushes.rs` (maps and deltas out, kicks,
 //! records to persist).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
@@ -36,6 +36,7 @@ use crate::pool::{IpPool, PoolError};
 
 mod admin;
 mod blocks;
+mod flows;
 mod policy;
 mod pushes;
 mod sessions;
@@ -45,6 +46,10 @@ pub use admin::{
     MAX_TOKEN_USES,
 };
 pub use blocks::BLOCKS_KEPT;
+pub use flows::{
+    FlowInterval, FlowLimits, FlowStats, FlowsRecorded, DEFAULT_FLOW_ROWS_PER_HOST,
+    FLOW_CLOCK_AHEAD_SECS, FLOW_INTERVALS_REMEMBERED,
+};
 pub use pushes::{Dirty, Kick, Push};
 pub use sessions::{Hello, HelloRefused, Notice, SessionInfo, MAX_REPORTED_ENDPOINTS};
 
@@ -109,6 +114,11 @@ pub struct CoordinatorState {
     dirty_blocks: Vec<BlockEvent>,
     blocks_dropped: u64,
     notices: Vec<Notice>,
+    /// Flow ingest bounds, per-host interval row counts, rows not yet persisted, counters.
+    flow_limits: FlowLimits,
+    flow_counts: HashMap<HostId, flows::IntervalCounts>,
+    dirty_flows: Vec<crate::api::FlowView>,
+    flow_stats: FlowStats,
 }
 
 impl CoordinatorState {
@@ -148,6 +158,10 @@ impl CoordinatorState {
             dirty_blocks: Vec::new(),
             blocks_dropped: 0,
             notices: Vec::new(),
+            flow_limits: FlowLimits::default(),
+            flow_counts: HashMap::new(),
+            dirty_flows: Vec::new(),
+            flow_stats: FlowStats::default(),
         }
     }
 

@@ -49,6 +49,8 @@ pub struct Dirty {
     pub policy: Option<PolicyRecord>,
     /// Block events received since the last call (the store keeps a bounded number).
     pub blocks: Vec<BlockEvent>,
+    /// Flow rows received since the last call (the store prunes them by age).
+    pub flows: Vec<crate::api::FlowView>,
 }
 
 impl Dirty {
@@ -59,6 +61,7 @@ impl Dirty {
             && self.map_version.is_none()
             && self.policy.is_none()
             && self.blocks.is_empty()
+            && self.flows.is_empty()
     }
 }
 
@@ -327,6 +330,7 @@ impl CoordinatorState {
             map_version,
             policy: self.dirty_policy.take(),
             blocks: std::mem::take(&mut self.dirty_blocks),
+            flows: std::mem::take(&mut self.dirty_flows),
         }
     }
 }
