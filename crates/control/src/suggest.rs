@@ -118,7 +118,7 @@ pub fn suggest(t: &TopologyView, now: UnixTime) -> Suggestion {
         BTreeMap::new();
     for e in &t.edges {
         let why = if e.verdict == FlowVerdict::Denied {
-            Some("denied (not allowed now; left out)")
+            Some("not allowed now")
         } else if e.from.starts_with("outside:") || e.to.starts_with("outside:") {
             Some("from outside the mesh")
         } else if !matches!(e.proto, 1 | 6 | 17 | 58) {

@@ -16,6 +16,7 @@ use crate::token::hash_secret;
 
 mod admin;
 mod blocks;
+mod flows;
 mod policy;
 mod pushes;
 mod sessions;
