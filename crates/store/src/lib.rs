@@ -12,12 +12,14 @@
 //! recorded in the `schema_migrations` table.
 #![forbid(unsafe_code)]
 
+mod flows;
 mod migrations;
 mod sqlite;
 
 use meshd_control::policy::PolicyRecord;
-use meshd_control::state::Dirty;
-use meshd_control::{AuditEvent, Host, Token};
+use meshd_control::api::FlowView;
+use meshd_control::state::{Dirty, FlowInterval};
+use meshd_control::{AuditEvent, Host, HostId, Token, UnixTime};
 use meshd_policy::BlockEvent;
 
 pub use migrations::MIGRATIONS;
@@ -36,6 +38,23 @@ pub struct Snapshot {
     pub policies: Vec<PolicyRecord>,
     /// The newest block events (at most [`BLOCKS_KEPT`]), oldest first.
     pub blocks: Vec<BlockEvent>,
+    /// Row counts of the intervals stored in the last [`FLOW_INTERVALS_LOADED_SECS`] before
+    /// the newest flow row (the per-interval bound survives a restart).
+    pub flow_intervals: Vec<FlowInterval>,
+}
+
+/// How far back from the newest flow row [`Store::load`] counts rows per interval.
+pub const FLOW_INTERVALS_LOADED_SECS: u64 = 300;
+
+/// Which flow rows a query reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowFilter {
+    /// Rows last seen at or after this time.
+    pub since: UnixTime,
+    /// Only rows where this host is either end.
+    pub host: Option<HostId>,
+    /// At most this many rows (the newest for [`Store::flows`]).
+    pub limit: u32,
 }
 
 /// How many block events the store keeps (older ones are deleted on insert).
@@ -124,6 +143,15 @@ pub trait Store: Send + Sync + 'static {
     fn log_event(&self, event: &AuditEvent) -> Result<(), StoreError>;
     /// The most recent `limit` events, newest first.
     fn recent_events(&self, limit: u32) -> Result<Vec<AuditEvent>, StoreError>;
+    /// Flow rows matching `q`: the newest `q.limit`, returned oldest first.
+    fn flows(&self, q: &FlowFilter) -> Result<Vec<FlowView>, StoreError>;
+    /// Flow rows matching `q` summed over the window per (host, labels, peer, labels, source,
+    /// direction, proto, port, verdict, rule): packets, bytes and flows added up, first and
+    /// last seen the extremes, `interval_start` the earliest (what a topology needs, far fewer
+    /// rows than [`Store::flows`]). At most `q.limit` groups.
+    fn flow_summary(&self, q: &FlowFilter) -> Result<Vec<FlowView>, StoreError>;
+    /// Deletes at most `max_rows` flow rows last seen before `before`; returns how many.
+    fn prune_flows(&self, before: UnixTime, max_rows: u32) -> Result<u64, StoreError>;
 }
 
 /// Meta key: SHA-256 (hex) of the admin token.

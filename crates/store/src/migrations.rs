@@ -85,4 +85,44 @@ CREATE INDEX blocks_at ON blocks(at);
 ALTER TABLE hosts ADD COLUMN transparent INTEGER NOT NULL DEFAULT 0;
 "#,
     ),
+    (
+        4,
+        "flow records",
+        r#"
+-- Label sets of flow rows, each stored once (rows refer to them by id; never pruned: there are
+-- as many as distinct label sets ever reported, a handful per label group).
+CREATE TABLE flow_labels (
+    id     INTEGER PRIMARY KEY,
+    labels TEXT NOT NULL UNIQUE           -- JSON object of string -> string
+);
+
+-- Flow records: one reporting host's aggregate of one (peer, direction, proto, port, verdict)
+-- over one interval. By host id, name and labels, never by address, except `src` of a
+-- plaintext drop (no identity). Pruned by age (`flow_retention`) in bounded batches.
+CREATE TABLE flows (
+    id             INTEGER PRIMARY KEY,
+    interval_start INTEGER NOT NULL,      -- Unix seconds
+    host_id        INTEGER NOT NULL,      -- reporting host (HostId)
+    host_name      TEXT    NOT NULL,      -- its name when stored
+    host_labels    INTEGER NOT NULL,      -- flow_labels.id (its labels when stored)
+    peer_id        INTEGER,               -- NULL: plaintext drop
+    peer_name      TEXT,
+    peer_labels    INTEGER NOT NULL,      -- flow_labels.id ({} for a plaintext drop)
+    src            TEXT,                  -- plaintext drop only: source address
+    outbound       INTEGER NOT NULL,      -- 1: the reporting host opened the flows
+    proto          INTEGER NOT NULL,      -- IP protocol number
+    port           INTEGER NOT NULL,      -- responder port (0 for ICMP)
+    packets        INTEGER NOT NULL,
+    bytes          INTEGER NOT NULL,
+    flows          INTEGER NOT NULL,
+    first_seen     INTEGER NOT NULL,
+    last_seen      INTEGER NOT NULL,
+    verdict        INTEGER NOT NULL,      -- 0 allowed, 1 denied, 2 would_deny
+    rule           TEXT                   -- admitting rule (allowed)
+);
+CREATE INDEX flows_last_seen ON flows(last_seen);           -- time ranges, pruning
+CREATE INDEX flows_host ON flows(host_id, last_seen);       -- ?host= (reporting end)
+CREATE INDEX flows_peer ON flows(peer_id, last_seen);       -- ?host= (other end)
+"#,
+    ),
 ];

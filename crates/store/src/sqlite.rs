@@ -12,7 +12,11 @@ use meshd_control::{AuditEvent, EventKind, Host, HostId, Labels, Token, TokenId}
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 
 use crate::migrations::MIGRATIONS;
-use crate::{Snapshot, Store, StoreError, BLOCKS_KEPT, EVENTS_KEPT, META_MAP_VERSION};
+use crate::{
+    FlowFilter, Snapshot, Store, StoreError, BLOCKS_KEPT, EVENTS_KEPT, META_MAP_VERSION,
+};
+use meshd_control::api::FlowView;
+use meshd_control::UnixTime;
 use meshd_control::policy::PolicyRecord;
 use meshd_policy::BlockEvent;
 
@@ -20,6 +24,9 @@ use meshd_policy::BlockEvent;
 #[derive(Debug)]
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    /// A second, read-only connection for flow queries (a file database only: WAL lets it
+    /// read while the writer commits, so a long topology query does not hold up commits).
+    reader: Option<Mutex<Connection>>,
     /// How many audit events are kept (older ones are deleted on insert).
     events_kept: u32,
 }
@@ -53,7 +60,13 @@ impl SqliteStore {
         }
         make_private(path)?;
         let conn = Connection::open(path)?;
-        let s = Self::init(conn)?;
+        let mut s = Self::init(conn)?;
+        let reader = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        reader.busy_timeout(std::time::Duration::from_secs(5))?;
+        s.reader = Some(Mutex::new(reader));
         for suffix in ["-wal", "-shm"] {
             let mut p = path.as_os_str().to_owned();
             p.push(suffix);
@@ -75,6 +88,7 @@ impl SqliteStore {
         migrate(&mut conn)?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
+            reader: None,
             events_kept: EVENTS_KEPT,
         })
     }
@@ -89,12 +103,23 @@ impl SqliteStore {
         )?)
     }
 
-    fn with<T>(
+    pub(crate) fn with<T>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let mut c = self.conn.lock().map_err(|_| StoreError::Poisoned)?;
         f(&mut c)
+    }
+
+    /// Runs a read on the reader connection (the writer's for an in-memory database).
+    pub(crate) fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        match &self.reader {
+            Some(r) => {
+                let c = r.lock().map_err(|_| StoreError::Poisoned)?;
+                f(&c)
+            }
+            None => self.with(|c| f(c)),
+        }
     }
 }
 
@@ -378,6 +403,7 @@ impl Store for SqliteStore {
                 }
                 v
             };
+            let flow_intervals = crate::flows::intervals(&tx)?;
             tx.commit()?;
             Ok(Snapshot {
                 hosts,
@@ -385,6 +411,7 @@ impl Store for SqliteStore {
                 map_version,
                 policies,
                 blocks,
+                flow_intervals,
             })
         })
     }
@@ -433,6 +460,7 @@ impl Store for SqliteStore {
                     [BLOCKS_KEPT],
                 )?;
             }
+            crate::flows::insert(&tx, &d.flows)?;
             tx.commit()?;
             Ok(())
         })
@@ -467,6 +495,18 @@ impl Store for SqliteStore {
             }
             Ok(v)
         })
+    }
+
+    fn flows(&self, q: &FlowFilter) -> Result<Vec<FlowView>, StoreError> {
+        self.read(|c| crate::flows::query(c, q))
+    }
+
+    fn flow_summary(&self, q: &FlowFilter) -> Result<Vec<FlowView>, StoreError> {
+        self.read(|c| crate::flows::summary(c, q))
+    }
+
+    fn prune_flows(&self, before: UnixTime, max_rows: u32) -> Result<u64, StoreError> {
+        self.with(|c| crate::flows::prune(c, before, max_rows))
     }
 }
 
@@ -518,7 +558,7 @@ mod tests {
         let mut h2 = host(2);
         {
             let s = SqliteStore::open(&path).unwrap();
-            assert_eq!(s.schema_version().unwrap(), 3);
+            assert_eq!(s.schema_version().unwrap(), 4);
             assert_eq!(s.load().unwrap(), Snapshot::default());
             s.commit(
                 &Dirty {
@@ -571,7 +611,7 @@ mod tests {
             )]
         );
         // Migrations are recorded once.
-        assert_eq!(s.schema_version().unwrap(), 3);
+        assert_eq!(s.schema_version().unwrap(), 4);
         let journal: String = s
             .with(|c| Ok(c.query_row("PRAGMA journal_mode", [], |r| r.get(0))?))
             .unwrap();
