@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use meshd_control::api::{HealthView, StoreFailure, EVENTS_MAX};
 use meshd_control::proto::{CoordinatorMessage, EndpointReport, ErrorCode, HostInfo};
-use meshd_control::state::{AdminError, ConnId, Dirty, Hello};
+use meshd_control::state::{AdminError, ConnId, Dirty, FlowLimits, Hello};
 use meshd_control::{AuditEvent, CoordinatorState, EventKind, HostId, IpPool, UnixTime};
 use meshd_store::{Snapshot, Store};
 use meshd_tunnel::PublicKey;
@@ -111,6 +111,15 @@ pub(crate) enum Cmd {
         conn: ConnId,
         events: Vec<meshd_policy::BlockEvent>,
     },
+    /// Flow records of one interval from the agent.
+    Flows {
+        host: HostId,
+        conn: ConnId,
+        interval_start: UnixTime,
+        records: Vec<meshd_control::FlowRecord>,
+        plaintext: Vec<meshd_control::PlaintextFlow>,
+        overflow: u64,
+    },
     /// An admin operation.
     Admin {
         op: AdminOp,
@@ -170,6 +179,8 @@ pub(crate) struct Actor {
     /// Set when the state could not be reloaded after a failed commit: every command is
     /// refused until a reload works.
     stale: Option<String>,
+    /// Flow ingest bounds (kept for reloads).
+    flow_limits: FlowLimits,
 }
 
 impl Actor {
@@ -180,6 +191,7 @@ impl Actor {
         pool: IpPool,
         identity: Identity,
         recent: Vec<AuditEvent>,
+        flow_limits: FlowLimits,
     ) -> Self {
         Actor {
             state,
@@ -192,6 +204,7 @@ impl Actor {
             pool,
             store_failure: None,
             stale: None,
+            flow_limits,
         }
     }
 
@@ -389,7 +402,8 @@ impl Actor {
         .map_err(|e| format!("reload task failed: {e}"))?
         .map_err(|e| e.to_string())?;
         recent.reverse();
-        self.state = restore_state(self.pool.clone(), snapshot, now).map_err(|e| chain(&e))?;
+        self.state = restore_state(self.pool.clone(), snapshot, now, self.flow_limits)
+            .map_err(|e| chain(&e))?;
         self.recent = recent.into();
         self.events.clear();
         self.stale = None;
@@ -466,6 +480,28 @@ impl Actor {
                 }
             }
             Cmd::Blocks { host, conn, events } => self.state.record_blocks(host, conn, events),
+            Cmd::Flows {
+                host,
+                conn,
+                interval_start,
+                records,
+                plaintext,
+                overflow,
+            } => {
+                let r = self.state.record_flows(
+                    now,
+                    host,
+                    conn,
+                    interval_start,
+                    records,
+                    plaintext,
+                    overflow,
+                );
+                if r.dropped > 0 || overflow > 0 {
+                    debug!(host_id = %host, stored = r.stored, dropped = r.dropped,
+                        agent_overflow = overflow, "flow rows dropped");
+                }
+            }
             Cmd::Admin { op, reply } => {
                 let health = self.health();
                 let r = Ops {
@@ -565,6 +601,7 @@ fn describe_batch(d: &Dirty, events: &[AuditEvent]) -> String {
         "policy versions",
     );
     count(d.blocks.len(), "block event", "block events");
+    count(d.flows.len(), "flow row", "flow rows");
     count(events.len(), "event", "events");
     count(
         usize::from(d.map_version.is_some()),
@@ -579,6 +616,7 @@ pub(crate) fn restore_state(
     pool: IpPool,
     snapshot: Snapshot,
     now: UnixTime,
+    flow_limits: FlowLimits,
 ) -> Result<CoordinatorState, RestoreStateError> {
     let mut state =
         CoordinatorState::restore(pool, snapshot.hosts, snapshot.tokens, snapshot.map_version)
@@ -587,6 +625,8 @@ pub(crate) fn restore_state(
         .restore_policies(now, snapshot.policies)
         .map_err(RestoreStateError::Policy)?;
     state.restore_blocks(snapshot.blocks);
+    state.set_flow_limits(flow_limits);
+    state.restore_flow_intervals(snapshot.flow_intervals);
     Ok(state)
 }
 

@@ -25,6 +25,8 @@ use meshd_control::api::{
     ApiError, LabelRequest, RenameRequest, TokenCreateRequest, UnlabelRequest,
 };
 use meshd_control::api::{BlocksQuery, EventsQuery, ExplainRequest, PolicyText, EVENTS_DEFAULT};
+use meshd_control::api::{FlowsQuery, FLOWS_MAX_ROWS};
+use meshd_control::topology::InventoryHost;
 use meshd_control::policy::PolicyError;
 use meshd_control::state::AdminError;
 use meshd_control::TokenId;
@@ -57,9 +59,23 @@ pub use crate::state_dir::{fingerprint, generated_names, ADMIN_CERT_FILE, ADMIN_
 #[derive(Clone)]
 struct AppState {
     cmds: Commands,
+    flows: FlowAccess,
     admin_hash: String,
     guard: Arc<Guard>,
 }
+
+/// What the flow routes read: the store (on a blocking thread, never through the actor) and
+/// the retention (the default window).
+#[derive(Clone)]
+pub(crate) struct FlowAccess {
+    /// The store.
+    pub(crate) store: Arc<dyn meshd_store::Store>,
+    /// `flow_retention` (seconds).
+    pub(crate) retention_secs: u64,
+}
+
+/// Most (host, peer, port, verdict, rule) groups a topology folds.
+const TOPOLOGY_MAX_GROUPS: u32 = 200_000;
 
 struct Failure(StatusCode, &'static str, String, Vec<String>);
 
@@ -402,6 +418,101 @@ async fn events(
     call(&st, AdminOp::Events { limit }).await
 }
 
+fn bad_query(e: &axum::extract::rejection::QueryRejection, what: &str) -> Failure {
+    Failure(
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+        format!("{}: {what}", e.body_text()),
+        Vec::new(),
+    )
+}
+
+/// The window start and host filter of a flow query (`host` resolved by name, id or key).
+async fn flow_filter(
+    st: &AppState,
+    q: &FlowsQuery,
+    limit: u32,
+) -> Result<meshd_store::FlowFilter, Failure> {
+    let since = q.since.unwrap_or_else(|| {
+        crate::actor::unix_now().saturating_sub(st.flows.retention_secs)
+    });
+    let host = match &q.host {
+        None => None,
+        Some(h) => match ask(st, AdminOp::ShowHost(h.clone())).await? {
+            AdminReply::Host(v) => Some(v.id),
+            _ => None,
+        },
+    };
+    Ok(meshd_store::FlowFilter { since, host, limit })
+}
+
+/// Runs a flow query on a blocking thread.
+async fn read_flows<T: Send + 'static>(
+    st: &AppState,
+    f: impl FnOnce(&dyn meshd_store::Store) -> Result<T, meshd_store::StoreError> + Send + 'static,
+) -> Result<T, Failure> {
+    let store = st.flows.store.clone();
+    let internal = |m: String| Failure(StatusCode::INTERNAL_SERVER_ERROR, "internal", m, Vec::new());
+    tokio::task::spawn_blocking(move || f(&*store))
+        .await
+        .map_err(|e| internal(format!("flow query task failed: {e}")))?
+        .map_err(|e| {
+            error!(error = %e, "flow query failed");
+            internal(format!("reading flow records failed: {e}"))
+        })
+}
+
+/// `GET /v1/flows?since=T&host=H&limit=N`: stored flow rows, oldest first.
+async fn flows(
+    _: Authed,
+    State(st): State<AppState>,
+    q: Result<axum::extract::Query<FlowsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Failure> {
+    let axum::extract::Query(q) =
+        q.map_err(|e| bad_query(&e, "since and limit are numbers, host a name, id or key"))?;
+    let limit = q.limit.unwrap_or(FLOWS_MAX_ROWS).min(FLOWS_MAX_ROWS);
+    let filter = flow_filter(&st, &q, limit).await?;
+    let rows = read_flows(&st, move |s| s.flows(&filter)).await?;
+    Ok(Json(rows).into_response())
+}
+
+/// `GET /v1/topology?since=T&group_by=K&host=H`: the flow graph.
+async fn topology(
+    _: Authed,
+    State(st): State<AppState>,
+    q: Result<axum::extract::Query<FlowsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Failure> {
+    let axum::extract::Query(q) =
+        q.map_err(|e| bad_query(&e, "since is a number, group_by host or a label key"))?;
+    let group_by = q
+        .group_by
+        .clone()
+        .unwrap_or_else(|| meshd_control::topology::GROUP_BY_HOST.to_string());
+    if let Err(e) = meshd_control::model::validate_label(&group_by, "") {
+        return Err(Failure(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("group_by: {e}"),
+            Vec::new(),
+        ));
+    }
+    let filter = flow_filter(&st, &q, TOPOLOGY_MAX_GROUPS).await?;
+    let rows = read_flows(&st, move |s| s.flow_summary(&filter)).await?;
+    let inventory: Vec<InventoryHost> = match ask(&st, AdminOp::ListHosts).await? {
+        AdminReply::Hosts(hs) => hs
+            .into_iter()
+            .map(|h| InventoryHost {
+                id: h.id,
+                name: h.name,
+                labels: h.labels,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let t = meshd_control::topology::topology(&rows, &inventory, &group_by, filter.since);
+    Ok(Json(t).into_response())
+}
+
 /// The admin router.
 fn router(st: AppState) -> Router {
     Router::new()
@@ -425,6 +536,8 @@ fn router(st: AppState) -> Router {
         .route("/v1/hosts/{host}/revoke", post(revoke_host))
         .route("/v1/blocks", get(blocks))
         .route("/v1/events", get(events))
+        .route("/v1/flows", get(flows))
+        .route("/v1/topology", get(topology))
         .with_state(st)
 }
 
@@ -433,6 +546,7 @@ pub(crate) async fn serve(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
     cmds: Commands,
+    flows: FlowAccess,
     admin_hash: String,
     stop: watch::Receiver<bool>,
     limits: Limits,
@@ -441,6 +555,7 @@ pub(crate) async fn serve(
     let header_timeout = Duration::from_millis(limits.admin_header_timeout_ms);
     let app = router(AppState {
         cmds,
+        flows,
         admin_hash,
         guard: guard.clone(),
     });

@@ -325,8 +325,19 @@ async fn serve_conn(
                         conn: cid,
                         events,
                     },
-                    // Not stored yet: the flow store lands with the rest of issue 16.
-                    AgentMessage::Flows { .. } => continue,
+                    AgentMessage::Flows {
+                        interval_start,
+                        records,
+                        plaintext,
+                        overflow,
+                    } => Cmd::Flows {
+                        host,
+                        conn: cid,
+                        interval_start,
+                        records,
+                        plaintext,
+                        overflow,
+                    },
                     AgentMessage::Ping { nonce } => {
                         // Dropped if the queue is full; the agent pings again.
                         let _queue_full =

@@ -35,13 +35,14 @@ use meshd_store::{SqliteStore, Store};
 use meshd_tunnel::PublicKey;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::info;
+use tracing::{info, warn};
 
 pub use actor::unix_now;
 pub use error::{CallError, StartError, Stopped};
 pub use ops::{AdminOp, AdminReply};
 pub use options::{
-    CoordinatorArgs, CoordinatorFile, CoordinatorOptions, Shutdown, ShutdownTrigger,
+    CoordinatorArgs, CoordinatorFile, CoordinatorOptions, FlowSettings, Shutdown,
+    ShutdownTrigger,
 };
 pub use state_dir::{admin_token_hash, load_or_create_key};
 
@@ -177,7 +178,10 @@ async fn start_inner(
         .await?
     };
     let pool = IpPool::new(opts.pool, opts.pool_v6).map_err(StartError::Pool)?;
-    let state = restore_state(pool.clone(), snapshot, unix_now())?;
+    let flow_limits = meshd_control::state::FlowLimits {
+        rows_per_host: opts.flows.rows_per_host,
+    };
+    let state = restore_state(pool.clone(), snapshot, unix_now(), flow_limits)?;
 
     opts.limits.validate()?;
     let limits = opts.limits.clone();
@@ -209,9 +213,21 @@ async fn start_inner(
         public_key,
     };
     let (stop_tx, stop_rx) = watch::channel(false);
-    let actor = Actor::new(state, store, pool, identity, recent_events);
+    let actor = Actor::new(
+        state,
+        store.clone(),
+        pool,
+        identity,
+        recent_events,
+        flow_limits,
+    );
     let (cmds, actor_task) = actor.spawn(stop_rx.clone());
     let mut tasks = vec![actor_task];
+    tasks.push(tokio::spawn(prune_flows(
+        store.clone(),
+        opts.flows,
+        stop_rx.clone(),
+    )));
     tasks.push(tokio::spawn(agent_conn::accept_loop(
         endpoint.clone(),
         Arc::new(key),
@@ -225,6 +241,10 @@ async fn start_inner(
         admin_listener,
         admin_tls.map(|t| t.config),
         cmds.clone(),
+        admin::FlowAccess {
+            store,
+            retention_secs: opts.flows.retention_secs,
+        },
         admin_hash,
         stop_rx,
         limits,
@@ -242,6 +262,51 @@ async fn start_inner(
         tasks,
         guard,
     })
+}
+
+/// Most pruning batches per timer tick (the rest wait for the next tick).
+const PRUNE_BATCHES_PER_TICK: u32 = 100;
+
+/// Deletes flow rows older than the retention, every `prune_every_secs`, in batches of
+/// `prune_batch` rows (each its own short transaction, so commits run in between).
+async fn prune_flows(store: Arc<dyn Store>, f: FlowSettings, mut stop: watch::Receiver<bool>) {
+    let every = std::time::Duration::from_secs(f.prune_every_secs.max(1));
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|v| *v) => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let before = unix_now().saturating_sub(f.retention_secs);
+        let started = std::time::Instant::now();
+        let mut rows = 0u64;
+        for _ in 0..PRUNE_BATCHES_PER_TICK {
+            let s = store.clone();
+            let batch = f.prune_batch;
+            match tokio::task::spawn_blocking(move || s.prune_flows(before, batch)).await {
+                Ok(Ok(n)) => {
+                    rows += n;
+                    if n < u64::from(batch) {
+                        break;
+                    }
+                }
+                Ok(Err(e)) => {
+                    warn!(error = %e, "pruning flow records failed");
+                    break;
+                }
+                Err(e) => {
+                    warn!(error = %e, "pruning flow records failed");
+                    break;
+                }
+            }
+            if *stop.borrow() {
+                return;
+            }
+        }
+        if rows > 0 {
+            info!(rows, before, elapsed_ms = started.elapsed().as_millis() as u64,
+                "flow records pruned");
+        }
+    }
 }
 
 /// Runs the coordinator until `opts.shutdown` fires.

@@ -84,6 +84,60 @@ pub enum OptionsError {
     /// No address for join tokens.
     #[error(transparent)]
     Advertise(#[from] AdvertiseError),
+    /// `flow_retention` or `flow_rows_per_host` is refused.
+    #[error("coordinator config {}: {message}", path.display())]
+    Flows {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Flow record settings (`flow_retention`, `flow_rows_per_host` in the config file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowSettings {
+    /// How long flow rows are kept (seconds; default 7 days).
+    pub retention_secs: u64,
+    /// Rows kept per host per reporting interval (default
+    /// [`meshd_control::state::DEFAULT_FLOW_ROWS_PER_HOST`]).
+    pub rows_per_host: usize,
+    /// How often old rows are pruned (seconds).
+    pub prune_every_secs: u64,
+    /// Rows deleted per pruning transaction (other commits run between batches).
+    pub prune_batch: u32,
+}
+
+/// Default `flow_retention`: 7 days.
+pub const DEFAULT_FLOW_RETENTION_SECS: u64 = 7 * 86_400;
+
+impl Default for FlowSettings {
+    fn default() -> Self {
+        FlowSettings {
+            retention_secs: DEFAULT_FLOW_RETENTION_SECS,
+            rows_per_host: meshd_control::state::DEFAULT_FLOW_ROWS_PER_HOST,
+            prune_every_secs: 60,
+            prune_batch: 10_000,
+        }
+    }
+}
+
+/// A duration like `7d`, `12h`, `30m`, `90s` or a bare number of seconds.
+pub fn parse_duration_secs(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num.parse().ok()?;
+    let mul = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return None,
+    };
+    n.checked_mul(mul)
 }
 
 /// Default state directory.
@@ -150,6 +204,8 @@ pub struct CoordinatorOptions {
     pub pool_v6: Option<Ipv6Net>,
     /// Limits on the listeners (handshakes, timeouts, failure backoff).
     pub limits: Limits,
+    /// Flow records: retention, rows per host per interval, pruning.
+    pub flows: FlowSettings,
     /// Stop signal.
     pub shutdown: Shutdown,
 }
@@ -253,6 +309,7 @@ impl CoordinatorOptions {
             pool: Ipv4Net::new([100, 64, 0, 0].into(), 10).unwrap_or_default(),
             pool_v6: None,
             limits: Limits::default(),
+            flows: FlowSettings::default(),
             shutdown: Shutdown::never(),
         }
     }
@@ -301,7 +358,8 @@ pub fn admin_needs_tls(bind: IpAddr, forced: bool, own_cert: bool) -> bool {
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct CoordinatorArgs {
     /// TOML file with any of: state_dir, listen, advertise, admin_listen, admin_tls,
-    /// admin_tls_cert, admin_tls_key, pool, pool_v6, log_format, and a [limits] table.
+    /// admin_tls_cert, admin_tls_key, pool, pool_v6, log_format, flow_retention (e.g. "7d"),
+    /// flow_rows_per_host, and a [limits] table.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// State directory (key, database, admin.token) [default: /var/lib/meshd].
@@ -359,6 +417,10 @@ pub struct CoordinatorFile {
     pub pool_v6: Option<Ipv6Net>,
     /// Listener limits.
     pub limits: Option<Limits>,
+    /// How long flow records are kept: `7d`, `12h`, `30m` (default 7 days).
+    pub flow_retention: Option<String>,
+    /// Flow rows kept per host per reporting interval (default 1000).
+    pub flow_rows_per_host: Option<usize>,
     /// `"text"` or `"json"` log lines (`meshd --log-format` wins; read by meshd's main
     /// before the coordinator starts, see [`CoordinatorArgs::log_format`]).
     pub log_format: Option<meshd_config::LogFormat>,
@@ -438,6 +500,25 @@ impl CoordinatorArgs {
                 source,
             })?;
             o.limits = l;
+        }
+        if let Some(r) = &file.flow_retention {
+            o.flows.retention_secs = parse_duration_secs(r).filter(|s| *s > 0).ok_or_else(|| {
+                OptionsError::Flows {
+                    path: config_path(),
+                    message: format!(
+                        "flow_retention {r:?}: expected a duration such as 7d, 12h or 30m"
+                    ),
+                }
+            })?;
+        }
+        if let Some(n) = file.flow_rows_per_host {
+            if n == 0 {
+                return Err(OptionsError::Flows {
+                    path: config_path(),
+                    message: "flow_rows_per_host must be at least 1".into(),
+                });
+            }
+            o.flows.rows_per_host = n;
         }
         o.shutdown = shutdown;
         if o.advertise.is_none() && o.listen.ip().is_unspecified() {
@@ -607,6 +688,30 @@ mod tests {
         std::fs::write(&f, "[limits]\nnope = 1\n").unwrap();
         let e = shown(CoordinatorFile::load(&f).unwrap_err());
         assert!(e.contains("nope") && e.contains("c.toml"), "{e}");
+    }
+
+    #[test]
+    fn flow_settings_from_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        let resolve = |text: &str| {
+            std::fs::write(&f, format!("listen = \"10.0.0.1:7443\"\n{text}")).unwrap();
+            Cli::parse_from(["x", "--config", f.to_str().unwrap()])
+                .c
+                .resolve(Shutdown::never())
+        };
+        let o = resolve("").unwrap();
+        assert_eq!(o.flows, FlowSettings::default());
+        assert_eq!(o.flows.retention_secs, 7 * 86_400);
+        let o = resolve("flow_retention = \"12h\"\nflow_rows_per_host = 50\n").unwrap();
+        assert_eq!((o.flows.retention_secs, o.flows.rows_per_host), (43_200, 50));
+        for bad in ["flow_retention = \"7w\"", "flow_retention = \"0\"", "flow_rows_per_host = 0"] {
+            let e = shown(resolve(&format!("{bad}\n")).unwrap_err());
+            assert!(e.contains(bad.split(' ').next().unwrap()) && e.contains("c.toml"), "{e}");
+        }
+        assert_eq!(parse_duration_secs("90"), Some(90));
+        assert_eq!(parse_duration_secs("30m"), Some(1800));
+        assert_eq!(parse_duration_secs("h"), None);
     }
 
     #[test]

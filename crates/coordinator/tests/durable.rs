@@ -15,7 +15,8 @@ use meshd_control::{AuditEvent, JoinToken, NetworkMap};
 use meshd_coordinator::{
     start_with_store, AdminOp, AdminReply, CoordinatorHandle, CoordinatorOptions,
 };
-use meshd_store::{Snapshot, SqliteStore, Store, StoreError};
+use meshd_control::api::FlowView;
+use meshd_store::{FlowFilter, Snapshot, SqliteStore, Store, StoreError};
 use meshd_tunnel::PrivateKey;
 
 /// A start error as `meshd coordinator` prints it (anyhow's `{:#}`: context, then causes).
@@ -50,6 +51,15 @@ impl Store for Flaky {
     }
     fn recent_events(&self, limit: u32) -> Result<Vec<AuditEvent>, StoreError> {
         self.inner.recent_events(limit)
+    }
+    fn flows(&self, q: &FlowFilter) -> Result<Vec<FlowView>, StoreError> {
+        self.inner.flows(q)
+    }
+    fn flow_summary(&self, q: &FlowFilter) -> Result<Vec<FlowView>, StoreError> {
+        self.inner.flow_summary(q)
+    }
+    fn prune_flows(&self, before: u64, max_rows: u32) -> Result<u64, StoreError> {
+        self.inner.prune_flows(before, max_rows)
     }
 }
 

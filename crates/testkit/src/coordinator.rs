@@ -6,7 +6,7 @@
 //! events, then [`SimCoordinator::flush`]: notices, pushes and kicks polled, the dirty records
 //! committed to the [`MemStore`], and only then the pushes and kicks handed out. A restart
 //! ([`SimCoordinator::restart`]) rebuilds the state from the store as start-up does
-//! (`restore`, `restore_policies`, `restore_blocks`); live sessions do not survive it.
+//! (`restore`, `restore_policies`, `restore_blocks`, `restore_flow_intervals`); live sessions do not survive it.
 
 use std::collections::BTreeMap;
 
@@ -33,6 +33,8 @@ pub struct MemStore {
     pub policies: Vec<PolicyRecord>,
     /// Block events, oldest first.
     pub blocks: Vec<BlockEvent>,
+    /// Flow rows, oldest first (never pruned here).
+    pub flows: Vec<meshd_control::api::FlowView>,
     /// Commits so far.
     pub commits: u64,
 }
@@ -56,6 +58,7 @@ impl MemStore {
             self.policies.push(p);
         }
         self.blocks.extend(d.blocks);
+        self.flows.extend(d.flows);
         let keep = meshd_control::state::BLOCKS_KEPT;
         if self.blocks.len() > keep {
             let n = self.blocks.len() - keep;
@@ -185,8 +188,22 @@ impl SimCoordinator {
             AgentMessage::Ack { version } => self.state.ack(host, conn, version),
             AgentMessage::Resync => self.state.resync(host, conn),
             AgentMessage::Blocks { events } => self.state.record_blocks(host, conn, events),
-            // Not stored yet: the flow store lands with the rest of issue 16.
-            AgentMessage::Flows { .. } => {}
+            AgentMessage::Flows {
+                interval_start,
+                records,
+                plaintext,
+                overflow,
+            } => {
+                let _counted = self.state.record_flows(
+                    now,
+                    host,
+                    conn,
+                    interval_start,
+                    records,
+                    plaintext,
+                    overflow,
+                );
+            }
             AgentMessage::Ping { nonce } => return Ok(Some(CoordinatorMessage::Pong { nonce })),
             AgentMessage::Enrol { .. } | AgentMessage::Resume { .. } => {
                 return Err(ErrorCode::Malformed)
@@ -228,6 +245,23 @@ impl SimCoordinator {
         )?;
         state.restore_policies(now, s.policies.clone())?;
         state.restore_blocks(s.blocks.clone());
+        // As the SQLite store's load: row counts per (host, interval) stored.
+        let mut counts: BTreeMap<(HostId, UnixTime), usize> = BTreeMap::new();
+        for f in &s.flows {
+            *counts.entry((f.host_id, f.interval_start)).or_default() += 1;
+        }
+        state.restore_flow_intervals(
+            counts
+                .into_iter()
+                .map(
+                    |((host, interval_start), rows)| meshd_control::state::FlowInterval {
+                        host,
+                        interval_start,
+                        rows,
+                    },
+                )
+                .collect(),
+        );
         self.state = state;
         self.restarts += 1;
         Ok(())
