@@ -95,6 +95,23 @@ pub enum Command {
     /// Join tokens that enrol hosts.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Who talks to whom, from the hosts' flow records: edges opener -> responder with
+    /// protocol/port, volume and verdict (allowed, denied, would_deny).
+    Topology {
+        /// Nodes: `host`, or a label key such as `app` (hosts without it form `app=(none)`).
+        #[arg(long, value_name = "host|LABEL", default_value = "host")]
+        group_by: String,
+        /// Flows seen in the last DURATION, e.g. 10m, 1h, 7d.
+        #[arg(long, value_name = "DURATION", value_parser = parse::duration, default_value = "1h")]
+        since: Duration,
+        /// table, json (the API's TopologyView) or dot (a Graphviz digraph, edges coloured by
+        /// verdict: `meshctl topology --format dot | dot -Tsvg > mesh.svg`).
+        #[arg(long, value_enum, default_value_t = TopologyFormat::Table)]
+        format: TopologyFormat,
+    },
+    /// Hand data back to other systems (a CMDB).
+    #[command(subcommand)]
+    Export(ExportCmd),
     /// Coordinator status: version, policy version, hosts, connected agents.
     Status,
     /// Print a shell completion script (e.g. `meshctl completions bash > /etc/bash_completion.d/meshctl`).
@@ -102,6 +119,41 @@ pub enum Command {
         /// Shell.
         #[arg(value_enum)]
         shell: clap_complete::Shell,
+    },
+}
+
+/// `meshctl topology --format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TopologyFormat {
+    /// Aligned columns.
+    Table,
+    /// The API's JSON.
+    Json,
+    /// A Graphviz digraph.
+    Dot,
+}
+
+/// `meshctl export flows --format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// CSV with a header row.
+    Csv,
+    /// The API's JSON rows.
+    Json,
+}
+
+/// `meshctl export ...`.
+#[derive(Debug, clap::Subcommand)]
+pub enum ExportCmd {
+    /// The stored flow records, one row per host, peer, port, verdict and interval, oldest
+    /// first (at most the newest 100000 rows).
+    Flows {
+        /// csv (with a header row) or json.
+        #[arg(long, value_enum, default_value_t = ExportFormat::Csv)]
+        format: ExportFormat,
+        /// Only flows seen in the last DURATION, e.g. 1h, 7d [default: all kept].
+        #[arg(long, value_name = "DURATION", value_parser = parse::duration)]
+        since: Option<Duration>,
     },
 }
 
@@ -204,6 +256,17 @@ pub enum PolicyCmd {
         /// Version to go back to (see `meshctl policy history`).
         #[arg(value_name = "VERSION")]
         target: u64,
+    },
+    /// Print the smallest policy file that allows exactly the observed flows (allowed and
+    /// would-deny ones), with comments citing the evidence and a test per flow, for review
+    /// before `policy apply`. Denied flows and plaintext sources are listed as left out.
+    Suggest {
+        /// Rule granularity: a label key such as `app`, or `host`.
+        #[arg(long, value_name = "LABEL|host", default_value = "app")]
+        group_by: String,
+        /// Flows seen in the last DURATION, e.g. 1h, 24h, 7d.
+        #[arg(long, value_name = "DURATION", value_parser = parse::duration, default_value = "24h")]
+        since: Duration,
     },
     /// Whether a connection is allowed now, and by which rule.
     Explain {

@@ -10,6 +10,7 @@
 mod cli;
 mod client;
 mod config;
+mod flows;
 mod output;
 mod parse;
 mod policy;
@@ -39,7 +40,9 @@ const VERSION: &str = concat!(
 );
 use serde::Serialize;
 
-use crate::cli::{Cli, Command, HostsCmd, Output, PolicyCmd, TokenCmd};
+use crate::cli::{
+    Cli, Command, ExportCmd, ExportFormat, HostsCmd, Output, PolicyCmd, TokenCmd, TopologyFormat,
+};
 use crate::client::{query, segment, ApiFailure, Client};
 use crate::config::{EnvValues, FlagValues};
 use crate::output::PolicyState;
@@ -128,6 +131,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token(t) => ctx()?.token(t),
         Command::Blocks { host, since } => ctx()?.blocks(host, since),
         Command::Events { limit } => ctx()?.events(limit),
+        Command::Topology {
+            group_by,
+            since,
+            format,
+        } => ctx()?.topology(&group_by, since, format),
+        Command::Export(ExportCmd::Flows { format, since }) => ctx()?.export_flows(format, since),
         Command::Policy(PolicyCmd::Check { file, offline }) => {
             policy_check(&file, offline, g.output, ctx)
         }
@@ -284,6 +293,52 @@ impl Ctx {
         }
     }
 
+    fn get_topology(
+        &self,
+        group_by: &str,
+        since: std::time::Duration,
+    ) -> anyhow::Result<meshd_control::api::TopologyView> {
+        let q = query(&[
+            ("group_by", Some(group_by.to_string())),
+            (
+                "since",
+                Some(unix_now().saturating_sub(since.as_secs()).to_string()),
+            ),
+        ]);
+        Ok(self.client.get(&format!("/v1/topology{q}"))?)
+    }
+
+    fn topology(
+        &self,
+        group_by: &str,
+        since: std::time::Duration,
+        format: TopologyFormat,
+    ) -> anyhow::Result<()> {
+        let t = self.get_topology(group_by, since)?;
+        match format {
+            TopologyFormat::Json => print_json(&t),
+            TopologyFormat::Table => out(&flows::topology_table(&t)),
+            TopologyFormat::Dot => out(&flows::topology_dot(&t)),
+        }
+    }
+
+    fn export_flows(
+        &self,
+        format: ExportFormat,
+        since: Option<std::time::Duration>,
+    ) -> anyhow::Result<()> {
+        let q = query(&[(
+            "since",
+            since.map(|d| unix_now().saturating_sub(d.as_secs()).to_string()),
+        )]);
+        let rows: Vec<meshd_control::api::FlowView> =
+            self.client.get(&format!("/v1/flows{q}"))?;
+        match format {
+            ExportFormat::Json => print_json(&rows),
+            ExportFormat::Csv => out(&flows::flows_csv(&rows)?),
+        }
+    }
+
     fn events(&self, limit: u32) -> anyhow::Result<()> {
         let events: Vec<EventView> = self.client.get(&format!("/v1/events?limit={limit}"))?;
         match self.output {
@@ -295,6 +350,18 @@ impl Ctx {
     fn policy(&self, cmd: PolicyCmd) -> anyhow::Result<()> {
         match cmd {
             PolicyCmd::Check { .. } => unreachable!("policy check runs without a Ctx first"),
+            PolicyCmd::Suggest { group_by, since } => {
+                let t = self.get_topology(&group_by, since)?;
+                let s = meshd_control::suggest::suggest(&t, unix_now());
+                eprintln!(
+                    "{} rule(s), {} test(s) from {} edge(s); {} left out",
+                    s.rules,
+                    s.tests,
+                    t.edges.len(),
+                    s.skipped.len()
+                );
+                out(&s.yaml)
+            }
             PolicyCmd::Diff { file } => {
                 let (src, _) = load_policy(&file)?;
                 let changes: Vec<Change> = self

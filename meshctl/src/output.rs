@@ -320,23 +320,7 @@ pub fn status(s: &StatusView, policy: &PolicyState, server: &str, now: UnixTime)
 
 /// Seconds since the epoch as RFC 3339 UTC, e.g. `2026-12-31T18:00:00Z`.
 pub fn rfc3339(t: UnixTime) -> String {
-    let (days, secs) = (t / 86_400, t % 86_400);
-    // Civil from days (Howard Hinnant), for days since 1970-01-01 (never negative here).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
+    meshd_control::topology::rfc3339(t)
 }
 
 /// An IP protocol number as a name (`tcp`, `udp`, `icmp`, `icmpv6`, or the number).
