@@ -51,7 +51,15 @@ fn volume(bytes: u64) -> String {
 /// The topology as a table: one line per edge, then nodes without edges.
 pub fn topology_table(t: &TopologyView) -> String {
     let mut tb = Table::new(&[
-        "FROM", "TO", "PORT", "VERDICT", "FLOWS", "PACKETS", "BYTES", "RULES", "LAST SEEN",
+        "FROM",
+        "TO",
+        "PORT",
+        "VERDICT",
+        "FLOWS",
+        "PACKETS",
+        "BYTES",
+        "RULES",
+        "LAST SEEN",
     ]);
     for e in &t.edges {
         tb.row(vec![
@@ -104,11 +112,7 @@ pub fn topology_dot(t: &TopologyView) -> String {
             label.push('\n');
             label.push_str(&n.hosts.join(", "));
         }
-        let style = if n.learning > 0 {
-            ", style=dashed"
-        } else {
-            ""
-        };
+        let style = if n.learning > 0 { ", style=dashed" } else { "" };
         s.push_str(&format!(
             "  {} [label={}{style}];\n",
             dot_id(&n.id),
@@ -240,7 +244,10 @@ mod tests {
         let d = topology_dot(&view());
         assert!(d.starts_with("digraph meshd {"), "{d}");
         assert!(d.contains("\"app=web\" -> \"app=db\" [label=\"tcp/5432 (3)\", color=orange"));
-        assert!(d.contains("label=\"app=web\\nw1, w2\", style=dashed"), "{d}");
+        assert!(
+            d.contains("label=\"app=web\\nw1, w2\", style=dashed"),
+            "{d}"
+        );
         assert!(d.trim_end().ends_with('}'));
         assert_eq!(dot_id("a\"b"), "\"a\\\"b\"");
     }
@@ -250,7 +257,10 @@ mod tests {
         let t = topology_table(&view());
         assert!(t.contains("app=web") && t.contains("tcp/5432") && t.contains("would_deny"));
         assert!(t.contains("1.5 MB"), "{t}");
-        assert!(t.contains("not enforcing (would-deny flows seen): app=web (1 of 2)"), "{t}");
+        assert!(
+            t.contains("not enforcing (would-deny flows seen): app=web (1 of 2)"),
+            "{t}"
+        );
     }
 
     #[test]

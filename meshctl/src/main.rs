@@ -331,8 +331,7 @@ impl Ctx {
             "since",
             since.map(|d| unix_now().saturating_sub(d.as_secs()).to_string()),
         )]);
-        let rows: Vec<meshd_control::api::FlowView> =
-            self.client.get(&format!("/v1/flows{q}"))?;
+        let rows: Vec<meshd_control::api::FlowView> = self.client.get(&format!("/v1/flows{q}"))?;
         match format {
             ExportFormat::Json => print_json(&rows),
             ExportFormat::Csv => out(&flows::flows_csv(&rows)?),

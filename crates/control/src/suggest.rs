@@ -36,12 +36,8 @@ pub struct Suggestion {
 
 /// A YAML scalar: bare when it is a plain word, else JSON-quoted (JSON strings are YAML).
 fn scalar(s: &str) -> String {
-    let plain = s
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic())
-        && s
-            .chars()
+    let plain = s.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
         && !matches!(
             s.to_ascii_lowercase().as_str(),
@@ -114,8 +110,7 @@ fn pairs_text(pairs: &BTreeSet<&str>) -> String {
 pub fn suggest(t: &TopologyView, now: UnixTime) -> Suggestion {
     let mut skipped = Vec::new();
     // (from, to) → port → edges.
-    let mut by_pair: BTreeMap<(&str, &str), BTreeMap<String, Vec<&TopologyEdge>>> =
-        BTreeMap::new();
+    let mut by_pair: BTreeMap<(&str, &str), BTreeMap<String, Vec<&TopologyEdge>>> = BTreeMap::new();
     for e in &t.edges {
         let why = if e.verdict == FlowVerdict::Denied {
             Some("not allowed now")
@@ -132,7 +127,10 @@ pub fn suggest(t: &TopologyView, now: UnixTime) -> Suggestion {
         };
         let port = port_name(e.proto, e.port);
         if let Some(why) = why {
-            skipped.push(format!("{} -> {} {port} {}: {why}", e.from, e.to, e.verdict));
+            skipped.push(format!(
+                "{} -> {} {port} {}: {why}",
+                e.from, e.to, e.verdict
+            ));
             continue;
         }
         by_pair

@@ -121,7 +121,10 @@ pub fn topology(
         }
         let (other, by_opener) = if let Some(src) = r.src {
             let node = outside_id(src);
-            nodes.entry(node.clone()).or_default().insert(src.to_string());
+            nodes
+                .entry(node.clone())
+                .or_default()
+                .insert(src.to_string());
             (
                 End {
                     node,
@@ -131,16 +134,15 @@ pub fn topology(
             )
         } else if let Some(peer) = &r.peer {
             let p = resolve(r.peer_id, peer, &r.peer_labels);
-            nodes.entry(p.node.clone()).or_default().insert(p.name.clone());
+            nodes
+                .entry(p.node.clone())
+                .or_default()
+                .insert(p.name.clone());
             (p, r.direction == meshd_policy::Direction::Outbound)
         } else {
             continue;
         };
-        let (opener, responder) = if by_opener {
-            (me, other)
-        } else {
-            (other, me)
-        };
+        let (opener, responder) = if by_opener { (me, other) } else { (other, me) };
         let e = pairs
             .entry((
                 opener.name.clone(),
@@ -155,8 +157,7 @@ pub fn topology(
     }
     type EdgeKey = (String, String, u8, u16, FlowVerdict);
     let mut edges: BTreeMap<EdgeKey, (Sum, BTreeSet<String>)> = BTreeMap::new();
-    for ((opener, responder, proto, port, verdict), (by_opener, by_responder, from, to)) in pairs
-    {
+    for ((opener, responder, proto, port, verdict), (by_opener, by_responder, from, to)) in pairs {
         let Some(s) = by_opener.or(by_responder) else {
             continue;
         };
@@ -186,20 +187,22 @@ pub fn topology(
             .collect(),
         edges: edges
             .into_iter()
-            .map(|((from, to, proto, port, verdict), (s, pairs))| TopologyEdge {
-                from,
-                to,
-                proto,
-                port,
-                verdict,
-                rules: s.rules.into_iter().collect(),
-                packets: s.packets,
-                bytes: s.bytes,
-                flows: s.flows,
-                first_seen: s.first.unwrap_or(0),
-                last_seen: s.last,
-                pairs: pairs.into_iter().collect(),
-            })
+            .map(
+                |((from, to, proto, port, verdict), (s, pairs))| TopologyEdge {
+                    from,
+                    to,
+                    proto,
+                    port,
+                    verdict,
+                    rules: s.rules.into_iter().collect(),
+                    packets: s.packets,
+                    bytes: s.bytes,
+                    flows: s.flows,
+                    first_seen: s.first.unwrap_or(0),
+                    last_seen: s.last,
+                    pairs: pairs.into_iter().collect(),
+                },
+            )
             .collect(),
     }
 }

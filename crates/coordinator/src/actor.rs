@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use meshd_control::api::{HealthView, StoreFailure, EVENTS_MAX};
 use meshd_control::proto::{CoordinatorMessage, EndpointReport, ErrorCode, HostInfo};
-use meshd_control::state::{AdminError, ConnId, Dirty, FlowLimits, Hello};
+use meshd_control::state::{AdminError, ConnId, Dirty, FlowBatch, FlowLimits, Hello};
 use meshd_control::{AuditEvent, CoordinatorState, EventKind, HostId, IpPool, UnixTime};
 use meshd_store::{Snapshot, Store};
 use meshd_tunnel::PublicKey;
@@ -492,10 +492,12 @@ impl Actor {
                     now,
                     host,
                     conn,
-                    interval_start,
-                    records,
-                    plaintext,
-                    overflow,
+                    FlowBatch {
+                        interval_start,
+                        records,
+                        plaintext,
+                        overflow,
+                    },
                 );
                 if r.dropped > 0 || overflow > 0 {
                     debug!(host_id = %host, stored = r.stored, dropped = r.dropped,

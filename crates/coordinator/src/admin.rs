@@ -26,9 +26,9 @@ use meshd_control::api::{
 };
 use meshd_control::api::{BlocksQuery, EventsQuery, ExplainRequest, PolicyText, EVENTS_DEFAULT};
 use meshd_control::api::{FlowsQuery, FLOWS_MAX_ROWS};
-use meshd_control::topology::InventoryHost;
 use meshd_control::policy::PolicyError;
 use meshd_control::state::AdminError;
+use meshd_control::topology::InventoryHost;
 use meshd_control::TokenId;
 use tokio::sync::{mpsc, watch};
 
@@ -433,9 +433,9 @@ async fn flow_filter(
     q: &FlowsQuery,
     limit: u32,
 ) -> Result<meshd_store::FlowFilter, Failure> {
-    let since = q.since.unwrap_or_else(|| {
-        crate::actor::unix_now().saturating_sub(st.flows.retention_secs)
-    });
+    let since = q
+        .since
+        .unwrap_or_else(|| crate::actor::unix_now().saturating_sub(st.flows.retention_secs));
     let host = match &q.host {
         None => None,
         Some(h) => match ask(st, AdminOp::ShowHost(h.clone())).await? {
@@ -452,7 +452,8 @@ async fn read_flows<T: Send + 'static>(
     f: impl FnOnce(&dyn meshd_store::Store) -> Result<T, meshd_store::StoreError> + Send + 'static,
 ) -> Result<T, Failure> {
     let store = st.flows.store.clone();
-    let internal = |m: String| Failure(StatusCode::INTERNAL_SERVER_ERROR, "internal", m, Vec::new());
+    let internal =
+        |m: String| Failure(StatusCode::INTERNAL_SERVER_ERROR, "internal", m, Vec::new());
     tokio::task::spawn_blocking(move || f(&*store))
         .await
         .map_err(|e| internal(format!("flow query task failed: {e}")))?
@@ -545,8 +546,7 @@ fn router(st: AppState) -> Router {
 pub(crate) async fn serve(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
-    cmds: Commands,
-    flows: FlowAccess,
+    (cmds, flows): (Commands, FlowAccess),
     admin_hash: String,
     stop: watch::Receiver<bool>,
     limits: Limits,

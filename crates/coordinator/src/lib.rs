@@ -41,8 +41,7 @@ pub use actor::unix_now;
 pub use error::{CallError, StartError, Stopped};
 pub use ops::{AdminOp, AdminReply};
 pub use options::{
-    CoordinatorArgs, CoordinatorFile, CoordinatorOptions, FlowSettings, Shutdown,
-    ShutdownTrigger,
+    CoordinatorArgs, CoordinatorFile, CoordinatorOptions, FlowSettings, Shutdown, ShutdownTrigger,
 };
 pub use state_dir::{admin_token_hash, load_or_create_key};
 
@@ -240,11 +239,13 @@ async fn start_inner(
     tasks.push(tokio::spawn(admin::serve(
         admin_listener,
         admin_tls.map(|t| t.config),
-        cmds.clone(),
-        admin::FlowAccess {
-            store,
-            retention_secs: opts.flows.retention_secs,
-        },
+        (
+            cmds.clone(),
+            admin::FlowAccess {
+                store,
+                retention_secs: opts.flows.retention_secs,
+            },
+        ),
         admin_hash,
         stop_rx,
         limits,
@@ -303,8 +304,12 @@ async fn prune_flows(store: Arc<dyn Store>, f: FlowSettings, mut stop: watch::Re
             }
         }
         if rows > 0 {
-            info!(rows, before, elapsed_ms = started.elapsed().as_millis() as u64,
-                "flow records pruned");
+            info!(
+                rows,
+                before,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "flow records pruned"
+            );
         }
     }
 }

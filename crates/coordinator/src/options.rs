@@ -502,14 +502,15 @@ impl CoordinatorArgs {
             o.limits = l;
         }
         if let Some(r) = &file.flow_retention {
-            o.flows.retention_secs = parse_duration_secs(r).filter(|s| *s > 0).ok_or_else(|| {
-                OptionsError::Flows {
-                    path: config_path(),
-                    message: format!(
-                        "flow_retention {r:?}: expected a duration such as 7d, 12h or 30m"
-                    ),
-                }
-            })?;
+            o.flows.retention_secs =
+                parse_duration_secs(r)
+                    .filter(|s| *s > 0)
+                    .ok_or_else(|| OptionsError::Flows {
+                        path: config_path(),
+                        message: format!(
+                            "flow_retention {r:?}: expected a duration such as 7d, 12h or 30m"
+                        ),
+                    })?;
         }
         if let Some(n) = file.flow_rows_per_host {
             if n == 0 {
@@ -704,10 +705,20 @@ mod tests {
         assert_eq!(o.flows, FlowSettings::default());
         assert_eq!(o.flows.retention_secs, 7 * 86_400);
         let o = resolve("flow_retention = \"12h\"\nflow_rows_per_host = 50\n").unwrap();
-        assert_eq!((o.flows.retention_secs, o.flows.rows_per_host), (43_200, 50));
-        for bad in ["flow_retention = \"7w\"", "flow_retention = \"0\"", "flow_rows_per_host = 0"] {
+        assert_eq!(
+            (o.flows.retention_secs, o.flows.rows_per_host),
+            (43_200, 50)
+        );
+        for bad in [
+            "flow_retention = \"7w\"",
+            "flow_retention = \"0\"",
+            "flow_rows_per_host = 0",
+        ] {
             let e = shown(resolve(&format!("{bad}\n")).unwrap_err());
-            assert!(e.contains(bad.split(' ').next().unwrap()) && e.contains("c.toml"), "{e}");
+            assert!(
+                e.contains(bad.split(' ').next().unwrap()) && e.contains("c.toml"),
+                "{e}"
+            );
         }
         assert_eq!(parse_duration_secs("90"), Some(90));
         assert_eq!(parse_duration_secs("30m"), Some(1800));

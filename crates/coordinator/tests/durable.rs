@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use meshd_agent::SessionHandle;
 use meshd_agent::{enrol, spawn_session, ClientError, SessionConfig, SessionState};
+use meshd_control::api::FlowView;
 use meshd_control::api::{HealthView, StatusView, TokenCreateRequest};
 use meshd_control::proto::{EndpointReport, ErrorCode};
 use meshd_control::state::{AdminError, Dirty, MAX_TOKEN_TTL_SECS};
@@ -15,7 +16,6 @@ use meshd_control::{AuditEvent, JoinToken, NetworkMap};
 use meshd_coordinator::{
     start_with_store, AdminOp, AdminReply, CoordinatorHandle, CoordinatorOptions,
 };
-use meshd_control::api::FlowView;
 use meshd_store::{FlowFilter, Snapshot, SqliteStore, Store, StoreError};
 use meshd_tunnel::PrivateKey;
 

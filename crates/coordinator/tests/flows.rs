@@ -141,7 +141,8 @@ async fn reported_flows_come_back_from_flows_and_topology_and_survive_a_restart(
     let c = coordinator(dir.path()).await;
     let admin = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
     let admin = admin.trim();
-    let yaml = "rules:\n  - {name: web-to-db, from: {app: web}, to: {app: db}, ports: [tcp/5432]}\n";
+    let yaml =
+        "rules:\n  - {name: web-to-db, from: {app: web}, to: {app: db}, ports: [tcp/5432]}\n";
     c.admin(AdminOp::PolicyApply(yaml.into()))
         .await
         .unwrap()
@@ -184,11 +185,21 @@ async fn reported_flows_come_back_from_flows_and_topology_and_survive_a_restart(
         .await
         .unwrap();
     let rows = flows_until(&c, admin, "", 3).await;
-    assert_eq!(rows.len(), 3, "the unknown peer's record is dropped: {rows:#?}");
+    assert_eq!(
+        rows.len(),
+        3,
+        "the unknown peer's record is dropped: {rows:#?}"
+    );
     let from_w1 = rows.iter().find(|r| r.host == "w1").unwrap();
     assert_eq!(from_w1.peer.as_deref(), Some("d1"));
-    assert_eq!(from_w1.host_labels.get("app").map(String::as_str), Some("web"));
-    assert_eq!(from_w1.peer_labels.get("app").map(String::as_str), Some("db"));
+    assert_eq!(
+        from_w1.host_labels.get("app").map(String::as_str),
+        Some("web")
+    );
+    assert_eq!(
+        from_w1.peer_labels.get("app").map(String::as_str),
+        Some("db")
+    );
     assert_eq!(from_w1.rule.as_deref(), Some("web-to-db"));
     let plain = rows.iter().find(|r| r.src.is_some()).unwrap();
     assert_eq!((plain.host.as_str(), plain.port), ("d1", 22));
@@ -224,15 +235,24 @@ async fn reported_flows_come_back_from_flows_and_topology_and_survive_a_restart(
     assert_eq!(ids, ["app=db", "app=web", "outside:198.18.0.9"]);
     assert_eq!(t.edges.len(), 2, "{t:#?}");
     let e = &t.edges[0];
-    assert_eq!((e.from.as_str(), e.to.as_str(), e.port), ("app=web", "app=db", 5432));
-    assert_eq!((e.verdict, e.packets, e.flows), (FlowVerdict::Allowed, 10, 1));
+    assert_eq!(
+        (e.from.as_str(), e.to.as_str(), e.port),
+        ("app=web", "app=db", 5432)
+    );
+    assert_eq!(
+        (e.verdict, e.packets, e.flows),
+        (FlowVerdict::Allowed, 10, 1)
+    );
     assert_eq!(e.pairs, ["w1>d1"]);
     assert_eq!(e.rules, ["web-to-db"]);
     assert_eq!(t.edges[1].from, "outside:198.18.0.9");
     assert_eq!(t.edges[1].verdict, FlowVerdict::Denied);
     let t = topo(&c, "").await;
     assert_eq!(t.group_by, "host");
-    assert!(t.edges.iter().any(|e| e.from == "w1" && e.to == "d1"), "{t:#?}");
+    assert!(
+        t.edges.iter().any(|e| e.from == "w1" && e.to == "d1"),
+        "{t:#?}"
+    );
     let (st, _) = http(c.admin_addr(), "/v1/topology?group_by=a%20b", admin).await;
     assert_eq!(st, 400);
 

@@ -137,10 +137,7 @@ fn view(r: &Row<'_>, labels: &HashMap<i64, Labels>, id: i64) -> Result<FlowView,
             .map_err(|_| bad("peer_id"))?,
         peer: r.get(5)?,
         peer_labels: label(6, "peer_labels")?,
-        src: src
-            .map(|s| s.parse())
-            .transpose()
-            .map_err(|_| bad("src"))?,
+        src: src.map(|s| s.parse()).transpose().map_err(|_| bad("src"))?,
         direction: if outbound {
             Direction::Outbound
         } else {
@@ -338,7 +335,11 @@ mod tests {
         // host: either end.
         assert_eq!(
             s.flows(&all(0, Some(2))).unwrap(),
-            rows[..2].iter().chain(&rows[3..]).cloned().collect::<Vec<_>>()
+            rows[..2]
+                .iter()
+                .chain(&rows[3..])
+                .cloned()
+                .collect::<Vec<_>>()
         );
         assert_eq!(s.flows(&all(0, Some(3))).unwrap(), rows[1..3].to_vec());
         // limit: the newest, oldest first.
@@ -380,7 +381,10 @@ mod tests {
         let pg = &sum[0];
         assert_eq!(pg.port, 5432);
         assert_eq!((pg.packets, pg.bytes, pg.flows), (30, 3000, 3));
-        assert_eq!((pg.interval_start, pg.first_seen, pg.last_seen), (100, 100, 505));
+        assert_eq!(
+            (pg.interval_start, pg.first_seen, pg.last_seen),
+            (100, 100, 505)
+        );
         let sum = s.flow_summary(&all(200, None)).unwrap();
         assert_eq!((sum.len(), sum[0].packets), (1, 10));
     }

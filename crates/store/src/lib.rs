@@ -16,8 +16,8 @@ mod flows;
 mod migrations;
 mod sqlite;
 
-use meshd_control::policy::PolicyRecord;
 use meshd_control::api::FlowView;
+use meshd_control::policy::PolicyRecord;
 use meshd_control::state::{Dirty, FlowInterval};
 use meshd_control::{AuditEvent, Host, HostId, Token, UnixTime};
 use meshd_policy::BlockEvent;

@@ -12,12 +12,10 @@ use meshd_control::{AuditEvent, EventKind, Host, HostId, Labels, Token, TokenId}
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 
 use crate::migrations::MIGRATIONS;
-use crate::{
-    FlowFilter, Snapshot, Store, StoreError, BLOCKS_KEPT, EVENTS_KEPT, META_MAP_VERSION,
-};
+use crate::{FlowFilter, Snapshot, Store, StoreError, BLOCKS_KEPT, EVENTS_KEPT, META_MAP_VERSION};
 use meshd_control::api::FlowView;
-use meshd_control::UnixTime;
 use meshd_control::policy::PolicyRecord;
+use meshd_control::UnixTime;
 use meshd_policy::BlockEvent;
 
 /// SQLite-backed store (one connection behind a mutex; calls are short and blocking).
@@ -112,7 +110,10 @@ impl SqliteStore {
     }
 
     /// Runs a read on the reader connection (the writer's for an in-memory database).
-    pub(crate) fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    pub(crate) fn read<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         match &self.reader {
             Some(r) => {
                 let c = r.lock().map_err(|_| StoreError::Poisoned)?;

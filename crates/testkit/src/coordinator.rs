@@ -198,10 +198,12 @@ impl SimCoordinator {
                     now,
                     host,
                     conn,
-                    interval_start,
-                    records,
-                    plaintext,
-                    overflow,
+                    meshd_control::state::FlowBatch {
+                        interval_start,
+                        records,
+                        plaintext,
+                        overflow,
+                    },
                 );
             }
             AgentMessage::Ping { nonce } => return Ok(Some(CoordinatorMessage::Pong { nonce })),

@@ -83,6 +83,19 @@ pub struct FlowInterval {
     pub rows: usize,
 }
 
+/// One `Flows` message's content, as [`CoordinatorState::record_flows`] takes it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FlowBatch {
+    /// Start of the interval (Unix seconds).
+    pub interval_start: UnixTime,
+    /// Flows with peers.
+    pub records: Vec<FlowRecord>,
+    /// Plaintext drops from outside the mesh.
+    pub plaintext: Vec<PlaintextFlow>,
+    /// Flows the agent could not keep.
+    pub overflow: u64,
+}
+
 /// The per-host memory of interval row counts, oldest first.
 pub(super) type IntervalCounts = VecDeque<(UnixTime, usize)>;
 
@@ -111,16 +124,22 @@ impl CoordinatorState {
         now: UnixTime,
         id: HostId,
         conn: ConnId,
-        interval_start: UnixTime,
-        records: Vec<FlowRecord>,
-        plaintext: Vec<PlaintextFlow>,
-        overflow: u64,
+        batch: FlowBatch,
     ) -> FlowsRecorded {
+        let FlowBatch {
+            interval_start,
+            records,
+            plaintext,
+            overflow,
+        } = batch;
         let mut out = FlowsRecorded::default();
         if !self.session_ok(id, conn) {
             return out;
         }
-        let Some((name, labels)) = self.hosts.get(&id).map(|h| (h.name.clone(), h.labels.clone()))
+        let Some((name, labels)) = self
+            .hosts
+            .get(&id)
+            .map(|h| (h.name.clone(), h.labels.clone()))
         else {
             return out;
         };

@@ -47,7 +47,7 @@ pub use admin::{
 };
 pub use blocks::BLOCKS_KEPT;
 pub use flows::{
-    FlowInterval, FlowLimits, FlowStats, FlowsRecorded, DEFAULT_FLOW_ROWS_PER_HOST,
+    FlowBatch, FlowInterval, FlowLimits, FlowStats, FlowsRecorded, DEFAULT_FLOW_ROWS_PER_HOST,
     FLOW_CLOCK_AHEAD_SECS, FLOW_INTERVALS_REMEMBERED,
 };
 pub use pushes::{Dirty, Kick, Push};

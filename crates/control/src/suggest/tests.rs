@@ -50,7 +50,11 @@ fn the_suggestion_parses_allows_exactly_what_was_seen_and_its_tests_pass() {
     assert_eq!(p.rules.len(), 2);
     let web_db = p.rules.iter().find(|r| r.name == "web-to-db").unwrap();
     let ports: Vec<String> = web_db.ports.iter().map(ToString::to_string).collect();
-    assert_eq!(ports, ["icmp", "tcp/5432"], "one rule per pair, ports grouped");
+    assert_eq!(
+        ports,
+        ["icmp", "tcp/5432"],
+        "one rule per pair, ports grouped"
+    );
     assert_eq!(s.tests, 3);
     assert_eq!(p.tests.len(), 3);
     let results = run_tests(&p, &NoInventory, 1000);
@@ -59,7 +63,11 @@ fn the_suggestion_parses_allows_exactly_what_was_seen_and_its_tests_pass() {
     assert!(s.yaml.contains("w1>d1, w2>d1"), "{}", s.yaml);
     assert!(s.yaml.contains("allowed by web-db"), "{}", s.yaml);
     assert!(s.yaml.contains("would be denied"), "{}", s.yaml);
-    assert!(s.yaml.contains("first seen 1970-01-01T00:01:40Z"), "{}", s.yaml);
+    assert!(
+        s.yaml.contains("first seen 1970-01-01T00:01:40Z"),
+        "{}",
+        s.yaml
+    );
     assert_eq!(s.skipped.len(), 2, "the denied flow and the plaintext drop");
 
     // Compiled against the observed hosts: every observed (allowed or would-deny) flow is
@@ -94,7 +102,10 @@ fn host_grouping_and_nothing_seen() {
     let c = compile(&p, &refs, 1000);
     let probe = |s: &str| s.parse::<Probe>().unwrap();
     assert!(c.explain(1, 3, probe("icmp"), 1000).allowed);
-    assert!(!c.explain(2, 3, probe("icmp"), 1000).allowed, "host level: w2 never pinged");
+    assert!(
+        !c.explain(2, 3, probe("icmp"), 1000).allowed,
+        "host level: w2 never pinged"
+    );
 
     let empty = suggest(&topology(&[], &hosts, "app", 0), 0);
     let p = Policy::parse(&empty.yaml).unwrap();
@@ -118,6 +129,10 @@ fn odd_label_values_are_quoted() {
     let s = suggest(&topology(&rows, &[a.clone(), b.clone()], "app", 0), 0);
     let p = Policy::parse(&s.yaml).unwrap_or_else(|e| panic!("{e}\n{}", s.yaml));
     let c = compile(&p, &[href(&a), href(&b)], 0);
-    assert!(c.explain(1, 2, "tcp/80".parse().unwrap(), 0).allowed, "{}", s.yaml);
+    assert!(
+        c.explain(1, 2, "tcp/80".parse().unwrap(), 0).allowed,
+        "{}",
+        s.yaml
+    );
     assert!(run_tests(&p, &NoInventory, 0).iter().all(|r| r.passed()));
 }

@@ -111,7 +111,11 @@ fn label_groups_none_outside_and_learning() {
     let web = t.nodes.iter().find(|n| n.id == "app=web").unwrap();
     assert_eq!(web.hosts, ["w1", "w2"]);
     let none = t.nodes.iter().find(|n| n.id == "app=(none)").unwrap();
-    assert_eq!((none.hosts.len(), none.learning), (1, 1), "n1 reported would_deny");
+    assert_eq!(
+        (none.hosts.len(), none.learning),
+        (1, 1),
+        "n1 reported would_deny"
+    );
     let key = |e: &TopologyEdge| (e.from.clone(), e.to.clone(), e.port, e.verdict);
     let edges: Vec<_> = t.edges.iter().map(key).collect();
     assert_eq!(
@@ -131,7 +135,10 @@ fn label_groups_none_outside_and_learning() {
     moved.labels = labels(Some("web"));
     let t = topology(&rows[2..3], &[moved], "app", 0);
     assert_eq!(t.edges[0].from, "app=web");
-    assert_eq!(t.edges[0].to, "app=db", "d1 not in the inventory: its stored labels");
+    assert_eq!(
+        t.edges[0].to, "app=db",
+        "d1 not in the inventory: its stored labels"
+    );
 }
 
 #[test]
