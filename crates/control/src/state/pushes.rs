@@ -49,6 +49,8 @@ pub struct Dirty {
     pub policy: Option<PolicyRecord>,
     /// Block events received since the last call (the store keeps a bounded number).
     pub blocks: Vec<BlockEvent>,
+    /// The runtime learning setting, when it changed (`meshctl policy mode`).
+    pub mode: Option<super::RuntimeMode>,
 }
 
 impl Dirty {
@@ -59,6 +61,7 @@ impl Dirty {
             && self.map_version.is_none()
             && self.policy.is_none()
             && self.blocks.is_empty()
+            && self.mode.is_none()
     }
 }
 
@@ -327,6 +330,7 @@ impl CoordinatorState {
             map_version,
             policy: self.dirty_policy.take(),
             blocks: std::mem::take(&mut self.dirty_blocks),
+            mode: std::mem::take(&mut self.dirty_mode).then(|| self.runtime_mode.clone()),
         }
     }
 }

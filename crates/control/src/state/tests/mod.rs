@@ -16,6 +16,7 @@ use crate::token::hash_secret;
 
 mod admin;
 mod blocks;
+mod mode;
 mod policy;
 mod pushes;
 mod sessions;
