@@ -132,6 +132,7 @@ mod tests {
                 "host_revoked",
                 "policy_applied",
                 "policy_rollback",
+                "policy_mode_changed",
             ]
         );
         for k in EventKind::KNOWN {
