@@ -565,6 +565,7 @@ fn describe_batch(d: &Dirty, events: &[AuditEvent]) -> String {
         "policy versions",
     );
     count(d.blocks.len(), "block event", "block events");
+    count(usize::from(d.mode.is_some()), "policy mode", "policy modes");
     count(events.len(), "event", "events");
     count(
         usize::from(d.map_version.is_some()),
@@ -586,6 +587,7 @@ pub(crate) fn restore_state(
     state
         .restore_policies(now, snapshot.policies)
         .map_err(RestoreStateError::Policy)?;
+    state.restore_mode(now, snapshot.mode);
     state.restore_blocks(snapshot.blocks);
     Ok(state)
 }

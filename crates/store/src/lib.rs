@@ -16,7 +16,7 @@ mod migrations;
 mod sqlite;
 
 use meshd_control::policy::PolicyRecord;
-use meshd_control::state::Dirty;
+use meshd_control::state::{Dirty, RuntimeMode};
 use meshd_control::{AuditEvent, Host, Token};
 use meshd_policy::BlockEvent;
 
@@ -36,6 +36,8 @@ pub struct Snapshot {
     pub policies: Vec<PolicyRecord>,
     /// The newest block events (at most [`BLOCKS_KEPT`]), oldest first.
     pub blocks: Vec<BlockEvent>,
+    /// The runtime learning setting (`meshctl policy mode`; default: none).
+    pub mode: RuntimeMode,
 }
 
 /// How many block events the store keeps (older ones are deleted on insert).
@@ -130,3 +132,5 @@ pub trait Store: Send + Sync + 'static {
 pub const META_ADMIN_TOKEN_HASH: &str = "admin_token_hash";
 /// Meta key: the global map version.
 pub const META_MAP_VERSION: &str = "map_version";
+/// Meta key: the runtime learning setting ([`RuntimeMode`] as JSON).
+pub const META_POLICY_MODE: &str = "policy_mode";

@@ -6,14 +6,16 @@
 //! events, then [`SimCoordinator::flush`]: notices, pushes and kicks polled, the dirty records
 //! committed to the [`MemStore`], and only then the pushes and kicks handed out. A restart
 //! ([`SimCoordinator::restart`]) rebuilds the state from the store as start-up does
-//! (`restore`, `restore_policies`, `restore_blocks`); live sessions do not survive it.
+//! (`restore`, `restore_policies`, `restore_mode`, `restore_blocks`); live sessions do not survive it.
 
 use std::collections::BTreeMap;
 
 use ipnet::{Ipv4Net, Ipv6Net};
 use meshd_control::policy::PolicyRecord;
 use meshd_control::proto::{AgentMessage, CoordinatorMessage, ErrorCode, HostInfo};
-use meshd_control::state::{ConnId, Dirty, Hello, Kick, Notice, RestoreError, TokenSpec};
+use meshd_control::state::{
+    ConnId, Dirty, Hello, Kick, Notice, RestoreError, RuntimeMode, TokenSpec,
+};
 use meshd_control::{
     CoordinatorState, Host, HostId, IpPool, PoolError, Push, Token, TokenId, UnixTime,
 };
@@ -33,6 +35,8 @@ pub struct MemStore {
     pub policies: Vec<PolicyRecord>,
     /// Block events, oldest first.
     pub blocks: Vec<BlockEvent>,
+    /// The runtime learning setting.
+    pub mode: RuntimeMode,
     /// Commits so far.
     pub commits: u64,
 }
@@ -54,6 +58,9 @@ impl MemStore {
         }
         if let Some(p) = d.policy {
             self.policies.push(p);
+        }
+        if let Some(m) = d.mode {
+            self.mode = m;
         }
         self.blocks.extend(d.blocks);
         let keep = meshd_control::state::BLOCKS_KEPT;
@@ -227,6 +234,7 @@ impl SimCoordinator {
             s.map_version,
         )?;
         state.restore_policies(now, s.policies.clone())?;
+        state.restore_mode(now, s.mode.clone());
         state.restore_blocks(s.blocks.clone());
         self.state = state;
         self.restarts += 1;
