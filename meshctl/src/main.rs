@@ -391,7 +391,11 @@ impl Ctx {
                     },
                 )
                 .map_err(|e| match e {
-                    ApiFailure::Server { status: 409, message, .. } => {
+                    ApiFailure::Server {
+                        status: 409,
+                        message,
+                        ..
+                    } => {
                         anyhow::anyhow!("refused: {message}")
                     }
                     e => e.into(),

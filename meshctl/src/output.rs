@@ -263,7 +263,13 @@ pub fn enforcement_state(s: &StatusView) -> String {
     if n == 0 {
         return "all hosts enforce the policy".into();
     }
-    let mut names = s.learning.iter().take(SHOWN).cloned().collect::<Vec<_>>().join(", ");
+    let mut names = s
+        .learning
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
     if n > SHOWN {
         names.push_str(&format!(", and {} more", n - SHOWN));
     }
@@ -296,7 +302,10 @@ pub fn policy_mode(v: &PolicyModeView, asked_change: bool, now: UnixTime) -> Str
             .join(" and ")
     };
     let summary = if v.mesh_wide.is_empty() && v.learning.is_empty() {
-        format!("enforce: every host enforces the policy ({})", plural(v.hosts, "host"))
+        format!(
+            "enforce: every host enforces the policy ({})",
+            plural(v.hosts, "host")
+        )
     } else if v.mesh_wide.is_empty() {
         format!(
             "enforce, except {} of {} in learning mode (NOT ENFORCING)",
@@ -337,8 +346,12 @@ pub fn policy_mode(v: &PolicyModeView, asked_change: bool, now: UnixTime) -> Str
     } else {
         out.push_str(&format!("learning hosts: {}\n", v.learning.join(", ")));
     }
-    if v.groups.iter().any(|g| g.source == ModeSource::File) || v.mesh_wide.contains(&ModeSource::File) {
-        out.push_str("(file: change the policy file's `mode:`/`learn:` and `meshctl policy apply` it)\n");
+    if v.groups.iter().any(|g| g.source == ModeSource::File)
+        || v.mesh_wide.contains(&ModeSource::File)
+    {
+        out.push_str(
+            "(file: change the policy file's `mode:`/`learn:` and `meshctl policy apply` it)\n",
+        );
     }
     out
 }
@@ -1028,8 +1041,14 @@ mod mode_tests {
             ..v.clone()
         };
         let out = policy_mode(&none, true, 100);
-        assert!(out.starts_with("unchanged: the runtime setting already was so\n"), "{out}");
-        assert!(out.contains("mode:  enforce: every host enforces the policy (5 hosts)\n"), "{out}");
+        assert!(
+            out.starts_with("unchanged: the runtime setting already was so\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("mode:  enforce: every host enforces the policy (5 hosts)\n"),
+            "{out}"
+        );
         assert!(out.ends_with("learning hosts: none\n"), "{out}");
         let all = PolicyModeView {
             mode: PolicyMode::Learn,

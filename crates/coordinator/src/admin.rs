@@ -21,11 +21,11 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use meshd_control::api::PolicyModeRequest;
 use meshd_control::api::{
     ApiError, LabelRequest, RenameRequest, TokenCreateRequest, UnlabelRequest,
 };
 use meshd_control::api::{BlocksQuery, EventsQuery, ExplainRequest, PolicyText, EVENTS_DEFAULT};
-use meshd_control::api::PolicyModeRequest;
 use meshd_control::policy::PolicyError;
 use meshd_control::state::AdminError;
 use meshd_control::TokenId;
@@ -434,7 +434,10 @@ fn router(st: AppState) -> Router {
         .route("/v1/policy/diff", post(policy_diff))
         .route("/v1/policy/explain", post(policy_explain))
         .route("/v1/policy/check", post(policy_check))
-        .route("/v1/policy/mode", get(policy_mode_get).post(policy_mode_set))
+        .route(
+            "/v1/policy/mode",
+            get(policy_mode_get).post(policy_mode_set),
+        )
         .route("/v1/hosts/{host}/quarantine", post(quarantine))
         .route("/v1/hosts/{host}/release", post(release))
         .route("/v1/hosts/{host}/revoke", post(revoke_host))
