@@ -269,9 +269,9 @@ impl Ops<'_> {
                         None => r.mode.to_string(),
                     };
                     info!(
-                        mode = %r.mode,
+                        policy_mode = %r.mode,
                         group = group.as_deref().unwrap_or("*"),
-                        learning = v.learning.len(),
+                        learning_hosts = v.learning.len(),
                         "policy mode changed"
                     );
                     record(
