@@ -25,7 +25,7 @@ impl Coord {
             .build()
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let mut o = CoordinatorOptions::new(&dir.path().join("state"));
+        let mut o = CoordinatorOptions::new(dir.path().join("state"));
         o.listen = "127.0.0.1:0".parse().unwrap();
         o.admin_listen = "127.0.0.1:0".parse().unwrap();
         let handle = rt.block_on(start(o)).unwrap();

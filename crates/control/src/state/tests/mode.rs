@@ -20,11 +20,14 @@ fn four() -> CoordinatorState {
     s
 }
 
+/// A pushed peer: its name, its learn flag, whether it carries grants.
+type PeerFlags = (String, bool, bool);
+
 /// Per pushed host, its upserted peers by name with their learn flag (and whether they carry
 /// grants), and its removals.
 fn learn_flags(
     pushed: &BTreeMap<HostId, CoordinatorMessage>,
-) -> BTreeMap<u64, (Vec<(String, bool, bool)>, usize)> {
+) -> BTreeMap<u64, (Vec<PeerFlags>, usize)> {
     pushed
         .iter()
         .map(|(h, m)| {
