@@ -280,6 +280,42 @@ pub enum PolicyCmd {
         #[arg(long, value_name = "PROTO/PORT", value_parser = parse::probe)]
         port: String,
     },
+    /// Learning mode: show which hosts are not enforcing, or switch the whole mesh or one
+    /// label group to `learn` (flows the policy denies still pass, recorded as would-deny) or
+    /// back to `enforce`.
+    ///
+    /// The hosts that learn are those the policy file (`mode: learn`, `learn: [...]`) or this
+    /// runtime setting names; the runtime setting is stored apart from the file. `enforce
+    /// --group G` ends a group set here (a group the file declares is refused: edit the file
+    /// and apply it); `enforce` alone ends every runtime setting. A change reaches the hosts'
+    /// maps at once.
+    Mode {
+        /// `learn` or `enforce` [default: show the current mode].
+        #[arg(value_enum)]
+        mode: Option<ModeArg>,
+        /// Only the hosts with all these labels, as key=value[,key=value...] [default: the
+        /// whole mesh].
+        #[arg(long, value_name = "KEY=VALUE,...", value_parser = parse::labels, requires = "mode")]
+        group: Option<Labels>,
+    },
+}
+
+/// `meshctl policy mode learn|enforce`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    /// Denied flows still pass and are recorded as would-deny.
+    Learn,
+    /// Denied flows are dropped.
+    Enforce,
+}
+
+impl From<ModeArg> for meshd_policy::PolicyMode {
+    fn from(m: ModeArg) -> Self {
+        match m {
+            ModeArg::Learn => meshd_policy::PolicyMode::Learn,
+            ModeArg::Enforce => meshd_policy::PolicyMode::Enforce,
+        }
+    }
 }
 
 /// `meshctl token ...`.
@@ -451,6 +487,42 @@ mod tests {
         .unwrap_err();
         assert!(e.contains("single"), "{e}");
         assert!(parse(&["policy", "explain", "--from", "a", "--to", "b"]).is_err());
+    }
+
+    #[test]
+    fn policy_mode() {
+        assert!(matches!(
+            parse(&["policy", "mode"]).unwrap().command,
+            Command::Policy(PolicyCmd::Mode {
+                mode: None,
+                group: None
+            })
+        ));
+        match parse(&["policy", "mode", "learn", "--group", "app=legacy,env=x"])
+            .unwrap()
+            .command
+        {
+            Command::Policy(PolicyCmd::Mode {
+                mode: Some(ModeArg::Learn),
+                group: Some(g),
+            }) => {
+                assert_eq!(g.len(), 2);
+                assert_eq!(g["app"], "legacy");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse(&["policy", "mode", "enforce"]).unwrap().command,
+            Command::Policy(PolicyCmd::Mode {
+                mode: Some(ModeArg::Enforce),
+                group: None
+            })
+        ));
+        // A group needs a mode; bad modes and labels are refused.
+        assert!(parse(&["policy", "mode", "--group", "app=x"]).is_err());
+        assert!(parse(&["policy", "mode", "lurn"]).is_err());
+        let e = parse(&["policy", "mode", "learn", "--group", "app"]).unwrap_err();
+        assert!(e.contains("no '='"), "{e}");
     }
 
     #[test]

@@ -438,6 +438,38 @@ impl Ctx {
                     Output::Table => out(&output::explanation(&from, &to, &port, &e)),
                 }
             }
+            PolicyCmd::Mode { mode, group } => self.policy_mode(mode, group),
+        }
+    }
+
+    /// `policy mode [learn|enforce [--group G]]`.
+    fn policy_mode(&self, mode: Option<cli::ModeArg>, group: Option<Labels>) -> anyhow::Result<()> {
+        use meshd_control::api::{PolicyModeRequest, PolicyModeView};
+        let v: PolicyModeView = match mode {
+            None => self.client.get("/v1/policy/mode")?,
+            Some(m) => self
+                .client
+                .post(
+                    "/v1/policy/mode",
+                    &PolicyModeRequest {
+                        mode: m.into(),
+                        group,
+                    },
+                )
+                .map_err(|e| match e {
+                    ApiFailure::Server {
+                        status: 409,
+                        message,
+                        ..
+                    } => {
+                        anyhow::anyhow!("refused: {message}")
+                    }
+                    e => e.into(),
+                })?,
+        };
+        match self.output {
+            Output::Json => print_json(&v),
+            Output::Table => out(&output::policy_mode(&v, mode.is_some(), self.now)),
         }
     }
 

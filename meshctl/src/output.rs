@@ -3,6 +3,7 @@
 use meshd_control::api::{
     EventView, GuardStats, HostMode, HostView, StatusView, StoreFailure, TokenView,
 };
+use meshd_control::api::{ModeSource, PolicyModeView};
 use meshd_control::policy::PolicyRecord;
 use meshd_control::{Labels, UnixTime};
 use meshd_policy::{ip_proto, BlockEvent, Change, ChangeKind, Direction, Explanation, Policy};
@@ -106,6 +107,7 @@ pub fn hosts_table(hosts: &[HostView], now: UnixTime) -> String {
         "ID",
         "ADDRESS",
         "STATE",
+        "POLICY",
         "MODE",
         "LAST SEEN",
         "ENDPOINT",
@@ -122,6 +124,7 @@ pub fn hosts_table(hosts: &[HostView], now: UnixTime) -> String {
                 (false, false) => "offline",
             }
             .into(),
+            enforcement(h).into(),
             mode(h),
             if h.connected {
                 "now".into()
@@ -135,6 +138,15 @@ pub fn hosts_table(hosts: &[HostView], now: UnixTime) -> String {
         ]);
     }
     t.render()
+}
+
+/// `learn` (not enforcing: denied flows pass as would-deny) or `enforce`.
+fn enforcement(h: &HostView) -> &'static str {
+    if h.learning {
+        "learn"
+    } else {
+        "enforce"
+    }
 }
 
 fn mode(h: &HostView) -> String {
@@ -157,6 +169,14 @@ pub fn host_detail(h: &HostView, now: UnixTime) -> String {
         ("public key:", h.public_key.to_string()),
         ("addresses:", list(&h.addresses)),
         ("state:", state),
+        (
+            "policy:",
+            if h.learning {
+                "learn (NOT ENFORCING: denied flows pass, recorded as would-deny)".into()
+            } else {
+                "enforce".into()
+            },
+        ),
         ("mode:", mode(h)),
         ("last seen:", ago(h.last_seen, now)),
         ("enrolled:", ago(h.created_at, now)),
@@ -236,6 +256,106 @@ pub fn policy_state(p: &PolicyState, now: UnixTime) -> String {
     }
 }
 
+/// The `enforcement:` line of `status`: which hosts are not enforcing.
+pub fn enforcement_state(s: &StatusView) -> String {
+    const SHOWN: usize = 10;
+    let n = s.learning.len();
+    if n == 0 {
+        return "all hosts enforce the policy".into();
+    }
+    let mut names = s
+        .learning
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if n > SHOWN {
+        names.push_str(&format!(", and {} more", n - SHOWN));
+    }
+    if s.learning_all {
+        format!(
+            "NOT ENFORCING: the whole mesh is in learning mode ({}: {names}); see `meshctl policy mode`",
+            plural(n, "host")
+        )
+    } else {
+        format!(
+            "NOT ENFORCING: {} in learning mode ({names}); see `meshctl policy mode`",
+            plural(n, "host")
+        )
+    }
+}
+
+/// `policy mode`: which hosts learn, and why (`changed`: the reply to a change).
+pub fn policy_mode(v: &PolicyModeView, asked_change: bool, now: UnixTime) -> String {
+    let mut out = String::new();
+    if asked_change && !v.changed {
+        out.push_str("unchanged: the runtime setting already was so\n");
+    }
+    let sources = |s: &[ModeSource]| {
+        s.iter()
+            .map(|s| match s {
+                ModeSource::File => "the policy file",
+                ModeSource::Runtime => "`meshctl policy mode learn`",
+            })
+            .collect::<Vec<_>>()
+            .join(" and ")
+    };
+    let summary = if v.mesh_wide.is_empty() && v.learning.is_empty() {
+        format!(
+            "enforce: every host enforces the policy ({})",
+            plural(v.hosts, "host")
+        )
+    } else if v.mesh_wide.is_empty() {
+        format!(
+            "enforce, except {} of {} in learning mode (NOT ENFORCING)",
+            v.learning.len(),
+            plural(v.hosts, "host")
+        )
+    } else {
+        format!(
+            "learn: the whole mesh is in learning mode, set by {} (NOT ENFORCING: {})",
+            sources(&v.mesh_wide),
+            plural(v.learning.len(), "host")
+        )
+    };
+    let mut t = Table::new(&["mode:", &summary]);
+    if v.changed_at > 0 {
+        t.row(vec!["changed:".into(), ago(v.changed_at, now)]);
+    }
+    out.push_str(&t.render());
+    if !v.groups.is_empty() {
+        let mut g = Table::new(&["GROUP", "SOURCE", "HOSTS"]);
+        for x in &v.groups {
+            g.row(vec![
+                x.group.clone(),
+                x.source.as_str().into(),
+                if x.hosts.is_empty() {
+                    "-".into()
+                } else {
+                    x.hosts.join(", ")
+                },
+            ]);
+        }
+        out.push('\n');
+        out.push_str(&g.render());
+    }
+    out.push('\n');
+    if v.learning.is_empty() {
+        out.push_str("learning hosts: none\n");
+    } else {
+        out.push_str(&format!("learning hosts: {}\n", v.learning.join(", ")));
+    }
+    if v.groups.iter().any(|g| g.source == ModeSource::File)
+        || v.mesh_wide.contains(&ModeSource::File)
+    {
+        out.push_str(
+            "(file: change the policy file's `mode:`/`learn:` and `meshctl policy apply` it)\n",
+        );
+    }
+    out
+}
+
 /// The store line of `status`: `ok`, or the last failed commit while none has succeeded since.
 fn store_health(f: Option<&StoreFailure>, now: UnixTime) -> String {
     match f {
@@ -276,6 +396,7 @@ pub fn status(s: &StatusView, policy: &PolicyState, server: &str, now: UnixTime)
         ("public key:", s.public_key.to_string()),
         ("advertise:", s.advertise.to_string()),
         ("policy:", policy_state(policy, now)),
+        ("enforcement:", enforcement_state(s)),
         ("map version:", s.map_version.to_string()),
         ("hosts:", s.hosts.to_string()),
         ("connected:", s.connected.len().to_string()),
@@ -436,11 +557,16 @@ pub fn changes(c: &[Change]) -> String {
 /// `policy explain`.
 pub fn explanation(from: &str, to: &str, port: &str, e: &Explanation) -> String {
     format!(
-        "{}: {from} -> {to} {port} {}\n",
+        "{}: {from} -> {to} {port} {}{}\n",
         if e.allowed { "allowed" } else { "denied" },
         verdict(e.allowed, e.rule.as_deref())
             .trim_start_matches("allowed ")
-            .trim_start_matches("denied ")
+            .trim_start_matches("denied "),
+        if e.learning {
+            "; passes anyway as would-deny: learning mode (`meshctl policy mode`)"
+        } else {
+            ""
+        }
     )
 }
 
@@ -478,6 +604,7 @@ mod tests {
             acked_version: connected.then_some(7),
             mode: Some(HostMode::of(id == 1)),
             quarantined: id == 12,
+            learning: id == 1,
         }
     }
 
@@ -528,10 +655,14 @@ mod tests {
         );
         assert_eq!(
             out,
-            "NAME          ID  ADDRESS     STATE        MODE         LAST SEEN  ENDPOINT         LABELS\n\
-             db1           1   100.64.0.2  connected    transparent  now        192.0.2.1:51820  env=prod\n\
-             web-frontend  12  100.64.0.2  quarantined  overlay      1m ago     192.0.2.1:51820  env=prod\n"
+            "NAME          ID  ADDRESS     STATE        POLICY   MODE         LAST SEEN  ENDPOINT         LABELS\n\
+             db1           1   100.64.0.2  connected    learn    transparent  now        192.0.2.1:51820  env=prod\n\
+             web-frontend  12  100.64.0.2  quarantined  enforce  overlay      1m ago     192.0.2.1:51820  env=prod\n"
         );
+        assert!(
+            host_detail(&host("db1", 1, true), 1060).contains("policy:       learn (NOT ENFORCING"),
+        );
+        assert!(host_detail(&host("w", 2, true), 1060).contains("policy:       enforce\n"));
         let d = host_detail(&host("db1", 1, true), 1060);
         assert!(d.starts_with("name:         db1\n"), "{d}");
         assert!(
@@ -590,8 +721,37 @@ mod tests {
             public_key: PublicKey([1; 32]),
             guard: GuardStats::default(),
             store_failure: None,
+            learning: vec![],
+            learning_all: false,
         };
         let out = status(&s, &PolicyState::NoPolicy, "http://127.0.0.1:7444", 100);
+        assert!(
+            out.contains("enforcement:  all hosts enforce the policy\n"),
+            "{out}"
+        );
+        let learning = StatusView {
+            learning: vec!["legacy-1".into(), "legacy-2".into()],
+            ..s.clone()
+        };
+        let l = status(&learning, &PolicyState::NoPolicy, "u", 100);
+        assert!(
+            l.contains(
+                "enforcement:  NOT ENFORCING: 2 hosts in learning mode (legacy-1, legacy-2); \
+                 see `meshctl policy mode`\n"
+            ),
+            "{l}"
+        );
+        let all = StatusView {
+            learning: (0..12).map(|i| format!("h{i:02}")).collect(),
+            learning_all: true,
+            ..s.clone()
+        };
+        let a = status(&all, &PolicyState::NoPolicy, "u", 100);
+        assert!(
+            a.contains("NOT ENFORCING: the whole mesh is in learning mode (12 hosts: h00, "),
+            "{a}"
+        );
+        assert!(a.contains("h09, and 2 more)"), "{a}");
         assert!(!out.contains("limits:"), "all zero: no line\n{out}");
         let busy = StatusView {
             guard: GuardStats {
@@ -794,7 +954,17 @@ mod tests {
         let yes = Explanation {
             allowed: true,
             rule: Some("app1-to-db1".into()),
+            learning: false,
         };
+        let learning = Explanation {
+            learning: true,
+            ..Explanation::DENY
+        };
+        assert_eq!(
+            explanation("web1", "db1", "tcp/22", &learning),
+            "denied: web1 -> db1 tcp/22 (no rule allows it: default deny); passes anyway as \
+             would-deny: learning mode (`meshctl policy mode`)\n"
+        );
         assert_eq!(
             explanation("app1", "db1", "tcp/1521", &yes),
             "allowed: app1 -> db1 tcp/1521 by rule app1-to-db1\n"
@@ -802,6 +972,81 @@ mod tests {
         assert_eq!(
             explanation("web1", "db1", "tcp/1521", &Explanation::DENY),
             "denied: web1 -> db1 tcp/1521 (no rule allows it: default deny)\n"
+        );
+    }
+}
+
+#[cfg(test)]
+mod mode_tests {
+    use super::*;
+    use meshd_control::api::LearnGroupView;
+    use meshd_policy::PolicyMode;
+
+    #[test]
+    fn policy_mode_lists_groups_sources_and_hosts() {
+        let v = PolicyModeView {
+            mode: PolicyMode::Enforce,
+            mesh_wide: vec![],
+            groups: vec![
+                LearnGroupView {
+                    group: "{app: legacy}".into(),
+                    source: ModeSource::File,
+                    hosts: vec!["legacy-1".into(), "legacy-2".into()],
+                },
+                LearnGroupView {
+                    group: "{app: web}".into(),
+                    source: ModeSource::Runtime,
+                    hosts: vec![],
+                },
+            ],
+            learning: vec!["legacy-1".into(), "legacy-2".into()],
+            hosts: 5,
+            changed_at: 40,
+            changed: true,
+        };
+        let out = policy_mode(&v, true, 100);
+        assert_eq!(
+            out,
+            "mode:     enforce, except 2 of 5 hosts in learning mode (NOT ENFORCING)\n\
+             changed:  1m ago\n\
+             \n\
+             GROUP          SOURCE   HOSTS\n\
+             {app: legacy}  file     legacy-1, legacy-2\n\
+             {app: web}     runtime  -\n\
+             \n\
+             learning hosts: legacy-1, legacy-2\n\
+             (file: change the policy file's `mode:`/`learn:` and `meshctl policy apply` it)\n"
+        );
+        let none = PolicyModeView {
+            groups: vec![],
+            learning: vec![],
+            changed_at: 0,
+            changed: false,
+            ..v.clone()
+        };
+        let out = policy_mode(&none, true, 100);
+        assert!(
+            out.starts_with("unchanged: the runtime setting already was so\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("mode:  enforce: every host enforces the policy (5 hosts)\n"),
+            "{out}"
+        );
+        assert!(out.ends_with("learning hosts: none\n"), "{out}");
+        let all = PolicyModeView {
+            mode: PolicyMode::Learn,
+            mesh_wide: vec![ModeSource::File, ModeSource::Runtime],
+            groups: vec![],
+            ..v
+        };
+        let out = policy_mode(&all, false, 100);
+        assert!(
+            out.contains(
+                "learn: the whole mesh is in learning mode, set by the policy file and \
+                 `meshctl policy mode learn` (NOT ENFORCING: 2 hosts)"
+            ),
+            "{out}"
         );
     }
 }

@@ -11,7 +11,7 @@ use meshd_control::JoinToken;
 use meshd_coordinator::{start, CoordinatorHandle, CoordinatorOptions};
 use meshd_tunnel::PrivateKey;
 
-const HOSTS_HEADER: &str = "NAME  ID  ADDRESS  STATE  MODE  LAST SEEN  ENDPOINT  LABELS\n";
+const HOSTS_HEADER: &str = "NAME  ID  ADDRESS  STATE  POLICY  MODE  LAST SEEN  ENDPOINT  LABELS\n";
 
 struct Coord {
     rt: tokio::runtime::Runtime,

@@ -16,6 +16,8 @@
 //! | GET | `/v1/status` | | `StatusView` |
 //! | GET | `/v1/health` | (no token) | `HealthView` (503 while commits fail) |
 //! | GET | `/v1/events?limit=N` | | `Vec<EventView>` (newest `N`, oldest first) |
+//! | GET | `/v1/policy/mode` | | `PolicyModeView` (which hosts learn, and why) |
+//! | POST | `/v1/policy/mode` | `PolicyModeRequest` | `PolicyModeView` (409: declared by the file) |
 //! | GET | `/v1/flows?since=T&host=H` | | `Vec<FlowView>` (oldest first) |
 //! | GET | `/v1/topology?since=T&group_by=K` | | `TopologyView` |
 //! | GET | `/ui` | (token cookie) | the topology page |
@@ -98,6 +100,9 @@ pub struct HostView {
     /// Quarantined: in nobody's map until released.
     #[serde(default)]
     pub quarantined: bool,
+    /// In learning mode: flows the policy denies still pass (reported as would-deny).
+    #[serde(default)]
+    pub learning: bool,
 }
 
 impl HostView {
@@ -117,6 +122,8 @@ impl HostView {
             acked_version,
             mode: Some(HostMode::of(h.transparent)),
             quarantined: h.quarantined,
+            // The coordinator's state knows (`CoordinatorState::is_learning`).
+            learning: false,
         }
     }
 }
@@ -248,6 +255,12 @@ pub struct StatusView {
     /// The last failed commit, while no commit has succeeded since (`None`: healthy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store_failure: Option<StoreFailure>,
+    /// The hosts in learning mode (not enforcing: denied flows pass), by name, sorted.
+    #[serde(default)]
+    pub learning: Vec<String>,
+    /// The whole mesh learns (`mode: learn` in the file or `meshctl policy mode learn`).
+    #[serde(default)]
+    pub learning_all: bool,
 }
 
 /// A commit the coordinator could not make (the change was refused and rolled back).
@@ -350,6 +363,73 @@ pub struct ExplainRequest {
     pub to: String,
     /// `tcp/N`, `udp/N` or `icmp`.
     pub port: String,
+}
+
+/// `POST /v1/policy/mode`: `meshctl policy mode learn|enforce [--group k=v,…]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyModeRequest {
+    /// `learn` or `enforce`.
+    pub mode: meshd_policy::PolicyMode,
+    /// A label group (hosts with all these labels); absent: the whole mesh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<Labels>,
+}
+
+/// Where a learning setting comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModeSource {
+    /// The policy file (`mode: learn`, `learn:`): change it with `policy apply`.
+    File,
+    /// `meshctl policy mode` (stored apart from the file).
+    Runtime,
+}
+
+impl ModeSource {
+    /// `file` or `runtime`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModeSource::File => "file",
+            ModeSource::Runtime => "runtime",
+        }
+    }
+}
+
+/// One learning group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LearnGroupView {
+    /// The selector as written (`{app: legacy}`, a host name).
+    pub group: String,
+    /// Where it is declared.
+    pub source: ModeSource,
+    /// The live hosts it selects now, by name, sorted.
+    pub hosts: Vec<String>,
+}
+
+/// `GET /v1/policy/mode` and the reply to `POST`: which hosts are not enforcing, and why. The
+/// hosts that learn are those the file or the runtime setting names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyModeView {
+    /// `learn` when the whole mesh learns, else `enforce` (groups may still learn).
+    pub mode: meshd_policy::PolicyMode,
+    /// Where whole-mesh learning comes from (empty: it does not).
+    #[serde(default)]
+    pub mesh_wide: Vec<ModeSource>,
+    /// Learning groups, the file's first.
+    #[serde(default)]
+    pub groups: Vec<LearnGroupView>,
+    /// Every live host in learning mode, by name, sorted.
+    #[serde(default)]
+    pub learning: Vec<String>,
+    /// Live (not removed, not quarantined) hosts.
+    pub hosts: usize,
+    /// When the runtime setting last changed (0: never).
+    #[serde(default)]
+    pub changed_at: UnixTime,
+    /// Whether this request changed the setting (a `POST` that asked for what already was
+    /// answers `false`).
+    #[serde(default)]
+    pub changed: bool,
 }
 
 /// `GET /v1/blocks` query.

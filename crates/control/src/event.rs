@@ -28,13 +28,15 @@ pub enum EventKind {
     PolicyApplied,
     /// An earlier policy version was re-applied.
     PolicyRollback,
+    /// The runtime learning setting changed (`meshctl policy mode`).
+    PolicyModeChanged,
     /// A kind this version does not write (stored by another version), kept as stored.
     Other(String),
 }
 
 impl EventKind {
     /// Every kind this version writes.
-    pub const KNOWN: [EventKind; 9] = [
+    pub const KNOWN: [EventKind; 10] = [
         EventKind::DuplicateConnection,
         EventKind::HostRenamedOnEnrol,
         EventKind::PoolExhausted,
@@ -44,6 +46,7 @@ impl EventKind {
         EventKind::HostRevoked,
         EventKind::PolicyApplied,
         EventKind::PolicyRollback,
+        EventKind::PolicyModeChanged,
     ];
 
     /// The stored and shown name (`host_removed`).
@@ -58,6 +61,7 @@ impl EventKind {
             EventKind::HostRevoked => "host_revoked",
             EventKind::PolicyApplied => "policy_applied",
             EventKind::PolicyRollback => "policy_rollback",
+            EventKind::PolicyModeChanged => "policy_mode_changed",
             EventKind::Other(s) => s,
         }
     }
@@ -128,6 +132,7 @@ mod tests {
                 "host_revoked",
                 "policy_applied",
                 "policy_rollback",
+                "policy_mode_changed",
             ]
         );
         for k in EventKind::KNOWN {

@@ -604,6 +604,7 @@ fn describe_batch(d: &Dirty, events: &[AuditEvent]) -> String {
     );
     count(d.blocks.len(), "block event", "block events");
     count(d.flows.len(), "flow row", "flow rows");
+    count(usize::from(d.mode.is_some()), "policy mode", "policy modes");
     count(events.len(), "event", "events");
     count(
         usize::from(d.map_version.is_some()),
@@ -626,6 +627,7 @@ pub(crate) fn restore_state(
     state
         .restore_policies(now, snapshot.policies)
         .map_err(RestoreStateError::Policy)?;
+    state.restore_mode(now, snapshot.mode);
     state.restore_blocks(snapshot.blocks);
     state.set_flow_limits(flow_limits);
     state.restore_flow_intervals(snapshot.flow_intervals);

@@ -21,6 +21,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use meshd_control::api::PolicyModeRequest;
 use meshd_control::api::{
     ApiError, LabelRequest, RenameRequest, TokenCreateRequest, UnlabelRequest,
 };
@@ -99,13 +100,16 @@ impl From<AdminError> for Failure {
             AdminError::NoSuchHost(_) | AdminError::NoSuchToken(_) | AdminError::HostRemoved(_) => {
                 (StatusCode::NOT_FOUND, "not_found")
             }
-            AdminError::NameTaken(_) => (StatusCode::CONFLICT, "conflict"),
+            AdminError::NameTaken(_) | AdminError::ModeRefused(_) => {
+                (StatusCode::CONFLICT, "conflict")
+            }
             AdminError::InvalidName(_)
             | AdminError::InvalidLabel(_)
             | AdminError::Port(_)
             | AdminError::InvalidTtl(_)
             | AdminError::InvalidUses(_)
-            | AdminError::TooManyLabels(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            | AdminError::TooManyLabels(_)
+            | AdminError::InvalidGroup(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             AdminError::PolicyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             // Nothing was changed; the same request may work once the cause is fixed.
             AdminError::NotSaved(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_saved"),
@@ -370,6 +374,16 @@ async fn policy_explain(
 ) -> Result<Response, Failure> {
     call(&st, AdminOp::Explain(r)).await
 }
+async fn policy_mode_get(_: Authed, State(st): State<AppState>) -> Result<Response, Failure> {
+    call(&st, AdminOp::PolicyModeGet).await
+}
+async fn policy_mode_set(
+    _: Authed,
+    State(st): State<AppState>,
+    Json(r): Json<PolicyModeRequest>,
+) -> Result<Response, Failure> {
+    call(&st, AdminOp::PolicyModeSet(r)).await
+}
 async fn quarantine(
     _: Authed,
     State(st): State<AppState>,
@@ -532,6 +546,10 @@ fn router(st: AppState) -> Router {
         .route("/v1/policy/diff", post(policy_diff))
         .route("/v1/policy/explain", post(policy_explain))
         .route("/v1/policy/check", post(policy_check))
+        .route(
+            "/v1/policy/mode",
+            get(policy_mode_get).post(policy_mode_set),
+        )
         .route("/v1/hosts/{host}/quarantine", post(quarantine))
         .route("/v1/hosts/{host}/release", post(release))
         .route("/v1/hosts/{host}/revoke", post(revoke_host))

@@ -7,8 +7,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use meshd_control::api::{
     BlocksQuery, ConnectedAgent, EventView, ExplainRequest, GuardStats, HealthView, HostView,
-    PolicyApplied, PolicyCheck, PolicyCurrent, StatusView, TokenCreateRequest, TokenCreated,
-    TokenView, EVENTS_MAX,
+    PolicyApplied, PolicyCheck, PolicyCurrent, PolicyModeRequest, StatusView, TokenCreateRequest,
+    TokenCreated, TokenView, EVENTS_MAX,
 };
 use meshd_control::state::{check_policy_size, AdminError, TokenSpec};
 use meshd_control::{
@@ -56,6 +56,10 @@ pub enum AdminOp {
     PolicyCheck(String),
     /// Allowed or denied, and by which rule.
     Explain(ExplainRequest),
+    /// Which hosts learn, and why (`meshctl policy mode`).
+    PolicyModeGet,
+    /// Set the runtime learning mode (`meshctl policy mode learn|enforce [--group …]`).
+    PolicyModeSet(PolicyModeRequest),
     /// Cut a host off from every peer.
     Quarantine(String),
     /// Undo a quarantine.
@@ -131,7 +135,10 @@ impl Ops<'_> {
         } = self;
         let view = |state: &CoordinatorState, h: &Host| {
             let s = state.sessions().into_iter().find(|s| s.host == h.id);
-            HostView::new(h, s.is_some(), s.map(|s| s.acked_version))
+            HostView {
+                learning: state.is_learning(h.id),
+                ..HostView::new(h, s.is_some(), s.map(|s| s.acked_version))
+            }
         };
         let mut record = |kind, detail: String| events.push(AuditEvent::new(now, kind, detail));
         let named = |h: &Host| format!("{} ({})", h.name, h.id);
@@ -146,8 +153,9 @@ impl Ops<'_> {
                     state
                         .hosts()
                         .filter(|h| !h.removed)
-                        .map(|h| {
-                            HostView::new(
+                        .map(|h| HostView {
+                            learning: state.is_learning(h.id),
+                            ..HostView::new(
                                 h,
                                 sessions.contains_key(&h.id),
                                 sessions.get(&h.id).copied(),
@@ -246,6 +254,42 @@ impl Ops<'_> {
                 })
             }
             AdminOp::Explain(r) => json(&state.explain(now, &r.from, &r.to, &r.port)?),
+            AdminOp::PolicyModeGet => json(&state.mode_view()),
+            AdminOp::PolicyModeSet(r) => {
+                let group = r.group.as_ref().map(|g| {
+                    g.iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                });
+                let v = state.set_mode(now, r.mode, r.group)?;
+                if v.changed {
+                    let what = match &group {
+                        Some(g) => format!("{} --group {g}", r.mode),
+                        None => r.mode.to_string(),
+                    };
+                    info!(
+                        policy_mode = %r.mode,
+                        group = group.as_deref().unwrap_or("*"),
+                        learning_hosts = v.learning.len(),
+                        "policy mode changed"
+                    );
+                    record(
+                        EventKind::PolicyModeChanged,
+                        format!(
+                            "{what}: {} of {} hosts learning{}",
+                            v.learning.len(),
+                            v.hosts,
+                            if v.learning.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" ({})", v.learning.join(", "))
+                            }
+                        ),
+                    );
+                }
+                json(&v)
+            }
             AdminOp::Quarantine(r) => {
                 let h = state.quarantine(&r)?;
                 record(EventKind::HostQuarantined, named(&h));
@@ -317,6 +361,8 @@ fn status(state: &CoordinatorState, identity: Identity, health: &HealthView) -> 
         // Filled in by the admin API (the counters live outside the actor).
         guard: GuardStats::default(),
         store_failure: health.store_failure.clone(),
+        learning: state.learning_host_names(),
+        learning_all: state.learning_all(),
     }
 }
 

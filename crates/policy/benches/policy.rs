@@ -109,7 +109,7 @@ fn policy() -> Policy {
         .collect();
     Policy {
         rules,
-        tests: vec![],
+        ..Policy::default()
     }
 }
 
@@ -148,6 +148,26 @@ fn benches(c: &mut Criterion) {
         b.iter(|| {
             black_box(c.update_host(&h).len());
             black_box(c.remove_host(h.id).len())
+        })
+    });
+    // Learning mode: 50 hosts (app=app7) learn, so they peer with all 10,000.
+    let mut learning = policy.clone();
+    learning.learn = vec![sel(&[("app", Match::Eq("app7".into()))])];
+    let lc = compile(&learning, &hosts, now);
+    g.bench_function("grants_for_one_host_50_learning", |b| {
+        b.iter(|| black_box(lc.grants_for(black_box(4242))))
+    });
+    g.bench_function("update_host_into_and_out_of_learning", |b| {
+        let mut c = lc.clone();
+        let mut h = hosts[4242].clone();
+        let mut flip = false;
+        b.iter(|| {
+            flip = !flip;
+            h.labels.insert(
+                "app".into(),
+                if flip { "app7".into() } else { "app42".into() },
+            );
+            black_box(c.update_host(&h).len())
         })
     });
     g.finish();

@@ -10,10 +10,17 @@
 //!
 //! A host never gets grants to itself. Rules expired at the compile time are dropped; the others
 //! give grants carrying `expires_at`, which agents enforce themselves.
+//!
+//! Learning mode: the hosts that learn (`mode: learn`, the `learn:` selectors, and the
+//! coordinator's runtime [`Learning`]) are one more bitset, kept up to date with the others. A
+//! pair where either end learns is a pair of peers whatever the rules say, and its
+//! [`PeerGrants::learn`] is set (the rules' grants stay, so allowed flows still name their
+//! rule). A learning host is thus a peer of every host: its map holds the whole mesh. The cost
+//! of every query grows by one bitset pass (O(W)); a host update by one bit check.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use crate::file::{Policy, Rule};
+use crate::file::{Policy, PolicyMode, Rule};
 use crate::grant::{Grant, PeerGrants, UnixTime};
 use crate::port::Probe;
 use crate::selector::{HostRef, Match, Selector};
@@ -72,6 +79,16 @@ impl Bits {
     }
 }
 
+/// Learning added to the policy file's own (`mode: learn`, `learn:`): the coordinator's runtime
+/// setting (`meshctl policy mode learn [--group …]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Learning {
+    /// The whole mesh learns.
+    pub all: bool,
+    /// Hosts matching any of these learn.
+    pub groups: Vec<Selector>,
+}
+
 /// One active rule.
 #[derive(Debug, Clone)]
 struct CRule {
@@ -99,6 +116,14 @@ pub struct Compiled {
     used_to: Vec<Vec<usize>>,
     /// Per rule, a hash of its name and grants (for [`Compiled::peer_fingerprints`]).
     rule_sigs: Vec<u64>,
+    /// Every host learns (`mode: learn` or the runtime switch).
+    learn_all: bool,
+    /// Indices into `selectors` of the learning selectors (file, then runtime).
+    learn_sels: Vec<usize>,
+    /// The live slots.
+    live: Bits,
+    /// The live slots that learn.
+    learning: Bits,
     /// Slot → host.
     slots: Vec<Option<HostRef>>,
     by_id: HashMap<u64, u32>,
@@ -113,6 +138,10 @@ pub struct Explanation {
     pub allowed: bool,
     /// The first rule (in file order) that allows it; `None` when denied.
     pub rule: Option<String>,
+    /// Denied by the rules, but one end learns: the flow passes and is recorded as would-deny
+    /// (never set when allowed).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub learning: bool,
 }
 
 impl Explanation {
@@ -120,21 +149,33 @@ impl Explanation {
     pub const DENY: Explanation = Explanation {
         allowed: false,
         rule: None,
+        learning: false,
     };
 }
 
 /// Compiles `policy` for `hosts` at `now`. Hosts with the same id: the last one counts.
-pub fn compile<'p>(policy: &'p Policy, hosts: &[HostRef], now: UnixTime) -> Compiled {
+pub fn compile(policy: &Policy, hosts: &[HostRef], now: UnixTime) -> Compiled {
+    compile_with(policy, &Learning::default(), hosts, now)
+}
+
+/// [`compile`], with `extra` learning on top of the file's (the hosts that learn are those
+/// the file or `extra` names).
+pub fn compile_with<'p>(
+    policy: &'p Policy,
+    extra: &'p Learning,
+    hosts: &[HostRef],
+    now: UnixTime,
+) -> Compiled {
     let mut c = Compiled::empty(now);
     let mut interned: HashMap<&'p Selector, usize> = HashMap::new();
+    let mut intern = |c: &mut Compiled, s: &'p Selector| {
+        *interned.entry(s).or_insert_with(|| {
+            c.selectors.push(s.clone());
+            c.selectors.len() - 1
+        })
+    };
     for r in policy.rules.iter().filter(|r| !r.expired(now)) {
-        let mut intern = |s: &'p Selector| {
-            *interned.entry(s).or_insert_with(|| {
-                c.selectors.push(s.clone());
-                c.selectors.len() - 1
-            })
-        };
-        let (from, to) = (intern(&r.from), intern(&r.to));
+        let (from, to) = (intern(&mut c, &r.from), intern(&mut c, &r.to));
         c.rules.push(CRule {
             name: r.name.clone(),
             from,
@@ -142,6 +183,15 @@ pub fn compile<'p>(policy: &'p Policy, hosts: &[HostRef], now: UnixTime) -> Comp
             grants: grants_of(r),
             expires: r.expires,
         });
+    }
+    c.learn_all = policy.mode == PolicyMode::Learn || extra.all;
+    if !c.learn_all {
+        for s in policy.learn.iter().chain(&extra.groups) {
+            let i = intern(&mut c, s);
+            if !c.learn_sels.contains(&i) {
+                c.learn_sels.push(i);
+            }
+        }
     }
     c.rule_sigs = c
         .rules
@@ -220,11 +270,20 @@ pub fn compile<'p>(policy: &'p Policy, hosts: &[HostRef], now: UnixTime) -> Comp
             b
         })
         .collect();
+    c.learning = if c.learn_all {
+        live.clone()
+    } else {
+        let mut l = Bits::new(words);
+        c.learn_sels.iter().for_each(|&i| l.or(&c.members[i]));
+        l
+    };
+    c.live = live;
     c
 }
 
 const OUT: u64 = 0x6f75_7462_6f75_6e64;
 const IN: u64 = 0x696e_626f_756e_6421;
+const LEARN: u64 = 0x6c65_6172_6e69_6e67;
 
 /// Order-sensitive fingerprint step (never 0, so 0 means "no grants").
 #[inline]
@@ -256,6 +315,40 @@ impl Compiled {
             by_id: HashMap::new(),
             free: Vec::new(),
             words: 1,
+            learn_all: false,
+            learn_sels: Vec::new(),
+            live: Bits::new(1),
+            learning: Bits::new(1),
+        }
+    }
+
+    /// Whether `host_id` learns (false for unknown hosts). One bit test: cheap enough for a
+    /// detector's every event.
+    pub fn is_learning(&self, host_id: u64) -> bool {
+        self.by_id
+            .get(&host_id)
+            .is_some_and(|&s| self.learning.get(s))
+    }
+
+    /// Whether every host learns (`mode: learn` or the runtime switch).
+    pub fn learns_all(&self) -> bool {
+        self.learn_all
+    }
+
+    /// The hosts that learn, in no particular order.
+    pub fn learning_hosts(&self) -> impl Iterator<Item = &HostRef> {
+        self.learning
+            .ones()
+            .filter_map(|s| self.slots[s as usize].as_ref())
+    }
+
+    /// The slots that pair with slot `s` in learning mode: everyone if `s` learns, else the
+    /// learning hosts (`s` itself included; callers skip it).
+    fn learn_peers(&self, s: u32) -> &Bits {
+        if self.learning.get(s) {
+            &self.live
+        } else {
+            &self.learning
         }
     }
 
@@ -305,6 +398,7 @@ impl Compiled {
                 b.or(&self.members[r.from]);
             }
         }
+        b.or(self.learn_peers(s));
         b.set(s, false);
         b
     }
@@ -352,6 +446,11 @@ impl Compiled {
                 }
             }
         }
+        for p in self.learn_peers(s).ones().filter(|&p| p != s) {
+            if let Some(h) = &self.slots[p as usize] {
+                out.entry(h.id).or_default().learn = true;
+            }
+        }
         out
     }
 
@@ -375,6 +474,9 @@ impl Compiled {
                     acc[p as usize] = mix(acc[p as usize], sig ^ IN);
                 }
             }
+        }
+        for p in self.learn_peers(s).ones().filter(|&p| p != s) {
+            acc[p as usize] = mix(acc[p as usize], LEARN);
         }
         let mut v: Vec<(u64, u64)> = acc
             .iter()
@@ -404,6 +506,9 @@ impl Compiled {
                 acc = mix(acc, sig ^ IN);
             }
         }
+        if self.learning.get(s) || self.learning.get(p) {
+            acc = mix(acc, LEARN);
+        }
         acc
     }
 
@@ -424,10 +529,12 @@ impl Compiled {
                 pg.inbound.extend(r.grants.iter().cloned());
             }
         }
+        pg.learn = self.learning.get(s) || self.learning.get(p);
         pg
     }
 
-    /// Whether `from` may open a connection to `to` matching `probe` at `now`, and by which rule.
+    /// Whether `from` may open a connection to `to` matching `probe` at `now`, and by which rule;
+    /// when denied, whether it passes anyway as would-deny because one end learns.
     pub fn explain(&self, from: u64, to: u64, probe: Probe, now: UnixTime) -> Explanation {
         let (Some(&f), Some(&t)) = (self.by_id.get(&from), self.by_id.get(&to)) else {
             return Explanation::DENY;
@@ -444,10 +551,17 @@ impl Compiled {
                         .iter()
                         .any(|g| g.admits(probe.ip_proto, probe.port, now))
             })
-            .map_or(Explanation::DENY, |r| Explanation {
-                allowed: true,
-                rule: Some(r.name.clone()),
-            })
+            .map_or(
+                Explanation {
+                    learning: self.learning.get(f) || self.learning.get(t),
+                    ..Explanation::DENY
+                },
+                |r| Explanation {
+                    allowed: true,
+                    rule: Some(r.name.clone()),
+                    learning: false,
+                },
+            )
     }
 
     /// The peers whose grants towards the host in `slot` change when its membership of the
@@ -484,6 +598,8 @@ impl Compiled {
                     // Grow by doubling so a run of additions stays linear.
                     let words = words.max(self.words * 2);
                     self.members.iter_mut().for_each(|m| m.0.resize(words, 0));
+                    self.live.0.resize(words, 0);
+                    self.learning.0.resize(words, 0);
                     self.words = words;
                 }
                 self.by_id.insert(h.id, s);
@@ -499,7 +615,22 @@ impl Compiled {
                 self.members[i].set(slot, now_in);
             }
         }
+        let was_learning = !is_new && self.learning.get(slot);
+        let learns = self.learn_all || self.learn_sels.iter().any(|&i| self.members[i].get(slot));
+        self.live.set(slot, true);
+        self.learning.set(slot, learns);
         let mut affected = self.affected_by(slot, &flipped);
+        if is_new {
+            // Everyone it now pairs with in learning mode gains it as a peer.
+            affected.extend(self.ids(self.learn_peers(slot)));
+            affected.remove(&h.id);
+        } else if was_learning != learns {
+            // Its pairs with hosts that do not learn themselves flip their learn flag.
+            let mut b = self.live.clone();
+            b.and_not(&self.learning);
+            b.set(slot, false);
+            affected.extend(self.ids(&b));
+        }
         if is_new || !affected.is_empty() {
             affected.insert(h.id);
         }
@@ -517,7 +648,11 @@ impl Compiled {
         for &i in &flipped {
             self.members[i].set(slot, false);
         }
-        let affected = self.affected_by(slot, &flipped);
+        let mut affected = self.affected_by(slot, &flipped);
+        affected.extend(self.ids(self.learn_peers(slot)));
+        affected.remove(&id);
+        self.live.set(slot, false);
+        self.learning.set(slot, false);
         self.slots[slot as usize] = None;
         self.free.push(slot);
         affected

@@ -13,7 +13,8 @@ use crate::selector::HostRef;
 
 impl Policy {
     /// Direct evaluation, rule by rule: may `from` open a connection to `to` matching `probe` at
-    /// `now`? The reference the compiled tables are tested against.
+    /// `now`? (When denied: does it pass as would-deny because either end learns?) The
+    /// reference the compiled tables are tested against.
     pub fn explain_hosts(
         &self,
         from: &HostRef,
@@ -32,10 +33,17 @@ impl Policy {
                     && r.to.matches(to)
                     && r.ports.iter().any(|p| p.admits(probe))
             })
-            .map_or(Explanation::DENY, |r| Explanation {
-                allowed: true,
-                rule: Some(r.name.clone()),
-            })
+            .map_or(
+                Explanation {
+                    learning: self.learns(from) || self.learns(to),
+                    ..Explanation::DENY
+                },
+                |r| Explanation {
+                    allowed: true,
+                    rule: Some(r.name.clone()),
+                    learning: false,
+                },
+            )
     }
 }
 

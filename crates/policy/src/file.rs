@@ -21,6 +21,22 @@
 //! (replies of an admitted flow are tracked by the firewall). Unknown keys are refused, rule
 //! names are unique, every rule has at least one port spec. A test endpoint is a host name
 //! (resolved against an inventory) or a label set describing a host (checkable offline).
+//!
+//! Learning mode (for installing meshd on an estate whose flows nobody can list):
+//!
+//! ```yaml
+//! mode: enforce          # or `learn`: the whole mesh learns (default: enforce)
+//! learn:                 # hosts matching any of these selectors learn
+//!   - { app: legacy }
+//!   - old-erp-1
+//! ```
+//!
+//! A pair of hosts where either end learns is in learning mode: the two are peers whatever the
+//! rules say, and a new flow no rule admits still passes and is recorded as would-deny (with the
+//! rule that would have been needed) instead of being dropped. The rules' grants still apply, so
+//! allowed flows keep reporting their rule. `tests:` check the rules as enforced (learning does
+//! not make a denied test pass). The coordinator adds its runtime setting (`meshctl policy mode`)
+//! to the file's: the hosts that learn are those the file or the runtime setting names.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -38,6 +54,12 @@ use crate::selector::{Selector, Text};
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
+    /// `enforce` (the default) or `learn` (the whole mesh learns).
+    #[serde(default)]
+    pub mode: PolicyMode,
+    /// Selectors of the hosts that learn (any match).
+    #[serde(default)]
+    pub learn: Vec<Selector>,
     /// Rules, in file order (the first admitting rule is the one reported).
     #[serde(default)]
     pub rules: Vec<Rule>,
@@ -62,6 +84,44 @@ pub struct Rule {
     /// When the rule stops working (RFC 3339 in the file, seconds since the epoch here).
     #[serde(default, deserialize_with = "rfc3339_opt")]
     pub expires: Option<UnixTime>,
+}
+
+/// The mesh-wide policy mode (`mode:` in the file).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyMode {
+    /// Denied flows are dropped (the default).
+    #[default]
+    Enforce,
+    /// Every host learns: denied flows pass and are recorded as would-deny.
+    Learn,
+}
+
+impl PolicyMode {
+    /// `enforce` or `learn`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyMode::Enforce => "enforce",
+            PolicyMode::Learn => "learn",
+        }
+    }
+}
+
+impl fmt::Display for PolicyMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for PolicyMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<PolicyMode, String> {
+        match s {
+            "enforce" => Ok(PolicyMode::Enforce),
+            "learn" => Ok(PolicyMode::Learn),
+            _ => Err(format!("unknown mode `{s}`: expected `learn` or `enforce`")),
+        }
+    }
 }
 
 impl Rule {
@@ -184,6 +244,17 @@ impl Policy {
     /// The rule called `name`.
     pub fn rule(&self, name: &str) -> Option<&Rule> {
         self.rules.iter().find(|r| r.name == name)
+    }
+
+    /// Whether the file puts `h` in learning mode (`mode: learn`, or a `learn:` selector
+    /// matches it).
+    pub fn learns(&self, h: &crate::selector::HostRef) -> bool {
+        self.mode == PolicyMode::Learn || self.learn.iter().any(|s| s.matches(h))
+    }
+
+    /// Whether the file declares any learning at all.
+    pub fn declares_learning(&self) -> bool {
+        self.mode == PolicyMode::Learn || !self.learn.is_empty()
     }
 }
 
@@ -468,6 +539,53 @@ tests:                      # checked by `policy check` and before every apply
         let e = err("policy: 1\n");
         assert_eq!((e.line, e.column), (1, 1), "{e}");
         assert!(e.to_string().starts_with("line 1, column 1: "), "{e}");
+    }
+
+    #[test]
+    fn learning_mode_and_groups() {
+        let p =
+            Policy::parse("mode: enforce\nlearn:\n  - { app: legacy }\n  - old-erp-1\nrules: []\n")
+                .unwrap();
+        assert_eq!(p.mode, PolicyMode::Enforce);
+        assert_eq!(p.learn.len(), 2);
+        assert_eq!(p.learn[1], Selector::host("old-erp-1"));
+        let legacy = crate::HostRef {
+            id: 1,
+            name: "l1".into(),
+            labels: [("app".to_string(), "legacy".to_string())].into(),
+        };
+        let web = crate::HostRef {
+            id: 2,
+            name: "w1".into(),
+            labels: [("app".to_string(), "web".to_string())].into(),
+        };
+        assert!(p.learns(&legacy) && !p.learns(&web));
+        assert!(p.declares_learning());
+        // The whole mesh; the default is enforce with nobody learning.
+        let all = Policy::parse("mode: learn\n").unwrap();
+        assert!(all.learns(&web) && all.declares_learning());
+        let none = Policy::parse("rules: []\n").unwrap();
+        assert_eq!(none.mode, PolicyMode::Enforce);
+        assert!(!none.learns(&legacy) && !none.declares_learning());
+        assert_eq!("learn".parse::<PolicyMode>(), Ok(PolicyMode::Learn));
+        assert!("lurn".parse::<PolicyMode>().is_err());
+        assert_eq!(PolicyMode::Learn.to_string(), "learn");
+    }
+
+    #[test]
+    fn learning_errors_carry_line_and_column() {
+        let e = err("rules: []\nmode: lurn\n");
+        assert_eq!((e.line, e.column), (2, 7), "{e}");
+        assert!(e.message.contains("unknown variant `lurn`"), "{e}");
+        assert!(e.message.contains("`learn`"), "{e}");
+        let e = err("learn:\n  - { app: {like: x} }\n");
+        assert_eq!(e.line, 2, "{e}");
+        assert!(e.message.contains("unknown label operator"), "{e}");
+        let e = err("learn: { app: legacy }\n");
+        assert_eq!(e.line, 1, "{e}");
+        assert!(e.message.contains("learn"), "{e}");
+        let e = err("learn:\n  - 42\n");
+        assert_eq!(e.line, 2, "{e}");
     }
 
     #[test]

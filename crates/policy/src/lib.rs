@@ -1,6 +1,7 @@
 //! meshd's label policy, with no IO and no clock reads (`now` is a parameter).
 //!
-//! - [`file`]: the YAML policy file ([`Policy::parse`]; errors give line and column).
+//! - [`file`]: the YAML policy file ([`Policy::parse`]; errors give line and column), with
+//!   learning mode (`mode: learn`, `learn: [selectors]`).
 //! - [`selector`]: which hosts a rule names ([`Selector`], matched against a [`HostRef`]).
 //! - [`port`]: port specs (`tcp/N-M`, `udp/N`, `icmp`, `any`) and probes (`tcp/1521`).
 //! - [`compile`](mod@compile): [`compile()`] a policy against an inventory into per-selector
@@ -18,11 +19,11 @@ pub mod grant;
 pub mod port;
 pub mod selector;
 
-pub use compile::{compile, Compiled, Explanation};
+pub use compile::{compile, compile_with, Compiled, Explanation, Learning};
 pub use eval::{
     diff, run_tests, Change, ChangeKind, NoInventory, Resolve, TestOutcome, TestResult,
 };
-pub use file::{parse_rfc3339, Endpoint, Expect, ParseError, Policy, PolicyTest, Rule};
+pub use file::{parse_rfc3339, Endpoint, Expect, ParseError, Policy, PolicyMode, PolicyTest, Rule};
 pub use grant::{ip_proto, BlockEvent, DenyReason, Direction, Grant, PeerGrants, Proto, UnixTime};
 pub use port::{PortSpec, PortSpecError, Probe};
 pub use selector::{HostRef, Match, Selector};

@@ -4,20 +4,34 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use meshd_policy::{
-    compile, diff, ip_proto, run_tests, ChangeKind, Compiled, Grant, HostRef, Match, NoInventory,
-    PeerGrants, Policy, PortSpec, Probe, Proto, Rule, Selector, TestOutcome,
+    compile, compile_with, diff, ip_proto, run_tests, ChangeKind, Compiled, Grant, HostRef,
+    Learning, Match, NoInventory, PeerGrants, Policy, PolicyMode, PortSpec, Probe, Proto, Rule,
+    Selector, TestOutcome,
 };
 use meshd_testkit::fixtures::host_ref as host;
 use proptest::prelude::*;
 
 const NOW: u64 = 1_000;
 
-/// The grants between `a` and `b` seen from `a`, rule by rule, straight from the policy.
-fn naive(policy: &Policy, a: &HostRef, b: &HostRef, now: u64) -> PeerGrants {
+/// Whether `h` learns: the file's `mode`/`learn:` or the runtime `extra`, straight from them.
+fn naive_learns(policy: &Policy, extra: &Learning, h: &HostRef) -> bool {
+    policy.mode == PolicyMode::Learn
+        || extra.all
+        || policy
+            .learn
+            .iter()
+            .chain(&extra.groups)
+            .any(|s| s.matches(h))
+}
+
+/// The grants between `a` and `b` seen from `a`, rule by rule, straight from the policy and
+/// the runtime learning: a pair learns if either end does.
+fn naive_with(policy: &Policy, extra: &Learning, a: &HostRef, b: &HostRef, now: u64) -> PeerGrants {
     let mut pg = PeerGrants::default();
     if a.id == b.id {
         return pg;
     }
+    pg.learn = naive_learns(policy, extra, a) || naive_learns(policy, extra, b);
     for r in policy.rules.iter().filter(|r| !r.expired(now)) {
         let grants = || {
             let mut g: Vec<Grant> = r
@@ -40,19 +54,35 @@ fn naive(policy: &Policy, a: &HostRef, b: &HostRef, now: u64) -> PeerGrants {
 
 /// Checks every table of `c` against the naive evaluator over `hosts`.
 fn check_against_naive(policy: &Policy, c: &Compiled, hosts: &BTreeMap<u64, HostRef>) {
+    check_against_naive_with(policy, &Learning::default(), c, hosts)
+}
+
+/// [`check_against_naive`] with runtime learning.
+fn check_against_naive_with(
+    policy: &Policy,
+    extra: &Learning,
+    c: &Compiled,
+    hosts: &BTreeMap<u64, HostRef>,
+) {
     for a in hosts.values() {
+        assert_eq!(
+            c.is_learning(a.id),
+            naive_learns(policy, extra, a),
+            "{} learns",
+            a.name
+        );
         let grants = c.grants_for(a.id);
         let mut want_peers = BTreeSet::new();
         for b in hosts.values() {
-            let want = naive(policy, a, b, NOW);
+            let want = naive_with(policy, extra, a, b, NOW);
             let got = grants.get(&b.id).cloned().unwrap_or_default();
             assert_eq!(got, want, "{} -> {}", a.name, b.name);
             assert_eq!(c.grants_between(a.id, b.id), want);
-            if !want.is_empty() {
+            if !want.is_empty() || want.learn {
                 want_peers.insert(b.id);
             }
         }
-        assert!(grants.values().all(|g| !g.is_empty()));
+        assert!(grants.values().all(|g| !g.is_empty() || g.learn));
         let fp = c.peer_fingerprints(a.id);
         assert_eq!(
             fp.iter().map(|x| x.0).collect::<Vec<_>>(),
@@ -133,7 +163,14 @@ fn arb_policy(names: usize) -> impl Strategy<Value = Policy> {
         ),
         0..8,
     )
-    .prop_map(|rules| Policy {
+    .prop_flat_map(move |rules| (Just(rules), arb_learning(names)))
+    .prop_map(|(rules, (all, learn))| Policy {
+        mode: if all {
+            PolicyMode::Learn
+        } else {
+            PolicyMode::Enforce
+        },
+        learn,
         rules: rules
             .into_iter()
             .enumerate()
@@ -147,6 +184,22 @@ fn arb_policy(names: usize) -> impl Strategy<Value = Policy> {
             .collect(),
         tests: vec![],
     })
+}
+
+/// Learning: rarely the whole mesh, else up to two selectors (often none).
+fn arb_learning(names: usize) -> impl Strategy<Value = (bool, Vec<Selector>)> {
+    (
+        proptest::bool::weighted(0.05),
+        prop_oneof![
+            2 => Just(Vec::new()),
+            3 => proptest::collection::vec(arb_selector(names), 1..3),
+        ],
+    )
+}
+
+/// Runtime learning on top of the file's.
+fn arb_extra(names: usize) -> impl Strategy<Value = Learning> {
+    arb_learning(names).prop_map(|(all, groups)| Learning { all, groups })
 }
 
 /// Up to 12 hosts with ids 0..12 and names h0..h11.
@@ -190,6 +243,65 @@ proptest! {
                             policy.explain_hosts(a, b, probe, now)
                         );
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn runtime_learning_agrees_with_naive(
+        policy in arb_policy(12),
+        extra in arb_extra(12),
+        hosts in arb_hosts(),
+    ) {
+        let c = compile_with(&policy, &extra, &hosts, NOW);
+        let map = hosts.iter().map(|h| (h.id, h.clone())).collect();
+        check_against_naive_with(&policy, &extra, &c, &map);
+        let want: BTreeSet<u64> = hosts
+            .iter()
+            .filter(|h| naive_learns(&policy, &extra, h))
+            .map(|h| h.id)
+            .collect();
+        prop_assert_eq!(c.learning_hosts().map(|h| h.id).collect::<BTreeSet<_>>(), want);
+        // explain: denied flows with a learning end pass as would-deny; allowed ones keep
+        // their rule and never say so.
+        for a in &hosts {
+            for b in &hosts {
+                let e = c.explain(a.id, b.id, "tcp/1".parse().unwrap(), NOW);
+                let learns = a.id != b.id
+                    && (naive_learns(&policy, &extra, a) || naive_learns(&policy, &extra, b));
+                prop_assert_eq!(e.learning, !e.allowed && learns);
+            }
+        }
+    }
+
+    #[test]
+    fn incremental_learning_equals_fresh(
+        policy in arb_policy(16),
+        extra in arb_extra(16),
+        hosts in arb_hosts(),
+        ops in arb_ops(),
+    ) {
+        let mut c = compile_with(&policy, &extra, &hosts, NOW);
+        let mut map: BTreeMap<u64, HostRef> = hosts.iter().map(|h| (h.id, h.clone())).collect();
+        for (id, labels) in ops {
+            let before: BTreeMap<u64, BTreeMap<u64, PeerGrants>> =
+                map.keys().map(|&h| (h, c.grants_for(h))).collect();
+            let affected = match labels {
+                Some(labels) => {
+                    let h = HostRef { id, name: format!("h{id}"), labels };
+                    map.insert(id, h.clone());
+                    c.update_host(&h)
+                }
+                None => {
+                    map.remove(&id);
+                    c.remove_host(id)
+                }
+            };
+            check_against_naive_with(&policy, &extra, &c, &map);
+            for &h in map.keys() {
+                if before.get(&h) != Some(&c.grants_for(h)) {
+                    prop_assert!(affected.contains(&h), "host {} changed but not reported", h);
                 }
             }
         }
@@ -420,4 +532,66 @@ fn update_reports_affected_hosts() {
     assert_eq!(c.host_count(), 6);
     assert!(c.explain(1, 3, "tcp/1521".parse().unwrap(), NOW).allowed);
     let _ = ip_proto::TCP;
+}
+
+#[test]
+fn learning_hosts_peer_with_everyone_and_keep_their_grants() {
+    let p = Policy::parse(&format!("learn:\n  - {{ app: web }}\n{FILE}")).unwrap();
+    let mut c = compile(&p, &inventory(), NOW);
+    // web-1 (4) learns: a peer of every host both ways, learn=true on each pair.
+    assert!(c.is_learning(4) && !c.is_learning(1));
+    assert_eq!(c.peers_of(4), BTreeSet::from([1, 2, 3, 5, 6]));
+    for other in [1, 2, 3, 5, 6] {
+        assert!(c.peers_of(other).contains(&4), "{other} peers with web-1");
+        assert!(c.grants_between(4, other).learn);
+        assert!(c.grants_between(other, 4).learn);
+        assert!(c.grants_for(other)[&4].learn);
+    }
+    // The rules' grants stay: contractor-1 → web-1 still carries its three grants.
+    let g = c.grants_between(4, 5);
+    assert_eq!(g.inbound.len(), 3);
+    assert_eq!(g.inbound[0].rule, "contractor-web");
+    // Pairs without a learning end are unchanged.
+    assert!(!c.grants_between(1, 2).learn);
+    assert_eq!(c.peers_of(3), BTreeSet::from([4, 6]));
+    // explain: a denied flow with a learning end passes as would-deny; allowed keeps its rule.
+    let probe = |s: &str| s.parse::<Probe>().unwrap();
+    let e = c.explain(1, 4, probe("tcp/80"), NOW);
+    assert!(!e.allowed && e.learning && e.rule.is_none());
+    let e = c.explain(5, 4, probe("tcp/443"), NOW);
+    assert!(e.allowed && !e.learning);
+    assert_eq!(e.rule.as_deref(), Some("contractor-web"));
+    assert!(!c.explain(1, 3, probe("tcp/80"), NOW).learning);
+    assert_eq!(
+        p.explain_hosts(&inventory()[0], &inventory()[3], probe("tcp/80"), NOW),
+        c.explain(1, 4, probe("tcp/80"), NOW)
+    );
+
+    // Incremental: db1-host-2 (3) joins the web group: every host that does not learn
+    // itself is affected (its pair flips), and so is 3.
+    let moved = host(3, "db1-host-2", &[("app", "web")]);
+    assert_eq!(c.update_host(&moved), BTreeSet::from([1, 2, 3, 5, 6]));
+    assert!(c.is_learning(3) && c.grants_between(1, 3).learn);
+    // ... and leaves it again.
+    let back = host(3, "db1-host-2", &[("app", "db1"), ("env", "dev")]);
+    assert_eq!(c.update_host(&back), BTreeSet::from([1, 2, 3, 5, 6]));
+    assert!(!c.is_learning(3) && !c.grants_between(1, 3).learn);
+    assert!(c.grants_between(4, 3).learn, "web-1 still learns");
+    // A new host pairs with the learning one; removing it tells it.
+    assert_eq!(c.update_host(&host(7, "n", &[])), BTreeSet::from([4, 6, 7]));
+    assert!(c.grants_between(7, 4).learn);
+    assert_eq!(c.remove_host(7), BTreeSet::from([4, 6]));
+    // The whole mesh at runtime: every pair learns.
+    let all = compile_with(
+        &p,
+        &Learning {
+            all: true,
+            groups: vec![],
+        },
+        &inventory(),
+        NOW,
+    );
+    assert!(all.learns_all());
+    assert_eq!(all.peers_of(1), BTreeSet::from([2, 3, 4, 5, 6]));
+    assert_eq!(all.learning_hosts().count(), 6);
 }

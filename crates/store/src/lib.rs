@@ -18,7 +18,7 @@ mod sqlite;
 
 use meshd_control::api::FlowView;
 use meshd_control::policy::PolicyRecord;
-use meshd_control::state::{Dirty, FlowInterval};
+use meshd_control::state::{Dirty, FlowInterval, RuntimeMode};
 use meshd_control::{AuditEvent, Host, HostId, Token, UnixTime};
 use meshd_policy::BlockEvent;
 
@@ -38,6 +38,8 @@ pub struct Snapshot {
     pub policies: Vec<PolicyRecord>,
     /// The newest block events (at most [`BLOCKS_KEPT`]), oldest first.
     pub blocks: Vec<BlockEvent>,
+    /// The runtime learning setting (`meshctl policy mode`; default: none).
+    pub mode: RuntimeMode,
     /// Row counts of the intervals stored in the last [`FLOW_INTERVALS_LOADED_SECS`] before
     /// the newest flow row (the per-interval bound survives a restart).
     pub flow_intervals: Vec<FlowInterval>,
@@ -158,3 +160,5 @@ pub trait Store: Send + Sync + 'static {
 pub const META_ADMIN_TOKEN_HASH: &str = "admin_token_hash";
 /// Meta key: the global map version.
 pub const META_MAP_VERSION: &str = "map_version";
+/// Meta key: the runtime learning setting ([`RuntimeMode`] as JSON).
+pub const META_POLICY_MODE: &str = "policy_mode";

@@ -12,7 +12,10 @@ use meshd_control::{AuditEvent, EventKind, Host, HostId, Labels, Token, TokenId}
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 
 use crate::migrations::MIGRATIONS;
-use crate::{FlowFilter, Snapshot, Store, StoreError, BLOCKS_KEPT, EVENTS_KEPT, META_MAP_VERSION};
+use crate::{
+    FlowFilter, Snapshot, Store, StoreError, BLOCKS_KEPT, EVENTS_KEPT, META_MAP_VERSION,
+    META_POLICY_MODE,
+};
 use meshd_control::api::FlowView;
 use meshd_control::policy::PolicyRecord;
 use meshd_control::UnixTime;
@@ -405,6 +408,14 @@ impl Store for SqliteStore {
                 v
             };
             let flow_intervals = crate::flows::intervals(&tx)?;
+            let mode = match get_meta(&tx, META_POLICY_MODE)? {
+                Some(s) => serde_json::from_str(&s).map_err(|_| StoreError::Corrupt {
+                    table: "meta",
+                    id: 0,
+                    field: "policy_mode",
+                })?,
+                None => Default::default(),
+            };
             tx.commit()?;
             Ok(Snapshot {
                 hosts,
@@ -413,6 +424,7 @@ impl Store for SqliteStore {
                 policies,
                 blocks,
                 flow_intervals,
+                mode,
             })
         })
     }
@@ -435,6 +447,10 @@ impl Store for SqliteStore {
             }
             if let Some(v) = d.map_version {
                 set_meta(&tx, META_MAP_VERSION, &v.to_string())?;
+            }
+            if let Some(m) = &d.mode {
+                let json = serde_json::to_string(m).map_err(|_| StoreError::Range("mode"))?;
+                set_meta(&tx, META_POLICY_MODE, &json)?;
             }
             if let Some(p) = &d.policy {
                 tx.execute(
@@ -633,6 +649,40 @@ mod tests {
             reason: meshd_policy::DenyReason::DefaultDeny,
             count: 1,
         }
+    }
+
+    #[test]
+    fn runtime_policy_mode_persists_and_a_corrupt_one_is_an_error() {
+        use meshd_control::state::RuntimeMode;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("coordinator.db");
+        let mode = RuntimeMode {
+            all: false,
+            groups: vec![[("app".to_string(), "legacy".to_string())].into()],
+            changed_at: 7,
+        };
+        {
+            let s = SqliteStore::open(&path).unwrap();
+            assert_eq!(s.load().unwrap().mode, RuntimeMode::default());
+            s.commit(
+                &Dirty {
+                    mode: Some(mode.clone()),
+                    ..Default::default()
+                },
+                &[],
+            )
+            .unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.load().unwrap().mode, mode);
+        s.set_meta(crate::META_POLICY_MODE, "{not json").unwrap();
+        assert!(matches!(
+            s.load(),
+            Err(StoreError::Corrupt {
+                field: "policy_mode",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -6,14 +6,16 @@
 //! events, then [`SimCoordinator::flush`]: notices, pushes and kicks polled, the dirty records
 //! committed to the [`MemStore`], and only then the pushes and kicks handed out. A restart
 //! ([`SimCoordinator::restart`]) rebuilds the state from the store as start-up does
-//! (`restore`, `restore_policies`, `restore_blocks`, `restore_flow_intervals`); live sessions do not survive it.
+//! (`restore`, `restore_policies`, `restore_mode`, `restore_blocks`, `restore_flow_intervals`); live sessions do not survive it.
 
 use std::collections::BTreeMap;
 
 use ipnet::{Ipv4Net, Ipv6Net};
 use meshd_control::policy::PolicyRecord;
 use meshd_control::proto::{AgentMessage, CoordinatorMessage, ErrorCode, HostInfo};
-use meshd_control::state::{ConnId, Dirty, Hello, Kick, Notice, RestoreError, TokenSpec};
+use meshd_control::state::{
+    ConnId, Dirty, Hello, Kick, Notice, RestoreError, RuntimeMode, TokenSpec,
+};
 use meshd_control::{
     CoordinatorState, Host, HostId, IpPool, PoolError, Push, Token, TokenId, UnixTime,
 };
@@ -35,6 +37,8 @@ pub struct MemStore {
     pub blocks: Vec<BlockEvent>,
     /// Flow rows, oldest first (never pruned here).
     pub flows: Vec<meshd_control::api::FlowView>,
+    /// The runtime learning setting.
+    pub mode: RuntimeMode,
     /// Commits so far.
     pub commits: u64,
 }
@@ -56,6 +60,9 @@ impl MemStore {
         }
         if let Some(p) = d.policy {
             self.policies.push(p);
+        }
+        if let Some(m) = d.mode {
+            self.mode = m;
         }
         self.blocks.extend(d.blocks);
         self.flows.extend(d.flows);
@@ -246,6 +253,7 @@ impl SimCoordinator {
             s.map_version,
         )?;
         state.restore_policies(now, s.policies.clone())?;
+        state.restore_mode(now, s.mode.clone());
         state.restore_blocks(s.blocks.clone());
         // As the SQLite store's load: row counts per (host, interval) stored.
         let mut counts: BTreeMap<(HostId, UnixTime), usize> = BTreeMap::new();

@@ -65,6 +65,13 @@ pub enum AdminError {
     /// The change could not be saved, so it was not made (the state is as before the request).
     #[error("not saved, nothing changed: {0}")]
     NotSaved(String),
+    /// A policy mode change the runtime setting cannot make (learning declared by the policy
+    /// file, or a group exempted from whole-mesh learning); the message says what to do.
+    #[error("{0}")]
+    ModeRefused(String),
+    /// A bad `--group` (empty, or too many groups).
+    #[error("{0}")]
+    InvalidGroup(String),
 }
 
 /// Longest token lifetime: 10 years (longer ones overflowed the store's 64-bit signed time).
@@ -80,7 +87,7 @@ pub const MAX_LABELS: usize = 64;
 pub const MAX_POLICY_BYTES: usize = 1024 * 1024;
 
 /// Checks a label set's size and each pair.
-fn validate_labels(labels: &Labels) -> Result<(), AdminError> {
+pub(super) fn validate_labels(labels: &Labels) -> Result<(), AdminError> {
     if labels.len() > MAX_LABELS {
         return Err(AdminError::TooManyLabels(labels.len()));
     }

@@ -21,8 +21,9 @@
 //! The type and its constructors are here; its methods are grouped by seam:
 //! `sessions.rs` (connect, hello, ack, resync, disconnect), `admin.rs` (tokens, labels, rename,
 //! remove, quarantine, revoke, input bounds), `policy.rs` (apply, rollback, diff, explain,
-//! check, expiry), `blocks.rs` (block events), `flows.rs` (flow records) and `pushes.rs` (maps and deltas out, kicks,
-//! records to persist).
+//! check, expiry), `mode.rs` (learning mode at runtime, `is_learning`), `blocks.rs` (block
+//! events), `flows.rs` (flow records) and `pushes.rs` (maps and deltas out, kicks, records to
+//! persist).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
@@ -37,6 +38,7 @@ use crate::pool::{IpPool, PoolError};
 mod admin;
 mod blocks;
 mod flows;
+mod mode;
 mod policy;
 mod pushes;
 mod sessions;
@@ -50,6 +52,7 @@ pub use flows::{
     FlowBatch, FlowInterval, FlowLimits, FlowStats, FlowsRecorded, DEFAULT_FLOW_ROWS_PER_HOST,
     FLOW_CLOCK_AHEAD_SECS, FLOW_INTERVALS_REMEMBERED,
 };
+pub use mode::{group_selector, RuntimeMode, MAX_LEARN_GROUPS};
 pub use pushes::{Dirty, Kick, Push};
 pub use sessions::{Hello, HelloRefused, Notice, SessionInfo, MAX_REPORTED_ENDPOINTS};
 
@@ -107,6 +110,10 @@ pub struct CoordinatorState {
     /// pairs involving it; checked without recomputing the whole map).
     recheck_pairs: BTreeMap<HostId, BTreeSet<HostId>>,
     dirty_policy: Option<PolicyRecord>,
+    /// The runtime learning setting (`meshctl policy mode`), combined with the file's.
+    runtime_mode: RuntimeMode,
+    /// The runtime setting changed since the last `take_dirty`.
+    dirty_mode: bool,
     /// Keys refused for good.
     revoked_keys: HashSet<PublicKey>,
     /// The most recent block events (at most [`BLOCKS_KEPT`]) and those not yet persisted.
@@ -153,6 +160,8 @@ impl CoordinatorState {
             recheck_all: false,
             recheck_pairs: BTreeMap::new(),
             dirty_policy: None,
+            runtime_mode: RuntimeMode::default(),
+            dirty_mode: false,
             revoked_keys: HashSet::new(),
             blocks: VecDeque::new(),
             dirty_blocks: Vec::new(),

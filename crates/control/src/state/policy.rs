@@ -28,7 +28,8 @@ impl CoordinatorState {
         self.membership_dirty = true;
     }
 
-    /// Compiles the current policy against the live hosts; every map is recomputed.
+    /// Compiles the current policy (with the runtime learning setting) against the live hosts;
+    /// every map is recomputed.
     pub(super) fn recompile(&mut self, now: UnixTime) {
         let hosts: Vec<_> = self
             .hosts
@@ -36,7 +37,8 @@ impl CoordinatorState {
             .filter(|h| is_live(h))
             .map(host_ref)
             .collect();
-        self.compiled = meshd_policy::compile(&self.policy, &hosts, now);
+        let learning = self.runtime_mode.learning();
+        self.compiled = meshd_policy::compile_with(&self.policy, &learning, &hosts, now);
         self.recheck_all = true;
         self.membership_dirty = true;
     }
@@ -156,7 +158,8 @@ impl CoordinatorState {
     }
 
     /// Whether `from` may open a connection to `to` on `port` (`tcp/1521`) now, and by which
-    /// rule. A quarantined host is denied everything.
+    /// rule; when denied, whether it passes as would-deny (either end learns). A quarantined
+    /// host is denied everything.
     pub fn explain(
         &self,
         now: UnixTime,

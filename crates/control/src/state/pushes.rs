@@ -51,6 +51,8 @@ pub struct Dirty {
     pub blocks: Vec<BlockEvent>,
     /// Flow rows received since the last call (the store prunes them by age).
     pub flows: Vec<crate::api::FlowView>,
+    /// The runtime learning setting, when it changed (`meshctl policy mode`).
+    pub mode: Option<super::RuntimeMode>,
 }
 
 impl Dirty {
@@ -62,6 +64,7 @@ impl Dirty {
             && self.policy.is_none()
             && self.blocks.is_empty()
             && self.flows.is_empty()
+            && self.mode.is_none()
     }
 }
 
@@ -331,6 +334,7 @@ impl CoordinatorState {
             policy: self.dirty_policy.take(),
             blocks: std::mem::take(&mut self.dirty_blocks),
             flows: std::mem::take(&mut self.dirty_flows),
+            mode: std::mem::take(&mut self.dirty_mode).then(|| self.runtime_mode.clone()),
         }
     }
 }

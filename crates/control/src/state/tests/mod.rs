@@ -17,6 +17,7 @@ use crate::token::hash_secret;
 mod admin;
 mod blocks;
 mod flows;
+mod mode;
 mod policy;
 mod pushes;
 mod sessions;
