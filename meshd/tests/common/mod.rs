@@ -421,11 +421,17 @@ pub fn agent_uapi_dir(lab: &Lab, idx: usize) -> PathBuf {
 
 /// Starts `meshd up --join TOKEN --name NAME` on lab host `idx` with its own state dir.
 pub fn join(lab: &Lab, idx: usize, token: &str, name: &str) -> ProcHandle {
+    join_with(lab, idx, token, name, &[])
+}
+
+/// [`join`] with extra `meshd up` arguments (e.g. `--flow-interval 1`).
+pub fn join_with(lab: &Lab, idx: usize, token: &str, name: &str, extra: &[&str]) -> ProcHandle {
     let host = lab.host(idx);
     let state = lab.dir().join(format!("agent{idx}"));
     host.spawn(
         Cmd::new(meshd_bin())
             .args(["up", "--join", token, "--name", name])
+            .args(extra.iter().copied())
             .arg("--state-dir")
             .arg(&state)
             .arg("--uapi-dir")
