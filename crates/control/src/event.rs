@@ -28,13 +28,19 @@ pub enum EventKind {
     PolicyApplied,
     /// An earlier policy version was re-applied.
     PolicyRollback,
+    /// A CMDB file was imported (`meshctl import`).
+    CmdbImported,
+    /// An enrolling host matched a CMDB record and got its labels.
+    HostLabelsFromCmdb,
+    /// The scan detector acted on a host (quarantine or restricted label).
+    ScanDetected,
     /// A kind this version does not write (stored by another version), kept as stored.
     Other(String),
 }
 
 impl EventKind {
     /// Every kind this version writes.
-    pub const KNOWN: [EventKind; 9] = [
+    pub const KNOWN: [EventKind; 12] = [
         EventKind::DuplicateConnection,
         EventKind::HostRenamedOnEnrol,
         EventKind::PoolExhausted,
@@ -44,6 +50,9 @@ impl EventKind {
         EventKind::HostRevoked,
         EventKind::PolicyApplied,
         EventKind::PolicyRollback,
+        EventKind::CmdbImported,
+        EventKind::HostLabelsFromCmdb,
+        EventKind::ScanDetected,
     ];
 
     /// The stored and shown name (`host_removed`).
@@ -58,6 +67,9 @@ impl EventKind {
             EventKind::HostRevoked => "host_revoked",
             EventKind::PolicyApplied => "policy_applied",
             EventKind::PolicyRollback => "policy_rollback",
+            EventKind::CmdbImported => "cmdb_imported",
+            EventKind::HostLabelsFromCmdb => "host_labels_from_cmdb",
+            EventKind::ScanDetected => "scan_detected",
             EventKind::Other(s) => s,
         }
     }
@@ -128,6 +140,9 @@ mod tests {
                 "host_revoked",
                 "policy_applied",
                 "policy_rollback",
+                "cmdb_imported",
+                "host_labels_from_cmdb",
+                "scan_detected",
             ]
         );
         for k in EventKind::KNOWN {

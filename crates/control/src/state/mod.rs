@@ -36,6 +36,8 @@ use crate::pool::{IpPool, PoolError};
 
 mod admin;
 mod blocks;
+mod cmdb;
+mod detector;
 mod policy;
 mod pushes;
 mod sessions;
@@ -45,6 +47,8 @@ pub use admin::{
     MAX_TOKEN_USES,
 };
 pub use blocks::BLOCKS_KEPT;
+pub use cmdb::ImportOutcome;
+pub use detector::{ScanAction, ScanAlert, ScanConfig, ScanConfigError, ScanDetector, ScanGroup};
 pub use pushes::{Dirty, Kick, Push};
 pub use sessions::{Hello, HelloRefused, Notice, SessionInfo, MAX_REPORTED_ENDPOINTS};
 
@@ -109,6 +113,10 @@ pub struct CoordinatorState {
     dirty_blocks: Vec<BlockEvent>,
     blocks_dropped: u64,
     notices: Vec<Notice>,
+    /// CMDB host records (`state/cmdb.rs`), those not yet persisted, the next id.
+    records: BTreeMap<crate::cmdb::RecordId, crate::cmdb::HostRecord>,
+    dirty_records: BTreeSet<crate::cmdb::RecordId>,
+    next_record: u64,
 }
 
 impl CoordinatorState {
@@ -148,6 +156,9 @@ impl CoordinatorState {
             dirty_blocks: Vec::new(),
             blocks_dropped: 0,
             notices: Vec::new(),
+            records: BTreeMap::new(),
+            dirty_records: BTreeSet::new(),
+            next_record: 1,
         }
     }
 

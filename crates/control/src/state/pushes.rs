@@ -49,6 +49,8 @@ pub struct Dirty {
     pub policy: Option<PolicyRecord>,
     /// Block events received since the last call (the store keeps a bounded number).
     pub blocks: Vec<BlockEvent>,
+    /// Changed CMDB host records (full records; upserted by id).
+    pub records: Vec<crate::cmdb::HostRecord>,
 }
 
 impl Dirty {
@@ -59,6 +61,7 @@ impl Dirty {
             && self.map_version.is_none()
             && self.policy.is_none()
             && self.blocks.is_empty()
+            && self.records.is_empty()
     }
 }
 
@@ -327,6 +330,10 @@ impl CoordinatorState {
             map_version,
             policy: self.dirty_policy.take(),
             blocks: std::mem::take(&mut self.dirty_blocks),
+            records: std::mem::take(&mut self.dirty_records)
+                .into_iter()
+                .filter_map(|id| self.records.get(&id).cloned())
+                .collect(),
         }
     }
 }
