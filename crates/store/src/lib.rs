@@ -36,6 +36,8 @@ pub struct Snapshot {
     pub policies: Vec<PolicyRecord>,
     /// The newest block events (at most [`BLOCKS_KEPT`]), oldest first.
     pub blocks: Vec<BlockEvent>,
+    /// CMDB host records, by id.
+    pub records: Vec<meshd_control::cmdb::HostRecord>,
 }
 
 /// How many block events the store keeps (older ones are deleted on insert).
