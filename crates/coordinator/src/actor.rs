@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use meshd_control::api::{HealthView, StoreFailure, EVENTS_MAX};
 use meshd_control::proto::{CoordinatorMessage, EndpointReport, ErrorCode, HostInfo};
-use meshd_control::state::{AdminError, ConnId, Dirty, Hello};
+use meshd_control::state::{AdminError, ConnId, Dirty, Hello, ScanAlert, ScanConfig, ScanDetector};
 use meshd_control::{AuditEvent, CoordinatorState, EventKind, HostId, IpPool, UnixTime};
 use meshd_store::{Snapshot, Store};
 use meshd_tunnel::PublicKey;
@@ -22,6 +22,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::error::{chain, RestoreStateError, Stopped};
 use crate::ops::{AdminOp, AdminReply, Identity, Ops};
+use crate::webhook::Webhook;
 
 const COMMAND_QUEUE: usize = 4096;
 const MAX_BATCH: usize = 1024;
@@ -170,6 +171,14 @@ pub(crate) struct Actor {
     /// Set when the state could not be reloaded after a failed commit: every command is
     /// refused until a reload works.
     stale: Option<String>,
+    /// The scan detector (kept across a reload: its windows are evidence, not state).
+    detector: ScanDetector,
+    /// Labels the detector's actions set (release removes them).
+    restricted: Vec<(String, String)>,
+    /// Where alerts are POSTed (none configured: `None`).
+    webhook: Option<Webhook>,
+    /// This batch's alerts, sent once it is committed.
+    alerts: Vec<ScanAlert>,
 }
 
 impl Actor {
@@ -192,6 +201,37 @@ impl Actor {
             pool,
             store_failure: None,
             stale: None,
+            detector: ScanDetector::new(ScanConfig::default()),
+            restricted: Vec::new(),
+            webhook: None,
+            alerts: Vec::new(),
+        }
+    }
+
+    /// Sets the scan detector's settings and the alert webhook.
+    pub(crate) fn with_scan_response(mut self, cfg: ScanConfig, webhook: Option<Webhook>) -> Self {
+        self.restricted = cfg.restricted_labels();
+        self.detector = ScanDetector::new(cfg);
+        self.webhook = webhook;
+        self
+    }
+
+    /// A committed batch's alerts: the log line, then the webhook.
+    fn send_alerts(&mut self) {
+        for a in std::mem::take(&mut self.alerts) {
+            warn!(
+                host = %a.host,
+                host_id = %a.host_id,
+                action = %a.action,
+                reason = %a.reason,
+                distinct_pairs = a.distinct_pairs,
+                top_peer = %a.top_peer,
+                top_peer_ports = a.top_peer_ports,
+                "scan detected"
+            );
+            if let Some(w) = &self.webhook {
+                w.send(&a);
+            }
         }
     }
 
@@ -285,10 +325,13 @@ impl Actor {
                     Err(e) => Some(format!("commit task failed: {e}")),
                 };
                 if let Some(error) = error {
+                    // Nothing of the batch was saved: its actions did not happen.
+                    self.alerts.clear();
                     self.roll_back(now, error, what, deferred).await;
                     continue;
                 }
             }
+            self.send_alerts();
             for d in deferred {
                 match d {
                     Deferred::Connect(tx, r) => {
@@ -392,6 +435,7 @@ impl Actor {
         self.state = restore_state(self.pool.clone(), snapshot, now).map_err(|e| chain(&e))?;
         self.recent = recent.into();
         self.events.clear();
+        self.alerts.clear();
         self.stale = None;
         Ok(())
     }
@@ -465,7 +509,20 @@ impl Actor {
                     self.live.remove(&host);
                 }
             }
-            Cmd::Blocks { host, conn, events } => self.state.record_blocks(host, conn, events),
+            Cmd::Blocks { host, conn, events } => {
+                let live = self.live.get(&host).is_some_and(|l| l.conn_id == conn);
+                let seen = if live { events.clone() } else { Vec::new() };
+                self.state.record_blocks(host, conn, events);
+                // TODO(merge with learning mode): pass `CoordinatorState::is_learning`.
+                let alerts =
+                    self.state
+                        .detect_scans(now, &mut self.detector, host, &seen, |_, _| false);
+                for a in alerts {
+                    self.events
+                        .push(AuditEvent::new(now, EventKind::ScanDetected, a.to_string()));
+                    self.alerts.push(a);
+                }
+            }
             Cmd::Admin { op, reply } => {
                 let health = self.health();
                 let r = Ops {
@@ -474,6 +531,7 @@ impl Actor {
                     recent: &self.recent,
                     identity: self.identity,
                     health,
+                    restricted: &self.restricted,
                 }
                 .run(now, op);
                 deferred.push(Deferred::Admin(reply, r));
@@ -587,6 +645,7 @@ pub(crate) fn restore_state(
         .restore_policies(now, snapshot.policies)
         .map_err(RestoreStateError::Policy)?;
     state.restore_blocks(snapshot.blocks);
+    state.restore_records(snapshot.records);
     Ok(state)
 }
 
