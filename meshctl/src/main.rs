@@ -10,6 +10,7 @@
 mod cli;
 mod client;
 mod config;
+mod import;
 mod output;
 mod parse;
 mod policy;
@@ -128,6 +129,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token(t) => ctx()?.token(t),
         Command::Blocks { host, since } => ctx()?.blocks(host, since),
         Command::Events { limit } => ctx()?.events(limit),
+        Command::Import {
+            file,
+            apply,
+            write_policy,
+        } => ctx()?.import(&file, apply, write_policy.as_deref()),
         Command::Policy(PolicyCmd::Check { file, offline }) => {
             policy_check(&file, offline, g.output, ctx)
         }
