@@ -140,7 +140,13 @@ mod tests {
             "hosts.csv:2: \"1.2.3.x\" is not an IP address"
         );
         assert_eq!(
-            located("f", &RowError { line: 0, message: "m".into() }),
+            located(
+                "f",
+                &RowError {
+                    line: 0,
+                    message: "m".into()
+                }
+            ),
             "f: m"
         );
     }

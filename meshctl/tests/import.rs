@@ -35,7 +35,9 @@ impl Coord {
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("empty.toml"), "").unwrap();
-        let handle = rt.block_on(start(options(&dir.path().join("state")))).unwrap();
+        let handle = rt
+            .block_on(start(options(&dir.path().join("state"))))
+            .unwrap();
         Coord {
             rt,
             handle: Some(handle),
@@ -159,7 +161,10 @@ fn a_broken_file_is_refused_with_its_lines_and_changes_nothing() {
     let o = c.run(&["import", &j]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains(&format!("{j}:3: \"nope\" is not an IP address")), "{err}");
+    assert!(
+        err.contains(&format!("{j}:3: \"nope\" is not an IP address")),
+        "{err}"
+    );
     // Nothing reached the store: the same after a restart.
     c.restart();
     assert_eq!(c.ok(&["hosts", "list", "-o", "json"]), before);
@@ -188,7 +193,10 @@ fn an_unenrolled_host_imported_by_ip_gets_its_labels_when_it_enrols() {
     let h = c.host("anything");
     assert_eq!(h.labels["app"], "db", "{:?}", h.labels);
     assert_eq!(h.labels["env"], "prod");
-    assert_eq!(h.labels["image"], "generic", "the token's other labels stay");
+    assert_eq!(
+        h.labels["image"], "generic",
+        "the token's other labels stay"
+    );
     let ev = c.events();
     let kinds: Vec<&str> = ev.iter().map(|e| e.kind.as_str()).collect();
     assert!(kinds.contains(&"cmdb_imported"), "{kinds:?}");
@@ -213,7 +221,10 @@ fn an_unenrolled_host_imported_by_ip_gets_its_labels_when_it_enrols() {
     assert!(yaml.contains("cmdb-web-to-db"), "{yaml}");
     assert!(c.ok(&["policy", "show"]).contains("cmdb-web-to-db"));
     // CSV with one column per label key updates the record (no new one).
-    let csv = c.file("cmdb.csv", "Host Name,IP Address,app,tier\n,192.0.2.20,db,gold\n");
+    let csv = c.file(
+        "cmdb.csv",
+        "Host Name,IP Address,app,tier\n,192.0.2.20,db,gold\n",
+    );
     let out = c.ok(&["import", &csv]);
     assert!(out.contains("0 host records created, 1 updated"), "{out}");
     assert_eq!(c.host("anything").labels["tier"], "gold");

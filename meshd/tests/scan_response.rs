@@ -33,8 +33,21 @@ fn coordinator(lab: &Lab, idx: usize) -> Coord {
     let proc = host
         .spawn(
             Cmd::new(meshd_bin())
-                .args(["coordinator", "--listen", &listen, "--admin-listen", "127.0.0.1:7444"])
-                .args(["--scan-max-ports", "10", "--scan-max-pairs", "40", "--scan-window", "60"])
+                .args([
+                    "coordinator",
+                    "--listen",
+                    &listen,
+                    "--admin-listen",
+                    "127.0.0.1:7444",
+                ])
+                .args([
+                    "--scan-max-ports",
+                    "10",
+                    "--scan-max-pairs",
+                    "40",
+                    "--scan-window",
+                    "60",
+                ])
                 .args(["--webhook-url", &hook, "--webhook-secret-file"])
                 .arg(&secret)
                 .arg("--state-dir")
@@ -55,7 +68,10 @@ fn coordinator(lab: &Lab, idx: usize) -> Coord {
     assert!(
         ok,
         "coordinator did not come up: {}",
-        c.proc.as_ref().and_then(|p| p.stderr().ok()).unwrap_or_default()
+        c.proc
+            .as_ref()
+            .and_then(|p| p.stderr().ok())
+            .unwrap_or_default()
     );
     c
 }
@@ -153,12 +169,23 @@ fn a_port_scan_quarantines_the_scanner_and_the_webhook_gets_the_alert() {
         "scanner not quarantined; blocks: {}",
         coord.api(&lab, "GET", "/v1/blocks?host=scanner", None).1
     );
-    assert_eq!(host_state(&coord, &lab, "victim"), Some(false), "the victim is not acted on");
+    assert_eq!(
+        host_state(&coord, &lab, "victim"),
+        Some(false),
+        "the victim is not acted on"
+    );
     // Cut off: the victim drops it, the granted port no longer works.
-    assert!(wait_for(Duration::from_secs(10), Duration::from_millis(100), || {
-        !peer_names(victim).contains(&"scanner".to_string())
-    }));
-    assert!(!tcp_connects(scanner.netns(), victim.netns(), victim_ip, 80));
+    assert!(wait_for(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || { !peer_names(victim).contains(&"scanner".to_string()) }
+    ));
+    assert!(!tcp_connects(
+        scanner.netns(),
+        victim.netns(),
+        victim_ip,
+        80
+    ));
 
     // The event.
     let (_, ev) = coord.api(&lab, "GET", "/v1/events?limit=100", None);
@@ -169,11 +196,20 @@ fn a_port_scan_quarantines_the_scanner_and_the_webhook_gets_the_alert() {
         .filter(|e| e["kind"] == "scan_detected")
         .collect();
     assert_eq!(scan.len(), 1, "{ev}");
-    assert!(scan[0]["detail"].as_str().unwrap().starts_with("scanner ("), "{ev}");
+    assert!(
+        scan[0]["detail"].as_str().unwrap().starts_with("scanner ("),
+        "{ev}"
+    );
 
     // The webhook.
-    let (sig, body) = receiver.join().unwrap().expect("no webhook POST within 60 s");
-    assert_eq!(sig, meshd_coordinator::webhook::signature(SECRET.as_bytes(), &body));
+    let (sig, body) = receiver
+        .join()
+        .unwrap()
+        .expect("no webhook POST within 60 s");
+    assert_eq!(
+        sig,
+        meshd_coordinator::webhook::signature(SECRET.as_bytes(), &body)
+    );
     let alert: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(alert["kind"], "scan_detected");
     assert_eq!(alert["host"], "scanner");
@@ -184,9 +220,11 @@ fn a_port_scan_quarantines_the_scanner_and_the_webhook_gets_the_alert() {
     // Release lifts it: the granted port works again.
     let (code, _) = coord.api(&lab, "POST", "/v1/hosts/scanner/release", None);
     assert_eq!(code, 200);
-    assert!(wait_for(Duration::from_secs(15), Duration::from_millis(200), || {
-        tcp_connects(scanner.netns(), victim.netns(), victim_ip, 80)
-    }));
+    assert!(wait_for(
+        Duration::from_secs(15),
+        Duration::from_millis(200),
+        || { tcp_connects(scanner.netns(), victim.netns(), victim_ip, 80) }
+    ));
     coord.assert_no_secrets_in_logs(&lab);
     let log = coord
         .proc

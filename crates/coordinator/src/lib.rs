@@ -210,8 +210,10 @@ async fn start_inner(
         public_key,
     };
     let (stop_tx, stop_rx) = watch::channel(false);
-    let actor = Actor::new(state, store, pool, identity, recent_events)
-        .with_scan_response(opts.scan.clone(), webhook::Webhook::spawn(opts.alerts.clone()));
+    let actor = Actor::new(state, store, pool, identity, recent_events).with_scan_response(
+        opts.scan.clone(),
+        webhook::Webhook::spawn(opts.alerts.clone()),
+    );
     let (cmds, actor_task) = actor.spawn(stop_rx.clone());
     let mut tasks = vec![actor_task];
     tasks.push(tokio::spawn(agent_conn::accept_loop(

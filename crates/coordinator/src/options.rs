@@ -487,7 +487,10 @@ impl CoordinatorFile {
                 source,
             })?;
         let base = path.parent().unwrap_or(Path::new(""));
-        let secret = f.alerts.as_mut().and_then(|a| a.webhook_secret_file.as_mut());
+        let secret = f
+            .alerts
+            .as_mut()
+            .and_then(|a| a.webhook_secret_file.as_mut());
         for p in [&mut f.admin_tls_cert, &mut f.admin_tls_key]
             .into_iter()
             .flatten()
@@ -789,7 +792,14 @@ mod tests {
         .c
         .resolve(Shutdown::never())
         .unwrap();
-        assert_eq!((o.scan.max_pairs, o.scan.max_ports_per_peer, o.scan.window_secs), (30, 7, 20));
+        assert_eq!(
+            (
+                o.scan.max_pairs,
+                o.scan.max_ports_per_peer,
+                o.scan.window_secs
+            ),
+            (30, 7, 20)
+        );
         assert_eq!(o.scan.groups[0].action.to_string(), "label:zone=restricted");
         assert_eq!(o.alerts.webhook_urls.len(), 2);
         assert_eq!(o.alerts.secret.as_deref(), Some("s3cret"));
@@ -805,7 +815,12 @@ mod tests {
         ] {
             let mut args = vec!["x", "--listen", "127.0.0.1:1"];
             args.extend(bad.iter().copied());
-            let e = shown(Cli::parse_from(args).c.resolve(Shutdown::never()).unwrap_err());
+            let e = shown(
+                Cli::parse_from(args)
+                    .c
+                    .resolve(Shutdown::never())
+                    .unwrap_err(),
+            );
             assert!(
                 e.contains("max_pairs") || e.contains("ftp://") || e.contains("/nonexistent"),
                 "{e}"

@@ -117,7 +117,8 @@ impl Worker {
     async fn deliver(self: Arc<Self>, url: String, body: Arc<Vec<u8>>) {
         let attempts = self.cfg.max_attempts.max(1);
         let mut wait = Duration::from_millis(self.cfg.backoff_initial_ms);
-        let max_wait = Duration::from_millis(self.cfg.backoff_max_ms.max(self.cfg.backoff_initial_ms));
+        let max_wait =
+            Duration::from_millis(self.cfg.backoff_max_ms.max(self.cfg.backoff_initial_ms));
         for attempt in 1..=attempts {
             let me = self.clone();
             let (u, b) = (url.clone(), body.clone());
@@ -147,7 +148,10 @@ impl Worker {
             .agent
             .post(url)
             .header("Content-Type", "application/json")
-            .header("User-Agent", concat!("meshd-coordinator/", env!("CARGO_PKG_VERSION")));
+            .header(
+                "User-Agent",
+                concat!("meshd-coordinator/", env!("CARGO_PKG_VERSION")),
+            );
         if let Some(secret) = &self.cfg.secret {
             req = req.header(SIGNATURE_HEADER, signature(secret.as_bytes(), body));
         }
@@ -227,8 +231,11 @@ mod tests {
                 let (mut s, _) = listener.accept().unwrap();
                 s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
                 let req = read_request(&mut s);
-                write!(s, "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-                    .unwrap();
+                write!(
+                    s,
+                    "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                )
+                .unwrap();
                 seen.push((req, std::time::Instant::now()));
             }
             seen
@@ -259,7 +266,10 @@ mod tests {
                 .any(|(k, v)| k == "content-type" && v == "application/json"));
         }
         let gap = seen[1].1 - seen[0].1;
-        assert!(gap >= Duration::from_millis(90), "backoff before the retry: {gap:?}");
+        assert!(
+            gap >= Duration::from_millis(90),
+            "backoff before the retry: {gap:?}"
+        );
     }
 
     #[tokio::test]

@@ -35,7 +35,12 @@ async fn join(c: &CoordinatorHandle, name: &str) -> SessionHandle {
     let t = JoinToken::parse(&t.token).unwrap();
     let key = PrivateKey::generate();
     let e = enrol(&t, name, &key, ep()).await.unwrap();
-    let s = spawn_session(SessionConfig::new(e.coordinator, e.coordinator_key, key, ep()));
+    let s = spawn_session(SessionConfig::new(
+        e.coordinator,
+        e.coordinator_key,
+        key,
+        ep(),
+    ));
     let mut rx = s.state();
     tokio::time::timeout(
         Duration::from_secs(20),
@@ -48,7 +53,12 @@ async fn join(c: &CoordinatorHandle, name: &str) -> SessionHandle {
 }
 
 async fn host(c: &CoordinatorHandle, name: &str) -> HostView {
-    match c.admin(AdminOp::ShowHost(name.into())).await.unwrap().unwrap() {
+    match c
+        .admin(AdminOp::ShowHost(name.into()))
+        .await
+        .unwrap()
+        .unwrap()
+    {
         AdminReply::Host(h) => h,
         other => panic!("{other:?}"),
     }
@@ -97,7 +107,11 @@ fn receiver(listener: TcpListener, statuses: Vec<&'static str>) -> Vec<(String, 
         let mut body = vec![0; len];
         r.read_exact(&mut body).unwrap();
         let mut w = s;
-        write!(w, "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").unwrap();
+        write!(
+            w,
+            "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        )
+        .unwrap();
         got.push((sig, body));
     }
     got
@@ -132,8 +146,12 @@ async fn a_scanner_is_quarantined_and_the_webhook_gets_a_signed_alert() {
     let b = join(&c, "b").await;
 
     // b, the victim, reports 10 inbound denials from a: not more than N.
-    b.report_blocks((1..=10).map(|p| denial("a", Direction::Inbound, p)).collect())
-        .unwrap();
+    b.report_blocks(
+        (1..=10)
+            .map(|p| denial("a", Direction::Inbound, p))
+            .collect(),
+    )
+    .unwrap();
     // Give the actor the batch, then check nothing happened yet.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!host(&c, "a").await.quarantined);
@@ -142,7 +160,10 @@ async fn a_scanner_is_quarantined_and_the_webhook_gets_a_signed_alert() {
         .unwrap();
     let t0 = Instant::now();
     while !host(&c, "a").await.quarantined {
-        assert!(t0.elapsed() < Duration::from_secs(10), "a was not quarantined");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "a was not quarantined"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(!host(&c, "b").await.quarantined);
@@ -171,12 +192,18 @@ async fn a_scanner_is_quarantined_and_the_webhook_gets_a_signed_alert() {
         assert_eq!(sig, &signature(b"hook-secret", body));
     }
     let alert: ScanAlert = serde_json::from_slice(&got[0].1).unwrap();
-    assert_eq!((alert.host.as_str(), alert.action.as_str()), ("a", "quarantine"));
+    assert_eq!(
+        (alert.host.as_str(), alert.action.as_str()),
+        ("a", "quarantine")
+    );
     assert_eq!(alert.distinct_pairs, 11);
     assert_eq!(alert.top_peer, "b");
 
     // Release lifts it.
-    c.admin(AdminOp::Release("a".into())).await.unwrap().unwrap();
+    c.admin(AdminOp::Release("a".into()))
+        .await
+        .unwrap()
+        .unwrap();
     assert!(!host(&c, "a").await.quarantined);
     c.stop().await;
 }
