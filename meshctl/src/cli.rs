@@ -92,6 +92,26 @@ pub enum Command {
               value_parser = clap::value_parser!(u32).range(1..=1000))]
         limit: u32,
     },
+    /// Import a CMDB export (CSV or JSON): host records by name and/or underlay IP with their
+    /// labels, and declared business flows (from-app,to-app,port).
+    ///
+    /// CSV: a `hostname,ip,labels` header (labels as `app=web;env=prod`, or one column per
+    /// label key), then rows; a `from-app,to-app,port` header starts the flows (port `5432`,
+    /// `tcp/5432` or `udp/53`). JSON: `{"hosts": [{"hostname", "ip", "labels"}], "flows":
+    /// [{"from", "to", "port"}]}`. Every bad row is printed as FILE:LINE: message and nothing
+    /// is sent. Records apply to enrolled hosts that match by name or underlay IP, and to
+    /// hosts that enrol later (their labels win over the join token's). Declared flows are
+    /// shown as a policy diff (the current policy plus a `cmdb-FROM-to-TO` rule per pair).
+    Import {
+        /// CMDB file (`-`: standard input).
+        file: PathBuf,
+        /// Also apply the proposed policy (its tests must pass, or nothing is imported).
+        #[arg(long)]
+        apply: bool,
+        /// Write the proposed policy to this file (to review and `policy apply` later).
+        #[arg(long, value_name = "FILE")]
+        write_policy: Option<PathBuf>,
+    },
     /// Join tokens that enrol hosts.
     #[command(subcommand)]
     Token(TokenCmd),

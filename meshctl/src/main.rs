@@ -11,6 +11,7 @@ mod cli;
 mod client;
 mod config;
 mod flows;
+mod import;
 mod output;
 mod parse;
 mod policy;
@@ -137,6 +138,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             format,
         } => ctx()?.topology(&group_by, since, format),
         Command::Export(ExportCmd::Flows { format, since }) => ctx()?.export_flows(format, since),
+        Command::Import {
+            file,
+            apply,
+            write_policy,
+        } => ctx()?.import(&file, apply, write_policy.as_deref()),
         Command::Policy(PolicyCmd::Check { file, offline }) => {
             policy_check(&file, offline, g.output, ctx)
         }

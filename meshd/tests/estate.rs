@@ -37,7 +37,13 @@ fn meshctl(lab: &Lab, coord: &Coord, args: &[&str]) -> (i32, String, String) {
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     let out = in_netns(lab.host(coord.idx).netns(), move || {
         Command::new(bin)
-            .args(["--server", "http://127.0.0.1:7444", "--token", &token, "--config"])
+            .args([
+                "--server",
+                "http://127.0.0.1:7444",
+                "--token",
+                &token,
+                "--config",
+            ])
             .arg(&empty)
             .args(&args)
             .output()
@@ -157,10 +163,7 @@ fn traffic_among_three_hosts_shows_in_the_topology_with_verdicts() {
     let web_api = edge(&topo, "app=web", "app=api", 8080, "allowed").unwrap();
     assert_eq!(web_api["rules"], serde_json::json!(["web-to-api"]));
     assert_eq!(web_api["proto"], 6);
-    assert!(
-        web_api["bytes"].as_u64().unwrap() >= 256 << 10,
-        "{web_api}"
-    );
+    assert!(web_api["bytes"].as_u64().unwrap() >= 256 << 10, "{web_api}");
     assert_eq!(web_api["pairs"], serde_json::json!(["web1>api1"]));
     let nodes: Vec<&str> = topo["nodes"]
         .as_array()
@@ -183,9 +186,18 @@ fn traffic_among_three_hosts_shows_in_the_topology_with_verdicts() {
     let (rc, out, err) = meshctl(&e.lab, &e.coord, &["topology", "--format", "json"]);
     assert_eq!(rc, 0, "meshctl topology: {err}");
     let by_host: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert!(edge(&by_host, "web1", "api1", 8080, "allowed").is_some(), "{out}");
-    assert!(edge(&by_host, "api1", "db1", 5432, "allowed").is_some(), "{out}");
-    assert!(edge(&by_host, "api1", "db1", 22, "denied").is_some(), "{out}");
+    assert!(
+        edge(&by_host, "web1", "api1", 8080, "allowed").is_some(),
+        "{out}"
+    );
+    assert!(
+        edge(&by_host, "api1", "db1", 5432, "allowed").is_some(),
+        "{out}"
+    );
+    assert!(
+        edge(&by_host, "api1", "db1", 22, "denied").is_some(),
+        "{out}"
+    );
     let (rc, dot, err) = meshctl(
         &e.lab,
         &e.coord,
@@ -197,7 +209,11 @@ fn traffic_among_three_hosts_shows_in_the_topology_with_verdicts() {
     // And export flows hands them out as CSV, by name and labels.
     let (rc, csv, err) = meshctl(&e.lab, &e.coord, &["export", "flows", "--format", "csv"]);
     assert_eq!(rc, 0, "meshctl export flows: {err}");
-    assert!(csv.lines().any(|l| l.contains("web1") && l.contains("api1") && l.contains("8080")), "{csv}");
+    assert!(
+        csv.lines()
+            .any(|l| l.contains("web1") && l.contains("api1") && l.contains("8080")),
+        "{csv}"
+    );
     e.coord.assert_no_secrets_in_logs(&e.lab);
 }
 
@@ -241,7 +257,10 @@ rules: []
     assert!(suggestion.contains("tcp/5432"), "{suggestion}");
     assert!(suggestion.contains("tests:"), "{suggestion}");
     let (code, v) = e.coord.apply_policy(&e.lab, &suggestion);
-    assert!((200..300).contains(&code), "apply suggestion: {code} {v}\n{suggestion}");
+    assert!(
+        (200..300).contains(&code),
+        "apply suggestion: {code} {v}\n{suggestion}"
+    );
     let (rc, out, _) = meshctl(&e.lab, &e.coord, &["status"]);
     assert_eq!(rc, 0);
     assert!(!out.contains("NOT ENFORCING"), "{out}");

@@ -21,6 +21,7 @@
 //! | GET | `/v1/flows?since=T&host=H` | | `Vec<FlowView>` (oldest first) |
 //! | GET | `/v1/topology?since=T&group_by=K` | | `TopologyView` |
 //! | GET | `/ui` | (token cookie) | the topology page |
+//! | POST | `/v1/import` | `ImportRequest` | `state::ImportOutcome` (400 `import_refused`: every bad row) |
 //!
 //! `{host}` is a name, an id or a public key (base64, URL-encoded). Errors reply with a 4xx/5xx
 //! status and an [`ApiError`] body.
@@ -615,4 +616,15 @@ pub struct TopologyEdge {
     pub last_seen: UnixTime,
     /// Host pairs behind the edge, `opener>responder`, sorted.
     pub pairs: Vec<String>,
+}
+
+/// `POST /v1/import`: a parsed CMDB file (`meshctl import`), imported as one change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportRequest {
+    /// Host records and declared flows.
+    #[serde(flatten)]
+    pub file: crate::cmdb::CmdbFile,
+    /// Also apply the proposed policy (its tests must pass, or nothing is imported).
+    #[serde(default)]
+    pub apply: bool,
 }

@@ -30,13 +30,19 @@ pub enum EventKind {
     PolicyRollback,
     /// The runtime learning setting changed (`meshctl policy mode`).
     PolicyModeChanged,
+    /// A CMDB file was imported (`meshctl import`).
+    CmdbImported,
+    /// An enrolling host matched a CMDB record and got its labels.
+    HostLabelsFromCmdb,
+    /// The scan detector acted on a host (quarantine or restricted label).
+    ScanDetected,
     /// A kind this version does not write (stored by another version), kept as stored.
     Other(String),
 }
 
 impl EventKind {
     /// Every kind this version writes.
-    pub const KNOWN: [EventKind; 10] = [
+    pub const KNOWN: [EventKind; 13] = [
         EventKind::DuplicateConnection,
         EventKind::HostRenamedOnEnrol,
         EventKind::PoolExhausted,
@@ -47,6 +53,9 @@ impl EventKind {
         EventKind::PolicyApplied,
         EventKind::PolicyRollback,
         EventKind::PolicyModeChanged,
+        EventKind::CmdbImported,
+        EventKind::HostLabelsFromCmdb,
+        EventKind::ScanDetected,
     ];
 
     /// The stored and shown name (`host_removed`).
@@ -62,6 +71,9 @@ impl EventKind {
             EventKind::PolicyApplied => "policy_applied",
             EventKind::PolicyRollback => "policy_rollback",
             EventKind::PolicyModeChanged => "policy_mode_changed",
+            EventKind::CmdbImported => "cmdb_imported",
+            EventKind::HostLabelsFromCmdb => "host_labels_from_cmdb",
+            EventKind::ScanDetected => "scan_detected",
             EventKind::Other(s) => s,
         }
     }
@@ -133,6 +145,9 @@ mod tests {
                 "policy_applied",
                 "policy_rollback",
                 "policy_mode_changed",
+                "cmdb_imported",
+                "host_labels_from_cmdb",
+                "scan_detected",
             ]
         );
         for k in EventKind::KNOWN {

@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod cmdb;
 pub mod event;
 pub mod flow;
 pub mod map;

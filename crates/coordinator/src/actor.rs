@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use meshd_control::api::{HealthView, StoreFailure, EVENTS_MAX};
 use meshd_control::proto::{CoordinatorMessage, EndpointReport, ErrorCode, HostInfo};
-use meshd_control::state::{AdminError, ConnId, Dirty, FlowBatch, FlowLimits, Hello};
+use meshd_control::state::{
+    AdminError, ConnId, Dirty, FlowBatch, FlowLimits, Hello, ScanAlert, ScanConfig, ScanDetector,
+};
 use meshd_control::{AuditEvent, CoordinatorState, EventKind, HostId, IpPool, UnixTime};
 use meshd_store::{Snapshot, Store};
 use meshd_tunnel::PublicKey;
@@ -22,6 +24,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::error::{chain, RestoreStateError, Stopped};
 use crate::ops::{AdminOp, AdminReply, Identity, Ops};
+use crate::webhook::Webhook;
 
 const COMMAND_QUEUE: usize = 4096;
 const MAX_BATCH: usize = 1024;
@@ -181,6 +184,14 @@ pub(crate) struct Actor {
     stale: Option<String>,
     /// Flow ingest bounds (kept for reloads).
     flow_limits: FlowLimits,
+    /// The scan detector (kept across a reload: its windows are evidence, not state).
+    detector: ScanDetector,
+    /// Labels the detector's actions set (release removes them).
+    restricted: Vec<(String, String)>,
+    /// Where alerts are POSTed (none configured: `None`).
+    webhook: Option<Webhook>,
+    /// This batch's alerts, sent once it is committed.
+    alerts: Vec<ScanAlert>,
 }
 
 impl Actor {
@@ -205,6 +216,37 @@ impl Actor {
             store_failure: None,
             stale: None,
             flow_limits,
+            detector: ScanDetector::new(ScanConfig::default()),
+            restricted: Vec::new(),
+            webhook: None,
+            alerts: Vec::new(),
+        }
+    }
+
+    /// Sets the scan detector's settings and the alert webhook.
+    pub(crate) fn with_scan_response(mut self, cfg: ScanConfig, webhook: Option<Webhook>) -> Self {
+        self.restricted = cfg.restricted_labels();
+        self.detector = ScanDetector::new(cfg);
+        self.webhook = webhook;
+        self
+    }
+
+    /// A committed batch's alerts: the log line, then the webhook.
+    fn send_alerts(&mut self) {
+        for a in std::mem::take(&mut self.alerts) {
+            warn!(
+                host = %a.host,
+                host_id = %a.host_id,
+                action = %a.action,
+                reason = %a.reason,
+                distinct_pairs = a.distinct_pairs,
+                top_peer = %a.top_peer,
+                top_peer_ports = a.top_peer_ports,
+                "scan detected"
+            );
+            if let Some(w) = &self.webhook {
+                w.send(&a);
+            }
         }
     }
 
@@ -298,10 +340,13 @@ impl Actor {
                     Err(e) => Some(format!("commit task failed: {e}")),
                 };
                 if let Some(error) = error {
+                    // Nothing of the batch was saved: its actions did not happen.
+                    self.alerts.clear();
                     self.roll_back(now, error, what, deferred).await;
                     continue;
                 }
             }
+            self.send_alerts();
             for d in deferred {
                 match d {
                     Deferred::Connect(tx, r) => {
@@ -406,6 +451,7 @@ impl Actor {
             .map_err(|e| chain(&e))?;
         self.recent = recent.into();
         self.events.clear();
+        self.alerts.clear();
         self.stale = None;
         Ok(())
     }
@@ -479,7 +525,22 @@ impl Actor {
                     self.live.remove(&host);
                 }
             }
-            Cmd::Blocks { host, conn, events } => self.state.record_blocks(host, conn, events),
+            Cmd::Blocks { host, conn, events } => {
+                let live = self.live.get(&host).is_some_and(|l| l.conn_id == conn);
+                let seen = if live { events.clone() } else { Vec::new() };
+                self.state.record_blocks(host, conn, events);
+                // A learning host's would-be denials pass as would-deny: never a scan.
+                let alerts =
+                    self.state
+                        .detect_scans(now, &mut self.detector, host, &seen, |s, id| {
+                            s.is_learning(id)
+                        });
+                for a in alerts {
+                    self.events
+                        .push(AuditEvent::new(now, EventKind::ScanDetected, a.to_string()));
+                    self.alerts.push(a);
+                }
+            }
             Cmd::Flows {
                 host,
                 conn,
@@ -512,6 +573,7 @@ impl Actor {
                     recent: &self.recent,
                     identity: self.identity,
                     health,
+                    restricted: &self.restricted,
                 }
                 .run(now, op);
                 deferred.push(Deferred::Admin(reply, r));
@@ -631,6 +693,7 @@ pub(crate) fn restore_state(
     state.restore_blocks(snapshot.blocks);
     state.set_flow_limits(flow_limits);
     state.restore_flow_intervals(snapshot.flow_intervals);
+    state.restore_records(snapshot.records);
     Ok(state)
 }
 

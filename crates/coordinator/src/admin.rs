@@ -113,6 +113,15 @@ impl From<AdminError> for Failure {
             AdminError::PolicyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             // Nothing was changed; the same request may work once the cause is fixed.
             AdminError::NotSaved(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_saved"),
+            AdminError::Import(ref rows) => {
+                let failures = rows.iter().map(ToString::to_string).collect();
+                return Failure(
+                    StatusCode::BAD_REQUEST,
+                    "import_refused",
+                    e.to_string(),
+                    failures,
+                );
+            }
             AdminError::Policy(PolicyError::NoSuchVersion(_)) => {
                 (StatusCode::NOT_FOUND, "not_found")
             }
@@ -528,6 +537,15 @@ async fn topology(
     Ok(Json(t).into_response())
 }
 
+/// `POST /v1/import`: a CMDB file as one change (every bad row refuses it).
+async fn import(
+    _: Authed,
+    State(st): State<AppState>,
+    Json(r): Json<meshd_control::api::ImportRequest>,
+) -> Result<Response, Failure> {
+    call(&st, AdminOp::Import(r)).await
+}
+
 /// The admin router.
 fn router(st: AppState) -> Router {
     Router::new()
@@ -557,6 +575,7 @@ fn router(st: AppState) -> Router {
         .route("/v1/events", get(events))
         .route("/v1/flows", get(flows))
         .route("/v1/topology", get(topology))
+        .route("/v1/import", post(import))
         .with_state(st)
 }
 

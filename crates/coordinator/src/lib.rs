@@ -22,6 +22,7 @@ pub mod guard;
 pub mod ops;
 pub mod options;
 pub mod state_dir;
+pub mod webhook;
 
 pub(crate) use meshd_channel::{noise, quic};
 
@@ -219,6 +220,10 @@ async fn start_inner(
         identity,
         recent_events,
         flow_limits,
+    )
+    .with_scan_response(
+        opts.scan.clone(),
+        webhook::Webhook::spawn(opts.alerts.clone()),
     );
     let (cmds, actor_task) = actor.spawn(stop_rx.clone());
     let mut tasks = vec![actor_task];

@@ -75,6 +75,8 @@ pub enum AdminOp {
     },
     /// Whether changes can be saved (answered even when nothing else is).
     Health,
+    /// Import a CMDB file (host records, declared flows) as one change.
+    Import(meshd_control::api::ImportRequest),
 }
 
 /// The result of an [`AdminOp`].
@@ -121,6 +123,8 @@ pub(crate) struct Ops<'a> {
     pub(crate) identity: Identity,
     /// Whether commits work now.
     pub(crate) health: HealthView,
+    /// Labels the scan detector sets (release removes them).
+    pub(crate) restricted: &'a [(String, String)],
 }
 
 impl Ops<'_> {
@@ -132,6 +136,7 @@ impl Ops<'_> {
             recent,
             identity,
             health,
+            restricted,
         } = self;
         let view = |state: &CoordinatorState, h: &Host| {
             let s = state.sessions().into_iter().find(|s| s.host == h.id);
@@ -296,7 +301,7 @@ impl Ops<'_> {
                 AdminReply::Host(view(state, &h))
             }
             AdminOp::Release(r) => {
-                let h = state.release(&r)?;
+                let h = state.release_scan(&r, restricted)?;
                 record(EventKind::HostReleased, named(&h));
                 AdminReply::Host(view(state, &h))
             }
@@ -312,6 +317,32 @@ impl Ops<'_> {
             AdminOp::Events { limit } => AdminReply::Events(newest(recent, limit)),
             AdminOp::Status => AdminReply::Status(status(state, identity, &health)),
             AdminOp::Health => AdminReply::Health(health),
+            AdminOp::Import(req) => {
+                let out = state.import_cmdb(now, &req.file, req.apply)?;
+                info!(
+                    created = out.created,
+                    updated = out.updated,
+                    relabelled = out.relabelled.len(),
+                    flows = req.file.flows.len(),
+                    rules_version = out.applied_version,
+                    "cmdb import"
+                );
+                let mut detail = format!(
+                    "{} records created, {} updated, {} hosts relabelled, {} declared flows",
+                    out.created,
+                    out.updated,
+                    out.relabelled.len(),
+                    req.file.flows.len()
+                );
+                if let Some(v) = out.applied_version {
+                    detail.push_str(&format!("; policy version {v}"));
+                }
+                record(EventKind::CmdbImported, detail);
+                if let Some(v) = out.applied_version {
+                    record(EventKind::PolicyApplied, format!("version {v}"));
+                }
+                json(&out)
+            }
         })
     }
 }
@@ -391,6 +422,7 @@ mod tests {
                 ok: true,
                 store_failure: None,
             },
+            restricted: &[],
         }
     }
 

@@ -92,6 +92,12 @@ pub enum OptionsError {
         /// What is wrong.
         message: String,
     },
+    /// The scan detector's settings are refused.
+    #[error("coordinator scan response settings")]
+    Scan(#[from] meshd_control::state::ScanConfigError),
+    /// An alert setting is refused (a webhook URL, the secret file).
+    #[error("coordinator alerts: {0}")]
+    Alerts(String),
 }
 
 /// Flow record settings (`flow_retention`, `flow_rows_per_host` in the config file).
@@ -208,6 +214,80 @@ pub struct CoordinatorOptions {
     pub flows: FlowSettings,
     /// Stop signal.
     pub shutdown: Shutdown,
+    /// The scan detector (`[scan_response]`).
+    pub scan: meshd_control::state::ScanConfig,
+    /// Where alerts go besides the event log and the log (`[alerts]`).
+    pub alerts: AlertsConfig,
+}
+
+/// Alert delivery (`[alerts]` in the config file; every field optional).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AlertsConfig {
+    /// Webhook URLs (http:// or https://) each alert is POSTed to as JSON.
+    pub webhook_urls: Vec<String>,
+    /// File holding the HMAC-SHA256 secret for `X-Meshd-Signature` (trailing newline ignored).
+    pub webhook_secret_file: Option<PathBuf>,
+    /// The secret itself (read from `webhook_secret_file`; never in the file).
+    #[serde(skip)]
+    pub secret: Option<String>,
+    /// Alerts waiting for delivery at most; more are dropped and counted.
+    pub queue: usize,
+    /// Attempts per URL (the first included).
+    pub max_attempts: u32,
+    /// Wait before the first retry (ms); doubles per retry.
+    pub backoff_initial_ms: u64,
+    /// Longest wait between retries (ms).
+    pub backoff_max_ms: u64,
+    /// Time for one attempt (ms).
+    pub timeout_ms: u64,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig {
+            webhook_urls: Vec::new(),
+            webhook_secret_file: None,
+            secret: None,
+            queue: 256,
+            max_attempts: 6,
+            backoff_initial_ms: 500,
+            backoff_max_ms: 30_000,
+            timeout_ms: 5_000,
+        }
+    }
+}
+
+impl AlertsConfig {
+    /// Checks the URLs and reads the secret file.
+    fn resolve(&mut self) -> Result<(), OptionsError> {
+        for u in &self.webhook_urls {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                return Err(OptionsError::Alerts(format!(
+                    "webhook URL {u:?} must start with http:// or https://"
+                )));
+            }
+        }
+        if self.queue == 0 || self.max_attempts == 0 {
+            return Err(OptionsError::Alerts(
+                "queue and max_attempts must be at least 1".into(),
+            ));
+        }
+        if let Some(p) = &self.webhook_secret_file {
+            let s = std::fs::read_to_string(p).map_err(|e| {
+                OptionsError::Alerts(format!("reading webhook secret {}: {e}", p.display()))
+            })?;
+            let s = s.trim_end_matches(['\r', '\n']).to_string();
+            if s.is_empty() {
+                return Err(OptionsError::Alerts(format!(
+                    "webhook secret file {} is empty",
+                    p.display()
+                )));
+            }
+            self.secret = Some(s);
+        }
+        Ok(())
+    }
 }
 
 /// Limits on the admin API and the control endpoint (`[limits]` in the config file; every
@@ -311,6 +391,8 @@ impl CoordinatorOptions {
             limits: Limits::default(),
             flows: FlowSettings::default(),
             shutdown: Shutdown::never(),
+            scan: meshd_control::state::ScanConfig::default(),
+            alerts: AlertsConfig::default(),
         }
     }
 
@@ -391,6 +473,30 @@ pub struct CoordinatorArgs {
     /// Optional overlay IPv6 prefix (/96 or shorter).
     #[arg(long, value_name = "CIDR")]
     pub pool_v6: Option<Ipv6Net>,
+    /// Scan detector: more distinct denied (peer, port) pairs than N within the window is a
+    /// scan [default: 50].
+    #[arg(long, value_name = "N")]
+    pub scan_max_pairs: Option<usize>,
+    /// Scan detector: more distinct denied ports of one peer than M within the window is a
+    /// scan [default: 20].
+    #[arg(long, value_name = "M")]
+    pub scan_max_ports: Option<usize>,
+    /// Scan detector window in seconds [default: 60].
+    #[arg(long, value_name = "SECS")]
+    pub scan_window: Option<u64>,
+    /// What the scan detector does to hosts no configured group matches: quarantine or
+    /// label:KEY=VALUE [default: quarantine].
+    #[arg(long, value_name = "ACTION")]
+    pub scan_action: Option<meshd_control::state::ScanAction>,
+    /// Turn the scan detector off.
+    #[arg(long)]
+    pub no_scan_response: bool,
+    /// Webhook URL alerts are POSTed to (repeatable; adds to the file's).
+    #[arg(long, value_name = "URL")]
+    pub webhook_url: Vec<String>,
+    /// File with the webhook HMAC secret (X-Meshd-Signature: sha256=...).
+    #[arg(long, value_name = "FILE")]
+    pub webhook_secret_file: Option<PathBuf>,
 }
 
 /// The `--config` file (all fields optional; flags win).
@@ -424,6 +530,10 @@ pub struct CoordinatorFile {
     /// `"text"` or `"json"` log lines (`meshd --log-format` wins; read by meshd's main
     /// before the coordinator starts, see [`CoordinatorArgs::log_format`]).
     pub log_format: Option<meshd_config::LogFormat>,
+    /// The scan detector.
+    pub scan_response: Option<meshd_control::state::ScanConfig>,
+    /// Alert delivery (webhooks).
+    pub alerts: Option<AlertsConfig>,
 }
 
 impl CoordinatorFile {
@@ -439,9 +549,14 @@ impl CoordinatorFile {
                 source,
             })?;
         let base = path.parent().unwrap_or(Path::new(""));
+        let secret = f
+            .alerts
+            .as_mut()
+            .and_then(|a| a.webhook_secret_file.as_mut());
         for p in [&mut f.admin_tls_cert, &mut f.admin_tls_key]
             .into_iter()
             .flatten()
+            .chain(secret)
         {
             *p = base.join(&*p);
         }
@@ -521,6 +636,31 @@ impl CoordinatorArgs {
             }
             o.flows.rows_per_host = n;
         }
+        let mut scan = file.scan_response.unwrap_or_default();
+        if let Some(n) = self.scan_max_pairs {
+            scan.max_pairs = n;
+        }
+        if let Some(m) = self.scan_max_ports {
+            scan.max_ports_per_peer = m;
+        }
+        if let Some(t) = self.scan_window {
+            scan.window_secs = t;
+        }
+        if let Some(a) = &self.scan_action {
+            scan.action = a.clone();
+        }
+        if self.no_scan_response {
+            scan.enabled = false;
+        }
+        scan.validate()?;
+        o.scan = scan;
+        let mut alerts = file.alerts.unwrap_or_default();
+        alerts.webhook_urls.extend(self.webhook_url.iter().cloned());
+        if let Some(p) = &self.webhook_secret_file {
+            alerts.webhook_secret_file = Some(p.clone());
+        }
+        alerts.resolve()?;
+        o.alerts = alerts;
         o.shutdown = shutdown;
         if o.advertise.is_none() && o.listen.ip().is_unspecified() {
             o.advertise_for(o.listen)?;
@@ -740,6 +880,69 @@ mod tests {
         assert_eq!(cli(&f).c.log_format(), None);
         let e = shown(CoordinatorFile::load(&f).unwrap_err());
         assert!(e.contains("log_format") && e.contains("c.toml"), "{e}");
+    }
+
+    #[test]
+    fn scan_response_and_alerts_from_file_and_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(dir.path().join("hook.secret"), "s3cret\n").unwrap();
+        std::fs::write(
+            &f,
+            "listen = \"10.0.0.1:7443\"\n\
+             [scan_response]\nmax_pairs = 30\nwindow_secs = 20\n\
+             groups = [{ labels = { env = \"dev\" }, action = \"label:zone=restricted\" }]\n\
+             [alerts]\nwebhook_urls = [\"http://127.0.0.1:9000/hook\"]\n\
+             webhook_secret_file = \"hook.secret\"\n",
+        )
+        .unwrap();
+        let o = Cli::parse_from([
+            "x",
+            "--config",
+            f.to_str().unwrap(),
+            "--scan-max-ports",
+            "7",
+            "--webhook-url",
+            "https://alerts.example/hook",
+        ])
+        .c
+        .resolve(Shutdown::never())
+        .unwrap();
+        assert_eq!(
+            (
+                o.scan.max_pairs,
+                o.scan.max_ports_per_peer,
+                o.scan.window_secs
+            ),
+            (30, 7, 20)
+        );
+        assert_eq!(o.scan.groups[0].action.to_string(), "label:zone=restricted");
+        assert_eq!(o.alerts.webhook_urls.len(), 2);
+        assert_eq!(o.alerts.secret.as_deref(), Some("s3cret"));
+        let o = Cli::parse_from(["x", "--listen", "127.0.0.1:1"])
+            .c
+            .resolve(Shutdown::never())
+            .unwrap();
+        assert!(o.scan.enabled && o.alerts.webhook_urls.is_empty());
+        for bad in [
+            vec!["--scan-max-pairs", "0"],
+            vec!["--webhook-url", "ftp://x"],
+            vec!["--webhook-secret-file", "/nonexistent/secret"],
+        ] {
+            let mut args = vec!["x", "--listen", "127.0.0.1:1"];
+            args.extend(bad.iter().copied());
+            let e = shown(
+                Cli::parse_from(args)
+                    .c
+                    .resolve(Shutdown::never())
+                    .unwrap_err(),
+            );
+            assert!(
+                e.contains("max_pairs") || e.contains("ftp://") || e.contains("/nonexistent"),
+                "{e}"
+            );
+        }
+        assert!(Cli::try_parse_from(["x", "--scan-action", "drop"]).is_err());
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub struct Snapshot {
     /// Row counts of the intervals stored in the last [`FLOW_INTERVALS_LOADED_SECS`] before
     /// the newest flow row (the per-interval bound survives a restart).
     pub flow_intervals: Vec<FlowInterval>,
+    /// CMDB host records, by id.
+    pub records: Vec<meshd_control::cmdb::HostRecord>,
 }
 
 /// How far back from the newest flow row [`Store::load`] counts rows per interval.

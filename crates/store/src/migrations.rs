@@ -125,4 +125,20 @@ CREATE INDEX flows_host ON flows(host_id, last_seen);       -- ?host= (reporting
 CREATE INDEX flows_peer ON flows(peer_id, last_seen);       -- ?host= (other end)
 "#,
     ),
+    (
+        5,
+        "cmdb host records",
+        r#"
+-- Host records imported from a CMDB (`meshctl import`): labels for the host with this name or
+-- underlay address, enrolled or not yet. Upserted by id; an import is one transaction.
+CREATE TABLE cmdb_records (
+    id          INTEGER PRIMARY KEY,       -- RecordId
+    name        TEXT,                      -- host name, or NULL (matched by address only)
+    ip          TEXT,                      -- underlay IP address, or NULL
+    labels      TEXT    NOT NULL,          -- JSON object of string -> string
+    imported_at INTEGER NOT NULL,          -- Unix seconds of the last import naming it
+    host_id     INTEGER                    -- the enrolled host it was applied to
+);
+"#,
+    ),
 ];

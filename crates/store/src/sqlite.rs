@@ -7,6 +7,7 @@ use std::sync::Mutex;
 
 use meshd_config::fsutil::{make_private, FsError};
 
+use meshd_control::cmdb::{HostRecord, RecordId};
 use meshd_control::state::Dirty;
 use meshd_control::{AuditEvent, EventKind, Host, HostId, Labels, Token, TokenId};
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
@@ -275,6 +276,52 @@ fn host_from_row(row: &Row<'_>) -> Result<Host, StoreError> {
     })
 }
 
+fn put_record(tx: &Transaction<'_>, r: &HostRecord) -> Result<(), StoreError> {
+    let labels = serde_json::to_string(&r.labels).map_err(|_| StoreError::Range("labels"))?;
+    tx.execute(
+        "INSERT INTO cmdb_records (id, name, ip, labels, imported_at, host_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT(id) DO UPDATE SET
+            name = excluded.name, ip = excluded.ip, labels = excluded.labels,
+            imported_at = excluded.imported_at, host_id = excluded.host_id",
+        params![
+            to_i64(r.id.0, "record id")?,
+            r.name,
+            r.ip.map(|a| a.to_string()),
+            labels,
+            to_i64(r.imported_at, "imported_at")?,
+            r.host.map(|h| to_i64(h.0, "host id")).transpose()?,
+        ],
+    )?;
+    Ok(())
+}
+
+fn record_from_row(row: &Row<'_>) -> Result<HostRecord, StoreError> {
+    let id: i64 = row.get(0)?;
+    let bad = |field| StoreError::Corrupt {
+        table: "cmdb_records",
+        id,
+        field,
+    };
+    let ip: Option<String> = row.get(2)?;
+    let labels: String = row.get(3)?;
+    let host: Option<i64> = row.get(5)?;
+    Ok(HostRecord {
+        id: RecordId(u64::try_from(id).map_err(|_| bad("id"))?),
+        name: row.get(1)?,
+        ip: ip
+            .map(|s| s.parse::<IpAddr>())
+            .transpose()
+            .map_err(|_| bad("ip"))?,
+        labels: serde_json::from_str::<Labels>(&labels).map_err(|_| bad("labels"))?,
+        imported_at: u64_col(row, 4, "cmdb_records", id, "imported_at")?,
+        host: host
+            .map(|h| u64::try_from(h).map(HostId))
+            .transpose()
+            .map_err(|_| bad("host_id"))?,
+    })
+}
+
 fn token_from_row(row: &Row<'_>) -> Result<Token, StoreError> {
     let id: i64 = row.get(0)?;
     let bad = |field| StoreError::Corrupt {
@@ -416,6 +463,17 @@ impl Store for SqliteStore {
                 })?,
                 None => Default::default(),
             };
+            let records = {
+                let mut st = tx.prepare(
+                    "SELECT id, name, ip, labels, imported_at, host_id FROM cmdb_records ORDER BY id",
+                )?;
+                let mut rows = st.query([])?;
+                let mut v = Vec::new();
+                while let Some(r) = rows.next()? {
+                    v.push(record_from_row(r)?);
+                }
+                v
+            };
             tx.commit()?;
             Ok(Snapshot {
                 hosts,
@@ -425,6 +483,7 @@ impl Store for SqliteStore {
                 blocks,
                 flow_intervals,
                 mode,
+                records,
             })
         })
     }
@@ -444,6 +503,9 @@ impl Store for SqliteStore {
             }
             for t in &d.tokens {
                 put_token(&tx, t)?;
+            }
+            for r in &d.records {
+                put_record(&tx, r)?;
             }
             if let Some(v) = d.map_version {
                 set_meta(&tx, META_MAP_VERSION, &v.to_string())?;
@@ -575,7 +637,7 @@ mod tests {
         let mut h2 = host(2);
         {
             let s = SqliteStore::open(&path).unwrap();
-            assert_eq!(s.schema_version().unwrap(), 4);
+            assert_eq!(s.schema_version().unwrap(), 5);
             assert_eq!(s.load().unwrap(), Snapshot::default());
             s.commit(
                 &Dirty {
@@ -628,7 +690,7 @@ mod tests {
             )]
         );
         // Migrations are recorded once.
-        assert_eq!(s.schema_version().unwrap(), 4);
+        assert_eq!(s.schema_version().unwrap(), 5);
         let journal: String = s
             .with(|c| Ok(c.query_row("PRAGMA journal_mode", [], |r| r.get(0))?))
             .unwrap();
@@ -744,6 +806,53 @@ mod tests {
         );
         assert_eq!(snap.blocks[0].at, 5);
         assert_eq!(snap.blocks.last().unwrap().at, BLOCKS_KEPT as u64 + 4);
+    }
+
+    #[test]
+    fn cmdb_records_persist_and_a_bad_batch_stores_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("coordinator.db");
+        let rec = |id: u64, host: Option<u64>| HostRecord {
+            id: RecordId(id),
+            name: (id == 1).then(|| "web-1".to_string()),
+            ip: Some(format!("198.18.0.{id}").parse().unwrap()),
+            labels: [("app".to_string(), "web".to_string())].into(),
+            imported_at: 50,
+            host: host.map(HostId),
+        };
+        {
+            let s = SqliteStore::open(&path).unwrap();
+            s.commit(
+                &Dirty {
+                    records: vec![rec(1, None), rec(2, None)],
+                    ..Default::default()
+                },
+                &[],
+            )
+            .unwrap();
+            s.commit(
+                &Dirty {
+                    records: vec![rec(2, Some(7))],
+                    ..Default::default()
+                },
+                &[],
+            )
+            .unwrap();
+            // One import is one transaction: a record that cannot be stored fails all of it.
+            let mut bad = rec(4, None);
+            bad.imported_at = u64::MAX;
+            assert!(s
+                .commit(
+                    &Dirty {
+                        records: vec![rec(3, None), bad],
+                        ..Default::default()
+                    },
+                    &[],
+                )
+                .is_err());
+        }
+        let snap = SqliteStore::open(&path).unwrap().load().unwrap();
+        assert_eq!(snap.records, vec![rec(1, None), rec(2, Some(7))]);
     }
 
     #[test]

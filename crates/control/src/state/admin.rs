@@ -62,6 +62,9 @@ pub enum AdminError {
     /// A policy file over [`MAX_POLICY_BYTES`].
     #[error("the policy file is {0} bytes; at most {MAX_POLICY_BYTES} are accepted")]
     PolicyTooLarge(usize),
+    /// A CMDB import with bad rows (every one, by line); nothing was imported.
+    #[error("{} bad rows; nothing imported", .0.len())]
+    Import(Vec<crate::cmdb::RowError>),
     /// The change could not be saved, so it was not made (the state is as before the request).
     #[error("not saved, nothing changed: {0}")]
     NotSaved(String),

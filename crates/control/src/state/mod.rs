@@ -37,6 +37,8 @@ use crate::pool::{IpPool, PoolError};
 
 mod admin;
 mod blocks;
+mod cmdb;
+mod detector;
 mod flows;
 mod mode;
 mod policy;
@@ -48,6 +50,8 @@ pub use admin::{
     MAX_TOKEN_USES,
 };
 pub use blocks::BLOCKS_KEPT;
+pub use cmdb::ImportOutcome;
+pub use detector::{ScanAction, ScanAlert, ScanConfig, ScanConfigError, ScanDetector, ScanGroup};
 pub use flows::{
     FlowBatch, FlowInterval, FlowLimits, FlowStats, FlowsRecorded, DEFAULT_FLOW_ROWS_PER_HOST,
     FLOW_CLOCK_AHEAD_SECS, FLOW_INTERVALS_REMEMBERED,
@@ -126,6 +130,10 @@ pub struct CoordinatorState {
     flow_counts: HashMap<HostId, flows::IntervalCounts>,
     dirty_flows: Vec<crate::api::FlowView>,
     flow_stats: FlowStats,
+    /// CMDB host records (`state/cmdb.rs`), those not yet persisted, the next id.
+    records: BTreeMap<crate::cmdb::RecordId, crate::cmdb::HostRecord>,
+    dirty_records: BTreeSet<crate::cmdb::RecordId>,
+    next_record: u64,
 }
 
 impl CoordinatorState {
@@ -171,6 +179,9 @@ impl CoordinatorState {
             flow_counts: HashMap::new(),
             dirty_flows: Vec::new(),
             flow_stats: FlowStats::default(),
+            records: BTreeMap::new(),
+            dirty_records: BTreeSet::new(),
+            next_record: 1,
         }
     }
 

@@ -53,6 +53,8 @@ pub struct Dirty {
     pub flows: Vec<crate::api::FlowView>,
     /// The runtime learning setting, when it changed (`meshctl policy mode`).
     pub mode: Option<super::RuntimeMode>,
+    /// Changed CMDB host records (full records; upserted by id).
+    pub records: Vec<crate::cmdb::HostRecord>,
 }
 
 impl Dirty {
@@ -65,6 +67,7 @@ impl Dirty {
             && self.blocks.is_empty()
             && self.flows.is_empty()
             && self.mode.is_none()
+            && self.records.is_empty()
     }
 }
 
@@ -335,6 +338,10 @@ impl CoordinatorState {
             blocks: std::mem::take(&mut self.dirty_blocks),
             flows: std::mem::take(&mut self.dirty_flows),
             mode: std::mem::take(&mut self.dirty_mode).then(|| self.runtime_mode.clone()),
+            records: std::mem::take(&mut self.dirty_records)
+                .into_iter()
+                .filter_map(|id| self.records.get(&id).cloned())
+                .collect(),
         }
     }
 }

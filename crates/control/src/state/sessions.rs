@@ -98,6 +98,15 @@ pub enum Notice {
         /// The name the refused host asked for.
         requested: String,
     },
+    /// An enrolling host matched a CMDB record (by name or underlay IP) and got its labels.
+    LabelsFromCmdb {
+        /// The new host.
+        id: HostId,
+        /// The record's key (`name`, `ip` or `name/ip`).
+        record: String,
+        /// The host's labels now.
+        labels: crate::model::Labels,
+    },
 }
 
 impl Notice {
@@ -106,6 +115,7 @@ impl Notice {
         match self {
             Notice::HostRenamedOnEnrol { .. } => EventKind::HostRenamedOnEnrol,
             Notice::PoolExhausted { .. } => EventKind::PoolExhausted,
+            Notice::LabelsFromCmdb { .. } => EventKind::HostLabelsFromCmdb,
         }
     }
 }
@@ -129,6 +139,14 @@ impl std::fmt::Display for Notice {
                 f,
                 "address pool {pool} exhausted ({used} addresses in use); refused to enrol {requested}"
             ),
+            Notice::LabelsFromCmdb { id, record, labels } => {
+                let l: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                write!(
+                    f,
+                    "host {id} matched CMDB record {record}; labels {}",
+                    l.join(",")
+                )
+            }
         }
     }
 }
@@ -206,7 +224,7 @@ impl CoordinatorState {
                 },
                 _,
             ) => {
-                let id = self.enrol(now, key, secret_hash, name, &endpoints)?;
+                let id = self.enrol(now, key, secret_hash, name, &endpoints, observed)?;
                 (id, endpoints)
             }
         };
@@ -258,6 +276,7 @@ impl CoordinatorState {
         secret_hash: [u8; 32],
         name: String,
         endpoints: &EndpointReport,
+        observed: IpAddr,
     ) -> Result<HostId, ErrorCode> {
         let tid = *self
             .by_hash
@@ -283,6 +302,10 @@ impl CoordinatorState {
                 return Err(ErrorCode::PoolExhausted);
             }
         };
+        // CMDB records match the requested name or an underlay address.
+        let mut ips = vec![observed];
+        ips.extend(endpoints.addrs.iter().map(|a| a.ip()));
+        let labels = self.labels_on_enrol(id, &name, &ips, labels);
         let name = if self.name_taken(&name, None) {
             let assigned = self.free_name(&name, id);
             self.notices.push(Notice::HostRenamedOnEnrol {

@@ -16,6 +16,8 @@ use crate::token::hash_secret;
 
 mod admin;
 mod blocks;
+mod cmdb;
+mod detector;
 mod flows;
 mod mode;
 mod policy;
