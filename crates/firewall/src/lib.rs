@@ -43,3 +43,5 @@ pub use packet::{tcp_flags, Malformed};
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod flow_tests;
