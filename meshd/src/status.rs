@@ -41,8 +41,10 @@ pub struct Status {
     /// Peers in table order.
     pub peers: Vec<PeerStatus>,
     /// Drop, handshake and IO counters by name: `drop_<reason>` (the device's
-    /// [`meshd_tunnel::DropReason`]s), `policy_<reason>` (the firewall's), `cookie_replies_sent`,
-    /// IO counters.
+    /// [`meshd_tunnel::DropReason`]s), `policy_<reason>` (the firewall's, and
+    /// `policy_would_deny`: passed by learning mode), `cookie_replies_sent`, IO counters, and
+    /// the latest flow-record interval's `flow_records`, `flow_plaintext`, `flow_overflow`
+    /// (with `flow_intervals` collected so far and `flow_interval_start`).
     pub counters: std::collections::BTreeMap<String, u64>,
 }
 
@@ -132,8 +134,19 @@ pub fn snapshot(device: &Device, io: &IoStats, policy: &Enforcement, src: &Statu
         ("flows_picked_up", fw.flows_picked_up),
         ("flows_revoked", fw.flows_revoked),
         ("flows_tracked", policy.firewall.len() as u64),
+        ("policy_would_deny", fw.would_deny),
     ] {
         counters.insert(k.into(), v);
+    }
+    let f = &policy.flows;
+    for (k, v) in [
+        ("flow_intervals", &f.intervals),
+        ("flow_interval_start", &f.interval_start),
+        ("flow_records", &f.records),
+        ("flow_plaintext", &f.plaintext),
+        ("flow_overflow", &f.overflow),
+    ] {
+        counters.insert(k.into(), v.load(Ordering::Relaxed));
     }
     Status {
         interface: src.interface.clone(),

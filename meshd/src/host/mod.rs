@@ -30,6 +30,8 @@ use rand_core::RngCore as _;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::blocks::{BlockSink, Directory};
+use crate::flows::FlowCollector;
+use meshd_control::session::FlowBatch;
 use crate::dataplane::{local_destinations, unix_millis, Dataplane, DataplaneConfig, Enforcement};
 use crate::routes::Routes;
 use crate::source::{HostSetup, PeerSource, PeerUpdate, SourceEvent, UpFacts};
@@ -58,6 +60,8 @@ pub struct Host<R, T> {
     current: Option<PeerUpdate>,
     /// Underlay addresses claimed by several peers in the last plan (warned about once).
     conflicts: Vec<IpAddr>,
+    /// Flow records of the current interval (`None`: `flow_records = false`).
+    flows: Option<FlowCollector>,
 }
 
 impl<R: OverlayRoutes, T: UnderlayGuard> Host<R, T> {
@@ -86,6 +90,7 @@ impl<R: OverlayRoutes, T: UnderlayGuard> Host<R, T> {
             own,
             current: None,
             conflicts: Vec::new(),
+            flows: setup.flows.enabled.then(|| FlowCollector::new(setup.flows)),
         }
     }
 
@@ -193,10 +198,18 @@ impl<R: OverlayRoutes, T: UnderlayGuard> Host<R, T> {
     /// source), sweeps the firewall, and re-plans transparent mode for grant expiry.
     pub async fn tick(&mut self, now_ms: u64) -> Vec<BlockEvent> {
         let now = now_ms / 1000;
-        let mut events = self.sink.flush(&self.enforcement, &self.device);
+        let flows = &mut self.flows;
+        let mut events = self.sink.flush(&self.enforcement, &self.device, |d, key| {
+            if let Some(f) = flows.as_mut() {
+                f.add_denial(d, key);
+            }
+        });
         if let Some(t) = self.transparent.as_mut() {
             match t.take_blocked().await {
                 Ok(drops) => {
+                    if let Some(f) = self.flows.as_mut() {
+                        f.add_plaintext(&drops, now_ms);
+                    }
                     let Directory {
                         host, host_labels, ..
                     } = &self.sink.directory;
@@ -218,6 +231,19 @@ impl<R: OverlayRoutes, T: UnderlayGuard> Host<R, T> {
             self.replan(now).await;
         }
         events
+    }
+
+    /// Flow records (`now_ms`: Unix milliseconds; call after each [`tick`](Self::tick)):
+    /// once per `flow_interval`, the firewall's counts, the denials and plaintext drops the
+    /// ticks saw, aggregated into the interval's batch (also shown by `meshd status`).
+    /// `None` between intervals and with flow records off.
+    pub fn collect_flows(&mut self, now_ms: u64) -> Option<FlowBatch> {
+        let f = self.flows.as_mut()?;
+        if !f.due(now_ms) {
+            return None;
+        }
+        f.collect_firewall(&self.enforcement.firewall, &self.device.table(), now_ms);
+        Some(f.finish(now_ms, &self.enforcement.flows))
     }
 
     /// Drops every peer (the source refused this host for good).
@@ -259,7 +285,7 @@ pub async fn run<S: PeerSource>(
         &[],
         &setup.routed_prefixes,
     ));
-    let enforcement = Arc::new(Enforcement::new());
+    let enforcement = Arc::new(Enforcement::with_flow_counts(setup.flows.enabled));
     let dp = Dataplane::start(
         device.clone(),
         enforcement.clone(),
@@ -459,8 +485,12 @@ async fn run_loop<S: PeerSource, R: OverlayRoutes, T: UnderlayGuard>(
                 }
             }
             _ = tick.tick() => {
-                let events = host.tick(unix_millis()).await;
+                let now_ms = unix_millis();
+                let events = host.tick(now_ms).await;
                 source.report_blocks(events);
+                if let Some(batch) = host.collect_flows(now_ms) {
+                    source.report_flows(batch);
+                }
             }
             () = watch.changed() => {
                 let own = addresses.local_addresses(overlay).await;
