@@ -128,7 +128,13 @@ impl FlowCollector {
                 }
             };
             let key = (peer.public_key, s.direction, s.proto, s.port, verdict, rule);
-            self.add(key, s.packets, s.bytes, s.flows, (s.first_seen, s.last_seen));
+            self.add(
+                key,
+                s.packets,
+                s.bytes,
+                s.flows,
+                (s.first_seen, s.last_seen),
+            );
         }
         self.scratch = samples;
     }
@@ -191,14 +197,22 @@ impl FlowCollector {
     pub fn finish(&mut self, now_ms: u64, status: &FlowStatus) -> FlowBatch {
         let mut records: Vec<FlowRecord> = self.records.drain().map(|(_, r)| r).collect();
         records.sort_by(|a, b| {
-            (a.peer.0, a.direction as u8, a.proto, a.port, a.verdict, &a.rule).cmp(&(
-                b.peer.0,
-                b.direction as u8,
-                b.proto,
-                b.port,
-                b.verdict,
-                &b.rule,
-            ))
+            (
+                a.peer.0,
+                a.direction as u8,
+                a.proto,
+                a.port,
+                a.verdict,
+                &a.rule,
+            )
+                .cmp(&(
+                    b.peer.0,
+                    b.direction as u8,
+                    b.proto,
+                    b.port,
+                    b.verdict,
+                    &b.rule,
+                ))
         });
         let mut plaintext: Vec<PlaintextFlow> = self.plaintext.drain().map(|(_, p)| p).collect();
         plaintext.sort_by_key(|p| (p.src, p.proto, p.port));
@@ -212,7 +226,9 @@ impl FlowCollector {
         status.intervals.fetch_add(1, Relaxed);
         status.interval_start.store(batch.interval_start, Relaxed);
         status.records.store(batch.records.len() as u64, Relaxed);
-        status.plaintext.store(batch.plaintext.len() as u64, Relaxed);
+        status
+            .plaintext
+            .store(batch.plaintext.len() as u64, Relaxed);
         status.overflow.store(batch.overflow, Relaxed);
         if batch.overflow > 0 {
             tracing::debug!(

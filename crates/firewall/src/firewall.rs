@@ -873,7 +873,9 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
                     return match admit(grants, dir, p.t.proto, p.t.dport, now_s) {
                         Ok(_) if p.kind == Kind::EchoRequest => Verdict::Allow,
                         Ok(_) => self.deny(DenyReason::NoFlow, dir, &p.t),
-                        Err(r) if p.kind == Kind::EchoRequest => self.learn_or_deny(grants, r, dir, &p.t),
+                        Err(r) if p.kind == Kind::EchoRequest => {
+                            self.learn_or_deny(grants, r, dir, &p.t)
+                        }
                         Err(r) => self.deny(r, dir, &p.t),
                     };
                 }
@@ -894,7 +896,12 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
                         Err(r) => {
                             let old = entry.remove().0;
                             let g2 = &mut *g;
-                            retire(&mut g2.retired, &mut g2.retired_overflow, &old.key, &old.flow);
+                            retire(
+                                &mut g2.retired,
+                                &mut g2.retired_overflow,
+                                &old.key,
+                                &old.flow,
+                            );
                             release(&mut g2.per_peer, peer);
                             drop(g);
                             self.counters.flows_revoked.fetch_add(1, Relaxed);
@@ -994,7 +1001,17 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
             drop(g);
             return self.drop(full);
         }
-        self.insert(g, hash, key, peer, (now, len), admitted, version, opener, state);
+        self.insert(
+            g,
+            hash,
+            key,
+            peer,
+            (now, len),
+            admitted,
+            version,
+            opener,
+            state,
+        );
         self.counters.flows_opened.fetch_add(1, Relaxed);
         if admitted.is_none() {
             self.counters.would_deny.fetch_add(1, Relaxed);

@@ -7,8 +7,7 @@ use meshd_policy::{DenyReason, Direction, Grant, PeerGrants, Proto};
 use crate::build;
 use crate::packet::tcp_flags::{ACK, FIN, SYN};
 use crate::{
-    Config, DropReason, Firewall, FlowAdmission, FlowSample, Timeouts, Verdict,
-    RETIRED_PER_SHARD,
+    Config, DropReason, Firewall, FlowAdmission, FlowSample, Timeouts, Verdict, RETIRED_PER_SHARD,
 };
 
 const OUT: Direction = Direction::Outbound;
@@ -120,7 +119,12 @@ fn counts_are_exact_for_a_scripted_sequence() {
     let got = collect(&fw);
     assert_eq!(got.len(), 1);
     assert_eq!(
-        (got[0].packets, got[0].bytes, got[0].first_seen, got[0].last_seen),
+        (
+            got[0].packets,
+            got[0].bytes,
+            got[0].first_seen,
+            got[0].last_seen
+        ),
         (1, synack.len() as u64, T0 + 30, T0 + 30)
     );
     // The rule resolves by re-admission once the grants moved on (index 1 is gone).
@@ -202,7 +206,10 @@ fn retired_groups_are_bounded_and_overflow_is_counted() {
     });
     assert_eq!(n, RETIRED_PER_SHARD);
     assert_eq!(c.samples, RETIRED_PER_SHARD);
-    assert_eq!((c.overflow, c.overflow_packets), (extra.into(), 2 * u64::from(extra)));
+    assert_eq!(
+        (c.overflow, c.overflow_packets),
+        (extra.into(), 2 * u64::from(extra))
+    );
     // The next collection starts clean.
     assert_eq!(fw.collect_flows(&mut |_| {}), Default::default());
 }
@@ -250,7 +257,10 @@ fn learning_mode_lets_unadmitted_flows_through_as_would_deny() {
     assert!(fw.check(PEER + 1, &expired, 1, IN, &old, T0 + 3).is_allow());
     // Stateless ICMP no grant admits passes (counted), a packet that starts nothing does not.
     let stray = build::tcp(r(), 40001, l(), 22, FIN);
-    assert_eq!(reason(fw.check(PEER, &g, 1, IN, &stray, T0 + 4)), DenyReason::NoFlow);
+    assert_eq!(
+        reason(fw.check(PEER, &g, 1, IN, &stray, T0 + 4)),
+        DenyReason::NoFlow
+    );
     // Quarantine still denies.
     assert_eq!(
         reason(fw.reject(DenyReason::Quarantined, OUT, &ssh)),
@@ -267,7 +277,10 @@ fn learning_mode_lets_unadmitted_flows_through_as_would_deny() {
     let dns = got.iter().find(|s| s.port == 53).unwrap();
     assert_eq!(dns.rule(&g, 1, T0 / 1000), Some("dns"));
     let old_s = got.iter().find(|s| s.port == 9).unwrap();
-    assert_eq!((old_s.admission, old_s.direction), (FlowAdmission::WouldDeny, IN));
+    assert_eq!(
+        (old_s.admission, old_s.direction),
+        (FlowAdmission::WouldDeny, IN)
+    );
     // Without learning the same flow is denied.
     let strict = fw_with(64);
     assert_eq!(
@@ -314,7 +327,9 @@ fn would_deny_flows_are_rechecked_when_the_grants_change() {
         inbound: vec![],
     };
     // Same version: nothing is re-checked yet.
-    assert!(fw.check(PEER, &enforce, 1, IN, &ssh_back, T0 + 1).is_allow());
+    assert!(fw
+        .check(PEER, &enforce, 1, IN, &ssh_back, T0 + 1)
+        .is_allow());
     assert_eq!(
         reason(fw.check(PEER, &enforce, 2, IN, &ssh_back, T0 + 2)),
         DenyReason::DefaultDeny
@@ -334,7 +349,10 @@ fn would_deny_flows_are_rechecked_when_the_grants_change() {
     assert_eq!(pg_s.rule(&enforce, 2, T0 / 1000), Some("app-db"));
     // The revoked ssh flow's counts were kept (2 packets while it flowed).
     let ssh_s = got.iter().find(|s| s.port == 22).unwrap();
-    assert_eq!((ssh_s.admission, ssh_s.packets), (FlowAdmission::WouldDeny, 2));
+    assert_eq!(
+        (ssh_s.admission, ssh_s.packets),
+        (FlowAdmission::WouldDeny, 2)
+    );
     // Back to learning with no grant: an allowed flow keeps flowing as would-deny.
     assert!(fw.check(PEER, &learn, 3, IN, &pg_back, T0 + 3).is_allow());
     let got = collect(&fw);
@@ -349,7 +367,9 @@ fn a_full_table_still_drops_in_learning_mode() {
         ..Config::default()
     });
     let g = learning();
-    assert!(fw.check(PEER, &g, 1, OUT, &build::udp(l(), 1, r(), 2, 0), T0).is_allow());
+    assert!(fw
+        .check(PEER, &g, 1, OUT, &build::udp(l(), 1, r(), 2, 0), T0)
+        .is_allow());
     assert_eq!(
         fw.check(PEER, &g, 1, OUT, &build::udp(l(), 1, r(), 3, 0), T0),
         Verdict::Drop(DropReason::TableFull)

@@ -36,12 +36,12 @@ mod packet;
 
 pub use blocklog::{BlockLog, BlockLogConfig, Denial};
 pub use firewall::{
-    Collected, Config, Denied, DropReason, Firewall, FlowAdmission, FlowSample, FlowTuple,
-    Millis, Stats, Timeouts, Verdict, RETIRED_PER_SHARD,
+    Collected, Config, Denied, DropReason, Firewall, FlowAdmission, FlowSample, FlowTuple, Millis,
+    Stats, Timeouts, Verdict, RETIRED_PER_SHARD,
 };
 pub use packet::{tcp_flags, Malformed};
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod flow_tests;
+#[cfg(test)]
+mod tests;

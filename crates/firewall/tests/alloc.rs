@@ -50,11 +50,17 @@ fn no_allocation_per_packet() {
     let syn = build::tcp(l, 40000, r, 5432, SYN);
     let ack = build::tcp(l, 40000, r, 5432, ACK);
     let back = build::tcp(r, 5432, l, 40000, ACK);
-    let udp: Vec<Vec<u8>> = (0..64).map(|i| build::udp(l, 1000 + i, r, 53, 100)).collect();
+    let udp: Vec<Vec<u8>> = (0..64)
+        .map(|i| build::udp(l, 1000 + i, r, 53, 100))
+        .collect();
     // Warm up: the table and the retired groups reserve their memory.
-    assert!(fw.check(1, &learn, 1, Direction::Outbound, &syn, T0).is_allow());
+    assert!(fw
+        .check(1, &learn, 1, Direction::Outbound, &syn, T0)
+        .is_allow());
     for p in &udp {
-        assert!(fw.check(1, &learn_only, 1, Direction::Outbound, p, T0).is_allow());
+        assert!(fw
+            .check(1, &learn_only, 1, Direction::Outbound, p, T0)
+            .is_allow());
     }
     fw.sweep_all(T0 + 10 * 60_000);
     let mut n = 0;
@@ -64,14 +70,24 @@ fn no_allocation_per_packet() {
     let mut t = T0 + 10 * 60_000;
     for _ in 0..1000 {
         t += 1;
-        assert!(fw.check(1, &learn, 1, Direction::Outbound, &syn, t).is_allow());
-        assert!(fw.check(1, &learn, 1, Direction::Inbound, &back, t).is_allow());
-        assert!(fw.check(1, &learn, 1, Direction::Outbound, &ack, t).is_allow());
+        assert!(fw
+            .check(1, &learn, 1, Direction::Outbound, &syn, t)
+            .is_allow());
+        assert!(fw
+            .check(1, &learn, 1, Direction::Inbound, &back, t)
+            .is_allow());
+        assert!(fw
+            .check(1, &learn, 1, Direction::Outbound, &ack, t)
+            .is_allow());
     }
     // Would-deny flows opened, counted, timed out and folded into the retired groups.
     for p in &udp {
-        assert!(fw.check(1, &learn_only, 2, Direction::Outbound, p, t).is_allow());
-        assert!(fw.check(1, &learn_only, 2, Direction::Outbound, p, t + 1).is_allow());
+        assert!(fw
+            .check(1, &learn_only, 2, Direction::Outbound, p, t)
+            .is_allow());
+        assert!(fw
+            .check(1, &learn_only, 2, Direction::Outbound, p, t + 1)
+            .is_allow());
     }
     fw.sweep_all(t + 10 * 60_000);
     let mut m = 0;

@@ -30,15 +30,15 @@ use rand_core::RngCore as _;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::blocks::{BlockSink, Directory};
-use crate::flows::FlowCollector;
-use meshd_control::session::FlowBatch;
 use crate::dataplane::{local_destinations, unix_millis, Dataplane, DataplaneConfig, Enforcement};
+use crate::flows::FlowCollector;
 use crate::routes::Routes;
 use crate::source::{HostSetup, PeerSource, PeerUpdate, SourceEvent, UpFacts};
 use crate::status::{self, StatusSource};
 use crate::transparent::{self, Transparent};
 use crate::uapi::{self, DeviceFacts, Errno, SetCall};
 use edges::{AddressWatch, LocalAddresses, NetlinkAddresses, OverlayRoutes, UnderlayGuard};
+use meshd_control::session::FlowBatch;
 
 /// What a running host owns besides the data plane: the device's peer table and destinations,
 /// routes, transparent mode, the protected-address list `meshd status` shows and the block

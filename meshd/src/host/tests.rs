@@ -493,7 +493,10 @@ async fn a_collected_interval_gives_flow_records_by_peer_key_verdict_and_rule() 
     let v = table.version;
     // Real time: the block log drains denials by the wall clock.
     let t = meshd_time::unix_millis() - 5_000;
-    assert!(h.host.collect_flows(t).is_none(), "the first call starts the interval");
+    assert!(
+        h.host.collect_flows(t).is_none(),
+        "the first call starts the interval"
+    );
     let (me, d, w) = (ip("100.64.0.1"), ip("100.64.0.2"), ip("100.64.0.3"));
     let out = Direction::Outbound;
     let syn = build::tcp(me, 40000, d, 5432, SYN);
@@ -509,13 +512,19 @@ async fn a_collected_interval_gives_flow_records_by_peer_key_verdict_and_rule() 
     assert!(fw.allow(web, &web.grants(), v, Direction::Inbound, &in_ssh, t + 4));
     assert_eq!(fw.firewall.stats().would_deny, 1);
     h.host.tick(t + 1_000).await;
-    assert!(h.host.collect_flows(t + 9_999).is_none(), "interval not over");
+    assert!(
+        h.host.collect_flows(t + 9_999).is_none(),
+        "interval not over"
+    );
     let batch = h.host.collect_flows(t + 10_000).expect("an interval");
     assert_eq!(batch.interval_start, t / 1000);
     assert_eq!(batch.overflow, 0);
     let r = &batch.records;
     assert_eq!(r.len(), 3, "{r:#?}");
-    let allowed = r.iter().find(|r| r.verdict == FlowVerdict::Allowed).unwrap();
+    let allowed = r
+        .iter()
+        .find(|r| r.verdict == FlowVerdict::Allowed)
+        .unwrap();
     assert_eq!(
         (allowed.peer, allowed.direction, allowed.proto, allowed.port),
         (key(2), out, 6, 5432)
@@ -523,13 +532,24 @@ async fn a_collected_interval_gives_flow_records_by_peer_key_verdict_and_rule() 
     assert_eq!(allowed.rule.as_deref(), Some("app-db"));
     assert_eq!((allowed.packets, allowed.flows), (2, 1));
     assert_eq!(allowed.bytes, (syn.len() + back.len()) as u64);
-    assert_eq!((allowed.first_seen, allowed.last_seen), (t / 1000, (t + 1) / 1000));
+    assert_eq!(
+        (allowed.first_seen, allowed.last_seen),
+        (t / 1000, (t + 1) / 1000)
+    );
     let denied = r.iter().find(|r| r.verdict == FlowVerdict::Denied).unwrap();
     assert_eq!((denied.peer, denied.port, denied.packets), (key(2), 22, 2));
     assert_eq!(denied.rule, None);
-    let learned = r.iter().find(|r| r.verdict == FlowVerdict::WouldDeny).unwrap();
+    let learned = r
+        .iter()
+        .find(|r| r.verdict == FlowVerdict::WouldDeny)
+        .unwrap();
     assert_eq!(
-        (learned.peer, learned.direction, learned.port, learned.packets),
+        (
+            learned.peer,
+            learned.direction,
+            learned.port,
+            learned.packets
+        ),
         (key(3), Direction::Inbound, 22, 1)
     );
     // `meshd status` shows the interval's counts.
@@ -546,10 +566,12 @@ async fn a_collected_interval_gives_flow_records_by_peer_key_verdict_and_rule() 
 #[tokio::test]
 async fn flow_records_are_capped_with_an_overflow_count_and_plaintext_drops_count() {
     let mut h = host(Mode::Transparent, &["198.18.0.1/24"]);
-    h.host.flows = Some(crate::flows::FlowCollector::new(meshd_config::FlowSettings {
-        max_records: 2,
-        ..Default::default()
-    }));
+    h.host.flows = Some(crate::flows::FlowCollector::new(
+        meshd_config::FlowSettings {
+            max_records: 2,
+            ..Default::default()
+        },
+    ));
     h.host
         .apply(update_from(&config("transparent"), 0).unwrap(), 0)
         .await

@@ -788,7 +788,13 @@ impl Model {
                     if let AgentMessage::Blocks { events } = &m {
                         prop_assert!(!events.is_empty() && events.len() <= MAX_BLOCKS_PER_MESSAGE);
                     }
-                    if let AgentMessage::Flows { records, plaintext, overflow, .. } = &m {
+                    if let AgentMessage::Flows {
+                        records,
+                        plaintext,
+                        overflow,
+                        ..
+                    } = &m
+                    {
                         let n = records.len() + plaintext.len();
                         prop_assert!(n <= MAX_FLOWS_PER_MESSAGE);
                         prop_assert!(n > 0 || *overflow > 0, "an empty Flows message");
@@ -892,7 +898,11 @@ fn flows_are_chunked_and_sent_only_once_established() {
         })
         .flatten()
         .collect();
-    assert_eq!(sent, batch(10, 300, 0, 0).records, "every record once, in order");
+    assert_eq!(
+        sent,
+        batch(10, 300, 0, 0).records,
+        "every record once, in order"
+    );
     assert_eq!(s.flows_queued(), 0);
     // Connected: a new interval goes out at once; an overflow-only one too.
     s.queue_flows(batch(30, 0, 0, 5));
@@ -916,7 +926,9 @@ fn flows_keep_the_newest_intervals_while_down() {
         .iter()
         .map(|m| m.0)
         .collect();
-    let want: Vec<u64> = (3..FLOW_INTERVALS_QUEUED as u64 + 3).map(|i| i * 10).collect();
+    let want: Vec<u64> = (3..FLOW_INTERVALS_QUEUED as u64 + 3)
+        .map(|i| i * 10)
+        .collect();
     assert_eq!(starts, want, "the oldest were dropped");
 }
 
