@@ -78,6 +78,8 @@ pub struct StatusSource {
     pub offload: bool,
     /// Transparent mode's protected peer addresses (updated with each map).
     pub protected: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// The latest flow-record interval's counts (the host's collector updates them).
+    pub flows: std::sync::Arc<crate::flows::FlowStatus>,
 }
 
 /// Builds a snapshot.
@@ -138,7 +140,7 @@ pub fn snapshot(device: &Device, io: &IoStats, policy: &Enforcement, src: &Statu
     ] {
         counters.insert(k.into(), v);
     }
-    let f = &policy.flows;
+    let f = &src.flows;
     for (k, v) in [
         ("flow_intervals", &f.intervals),
         ("flow_interval_start", &f.interval_start),
@@ -307,7 +309,39 @@ mod tests {
             addresses: vec!["100.64.0.1/24".into()],
             offload: false,
             protected: Default::default(),
+            flows: Default::default(),
         }
+    }
+
+    #[test]
+    fn flow_record_counts_and_would_deny_are_shown() {
+        let device = Device::new(PrivateKey::generate(), 1);
+        let policy = Enforcement::new();
+        let src = source();
+        src.flows.records.store(3, Ordering::Relaxed);
+        src.flows.overflow.store(1, Ordering::Relaxed);
+        let (l, r): (IpAddr, IpAddr) =
+            ("100.64.0.1".parse().unwrap(), "100.64.0.2".parse().unwrap());
+        let learn = PeerGrants {
+            learn: true,
+            ..PeerGrants::default()
+        };
+        let syn = meshd_firewall::build::tcp(r, 40000, l, 22, meshd_firewall::tcp_flags::SYN);
+        let v = policy
+            .firewall
+            .check(7, &learn, 1, Direction::Inbound, &syn, 1_000);
+        assert!(v.is_allow());
+        let s = snapshot(&device, &IoStats::default(), &policy, &src);
+        assert_eq!(
+            nonzero(&s),
+            vec![
+                ("flow_overflow".into(), 1),
+                ("flow_records".into(), 3),
+                ("flows_opened".into(), 1),
+                ("flows_tracked".into(), 1),
+                ("policy_would_deny".into(), 1),
+            ]
+        );
     }
 
     /// Counters that are not zero.

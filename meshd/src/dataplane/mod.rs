@@ -128,8 +128,6 @@ pub struct Enforcement {
     pub firewall: Firewall<u32>,
     /// Folded, rate-limited denials waiting to be logged (by peer index).
     pub blocks: BlockLog<u32>,
-    /// The latest flow-record interval's counts (`meshd status`).
-    pub flows: crate::flows::FlowStatus,
 }
 
 impl Enforcement {
@@ -147,7 +145,6 @@ impl Enforcement {
                 ..meshd_firewall::Config::default()
             }),
             blocks: BlockLog::new(BlockLogConfig::default()),
-            flows: Default::default(),
         }
     }
 

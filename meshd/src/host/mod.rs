@@ -31,7 +31,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::blocks::{BlockSink, Directory};
 use crate::dataplane::{local_destinations, unix_millis, Dataplane, DataplaneConfig, Enforcement};
-use crate::flows::FlowCollector;
+use crate::flows::{FlowCollector, FlowStatus};
 use crate::routes::Routes;
 use crate::source::{HostSetup, PeerSource, PeerUpdate, SourceEvent, UpFacts};
 use crate::status::{self, StatusSource};
@@ -62,6 +62,8 @@ pub struct Host<R, T> {
     conflicts: Vec<IpAddr>,
     /// Flow records of the current interval (`None`: `flow_records = false`).
     flows: Option<FlowCollector>,
+    /// The latest interval's counts, as `meshd status` shows them.
+    flow_status: Arc<FlowStatus>,
 }
 
 impl<R: OverlayRoutes, T: UnderlayGuard> Host<R, T> {
@@ -91,7 +93,18 @@ impl<R: OverlayRoutes, T: UnderlayGuard> Host<R, T> {
             current: None,
             conflicts: Vec::new(),
             flows: setup.flows.enabled.then(|| FlowCollector::new(setup.flows)),
+            flow_status: Arc::default(),
         }
+    }
+
+    /// Publishes the flow-record counts in `status` (the one `meshd status` reads).
+    pub fn set_flow_status(&mut self, status: Arc<FlowStatus>) {
+        self.flow_status = status;
+    }
+
+    /// The latest flow-record interval's counts.
+    pub fn flow_status(&self) -> &FlowStatus {
+        &self.flow_status
     }
 
     /// Applies `update` (`now`: Unix seconds): the peer table (with transparent mode's extra
@@ -243,7 +256,7 @@ impl<R: OverlayRoutes, T: UnderlayGuard> Host<R, T> {
             return None;
         }
         f.collect_firewall(&self.enforcement.firewall, &self.device.table(), now_ms);
-        Some(f.finish(now_ms, &self.enforcement.flows))
+        Some(f.finish(now_ms, &self.flow_status))
     }
 
     /// Drops every peer (the source refused this host for good).
@@ -328,7 +341,9 @@ async fn serve<S: PeerSource>(
     uapi: uapi::Listener,
 ) -> anyhow::Result<()> {
     let protected: Arc<Mutex<Vec<String>>> = Arc::default();
+    let flow_status: Arc<FlowStatus> = Arc::default();
     let status_source = StatusSource {
+        flows: flow_status.clone(),
         interface: setup.interface.clone(),
         listen_port: dp.listen_port,
         mode: setup.mode,
@@ -390,6 +405,7 @@ async fn serve<S: PeerSource>(
         setup,
         own,
     );
+    host.set_flow_status(flow_status);
     let result = async {
         if let Some(u) = initial {
             let outcome = host.apply(u, meshd_time::unix_now()).await;

@@ -553,7 +553,7 @@ async fn a_collected_interval_gives_flow_records_by_peer_key_verdict_and_rule() 
         (key(3), Direction::Inbound, 22, 1)
     );
     // `meshd status` shows the interval's counts.
-    let st = &h.host.enforcement.flows;
+    let st = h.host.flow_status();
     assert_eq!(st.records.load(std::sync::atomic::Ordering::Relaxed), 3);
     assert_eq!(st.intervals.load(std::sync::atomic::Ordering::Relaxed), 1);
     // The next interval has only what is new.
