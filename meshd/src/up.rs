@@ -181,6 +181,28 @@ mod tests {
     }
 
     #[test]
+    fn flow_flags() {
+        let cli = Cli::try_parse_from(["up", "--join", "T"]).unwrap();
+        assert!(cli.up.flow_records);
+        assert_eq!((cli.up.flow_interval, cli.up.flow_max_records), (10, 4096));
+        let cli = Cli::try_parse_from([
+            "up",
+            "--flow-records",
+            "false",
+            "--flow-interval",
+            "30",
+            "--flow-max-records",
+            "100",
+        ])
+        .unwrap();
+        assert!(!cli.up.flow_records);
+        assert_eq!((cli.up.flow_interval, cli.up.flow_max_records), (30, 100));
+        assert!(Cli::try_parse_from(["up", "--flow-interval", "0"]).is_err());
+        // Static mode takes them from [interface].
+        assert!(Cli::try_parse_from(["up", "--config", "m.toml", "--flow-interval", "5"]).is_err());
+    }
+
+    #[test]
     fn uapi_dir_flag() {
         let cli = Cli::try_parse_from(["up", "--join", "T"]).unwrap();
         assert_eq!(cli.up.uapi_dir, PathBuf::from("/var/run/wireguard"));
