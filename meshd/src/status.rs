@@ -261,9 +261,29 @@ pub fn print(w: &mut dyn Write, s: &Status) -> std::io::Result<()> {
         writeln!(w)?;
         writeln!(w, "dropped: {}", drops.join(" "))?;
     }
-    let denied = listed("policy_");
+    let denied: Vec<String> = listed("policy_")
+        .into_iter()
+        .filter(|d| !d.starts_with("would_deny="))
+        .collect();
     if !denied.is_empty() {
         writeln!(w, "denied by policy: {}", denied.join(" "))?;
+    }
+    let count = |k: &str| s.counters.get(k).copied().unwrap_or(0);
+    if count("policy_would_deny") > 0 {
+        writeln!(
+            w,
+            "learning mode: {} would-deny passes (not enforcing for some peers)",
+            count("policy_would_deny")
+        )?;
+    }
+    if count("flow_intervals") > 0 {
+        writeln!(
+            w,
+            "flow records (last interval): {} records, {} plaintext, {} overflow",
+            count("flow_records"),
+            count("flow_plaintext"),
+            count("flow_overflow")
+        )?;
     }
     if let Some(n) = s.counters.get("cookie_replies_sent").filter(|n| **n > 0) {
         writeln!(w, "cookie replies sent (under load): {n}")?;
@@ -331,10 +351,24 @@ mod tests {
             .firewall
             .check(7, &learn, 1, Direction::Inbound, &syn, 1_000);
         assert!(v.is_allow());
+        src.flows.intervals.store(1, Ordering::Relaxed);
         let s = snapshot(&device, &IoStats::default(), &policy, &src);
+        let mut text = Vec::new();
+        print(&mut text, &s).unwrap();
+        let text = String::from_utf8(text).unwrap();
+        assert!(
+            text.contains("flow records (last interval): 3 records, 0 plaintext, 1 overflow"),
+            "{text}"
+        );
+        assert!(
+            text.contains("learning mode: 1 would-deny passes"),
+            "{text}"
+        );
+        assert!(!text.contains("denied by policy"), "{text}");
         assert_eq!(
             nonzero(&s),
             vec![
+                ("flow_intervals".into(), 1),
                 ("flow_overflow".into(), 1),
                 ("flow_records".into(), 3),
                 ("flows_opened".into(), 1),
