@@ -8,6 +8,7 @@ use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::PathBuf;
 
+use meshd_firewall::Denial;
 use meshd_policy::BlockEvent;
 use meshd_tunnel::{Device, PublicKey};
 
@@ -44,8 +45,14 @@ impl BlockSink {
     }
 
     /// Drains the block log; returns the events (already written and logged). Peer indices
-    /// are resolved to keys through the device's current table.
-    pub fn flush(&mut self, enforcement: &Enforcement, device: &Device) -> Vec<BlockEvent> {
+    /// are resolved to keys through the device's current table; `each` sees every drained
+    /// denial with its peer's key (flow records count them).
+    pub fn flush(
+        &mut self,
+        enforcement: &Enforcement,
+        device: &Device,
+        mut each: impl FnMut(&Denial<u32>, Option<PublicKey>),
+    ) -> Vec<BlockEvent> {
         let denials = enforcement.blocks.drain(unix_millis());
         if denials.is_empty() {
             return Vec::new();
@@ -56,6 +63,7 @@ impl BlockSink {
             .iter()
             .map(|d| {
                 let key = table.by_receiver_index(d.peer << 8).map(|p| p.public_key);
+                each(d, key);
                 let (peer, labels) = key
                     .and_then(|k| self.directory.peers.get(&k))
                     .map(|(n, l)| (n.as_str(), l))

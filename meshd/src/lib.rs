@@ -3,6 +3,7 @@
 
 pub mod blocks;
 pub mod dataplane;
+pub mod flows;
 pub mod host;
 pub mod memory;
 pub mod routes;

@@ -41,8 +41,10 @@ pub struct Status {
     /// Peers in table order.
     pub peers: Vec<PeerStatus>,
     /// Drop, handshake and IO counters by name: `drop_<reason>` (the device's
-    /// [`meshd_tunnel::DropReason`]s), `policy_<reason>` (the firewall's), `cookie_replies_sent`,
-    /// IO counters.
+    /// [`meshd_tunnel::DropReason`]s), `policy_<reason>` (the firewall's, and
+    /// `policy_would_deny`: passed by learning mode), `cookie_replies_sent`, IO counters, and
+    /// the latest flow-record interval's `flow_records`, `flow_plaintext`, `flow_overflow`
+    /// (with `flow_intervals` collected so far and `flow_interval_start`).
     pub counters: std::collections::BTreeMap<String, u64>,
 }
 
@@ -76,6 +78,8 @@ pub struct StatusSource {
     pub offload: bool,
     /// Transparent mode's protected peer addresses (updated with each map).
     pub protected: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// The latest flow-record interval's counts (the host's collector updates them).
+    pub flows: std::sync::Arc<crate::flows::FlowStatus>,
 }
 
 /// Builds a snapshot.
@@ -132,8 +136,19 @@ pub fn snapshot(device: &Device, io: &IoStats, policy: &Enforcement, src: &Statu
         ("flows_picked_up", fw.flows_picked_up),
         ("flows_revoked", fw.flows_revoked),
         ("flows_tracked", policy.firewall.len() as u64),
+        ("policy_would_deny", fw.would_deny),
     ] {
         counters.insert(k.into(), v);
+    }
+    let f = &src.flows;
+    for (k, v) in [
+        ("flow_intervals", &f.intervals),
+        ("flow_interval_start", &f.interval_start),
+        ("flow_records", &f.records),
+        ("flow_plaintext", &f.plaintext),
+        ("flow_overflow", &f.overflow),
+    ] {
+        counters.insert(k.into(), v.load(Ordering::Relaxed));
     }
     Status {
         interface: src.interface.clone(),
@@ -246,9 +261,29 @@ pub fn print(w: &mut dyn Write, s: &Status) -> std::io::Result<()> {
         writeln!(w)?;
         writeln!(w, "dropped: {}", drops.join(" "))?;
     }
-    let denied = listed("policy_");
+    let denied: Vec<String> = listed("policy_")
+        .into_iter()
+        .filter(|d| !d.starts_with("would_deny="))
+        .collect();
     if !denied.is_empty() {
         writeln!(w, "denied by policy: {}", denied.join(" "))?;
+    }
+    let count = |k: &str| s.counters.get(k).copied().unwrap_or(0);
+    if count("policy_would_deny") > 0 {
+        writeln!(
+            w,
+            "learning mode: {} would-deny passes (not enforcing for some peers)",
+            count("policy_would_deny")
+        )?;
+    }
+    if count("flow_intervals") > 0 {
+        writeln!(
+            w,
+            "flow records (last interval): {} records, {} plaintext, {} overflow",
+            count("flow_records"),
+            count("flow_plaintext"),
+            count("flow_overflow")
+        )?;
     }
     if let Some(n) = s.counters.get("cookie_replies_sent").filter(|n| **n > 0) {
         writeln!(w, "cookie replies sent (under load): {n}")?;
@@ -294,7 +329,53 @@ mod tests {
             addresses: vec!["100.64.0.1/24".into()],
             offload: false,
             protected: Default::default(),
+            flows: Default::default(),
         }
+    }
+
+    #[test]
+    fn flow_record_counts_and_would_deny_are_shown() {
+        let device = Device::new(PrivateKey::generate(), 1);
+        let policy = Enforcement::new();
+        let src = source();
+        src.flows.records.store(3, Ordering::Relaxed);
+        src.flows.overflow.store(1, Ordering::Relaxed);
+        let (l, r): (IpAddr, IpAddr) =
+            ("100.64.0.1".parse().unwrap(), "100.64.0.2".parse().unwrap());
+        let learn = PeerGrants {
+            learn: true,
+            ..PeerGrants::default()
+        };
+        let syn = meshd_firewall::build::tcp(r, 40000, l, 22, meshd_firewall::tcp_flags::SYN);
+        let v = policy
+            .firewall
+            .check(7, &learn, 1, Direction::Inbound, &syn, 1_000);
+        assert!(v.is_allow());
+        src.flows.intervals.store(1, Ordering::Relaxed);
+        let s = snapshot(&device, &IoStats::default(), &policy, &src);
+        let mut text = Vec::new();
+        print(&mut text, &s).unwrap();
+        let text = String::from_utf8(text).unwrap();
+        assert!(
+            text.contains("flow records (last interval): 3 records, 0 plaintext, 1 overflow"),
+            "{text}"
+        );
+        assert!(
+            text.contains("learning mode: 1 would-deny passes"),
+            "{text}"
+        );
+        assert!(!text.contains("denied by policy"), "{text}");
+        assert_eq!(
+            nonzero(&s),
+            vec![
+                ("flow_intervals".into(), 1),
+                ("flow_overflow".into(), 1),
+                ("flow_records".into(), 3),
+                ("flows_opened".into(), 1),
+                ("flows_tracked".into(), 1),
+                ("policy_would_deny".into(), 1),
+            ]
+        );
     }
 
     /// Counters that are not zero.

@@ -73,6 +73,18 @@ pub struct UpArgs {
         conflicts_with = "config"
     )]
     uapi_dir: PathBuf,
+    /// Flow records: count packets and bytes per flow and report them to the coordinator
+    /// every `--flow-interval` (coordinator mode; static mode: `[interface] flow_records`).
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set, conflicts_with = "config")]
+    flow_records: bool,
+    /// Seconds between flow-record reports (coordinator mode; static mode:
+    /// `[interface] flow_interval`).
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600), conflicts_with = "config")]
+    flow_interval: u64,
+    /// Most flow records per interval; more are only counted (coordinator mode; static
+    /// mode: `[interface] flow_max_records`).
+    #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=1_000_000), conflicts_with = "config")]
+    flow_max_records: u64,
 }
 
 impl UpArgs {
@@ -112,6 +124,11 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                     busy_poll,
                     routed_prefixes: args.routed_prefixes,
                     uapi_dir: args.uapi_dir,
+                    flows: meshd_config::FlowSettings {
+                        enabled: args.flow_records,
+                        interval: Duration::from_secs(args.flow_interval),
+                        max_records: args.flow_max_records as usize,
+                    },
                 };
                 let addresses = NetlinkAddresses::new()?;
                 let (source, setup, first) = Coordinator::open(agent, &addresses).await?;
@@ -161,6 +178,28 @@ mod tests {
             "10.1.0.0/16",
         ]);
         assert!(e.is_err());
+    }
+
+    #[test]
+    fn flow_flags() {
+        let cli = Cli::try_parse_from(["up", "--join", "T"]).unwrap();
+        assert!(cli.up.flow_records);
+        assert_eq!((cli.up.flow_interval, cli.up.flow_max_records), (10, 4096));
+        let cli = Cli::try_parse_from([
+            "up",
+            "--flow-records",
+            "false",
+            "--flow-interval",
+            "30",
+            "--flow-max-records",
+            "100",
+        ])
+        .unwrap();
+        assert!(!cli.up.flow_records);
+        assert_eq!((cli.up.flow_interval, cli.up.flow_max_records), (30, 100));
+        assert!(Cli::try_parse_from(["up", "--flow-interval", "0"]).is_err());
+        // Static mode takes them from [interface].
+        assert!(Cli::try_parse_from(["up", "--config", "m.toml", "--flow-interval", "5"]).is_err());
     }
 
     #[test]

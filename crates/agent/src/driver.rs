@@ -141,6 +141,23 @@ impl SessionHandle {
         Ok(())
     }
 
+    /// Queues one interval's flow records for the coordinator; sent in messages of at most
+    /// [`meshd_control::flow::MAX_FLOWS_PER_MESSAGE`] records once connected. While the
+    /// session is down the newest [`crate::FLOW_INTERVALS_QUEUED`] intervals wait; older ones
+    /// are dropped and counted ([`flows_dropped`](Self::flows_dropped)).
+    pub fn report_flows(&self, batch: meshd_control::session::FlowBatch) {
+        if batch.is_empty() {
+            return;
+        }
+        self.shared.session.lock().queue_flows(batch);
+        self.shared.wake.notify_one();
+    }
+
+    /// Flow-record intervals dropped unsent so far.
+    pub fn flows_dropped(&self) -> u64 {
+        self.shared.session.lock().flows_dropped()
+    }
+
     /// Stops the session and waits for it.
     pub async fn shutdown(self) {
         self.stop.send_replace(true);

@@ -26,7 +26,9 @@ use std::time::Duration;
 use rand_core::{OsRng, RngCore as _};
 
 pub use driver::{spawn_session, SessionConfig, SessionHandle};
-pub use meshd_control::session::{SessionState, BLOCK_BATCHES_QUEUED, MAX_BACKOFF};
+pub use meshd_control::session::{
+    FlowBatch, SessionState, BLOCK_BATCHES_QUEUED, FLOW_INTERVALS_QUEUED, MAX_BACKOFF,
+};
 pub use transport::{
     client_endpoint, client_endpoint_marked, enrol, enrol_via, ClientError, Enrolment,
 };

@@ -111,6 +111,12 @@ pub enum Invalid {
         /// The first IPv6 address.
         address: IpNet,
     },
+    /// `flow_interval` is outside 1..=3600 seconds.
+    #[error("flow_interval {0} is out of range 1..=3600 (seconds)")]
+    FlowInterval(u64),
+    /// `flow_max_records` is outside 1..=1000000.
+    #[error("flow_max_records {0} is out of range 1..=1000000")]
+    FlowMaxRecords(usize),
     /// A peer's name is empty.
     #[error("peer name must not be empty")]
     EmptyPeerName,

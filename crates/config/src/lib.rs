@@ -43,6 +43,9 @@
 //! | `routed_prefixes` | default `[]` | Inner destinations beyond this host's own addresses that peers may send to through the tunnel (this host routes them on, e.g. a subnet behind it): one prefix string or an array. Without it, a decrypted packet is written to the TUN only if its destination is one of `address` (and, in transparent mode, this host's own underlay addresses); anything else (another host, a broadcast or multicast address) is dropped and counted as `inner_destination`. Peers still need the prefix in their `allowed_ips` for this host. |
 //! | `uapi_dir` | default `"/var/run/wireguard"` | Directory of the WireGuard userspace API socket `<uapi_dir>/<name>.sock`, which `wg show`, `wg showconf` and `wg set` use (the same socket wireguard-go and boringtun serve). It is shared by every network namespace of the machine, so two meshd with the same interface name in different namespaces need different directories (`wg` itself only looks in `/var/run/wireguard`). A relative path is relative to the directory of the config file. Created 0755 if missing. |
 //! | `log_format` | default `"text"` | `"text"` or `"json"` (one object per line, fields in docs/LOGGING.md); `meshd --log-format` wins. Read at start, not on reload. |
+//! | `flow_records` | default `true` | Count packets and bytes per tracked flow and aggregate them into flow records every `flow_interval` (`meshd status` shows the latest interval's counts; coordinator mode reports them). `false` turns counting and collection off. Read at start. |
+//! | `flow_interval` | default `10` | Seconds between flow-record collections, `1..=3600`. |
+//! | `flow_max_records` | default `4096` | Most flow records per interval, `1..=1000000`; flows beyond it are only counted (`overflow`). |
 //!
 //! ## `[[peer]]` (any number, including none)
 //!
@@ -115,6 +118,32 @@ pub const MTU_RANGE: std::ops::RangeInclusive<u16> = 576..=9000;
 pub const MIN_IPV6_MTU: u16 = 1280;
 /// Default directory of the WireGuard userspace API sockets (where `wg` looks).
 pub const DEFAULT_UAPI_DIR: &str = "/var/run/wireguard";
+/// Allowed `flow_interval`s, in seconds.
+pub const FLOW_INTERVAL_RANGE: std::ops::RangeInclusive<u64> = 1..=3600;
+/// Allowed `flow_max_records`.
+pub const FLOW_MAX_RECORDS_RANGE: std::ops::RangeInclusive<usize> = 1..=1_000_000;
+
+/// Flow records: whether, how often and how many (`flow_records`, `flow_interval`,
+/// `flow_max_records`; coordinator mode takes them from `meshd up` flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowSettings {
+    /// Count and collect at all.
+    pub enabled: bool,
+    /// Time between collections.
+    pub interval: std::time::Duration,
+    /// Most records per interval; more are counted as overflow.
+    pub max_records: usize,
+}
+
+impl Default for FlowSettings {
+    fn default() -> Self {
+        FlowSettings {
+            enabled: true,
+            interval: std::time::Duration::from_secs(10),
+            max_records: 4096,
+        }
+    }
+}
 
 /// A parsed and validated config file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,6 +189,8 @@ pub struct Interface {
     pub uapi_dir: PathBuf,
     /// `log_format`, when the file sets it (`meshd --log-format` wins).
     pub log_format: Option<LogFormat>,
+    /// `flow_records`, `flow_interval`, `flow_max_records`.
+    pub flows: FlowSettings,
 }
 
 /// How traffic reaches the mesh (`interface.mode`; `meshd status` shows it as the same
@@ -339,6 +370,9 @@ struct RawInterface {
     routed_prefixes: Option<Spanned<NetList>>,
     uapi_dir: Option<Spanned<PathBuf>>,
     log_format: Option<LogFormat>,
+    flow_records: Option<bool>,
+    flow_interval: Option<Spanned<u64>>,
+    flow_max_records: Option<Spanned<usize>>,
 }
 
 #[derive(Deserialize)]
@@ -642,7 +676,26 @@ impl Ctx<'_> {
             Some(d) => relative(d.into_inner()),
             None => PathBuf::from(DEFAULT_UAPI_DIR),
         };
+        let mut flows = FlowSettings::default();
+        if let Some(on) = raw.flow_records {
+            flows.enabled = on;
+        }
+        if let Some(i) = raw.flow_interval {
+            if !FLOW_INTERVAL_RANGE.contains(i.get_ref()) {
+                let reason = Invalid::FlowInterval(*i.get_ref());
+                return Err(self.invalid(&i.span(), "interface.flow_interval", reason));
+            }
+            flows.interval = std::time::Duration::from_secs(*i.get_ref());
+        }
+        if let Some(n) = raw.flow_max_records {
+            if !FLOW_MAX_RECORDS_RANGE.contains(n.get_ref()) {
+                let reason = Invalid::FlowMaxRecords(*n.get_ref());
+                return Err(self.invalid(&n.span(), "interface.flow_max_records", reason));
+            }
+            flows.max_records = *n.get_ref();
+        }
         Ok(Interface {
+            flows,
             name: raw.name.into_inner(),
             private_key_file,
             listen_port: raw.listen_port.unwrap_or(DEFAULT_LISTEN_PORT),

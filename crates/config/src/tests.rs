@@ -804,3 +804,25 @@ fn log_format() {
     let e = "yaml".parse::<LogFormat>().unwrap_err().to_string();
     assert!(e.contains("yaml") && e.contains("json"), "{e}");
 }
+
+#[test]
+fn flow_settings() {
+    use std::time::Duration;
+    let d = parse(MINIMAL).interface.flows;
+    assert_eq!(d, crate::FlowSettings::default());
+    assert!(d.enabled);
+    assert_eq!((d.interval, d.max_records), (Duration::from_secs(10), 4096));
+    let c = parse(&MINIMAL.replace(
+        "[interface]\n",
+        "[interface]\nflow_records = false\nflow_interval = 60\nflow_max_records = 100\n",
+    ));
+    let f = c.interface.flows;
+    assert!(!f.enabled);
+    assert_eq!((f.interval, f.max_records), (Duration::from_secs(60), 100));
+    let e = err(&MINIMAL.replace("[interface]\n", "[interface]\nflow_interval = 0\n"));
+    assert_msg(&e, "2:17", "interface.flow_interval", "out of range");
+    let e = err(&MINIMAL.replace("[interface]\n", "[interface]\nflow_max_records = 0\n"));
+    assert_msg(&e, "2:20", "interface.flow_max_records", "out of range");
+    let e = err(&MINIMAL.replace("[interface]\n", "[interface]\nflow_records = 1\n"));
+    assert!(e.to_string().contains("interface.flow_records"), "{e}");
+}

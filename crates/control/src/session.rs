@@ -3,7 +3,9 @@
 //! [`AgentSession`] knows the protocol an agent speaks to the coordinator: open a transport,
 //! say `Resume` with the endpoint report, wait for `Welcome`, then follow the network map (a
 //! full map, then deltas; each applied map is acked, a delta that does not fit the map asks
-//! for a full one with `Resync`), report endpoint changes and queued block events, and, when
+//! for a full one with `Resync`), report endpoint changes, queued block events and flow
+//! records (one [`FlowBatch`] per interval, in chunks of at most [`MAX_FLOWS_PER_MESSAGE`]
+//! records), and, when
 //! anything fails, close and reconnect after an exponential backoff with jitter — until the
 //! coordinator refuses the host for good. It reads no clock, opens no socket and spawns
 //! nothing: the driver (`meshd-agent`, over QUIC + Noise) does the IO.
@@ -25,7 +27,9 @@ use std::time::{Duration, Instant};
 
 use meshd_policy::BlockEvent;
 
+use crate::flow::{FlowRecord, PlaintextFlow, MAX_FLOWS_PER_MESSAGE};
 use crate::map::NetworkMap;
+use crate::model::UnixTime;
 use crate::proto::{
     AgentMessage, CoordinatorMessage, EndpointReport, ErrorCode, HostInfo, MAX_BLOCKS_PER_MESSAGE,
     PROTOCOL_VERSION,
@@ -41,6 +45,45 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Batches of block events the session holds while the coordinator is slow or unreachable.
 pub const BLOCK_BATCHES_QUEUED: usize = 16;
+/// Flow-record intervals the session holds while the coordinator is slow or unreachable: a
+/// newer interval pushes out the oldest (counted in [`AgentSession::flows_dropped`]).
+pub const FLOW_INTERVALS_QUEUED: usize = 6;
+
+/// One interval's flow records, as the host aggregated them; sent as one or more
+/// [`AgentMessage::Flows`] (the `overflow` count goes with the first).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FlowBatch {
+    /// Start of the interval (Unix seconds).
+    pub interval_start: UnixTime,
+    /// Flows with peers.
+    pub records: Vec<FlowRecord>,
+    /// Transparent mode: plaintext drops from outside the mesh.
+    pub plaintext: Vec<PlaintextFlow>,
+    /// Flows the host could not keep this interval (its cap was reached).
+    pub overflow: u64,
+}
+
+impl FlowBatch {
+    /// Nothing to report.
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty() && self.plaintext.is_empty() && self.overflow == 0
+    }
+
+    /// Takes the next message's worth (at most [`MAX_FLOWS_PER_MESSAGE`] records and
+    /// plaintext flows together; the overflow count goes with the first).
+    fn next_message(&mut self) -> AgentMessage {
+        let n = self.records.len().min(MAX_FLOWS_PER_MESSAGE);
+        let records: Vec<FlowRecord> = self.records.drain(..n).collect();
+        let m = self.plaintext.len().min(MAX_FLOWS_PER_MESSAGE - n);
+        let plaintext = self.plaintext.drain(..m).collect();
+        AgentMessage::Flows {
+            interval_start: self.interval_start,
+            records,
+            plaintext,
+            overflow: std::mem::take(&mut self.overflow),
+        }
+    }
+}
 
 /// Backoff before reconnect attempt `attempt` (1-based): 100 ms doubling, capped at
 /// [`MAX_BACKOFF`], then 50–100 % of that chosen by `random` (any value; uniform is best).
@@ -131,6 +174,8 @@ pub enum Input {
     /// a batch that does not fit is dropped and counted ([`AgentSession::blocks_dropped`]);
     /// use [`AgentSession::queue_blocks`] to get it handed back instead.
     Blocks(Vec<BlockEvent>),
+    /// One interval's flow records (see [`AgentSession::queue_flows`]).
+    Flows(FlowBatch),
 }
 
 /// Something the driver must do, drained with [`AgentSession::poll_action`].
@@ -204,6 +249,8 @@ pub struct AgentSession {
     map: Option<Arc<NetworkMap>>,
     blocks: VecDeque<Vec<BlockEvent>>,
     blocks_dropped: u64,
+    flows: VecDeque<FlowBatch>,
+    flows_dropped: u64,
     actions: VecDeque<Action>,
     jitter: Jitter,
 }
@@ -231,6 +278,8 @@ impl AgentSession {
             map,
             blocks: VecDeque::new(),
             blocks_dropped: 0,
+            flows: VecDeque::new(),
+            flows_dropped: 0,
             actions,
             jitter: Jitter::new(params.jitter_seed),
         }
@@ -266,7 +315,29 @@ impl AgentSession {
                     self.blocks_dropped = self.blocks_dropped.saturating_add(1);
                 }
             }
+            Input::Flows(batch) => self.queue_flows(batch),
         }
+    }
+
+    /// Queues one interval's flow records, sent once the session is established (after
+    /// `Welcome`, after any queued block events) in [`AgentMessage::Flows`] messages of at
+    /// most [`MAX_FLOWS_PER_MESSAGE`] records. At most [`FLOW_INTERVALS_QUEUED`] intervals
+    /// wait: a new one pushes out the oldest, counted in
+    /// [`flows_dropped`](Self::flows_dropped) (so does a batch given to a refused or stopped
+    /// session). Empty batches are ignored.
+    pub fn queue_flows(&mut self, batch: FlowBatch) {
+        if batch.is_empty() {
+            return;
+        }
+        if matches!(self.phase, Phase::Refused | Phase::Stopped) {
+            self.flows_dropped = self.flows_dropped.saturating_add(1);
+            return;
+        }
+        if self.flows.len() >= FLOW_INTERVALS_QUEUED {
+            self.flows.pop_front();
+            self.flows_dropped = self.flows_dropped.saturating_add(1);
+        }
+        self.flows.push_back(batch);
     }
 
     /// Queues denied-flow events, sent after `Welcome` in messages of at most
@@ -324,13 +395,20 @@ impl AgentSession {
                 endpoints: self.endpoints.clone(),
             }));
         }
-        let front = self.blocks.front_mut()?;
-        let events = if front.len() <= MAX_BLOCKS_PER_MESSAGE {
-            self.blocks.pop_front().unwrap_or_default()
-        } else {
-            front.drain(..MAX_BLOCKS_PER_MESSAGE).collect()
-        };
-        Some(Action::Send(AgentMessage::Blocks { events }))
+        if let Some(front) = self.blocks.front_mut() {
+            let events = if front.len() <= MAX_BLOCKS_PER_MESSAGE {
+                self.blocks.pop_front().unwrap_or_default()
+            } else {
+                front.drain(..MAX_BLOCKS_PER_MESSAGE).collect()
+            };
+            return Some(Action::Send(AgentMessage::Blocks { events }));
+        }
+        let front = self.flows.front_mut()?;
+        let msg = front.next_message();
+        if front.records.is_empty() && front.plaintext.is_empty() {
+            self.flows.pop_front();
+        }
+        Some(Action::Send(msg))
     }
 
     /// Stops for good: closes the transport, if any, and ends in [`SessionState::Stopped`]
@@ -345,6 +423,7 @@ impl AgentSession {
         }
         self.phase = Phase::Stopped;
         self.blocks.clear();
+        self.flows.clear();
         self.set_state(SessionState::Stopped);
     }
 
@@ -372,6 +451,17 @@ impl AgentSession {
     /// session refused or stopped).
     pub fn blocks_dropped(&self) -> u64 {
         self.blocks_dropped
+    }
+
+    /// Intervals of flow records queued, not yet (fully) sent.
+    pub fn flows_queued(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// Intervals of flow records dropped unsent: pushed out of a full queue
+    /// ([`FLOW_INTERVALS_QUEUED`]), or given to a refused or stopped session.
+    pub fn flows_dropped(&self) -> u64 {
+        self.flows_dropped
     }
 
     /// True once the session will never do anything again (refused or stopped).
@@ -448,6 +538,7 @@ impl AgentSession {
         self.actions.push_back(Action::Close);
         self.phase = Phase::Refused;
         self.blocks.clear();
+        self.flows.clear();
         self.set_state(SessionState::Refused { code, message });
     }
 

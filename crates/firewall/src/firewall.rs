@@ -68,6 +68,9 @@ pub struct Config {
     /// Seed for the flow hash (give a random one: peers choose ports); `None` derives one
     /// from address-space randomisation.
     pub hash_seed: Option<u64>,
+    /// Count packets and bytes per tracked flow for [`Firewall::collect_flows`] (flow
+    /// records). Off: nothing is counted and collections report nothing.
+    pub count_flows: bool,
 }
 
 impl Default for Config {
@@ -78,6 +81,7 @@ impl Default for Config {
             shards: 64,
             timeouts: Timeouts::default(),
             hash_seed: None,
+            count_flows: true,
         }
     }
 }
@@ -175,6 +179,9 @@ pub struct Stats {
     pub flows_picked_up: u64,
     /// Tracked flows removed because re-checking them against newer or expired grants failed.
     pub flows_revoked: u64,
+    /// Passed only because of learning mode ([`PeerGrants::learn`]): new flows no grant
+    /// admits, tracked as would-deny, plus stateless ICMP packets no grant admits.
+    pub would_deny: u64,
 }
 
 impl Stats {
@@ -197,6 +204,7 @@ struct Counters {
     flows_opened: AtomicU64,
     flows_picked_up: AtomicU64,
     flows_revoked: AtomicU64,
+    would_deny: AtomicU64,
 }
 
 /// Direction-normalised flow key: the two ends sorted, so both directions hash alike.
@@ -292,6 +300,132 @@ struct Flow {
     dir: Direction,
     opener_lo: bool,
     state: State,
+    /// Learning mode let it through although no grant admits it (`grant` is meaningless).
+    would_deny: bool,
+    /// Packets (both ways) since the last [`Firewall::collect_flows`].
+    packets: u64,
+    /// Bytes of inner IP packets (both ways) since the last collection.
+    bytes: u64,
+    /// The first of those packets.
+    first_seen: Millis,
+}
+
+impl Flow {
+    /// Counts one packet of `len` bytes (the caller checked `count_flows`).
+    #[inline]
+    fn count(&mut self, len: usize, now: Millis) {
+        if self.packets == 0 {
+            self.first_seen = now;
+        }
+        self.packets += 1;
+        self.bytes += len as u64;
+    }
+}
+
+/// How a collected flow was decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FlowAdmission {
+    /// Admitted by grant number `grant` of the opener's direction in the grants at
+    /// `grants_version` (resolve it with [`FlowSample::rule`]).
+    Allowed {
+        /// The grants version the flow was last admitted under.
+        grants_version: u64,
+        /// Index into that version's `outbound` or `inbound` list (the flow's direction).
+        grant: u32,
+    },
+    /// Learning mode let it through; no grant admits it.
+    WouldDeny,
+}
+
+/// One flow's (or, for flows that left the table, one group's) traffic since the previous
+/// [`Firewall::collect_flows`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowSample<P> {
+    /// The peer.
+    pub peer: P,
+    /// Who opened it: `Outbound` this host, `Inbound` the peer.
+    pub direction: Direction,
+    /// IP protocol number.
+    pub proto: u8,
+    /// The responder's port (0 for protocols without ports).
+    pub port: u16,
+    /// How it was decided.
+    pub admission: FlowAdmission,
+    /// Packets, both ways.
+    pub packets: u64,
+    /// Bytes of inner IP packets, both ways.
+    pub bytes: u64,
+    /// Connections (flow-table entries) folded in: 1 for a live flow.
+    pub flows: u64,
+    /// First packet counted (Unix milliseconds).
+    pub first_seen: Millis,
+    /// Last packet counted (Unix milliseconds).
+    pub last_seen: Millis,
+}
+
+impl<P: Eq> FlowSample<P> {
+    /// The name of the admitting rule in `grants` (the peer's grants at `grants_version`,
+    /// now `now` in Unix seconds): the recorded grant if the version is still current, else
+    /// the grant that would admit the flow now (re-admission). `None` for would-deny flows
+    /// or if no grant admits it any more.
+    pub fn rule<'g>(
+        &self,
+        grants: &'g PeerGrants,
+        grants_version: u64,
+        now: UnixTime,
+    ) -> Option<&'g str> {
+        let FlowAdmission::Allowed {
+            grants_version: v,
+            grant,
+        } = self.admission
+        else {
+            return None;
+        };
+        let list = match self.direction {
+            Direction::Outbound => &grants.outbound,
+            Direction::Inbound => &grants.inbound,
+        };
+        if v == grants_version {
+            if let Some(g) = list.get(grant as usize) {
+                return Some(&g.rule);
+            }
+        }
+        grants
+            .find(self.direction, self.proto, self.port, now)
+            .map(|g| g.rule.as_str())
+    }
+
+    /// Same group: everything but the counts and times.
+    fn same_group(&self, o: &FlowSample<P>) -> bool {
+        self.peer == o.peer
+            && self.direction == o.direction
+            && self.proto == o.proto
+            && self.port == o.port
+            && self.admission == o.admission
+    }
+
+    fn fold(&mut self, o: &FlowSample<P>) {
+        self.packets += o.packets;
+        self.bytes += o.bytes;
+        self.flows += o.flows;
+        self.first_seen = self.first_seen.min(o.first_seen);
+        self.last_seen = self.last_seen.max(o.last_seen);
+    }
+}
+
+/// Groups of retired flows (evicted, revoked, timed out, restarted, forgotten) each shard
+/// keeps until the next collection; flows of further groups are counted as overflow.
+pub const RETIRED_PER_SHARD: usize = 16;
+
+/// What one [`Firewall::collect_flows`] found besides the samples.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Collected {
+    /// Samples handed to the sink.
+    pub samples: usize,
+    /// Retired flows whose counts were lost (their shard's retired groups were full).
+    pub overflow: u64,
+    /// Packets of those flows.
+    pub overflow_packets: u64,
 }
 
 struct Entry<P> {
@@ -305,6 +439,64 @@ struct ShardInner<P> {
     per_peer: HashMap<P, u32, SeedableRandomState>,
     /// Earliest time the shard may be scanned for idle entries again when full.
     next_evict: Millis,
+    /// Uncollected counts of flows that left the table, by group (at most
+    /// [`RETIRED_PER_SHARD`]; the capacity is reserved once, on first use).
+    retired: Vec<FlowSample<P>>,
+    /// Retired flows (and their packets) that found no room in `retired`.
+    retired_overflow: (u64, u64),
+}
+
+/// The sample of one table entry.
+#[inline]
+fn sample<P: Copy>(key: &FlowKey<P>, f: &Flow) -> FlowSample<P> {
+    let proto = (key.meta >> 32) as u8;
+    FlowSample {
+        peer: key.peer,
+        direction: f.dir,
+        proto,
+        port: if matches!(proto, ip_proto::TCP | ip_proto::UDP) {
+            f.port
+        } else {
+            0
+        },
+        admission: if f.would_deny {
+            FlowAdmission::WouldDeny
+        } else {
+            FlowAdmission::Allowed {
+                grants_version: f.version,
+                grant: f.grant,
+            }
+        },
+        packets: f.packets,
+        bytes: f.bytes,
+        flows: 1,
+        first_seen: f.first_seen,
+        last_seen: f.last_seen,
+    }
+}
+
+/// Keeps the uncollected counts of a flow leaving the table (cold: once per flow at most).
+fn retire<P: Copy + Eq>(
+    retired: &mut Vec<FlowSample<P>>,
+    overflow: &mut (u64, u64),
+    key: &FlowKey<P>,
+    f: &Flow,
+) {
+    if f.packets == 0 {
+        return;
+    }
+    let s = sample(key, f);
+    if let Some(r) = retired.iter_mut().find(|r| r.same_group(&s)) {
+        r.fold(&s);
+    } else if retired.len() < RETIRED_PER_SHARD {
+        if retired.capacity() == 0 {
+            retired.reserve_exact(RETIRED_PER_SHARD);
+        }
+        retired.push(s);
+    } else {
+        overflow.0 += 1;
+        overflow.1 += s.packets;
+    }
 }
 
 /// One lock's worth of flows, on its own cache line(s) so the tx and rx workers only contend
@@ -331,6 +523,7 @@ pub struct Firewall<P> {
     hasher: SeedableRandomState,
     sweep_cursor: AtomicUsize,
     counters: Counters,
+    count_flows: bool,
 }
 
 /// Outcome of admission against the grants: (grant index, expires_at) or why not.
@@ -386,6 +579,8 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
                     table: HashTable::new(),
                     per_peer: HashMap::with_hasher(hasher.clone()),
                     next_evict: 0,
+                    retired: Vec::new(),
+                    retired_overflow: (0, 0),
                 }),
             })
             .collect();
@@ -398,6 +593,7 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
             hasher,
             sweep_cursor: AtomicUsize::new(0),
             counters: Counters::default(),
+            count_flows: config.count_flows,
         }
     }
 
@@ -430,12 +626,12 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
                 // Stateless: informational ICMP passes iff an ICMP grant admits it.
                 return match admit(grants, dir, p.t.proto, 0, now / 1000) {
                     Ok(_) => Verdict::Allow,
-                    Err(r) => self.deny(r, dir, &p.t),
+                    Err(r) => self.learn_or_deny(grants, r, dir, &p.t),
                 };
             }
             Kind::Tcp(_) | Kind::Udp | Kind::EchoRequest | Kind::EchoReply | Kind::Other => {}
         }
-        let v = self.tracked(peer, grants, grants_version, dir, &p, now);
+        let v = self.tracked(peer, grants, grants_version, dir, &p, packet.len(), now);
         if let (Verdict::Allow, Frag::First(id)) = (&v, p.frag) {
             self.note_first_fragment(peer, &p.t, id, now);
         }
@@ -458,12 +654,61 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
         let mut removed = 0;
         for s in self.shards.iter() {
             let mut g = s.inner.lock();
-            let before = g.table.len();
-            g.table.retain(|e| e.key.peer != peer);
-            g.per_peer.remove(&peer);
-            removed += before - g.table.len();
+            let ShardInner {
+                table,
+                per_peer,
+                retired,
+                retired_overflow,
+                ..
+            } = &mut *g;
+            let before = table.len();
+            table.retain(|e| {
+                let keep = e.key.peer != peer;
+                if !keep {
+                    retire(retired, retired_overflow, &e.key, &e.flow);
+                }
+                keep
+            });
+            per_peer.remove(&peer);
+            removed += before - table.len();
         }
         removed
+    }
+
+    /// Hands `sink` every flow's counts since the previous collection: each tracked flow
+    /// that saw packets (then zeroed), and the folded groups of flows that left the table
+    /// meanwhile (evicted, revoked, timed out, restarted, forgotten). For a timer, off the
+    /// packet path: each shard is locked while its entries are visited (bounded by the
+    /// table size), so keep `sink` quick (no IO). Nothing is reported with
+    /// [`Config::count_flows`] off.
+    pub fn collect_flows(&self, sink: &mut impl FnMut(FlowSample<P>)) -> Collected {
+        let mut out = Collected::default();
+        for s in self.shards.iter() {
+            let mut g = s.inner.lock();
+            let ShardInner {
+                table,
+                retired,
+                retired_overflow,
+                ..
+            } = &mut *g;
+            for r in retired.drain(..) {
+                sink(r);
+                out.samples += 1;
+            }
+            let (n, packets) = std::mem::take(retired_overflow);
+            out.overflow += n;
+            out.overflow_packets += packets;
+            for e in table.iter_mut() {
+                if e.flow.packets == 0 {
+                    continue;
+                }
+                sink(sample(&e.key, &e.flow));
+                out.samples += 1;
+                e.flow.packets = 0;
+                e.flow.bytes = 0;
+            }
+        }
+        out
     }
 
     /// Removes idle entries from the next `shards` shards (round robin) and returns how many.
@@ -518,6 +763,7 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
             flows_opened: c.flows_opened.load(Relaxed),
             flows_picked_up: c.flows_picked_up.load(Relaxed),
             flows_revoked: c.flows_revoked.load(Relaxed),
+            would_deny: c.would_deny.load(Relaxed),
         }
     }
 
@@ -549,12 +795,17 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
 
     fn evict_idle(&self, g: &mut ShardInner<P>, now: Millis) -> usize {
         let ShardInner {
-            table, per_peer, ..
+            table,
+            per_peer,
+            retired,
+            retired_overflow,
+            ..
         } = g;
         let before = table.len();
         table.retain(|e| {
             let keep = !self.idle(&e.flow, now);
             if !keep {
+                retire(retired, retired_overflow, &e.key, &e.flow);
                 release(per_peer, e.key.peer);
             }
             keep
@@ -562,7 +813,9 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
         before - table.len()
     }
 
-    /// The flow-table path for TCP, UDP, ICMP echo and other protocols.
+    /// The flow-table path for TCP, UDP, ICMP echo and other protocols. `len` is the packet's
+    /// length (counted per flow).
+    #[allow(clippy::too_many_arguments)]
     #[inline]
     fn tracked(
         &self,
@@ -571,6 +824,7 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
         version: u64,
         dir: Direction,
         p: &Parsed,
+        len: usize,
         now: Millis,
     ) -> Verdict {
         let (key, src_lo) = FlowKey::of(peer, &p.t);
@@ -591,7 +845,9 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
                     _ => false,
                 };
             if restart {
-                entry.remove();
+                let old = entry.remove().0;
+                let g = &mut *g;
+                retire(&mut g.retired, &mut g.retired_overflow, &old.key, &old.flow);
                 release(&mut g.per_peer, peer);
             } else {
                 if forward != (dir == f.dir) {
@@ -617,6 +873,9 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
                     return match admit(grants, dir, p.t.proto, p.t.dport, now_s) {
                         Ok(_) if p.kind == Kind::EchoRequest => Verdict::Allow,
                         Ok(_) => self.deny(DenyReason::NoFlow, dir, &p.t),
+                        Err(r) if p.kind == Kind::EchoRequest => {
+                            self.learn_or_deny(grants, r, dir, &p.t)
+                        }
                         Err(r) => self.deny(r, dir, &p.t),
                     };
                 }
@@ -626,10 +885,24 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
                             f.version = version;
                             f.grant = i;
                             f.expires_at = exp;
+                            f.would_deny = false;
+                        }
+                        Err(r) if learns(grants, &r) => {
+                            // Learning mode: it keeps flowing, as would-deny from now on.
+                            f.version = version;
+                            f.expires_at = u64::MAX;
+                            f.would_deny = true;
                         }
                         Err(r) => {
-                            entry.remove();
-                            release(&mut g.per_peer, peer);
+                            let old = entry.remove().0;
+                            let g2 = &mut *g;
+                            retire(
+                                &mut g2.retired,
+                                &mut g2.retired_overflow,
+                                &old.key,
+                                &old.flow,
+                            );
+                            release(&mut g2.per_peer, peer);
                             drop(g);
                             self.counters.flows_revoked.fetch_add(1, Relaxed);
                             return self.deny(r, dir, &p.t);
@@ -638,6 +911,9 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
                 }
                 f.last_seen = now;
                 f.state = next_state(f.state, p.kind, forward);
+                if self.count_flows {
+                    f.count(len, now);
+                }
                 return Verdict::Allow;
             }
         }
@@ -656,15 +932,27 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
                 // source port (this is the responder's side). Any other segment is denied.
                 let as_sent = admit(grants, dir, p.t.proto, p.t.dport, now_s);
                 let picked = match as_sent {
-                    Ok(a) => Some(a),
+                    Ok(a) => Some(Some(a)),
                     Err(_) => {
                         let back = dir.reverse();
-                        admit(grants, back, p.t.proto, p.t.sport, now_s)
-                            .ok()
-                            .inspect(|_| opener = (back, p.t.sport, !src_lo))
+                        match admit(grants, back, p.t.proto, p.t.sport, now_s) {
+                            Ok(a) => {
+                                opener = (back, p.t.sport, !src_lo);
+                                Some(Some(a))
+                            }
+                            Err(r) if learns(grants, &r) => {
+                                // Learning mode: take it up as would-deny; guess the
+                                // responder is the end with the lower port (the service).
+                                if p.t.sport < p.t.dport {
+                                    opener = (back, p.t.sport, !src_lo);
+                                }
+                                Some(None)
+                            }
+                            Err(_) => None,
+                        }
                     }
                 };
-                let Some((grant, expires_at)) = picked else {
+                let Some(admitted) = picked else {
                     drop(g);
                     return self.deny(DenyReason::NoFlow, dir, &p.t);
                 };
@@ -682,13 +970,16 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
                     hash,
                     key,
                     peer,
-                    now,
-                    (grant, expires_at),
+                    (now, len),
+                    admitted,
                     version,
                     opener,
                     state,
                 );
                 self.counters.flows_picked_up.fetch_add(1, Relaxed);
+                if admitted.is_none() {
+                    self.counters.would_deny.fetch_add(1, Relaxed);
+                }
                 return Verdict::Allow;
             }
             Kind::Tcp(_) | Kind::EchoReply => {
@@ -699,7 +990,8 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
             _ => State::Unreplied,
         };
         let admitted = match admit(grants, dir, p.t.proto, p.t.dport, now_s) {
-            Ok(a) => a,
+            Ok(a) => Some(a),
+            Err(r) if learns(grants, &r) => None,
             Err(r) => {
                 drop(g);
                 return self.deny(r, dir, &p.t);
@@ -709,14 +1001,28 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
             drop(g);
             return self.drop(full);
         }
-        self.insert(g, hash, key, peer, now, admitted, version, opener, state);
+        self.insert(
+            g,
+            hash,
+            key,
+            peer,
+            (now, len),
+            admitted,
+            version,
+            opener,
+            state,
+        );
         self.counters.flows_opened.fetch_add(1, Relaxed);
+        if admitted.is_none() {
+            self.counters.would_deny.fetch_add(1, Relaxed);
+        }
         Verdict::Allow
     }
 
-    /// Adds a flow (room already made) and releases the shard. `admitted` is the grant index
-    /// and its expiry; `opener` the opener's direction, the responder's port and whether the
-    /// opener is the key's low end.
+    /// Adds a flow (room already made) and releases the shard. `first` is the first packet's
+    /// time and length; `admitted` the grant index and its expiry (`None`: would-deny, let
+    /// through by learning mode); `opener` the opener's direction, the responder's port and
+    /// whether the opener is the key's low end.
     #[allow(clippy::too_many_arguments)]
     #[inline]
     fn insert(
@@ -725,15 +1031,16 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
         hash: u64,
         key: FlowKey<P>,
         peer: P,
-        now: Millis,
-        admitted: (u32, UnixTime),
+        first: (Millis, usize),
+        admitted: Option<(u32, UnixTime)>,
         version: u64,
         opener: (Direction, u16, bool),
         state: State,
     ) {
-        let (grant, expires_at) = admitted;
+        let (now, len) = first;
+        let (grant, expires_at) = admitted.unwrap_or((0, u64::MAX));
         let (dir, port, opener_lo) = opener;
-        let flow = Flow {
+        let mut flow = Flow {
             last_seen: now,
             expires_at,
             version,
@@ -742,7 +1049,14 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
             dir,
             opener_lo,
             state,
+            would_deny: admitted.is_none(),
+            packets: 0,
+            bytes: 0,
+            first_seen: now,
         };
+        if self.count_flows {
+            flow.count(len, now);
+        }
         g.table
             .insert_unique(hash, Entry { key, flow }, |e| self.hasher.hash_one(e.key));
         *g.per_peer.entry(peer).or_insert(0) += 1;
@@ -791,6 +1105,10 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
             dir: Direction::Outbound,
             opener_lo: true,
             state: State::Fragment,
+            would_deny: false,
+            packets: 0,
+            bytes: 0,
+            first_seen: now,
         };
         g.table
             .insert_unique(hash, Entry { key, flow }, |e| self.hasher.hash_one(e.key));
@@ -836,8 +1154,25 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
         }
         match admit(grants, dir, p.t.proto, 0, now / 1000) {
             Ok(_) => Verdict::Allow,
-            Err(r) => self.deny(r, dir, &p.t),
+            Err(r) => self.learn_or_deny(grants, r, dir, &p.t),
         }
+    }
+
+    /// A stateless packet no grant admits: passes (counted as would-deny) in learning mode,
+    /// else denied.
+    #[cold]
+    fn learn_or_deny(
+        &self,
+        grants: &PeerGrants,
+        reason: DenyReason,
+        dir: Direction,
+        t: &Tuple,
+    ) -> Verdict {
+        if learns(grants, &reason) {
+            self.counters.would_deny.fetch_add(1, Relaxed);
+            return Verdict::Allow;
+        }
+        self.deny(reason, dir, t)
     }
 
     #[cold]
@@ -876,6 +1211,13 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
         .fetch_add(1, Relaxed);
         Verdict::Drop(reason)
     }
+}
+
+/// Whether learning mode lets a flow through that `reason` would deny: only for want of a
+/// grant (never for quarantine or a packet that starts nothing).
+#[inline]
+fn learns(grants: &PeerGrants, reason: &DenyReason) -> bool {
+    grants.learn && matches!(reason, DenyReason::DefaultDeny | DenyReason::Expired(_))
 }
 
 /// One entry of `peer` left its shard.

@@ -18,6 +18,15 @@
 //!   bounded [`Firewall::sweep`].
 //! - Every packet not allowed is counted ([`Stats`]); denials feed the folding, rate-limited
 //!   [`BlockLog`], whose [`Denial`]s become [`BlockEvent`](meshd_policy::BlockEvent)s.
+//! - Flow records: each tracked flow counts its packets and bytes in its conntrack entry,
+//!   under the shard lock the check holds anyway (no other lock, no allocation).
+//!   [`Firewall::collect_flows`], from a timer, hands out the counts since the previous
+//!   collection as [`FlowSample`]s (with the admitting grant, or would-deny); flows that left
+//!   the table in between are folded into a bounded per-shard group list
+//!   ([`RETIRED_PER_SHARD`], overflow counted).
+//! - Learning mode ([`PeerGrants::learn`](meshd_policy::PeerGrants)): a new flow no grant
+//!   admits passes, tracked as would-deny ([`FlowAdmission::WouldDeny`], [`Stats::would_deny`]);
+//!   re-checked when the grants change like any flow.
 #![forbid(unsafe_code)]
 
 mod blocklog;
@@ -27,9 +36,12 @@ mod packet;
 
 pub use blocklog::{BlockLog, BlockLogConfig, Denial};
 pub use firewall::{
-    Config, Denied, DropReason, Firewall, FlowTuple, Millis, Stats, Timeouts, Verdict,
+    Collected, Config, Denied, DropReason, Firewall, FlowAdmission, FlowSample, FlowTuple, Millis,
+    Stats, Timeouts, Verdict, RETIRED_PER_SHARD,
 };
 pub use packet::{tcp_flags, Malformed};
 
+#[cfg(test)]
+mod flow_tests;
 #[cfg(test)]
 mod tests;

@@ -5,7 +5,9 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use meshd_firewall::tcp_flags::{ACK, FIN, RST, SYN};
-use meshd_firewall::{build, Config, Denied, DropReason, Firewall, FlowTuple, Timeouts, Verdict};
+use meshd_firewall::{
+    build, Config, Denied, DropReason, Firewall, FlowAdmission, FlowTuple, Timeouts, Verdict,
+};
 use meshd_policy::{ip_proto, DenyReason, Direction, Grant, PeerGrants, Proto};
 use meshd_testkit::fixtures;
 use proptest::prelude::*;
@@ -79,12 +81,40 @@ struct MFlow {
     version: u64,
     expires: u64,
     port: u16,
+    would_deny: bool,
+    packets: u64,
+    bytes: u64,
 }
+
+/// What flow records group by: peer, opener's direction, protocol, responder port (0 without
+/// ports), would-deny.
+type Group = (u32, bool, u8, u16, bool);
 
 struct Model {
     flows: Vec<MFlow>,
     t: Timeouts,
     next_evict: u64,
+    /// Counts of flows that left the table since the last collection.
+    retired: std::collections::BTreeMap<Group, (u64, u64)>,
+}
+
+fn group(f: &MFlow) -> Group {
+    let port = if matches!(f.proto, ip_proto::TCP | ip_proto::UDP) {
+        f.port
+    } else {
+        0
+    };
+    (
+        f.peer,
+        f.dir == Direction::Outbound,
+        f.proto,
+        port,
+        f.would_deny,
+    )
+}
+
+fn learns(g: &PeerGrants, r: &DenyReason) -> bool {
+    g.learn && matches!(r, DenyReason::DefaultDeny | DenyReason::Expired(_))
 }
 
 fn timeout(t: &Timeouts, s: St) -> u64 {
@@ -131,6 +161,44 @@ impl Model {
         now >= f.last_seen + timeout(&self.t, f.state)
     }
 
+    fn remove(&mut self, i: usize) {
+        let f = self.flows.remove(i);
+        self.retire(&f);
+    }
+
+    fn retire(&mut self, f: &MFlow) {
+        if f.packets > 0 {
+            let e = self.retired.entry(group(f)).or_default();
+            e.0 += f.packets;
+            e.1 += f.bytes;
+        }
+    }
+
+    /// Removes the flows `keep` refuses, keeping their counts.
+    fn retain(&mut self, keep: impl Fn(&MFlow) -> bool) {
+        let (kept, gone): (Vec<MFlow>, Vec<MFlow>) =
+            std::mem::take(&mut self.flows).into_iter().partition(keep);
+        self.flows = kept;
+        for f in &gone {
+            self.retire(f);
+        }
+    }
+
+    /// Everything since the last collection, by group; zeroes it.
+    fn collect(&mut self) -> std::collections::BTreeMap<Group, (u64, u64)> {
+        let mut out = std::mem::take(&mut self.retired);
+        for f in &mut self.flows {
+            if f.packets > 0 {
+                let e = out.entry(group(f)).or_default();
+                e.0 += f.packets;
+                e.1 += f.bytes;
+                f.packets = 0;
+                f.bytes = 0;
+            }
+        }
+        out
+    }
+
     fn deny(r: DenyReason, dir: Direction, p: &Pkt) -> Verdict {
         Verdict::Deny(Denied {
             reason: r,
@@ -162,7 +230,7 @@ impl Model {
             if self.idle(&self.flows[i], now)
                 || (bare_syn && forward && self.flows[i].state == St::Closing)
             {
-                self.flows.remove(i);
+                self.remove(i);
             } else {
                 let f = &mut self.flows[i];
                 if forward != (dir == f.dir) || (bare_syn && !forward) {
@@ -172,6 +240,7 @@ impl Model {
                     return match admit(g, dir, proto, p.dst.1, now_s) {
                         Ok(_) if p.kind == Pk::EchoReq => Verdict::Allow,
                         Ok(_) => Self::deny(DenyReason::NoFlow, dir, p),
+                        Err(r) if p.kind == Pk::EchoReq && learns(g, &r) => Verdict::Allow,
                         Err(r) => Self::deny(r, dir, p),
                     };
                 }
@@ -180,14 +249,22 @@ impl Model {
                         Ok(e) => {
                             f.version = version;
                             f.expires = e;
+                            f.would_deny = false;
+                        }
+                        Err(r) if learns(g, &r) => {
+                            f.version = version;
+                            f.expires = u64::MAX;
+                            f.would_deny = true;
                         }
                         Err(r) => {
-                            self.flows.remove(i);
+                            self.remove(i);
                             return Self::deny(r, dir, p);
                         }
                     }
                 }
                 f.last_seen = now;
+                f.packets += 1;
+                f.bytes += p.bytes().len() as u64;
                 f.state = match (f.state, p.kind) {
                     (_, Pk::Tcp(fl)) if fl & (FIN | RST) != 0 => St::Closing,
                     (St::Opening, Pk::Tcp(_)) if !forward => St::Established,
@@ -198,6 +275,7 @@ impl Model {
             }
         }
         let mut opener = (p.src, p.dst, dir, p.dst.1);
+        let mut picked_learning = false;
         let state = match p.kind {
             Pk::Tcp(fl) if fl & (SYN | ACK | RST) == SYN => St::Opening,
             // Mid-stream with no flow: taken up if a grant admits it one way or the other.
@@ -208,10 +286,16 @@ impl Model {
                     Direction::Outbound
                 };
                 if admit(g, dir, proto, p.dst.1, now_s).is_err() {
-                    if admit(g, back, proto, p.src.1, now_s).is_err() {
-                        return Self::deny(DenyReason::NoFlow, dir, p);
+                    match admit(g, back, proto, p.src.1, now_s) {
+                        Ok(_) => opener = (p.dst, p.src, back, p.src.1),
+                        Err(r) if learns(g, &r) => {
+                            picked_learning = true;
+                            if p.src.1 < p.dst.1 {
+                                opener = (p.dst, p.src, back, p.src.1);
+                            }
+                        }
+                        Err(_) => return Self::deny(DenyReason::NoFlow, dir, p),
                     }
-                    opener = (p.dst, p.src, back, p.src.1);
                 }
                 if fl & (FIN | RST) != 0 {
                     St::Closing
@@ -229,15 +313,16 @@ impl Model {
         } else {
             resp_port
         };
-        let expires = match admit(g, dir, proto, port, now_s) {
-            Ok(e) => e,
+        let (expires, would_deny) = match admit(g, dir, proto, port, now_s) {
+            Ok(e) => (e, false),
+            Err(_) if picked_learning => (u64::MAX, true),
+            Err(r) if learns(g, &r) => (u64::MAX, true),
             Err(r) => return Self::deny(r, dir, p),
         };
         if self.flows.len() >= CAP && now >= self.next_evict {
             self.next_evict = now + 1000;
             let t = self.t;
-            self.flows
-                .retain(|f| now < f.last_seen + timeout(&t, f.state));
+            self.retain(|f| now < f.last_seen + timeout(&t, f.state));
         }
         if self.flows.len() >= CAP {
             return Verdict::Drop(DropReason::TableFull);
@@ -253,6 +338,9 @@ impl Model {
             version,
             expires,
             port: resp_port,
+            would_deny,
+            packets: 1,
+            bytes: p.bytes().len() as u64,
         });
         Verdict::Allow
     }
@@ -285,6 +373,8 @@ enum Op {
     Bump,
     Forget(u32),
     Sweep,
+    /// Collect the flow counts and compare them with the model's.
+    Collect,
 }
 
 fn grant_sets() -> Vec<PeerGrants> {
@@ -321,6 +411,19 @@ fn grant_sets() -> Vec<PeerGrants> {
                 g(Proto::Udp, 53, 53, None, "dns-in"),
             ],
         },
+        // Learning mode: nothing granted, or some of it (and some expiring).
+        PeerGrants {
+            learn: true,
+            ..PeerGrants::default()
+        },
+        PeerGrants {
+            learn: true,
+            outbound: vec![
+                g(Proto::Tcp, 80, 80, None, "web"),
+                g(Proto::Udp, 53, 53, Some(40), "dns-temp"),
+            ],
+            inbound: vec![g(Proto::Icmp, 0, 0, None, "ping")],
+        },
     ]
 }
 
@@ -351,10 +454,11 @@ fn arb_op() -> impl Strategy<Value = Op> {
         ),
         4 => prop::sample::select(vec![1u64, 400, 999, 1_000, 5_000, 10_000, 20_000, 31_000, 61_000, 200_000]).prop_map(Op::Advance),
         1 => prop::sample::select(vec![19_999u64, 20_000, 39_999, 40_000, 40_500, 99_999, 100_000, 299_999, 300_000]).prop_map(Op::Until),
-        2 => (0usize..5).prop_map(Op::SetGrants),
+        2 => (0usize..7).prop_map(Op::SetGrants),
         1 => Just(Op::Bump),
         1 => (1u32..3).prop_map(Op::Forget),
         1 => Just(Op::Sweep),
+        1 => Just(Op::Collect),
     ]
 }
 
@@ -371,6 +475,7 @@ fn run(ops: &[Op]) {
         flows: Vec::new(),
         t: Timeouts::default(),
         next_evict: 0,
+        retired: Default::default(),
     };
     let (mut now, mut set, mut version) = (T0, 1usize, 1u64);
     let mut sent: Vec<(u32, Direction, Pkt)> = Vec::new();
@@ -453,13 +558,33 @@ fn run(ops: &[Op]) {
             Op::Bump => version += 1,
             Op::Forget(peer) => {
                 let want = m.flows.iter().filter(|f| f.peer == peer).count();
-                m.flows.retain(|f| f.peer != peer);
+                m.retain(|f| f.peer != peer);
                 assert_eq!(fw.forget_peer(peer), want, "step {step}: forget");
+            }
+            Op::Collect => {
+                let want = m.collect();
+                let mut got: std::collections::BTreeMap<Group, (u64, u64)> = Default::default();
+                let c = fw.collect_flows(&mut |s| {
+                    let e = got
+                        .entry((
+                            s.peer,
+                            s.direction == Direction::Outbound,
+                            s.proto,
+                            s.port,
+                            s.admission == FlowAdmission::WouldDeny,
+                        ))
+                        .or_default();
+                    e.0 += s.packets;
+                    e.1 += s.bytes;
+                });
+                if c.overflow == 0 {
+                    assert_eq!(got, want, "step {step}: collected counts");
+                }
             }
             Op::Sweep => {
                 let before = m.flows.len();
                 let t = m.t;
-                m.flows.retain(|f| now < f.last_seen + timeout(&t, f.state));
+                m.retain(|f| now < f.last_seen + timeout(&t, f.state));
                 assert_eq!(
                     fw.sweep_all(now),
                     before - m.flows.len(),

@@ -131,10 +131,19 @@ pub struct Enforcement {
 }
 
 impl Enforcement {
-    /// Defaults: 64 Ki flows, 100 block events per second.
+    /// Defaults: 64 Ki flows, 100 block events per second, flows counted.
     pub fn new() -> Self {
+        Self::with_flow_counts(true)
+    }
+
+    /// As [`new`](Self::new); `count_flows` off leaves the per-flow packet and byte counts
+    /// out of the packet path (`flow_records = false`).
+    pub fn with_flow_counts(count_flows: bool) -> Self {
         Enforcement {
-            firewall: Firewall::new(meshd_firewall::Config::default()),
+            firewall: Firewall::new(meshd_firewall::Config {
+                count_flows,
+                ..meshd_firewall::Config::default()
+            }),
             blocks: BlockLog::new(BlockLogConfig::default()),
         }
     }

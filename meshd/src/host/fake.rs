@@ -90,6 +90,7 @@ pub fn setup(mode: Mode, dir: &std::path::Path) -> HostSetup {
         listen_port: 51820,
         fwmark: None,
         busy_poll: std::time::Duration::ZERO,
+        flows: meshd_config::FlowSettings::default(),
         mode,
         routed_prefixes: vec![],
         state_dir: dir.to_path_buf(),

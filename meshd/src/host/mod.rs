@@ -31,12 +31,14 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::blocks::{BlockSink, Directory};
 use crate::dataplane::{local_destinations, unix_millis, Dataplane, DataplaneConfig, Enforcement};
+use crate::flows::{FlowCollector, FlowStatus};
 use crate::routes::Routes;
 use crate::source::{HostSetup, PeerSource, PeerUpdate, SourceEvent, UpFacts};
 use crate::status::{self, StatusSource};
 use crate::transparent::{self, Transparent};
 use crate::uapi::{self, DeviceFacts, Errno, SetCall};
 use edges::{AddressWatch, LocalAddresses, NetlinkAddresses, OverlayRoutes, UnderlayGuard};
+use meshd_control::session::FlowBatch;
 
 /// What a running host owns besides the data plane: the device's peer table and destinations,
 /// routes, transparent mode, the protected-address list `meshd status` shows and the block
@@ -58,6 +60,10 @@ pub struct Host<R, T> {
     current: Option<PeerUpdate>,
     /// Underlay addresses claimed by several peers in the last plan (warned about once).
     conflicts: Vec<IpAddr>,
+    /// Flow records of the current interval (`None`: `flow_records = false`).
+    flows: Option<FlowCollector>,
+    /// The latest interval's counts, as `meshd status` shows them.
+    flow_status: Arc<FlowStatus>,
 }
 
 impl<R: OverlayRoutes, T: UnderlayGuard> Host<R, T> {
@@ -86,7 +92,19 @@ impl<R: OverlayRoutes, T: UnderlayGuard> Host<R, T> {
             own,
             current: None,
             conflicts: Vec::new(),
+            flows: setup.flows.enabled.then(|| FlowCollector::new(setup.flows)),
+            flow_status: Arc::default(),
         }
+    }
+
+    /// Publishes the flow-record counts in `status` (the one `meshd status` reads).
+    pub fn set_flow_status(&mut self, status: Arc<FlowStatus>) {
+        self.flow_status = status;
+    }
+
+    /// The latest flow-record interval's counts.
+    pub fn flow_status(&self) -> &FlowStatus {
+        &self.flow_status
     }
 
     /// Applies `update` (`now`: Unix seconds): the peer table (with transparent mode's extra
@@ -193,10 +211,18 @@ impl<R: OverlayRoutes, T: UnderlayGuard> Host<R, T> {
     /// source), sweeps the firewall, and re-plans transparent mode for grant expiry.
     pub async fn tick(&mut self, now_ms: u64) -> Vec<BlockEvent> {
         let now = now_ms / 1000;
-        let mut events = self.sink.flush(&self.enforcement, &self.device);
+        let flows = &mut self.flows;
+        let mut events = self.sink.flush(&self.enforcement, &self.device, |d, key| {
+            if let Some(f) = flows.as_mut() {
+                f.add_denial(d, key);
+            }
+        });
         if let Some(t) = self.transparent.as_mut() {
             match t.take_blocked().await {
                 Ok(drops) => {
+                    if let Some(f) = self.flows.as_mut() {
+                        f.add_plaintext(&drops, now_ms);
+                    }
                     let Directory {
                         host, host_labels, ..
                     } = &self.sink.directory;
@@ -218,6 +244,19 @@ impl<R: OverlayRoutes, T: UnderlayGuard> Host<R, T> {
             self.replan(now).await;
         }
         events
+    }
+
+    /// Flow records (`now_ms`: Unix milliseconds; call after each [`tick`](Self::tick)):
+    /// once per `flow_interval`, the firewall's counts, the denials and plaintext drops the
+    /// ticks saw, aggregated into the interval's batch (also shown by `meshd status`).
+    /// `None` between intervals and with flow records off.
+    pub fn collect_flows(&mut self, now_ms: u64) -> Option<FlowBatch> {
+        let f = self.flows.as_mut()?;
+        if !f.due(now_ms) {
+            return None;
+        }
+        f.collect_firewall(&self.enforcement.firewall, &self.device.table(), now_ms);
+        Some(f.finish(now_ms, &self.flow_status))
     }
 
     /// Drops every peer (the source refused this host for good).
@@ -259,7 +298,7 @@ pub async fn run<S: PeerSource>(
         &[],
         &setup.routed_prefixes,
     ));
-    let enforcement = Arc::new(Enforcement::new());
+    let enforcement = Arc::new(Enforcement::with_flow_counts(setup.flows.enabled));
     let dp = Dataplane::start(
         device.clone(),
         enforcement.clone(),
@@ -302,7 +341,9 @@ async fn serve<S: PeerSource>(
     uapi: uapi::Listener,
 ) -> anyhow::Result<()> {
     let protected: Arc<Mutex<Vec<String>>> = Arc::default();
+    let flow_status: Arc<FlowStatus> = Arc::default();
     let status_source = StatusSource {
+        flows: flow_status.clone(),
         interface: setup.interface.clone(),
         listen_port: dp.listen_port,
         mode: setup.mode,
@@ -364,6 +405,7 @@ async fn serve<S: PeerSource>(
         setup,
         own,
     );
+    host.set_flow_status(flow_status);
     let result = async {
         if let Some(u) = initial {
             let outcome = host.apply(u, meshd_time::unix_now()).await;
@@ -459,8 +501,12 @@ async fn run_loop<S: PeerSource, R: OverlayRoutes, T: UnderlayGuard>(
                 }
             }
             _ = tick.tick() => {
-                let events = host.tick(unix_millis()).await;
+                let now_ms = unix_millis();
+                let events = host.tick(now_ms).await;
                 source.report_blocks(events);
+                if let Some(batch) = host.collect_flows(now_ms) {
+                    source.report_flows(batch);
+                }
             }
             () = watch.changed() => {
                 let own = addresses.local_addresses(overlay).await;

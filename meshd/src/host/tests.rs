@@ -462,3 +462,138 @@ async fn a_wg_set_reaches_the_device_through_the_static_source_like_a_reload() {
     source.applied(outcome.as_ref()).unwrap();
     assert_eq!(table(&h.device).len(), 2);
 }
+
+#[tokio::test]
+async fn a_collected_interval_gives_flow_records_by_peer_key_verdict_and_rule() {
+    use meshd_control::flow::FlowVerdict;
+    use meshd_firewall::build;
+    use meshd_firewall::tcp_flags::{ACK, SYN};
+    use meshd_policy::Direction;
+    let mut h = host(Mode::Overlay, &["198.18.0.1/24"]);
+    let mut m = map(1);
+    // db1: we may open tcp/5432. web: nothing granted, but learning mode.
+    m.peers[0].grants = PeerGrants {
+        learn: false,
+        outbound: vec![Grant {
+            proto: Proto::Tcp,
+            ports: (5432, 5432),
+            expires_at: None,
+            rule: "app-db".into(),
+        }],
+        inbound: vec![],
+    };
+    m.peers[1].grants = PeerGrants {
+        learn: true,
+        ..PeerGrants::default()
+    };
+    h.host.apply(map_update(&m, &host_info()), 0).await.unwrap();
+    let table = h.device.table();
+    let (db1, web) = (table.get(&key(2)).unwrap(), table.get(&key(3)).unwrap());
+    let fw = h.host.enforcement.clone();
+    let v = table.version;
+    // Real time: the block log drains denials by the wall clock.
+    let t = meshd_time::unix_millis() - 5_000;
+    assert!(
+        h.host.collect_flows(t).is_none(),
+        "the first call starts the interval"
+    );
+    let (me, d, w) = (ip("100.64.0.1"), ip("100.64.0.2"), ip("100.64.0.3"));
+    let out = Direction::Outbound;
+    let syn = build::tcp(me, 40000, d, 5432, SYN);
+    let back = build::tcp(d, 5432, me, 40000, SYN | ACK);
+    assert!(fw.allow(db1, &db1.grants(), v, out, &syn, t));
+    assert!(fw.allow(db1, &db1.grants(), v, Direction::Inbound, &back, t + 1));
+    // Denied: db1 has no ssh grant (twice, folded).
+    let ssh = build::tcp(me, 40001, d, 22, SYN);
+    assert!(!fw.allow(db1, &db1.grants(), v, out, &ssh, t + 2));
+    assert!(!fw.allow(db1, &db1.grants(), v, out, &ssh, t + 3));
+    // Learning mode: web's inbound ssh passes, as would-deny.
+    let in_ssh = build::tcp(w, 50000, me, 22, SYN);
+    assert!(fw.allow(web, &web.grants(), v, Direction::Inbound, &in_ssh, t + 4));
+    assert_eq!(fw.firewall.stats().would_deny, 1);
+    h.host.tick(t + 1_000).await;
+    assert!(
+        h.host.collect_flows(t + 9_999).is_none(),
+        "interval not over"
+    );
+    let batch = h.host.collect_flows(t + 10_000).expect("an interval");
+    assert_eq!(batch.interval_start, t / 1000);
+    assert_eq!(batch.overflow, 0);
+    let r = &batch.records;
+    assert_eq!(r.len(), 3, "{r:#?}");
+    let allowed = r
+        .iter()
+        .find(|r| r.verdict == FlowVerdict::Allowed)
+        .unwrap();
+    assert_eq!(
+        (allowed.peer, allowed.direction, allowed.proto, allowed.port),
+        (key(2), out, 6, 5432)
+    );
+    assert_eq!(allowed.rule.as_deref(), Some("app-db"));
+    assert_eq!((allowed.packets, allowed.flows), (2, 1));
+    assert_eq!(allowed.bytes, (syn.len() + back.len()) as u64);
+    assert_eq!(
+        (allowed.first_seen, allowed.last_seen),
+        (t / 1000, (t + 1) / 1000)
+    );
+    let denied = r.iter().find(|r| r.verdict == FlowVerdict::Denied).unwrap();
+    assert_eq!((denied.peer, denied.port, denied.packets), (key(2), 22, 2));
+    assert_eq!(denied.rule, None);
+    let learned = r
+        .iter()
+        .find(|r| r.verdict == FlowVerdict::WouldDeny)
+        .unwrap();
+    assert_eq!(
+        (
+            learned.peer,
+            learned.direction,
+            learned.port,
+            learned.packets
+        ),
+        (key(3), Direction::Inbound, 22, 1)
+    );
+    // `meshd status` shows the interval's counts.
+    let st = h.host.flow_status();
+    assert_eq!(st.records.load(std::sync::atomic::Ordering::Relaxed), 3);
+    assert_eq!(st.intervals.load(std::sync::atomic::Ordering::Relaxed), 1);
+    // The next interval has only what is new.
+    assert!(fw.allow(db1, &db1.grants(), v, out, &syn, t + 10_001));
+    let next = h.host.collect_flows(t + 20_000).unwrap();
+    assert_eq!(next.records.len(), 1);
+    assert_eq!(next.records[0].packets, 1);
+}
+
+#[tokio::test]
+async fn flow_records_are_capped_with_an_overflow_count_and_plaintext_drops_count() {
+    let mut h = host(Mode::Transparent, &["198.18.0.1/24"]);
+    h.host.flows = Some(crate::flows::FlowCollector::new(
+        meshd_config::FlowSettings {
+            max_records: 2,
+            ..Default::default()
+        },
+    ));
+    h.host
+        .apply(update_from(&config("transparent"), 0).unwrap(), 0)
+        .await
+        .unwrap();
+    let t = 1_000_000;
+    assert!(h.host.collect_flows(t).is_none());
+    let drop = |src: &str, port: u16| Blocked {
+        src: ip(src),
+        proto: meshd_hostnet::Proto::Tcp,
+        port,
+        packets: 2,
+    };
+    h.seen.borrow_mut().drops = vec![drop("198.18.0.77", 5432), drop("198.18.0.77", 5432)];
+    h.host.tick(t + 1_000).await;
+    h.seen.borrow_mut().drops = vec![drop("198.18.0.78", 22), drop("198.18.0.79", 22)];
+    h.host.tick(t + 2_000).await;
+    let batch = h.host.collect_flows(t + 10_000).unwrap();
+    assert_eq!(batch.plaintext.len(), 2);
+    assert_eq!(batch.plaintext[0].src, ip("198.18.0.77"));
+    assert_eq!(batch.plaintext[0].packets, 4);
+    assert_eq!(batch.overflow, 1);
+    // Off: nothing is collected.
+    h.host.flows = None;
+    assert!(h.host.collect_flows(t + 100_000).is_none());
+}

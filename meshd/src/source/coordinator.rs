@@ -64,6 +64,8 @@ pub struct AgentArgs {
     pub routed_prefixes: Vec<IpNet>,
     /// Directory of the UAPI socket.
     pub uapi_dir: PathBuf,
+    /// Flow records: on or off, interval, cap.
+    pub flows: meshd_config::FlowSettings,
 }
 
 /// Reads the machine id (`None` if the file is missing or empty: clone detection is off).
@@ -282,6 +284,7 @@ impl Coordinator {
             listen_port: args.listen_port,
             fwmark: args.transparent.then_some(transparent::FWMARK),
             busy_poll: args.busy_poll,
+            flows: args.flows,
             mode: if args.transparent {
                 Mode::Transparent
             } else {
@@ -444,6 +447,11 @@ impl PeerSource for Coordinator {
                 tracing::debug!("block report queue full; events kept in blocks.jsonl only");
             }
         }
+    }
+
+    fn report_flows(&mut self, batch: meshd_control::session::FlowBatch) {
+        let Some(s) = &self.session else { return };
+        s.handle.report_flows(batch);
     }
 
     fn uapi_set(&mut self, _set: &SetRequest, _facts: &DeviceFacts) -> Result<PeerUpdate, Errno> {

@@ -111,6 +111,8 @@ pub struct HostSetup {
     pub state_dir: PathBuf,
     /// Directory of the UAPI socket `<uapi_dir>/<interface>.sock`.
     pub uapi_dir: PathBuf,
+    /// Flow records: on or off, interval, cap.
+    pub flows: meshd_config::FlowSettings,
     /// This host's name and labels in block logs until the first update says otherwise.
     pub host: String,
     /// See `host`.
@@ -167,6 +169,10 @@ pub trait PeerSource {
 
     /// Denied flows of the last tick (already written to `blocks.jsonl` and logged).
     fn report_blocks(&mut self, events: Vec<BlockEvent>);
+
+    /// One flow-record interval (already shown by `meshd status`); the coordinator source
+    /// reports it, the static source has no one to tell.
+    fn report_flows(&mut self, batch: meshd_control::session::FlowBatch);
 
     /// A `wg set` (UAPI `set=1`): the update to apply (the host answers the client after
     /// [`applied`](Self::applied)), or the errno that refuses it at once.

@@ -105,6 +105,7 @@ impl StaticFile {
             listen_port: iface.listen_port,
             fwmark: fwmark(&cfg),
             busy_poll,
+            flows: iface.flows,
             mode: iface.mode,
             routed_prefixes: iface.routed_prefixes.clone(),
             state_dir: state_dir.to_path_buf(),
@@ -217,6 +218,8 @@ impl PeerSource for StaticFile {
     }
 
     fn report_blocks(&mut self, _events: Vec<BlockEvent>) {}
+
+    fn report_flows(&mut self, _batch: meshd_control::session::FlowBatch) {}
 
     fn log_up(&self, up: &UpFacts<'_>) {
         tracing::info!(

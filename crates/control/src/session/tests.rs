@@ -1,4 +1,5 @@
 use super::*;
+use crate::flow::{FlowRecord, PlaintextFlow};
 use crate::map::{MapDelta, Peer};
 use crate::model::HostId;
 use meshd_policy::{DenyReason, Direction};
@@ -55,6 +56,57 @@ fn block(n: u16) -> BlockEvent {
         reason: DenyReason::DefaultDeny,
         count: 1,
     }
+}
+
+fn record(port: u16) -> FlowRecord {
+    FlowRecord {
+        peer: PublicKey([2; 32]),
+        direction: Direction::Outbound,
+        proto: 6,
+        port,
+        packets: 3,
+        bytes: 180,
+        flows: 1,
+        first_seen: 100,
+        last_seen: 101,
+        verdict: crate::flow::FlowVerdict::Allowed,
+        rule: Some("r".into()),
+    }
+}
+
+fn plain(port: u16) -> PlaintextFlow {
+    PlaintextFlow {
+        src: "198.18.0.9".parse().unwrap(),
+        proto: 17,
+        port,
+        packets: 1,
+        first_seen: 100,
+        last_seen: 100,
+    }
+}
+
+fn batch(start: u64, records: u16, plaintext: u16, overflow: u64) -> FlowBatch {
+    FlowBatch {
+        interval_start: start,
+        records: (0..records).map(record).collect(),
+        plaintext: (0..plaintext).map(plain).collect(),
+        overflow,
+    }
+}
+
+/// The `Flows` messages among `msgs`: (interval start, records, plaintext, overflow).
+fn flow_msgs(msgs: &[AgentMessage]) -> Vec<(u64, usize, usize, u64)> {
+    msgs.iter()
+        .filter_map(|m| match m {
+            AgentMessage::Flows {
+                interval_start,
+                records,
+                plaintext,
+                overflow,
+            } => Some((*interval_start, records.len(), plaintext.len(), *overflow)),
+            _ => None,
+        })
+        .collect()
 }
 
 fn params() -> SessionParams {
@@ -697,6 +749,7 @@ fn arb_step() -> impl Strategy<Value = Step> {
         8 => arb_frame().prop_map(|f| Step::Input(Input::Frame(f))),
         1 => (1u16..4).prop_map(|p| Step::Input(Input::Endpoints(ep(p)))),
         1 => (0u16..150).prop_map(|n| Step::Input(Input::Blocks((0..n).map(block).collect()))),
+        1 => (0u16..300, 0u16..40, 0u64..3).prop_map(|(r, p, o)| Step::Input(Input::Flows(batch(1, r, p, o)))),
         3 => (0u64..12_000).prop_map(Step::Wait),
         1 => (0u64..100).prop_map(|_| Step::Shutdown),
     ]
@@ -734,6 +787,17 @@ impl Model {
                     }
                     if let AgentMessage::Blocks { events } = &m {
                         prop_assert!(!events.is_empty() && events.len() <= MAX_BLOCKS_PER_MESSAGE);
+                    }
+                    if let AgentMessage::Flows {
+                        records,
+                        plaintext,
+                        overflow,
+                        ..
+                    } = &m
+                    {
+                        let n = records.len() + plaintext.len();
+                        prop_assert!(n <= MAX_FLOWS_PER_MESSAGE);
+                        prop_assert!(n > 0 || *overflow > 0, "an empty Flows message");
                     }
                     self.sent_since_up += 1;
                 }
@@ -792,4 +856,106 @@ proptest! {
             m.drain(&mut s, now)?;
         }
     }
+}
+
+#[test]
+fn flows_are_chunked_and_sent_only_once_established() {
+    let t0 = Instant::now();
+    let mut s = AgentSession::new(params(), t0);
+    let _ = drain(&mut s);
+    s.queue_flows(batch(10, 300, 20, 7));
+    s.handle_input(Input::Flows(batch(20, 1, 0, 0)), t0);
+    s.queue_flows(FlowBatch::default());
+    assert_eq!(s.flows_queued(), 2, "an empty batch is not queued");
+    // Transport up, no welcome yet: only the Resume.
+    s.handle_input(Input::TransportUp, t0);
+    let a = sends(&drain(&mut s));
+    assert_eq!(flow_msgs(&a), vec![]);
+    s.handle_input(welcome(), t0);
+    // Blocks queued meanwhile go first.
+    s.handle_input(Input::Blocks(vec![block(1)]), t0);
+    let msgs = sends(&drain(&mut s));
+    assert!(matches!(msgs[0], AgentMessage::Blocks { .. }), "{msgs:?}");
+    let m = MAX_FLOWS_PER_MESSAGE;
+    assert_eq!(
+        flow_msgs(&msgs),
+        vec![
+            (10, m, 0, 7),
+            (10, m, 0, 0),
+            (10, 300 - 2 * m, 20, 0),
+            (20, 1, 0, 0)
+        ]
+    );
+    let sent: Vec<FlowRecord> = msgs
+        .iter()
+        .filter_map(|m| match m {
+            AgentMessage::Flows {
+                interval_start: 10,
+                records,
+                ..
+            } => Some(records.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(
+        sent,
+        batch(10, 300, 0, 0).records,
+        "every record once, in order"
+    );
+    assert_eq!(s.flows_queued(), 0);
+    // Connected: a new interval goes out at once; an overflow-only one too.
+    s.queue_flows(batch(30, 0, 0, 5));
+    assert_eq!(flow_msgs(&sends(&drain(&mut s))), vec![(30, 0, 0, 5)]);
+}
+
+#[test]
+fn flows_keep_the_newest_intervals_while_down() {
+    let t0 = Instant::now();
+    let mut s = AgentSession::new(params(), t0);
+    let _ = drain(&mut s);
+    let _ = fail_and_delay(&mut s, t0);
+    for i in 0..FLOW_INTERVALS_QUEUED as u64 + 3 {
+        s.queue_flows(batch(i * 10, 1, 0, 0));
+    }
+    assert_eq!(s.flows_queued(), FLOW_INTERVALS_QUEUED);
+    assert_eq!(s.flows_dropped(), 3);
+    s.handle_input(Input::TransportUp, t0);
+    s.handle_input(welcome(), t0);
+    let starts: Vec<u64> = flow_msgs(&sends(&drain(&mut s)))
+        .iter()
+        .map(|m| m.0)
+        .collect();
+    let want: Vec<u64> = (3..FLOW_INTERVALS_QUEUED as u64 + 3)
+        .map(|i| i * 10)
+        .collect();
+    assert_eq!(starts, want, "the oldest were dropped");
+}
+
+#[test]
+fn flows_left_when_the_transport_goes_are_sent_after_the_next_welcome() {
+    let t0 = Instant::now();
+    let mut s = AgentSession::new(params(), t0);
+    let _ = drain(&mut s);
+    s.queue_flows(batch(10, 2, 0, 0));
+    s.handle_input(Input::TransportUp, t0);
+    // The transport fails before the welcome: the interval stays queued.
+    s.handle_input(
+        Input::TransportDown {
+            error: "reset".into(),
+        },
+        t0,
+    );
+    let _ = drain(&mut s);
+    assert_eq!(s.flows_queued(), 1);
+    let at = s.poll_timeout().unwrap();
+    s.handle_timeout(at);
+    let _ = drain(&mut s);
+    s.handle_input(Input::TransportUp, at);
+    s.handle_input(welcome(), at);
+    assert_eq!(flow_msgs(&sends(&drain(&mut s))), vec![(10, 2, 0, 0)]);
+    // Refused or stopped: nothing is kept.
+    s.shutdown();
+    s.queue_flows(batch(20, 1, 0, 0));
+    assert_eq!((s.flows_queued(), s.flows_dropped()), (0, 1));
 }
