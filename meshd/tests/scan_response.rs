@@ -239,3 +239,59 @@ fn host_state(coord: &Coord, lab: &Lab, name: &str) -> Option<bool> {
     let (code, v) = coord.api(lab, "GET", &format!("/v1/hosts/{name}"), None);
     (code == 200).then(|| v["quarantined"].as_bool().unwrap_or(false))
 }
+
+#[test]
+fn a_learning_host_that_scans_is_not_quarantined() {
+    meshd_lab::require_root!();
+    let lab = Lab::new("scanlearn", 3).unwrap();
+    let coord = coordinator(&lab, 0);
+    let policy = format!("learn:\n  - {{ app: web }}\n{POLICY}");
+    let (code, v) = coord.apply_policy(&lab, &policy);
+    assert!((200..300).contains(&code), "policy apply: {code} {v}");
+    let t1 = coord.token(&lab, &[("app", "web")], Some(600), Some(1));
+    let t2 = coord.token(&lab, &[("app", "db")], Some(600), Some(1));
+    let _p1 = join_with(&lab, 1, &t1, "scanner", &["--flow-interval", "1"]);
+    let _p2 = join_with(&lab, 2, &t2, "victim", &["--flow-interval", "1"]);
+    let (scanner, victim) = (lab.host(1), lab.host(2));
+    assert!(
+        wait_for(Duration::from_secs(15), Duration::from_millis(100), || {
+            peer_names(scanner).contains(&"victim".to_string())
+                && peer_names(victim).contains(&"scanner".to_string())
+        }),
+        "scanner and victim did not learn each other"
+    );
+    let victim_ip = own_overlay(victim).unwrap();
+    // The same scan as above: in learning mode its packets pass (as would-deny flows), so the
+    // victim's kernel answers each connect with a reset; nothing is denied.
+    in_netns(scanner.netns(), move || {
+        for p in 2000..2050u16 {
+            let _refused = TcpStream::connect_timeout(
+                &SocketAddr::new(victim_ip, p),
+                Duration::from_millis(200),
+            );
+        }
+    });
+    // The scan was seen (as would-deny flows on many ports) ...
+    let seen = wait_for(Duration::from_secs(15), Duration::from_millis(300), || {
+        let (_, flows) = coord.api(&lab, "GET", "/v1/flows?host=scanner", None);
+        let ports: std::collections::BTreeSet<u64> = flows
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|f| f["verdict"] == "would_deny")
+                    .filter_map(|f| f["port"].as_u64())
+                    .collect()
+            })
+            .unwrap_or_default();
+        ports.len() >= 40
+    });
+    assert!(seen, "the scan's would-deny flows were not recorded");
+    // ... and still, after the detector has had every report, nobody is acted on.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(host_state(&coord, &lab, "scanner"), Some(false));
+    let (_, ev) = coord.api(&lab, "GET", "/v1/events?limit=100", None);
+    assert!(
+        !ev.to_string().contains("scan_detected"),
+        "a learning host was acted on: {ev}"
+    );
+}
