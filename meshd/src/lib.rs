@@ -5,6 +5,7 @@ pub mod blocks;
 pub mod dataplane;
 pub mod host;
 pub mod memory;
+pub mod metrics;
 pub mod routes;
 pub mod source;
 pub mod status;

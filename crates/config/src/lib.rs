@@ -20,6 +20,7 @@
 //! routed_prefixes = ["10.1.0.0/16"]
 //! uapi_dir = "/var/run/wireguard"
 //! log_format = "text"
+//! metrics_listen = "127.0.0.1:9586"
 //!
 //! [[peer]]
 //! name = "db1"
@@ -43,6 +44,7 @@
 //! | `routed_prefixes` | default `[]` | Inner destinations beyond this host's own addresses that peers may send to through the tunnel (this host routes them on, e.g. a subnet behind it): one prefix string or an array. Without it, a decrypted packet is written to the TUN only if its destination is one of `address` (and, in transparent mode, this host's own underlay addresses); anything else (another host, a broadcast or multicast address) is dropped and counted as `inner_destination`. Peers still need the prefix in their `allowed_ips` for this host. |
 //! | `uapi_dir` | default `"/var/run/wireguard"` | Directory of the WireGuard userspace API socket `<uapi_dir>/<name>.sock`, which `wg show`, `wg showconf` and `wg set` use (the same socket wireguard-go and boringtun serve). It is shared by every network namespace of the machine, so two meshd with the same interface name in different namespaces need different directories (`wg` itself only looks in `/var/run/wireguard`). A relative path is relative to the directory of the config file. Created 0755 if missing. |
 //! | `log_format` | default `"text"` | `"text"` or `"json"` (one object per line, fields in docs/LOGGING.md); `meshd --log-format` wins. Read at start, not on reload. |
+//! | `metrics_listen` | optional (off) | Address (`"ip:port"`) of a plain-HTTP Prometheus endpoint, `GET /metrics` (per-peer bytes, handshakes, drops and denials by reason, flows). No secrets, no authentication: bind it to loopback or a management network. `meshd up --metrics-listen` wins. Read at start, not on reload. |
 //!
 //! ## `[[peer]]` (any number, including none)
 //!
@@ -160,6 +162,8 @@ pub struct Interface {
     pub uapi_dir: PathBuf,
     /// `log_format`, when the file sets it (`meshd --log-format` wins).
     pub log_format: Option<LogFormat>,
+    /// Address of the Prometheus endpoint (`GET /metrics`); `None`: off.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// How traffic reaches the mesh (`interface.mode`; `meshd status` shows it as the same
@@ -339,6 +343,7 @@ struct RawInterface {
     routed_prefixes: Option<Spanned<NetList>>,
     uapi_dir: Option<Spanned<PathBuf>>,
     log_format: Option<LogFormat>,
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Deserialize)]
@@ -656,6 +661,7 @@ impl Ctx<'_> {
             routed_prefixes,
             uapi_dir,
             log_format: raw.log_format,
+            metrics_listen: raw.metrics_listen,
         })
     }
 
