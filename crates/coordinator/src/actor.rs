@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::error::{chain, RestoreStateError, Stopped};
+use crate::metrics::Metrics;
 use crate::ops::{AdminOp, AdminReply, Identity, Ops};
 
 const COMMAND_QUEUE: usize = 4096;
@@ -149,6 +150,8 @@ struct Live {
     conn: quinn::Connection,
     /// Opened to enrol: the agent closes it once enrolled and resumes on a new one.
     enrolment: bool,
+    /// When the oldest push the agent has not acked yet went out (`push_ack_seconds`).
+    unacked_since: Option<std::time::Instant>,
 }
 
 /// The task owning the state and the store.
@@ -170,6 +173,8 @@ pub(crate) struct Actor {
     /// Set when the state could not be reloaded after a failed commit: every command is
     /// refused until a reload works.
     stale: Option<String>,
+    /// Prometheus metrics (`--metrics-listen`).
+    metrics: Arc<Metrics>,
 }
 
 impl Actor {
@@ -180,6 +185,7 @@ impl Actor {
         pool: IpPool,
         identity: Identity,
         recent: Vec<AuditEvent>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Actor {
             state,
@@ -192,6 +198,7 @@ impl Actor {
             pool,
             store_failure: None,
             stale: None,
+            metrics,
         }
     }
 
@@ -217,6 +224,7 @@ impl Actor {
                 _ = stop.wait_for(|v| *v) => break,
                 _ = tokio::time::sleep(expiry.unwrap_or(Duration::from_secs(3600))), if expiry.is_some() => None,
             };
+            let picked_up = std::time::Instant::now();
             let mut batch: Vec<Cmd> = first.into_iter().collect();
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
@@ -270,9 +278,15 @@ impl Actor {
                 let what = describe_batch(&dirty, &events);
                 let store = self.store.clone();
                 let res = tokio::task::spawn_blocking(move || {
-                    store.commit(&dirty, &events).map(|()| events)
+                    let started = std::time::Instant::now();
+                    let r = store.commit(&dirty, &events).map(|()| events);
+                    (r, started.elapsed())
                 })
                 .await;
+                let res = res.map(|(r, took)| {
+                    self.metrics.committed(took, r.is_ok());
+                    r
+                });
                 let error = match res {
                     Ok(Ok(events)) => {
                         if let Some(f) = self.store_failure.take() {
@@ -316,6 +330,7 @@ impl Actor {
                 if l.conn_id != p.conn {
                     continue;
                 }
+                let kind = crate::metrics::push_kind(&p.message);
                 if let Err(e) = l.tx.try_send(Outbound::Msg(p.message)) {
                     // A full queue means the agent is not reading: drop it; it reconnects and
                     // gets a full map.
@@ -323,8 +338,14 @@ impl Actor {
                     l.conn.close(close_code(ErrorCode::Internal), b"too slow");
                     self.state.disconnect(now, p.host, p.conn);
                     self.live.remove(&p.host);
+                    continue;
+                }
+                self.metrics.pushed(kind, picked_up.elapsed());
+                if let Some(l) = self.live.get_mut(&p.host) {
+                    l.unacked_since.get_or_insert_with(std::time::Instant::now);
                 }
             }
+            self.update_gauges();
         }
         for l in self.live.values() {
             l.conn
@@ -457,7 +478,14 @@ impl Actor {
                 host,
                 conn,
                 version,
-            } => self.state.ack(host, conn, version),
+            } => {
+                if let Some(l) = self.live.get_mut(&host).filter(|l| l.conn_id == conn) {
+                    if let Some(t) = l.unacked_since.take() {
+                        self.metrics.acked(t.elapsed());
+                    }
+                }
+                self.state.ack(host, conn, version)
+            }
             Cmd::Resync { host, conn } => self.state.resync(host, conn),
             Cmd::Disconnect { host, conn } => {
                 self.state.disconnect(now, host, conn);
@@ -465,7 +493,10 @@ impl Actor {
                     self.live.remove(&host);
                 }
             }
-            Cmd::Blocks { host, conn, events } => self.state.record_blocks(host, conn, events),
+            Cmd::Blocks { host, conn, events } => {
+                self.metrics.blocks(&events);
+                self.state.record_blocks(host, conn, events)
+            }
             Cmd::Admin { op, reply } => {
                 let health = self.health();
                 let r = Ops {
@@ -519,6 +550,7 @@ impl Actor {
                         tx,
                         conn,
                         enrolment,
+                        unacked_since: None,
                     },
                 );
                 Ok(Welcome { info, conn: cid })
@@ -537,6 +569,24 @@ impl Actor {
                 Err(Refusal::of(code))
             }
         }
+    }
+
+    /// Hosts by state and live sessions, for the metrics (after every batch).
+    fn update_gauges(&self) {
+        let (mut active, mut quarantined, mut revoked) = (0, 0, 0);
+        for h in self.state.hosts() {
+            if h.revoked {
+                revoked += 1;
+            } else if h.removed {
+                continue;
+            } else if h.quarantined {
+                quarantined += 1;
+            } else {
+                active += 1;
+            }
+        }
+        self.metrics
+            .set_hosts(active, quarantined, revoked, self.live.len() as i64);
     }
 
     /// Keeps the newest [`EVENTS_MAX`] events for `GET /v1/events`.

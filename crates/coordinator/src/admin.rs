@@ -46,6 +46,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, error, warn};
 
 use crate::guard::{self, Check, Counters, Guard, LogLimiter, Slots};
+use crate::metrics::Metrics;
 use crate::options::{AdminTlsFiles, Limits};
 
 use crate::actor::Commands;
@@ -59,6 +60,7 @@ struct AppState {
     cmds: Commands,
     admin_hash: String,
     guard: Arc<Guard>,
+    metrics: Arc<Metrics>,
 }
 
 struct Failure(StatusCode, &'static str, String, Vec<String>);
@@ -425,7 +427,28 @@ fn router(st: AppState) -> Router {
         .route("/v1/hosts/{host}/revoke", post(revoke_host))
         .route("/v1/blocks", get(blocks))
         .route("/v1/events", get(events))
+        .route_layer(axum::middleware::from_fn_with_state(
+            st.metrics.clone(),
+            count_request,
+        ))
         .with_state(st)
+}
+
+/// Counts an answered request in `meshd_coordinator_admin_requests_total` (by route pattern,
+/// never by the host or token in the path).
+async fn count_request(
+    State(metrics): State<Arc<Metrics>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let method = req.method().clone();
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let r = next.run(req).await;
+    metrics.admin_request(method.as_str(), &route, r.status().as_u16());
+    r
 }
 
 /// Serves the admin API on `listener` (HTTPS when `tls` is given) until `stop`.
@@ -437,12 +460,14 @@ pub(crate) async fn serve(
     stop: watch::Receiver<bool>,
     limits: Limits,
     guard: Arc<Guard>,
+    metrics: Arc<Metrics>,
 ) {
     let header_timeout = Duration::from_millis(limits.admin_header_timeout_ms);
     let app = router(AppState {
         cmds,
         admin_hash,
         guard: guard.clone(),
+        metrics,
     });
     match tls {
         None => serve_http(listener, app, header_timeout, stop).await,
@@ -454,6 +479,17 @@ pub(crate) async fn serve(
             let _aborted = acceptor.await;
         }
     }
+}
+
+/// Serves `app` over plain HTTP on `listener` until `stop` (the metrics listener), with the
+/// admin API's request-head timeout.
+pub(crate) async fn serve_plain(
+    listener: TcpListener,
+    app: Router,
+    header_timeout: Duration,
+    stop: watch::Receiver<bool>,
+) {
+    serve_http(listener, app, header_timeout, stop).await
 }
 
 /// Resolves once `stop` is set (or its sender is gone).
