@@ -92,7 +92,7 @@ fn gauge(e: &mut DescriptorEncoder<'_>, name: &str, help: &str, v: i64) -> fmt::
 
 /// Writes `s` as metrics (`now`: Unix seconds). Names (counters get `_total` from the
 /// encoder):
-/// - `meshd_info{interface,mode,public_key}` 1; `meshd_peers`, `meshd_peers_handshaken`
+/// - `meshd_info{interface,mode}` 1; `meshd_peers`, `meshd_peers_handshaken`
 ///   (latest handshake under 180 s ago), `meshd_protected_addresses`;
 /// - per peer (label `peer`, the peer's name): `meshd_peer_rx_bytes_total`,
 ///   `meshd_peer_tx_bytes_total`, `meshd_peer_last_handshake_timestamp_seconds` (peers that
@@ -107,14 +107,13 @@ pub fn encode_status(s: &Status, now: u64, e: &mut DescriptorEncoder<'_>) -> fmt
         let g = ConstGauge::new(1i64);
         let mut family = e.encode_descriptor(
             "meshd_info",
-            "This daemon: interface, mode and public key",
+            "This daemon: interface and mode",
             None,
             MetricType::Gauge,
         )?;
         let labels = [
             ("interface", s.interface.as_str()),
             ("mode", s.mode.as_str()),
-            ("public_key", s.public_key.as_str()),
         ];
         g.encode(family.encode_family(&labels)?)?;
     }

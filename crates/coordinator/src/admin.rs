@@ -434,6 +434,12 @@ fn router(st: AppState) -> Router {
         .with_state(st)
 }
 
+/// A route pattern as a label value: `/v1/hosts/{host}` → `/v1/hosts/:host` (no braces, which
+/// simple text-format parsers take for the end of the label set).
+fn route_label(pattern: &str) -> String {
+    pattern.replace('{', ":").replace('}', "")
+}
+
 /// Counts an answered request in `meshd_coordinator_admin_requests_total` (by route pattern,
 /// never by the host or token in the path).
 async fn count_request(
@@ -445,7 +451,7 @@ async fn count_request(
     let route = req
         .extensions()
         .get::<axum::extract::MatchedPath>()
-        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+        .map_or_else(|| "unmatched".to_string(), |p| route_label(p.as_str()));
     let r = next.run(req).await;
     metrics.admin_request(method.as_str(), &route, r.status().as_u16());
     r

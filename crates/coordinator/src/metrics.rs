@@ -19,7 +19,7 @@
 //! | `meshd_coordinator_push_ack_seconds` | histogram | from a push to the agent's ack of a map version |
 //! | `meshd_coordinator_store_commit_seconds` | histogram | one store commit (a batch's records and events, one transaction) |
 //! | `meshd_coordinator_store_commit_failures_total` | counter | commits that failed (the batch was rolled back) |
-//! | `meshd_coordinator_admin_requests_total{method,route,status}` | counter | admin API requests by route pattern (`/v1/hosts/{host}`) and HTTP status |
+//! | `meshd_coordinator_admin_requests_total{method,route,status}` | counter | admin API requests by route pattern (`/v1/hosts/:host`) and HTTP status |
 //! | `meshd_coordinator_block_events_total{reason}` | counter | block events received from agents, by deny reason |
 //! | `meshd_coordinator_blocked_packets_total{reason}` | counter | packets those events folded in |
 //! | `meshd_coordinator_flows_ingested_total` | counter | flow rows ingested from agents ([`Metrics::record_flows_ingested`]) |
@@ -54,7 +54,7 @@ const GUARD_GAUGES: &[&str] = &["quic_half_open", "quic_half_open_peak"];
 pub struct AdminRequestLabels {
     /// HTTP method.
     pub method: String,
-    /// The route's pattern, e.g. `/v1/hosts/{host}` (never the host itself).
+    /// The route's pattern, e.g. `/v1/hosts/:host` (never the host itself).
     pub route: String,
     /// HTTP status of the answer.
     pub status: u16,
