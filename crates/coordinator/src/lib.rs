@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod ops;
 pub mod options;
 pub mod state_dir;
+pub mod ui;
 
 pub(crate) use meshd_channel::{noise, quic};
 
