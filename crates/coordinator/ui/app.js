@@ -120,11 +120,14 @@
         dx /= len; dy /= len;
         // Perpendicular shift, in the same direction whichever way the edge points.
         const sign = e.from < e.to ? 1 : -1;
-        const off = (i - (list.length - 1) / 2) * 16 * sign;
+        const rank = i - (list.length - 1) / 2;
+        const off = rank * 18 * sign;
         const px = -dy * off, py = dx * off;
         const x1 = a.x + dx * R + px, y1 = a.y + dy * R + py;
         const x2 = b.x - dx * (R + 6) + px, y2 = b.y - dy * (R + 6) + py;
-        g.set(edgeKey(e), { x1, y1, x2, y2, mx: (x1 + x2) / 2, my: (y1 + y2) / 2 - 4 });
+        // Labels of parallel edges are staggered along them too, so none covers another.
+        const t = Math.min(0.85, Math.max(0.15, 0.5 + rank * 0.22 * sign));
+        g.set(edgeKey(e), { x1, y1, x2, y2, mx: x1 + (x2 - x1) * t, my: y1 + (y2 - y1) * t - 4 });
       });
     });
     return g;
@@ -145,9 +148,9 @@
       const defs = svg.append("defs");
       ["allowed", "denied", "would_deny"].forEach((k) => {
         defs.append("marker").attr("id", "arrow-" + k).attr("viewBox", "0 0 10 10")
-          .attr("refX", 9).attr("refY", 5).attr("markerWidth", 7).attr("markerHeight", 7)
-          .attr("orient", "auto")
-          .append("path").attr("d", "M0,0L10,5L0,10z").attr("class", "edge " + k);
+          .attr("refX", 9).attr("refY", 5).attr("markerWidth", 12).attr("markerHeight", 12)
+          .attr("markerUnits", "userSpaceOnUse").attr("orient", "auto")
+          .append("path").attr("d", "M0,0L10,5L0,10z").attr("class", "arrow " + k);
       });
       svg.append("g").attr("class", "edges");
       svg.append("g").attr("class", "nodes");
@@ -244,8 +247,10 @@
     const panel = d3.select("#flow-panel").attr("data-edge", selected);
     show("flow-panel", true);
     if (fresh) panel.html("").append("p").text("loading flows\u2026");
-    // The opening hosts of the edge: their rows cover every flow of it.
-    const openers = Array.from(new Set(e.pairs.map((p) => p.split(">")[0]))).slice(0, 20);
+    // The opening hosts of the edge: their rows cover every flow of it (a source outside
+    // the mesh reports nothing: its responders do).
+    const side = e.from.startsWith("outside:") ? 1 : 0;
+    const openers = Array.from(new Set(e.pairs.map((p) => p.split(">")[side]))).slice(0, 20);
     let rows = [];
     try {
       const lists = await Promise.all(openers.map((h) =>
@@ -275,6 +280,10 @@
         if (i) p.append("span").text(", ");
         p.append("code").attr("class", "rule").text(r);
       });
+    } else if (e.from.startsWith("outside:")) {
+      panel.append("p").text("denied: plaintext from outside the mesh to a port the policy " +
+        "covers. No rule admits unencrypted traffic: run meshd on the source host and grant " +
+        "its labels this port.");
     } else {
       panel.append("p").text(e.verdict === "denied"
         ? "denied: no rule allows it. A rule that would:"
