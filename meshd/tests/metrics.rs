@@ -54,6 +54,34 @@ fn must(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f6
     value(s, name, labels).unwrap_or_else(|| panic!("no sample {name} {labels:?}"))
 }
 
+/// Metric names the sample Grafana dashboard (docs/grafana-meshd.json) uses that start with
+/// `prefix` (histogram series without `_bucket`).
+fn dashboard_names(prefix: &str, not: Option<&str>) -> std::collections::BTreeSet<String> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/grafana-meshd.json");
+    let text = std::fs::read_to_string(path).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut names = std::collections::BTreeSet::new();
+    for p in v["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(i) = rest.find(prefix) {
+                let tail = &rest[i..];
+                let end = tail
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(tail.len());
+                let name = tail[..end].trim_end_matches("_bucket").to_string();
+                if not.is_none_or(|n| !name.starts_with(n)) {
+                    names.insert(name);
+                }
+                rest = &tail[end..];
+            }
+        }
+    }
+    assert!(!names.is_empty());
+    names
+}
+
 #[test]
 fn metrics_after_traffic_and_garbage() {
     meshd_lab::require_root!();
@@ -101,17 +129,38 @@ fn metrics_after_traffic_and_garbage() {
     assert!(tx >= (1 << 20) as f64, "h0 sent {tx} bytes to h1");
     assert!(must(&s, "meshd_peer_rx_bytes_total", &[("peer", "h1")]) > 0.0);
     assert_eq!(must(&s, "meshd_peers_handshaken", &[]), 1.0);
-    let hs = must(&s, "meshd_peer_last_handshake_timestamp_seconds", &[("peer", "h1")]);
+    let hs = must(
+        &s,
+        "meshd_peer_last_handshake_timestamp_seconds",
+        &[("peer", "h1")],
+    );
     let now = meshd_time::unix_now() as f64;
-    assert!(hs > now - 60.0 && hs <= now + 1.0, "handshake at {hs}, now {now}");
+    assert!(
+        hs > now - 60.0 && hs <= now + 1.0,
+        "handshake at {hs}, now {now}"
+    );
     assert!(must(&s, "meshd_drops_total", &[("reason", "malformed")]) >= 3.0);
     assert!(must(&s, "meshd_flows_opened_total", &[]) >= 1.0);
     assert!(value(&s, "meshd_flows_tracked", &[]).is_some());
     assert!(must(&s, "meshd_datagrams_received_total", &[]) > 0.0);
     assert_eq!(
-        must(&s, "meshd_policy_denials_total", &[("reason", "default_deny")]),
+        must(
+            &s,
+            "meshd_policy_denials_total",
+            &[("reason", "default_deny")]
+        ),
         0.0
     );
+
+    // Every host metric the sample dashboard charts exists.
+    let shown: std::collections::BTreeSet<&str> =
+        s.samples.iter().map(|x| x.metric.as_str()).collect();
+    for name in dashboard_names("meshd_", Some("meshd_coordinator_")) {
+        assert!(
+            shown.contains(name.as_str()),
+            "the dashboard uses {name}, not served"
+        );
+    }
 
     // h1, from its config key: it received what h0 sent.
     let s = scrape(hb, mb);

@@ -208,8 +208,25 @@ impl Metrics {
             m.flows_ingested.clone(),
         );
         registry.register_collector(Box::new(GuardCollector(guard)));
+        // Every known series from the start, so dashboards and alerts see zeros, not gaps.
         for state in ["active", "quarantined", "revoked"] {
             let _ = m.hosts.get_or_create(&StateLabel { state });
+        }
+        for reason in [
+            "default_deny",
+            "expired",
+            "quarantined",
+            "no_flow",
+            "plaintext",
+        ] {
+            let label = ReasonLabel {
+                reason: reason.into(),
+            };
+            let _ = m.block_events.get_or_create(&label);
+            let _ = m.blocked_packets.get_or_create(&label);
+        }
+        for kind in ["full_map", "delta"] {
+            let _ = m.pushes.get_or_create(&KindLabel { kind });
         }
         Metrics { registry, ..m }
     }
@@ -299,7 +316,11 @@ fn scrape(m: &Metrics) -> Response {
         Ok(body) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], body).into_response(),
         Err(_) => {
             tracing::warn!("encoding metrics failed");
-            (StatusCode::INTERNAL_SERVER_ERROR, "encoding metrics failed\n").into_response()
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "encoding metrics failed\n",
+            )
+                .into_response()
         }
     }
 }
@@ -333,9 +354,7 @@ mod tests {
         let get = |name: &str, label: Option<(&str, &str)>| {
             s.samples
                 .iter()
-                .find(|x| {
-                    x.metric == name && label.is_none_or(|(k, v)| x.labels.get(k) == Some(v))
-                })
+                .find(|x| x.metric == name && label.is_none_or(|(k, v)| x.labels.get(k) == Some(v)))
                 .map(|x| match &x.value {
                     prometheus_parse::Value::Counter(v)
                     | prometheus_parse::Value::Gauge(v)
@@ -370,6 +389,9 @@ mod tests {
             get("meshd_coordinator_guard_admin_auth_failures_total", None),
             Some(1.0)
         );
-        assert_eq!(get("meshd_coordinator_guard_quic_half_open", None), Some(0.0));
+        assert_eq!(
+            get("meshd_coordinator_guard_quic_half_open", None),
+            Some(0.0)
+        );
     }
 }

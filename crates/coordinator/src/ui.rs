@@ -79,8 +79,14 @@ pub fn cookie_token(headers: &HeaderMap) -> Option<&str> {
 /// The `/ui` routes: the page, its files, login, logout and a session check.
 pub fn router(auth: UiAuth) -> Router {
     Router::new()
-        .route("/ui", get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }))
-        .route("/ui/", get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }))
+        .route(
+            "/ui",
+            get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }),
+        )
+        .route(
+            "/ui/",
+            get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }),
+        )
         .route(
             "/ui/app.js",
             get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }),
@@ -120,7 +126,10 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     r
 }
@@ -191,7 +200,10 @@ mod tests {
     fn the_cookie_is_found_among_others() {
         let mut h = HeaderMap::new();
         assert_eq!(cookie_token(&h), None);
-        h.append(header::COOKIE, HeaderValue::from_static("a=b; meshd_admin=tok"));
+        h.append(
+            header::COOKIE,
+            HeaderValue::from_static("a=b; meshd_admin=tok"),
+        );
         assert_eq!(cookie_token(&h), Some("tok"));
         let mut h = HeaderMap::new();
         h.append(header::COOKIE, HeaderValue::from_static("meshd_adminx=1"));

@@ -63,9 +63,7 @@ impl Scrape {
         self.0
             .samples
             .iter()
-            .find(|s| {
-                s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
-            })
+            .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
             .map(|s| match &s.value {
                 prometheus_parse::Value::Counter(v)
                 | prometheus_parse::Value::Gauge(v)
@@ -82,6 +80,34 @@ impl Scrape {
         self.value(name, labels)
             .unwrap_or_else(|| panic!("no sample {name} {labels:?}"))
     }
+}
+
+/// Metric names the sample Grafana dashboard (docs/grafana-meshd.json) uses that start with
+/// `prefix` (histogram series without `_bucket`).
+fn dashboard_names(prefix: &str, not: Option<&str>) -> std::collections::BTreeSet<String> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/grafana-meshd.json");
+    let text = std::fs::read_to_string(path).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut names = std::collections::BTreeSet::new();
+    for p in v["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(i) = rest.find(prefix) {
+                let tail = &rest[i..];
+                let end = tail
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(tail.len());
+                let name = tail[..end].trim_end_matches("_bucket").to_string();
+                if not.is_none_or(|n| !name.starts_with(n)) {
+                    names.insert(name);
+                }
+                rest = &tail[end..];
+            }
+        }
+    }
+    assert!(!names.is_empty());
+    names
 }
 
 fn ep() -> EndpointReport {
@@ -104,7 +130,12 @@ async fn join(c: &CoordinatorHandle, name: &str) -> SessionHandle {
     let t = JoinToken::parse(&t.token).unwrap();
     let key = PrivateKey::generate();
     let e = enrol(&t, name, &key, ep()).await.unwrap();
-    spawn_session(SessionConfig::new(e.coordinator, e.coordinator_key, key, ep()))
+    spawn_session(SessionConfig::new(
+        e.coordinator,
+        e.coordinator_key,
+        key,
+        ep(),
+    ))
 }
 
 async fn wait_map(s: &SessionHandle, f: impl Fn(&NetworkMap) -> bool) {
@@ -130,12 +161,11 @@ async fn wait_scrape(addr: SocketAddr, what: &str, f: impl Fn(&Scrape) -> bool) 
             return s;
         }
         if Instant::now() > deadline {
-            let text: Vec<String> = s
-                .0
-                .samples
-                .iter()
-                .map(|x| format!("{} {:?} {:?}", x.metric, x.labels, x.value))
-                .collect();
+            let text: Vec<String> =
+                s.0.samples
+                    .iter()
+                    .map(|x| format!("{} {:?} {:?}", x.metric, x.labels, x.value))
+                    .collect();
             panic!("metrics never showed {what}:\n{}", text.join("\n"));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -215,8 +245,12 @@ async fn coordinator_metrics_follow_agents_pushes_and_admin_requests() {
     })
     .await;
     let s = wait_scrape(m, "the label change pushed and acked", |s| {
-        s.value("meshd_coordinator_push_seconds", &[]).unwrap_or(0.0) >= pushes_before + 1.0
-            && s.value("meshd_coordinator_push_ack_seconds", &[]).unwrap_or(0.0) > acks_before
+        s.value("meshd_coordinator_push_seconds", &[])
+            .unwrap_or(0.0)
+            >= pushes_before + 1.0
+            && s.value("meshd_coordinator_push_ack_seconds", &[])
+                .unwrap_or(0.0)
+                > acks_before
     })
     .await;
     assert!(s.must("meshd_coordinator_pushes_total", &[("kind", "delta")]) >= 1.0);
@@ -251,6 +285,15 @@ async fn coordinator_metrics_follow_agents_pushes_and_admin_requests() {
     let (_, _, text) = http(m, "GET", "/metrics", None, "").await;
     for secret in [admin, "prod"] {
         assert!(!text.contains(secret), "metrics show {secret}");
+    }
+    // Every coordinator metric the sample dashboard charts exists.
+    let shown: std::collections::BTreeSet<&str> =
+        s.0.samples.iter().map(|x| x.metric.as_str()).collect();
+    for name in dashboard_names("meshd_coordinator_", None) {
+        assert!(
+            shown.contains(name.as_str()),
+            "the dashboard uses {name}, not served"
+        );
     }
     // Only /metrics is served there.
     let (status, _, _) = http(m, "GET", "/v1/hosts", Some(admin), "").await;

@@ -97,7 +97,10 @@ async fn cookie_reads_but_never_writes() {
     // The page and its files, without a token, with a policy that forbids inline code.
     let page = http(a, "GET", "/ui", &[], "").await;
     assert_eq!(page.status, 200);
-    assert!(page.header("content-type").unwrap().starts_with("text/html"));
+    assert!(page
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/html"));
     assert!(page.body.contains("/ui/vendor/d3.min.js"), "{}", page.body);
     assert!(!page.body.contains("http://") && !page.body.contains("https://"));
     let csp = page.header("content-security-policy").unwrap();
@@ -116,7 +119,14 @@ async fn cookie_reads_but_never_writes() {
     assert_eq!(c.guard_stats().admin_auth_failures, 0);
 
     // A wrong token at the login form: refused, no cookie, counted.
-    let bad = http(a, "POST", "/ui/login", &[FORM], &login_body("meshd-admin-wrong")).await;
+    let bad = http(
+        a,
+        "POST",
+        "/ui/login",
+        &[FORM],
+        &login_body("meshd-admin-wrong"),
+    )
+    .await;
     assert_eq!(bad.status, 401);
     assert_eq!(bad.header("set-cookie"), None);
     assert_eq!(c.guard_stats().admin_auth_failures, 1);
@@ -141,7 +151,14 @@ async fn cookie_reads_but_never_writes() {
 
     // Writes with the cookie alone are refused (and change nothing) ...
     let json = ("content-type", "application/json");
-    let create = http(a, "POST", "/v1/tokens", &[with[0], json], r#"{"labels":{}}"#).await;
+    let create = http(
+        a,
+        "POST",
+        "/v1/tokens",
+        &[with[0], json],
+        r#"{"labels":{}}"#,
+    )
+    .await;
     assert_eq!(create.status, 401, "{}", create.body);
     let put = http(
         a,
@@ -154,7 +171,12 @@ async fn cookie_reads_but_never_writes() {
     assert_eq!(put.status, 401);
     let bearer = format!("Bearer {admin}");
     let tokens = http(a, "GET", "/v1/tokens", &[("authorization", &bearer)], "").await;
-    assert_eq!(tokens.body.trim(), "[]", "a token was made: {}", tokens.body);
+    assert_eq!(
+        tokens.body.trim(),
+        "[]",
+        "a token was made: {}",
+        tokens.body
+    );
     // ... while the bearer header still works for them.
     let create = http(
         a,
@@ -200,7 +222,9 @@ async fn cookie_is_secure_on_https() {
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(c.admin_addr()).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(c.admin_addr())
+        .await
+        .unwrap();
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
         .await

@@ -34,7 +34,14 @@ fn labels(app: &str) -> meshd_control::Labels {
 /// Three hosts: web1 (app=web), db1 (app=db), legacy1 (app=legacy, learning), and a
 /// plaintext source outside the mesh.
 fn flows() -> Vec<FlowView> {
-    let row = |host: &str, id: u64, peer: Option<(&str, u64)>, dir, proto, port, verdict, rule: Option<&str>| {
+    let row = |host: &str,
+               id: u64,
+               peer: Option<(&str, u64)>,
+               dir,
+               proto,
+               port,
+               verdict,
+               rule: Option<&str>| {
         let app = |h: &str| h.trim_end_matches('1').to_string();
         FlowView {
             host: host.into(),
@@ -43,9 +50,7 @@ fn flows() -> Vec<FlowView> {
             peer: peer.map(|p| p.0.to_string()),
             peer_id: peer.map(|p| HostId(p.1)),
             peer_labels: peer.map(|p| labels(&app(p.0))).unwrap_or_default(),
-            src: peer
-                .is_none()
-                .then(|| "198.18.9.9".parse().unwrap()),
+            src: peer.is_none().then(|| "198.18.9.9".parse().unwrap()),
             direction: dir,
             proto,
             port,
@@ -61,15 +66,50 @@ fn flows() -> Vec<FlowView> {
     use Direction::{Inbound, Outbound};
     use FlowVerdict::{Allowed, Denied, WouldDeny};
     vec![
-        row("web1", 1, Some(("db1", 2)), Outbound, TCP, 5432, Allowed, Some("web-db")),
-        row("db1", 2, Some(("web1", 1)), Inbound, TCP, 5432, Allowed, Some("web-db")),
+        row(
+            "web1",
+            1,
+            Some(("db1", 2)),
+            Outbound,
+            TCP,
+            5432,
+            Allowed,
+            Some("web-db"),
+        ),
+        row(
+            "db1",
+            2,
+            Some(("web1", 1)),
+            Inbound,
+            TCP,
+            5432,
+            Allowed,
+            Some("web-db"),
+        ),
         row("web1", 1, Some(("db1", 2)), Outbound, UDP, 53, Denied, None),
-        row("legacy1", 3, Some(("db1", 2)), Outbound, TCP, 5432, WouldDeny, None),
+        row(
+            "legacy1",
+            3,
+            Some(("db1", 2)),
+            Outbound,
+            TCP,
+            5432,
+            WouldDeny,
+            None,
+        ),
         row("db1", 2, None, Inbound, TCP, 5432, Denied, None),
     ]
 }
 
-fn edge(from: &str, to: &str, proto: u8, port: u16, verdict: FlowVerdict, rules: &[&str], pairs: &[&str]) -> TopologyEdge {
+fn edge(
+    from: &str,
+    to: &str,
+    proto: u8,
+    port: u16,
+    verdict: FlowVerdict,
+    rules: &[&str],
+    pairs: &[&str],
+) -> TopologyEdge {
     TopologyEdge {
         from: from.into(),
         to: to.into(),
@@ -102,10 +142,34 @@ fn topology(group_by: &str) -> TopologyView {
                 node("outside:198.18.9.9", &[], 0),
             ],
             vec![
-                edge("app=legacy", "app=db", TCP, 5432, WouldDeny, &[], &["legacy1>db1"]),
-                edge("app=web", "app=db", TCP, 5432, Allowed, &["web-db"], &["web1>db1"]),
+                edge(
+                    "app=legacy",
+                    "app=db",
+                    TCP,
+                    5432,
+                    WouldDeny,
+                    &[],
+                    &["legacy1>db1"],
+                ),
+                edge(
+                    "app=web",
+                    "app=db",
+                    TCP,
+                    5432,
+                    Allowed,
+                    &["web-db"],
+                    &["web1>db1"],
+                ),
                 edge("app=web", "app=db", UDP, 53, Denied, &[], &["web1>db1"]),
-                edge("outside:198.18.9.9", "app=db", TCP, 5432, Denied, &[], &["198.18.9.9>db1"]),
+                edge(
+                    "outside:198.18.9.9",
+                    "app=db",
+                    TCP,
+                    5432,
+                    Denied,
+                    &[],
+                    &["198.18.9.9>db1"],
+                ),
             ],
         )
     } else {
@@ -117,9 +181,33 @@ fn topology(group_by: &str) -> TopologyView {
                 node("web1", &["web1"], 0),
             ],
             vec![
-                edge("legacy1", "db1", TCP, 5432, WouldDeny, &[], &["legacy1>db1"]),
-                edge("outside:198.18.9.9", "db1", TCP, 5432, Denied, &[], &["198.18.9.9>db1"]),
-                edge("web1", "db1", TCP, 5432, Allowed, &["web-db"], &["web1>db1"]),
+                edge(
+                    "legacy1",
+                    "db1",
+                    TCP,
+                    5432,
+                    WouldDeny,
+                    &[],
+                    &["legacy1>db1"],
+                ),
+                edge(
+                    "outside:198.18.9.9",
+                    "db1",
+                    TCP,
+                    5432,
+                    Denied,
+                    &[],
+                    &["198.18.9.9>db1"],
+                ),
+                edge(
+                    "web1",
+                    "db1",
+                    TCP,
+                    5432,
+                    Allowed,
+                    &["web-db"],
+                    &["web1>db1"],
+                ),
                 edge("web1", "db1", UDP, 53, Denied, &[], &["web1>db1"]),
             ],
         )
@@ -233,7 +321,11 @@ fn topology_page_in_headless_chromium() {
         .collect();
     edges.sort();
     assert_eq!(page.edges, edges);
-    assert!(page.unclassed_edges.is_empty(), "{:?}", page.unclassed_edges);
+    assert!(
+        page.unclassed_edges.is_empty(),
+        "{:?}",
+        page.unclassed_edges
+    );
 
     // The allowed edge: its two rows (both ends reported it) and the rule.
     let p = &page.panels[0];
@@ -247,7 +339,10 @@ fn topology_page_in_headless_chromium() {
     // Learning mode: the label rule that would be needed.
     let p = &page.panels[2];
     assert_eq!(p.rows.len(), 1, "{}", p.text);
-    assert_eq!((p.rows[0].host.as_str(), p.rows[0].peer.as_str()), ("legacy1", "db1"));
+    assert_eq!(
+        (p.rows[0].host.as_str(), p.rows[0].peer.as_str()),
+        ("legacy1", "db1")
+    );
     let needed = p.needed_rule.as_deref().unwrap_or_default();
     for want in ["from: {app: legacy}", "to: {app: db}", "ports: [tcp/5432]"] {
         assert!(needed.contains(want), "{needed}");
@@ -257,17 +352,26 @@ fn topology_page_in_headless_chromium() {
     let p = &page.panels[1];
     assert_eq!(p.rows.len(), 1, "{}", p.text);
     assert_eq!(p.rows[0].peer, "outside:198.18.9.9");
-    assert!(p.text.contains("plaintext from outside the mesh"), "{}", p.text);
+    assert!(
+        p.text.contains("plaintext from outside the mesh"),
+        "{}",
+        p.text
+    );
     assert_eq!(p.needed_rule, None, "no label rule admits plaintext");
 
     let png = std::fs::read(&page.screenshot).unwrap();
-    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000, "{}", page.screenshot.display());
+    assert!(
+        png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000,
+        "{}",
+        page.screenshot.display()
+    );
     println!("screenshot: {}", page.screenshot.display());
 
     // Grouped by host: the hosts are the nodes.
     let mut opts = BrowserOptions::new(artefacts().join("fixture"));
     opts.screenshot_name = "topology-by-host.png".into();
-    let page = render_topology(&format!("http://{addr}/ui"), TOKEN, &opts).unwrap_or_else(|e| panic!("{e}"));
+    let page = render_topology(&format!("http://{addr}/ui"), TOKEN, &opts)
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(page.nodes, ["db1", "legacy1", "outside:198.18.9.9", "web1"]);
     assert_eq!(page.edges.len(), 4);
 }

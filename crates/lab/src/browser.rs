@@ -471,7 +471,10 @@ async fn click_edge(
     let deadline = Instant::now() + timeout;
     loop {
         let p = client.execute(READ_PANEL, vec![]).await.map_err(wd)?;
-        if p["visible"] == Value::Bool(true) && p["edge"] == Value::from(key.clone()) && !p["rows"].is_null() {
+        if p["visible"] == Value::Bool(true)
+            && p["edge"] == Value::from(key.clone())
+            && !p["rows"].is_null()
+        {
             let rows = p["flows"]
                 .as_array()
                 .into_iter()
