@@ -157,6 +157,7 @@ pub(crate) fn presented_token(parts: &Parts) -> Option<&str> {
 /// Checks the admin token of a request ([`presented_token`]) against `admin_hash`, with the
 /// failure log and backoff of [`Guard`]. The comparison is between SHA-256 hashes, so its
 /// time says nothing about the token.
+#[allow(clippy::result_large_err)] // the rejection is the response itself, as axum's extractors return
 pub fn authenticate(parts: &Parts, admin_hash: &str, guard: &Guard) -> Result<(), Response> {
     // Every connection is served by `serve_http`, which records the client address.
     let source = parts
@@ -167,6 +168,7 @@ pub fn authenticate(parts: &Parts, admin_hash: &str, guard: &Guard) -> Result<()
 }
 
 /// Checks `tok` (from a header, the cookie or the `/ui` login form) for a client at `source`.
+#[allow(clippy::result_large_err)] // the rejection is the response itself, as axum's extractors return
 pub(crate) fn check_token(
     source: Option<IpAddr>,
     tok: Option<&str>,
@@ -495,6 +497,7 @@ async fn count_request(
 }
 
 /// Serves the admin API on `listener` (HTTPS when `tls` is given) until `stop`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn serve(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,

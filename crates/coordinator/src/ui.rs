@@ -60,6 +60,7 @@ impl UiAuth {
     /// Checks a request as the admin API does (bearer on any method, the cookie on reads):
     /// `Err` is the response to send (401, or 429 in backoff). For handlers outside the admin
     /// API that serve the page's data (tests' fixtures).
+    #[allow(clippy::result_large_err)] // the rejection is the response itself
     pub fn check(&self, parts: &Parts) -> Result<(), Response> {
         crate::admin::authenticate(parts, &self.admin_hash, &self.guard)
     }

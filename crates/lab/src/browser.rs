@@ -472,7 +472,7 @@ async fn click_edge(
     loop {
         let p = client.execute(READ_PANEL, vec![]).await.map_err(wd)?;
         if p["visible"] == Value::Bool(true)
-            && p["edge"] == Value::from(key.clone())
+            && p["edge"].as_str() == Some(key.as_str())
             && !p["rows"].is_null()
         {
             let rows = p["flows"]
