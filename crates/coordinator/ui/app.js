@@ -246,7 +246,10 @@
     d3.selectAll("#topology line.edge").classed("selected", (d) => edgeKey(d) === selected);
     const panel = d3.select("#flow-panel").attr("data-edge", selected);
     show("flow-panel", true);
-    if (fresh) panel.html("").append("p").text("loading flows\u2026");
+    if (fresh) {
+      // data-rows is set once this edge's rows are shown (tests wait for it).
+      panel.attr("data-rows", null).html("").append("p").text("loading flows\u2026");
+    }
     // The opening hosts of the edge: their rows cover every flow of it (a source outside
     // the mesh reports nothing: its responders do).
     const side = e.from.startsWith("outside:") ? 1 : 0;
