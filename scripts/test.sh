@@ -4,8 +4,9 @@
 #
 # On a Debian/Ubuntu machine it installs, with apt-get, the commands the tests call and that
 # are missing (see scripts/need.sh; MESHD_NO_INSTALL=1 only checks): ip (iproute2), nft
-# (nftables), tcpdump, wireguard-go, wg (wireguard-tools), socat, ping (iputils-ping) and
-# sysctl (procps). Arguments go to `cargo test --workspace`.
+# (nftables), tcpdump, wireguard-go, wg (wireguard-tools), socat, ping (iputils-ping),
+# sysctl (procps), and chromium + chromedriver (chromium-driver) for the /ui browser test.
+# Arguments go to `cargo test --workspace`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" -ne 0 ]; then
@@ -14,7 +15,8 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 . scripts/need.sh
 need_tools scripts/test.sh ip:iproute2 nft:nftables tcpdump:tcpdump wireguard-go:wireguard-go \
-    wg:wireguard-tools socat:socat ping:iputils-ping sysctl:procps
+    wg:wireguard-tools socat:socat ping:iputils-ping sysctl:procps \
+    chromium:chromium chromedriver:chromium-driver
 if ! command -v cargo >/dev/null; then
     echo "scripts/test.sh: cargo is not on root's PATH ($PATH): install Rust for root (https://rustup.rs), or use yours: sudo env \"PATH=\$PATH\" \"RUSTUP_HOME=\$HOME/.rustup\" \"CARGO_HOME=\$HOME/.cargo\" scripts/test.sh" >&2
     exit 1

@@ -6,6 +6,7 @@ pub mod dataplane;
 pub mod flows;
 pub mod host;
 pub mod memory;
+pub mod metrics;
 pub mod routes;
 pub mod source;
 pub mod status;

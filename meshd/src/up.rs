@@ -85,6 +85,11 @@ pub struct UpArgs {
     /// mode: `[interface] flow_max_records`).
     #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=1_000_000), conflicts_with = "config")]
     flow_max_records: u64,
+    /// Serve Prometheus metrics (`GET /metrics`, plain HTTP, no authentication: bind it to
+    /// loopback or a management network) on this address, e.g. `127.0.0.1:9586`. Off by
+    /// default (static mode: also `[interface] metrics_listen`; the flag wins).
+    #[arg(long, value_name = "ADDR", env = "MESHD_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl UpArgs {
@@ -106,8 +111,9 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     rt.block_on(async {
         match &args.config {
             Some(config) => {
-                let (source, setup, first) =
+                let (source, mut setup, first) =
                     StaticFile::open(config, &args.state_dir, args.transparent, busy_poll)?;
+                setup.metrics_listen = args.metrics_listen.or(setup.metrics_listen);
                 let addresses = NetlinkAddresses::new()?;
                 host::run(setup, Some(first), source, addresses).await
             }
@@ -131,7 +137,8 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                     },
                 };
                 let addresses = NetlinkAddresses::new()?;
-                let (source, setup, first) = Coordinator::open(agent, &addresses).await?;
+                let (source, mut setup, first) = Coordinator::open(agent, &addresses).await?;
+                setup.metrics_listen = args.metrics_listen;
                 host::run(setup, first, source, addresses).await
             }
         }

@@ -20,6 +20,7 @@
 //! routed_prefixes = ["10.1.0.0/16"]
 //! uapi_dir = "/var/run/wireguard"
 //! log_format = "text"
+//! metrics_listen = "127.0.0.1:9586"
 //!
 //! [[peer]]
 //! name = "db1"
@@ -46,6 +47,7 @@
 //! | `flow_records` | default `true` | Count packets and bytes per tracked flow and aggregate them into flow records every `flow_interval` (`meshd status` shows the latest interval's counts; coordinator mode reports them). `false` turns counting and collection off. Read at start. |
 //! | `flow_interval` | default `10` | Seconds between flow-record collections, `1..=3600`. |
 //! | `flow_max_records` | default `4096` | Most flow records per interval, `1..=1000000`; flows beyond it are only counted (`overflow`). |
+//! | `metrics_listen` | optional (off) | Address (`"ip:port"`) of a plain-HTTP Prometheus endpoint, `GET /metrics` (per-peer bytes, handshakes, drops and denials by reason, flows). No secrets, no authentication: bind it to loopback or a management network. `meshd up --metrics-listen` wins. Read at start, not on reload. |
 //!
 //! ## `[[peer]]` (any number, including none)
 //!
@@ -191,6 +193,8 @@ pub struct Interface {
     pub log_format: Option<LogFormat>,
     /// `flow_records`, `flow_interval`, `flow_max_records`.
     pub flows: FlowSettings,
+    /// Address of the Prometheus endpoint (`GET /metrics`); `None`: off.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// How traffic reaches the mesh (`interface.mode`; `meshd status` shows it as the same
@@ -373,6 +377,7 @@ struct RawInterface {
     flow_records: Option<bool>,
     flow_interval: Option<Spanned<u64>>,
     flow_max_records: Option<Spanned<usize>>,
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Deserialize)]
@@ -709,6 +714,7 @@ impl Ctx<'_> {
             routed_prefixes,
             uapi_dir,
             log_format: raw.log_format,
+            metrics_listen: raw.metrics_listen,
         })
     }
 

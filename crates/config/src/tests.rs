@@ -767,6 +767,24 @@ fn mode_is_one_lowercase_word_everywhere() {
 }
 
 #[test]
+fn metrics_listen() {
+    assert_eq!(parse(MINIMAL).interface.metrics_listen, None);
+    let c = parse(&MINIMAL.replace(
+        "[interface]\n",
+        "[interface]\nmetrics_listen = \"127.0.0.1:9586\"\n",
+    ));
+    assert_eq!(
+        c.interface.metrics_listen,
+        Some("127.0.0.1:9586".parse().unwrap())
+    );
+    let e = err(&MINIMAL.replace(
+        "[interface]\n",
+        "[interface]\nmetrics_listen = \"localhost\"\n",
+    ));
+    assert!(e.to_string().contains("metrics_listen"), "{e}");
+}
+
+#[test]
 fn uapi_dir() {
     // Default: where `wg` looks.
     assert_eq!(

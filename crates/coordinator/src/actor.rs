@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::error::{chain, RestoreStateError, Stopped};
+use crate::metrics::Metrics;
 use crate::ops::{AdminOp, AdminReply, Identity, Ops};
 use crate::webhook::Webhook;
 
@@ -161,6 +162,8 @@ struct Live {
     conn: quinn::Connection,
     /// Opened to enrol: the agent closes it once enrolled and resumes on a new one.
     enrolment: bool,
+    /// When the oldest push the agent has not acked yet went out (`push_ack_seconds`).
+    unacked_since: Option<std::time::Instant>,
 }
 
 /// The task owning the state and the store.
@@ -192,6 +195,8 @@ pub(crate) struct Actor {
     webhook: Option<Webhook>,
     /// This batch's alerts, sent once it is committed.
     alerts: Vec<ScanAlert>,
+    /// Prometheus metrics (`--metrics-listen`).
+    metrics: Arc<Metrics>,
 }
 
 impl Actor {
@@ -203,6 +208,7 @@ impl Actor {
         identity: Identity,
         recent: Vec<AuditEvent>,
         flow_limits: FlowLimits,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Actor {
             state,
@@ -216,6 +222,7 @@ impl Actor {
             store_failure: None,
             stale: None,
             flow_limits,
+            metrics,
             detector: ScanDetector::new(ScanConfig::default()),
             restricted: Vec::new(),
             webhook: None,
@@ -272,6 +279,7 @@ impl Actor {
                 _ = stop.wait_for(|v| *v) => break,
                 _ = tokio::time::sleep(expiry.unwrap_or(Duration::from_secs(3600))), if expiry.is_some() => None,
             };
+            let picked_up = std::time::Instant::now();
             let mut batch: Vec<Cmd> = first.into_iter().collect();
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
@@ -325,9 +333,15 @@ impl Actor {
                 let what = describe_batch(&dirty, &events);
                 let store = self.store.clone();
                 let res = tokio::task::spawn_blocking(move || {
-                    store.commit(&dirty, &events).map(|()| events)
+                    let started = std::time::Instant::now();
+                    let r = store.commit(&dirty, &events).map(|()| events);
+                    (r, started.elapsed())
                 })
                 .await;
+                let res = res.map(|(r, took)| {
+                    self.metrics.committed(took, r.is_ok());
+                    r
+                });
                 let error = match res {
                     Ok(Ok(events)) => {
                         if let Some(f) = self.store_failure.take() {
@@ -374,6 +388,7 @@ impl Actor {
                 if l.conn_id != p.conn {
                     continue;
                 }
+                let kind = crate::metrics::push_kind(&p.message);
                 if let Err(e) = l.tx.try_send(Outbound::Msg(p.message)) {
                     // A full queue means the agent is not reading: drop it; it reconnects and
                     // gets a full map.
@@ -381,8 +396,14 @@ impl Actor {
                     l.conn.close(close_code(ErrorCode::Internal), b"too slow");
                     self.state.disconnect(now, p.host, p.conn);
                     self.live.remove(&p.host);
+                    continue;
+                }
+                self.metrics.pushed(kind, picked_up.elapsed());
+                if let Some(l) = self.live.get_mut(&p.host) {
+                    l.unacked_since.get_or_insert_with(std::time::Instant::now);
                 }
             }
+            self.update_gauges();
         }
         for l in self.live.values() {
             l.conn
@@ -517,7 +538,14 @@ impl Actor {
                 host,
                 conn,
                 version,
-            } => self.state.ack(host, conn, version),
+            } => {
+                if let Some(l) = self.live.get_mut(&host).filter(|l| l.conn_id == conn) {
+                    if let Some(t) = l.unacked_since.take() {
+                        self.metrics.acked(t.elapsed());
+                    }
+                }
+                self.state.ack(host, conn, version)
+            }
             Cmd::Resync { host, conn } => self.state.resync(host, conn),
             Cmd::Disconnect { host, conn } => {
                 self.state.disconnect(now, host, conn);
@@ -528,6 +556,7 @@ impl Actor {
             Cmd::Blocks { host, conn, events } => {
                 let live = self.live.get(&host).is_some_and(|l| l.conn_id == conn);
                 let seen = if live { events.clone() } else { Vec::new() };
+                self.metrics.blocks(&events);
                 self.state.record_blocks(host, conn, events);
                 // A learning host's would-be denials pass as would-deny: never a scan.
                 let alerts =
@@ -560,6 +589,7 @@ impl Actor {
                         overflow,
                     },
                 );
+                self.metrics.record_flows_ingested(r.stored as u64);
                 if r.dropped > 0 || overflow > 0 {
                     debug!(host_id = %host, stored = r.stored, dropped = r.dropped,
                         agent_overflow = overflow, "flow rows dropped");
@@ -619,6 +649,7 @@ impl Actor {
                         tx,
                         conn,
                         enrolment,
+                        unacked_since: None,
                     },
                 );
                 Ok(Welcome { info, conn: cid })
@@ -637,6 +668,24 @@ impl Actor {
                 Err(Refusal::of(code))
             }
         }
+    }
+
+    /// Hosts by state and live sessions, for the metrics (after every batch).
+    fn update_gauges(&self) {
+        let (mut active, mut quarantined, mut revoked) = (0, 0, 0);
+        for h in self.state.hosts() {
+            if h.revoked {
+                revoked += 1;
+            } else if h.removed {
+                continue;
+            } else if h.quarantined {
+                quarantined += 1;
+            } else {
+                active += 1;
+            }
+        }
+        self.metrics
+            .set_hosts(active, quarantined, revoked, self.live.len() as i64);
     }
 
     /// Keeps the newest [`EVENTS_MAX`] events for `GET /v1/events`.

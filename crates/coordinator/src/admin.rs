@@ -49,6 +49,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, error, warn};
 
 use crate::guard::{self, Check, Counters, Guard, LogLimiter, Slots};
+use crate::metrics::Metrics;
 use crate::options::{AdminTlsFiles, Limits};
 
 use crate::actor::Commands;
@@ -63,6 +64,7 @@ struct AppState {
     flows: FlowAccess,
     admin_hash: String,
     guard: Arc<Guard>,
+    metrics: Arc<Metrics>,
 }
 
 /// What the flow routes read: the store (on a blocking thread, never through the actor) and
@@ -157,64 +159,97 @@ struct Authed;
 impl FromRequestParts<AppState> for Authed {
     type Rejection = Response;
     async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, Response> {
-        // Every connection is served by `serve_http`, which records the client address.
-        let source = parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.ip());
-        let now = std::time::Instant::now();
-        let counters = &st.guard.counters;
-        if let Some(ip) = source {
-            if let Check::Blocked { retry_after, log } = guard::lock(&st.guard.admin).check(now, ip)
-            {
-                Counters::bump(&counters.admin_auth_backoff);
-                if let Some(refused) = log {
-                    warn!(source = %ip, refused, retry_after_secs = retry_after.as_secs(),
-                        "admin API: refusing requests from a source that keeps failing to authenticate");
-                }
-                let secs = retry_after.as_secs_f64().ceil().max(1.0);
-                let mut r = Failure(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "too_many_failures",
-                    format!("too many failed authentications from {ip}: try again in {secs} s"),
-                    Vec::new(),
-                )
-                .into_response();
-                r.headers_mut().insert(
-                    axum::http::header::RETRY_AFTER,
-                    axum::http::HeaderValue::from(secs as u64),
-                );
-                return Err(r);
-            }
-        }
-        let tok = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if tok.is_some_and(|t| admin_token_hash(t) == st.admin_hash) {
-            if let Some(ip) = source {
-                guard::lock(&st.guard.admin).success(ip);
-            }
-            return Ok(Authed);
-        }
-        Counters::bump(&counters.admin_auth_failures);
-        if let Some(ip) = source {
-            let f = guard::lock(&st.guard.admin).failure(now, ip);
-            if let Some(failed) = f.log {
-                warn!(source = %ip, failed, in_a_row = f.failures,
-                    backoff_secs = f.blocked_for.map(|d| d.as_secs_f64()),
-                    presented = tok.is_some(), "admin API: failed authentication");
-            }
-        }
-        Err(Failure(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing or wrong admin token: pass --token, set MESH_TOKEN, or read <state-dir>/admin.token".into(),
-            Vec::new(),
-        )
-        .into_response())
+        authenticate(parts, &st.admin_hash, &st.guard).map(|()| Authed)
     }
+}
+
+/// The admin token a request presents: `Authorization: Bearer <token>` on any method, or the
+/// `/ui` login cookie ([`crate::ui::COOKIE`]) on reads only (GET, HEAD). A cross-site form
+/// can only send a POST (or navigate with a GET, which changes nothing), and
+/// `SameSite=Strict` keeps the cookie off cross-site requests anyway.
+pub(crate) fn presented_token(parts: &Parts) -> Option<&str> {
+    let bearer = parts
+        .headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if bearer.is_some() {
+        return bearer;
+    }
+    let read = parts.method == axum::http::Method::GET || parts.method == axum::http::Method::HEAD;
+    if !read {
+        return None;
+    }
+    crate::ui::cookie_token(&parts.headers)
+}
+
+/// Checks the admin token of a request ([`presented_token`]) against `admin_hash`, with the
+/// failure log and backoff of [`Guard`]. The comparison is between SHA-256 hashes, so its
+/// time says nothing about the token.
+#[allow(clippy::result_large_err)] // the rejection is the response itself, as axum's extractors return
+pub fn authenticate(parts: &Parts, admin_hash: &str, guard: &Guard) -> Result<(), Response> {
+    // Every connection is served by `serve_http`, which records the client address.
+    let source = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    check_token(source, presented_token(parts), admin_hash, guard)
+}
+
+/// Checks `tok` (from a header, the cookie or the `/ui` login form) for a client at `source`.
+#[allow(clippy::result_large_err)] // the rejection is the response itself, as axum's extractors return
+pub(crate) fn check_token(
+    source: Option<IpAddr>,
+    tok: Option<&str>,
+    admin_hash: &str,
+    guard: &Guard,
+) -> Result<(), Response> {
+    let now = std::time::Instant::now();
+    let counters = &guard.counters;
+    if let Some(ip) = source {
+        if let Check::Blocked { retry_after, log } = guard::lock(&guard.admin).check(now, ip) {
+            Counters::bump(&counters.admin_auth_backoff);
+            if let Some(refused) = log {
+                warn!(source = %ip, refused, retry_after_secs = retry_after.as_secs(),
+                    "admin API: refusing requests from a source that keeps failing to authenticate");
+            }
+            let secs = retry_after.as_secs_f64().ceil().max(1.0);
+            let mut r = Failure(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_failures",
+                format!("too many failed authentications from {ip}: try again in {secs} s"),
+                Vec::new(),
+            )
+            .into_response();
+            r.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(secs as u64),
+            );
+            return Err(r);
+        }
+    }
+    if tok.is_some_and(|t| admin_token_hash(t) == admin_hash) {
+        if let Some(ip) = source {
+            guard::lock(&guard.admin).success(ip);
+        }
+        return Ok(());
+    }
+    Counters::bump(&counters.admin_auth_failures);
+    if let Some(ip) = source {
+        let f = guard::lock(&guard.admin).failure(now, ip);
+        if let Some(failed) = f.log {
+            warn!(source = %ip, failed, in_a_row = f.failures,
+                backoff_secs = f.blocked_for.map(|d| d.as_secs_f64()),
+                presented = tok.is_some(), "admin API: failed authentication");
+        }
+    }
+    Err(Failure(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "missing or wrong admin token: pass --token, set MESH_TOKEN, or read <state-dir>/admin.token".into(),
+        Vec::new(),
+    )
+    .into_response())
 }
 
 async fn call(st: &AppState, op: AdminOp) -> Result<Response, Failure> {
@@ -546,8 +581,13 @@ async fn import(
     call(&st, AdminOp::Import(r)).await
 }
 
-/// The admin router.
-fn router(st: AppState) -> Router {
+/// The admin router, with the `/ui` page (`secure`: the API is on HTTPS, so is the cookie).
+fn router(st: AppState, secure: bool) -> Router {
+    let ui = crate::ui::router(crate::ui::UiAuth::new(
+        st.admin_hash.clone(),
+        secure,
+        st.guard.clone(),
+    ));
     Router::new()
         .route("/v1/hosts", get(list_hosts))
         .route("/v1/hosts/{host}", get(show_host).delete(remove_host))
@@ -576,10 +616,39 @@ fn router(st: AppState) -> Router {
         .route("/v1/flows", get(flows))
         .route("/v1/topology", get(topology))
         .route("/v1/import", post(import))
+        .route_layer(axum::middleware::from_fn_with_state(
+            st.metrics.clone(),
+            count_request,
+        ))
         .with_state(st)
+        .merge(ui)
+}
+
+/// A route pattern as a label value: `/v1/hosts/{host}` → `/v1/hosts/:host` (no braces, which
+/// simple text-format parsers take for the end of the label set).
+fn route_label(pattern: &str) -> String {
+    pattern.replace('{', ":").replace('}', "")
+}
+
+/// Counts an answered request in `meshd_coordinator_admin_requests_total` (by route pattern,
+/// never by the host or token in the path).
+async fn count_request(
+    State(metrics): State<Arc<Metrics>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let method = req.method().clone();
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| route_label(p.as_str()));
+    let r = next.run(req).await;
+    metrics.admin_request(method.as_str(), &route, r.status().as_u16());
+    r
 }
 
 /// Serves the admin API on `listener` (HTTPS when `tls` is given) until `stop`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn serve(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
@@ -588,14 +657,19 @@ pub(crate) async fn serve(
     stop: watch::Receiver<bool>,
     limits: Limits,
     guard: Arc<Guard>,
+    metrics: Arc<Metrics>,
 ) {
     let header_timeout = Duration::from_millis(limits.admin_header_timeout_ms);
-    let app = router(AppState {
-        cmds,
-        flows,
-        admin_hash,
-        guard: guard.clone(),
-    });
+    let app = router(
+        AppState {
+            cmds,
+            flows,
+            admin_hash,
+            guard: guard.clone(),
+            metrics,
+        },
+        tls.is_some(),
+    );
     match tls {
         None => serve_http(listener, app, header_timeout, stop).await,
         Some(config) => {
@@ -606,6 +680,17 @@ pub(crate) async fn serve(
             let _aborted = acceptor.await;
         }
     }
+}
+
+/// Serves `app` over plain HTTP on `listener` until `stop` (the metrics listener), with the
+/// admin API's request-head timeout.
+pub(crate) async fn serve_plain(
+    listener: TcpListener,
+    app: Router,
+    header_timeout: Duration,
+    stop: watch::Receiver<bool>,
+) {
+    serve_http(listener, app, header_timeout, stop).await
 }
 
 /// Resolves once `stop` is set (or its sender is gone).

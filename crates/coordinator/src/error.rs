@@ -75,6 +75,15 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// The metrics listener could not be bound.
+    #[error("binding the metrics listener on {addr}")]
+    BindMetrics {
+        /// The listen address.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// A bound socket's address could not be read.
     #[error("reading a listener's address")]
     LocalAddr(#[source] std::io::Error),

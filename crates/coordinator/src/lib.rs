@@ -19,9 +19,11 @@ pub mod admin;
 mod agent_conn;
 pub mod error;
 pub mod guard;
+pub mod metrics;
 pub mod ops;
 pub mod options;
 pub mod state_dir;
+pub mod ui;
 pub mod webhook;
 
 pub(crate) use meshd_channel::{noise, quic};
@@ -54,6 +56,9 @@ use ops::Identity;
 pub struct CoordinatorHandle {
     control_addr: SocketAddr,
     admin_addr: SocketAddr,
+    /// Bound metrics address (`--metrics-listen`).
+    metrics_addr: Option<SocketAddr>,
+    metrics: Arc<metrics::Metrics>,
     /// SHA-256 fingerprint of the admin API's certificate; `None`: plain HTTP.
     admin_fingerprint: Option<String>,
     identity: Identity,
@@ -72,6 +77,14 @@ impl CoordinatorHandle {
     /// Bound admin API address.
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
+    }
+    /// Bound metrics address; `None`: no `--metrics-listen`.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+    /// The metrics (what `GET /metrics` renders).
+    pub fn metrics(&self) -> &metrics::Metrics {
+        &self.metrics
     }
     /// Whether the admin API speaks HTTPS.
     pub fn admin_tls(&self) -> bool {
@@ -196,6 +209,18 @@ async fn start_inner(
             source,
         })?;
     let admin_addr = admin_listener.local_addr().map_err(StartError::LocalAddr)?;
+    let metrics_listener = match opts.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::BindMetrics { addr, source })?,
+        ),
+        None => None,
+    };
+    let metrics_addr = match &metrics_listener {
+        Some(l) => Some(l.local_addr().map_err(StartError::LocalAddr)?),
+        None => None,
+    };
     let admin_tls = if opts.admin_uses_tls() {
         let mut ips = vec![admin_addr.ip(), control_addr.ip()];
         ips.extend(opts.advertise.map(|a| a.ip()));
@@ -213,6 +238,7 @@ async fn start_inner(
         public_key,
     };
     let (stop_tx, stop_rx) = watch::channel(false);
+    let metrics = Arc::new(metrics::Metrics::new(guard.clone()));
     let actor = Actor::new(
         state,
         store.clone(),
@@ -220,6 +246,7 @@ async fn start_inner(
         identity,
         recent_events,
         flow_limits,
+        metrics.clone(),
     )
     .with_scan_response(
         opts.scan.clone(),
@@ -240,6 +267,15 @@ async fn start_inner(
         limits.clone(),
         guard.clone(),
     )));
+    if let (Some(l), Some(addr)) = (metrics_listener, metrics_addr) {
+        info!(metrics_addr = %addr, "metrics endpoint (plain HTTP, unauthenticated)");
+        tasks.push(tokio::spawn(admin::serve_plain(
+            l,
+            metrics::router(metrics.clone()),
+            std::time::Duration::from_millis(limits.admin_header_timeout_ms),
+            stop_rx.clone(),
+        )));
+    }
     let admin_fingerprint = admin_tls.as_ref().map(|t| t.fingerprint.clone());
     tasks.push(tokio::spawn(admin::serve(
         admin_listener,
@@ -255,11 +291,14 @@ async fn start_inner(
         stop_rx,
         limits,
         guard.clone(),
+        metrics.clone(),
     )));
     info!(%control_addr, %advertise, %admin_addr, public_key = %public_key, "coordinator started");
     Ok(CoordinatorHandle {
         control_addr,
         admin_addr,
+        metrics_addr,
+        metrics,
         admin_fingerprint,
         identity,
         cmds,

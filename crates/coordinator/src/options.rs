@@ -199,6 +199,8 @@ pub struct CoordinatorOptions {
     pub advertise: Option<SocketAddr>,
     /// Admin HTTP API listen address.
     pub admin_listen: SocketAddr,
+    /// Prometheus endpoint (`GET /metrics`, plain HTTP, unauthenticated); `None`: off.
+    pub metrics_listen: Option<SocketAddr>,
     /// Serve the admin API over HTTPS on loopback too (elsewhere it always is).
     pub admin_tls: bool,
     /// The admin API's certificate and key (PEM files); `None`: a self-signed pair made once
@@ -384,6 +386,7 @@ impl CoordinatorOptions {
             listen: SocketAddr::from(([0, 0, 0, 0], 7443)),
             advertise: None,
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 7444)),
+            metrics_listen: None,
             admin_tls: false,
             admin_tls_files: None,
             pool: Ipv4Net::new([100, 64, 0, 0].into(), 10).unwrap_or_default(),
@@ -440,8 +443,8 @@ pub fn admin_needs_tls(bind: IpAddr, forced: bool, own_cert: bool) -> bool {
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct CoordinatorArgs {
     /// TOML file with any of: state_dir, listen, advertise, admin_listen, admin_tls,
-    /// admin_tls_cert, admin_tls_key, pool, pool_v6, log_format, flow_retention (e.g. "7d"),
-    /// flow_rows_per_host, and a [limits] table.
+    /// admin_tls_cert, admin_tls_key, pool, pool_v6, log_format, metrics_listen, flow_retention
+    /// (e.g. "7d"), flow_rows_per_host, and a [limits] table.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// State directory (key, database, admin.token) [default: /var/lib/meshd].
@@ -457,6 +460,11 @@ pub struct CoordinatorArgs {
     /// HTTPS only.
     #[arg(long, value_name = "ADDR:PORT")]
     pub admin_listen: Option<SocketAddr>,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address [default: off]. Plain HTTP
+    /// without authentication (counters only, no secrets): bind it to loopback or a
+    /// management network.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Serve the admin API over HTTPS on loopback too.
     #[arg(long)]
     pub admin_tls: bool,
@@ -511,6 +519,8 @@ pub struct CoordinatorFile {
     pub advertise: Option<SocketAddr>,
     /// Admin listen address.
     pub admin_listen: Option<SocketAddr>,
+    /// Prometheus endpoint address.
+    pub metrics_listen: Option<SocketAddr>,
     /// HTTPS on loopback too.
     pub admin_tls: Option<bool>,
     /// Admin API certificate chain (relative: to the config file's directory).
@@ -592,6 +602,7 @@ impl CoordinatorArgs {
         if let Some(a) = self.admin_listen.or(file.admin_listen) {
             o.admin_listen = a;
         }
+        o.metrics_listen = self.metrics_listen.or(file.metrics_listen);
         o.admin_tls = self.admin_tls || file.admin_tls.unwrap_or(false);
         o.admin_tls_files = match (self.admin_tls_cert.clone(), self.admin_tls_key.clone()) {
             (Some(cert), Some(key)) => Some(AdminTlsFiles { cert, key }),
@@ -701,8 +712,32 @@ mod tests {
         assert_eq!(o.listen.to_string(), "10.0.0.1:7443");
         assert_eq!(o.pool.to_string(), "10.99.0.0/16");
         assert_eq!(o.admin_listen.to_string(), "127.0.0.1:9");
+        assert_eq!(o.metrics_listen, None);
         assert_eq!(o.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
         assert_eq!(o.advertise_for(o.listen).unwrap(), o.listen);
+    }
+
+    #[test]
+    fn metrics_listen_from_file_or_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "listen = \"10.0.0.1:7443\"\nmetrics_listen = \"127.0.0.1:9100\"\n",
+        )
+        .unwrap();
+        let cli = Cli::parse_from(["x", "--config", f.to_str().unwrap()]);
+        let o = cli.c.resolve(Shutdown::never()).unwrap();
+        assert_eq!(o.metrics_listen, Some("127.0.0.1:9100".parse().unwrap()));
+        let cli = Cli::parse_from([
+            "x",
+            "--config",
+            f.to_str().unwrap(),
+            "--metrics-listen",
+            "127.0.0.1:9101",
+        ]);
+        let o = cli.c.resolve(Shutdown::never()).unwrap();
+        assert_eq!(o.metrics_listen, Some("127.0.0.1:9101".parse().unwrap()));
     }
 
     #[test]

@@ -49,6 +49,8 @@
 //! Everything here is blocking std code and needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN), plus
 //! `ip` (iproute2) and, for captures, `tcpdump`.
 
+#[cfg(feature = "browser")]
+pub mod browser;
 mod capture;
 mod error;
 pub mod pcap;

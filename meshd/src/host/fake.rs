@@ -97,6 +97,7 @@ pub fn setup(mode: Mode, dir: &std::path::Path) -> HostSetup {
         uapi_dir: dir.join("uapi"),
         host: "h0".into(),
         host_labels: Default::default(),
+        metrics_listen: None,
     }
 }
 

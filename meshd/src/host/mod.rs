@@ -351,12 +351,18 @@ async fn serve<S: PeerSource>(
         offload: dp.offload,
         protected: protected.clone(),
     };
-    {
+    let snapshot: crate::metrics::Snapshot = {
         let (device, io, policy) = (device.clone(), dp.stats.clone(), enforcement.clone());
-        status::serve(&setup.interface, move || {
-            status::snapshot(&device, &io, &policy, &status_source)
-        })?;
+        Arc::new(move || status::snapshot(&device, &io, &policy, &status_source))
+    };
+    {
+        let snapshot = snapshot.clone();
+        status::serve(&setup.interface, move || snapshot())?;
     }
+    let _metrics = match setup.metrics_listen {
+        Some(addr) => Some(crate::metrics::start(addr, snapshot).await?),
+        None => None,
+    };
     let facts = DeviceFacts {
         private_key: setup.key.to_bytes(),
         public_key: device.public_key(),

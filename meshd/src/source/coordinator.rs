@@ -295,6 +295,7 @@ impl Coordinator {
             uapi_dir: args.uapi_dir.clone(),
             host: agent.host.name.clone(),
             host_labels: agent.host.labels.clone(),
+            metrics_listen: None,
         };
         let initial = persisted.as_ref().map(|m| map_update(m, &agent.host));
         let pending = persisted.as_ref().map(|m| Pending::Restored {

@@ -117,6 +117,8 @@ pub struct HostSetup {
     pub host: String,
     /// See `host`.
     pub host_labels: Labels,
+    /// Prometheus endpoint (`--metrics-listen`, `[interface] metrics_listen`); `None`: off.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// What a source has for the host.

@@ -112,6 +112,7 @@ impl StaticFile {
             uapi_dir: iface.uapi_dir.clone(),
             host: SELF_NAME.into(),
             host_labels: iface.labels.clone(),
+            metrics_listen: iface.metrics_listen,
         };
         let source = StaticFile {
             path: path.to_path_buf(),
