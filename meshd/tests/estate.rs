@@ -11,6 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
+use meshd_lab::browser::{render_topology_until, BrowserOptions, RenderedEdge};
 use meshd_lab::{wait_for, Lab};
 
 /// The `meshctl` binary next to the `meshd` under test (`cargo test --workspace` builds both).
@@ -214,7 +215,84 @@ fn traffic_among_three_hosts_shows_in_the_topology_with_verdicts() {
             .any(|l| l.contains("web1") && l.contains("api1") && l.contains("8080")),
         "{csv}"
     );
+
+    // The /ui page in headless Chromium, inside the coordinator's namespace: the same three
+    // label groups and edges, coloured by verdict; a click on an edge lists its flows and rule.
+    let want = |from: &str, to: &str, port: u16, verdict: &str| RenderedEdge {
+        from: from.into(),
+        to: to.into(),
+        proto: 6,
+        port,
+        verdict: verdict.into(),
+    };
+    let (allowed, denied) = (
+        want("app=web", "app=api", 8080, "allowed"),
+        want("app=api", "app=db", 22, "denied"),
+    );
+    let mut opts = BrowserOptions::new(ui_artefacts().join("estate"));
+    opts.netns = Some(e.lab.host(e.coord.idx).netns().to_string());
+    opts.screenshot_name = "three-hosts-by-app.png".into();
+    opts.click = vec![allowed.clone(), denied.clone()];
+    let expected = vec![
+        want("app=api", "app=db", 22, "denied"),
+        want("app=api", "app=db", 5432, "allowed"),
+        allowed.clone(),
+    ];
+    let exp = expected.clone();
+    let page = render_topology_until(
+        "http://127.0.0.1:7444/ui?group_by=app",
+        &admin_token(&e.coord),
+        &opts,
+        move |_, edges| exp.iter().all(|x| edges.contains(x)),
+    )
+    .unwrap_or_else(|err| panic!("/ui: {err}"));
+    assert_eq!(page.nodes, ["app=api", "app=db", "app=web"]);
+    let mut edges = page.edges.clone();
+    edges.sort();
+    assert_eq!(edges, expected, "rendered edges");
+    assert!(
+        page.unclassed_edges.is_empty(),
+        "{:?}",
+        page.unclassed_edges
+    );
+    let p = &page.panels[0];
+    assert_eq!(p.edge, allowed);
+    assert_eq!(p.rules, ["web-to-api"], "{}", p.text);
+    assert!(
+        p.rows.iter().any(|r| r.host == "web1" && r.peer == "api1"),
+        "{}",
+        p.text
+    );
+    let p = &page.panels[1];
+    assert_eq!(p.edge, denied);
+    assert!(p.rows.iter().all(|r| r.verdict == "denied"), "{}", p.text);
+    let needed = p.needed_rule.as_deref().unwrap_or_default();
+    for w in ["from: {app: api}", "to: {app: db}", "ports: [tcp/22]"] {
+        assert!(needed.contains(w), "needed rule {needed:?}: {}", p.text);
+    }
+    let png = std::fs::read(&page.screenshot).unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG\r\n\x1a\n"),
+        "{}",
+        page.screenshot.display()
+    );
+    println!("screenshot: {}", page.screenshot.display());
     e.coord.assert_no_secrets_in_logs(&e.lab);
+}
+
+/// Where browser screenshots go (a CI artefact): `$MESHD_UI_ARTEFACTS`, else
+/// `target/ui-artefacts`.
+fn ui_artefacts() -> PathBuf {
+    std::env::var_os("MESHD_UI_ARTEFACTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/ui-artefacts"))
+}
+
+fn admin_token(coord: &Coord) -> String {
+    std::fs::read_to_string(coord.dir.join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_string()
 }
 
 #[test]
