@@ -103,7 +103,7 @@ pub enum OptionsError {
 /// Flow record settings (`flow_retention`, `flow_rows_per_host` in the config file).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlowSettings {
-    /// How long flow rows are kept (seconds; default 7 days).
+    /// How long flow rows are kept (seconds; default 24 hours).
     pub retention_secs: u64,
     /// Rows kept per host per reporting interval (default
     /// [`meshd_control::state::DEFAULT_FLOW_ROWS_PER_HOST`]).
@@ -114,8 +114,9 @@ pub struct FlowSettings {
     pub prune_batch: u32,
 }
 
-/// Default `flow_retention`: 7 days.
-pub const DEFAULT_FLOW_RETENTION_SECS: u64 = 7 * 86_400;
+/// Default `flow_retention`: 24 hours (a day of learning; at 1,000 hosts × 100 flow rows every 10 s
+/// that is ~108 GB of SQLite, see benches/results/2026-12-02-issue16-flow-ingest.txt).
+pub const DEFAULT_FLOW_RETENTION_SECS: u64 = 86_400;
 
 impl Default for FlowSettings {
     fn default() -> Self {
@@ -533,7 +534,7 @@ pub struct CoordinatorFile {
     pub pool_v6: Option<Ipv6Net>,
     /// Listener limits.
     pub limits: Option<Limits>,
-    /// How long flow records are kept: `7d`, `12h`, `30m` (default 7 days).
+    /// How long flow records are kept: `7d`, `12h`, `30m` (default 24 hours).
     pub flow_retention: Option<String>,
     /// Flow rows kept per host per reporting interval (default 1000).
     pub flow_rows_per_host: Option<usize>,
@@ -878,7 +879,7 @@ mod tests {
         };
         let o = resolve("").unwrap();
         assert_eq!(o.flows, FlowSettings::default());
-        assert_eq!(o.flows.retention_secs, 7 * 86_400);
+        assert_eq!(o.flows.retention_secs, 86_400);
         let o = resolve("flow_retention = \"12h\"\nflow_rows_per_host = 50\n").unwrap();
         assert_eq!(
             (o.flows.retention_secs, o.flows.rows_per_host),
