@@ -97,3 +97,18 @@ pub struct PlaintextFlow {
     /// Last drop seen in the interval (Unix seconds).
     pub last_seen: UnixTime,
 }
+
+/// One interval's flow records: what the host aggregated ([`crate::AgentSession::queue_flows`]
+/// sends it as one or more [`crate::AgentMessage::Flows`], the `overflow` count with the first)
+/// and what [`crate::CoordinatorState::record_flows`] takes from one message.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FlowBatch {
+    /// Start of the interval (Unix seconds).
+    pub interval_start: UnixTime,
+    /// Flows with peers.
+    pub records: Vec<FlowRecord>,
+    /// Transparent mode: plaintext drops from outside the mesh.
+    pub plaintext: Vec<PlaintextFlow>,
+    /// Flows the host could not keep this interval (its cap was reached).
+    pub overflow: u64,
+}

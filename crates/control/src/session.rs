@@ -27,9 +27,8 @@ use std::time::{Duration, Instant};
 
 use meshd_policy::BlockEvent;
 
-use crate::flow::{FlowRecord, PlaintextFlow, MAX_FLOWS_PER_MESSAGE};
+use crate::flow::{FlowRecord, MAX_FLOWS_PER_MESSAGE};
 use crate::map::NetworkMap;
-use crate::model::UnixTime;
 use crate::proto::{
     AgentMessage, CoordinatorMessage, EndpointReport, ErrorCode, HostInfo, MAX_BLOCKS_PER_MESSAGE,
     PROTOCOL_VERSION,
@@ -49,19 +48,7 @@ pub const BLOCK_BATCHES_QUEUED: usize = 16;
 /// newer interval pushes out the oldest (counted in [`AgentSession::flows_dropped`]).
 pub const FLOW_INTERVALS_QUEUED: usize = 6;
 
-/// One interval's flow records, as the host aggregated them; sent as one or more
-/// [`AgentMessage::Flows`] (the `overflow` count goes with the first).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct FlowBatch {
-    /// Start of the interval (Unix seconds).
-    pub interval_start: UnixTime,
-    /// Flows with peers.
-    pub records: Vec<FlowRecord>,
-    /// Transparent mode: plaintext drops from outside the mesh.
-    pub plaintext: Vec<PlaintextFlow>,
-    /// Flows the host could not keep this interval (its cap was reached).
-    pub overflow: u64,
-}
+pub use crate::flow::FlowBatch;
 
 impl FlowBatch {
     /// Nothing to report.

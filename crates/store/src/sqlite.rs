@@ -120,8 +120,14 @@ impl SqliteStore {
     ) -> Result<T, StoreError> {
         match &self.reader {
             Some(r) => {
-                let c = r.lock().map_err(|_| StoreError::Poisoned)?;
-                f(&c)
+                let mut c = r.lock().map_err(|_| StoreError::Poisoned)?;
+                // One snapshot for all of `f`'s statements: a commit lands a label set and the
+                // flow rows that refer to it together, and a read between two statements would
+                // otherwise see the rows without the labels (or two different windows).
+                let tx = c.transaction()?;
+                let v = f(&tx)?;
+                tx.commit()?;
+                Ok(v)
             }
             None => self.with(|c| f(c)),
         }
@@ -628,6 +634,34 @@ mod tests {
             revoked: false,
             secret_hash: [id as u8; 32],
         }
+    }
+
+    #[test]
+    fn a_read_sees_one_snapshot_even_when_a_commit_lands_between_its_statements() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("coordinator.db")).unwrap();
+        let count = |c: &Connection| -> Result<i64, StoreError> {
+            Ok(c.query_row("SELECT COUNT(*) FROM hosts", [], |r| r.get(0))?)
+        };
+        let (before, after) = s
+            .read(|c| {
+                let before = count(c)?;
+                s.commit(
+                    &Dirty {
+                        hosts: vec![host(1)],
+                        ..Default::default()
+                    },
+                    &[],
+                )?;
+                Ok((before, count(c)?))
+            })
+            .unwrap();
+        assert_eq!(
+            (before, after),
+            (0, 0),
+            "the read saw a commit in its middle"
+        );
+        assert_eq!(s.read(count).unwrap(), 1, "the next read sees it");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 
 use super::{ConnId, CoordinatorState};
 use crate::api::FlowView;
-use crate::flow::{FlowRecord, FlowVerdict, PlaintextFlow, MAX_FLOWS_PER_MESSAGE};
+use crate::flow::{FlowVerdict, MAX_FLOWS_PER_MESSAGE};
 use crate::model::{HostId, Labels, UnixTime};
 
 /// Intervals per host whose row counts are remembered. A row for an interval older than all
@@ -83,18 +83,7 @@ pub struct FlowInterval {
     pub rows: usize,
 }
 
-/// One `Flows` message's content, as [`CoordinatorState::record_flows`] takes it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct FlowBatch {
-    /// Start of the interval (Unix seconds).
-    pub interval_start: UnixTime,
-    /// Flows with peers.
-    pub records: Vec<FlowRecord>,
-    /// Plaintext drops from outside the mesh.
-    pub plaintext: Vec<PlaintextFlow>,
-    /// Flows the agent could not keep.
-    pub overflow: u64,
-}
+pub use crate::flow::FlowBatch;
 
 /// The per-host memory of interval row counts, oldest first.
 pub(super) type IntervalCounts = VecDeque<(UnixTime, usize)>;
