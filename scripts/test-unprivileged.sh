@@ -21,7 +21,7 @@ while IFS=$'\t' read -r bin manifest; do
     out=$home/$(basename "$bin").log
     ran=$((ran + 1))
     if ! (cd "$dir" && timeout 600 setpriv --reuid=65534 --regid=65534 --clear-groups \
-        env HOME="$home" TMPDIR="$home" "$bin" >"$out" 2>&1); then
+        env HOME="$home" TMPDIR="$home" MESHD_UI_ARTEFACTS="$home/ui-artefacts" "$bin" >"$out" 2>&1); then
         echo "FAILED as nobody: $bin (in $dir)"
         grep -E '^test .* FAILED|panicked' "$out" | head -20 || true
         failed=$((failed + 1))
