@@ -81,7 +81,7 @@ for t in "${targets[@]}"; do
     echo "fuzz.sh: $t for ${secs}s (log $log)"
     set +e
     locked cargo "${toolchain[@]}" fuzz run "${fuzz_args[@]}" "$t" "$work" "fuzz/corpus/$t" -- \
-        -max_total_time="$secs" -max_len=65536 -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+        -max_total_time="$secs" -max_len=16384 -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
         -artifact_prefix="fuzz/artifacts/$t/" >"$log" 2>&1
     rc=$?
     set -e

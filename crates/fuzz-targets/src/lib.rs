@@ -255,34 +255,39 @@ thread_local! {
 /// inner source against the peer's allowed IPs, the inner destination — then, as meshd's rx
 /// worker does, the identity firewall (inbound, the peer's grants) and the block log.
 pub fn tunnel_inner(data: &[u8]) {
+    let _verdict = tunnel_inner_verdict(data);
+}
+
+/// [`tunnel_inner`]'s outcome: the firewall's verdict on a delivered packet, `None` when
+/// the receive path dropped it (or no session could be set up).
+pub fn tunnel_inner_verdict(data: &[u8]) -> Option<Verdict> {
     SESSION.with(|cell| {
         let mut cell = cell.borrow_mut();
-        // Re-keyed sessions expire (boringtun's own clock): start a new one when sealing stops.
+        // Sessions expire (boringtun's own clock): start a new one when sealing stops.
         let mut datagram = cell.as_ref().and_then(|s| seal(&s.theirs, data));
         if datagram.as_ref().and_then(|d| d.first()) != Some(&4) {
             *cell = Session::up();
             datagram = cell.as_ref().and_then(|s| seal(&s.theirs, data));
         }
-        let (Some(s), Some(d)) = (cell.as_ref(), datagram) else {
-            return;
-        };
+        let (s, d) = (cell.as_ref()?, datagram?);
         let table = s.ours.table();
         let mut out = vec![0u8; d.len()];
-        if let Decap::Deliver { peer, packet } =
+        let Decap::Deliver { peer, packet } =
             s.ours.decapsulate(&table, peer_endpoint(), &d, &mut out)
-        {
-            let fw: Firewall<u32> = Firewall::new(small_firewall());
-            let blocks = BlockLog::new(BlockLogConfig::default());
-            let g = peer.grants();
-            let now = NOW * 1000;
-            if let Verdict::Deny(denied) =
-                fw.check(peer.index, &g, 1, Direction::Inbound, packet, now)
-            {
-                blocks.record(peer.index, &denied, now);
-                let _events = blocks.drain(now + 1000);
-            }
+        else {
+            return None;
+        };
+        let fw: Firewall<u32> = Firewall::new(small_firewall());
+        let blocks = BlockLog::new(BlockLogConfig::default());
+        let g = peer.grants();
+        let now = NOW * 1000;
+        let verdict = fw.check(peer.index, &g, 1, Direction::Inbound, packet, now);
+        if let Verdict::Deny(denied) = &verdict {
+            blocks.record(peer.index, denied, now);
+            let _events = blocks.drain(now + 1000);
         }
-    });
+        Some(verdict)
+    })
 }
 
 fn small_firewall() -> meshd_firewall::Config {

@@ -167,15 +167,19 @@ fn valid_seeds_are_accepted_by_the_parsers() {
     let init = seed("channel_handshake", "init");
     meshd_channel::noise::read_initiation(&ft::our_key(), &init).unwrap();
     let dev = ft::our_device();
+    let table = dev.table();
     let mut out = vec![0u8; 2048];
-    let d = dev.decapsulate(
-        &dev.table(),
-        ft::peer_endpoint(),
-        &seed("decapsulate", "init"),
-        &mut out,
-    );
+    let init = seed("decapsulate", "init");
+    let d = dev.decapsulate(&table, ft::peer_endpoint(), &init, &mut out);
     assert!(
         matches!(d, meshd_tunnel::Decap::Reply { peer: Some(_), .. }),
         "{d:?}"
     );
+    use meshd_firewall::Verdict;
+    let verdict = |name: &str| ft::tunnel_inner_verdict(&seed("tunnel_inner", name));
+    assert_eq!(verdict("tcp-syn-granted"), Some(Verdict::Allow));
+    assert_eq!(verdict("udp-granted"), Some(Verdict::Allow));
+    assert!(matches!(verdict("tcp-syn-denied"), Some(Verdict::Deny(_))));
+    assert_eq!(verdict("spoofed-source"), None);
+    assert_eq!(verdict("to-elsewhere"), None);
 }
