@@ -7,7 +7,7 @@
 #   scripts/fuzz.sh SECONDS [TARGET...]
 #
 # Toolchain: a nightly toolchain if one is installed (cargo +nightly), else stable with
-# RUSTC_BOOTSTRAP=1 (said so, loudly). Sanitizer: address when the toolchain ships the ASan
+# RUSTC_BOOTSTRAP=1 (said so, loudly; MESHD_FUZZ_TOOLCHAIN=stable forces that). Sanitizer: address when the toolchain ships the ASan
 # runtime, else none (MESHD_FUZZ_SANITIZER overrides). Needs cargo-fuzz (`cargo install
 # cargo-fuzz`). Set MESHD_FUZZ_LOCK=/path to hold that flock while building and fuzzing.
 # Not run by CI: CI replays the corpus (`cargo test -p meshd-fuzz-targets`).
@@ -27,7 +27,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 
 toolchain=()
-if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+if [ "${MESHD_FUZZ_TOOLCHAIN:-}" != stable ] && rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
     toolchain=(+nightly)
     echo "fuzz.sh: using the nightly toolchain"
 else
