@@ -89,11 +89,50 @@ pub struct NoiseWriter {
 /// Receiving half.
 pub struct NoiseReader {
     recv: quinn::RecvStream,
+    inbound: Inbound,
+    cipher: Vec<u8>,
+}
+
+/// The receiving half's sans-IO core: Noise transport messages in (in stream order),
+/// application messages out. [`NoiseReader`] feeds it from the stream; the fuzz targets
+/// (`crates/fuzz-targets`) feed it directly.
+pub struct Inbound {
     state: Arc<StatelessTransportState>,
     nonce: u64,
     decoder: FrameDecoder,
-    cipher: Vec<u8>,
     plain: Vec<u8>,
+}
+
+impl Inbound {
+    /// Opens messages of `state`'s receiving direction from nonce 0, refusing application
+    /// frames longer than `max_frame`.
+    pub fn new(state: Arc<StatelessTransportState>, max_frame: usize) -> Inbound {
+        Inbound {
+            state,
+            nonce: 0,
+            decoder: FrameDecoder::new(max_frame),
+            plain: Vec::new(),
+        }
+    }
+
+    /// Decrypts the next Noise transport message and buffers its plaintext.
+    pub fn push(&mut self, cipher: &[u8]) -> Result<(), ChannelError> {
+        if cipher.is_empty() {
+            return Err(ChannelError::Empty);
+        }
+        self.plain.resize(cipher.len(), 0);
+        let n = self
+            .state
+            .read_message(self.nonce, cipher, &mut self.plain)?;
+        self.nonce += 1;
+        self.decoder.push(&self.plain[..n])?;
+        Ok(())
+    }
+
+    /// The next complete application message, if one is buffered.
+    pub fn next_message<T: DeserializeOwned>(&mut self) -> Result<Option<T>, ChannelError> {
+        Ok(self.decoder.next_message()?)
+    }
 }
 
 impl NoiseWriter {
@@ -137,16 +176,11 @@ impl NoiseReader {
     /// its own task.
     pub async fn recv<T: DeserializeOwned>(&mut self) -> Result<T, ChannelError> {
         loop {
-            if let Some(m) = self.decoder.next_message()? {
+            if let Some(m) = self.inbound.next_message()? {
                 return Ok(m);
             }
             read_msg(&mut self.recv, &mut self.cipher).await?;
-            self.plain.resize(self.cipher.len(), 0);
-            let n = self
-                .state
-                .read_message(self.nonce, &self.cipher, &mut self.plain)?;
-            self.nonce += 1;
-            self.decoder.push(&self.plain[..n])?;
+            self.inbound.push(&self.cipher)?;
         }
     }
 }
@@ -162,11 +196,8 @@ fn halves(
     (
         NoiseReader {
             recv,
-            state: state.clone(),
-            nonce: 0,
-            decoder: FrameDecoder::new(max_recv),
+            inbound: Inbound::new(state.clone(), max_recv),
             cipher: Vec::new(),
-            plain: Vec::new(),
         },
         NoiseWriter {
             send,
@@ -187,12 +218,7 @@ pub async fn initiate(
     max_send: usize,
     max_recv: usize,
 ) -> Result<(NoiseReader, NoiseWriter), ChannelError> {
-    let sk = local.to_bytes();
-    let mut hs = snow::Builder::new(params())
-        .local_private_key(&sk)?
-        .remote_public_key(remote.as_bytes())?
-        .prologue(PROLOGUE)?
-        .build_initiator()?;
+    let mut hs = initiator(local, remote)?;
     let mut buf = vec![0u8; MAX_MSG];
     let n = hs.write_message(&[], &mut buf)?;
     write_msg(&mut send, &buf[..n]).await?;
@@ -211,25 +237,51 @@ pub async fn respond(
     max_send: usize,
     max_recv: usize,
 ) -> Result<(NoiseReader, NoiseWriter, PublicKey), ChannelError> {
-    let sk = local.to_bytes();
-    let mut hs = snow::Builder::new(params())
-        .local_private_key(&sk)?
-        .prologue(PROLOGUE)?
-        .build_responder()?;
     let mut msg = Vec::new();
     read_msg(&mut recv, &mut msg).await?;
+    let (mut hs, remote) = read_initiation(local, &msg)?;
     let mut buf = vec![0u8; MAX_MSG];
-    hs.read_message(&msg, &mut buf)?;
-    let remote = hs
-        .get_remote_static()
-        .and_then(|k| <[u8; 32]>::try_from(k).ok())
-        .map(PublicKey)
-        .ok_or(ChannelError::Noise(snow::Error::Input))?;
     let n = hs.write_message(&[], &mut buf)?;
     write_msg(&mut send, &buf[..n]).await?;
     let st = hs.into_stateless_transport_mode()?;
     let (r, w) = halves(send, recv, st, max_send, max_recv);
     Ok((r, w, remote))
+}
+
+/// Coordinator side, sans IO: reads the agent's first handshake message (any bytes a stranger
+/// sends) as responder with `local`; returns the handshake, ready to write its answer, and the
+/// agent's proven static key.
+pub fn read_initiation(
+    local: &PrivateKey,
+    msg: &[u8],
+) -> Result<(snow::HandshakeState, PublicKey), ChannelError> {
+    let sk = local.to_bytes();
+    let mut hs = snow::Builder::new(params())
+        .local_private_key(&sk)?
+        .prologue(PROLOGUE)?
+        .build_responder()?;
+    let mut buf = vec![0u8; MAX_MSG];
+    hs.read_message(msg, &mut buf)?;
+    let remote = hs
+        .get_remote_static()
+        .and_then(|k| <[u8; 32]>::try_from(k).ok())
+        .map(PublicKey)
+        .ok_or(ChannelError::Noise(snow::Error::Input))?;
+    Ok((hs, remote))
+}
+
+/// Agent side, sans IO: the initiator's handshake state with `local`, pinning `remote`
+/// (write its first message, read the answer, then `into_stateless_transport_mode`).
+pub fn initiator(
+    local: &PrivateKey,
+    remote: &PublicKey,
+) -> Result<snow::HandshakeState, ChannelError> {
+    let sk = local.to_bytes();
+    Ok(snow::Builder::new(params())
+        .local_private_key(&sk)?
+        .remote_public_key(remote.as_bytes())?
+        .prologue(PROLOGUE)?
+        .build_initiator()?)
 }
 
 #[cfg(test)]
