@@ -604,12 +604,12 @@ impl Compiled {
                 let Some(h) = &self.slots[p as usize] else {
                     continue;
                 };
-                if out.contains_key(&h.id) {
+                if let std::collections::btree_map::Entry::Occupied(mut e) = out.entry(h.id) {
                     let pg = self.pair_grants(s, p);
                     if pg == PeerGrants::default() {
-                        out.remove(&h.id);
+                        e.remove();
                     } else {
-                        out.insert(h.id, pg);
+                        e.insert(pg);
                     }
                 }
             }
