@@ -556,6 +556,16 @@ pub fn changes(c: &[Change]) -> String {
 
 /// `policy explain`.
 pub fn explanation(from: &str, to: &str, port: &str, e: &Explanation) -> String {
+    if let Some(d) = &e.deny {
+        let over = match &e.overrides {
+            Some(r) => format!(", overriding allow rule {r}"),
+            None => String::new(),
+        };
+        return format!(
+            "denied: {from} -> {to} {port} by deny rule {d}{over} (deny rules win, in learning \
+             mode too)\n"
+        );
+    }
     format!(
         "{}: {from} -> {to} {port} {}{}\n",
         if e.allowed { "allowed" } else { "denied" },
@@ -946,6 +956,8 @@ mod tests {
             to: "db1".into(),
             ports: "tcp/1521".parse().unwrap(),
             kind,
+            rule: Some("r".into()),
+            deny: None,
         };
         assert_eq!(
             changes(&[c("app1", ChangeKind::Gained), c("web1", ChangeKind::Lost)]),
@@ -954,8 +966,24 @@ mod tests {
         let yes = Explanation {
             allowed: true,
             rule: Some("app1-to-db1".into()),
-            learning: false,
+            ..Explanation::DENY
         };
+        let denied = Explanation {
+            deny: Some("dev-never-prod".into()),
+            overrides: Some("app1-to-db1".into()),
+            ..Explanation::DENY
+        };
+        assert_eq!(
+            explanation("app1", "db1", "tcp/1521", &denied),
+            "denied: app1 -> db1 tcp/1521 by deny rule dev-never-prod, overriding allow rule \
+             app1-to-db1 (deny rules win, in learning mode too)\n"
+        );
+        let mut lost = c("web1", ChangeKind::Lost);
+        lost.deny = Some("dev-never-prod".into());
+        assert_eq!(
+            changes(&[lost]),
+            "- web1 -> db1 tcp/1521 (deny dev-never-prod overrides allow r)\n0 gained, 1 lost\n"
+        );
         let learning = Explanation {
             learning: true,
             ..Explanation::DENY

@@ -120,8 +120,24 @@ impl CheckReport {
         let mut out = String::new();
         for t in &self.tests {
             let (status, detail) = match &t.outcome {
-                TestOutcome::Pass { rule } => ("ok", verdict(rule.is_some(), rule.as_deref())),
-                TestOutcome::Fail { got, rule } => (
+                TestOutcome::Pass { deny: Some(d), .. } => {
+                    ("ok", format!("denied by deny rule {d}"))
+                }
+                TestOutcome::Pass { rule, .. } => ("ok", verdict(rule.is_some(), rule.as_deref())),
+                TestOutcome::Fail {
+                    deny: Some(d),
+                    rule,
+                    ..
+                } => (
+                    "FAILED",
+                    match rule {
+                        Some(r) => format!(
+                            "denied by deny rule {d} (shadowing allow rule {r}), expected allow"
+                        ),
+                        None => format!("denied by deny rule {d}, expected allow"),
+                    },
+                ),
+                TestOutcome::Fail { got, rule, .. } => (
                     "FAILED",
                     format!(
                         "{}, expected {}",

@@ -131,7 +131,7 @@ pub fn plan(
                     add_range(&mut plan.covered.tcp, (1, u16::MAX));
                     add_range(&mut plan.covered.udp, (1, u16::MAX));
                 }
-                Proto::Icmp => {}
+                Proto::Icmp | Proto::Other => {}
             }
         }
     }
@@ -231,6 +231,7 @@ mod tests {
 
     fn grants(inbound: &[(Proto, u16, u16, Option<u64>)]) -> PeerGrants {
         PeerGrants {
+            deny: Default::default(),
             learn: false,
             outbound: vec![],
             inbound: inbound

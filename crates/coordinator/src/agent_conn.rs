@@ -29,6 +29,9 @@ const INCOMING_BUFFER: u64 = 64 * 1024;
 /// Bytes quinn buffers for all of them.
 const INCOMING_BUFFER_TOTAL: u64 = 8 * 1024 * 1024;
 const OUTBOUND_QUEUE: usize = 256;
+/// Longest one message to an agent may take to write: an agent that stops reading (QUIC flow
+/// control holds the write) is closed after this, whatever its queue holds.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(20);
 const OBSERVE_INTERVAL: Duration = Duration::from_millis(250);
 
 /// The control (QUIC) endpoint on `listen`, with quinn's incoming queue and buffers bounded.
@@ -381,8 +384,15 @@ async fn serve_conn(
         tokio::select! {
             m = rx.recv() => match m {
                 Some(Outbound::Msg(msg)) => {
-                    if let Err(e) = writer.send(&msg).await {
-                        break Err(e.into());
+                    match tokio::time::timeout(WRITE_TIMEOUT, writer.send(&msg)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => break Err(e.into()),
+                        Err(_) => {
+                            warn!(host_id = %host, host = %name,
+                                "agent stopped reading its control stream; closing its connection");
+                            conn.close(quinn::VarInt::from_u32(0), b"not reading");
+                            break Err(ServeError::Timeout);
+                        }
                     }
                 }
                 Some(Outbound::Close(r)) => {

@@ -32,6 +32,7 @@ fn thousand_grants() -> PeerGrants {
         })
         .collect::<Vec<_>>();
     PeerGrants {
+        deny: Default::default(),
         learn: false,
         outbound: g.clone(),
         inbound: g,

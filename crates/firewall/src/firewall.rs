@@ -156,7 +156,7 @@ impl Verdict {
 /// Counter snapshot: every packet not allowed is counted once here.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
-    /// Denied: no grant admits the new flow.
+    /// Denied: no grant admits the new flow (including flows a deny rule forbids).
     pub default_deny: u64,
     /// Denied: the only matching grant has expired.
     pub expired: u64,
@@ -530,8 +530,9 @@ pub struct Firewall<P> {
 type Admission = Result<(u32, UnixTime), DenyReason>;
 
 /// Admission of a new flow in `dir` to `port` at `now` (Unix seconds): the first grant that
-/// admits it (as [`PeerGrants::find`]); else `Expired(rule)` of the first grant that matches
-/// but has expired; else `DefaultDeny`.
+/// admits it (as [`PeerGrants::find`]); else `Denied(rule)` of the first deny rule forbidding
+/// it ([`PeerGrants::deny`], never learnt); else `Expired(rule)` of the first grant that
+/// matches but has expired; else `DefaultDeny`.
 #[inline]
 pub(crate) fn admit(
     grants: &PeerGrants,
@@ -547,7 +548,22 @@ pub(crate) fn admit(
     if let Some(i) = list.iter().position(|g| g.admits(proto, port, now)) {
         return Ok((i as u32, list[i].expires_at.unwrap_or(u64::MAX)));
     }
-    Err(expired_reason(list, proto, port, now))
+    Err(refusal(grants, dir, list, proto, port, now))
+}
+
+#[cold]
+fn refusal(
+    grants: &PeerGrants,
+    dir: Direction,
+    list: &[meshd_policy::Grant],
+    proto: u8,
+    port: u16,
+    now: UnixTime,
+) -> DenyReason {
+    match grants.deny.find(dir, proto, port) {
+        Some(d) => DenyReason::Denied(d.rule.clone()),
+        None => expired_reason(list, proto, port, now),
+    }
 }
 
 #[cold]
@@ -931,6 +947,11 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
                 // packet's sender to its destination port, or from the receiver to its
                 // source port (this is the responder's side). Any other segment is denied.
                 let as_sent = admit(grants, dir, p.t.proto, p.t.dport, now_s);
+                // A deny rule on either guess of the opener: learning takes nothing up.
+                let mut denied = match &as_sent {
+                    Err(r @ DenyReason::Denied(_)) => Some(r.clone()),
+                    _ => None,
+                };
                 let picked = match as_sent {
                     Ok(a) => Some(Some(a)),
                     Err(_) => {
@@ -940,7 +961,11 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
                                 opener = (back, p.t.sport, !src_lo);
                                 Some(Some(a))
                             }
-                            Err(r) if learns(grants, &r) => {
+                            Err(r @ DenyReason::Denied(_)) => {
+                                denied = Some(r);
+                                None
+                            }
+                            Err(r) if denied.is_none() && learns(grants, &r) => {
                                 // Learning mode: take it up as would-deny; guess the
                                 // responder is the end with the lower port (the service).
                                 if p.t.sport < p.t.dport {
@@ -954,7 +979,7 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
                 };
                 let Some(admitted) = picked else {
                     drop(g);
-                    return self.deny(DenyReason::NoFlow, dir, &p.t);
+                    return self.deny(denied.unwrap_or(DenyReason::NoFlow), dir, &p.t);
                 };
                 if let Err(full) = self.make_room(&mut g, peer, now) {
                     drop(g);
@@ -1179,7 +1204,8 @@ impl<P: Copy + Eq + Hash + Send + Sync> Firewall<P> {
     fn deny(&self, reason: DenyReason, dir: Direction, t: &Tuple) -> Verdict {
         let c = &self.counters;
         match reason {
-            DenyReason::DefaultDeny => &c.default_deny,
+            // A deny rule's drop counts as default deny (the block log names the rule).
+            DenyReason::DefaultDeny | DenyReason::Denied(_) => &c.default_deny,
             DenyReason::Expired(_) => &c.expired,
             DenyReason::Quarantined => &c.quarantined,
             // Not a firewall verdict (transparent mode's nftables drops); counted as no flow.

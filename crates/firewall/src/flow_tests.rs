@@ -41,6 +41,7 @@ fn fw_with(shards: usize) -> Firewall<u32> {
 
 fn grants() -> PeerGrants {
     PeerGrants {
+        deny: Default::default(),
         learn: false,
         outbound: vec![
             grant(Proto::Udp, 53, 53, None, "dns"),
@@ -129,6 +130,7 @@ fn counts_are_exact_for_a_scripted_sequence() {
     );
     // The rule resolves by re-admission once the grants moved on (index 1 is gone).
     let g2 = PeerGrants {
+        deny: Default::default(),
         learn: false,
         outbound: vec![grant(Proto::Tcp, 1500, 1600, None, "db-range")],
         inbound: vec![],
@@ -249,6 +251,7 @@ fn learning_mode_lets_unadmitted_flows_through_as_would_deny() {
     // Inbound too, and an expired grant's flows.
     let exp = T0 / 1000 - 1;
     let expired = PeerGrants {
+        deny: Default::default(),
         learn: true,
         outbound: vec![],
         inbound: vec![grant(Proto::Udp, 9, 9, Some(exp), "old")],
@@ -322,6 +325,7 @@ fn would_deny_flows_are_rechecked_when_the_grants_change() {
     assert!(fw.check(PEER, &learn, 1, OUT, &pg, T0).is_allow());
     // Enforcing now, with a grant for postgres only.
     let enforce = PeerGrants {
+        deny: Default::default(),
         learn: false,
         outbound: vec![grant(Proto::Tcp, 5432, 5432, None, "app-db")],
         inbound: vec![],
@@ -374,4 +378,54 @@ fn a_full_table_still_drops_in_learning_mode() {
         fw.check(PEER, &g, 1, OUT, &build::udp(l(), 1, r(), 3, 0), T0),
         Verdict::Drop(DropReason::TableFull)
     );
+}
+
+#[test]
+fn deny_rules_hold_in_learning_mode_and_name_the_rule() {
+    let fw = fw_with(64);
+    let denied = PeerGrants {
+        learn: true,
+        deny: meshd_policy::PeerDenies {
+            outbound: vec![grant(Proto::Tcp, 22, 22, None, "no-ssh")],
+            inbound: vec![grant(Proto::Any, 0, u16::MAX, None, "isolate")],
+        },
+        ..grants()
+    };
+    // A new flow no grant admits but a deny covers: dropped, naming the deny, not learnt.
+    let ssh = build::tcp(l(), 40000, r(), 22, SYN);
+    assert_eq!(
+        reason(fw.check(PEER, &denied, 1, OUT, &ssh, T0)),
+        DenyReason::Denied("no-ssh".into())
+    );
+    // Nor is an old connection taken up mid-stream when either guess of its opener is
+    // denied (here the peer opening to this host's port 5432).
+    let seg = build::tcp(r(), 41000, l(), 5432, ACK);
+    assert_eq!(
+        reason(fw.check(PEER, &denied, 1, IN, &seg, T0)),
+        DenyReason::Denied("isolate".into())
+    );
+    // Outside the deny, learning still passes it as would-deny.
+    let web = build::tcp(l(), 40001, r(), 80, SYN);
+    assert!(fw.check(PEER, &denied, 1, OUT, &web, T0).is_allow());
+    let st = fw.stats();
+    assert_eq!((st.would_deny, st.default_deny), (1, 2));
+    // A flow learnt before the deny arrived is re-checked under the new version and dropped.
+    let fw = fw_with(64);
+    let learn = PeerGrants {
+        learn: true,
+        ..PeerGrants::default()
+    };
+    let ssh_back = build::tcp(r(), 22, l(), 40000, SYN | ACK);
+    assert!(fw.check(PEER, &learn, 1, OUT, &ssh, T0).is_allow());
+    assert!(fw.check(PEER, &learn, 1, IN, &ssh_back, T0 + 1).is_allow());
+    let later = PeerGrants {
+        learn: true,
+        deny: meshd_policy::PeerDenies {
+            outbound: vec![grant(Proto::Tcp, 22, 22, None, "no-ssh")],
+            inbound: vec![],
+        },
+        ..PeerGrants::default()
+    };
+    assert!(!fw.check(PEER, &later, 2, IN, &ssh_back, T0 + 2).is_allow());
+    assert_eq!(fw.stats().flows_revoked, 1);
 }

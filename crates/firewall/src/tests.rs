@@ -44,6 +44,7 @@ fn fw() -> Firewall<u32> {
 /// Outbound tcp/1521 and udp/53, inbound tcp/8000-8100 and icmp.
 fn grants() -> PeerGrants {
     PeerGrants {
+        deny: Default::default(),
         learn: false,
         outbound: vec![
             grant(Proto::Tcp, 1521, 1521, None, "app-db"),
@@ -260,6 +261,7 @@ fn udp_both_ways_and_timeouts() {
 fn icmp_echo_reply_is_stateful() {
     let fw = fw();
     let g = PeerGrants {
+        deny: Default::default(),
         learn: false,
         outbound: vec![grant(Proto::Icmp, 0, 0, None, "ping")],
         inbound: vec![],
@@ -302,6 +304,7 @@ fn grant_expiry_mid_flow_denies() {
     let fw = fw();
     let exp = T0 / 1000 + 100;
     let g = PeerGrants {
+        deny: Default::default(),
         learn: false,
         outbound: vec![grant(Proto::Tcp, 443, 443, Some(exp), "contractor-web")],
         inbound: vec![],
@@ -328,6 +331,7 @@ fn expiry_falls_back_to_another_grant() {
     let fw = fw();
     let exp = T0 / 1000 + 10;
     let g = PeerGrants {
+        deny: Default::default(),
         learn: false,
         outbound: vec![
             grant(Proto::Tcp, 443, 443, Some(exp), "temp"),
@@ -353,6 +357,7 @@ fn version_bump_rechecks_flows() {
     assert!(fw.check(PEER, &g1, 1, OUT, &dns, T0).is_allow());
     // New grants: the db rule is gone, dns stays (at another index).
     let g2 = PeerGrants {
+        deny: Default::default(),
         learn: false,
         outbound: vec![
             grant(Proto::Tcp, 22, 22, None, "ssh"),
@@ -678,6 +683,7 @@ fn spoofed_direction_does_not_match() {
 fn icmp_errors_for_tracked_flows_pass() {
     let fw = fw();
     let g = PeerGrants {
+        deny: Default::default(),
         learn: false,
         outbound: vec![grant(Proto::Udp, 53, 53, None, "dns")],
         inbound: vec![],

@@ -384,6 +384,7 @@ fn grant_sets() -> Vec<PeerGrants> {
     vec![
         PeerGrants::default(),
         PeerGrants {
+            deny: Default::default(),
             learn: false,
             outbound: vec![
                 g(Proto::Tcp, 80, 80, None, "web"),
@@ -392,6 +393,7 @@ fn grant_sets() -> Vec<PeerGrants> {
             inbound: vec![g(Proto::Icmp, 0, 0, None, "ping")],
         },
         PeerGrants {
+            deny: Default::default(),
             learn: false,
             outbound: vec![
                 g(Proto::Tcp, 53, 1000, Some(40), "temp"),
@@ -404,6 +406,7 @@ fn grant_sets() -> Vec<PeerGrants> {
         },
         PeerGrants::allow_all("all"),
         PeerGrants {
+            deny: Default::default(),
             learn: false,
             outbound: vec![g(Proto::Any, 0, 0, Some(20), "any-temp")],
             inbound: vec![
@@ -417,6 +420,7 @@ fn grant_sets() -> Vec<PeerGrants> {
             ..PeerGrants::default()
         },
         PeerGrants {
+            deny: Default::default(),
             learn: true,
             outbound: vec![
                 g(Proto::Tcp, 80, 80, None, "web"),

@@ -180,6 +180,7 @@ fn benches(c: &mut Criterion) {
         rule: "r".into(),
     };
     let pg = PeerGrants {
+        deny: Default::default(),
         learn: false,
         outbound: (0..7)
             .map(|i| grant(Proto::Udp, 100 + i, 100 + i))

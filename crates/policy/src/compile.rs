@@ -11,6 +11,13 @@
 //! A host never gets grants to itself. Rules expired at the compile time are dropped; the others
 //! give grants carrying `expires_at`, which agents enforce themselves.
 //!
+//! Deny rules: one more entry per rule over the same selector bitsets. The pairs a deny touches
+//! (one end in `from`, the other in `to`) get their grants recomputed with the denied ports
+//! subtracted ([`Grant::subtract`]) and the deny list attached ([`PeerGrants::deny`]); a pair
+//! left with nothing (and not learning) is no longer a pair of peers. Every other pair costs
+//! one bitset pass more per query (O(D·W) for D deny rules), and a host update touches only the
+//! peers on the other side of the deny selectors it flipped.
+//!
 //! Learning mode: the hosts that learn (`mode: learn`, the `learn:` selectors, and the
 //! coordinator's runtime [`Learning`]) are one more bitset, kept up to date with the others. A
 //! pair where either end learns is a pair of peers whatever the rules say, and its
@@ -21,7 +28,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::file::{Policy, PolicyMode, Rule};
-use crate::grant::{Grant, PeerGrants, UnixTime};
+use crate::grant::{Grant, PeerDenies, PeerGrants, UnixTime};
 use crate::port::Probe;
 use crate::selector::{HostRef, Match, Selector};
 
@@ -102,6 +109,20 @@ struct CRule {
     expires: Option<UnixTime>,
 }
 
+/// One deny rule.
+#[derive(Debug, Clone)]
+struct CDeny {
+    name: String,
+    /// Index into `selectors` of `from`.
+    from: usize,
+    /// Index into `selectors` of `to`.
+    to: usize,
+    /// Also `to` → `from`.
+    both: bool,
+    /// The denied port specs as grants named after the rule.
+    grants: Vec<Grant>,
+}
+
 /// A policy compiled against an inventory. Cheap per-host queries; incremental host changes.
 #[derive(Debug, Clone)]
 pub struct Compiled {
@@ -114,6 +135,11 @@ pub struct Compiled {
     /// Per selector, the rules using it as `from` and as `to`.
     used_from: Vec<Vec<usize>>,
     used_to: Vec<Vec<usize>>,
+    /// Deny rules, in file order.
+    denies: Vec<CDeny>,
+    /// Per selector, the deny rules using it as `from` and as `to`.
+    deny_from: Vec<Vec<usize>>,
+    deny_to: Vec<Vec<usize>>,
     /// Per rule, a hash of its name and grants (for [`Compiled::peer_fingerprints`]).
     rule_sigs: Vec<u64>,
     /// Every host learns (`mode: learn` or the runtime switch).
@@ -138,6 +164,13 @@ pub struct Explanation {
     pub allowed: bool,
     /// The first rule (in file order) that allows it; `None` when denied.
     pub rule: Option<String>,
+    /// The deny rule that forbids it (first in file order): it wins over every allow rule and
+    /// over learning mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deny: Option<String>,
+    /// With `deny`: the allow rule it overrides (the first that would have allowed it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overrides: Option<String>,
     /// Denied by the rules, but one end learns: the flow passes and is recorded as would-deny
     /// (never set when allowed).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -150,6 +183,8 @@ impl Explanation {
         allowed: false,
         rule: None,
         learning: false,
+        deny: None,
+        overrides: None,
     };
 }
 
@@ -184,6 +219,18 @@ pub fn compile_with<'p>(
             expires: r.expires,
         });
     }
+    for d in &policy.deny {
+        let (from, to) = (intern(&mut c, &d.from), intern(&mut c, &d.to));
+        let mut grants: Vec<Grant> = d.ports.iter().map(|p| p.grant(&d.name, None)).collect();
+        grants.dedup();
+        c.denies.push(CDeny {
+            name: d.name.clone(),
+            from,
+            to,
+            both: d.both_ways,
+            grants,
+        });
+    }
     c.learn_all = policy.mode == PolicyMode::Learn || extra.all;
     if !c.learn_all {
         for s in policy.learn.iter().chain(&extra.groups) {
@@ -209,6 +256,12 @@ pub fn compile_with<'p>(
     for (i, r) in c.rules.iter().enumerate() {
         c.used_from[r.from].push(i);
         c.used_to[r.to].push(i);
+    }
+    c.deny_from = vec![Vec::new(); ns];
+    c.deny_to = vec![Vec::new(); ns];
+    for (i, d) in c.denies.iter().enumerate() {
+        c.deny_from[d.from].push(i);
+        c.deny_to[d.to].push(i);
     }
 
     for h in hosts {
@@ -284,6 +337,7 @@ pub fn compile_with<'p>(
 const OUT: u64 = 0x6f75_7462_6f75_6e64;
 const IN: u64 = 0x696e_626f_756e_6421;
 const LEARN: u64 = 0x6c65_6172_6e69_6e67;
+const DENY: u64 = 0x6465_6e79_7061_6972;
 
 /// Order-sensitive fingerprint step (never 0, so 0 means "no grants").
 #[inline]
@@ -307,6 +361,9 @@ impl Compiled {
             compiled_at: now,
             rules: Vec::new(),
             rule_sigs: Vec::new(),
+            denies: Vec::new(),
+            deny_from: Vec::new(),
+            deny_to: Vec::new(),
             selectors: Vec::new(),
             members: Vec::new(),
             used_from: Vec::new(),
@@ -367,6 +424,89 @@ impl Compiled {
         self.rules.len()
     }
 
+    /// Number of deny rules.
+    pub fn deny_count(&self) -> usize {
+        self.denies.len()
+    }
+
+    /// Whether deny rule `d` forbids slot `a` opening connections to slot `b` (on its ports).
+    #[inline]
+    fn deny_applies(&self, d: &CDeny, a: u32, b: u32) -> bool {
+        let (f, t) = (&self.members[d.from], &self.members[d.to]);
+        (f.get(a) && t.get(b)) || (d.both && f.get(b) && t.get(a))
+    }
+
+    /// The deny grants for slot `a` opening connections to slot `b`, in deny rule order.
+    fn deny_list(&self, a: u32, b: u32) -> Vec<Grant> {
+        let mut v = Vec::new();
+        for d in self.denies.iter().filter(|d| self.deny_applies(d, a, b)) {
+            v.extend(d.grants.iter().cloned());
+        }
+        v
+    }
+
+    /// The slots some deny rule puts on the other side of slot `s` (either way), `s` excluded:
+    /// exactly the pairs whose [`PeerGrants::deny`] is not empty.
+    fn deny_touched(&self, s: u32) -> Option<Bits> {
+        if self.denies.is_empty() {
+            return None;
+        }
+        let mut b = Bits::new(self.words);
+        for d in &self.denies {
+            if self.members[d.from].get(s) {
+                b.or(&self.members[d.to]);
+            }
+            if self.members[d.to].get(s) {
+                b.or(&self.members[d.from]);
+            }
+        }
+        b.set(s, false);
+        Some(b)
+    }
+
+    /// The grants between slots `s` and `p` seen from `s`, denies subtracted and attached;
+    /// empty (default) when they are not peers.
+    fn pair_grants(&self, s: u32, p: u32) -> PeerGrants {
+        let mut pg = PeerGrants::default();
+        if s == p {
+            return pg;
+        }
+        let (out_d, in_d) = (self.deny_list(s, p), self.deny_list(p, s));
+        for r in &self.rules {
+            if self.members[r.from].get(s) && self.members[r.to].get(p) {
+                for g in &r.grants {
+                    pg.outbound.extend(g.subtract(&out_d));
+                }
+            }
+            if self.members[r.from].get(p) && self.members[r.to].get(s) {
+                for g in &r.grants {
+                    pg.inbound.extend(g.subtract(&in_d));
+                }
+            }
+        }
+        pg.learn = self.learning.get(s) || self.learning.get(p);
+        if pg.is_empty() && !pg.learn {
+            return PeerGrants::default();
+        }
+        pg.deny = PeerDenies {
+            outbound: out_d,
+            inbound: in_d,
+        };
+        pg
+    }
+
+    /// The fingerprint of a pair some deny touches: a hash of its actual grants.
+    fn denied_fingerprint(&self, s: u32, p: u32) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let pg = self.pair_grants(s, p);
+        if pg == PeerGrants::default() {
+            return 0;
+        }
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        pg.hash(&mut h);
+        mix(h.finish(), DENY)
+    }
+
     /// The host with this id.
     pub fn host(&self, id: u64) -> Option<&HostRef> {
         let s = *self.by_id.get(&id)?;
@@ -411,10 +551,18 @@ impl Compiled {
 
     /// The hosts `host_id` may open connections to or be reached from (the peers in its map).
     pub fn peers_of(&self, host_id: u64) -> BTreeSet<u64> {
-        match self.by_id.get(&host_id) {
-            Some(&s) => self.ids(&self.peer_slots(s)),
-            None => BTreeSet::new(),
+        let Some(&s) = self.by_id.get(&host_id) else {
+            return BTreeSet::new();
+        };
+        let mut b = self.peer_slots(s);
+        if let Some(touched) = self.deny_touched(s) {
+            for p in touched.ones() {
+                if b.get(p) && self.pair_grants(s, p) == PeerGrants::default() {
+                    b.set(p, false);
+                }
+            }
         }
+        self.ids(&b)
     }
 
     /// The grants of `host_id` towards each of its peers (none for unknown hosts). Outbound:
@@ -451,6 +599,21 @@ impl Compiled {
                 out.entry(h.id).or_default().learn = true;
             }
         }
+        if let Some(touched) = self.deny_touched(s) {
+            for p in touched.ones() {
+                let Some(h) = &self.slots[p as usize] else {
+                    continue;
+                };
+                if let std::collections::btree_map::Entry::Occupied(mut e) = out.entry(h.id) {
+                    let pg = self.pair_grants(s, p);
+                    if pg == PeerGrants::default() {
+                        e.remove();
+                    } else {
+                        e.insert(pg);
+                    }
+                }
+            }
+        }
         out
     }
 
@@ -478,6 +641,13 @@ impl Compiled {
         for p in self.learn_peers(s).ones().filter(|&p| p != s) {
             acc[p as usize] = mix(acc[p as usize], LEARN);
         }
+        if let Some(touched) = self.deny_touched(s) {
+            for p in touched.ones() {
+                if acc[p as usize] != 0 {
+                    acc[p as usize] = self.denied_fingerprint(s, p);
+                }
+            }
+        }
         let mut v: Vec<(u64, u64)> = acc
             .iter()
             .enumerate()
@@ -496,6 +666,9 @@ impl Compiled {
         if s == p {
             return 0;
         }
+        if self.deny_touched(s).is_some_and(|t| t.get(p)) {
+            return self.denied_fingerprint(s, p);
+        }
         let mut acc = 0;
         for (r, &sig) in self.rules.iter().zip(&self.rule_sigs) {
             let (f, t) = (&self.members[r.from], &self.members[r.to]);
@@ -512,25 +685,39 @@ impl Compiled {
         acc
     }
 
-    /// The grants between `host_id` and one peer, seen from `host_id`.
+    /// The grants between `host_id` and one peer, seen from `host_id` (denies subtracted and
+    /// listed in [`PeerGrants::deny`]; empty when they are not peers).
     pub fn grants_between(&self, host_id: u64, peer_id: u64) -> PeerGrants {
-        let mut pg = PeerGrants::default();
         let (Some(&s), Some(&p)) = (self.by_id.get(&host_id), self.by_id.get(&peer_id)) else {
-            return pg;
+            return PeerGrants::default();
         };
-        if s == p {
+        if self.denies.is_empty() {
+            // No deny: the same as pair_grants, without the deny lists' allocations.
+            let mut pg = PeerGrants::default();
+            if s == p {
+                return pg;
+            }
+            for r in &self.rules {
+                if self.members[r.from].get(s) && self.members[r.to].get(p) {
+                    pg.outbound.extend(r.grants.iter().cloned());
+                }
+                if self.members[r.from].get(p) && self.members[r.to].get(s) {
+                    pg.inbound.extend(r.grants.iter().cloned());
+                }
+            }
+            pg.learn = self.learning.get(s) || self.learning.get(p);
             return pg;
         }
-        for r in &self.rules {
-            if self.members[r.from].get(s) && self.members[r.to].get(p) {
-                pg.outbound.extend(r.grants.iter().cloned());
-            }
-            if self.members[r.from].get(p) && self.members[r.to].get(s) {
-                pg.inbound.extend(r.grants.iter().cloned());
-            }
+        self.pair_grants(s, p)
+    }
+
+    /// The deny rules forbidding `from` opening connections to `to` on some port, whether or
+    /// not the two are peers (for `policy diff`): grants named after the deny rules.
+    pub fn denies_between(&self, from: u64, to: u64) -> Vec<Grant> {
+        match (self.by_id.get(&from), self.by_id.get(&to)) {
+            (Some(&f), Some(&t)) if f != t => self.deny_list(f, t),
+            _ => Vec::new(),
         }
-        pg.learn = self.learning.get(s) || self.learning.get(p);
-        pg
     }
 
     /// Whether `from` may open a connection to `to` matching `probe` at `now`, and by which rule;
@@ -542,26 +729,37 @@ impl Compiled {
         if f == t {
             return Explanation::DENY;
         }
-        self.rules
-            .iter()
-            .find(|r| {
-                self.members[r.from].get(f)
-                    && self.members[r.to].get(t)
-                    && r.grants
-                        .iter()
-                        .any(|g| g.admits(probe.ip_proto, probe.port, now))
-            })
-            .map_or(
-                Explanation {
-                    learning: self.learning.get(f) || self.learning.get(t),
-                    ..Explanation::DENY
-                },
-                |r| Explanation {
-                    allowed: true,
-                    rule: Some(r.name.clone()),
-                    learning: false,
-                },
-            )
+        let allow = self.rules.iter().find(|r| {
+            self.members[r.from].get(f)
+                && self.members[r.to].get(t)
+                && r.grants
+                    .iter()
+                    .any(|g| g.admits(probe.ip_proto, probe.port, now))
+        });
+        let deny = self.denies.iter().find(|d| {
+            self.deny_applies(d, f, t)
+                && d.grants
+                    .iter()
+                    .any(|g| g.admits(probe.ip_proto, probe.port, now))
+        });
+        if let Some(d) = deny {
+            return Explanation {
+                deny: Some(d.name.clone()),
+                overrides: allow.map(|r| r.name.clone()),
+                ..Explanation::DENY
+            };
+        }
+        allow.map_or(
+            Explanation {
+                learning: self.learning.get(f) || self.learning.get(t),
+                ..Explanation::DENY
+            },
+            |r| Explanation {
+                allowed: true,
+                rule: Some(r.name.clone()),
+                ..Explanation::DENY
+            },
+        )
     }
 
     /// The peers whose grants towards the host in `slot` change when its membership of the
@@ -574,6 +772,12 @@ impl Compiled {
             }
             for &r in &self.used_to[sel] {
                 b.or(&self.members[self.rules[r].from]);
+            }
+            for &d in &self.deny_from[sel] {
+                b.or(&self.members[self.denies[d].to]);
+            }
+            for &d in &self.deny_to[sel] {
+                b.or(&self.members[self.denies[d].from]);
             }
         }
         b.set(slot, false);

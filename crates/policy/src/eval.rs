@@ -13,8 +13,9 @@ use crate::selector::HostRef;
 
 impl Policy {
     /// Direct evaluation, rule by rule: may `from` open a connection to `to` matching `probe` at
-    /// `now`? (When denied: does it pass as would-deny because either end learns?) The
-    /// reference the compiled tables are tested against.
+    /// `now`? A matching deny rule wins over every allow rule and over learning. (When denied
+    /// by no deny rule: does it pass as would-deny because either end learns?) The reference
+    /// the compiled tables are tested against.
     pub fn explain_hosts(
         &self,
         from: &HostRef,
@@ -25,25 +26,30 @@ impl Policy {
         if from.id == to.id {
             return Explanation::DENY;
         }
-        self.rules
-            .iter()
-            .find(|r| {
-                !r.expired(now)
-                    && r.from.matches(from)
-                    && r.to.matches(to)
-                    && r.ports.iter().any(|p| p.admits(probe))
-            })
-            .map_or(
-                Explanation {
-                    learning: self.learns(from) || self.learns(to),
-                    ..Explanation::DENY
-                },
-                |r| Explanation {
-                    allowed: true,
-                    rule: Some(r.name.clone()),
-                    learning: false,
-                },
-            )
+        let allow = self.rules.iter().find(|r| {
+            !r.expired(now)
+                && r.from.matches(from)
+                && r.to.matches(to)
+                && r.ports.iter().any(|p| p.admits(probe))
+        });
+        if let Some(d) = self.deny.iter().find(|d| d.denies(from, to, probe)) {
+            return Explanation {
+                deny: Some(d.name.clone()),
+                overrides: allow.map(|r| r.name.clone()),
+                ..Explanation::DENY
+            };
+        }
+        allow.map_or(
+            Explanation {
+                learning: self.learns(from) || self.learns(to),
+                ..Explanation::DENY
+            },
+            |r| Explanation {
+                allowed: true,
+                rule: Some(r.name.clone()),
+                ..Explanation::DENY
+            },
+        )
     }
 }
 
@@ -83,13 +89,19 @@ pub enum TestOutcome {
     Pass {
         /// The allowing rule.
         rule: Option<String>,
+        /// The deny rule that denied it, if one did.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        deny: Option<String>,
     },
     /// Not as expected.
     Fail {
         /// What the policy says.
         got: Expect,
-        /// The allowing rule, if allowed.
+        /// The allowing rule, if allowed; with `deny`, the allow rule the deny shadowed.
         rule: Option<String>,
+        /// The deny rule that denied it (shadowing `rule`, if any).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        deny: Option<String>,
     },
     /// A host name is not in the inventory (or there is no inventory).
     Unresolved {
@@ -122,15 +134,22 @@ impl std::fmt::Display for TestResult {
         write!(f, "tests[{}] {}: ", self.index, self.test)?;
         match &self.outcome {
             TestOutcome::Pass { .. } => f.write_str("ok"),
-            TestOutcome::Fail { got, rule } => {
+            TestOutcome::Fail { got, rule, deny } => {
                 let got = if *got == Expect::Allow {
                     "allowed"
                 } else {
                     "denied"
                 };
-                match rule {
-                    Some(r) => write!(f, "FAILED: {got} by rule {r}"),
-                    None => write!(f, "FAILED: {got}"),
+                match (deny, rule) {
+                    (Some(d), Some(r)) => {
+                        write!(
+                            f,
+                            "FAILED: {got} by deny rule {d} (shadowing allow rule {r})"
+                        )
+                    }
+                    (Some(d), None) => write!(f, "FAILED: {got} by deny rule {d}"),
+                    (None, Some(r)) => write!(f, "FAILED: {got} by rule {r}"),
+                    (None, None) => write!(f, "FAILED: {got}"),
                 }
             }
             TestOutcome::Unresolved { host } => write!(f, "UNRESOLVED: no host named {host}"),
@@ -189,10 +208,19 @@ fn run_one<R: Resolve + ?Sized>(
     } else {
         Expect::Deny
     };
+    // A denied test names the allow rule the deny shadowed.
+    let rule = ex.rule.or(ex.overrides);
     if got == t.expect {
-        TestOutcome::Pass { rule: ex.rule }
+        TestOutcome::Pass {
+            rule: if ex.allowed { rule } else { None },
+            deny: ex.deny,
+        }
     } else {
-        TestOutcome::Fail { got, rule: ex.rule }
+        TestOutcome::Fail {
+            got,
+            rule,
+            deny: ex.deny,
+        }
     }
 }
 
@@ -218,6 +246,12 @@ pub struct Change {
     pub ports: PortSpec,
     /// Gained or lost.
     pub kind: ChangeKind,
+    /// The allow rule giving it (the new policy's when gained, the old one's when lost).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// Lost because of this deny rule of the new policy (overriding `rule`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deny: Option<String>,
 }
 
 impl std::fmt::Display for Change {
@@ -226,25 +260,40 @@ impl std::fmt::Display for Change {
             ChangeKind::Gained => '+',
             ChangeKind::Lost => '-',
         };
-        write!(f, "{sign} {} -> {} {}", self.from, self.to, self.ports)
+        write!(f, "{sign} {} -> {} {}", self.from, self.to, self.ports)?;
+        match (&self.deny, &self.rule) {
+            (Some(d), Some(r)) => write!(f, " (deny {d} overrides allow {r})"),
+            (Some(d), None) => write!(f, " (deny {d})"),
+            _ => Ok(()),
+        }
     }
 }
 
 /// Which host pairs and port specs gain or lose access going from `old` to `new` (both
 /// evaluated at `now`). Port specs are compared as written: narrowing `tcp/1-100` to `tcp/1-50`
-/// shows as one lost and one gained spec. Sorted by from, to, ports, kind.
+/// shows as one lost and one gained spec; a deny rule taking part of a spec away shows the spec
+/// lost (naming the deny and the allow rule it overrides) and the pieces left gained. Sorted by
+/// from, to, ports, kind.
 pub fn diff(old: &Policy, new: &Policy, hosts: &[HostRef], now: UnixTime) -> Vec<Change> {
     let (a, b) = (compile(old, hosts, now), compile(new, hosts, now));
     let mut out = Vec::new();
     let name = |id: u64| a.host(id).map(|h| h.name.clone()).unwrap_or_default();
-    let specs = |c: &crate::compile::Compiled, id: u64| -> BTreeMap<u64, BTreeSet<PortSpec>> {
+    type Specs = BTreeMap<u64, BTreeMap<PortSpec, String>>;
+    let specs = |c: &crate::compile::Compiled, id: u64| -> Specs {
         c.grants_for(id)
             .into_iter()
-            .map(|(p, g)| (p, g.outbound.iter().map(PortSpec::of_grant).collect()))
-            .filter(|(_, s): &(u64, BTreeSet<PortSpec>)| !s.is_empty())
+            .map(|(p, g)| {
+                let mut m = BTreeMap::new();
+                for g in &g.outbound {
+                    m.entry(PortSpec::of_grant(g))
+                        .or_insert_with(|| g.rule.clone());
+                }
+                (p, m)
+            })
+            .filter(|(_, s)| !s.is_empty())
             .collect()
     };
-    let empty = BTreeSet::new();
+    let empty = BTreeMap::new();
     let mut seen = BTreeSet::new();
     for h in hosts {
         if !seen.insert(h.id) {
@@ -255,12 +304,22 @@ pub fn diff(old: &Policy, new: &Policy, hosts: &[HostRef], now: UnixTime) -> Vec
         for p in peers {
             let (pa, pb) = (sa.get(&p).unwrap_or(&empty), sb.get(&p).unwrap_or(&empty));
             for (set, other, kind) in [(pb, pa, ChangeKind::Gained), (pa, pb, ChangeKind::Lost)] {
-                for spec in set.difference(other) {
+                for (spec, rule) in set.iter().filter(|(s, _)| !other.contains_key(*s)) {
+                    let deny = match kind {
+                        ChangeKind::Gained => None,
+                        ChangeKind::Lost => b
+                            .denies_between(h.id, p)
+                            .into_iter()
+                            .find(|d| overlaps(d, spec))
+                            .map(|d| d.rule),
+                    };
                     out.push(Change {
                         from: name(h.id),
                         to: name(p),
                         ports: *spec,
                         kind,
+                        rule: Some(rule.clone()),
+                        deny,
                     });
                 }
             }
@@ -268,4 +327,10 @@ pub fn diff(old: &Policy, new: &Policy, hosts: &[HostRef], now: UnixTime) -> Vec
     }
     out.sort();
     out
+}
+
+/// Whether deny grant `d` takes anything away from `spec`.
+fn overlaps(d: &crate::grant::Grant, spec: &PortSpec) -> bool {
+    let g = spec.grant("", None);
+    g.subtract(std::slice::from_ref(d)) != [g]
 }

@@ -22,6 +22,24 @@
 //! names are unique, every rule has at least one port spec. A test endpoint is a host name
 //! (resolved against an inventory) or a label set describing a host (checkable offline).
 //!
+//! Deny rules (guardrails no allow rule can override, and an emergency isolation switch):
+//!
+//! ```yaml
+//! deny:
+//!   - name: dev-never-prod          # env=dev never opens anything to env=prod
+//!     from: { env: dev }
+//!     to:   { env: prod }
+//!     ports: [any]                  # optional, default [any]
+//!   - name: incident-isolate        # nothing to or from a host labelled incident=isolate
+//!     isolate: { incident: isolate }
+//! ```
+//!
+//! A deny rule has the allow rules' selector and port syntax; `isolate: S` is shorthand for
+//! "from S to every host and from every host to S". Whatever a deny matches is taken out of the
+//! grants at compilation (the data plane never sees it granted), wins over every allow rule
+//! whatever the file order, and is enforced in learning mode too (a denied flow is dropped,
+//! never recorded as would-deny). Deny and allow rule names share one namespace.
+//!
 //! Learning mode (for installing meshd on an estate whose flows nobody can list):
 //!
 //! ```yaml
@@ -63,6 +81,9 @@ pub struct Policy {
     /// Rules, in file order (the first admitting rule is the one reported).
     #[serde(default)]
     pub rules: Vec<Rule>,
+    /// Deny rules: what they match is denied whatever the rules and learning say.
+    #[serde(default)]
+    pub deny: Vec<DenyRule>,
     /// Tests run by `policy check` and before every apply.
     #[serde(default)]
     pub tests: Vec<PolicyTest>,
@@ -84,6 +105,86 @@ pub struct Rule {
     /// When the rule stops working (RFC 3339 in the file, seconds since the epoch here).
     #[serde(default, deserialize_with = "rfc3339_opt")]
     pub expires: Option<UnixTime>,
+}
+
+/// One deny rule (`deny:` in the file).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "RawDeny")]
+pub struct DenyRule {
+    /// Unique name (across allow and deny rules), reported when it wins.
+    pub name: String,
+    /// Hosts that must not open connections…
+    pub from: Selector,
+    /// …to these hosts.
+    pub to: Selector,
+    /// Protocols and destination ports denied (`[any]` when the file gives none).
+    pub ports: Vec<PortSpec>,
+    /// Also deny `to` → `from` (set by `isolate:`, where `to` is every host).
+    pub both_ways: bool,
+}
+
+impl DenyRule {
+    /// `isolate: sel`: nothing to or from the hosts `sel` matches.
+    pub fn isolate(name: &str, sel: Selector) -> DenyRule {
+        DenyRule {
+            name: name.to_string(),
+            from: sel,
+            to: Selector::default(),
+            ports: vec![PortSpec::ANY],
+            both_ways: true,
+        }
+    }
+
+    /// True if this rule forbids `from` opening a connection matching `probe` to `to`.
+    pub fn denies(&self, from: &crate::HostRef, to: &crate::HostRef, probe: Probe) -> bool {
+        let pair = (self.from.matches(from) && self.to.matches(to))
+            || (self.both_ways && self.from.matches(to) && self.to.matches(from));
+        pair && self.ports.iter().any(|p| p.admits(probe))
+    }
+}
+
+/// A deny rule as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDeny {
+    name: String,
+    #[serde(default)]
+    from: Option<Selector>,
+    #[serde(default)]
+    to: Option<Selector>,
+    #[serde(default)]
+    isolate: Option<Selector>,
+    #[serde(default, deserialize_with = "nonempty_ports_opt")]
+    ports: Option<Vec<PortSpec>>,
+}
+
+impl TryFrom<RawDeny> for DenyRule {
+    type Error = String;
+    fn try_from(r: RawDeny) -> Result<DenyRule, String> {
+        let n = &r.name;
+        match (r.from, r.to, r.isolate) {
+            (None, None, Some(sel)) => {
+                let mut d = DenyRule::isolate(n, sel);
+                if let Some(p) = r.ports {
+                    d.ports = p;
+                }
+                Ok(d)
+            }
+            (Some(from), Some(to), None) => Ok(DenyRule {
+                name: r.name,
+                from,
+                to,
+                ports: r.ports.unwrap_or_else(|| vec![PortSpec::ANY]),
+                both_ways: false,
+            }),
+            (_, _, Some(_)) => Err(format!(
+                "deny rule `{n}`: `isolate` stands alone (no `from`/`to`)"
+            )),
+            _ => Err(format!(
+                "deny rule `{n}`: needs both `from` and `to`, or `isolate`"
+            )),
+        }
+    }
 }
 
 /// The mesh-wide policy mode (`mode:` in the file).
@@ -220,21 +321,30 @@ impl Policy {
             }
         })?;
         let mut seen = BTreeSet::new();
-        for (i, r) in policy.rules.iter().enumerate() {
-            if r.name.trim().is_empty() {
-                let (line, column) = locate_name(text, &r.name, 0);
+        let names = (policy.rules.iter().enumerate())
+            .map(|(i, r)| ("rules", i, &r.name))
+            .chain(
+                policy
+                    .deny
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| ("deny", i, &d.name)),
+            );
+        for (what, i, name) in names {
+            if name.trim().is_empty() {
+                let (line, column) = locate_name(text, name, 0);
                 return Err(ParseError {
                     line,
                     column,
-                    message: format!("rules[{i}].name: empty rule name"),
+                    message: format!("{what}[{i}].name: empty rule name"),
                 });
             }
-            if !seen.insert(r.name.as_str()) {
-                let (line, column) = locate_name(text, &r.name, 1);
+            if !seen.insert(name.as_str()) {
+                let (line, column) = locate_name(text, name, 1);
                 return Err(ParseError {
                     line,
                     column,
-                    message: format!("rules[{i}].name: duplicate rule name `{}`", r.name),
+                    message: format!("{what}[{i}].name: duplicate rule name `{name}`"),
                 });
             }
         }
@@ -244,6 +354,11 @@ impl Policy {
     /// The rule called `name`.
     pub fn rule(&self, name: &str) -> Option<&Rule> {
         self.rules.iter().find(|r| r.name == name)
+    }
+
+    /// The deny rule called `name`.
+    pub fn deny_rule(&self, name: &str) -> Option<&DenyRule> {
+        self.deny.iter().find(|r| r.name == name)
     }
 
     /// Whether the file puts `h` in learning mode (`mode: learn`, or a `learn:` selector
@@ -307,6 +422,10 @@ fn nonempty_ports<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PortSpec>, D::E
         }
     }
     d.deserialize_seq(V)
+}
+
+fn nonempty_ports_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<PortSpec>>, D::Error> {
+    nonempty_ports(d).map(Some)
 }
 
 /// An RFC 3339 time as seconds since the epoch.

@@ -30,6 +30,9 @@ pub enum Proto {
     Icmp,
     /// Every protocol and port.
     Any,
+    /// Every IP protocol other than TCP, UDP, ICMP and ICMPv6 (what is left of `any` once a
+    /// deny rule took some of it away; also written `other`).
+    Other,
 }
 
 /// Which way a connection is opened, seen from the enforcing host.
@@ -78,7 +81,74 @@ impl Grant {
             Proto::Icmp => ip_proto == ip_proto::ICMP || ip_proto == ip_proto::ICMPV6,
             Proto::Tcp => ip_proto == ip_proto::TCP && self.in_range(dst_port),
             Proto::Udp => ip_proto == ip_proto::UDP && self.in_range(dst_port),
+            Proto::Other => !matches!(
+                ip_proto,
+                ip_proto::TCP | ip_proto::UDP | ip_proto::ICMP | ip_proto::ICMPV6
+            ),
         }
+    }
+
+    /// This grant without what any of `denied` admits (their expiry and rule are ignored): the
+    /// pieces left, in port order, each with this grant's rule and expiry. `any` minus part of
+    /// it splits into `tcp/…`, `udp/…`, `icmp` and `other` pieces.
+    pub fn subtract(&self, denied: &[Grant]) -> Vec<Grant> {
+        if denied.is_empty() {
+            return vec![self.clone()];
+        }
+        if denied.iter().any(|d| d.proto == Proto::Any) {
+            return Vec::new();
+        }
+        let piece = |proto, ports| Grant {
+            proto,
+            ports,
+            expires_at: self.expires_at,
+            rule: self.rule.clone(),
+        };
+        let hit = |proto| denied.iter().any(|d| d.proto == proto);
+        let mut out = Vec::new();
+        let ranges = |out: &mut Vec<Grant>, proto, (lo, hi): (u16, u16)| {
+            let mut cut: Vec<(u16, u16)> = denied
+                .iter()
+                .filter(|d| d.proto == proto)
+                .map(|d| d.ports)
+                .collect();
+            cut.sort_unstable();
+            // `next`: the first port not yet covered or cut (u32 so 65536 means done).
+            let mut next = u32::from(lo);
+            for (a, b) in cut {
+                if u32::from(b) < next {
+                    continue;
+                }
+                if u32::from(a) > u32::from(hi) {
+                    break;
+                }
+                if u32::from(a) > next {
+                    out.push(piece(proto, (next as u16, a - 1)));
+                }
+                next = u32::from(b) + 1;
+            }
+            if next <= u32::from(hi) {
+                out.push(piece(proto, (next as u16, hi)));
+            }
+        };
+        match self.proto {
+            Proto::Tcp | Proto::Udp => ranges(&mut out, self.proto, self.ports),
+            Proto::Icmp | Proto::Other => {
+                if !hit(self.proto) {
+                    out.push(self.clone());
+                }
+            }
+            Proto::Any => {
+                ranges(&mut out, Proto::Tcp, (0, u16::MAX));
+                ranges(&mut out, Proto::Udp, (0, u16::MAX));
+                for p in [Proto::Icmp, Proto::Other] {
+                    if !hit(p) {
+                        out.push(piece(p, (0, 0)));
+                    }
+                }
+            }
+        }
+        out
     }
 
     #[inline]
@@ -101,6 +171,40 @@ pub struct PeerGrants {
     /// (`FlowVerdict::WouldDeny`) instead of being denied. Quarantine still denies.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub learn: bool,
+    /// What deny rules forbid between the two (already taken out of `outbound` and `inbound`):
+    /// the firewall names the deny rule when it drops such a flow, and learning mode never lets
+    /// one through.
+    #[serde(default, skip_serializing_if = "PeerDenies::is_empty")]
+    pub deny: PeerDenies,
+}
+
+/// The deny rules between a host and one peer, both ways, as grants whose `rule` is the deny
+/// rule's name (`expires_at` is always `None`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PeerDenies {
+    /// Connections this host must never open to the peer.
+    #[serde(default)]
+    pub outbound: Vec<Grant>,
+    /// Connections the peer must never open to this host.
+    #[serde(default)]
+    pub inbound: Vec<Grant>,
+}
+
+impl PeerDenies {
+    /// True if no deny rule applies either way.
+    pub fn is_empty(&self) -> bool {
+        self.outbound.is_empty() && self.inbound.is_empty()
+    }
+
+    /// The first deny forbidding a new flow in `dir` of `ip_proto` to `dst_port`.
+    #[inline]
+    pub fn find(&self, dir: Direction, ip_proto: u8, dst_port: u16) -> Option<&Grant> {
+        let list = match dir {
+            Direction::Outbound => &self.outbound,
+            Direction::Inbound => &self.inbound,
+        };
+        list.iter().find(|g| g.admits(ip_proto, dst_port, 0))
+    }
 }
 
 impl PeerGrants {
@@ -116,6 +220,7 @@ impl PeerGrants {
             learn: false,
             outbound: vec![any.clone()],
             inbound: vec![any],
+            deny: PeerDenies::default(),
         }
     }
 
@@ -135,7 +240,7 @@ impl PeerGrants {
         list.iter().find(|g| g.admits(ip_proto, dst_port, now))
     }
 
-    /// True if nothing is granted either way.
+    /// True if nothing is granted either way (deny lists do not make a peer).
     pub fn is_empty(&self) -> bool {
         self.outbound.is_empty() && self.inbound.is_empty()
     }
@@ -165,6 +270,8 @@ pub enum DenyReason {
     NoFlow,
     /// Transparent mode: plaintext to a port the policy covers, not through the tunnel.
     Plaintext,
+    /// A deny rule (named) forbids it, whatever the allow rules and learning mode say.
+    Denied(String),
 }
 
 impl std::fmt::Display for DenyReason {
@@ -177,6 +284,7 @@ impl std::fmt::Display for DenyReason {
             DenyReason::Plaintext => {
                 f.write_str("plaintext to a covered port (encryption required)")
             }
+            DenyReason::Denied(r) => write!(f, "deny rule {r}"),
         }
     }
 }
@@ -233,6 +341,7 @@ mod tests {
                 g(Proto::Icmp, 0, 0, Some(100)),
             ],
             inbound: vec![g(Proto::Udp, 53, 53, None)],
+            deny: PeerDenies::default(),
         };
         let out = Direction::Outbound;
         assert!(pg.find(out, ip_proto::TCP, 1521, 0).is_some());
@@ -246,5 +355,68 @@ mod tests {
         assert!(PeerGrants::allow_all("static")
             .find(Direction::Inbound, 132, 9, u64::MAX - 1)
             .is_some());
+    }
+
+    #[test]
+    fn subtract_matches_a_port_by_port_model() {
+        let protos = [
+            Proto::Tcp,
+            Proto::Udp,
+            Proto::Icmp,
+            Proto::Any,
+            Proto::Other,
+        ];
+        let probes: Vec<(u8, u16)> = [ip_proto::TCP, ip_proto::UDP]
+            .iter()
+            .flat_map(|&p| (0..12u16).chain([65534, 65535]).map(move |port| (p, port)))
+            .chain([
+                (ip_proto::ICMP, 0),
+                (ip_proto::ICMPV6, 0),
+                (132, 0),
+                (47, 0),
+            ])
+            .collect();
+        let spec = |i: usize| {
+            let proto = protos[i % 5];
+            let lo = (i / 5 % 6) as u16;
+            let hi = if i % 7 == 0 {
+                u16::MAX
+            } else {
+                lo + (i / 30 % 4) as u16
+            };
+            match proto {
+                Proto::Any => g(Proto::Any, 0, u16::MAX, Some(9)),
+                Proto::Icmp | Proto::Other => g(proto, 0, 0, Some(9)),
+                _ => g(proto, lo, hi, Some(9)),
+            }
+        };
+        for a in 0..120 {
+            let grant = spec(a);
+            for n in 0..3 {
+                let denied: Vec<Grant> = (0..n).map(|k| spec((a * 7 + k * 13 + 3) % 120)).collect();
+                let left = grant.subtract(&denied);
+                for &(p, port) in &probes {
+                    let want =
+                        grant.admits(p, port, 0) && !denied.iter().any(|d| d.admits(p, port, 0));
+                    let got = left.iter().filter(|x| x.admits(p, port, 0)).count();
+                    assert_eq!(
+                        got,
+                        usize::from(want),
+                        "{grant:?} - {denied:?} at {p}/{port}: {left:?}"
+                    );
+                }
+                assert!(left
+                    .iter()
+                    .all(|x| x.rule == "r" && x.expires_at == Some(9)));
+            }
+        }
+        assert_eq!(
+            g(Proto::Tcp, 1, 9, None).subtract(&[]),
+            vec![g(Proto::Tcp, 1, 9, None)]
+        );
+        assert_eq!(
+            g(Proto::Tcp, 1, 9, None).subtract(&[g(Proto::Tcp, 3, 4, None)]),
+            vec![g(Proto::Tcp, 1, 2, None), g(Proto::Tcp, 5, 9, None)]
+        );
     }
 }

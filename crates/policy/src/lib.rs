@@ -1,7 +1,8 @@
 //! meshd's label policy, with no IO and no clock reads (`now` is a parameter).
 //!
 //! - [`file`]: the YAML policy file ([`Policy::parse`]; errors give line and column), with
-//!   learning mode (`mode: learn`, `learn: [selectors]`).
+//!   learning mode (`mode: learn`, `learn: [selectors]`) and deny rules (`deny:`, which no
+//!   allow rule and no learning overrides).
 //! - [`selector`]: which hosts a rule names ([`Selector`], matched against a [`HostRef`]).
 //! - [`port`]: port specs (`tcp/N-M`, `udp/N`, `icmp`, `any`) and probes (`tcp/1521`).
 //! - [`compile`](mod@compile): [`compile()`] a policy against an inventory into per-selector
@@ -23,7 +24,11 @@ pub use compile::{compile, compile_with, Compiled, Explanation, Learning};
 pub use eval::{
     diff, run_tests, Change, ChangeKind, NoInventory, Resolve, TestOutcome, TestResult,
 };
-pub use file::{parse_rfc3339, Endpoint, Expect, ParseError, Policy, PolicyMode, PolicyTest, Rule};
-pub use grant::{ip_proto, BlockEvent, DenyReason, Direction, Grant, PeerGrants, Proto, UnixTime};
+pub use file::{
+    parse_rfc3339, DenyRule, Endpoint, Expect, ParseError, Policy, PolicyMode, PolicyTest, Rule,
+};
+pub use grant::{
+    ip_proto, BlockEvent, DenyReason, Direction, Grant, PeerDenies, PeerGrants, Proto, UnixTime,
+};
 pub use port::{PortSpec, PortSpecError, Probe};
 pub use selector::{HostRef, Match, Selector};

@@ -1,4 +1,4 @@
-//! Port specs (`tcp/N`, `tcp/N-M`, `udp/N`, `udp/N-M`, `icmp`, `any`) and probes (one protocol
+//! Port specs (`tcp/N`, `tcp/N-M`, `udp/N`, `udp/N-M`, `icmp`, `other`, `any`) and probes (one protocol
 //! and port, as used by tests and `explain`).
 
 use std::fmt;
@@ -83,6 +83,13 @@ impl FromStr for PortSpec {
                     hi: 0,
                 })
             }
+            "other" => {
+                return Ok(PortSpec {
+                    proto: Proto::Other,
+                    lo: 0,
+                    hi: 0,
+                })
+            }
             _ => {}
         }
         let (proto, rest) = if let Some(r) = t.strip_prefix("tcp/") {
@@ -115,6 +122,7 @@ impl fmt::Display for PortSpec {
         let name = match self.proto {
             Proto::Any => return f.write_str("any"),
             Proto::Icmp => return f.write_str("icmp"),
+            Proto::Other => return f.write_str("other"),
             Proto::Tcp => "tcp",
             Proto::Udp => "udp",
         };
@@ -228,6 +236,7 @@ mod tests {
             "udp/53",
             "udp/0-65535",
             "icmp",
+            "other",
             "any",
         ] {
             let p: PortSpec = s.parse().unwrap();

@@ -4,9 +4,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use meshd_policy::{
-    compile, compile_with, diff, ip_proto, run_tests, ChangeKind, Compiled, Grant, HostRef,
-    Learning, Match, NoInventory, PeerGrants, Policy, PolicyMode, PortSpec, Probe, Proto, Rule,
-    Selector, TestOutcome,
+    compile, compile_with, diff, ip_proto, run_tests, ChangeKind, Compiled, DenyRule, Direction,
+    Grant, HostRef, Learning, Match, NoInventory, PeerDenies, PeerGrants, Policy, PolicyMode,
+    PortSpec, Probe, Proto, Rule, Selector, TestOutcome,
 };
 use meshd_testkit::fixtures::host_ref as host;
 use proptest::prelude::*;
@@ -24,13 +24,30 @@ fn naive_learns(policy: &Policy, extra: &Learning, h: &HostRef) -> bool {
             .any(|s| s.matches(h))
 }
 
+/// The deny grants for `a` opening connections to `b`, deny rule by deny rule.
+fn naive_denies(policy: &Policy, a: &HostRef, b: &HostRef) -> Vec<Grant> {
+    let mut v = Vec::new();
+    for d in &policy.deny {
+        let pair = (d.from.matches(a) && d.to.matches(b))
+            || (d.both_ways && d.from.matches(b) && d.to.matches(a));
+        if pair {
+            let mut g: Vec<Grant> = d.ports.iter().map(|p| p.grant(&d.name, None)).collect();
+            g.dedup();
+            v.extend(g);
+        }
+    }
+    v
+}
+
 /// The grants between `a` and `b` seen from `a`, rule by rule, straight from the policy and
-/// the runtime learning: a pair learns if either end does.
+/// the runtime learning: a pair learns if either end does; denies are subtracted and listed,
+/// and a pair left with nothing is no pair.
 fn naive_with(policy: &Policy, extra: &Learning, a: &HostRef, b: &HostRef, now: u64) -> PeerGrants {
     let mut pg = PeerGrants::default();
     if a.id == b.id {
         return pg;
     }
+    let (out_d, in_d) = (naive_denies(policy, a, b), naive_denies(policy, b, a));
     pg.learn = naive_learns(policy, extra, a) || naive_learns(policy, extra, b);
     for r in policy.rules.iter().filter(|r| !r.expired(now)) {
         let grants = || {
@@ -43,13 +60,75 @@ fn naive_with(policy: &Policy, extra: &Learning, a: &HostRef, b: &HostRef, now: 
             g
         };
         if r.from.matches(a) && r.to.matches(b) {
-            pg.outbound.extend(grants());
+            pg.outbound
+                .extend(grants().iter().flat_map(|g| g.subtract(&out_d)));
         }
         if r.from.matches(b) && r.to.matches(a) {
-            pg.inbound.extend(grants());
+            pg.inbound
+                .extend(grants().iter().flat_map(|g| g.subtract(&in_d)));
         }
     }
+    if pg.is_empty() && !pg.learn {
+        return PeerGrants::default();
+    }
+    pg.deny = PeerDenies {
+        outbound: out_d,
+        inbound: in_d,
+    };
     pg
+}
+
+/// Probes around the generated ports, plus ICMP and an "other" protocol (SCTP).
+fn probes() -> Vec<Probe> {
+    let mut v: Vec<Probe> = (0..7)
+        .flat_map(|port| [ip_proto::TCP, ip_proto::UDP].map(|ip_proto| Probe { ip_proto, port }))
+        .collect();
+    v.push(Probe {
+        ip_proto: ip_proto::ICMP,
+        port: 0,
+    });
+    v.push(Probe {
+        ip_proto: 132,
+        port: 0,
+    });
+    v
+}
+
+/// What the data plane does, from the compiled grants alone, agrees with direct evaluation:
+/// a flow is admitted by a grant of the first allowing rule exactly when `explain_hosts`
+/// allows it, and the deny lists name the winning deny rule (which learning never overrides).
+fn check_enforcement(policy: &Policy, c: &Compiled, hosts: &BTreeMap<u64, HostRef>) {
+    for a in hosts.values() {
+        for b in hosts.values() {
+            let pg = c.grants_between(a.id, b.id);
+            for p in probes() {
+                let want = policy.explain_hosts(a, b, p, NOW);
+                let got = pg.find(Direction::Outbound, p.ip_proto, p.port, NOW);
+                assert_eq!(
+                    got.map(|g| g.rule.clone()),
+                    want.rule,
+                    "{} -> {} {p}: {pg:?}",
+                    a.name,
+                    b.name
+                );
+                let back = c.grants_between(b.id, a.id);
+                let got_in = back.find(Direction::Inbound, p.ip_proto, p.port, NOW);
+                assert_eq!(got_in.map(|g| g.rule.clone()), want.rule);
+                if want.deny.is_some() && !pg.is_empty() || want.deny.is_some() && pg.learn {
+                    let d = pg.deny.find(Direction::Outbound, p.ip_proto, p.port);
+                    assert_eq!(d.map(|g| g.rule.clone()), want.deny, "{p}");
+                    assert!(!want.learning, "a deny is never learnt");
+                }
+                if want.deny.is_none() {
+                    assert!(pg
+                        .deny
+                        .find(Direction::Outbound, p.ip_proto, p.port)
+                        .is_none());
+                }
+                assert_eq!(c.explain(a.id, b.id, p, NOW), want);
+            }
+        }
+    }
 }
 
 /// Checks every table of `c` against the naive evaluator over `hosts`.
@@ -136,6 +215,11 @@ fn arb_port() -> impl Strategy<Value = PortSpec> {
     prop_oneof![
         Just(PortSpec::ANY),
         Just(PortSpec {
+            proto: Proto::Other,
+            lo: 0,
+            hi: 0
+        }),
+        Just(PortSpec {
             proto: Proto::Icmp,
             lo: 0,
             hi: 0
@@ -163,8 +247,9 @@ fn arb_policy(names: usize) -> impl Strategy<Value = Policy> {
         ),
         0..8,
     )
-    .prop_flat_map(move |rules| (Just(rules), arb_learning(names)))
-    .prop_map(|(rules, (all, learn))| Policy {
+    .prop_flat_map(move |rules| (Just(rules), arb_learning(names), arb_denies(names)))
+    .prop_map(|(rules, (all, learn), deny)| Policy {
+        deny,
         mode: if all {
             PolicyMode::Learn
         } else {
@@ -183,6 +268,38 @@ fn arb_policy(names: usize) -> impl Strategy<Value = Policy> {
             })
             .collect(),
         tests: vec![],
+    })
+}
+
+/// Deny rules: often none, else up to three (some `isolate`, some with narrow ports).
+fn arb_denies(names: usize) -> impl Strategy<Value = Vec<DenyRule>> {
+    let one = (
+        arb_selector(names),
+        arb_selector(names),
+        proptest::collection::vec(arb_port(), 1..3),
+        0u8..4,
+    );
+    prop_oneof![
+        2 => Just(Vec::new()),
+        3 => proptest::collection::vec(one, 1..4),
+    ]
+    .prop_map(|ds| {
+        ds.into_iter()
+            .enumerate()
+            .map(|(i, (from, to, ports, kind))| {
+                let name = format!("d{i}");
+                match kind {
+                    0 => DenyRule::isolate(&name, from),
+                    _ => DenyRule {
+                        name,
+                        from,
+                        to,
+                        ports,
+                        both_ways: kind == 1,
+                    },
+                }
+            })
+            .collect()
     })
 }
 
@@ -232,6 +349,7 @@ proptest! {
         let c = compile(&policy, &hosts, NOW);
         let map = hosts.iter().map(|h| (h.id, h.clone())).collect();
         check_against_naive(&policy, &c, &map);
+        check_enforcement(&policy, &c, &map);
         // explain agrees with direct evaluation for every pair and a few probes.
         for a in &hosts {
             for b in &hosts {
@@ -257,6 +375,9 @@ proptest! {
         let c = compile_with(&policy, &extra, &hosts, NOW);
         let map = hosts.iter().map(|h| (h.id, h.clone())).collect();
         check_against_naive_with(&policy, &extra, &c, &map);
+        if extra == Learning::default() {
+            check_enforcement(&policy, &c, &map);
+        }
         let want: BTreeSet<u64> = hosts
             .iter()
             .filter(|h| naive_learns(&policy, &extra, h))
@@ -270,7 +391,7 @@ proptest! {
                 let e = c.explain(a.id, b.id, "tcp/1".parse().unwrap(), NOW);
                 let learns = a.id != b.id
                     && (naive_learns(&policy, &extra, a) || naive_learns(&policy, &extra, b));
-                prop_assert_eq!(e.learning, !e.allowed && learns);
+                prop_assert_eq!(e.learning, !e.allowed && e.deny.is_none() && learns);
             }
         }
     }
@@ -461,7 +582,8 @@ fn tests_offline_and_with_inventory() {
         offline[3].outcome,
         TestOutcome::Fail {
             got: meshd_policy::Expect::Deny,
-            rule: None
+            rule: None,
+            deny: None,
         }
     );
     assert!(offline[3].to_string().contains("FAILED"), "{}", offline[3]);
@@ -470,7 +592,8 @@ fn tests_offline_and_with_inventory() {
     assert_eq!(
         online[0].outcome,
         TestOutcome::Pass {
-            rule: Some("app1-to-db1".into())
+            rule: Some("app1-to-db1".into()),
+            deny: None,
         }
     );
     let c = compile(&p, &inv, NOW);
@@ -594,4 +717,230 @@ fn learning_hosts_peer_with_everyone_and_keep_their_grants() {
     assert!(all.learns_all());
     assert_eq!(all.peers_of(1), BTreeSet::from([2, 3, 4, 5, 6]));
     assert_eq!(all.learning_hosts().count(), 6);
+}
+
+const GUARDED: &str = "\
+mode: enforce
+learn:
+  - { app: web }
+rules:
+  - name: everyone-ssh
+    from: {}
+    to: {}
+    ports: [tcp/22, tcp/1521]
+  - name: app1-to-db1
+    from: { app: app1 }
+    to:   { app: db1 }
+    ports: [any]
+deny:
+  - name: dev-never-prod
+    from: { env: dev }
+    to:   { env: prod }
+  - name: no-db-ssh
+    from: {}
+    to: { app: db1 }
+    ports: [tcp/22]
+  - name: incident-isolate
+    isolate: { incident: isolate }
+tests:
+  - { from: { app: app1, env: dev }, to: { app: db1, env: prod }, port: tcp/1521, expect: allow }
+  - { from: { app: app1 }, to: { app: db1 }, port: tcp/22, expect: deny }
+  - { from: { app: app1 }, to: { app: db1 }, port: tcp/1521, expect: allow }
+";
+
+fn guarded_inventory() -> Vec<HostRef> {
+    vec![
+        host(1, "app1-dev", &[("app", "app1"), ("env", "dev")]),
+        host(2, "db1-prod", &[("app", "db1"), ("env", "prod")]),
+        host(3, "app1-prod", &[("app", "app1"), ("env", "prod")]),
+        host(4, "web-dev", &[("app", "web"), ("env", "dev")]),
+        host(5, "ops", &[]),
+    ]
+}
+
+#[test]
+fn deny_rules_parse_and_validate() {
+    let p = Policy::parse(GUARDED).unwrap();
+    assert_eq!(p.deny.len(), 3);
+    assert_eq!(p.deny[0].ports, vec![PortSpec::ANY], "ports default to any");
+    assert!(!p.deny[0].both_ways && p.deny[2].both_ways);
+    assert_eq!(p.deny[2].to, Selector::default());
+    assert_eq!(p.deny[1].ports[0].to_string(), "tcp/22");
+    let err = |t: &str| Policy::parse(t).expect_err(t).to_string();
+    let e = err("deny:\n  - name: a\n    from: {}\n");
+    assert!(e.contains("needs both `from` and `to`"), "{e}");
+    let e = err("deny:\n  - name: a\n    isolate: {}\n    to: {}\n");
+    assert!(e.contains("stands alone"), "{e}");
+    let e = err("deny:\n  - name: a\n    from: {}\n    to: {}\n    colour: red\n");
+    assert!(e.contains("unknown field `colour`"), "{e}");
+    let e = err("deny:\n  - name: a\n    from: {}\n    to: {}\n    ports: []\n");
+    assert!(e.contains("at least one port"), "{e}");
+    let e = err("rules:\n  - name: a\n    from: {}\n    to: {}\n    ports: [any]\ndeny:\n  - name: a\n    isolate: {}\n");
+    assert!(e.contains("deny[0].name: duplicate rule name `a`"), "{e}");
+}
+
+#[test]
+fn deny_overrides_allow_in_grants_explain_and_tests() {
+    let p = Policy::parse(GUARDED).unwrap();
+    let inv = guarded_inventory();
+    let c = compile(&p, &inv, NOW);
+    let probe = |s: &str| s.parse::<Probe>().unwrap();
+    // app1-dev -> db1-prod: everything denied by dev-never-prod; the other way (prod to dev)
+    // is still allowed, so they stay peers.
+    let g = c.grants_between(1, 2);
+    assert!(g.outbound.is_empty() && !g.inbound.is_empty());
+    assert_eq!(g.deny.outbound[0].rule, "dev-never-prod");
+    assert!(g.deny.inbound.is_empty());
+    assert!(c.peers_of(1).contains(&2));
+    let e = c.explain(1, 2, probe("tcp/1521"), NOW);
+    assert!(!e.allowed && !e.learning);
+    assert_eq!(e.deny.as_deref(), Some("dev-never-prod"));
+    assert_eq!(e.overrides.as_deref(), Some("everyone-ssh"));
+    assert_eq!(p.explain_hosts(&inv[0], &inv[1], probe("tcp/1521"), NOW), e);
+    // app1-prod -> db1-prod: `any` minus tcp/22, split into what is left.
+    let g = c.grants_between(3, 2);
+    assert!(g
+        .find(Direction::Outbound, ip_proto::TCP, 22, NOW)
+        .is_none());
+    assert_eq!(
+        g.find(Direction::Outbound, ip_proto::TCP, 1521, NOW)
+            .map(|g| g.rule.as_str()),
+        Some("everyone-ssh")
+    );
+    assert!(g
+        .find(Direction::Outbound, ip_proto::TCP, 23, NOW)
+        .is_some());
+    assert!(
+        g.find(Direction::Outbound, 132, 0, NOW).is_some(),
+        "other protocols stay"
+    );
+    assert_eq!(g.deny.outbound.len(), 1);
+    assert_eq!(g.deny.outbound[0].rule, "no-db-ssh");
+    let e = c.explain(3, 2, probe("tcp/22"), NOW);
+    assert_eq!(
+        (e.deny.as_deref(), e.overrides.as_deref()),
+        (Some("no-db-ssh"), Some("everyone-ssh"))
+    );
+    // The peer's view is the mirror image.
+    let back = c.grants_between(2, 3);
+    assert!(back
+        .find(Direction::Inbound, ip_proto::TCP, 22, NOW)
+        .is_none());
+    assert_eq!(back.deny.inbound[0].rule, "no-db-ssh");
+    // Learning never lets a deny through: web-dev learns, and its pair with db1-prod is
+    // a learning pair whose deny list still forbids everything web-dev would open.
+    let w = c.grants_between(4, 2);
+    assert!(w.learn && w.outbound.is_empty());
+    assert_eq!(
+        w.deny
+            .find(Direction::Outbound, ip_proto::TCP, 80)
+            .map(|g| g.rule.as_str()),
+        Some("dev-never-prod")
+    );
+    let e = c.explain(4, 2, probe("tcp/80"), NOW);
+    assert!(!e.allowed && !e.learning && e.deny.as_deref() == Some("dev-never-prod"));
+    // A learning flow with no deny still passes as would-deny.
+    assert!(c.explain(4, 5, probe("tcp/80"), NOW).learning);
+
+    // The file's tests: the one expecting allow through a deny fails and names both rules.
+    let results = run_tests(&p, &NoInventory, NOW);
+    assert_eq!(
+        results[0].outcome,
+        TestOutcome::Fail {
+            got: meshd_policy::Expect::Deny,
+            rule: Some("everyone-ssh".into()),
+            deny: Some("dev-never-prod".into()),
+        }
+    );
+    let shown = results[0].to_string();
+    assert!(
+        shown.contains("denied by deny rule dev-never-prod (shadowing allow rule everyone-ssh)"),
+        "{shown}"
+    );
+    assert_eq!(
+        results[1].outcome,
+        TestOutcome::Pass {
+            rule: None,
+            deny: Some("no-db-ssh".into())
+        }
+    );
+    assert!(results[2].passed());
+    // Without the deny rules the same test passes: the failure is the deny's doing.
+    let mut open = p.clone();
+    open.deny.clear();
+    assert!(run_tests(&open, &NoInventory, NOW)[0].passed());
+}
+
+#[test]
+fn isolate_cuts_a_host_off_and_back_incrementally() {
+    let p = Policy::parse(GUARDED).unwrap();
+    let inv = guarded_inventory();
+    let mut c = compile(&p, &inv, NOW);
+    assert_eq!(c.peers_of(5), BTreeSet::from([1, 2, 3, 4]));
+    // ops is put in isolation: every host it had grants with is told, it keeps only the
+    // learning pair with web-dev, and that pair denies everything both ways.
+    let isolated = host(5, "ops", &[("incident", "isolate")]);
+    let affected = c.update_host(&isolated);
+    assert_eq!(affected, BTreeSet::from([1, 2, 3, 4, 5]));
+    assert_eq!(c.peers_of(5), BTreeSet::from([4]));
+    assert!(!c.grants_for(1).contains_key(&5));
+    let w = c.grants_between(5, 4);
+    assert!(w.learn && w.is_empty());
+    assert_eq!(w.deny.inbound[0].rule, "incident-isolate");
+    assert_eq!(w.deny.outbound[0].rule, "incident-isolate");
+    let e = c.explain(1, 5, "tcp/22".parse().unwrap(), NOW);
+    assert_eq!(e.deny.as_deref(), Some("incident-isolate"));
+    // A label change far from every deny touches nobody.
+    let same = host(
+        1,
+        "app1-dev",
+        &[("app", "app1"), ("env", "dev"), ("x", "y")],
+    );
+    assert_eq!(c.update_host(&same), BTreeSet::new());
+    // Out of isolation: back to where it was.
+    let back = host(5, "ops", &[]);
+    assert_eq!(c.update_host(&back), BTreeSet::from([1, 2, 3, 4, 5]));
+    let fresh = compile(&p, &inv, NOW);
+    for h in &inv {
+        assert_eq!(c.grants_for(h.id), fresh.grants_for(h.id), "{}", h.name);
+    }
+}
+
+#[test]
+fn diff_names_the_deny_that_won() {
+    let old = Policy::parse(GUARDED).unwrap();
+    let mut open = old.clone();
+    open.deny.clear();
+    let inv = guarded_inventory();
+    let changes = diff(&open, &old, &inv, NOW);
+    let shown: Vec<String> = changes.iter().map(ToString::to_string).collect();
+    assert!(
+        shown.contains(
+            &"- app1-dev -> db1-prod tcp/1521 (deny dev-never-prod overrides allow everyone-ssh)"
+                .to_string()
+        ),
+        "{shown:?}"
+    );
+    assert!(
+        shown.contains(
+            &"- app1-prod -> db1-prod tcp/22 (deny no-db-ssh overrides allow everyone-ssh)"
+                .to_string()
+        ),
+        "{shown:?}"
+    );
+    // The rest of app1-prod's `any` to db1-prod is still there, as pieces.
+    assert!(
+        shown.contains(&"+ app1-prod -> db1-prod tcp/23-65535".to_string()),
+        "{shown:?}"
+    );
+    // Lifting the denies gains it all back, naming the allow rule.
+    let back = diff(&old, &open, &inv, NOW);
+    let c = back
+        .iter()
+        .find(|c| c.from == "app1-dev" && c.to == "db1-prod" && c.ports.to_string() == "tcp/1521")
+        .unwrap();
+    assert_eq!(
+        (c.kind, c.rule.as_deref(), c.deny.as_deref()),
+        (ChangeKind::Gained, Some("everyone-ssh"), None)
+    );
 }

@@ -185,6 +185,7 @@ fn a_packet_crosses_the_fake_link_unchanged_and_encrypted() {
 fn a_packet_the_firewall_denies_is_not_delivered_and_counted() {
     // Host 1 admits only tcp/22 from host 0.
     let ssh = PeerGrants {
+        deny: Default::default(),
         learn: false,
         outbound: vec![],
         inbound: vec![Grant {

@@ -196,6 +196,7 @@ async fn grant_expiry_uncovers_ports_on_the_tick() {
     let mut h = host(Mode::Transparent, &["198.18.0.1/24"]);
     let mut m = map(1);
     m.peers[0].grants = PeerGrants {
+        deny: Default::default(),
         learn: false,
         outbound: vec![],
         inbound: vec![Grant {
@@ -473,6 +474,7 @@ async fn a_collected_interval_gives_flow_records_by_peer_key_verdict_and_rule() 
     let mut m = map(1);
     // db1: we may open tcp/5432. web: nothing granted, but learning mode.
     m.peers[0].grants = PeerGrants {
+        deny: Default::default(),
         learn: false,
         outbound: vec![Grant {
             proto: Proto::Tcp,
