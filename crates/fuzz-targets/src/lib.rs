@@ -157,6 +157,10 @@ pub fn grants() -> PeerGrants {
             grant(Proto::Icmp, 0, 0, None, "ping"),
             grant(Proto::Udp, 5000, 5010, Some(NOW + 60), "media"),
         ],
+        deny: meshd_policy::PeerDenies {
+            outbound: vec![grant(Proto::Tcp, 23, 23, None, "no-telnet")],
+            inbound: vec![grant(Proto::Tcp, 8080, 8080, None, "no-8080")],
+        },
     }
 }
 
