@@ -253,7 +253,11 @@ pub fn make_knock(
                 KnockKind::JoinToken
             };
             let r = token_ref(h);
-            (kind, r, knock_mac(h, kind, unix_ms, &nonce, &r, &static_key))
+            (
+                kind,
+                r,
+                knock_mac(h, kind, unix_ms, &nonce, &r, &static_key),
+            )
         }
     };
     let mut payload = [0u8; PAYLOAD_LEN];
@@ -838,7 +842,17 @@ mod tests {
     fn open_knock_never_panics_on_random_bytes() {
         let s = setup();
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        for len in [0usize, 3, 4, 5, 100, KNOCK_LEN - 1, KNOCK_LEN, KNOCK_LEN + 1, 2000] {
+        for len in [
+            0usize,
+            3,
+            4,
+            5,
+            100,
+            KNOCK_LEN - 1,
+            KNOCK_LEN,
+            KNOCK_LEN + 1,
+            2000,
+        ] {
             for _ in 0..20 {
                 let mut b: Vec<u8> = (0..len)
                     .map(|_| {
