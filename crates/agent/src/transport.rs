@@ -120,6 +120,14 @@ impl ClientEndpoint {
     }
 }
 
+impl ClientEndpoint {
+    /// Sends raw bytes from this endpoint's socket (tests: replaying a captured knock).
+    #[doc(hidden)]
+    pub fn send_datagram(&self, bytes: &[u8], to: SocketAddr) -> std::io::Result<usize> {
+        self.knock.send_to(bytes, to)
+    }
+}
+
 /// A client QUIC endpoint bound to `bind` (share one between many sessions if you like).
 pub fn client_endpoint(bind: SocketAddr) -> Result<ClientEndpoint, ClientError> {
     client_endpoint_marked(bind, None)
