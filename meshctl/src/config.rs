@@ -420,6 +420,7 @@ mod tests {
                 token: token.map(Into::into),
                 token_file: token_file.map(Into::into),
                 ca_file: None,
+                ..FileConfig::default()
             },
         }
     }

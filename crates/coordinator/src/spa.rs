@@ -323,12 +323,14 @@ pub(crate) async fn save_loop(
 
 /// The view of who may knock, from the coordinator's state and the admin token hashes.
 pub(crate) fn view_of(state: &CoordinatorState, admin_hashes: &[[u8; 32]]) -> SpaView {
-    let mut v = SpaView::default();
-    v.hosts = state
-        .hosts()
-        .filter(|h: &&Host| !h.removed)
-        .map(|h| h.public_key)
-        .collect();
+    let mut v = SpaView {
+        hosts: state
+            .hosts()
+            .filter(|h: &&Host| !h.removed)
+            .map(|h| h.public_key)
+            .collect(),
+        ..SpaView::default()
+    };
     let now = meshd_time::unix_now();
     for t in state.tokens() {
         if t.check(now).is_ok() {
