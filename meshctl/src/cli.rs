@@ -134,6 +134,16 @@ pub enum Command {
     Export(ExportCmd),
     /// Coordinator status: version, policy version, hosts, connected agents.
     Status,
+    /// Send one SPA knock as admin (debugging; meshctl knocks by itself before its API calls
+    /// when the config file sets `spa_control` and `spa_coordinator_key`).
+    Knock {
+        /// The coordinator's control (QUIC) address [default: `spa_control` in the config].
+        #[arg(long, value_name = "ADDR:PORT")]
+        control: Option<std::net::SocketAddr>,
+        /// The coordinator's static public key [default: `spa_coordinator_key`].
+        #[arg(long, value_name = "KEY")]
+        coordinator_key: Option<String>,
+    },
     /// Print a shell completion script (e.g. `meshctl completions bash > /etc/bash_completion.d/meshctl`).
     Completions {
         /// Shell.

@@ -96,6 +96,11 @@ pub struct FileConfig {
     /// relative to the config file).
     #[serde(alias = "ca")]
     pub ca_file: Option<PathBuf>,
+    /// SPA: the coordinator's control address; with `spa_coordinator_key`, meshctl knocks as
+    /// admin before its API calls (a coordinator with `--admin-spa`).
+    pub spa_control: Option<std::net::SocketAddr>,
+    /// SPA: the coordinator's static public key.
+    pub spa_coordinator_key: Option<String>,
 }
 
 /// A loaded config file and where it came from.
@@ -415,6 +420,7 @@ mod tests {
                 token: token.map(Into::into),
                 token_file: token_file.map(Into::into),
                 ca_file: None,
+                ..FileConfig::default()
             },
         }
     }

@@ -12,6 +12,7 @@ mod client;
 mod config;
 mod flows;
 mod import;
+mod knock;
 mod output;
 mod parse;
 mod policy;
@@ -106,6 +107,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let base = parse::server_url(&s.server)
             .map_err(|e| anyhow::anyhow!("{e} (from {})", s.server_source))?;
         let token = s.token.read()?;
+        if let Some(t) = knock::target(None, None, file.as_ref().map(|f| &f.config))? {
+            let line = knock::send(&t, &token)?;
+            if g.verbose > 0 {
+                eprintln!("{line}");
+            }
+            // Let the coordinator take the knock before the TCP connection arrives.
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         let trust = if base.starts_with("https://") {
             s.ca.load()?
         } else {
@@ -121,6 +130,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         })
     };
     match cli.command {
+        Command::Knock {
+            control,
+            coordinator_key,
+        } => {
+            let env = EnvValues::from_process();
+            let file = config::load_file(g.config.as_deref(), &env)?;
+            let flags = FlagValues {
+                server: g.server.clone(),
+                token: g.token.clone(),
+                state_dir: g.state_dir.clone(),
+                ca: g.ca.clone(),
+            };
+            let s = config::resolve(&flags, &env, file.as_ref());
+            let t = knock::target(
+                control,
+                coordinator_key.as_deref(),
+                file.as_ref().map(|f| &f.config),
+            )?
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "where to knock: --control and --coordinator-key (or spa_control and spa_coordinator_key in the config file)"
+                )
+            })?;
+            out(&format!("{}\n", knock::send(&t, &s.token.read()?)?))
+        }
         Command::Completions { shell } => {
             // Into a buffer first: clap_complete panics on a failed write (a closed pipe).
             let mut buf = Vec::new();

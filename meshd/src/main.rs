@@ -79,6 +79,86 @@ enum Command {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
     },
+    /// Send one SPA knock to a coordinator (debugging: the agent knocks by itself before each
+    /// connect). As a host (`--key-file`, `--coordinator`, `--coordinator-key`) or with a join
+    /// token (`--token`, which names the coordinator). Needs no privileges.
+    Knock {
+        /// Knock with this join token (`meshd1-…`), as an enrolling host.
+        #[arg(long, value_name = "TOKEN", conflicts_with = "key_file")]
+        token: Option<String>,
+        /// Knock as the host with this private key file.
+        #[arg(long, value_name = "FILE", requires_all = ["coordinator", "coordinator_key"])]
+        key_file: Option<PathBuf>,
+        /// The coordinator's control address (with --key-file).
+        #[arg(long, value_name = "ADDR:PORT")]
+        coordinator: Option<std::net::SocketAddr>,
+        /// The coordinator's static public key (with --key-file).
+        #[arg(long, value_name = "KEY")]
+        coordinator_key: Option<String>,
+    },
+}
+
+/// `meshd knock`: builds the knock and sends it from a plain UDP socket.
+fn knock(
+    token: Option<String>,
+    key_file: Option<PathBuf>,
+    coordinator: Option<std::net::SocketAddr>,
+    coordinator_key: Option<String>,
+) -> anyhow::Result<String> {
+    use meshd_channel::spa::{self, KnockAs};
+    let hash;
+    let (to, ckey, key, who, what) = match (token, key_file) {
+        (Some(t), _) => {
+            let t = meshd_control::JoinToken::parse(&t).context("--token")?;
+            hash = t.secret.hash();
+            (
+                t.control,
+                t.coordinator_key,
+                PrivateKey::generate(),
+                KnockAs::JoinToken(&hash),
+                "join-token",
+            )
+        }
+        (None, Some(f)) => {
+            let key = meshd_config::load_private_key(&f)
+                .with_context(|| format!("reading {}", f.display()))?;
+            let (Some(to), Some(k)) = (coordinator, coordinator_key) else {
+                anyhow::bail!("--key-file needs --coordinator and --coordinator-key");
+            };
+            let k: meshd_tunnel::PublicKey = k
+                .trim()
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--coordinator-key: {e}"))?;
+            (to, k, key, KnockAs::Host, "host")
+        }
+        (None, None) => anyhow::bail!(
+            "knock as whom: --token, or --key-file with --coordinator and --coordinator-key"
+        ),
+    };
+    let k = spa::make_knock(
+        &ckey,
+        &key,
+        who,
+        meshd_time::unix_millis(),
+        spa::fresh_nonce(),
+    )
+    .context("building the knock")?;
+    let bind: std::net::SocketAddr = if to.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let s = std::net::UdpSocket::bind(bind).context("opening a UDP socket")?;
+    let n = s
+        .send_to(&k, to)
+        .with_context(|| format!("sending the knock to {to}"))?;
+    let from = s
+        .local_addr()
+        .map_or_else(|_| "?".to_string(), |a| a.to_string());
+    Ok(format!(
+        "sent a {n}-byte {what} knock to {to} from {from} (static key {}); it opens {from} for the coordinator's window",
+        key.public_key()
+    ))
 }
 
 fn main() -> ExitCode {
@@ -202,6 +282,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let key = cfg.load_private_key()?;
             cfg.check_own_key(&key.public_key())?;
             out(|w| writeln!(w, "{}: ok ({} peers)", config.display(), cfg.peers.len()))
+        }
+        Command::Knock {
+            token,
+            key_file,
+            coordinator,
+            coordinator_key,
+        } => {
+            let line = knock(token, key_file, coordinator, coordinator_key)?;
+            out(|w| writeln!(w, "{line}"))
         }
         Command::Completions { shell } => {
             // Into a buffer first: clap_complete panics on a failed write.

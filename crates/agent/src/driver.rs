@@ -42,7 +42,7 @@ pub struct SessionConfig {
     /// Last persisted map (published until the first map arrives; fail-static).
     pub initial_map: Option<NetworkMap>,
     /// A shared client endpoint (`None`: one per session).
-    pub endpoint: Option<quinn::Endpoint>,
+    pub endpoint: Option<crate::ClientEndpoint>,
     /// Firewall mark for the session's own socket (when `endpoint` is `None`).
     pub fwmark: Option<u32>,
 }
@@ -221,7 +221,7 @@ struct Live {
     writer: NoiseWriter,
     frames: mpsc::Receiver<Result<CoordinatorMessage, ChannelError>>,
     _reader: AbortOnDrop,
-    _endpoint: quinn::Endpoint,
+    _endpoint: crate::ClientEndpoint,
 }
 
 impl Drop for Live {
@@ -360,7 +360,15 @@ impl Driver {
                     self.cfg.fwmark,
                 );
                 self.link = Link::Connecting(Box::pin(async move {
-                    open(addr, &coordinator_key, &key, endpoint.as_ref(), fwmark).await
+                    open(
+                        addr,
+                        &coordinator_key,
+                        &key,
+                        meshd_channel::spa::KnockAs::Host,
+                        endpoint.as_ref(),
+                        fwmark,
+                    )
+                    .await
                 }));
             }
             Action::Close => self.link = Link::Down,

@@ -26,11 +26,13 @@ use std::time::Duration;
 use rand_core::{OsRng, RngCore as _};
 
 pub use driver::{spawn_session, SessionConfig, SessionHandle};
+pub use meshd_channel::spa::KnockAs;
 pub use meshd_control::session::{
     FlowBatch, SessionState, BLOCK_BATCHES_QUEUED, FLOW_INTERVALS_QUEUED, MAX_BACKOFF,
 };
 pub use transport::{
-    client_endpoint, client_endpoint_marked, enrol, enrol_via, ClientError, Enrolment,
+    client_endpoint, client_endpoint_marked, enrol, enrol_via, ClientEndpoint, ClientError,
+    Enrolment,
 };
 
 /// Backoff before reconnect attempt `attempt` (1-based): 100 ms doubling, capped at

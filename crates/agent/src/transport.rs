@@ -1,7 +1,10 @@
 //! Opening the QUIC + Noise transport to the coordinator, and enrolment (one exchange on it).
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
+
+use meshd_channel::spa::{self, KnockAs};
 
 use meshd_channel::noise::{self, ChannelError, NoiseReader, NoiseWriter};
 use meshd_channel::quic;
@@ -30,6 +33,9 @@ pub enum ClientError {
     /// Could not create the local QUIC socket.
     #[error("creating the QUIC socket: {0}")]
     Socket(#[from] std::io::Error),
+    /// Could not send the SPA knock.
+    #[error("sending the SPA knock: {0}")]
+    Knock(#[source] std::io::Error),
     /// QUIC configuration problem.
     #[error("QUIC setup: {0}")]
     Setup(String),
@@ -69,11 +75,62 @@ fn setup_error(e: quic::QuicSetupError) -> ClientError {
     ClientError::Setup(e.to_string())
 }
 
+/// A client QUIC endpoint and a second handle on its UDP socket (the same socket, `dup`ed),
+/// from which SPA knocks go out: a knock must come from the address and port the QUIC
+/// connection will use. Derefs to the [`quinn::Endpoint`].
+#[derive(Debug, Clone)]
+pub struct ClientEndpoint {
+    quic: quinn::Endpoint,
+    knock: Arc<std::net::UdpSocket>,
+}
+
+impl std::ops::Deref for ClientEndpoint {
+    type Target = quinn::Endpoint;
+    fn deref(&self) -> &quinn::Endpoint {
+        &self.quic
+    }
+}
+
+impl ClientEndpoint {
+    /// The QUIC endpoint.
+    pub fn quic(&self) -> &quinn::Endpoint {
+        &self.quic
+    }
+
+    /// Sends one SPA knock to `to` (the coordinator, whose static key is `coordinator_key`)
+    /// from this endpoint's socket, as `who`, with the static key `key`; returns its length.
+    pub fn knock(
+        &self,
+        to: SocketAddr,
+        coordinator_key: &PublicKey,
+        key: &PrivateKey,
+        who: KnockAs<'_>,
+    ) -> Result<usize, ClientError> {
+        let k = spa::make_knock(
+            coordinator_key,
+            key,
+            who,
+            meshd_time::unix_millis(),
+            spa::fresh_nonce(),
+        )
+        .map_err(|e| ClientError::Setup(e.to_string()))?;
+        // The socket is quinn's (non-blocking): a full send buffer drops the knock, and the
+        // connection attempt that follows times out and is retried with a new one.
+        self.knock.send_to(&k, to).map_err(ClientError::Knock)
+    }
+}
+
+impl ClientEndpoint {
+    /// Sends raw bytes from this endpoint's socket (tests: replaying a captured knock).
+    #[doc(hidden)]
+    pub fn send_datagram(&self, bytes: &[u8], to: SocketAddr) -> std::io::Result<usize> {
+        self.knock.send_to(bytes, to)
+    }
+}
+
 /// A client QUIC endpoint bound to `bind` (share one between many sessions if you like).
-pub fn client_endpoint(bind: SocketAddr) -> Result<quinn::Endpoint, ClientError> {
-    let mut ep = quinn::Endpoint::client(bind)?;
-    ep.set_default_client_config(quic::client_config().map_err(setup_error)?);
-    Ok(ep)
+pub fn client_endpoint(bind: SocketAddr) -> Result<ClientEndpoint, ClientError> {
+    client_endpoint_marked(bind, None)
 }
 
 /// Like [`client_endpoint`], with the socket's packets carrying firewall mark `fwmark`
@@ -82,23 +139,23 @@ pub fn client_endpoint(bind: SocketAddr) -> Result<quinn::Endpoint, ClientError>
 pub fn client_endpoint_marked(
     bind: SocketAddr,
     fwmark: Option<u32>,
-) -> Result<quinn::Endpoint, ClientError> {
-    let Some(mark) = fwmark else {
-        return client_endpoint(bind);
-    };
+) -> Result<ClientEndpoint, ClientError> {
     let sock = socket2::Socket::new(
         socket2::Domain::for_address(bind),
         socket2::Type::DGRAM,
         Some(socket2::Protocol::UDP),
     )?;
-    sock.set_mark(mark)?;
+    if let Some(mark) = fwmark {
+        sock.set_mark(mark)?;
+    }
     sock.bind(&bind.into())?;
+    let sock: std::net::UdpSocket = sock.into();
+    let knock = Arc::new(sock.try_clone()?);
     let runtime = quinn::default_runtime()
         .ok_or_else(|| ClientError::Setup("no async runtime for the QUIC endpoint".into()))?;
-    let mut ep =
-        quinn::Endpoint::new(quinn::EndpointConfig::default(), None, sock.into(), runtime)?;
+    let mut ep = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, sock, runtime)?;
     ep.set_default_client_config(quic::client_config().map_err(setup_error)?);
-    Ok(ep)
+    Ok(ClientEndpoint { quic: ep, knock })
 }
 
 fn wildcard_for(addr: SocketAddr) -> SocketAddr {
@@ -116,7 +173,7 @@ pub(crate) struct Open {
     pub(crate) reader: NoiseReader,
     pub(crate) writer: NoiseWriter,
     /// The endpoint the connection runs on (the session's own one, when not shared).
-    pub(crate) endpoint: quinn::Endpoint,
+    pub(crate) endpoint: ClientEndpoint,
 }
 
 async fn timed<T, E>(f: impl std::future::Future<Output = Result<T, E>>) -> Result<T, ClientError>
@@ -129,19 +186,21 @@ where
         .map_err(Into::into)
 }
 
-/// Connects to `addr` over `endpoint` (`None`: a fresh one, marked with `fwmark`) and runs
-/// the Noise handshake pinning `coordinator_key`.
+/// Knocks (SPA, as `who`), connects to `addr` over `endpoint` (`None`: a fresh one, marked
+/// with `fwmark`) and runs the Noise handshake pinning `coordinator_key`.
 pub(crate) async fn open(
     addr: SocketAddr,
     coordinator_key: &PublicKey,
     key: &PrivateKey,
-    endpoint: Option<&quinn::Endpoint>,
+    who: KnockAs<'_>,
+    endpoint: Option<&ClientEndpoint>,
     fwmark: Option<u32>,
 ) -> Result<Open, ClientError> {
     let ep = match endpoint {
         Some(e) => e.clone(),
         None => client_endpoint_marked(wildcard_for(addr), fwmark)?,
     };
+    ep.knock(addr, coordinator_key, key, who)?;
     let conn = timed(ep.connect(addr, "meshd-coordinator")?).await?;
     let (send, recv) = timed(conn.open_bi()).await?;
     let (reader, writer) = tokio::time::timeout(
@@ -177,15 +236,24 @@ pub async fn enrol(
     enrol_via(None, token, name, key, endpoints).await
 }
 
-/// [`enrol`] over a given client endpoint (`None`: a fresh one).
+/// [`enrol`] over a given client endpoint (`None`: a fresh one). Knocks with the token first.
 pub async fn enrol_via(
-    endpoint: Option<&quinn::Endpoint>,
+    endpoint: Option<&ClientEndpoint>,
     token: &JoinToken,
     name: &str,
     key: &PrivateKey,
     endpoints: EndpointReport,
 ) -> Result<Enrolment, ClientError> {
-    let mut o = open(token.control, &token.coordinator_key, key, endpoint, None).await?;
+    let hash = token.secret.hash();
+    let mut o = open(
+        token.control,
+        &token.coordinator_key,
+        key,
+        KnockAs::JoinToken(&hash),
+        endpoint,
+        None,
+    )
+    .await?;
     let msg = AgentMessage::Enrol {
         protocol: PROTOCOL_VERSION,
         secret: token.secret.clone(),

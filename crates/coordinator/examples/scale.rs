@@ -143,7 +143,7 @@ async fn run() -> anyhow::Result<()> {
     ))?;
 
     // A few shared client sockets.
-    let eps: Vec<quinn::Endpoint> = (0..8)
+    let eps: Vec<meshd_agent::ClientEndpoint> = (0..8)
         .map(|_| client_endpoint("127.0.0.1:0".parse().unwrap()))
         .collect::<Result<_, _>>()?;
     let t0 = Instant::now();

@@ -197,6 +197,9 @@ pub(crate) struct Actor {
     alerts: Vec<ScanAlert>,
     /// Prometheus metrics (`--metrics-listen`).
     metrics: Arc<Metrics>,
+    /// The SPA filter (told who may knock whenever hosts or tokens change) and the admin
+    /// token hashes; `None`: SPA off.
+    spa: Option<(Arc<crate::spa::SpaFilter>, Vec<[u8; 32]>)>,
 }
 
 impl Actor {
@@ -227,6 +230,25 @@ impl Actor {
             restricted: Vec::new(),
             webhook: None,
             alerts: Vec::new(),
+            spa: None,
+        }
+    }
+
+    /// Keeps `filter`'s view of who may knock up to date (hosts, join tokens, `admins`).
+    pub(crate) fn with_spa(
+        mut self,
+        filter: Option<Arc<crate::spa::SpaFilter>>,
+        admins: Vec<[u8; 32]>,
+    ) -> Self {
+        self.spa = filter.map(|f| (f, admins));
+        self.publish_spa();
+        self
+    }
+
+    /// Swaps a fresh view of who may knock into the SPA filter.
+    fn publish_spa(&self) {
+        if let Some((f, admins)) = &self.spa {
+            f.set_view(crate::spa::view_of(&self.state, admins));
         }
     }
 
@@ -326,6 +348,7 @@ impl Actor {
             let pushes = self.state.poll_pushes();
             let kicks = self.state.poll_kicks();
             let dirty = self.state.take_dirty();
+            let spa_dirty = !dirty.hosts.is_empty() || !dirty.tokens.is_empty();
             let events = std::mem::take(&mut self.events);
             // Commit, then acknowledge: nothing of the batch is replied, pushed or shown
             // before the store has it.
@@ -357,8 +380,13 @@ impl Actor {
                     // Nothing of the batch was saved: its actions did not happen.
                     self.alerts.clear();
                     self.roll_back(now, error, what, deferred).await;
+                    self.publish_spa();
                     continue;
                 }
+            }
+            // Before the replies: an enrolled host knocks as a host right after its welcome.
+            if spa_dirty {
+                self.publish_spa();
             }
             self.send_alerts();
             for d in deferred {

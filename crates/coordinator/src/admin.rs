@@ -945,6 +945,16 @@ async fn accept_loop(
             }
             c = axum::serve::Listener::accept(&mut tcp) => c,
         };
+        if let Some(spa) = guard.admin_spa.get() {
+            if !spa.admin_allowed(remote.ip()) {
+                // `--admin-spa`: not knocked as admin. Closed before any byte is read or
+                // written (the kernel has completed the TCP handshake already).
+                debug!(source = %remote.ip(), "admin API: source has not knocked as admin; closing");
+                let _reset = stream.set_zero_linger();
+                drop(stream);
+                continue;
+            }
+        }
         if let Err(why) = slots.take(remote.ip()) {
             Counters::bump(&guard.counters.admin_handshakes_refused);
             if let Some(refused) = refusals.hit(std::time::Instant::now()) {

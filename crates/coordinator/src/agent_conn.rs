@@ -35,19 +35,35 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(20);
 const OBSERVE_INTERVAL: Duration = Duration::from_millis(250);
 
 /// The control (QUIC) endpoint on `listen`, with quinn's incoming queue and buffers bounded.
+/// With `spa`, the socket sits behind the SPA filter (only sources that knocked reach quinn).
 pub(crate) fn control_endpoint(
     listen: SocketAddr,
     limits: &Limits,
+    spa: Option<Arc<crate::spa::SpaFilter>>,
 ) -> Result<quinn::Endpoint, StartError> {
     let mut server_config = quic::server_config().map_err(|e| StartError::Quic(e.into()))?;
     server_config
         .max_incoming(limits.quic_max_incoming)
         .incoming_buffer_size(INCOMING_BUFFER)
         .incoming_buffer_size_total(INCOMING_BUFFER_TOTAL);
-    quinn::Endpoint::server(server_config, listen).map_err(|source| StartError::BindControl {
+    let bind_err = |source| StartError::BindControl {
         addr: listen,
         source,
-    })
+    };
+    let socket = std::net::UdpSocket::bind(listen).map_err(bind_err)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| bind_err(std::io::Error::other("no async runtime")))?;
+    let mut socket = runtime.wrap_udp_socket(socket).map_err(bind_err)?;
+    if let Some(f) = spa {
+        socket = Arc::new(crate::spa::SpaSocket::new(socket, f));
+    }
+    quinn::Endpoint::new_with_abstract_socket(
+        quinn::EndpointConfig::default(),
+        Some(server_config),
+        socket,
+        runtime,
+    )
+    .map_err(bind_err)
 }
 
 /// Takes the control endpoint's connection attempts: a client whose address is not proven is

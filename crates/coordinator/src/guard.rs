@@ -435,6 +435,9 @@ pub struct Guard {
     pub admin: Mutex<Backoff>,
     /// Failed join tokens per source.
     pub joins: Mutex<Backoff>,
+    /// `--admin-spa` off loopback: the SPA filter whose admin knocks open the admin API to
+    /// an IP (unset: no such check).
+    pub admin_spa: std::sync::OnceLock<std::sync::Arc<crate::spa::SpaFilter>>,
 }
 
 impl Guard {
@@ -445,6 +448,7 @@ impl Guard {
             counters: Counters::default(),
             admin: Mutex::new(Backoff::new(cfg)),
             joins: Mutex::new(Backoff::new(cfg)),
+            admin_spa: std::sync::OnceLock::new(),
         }
     }
 }

@@ -22,6 +22,7 @@ pub mod guard;
 pub mod metrics;
 pub mod ops;
 pub mod options;
+pub mod spa;
 pub mod state_dir;
 pub mod ui;
 pub mod webhook;
@@ -199,7 +200,15 @@ async fn start_inner(
     opts.limits.validate()?;
     let limits = opts.limits.clone();
     let guard = Arc::new(Guard::new(&limits));
-    let endpoint = agent_conn::control_endpoint(opts.listen, &limits)?;
+    let spa = if opts.spa.enabled {
+        let (k, s, d) = (key.clone(), opts.spa.clone(), dir.clone());
+        Some(Arc::new(
+            blocking(move || Ok(spa::SpaFilter::new(k, &s, &d))).await?,
+        ))
+    } else {
+        None
+    };
+    let endpoint = agent_conn::control_endpoint(opts.listen, &limits, spa.clone())?;
     let control_addr = endpoint.local_addr().map_err(StartError::LocalAddr)?;
     let advertise = opts.advertise_for(control_addr)?;
     let admin_listener = tokio::net::TcpListener::bind(opts.admin_listen)
@@ -209,6 +218,17 @@ async fn start_inner(
             source,
         })?;
     let admin_addr = admin_listener.local_addr().map_err(StartError::LocalAddr)?;
+    if opts.spa.admin {
+        match &spa {
+            Some(f) if !admin_addr.ip().is_loopback() => {
+                let _first = guard.admin_spa.set(f.clone());
+                info!(%admin_addr, "admin API behind SPA: only IPs that knocked as admin may connect");
+            }
+            _ => {
+                warn!(%admin_addr, "--admin-spa has no effect: the admin API is on loopback (or SPA is off)")
+            }
+        }
+    }
     let metrics_listener = match opts.metrics_listen {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -238,7 +258,12 @@ async fn start_inner(
         public_key,
     };
     let (stop_tx, stop_rx) = watch::channel(false);
-    let metrics = Arc::new(metrics::Metrics::new(guard.clone()));
+    let mut metrics = metrics::Metrics::new(guard.clone());
+    if let Some(f) = &spa {
+        metrics.register_spa(f.clone());
+    }
+    let metrics = Arc::new(metrics);
+    let spa_admins: Vec<[u8; 32]> = spa::parse_hex32(&admin_hash).into_iter().collect();
     let actor = Actor::new(
         state,
         store.clone(),
@@ -251,9 +276,13 @@ async fn start_inner(
     .with_scan_response(
         opts.scan.clone(),
         webhook::Webhook::spawn(opts.alerts.clone()),
-    );
+    )
+    .with_spa(spa.clone(), spa_admins);
     let (cmds, actor_task) = actor.spawn(stop_rx.clone());
     let mut tasks = vec![actor_task];
+    if let Some(f) = &spa {
+        tasks.push(tokio::spawn(spa::save_loop(f.clone(), stop_rx.clone())));
+    }
     tasks.push(tokio::spawn(prune_flows(
         store.clone(),
         opts.flows,

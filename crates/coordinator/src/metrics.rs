@@ -23,6 +23,12 @@
 //! | `meshd_coordinator_block_events_total{reason}` | counter | block events received from agents, by deny reason |
 //! | `meshd_coordinator_blocked_packets_total{reason}` | counter | packets those events folded in |
 //! | `meshd_coordinator_flows_ingested_total` | counter | flow rows ingested from agents ([`Metrics::record_flows_ingested`]) |
+//! | `meshd_coordinator_spa_dropped_total` | counter | datagrams to the control port from sources that had not knocked, dropped unanswered |
+//! | `meshd_coordinator_spa_knocks_accepted_total{kind}` | counter | valid knocks: `host`, `join_token`, `admin` |
+//! | `meshd_coordinator_spa_knocks_refused_total{reason}` | counter | refused knocks: `replay`, `skew`, `decrypt`, `unknown_host`, `unknown_token`, `bad_mac`, `length`, `payload`, `cache_full` |
+//! | `meshd_coordinator_spa_rate_limited_total` | counter | knock-shaped datagrams dropped unchecked over 2,000 a second |
+//! | `meshd_coordinator_spa_admin_refused_total` | counter | admin API connections closed (`--admin-spa`: the source IP had not knocked as admin) |
+//! | `meshd_coordinator_spa_open_sources` | gauge | source address:ports open now |
 //! | `meshd_coordinator_guard_<name>` | counter/gauge | the listener limits of `GET /v1/status` (`guard`): `admin_auth_failures_total`, `quic_retries_total`, `quic_half_open` … |
 
 use std::fmt;
@@ -134,7 +140,85 @@ impl Collector for GuardCollector {
     }
 }
 
+/// Reads the SPA filter's counters at scrape time.
+#[derive(Debug)]
+struct SpaCollector(Arc<crate::spa::SpaFilter>);
+
+impl Collector for SpaCollector {
+    fn encode(&self, mut e: DescriptorEncoder<'_>) -> fmt::Result {
+        use meshd_channel::spa::{KnockError, KnockKind};
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = &self.0.counters;
+        let counter = |e: &mut DescriptorEncoder<'_>, name: &str, help: &str, v: u64| {
+            let c = ConstCounter::new(v);
+            c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
+        };
+        counter(
+            &mut e,
+            "meshd_coordinator_spa_dropped",
+            "Datagrams from sources that had not knocked, dropped unanswered",
+            c.dropped.load(Relaxed),
+        )?;
+        counter(
+            &mut e,
+            "meshd_coordinator_spa_rate_limited",
+            "Knock-shaped datagrams dropped unchecked over the rate limit",
+            c.rate_limited.load(Relaxed),
+        )?;
+        counter(
+            &mut e,
+            "meshd_coordinator_spa_admin_refused",
+            "Admin API connections closed: the source had not knocked as admin",
+            c.admin_refused.load(Relaxed),
+        )?;
+        {
+            let f = Family::<KindLabel, Counter>::default();
+            for k in [KnockKind::Host, KnockKind::JoinToken, KnockKind::Admin] {
+                f.get_or_create(&KindLabel { kind: k.as_str() })
+                    .inc_by(c.accepted(k));
+            }
+            f.encode(e.encode_descriptor(
+                "meshd_coordinator_spa_knocks_accepted",
+                "Valid knocks, by kind",
+                None,
+                f.metric_type(),
+            )?)?;
+        }
+        {
+            let f = Family::<ReasonLabel, Counter>::default();
+            for r in KnockError::ALL {
+                if r == KnockError::NotKnock {
+                    continue;
+                }
+                f.get_or_create(&ReasonLabel {
+                    reason: r.as_str().to_string(),
+                })
+                .inc_by(c.refused(r));
+            }
+            f.encode(e.encode_descriptor(
+                "meshd_coordinator_spa_knocks_refused",
+                "Refused knocks, by reason (replay, skew, ...)",
+                None,
+                f.metric_type(),
+            )?)?;
+        }
+        let g = ConstGauge::new(i64::try_from(c.open.load(Relaxed)).unwrap_or(i64::MAX));
+        g.encode(e.encode_descriptor(
+            "meshd_coordinator_spa_open_sources",
+            "Source address:ports the control port is open to now",
+            None,
+            g.metric_type(),
+        )?)
+    }
+}
+
 impl Metrics {
+    /// Adds the SPA filter's counters (read at scrape time).
+    pub fn register_spa(&mut self, filter: Arc<crate::spa::SpaFilter>) {
+        self.registry
+            .register_collector(Box::new(SpaCollector(filter)));
+    }
+
     /// Metrics registered, the guard's counters read from `guard` at scrape time.
     pub fn new(guard: Arc<Guard>) -> Self {
         let mut registry = Registry::default();

@@ -98,6 +98,9 @@ pub enum OptionsError {
     /// An alert setting is refused (a webhook URL, the secret file).
     #[error("coordinator alerts: {0}")]
     Alerts(String),
+    /// An SPA setting is refused (`[spa]`, `--spa-window`, `--admin-spa`).
+    #[error("coordinator SPA: {0}")]
+    Spa(String),
 }
 
 /// Flow record settings (`flow_retention`, `flow_rows_per_host` in the config file).
@@ -221,6 +224,54 @@ pub struct CoordinatorOptions {
     pub scan: meshd_control::state::ScanConfig,
     /// Where alerts go besides the event log and the log (`[alerts]`).
     pub alerts: AlertsConfig,
+    /// Single-packet authorisation: the dark control port, and the admin API behind it
+    /// (`[spa]`).
+    pub spa: SpaSettings,
+}
+
+/// Single-packet authorisation (`[spa]` in the config file; every field optional).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SpaSettings {
+    /// The control port answers only sources that knocked (default on; `--no-spa`).
+    pub enabled: bool,
+    /// Seconds a knock opens its source address and port for, refreshed by its traffic.
+    pub window_secs: u64,
+    /// Clock skew accepted either way, seconds (also how long nonces are remembered).
+    pub skew_secs: u64,
+    /// Nonces the replay cache holds at most (knocks beyond are refused).
+    pub replay_capacity: usize,
+    /// The admin API, when bound off loopback, takes TCP connections only from IPs that
+    /// knocked as admin (`--admin-spa`).
+    pub admin: bool,
+}
+
+impl Default for SpaSettings {
+    fn default() -> Self {
+        SpaSettings {
+            enabled: true,
+            window_secs: 30,
+            skew_secs: meshd_channel::spa::DEFAULT_SKEW_MS / 1000,
+            replay_capacity: meshd_channel::spa::DEFAULT_REPLAY_CAPACITY,
+            admin: false,
+        }
+    }
+}
+
+impl SpaSettings {
+    fn validate(&self) -> Result<(), OptionsError> {
+        if self.window_secs == 0 || self.skew_secs == 0 || self.replay_capacity == 0 {
+            return Err(OptionsError::Spa(
+                "spa window_secs, skew_secs and replay_capacity must be at least 1".into(),
+            ));
+        }
+        if self.admin && !self.enabled {
+            return Err(OptionsError::Spa(
+                "the admin API behind SPA (--admin-spa) needs SPA on".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Alert delivery (`[alerts]` in the config file; every field optional).
@@ -397,6 +448,7 @@ impl CoordinatorOptions {
             shutdown: Shutdown::never(),
             scan: meshd_control::state::ScanConfig::default(),
             alerts: AlertsConfig::default(),
+            spa: SpaSettings::default(),
         }
     }
 
@@ -506,6 +558,21 @@ pub struct CoordinatorArgs {
     /// File with the webhook HMAC secret (X-Meshd-Signature: sha256=...).
     #[arg(long, value_name = "FILE")]
     pub webhook_secret_file: Option<PathBuf>,
+    /// Turn single-packet authorisation off: the control port answers any QUIC client (by
+    /// default it answers only sources that first sent a valid knock).
+    #[arg(long)]
+    pub no_spa: bool,
+    /// Seconds a valid knock opens its source address:port for, refreshed by traffic
+    /// [default: 30].
+    #[arg(long, value_name = "SECS")]
+    pub spa_window: Option<u64>,
+    /// Clock skew accepted on knock timestamps, seconds [default: 30].
+    #[arg(long, value_name = "SECS")]
+    pub spa_skew: Option<u64>,
+    /// The admin API, when bound off loopback, accepts TCP connections only from IPs that
+    /// knocked as admin (`meshctl knock`; meshctl knocks itself when its config says so).
+    #[arg(long)]
+    pub admin_spa: bool,
 }
 
 /// The `--config` file (all fields optional; flags win).
@@ -545,6 +612,8 @@ pub struct CoordinatorFile {
     pub scan_response: Option<meshd_control::state::ScanConfig>,
     /// Alert delivery (webhooks).
     pub alerts: Option<AlertsConfig>,
+    /// Single-packet authorisation.
+    pub spa: Option<SpaSettings>,
 }
 
 impl CoordinatorFile {
@@ -673,6 +742,21 @@ impl CoordinatorArgs {
         }
         alerts.resolve()?;
         o.alerts = alerts;
+        let mut spa = file.spa.unwrap_or_default();
+        if self.no_spa {
+            spa.enabled = false;
+        }
+        if let Some(w) = self.spa_window {
+            spa.window_secs = w;
+        }
+        if let Some(k) = self.spa_skew {
+            spa.skew_secs = k;
+        }
+        if self.admin_spa {
+            spa.admin = true;
+        }
+        spa.validate()?;
+        o.spa = spa;
         o.shutdown = shutdown;
         if o.advertise.is_none() && o.listen.ip().is_unspecified() {
             o.advertise_for(o.listen)?;

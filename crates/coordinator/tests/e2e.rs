@@ -16,12 +16,21 @@ use meshd_coordinator::{start, AdminOp, AdminReply, CoordinatorHandle, Coordinat
 use meshd_tunnel::{PrivateKey, PublicKey};
 
 async fn coordinator(dir: &std::path::Path, listen: SocketAddr) -> CoordinatorHandle {
+    coordinator_with(dir, listen, |_| {}).await
+}
+
+async fn coordinator_with(
+    dir: &std::path::Path,
+    listen: SocketAddr,
+    tweak: impl FnOnce(&mut CoordinatorOptions),
+) -> CoordinatorHandle {
     // The state directory must be private (tempdir makes it 0755).
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).unwrap();
     let mut o = CoordinatorOptions::new(dir);
     o.listen = listen;
     o.admin_listen = "127.0.0.1:0".parse().unwrap();
+    tweak(&mut o);
     start(o).await.unwrap()
 }
 
@@ -74,10 +83,25 @@ async fn join(c: &CoordinatorHandle, t: &JoinToken, name: &str) -> Agent {
     Agent { key, session }
 }
 
+/// Knocks (SPA) as admin from `ep_`'s socket, as meshctl would, so raw QUIC from it reaches
+/// the coordinator.
+fn knock_admin(ep_: &client::ClientEndpoint, dir: &std::path::Path, c: &CoordinatorHandle) {
+    let token = std::fs::read_to_string(dir.join("admin.token")).unwrap();
+    let hash = meshd_control::token::hash_secret(token.trim().as_bytes());
+    ep_.knock(
+        c.control_addr(),
+        &c.public_key(),
+        &PrivateKey::generate(),
+        client::KnockAs::Admin(&hash),
+    )
+    .unwrap();
+}
+
 /// A raw control connection from `ep_` with `key`, past the Noise handshake (for speaking
 /// the protocol by hand).
 async fn raw_channel(
-    ep_: &quinn::Endpoint,
+    ep_: &client::ClientEndpoint,
+    dir: &std::path::Path,
     c: &CoordinatorHandle,
     key: &PrivateKey,
 ) -> (
@@ -85,6 +109,7 @@ async fn raw_channel(
     meshd_channel::noise::NoiseReader,
     meshd_channel::noise::NoiseWriter,
 ) {
+    knock_admin(ep_, dir, c);
     let conn = ep_.connect(c.control_addr(), "x").unwrap().await.unwrap();
     let (s, r) = conn.open_bi().await.unwrap();
     let (reader, writer) = meshd_channel::noise::initiate(
@@ -208,10 +233,15 @@ async fn three_agents_endpoint_change_and_removal() {
     c.stop().await;
 }
 
+/// SPA off: with it on, a knock with an unknown, expired, revoked or used-up token is refused
+/// and the enrolment only times out (a dark port says nothing); this is the layer behind it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_refusals_are_distinct() {
     let dir = tempfile::tempdir().unwrap();
-    let c = coordinator(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    let c = coordinator_with(dir.path(), "127.0.0.1:0".parse().unwrap(), |o| {
+        o.spa.enabled = false
+    })
+    .await;
     let expired = token(
         &c,
         TokenCreateRequest {
@@ -304,6 +334,7 @@ async fn malformed_and_oversized_frames_only_hurt_their_sender() {
 
     // Raw clients: garbage before the handshake, an oversized frame, and malformed JSON.
     let ep_ = client::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+    knock_admin(&ep_, dir.path(), &c);
     {
         let conn = ep_.connect(c.control_addr(), "x").unwrap().await.unwrap();
         let (mut s, _r) = conn.open_bi().await.unwrap();
@@ -322,7 +353,7 @@ async fn malformed_and_oversized_frames_only_hurt_their_sender() {
     ] {
         // Enrolled agent key speaking garbage after a valid handshake and hello.
         let rogue = PrivateKey::generate();
-        let (_conn, mut reader, mut writer) = raw_channel(&ep_, &c, &rogue).await;
+        let (_conn, mut reader, mut writer) = raw_channel(&ep_, dir.path(), &c, &rogue).await;
         writer
             .send(&AgentMessage::Enrol {
                 protocol: PROTOCOL_VERSION,
@@ -897,7 +928,7 @@ async fn duplicate_connection_is_refused_logged_and_listed() {
     // The same on the wire: the exact code.
     {
         let ep_ = client::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
-        let (_conn, mut reader, mut writer) = raw_channel(&ep_, &c, &a.key).await;
+        let (_conn, mut reader, mut writer) = raw_channel(&ep_, dir.path(), &c, &a.key).await;
         writer
             .send(&AgentMessage::Resume {
                 protocol: PROTOCOL_VERSION,
@@ -976,7 +1007,7 @@ async fn resume_supersedes_an_open_enrolment_connection() {
     let t = token(&c, TokenCreateRequest::default()).await;
     let key = PrivateKey::generate();
     let ep_ = client::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
-    let (conn, mut reader, mut writer) = raw_channel(&ep_, &c, &key).await;
+    let (conn, mut reader, mut writer) = raw_channel(&ep_, dir.path(), &c, &key).await;
     writer
         .send(&AgentMessage::Enrol {
             protocol: PROTOCOL_VERSION,

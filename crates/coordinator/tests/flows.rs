@@ -50,12 +50,21 @@ struct RawAgent {
 }
 
 async fn raw_agent(
-    ep: &quinn::Endpoint,
+    ep: &meshd_agent::ClientEndpoint,
     c: &CoordinatorHandle,
     t: &JoinToken,
     name: &str,
 ) -> RawAgent {
     let key = PrivateKey::generate();
+    // SPA: knock with the join token first, from the connection's own socket.
+    let hash = t.secret.hash();
+    ep.knock(
+        c.control_addr(),
+        &c.public_key(),
+        &key,
+        meshd_agent::KnockAs::JoinToken(&hash),
+    )
+    .unwrap();
     let conn = ep.connect(c.control_addr(), "x").unwrap().await.unwrap();
     let (s, r) = conn.open_bi().await.unwrap();
     let (mut reader, mut writer) = meshd_channel::noise::initiate(
