@@ -17,6 +17,7 @@ pub fn peer_specs(map: &NetworkMap) -> Vec<PeerSpec> {
     map.peers
         .iter()
         .map(|p| PeerSpec {
+            next_key: None,
             name: p.name.clone(),
             public_key: p.public_key,
             endpoint: p.endpoints.first().copied(),
