@@ -520,6 +520,7 @@ mod tests {
                     labels: Default::default(),
                     grants: meshd_policy::PeerGrants::default(),
                     transparent: false,
+                    next_public_key: None,
                 })
                 .collect(),
         }
