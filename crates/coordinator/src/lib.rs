@@ -251,7 +251,8 @@ async fn start_inner(
     .with_scan_response(
         opts.scan.clone(),
         webhook::Webhook::spawn(opts.alerts.clone()),
-    );
+    )
+    .with_key_rotation(opts.key_rotation.clone());
     let (cmds, actor_task) = actor.spawn(stop_rx.clone());
     let mut tasks = vec![actor_task];
     tasks.push(tokio::spawn(prune_flows(

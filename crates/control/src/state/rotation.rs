@@ -119,14 +119,9 @@ impl CoordinatorState {
         self.by_key.remove(&old);
         self.by_key.insert(key, id);
         self.retired_keys.push((key, old));
-        // The old key's session (the agent closed it before reconnecting) is superseded.
-        if let Some(s) = self.sessions.remove(&id) {
-            self.kicks.push(super::Kick {
-                host: id,
-                conn: s.conn,
-                code: ErrorCode::AlreadyConnected,
-            });
-        }
+        // The old key's session (the agent closed it before reconnecting) is superseded; the
+        // caller closes its connection ([`rotating_host`](Self::rotating_host)).
+        self.sessions.remove(&id);
         self.touch(id);
         self.rotation_event(EventKind::HostKeyRotated, id, format!("key {old} -> {key}"));
         Some(id)
@@ -171,6 +166,12 @@ impl CoordinatorState {
     /// sure (a time-out); with a schedule, call it at least every few seconds as well.
     pub fn rotation_timeout(&self) -> Option<UnixTime> {
         self.rotations.poll_timeout()
+    }
+
+    /// The live host whose proved next key is `key` (a connection with it completes the
+    /// rotation and supersedes the host's old-key connection).
+    pub fn rotating_host(&self, key: &PublicKey) -> Option<HostId> {
+        self.rotations.host_pending(key)
     }
 
     /// Whether an automatic period is configured.
