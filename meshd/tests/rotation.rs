@@ -22,6 +22,8 @@ struct Seen {
     max_gap: Duration,
     /// A read error other than a timeout, or EOF before the end (a reset or close).
     broken: Option<String>,
+    /// Failed connects or writes on the sending side (a reset shows here too).
+    send_errors: u64,
 }
 
 /// A TCP stream `from_ns` → `to:port` for at most `secs` seconds, measuring the receiver's
@@ -115,7 +117,9 @@ impl GapStream {
         if let Some(t) = self.rx.take() {
             let _ = t.join();
         }
-        std::mem::take(&mut *self.seen.lock().unwrap())
+        let mut seen = std::mem::take(&mut *self.seen.lock().unwrap());
+        seen.send_errors = self.send_errors.load(Ordering::Relaxed);
+        seen
     }
 }
 
@@ -194,6 +198,7 @@ fn tcp_stream_survives_key_rotation_of_either_host() {
         seen.bytes, seen.max_gap
     );
     assert_eq!(seen.broken, None, "the connection broke");
+    assert_eq!(seen.send_errors, 0, "the sender saw an error (reset?)");
     assert!(
         seen.max_gap < Duration::from_secs(1),
         "gap of {:?} between received chunks",
