@@ -686,9 +686,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("coordinator.db");
         let mut h2 = host(2);
+        // Migration 6: a rotation's pending key and the time of the last one round-trip.
+        h2.pending_key = Some(meshd_tunnel::PublicKey([9; 32]));
+        h2.key_rotated_at = Some(1_700_000_000);
         {
             let s = SqliteStore::open(&path).unwrap();
-            assert_eq!(s.schema_version().unwrap(), 5);
+            assert_eq!(s.schema_version().unwrap(), 6);
             assert_eq!(s.load().unwrap(), Snapshot::default());
             s.commit(
                 &Dirty {
@@ -741,7 +744,7 @@ mod tests {
             )]
         );
         // Migrations are recorded once.
-        assert_eq!(s.schema_version().unwrap(), 5);
+        assert_eq!(s.schema_version().unwrap(), 6);
         let journal: String = s
             .with(|c| Ok(c.query_row("PRAGMA journal_mode", [], |r| r.get(0))?))
             .unwrap();
