@@ -8,6 +8,7 @@ use meshd_tunnel::{Decap, Destinations, Device, Encap, PeerSpec, PrivateKey, Tun
 
 fn spec(name: &str, key: &PrivateKey, ep: &str, ip: &str) -> PeerSpec {
     PeerSpec {
+        next_key: None,
         name: name.into(),
         public_key: key.public_key(),
         endpoint: Some(ep.parse().expect("endpoint")),

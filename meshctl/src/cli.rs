@@ -240,6 +240,16 @@ pub enum HostsCmd {
         /// Host name, id or public key.
         host: String,
     },
+    /// Rotate a connected host's WireGuard key with no drop: the host makes a new key, proves
+    /// it, its peers accept both keys until it switches, then only the new one.
+    #[command(name = "rotate-key")]
+    RotateKey {
+        /// Host name, id or public key.
+        host: String,
+        /// Wait until the host runs on its new key (at most this long, e.g. 30s).
+        #[arg(long, value_name = "DURATION", value_parser = parse::duration)]
+        wait: Option<Duration>,
+    },
     /// Remove a host's identity for good: its key is refused even if it reconnects.
     Revoke {
         /// Host name, id or public key.

@@ -604,6 +604,47 @@ impl Ctx {
                     )),
                 }
             }
+            HostsCmd::RotateKey { host, wait } => {
+                let h: HostView = self
+                    .client
+                    .post_empty(&format!("/v1/hosts/{}/rotate-key", segment(&host)))
+                    .map_err(host_hint(&host))?;
+                let old = h.public_key;
+                let Some(wait) = wait else {
+                    return match self.output {
+                        Output::Json => print_json(&h),
+                        Output::Table => out(&format!(
+                            "asked host {} (id {}) to rotate its key {old}; it switches once its                              peers accept the new one (`meshctl events` shows each step)\n",
+                            h.name, h.id
+                        )),
+                    };
+                };
+                let deadline = std::time::Instant::now() + wait;
+                loop {
+                    let now: HostView = self
+                        .client
+                        .get(&format!("/v1/hosts/{}", h.id))
+                        .map_err(host_hint(&host))?;
+                    if now.public_key != old {
+                        return match self.output {
+                            Output::Json => print_json(&now),
+                            Output::Table => out(&format!(
+                                "rotated the key of host {} (id {}): {old} -> {}\n",
+                                now.name, now.id, now.public_key
+                            )),
+                        };
+                    }
+                    if std::time::Instant::now() >= deadline {
+                        anyhow::bail!(
+                            "host {} still has its old key after {}: see `meshctl events` \
+                             (the rotation is aborted if the host does not switch in time)",
+                            h.name,
+                            parse::format_duration(wait.as_secs())
+                        );
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(250));
+                }
+            }
             HostsCmd::Release { host } => {
                 let h: HostView = self
                     .client

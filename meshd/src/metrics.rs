@@ -329,6 +329,7 @@ mod tests {
         let device = Arc::new(Device::new(PrivateKey::generate(), 1));
         let peer = PrivateKey::generate().public_key();
         let spec = PeerSpec {
+            next_key: None,
             name: "db1".into(),
             public_key: peer,
             endpoint: None,

@@ -28,6 +28,15 @@ use crate::transport::{open, ClientError, Open};
 /// Frames read ahead of the session (the reader task waits when they are not taken).
 const FRAMES_QUEUED: usize = 16;
 
+/// Where a rotated host key is kept (issue 17). The driver makes the key; the host stores it.
+/// Both calls must be durable when they return (fsync'd, 0600).
+pub trait KeyStore: Send + Sync + std::fmt::Debug {
+    /// Keeps `key` as the next key, before it is proposed to the coordinator.
+    fn save_next(&self, key: &PrivateKey) -> std::io::Result<()>;
+    /// Makes `key` (saved earlier) this host's key, before the host uses it.
+    fn promote(&self, key: &PrivateKey) -> std::io::Result<()>;
+}
+
 /// Session parameters.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -45,6 +54,9 @@ pub struct SessionConfig {
     pub endpoint: Option<crate::ClientEndpoint>,
     /// Firewall mark for the session's own socket (when `endpoint` is `None`).
     pub fwmark: Option<u32>,
+    /// Where rotated keys go; `None`: rotation requests are not answered (the coordinator
+    /// gives up after its time-out).
+    pub key_store: Option<Arc<dyn KeyStore>>,
 }
 
 impl SessionConfig {
@@ -63,6 +75,7 @@ impl SessionConfig {
             initial_map: None,
             endpoint: None,
             fwmark: None,
+            key_store: None,
         }
     }
 }
@@ -87,6 +100,7 @@ pub struct SessionHandle {
     shared: Arc<Shared>,
     map: watch::Receiver<Option<NetworkMap>>,
     state: watch::Receiver<SessionState>,
+    key: watch::Receiver<PrivateKey>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -100,6 +114,12 @@ impl SessionHandle {
     /// The session state.
     pub fn state(&self) -> watch::Receiver<SessionState> {
         self.state.clone()
+    }
+
+    /// This host's key: changes when a rotation switches (already stored by the
+    /// [`KeyStore`]); the host must switch its device to it.
+    pub fn key(&self) -> watch::Receiver<PrivateKey> {
+        self.key.clone()
     }
 
     /// Reports new local underlay endpoints (sent at once if connected, else on reconnect).
@@ -189,6 +209,7 @@ pub fn spawn_session(mut cfg: SessionConfig) -> SessionHandle {
     let (map_tx, map) = watch::channel(initial_map);
     let (state_tx, state) = watch::channel(session.state().clone());
     let (stop, stop_rx) = watch::channel(false);
+    let (key_tx, key) = watch::channel(cfg.private_key.clone());
     let shared = Arc::new(Shared {
         session: Mutex::new(session),
         wake: Notify::new(),
@@ -199,6 +220,8 @@ pub fn spawn_session(mut cfg: SessionConfig) -> SessionHandle {
             shared: shared.clone(),
             map_tx,
             state_tx,
+            key_tx,
+            next_key: None,
             link: Link::Down,
         }
         .run(first, stop_rx),
@@ -207,6 +230,7 @@ pub fn spawn_session(mut cfg: SessionConfig) -> SessionHandle {
         shared,
         map,
         state,
+        key,
         stop,
         task,
     }
@@ -265,6 +289,9 @@ struct Driver {
     shared: Arc<Shared>,
     map_tx: watch::Sender<Option<NetworkMap>>,
     state_tx: watch::Sender<SessionState>,
+    key_tx: watch::Sender<PrivateKey>,
+    /// A rotation's new key, saved and proposed, not switched to yet.
+    next_key: Option<PrivateKey>,
     link: Link,
 }
 
@@ -387,6 +414,8 @@ impl Driver {
             Action::ApplyMap(m) => {
                 self.map_tx.send_replace(Some(Arc::unwrap_or_clone(m)));
             }
+            Action::PrepareKey { nonce } => self.prepare_key(nonce),
+            Action::SwitchKey { new_key } => self.switch_key(new_key),
             Action::State(s) => {
                 match &s {
                     SessionState::Connected { host } => {
@@ -404,6 +433,57 @@ impl Driver {
                 self.state_tx.send_replace(s);
             }
         }
+    }
+}
+
+impl Driver {
+    /// Key rotation, step 1: a new key, stored durably before it is proposed.
+    fn prepare_key(&mut self, nonce: meshd_control::rotation::Nonce) {
+        let Some(store) = self.cfg.key_store.clone() else {
+            warn!("the coordinator asked for a key rotation, but this session keeps no key file; ignored");
+            return;
+        };
+        let key = PrivateKey::generate();
+        if let Err(e) = store.save_next(&key) {
+            warn!(error = %e, "key rotation: storing the new key failed; not proposing it");
+            return;
+        }
+        let proof = meshd_control::rotation::prove(
+            &key,
+            &self.cfg.coordinator_key,
+            &self.cfg.private_key.public_key(),
+            &nonce,
+        );
+        info!(new_key = %key.public_key(), "key rotation: new key stored, proposing it");
+        let new_key = key.public_key();
+        self.next_key = Some(key);
+        self.input(Input::KeyPrepared {
+            nonce,
+            new_key,
+            proof,
+        });
+    }
+
+    /// Key rotation, step 2: the coordinator committed the key: store it as this host's
+    /// key, then use it (the next connect authenticates with it; the host's device follows
+    /// the key watch).
+    fn switch_key(&mut self, new_key: PublicKey) {
+        let Some(key) = self.next_key.take().filter(|k| k.public_key() == new_key) else {
+            warn!(%new_key, "key rotation: asked to switch to a key this session did not make; ignored");
+            return;
+        };
+        let Some(store) = self.cfg.key_store.clone() else {
+            return;
+        };
+        if let Err(e) = store.promote(&key) {
+            // Without the key on disk a restart would come back with a key the coordinator
+            // no longer accepts: keep the old one (the coordinator aborts the rotation).
+            warn!(error = %e, "key rotation: storing the switched key failed; keeping the old key");
+            return;
+        }
+        info!(%new_key, old_key = %self.cfg.private_key.public_key(), "key rotation: switched to the new key");
+        self.cfg.private_key = key.clone();
+        self.key_tx.send_replace(key);
     }
 }
 

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use rand_core::{OsRng, RngCore as _};
 
-pub use driver::{spawn_session, SessionConfig, SessionHandle};
+pub use driver::{spawn_session, KeyStore, SessionConfig, SessionHandle};
 pub use meshd_channel::spa::KnockAs;
 pub use meshd_control::session::{
     FlowBatch, SessionState, BLOCK_BATCHES_QUEUED, FLOW_INTERVALS_QUEUED, MAX_BACKOFF,

@@ -38,6 +38,7 @@ fn map(version: u64, peers: &[u8]) -> NetworkMap {
             labels: Default::default(),
             grants: Default::default(),
             transparent: false,
+            next_public_key: None,
         }),
     )
 }

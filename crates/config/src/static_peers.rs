@@ -137,6 +137,7 @@ pub fn peer_specs(cfg: &Config, now: u64) -> Result<StaticPeers, StaticPolicyErr
         .iter()
         .enumerate()
         .map(|(i, p)| PeerSpec {
+            next_key: None,
             name: p.name.clone(),
             public_key: p.public_key,
             endpoint: p.resolve_endpoint().and_then(|r| {

@@ -36,13 +36,25 @@ pub enum EventKind {
     HostLabelsFromCmdb,
     /// The scan detector acted on a host (quarantine or restricted label).
     ScanDetected,
+    /// A host was asked to rotate its key (`meshctl host rotate-key`, or its period).
+    KeyRotationStarted,
+    /// A rotating host proved its new key; peers accept both until it switches.
+    KeyRotationProved,
+    /// A host's key rotation completed: it speaks with its new key only.
+    HostKeyRotated,
+    /// A key rotation was given up (no proof, or no switch, in time).
+    KeyRotationAborted,
+    /// An admin token was created (`meshctl admin token create`).
+    AdminTokenCreated,
+    /// An admin token was revoked.
+    AdminTokenRevoked,
     /// A kind this version does not write (stored by another version), kept as stored.
     Other(String),
 }
 
 impl EventKind {
     /// Every kind this version writes.
-    pub const KNOWN: [EventKind; 13] = [
+    pub const KNOWN: [EventKind; 19] = [
         EventKind::DuplicateConnection,
         EventKind::HostRenamedOnEnrol,
         EventKind::PoolExhausted,
@@ -56,6 +68,12 @@ impl EventKind {
         EventKind::CmdbImported,
         EventKind::HostLabelsFromCmdb,
         EventKind::ScanDetected,
+        EventKind::KeyRotationStarted,
+        EventKind::KeyRotationProved,
+        EventKind::HostKeyRotated,
+        EventKind::KeyRotationAborted,
+        EventKind::AdminTokenCreated,
+        EventKind::AdminTokenRevoked,
     ];
 
     /// The stored and shown name (`host_removed`).
@@ -74,6 +92,12 @@ impl EventKind {
             EventKind::CmdbImported => "cmdb_imported",
             EventKind::HostLabelsFromCmdb => "host_labels_from_cmdb",
             EventKind::ScanDetected => "scan_detected",
+            EventKind::KeyRotationStarted => "key_rotation_started",
+            EventKind::KeyRotationProved => "key_rotation_proved",
+            EventKind::HostKeyRotated => "host_key_rotated",
+            EventKind::KeyRotationAborted => "key_rotation_aborted",
+            EventKind::AdminTokenCreated => "admin_token_created",
+            EventKind::AdminTokenRevoked => "admin_token_revoked",
             EventKind::Other(s) => s,
         }
     }
@@ -148,6 +172,12 @@ mod tests {
                 "cmdb_imported",
                 "host_labels_from_cmdb",
                 "scan_detected",
+                "key_rotation_started",
+                "key_rotation_proved",
+                "host_key_rotated",
+                "key_rotation_aborted",
+                "admin_token_created",
+                "admin_token_revoked",
             ]
         );
         for k in EventKind::KNOWN {

@@ -24,6 +24,7 @@ pub mod model;
 pub mod policy;
 pub mod pool;
 pub mod proto;
+pub mod rotation;
 pub mod session;
 pub mod specs;
 pub mod state;

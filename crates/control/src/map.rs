@@ -28,6 +28,10 @@ pub struct Peer {
     /// by peers that run in transparent mode too.
     #[serde(default)]
     pub transparent: bool,
+    /// The peer is rotating its key: its proved next key, accepted as the same peer until
+    /// the rotation completes (then it is `public_key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_public_key: Option<PublicKey>,
 }
 
 impl Peer {
@@ -41,6 +45,7 @@ impl Peer {
             labels: h.labels.clone(),
             grants: meshd_policy::PeerGrants::default(),
             transparent: h.transparent,
+            next_public_key: h.pending_key,
         }
     }
 
@@ -196,6 +201,7 @@ mod tests {
             labels: Labels::new(),
             grants: Default::default(),
             transparent: k % 2 == 0,
+            next_public_key: None,
         }
     }
 

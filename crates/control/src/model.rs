@@ -73,6 +73,12 @@ pub struct Host {
     /// The agent runs in transparent mode (as it last reported).
     #[serde(default)]
     pub transparent: bool,
+    /// Key rotation: the proved next key, while the host switches to it (peers accept both).
+    #[serde(default)]
+    pub pending_key: Option<PublicKey>,
+    /// When the key last changed by rotation (`None`: the enrolment key).
+    #[serde(default)]
+    pub key_rotated_at: Option<UnixTime>,
 }
 
 impl Host {
@@ -267,6 +273,8 @@ mod tests {
             quarantined: false,
             revoked: false,
             transparent: false,
+            pending_key: None,
+            key_rotated_at: None,
         };
         let e: Vec<String> = h.endpoints().iter().map(|e| e.to_string()).collect();
         assert_eq!(e, ["1.2.3.4:51820", "10.0.0.1:51820"]);

@@ -99,6 +99,16 @@ pub enum AgentMessage {
         /// Echoed in `Pong`.
         nonce: u64,
     },
+    /// Answer to [`CoordinatorMessage::RotateKey`]: the new key, already stored durably, and
+    /// the proof that this host holds it ([`crate::rotation::prove`]).
+    KeyProposal {
+        /// The request's challenge.
+        nonce: crate::rotation::Nonce,
+        /// The new public key.
+        new_key: PublicKey,
+        /// HMAC keyed with DH(new private, coordinator public).
+        proof: crate::rotation::Proof,
+    },
 }
 
 /// The enrolled host's own record, as sent to it.
@@ -209,6 +219,20 @@ pub enum CoordinatorMessage {
     Pong {
         /// The ping's nonce.
         nonce: u64,
+    },
+    /// Rotate the host key: make a new one, store it, answer with
+    /// [`AgentMessage::KeyProposal`].
+    RotateKey {
+        /// The challenge to prove the new key over.
+        nonce: crate::rotation::Nonce,
+    },
+    /// The proposed key is committed and on its way to the peers: switch to it after
+    /// `switch_after_ms`, then reconnect with it.
+    KeyAccepted {
+        /// The key proposed.
+        new_key: PublicKey,
+        /// How long to wait before switching (peers apply the map carrying the key).
+        switch_after_ms: u64,
     },
     /// Refusal or fatal error; the coordinator closes the connection after it.
     Error {

@@ -163,6 +163,16 @@ pub enum Input {
     Blocks(Vec<BlockEvent>),
     /// One interval's flow records (see [`AgentSession::queue_flows`]).
     Flows(FlowBatch),
+    /// The driver made and stored the new key an [`Action::PrepareKey`] asked for: propose
+    /// it to the coordinator.
+    KeyPrepared {
+        /// The request's challenge.
+        nonce: crate::rotation::Nonce,
+        /// The new public key.
+        new_key: meshd_tunnel::PublicKey,
+        /// [`crate::rotation::prove`] over the nonce.
+        proof: crate::rotation::Proof,
+    },
 }
 
 /// Something the driver must do, drained with [`AgentSession::poll_action`].
@@ -179,6 +189,19 @@ pub enum Action {
     ApplyMap(Arc<NetworkMap>),
     /// The session state changed.
     State(SessionState),
+    /// Key rotation: make a new key, store it durably, prove it over `nonce` (see
+    /// [`crate::rotation::prove`]) and answer with [`Input::KeyPrepared`].
+    PrepareKey {
+        /// The coordinator's challenge.
+        nonce: crate::rotation::Nonce,
+    },
+    /// Key rotation: the coordinator committed `new_key` and peers accept it: make it this
+    /// host's key (device and file) now. The session then closes the transport and
+    /// reconnects, and the next [`Action::Connect`] must use the new key.
+    SwitchKey {
+        /// The key prepared earlier.
+        new_key: meshd_tunnel::PublicKey,
+    },
 }
 
 /// Why a connection ended (its `Display` is the state's `last_error`).
@@ -240,6 +263,8 @@ pub struct AgentSession {
     flows_dropped: u64,
     actions: VecDeque<Action>,
     jitter: Jitter,
+    /// Key rotation: switch to this key at this instant (after `KeyAccepted`).
+    switch: Option<(Instant, meshd_tunnel::PublicKey)>,
 }
 
 impl AgentSession {
@@ -269,6 +294,7 @@ impl AgentSession {
             flows_dropped: 0,
             actions,
             jitter: Jitter::new(params.jitter_seed),
+            switch: None,
         }
     }
 
@@ -303,6 +329,21 @@ impl AgentSession {
                 }
             }
             Input::Flows(batch) => self.queue_flows(batch),
+            Input::KeyPrepared {
+                nonce,
+                new_key,
+                proof,
+            } => {
+                // Only on the connection that asked (a proof is bound to its nonce anyway).
+                if let Phase::Connected { .. } = self.phase {
+                    self.actions
+                        .push_back(Action::Send(AgentMessage::KeyProposal {
+                            nonce,
+                            new_key,
+                            proof,
+                        }));
+                }
+            }
         }
     }
 
@@ -345,6 +386,21 @@ impl AgentSession {
 
     /// Acts on the timer from [`poll_timeout`](Self::poll_timeout) (early calls do nothing).
     pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some((at, new_key)) = self.switch {
+            if now >= at && matches!(self.phase, Phase::Connected { .. }) {
+                self.switch = None;
+                self.actions.push_back(Action::SwitchKey { new_key });
+                // Reconnect with the new key: the coordinator completes the rotation on it.
+                self.drop_sends();
+                self.actions.push_back(Action::Close);
+                self.phase = Phase::Waiting { until: now };
+                self.set_state(SessionState::Connecting {
+                    attempt: 0,
+                    last_error: Some("reconnecting with the rotated key".into()),
+                });
+                return;
+            }
+        }
         match self.phase {
             Phase::Waiting { until } if now >= until => {
                 self.phase = Phase::Connecting {
@@ -364,7 +420,8 @@ impl AgentSession {
         match &self.phase {
             Phase::Waiting { until } => Some(*until),
             Phase::Connecting { deadline } | Phase::Hello { deadline, .. } => Some(*deadline),
-            Phase::Connected { .. } | Phase::Refused | Phase::Stopped => None,
+            Phase::Connected { .. } => self.switch.map(|(at, _)| at),
+            Phase::Refused | Phase::Stopped => None,
         }
     }
 
@@ -505,6 +562,17 @@ impl AgentSession {
                     }
                 }
                 CoordinatorMessage::Pong { .. } => {}
+                CoordinatorMessage::RotateKey { nonce } => {
+                    self.actions.push_back(Action::PrepareKey { nonce });
+                }
+                CoordinatorMessage::KeyAccepted {
+                    new_key,
+                    switch_after_ms,
+                } => {
+                    // At most a minute, whatever the coordinator says.
+                    let wait = Duration::from_millis(switch_after_ms.min(60_000));
+                    self.switch = Some((now + wait, new_key));
+                }
                 CoordinatorMessage::Error { code, message } => self.refused(code, message, now),
                 CoordinatorMessage::Welcome { .. } => {
                     self.fail(now, Failure::Protocol("second welcome".into()), true)
@@ -532,6 +600,8 @@ impl AgentSession {
     /// The connection ended: close it if the driver does not know yet, wait, reconnect.
     fn fail(&mut self, now: Instant, why: Failure, close: bool) {
         self.drop_sends();
+        // A switch not made on this connection is not made: the coordinator aborts it.
+        self.switch = None;
         if close {
             self.actions.push_back(Action::Close);
         }
@@ -563,6 +633,8 @@ fn kind(m: &CoordinatorMessage) -> &'static str {
         CoordinatorMessage::FullMap { .. } => "full_map",
         CoordinatorMessage::Delta { .. } => "delta",
         CoordinatorMessage::Pong { .. } => "pong",
+        CoordinatorMessage::RotateKey { .. } => "rotate_key",
+        CoordinatorMessage::KeyAccepted { .. } => "key_accepted",
         CoordinatorMessage::Error { .. } => "error",
     }
 }

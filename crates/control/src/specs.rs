@@ -17,6 +17,7 @@ pub fn peer_specs(map: &NetworkMap) -> Vec<PeerSpec> {
     map.peers
         .iter()
         .map(|p| PeerSpec {
+            next_key: p.next_public_key,
             name: p.name.clone(),
             public_key: p.public_key,
             endpoint: p.endpoints.first().copied(),
@@ -56,6 +57,7 @@ mod tests {
             labels: Default::default(),
             grants: grants.clone(),
             transparent: true,
+            next_public_key: None,
         };
         let b = Peer {
             name: "b".into(),
@@ -65,6 +67,7 @@ mod tests {
             labels: Default::default(),
             grants: PeerGrants::default(),
             transparent: false,
+            next_public_key: None,
         };
         let specs = peer_specs(&NetworkMap::new(4, [b, a]));
         assert_eq!(specs.len(), 2);

@@ -109,6 +109,15 @@ pub(crate) enum Cmd {
     Resync { host: HostId, conn: ConnId },
     /// The connection ended.
     Disconnect { host: HostId, conn: ConnId },
+    /// The agent's answer to a key rotation request (`proof_ok`: checked by the connection
+    /// task, which holds the coordinator's key).
+    KeyProposal {
+        host: HostId,
+        conn: ConnId,
+        nonce: meshd_control::rotation::Nonce,
+        new_key: PublicKey,
+        proof_ok: bool,
+    },
     /// Block events from the agent.
     Blocks {
         host: HostId,
@@ -200,6 +209,8 @@ pub(crate) struct Actor {
     /// The SPA filter (told who may knock whenever hosts or tokens change) and the admin
     /// token hashes; `None`: SPA off.
     spa: Option<(Arc<crate::spa::SpaFilter>, Vec<[u8; 32]>)>,
+    /// Automatic key rotation periods (kept for reloads).
+    rotation: meshd_control::rotation::RotationSchedule,
 }
 
 impl Actor {
@@ -230,6 +241,7 @@ impl Actor {
             restricted: Vec::new(),
             webhook: None,
             alerts: Vec::new(),
+            rotation: Default::default(),
             spa: None,
         }
     }
@@ -250,6 +262,16 @@ impl Actor {
         if let Some((f, admins)) = &self.spa {
             f.set_view(crate::spa::view_of(&self.state, admins));
         }
+    }
+
+    /// Sets the automatic key rotation periods (`key_rotation`).
+    pub(crate) fn with_key_rotation(
+        mut self,
+        schedule: meshd_control::rotation::RotationSchedule,
+    ) -> Self {
+        self.state.set_rotation_schedule(schedule.clone());
+        self.rotation = schedule;
+        self
     }
 
     /// Sets the scan detector's settings and the alert webhook.
@@ -296,10 +318,19 @@ impl Actor {
                 .state
                 .policy_timeout()
                 .map(|t| Duration::from_secs(t.saturating_sub(unix_now()).clamp(1, 3600)));
+            // Key rotation: time-outs, and with a period a check every few seconds.
+            let rotation = self
+                .state
+                .rotation_timeout()
+                .map(|t| Duration::from_secs(t.saturating_sub(unix_now()).clamp(1, 3600)))
+                .into_iter()
+                .chain(self.state.rotation_scheduled().then_some(ROTATION_CHECK))
+                .min();
             let first = tokio::select! {
                 c = rx.recv() => match c { Some(c) => Some(c), None => break },
                 _ = stop.wait_for(|v| *v) => break,
                 _ = tokio::time::sleep(expiry.unwrap_or(Duration::from_secs(3600))), if expiry.is_some() => None,
+                _ = tokio::time::sleep(rotation.unwrap_or(Duration::from_secs(3600))), if rotation.is_some() => None,
             };
             let picked_up = std::time::Instant::now();
             let mut batch: Vec<Cmd> = first.into_iter().collect();
@@ -322,6 +353,7 @@ impl Actor {
                 }
             }
             self.state.handle_policy_timeout(now);
+            self.state.handle_rotation_timeout(now, random_nonce);
             let mut deferred = Vec::new();
             for c in batch {
                 self.apply(now, c, &mut deferred);
@@ -339,6 +371,10 @@ impl Actor {
                         _ = tokio::time::sleep_until(deadline) => break,
                     }
                 }
+            }
+            for e in self.state.poll_rotation_events() {
+                info!(host_id = %e.host, kind = %e.kind, "{}", e.detail);
+                self.events.push(AuditEvent::new(now, e.kind, e.detail));
             }
             for n in self.state.poll_notices() {
                 warn!(kind = %n.kind(), "{n}");
@@ -498,6 +534,7 @@ impl Actor {
         recent.reverse();
         self.state = restore_state(self.pool.clone(), snapshot, now, self.flow_limits)
             .map_err(|e| chain(&e))?;
+        self.state.set_rotation_schedule(self.rotation.clone());
         self.recent = recent.into();
         self.events.clear();
         self.alerts.clear();
@@ -575,6 +612,23 @@ impl Actor {
                 self.state.ack(host, conn, version)
             }
             Cmd::Resync { host, conn } => self.state.resync(host, conn),
+            Cmd::KeyProposal {
+                host,
+                conn,
+                nonce,
+                new_key,
+                proof_ok,
+            } => {
+                if let Err(code) = self
+                    .state
+                    .key_proposal(now, host, conn, &nonce, new_key, proof_ok)
+                {
+                    warn!(host_id = %host, %code, "unexpected key proposal; closing the session");
+                    if let Some(l) = self.live.get(&host).filter(|l| l.conn_id == conn) {
+                        l.conn.close(close_code(code), b"unexpected key proposal");
+                    }
+                }
+            }
             Cmd::Disconnect { host, conn } => {
                 self.state.disconnect(now, host, conn);
                 if self.live.get(&host).is_some_and(|l| l.conn_id == conn) {
@@ -655,6 +709,13 @@ impl Actor {
         // frame arrived) does not count as live, nor does the enrolment connection: the agent
         // closes it and resumes at once, and its close frame may still be in flight (on a
         // loaded host) when the resume arrives.
+        // A rotating host reconnecting with its new key supersedes its old-key connection.
+        if let Some(id) = self.state.rotating_host(&key) {
+            if let Some(old) = self.live.remove(&id) {
+                old.conn.close(quinn::VarInt::from_u32(0), b"key rotated");
+                self.state.disconnect(now, id, old.conn_id);
+            }
+        }
         if let Some(id) = self.state.host_by_key(&key).map(|h| h.id) {
             if let Some(old) = self
                 .live
@@ -772,6 +833,17 @@ pub(crate) fn restore_state(
     state.restore_flow_intervals(snapshot.flow_intervals);
     state.restore_records(snapshot.records);
     Ok(state)
+}
+
+/// How often due key rotations are looked for when a period is configured.
+const ROTATION_CHECK: Duration = Duration::from_secs(5);
+
+/// A fresh random challenge for a key rotation request.
+pub(crate) fn random_nonce() -> meshd_control::rotation::Nonce {
+    use rand_core::RngCore as _;
+    let mut b = [0u8; 32];
+    rand_core::OsRng.fill_bytes(&mut b);
+    meshd_control::rotation::Nonce(b)
 }
 
 /// The QUIC application close code for an error code.

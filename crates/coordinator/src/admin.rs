@@ -102,7 +102,7 @@ impl From<AdminError> for Failure {
             AdminError::NoSuchHost(_) | AdminError::NoSuchToken(_) | AdminError::HostRemoved(_) => {
                 (StatusCode::NOT_FOUND, "not_found")
             }
-            AdminError::NameTaken(_) | AdminError::ModeRefused(_) => {
+            AdminError::NameTaken(_) | AdminError::ModeRefused(_) | AdminError::KeyRotation(_) => {
                 (StatusCode::CONFLICT, "conflict")
             }
             AdminError::InvalidName(_)
@@ -449,6 +449,13 @@ async fn revoke_host(
 ) -> Result<Response, Failure> {
     call(&st, AdminOp::Revoke(h)).await
 }
+async fn rotate_key(
+    _: Authed,
+    State(st): State<AppState>,
+    Path(h): Path<String>,
+) -> Result<Response, Failure> {
+    call(&st, AdminOp::RotateKey(h)).await
+}
 async fn blocks(
     _: Authed,
     State(st): State<AppState>,
@@ -609,6 +616,7 @@ fn router(st: AppState, secure: bool) -> Router {
             get(policy_mode_get).post(policy_mode_set),
         )
         .route("/v1/hosts/{host}/quarantine", post(quarantine))
+        .route("/v1/hosts/{host}/rotate-key", post(rotate_key))
         .route("/v1/hosts/{host}/release", post(release))
         .route("/v1/hosts/{host}/revoke", post(revoke_host))
         .route("/v1/blocks", get(blocks))

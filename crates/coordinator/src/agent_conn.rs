@@ -321,6 +321,10 @@ async fn serve_conn(
         let cmds = cmds.clone();
         let tx = tx.clone();
         let name = name.clone();
+        // Key rotation proofs are checked here, with the coordinator's key, over the key
+        // this connection authenticated (the host's current one).
+        let coordinator_key = key.clone();
+        let old_key = agent_key;
         tokio::spawn(async move {
             let err = loop {
                 let m = match reader.recv::<AgentMessage>().await {
@@ -356,6 +360,23 @@ async fn serve_conn(
                         records,
                         plaintext,
                         overflow,
+                    },
+                    AgentMessage::KeyProposal {
+                        nonce,
+                        new_key,
+                        proof,
+                    } => Cmd::KeyProposal {
+                        host,
+                        conn: cid,
+                        nonce,
+                        new_key,
+                        proof_ok: meshd_control::rotation::verify(
+                            &coordinator_key,
+                            &old_key,
+                            &new_key,
+                            &nonce,
+                            &proof,
+                        ),
                     },
                     AgentMessage::Ping { nonce } => {
                         // Dropped if the queue is full; the agent pings again.

@@ -277,7 +277,8 @@ async fn start_inner(
         opts.scan.clone(),
         webhook::Webhook::spawn(opts.alerts.clone()),
     )
-    .with_spa(spa.clone(), spa_admins);
+    .with_spa(spa.clone(), spa_admins)
+    .with_key_rotation(opts.key_rotation.clone());
     let (cmds, actor_task) = actor.spawn(stop_rx.clone());
     let mut tasks = vec![actor_task];
     if let Some(f) = &spa {

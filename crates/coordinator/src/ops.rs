@@ -77,6 +77,8 @@ pub enum AdminOp {
     Health,
     /// Import a CMDB file (host records, declared flows) as one change.
     Import(meshd_control::api::ImportRequest),
+    /// Ask a connected host to rotate its key (`meshctl host rotate-key`).
+    RotateKey(String),
 }
 
 /// The result of an [`AdminOp`].
@@ -303,6 +305,11 @@ impl Ops<'_> {
             AdminOp::Release(r) => {
                 let h = state.release_scan(&r, restricted)?;
                 record(EventKind::HostReleased, named(&h));
+                AdminReply::Host(view(state, &h))
+            }
+            AdminOp::RotateKey(r) => {
+                // The audit event comes from the state's rotation events.
+                let h = state.start_key_rotation(now, &r, crate::actor::random_nonce())?;
                 AdminReply::Host(view(state, &h))
             }
             AdminOp::Revoke(r) => {

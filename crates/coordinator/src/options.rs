@@ -92,6 +92,14 @@ pub enum OptionsError {
         /// What is wrong.
         message: String,
     },
+    /// A `key_rotation` or `[[key_rotation_group]]` setting is refused.
+    #[error("{}: {message}", path.display())]
+    KeyRotation {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong, naming the key.
+        message: String,
+    },
     /// The scan detector's settings are refused.
     #[error("coordinator scan response settings")]
     Scan(#[from] meshd_control::state::ScanConfigError),
@@ -148,6 +156,38 @@ pub fn parse_duration_secs(s: &str) -> Option<u64> {
         _ => return None,
     };
     n.checked_mul(mul)
+}
+
+/// The rotation schedule of a config file, each period checked with an error naming its key.
+fn key_rotation_schedule(
+    file: &CoordinatorFile,
+    path: &Path,
+) -> Result<meshd_control::rotation::RotationSchedule, OptionsError> {
+    use meshd_control::rotation::{parse_period, RotationGroup, RotationSchedule};
+    let bad = |message: String| OptionsError::KeyRotation {
+        path: path.to_owned(),
+        message,
+    };
+    let default = file
+        .key_rotation
+        .as_deref()
+        .map(|p| parse_period(p).map_err(|e| bad(format!("key_rotation: {e}"))))
+        .transpose()?;
+    let mut groups = Vec::new();
+    for (i, g) in file.key_rotation_group.iter().enumerate() {
+        let period = parse_period(&g.period)
+            .map_err(|e| bad(format!("key_rotation_group[{i}].period: {e}")))?;
+        if g.selector.is_empty() {
+            return Err(bad(format!(
+                "key_rotation_group[{i}].selector: give at least one label (e.g. {{ env = \"prod\" }}); use key_rotation for every host"
+            )));
+        }
+        groups.push(RotationGroup {
+            selector: g.selector.clone(),
+            period,
+        });
+    }
+    Ok(RotationSchedule { default, groups })
 }
 
 /// Default state directory.
@@ -227,6 +267,19 @@ pub struct CoordinatorOptions {
     /// Single-packet authorisation: the dark control port, and the admin API behind it
     /// (`[spa]`).
     pub spa: SpaSettings,
+    /// Automatic host key rotation (`key_rotation`, `[[key_rotation_group]]`).
+    pub key_rotation: meshd_control::rotation::RotationSchedule,
+}
+
+/// One `[[key_rotation_group]]` of the config file: hosts with all of `selector`'s labels
+/// rotate their key every `period` (first matching group wins over `key_rotation`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyRotationGroup {
+    /// Labels, e.g. `{ env = "prod" }`.
+    pub selector: std::collections::BTreeMap<String, String>,
+    /// A duration, e.g. `"24h"`, `"7d"` (at least a minute).
+    pub period: String,
 }
 
 /// Single-packet authorisation (`[spa]` in the config file; every field optional).
@@ -449,6 +502,7 @@ impl CoordinatorOptions {
             scan: meshd_control::state::ScanConfig::default(),
             alerts: AlertsConfig::default(),
             spa: SpaSettings::default(),
+            key_rotation: Default::default(),
         }
     }
 
@@ -614,6 +668,12 @@ pub struct CoordinatorFile {
     pub alerts: Option<AlertsConfig>,
     /// Single-packet authorisation.
     pub spa: Option<SpaSettings>,
+    /// Host key rotation period for every host, e.g. `"24h"` (default: none, only
+    /// `meshctl host rotate-key`).
+    pub key_rotation: Option<String>,
+    /// Per label group periods (first match wins over `key_rotation`).
+    #[serde(default)]
+    pub key_rotation_group: Vec<KeyRotationGroup>,
 }
 
 impl CoordinatorFile {
@@ -659,6 +719,7 @@ impl CoordinatorArgs {
             Some(p) => CoordinatorFile::load(p)?,
             None => CoordinatorFile::default(),
         };
+        let key_rotation = key_rotation_schedule(&file, &config_path())?;
         let mut o = CoordinatorOptions::new(
             self.state_dir
                 .clone()
@@ -717,6 +778,7 @@ impl CoordinatorArgs {
             }
             o.flows.rows_per_host = n;
         }
+        o.key_rotation = key_rotation;
         let mut scan = file.scan_response.unwrap_or_default();
         if let Some(n) = self.scan_max_pairs {
             scan.max_pairs = n;
@@ -1000,6 +1062,40 @@ mod tests {
         assert_eq!(cli(&f).c.log_format(), None);
         let e = shown(CoordinatorFile::load(&f).unwrap_err());
         assert!(e.contains("log_format") && e.contains("c.toml"), "{e}");
+    }
+
+    #[test]
+    fn key_rotation_from_file_with_errors_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let resolve = |text: &str| {
+            std::fs::write(&path, format!("listen = \"10.0.0.1:7443\"\n{text}")).unwrap();
+            let cli = Cli::parse_from(["x", "--config", path.to_str().unwrap()]);
+            cli.c.resolve(Shutdown::never())
+        };
+        let o = resolve(
+            "key_rotation = \"24h\"\n[[key_rotation_group]]\nselector = { env = \"prod\" }\nperiod = \"1h\"\n",
+        )
+        .unwrap();
+        assert_eq!(o.key_rotation.default, Some(86_400));
+        assert_eq!(o.key_rotation.groups[0].period, 3600);
+        assert_eq!(o.key_rotation.groups[0].selector["env"], "prod");
+        let e = resolve("key_rotation = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key_rotation:") && e.contains("c.toml"), "{e}");
+        let e = resolve("[[key_rotation_group]]\nselector = { env = \"prod\" }\nperiod = \"5s\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("key_rotation_group[0].period") && e.contains("minimum"),
+            "{e}"
+        );
+        let e = resolve("[[key_rotation_group]]\nselector = {}\nperiod = \"1h\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key_rotation_group[0].selector"), "{e}");
+        assert!(!resolve("").unwrap().key_rotation.is_active());
     }
 
     #[test]

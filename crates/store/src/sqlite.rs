@@ -173,8 +173,8 @@ fn put_host(tx: &Transaction<'_>, h: &Host) -> Result<(), StoreError> {
     tx.execute(
         "INSERT INTO hosts (id, name, public_key, ipv4, ipv6, labels, reported, listen_port,
                             observed_ip, created_at, last_seen, removed, token_id,
-                            quarantined, revoked, transparent)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
+                            quarantined, revoked, transparent, pending_key, key_rotated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)
          ON CONFLICT(id) DO UPDATE SET
             name = excluded.name, public_key = excluded.public_key, ipv4 = excluded.ipv4,
             ipv6 = excluded.ipv6, labels = excluded.labels, reported = excluded.reported,
@@ -182,7 +182,8 @@ fn put_host(tx: &Transaction<'_>, h: &Host) -> Result<(), StoreError> {
             created_at = excluded.created_at, last_seen = excluded.last_seen,
             removed = excluded.removed, token_id = excluded.token_id,
             quarantined = excluded.quarantined, revoked = excluded.revoked,
-            transparent = excluded.transparent",
+            transparent = excluded.transparent, pending_key = excluded.pending_key,
+            key_rotated_at = excluded.key_rotated_at",
         params![
             to_i64(h.id.0, "host id")?,
             h.name,
@@ -200,6 +201,10 @@ fn put_host(tx: &Transaction<'_>, h: &Host) -> Result<(), StoreError> {
             h.quarantined,
             h.revoked,
             h.transparent,
+            h.pending_key.map(|k| k.to_base64()),
+            h.key_rotated_at
+                .map(|t| to_i64(t, "key_rotated_at"))
+                .transpose()?,
         ],
     )?;
     Ok(())
@@ -252,6 +257,8 @@ fn host_from_row(row: &Row<'_>) -> Result<Host, StoreError> {
     let reported: String = row.get(6)?;
     let observed: Option<String> = row.get(8)?;
     let token_id: Option<i64> = row.get(12)?;
+    let pending: Option<String> = row.get(16)?;
+    let rotated: Option<i64> = row.get(17)?;
     Ok(Host {
         id: HostId(u64::try_from(id).map_err(|_| bad("id"))?),
         name: row.get(1)?,
@@ -279,6 +286,14 @@ fn host_from_row(row: &Row<'_>) -> Result<Host, StoreError> {
         quarantined: row.get(13)?,
         revoked: row.get(14)?,
         transparent: row.get(15)?,
+        pending_key: pending
+            .map(|k| k.parse())
+            .transpose()
+            .map_err(|_| bad("pending_key"))?,
+        key_rotated_at: rotated
+            .map(u64::try_from)
+            .transpose()
+            .map_err(|_| bad("key_rotated_at"))?,
     })
 }
 
@@ -389,7 +404,7 @@ impl Store for SqliteStore {
                 let mut st = tx.prepare(
                     "SELECT id, name, public_key, ipv4, ipv6, labels, reported, listen_port,
                             observed_ip, created_at, last_seen, removed, token_id,
-                            quarantined, revoked, transparent
+                            quarantined, revoked, transparent, pending_key, key_rotated_at
                      FROM hosts ORDER BY id",
                 )?;
                 let mut rows = st.query([])?;
@@ -621,6 +636,8 @@ mod tests {
             quarantined: false,
             revoked: false,
             transparent: true,
+            pending_key: None,
+            key_rotated_at: None,
         }
     }
 
@@ -669,9 +686,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("coordinator.db");
         let mut h2 = host(2);
+        // Migration 6: a rotation's pending key and the time of the last one round-trip.
+        h2.pending_key = Some(meshd_tunnel::PublicKey([9; 32]));
+        h2.key_rotated_at = Some(1_700_000_000);
         {
             let s = SqliteStore::open(&path).unwrap();
-            assert_eq!(s.schema_version().unwrap(), 5);
+            assert_eq!(s.schema_version().unwrap(), 6);
             assert_eq!(s.load().unwrap(), Snapshot::default());
             s.commit(
                 &Dirty {
@@ -724,7 +744,7 @@ mod tests {
             )]
         );
         // Migrations are recorded once.
-        assert_eq!(s.schema_version().unwrap(), 5);
+        assert_eq!(s.schema_version().unwrap(), 6);
         let journal: String = s
             .with(|c| Ok(c.query_row("PRAGMA journal_mode", [], |r| r.get(0))?))
             .unwrap();

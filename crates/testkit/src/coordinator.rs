@@ -214,6 +214,12 @@ impl SimCoordinator {
                 );
             }
             AgentMessage::Ping { nonce } => return Ok(Some(CoordinatorMessage::Pong { nonce })),
+            // The harness holds no coordinator key to check a proof with: a rotation started
+            // here is aborted as unproved (the real path is tested in meshd/tests/rotation.rs).
+            AgentMessage::KeyProposal { nonce, new_key, .. } => {
+                self.state
+                    .key_proposal(now, host, conn, &nonce, new_key, false)?;
+            }
             AgentMessage::Enrol { .. } | AgentMessage::Resume { .. } => {
                 return Err(ErrorCode::Malformed)
             }

@@ -134,6 +134,7 @@ pub fn peer_spec(
     allowed: &str,
 ) -> PeerSpec {
     PeerSpec {
+        next_key: None,
         name: name.into(),
         public_key: *key,
         endpoint,

@@ -702,6 +702,9 @@ impl Mesh {
         while let Some(a) = self.hosts[h.0].session.poll_action() {
             let host = &mut self.hosts[h.0];
             match a {
+                // Simulated hosts keep their keys (no key store): rotation requests go
+                // unanswered and the coordinator aborts them.
+                Action::PrepareKey { .. } | Action::SwitchKey { .. } => {}
                 Action::Connect => {
                     self.next_epoch += 1;
                     let epoch = self.next_epoch;

@@ -2,7 +2,7 @@
 //! every worker. No IO: callers bring the bytes and send what comes back.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::{ArcSwap, Guard};
@@ -168,14 +168,34 @@ pub type DestinationsCache = arc_swap::Cache<Arc<ArcSwap<Destinations>>, Arc<Des
 
 /// Our side of the mesh: identity, peers and counters.
 pub struct Device {
-    private: PrivateKey,
-    public: x25519_dalek::PublicKey,
-    limiter: Arc<RateLimiter>,
+    identity: ArcSwap<Identity>,
     table: Arc<ArcSwap<PeerTable>>,
     destinations: Arc<ArcSwap<Destinations>>,
     alloc: Mutex<IndexAllocator>,
+    /// Set by [`Device::set_private_key`]: the timers should start a handshake with every
+    /// peer now (under the new key).
+    initiate: AtomicBool,
+    limit: u64,
     /// Drop counters.
     pub counters: DeviceCounters,
+}
+
+/// This host's static key and the handshake rate limiter keyed by its public half (MAC1).
+struct Identity {
+    private: PrivateKey,
+    public: x25519_dalek::PublicKey,
+    limiter: Arc<RateLimiter>,
+}
+
+impl Identity {
+    fn new(private: PrivateKey, limit: u64) -> Self {
+        let public = x25519_dalek::PublicKey::from(private.secret());
+        Identity {
+            limiter: Arc::new(RateLimiter::new(&public, limit)),
+            private,
+            public,
+        }
+    }
 }
 
 /// Handshakes per second above which we answer with cookies (WireGuard's "under load").
@@ -190,11 +210,10 @@ impl Device {
 
     /// As [`Device::new`], with a custom handshakes-per-second threshold for cookie replies.
     pub fn with_load_limit(private: PrivateKey, index_seed: u32, limit: u64) -> Self {
-        let public = x25519_dalek::PublicKey::from(private.secret());
         Device {
-            limiter: Arc::new(RateLimiter::new(&public, limit)),
-            private,
-            public,
+            identity: ArcSwap::from_pointee(Identity::new(private, limit)),
+            initiate: AtomicBool::new(false),
+            limit,
             table: Arc::new(ArcSwap::from_pointee(PeerTable::default())),
             destinations: Arc::new(ArcSwap::from_pointee(Destinations::default())),
             alloc: Mutex::new(IndexAllocator::new(index_seed)),
@@ -204,17 +223,38 @@ impl Device {
 
     /// Our public key.
     pub fn public_key(&self) -> PublicKey {
-        PublicKey(self.public.to_bytes())
+        PublicKey(self.identity.load().public.to_bytes())
     }
 
     /// Replaces the peer set while running: build, diff, swap. Unchanged peers keep sessions.
     pub fn set_peers(&self, specs: &[PeerSpec]) -> Result<PeerDiff, TableError> {
         let mut alloc = self.alloc.lock();
+        let id = self.identity.load();
         let prev = self.table.load();
-        let (table, diff) =
-            PeerTable::build(&self.private, &self.limiter, specs, &prev, &mut alloc)?;
+        let (table, diff) = PeerTable::build(&id.private, &id.limiter, specs, &prev, &mut alloc)?;
         self.table.store(Arc::new(table));
         Ok(diff)
+    }
+
+    /// Key rotation: this host's static key becomes `private`. Every peer's session restarts
+    /// under it (peers that know the new key accept it at once; they keep the old one until
+    /// the rotation completes) and the timers start a handshake with every peer on their next
+    /// run ([`take_initiate_request`](Self::take_initiate_request)).
+    pub fn set_private_key(&self, private: PrivateKey) {
+        // Hold the table lock so no rebuild mixes the two keys.
+        let _alloc = self.alloc.lock();
+        let id = Arc::new(Identity::new(private, self.limit));
+        self.identity.store(Arc::clone(&id));
+        for peer in self.table.load().peers() {
+            peer.set_own_key(&id.private, Arc::clone(&id.limiter));
+        }
+        self.initiate.store(true, Ordering::Release);
+    }
+
+    /// True once after [`set_private_key`](Self::set_private_key): send a handshake to every
+    /// peer now.
+    pub fn take_initiate_request(&self) -> bool {
+        self.initiate.swap(false, Ordering::AcqRel)
     }
 
     /// The current peer table. Load once per batch.
@@ -251,7 +291,7 @@ impl Device {
 
     /// Call once a second: resets the handshake rate counter.
     pub fn tick_second(&self) {
-        self.limiter.reset_count();
+        self.identity.load().limiter.reset_count();
     }
 
     /// Runs every peer's timers (rekey, retries, keepalives; call about every 100 ms) and
@@ -354,7 +394,8 @@ impl Device {
             Packet::HandshakeInit(init) => {
                 // Check MAC1 and load before the expensive DH that identifies the sender.
                 let mut cookie = [0u8; 64];
-                match self
+                let id = self.identity.load();
+                match id
                     .limiter
                     .verify_packet(Some(from.ip()), datagram, &mut cookie)
                 {
@@ -370,7 +411,7 @@ impl Device {
                     }
                     Err(_) => return drop(DropReason::Refused),
                 }
-                match parse_handshake_anon(self.private.secret(), &self.public, &init) {
+                match parse_handshake_anon(id.private.secret(), &id.public, &init) {
                     Ok(half) => table.get(&PublicKey(half.peer_static_public)),
                     Err(_) => None,
                 }
@@ -386,6 +427,7 @@ impl Device {
         match tunn.decapsulate(Some(from.ip()), datagram, out) {
             TunnResult::Done => {
                 peer.set_endpoint(from);
+                peer.mark_heard();
                 Decap::Done
             }
             // The session's own load check (the limiter counts each initiation twice) can
@@ -399,6 +441,7 @@ impl Device {
             }
             TunnResult::WriteToNetwork(d) => {
                 peer.set_endpoint(from);
+                peer.mark_heard();
                 Decap::Reply {
                     peer: Some(peer),
                     datagram: d,
@@ -439,8 +482,10 @@ impl Device {
         src: std::net::IpAddr,
     ) -> Decap<'t, 'a> {
         peer.set_endpoint(from);
+        peer.mark_heard();
         match table.route_memo(memo, src) {
-            Some(owner) if Arc::ptr_eq(owner, peer) => {}
+            // A rotating peer is one identity under both its keys.
+            Some(owner) if Arc::ptr_eq(owner, peer) || table.same_identity(owner, peer) => {}
             _ => {
                 peer.counters.rx_not_allowed.fetch_add(1, Ordering::Relaxed);
                 self.counters.count(DropReason::SourceNotAllowed);

@@ -109,6 +109,12 @@ impl PrivateKey {
     pub fn to_bytes(&self) -> [u8; 32] {
         self.0.to_bytes()
     }
+    /// X25519 with `peer`: the shared secret both ends compute (key rotation proofs).
+    pub fn diffie_hellman(&self, peer: &PublicKey) -> [u8; 32] {
+        self.0
+            .diffie_hellman(&x25519_dalek::PublicKey::from(peer.0))
+            .to_bytes()
+    }
 }
 
 impl FromStr for PrivateKey {

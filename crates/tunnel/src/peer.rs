@@ -1,7 +1,7 @@
 //! One remote peer: its identity, its WireGuard session state and its counters.
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +31,10 @@ pub struct PeerSpec {
     pub preshared_key: Option<[u8; 32]>,
     /// What this host and the peer may open to each other (default deny when empty).
     pub grants: Arc<PeerGrants>,
+    /// The peer is rotating its key (issue 17): its next public key. The table keeps a second
+    /// entry for it (same allowed IPs, grants and name) so the peer is accepted under both
+    /// keys; traffic moves to the new key once it authenticated a packet.
+    pub next_key: Option<PublicKey>,
 }
 
 impl PeerSpec {
@@ -63,6 +67,9 @@ pub struct Peer {
     endpoint: Mutex<Option<SocketAddr>>,
     tunn: Mutex<Tunn>,
     grants: ArcSwap<PeerGrants>,
+    /// Set once a packet from this peer authenticated (a rotating peer's next key: the peer
+    /// switched, so traffic goes to this entry).
+    heard: AtomicBool,
     /// Traffic counters.
     pub counters: PeerCounters,
 }
@@ -98,8 +105,18 @@ impl Peer {
             grants: ArcSwap::new(Arc::clone(&spec.grants)),
             spec: Mutex::new(spec),
             tunn: Mutex::new(tunn),
+            heard: AtomicBool::new(false),
             counters: PeerCounters::default(),
         }
+    }
+
+    /// This host's key changed: the session restarts under `own` (boringtun drops its
+    /// sessions; the next handshake uses the new static key).
+    pub(crate) fn set_own_key(&self, own: &PrivateKey, limiter: Arc<RateLimiter>) {
+        let public = x25519_dalek::PublicKey::from(own.secret());
+        self.tunn
+            .lock()
+            .set_static_private(own.secret().clone(), public, Some(limiter));
     }
 
     /// A copy of the current spec.
@@ -142,6 +159,19 @@ impl Peer {
     /// Locks the session state. Hold it for a run of packets, not across IO waits.
     pub fn lock(&self) -> MutexGuard<'_, Tunn> {
         self.tunn.lock()
+    }
+
+    /// Whether a packet from this peer ever authenticated.
+    pub fn heard(&self) -> bool {
+        self.heard.load(Ordering::Relaxed)
+    }
+
+    /// Marks the peer as heard (checked first, so the hot path writes the line once).
+    #[inline]
+    pub(crate) fn mark_heard(&self) {
+        if !self.heard.load(Ordering::Relaxed) {
+            self.heard.store(true, Ordering::Relaxed);
+        }
     }
 
     /// Time since the last completed handshake, if any.

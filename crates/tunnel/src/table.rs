@@ -29,6 +29,9 @@ pub struct PeerTable {
     by_key: HashMap<PublicKey, usize>,
     by_index: HashMap<u32, usize>,
     routes: AllowedIps<usize>,
+    /// Per slot, the slot of the peer's next-key entry while it rotates (empty when no peer
+    /// rotates: the common case costs one length check).
+    successor: Vec<Option<usize>>,
     /// Bumped on every rebuild.
     pub version: u64,
 }
@@ -115,7 +118,21 @@ impl PeerTable {
         let mut diff = PeerDiff::default();
         // Indices of kept peers stay reserved, so never hand them to a new peer.
         let mut reserved: HashMap<u32, usize> = prev.by_index.clone();
+        // A rotating peer's next key is a second entry right after its primary one.
+        let mut expanded: Vec<(PeerSpec, Option<usize>)> = Vec::with_capacity(specs.len());
         for spec in specs {
+            let primary = expanded.len();
+            expanded.push((spec.clone(), None));
+            if let Some(next) = spec.next_key.filter(|k| *k != spec.public_key) {
+                let alias = PeerSpec {
+                    public_key: next,
+                    next_key: None,
+                    ..spec.clone()
+                };
+                expanded.push((alias, Some(primary)));
+            }
+        }
+        for (spec, alias_of) in &expanded {
             if spec.public_key == own_pub {
                 return Err(TableError::OwnKey(spec.name.clone()));
             }
@@ -124,39 +141,105 @@ impl PeerTable {
             }
             let peer = match prev.get(&spec.public_key) {
                 Some(old) if !old.spec().needs_new_session(spec) => {
-                    if old.spec() != *spec {
+                    if old.spec() != *spec && alias_of.is_none() {
                         diff.updated.push(spec.name.clone());
                     }
                     old.update_spec(spec.clone());
                     Arc::clone(old)
                 }
                 Some(_) => {
-                    diff.restarted.push(spec.name.clone());
+                    if alias_of.is_none() {
+                        diff.restarted.push(spec.name.clone());
+                    }
                     let idx = alloc.allocate(&reserved);
                     reserved.insert(idx, usize::MAX);
                     Arc::new(Peer::new(own, spec.clone(), idx, Arc::clone(limiter)))
                 }
                 None => {
-                    diff.added.push(spec.name.clone());
+                    if alias_of.is_none() && !prev.has_name_rotated_from(spec) {
+                        diff.added.push(spec.name.clone());
+                    }
                     let idx = alloc.allocate(&reserved);
                     reserved.insert(idx, usize::MAX);
                     Arc::new(Peer::new(own, spec.clone(), idx, Arc::clone(limiter)))
                 }
             };
             let slot = table.peers.len();
-            for net in &spec.allowed_ips {
-                table.routes.insert(net, slot);
+            match alias_of {
+                // Only the primary entry routes; the next key is reached through it.
+                Some(primary) => {
+                    table.successor.resize(slot + 1, None);
+                    table.successor[*primary] = Some(slot);
+                }
+                None => {
+                    for net in &spec.allowed_ips {
+                        table.routes.insert(net, slot);
+                    }
+                }
             }
             table.by_key.insert(peer.public_key, slot);
             table.by_index.insert(peer.index, slot);
             table.peers.push(peer);
         }
-        for old in &prev.peers {
-            if !table.by_key.contains_key(&old.public_key) {
-                diff.removed.push(old.spec().name);
+        for (i, old) in prev.peers.iter().enumerate() {
+            if !table.by_key.contains_key(&old.public_key) && !prev.is_alias_slot(i) {
+                let name = old.spec().name;
+                // A rotation that completed: the peer's next key is now its key.
+                let rotated = prev
+                    .successor(i)
+                    .is_some_and(|n| table.by_key.contains_key(&n.public_key));
+                if rotated {
+                    diff.updated.push(name);
+                } else {
+                    diff.removed.push(name);
+                }
             }
         }
         Ok((table, diff))
+    }
+
+    /// Whether the new primary `spec` was the next key of a rotating peer in this table.
+    fn has_name_rotated_from(&self, spec: &PeerSpec) -> bool {
+        self.by_key
+            .get(&spec.public_key)
+            .is_some_and(|&i| self.is_alias_slot(i))
+    }
+
+    fn is_alias_slot(&self, slot: usize) -> bool {
+        self.successor.contains(&Some(slot))
+    }
+
+    /// The next-key entry of the peer in `slot`, while it rotates.
+    fn successor(&self, slot: usize) -> Option<&Arc<Peer>> {
+        let s = (*self.successor.get(slot)?)?;
+        self.peers.get(s)
+    }
+
+    /// The entry traffic for the peer in `slot` goes to: its next key once that key has
+    /// authenticated a packet (the peer switched), else the slot's own.
+    #[inline]
+    fn resolve(&self, slot: usize) -> Option<&Arc<Peer>> {
+        if let Some(next) = self.successor(slot) {
+            if next.heard() {
+                return Some(next);
+            }
+        }
+        self.peers.get(slot)
+    }
+
+    /// Whether `a` and `b` are the same peer: one entry, or a rotating peer's two keys.
+    #[inline]
+    pub fn same_identity(&self, a: &Arc<Peer>, b: &Arc<Peer>) -> bool {
+        if Arc::ptr_eq(a, b) {
+            return true;
+        }
+        let (Some(&ia), Some(&ib)) = (
+            self.by_key.get(&a.public_key),
+            self.by_key.get(&b.public_key),
+        ) else {
+            return false;
+        };
+        self.successor.get(ia) == Some(&Some(ib)) || self.successor.get(ib) == Some(&Some(ia))
     }
 
     /// All peers, in spec order.
@@ -178,7 +261,7 @@ impl PeerTable {
 
     /// Cryptokey routing: the peer whose allowed IPs hold `ip` most specifically.
     pub fn route(&self, ip: IpAddr) -> Option<&Arc<Peer>> {
-        self.routes.lookup(ip).map(|&i| &self.peers[i])
+        self.routes.lookup(ip).and_then(|&i| self.resolve(i))
     }
 
     /// [`route`](Self::route) through a worker's one-entry memo: packets to the address the
@@ -187,12 +270,12 @@ impl PeerTable {
     pub fn route_memo(&self, memo: &mut RouteMemo, ip: IpAddr) -> Option<&Arc<Peer>> {
         if let Some((version, addr, i)) = memo.last {
             if version == self.version && addr == ip {
-                return self.peers.get(i);
+                return self.resolve(i);
             }
         }
         let i = *self.routes.lookup(ip)?;
         memo.last = Some((self.version, ip, i));
-        self.peers.get(i)
+        self.resolve(i)
     }
 }
 
@@ -210,6 +293,7 @@ mod tests {
 
     fn spec(name: &str, key: &PrivateKey, ip: &str) -> PeerSpec {
         PeerSpec {
+            next_key: None,
             name: name.into(),
             public_key: key.public_key(),
             endpoint: None,

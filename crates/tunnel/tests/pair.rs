@@ -418,3 +418,89 @@ fn malformed_inner_packet_is_counted_as_such() {
     assert_eq!(net.delivered.len(), 1, "none of it delivered");
     assert_eq!(nonzero(&b), vec![("malformed_inner", 4)]);
 }
+
+/// Sends one packet each way and returns how many of the two arrived.
+fn exchange(net: &mut Net, a: &Device, b: &Device, tag: &[u8]) -> usize {
+    let before = net.delivered.len();
+    net.send(a, A_ADDR, &ip4([100, 64, 0, 1], [100, 64, 0, 2], tag));
+    net.run(a, b);
+    net.send(b, B_ADDR, &ip4([100, 64, 0, 2], [100, 64, 0, 1], tag));
+    net.run(a, b);
+    net.delivered.len() - before
+}
+
+/// Issue 17 key rotation: b learns a's next key (a second entry, same allowed IPs), a
+/// switches its static key, both directions keep flowing (the packet that triggers the new
+/// handshake is queued and flushed, not lost), and once the rotation completes (a's new key
+/// is its only key) the session made under the new key is kept.
+#[test]
+fn key_rotation_keeps_traffic_flowing() {
+    let (a, b, ka, kb) = pair();
+    let mut net = Net::new();
+    assert_eq!(exchange(&mut net, &a, &b, b"before"), 2);
+
+    // Phase 1: b accepts a's old and next key.
+    let next = PrivateKey::generate();
+    let mut sa = spec("a", &ka, A_ADDR, "100.64.0.1/32");
+    sa.next_key = Some(next.public_key());
+    let diff = b.set_peers(std::slice::from_ref(&sa)).unwrap();
+    assert!(diff.added.is_empty() && diff.restarted.is_empty(), "{diff}");
+    assert_eq!(b.table().peers().len(), 2);
+    // Nothing changed for traffic yet: the old session still carries it.
+    assert_eq!(exchange(&mut net, &a, &b, b"during"), 2);
+
+    // Phase 2: a switches; its re-handshake under the new key is what the timers send.
+    a.set_private_key(next.clone());
+    assert_eq!(a.public_key(), next.public_key());
+    assert!(a.take_initiate_request() && !a.take_initiate_request());
+    let mut scratch = vec![0u8; 2048];
+    let mut sends = Vec::new();
+    a.initiate_all(&mut scratch, |to, d| sends.push((to, d.to_vec())));
+    assert_eq!(sends.len(), 1);
+    for (to, d) in sends {
+        net.wire.push_back((A_ADDR.parse().unwrap(), to, d));
+    }
+    net.run(&a, &b);
+    // b heard the new key: traffic to a goes to that entry, and a's packets are admitted.
+    let table = b.table();
+    let via = b
+        .route(&table, &ip4([100, 64, 0, 2], [100, 64, 0, 1], b"x"))
+        .unwrap();
+    assert_eq!(via.public_key, next.public_key());
+    drop(table);
+    assert_eq!(exchange(&mut net, &a, &b, b"switched"), 2);
+    assert_eq!(b.counters.source_not_allowed.load(Ordering::Relaxed), 0);
+
+    // Phase 3: the rotation completes: only the new key; its session is kept.
+    let done = spec("a", &next, A_ADDR, "100.64.0.1/32");
+    let diff = b.set_peers(&[done]).unwrap();
+    assert!(
+        diff.removed.is_empty() && diff.restarted.is_empty() && diff.added.is_empty(),
+        "{diff}"
+    );
+    assert_eq!(b.table().peers().len(), 1);
+    let kept = b.table().peers()[0].last_handshake();
+    assert!(kept.is_some(), "session under the new key kept");
+    assert_eq!(exchange(&mut net, &a, &b, b"after"), 2);
+    let _ = kb;
+}
+
+/// A peer that only knows a rotating host's old key refuses the new one (so a stolen next
+/// key is useless until the coordinator distributes it), and the old key keeps working
+/// while the next key is merely announced.
+#[test]
+fn next_key_is_accepted_only_where_announced() {
+    let (a, b, _ka, _kb) = pair();
+    let mut net = Net::new();
+    assert_eq!(exchange(&mut net, &a, &b, b"before"), 2);
+    a.set_private_key(PrivateKey::generate());
+    let mut scratch = vec![0u8; 2048];
+    let mut sends = Vec::new();
+    a.initiate_all(&mut scratch, |to, d| sends.push((to, d.to_vec())));
+    for (to, d) in sends {
+        net.wire.push_back((A_ADDR.parse().unwrap(), to, d));
+    }
+    net.run(&a, &b);
+    assert!(b.counters.unknown_peer.load(Ordering::Relaxed) >= 1);
+    assert_eq!(b.table().peers().len(), 1);
+}

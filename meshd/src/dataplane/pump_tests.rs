@@ -74,6 +74,7 @@ impl Pair {
             let device = Arc::new(Device::new(keys[i].clone(), i as u32 + 1));
             device
                 .set_peers(&[PeerSpec {
+                    next_key: None,
                     name: format!("host{other}"),
                     public_key: keys[other].public_key(),
                     endpoint: Some(under(other)),
@@ -323,6 +324,7 @@ fn the_worker_threads_carry_packets_over_the_fakes() {
         let device = Arc::new(Device::new(keys[i].clone(), i as u32 + 1));
         device
             .set_peers(&[PeerSpec {
+                next_key: None,
                 name: format!("host{other}"),
                 public_key: keys[other].public_key(),
                 endpoint: Some(under(other)),

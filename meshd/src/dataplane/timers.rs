@@ -53,6 +53,10 @@ impl Timers {
             device.initiate_all(&mut self.scratch, send);
             return;
         }
+        if device.take_initiate_request() {
+            // This host's key changed: re-handshake every peer under the new key now.
+            device.initiate_all(&mut self.scratch, send);
+        }
         device.update_timers(&mut self.scratch, send);
         let since = |t: u64| Duration::from_micros(now.micros.saturating_sub(t));
         if since(self.last_second) >= Duration::from_secs(1) {

@@ -25,7 +25,7 @@ use anyhow::Context as _;
 use ipnet::IpNet;
 use meshd_config::Mode;
 use meshd_policy::BlockEvent;
-use meshd_tunnel::{Device, PeerDiff, TableError};
+use meshd_tunnel::{Device, PeerDiff, PrivateKey, TableError};
 use rand_core::RngCore as _;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -67,6 +67,15 @@ pub struct Host<R, T> {
 }
 
 impl<R: OverlayRoutes, T: UnderlayGuard> Host<R, T> {
+    /// Key rotation: the device's static key becomes `key`; sessions restart under it and the
+    /// timers re-handshake every peer at once (peers already accept the new key).
+    pub fn rotate_key(&mut self, key: PrivateKey) {
+        let old = self.device.public_key();
+        self.device.set_private_key(key);
+        tracing::info!(old_key = %old, public_key = %self.device.public_key(),
+            "host key rotated; re-handshaking every peer");
+    }
+
     /// A host over a started device. `transparent` is `Some` in transparent mode; `own` are
     /// this host's underlay addresses now.
     #[allow(clippy::too_many_arguments)]
@@ -499,6 +508,7 @@ async fn run_loop<S: PeerSource, R: OverlayRoutes, T: UnderlayGuard>(
                     host.clear_peers();
                     return Err(e);
                 }
+                SourceEvent::RotateKey(key) => host.rotate_key(key),
             },
             Some(call) = uapi.calls.recv() => {
                 let errno = uapi_set(host, source, &call.request, uapi.facts, meshd_time::unix_now()).await?;

@@ -68,6 +68,7 @@ fn map(version: u64) -> NetworkMap {
         labels: [("app".to_string(), name.to_string())].into(),
         grants: PeerGrants::allow_all("static-peer"),
         transparent: true,
+        next_public_key: None,
     };
     NetworkMap {
         version,

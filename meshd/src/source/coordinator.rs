@@ -225,6 +225,34 @@ pub fn map_update(map: &NetworkMap, host: &HostInfo) -> PeerUpdate {
     }
 }
 
+/// Rotated keys in the state directory: `host.key.next` while the coordinator checks the new
+/// key, then `host.key` (both 0600, fsync'd, replaced atomically).
+#[derive(Debug)]
+struct KeyFiles {
+    dir: PathBuf,
+}
+
+impl KeyFiles {
+    fn write(path: &Path, key: &PrivateKey) -> std::io::Result<()> {
+        write_private(path, format!("{}\n", key.to_base64()).as_bytes())
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    }
+}
+
+impl client::KeyStore for KeyFiles {
+    fn save_next(&self, key: &PrivateKey) -> std::io::Result<()> {
+        Self::write(&self.dir.join("host.key.next"), key)
+    }
+
+    fn promote(&self, key: &PrivateKey) -> std::io::Result<()> {
+        Self::write(&self.dir.join("host.key"), key)?;
+        match std::fs::remove_file(self.dir.join("host.key.next")) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// The coordinator session as a [`PeerSource`].
 pub struct Coordinator {
     state_dir: PathBuf,
@@ -244,6 +272,8 @@ struct Session {
     /// `None` once the session dropped its end.
     maps: Option<watch::Receiver<Option<NetworkMap>>>,
     state: Option<watch::Receiver<SessionState>>,
+    /// This host's key (changes on a rotation).
+    key: Option<watch::Receiver<PrivateKey>>,
     /// SIGHUP: nothing to reload here (the coordinator owns the peers), but without a handler
     /// its default action would kill the daemon. `None` if it could not be installed.
     hup: Option<tokio::signal::unix::Signal>,
@@ -342,12 +372,16 @@ impl PeerSource for Coordinator {
         );
         cfg.initial_map = self.persisted.take();
         cfg.fwmark = self.transparent.then_some(transparent::FWMARK);
+        cfg.key_store = Some(std::sync::Arc::new(KeyFiles {
+            dir: self.state_dir.clone(),
+        }));
         let handle = client::spawn_session(cfg);
         let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .context("installing the SIGHUP handler")?;
         self.session = Some(Session {
             maps: Some(handle.map()),
             state: Some(handle.state()),
+            key: Some(handle.key()),
             hup: Some(hup),
             handle,
         });
@@ -360,7 +394,26 @@ impl PeerSource for Coordinator {
         };
         loop {
             let (maps, state, hup) = (&mut session.maps, &mut session.state, &mut session.hup);
+            let key = &mut session.key;
             tokio::select! {
+                changed = async { key.as_mut()?.changed().await.ok() }, if key.is_some() => {
+                    let Some(()) = changed else {
+                        session.key = None;
+                        continue;
+                    };
+                    let Some(k) = session.key.as_mut().map(|k| k.borrow_and_update().clone()) else {
+                        continue;
+                    };
+                    self.key = k.clone();
+                    self.agent.host.public_key = k.public_key();
+                    if let Err(e) = serde_json::to_vec_pretty(&self.agent)
+                        .map_err(anyhow::Error::from)
+                        .and_then(|b| Ok(write_private(&self.state_dir.join("agent.json"), &b)?))
+                    {
+                        tracing::warn!(error = %format!("{e:#}"), "updating agent.json after the key rotation failed");
+                    }
+                    return SourceEvent::RotateKey(k);
+                }
                 got = async { hup.as_mut()?.recv().await }, if hup.is_some() => {
                     if got.is_none() {
                         session.hup = None;
@@ -520,6 +573,7 @@ mod tests {
                     labels: Default::default(),
                     grants: meshd_policy::PeerGrants::default(),
                     transparent: false,
+                    next_public_key: None,
                 })
                 .collect(),
         }

@@ -129,6 +129,8 @@ pub enum SourceEvent {
     /// The source will never give peers again (the coordinator refused this host): drop every
     /// peer and stop with this error.
     Refused(anyhow::Error),
+    /// Key rotation: this host's key is now this one (already stored): switch the device.
+    RotateKey(PrivateKey),
 }
 
 /// Facts of a running host, for a source's "meshd up" line.

@@ -35,6 +35,7 @@ fn peer(k: u8, port: u16) -> Peer {
         labels: Default::default(),
         grants: Default::default(),
         transparent: false,
+        next_public_key: None,
     }
 }
 
@@ -721,6 +722,13 @@ fn arb_frame() -> impl Strategy<Value = CoordinatorMessage> {
                 }
             }),
         any::<u64>().prop_map(|nonce| CoordinatorMessage::Pong { nonce }),
+        Just(CoordinatorMessage::RotateKey {
+            nonce: crate::rotation::Nonce([5; 32])
+        }),
+        (0u64..3000).prop_map(|ms| CoordinatorMessage::KeyAccepted {
+            new_key: PublicKey([9; 32]),
+            switch_after_ms: ms
+        }),
         prop_oneof![
             Just(ErrorCode::AlreadyConnected),
             Just(ErrorCode::Internal),
@@ -804,7 +812,10 @@ impl Model {
                 Action::State(SessionState::Refused { .. } | SessionState::Stopped) => {
                     self.finished = true
                 }
-                Action::State(_) | Action::ApplyMap(_) => {}
+                Action::State(_)
+                | Action::ApplyMap(_)
+                | Action::PrepareKey { .. }
+                | Action::SwitchKey { .. } => {}
             }
         }
         if let Some(t) = s.poll_timeout() {
@@ -958,4 +969,85 @@ fn flows_left_when_the_transport_goes_are_sent_after_the_next_welcome() {
     s.shutdown();
     s.queue_flows(batch(20, 1, 0, 0));
     assert_eq!((s.flows_queued(), s.flows_dropped()), (0, 1));
+}
+
+/// Key rotation: `RotateKey` asks the driver for a key, the prepared key is proposed,
+/// `KeyAccepted` switches after the delay it gives — switch, close, reconnect at once — and
+/// a connection lost before the switch forgets it.
+#[test]
+fn key_rotation_prepare_propose_switch_reconnect() {
+    use crate::rotation::{Nonce, Proof};
+    let t0 = Instant::now();
+    let mut s = connected(t0);
+    let nonce = Nonce([3; 32]);
+    s.handle_input(Input::Frame(CoordinatorMessage::RotateKey { nonce }), t0);
+    assert_eq!(drain(&mut s), vec![Action::PrepareKey { nonce }]);
+    let new_key = PublicKey([8; 32]);
+    let proof = Proof([4; 32]);
+    s.handle_input(
+        Input::KeyPrepared {
+            nonce,
+            new_key,
+            proof,
+        },
+        t0,
+    );
+    assert_eq!(
+        sends(&drain(&mut s)),
+        vec![AgentMessage::KeyProposal {
+            nonce,
+            new_key,
+            proof
+        }]
+    );
+    s.handle_input(
+        Input::Frame(CoordinatorMessage::KeyAccepted {
+            new_key,
+            switch_after_ms: 1500,
+        }),
+        t0,
+    );
+    assert!(drain(&mut s).is_empty());
+    let at = s.poll_timeout().expect("a switch deadline");
+    assert_eq!(at - t0, Duration::from_millis(1500));
+    s.handle_timeout(t0 + Duration::from_millis(1499));
+    assert!(drain(&mut s).is_empty(), "not before the deadline");
+    s.handle_timeout(at);
+    let a = drain(&mut s);
+    assert_eq!(a[0], Action::SwitchKey { new_key });
+    assert_eq!(a[1], Action::Close);
+    // Reconnects at once (no backoff: nothing failed).
+    assert_eq!(s.poll_timeout(), Some(at));
+    s.handle_timeout(at);
+    assert_eq!(drain(&mut s), vec![Action::Connect]);
+
+    // A lost connection before the switch: no switch later.
+    let mut s = connected(t0);
+    s.handle_input(
+        Input::Frame(CoordinatorMessage::KeyAccepted {
+            new_key,
+            switch_after_ms: 10,
+        }),
+        t0,
+    );
+    let _ = fail_and_delay(&mut s, t0);
+    s.handle_input(Input::TransportUp, t0);
+    s.handle_input(welcome(), t0);
+    let _ = drain(&mut s);
+    s.handle_timeout(t0 + Duration::from_secs(5));
+    assert!(!drain(&mut s)
+        .iter()
+        .any(|a| matches!(a, Action::SwitchKey { .. })));
+    // A prepared key while not connected is not proposed.
+    let mut s = AgentSession::new(params(), t0);
+    let _ = drain(&mut s);
+    s.handle_input(
+        Input::KeyPrepared {
+            nonce,
+            new_key,
+            proof,
+        },
+        t0,
+    );
+    assert!(sends(&drain(&mut s)).is_empty());
 }

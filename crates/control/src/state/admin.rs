@@ -75,6 +75,9 @@ pub enum AdminError {
     /// A bad `--group` (empty, or too many groups).
     #[error("{0}")]
     InvalidGroup(String),
+    /// A key rotation cannot start (host offline, one already under way).
+    #[error("{0}")]
+    KeyRotation(String),
 }
 
 /// Longest token lifetime: 10 years (longer ones overflowed the store's 64-bit signed time).
@@ -224,6 +227,7 @@ impl CoordinatorState {
         h.removed = true;
         let addr = h.ipv4;
         self.pool.release(addr);
+        self.cancel_rotation(id);
         self.touch(id);
         self.policy_host_changed(id);
         if let Some(s) = self.sessions.remove(&id) {

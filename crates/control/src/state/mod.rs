@@ -43,6 +43,7 @@ mod flows;
 mod mode;
 mod policy;
 mod pushes;
+mod rotation;
 mod sessions;
 
 pub use admin::{
@@ -58,6 +59,7 @@ pub use flows::{
 };
 pub use mode::{group_selector, RuntimeMode, MAX_LEARN_GROUPS};
 pub use pushes::{Dirty, Kick, Push};
+pub use rotation::RotationEvent;
 pub use sessions::{Hello, HelloRefused, Notice, SessionInfo, MAX_REPORTED_ENDPOINTS};
 
 use pushes::SentPeer;
@@ -134,6 +136,14 @@ pub struct CoordinatorState {
     records: BTreeMap<crate::cmdb::RecordId, crate::cmdb::HostRecord>,
     dirty_records: BTreeSet<crate::cmdb::RecordId>,
     next_record: u64,
+    /// Key rotations under way (`state/rotation.rs`), the automatic periods, the rotation
+    /// messages for the next poll, (new, old) keys of completed rotations whose old key
+    /// peers must drop, and the steps to record as events.
+    rotations: crate::rotation::Rotations,
+    rotation_schedule: crate::rotation::RotationSchedule,
+    rotation_msgs: Vec<Push>,
+    retired_keys: Vec<(PublicKey, PublicKey)>,
+    rotation_events: Vec<RotationEvent>,
 }
 
 impl CoordinatorState {
@@ -182,6 +192,11 @@ impl CoordinatorState {
             records: BTreeMap::new(),
             dirty_records: BTreeSet::new(),
             next_record: 1,
+            rotations: crate::rotation::Rotations::default(),
+            rotation_schedule: crate::rotation::RotationSchedule::default(),
+            rotation_msgs: Vec::new(),
+            retired_keys: Vec::new(),
+            rotation_events: Vec::new(),
         }
     }
 
@@ -219,6 +234,11 @@ impl CoordinatorState {
             s.revs.insert(h.id, rev);
             if h.revoked {
                 s.revoked_keys.insert(h.public_key);
+            }
+            // A rotation proved before a restart: peers keep accepting both keys until the
+            // host reconnects with the new one (or the grace period ends).
+            if let (Some(k), false) = (h.pending_key, h.removed) {
+                s.rotations.restore_pending(h.id, k, h.last_seen);
             }
             s.hosts.insert(h.id, h);
         }

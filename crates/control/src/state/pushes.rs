@@ -115,7 +115,9 @@ impl CoordinatorState {
         let need_any = self.sessions.values().any(|s| s.sent.is_none())
             || (!self.sessions.is_empty() && (membership || !changed.is_empty()));
         if !need_any {
-            return Vec::new();
+            let mut out = Vec::new();
+            self.finish_rotation_pushes(&mut out);
+            return out;
         }
         let version = self.map_version + 1;
         let ids: Vec<HostId> = self.sessions.keys().copied().collect();
@@ -167,6 +169,7 @@ impl CoordinatorState {
             self.map_version = version;
             self.version_dirty = true;
         }
+        self.finish_rotation_pushes(&mut out);
         out
     }
 

@@ -209,6 +209,10 @@ impl CoordinatorState {
         if self.revoked_keys.contains(&key) {
             return Err(ErrorCode::HostRevoked);
         }
+        // A rotating host reconnecting with its proved next key: the switch completes.
+        if !self.by_key.contains_key(&key) {
+            self.complete_rotation(now, key);
+        }
         let existing = self.by_key.get(&key).copied();
         let (id, endpoints) = match (hello, existing.and_then(|id| self.hosts.get(&id))) {
             (Hello::Resume { .. }, None) => return Err(ErrorCode::UnknownHost),
@@ -343,6 +347,8 @@ impl CoordinatorState {
                 quarantined: false,
                 revoked: false,
                 transparent: endpoints.transparent,
+                pending_key: None,
+                key_rotated_at: None,
             },
         );
         self.by_key.insert(key, id);

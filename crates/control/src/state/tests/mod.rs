@@ -22,6 +22,7 @@ mod flows;
 mod mode;
 mod policy;
 mod pushes;
+mod rotation;
 mod sessions;
 
 fn key(k: u8) -> PublicKey {
