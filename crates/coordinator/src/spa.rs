@@ -327,7 +327,8 @@ pub(crate) fn view_of(state: &CoordinatorState, admin_hashes: &[[u8; 32]]) -> Sp
         hosts: state
             .hosts()
             .filter(|h: &&Host| !h.removed)
-            .map(|h| h.public_key)
+            // A host mid-rotation reconnects with its next key: it must be able to knock.
+            .flat_map(|h| std::iter::once(h.public_key).chain(h.pending_key))
             .collect(),
         ..SpaView::default()
     };

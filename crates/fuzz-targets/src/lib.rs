@@ -129,6 +129,7 @@ pub(crate) fn spec(
         persistent_keepalive: None,
         preshared_key: None,
         grants: Arc::new(grants),
+        next_key: None,
     }
 }
 

@@ -397,6 +397,8 @@ fn map_peer(k: u8) -> Peer {
         labels: [("app".to_string(), format!("app{k}"))].into(),
         grants: crate::grants(),
         transparent: k % 2 == 0,
+        // Every third peer is mid-rotation (its next key announced).
+        next_public_key: (k % 3 == 0).then(|| PrivateKey::from_bytes([k ^ 0x80; 32]).public_key()),
     }
 }
 
