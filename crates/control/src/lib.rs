@@ -25,6 +25,7 @@ pub mod policy;
 pub mod pool;
 pub mod proto;
 pub mod session;
+pub mod signed;
 pub mod specs;
 pub mod state;
 pub mod suggest;

@@ -804,7 +804,7 @@ impl Model {
                 Action::State(SessionState::Refused { .. } | SessionState::Stopped) => {
                     self.finished = true
                 }
-                Action::State(_) | Action::ApplyMap(_) => {}
+                Action::State(_) | Action::ApplyMap(_) | Action::TrustRefused(_) => {}
             }
         }
         if let Some(t) = s.poll_timeout() {
