@@ -36,13 +36,17 @@ pub enum EventKind {
     HostLabelsFromCmdb,
     /// The scan detector acted on a host (quarantine or restricted label).
     ScanDetected,
+    /// The admin key set changed (signed policy; the first set is trusted on first use).
+    AdminKeysChanged,
+    /// A host's name and labels were set from a signed statement.
+    HostLabelsSigned,
     /// A kind this version does not write (stored by another version), kept as stored.
     Other(String),
 }
 
 impl EventKind {
     /// Every kind this version writes.
-    pub const KNOWN: [EventKind; 13] = [
+    pub const KNOWN: [EventKind; 15] = [
         EventKind::DuplicateConnection,
         EventKind::HostRenamedOnEnrol,
         EventKind::PoolExhausted,
@@ -56,6 +60,8 @@ impl EventKind {
         EventKind::CmdbImported,
         EventKind::HostLabelsFromCmdb,
         EventKind::ScanDetected,
+        EventKind::AdminKeysChanged,
+        EventKind::HostLabelsSigned,
     ];
 
     /// The stored and shown name (`host_removed`).
@@ -74,6 +80,8 @@ impl EventKind {
             EventKind::CmdbImported => "cmdb_imported",
             EventKind::HostLabelsFromCmdb => "host_labels_from_cmdb",
             EventKind::ScanDetected => "scan_detected",
+            EventKind::AdminKeysChanged => "admin_keys_changed",
+            EventKind::HostLabelsSigned => "host_labels_signed",
             EventKind::Other(s) => s,
         }
     }

@@ -141,4 +141,21 @@ CREATE TABLE cmdb_records (
 );
 "#,
     ),
+    (
+        6,
+        "signed policy: admin-signed statements",
+        r#"
+-- Admin-signed statements (issue 17): the admin key-set chain (kind 'key_set', id = seq), each
+-- policy version's statement (kind 'policy', id = version) and each host's current name and
+-- labels statement (kind 'host', id = host id). body: JSON meshd_control::state::SignedRecord.
+-- Agents verify every statement themselves: editing this table (or any other) cannot widen
+-- anyone's access, only withhold updates.
+CREATE TABLE signed_statements (
+    kind TEXT    NOT NULL,
+    id   INTEGER NOT NULL,
+    body TEXT    NOT NULL,
+    PRIMARY KEY (kind, id)
+);
+"#,
+    ),
 ];

@@ -44,6 +44,7 @@ mod mode;
 mod policy;
 mod pushes;
 mod sessions;
+mod signed;
 
 pub use admin::{
     check_policy_size, AdminError, TokenSpec, MAX_LABELS, MAX_POLICY_BYTES, MAX_TOKEN_TTL_SECS,
@@ -58,6 +59,7 @@ pub use flows::{
 };
 pub use mode::{group_selector, RuntimeMode, MAX_LEARN_GROUPS};
 pub use pushes::{Dirty, Kick, Push};
+pub use signed::{SignedRecord, SignedView};
 pub use sessions::{Hello, HelloRefused, Notice, SessionInfo, MAX_REPORTED_ENDPOINTS};
 
 use pushes::SentPeer;
@@ -134,6 +136,8 @@ pub struct CoordinatorState {
     records: BTreeMap<crate::cmdb::RecordId, crate::cmdb::HostRecord>,
     dirty_records: BTreeSet<crate::cmdb::RecordId>,
     next_record: u64,
+    /// Admin-signed statements (`state/signed.rs`; empty: unsigned mesh).
+    signed: signed::SignedState,
 }
 
 impl CoordinatorState {
@@ -182,6 +186,7 @@ impl CoordinatorState {
             records: BTreeMap::new(),
             dirty_records: BTreeSet::new(),
             next_record: 1,
+            signed: signed::SignedState::default(),
         }
     }
 
