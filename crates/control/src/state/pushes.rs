@@ -150,7 +150,9 @@ impl CoordinatorState {
                     } else {
                         self.delta_changed(id, &old, &changed, from, version)
                     };
-                    let msg = (!delta.is_empty()).then_some(CoordinatorMessage::Delta { delta });
+                    // An empty delta still carries new signed statements to the agent.
+                    let msg = (!delta.is_empty() || self.trust_pending(id))
+                        .then_some(CoordinatorMessage::Delta { delta });
                     (ns, msg)
                 }
             };

@@ -68,6 +68,8 @@ pub(super) struct SignedState {
     hosts: BTreeMap<HostId, Signed>,
     /// The policy version each agent session was last sent.
     policy_sent: HashMap<HostId, u64>,
+    /// The hash of its own host statement each agent session was last sent.
+    own_sent: HashMap<HostId, Hash32>,
     /// Not yet persisted.
     pub(super) dirty: Vec<SignedRecord>,
 }
@@ -266,6 +268,19 @@ impl CoordinatorState {
         self.signed.chain = chain;
     }
 
+    /// Whether host `id`'s agent lacks the current signed policy or its own current host
+    /// statement (then it gets a delta even when its map did not change).
+    pub(super) fn trust_pending(&self, id: HostId) -> bool {
+        if self.signed.chain.is_empty() {
+            return false;
+        }
+        let v = self.policy().map_or(0, |p| p.version);
+        let policy = self.signed.policies.contains_key(&v)
+            && self.signed.policy_sent.get(&id) != Some(&v);
+        let own = self.signed.hosts.get(&id).map(|s| s.statement.hash());
+        policy || (own.is_some() && self.signed.own_sent.get(&id) != own.as_ref())
+    }
+
     /// The `Trust` frame to send before `message` to host `id` (`None` in an unsigned mesh or
     /// for anything but a map or delta). Carries the chain, the current policy when the
     /// session was not sent it yet (or the message is a full map), and the host statements
@@ -284,6 +299,10 @@ impl CoordinatorState {
             _ => return None,
         };
         let mut hosts: Vec<Signed> = self.signed.hosts.get(&id).cloned().into_iter().collect();
+        if let Some(own) = hosts.first() {
+            let h = own.statement.hash();
+            self.signed.own_sent.insert(id, h);
+        }
         for p in peers {
             if let Some(s) = self
                 .by_key

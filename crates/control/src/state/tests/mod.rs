@@ -23,6 +23,7 @@ mod mode;
 mod policy;
 mod pushes;
 mod sessions;
+mod signed;
 
 fn key(k: u8) -> PublicKey {
     PublicKey([k; 32])
