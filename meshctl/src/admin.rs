@@ -22,8 +22,8 @@ use crate::client::{segment, Client};
 /// Reads a key file (base64 of the 32-byte seed); refuses one group or others may read.
 pub fn load_key(path: &Path) -> anyhow::Result<AdminSigningKey> {
     use std::os::unix::fs::PermissionsExt as _;
-    let meta = std::fs::metadata(path)
-        .with_context(|| format!("admin key file {}", path.display()))?;
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("admin key file {}", path.display()))?;
     if meta.permissions().mode() & 0o077 != 0 {
         anyhow::bail!(
             "admin key file {} may be read by others (chmod 600 {})",
@@ -80,7 +80,8 @@ pub fn verified_chain(
     let Some(first) = v.chain.first() else {
         return Ok((v, None));
     };
-    check_genesis(first).map_err(|e| anyhow::anyhow!("the coordinator's first admin key set: {e}"))?;
+    check_genesis(first)
+        .map_err(|e| anyhow::anyhow!("the coordinator's first admin key set: {e}"))?;
     for w in v.chain.windows(2) {
         check_successor(&w[0], &w[1])
             .map_err(|e| anyhow::anyhow!("the coordinator's admin key-set chain is broken: {e}"))?;
@@ -95,7 +96,10 @@ pub fn verified_chain(
     }
     let fp = last.statement.hash();
     if v.fingerprint != Some(fp) {
-        anyhow::bail!("the coordinator reports fingerprint {:?}, its chain says {fp}", v.fingerprint);
+        anyhow::bail!(
+            "the coordinator reports fingerprint {:?}, its chain says {fp}",
+            v.fingerprint
+        );
     }
     Ok((v, Some(fp)))
 }
@@ -155,7 +159,10 @@ fn sign_policy(v: &SignedView, keys: &[AdminSigningKey], yaml: &str) -> Signed {
     let st = Statement::Policy(PolicyStatement {
         seq: v.policy_version + 1,
         sha256: Hash32::of(yaml.as_bytes()),
-        prev: v.policy.as_ref().map_or(Hash32::ZERO, |p| p.statement.hash()),
+        prev: v
+            .policy
+            .as_ref()
+            .map_or(Hash32::ZERO, |p| p.statement.hash()),
         at_ms: now_ms(),
     });
     Signed::sign(st, &keys.iter().collect::<Vec<_>>())
@@ -173,7 +180,9 @@ pub fn rollback_policy(
     let old = history
         .iter()
         .find(|p| p.version == version)
-        .ok_or_else(|| anyhow::anyhow!("no policy version {version} (see `meshctl policy history`)"))?;
+        .ok_or_else(|| {
+            anyhow::anyhow!("no policy version {version} (see `meshctl policy history`)")
+        })?;
     let signed = sign_policy(&v, keys, &old.yaml);
     Ok(c.post(
         &format!("/v1/signed/rollback/{version}"),

@@ -43,7 +43,8 @@ const VERSION: &str = concat!(
 use serde::Serialize;
 
 use crate::cli::{
-    AdminCmd, Cli, Command, ExportCmd, ExportFormat, HostsCmd, Output, PolicyCmd, TokenCmd, TopologyFormat,
+    AdminCmd, Cli, Command, ExportCmd, ExportFormat, HostsCmd, Output, PolicyCmd, TokenCmd,
+    TopologyFormat,
 };
 use crate::client::{query, segment, ApiFailure, Client};
 use crate::config::{EnvValues, FlagValues};
@@ -412,12 +413,12 @@ impl Ctx {
                         .put("/v1/policy", &PolicyText { yaml: src.text })
                         .map_err(|e| policy_refused(&src.name, "applied", e))?
                 } else {
-                    admin::apply_policy(&self.client, &self.admin_keys, src.text).map_err(
-                        |e| match e.downcast::<ApiFailure>() {
+                    admin::apply_policy(&self.client, &self.admin_keys, src.text).map_err(|e| {
+                        match e.downcast::<ApiFailure>() {
                             Ok(f) => policy_refused(&src.name, "applied", f),
                             Err(e) => e,
-                        },
-                    )?
+                        }
+                    })?
                 };
                 match self.output {
                     Output::Json => print_json(&r),
@@ -576,7 +577,11 @@ impl Ctx {
                         s.push_str(&format!(
                             "policy version {}: {}\n",
                             v.policy_version,
-                            if v.policy.is_some() { "signed" } else { "NOT signed" }
+                            if v.policy.is_some() {
+                                "signed"
+                            } else {
+                                "NOT signed"
+                            }
                         ));
                     }
                 }
@@ -610,7 +615,11 @@ impl Ctx {
                     HostsCmd::Rename { host, new_name } => {
                         meshd_control::model::validate_name(&new_name)
                             .map_err(|e| anyhow::anyhow!("cannot rename to {new_name:?}: {e}"))?;
-                        (host, false, Box::new(move |n: &mut String, _| *n = new_name))
+                        (
+                            host,
+                            false,
+                            Box::new(move |n: &mut String, _| *n = new_name),
+                        )
                     }
                     HostsCmd::Release { host } => (host, true, Box::new(|_, _| {})),
                     other => return self.hosts_unsigned(other),

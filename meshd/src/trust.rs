@@ -50,8 +50,14 @@ impl TrustCounters {
                 "signed_policy_version",
                 self.policy_version.load(Ordering::Relaxed),
             ),
-            ("signed_updates_refused", self.refused.load(Ordering::Relaxed)),
-            ("signed_stale_since", self.stale_since.load(Ordering::Relaxed)),
+            (
+                "signed_updates_refused",
+                self.refused.load(Ordering::Relaxed),
+            ),
+            (
+                "signed_stale_since",
+                self.stale_since.load(Ordering::Relaxed),
+            ),
         ]
     }
 }

@@ -22,7 +22,11 @@ rules:
 
 fn meshctl_bin() -> PathBuf {
     let p = Path::new(meshd_bin()).with_file_name("meshctl");
-    assert!(p.exists(), "{} is missing: cargo build -p meshctl", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: cargo build -p meshctl",
+        p.display()
+    );
     p
 }
 
@@ -43,7 +47,13 @@ fn meshctl(lab: &Lab, coord: &Coord, key: Option<&Path>, args: &[&str]) -> (i32,
     all.extend(args.iter().map(|s| s.to_string()));
     let out = in_netns(lab.host(coord.idx).netns(), move || {
         Command::new(bin)
-            .args(["--server", "http://127.0.0.1:7444", "--token", &token, "--config"])
+            .args([
+                "--server",
+                "http://127.0.0.1:7444",
+                "--token",
+                &token,
+                "--config",
+            ])
             .arg(&empty)
             .args(&all)
             .env_remove("MESH_ADMIN_KEY")
@@ -76,17 +86,27 @@ fn edited_database_cannot_widen_access_signed_change_applies() {
     let key = lab.dir().join("admin.key");
 
     // The admin makes a key (0600) and registers it: the first key, on trust.
-    let r = meshctl(&lab, &coord, None, &["admin", "keygen", "--out", key.to_str().unwrap()]);
+    let r = meshctl(
+        &lab,
+        &coord,
+        None,
+        &["admin", "keygen", "--out", key.to_str().unwrap()],
+    );
     assert_eq!(r.0, 0, "{r:?}");
-    let public = r
-        .2
-        .lines()
-        .find_map(|l| l.strip_prefix("admin public key: "))
-        .expect("keygen prints the public key")
-        .to_string();
+    let public =
+        r.2.lines()
+            .find_map(|l| l.strip_prefix("admin public key: "))
+            .expect("keygen prints the public key")
+            .to_string();
     use std::os::unix::fs::PermissionsExt as _;
-    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
-    ok(meshctl(&lab, &coord, Some(&key), &["admin", "add-key", &public]), "add-key");
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    ok(
+        meshctl(&lab, &coord, Some(&key), &["admin", "add-key", &public]),
+        "add-key",
+    );
 
     // Now unsigned widening changes are refused by the API, with a clear error.
     let (code, v) = coord.apply_policy(&lab, POLICY);
@@ -95,7 +115,12 @@ fn edited_database_cannot_widen_access_signed_change_applies() {
     let policy = lab.dir().join("policy.yaml");
     std::fs::write(&policy, POLICY).unwrap();
     ok(
-        meshctl(&lab, &coord, Some(&key), &["policy", "apply", policy.to_str().unwrap()]),
+        meshctl(
+            &lab,
+            &coord,
+            Some(&key),
+            &["policy", "apply", policy.to_str().unwrap()],
+        ),
         "signed policy apply",
     );
 
@@ -107,12 +132,21 @@ fn edited_database_cannot_widen_access_signed_change_applies() {
                 &lab,
                 &coord,
                 Some(&key),
-                &["token", "create", "--labels", &format!("role={role}"), "--uses", "1"],
+                &[
+                    "token",
+                    "create",
+                    "--labels",
+                    &format!("role={role}"),
+                    "--uses",
+                    "1",
+                ],
             ),
             "token create",
         );
         let token = out.trim().lines().last().unwrap().to_string();
-        assert!(meshd_control::JoinToken::admin_pin(&token).unwrap().is_some());
+        assert!(meshd_control::JoinToken::admin_pin(&token)
+            .unwrap()
+            .is_some());
         procs.push(join(&lab, i, &token, name));
     }
     for (name, role) in [("web", "web"), ("db", "db"), ("other", "other")] {
@@ -121,7 +155,12 @@ fn edited_database_cannot_widen_access_signed_change_applies() {
         });
         assert!(ok_up, "{name} did not enrol");
         ok(
-            meshctl(&lab, &coord, Some(&key), &["host", "label", name, &format!("role={role}")]),
+            meshctl(
+                &lab,
+                &coord,
+                Some(&key),
+                &["host", "label", name, &format!("role={role}")],
+            ),
             "signed label",
         );
     }
@@ -155,7 +194,11 @@ fn edited_database_cannot_widen_access_signed_change_applies() {
         .arg(r#"UPDATE hosts SET labels = '{"role":"db"}' WHERE name = 'other';"#)
         .output()
         .expect("sqlite3");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     coord.restart(&lab);
     // The coordinator believes it (its maps now grant web → other) …
     let (_, v) = coord.api(&lab, "GET", "/v1/hosts/other", None);
@@ -171,7 +214,11 @@ fn edited_database_cannot_widen_access_signed_change_applies() {
         status_json(other).map(|s| s["counters"].clone())
     );
     assert!(counter(web, "signed_stale_since") > 0);
-    assert_eq!(peer_names(web), ["db"], "the forged peer must not be applied");
+    assert_eq!(
+        peer_names(web),
+        ["db"],
+        "the forged peer must not be applied"
+    );
     assert!(!tcp_connects(web.netns(), other.netns(), other_ip, 5432));
     let text = web
         .exec(meshd_bin(), ["status", "--interface", "mesh0"])
@@ -187,7 +234,12 @@ fn edited_database_cannot_widen_access_signed_change_applies() {
 
     // The same change signed by the admin applies: traffic flows.
     ok(
-        meshctl(&lab, &coord, Some(&key), &["host", "label", "other", "role=db"]),
+        meshctl(
+            &lab,
+            &coord,
+            Some(&key),
+            &["host", "label", "other", "role=db"],
+        ),
         "signed label",
     );
     assert!(
@@ -197,9 +249,11 @@ fn edited_database_cannot_widen_access_signed_change_applies() {
         "the signed change did not apply: {:?}",
         peer_names(web)
     );
-    assert!(wait_for(Duration::from_secs(10), Duration::from_millis(200), || {
-        tcp_connects(web.netns(), other.netns(), other_ip, 5432)
-    }));
+    assert!(wait_for(
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        || { tcp_connects(web.netns(), other.netns(), other_ip, 5432) }
+    ));
     for p in procs {
         stop_cleanly(p);
     }

@@ -350,7 +350,11 @@ impl AgentSession {
         reasons.extend(cut);
         if reasons.is_empty() {
             self.trust_status.refused_since = None;
-            return if map == **raw { raw.clone() } else { Arc::new(map) };
+            return if map == **raw {
+                raw.clone()
+            } else {
+                Arc::new(map)
+            };
         }
         self.trust_status.refused = self.trust_status.refused.saturating_add(1);
         self.trust_status.refused_since.get_or_insert(now);

@@ -484,7 +484,9 @@ pub fn check_key_set(k: &KeySetStatement) -> Result<(), SignError> {
         return Err(SignError::BadKeySet("keys not sorted and distinct"));
     }
     if k.quorum == 0 || k.quorum as usize > k.keys.len() {
-        return Err(SignError::BadKeySet("quorum must be between 1 and the number of keys"));
+        return Err(SignError::BadKeySet(
+            "quorum must be between 1 and the number of keys",
+        ));
     }
     Ok(())
 }
@@ -720,10 +722,9 @@ impl TrustStore {
 
     fn absorb_host(&mut self, s: &Signed, set: &KeySetStatement) -> Result<(), Refusal> {
         let name = |s: &Signed| s.host().map(|h| h.name.clone()).unwrap_or_default();
-        let h = s.host().map_err(|why| Refusal::Host {
-            name: name(s),
-            why,
-        })?;
+        let h = s
+            .host()
+            .map_err(|why| Refusal::Host { name: name(s), why })?;
         if let Some(held) = self.hosts.get(&h.key) {
             if held == s {
                 return Ok(());
@@ -746,8 +747,7 @@ impl TrustStore {
     /// Forgets host statements of keys that are neither `own` nor in `map` (keeps the store
     /// bounded by the map).
     pub fn retain_hosts(&mut self, own: &PublicKey, map: &NetworkMap) {
-        self.hosts
-            .retain(|k, _| k == own || map.peer(k).is_some());
+        self.hosts.retain(|k, _| k == own || map.peer(k).is_some());
     }
 
     fn policy_parsed(&mut self) -> Option<&Policy> {

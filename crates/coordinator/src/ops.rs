@@ -165,7 +165,9 @@ impl Ops<'_> {
             AdminOp::Release(_) => Some("host release"),
             AdminOp::PolicyApply(_) => Some("policy apply"),
             AdminOp::PolicyRollback(_) => Some("policy rollback"),
-            AdminOp::PolicyModeSet(_) => Some("policy mode (put `mode: learn` in the signed policy file instead)"),
+            AdminOp::PolicyModeSet(_) => {
+                Some("policy mode (put `mode: learn` in the signed policy file instead)")
+            }
             AdminOp::Import(_) => Some("import (sign the labels with `meshctl host label`)"),
             _ => None,
         };
@@ -352,7 +354,11 @@ impl Ops<'_> {
                     EventKind::AdminKeysChanged,
                     format!(
                         "{keys} keys, fingerprint {fp}{}",
-                        if first { " (first set, trusted on first use)" } else { "" }
+                        if first {
+                            " (first set, trusted on first use)"
+                        } else {
+                            ""
+                        }
                     ),
                 );
                 json(&state.signed_view())
@@ -372,7 +378,11 @@ impl Ops<'_> {
             }
             AdminOp::SignedRollback(v, s) => {
                 let rec = state.rollback_signed(now, v, s)?;
-                info!(rules_version = rec.version, restored_version = v, "signed policy rolled back");
+                info!(
+                    rules_version = rec.version,
+                    restored_version = v,
+                    "signed policy rolled back"
+                );
                 record(
                     EventKind::PolicyRollback,
                     format!("version {} = version {v} (signed)", rec.version),

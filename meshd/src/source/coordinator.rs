@@ -354,9 +354,9 @@ impl Coordinator {
     fn signed_view_applied(&self) {
         let Some(s) = &self.session else { return };
         let status = s.handle.trust_status();
-        let since = status.refused_since.map(|t| {
-            meshd_time::unix_now().saturating_sub(t.elapsed().as_secs())
-        });
+        let since = status
+            .refused_since
+            .map(|t| meshd_time::unix_now().saturating_sub(t.elapsed().as_secs()));
         crate::trust::counters().update(&status, since);
         if status.pinned.is_none() {
             return;

@@ -43,7 +43,8 @@ fn policy(seq: u64, yaml: &str, prev: Hash32) -> Statement {
     })
 }
 
-const POLICY: &str = "rules:\n  - name: web-db\n    from: {role: web}\n    to: {role: db}\n    ports: [tcp/5432]\n";
+const POLICY: &str =
+    "rules:\n  - name: web-db\n    from: {role: web}\n    to: {role: db}\n    ports: [tcp/5432]\n";
 const WIDER: &str = "rules:\n  - name: web-db\n    from: {role: web}\n    to: {role: db}\n    ports: [tcp/5432]\n  - name: all\n    from: {}\n    to: {}\n    ports: [any]\n";
 
 #[test]
@@ -61,7 +62,13 @@ fn sign_verify_and_tamper() {
     if let Statement::Host(h) = &mut t.statement {
         h.labels.insert("role".into(), "web".into());
     }
-    assert_eq!(t.verify(&ks), Err(SignError::Quorum { valid: 0, quorum: 1 }));
+    assert_eq!(
+        t.verify(&ks),
+        Err(SignError::Quorum {
+            valid: 0,
+            quorum: 1
+        })
+    );
     let mut t = s.clone();
     t.sigs[0].sig.0[3] ^= 1;
     assert!(t.verify(&ks).is_err());
@@ -96,7 +103,10 @@ fn quorum_counts_distinct_keys_of_the_set() {
     // The same key twice is one signature.
     assert_eq!(
         Signed::sign(st.clone(), &[&a, &a]).verify(&ks),
-        Err(SignError::Quorum { valid: 1, quorum: 2 })
+        Err(SignError::Quorum {
+            valid: 1,
+            quorum: 2
+        })
     );
     assert_eq!(Signed::sign(st.clone(), &[&a, &c]).verify(&ks), Ok(()));
     assert_eq!(Signed::sign(st, &[&a, &key(9), &b]).valid_signers(&ks), 2);
@@ -114,16 +124,26 @@ fn key_set_chain() {
     assert_eq!(check_successor(&g, &s2), Ok(()));
     // Signed by the new key only: refused.
     let bad = Signed::sign(set(2, &[&a, &b], 2, g.statement.hash()), &[&b]);
-    assert!(matches!(check_successor(&g, &bad), Err(SignError::Quorum { .. })));
+    assert!(matches!(
+        check_successor(&g, &bad),
+        Err(SignError::Quorum { .. })
+    ));
     // Wrong prev or seq.
     let bad = Signed::sign(set(2, &[&a, &b], 1, Hash32::ZERO), &[&a]);
-    assert!(matches!(check_successor(&g, &bad), Err(SignError::NotNext { .. })));
+    assert!(matches!(
+        check_successor(&g, &bad),
+        Err(SignError::NotNext { .. })
+    ));
     // Now quorum 2: adding c needs a and b.
     let s3 = set(3, &[&a, &b, &c], 2, s2.statement.hash());
     assert!(check_successor(&s2, &Signed::sign(s3.clone(), &[&a])).is_err());
     assert_eq!(check_successor(&s2, &Signed::sign(s3, &[&a, &b])), Ok(()));
     // Structure.
-    assert!(check_successor(&g, &Signed::sign(set(2, &[&a], 2, g.statement.hash()), &[&a])).is_err());
+    assert!(check_successor(
+        &g,
+        &Signed::sign(set(2, &[&a], 2, g.statement.hash()), &[&a])
+    )
+    .is_err());
 }
 
 fn bundle(chain: &[Signed], pol: Option<(&str, Signed)>, hosts: Vec<Signed>) -> TrustBundle {
@@ -155,7 +175,10 @@ fn store_follows_the_chain_from_its_pin_only() {
     // A forged successor (signed by a key not in the set) stops the walk.
     let s3 = Signed::sign(set(3, &[&evil], 1, s2.statement.hash()), &[&evil]);
     let r = st.absorb(&bundle(&[g.clone(), s2.clone(), s3], None, vec![]));
-    assert!(matches!(r.refused[..], [Refusal::KeySet(SignError::Quorum { .. })]));
+    assert!(matches!(
+        r.refused[..],
+        [Refusal::KeySet(SignError::Quorum { .. })]
+    ));
     assert_eq!(st.key_set().unwrap().seq, 2);
     // Dropping the chain altogether is refused too.
     let r = st.absorb(&bundle(&[], None, vec![]));
@@ -199,7 +222,11 @@ fn filter_cuts_unsigned_grants_and_keeps_signed_ones() {
     let web = Signed::sign(host(1, "web", &[("role", "web")], 1), &[&a]);
     let db = Signed::sign(host(2, "db", &[("role", "db")], 1), &[&a]);
     let other = Signed::sign(host(3, "other", &[("role", "other")], 1), &[&a]);
-    let r = st.absorb(&bundle(&[g.clone()], Some((POLICY, p1.clone())), vec![web, db, other]));
+    let r = st.absorb(&bundle(
+        &[g.clone()],
+        Some((POLICY, p1.clone())),
+        vec![web, db, other],
+    ));
     assert!(r.refused.is_empty(), "{:?}", r.refused);
     assert_eq!(st.policy_version(), Some(1));
 
@@ -244,7 +271,13 @@ fn filter_cuts_unsigned_grants_and_keeps_signed_ones() {
     // Host statements only move forward too.
     let old = Signed::sign(host(2, "db", &[("role", "web")], 0), &[&a]);
     let r = st.absorb(&bundle(&[g], None, vec![old]));
-    assert!(matches!(r.refused[..], [Refusal::Host { why: SignError::Stale, .. }]));
+    assert!(matches!(
+        r.refused[..],
+        [Refusal::Host {
+            why: SignError::Stale,
+            ..
+        }]
+    ));
 }
 
 #[test]

@@ -59,8 +59,8 @@ pub use flows::{
 };
 pub use mode::{group_selector, RuntimeMode, MAX_LEARN_GROUPS};
 pub use pushes::{Dirty, Kick, Push};
-pub use signed::{SignedRecord, SignedView};
 pub use sessions::{Hello, HelloRefused, Notice, SessionInfo, MAX_REPORTED_ENDPOINTS};
+pub use signed::{SignedRecord, SignedView};
 
 use pushes::SentPeer;
 use sessions::Session;

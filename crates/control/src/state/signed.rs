@@ -130,7 +130,9 @@ impl CoordinatorState {
             Some(cur) => check_successor(cur, &s)?,
         }
         let fp = s.statement.hash();
-        self.signed.dirty.push(SignedRecord::KeySet { signed: s.clone() });
+        self.signed
+            .dirty
+            .push(SignedRecord::KeySet { signed: s.clone() });
         self.signed.chain.push(s);
         // Every agent gets the new chain with its next map: send full maps now.
         self.resend_all();
@@ -275,8 +277,8 @@ impl CoordinatorState {
             return false;
         }
         let v = self.policy().map_or(0, |p| p.version);
-        let policy = self.signed.policies.contains_key(&v)
-            && self.signed.policy_sent.get(&id) != Some(&v);
+        let policy =
+            self.signed.policies.contains_key(&v) && self.signed.policy_sent.get(&id) != Some(&v);
         let own = self.signed.hosts.get(&id).map(|s| s.statement.hash());
         policy || (own.is_some() && self.signed.own_sent.get(&id) != own.as_ref())
     }

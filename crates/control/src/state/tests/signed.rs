@@ -54,7 +54,13 @@ fn sign_policy(s: &CoordinatorState, yaml: &str, a: &AdminSigningKey) -> Signed 
     )
 }
 
-fn sign_host(s: &CoordinatorState, name: &str, app: &str, at_ms: u64, a: &AdminSigningKey) -> Signed {
+fn sign_host(
+    s: &CoordinatorState,
+    name: &str,
+    app: &str,
+    at_ms: u64,
+    a: &AdminSigningKey,
+) -> Signed {
     let h = s.find_host(name).unwrap();
     Signed::sign(
         Statement::Host(HostStatement {
@@ -142,9 +148,13 @@ fn forged_rule_is_refused_by_the_agent_signed_change_applies_narrowing_applies_u
     let mut ag = agent(&s, t0).with_trust(crate::signed::TrustStore::pinned(
         s.admin_fingerprint().unwrap(),
     ));
-    s.connect(100, key(1), ConnId(11), IpAddr::from([198, 51, 100, 1]), Hello::Resume {
-        endpoints: ep(1),
-    })
+    s.connect(
+        100,
+        key(1),
+        ConnId(11),
+        IpAddr::from([198, 51, 100, 1]),
+        Hello::Resume { endpoints: ep(1) },
+    )
     .unwrap();
     let (m, refused) = deliver(&mut s, &mut ag, t0);
     let m = m.expect("full map");
@@ -167,12 +177,18 @@ fn forged_rule_is_refused_by_the_agent_signed_change_applies_narrowing_applies_u
     // Forged labels (an edited hosts row): h3 made a db; refused as well.
     let t1 = t0 + std::time::Duration::from_secs(1);
     s.remove_labels("h3", &["app".into()]).unwrap();
-    s.set_labels("h3", [("app".into(), "db".into())].into()).unwrap();
+    s.set_labels("h3", [("app".into(), "db".into())].into())
+        .unwrap();
     let (_, refused) = deliver(&mut s, &mut ag, t1);
     assert!(!refused.is_empty());
-    assert_eq!(ag.trust_status().refused_since, Some(t0), "stale since the first refusal");
+    assert_eq!(
+        ag.trust_status().refused_since,
+        Some(t0),
+        "stale since the first refusal"
+    );
     s.remove_labels("h3", &["app".into()]).unwrap();
-    s.set_labels("h3", [("app".into(), "web".into())].into()).unwrap();
+    s.set_labels("h3", [("app".into(), "web".into())].into())
+        .unwrap();
     let _ = deliver(&mut s, &mut ag, t1);
 
     // Signed: the same wider policy, signed by the admin, applies.
@@ -183,7 +199,10 @@ fn forged_rule_is_refused_by_the_agent_signed_change_applies_narrowing_applies_u
     let m = m.expect("delta");
     assert_eq!(names(&m), ["h2", "h3"]);
     assert_eq!(ag.trust_status().refused_since, None, "no longer stale");
-    assert_eq!(ag.trust_status().policy_version, Some(s.policy().unwrap().version));
+    assert_eq!(
+        ag.trust_status().policy_version,
+        Some(s.policy().unwrap().version)
+    );
 
     // Narrowing, unsigned: quarantine h3; it leaves the map with no refusal.
     s.quarantine("h3").unwrap();
@@ -226,7 +245,9 @@ fn the_coordinator_checks_signed_changes() {
     let p = sign_policy(&s, POLICY, &a);
     assert!(matches!(
         s.apply_signed_policy(4, WIDER, p),
-        Err(AdminError::BadSignature(crate::signed::SignError::ContentMismatch))
+        Err(AdminError::BadSignature(
+            crate::signed::SignError::ContentMismatch
+        ))
     ));
     let p = sign_policy(&s, WIDER, &AdminSigningKey::from_seed([7; 32]));
     assert!(s.apply_signed_policy(4, WIDER, p).is_err());
@@ -234,7 +255,9 @@ fn the_coordinator_checks_signed_changes() {
     let st = sign_host(&s, "h2", "web", 50, &a);
     assert!(matches!(
         s.set_host_signed("h3", st, false),
-        Err(AdminError::BadSignature(crate::signed::SignError::WrongHost))
+        Err(AdminError::BadSignature(
+            crate::signed::SignError::WrongHost
+        ))
     ));
     let st = sign_host(&s, "h2", "web", 1, &a);
     assert!(matches!(
@@ -249,7 +272,11 @@ fn the_coordinator_checks_signed_changes() {
         Statement::Host(HostStatement {
             key: h.public_key,
             name: "db1".into(),
-            labels: [("app".to_string(), "db".to_string()), ("env".to_string(), "prod".to_string())].into(),
+            labels: [
+                ("app".to_string(), "db".to_string()),
+                ("env".to_string(), "prod".to_string()),
+            ]
+            .into(),
             at_ms: 60,
         }),
         &[&evil],
