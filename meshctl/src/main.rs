@@ -237,6 +237,9 @@ fn policy_check(
 }
 
 /// Everything a command needs.
+/// A change to a host's name and labels, signed by `admin::host_change`.
+type HostEdit = Box<dyn FnOnce(&mut String, &mut Labels)>;
+
 struct Ctx {
     client: Client,
     /// Admin signing keys (`--admin-key`): widening changes are sent signed.
@@ -592,38 +595,37 @@ impl Ctx {
 
     fn hosts(&self, cmd: HostsCmd) -> anyhow::Result<()> {
         if !self.admin_keys.is_empty() {
-            let (host, release, what): (String, bool, Box<dyn FnOnce(&mut String, &mut Labels)>) =
-                match cmd {
-                    HostsCmd::Label { host, labels } => (
+            let (host, release, what): (String, bool, HostEdit) = match cmd {
+                HostsCmd::Label { host, labels } => (
+                    host,
+                    false,
+                    Box::new(move |_, l: &mut Labels| {
+                        for x in labels {
+                            l.extend(x);
+                        }
+                    }),
+                ),
+                HostsCmd::Unlabel { host, keys } => (
+                    host,
+                    false,
+                    Box::new(move |_, l: &mut Labels| {
+                        for k in keys.into_iter().flatten() {
+                            l.remove(&k);
+                        }
+                    }),
+                ),
+                HostsCmd::Rename { host, new_name } => {
+                    meshd_control::model::validate_name(&new_name)
+                        .map_err(|e| anyhow::anyhow!("cannot rename to {new_name:?}: {e}"))?;
+                    (
                         host,
                         false,
-                        Box::new(move |_, l: &mut Labels| {
-                            for x in labels {
-                                l.extend(x);
-                            }
-                        }),
-                    ),
-                    HostsCmd::Unlabel { host, keys } => (
-                        host,
-                        false,
-                        Box::new(move |_, l: &mut Labels| {
-                            for k in keys.into_iter().flatten() {
-                                l.remove(&k);
-                            }
-                        }),
-                    ),
-                    HostsCmd::Rename { host, new_name } => {
-                        meshd_control::model::validate_name(&new_name)
-                            .map_err(|e| anyhow::anyhow!("cannot rename to {new_name:?}: {e}"))?;
-                        (
-                            host,
-                            false,
-                            Box::new(move |n: &mut String, _| *n = new_name),
-                        )
-                    }
-                    HostsCmd::Release { host } => (host, true, Box::new(|_, _| {})),
-                    other => return self.hosts_unsigned(other),
-                };
+                        Box::new(move |n: &mut String, _| *n = new_name),
+                    )
+                }
+                HostsCmd::Release { host } => (host, true, Box::new(|_, _| {})),
+                other => return self.hosts_unsigned(other),
+            };
             let h = admin::host_change(&self.client, &self.admin_keys, &host, what, release)
                 .map_err(|e| match e.downcast::<ApiFailure>() {
                     Ok(f) => host_hint(&host)(f),

@@ -165,7 +165,7 @@ fn store_follows_the_chain_from_its_pin_only() {
     // Pinned to g: a coordinator offering its own genesis is refused.
     let mut st = TrustStore::pinned(g.statement.hash());
     let fake = Signed::sign(set(1, &[&evil], 1, Hash32::ZERO), &[&evil]);
-    let r = st.absorb(&bundle(&[fake.clone()], None, vec![]));
+    let r = st.absorb(&bundle(std::slice::from_ref(&fake), None, vec![]));
     assert_eq!(r.refused, vec![Refusal::PinNotOffered(g.statement.hash())]);
     assert!(st.key_set().is_none());
     // The real chain is followed to its end.
@@ -223,7 +223,7 @@ fn filter_cuts_unsigned_grants_and_keeps_signed_ones() {
     let db = Signed::sign(host(2, "db", &[("role", "db")], 1), &[&a]);
     let other = Signed::sign(host(3, "other", &[("role", "other")], 1), &[&a]);
     let r = st.absorb(&bundle(
-        &[g.clone()],
+        std::slice::from_ref(&g),
         Some((POLICY, p1.clone())),
         vec![web, db, other],
     ));
@@ -261,12 +261,20 @@ fn filter_cuts_unsigned_grants_and_keeps_signed_ones() {
 
     // A forged policy (hash mismatch) and a replayed older one are refused; the held one stays.
     let p2 = Signed::sign(policy(2, WIDER, p1.statement.hash()), &[&a]);
-    let r = st.absorb(&bundle(&[g.clone()], Some((POLICY, p2.clone())), vec![]));
+    let r = st.absorb(&bundle(
+        std::slice::from_ref(&g),
+        Some((POLICY, p2.clone())),
+        vec![],
+    ));
     assert_eq!(r.refused, vec![Refusal::Policy(SignError::ContentMismatch)]);
-    let r = st.absorb(&bundle(&[g.clone()], Some((WIDER, p2)), vec![]));
+    let r = st.absorb(&bundle(std::slice::from_ref(&g), Some((WIDER, p2)), vec![]));
     assert!(r.refused.is_empty());
     assert_eq!(st.policy_version(), Some(2));
-    let r = st.absorb(&bundle(&[g.clone()], Some((POLICY, p1)), vec![]));
+    let r = st.absorb(&bundle(
+        std::slice::from_ref(&g),
+        Some((POLICY, p1)),
+        vec![],
+    ));
     assert_eq!(r.refused, vec![Refusal::Policy(SignError::Stale)]);
     // Host statements only move forward too.
     let old = Signed::sign(host(2, "db", &[("role", "web")], 0), &[&a]);
