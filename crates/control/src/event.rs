@@ -156,6 +156,8 @@ mod tests {
                 "cmdb_imported",
                 "host_labels_from_cmdb",
                 "scan_detected",
+                "admin_keys_changed",
+                "host_labels_signed",
             ]
         );
         for k in EventKind::KNOWN {

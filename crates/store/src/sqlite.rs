@@ -699,7 +699,7 @@ mod tests {
         let mut h2 = host(2);
         {
             let s = SqliteStore::open(&path).unwrap();
-            assert_eq!(s.schema_version().unwrap(), 5);
+            assert_eq!(s.schema_version().unwrap(), 6);
             assert_eq!(s.load().unwrap(), Snapshot::default());
             s.commit(
                 &Dirty {
@@ -752,7 +752,7 @@ mod tests {
             )]
         );
         // Migrations are recorded once.
-        assert_eq!(s.schema_version().unwrap(), 5);
+        assert_eq!(s.schema_version().unwrap(), 6);
         let journal: String = s
             .with(|c| Ok(c.query_row("PRAGMA journal_mode", [], |r| r.get(0))?))
             .unwrap();
