@@ -52,6 +52,10 @@ pub struct GlobalArgs {
     /// Output format.
     #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
+    /// Admin signing key file(s) (signed policy): policy, label, rename and release changes are
+    /// signed with them; repeat for a quorum above 1 [env: MESH_ADMIN_KEY].
+    #[arg(long, global = true, value_name = "FILE")]
+    pub admin_key: Vec<PathBuf>,
     /// Print requests to stderr (-vv: also the replies).
     #[arg(long, short, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -115,6 +119,9 @@ pub enum Command {
     /// Join tokens that enrol hosts.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Admin signing keys (signed policy): keygen, keys, add-key, remove-key.
+    #[command(subcommand)]
+    Admin(AdminCmd),
     /// Who talks to whom, from the hosts' flow records: edges opener -> responder with
     /// protocol/port, volume and verdict (allowed, denied, would_deny).
     Topology {
@@ -257,6 +264,38 @@ pub enum HostsCmd {
         /// Do not ask for confirmation (required without a terminal).
         #[arg(long, short)]
         yes: bool,
+    },
+}
+
+/// `meshctl admin ...`: the Ed25519 keys that sign policy, label and quarantine-release
+/// changes. Private keys stay in files here; the coordinator only sees public keys.
+#[derive(Debug, Subcommand)]
+pub enum AdminCmd {
+    /// Make a signing key: the private key goes to FILE (0600, never replaced) or stdout, the
+    /// public key to stderr.
+    Keygen {
+        /// Where to write the private key.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Show the coordinator's admin key set (verified here) and its fingerprint.
+    Keys,
+    /// Add a public key to the admin key set, signed by --admin-key (the first key is
+    /// registered with the admin token alone: trust on first use; pass its own key file).
+    AddKey {
+        /// The public key (base64, as `admin keygen` prints it).
+        key: meshd_control::signed::AdminKey,
+        /// Signatures the set needs from now on [default: unchanged, 1 for the first set].
+        #[arg(long)]
+        quorum: Option<u32>,
+    },
+    /// Remove a public key from the admin key set, signed by a quorum of the current set.
+    RemoveKey {
+        /// The public key (base64).
+        key: meshd_control::signed::AdminKey,
+        /// Signatures the set needs from now on [default: unchanged, at most the keys left].
+        #[arg(long)]
+        quorum: Option<u32>,
     },
 }
 

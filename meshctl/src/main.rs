@@ -7,6 +7,7 @@
 //! what to do. A [`Reported`] error was already printed (e.g. `FILE:LINE:COLUMN: message`).
 #![forbid(unsafe_code)]
 
+mod admin;
 mod cli;
 mod client;
 mod config;
@@ -43,7 +44,8 @@ const VERSION: &str = concat!(
 use serde::Serialize;
 
 use crate::cli::{
-    Cli, Command, ExportCmd, ExportFormat, HostsCmd, Output, PolicyCmd, TokenCmd, TopologyFormat,
+    AdminCmd, Cli, Command, ExportCmd, ExportFormat, HostsCmd, Output, PolicyCmd, TokenCmd,
+    TopologyFormat,
 };
 use crate::client::{query, segment, ApiFailure, Client};
 use crate::config::{EnvValues, FlagValues};
@@ -122,8 +124,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 why: "plain HTTP".into(),
             }
         };
+        let mut key_files = g.admin_key.clone();
+        if key_files.is_empty() {
+            if let Some(p) = std::env::var_os("MESH_ADMIN_KEY").filter(|p| !p.is_empty()) {
+                key_files.push(p.into());
+            }
+        }
+        let admin_keys = key_files
+            .iter()
+            .map(|p| admin::load_key(p))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Ctx {
             client: Client::new(base.clone(), token, s.token.to_string(), &trust, g.verbose),
+            admin_keys,
             server: base,
             output: g.output,
             now: unix_now(),
@@ -161,6 +174,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             clap_complete::generate(shell, &mut Cli::command(), "meshctl", &mut buf);
             out(&String::from_utf8_lossy(&buf))
         }
+        Command::Admin(AdminCmd::Keygen { out: path }) => {
+            let (key, text) = admin::keygen(path.as_deref())?;
+            note(format_args!("admin public key: {}", key.public()));
+            match path {
+                Some(p) => note(format_args!(
+                    "private key written to {} (0600); register the public key with `meshctl admin add-key`",
+                    p.display()
+                )),
+                None => out(&text)?,
+            }
+            Ok(())
+        }
+        Command::Admin(a) => ctx()?.admin(a),
         Command::Status => ctx()?.status(),
         Command::Hosts(h) => ctx()?.hosts(h),
         Command::Token(t) => ctx()?.token(t),
@@ -245,8 +271,13 @@ fn policy_check(
 }
 
 /// Everything a command needs.
+/// A change to a host's name and labels, signed by `admin::host_change`.
+type HostEdit = Box<dyn FnOnce(&mut String, &mut Labels)>;
+
 struct Ctx {
     client: Client,
+    /// Admin signing keys (`--admin-key`): widening changes are sent signed.
+    admin_keys: Vec<meshd_control::signed::AdminSigningKey>,
     server: String,
     output: Output,
     now: UnixTime,
@@ -414,10 +445,18 @@ impl Ctx {
             }
             PolicyCmd::Apply { file } => {
                 let (src, _) = load_policy(&file)?;
-                let r: PolicyApplied = self
-                    .client
-                    .put("/v1/policy", &PolicyText { yaml: src.text })
-                    .map_err(|e| policy_refused(&src.name, "applied", e))?;
+                let r: PolicyApplied = if self.admin_keys.is_empty() {
+                    self.client
+                        .put("/v1/policy", &PolicyText { yaml: src.text })
+                        .map_err(|e| policy_refused(&src.name, "applied", e))?
+                } else {
+                    admin::apply_policy(&self.client, &self.admin_keys, src.text).map_err(|e| {
+                        match e.downcast::<ApiFailure>() {
+                            Ok(f) => policy_refused(&src.name, "applied", f),
+                            Err(e) => e,
+                        }
+                    })?
+                };
                 match self.output {
                     Output::Json => print_json(&r),
                     Output::Table => out(&output::applied(
@@ -440,6 +479,17 @@ impl Ctx {
                 match self.output {
                     Output::Json => print_json(&h),
                     Output::Table => out(&output::policy_history(&h, self.now)),
+                }
+            }
+            PolicyCmd::Rollback { target: version } if !self.admin_keys.is_empty() => {
+                let r = admin::rollback_policy(&self.client, &self.admin_keys, version)?;
+                match self.output {
+                    Output::Json => print_json(&r),
+                    Output::Table => out(&output::applied(
+                        &format!("rolled back to version {version} (signed)"),
+                        r.version,
+                        0,
+                    )),
                 }
             }
             PolicyCmd::Rollback { target: version } => {
@@ -525,7 +575,110 @@ impl Ctx {
         }
     }
 
+    fn admin(&self, cmd: AdminCmd) -> anyhow::Result<()> {
+        let v = match cmd {
+            AdminCmd::Keygen { .. } => unreachable!("keygen runs without a Ctx"),
+            AdminCmd::Keys => admin::verified_chain(&self.client, &self.admin_keys)?.0,
+            AdminCmd::AddKey { key, quorum } => {
+                let keys = if self.admin_keys.is_empty() {
+                    anyhow::bail!("give the key file to sign with: --admin-key FILE (for the first key: its own file)");
+                } else {
+                    &self.admin_keys
+                };
+                admin::change_keys(&self.client, keys, |s| s.push(key), quorum)?
+            }
+            AdminCmd::RemoveKey { key, quorum } => admin::change_keys(
+                &self.client,
+                &self.admin_keys,
+                |s| s.retain(|k| *k != key),
+                quorum,
+            )?,
+        };
+        match self.output {
+            Output::Json => print_json(&v),
+            Output::Table => {
+                let mut s = String::new();
+                match v.chain.last().and_then(|l| l.key_set().ok()) {
+                    None => s.push_str("no admin keys: the mesh runs unsigned\n"),
+                    Some(k) => {
+                        s.push_str(&format!(
+                            "admin key set {} (version {}, {} of {} signatures needed)\n",
+                            v.fingerprint.map(|f| f.to_string()).unwrap_or_default(),
+                            k.seq,
+                            k.quorum,
+                            k.keys.len()
+                        ));
+                        for key in &k.keys {
+                            s.push_str(&format!("  {key}\n"));
+                        }
+                        s.push_str(&format!(
+                            "policy version {}: {}\n",
+                            v.policy_version,
+                            if v.policy.is_some() {
+                                "signed"
+                            } else {
+                                "NOT signed"
+                            }
+                        ));
+                    }
+                }
+                out(&s)
+            }
+        }
+    }
+
     fn hosts(&self, cmd: HostsCmd) -> anyhow::Result<()> {
+        if !self.admin_keys.is_empty() {
+            let (host, release, what): (String, bool, HostEdit) = match cmd {
+                HostsCmd::Label { host, labels } => (
+                    host,
+                    false,
+                    Box::new(move |_, l: &mut Labels| {
+                        for x in labels {
+                            l.extend(x);
+                        }
+                    }),
+                ),
+                HostsCmd::Unlabel { host, keys } => (
+                    host,
+                    false,
+                    Box::new(move |_, l: &mut Labels| {
+                        for k in keys.into_iter().flatten() {
+                            l.remove(&k);
+                        }
+                    }),
+                ),
+                HostsCmd::Rename { host, new_name } => {
+                    meshd_control::model::validate_name(&new_name)
+                        .map_err(|e| anyhow::anyhow!("cannot rename to {new_name:?}: {e}"))?;
+                    (
+                        host,
+                        false,
+                        Box::new(move |n: &mut String, _| *n = new_name),
+                    )
+                }
+                HostsCmd::Release { host } => (host, true, Box::new(|_, _| {})),
+                other => return self.hosts_unsigned(other),
+            };
+            let h = admin::host_change(&self.client, &self.admin_keys, &host, what, release)
+                .map_err(|e| match e.downcast::<ApiFailure>() {
+                    Ok(f) => host_hint(&host)(f),
+                    Err(e) => e,
+                })?;
+            return self.host_result(
+                &h,
+                &format!(
+                    "signed: {} is now {}{}",
+                    h.name,
+                    output::labels(&h.labels),
+                    if release { " (released)" } else { "" }
+                ),
+            );
+        }
+        self.hosts_unsigned(cmd)
+    }
+
+    fn hosts_unsigned(&self, cmd: HostsCmd) -> anyhow::Result<()> {
         match cmd {
             HostsCmd::List => {
                 let mut hosts: Vec<HostView> = self.client.get("/v1/hosts")?;
@@ -703,6 +856,11 @@ impl Ctx {
                     uses,
                 };
                 let t: TokenCreated = self.client.post("/v1/tokens", &req)?;
+                if !self.admin_keys.is_empty() {
+                    // The token must pin the admin key set verified here, not one of the
+                    // coordinator's choosing.
+                    admin::check_token_pin(&self.client, &self.admin_keys, &t.token)?;
+                }
                 match self.output {
                     Output::Json => print_json(&t),
                     Output::Table => {

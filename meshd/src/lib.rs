@@ -11,5 +11,6 @@ pub mod routes;
 pub mod source;
 pub mod status;
 pub mod transparent;
+pub mod trust;
 pub mod uapi;
 pub mod up;

@@ -44,7 +44,12 @@ const SESSION_LIFETIME_SECS: u64 = 180;
 /// Status counters that are levels, not running totals: exported as gauges `meshd_<name>`.
 /// Everything else in [`Status::counters`] is a counter. (Flow records, engineer "agentflows":
 /// a table-size counter they add to the snapshot belongs in this list.)
-pub const GAUGES: &[&str] = &["flows_tracked"];
+pub const GAUGES: &[&str] = &[
+    "flows_tracked",
+    "signed_pinned",
+    "signed_policy_version",
+    "signed_stale_since",
+];
 
 /// What a scrape reads: a fresh status snapshot.
 pub type Snapshot = Arc<dyn Fn() -> Status + Send + Sync>;

@@ -150,6 +150,9 @@ pub fn snapshot(device: &Device, io: &IoStats, policy: &Enforcement, src: &Statu
     ] {
         counters.insert(k.into(), v.load(Ordering::Relaxed));
     }
+    for (k, v) in crate::trust::counters().snapshot() {
+        counters.insert(k.into(), v);
+    }
     Status {
         interface: src.interface.clone(),
         public_key: device.public_key().to_base64(),
@@ -283,6 +286,23 @@ pub fn print(w: &mut dyn Write, s: &Status) -> std::io::Result<()> {
             count("flow_records"),
             count("flow_plaintext"),
             count("flow_overflow")
+        )?;
+    }
+    if count("signed_pinned") > 0 {
+        let since = count("signed_stale_since");
+        writeln!(
+            w,
+            "signed policy: version {} applied; {} updates refused{}",
+            count("signed_policy_version"),
+            count("signed_updates_refused"),
+            if since > 0 {
+                format!(
+                    "; STALE since {} ago (the coordinator sent changes no admin signed)",
+                    ago(now.saturating_sub(since))
+                )
+            } else {
+                String::new()
+            }
         )?;
     }
     if let Some(n) = s.counters.get("cookie_replies_sent").filter(|n| **n > 0) {

@@ -57,6 +57,9 @@ pub struct SessionConfig {
     /// Where rotated keys go; `None`: rotation requests are not answered (the coordinator
     /// gives up after its time-out).
     pub key_store: Option<Arc<dyn KeyStore>>,
+    /// Verified admin statements (signed policy): pinned at enrolment or restored from disk.
+    /// `None`: the session pins the first admin key set it is sent.
+    pub trust: Option<meshd_control::signed::TrustStore>,
 }
 
 impl SessionConfig {
@@ -76,6 +79,7 @@ impl SessionConfig {
             endpoint: None,
             fwmark: None,
             key_store: None,
+            trust: None,
         }
     }
 }
@@ -173,6 +177,16 @@ impl SessionHandle {
         self.shared.wake.notify_one();
     }
 
+    /// How current the signed view is: last signed policy applied, refusals, since when.
+    pub fn trust_status(&self) -> meshd_control::session::TrustStatus {
+        self.shared.session.lock().trust_status().clone()
+    }
+
+    /// The verified admin statements (to persist: they only move forward).
+    pub fn trust_store(&self) -> meshd_control::signed::TrustStore {
+        self.shared.session.lock().trust().clone()
+    }
+
     /// Flow-record intervals dropped unsent so far.
     pub fn flows_dropped(&self) -> u64 {
         self.shared.session.lock().flows_dropped()
@@ -190,7 +204,8 @@ impl SessionHandle {
 /// Dropping the handle stops it too.
 pub fn spawn_session(mut cfg: SessionConfig) -> SessionHandle {
     let initial_map = cfg.initial_map.take();
-    let mut session = AgentSession::new(
+    let trust = cfg.trust.take();
+    let session = AgentSession::new(
         SessionParams {
             endpoints: cfg.endpoints.clone(),
             initial_map: initial_map.clone(),
@@ -198,6 +213,10 @@ pub fn spawn_session(mut cfg: SessionConfig) -> SessionHandle {
         },
         Instant::now(),
     );
+    let mut session = match trust {
+        Some(t) => session.with_trust(t),
+        None => session,
+    };
     // The initial map is the watch's first value (so it is not a change); the rest (the
     // connect) is for the task.
     let mut first = VecDeque::new();
@@ -416,6 +435,15 @@ impl Driver {
             }
             Action::PrepareKey { nonce } => self.prepare_key(nonce),
             Action::SwitchKey { new_key } => self.switch_key(new_key),
+            Action::TrustRefused(r) => {
+                let reasons: Vec<String> = r.reasons.iter().map(ToString::to_string).collect();
+                warn!(
+                    map_version = r.map_version,
+                    refused = r.refused_total,
+                    reason = %reasons.join("; "),
+                    "refused unsigned widening from the coordinator; applied only what admins signed"
+                );
+            }
             Action::State(s) => {
                 match &s {
                     SessionState::Connected { host } => {

@@ -143,6 +143,32 @@ pub struct UnlabelRequest {
     pub keys: Vec<String>,
 }
 
+/// `POST /v1/signed/policy`: a policy file with its signed statement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedPolicyRequest {
+    /// The file.
+    pub yaml: String,
+    /// Its policy statement, signed by a quorum of the admin keys.
+    pub signed: crate::signed::Signed,
+}
+
+/// `POST /v1/signed/rollback/{version}` (the statement's hash is of that version's file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedRollbackRequest {
+    /// The policy statement, signed.
+    pub signed: crate::signed::Signed,
+}
+
+/// `POST /v1/signed/hosts/{host}`: a host's name and labels, exactly, signed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedHostRequest {
+    /// The host statement, signed by a quorum of the admin keys.
+    pub signed: crate::signed::Signed,
+    /// Also lift the host's quarantine.
+    #[serde(default)]
+    pub release: bool,
+}
+
 /// Rename a host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RenameRequest {

@@ -48,13 +48,17 @@ pub enum EventKind {
     AdminTokenCreated,
     /// An admin token was revoked.
     AdminTokenRevoked,
+    /// The admin key set changed (signed policy; the first set is trusted on first use).
+    AdminKeysChanged,
+    /// A host's name and labels were set from a signed statement.
+    HostLabelsSigned,
     /// A kind this version does not write (stored by another version), kept as stored.
     Other(String),
 }
 
 impl EventKind {
     /// Every kind this version writes.
-    pub const KNOWN: [EventKind; 19] = [
+    pub const KNOWN: [EventKind; 21] = [
         EventKind::DuplicateConnection,
         EventKind::HostRenamedOnEnrol,
         EventKind::PoolExhausted,
@@ -74,6 +78,8 @@ impl EventKind {
         EventKind::KeyRotationAborted,
         EventKind::AdminTokenCreated,
         EventKind::AdminTokenRevoked,
+        EventKind::AdminKeysChanged,
+        EventKind::HostLabelsSigned,
     ];
 
     /// The stored and shown name (`host_removed`).
@@ -98,6 +104,8 @@ impl EventKind {
             EventKind::KeyRotationAborted => "key_rotation_aborted",
             EventKind::AdminTokenCreated => "admin_token_created",
             EventKind::AdminTokenRevoked => "admin_token_revoked",
+            EventKind::AdminKeysChanged => "admin_keys_changed",
+            EventKind::HostLabelsSigned => "host_labels_signed",
             EventKind::Other(s) => s,
         }
     }
@@ -178,6 +186,8 @@ mod tests {
                 "key_rotation_aborted",
                 "admin_token_created",
                 "admin_token_revoked",
+                "admin_keys_changed",
+                "host_labels_signed",
             ]
         );
         for k in EventKind::KNOWN {

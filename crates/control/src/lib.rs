@@ -26,6 +26,7 @@ pub mod pool;
 pub mod proto;
 pub mod rotation;
 pub mod session;
+pub mod signed;
 pub mod specs;
 pub mod state;
 pub mod suggest;

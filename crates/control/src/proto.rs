@@ -215,6 +215,12 @@ pub enum CoordinatorMessage {
         /// The changes.
         delta: MapDelta,
     },
+    /// Admin-signed statements for the full map or delta that follows (sent only once an
+    /// admin key set exists; see [`crate::signed`]).
+    Trust {
+        /// The key-set chain, the policy (when new to this agent) and the host statements.
+        bundle: Box<crate::signed::TrustBundle>,
+    },
     /// Reply to `Ping`.
     Pong {
         /// The ping's nonce.

@@ -202,6 +202,35 @@ pub enum Action {
         /// The key prepared earlier.
         new_key: meshd_tunnel::PublicKey,
     },
+    /// Part of an update was not applied: a widening no admin signed, or a statement that
+    /// did not verify (log it; [`AgentSession::trust_status`] has the totals).
+    TrustRefused(TrustReport),
+}
+
+/// What an agent did not apply of one update, and why ([`Action::TrustRefused`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustReport {
+    /// The map version the update led to.
+    pub map_version: u64,
+    /// Each refused statement or cut grant.
+    pub reasons: Vec<crate::signed::Refusal>,
+    /// Updates with refusals so far.
+    pub refused_total: u64,
+}
+
+/// How current the agent's signed view is (`meshd status`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustStatus {
+    /// The pinned admin key-set fingerprint (`None`: unsigned mesh, maps applied as sent).
+    pub pinned: Option<crate::signed::Hash32>,
+    /// The newest verified signed policy version applied.
+    pub policy_version: Option<u64>,
+    /// Updates with refusals so far.
+    pub refused: u64,
+    /// Since when updates are refused (cleared by an update applied in full).
+    pub refused_since: Option<Instant>,
+    /// The first reason of the latest refusal.
+    pub last_reason: Option<String>,
 }
 
 /// Why a connection ended (its `Display` is the state's `last_error`).
@@ -265,6 +294,13 @@ pub struct AgentSession {
     jitter: Jitter,
     /// Key rotation: switch to this key at this instant (after `KeyAccepted`).
     switch: Option<(Instant, meshd_tunnel::PublicKey)>,
+    /// Verified admin statements (signed policy); inactive until a key set is pinned.
+    trust: crate::signed::TrustStore,
+    /// The `Trust` frame for the next map or delta.
+    pending_trust: Option<Box<crate::signed::TrustBundle>>,
+    /// This host's key (from `Welcome`).
+    own_key: Option<meshd_tunnel::PublicKey>,
+    trust_status: TrustStatus,
 }
 
 impl AgentSession {
@@ -295,7 +331,66 @@ impl AgentSession {
             actions,
             jitter: Jitter::new(params.jitter_seed),
             switch: None,
+            trust: crate::signed::TrustStore::default(),
+            pending_trust: None,
+            own_key: None,
+            trust_status: TrustStatus::default(),
         }
+    }
+
+    /// Checks maps against admin-signed statements from `store` on (pinned at enrolment, or
+    /// restored from disk). Without it the session pins the first key set it is sent.
+    pub fn with_trust(mut self, store: crate::signed::TrustStore) -> Self {
+        self.trust_status.pinned = store.pin;
+        self.trust_status.policy_version = store.policy_version();
+        self.trust = store;
+        self
+    }
+
+    /// The verified admin statements (persist them so they only move forward).
+    pub fn trust(&self) -> &crate::signed::TrustStore {
+        &self.trust
+    }
+
+    /// Staleness: the last signed policy applied, refusals and since when.
+    pub fn trust_status(&self) -> &TrustStatus {
+        &self.trust_status
+    }
+
+    /// The map to apply for the coordinator's `raw` map: cut to what the signed statements
+    /// allow, with any refusal reported.
+    fn checked(&mut self, raw: &Arc<NetworkMap>, now: Instant) -> Arc<NetworkMap> {
+        let mut reasons = Vec::new();
+        if let Some(b) = self.pending_trust.take() {
+            let got = self.trust.absorb(&b);
+            reasons.extend(got.refused);
+        }
+        self.trust_status.pinned = self.trust.pin;
+        self.trust_status.policy_version = self.trust.policy_version();
+        if !self.trust.is_active() {
+            return raw.clone();
+        }
+        let own = self.own_key.unwrap_or(meshd_tunnel::PublicKey([0; 32]));
+        let (map, cut) = self.trust.filter(&own, raw);
+        self.trust.retain_hosts(&own, raw);
+        reasons.extend(cut);
+        if reasons.is_empty() {
+            self.trust_status.refused_since = None;
+            return if map == **raw {
+                raw.clone()
+            } else {
+                Arc::new(map)
+            };
+        }
+        self.trust_status.refused = self.trust_status.refused.saturating_add(1);
+        self.trust_status.refused_since.get_or_insert(now);
+        self.trust_status.last_reason = reasons.first().map(|r| r.to_string());
+        self.actions.push_back(Action::TrustRefused(TrustReport {
+            map_version: raw.version,
+            reasons,
+            refused_total: self.trust_status.refused,
+        }));
+        Arc::new(map)
     }
 
     /// Feeds one input.
@@ -522,6 +617,8 @@ impl AgentSession {
                         reported: std::mem::take(sent),
                     };
                     self.attempt = 0;
+                    self.own_key = Some(host.public_key);
+                    self.pending_trust = None;
                     self.set_state(SessionState::Connected { host });
                 }
                 CoordinatorMessage::Error { code, message } => self.refused(code, message, now),
@@ -537,6 +634,7 @@ impl AgentSession {
                     let map = Arc::new(map);
                     self.map = Some(map.clone());
                     *have_full = true;
+                    let map = self.checked(&map, now);
                     self.actions.push_back(Action::ApplyMap(map));
                     self.actions
                         .push_back(Action::Send(AgentMessage::Ack { version }));
@@ -548,19 +646,24 @@ impl AgentSession {
                         }
                         _ => false,
                     };
-                    match (applied, &self.map) {
+                    match (applied, self.map.clone()) {
                         (true, Some(m)) => {
-                            self.actions.push_back(Action::ApplyMap(m.clone()));
+                            let m = self.checked(&m, now);
+                            self.actions.push_back(Action::ApplyMap(m));
                             self.actions.push_back(Action::Send(AgentMessage::Ack {
                                 version: delta.to_version,
                             }));
                         }
                         _ => {
-                            *have_full = false;
+                            if let Phase::Connected { have_full, .. } = &mut self.phase {
+                                *have_full = false;
+                            }
+                            self.pending_trust = None;
                             self.actions.push_back(Action::Send(AgentMessage::Resync));
                         }
                     }
                 }
+                CoordinatorMessage::Trust { bundle } => self.pending_trust = Some(bundle),
                 CoordinatorMessage::Pong { .. } => {}
                 CoordinatorMessage::RotateKey { nonce } => {
                     self.actions.push_back(Action::PrepareKey { nonce });
@@ -632,6 +735,7 @@ fn kind(m: &CoordinatorMessage) -> &'static str {
         CoordinatorMessage::Welcome { .. } => "welcome",
         CoordinatorMessage::FullMap { .. } => "full_map",
         CoordinatorMessage::Delta { .. } => "delta",
+        CoordinatorMessage::Trust { .. } => "trust",
         CoordinatorMessage::Pong { .. } => "pong",
         CoordinatorMessage::RotateKey { .. } => "rotate_key",
         CoordinatorMessage::KeyAccepted { .. } => "key_accepted",

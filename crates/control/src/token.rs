@@ -2,7 +2,9 @@
 //!
 //! Binary layout before base64url (no padding): one family byte (4 or 6), the IP (4 or 16
 //! bytes), the port (2 bytes, big endian), the coordinator's static X25519 public key (32
-//! bytes), then the secret (32 bytes). The coordinator stores only `SHA-256(secret)`.
+//! bytes), then the secret (32 bytes). The coordinator stores only `SHA-256(secret)`. Once
+//! admin keys are registered (signed policy) the fingerprint of the admin key set follows
+//! (32 bytes), for the agent to pin ([`JoinToken::encode_pinned`], [`JoinToken::admin_pin`]).
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -96,6 +98,41 @@ impl JoinToken {
         format!("{JOIN_TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(b))
     }
 
+    /// Encodes the token with the admin key-set fingerprint for the agent to pin.
+    pub fn encode_pinned(&self, pin: Option<&crate::signed::Hash32>) -> String {
+        let Some(pin) = pin else {
+            return self.encode();
+        };
+        let plain = self.encode();
+        let mut b = URL_SAFE_NO_PAD
+            .decode(&plain[JOIN_TOKEN_PREFIX.len()..])
+            .unwrap_or_default();
+        b.extend_from_slice(&pin.0);
+        format!("{JOIN_TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(b))
+    }
+
+    /// The admin key-set fingerprint a token carries (`None`: an unsigned mesh's token).
+    pub fn admin_pin(s: &str) -> Result<Option<crate::signed::Hash32>, JoinTokenError> {
+        let b = Self::bytes(s)?;
+        Self::parse(s)?;
+        let plain = 1 + if b.first() == Some(&4) { 4 } else { 16 } + 2 + 64;
+        Ok((b.len() == plain + 32).then(|| {
+            let mut p = [0u8; 32];
+            p.copy_from_slice(&b[plain..]);
+            crate::signed::Hash32(p)
+        }))
+    }
+
+    fn bytes(s: &str) -> Result<Vec<u8>, JoinTokenError> {
+        let body = s
+            .trim()
+            .strip_prefix(JOIN_TOKEN_PREFIX)
+            .ok_or(JoinTokenError::Prefix)?;
+        URL_SAFE_NO_PAD
+            .decode(body)
+            .map_err(|_| JoinTokenError::Base64)
+    }
+
     /// Parses a `meshd1-…` string (surrounding whitespace ignored).
     pub fn parse(s: &str) -> Result<Self, JoinTokenError> {
         let body = s
@@ -111,7 +148,7 @@ impl JoinToken {
             6 => 16,
             other => return Err(JoinTokenError::Family(other)),
         };
-        if rest.len() != iplen + 2 + 64 {
+        if rest.len() != iplen + 2 + 64 && rest.len() != iplen + 2 + 64 + 32 {
             return Err(JoinTokenError::Length(b.len()));
         }
         let (ipb, rest) = rest.split_at(iplen);
@@ -178,6 +215,21 @@ mod tests {
             control: addr.parse().unwrap(),
             coordinator_key: PublicKey([7; 32]),
             secret: TokenSecret([9; 32]),
+        }
+    }
+
+    #[test]
+    fn pinned_tokens_carry_the_admin_fingerprint() {
+        for a in ["192.0.2.1:7443", "[2001:db8::1]:7443"] {
+            let t = tok(a);
+            let pin = crate::signed::Hash32([0xab; 32]);
+            let s = t.encode_pinned(Some(&pin));
+            assert_eq!(JoinToken::parse(&s).unwrap(), t);
+            assert_eq!(JoinToken::admin_pin(&s), Ok(Some(pin)));
+            assert_eq!(JoinToken::admin_pin(&t.encode()), Ok(None));
+            // Cut in the pin: refused, never a partial pin.
+            let cut = &s[..s.len() - 4];
+            assert!(JoinToken::admin_pin(cut).is_err());
         }
     }
 

@@ -805,6 +805,7 @@ fn describe_batch(d: &Dirty, events: &[AuditEvent]) -> String {
     count(d.blocks.len(), "block event", "block events");
     count(d.flows.len(), "flow row", "flow rows");
     count(usize::from(d.mode.is_some()), "policy mode", "policy modes");
+    count(d.signed.len(), "signed statement", "signed statements");
     count(events.len(), "event", "events");
     count(
         usize::from(d.map_version.is_some()),
@@ -832,6 +833,7 @@ pub(crate) fn restore_state(
     state.set_flow_limits(flow_limits);
     state.restore_flow_intervals(snapshot.flow_intervals);
     state.restore_records(snapshot.records);
+    state.restore_signed(snapshot.signed);
     Ok(state)
 }
 

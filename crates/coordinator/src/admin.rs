@@ -113,6 +113,9 @@ impl From<AdminError> for Failure {
             | AdminError::TooManyLabels(_)
             | AdminError::InvalidGroup(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             AdminError::PolicyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            AdminError::SignatureRequired(_) => (StatusCode::FORBIDDEN, "signature_required"),
+            AdminError::BadSignature(_) => (StatusCode::FORBIDDEN, "bad_signature"),
+            AdminError::NoAdminKeys => (StatusCode::CONFLICT, "no_admin_keys"),
             // Nothing was changed; the same request may work once the cause is fixed.
             AdminError::NotSaved(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_saved"),
             AdminError::Import(ref rows) => {
@@ -435,6 +438,39 @@ async fn quarantine(
 ) -> Result<Response, Failure> {
     call(&st, AdminOp::Quarantine(h)).await
 }
+async fn admin_keys(_: Authed, State(st): State<AppState>) -> Result<Response, Failure> {
+    call(&st, AdminOp::AdminKeys).await
+}
+async fn add_key_set(
+    _: Authed,
+    State(st): State<AppState>,
+    Json(s): Json<meshd_control::signed::Signed>,
+) -> Result<Response, Failure> {
+    call(&st, AdminOp::AddKeySet(s)).await
+}
+async fn signed_policy(
+    _: Authed,
+    State(st): State<AppState>,
+    Json(r): Json<meshd_control::api::SignedPolicyRequest>,
+) -> Result<Response, Failure> {
+    call(&st, AdminOp::SignedPolicy(r)).await
+}
+async fn signed_rollback(
+    _: Authed,
+    State(st): State<AppState>,
+    Path(v): Path<u64>,
+    Json(r): Json<meshd_control::api::SignedRollbackRequest>,
+) -> Result<Response, Failure> {
+    call(&st, AdminOp::SignedRollback(v, r.signed)).await
+}
+async fn signed_host(
+    _: Authed,
+    State(st): State<AppState>,
+    Path(h): Path<String>,
+    Json(r): Json<meshd_control::api::SignedHostRequest>,
+) -> Result<Response, Failure> {
+    call(&st, AdminOp::SignedHost(h, r)).await
+}
 async fn release(
     _: Authed,
     State(st): State<AppState>,
@@ -624,6 +660,10 @@ fn router(st: AppState, secure: bool) -> Router {
         .route("/v1/flows", get(flows))
         .route("/v1/topology", get(topology))
         .route("/v1/import", post(import))
+        .route("/v1/admin/keys", get(admin_keys).post(add_key_set))
+        .route("/v1/signed/policy", post(signed_policy))
+        .route("/v1/signed/rollback/{version}", post(signed_rollback))
+        .route("/v1/signed/hosts/{host}", post(signed_host))
         .route_layer(axum::middleware::from_fn_with_state(
             st.metrics.clone(),
             count_request,

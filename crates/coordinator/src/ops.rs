@@ -79,6 +79,16 @@ pub enum AdminOp {
     Import(meshd_control::api::ImportRequest),
     /// Ask a connected host to rotate its key (`meshctl host rotate-key`).
     RotateKey(String),
+    /// The admin key-set chain and the current policy statement (signed policy).
+    AdminKeys,
+    /// Add the next admin key set (the first on trust; later ones signed by a quorum).
+    AddKeySet(meshd_control::signed::Signed),
+    /// Apply a signed policy version.
+    SignedPolicy(meshd_control::api::SignedPolicyRequest),
+    /// Re-apply an earlier version, signed.
+    SignedRollback(u64, meshd_control::signed::Signed),
+    /// Set a host's name and labels from a signed host statement (and lift its quarantine).
+    SignedHost(String, meshd_control::api::SignedHostRequest),
 }
 
 /// The result of an [`AdminOp`].
@@ -149,6 +159,23 @@ impl Ops<'_> {
         };
         let mut record = |kind, detail: String| events.push(AuditEvent::new(now, kind, detail));
         let named = |h: &Host| format!("{} ({})", h.name, h.id);
+        // Once admin keys are registered, changes that can widen access must come signed.
+        let unsigned = match &op {
+            AdminOp::Label(..) => Some("host label"),
+            AdminOp::Unlabel(..) => Some("host unlabel"),
+            AdminOp::Rename(..) => Some("host rename"),
+            AdminOp::Release(_) => Some("host release"),
+            AdminOp::PolicyApply(_) => Some("policy apply"),
+            AdminOp::PolicyRollback(_) => Some("policy rollback"),
+            AdminOp::PolicyModeSet(_) => {
+                Some("policy mode (put `mode: learn` in the signed policy file instead)")
+            }
+            AdminOp::Import(_) => Some("import (sign the labels with `meshctl host label`)"),
+            _ => None,
+        };
+        if let Some(what) = unsigned {
+            state.require_unsigned(what)?;
+        }
         Ok(match op {
             AdminOp::ListHosts => {
                 let sessions: HashMap<HostId, u64> = state
@@ -208,7 +235,7 @@ impl Ops<'_> {
                     secret,
                 };
                 AdminReply::Created(TokenCreated {
-                    token: jt.encode(),
+                    token: jt.encode_pinned(state.admin_fingerprint().as_ref()),
                     info: TokenView::new(&t, now),
                 })
             }
@@ -324,6 +351,64 @@ impl Ops<'_> {
             AdminOp::Events { limit } => AdminReply::Events(newest(recent, limit)),
             AdminOp::Status => AdminReply::Status(status(state, identity, &health)),
             AdminOp::Health => AdminReply::Health(health),
+            AdminOp::AdminKeys => json(&state.signed_view()),
+            AdminOp::AddKeySet(s) => {
+                let first = state.admin_keys().is_none();
+                let fp = state.add_key_set(s)?;
+                let keys = state.admin_keys().map_or(0, |k| k.keys.len());
+                info!(fingerprint = %fp, keys, first, "admin key set changed");
+                record(
+                    EventKind::AdminKeysChanged,
+                    format!(
+                        "{keys} keys, fingerprint {fp}{}",
+                        if first {
+                            " (first set, trusted on first use)"
+                        } else {
+                            ""
+                        }
+                    ),
+                );
+                json(&state.signed_view())
+            }
+            AdminOp::SignedPolicy(r) => {
+                check_policy_size(&r.yaml)?;
+                let (rec, tests) = state.apply_signed_policy(now, &r.yaml, r.signed)?;
+                info!(rules_version = rec.version, "signed policy applied");
+                record(
+                    EventKind::PolicyApplied,
+                    format!("version {} (signed)", rec.version),
+                );
+                json(&PolicyApplied {
+                    version: rec.version,
+                    tests,
+                })
+            }
+            AdminOp::SignedRollback(v, s) => {
+                let rec = state.rollback_signed(now, v, s)?;
+                info!(
+                    rules_version = rec.version,
+                    restored_version = v,
+                    "signed policy rolled back"
+                );
+                record(
+                    EventKind::PolicyRollback,
+                    format!("version {} = version {v} (signed)", rec.version),
+                );
+                json(&PolicyApplied {
+                    version: rec.version,
+                    tests: Vec::new(),
+                })
+            }
+            AdminOp::SignedHost(r, req) => {
+                let was = state.find_host(&r)?.quarantined;
+                let h = state.set_host_signed(&r, req.signed, req.release)?;
+                info!(host = %h.name, host_id = %h.id, release = req.release, "signed host labels set");
+                record(EventKind::HostLabelsSigned, named(&h));
+                if req.release && was {
+                    record(EventKind::HostReleased, named(&h));
+                }
+                AdminReply::Host(view(state, &h))
+            }
             AdminOp::Import(req) => {
                 let out = state.import_cmdb(now, &req.file, req.apply)?;
                 info!(

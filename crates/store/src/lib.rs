@@ -45,6 +45,8 @@ pub struct Snapshot {
     pub flow_intervals: Vec<FlowInterval>,
     /// CMDB host records, by id.
     pub records: Vec<meshd_control::cmdb::HostRecord>,
+    /// Admin-signed statements (signed policy; empty: unsigned mesh).
+    pub signed: Vec<meshd_control::state::SignedRecord>,
 }
 
 /// How far back from the newest flow row [`Store::load`] counts rows per interval.

@@ -143,21 +143,28 @@ CREATE TABLE cmdb_records (
     ),
     (
         6,
-        "key rotation, named admin tokens",
+        "key rotation",
         r#"
 -- Key rotation (issue 17): the proved next key while the host switches to it (peers accept
 -- both), and when the key last changed by rotation (NULL: the enrolment key).
 ALTER TABLE hosts ADD COLUMN pending_key    TEXT;     -- WireGuard public key, base64
 ALTER TABLE hosts ADD COLUMN key_rotated_at INTEGER;  -- Unix seconds
-
--- Named admin tokens (meshctl admin token create|list|revoke). Only the SHA-256 is stored.
--- The token of <state-dir>/admin.token is the row named "bootstrap".
-CREATE TABLE admin_tokens (
-    name        TEXT    PRIMARY KEY,
-    token_hash  TEXT    NOT NULL UNIQUE,   -- hex SHA-256 of the token
-    created_at  INTEGER NOT NULL,          -- Unix seconds
-    expires_at  INTEGER,                   -- NULL: never
-    revoked_at  INTEGER                    -- NULL: not revoked
+"#,
+    ),
+    (
+        7,
+        "signed policy: admin-signed statements",
+        r#"
+-- Admin-signed statements (issue 17): the admin key-set chain (kind 'key_set', id = seq), each
+-- policy version's statement (kind 'policy', id = version) and each host's current name and
+-- labels statement (kind 'host', id = host id). body: JSON meshd_control::state::SignedRecord.
+-- Agents verify every statement themselves: editing this table (or any other) cannot widen
+-- anyone's access, only withhold updates.
+CREATE TABLE signed_statements (
+    kind TEXT    NOT NULL,
+    id   INTEGER NOT NULL,
+    body TEXT    NOT NULL,
+    PRIMARY KEY (kind, id)
 );
 "#,
     ),

@@ -495,6 +495,22 @@ impl Store for SqliteStore {
                 }
                 v
             };
+            let signed = {
+                let mut st =
+                    tx.prepare("SELECT kind, id, body FROM signed_statements ORDER BY kind, id")?;
+                let mut rows = st.query([])?;
+                let mut v = Vec::new();
+                while let Some(r) = rows.next()? {
+                    let id: i64 = r.get(1)?;
+                    let body: String = r.get(2)?;
+                    v.push(serde_json::from_str(&body).map_err(|_| StoreError::Corrupt {
+                        table: "signed_statements",
+                        id,
+                        field: "body",
+                    })?);
+                }
+                v
+            };
             tx.commit()?;
             Ok(Snapshot {
                 hosts,
@@ -505,6 +521,7 @@ impl Store for SqliteStore {
                 flow_intervals,
                 mode,
                 records,
+                signed,
             })
         })
     }
@@ -527,6 +544,17 @@ impl Store for SqliteStore {
             }
             for r in &d.records {
                 put_record(&tx, r)?;
+            }
+            for r in &d.signed {
+                let (kind, id) = r.key();
+                let id = i64::try_from(id).map_err(|_| StoreError::Range("signed statement id"))?;
+                let body =
+                    serde_json::to_string(r).map_err(|_| StoreError::Range("signed statement"))?;
+                tx.execute(
+                    "INSERT INTO signed_statements (kind, id, body) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (kind, id) DO UPDATE SET body = excluded.body",
+                    rusqlite::params![kind, id, body],
+                )?;
             }
             if let Some(v) = d.map_version {
                 set_meta(&tx, META_MAP_VERSION, &v.to_string())?;
@@ -691,7 +719,7 @@ mod tests {
         h2.key_rotated_at = Some(1_700_000_000);
         {
             let s = SqliteStore::open(&path).unwrap();
-            assert_eq!(s.schema_version().unwrap(), 6);
+            assert_eq!(s.schema_version().unwrap(), 7);
             assert_eq!(s.load().unwrap(), Snapshot::default());
             s.commit(
                 &Dirty {
@@ -744,7 +772,7 @@ mod tests {
             )]
         );
         // Migrations are recorded once.
-        assert_eq!(s.schema_version().unwrap(), 6);
+        assert_eq!(s.schema_version().unwrap(), 7);
         let journal: String = s
             .with(|c| Ok(c.query_row("PRAGMA journal_mode", [], |r| r.get(0))?))
             .unwrap();

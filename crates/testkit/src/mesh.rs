@@ -757,6 +757,8 @@ impl Mesh {
                     }
                     host.states.push(s);
                 }
+                // Signed policy: the session's own counters say what it refused.
+                Action::TrustRefused(_) => {}
             }
         }
     }

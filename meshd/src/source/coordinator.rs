@@ -44,6 +44,10 @@ pub struct AgentState {
     /// The machine id this state belongs to (a copy on another machine is a clone).
     #[serde(default)]
     pub machine_id: Option<String>,
+    /// Fingerprint of the admin key set the join token carried (signed policy): maps are
+    /// checked against statements signed by it and its quorum-signed successors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_pin: Option<meshd_control::signed::Hash32>,
 }
 
 /// Options for a coordinator-managed host.
@@ -88,19 +92,25 @@ async fn enrol(
     let e = client::enrol(&parsed, name, key, report)
         .await
         .map_err(|e| anyhow::anyhow!("enrolment failed: {e}"))?;
+    let admin_pin = JoinToken::admin_pin(token.trim()).context("the join token is not valid")?;
     let state = AgentState {
         coordinator: e.coordinator,
         coordinator_key: e.coordinator_key,
         host: e.host,
         machine_id,
+        admin_pin,
     };
     write_private(
         &state_dir.join("agent.json"),
         &serde_json::to_vec_pretty(&state)?,
     )?;
     write_private(&state_dir.join("join.token"), token.trim().as_bytes())?;
-    // A new identity: a map from an earlier life must not be reused.
+    // A new identity: a map (or signed statements) from an earlier life must not be reused.
     let _ = std::fs::remove_file(state_dir.join("netmap.json"));
+    let _ = std::fs::remove_file(state_dir.join(TRUST_FILE));
+    if let Some(pin) = &state.admin_pin {
+        tracing::info!(admin_keys = %pin, "pinned the admin key set from the join token");
+    }
     if state.host.name != name {
         tracing::warn!(requested = %name, host = %state.host.name,
             "requested name {name} is taken by another host; enrolled as {} (rename with `meshctl hosts rename`)",
@@ -254,6 +264,27 @@ impl client::KeyStore for KeyFiles {
 }
 
 /// The coordinator session as a [`PeerSource`].
+/// The verified admin statements (signed policy), kept so they only move forward.
+const TRUST_FILE: &str = "trust.json";
+
+/// The trust store to start from: `trust.json` if it follows the same pin, else a fresh one
+/// pinned to `pin` (`None` and nothing stored: the first key set sent is pinned).
+fn load_trust(
+    state_dir: &Path,
+    pin: Option<meshd_control::signed::Hash32>,
+) -> Option<meshd_control::signed::TrustStore> {
+    let stored: Option<meshd_control::signed::TrustStore> =
+        std::fs::read(state_dir.join(TRUST_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+    match (stored, pin) {
+        (Some(s), Some(p)) if s.pin == Some(p) => Some(s),
+        (Some(s), None) => Some(s),
+        (_, Some(p)) => Some(meshd_control::signed::TrustStore::pinned(p)),
+        (None, None) => None,
+    }
+}
+
 pub struct Coordinator {
     state_dir: PathBuf,
     agent: AgentState,
@@ -348,6 +379,26 @@ impl Coordinator {
     fn map_path(&self) -> PathBuf {
         self.state_dir.join("netmap.json")
     }
+
+    /// After a map: publish the signed view (status, metrics) and persist what was verified.
+    fn signed_view_applied(&self) {
+        let Some(s) = &self.session else { return };
+        let status = s.handle.trust_status();
+        let since = status
+            .refused_since
+            .map(|t| meshd_time::unix_now().saturating_sub(t.elapsed().as_secs()));
+        crate::trust::counters().update(&status, since);
+        if status.pinned.is_none() {
+            return;
+        }
+        let store = s.handle.trust_store();
+        let written = serde_json::to_vec(&store)
+            .map_err(anyhow::Error::from)
+            .and_then(|b| Ok(write_private(&self.state_dir.join(TRUST_FILE), &b)?));
+        if let Err(e) = written {
+            tracing::warn!(error = %format!("{e:#}"), "persisting the signed statements failed");
+        }
+    }
 }
 
 /// What the coordinator is told about our underlay addresses.
@@ -375,6 +426,7 @@ impl PeerSource for Coordinator {
         cfg.key_store = Some(std::sync::Arc::new(KeyFiles {
             dir: self.state_dir.clone(),
         }));
+        cfg.trust = load_trust(&self.state_dir, self.agent.admin_pin);
         let handle = client::spawn_session(cfg);
         let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .context("installing the SIGHUP handler")?;
@@ -479,6 +531,7 @@ impl PeerSource for Coordinator {
                 if let Err(e) = written {
                     tracing::warn!(error = %format!("{e:#}"), "persisting the network map failed");
                 }
+                self.signed_view_applied();
             }
             (_, Err(e)) => tracing::error!(error = %e, "network map refused"),
             (None, Ok(_)) => {}
@@ -549,6 +602,7 @@ mod tests {
                     labels: [("app".to_string(), "app1".to_string())].into(),
                 },
                 machine_id: None,
+                admin_pin: None,
             },
             key: key(1),
             listen_port: 51820,

@@ -815,7 +815,8 @@ impl Model {
                 Action::State(_)
                 | Action::ApplyMap(_)
                 | Action::PrepareKey { .. }
-                | Action::SwitchKey { .. } => {}
+                | Action::SwitchKey { .. }
+                | Action::TrustRefused(_) => {}
             }
         }
         if let Some(t) = s.poll_timeout() {

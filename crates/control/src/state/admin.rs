@@ -78,6 +78,15 @@ pub enum AdminError {
     /// A key rotation cannot start (host offline, one already under way).
     #[error("{0}")]
     KeyRotation(String),
+    /// An admin key set is registered, so this change must be signed (signed policy).
+    #[error("{0} must be signed by an admin key once admin keys are registered (pass --admin-key FILE to meshctl)")]
+    SignatureRequired(&'static str),
+    /// A signed change whose statement or signatures do not verify.
+    #[error("signed change refused: {0}")]
+    BadSignature(#[from] crate::signed::SignError),
+    /// A signed change, but no admin key set is registered yet (`meshctl admin add-key`).
+    #[error("no admin key is registered (register the first with `meshctl admin add-key`)")]
+    NoAdminKeys,
 }
 
 /// Longest token lifetime: 10 years (longer ones overflowed the store's 64-bit signed time).

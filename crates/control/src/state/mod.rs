@@ -45,6 +45,7 @@ mod policy;
 mod pushes;
 mod rotation;
 mod sessions;
+mod signed;
 
 pub use admin::{
     check_policy_size, AdminError, TokenSpec, MAX_LABELS, MAX_POLICY_BYTES, MAX_TOKEN_TTL_SECS,
@@ -61,6 +62,7 @@ pub use mode::{group_selector, RuntimeMode, MAX_LEARN_GROUPS};
 pub use pushes::{Dirty, Kick, Push};
 pub use rotation::RotationEvent;
 pub use sessions::{Hello, HelloRefused, Notice, SessionInfo, MAX_REPORTED_ENDPOINTS};
+pub use signed::{SignedRecord, SignedView};
 
 use pushes::SentPeer;
 use sessions::Session;
@@ -144,6 +146,8 @@ pub struct CoordinatorState {
     rotation_msgs: Vec<Push>,
     retired_keys: Vec<(PublicKey, PublicKey)>,
     rotation_events: Vec<RotationEvent>,
+    /// Admin-signed statements (`state/signed.rs`; empty: unsigned mesh).
+    signed: signed::SignedState,
 }
 
 impl CoordinatorState {
@@ -197,6 +201,7 @@ impl CoordinatorState {
             rotation_msgs: Vec::new(),
             retired_keys: Vec::new(),
             rotation_events: Vec::new(),
+            signed: signed::SignedState::default(),
         }
     }
 

@@ -55,6 +55,8 @@ pub struct Dirty {
     pub mode: Option<super::RuntimeMode>,
     /// Changed CMDB host records (full records; upserted by id).
     pub records: Vec<crate::cmdb::HostRecord>,
+    /// New admin-signed statements (upserted by kind and id).
+    pub signed: Vec<super::SignedRecord>,
 }
 
 impl Dirty {
@@ -68,6 +70,7 @@ impl Dirty {
             && self.flows.is_empty()
             && self.mode.is_none()
             && self.records.is_empty()
+            && self.signed.is_empty()
     }
 }
 
@@ -149,7 +152,9 @@ impl CoordinatorState {
                     } else {
                         self.delta_changed(id, &old, &changed, from, version)
                     };
-                    let msg = (!delta.is_empty()).then_some(CoordinatorMessage::Delta { delta });
+                    // An empty delta still carries new signed statements to the agent.
+                    let msg = (!delta.is_empty() || self.trust_pending(id))
+                        .then_some(CoordinatorMessage::Delta { delta });
                     (ns, msg)
                 }
             };
@@ -157,6 +162,13 @@ impl CoordinatorState {
                 if let Some(s) = self.sessions.get_mut(&id) {
                     s.sent = Some(new_sent);
                     s.sent_version = version;
+                }
+                if let Some(trust) = self.trust_for(id, &message) {
+                    out.push(Push {
+                        host: id,
+                        conn,
+                        message: trust,
+                    });
                 }
                 out.push(Push {
                     host: id,
@@ -345,6 +357,7 @@ impl CoordinatorState {
                 .into_iter()
                 .filter_map(|id| self.records.get(&id).cloned())
                 .collect(),
+            signed: std::mem::take(&mut self.signed.dirty),
         }
     }
 }

@@ -24,6 +24,7 @@ mod policy;
 mod pushes;
 mod rotation;
 mod sessions;
+mod signed;
 
 fn key(k: u8) -> PublicKey {
     PublicKey([k; 32])

@@ -1,0 +1,339 @@
+//! Admin-signed statements on the coordinator (issue 17, signed policy): the admin key-set
+//! chain, the signed statement of each policy version and of each host's name and labels.
+//! The coordinator verifies every signed change before making it, keeps the statement next to
+//! it (for the store: [`Dirty::signed`](super::Dirty)) and forwards the statements to agents
+//! in a `Trust` frame before each map or delta ([`CoordinatorState::trust_for`]); agents check
+//! them again ([`crate::signed::TrustStore`]) — the coordinator is not trusted to.
+//!
+//! With no key set registered, nothing here is used and the mesh runs unsigned. Once one is,
+//! [`CoordinatorState::require_unsigned`] refuses the unsigned forms of widening changes.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+use super::{AdminError, CoordinatorState};
+use crate::map::Peer;
+use crate::model::{Host, HostId, UnixTime};
+use crate::policy::PolicyRecord;
+use crate::proto::CoordinatorMessage;
+use crate::signed::{
+    check_genesis, check_successor, Hash32, KeySetStatement, Signed, SignedPolicy, TrustBundle,
+};
+
+/// One signed statement as the store keeps it (kind, id, JSON body).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "record", rename_all = "snake_case")]
+pub enum SignedRecord {
+    /// A key set of the chain (id: its seq).
+    KeySet {
+        /// The statement.
+        signed: Signed,
+    },
+    /// The statement of one policy version.
+    Policy {
+        /// The policy version.
+        version: u64,
+        /// The statement.
+        signed: Signed,
+    },
+    /// The statement of a host's name and labels.
+    Host {
+        /// The host.
+        host: HostId,
+        /// The statement.
+        signed: Signed,
+    },
+}
+
+impl SignedRecord {
+    /// The store's key: kind and id.
+    pub fn key(&self) -> (&'static str, u64) {
+        match self {
+            SignedRecord::KeySet { signed } => ("key_set", signed.key_set().map_or(0, |k| k.seq)),
+            SignedRecord::Policy { version, .. } => ("policy", *version),
+            SignedRecord::Host { host, .. } => ("host", host.0),
+        }
+    }
+}
+
+/// The coordinator's signed statements.
+#[derive(Debug, Default)]
+pub(super) struct SignedState {
+    /// The key-set chain, oldest first (empty: unsigned mesh).
+    chain: Vec<Signed>,
+    /// Per policy version, its statement.
+    policies: BTreeMap<u64, Signed>,
+    /// Per host, the statement of its current name and labels.
+    hosts: BTreeMap<HostId, Signed>,
+    /// The policy version each agent session was last sent.
+    policy_sent: HashMap<HostId, u64>,
+    /// The hash of its own host statement each agent session was last sent.
+    own_sent: HashMap<HostId, Hash32>,
+    /// Not yet persisted.
+    pub(super) dirty: Vec<SignedRecord>,
+}
+
+/// `GET /v1/admin/keys`: the chain, its fingerprint and the current policy statement.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct SignedView {
+    /// The key-set chain, oldest first (empty: the mesh runs unsigned).
+    pub chain: Vec<Signed>,
+    /// Fingerprint (statement hash) of the current key set.
+    pub fingerprint: Option<Hash32>,
+    /// The current policy version's statement, if signed.
+    pub policy: Option<Signed>,
+    /// The current policy version (0: none).
+    pub policy_version: u64,
+}
+
+impl CoordinatorState {
+    /// The current admin key set (`None`: unsigned mesh).
+    pub fn admin_keys(&self) -> Option<&KeySetStatement> {
+        self.signed.chain.last().and_then(|s| s.key_set().ok())
+    }
+
+    /// Fingerprint of the current admin key set (what join tokens carry).
+    pub fn admin_fingerprint(&self) -> Option<Hash32> {
+        self.signed.chain.last().map(|s| s.statement.hash())
+    }
+
+    /// The chain, its fingerprint and the current policy statement.
+    pub fn signed_view(&self) -> SignedView {
+        let v = self.policy().map_or(0, |p| p.version);
+        SignedView {
+            chain: self.signed.chain.clone(),
+            fingerprint: self.admin_fingerprint(),
+            policy: self.signed.policies.get(&v).cloned(),
+            policy_version: v,
+        }
+    }
+
+    /// The signed statement of a host's name and labels.
+    pub fn host_statement(&self, id: HostId) -> Option<&Signed> {
+        self.signed.hosts.get(&id)
+    }
+
+    /// Refuses `what` when admin keys are registered (it must come signed).
+    pub fn require_unsigned(&self, what: &'static str) -> Result<(), AdminError> {
+        match self.admin_keys() {
+            Some(_) => Err(AdminError::SignatureRequired(what)),
+            None => Ok(()),
+        }
+    }
+
+    /// Adds a key set to the chain: the first is taken on trust (the admin token) but must be
+    /// signed by its own keys; every later one by a quorum of the current set.
+    pub fn add_key_set(&mut self, s: Signed) -> Result<Hash32, AdminError> {
+        match self.signed.chain.last() {
+            None => check_genesis(&s)?,
+            Some(cur) => check_successor(cur, &s)?,
+        }
+        let fp = s.statement.hash();
+        self.signed
+            .dirty
+            .push(SignedRecord::KeySet { signed: s.clone() });
+        self.signed.chain.push(s);
+        // Every agent gets the new chain with its next map: send full maps now.
+        self.resend_all();
+        Ok(fp)
+    }
+
+    fn resend_all(&mut self) {
+        for s in self.sessions.values_mut() {
+            s.sent = None;
+        }
+    }
+
+    fn check_policy_statement(&self, yaml: &str, s: &Signed) -> Result<(), AdminError> {
+        let set = self.admin_keys().ok_or(AdminError::NoAdminKeys)?;
+        let st = s.policy()?;
+        let cur = self.policy().map_or(0, |p| p.version);
+        let prev = self
+            .signed
+            .policies
+            .get(&cur)
+            .map_or(Hash32::ZERO, |p| p.statement.hash());
+        if st.seq != cur + 1 || st.prev != prev {
+            return Err(crate::signed::SignError::NotNext { seq: cur + 1, prev }.into());
+        }
+        if Hash32::of(yaml.as_bytes()) != st.sha256 {
+            return Err(crate::signed::SignError::ContentMismatch.into());
+        }
+        s.verify(set)?;
+        Ok(())
+    }
+
+    /// Applies a signed policy version (as [`CoordinatorState::apply_policy`], after checking
+    /// the statement: next version, hash of the file, quorum of the admin key set).
+    pub fn apply_signed_policy(
+        &mut self,
+        now: UnixTime,
+        yaml: &str,
+        s: Signed,
+    ) -> Result<(PolicyRecord, Vec<meshd_policy::TestResult>), AdminError> {
+        self.check_policy_statement(yaml, &s)?;
+        let (rec, tests) = self.apply_policy(now, yaml, "apply (signed)")?;
+        self.keep_policy_statement(rec.version, s);
+        Ok((rec, tests))
+    }
+
+    /// Re-applies version `version` as a new one, with a statement signed for its file.
+    pub fn rollback_signed(
+        &mut self,
+        now: UnixTime,
+        version: u64,
+        s: Signed,
+    ) -> Result<PolicyRecord, AdminError> {
+        let yaml = self
+            .policies
+            .iter()
+            .find(|p| p.version == version)
+            .map(|p| p.yaml.clone())
+            .ok_or(crate::policy::PolicyError::NoSuchVersion(version))?;
+        self.check_policy_statement(&yaml, &s)?;
+        let rec = self.rollback_policy(now, version)?;
+        self.keep_policy_statement(rec.version, s);
+        Ok(rec)
+    }
+
+    fn keep_policy_statement(&mut self, version: u64, s: Signed) {
+        self.signed.dirty.push(SignedRecord::Policy {
+            version,
+            signed: s.clone(),
+        });
+        self.signed.policies.insert(version, s);
+    }
+
+    /// Sets a host's name and labels to exactly those of a signed host statement (for its key,
+    /// newer than the one held, signed by a quorum), and lifts its quarantine if `release`.
+    pub fn set_host_signed(
+        &mut self,
+        r: &str,
+        s: Signed,
+        release: bool,
+    ) -> Result<Host, AdminError> {
+        let set = self.admin_keys().ok_or(AdminError::NoAdminKeys)?.clone();
+        let id = self.live_id(r)?;
+        let st = s.host()?.clone();
+        let h = self.host_result(id, r)?;
+        if st.key != h.public_key {
+            return Err(crate::signed::SignError::WrongHost.into());
+        }
+        if let Some(held) = self.signed.hosts.get(&id).and_then(|x| x.host().ok()) {
+            if held.at_ms >= st.at_ms {
+                return Err(crate::signed::SignError::Stale.into());
+            }
+        }
+        super::admin::validate_labels(&st.labels)?;
+        s.verify(&set)?;
+        if st.name != h.name {
+            self.rename(r, &st.name)?;
+        }
+        let gone: Vec<String> = h
+            .labels
+            .keys()
+            .filter(|k| !st.labels.contains_key(*k))
+            .cloned()
+            .collect();
+        let key = st.key.to_string();
+        self.remove_labels(&key, &gone)?;
+        self.set_labels(&key, st.labels.clone())?;
+        if release {
+            self.release(&key)?;
+        }
+        // The peers' next deltas carry the statement (a touch re-sends the host's record).
+        self.touch(id);
+        self.signed.dirty.push(SignedRecord::Host {
+            host: id,
+            signed: s.clone(),
+        });
+        self.signed.hosts.insert(id, s);
+        self.host_result(id, &key)
+    }
+
+    /// Loads stored statements (after [`CoordinatorState::restore`] and the policies).
+    pub fn restore_signed(&mut self, records: Vec<SignedRecord>) {
+        let mut chain: Vec<Signed> = Vec::new();
+        for r in records {
+            match r {
+                SignedRecord::KeySet { signed } => chain.push(signed),
+                SignedRecord::Policy { version, signed } => {
+                    self.signed.policies.insert(version, signed);
+                }
+                SignedRecord::Host { host, signed } => {
+                    self.signed.hosts.insert(host, signed);
+                }
+            }
+        }
+        chain.sort_by_key(|s| s.key_set().map_or(0, |k| k.seq));
+        self.signed.chain = chain;
+    }
+
+    /// Whether host `id`'s agent lacks the current signed policy or its own current host
+    /// statement (then it gets a delta even when its map did not change).
+    pub(super) fn trust_pending(&self, id: HostId) -> bool {
+        if self.signed.chain.is_empty() {
+            return false;
+        }
+        let v = self.policy().map_or(0, |p| p.version);
+        let policy =
+            self.signed.policies.contains_key(&v) && self.signed.policy_sent.get(&id) != Some(&v);
+        let own = self.signed.hosts.get(&id).map(|s| s.statement.hash());
+        policy || (own.is_some() && self.signed.own_sent.get(&id) != own.as_ref())
+    }
+
+    /// The `Trust` frame to send before `message` to host `id` (`None` in an unsigned mesh or
+    /// for anything but a map or delta). Carries the chain, the current policy when the
+    /// session was not sent it yet (or the message is a full map), and the host statements
+    /// of `id` and of every peer in the message.
+    pub(super) fn trust_for(
+        &mut self,
+        id: HostId,
+        message: &CoordinatorMessage,
+    ) -> Option<CoordinatorMessage> {
+        if self.signed.chain.is_empty() {
+            return None;
+        }
+        let (peers, full): (&[Peer], bool) = match message {
+            CoordinatorMessage::FullMap { map } => (&map.peers, true),
+            CoordinatorMessage::Delta { delta } => (&delta.upserts, false),
+            _ => return None,
+        };
+        let mut hosts: Vec<Signed> = self.signed.hosts.get(&id).cloned().into_iter().collect();
+        if let Some(own) = hosts.first() {
+            let h = own.statement.hash();
+            self.signed.own_sent.insert(id, h);
+        }
+        for p in peers {
+            if let Some(s) = self
+                .by_key
+                .get(&p.public_key)
+                .and_then(|h| self.signed.hosts.get(h))
+            {
+                hosts.push(s.clone());
+            }
+        }
+        let current = self.policy().map(|p| (p.version, p.yaml.clone()));
+        let policy = current.and_then(|(v, yaml)| {
+            let s = self.signed.policies.get(&v)?;
+            let sent = self.signed.policy_sent.get(&id) == Some(&v);
+            (full || !sent).then(|| SignedPolicy {
+                yaml,
+                signed: s.clone(),
+            })
+        });
+        if let Some(p) = &policy {
+            if let Ok(st) = p.signed.policy() {
+                self.signed.policy_sent.insert(id, st.seq);
+            }
+        }
+        Some(CoordinatorMessage::Trust {
+            bundle: Box::new(TrustBundle {
+                key_sets: self.signed.chain.clone(),
+                policy,
+                hosts,
+            }),
+        })
+    }
+}

@@ -1,0 +1,306 @@
+//! Signed policy through the coordinator state and a real agent session: what a compromised
+//! coordinator (here: the state changed behind the admin API's back, as an edited database
+//! would) sends is cut down by the agent; signed changes apply; narrowing applies unsigned.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::*;
+use crate::session::{Action, AgentSession, Input, SessionParams};
+use crate::signed::{
+    AdminSigningKey, Hash32, HostStatement, KeySetStatement, PolicyStatement, Refusal, Signed,
+    Statement,
+};
+
+const WIDER: &str = "\
+rules:
+  - name: app-to-db
+    from: { app: app }
+    to:   { app: db }
+    ports: [tcp/5432]
+  - name: app-to-web
+    from: { app: app }
+    to:   { app: web }
+    ports: [tcp/80]
+";
+
+fn admin() -> AdminSigningKey {
+    AdminSigningKey::from_seed([42; 32])
+}
+
+fn genesis(a: &AdminSigningKey) -> Signed {
+    Signed::sign(
+        Statement::KeySet(KeySetStatement {
+            seq: 1,
+            keys: vec![a.public()],
+            quorum: 1,
+            prev: Hash32::ZERO,
+            at_ms: 1,
+        }),
+        &[a],
+    )
+}
+
+fn sign_policy(s: &CoordinatorState, yaml: &str, a: &AdminSigningKey) -> Signed {
+    let v = s.signed_view();
+    Signed::sign(
+        Statement::Policy(PolicyStatement {
+            seq: v.policy_version + 1,
+            sha256: Hash32::of(yaml.as_bytes()),
+            prev: v.policy.map_or(Hash32::ZERO, |p| p.statement.hash()),
+            at_ms: 10 + v.policy_version,
+        }),
+        &[a],
+    )
+}
+
+fn sign_host(
+    s: &CoordinatorState,
+    name: &str,
+    app: &str,
+    at_ms: u64,
+    a: &AdminSigningKey,
+) -> Signed {
+    let h = s.find_host(name).unwrap();
+    Signed::sign(
+        Statement::Host(HostStatement {
+            key: h.public_key,
+            name: name.into(),
+            labels: [("app".to_string(), app.to_string())].into(),
+            at_ms,
+        }),
+        &[a],
+    )
+}
+
+/// The three hosts of `three()` with the admin key registered, POLICY signed and applied, and
+/// every host's labels signed.
+fn signed_three() -> (CoordinatorState, AdminSigningKey) {
+    let mut s = three();
+    let a = admin();
+    s.add_key_set(genesis(&a)).unwrap();
+    let p = sign_policy(&s, POLICY, &a);
+    s.apply_signed_policy(1, POLICY, p).unwrap();
+    for (h, app) in [("h1", "app"), ("h2", "db"), ("h3", "web")] {
+        let st = sign_host(&s, h, app, 5, &a);
+        s.set_host_signed(h, st, false).unwrap();
+    }
+    (s, a)
+}
+
+/// h1's agent session, fed its `Welcome`.
+fn agent(s: &CoordinatorState, t0: Instant) -> AgentSession {
+    let mut a = AgentSession::new(
+        SessionParams {
+            endpoints: ep(1),
+            initial_map: None,
+            jitter_seed: 1,
+        },
+        t0,
+    );
+    a.handle_input(Input::TransportUp, t0);
+    let h = s.find_host("h1").unwrap();
+    a.handle_input(
+        Input::Frame(CoordinatorMessage::Welcome {
+            protocol: crate::proto::PROTOCOL_VERSION,
+            host: HostInfo::from_host(h, s.networks()),
+        }),
+        t0,
+    );
+    while a.poll_action().is_some() {}
+    a
+}
+
+/// Feeds h1's pushes to its session; returns the last applied map and the refusals.
+fn deliver(
+    s: &mut CoordinatorState,
+    a: &mut AgentSession,
+    now: Instant,
+) -> (Option<Arc<NetworkMap>>, Vec<Vec<Refusal>>) {
+    for p in s.poll_pushes() {
+        if p.host == HostId(1) {
+            a.handle_input(Input::Frame(p.message), now);
+        }
+    }
+    let _ = s.take_dirty();
+    let (mut map, mut refused) = (None, Vec::new());
+    while let Some(act) = a.poll_action() {
+        match act {
+            Action::ApplyMap(m) => map = Some(m),
+            Action::TrustRefused(r) => refused.push(r.reasons),
+            _ => {}
+        }
+    }
+    (map, refused)
+}
+
+fn names(m: &NetworkMap) -> Vec<&str> {
+    m.peers.iter().map(|p| p.name.as_str()).collect()
+}
+
+#[test]
+fn forged_rule_is_refused_by_the_agent_signed_change_applies_narrowing_applies_unsigned() {
+    let t0 = Instant::now();
+    let (mut s, a) = signed_three();
+    let _ = maps(&mut s);
+    s.disconnect(100, HostId(1), ConnId(1));
+    // h1 reconnects (a fresh agent, pinned to the admin key set by its join token).
+    let mut ag = agent(&s, t0).with_trust(crate::signed::TrustStore::pinned(
+        s.admin_fingerprint().unwrap(),
+    ));
+    s.connect(
+        100,
+        key(1),
+        ConnId(11),
+        IpAddr::from([198, 51, 100, 1]),
+        Hello::Resume { endpoints: ep(1) },
+    )
+    .unwrap();
+    let (m, refused) = deliver(&mut s, &mut ag, t0);
+    let m = m.expect("full map");
+    assert_eq!(names(&m), ["h2"]);
+    assert!(refused.is_empty(), "{refused:?}");
+    assert_eq!(ag.trust_status().policy_version, Some(1));
+
+    // Forged: a wider policy installed behind the API's back (no statement for it).
+    s.apply_policy(2, WIDER, "forged").unwrap();
+    let (m, refused) = deliver(&mut s, &mut ag, t0);
+    let m = m.expect("a delta was applied");
+    assert_eq!(names(&m), ["h2"], "the forged grant to h3 must not apply");
+    assert_eq!(refused.len(), 1);
+    assert!(matches!(&refused[0][..], [Refusal::Grants { peer }] if peer == "h3"));
+    assert_eq!(ag.trust_status().refused, 1);
+    assert_eq!(ag.trust_status().refused_since, Some(t0));
+    // The coordinator's own map did include it: the agent is what stopped it.
+    assert_eq!(peer_names(&s, 1), ["h2", "h3"]);
+
+    // Forged labels (an edited hosts row): h3 made a db; refused as well.
+    let t1 = t0 + std::time::Duration::from_secs(1);
+    s.remove_labels("h3", &["app".into()]).unwrap();
+    s.set_labels("h3", [("app".into(), "db".into())].into())
+        .unwrap();
+    let (_, refused) = deliver(&mut s, &mut ag, t1);
+    assert!(!refused.is_empty());
+    assert_eq!(
+        ag.trust_status().refused_since,
+        Some(t0),
+        "stale since the first refusal"
+    );
+    s.remove_labels("h3", &["app".into()]).unwrap();
+    s.set_labels("h3", [("app".into(), "web".into())].into())
+        .unwrap();
+    let _ = deliver(&mut s, &mut ag, t1);
+
+    // Signed: the same wider policy, signed by the admin, applies.
+    let p = sign_policy(&s, WIDER, &a);
+    s.apply_signed_policy(3, WIDER, p).unwrap();
+    let (m, refused) = deliver(&mut s, &mut ag, t1);
+    assert!(refused.is_empty(), "{refused:?}");
+    let m = m.expect("delta");
+    assert_eq!(names(&m), ["h2", "h3"]);
+    assert_eq!(ag.trust_status().refused_since, None, "no longer stale");
+    assert_eq!(
+        ag.trust_status().policy_version,
+        Some(s.policy().unwrap().version)
+    );
+
+    // Narrowing, unsigned: quarantine h3; it leaves the map with no refusal.
+    s.quarantine("h3").unwrap();
+    let (m, refused) = deliver(&mut s, &mut ag, t1);
+    assert!(refused.is_empty(), "{refused:?}");
+    assert_eq!(names(&m.expect("delta")), ["h2"]);
+    // Lifting it needs a signature at the API …
+    assert!(matches!(
+        s.require_unsigned("host release"),
+        Err(AdminError::SignatureRequired(_))
+    ));
+    let st = sign_host(&s, "h3", "web", 9, &a);
+    s.set_host_signed("h3", st, true).unwrap();
+    let (m, refused) = deliver(&mut s, &mut ag, t1);
+    assert!(refused.is_empty(), "{refused:?}");
+    assert_eq!(names(&m.expect("delta")), ["h2", "h3"]);
+}
+
+#[test]
+fn the_coordinator_checks_signed_changes() {
+    let (mut s, a) = signed_three();
+    let evil = AdminSigningKey::from_seed([66; 32]);
+    // A key set not signed by the current one.
+    let cur = s.signed_view().chain.last().unwrap().statement.hash();
+    let mut keys = vec![a.public(), evil.public()];
+    keys.sort();
+    let next = Statement::KeySet(KeySetStatement {
+        seq: 2,
+        keys,
+        quorum: 1,
+        prev: cur,
+        at_ms: 2,
+    });
+    assert!(matches!(
+        s.add_key_set(Signed::sign(next.clone(), &[&evil])),
+        Err(AdminError::BadSignature(_))
+    ));
+    s.add_key_set(Signed::sign(next, &[&a])).unwrap();
+    // A policy whose statement names another file; one signed by an unknown key.
+    let p = sign_policy(&s, POLICY, &a);
+    assert!(matches!(
+        s.apply_signed_policy(4, WIDER, p),
+        Err(AdminError::BadSignature(
+            crate::signed::SignError::ContentMismatch
+        ))
+    ));
+    let p = sign_policy(&s, WIDER, &AdminSigningKey::from_seed([7; 32]));
+    assert!(s.apply_signed_policy(4, WIDER, p).is_err());
+    // A host statement for another host's key, or an older one.
+    let st = sign_host(&s, "h2", "web", 50, &a);
+    assert!(matches!(
+        s.set_host_signed("h3", st, false),
+        Err(AdminError::BadSignature(
+            crate::signed::SignError::WrongHost
+        ))
+    ));
+    let st = sign_host(&s, "h2", "web", 1, &a);
+    assert!(matches!(
+        s.set_host_signed("h2", st, false),
+        Err(AdminError::BadSignature(crate::signed::SignError::Stale))
+    ));
+    // Nothing changed on refusal.
+    assert_eq!(s.find_host("h2").unwrap().labels.get("app").unwrap(), "db");
+    // A signed rename + relabel.
+    let h = s.find_host("h2").unwrap();
+    let st = Signed::sign(
+        Statement::Host(HostStatement {
+            key: h.public_key,
+            name: "db1".into(),
+            labels: [
+                ("app".to_string(), "db".to_string()),
+                ("env".to_string(), "prod".to_string()),
+            ]
+            .into(),
+            at_ms: 60,
+        }),
+        &[&evil],
+    );
+    let h = s.set_host_signed("h2", st, false).unwrap();
+    assert_eq!(h.name, "db1");
+    assert_eq!(h.labels.len(), 2);
+}
+
+#[test]
+fn signed_statements_survive_a_restore() {
+    let (mut s, _a) = signed_three();
+    let d = s.take_dirty();
+    assert_eq!(d.signed.len(), 1 + 1 + 3);
+    let mut r = CoordinatorState::restore(
+        IpPool::new("100.64.0.0/24".parse().unwrap(), None).unwrap(),
+        s.hosts().cloned().collect(),
+        s.tokens().cloned().collect(),
+        s.map_version(),
+    )
+    .unwrap();
+    r.restore_policies(0, s.policy_history().to_vec()).unwrap();
+    r.restore_signed(d.signed);
+    assert_eq!(r.signed_view(), s.signed_view());
+    assert!(r.host_statement(HostId(2)).is_some());
+    assert!(r.require_unsigned("x").is_err());
+}
