@@ -813,6 +813,22 @@ impl TrustStore {
             }
             let mut p = p.clone();
             p.grants = cut;
+            // A next key (key rotation) would be accepted as this peer: only one an admin
+            // signed a host statement for, or the coordinator could slip its own key in.
+            let who = |k: &PublicKey| {
+                self.hosts
+                    .get(k)
+                    .and_then(|s| s.host().ok())
+                    .map(|h| (h.name.clone(), h.labels.clone()))
+            };
+            if p.next_public_key
+                .is_some_and(|k| who(&k).is_none() || who(&k) != who(&p.public_key))
+            {
+                refused.push(Refusal::Grants {
+                    peer: p.name.clone(),
+                });
+                p.next_public_key = None;
+            }
             peers.push(p);
         }
         (
@@ -841,7 +857,18 @@ pub fn intersect(sent: &PeerGrants, allowed: &PeerGrants) -> PeerGrants {
             .cloned()
             .collect(),
         learn: sent.learn && allowed.learn,
+        // Denies only narrow: keep every deny either side names.
+        deny: meshd_policy::PeerDenies {
+            outbound: union(&sent.deny.outbound, &allowed.deny.outbound),
+            inbound: union(&sent.deny.inbound, &allowed.deny.inbound),
+        },
     }
+}
+
+fn union(a: &[meshd_policy::Grant], b: &[meshd_policy::Grant]) -> Vec<meshd_policy::Grant> {
+    let mut out = a.to_vec();
+    out.extend(b.iter().filter(|g| !a.contains(g)).cloned());
+    out
 }
 
 #[cfg(test)]

@@ -200,6 +200,7 @@ fn peer(n: u8, name: &str, grants: PeerGrants) -> Peer {
         labels: Labels::new(),
         grants,
         transparent: false,
+        next_public_key: None,
     }
 }
 
@@ -252,6 +253,24 @@ fn filter_cuts_unsigned_grants_and_keeps_signed_ones() {
     let (out, refused) = st.filter(&wg(1), &honest);
     assert!(refused.is_empty());
     assert_eq!(out, honest);
+    // A next key (key rotation) nobody signed is not accepted as db: the coordinator cannot
+    // slip a key of its own in as db's, nor another host's (other's) key.
+    let mut rotating = honest.clone();
+    for next in [9, 3] {
+        rotating.peers[0].next_public_key = Some(wg(next));
+        let (out, refused) = st.filter(&wg(1), &rotating);
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert_eq!(out.peers[0].next_public_key, None);
+        assert_eq!(out.peers[0].grants, signed);
+    }
+    // A next key an admin signed as db (`meshctl host label` after the rotation) is kept.
+    let db9 = Signed::sign(host(9, "db", &[("role", "db")], 2), &[&a]);
+    let r = st.absorb(&bundle(std::slice::from_ref(&g), None, vec![db9]));
+    assert!(r.refused.is_empty(), "{:?}", r.refused);
+    rotating.peers[0].next_public_key = Some(wg(9));
+    let (out, refused) = st.filter(&wg(1), &rotating);
+    assert!(refused.is_empty(), "{refused:?}");
+    assert_eq!(out.peers[0].next_public_key, Some(wg(9)));
     // Narrowing passes unsigned: fewer grants, or the peer removed.
     let narrowed = NetworkMap {
         version: 6,
