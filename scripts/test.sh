@@ -5,7 +5,8 @@
 # On a Debian/Ubuntu machine it installs, with apt-get, the commands the tests call and that
 # are missing (see scripts/need.sh; MESHD_NO_INSTALL=1 only checks): ip (iproute2), nft
 # (nftables), tcpdump, wireguard-go, wg (wireguard-tools), socat, ping (iputils-ping),
-# sysctl (procps), and chromium + chromedriver (chromium-driver) for the /ui browser test.
+# sysctl (procps), chromium + chromedriver (chromium-driver) for the /ui browser test, and
+# sqlite3 (the signed-policy test edits the coordinator database by hand).
 # Arguments go to `cargo test --workspace`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +17,7 @@ fi
 . scripts/need.sh
 need_tools scripts/test.sh ip:iproute2 nft:nftables tcpdump:tcpdump wireguard-go:wireguard-go \
     wg:wireguard-tools socat:socat ping:iputils-ping sysctl:procps \
-    chromium:chromium chromedriver:chromium-driver
+    chromium:chromium chromedriver:chromium-driver sqlite3:sqlite3
 if ! command -v cargo >/dev/null; then
     echo "scripts/test.sh: cargo is not on root's PATH ($PATH): install Rust for root (https://rustup.rs), or use yours: sudo env \"PATH=\$PATH\" \"RUSTUP_HOME=\$HOME/.rustup\" \"CARGO_HOME=\$HOME/.cargo\" scripts/test.sh" >&2
     exit 1

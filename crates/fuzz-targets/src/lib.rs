@@ -46,6 +46,10 @@ pub struct Target {
 /// Every target.
 pub const TARGETS: &[Target] = &[
     Target {
+        name: "spa",
+        run: spa,
+    },
+    Target {
         name: "decapsulate",
         run: decapsulate,
     },
@@ -441,6 +445,31 @@ pub fn coordinator_frames(data: &[u8]) {
 /// Any first message a stranger sends on the control stream: the coordinator's Noise IK
 /// responder reads it; if it was a valid initiation, the answer is written and the transport
 /// keys derived.
+/// The join token and admin token secrets the SPA target's coordinator knows (their SHA-256
+/// is what it stores).
+pub const SPA_JOIN_SECRET: &[u8] = b"fuzz-join-token-secret";
+/// See [`SPA_JOIN_SECRET`].
+pub const SPA_ADMIN_SECRET: &[u8] = b"fuzz-admin-token";
+
+/// One datagram at the coordinator's control port, into the SPA gate (format, Noise_X,
+/// identity, skew, replay) against a view knowing [`peer_key`] as a host and one join and
+/// one admin token: an admitted knock must be refused the second time (a replay).
+pub fn spa(data: &[u8]) {
+    use meshd_channel::spa::{Gate, SpaView};
+    let mut view = SpaView::default();
+    view.hosts.insert(peer_key().public_key());
+    view.add_join_token(meshd_control::token::hash_secret(SPA_JOIN_SECRET), None);
+    view.add_admin_token(meshd_control::token::hash_secret(SPA_ADMIN_SECRET), None);
+    let mut gate = Gate::new(our_key(), 30_000, 64);
+    let now_ms = NOW * 1000;
+    if gate.check(now_ms, data, &view).is_ok() {
+        assert!(
+            gate.check(now_ms, data, &view).is_err(),
+            "a replayed knock was admitted"
+        );
+    }
+}
+
 pub fn channel_handshake(data: &[u8]) {
     if let Ok((mut hs, _agent)) = noise::read_initiation(&our_key(), data) {
         let mut buf = vec![0u8; 65535];

@@ -51,6 +51,7 @@ pub fn seeds() -> Vec<Seed> {
     add("agent_frames", agent_frames());
     add("coordinator_frames", coordinator_frames());
     add("channel_handshake", channel_handshake());
+    add("spa", spa());
     add("channel_frames", channel_frames());
     add("policy", policy());
     add("config", config());
@@ -493,6 +494,44 @@ fn initiation(from: &PrivateKey, to: &PublicKey) -> Vec<u8> {
         Ok(n) => buf[..n].to_vec(),
         Err(_) => Vec::new(),
     }
+}
+
+fn spa() -> Named {
+    use meshd_channel::spa::{make_knock, KnockAs};
+    let coord = our_key().public_key();
+    let at = crate::NOW * 1000;
+    let join = meshd_control::token::hash_secret(crate::SPA_JOIN_SECRET);
+    let admin = meshd_control::token::hash_secret(crate::SPA_ADMIN_SECRET);
+    let knock =
+        |who, nonce: u8| make_knock(&coord, &peer_key(), who, at, [nonce; 16]).unwrap_or_default();
+    let host = knock(KnockAs::Host, 1);
+    let mut flipped = host.clone();
+    if let Some(b) = flipped.last_mut() {
+        *b ^= 1;
+    }
+    named(vec![
+        ("knock-host", host.clone()),
+        ("knock-join-token", knock(KnockAs::JoinToken(&join), 2)),
+        ("knock-admin", knock(KnockAs::Admin(&admin), 3)),
+        ("knock-host-truncated", host[..host.len() - 1].to_vec()),
+        ("knock-host-flipped", flipped),
+        (
+            "knock-other-coordinator",
+            make_knock(
+                &PrivateKey::from_bytes([0x77; 32]).public_key(),
+                &peer_key(),
+                KnockAs::Host,
+                at,
+                [4; 16],
+            )
+            .unwrap_or_default(),
+        ),
+        (
+            "knock-stale",
+            make_knock(&coord, &peer_key(), KnockAs::Host, at - 3_600_000, [5; 16])
+                .unwrap_or_default(),
+        ),
+    ])
 }
 
 fn channel_handshake() -> Named {

@@ -140,6 +140,38 @@ fn valid_seeds_are_accepted_by_the_parsers() {
             assert_eq!(g.map(|g| g.len()), Some(1));
         }
     }
+    // The SPA gate admits the three valid knocks (once), and nothing else of the corpus.
+    {
+        use meshd_channel::spa::{Gate, SpaView};
+        let mut view = SpaView::default();
+        view.hosts.insert(ft::peer_key().public_key());
+        view.add_join_token(meshd_control::token::hash_secret(ft::SPA_JOIN_SECRET), None);
+        view.add_admin_token(
+            meshd_control::token::hash_secret(ft::SPA_ADMIN_SECRET),
+            None,
+        );
+        let mut gate = Gate::new(ft::our_key(), 30_000, 64);
+        for name in ["knock-host", "knock-join-token", "knock-admin"] {
+            let d = seed("spa", name);
+            assert!(gate.check(ft::NOW * 1000, &d, &view).is_ok(), "{name}");
+            assert!(
+                gate.check(ft::NOW * 1000, &d, &view).is_err(),
+                "{name} replayed"
+            );
+        }
+        for name in [
+            "knock-host-truncated",
+            "knock-host-flipped",
+            "knock-other-coordinator",
+            "knock-stale",
+        ] {
+            assert!(
+                gate.check(ft::NOW * 1000, &seed("spa", name), &view)
+                    .is_err(),
+                "{name}"
+            );
+        }
+    }
     for name in ["doc.csv", "doc.json", "extra-columns.csv", "array.json"] {
         meshd_control::cmdb::parse(&text("cmdb", name)).unwrap_or_else(|e| panic!("{name}: {e:?}"));
     }
