@@ -264,7 +264,7 @@ struct Live {
     writer: NoiseWriter,
     frames: mpsc::Receiver<Result<CoordinatorMessage, ChannelError>>,
     _reader: AbortOnDrop,
-    _endpoint: crate::ClientEndpoint,
+    endpoint: crate::ClientEndpoint,
 }
 
 impl Drop for Live {
@@ -373,7 +373,7 @@ impl Driver {
                         writer,
                         frames,
                         _reader: AbortOnDrop(reader),
-                        _endpoint: endpoint,
+                        endpoint,
                     });
                     self.input(Input::TransportUp);
                 }
@@ -426,6 +426,19 @@ impl Driver {
                 let Link::Up(live) = &mut self.link else {
                     return;
                 };
+                if matches!(msg, AgentMessage::ReportEndpoints { .. }) {
+                    // This host's underlay address changed, so its datagrams may now come from
+                    // a source the coordinator's SPA filter has not seen: knock from there
+                    // first, or the report (and the connection) would be dropped as a stranger's.
+                    if let Err(e) = live.endpoint.knock(
+                        self.cfg.coordinator,
+                        &self.cfg.coordinator_key,
+                        &self.cfg.private_key,
+                        meshd_channel::spa::KnockAs::Host,
+                    ) {
+                        debug!(error = %e, "knock after an address change");
+                    }
+                }
                 if let Err(e) = live.writer.send(&msg).await {
                     self.down(ClientError::Channel(e));
                 }

@@ -373,7 +373,7 @@ impl Actor {
                 }
             }
             for e in self.state.poll_rotation_events() {
-                info!(host_id = %e.host, kind = %e.kind, "{}", e.detail);
+                info!(host_id = %e.host, kind = %e.kind, detail = %e.detail, "key rotation step");
                 self.events.push(AuditEvent::new(now, e.kind, e.detail));
             }
             for n in self.state.poll_notices() {

@@ -238,7 +238,7 @@ impl SpaFilter {
                                 .insert(canonical(m.addr.ip()), now + self.window);
                         }
                         self.counters.accepted[kind_index(a.kind)].fetch_add(1, Ordering::Relaxed);
-                        info!(source = %m.addr, kind = a.kind.as_str(), key = %a.static_key,
+                        info!(source = %m.addr, kind = a.kind.as_str(), peer_key = %a.static_key,
                             "spa knock accepted");
                         knocked = true;
                         self.save.notify_one();
@@ -326,17 +326,19 @@ pub(crate) fn view_of(state: &CoordinatorState, admin_hashes: &[[u8; 32]]) -> Sp
     let mut v = SpaView {
         hosts: state
             .hosts()
-            .filter(|h: &&Host| !h.removed)
-            // A host mid-rotation reconnects with its next key: it must be able to knock.
-            .flat_map(|h| std::iter::once(h.public_key).chain(h.pending_key))
+            // Removed and revoked hosts too: the key proves who they are, and the coordinator
+            // then tells them so (`HostRevoked`, `HostRemoved`: the agent stops) rather than
+            // leaving them to retry in the dark forever. A host mid-rotation reconnects with
+            // its next key: it must be able to knock with it.
+            .flat_map(|h: &Host| std::iter::once(h.public_key).chain(h.pending_key))
             .collect(),
         ..SpaView::default()
     };
-    let now = meshd_time::unix_now();
+    // Every token the coordinator knows, also used-up, expired and revoked ones: whoever
+    // holds one is no stranger (it proves it holds the secret), and the coordinator then tells
+    // it exactly why it is refused (`TokenUsedUp`, …) instead of leaving it to time out.
     for t in state.tokens() {
-        if t.check(now).is_ok() {
-            v.add_join_token(t.secret_hash, t.expires_at.map(|e| e.saturating_mul(1000)));
-        }
+        v.add_join_token(t.secret_hash, None);
     }
     for h in admin_hashes {
         v.add_admin_token(*h, None);

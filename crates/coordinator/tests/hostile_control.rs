@@ -83,6 +83,19 @@ async fn stalled_and_trickling_clients_only_hurt_themselves() {
     wait_map(&a, "a sees b", |m| m.peers.len() == 1).await;
 
     let ep_ = client::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+    // These misbehaving clients got past the SPA knock (they hold the admin token): what is
+    // tested is that, once in, they only hurt themselves. Strangers never reach quinn
+    // (meshd/tests/spa.rs).
+    let admin = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
+    let admin = meshd_control::token::hash_secret(admin.trim().as_bytes());
+    ep_.knock(
+        c.control_addr(),
+        &c.public_key(),
+        &PrivateKey::generate(),
+        meshd_channel::spa::KnockAs::Admin(&admin),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
     // 1. Trickle: a QUIC connection whose Noise handshake arrives one byte every 300 ms.
     let trickle = ep_.connect(c.control_addr(), "x").unwrap().await.unwrap();
     let (mut ts, _tr) = trickle.open_bi().await.unwrap();
