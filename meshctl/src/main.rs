@@ -94,18 +94,24 @@ fn load_policy(path: &std::path::Path) -> anyhow::Result<(Source, meshd_policy::
     }
 }
 
+/// The config file (if any) and the settings resolved from flags, environment and file.
+fn settings(g: &cli::GlobalArgs) -> anyhow::Result<(Option<config::LoadedFile>, config::Settings)> {
+    let env = EnvValues::from_process();
+    let file = config::load_file(g.config.as_deref(), &env)?;
+    let flags = FlagValues {
+        server: g.server.clone(),
+        token: g.token.clone(),
+        state_dir: g.state_dir.clone(),
+        ca: g.ca.clone(),
+    };
+    let s = config::resolve(&flags, &env, file.as_ref());
+    Ok((file, s))
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let g = &cli.global;
     let ctx = || -> anyhow::Result<Ctx> {
-        let env = EnvValues::from_process();
-        let file = config::load_file(g.config.as_deref(), &env)?;
-        let flags = FlagValues {
-            server: g.server.clone(),
-            token: g.token.clone(),
-            state_dir: g.state_dir.clone(),
-            ca: g.ca.clone(),
-        };
-        let s = config::resolve(&flags, &env, file.as_ref());
+        let (file, s) = settings(g)?;
         let base = parse::server_url(&s.server)
             .map_err(|e| anyhow::anyhow!("{e} (from {})", s.server_source))?;
         let token = s.token.read()?;
@@ -147,15 +153,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             control,
             coordinator_key,
         } => {
-            let env = EnvValues::from_process();
-            let file = config::load_file(g.config.as_deref(), &env)?;
-            let flags = FlagValues {
-                server: g.server.clone(),
-                token: g.token.clone(),
-                state_dir: g.state_dir.clone(),
-                ca: g.ca.clone(),
-            };
-            let s = config::resolve(&flags, &env, file.as_ref());
+            let (file, s) = settings(g)?;
             let t = knock::target(
                 control,
                 coordinator_key.as_deref(),
