@@ -161,7 +161,9 @@ impl Commands {
 /// A reply held back until the batch is committed.
 enum Deferred {
     Connect(oneshot::Sender<ConnectReply>, ConnectReply),
-    Admin(oneshot::Sender<AdminResult>, AdminResult),
+    /// The reply, and the operation itself if it only reads (after a failed commit it is
+    /// answered again from the reloaded state: the batch it shared failed, not it).
+    Admin(oneshot::Sender<AdminResult>, AdminResult, Option<AdminOp>),
 }
 
 /// One agent's live connection.
@@ -430,7 +432,7 @@ impl Actor {
                     Deferred::Connect(tx, r) => {
                         let _agent_gone = tx.send(r);
                     }
-                    Deferred::Admin(tx, r) => {
+                    Deferred::Admin(tx, r, _) => {
                         let _caller_gone = tx.send(r);
                     }
                 }
@@ -492,6 +494,7 @@ impl Actor {
             error: error.clone(),
             what,
         });
+        let mut reads = Vec::new();
         for d in deferred {
             match d {
                 Deferred::Connect(tx, _) => {
@@ -500,7 +503,8 @@ impl Actor {
                         message: format!("not saved: {error}"),
                     }));
                 }
-                Deferred::Admin(tx, _) => {
+                Deferred::Admin(tx, _, Some(op)) => reads.push((tx, op)),
+                Deferred::Admin(tx, _, None) => {
                     let _caller_gone = tx.send(Err(AdminError::NotSaved(error.clone())));
                 }
             }
@@ -520,6 +524,32 @@ impl Actor {
             error!(error = %e, "reloading the state from the store failed; refusing every command until it works");
             self.stale = Some(e);
         }
+        // A read that shared the failed batch (a status asked while agents reconnected) is
+        // answered from what is committed, never from the rolled-back changes.
+        for (tx, op) in reads {
+            let r = match &self.stale {
+                Some(why) => Err(AdminError::NotSaved(format!(
+                    "the coordinator cannot read its store: {why}"
+                ))),
+                None => self.run_admin(now, op),
+            };
+            let _caller_gone = tx.send(r);
+        }
+        self.events.clear();
+    }
+
+    /// Runs one admin operation on the state (its audit events join this batch's).
+    fn run_admin(&mut self, now: UnixTime, op: AdminOp) -> AdminResult {
+        let health = self.health();
+        Ops {
+            state: &mut self.state,
+            events: &mut self.events,
+            recent: &self.recent,
+            identity: self.identity,
+            health,
+            restricted: &self.restricted,
+        }
+        .run(now, op)
     }
 
     /// Rebuilds the state from the store, as at start-up (live sessions are not kept).
@@ -678,17 +708,9 @@ impl Actor {
                 }
             }
             Cmd::Admin { op, reply } => {
-                let health = self.health();
-                let r = Ops {
-                    state: &mut self.state,
-                    events: &mut self.events,
-                    recent: &self.recent,
-                    identity: self.identity,
-                    health,
-                    restricted: &self.restricted,
-                }
-                .run(now, op);
-                deferred.push(Deferred::Admin(reply, r));
+                let read = op.is_read_only().then(|| op.clone());
+                let r = self.run_admin(now, op);
+                deferred.push(Deferred::Admin(reply, r, read));
             }
         }
     }

@@ -91,6 +91,30 @@ pub enum AdminOp {
     SignedHost(String, meshd_control::api::SignedHostRequest),
 }
 
+impl AdminOp {
+    /// Whether the operation only reads the state (it changes nothing and logs nothing).
+    pub fn is_read_only(&self) -> bool {
+        use AdminOp as O;
+        matches!(
+            self,
+            O::ListHosts
+                | O::ShowHost(_)
+                | O::ListTokens
+                | O::Status
+                | O::PolicyGet
+                | O::PolicyHistory
+                | O::PolicyDiff(_)
+                | O::PolicyCheck(_)
+                | O::Explain(_)
+                | O::PolicyModeGet
+                | O::Blocks(_)
+                | O::Events { .. }
+                | O::Health
+                | O::AdminKeys
+        )
+    }
+}
+
 /// The result of an [`AdminOp`].
 #[derive(Debug, Clone)]
 pub enum AdminReply {
