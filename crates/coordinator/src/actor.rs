@@ -163,7 +163,11 @@ enum Deferred {
     Connect(oneshot::Sender<ConnectReply>, ConnectReply),
     /// The reply, and the operation itself if it only reads (after a failed commit it is
     /// answered again from the reloaded state: the batch it shared failed, not it).
-    Admin(oneshot::Sender<AdminResult>, AdminResult, Option<AdminOp>),
+    Admin(
+        oneshot::Sender<AdminResult>,
+        AdminResult,
+        Option<Box<AdminOp>>,
+    ),
 }
 
 /// One agent's live connection.
@@ -531,7 +535,7 @@ impl Actor {
                 Some(why) => Err(AdminError::NotSaved(format!(
                     "the coordinator cannot read its store: {why}"
                 ))),
-                None => self.run_admin(now, op),
+                None => self.run_admin(now, *op),
             };
             let _caller_gone = tx.send(r);
         }
@@ -708,7 +712,7 @@ impl Actor {
                 }
             }
             Cmd::Admin { op, reply } => {
-                let read = op.is_read_only().then(|| op.clone());
+                let read = op.is_read_only().then(|| Box::new(op.clone()));
                 let r = self.run_admin(now, op);
                 deferred.push(Deferred::Admin(reply, r, read));
             }
