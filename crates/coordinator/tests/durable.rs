@@ -2,7 +2,7 @@
 //! store fails commits on demand. No root needed.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,10 +24,22 @@ fn shown(e: meshd_coordinator::StartError) -> String {
     format!("{:#}", anyhow::Error::from(e))
 }
 
-/// SQLite, except that commits fail with "disk full" while `fail` is set.
+/// SQLite, except that commits fail with "disk full" while `fail` is set, and each commit
+/// first takes `delay_ms` (a slow disk: commands queue up behind it and share the next batch).
 struct Flaky {
     inner: SqliteStore,
     fail: AtomicBool,
+    delay_ms: AtomicU64,
+}
+
+impl Flaky {
+    fn open(path: &std::path::Path) -> Self {
+        Flaky {
+            inner: SqliteStore::open(path).unwrap(),
+            fail: AtomicBool::new(false),
+            delay_ms: AtomicU64::new(0),
+        }
+    }
 }
 
 impl Store for Flaky {
@@ -35,6 +47,7 @@ impl Store for Flaky {
         self.inner.load()
     }
     fn commit(&self, d: &Dirty, events: &[AuditEvent]) -> Result<(), StoreError> {
+        std::thread::sleep(Duration::from_millis(self.delay_ms.load(Ordering::SeqCst)));
         if self.fail.load(Ordering::SeqCst) {
             return Err(StoreError::DiskFull);
         }
@@ -155,10 +168,7 @@ async fn event_kinds(c: &CoordinatorHandle) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_commit_is_refused_rolled_back_and_never_pushed() {
     let dir = private_tempdir();
-    let store = Arc::new(Flaky {
-        inner: SqliteStore::open(&dir.path().join("test.db")).unwrap(),
-        fail: AtomicBool::new(false),
-    });
+    let store = Arc::new(Flaky::open(&dir.path().join("test.db")));
     let c = start_with_store(local_opts(dir.path()), store.clone())
         .await
         .unwrap();
@@ -283,6 +293,45 @@ async fn a_failed_commit_is_refused_rolled_back_and_never_pushed() {
     addrs.sort();
     addrs.dedup();
     assert_eq!(addrs.len(), n, "no address twice: {hosts:?}");
+    c.stop().await;
+}
+
+/// A read that lands in the same batch as a change whose commit fails is still answered, from
+/// the committed state (it changed nothing that could be lost); the change is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_sharing_a_failed_batch_is_answered_from_the_committed_state() {
+    let dir = private_tempdir();
+    let store = Arc::new(Flaky::open(&dir.path().join("test.db")));
+    let c = start_with_store(local_opts(dir.path()), store.clone())
+        .await
+        .unwrap();
+    let t = JoinToken::parse(&c.create_token(Default::default()).await.unwrap().token).unwrap();
+    let a = join(&c, &t, "a").await;
+    wait_state(&a, |s| matches!(s, SessionState::Connected { .. })).await;
+
+    store.fail.store(true, Ordering::SeqCst);
+    store.delay_ms.store(300, Ordering::SeqCst);
+    // The actor is busy committing (and failing) this one while the next two queue up, so
+    // they are picked up together: one batch of a change and a read.
+    let label = [("x".into(), "1".into())].into();
+    let (busy, (removed, read)) = tokio::join!(c.admin(AdminOp::Label("a".into(), label)), async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::join!(
+            c.admin(AdminOp::Remove("a".into())),
+            c.admin(AdminOp::Status)
+        )
+    });
+    not_saved(busy.unwrap());
+    let m = not_saved(removed.unwrap());
+    assert!(m.contains("disk full"), "{m}");
+    match read.unwrap() {
+        Ok(AdminReply::Status(s)) => {
+            assert_eq!(s.hosts, 1, "the refused removal is not shown: {s:?}");
+            assert!(s.store_failure.is_some(), "{s:?}");
+        }
+        other => panic!("a read is answered despite the failed commit, got {other:?}"),
+    }
+    store.delay_ms.store(0, Ordering::SeqCst);
     c.stop().await;
 }
 
