@@ -3,7 +3,15 @@
 //! endpoint several times and measure the time until every peer has it (p50/p99/max), plus the
 //! coordinator's RSS and CPU time (from /proc/<pid>).
 //!
-//! `cargo run --release -p meshd-coordinator --example scale -- [AGENTS] [ROUNDS]`
+//! `cargo run --release -p meshd-coordinator --example scale -- [AGENTS] [ROUNDS] [GROUPS]`
+//!
+//! GROUPS = 0 (the default): a full mesh, every host may reach every other. GROUPS = G > 0: the
+//! realistic policy of issue 18: hosts in G label groups (`app=g0` …), host i in group i mod G,
+//! each group allowed to reach the next 3 (so a host's peers are the 6 groups around its own).
+//! Then label rounds follow the endpoint rounds: one host moves to another group, and the work
+//! it caused is read from the coordinator's `meshd_coordinator_push_work_total` counters (sessions
+//! looked at, pairs and peer sets recomputed, messages and peer records sent), with the time
+//! until every host that gains or loses it has its new map.
 //!
 //! A closed stdout (`... | head -1`) ends it quietly with exit 0.
 
@@ -37,30 +45,111 @@ fn proc_stat(pid: u32) -> (u64, f64) {
     (rss_kb, ticks as f64 / 100.0)
 }
 
-async fn serve(dir: &str) -> anyhow::Result<()> {
+/// The policy of `groups` label groups, each reaching the next [`REACH`] (none: a full mesh).
+fn policy(groups: usize) -> String {
+    if groups == 0 {
+        return "rules:\n  - {name: all, from: {}, to: {}, ports: [any]}\n".into();
+    }
+    let mut y = String::from("rules:\n");
+    for g in 0..groups {
+        let to: Vec<String> = (1..=REACH)
+            .map(|d| format!("g{}", (g + d) % groups))
+            .collect();
+        y += &format!(
+            "  - {{name: g{g}, from: {{app: g{g}}}, to: {{app: {{in: [{}]}}}}, ports: [tcp/443]}}\n",
+            to.join(", ")
+        );
+    }
+    y
+}
+
+/// Groups a host in group `g` may reach or be reached from (not its own).
+fn related(g: usize, groups: usize) -> Vec<usize> {
+    let mut v: Vec<usize> = (1..=REACH)
+        .flat_map(|d| [(g + d) % groups, (g + groups - d % groups) % groups])
+        .filter(|&x| x != g)
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+const REACH: usize = 3;
+
+/// Enrolments tried again (timed out under load).
+static RETRIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+async fn serve(dir: &str, groups: usize) -> anyhow::Result<()> {
     let mut o = CoordinatorOptions::new(dir);
     o.listen = "127.0.0.1:0".parse()?;
     o.admin_listen = "127.0.0.1:0".parse()?;
+    o.metrics_listen = Some("127.0.0.1:0".parse()?);
     let c = start(o).await?;
-    // Full mesh: every agent may reach every other (default deny otherwise).
-    let allow_all = "rules:\n  - {name: all, from: {}, to: {}, ports: [any]}\n";
-    c.admin(meshd_coordinator::AdminOp::PolicyApply(allow_all.into()))
+    c.admin(meshd_coordinator::AdminOp::PolicyApply(policy(groups)))
         .await?
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let t = c.create_token(TokenCreateRequest::default()).await?;
-    say(format_args!("READY {}", t.token))?;
-    // Run until stdin closes (the parent exits).
-    tokio::task::spawn_blocking(|| {
+    let mut tokens = Vec::new();
+    for g in 0..groups.max(1) {
+        let mut req = TokenCreateRequest::default();
+        if groups > 0 {
+            req.labels = [("app".to_string(), format!("g{g}"))].into();
+        }
+        tokens.push(c.create_token(req).await?.token);
+    }
+    let metrics = c
+        .metrics_addr()
+        .ok_or_else(|| anyhow::anyhow!("no metrics listener"))?;
+    say(format_args!("READY {metrics} {}", tokens.join(" ")))?;
+    // Run until stdin closes (the parent exits); a line `label HOST GROUP` moves a host.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(16);
+    tokio::task::spawn_blocking(move || {
         let mut s = String::new();
         while std::io::stdin()
             .read_line(&mut s)
             .map(|n| n > 0)
             .unwrap_or(false)
-        {}
-    })
-    .await?;
+        {
+            if tx.blocking_send(std::mem::take(&mut s)).is_err() {
+                break;
+            }
+        }
+    });
+    while let Some(line) = rx.recv().await {
+        let mut w = line.split_whitespace();
+        if let (Some("label"), Some(host), Some(group)) = (w.next(), w.next(), w.next()) {
+            let labels = [("app".to_string(), group.to_string())].into();
+            let r = c
+                .admin(meshd_coordinator::AdminOp::Label(host.into(), labels))
+                .await?;
+            say(format_args!("LABELLED {}", r.is_ok()))?;
+        }
+    }
     c.stop().await;
     Ok(())
+}
+
+/// The coordinator's push-work counters, by kind.
+fn push_work(metrics: SocketAddr) -> anyhow::Result<std::collections::BTreeMap<String, f64>> {
+    let body = ureq_get(metrics)?;
+    let mut m = std::collections::BTreeMap::new();
+    for l in body.lines() {
+        if let Some(rest) = l.strip_prefix("meshd_coordinator_push_work_total{kind=\"") {
+            if let Some((k, v)) = rest.split_once("\"} ") {
+                m.insert(k.to_string(), v.trim().parse().unwrap_or(f64::NAN));
+            }
+        }
+    }
+    Ok(m)
+}
+
+/// `GET /metrics` over plain HTTP/1.0 (loopback).
+fn ureq_get(addr: SocketAddr) -> anyhow::Result<String> {
+    use std::io::Read as _;
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body)
 }
 
 fn pct(v: &mut [Duration], p: f64) -> Duration {
@@ -107,10 +196,18 @@ fn main() -> std::process::ExitCode {
 async fn run() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("serve") {
-        return serve(&args[2]).await;
+        let groups = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(0);
+        return serve(&args[2], groups).await;
     }
     let n: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1000);
     let rounds: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(5);
+    let groups: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(0);
+    anyhow::ensure!(n >= 2, "at least 2 agents");
+    anyhow::ensure!(
+        groups == 0 || groups > 2 * REACH,
+        "GROUPS is 0 (full mesh) or more than {}",
+        2 * REACH
+    );
     let dir = tempfile::tempdir()?;
     // The state directory must be private (tempdir makes it 0755).
     std::fs::set_permissions(
@@ -118,29 +215,70 @@ async fn run() -> anyhow::Result<()> {
         std::os::unix::fs::PermissionsExt::from_mode(0o700),
     )?;
     let mut child = std::process::Command::new(std::env::current_exe()?)
-        .args(["serve", dir.path().to_str().unwrap_or(".")])
+        .args([
+            "serve",
+            dir.path().to_str().unwrap_or("."),
+            &groups.to_string(),
+        ])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()?;
     let pid = child.id();
-    let mut line = String::new();
-    std::io::BufReader::new(
+    let mut stdin = child
+        .stdin
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdin"))?;
+    let mut out = std::io::BufReader::new(
         child
             .stdout
             .take()
             .ok_or_else(|| anyhow::anyhow!("no stdout"))?,
-    )
-    .read_line(&mut line)?;
-    let token = JoinToken::parse(
-        line.trim()
-            .strip_prefix("READY ")
-            .ok_or_else(|| anyhow::anyhow!("bad child output {line:?}"))?,
-    )?;
+    );
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    let mut words = line
+        .trim()
+        .strip_prefix("READY ")
+        .ok_or_else(|| anyhow::anyhow!("bad child output {line:?}"))?
+        .split_whitespace();
+    let metrics: SocketAddr = words
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no metrics address"))?
+        .parse()?;
+    let tokens: Vec<JoinToken> = words.map(JoinToken::parse).collect::<Result<_, _>>()?;
     let (rss0, _) = proc_stat(pid);
+    let shape = if groups == 0 {
+        "full mesh".to_string()
+    } else {
+        format!("{groups} label groups, each reaching {REACH} others")
+    };
     say(format_args!(
-        "coordinator pid {pid}, idle RSS {:.1} MiB; {n} agents",
+        "coordinator pid {pid}, idle RSS {:.1} MiB; {n} agents, {shape}",
         rss0 as f64 / 1024.0
     ))?;
+
+    // Host i is in group i mod G; `group` follows the label rounds.
+    let mut group: Vec<usize> = (0..n)
+        .map(|i| if groups == 0 { 0 } else { i % groups })
+        .collect();
+    // The hosts whose maps hold host `m` (full mesh: all others).
+    let peers_of = |group: &[usize], m: usize| -> Vec<usize> {
+        (0..n)
+            .filter(|&i| i != m && (groups == 0 || related(group[m], groups).contains(&group[i])))
+            .collect()
+    };
+    let expected: Vec<usize> = if groups == 0 {
+        vec![n - 1; n]
+    } else {
+        let mut size = vec![0usize; groups];
+        for &g in &group {
+            size[g] += 1;
+        }
+        group
+            .iter()
+            .map(|&g| related(g, groups).iter().map(|&x| size[x]).sum())
+            .collect()
+    };
 
     // A few shared client sockets.
     let eps: Vec<meshd_agent::ClientEndpoint> = (0..8)
@@ -150,16 +288,33 @@ async fn run() -> anyhow::Result<()> {
     let sem = Arc::new(tokio::sync::Semaphore::new(64));
     let mut joins = Vec::new();
     for i in 0..n {
-        let (token, ep, sem) = (token.clone(), eps[i % eps.len()].clone(), sem.clone());
+        let token = tokens[if groups == 0 { 0 } else { group[i] }].clone();
+        let (ep, sem) = (eps[i % eps.len()].clone(), sem.clone());
         joins.push(tokio::spawn(async move {
             let _p = sem.acquire().await;
             let key = PrivateKey::generate();
             let report = EndpointReport {
-                addrs: vec![SocketAddr::from(([10, (i >> 8) as u8, i as u8, 1], 51820))],
+                addrs: vec![SocketAddr::from((
+                    [10, (i >> 16) as u8, (i >> 8) as u8, i as u8],
+                    51820,
+                ))],
                 listen_port: Some(51820),
                 transparent: false,
             };
-            let e = enrol_via(Some(&ep), &token, &format!("h{i}"), &key, report.clone()).await?;
+            // As a real agent does: a refused or timed-out enrolment is tried again, with backoff.
+            let mut attempt = 0;
+            let e = loop {
+                match enrol_via(Some(&ep), &token, &format!("h{i}"), &key, report.clone()).await {
+                    Ok(e) => break e,
+                    Err(e) if attempt < 8 => {
+                        attempt += 1;
+                        RETRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let _ = e;
+                        tokio::time::sleep(Duration::from_millis(200 << attempt.min(5))).await;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
             let mut cfg = SessionConfig::new(e.coordinator, e.coordinator_key, key.clone(), report);
             cfg.endpoint = Some(ep);
             let s = spawn_session(cfg);
@@ -174,31 +329,40 @@ async fn run() -> anyhow::Result<()> {
         agents.push(j.await??);
     }
     let enrolled = t0.elapsed();
-    for (_, s) in &agents {
+    let work0 = push_work(metrics)?;
+    for (i, (_, s)) in agents.iter().enumerate() {
+        let want = expected[i];
         let mut m = s.map();
-        m.wait_for(|m| m.as_ref().is_some_and(|m| m.peers.len() == n - 1))
-            .await?;
+        tokio::time::timeout(
+            Duration::from_secs(600),
+            m.wait_for(|m| m.as_ref().is_some_and(|m| m.peers.len() == want)),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("h{i} never got its {want} peers"))??;
     }
     let converged = t0.elapsed();
     let (rss1, cpu1) = proc_stat(pid);
+    let (me_rss, me_cpu) = proc_stat(std::process::id());
+    let mean_peers = expected.iter().sum::<usize>() as f64 / n as f64;
     say(format_args!(
-        "enrolled+connected {n} in {enrolled:.2?}; all full maps ({} peers each) by {converged:.2?}; coordinator RSS {:.1} MiB, CPU {cpu1:.2} s",
-        n - 1,
-        rss1 as f64 / 1024.0
+        "enrolled+connected {n} in {enrolled:.2?}; all full maps ({mean_peers:.0} peers each on average) by {converged:.2?}; coordinator RSS {:.1} MiB, CPU {cpu1:.2} s; simulated agents' process RSS {:.1} MiB, CPU {me_cpu:.2} s",
+        rss1 as f64 / 1024.0,
+        me_rss as f64 / 1024.0,
+    ))?;
+    say(format_args!(
+        "storm work (after all connected): {work0:?}; enrolments retried: {}",
+        RETRIES.load(std::sync::atomic::Ordering::Relaxed)
     ))?;
 
     let mut all = Vec::new();
     for r in 0..rounds {
-        let mover = r % n;
+        let mover = (r * 7919 + 1) % n;
         let k = agents[mover].0.public_key();
         let new_ep = SocketAddr::from(([203, 0, 113, (r % 250) as u8 + 1], 40000 + r as u16));
         let mut waits = Vec::new();
         let start_t = Instant::now();
-        for (i, (_, s)) in agents.iter().enumerate() {
-            if i == mover {
-                continue;
-            }
-            let mut m = s.map();
+        for i in peers_of(&group, mover) {
+            let mut m = agents[i].1.map();
             waits.push(tokio::spawn(async move {
                 let _ = tokio::time::timeout(
                     Duration::from_secs(30),
@@ -212,13 +376,15 @@ async fn run() -> anyhow::Result<()> {
                 start_t.elapsed()
             }));
         }
+        let before = push_work(metrics)?;
         agents[mover].1.report_endpoints(vec![new_ep]);
         let mut lat = Vec::new();
         for w in waits {
             lat.push(w.await?);
         }
+        let work = diff(&before, &push_work(metrics)?);
         let (p50, p99, max) = (pct(&mut lat, 0.5), pct(&mut lat, 0.99), pct(&mut lat, 1.0));
-        say(format_args!("round {r}: endpoint change reached {} peers: p50 {p50:.2?} p99 {p99:.2?} max {max:.2?}", lat.len()))?;
+        say(format_args!("round {r}: endpoint change reached {} peers: p50 {p50:.2?} p99 {p99:.2?} max {max:.2?}; work {work}", lat.len()))?;
         all.extend(lat);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -232,7 +398,73 @@ async fn run() -> anyhow::Result<()> {
         rss2 as f64 / 1024.0,
         cpu2 - cpu1
     ))?;
-    drop(child.stdin.take());
+
+    // Label rounds: host m moves from its group to the one opposite; the hosts that held it
+    // lose it, those of the new group's neighbours gain it.
+    for r in 0..if groups == 0 { 0 } else { rounds } {
+        let m = (r * 104_729 + 3) % n;
+        let to = (group[m] + groups / 2) % groups;
+        let old: std::collections::BTreeSet<usize> = peers_of(&group, m).into_iter().collect();
+        let mut moved = group.clone();
+        moved[m] = to;
+        let new: std::collections::BTreeSet<usize> = peers_of(&moved, m).into_iter().collect();
+        let k = agents[m].0.public_key();
+        let mut waits = Vec::new();
+        let start_t = Instant::now();
+        for &i in old.symmetric_difference(&new) {
+            let gains = new.contains(&i);
+            let mut map = agents[i].1.map();
+            waits.push(tokio::spawn(async move {
+                let ok = tokio::time::timeout(
+                    Duration::from_secs(30),
+                    map.wait_for(|x| x.as_ref().is_some_and(|x| x.peer(&k).is_some() == gains)),
+                )
+                .await
+                .is_ok();
+                (ok, start_t.elapsed())
+            }));
+        }
+        let before = push_work(metrics)?;
+        writeln!(stdin, "label h{m} g{to}")?;
+        line.clear();
+        out.read_line(&mut line)?;
+        anyhow::ensure!(
+            line.trim() == "LABELLED true",
+            "label change failed: {line:?}"
+        );
+        group = moved;
+        let mut lat = Vec::new();
+        let mut missed = 0;
+        for w in waits {
+            let (ok, t) = w.await?;
+            missed += usize::from(!ok);
+            lat.push(t);
+        }
+        let work = diff(&before, &push_work(metrics)?);
+        let (p50, p99) = (pct(&mut lat, 0.5), pct(&mut lat, 0.99));
+        say(format_args!(
+            "label round {r}: h{m} -> g{to}: {} hosts gain or lose it (of {n}), missed {missed}: p50 {p50:.2?} p99 {p99:.2?}; work {work}",
+            lat.len()
+        ))?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (rss3, _) = proc_stat(pid);
+    say(format_args!(
+        "coordinator RSS at the end {:.1} MiB",
+        rss3 as f64 / 1024.0
+    ))?;
+    drop(stdin);
     let _ = child.wait();
     Ok(())
+}
+
+/// The counters' growth from `a` to `b`, as `kind=n …`.
+fn diff(
+    a: &std::collections::BTreeMap<String, f64>,
+    b: &std::collections::BTreeMap<String, f64>,
+) -> String {
+    b.iter()
+        .map(|(k, v)| format!("{k}={}", v - a.get(k).copied().unwrap_or(0.0)))
+        .collect::<Vec<_>>()
+        .join(" ")
 }

@@ -387,7 +387,9 @@ impl Actor {
                 self.events
                     .push(AuditEvent::new(now, n.kind(), n.to_string()));
             }
+            let work_before = self.state.push_work();
             let pushes = self.state.poll_pushes();
+            self.metrics.push_work(work_before, self.state.push_work());
             let kicks = self.state.poll_kicks();
             let dirty = self.state.take_dirty();
             let spa_dirty = !dirty.hosts.is_empty() || !dirty.tokens.is_empty();

@@ -15,6 +15,7 @@
 //! | `meshd_coordinator_hosts{state}` | gauge | hosts by `active`, `quarantined`, `revoked` (otherwise removed ones not counted) |
 //! | `meshd_coordinator_connected_agents` | gauge | live agent sessions |
 //! | `meshd_coordinator_pushes_total{kind}` | counter | control messages pushed to agents: `full_map`, `delta`, `other` |
+//! | `meshd_coordinator_push_work_total{kind}` | counter | what computing pushes cost: `rounds`, `sessions` looked at, `full_maps` built, `peer_sets` recomputed whole, single `pairs` recomputed, `peers_sent`, `messages` ([`meshd_control::state::PushWork`]) |
 //! | `meshd_coordinator_push_seconds` | histogram | from picking up the batch that caused a push to handing it to the agent's connection (includes the commit) |
 //! | `meshd_coordinator_push_ack_seconds` | histogram | from a push to the agent's ack of a map version |
 //! | `meshd_coordinator_store_commit_seconds` | histogram | one store commit (a batch's records and events, one transaction) |
@@ -93,6 +94,7 @@ pub struct Metrics {
     hosts: Family<StateLabel, Gauge>,
     connected_agents: Gauge,
     pushes: Family<KindLabel, Counter>,
+    push_work: Family<KindLabel, Counter>,
     push_seconds: Histogram,
     push_ack_seconds: Histogram,
     commit_seconds: Histogram,
@@ -226,6 +228,7 @@ impl Metrics {
             hosts: Family::default(),
             connected_agents: Gauge::default(),
             pushes: Family::default(),
+            push_work: Family::default(),
             push_seconds: Histogram::new(latency_buckets()),
             push_ack_seconds: Histogram::new(latency_buckets()),
             commit_seconds: Histogram::new(latency_buckets()),
@@ -250,6 +253,11 @@ impl Metrics {
             "meshd_coordinator_pushes",
             "Control messages pushed to agents, by kind",
             m.pushes.clone(),
+        );
+        registry.register(
+            "meshd_coordinator_push_work",
+            "What computing pushes cost (sessions looked at, peer sets and pairs recomputed, peers sent)",
+            m.push_work.clone(),
         );
         registry.register(
             "meshd_coordinator_push_seconds",
@@ -338,6 +346,27 @@ impl Metrics {
     pub(crate) fn pushed(&self, kind: &'static str, since: Duration) {
         self.pushes.get_or_create(&KindLabel { kind }).inc();
         self.push_seconds.observe(since.as_secs_f64());
+    }
+
+    /// The push work done since `before` (the state's counters; a state rebuilt after a failed
+    /// commit starts again from zero, so a counter that went back counts from zero).
+    pub(crate) fn push_work(
+        &self,
+        before: meshd_control::state::PushWork,
+        now: meshd_control::state::PushWork,
+    ) {
+        for (kind, b, n) in [
+            ("rounds", before.rounds, now.rounds),
+            ("sessions", before.sessions, now.sessions),
+            ("full_maps", before.full_maps, now.full_maps),
+            ("peer_sets", before.peer_sets, now.peer_sets),
+            ("pairs", before.pairs, now.pairs),
+            ("peers_sent", before.peers_sent, now.peers_sent),
+            ("messages", before.messages, now.messages),
+        ] {
+            let d = if n >= b { n - b } else { n };
+            self.push_work.get_or_create(&KindLabel { kind }).inc_by(d);
+        }
     }
 
     /// An agent acked a map version `after` the push.
@@ -430,6 +459,13 @@ mod tests {
         let m = Metrics::new(guard);
         m.set_hosts(3, 1, 0, 2);
         m.pushed("delta", Duration::from_millis(3));
+        m.push_work(
+            Default::default(),
+            meshd_control::state::PushWork {
+                sessions: 7,
+                ..Default::default()
+            },
+        );
         m.committed(Duration::from_millis(1), true);
         m.admin_request("GET", "/v1/hosts", 200);
         m.record_flows_ingested(5);
@@ -457,6 +493,13 @@ mod tests {
             Some(1.0)
         );
         assert_eq!(get("meshd_coordinator_push_seconds_count", None), Some(1.0));
+        assert_eq!(
+            get(
+                "meshd_coordinator_push_work_total",
+                Some(("kind", "sessions"))
+            ),
+            Some(7.0)
+        );
         assert_eq!(get("meshd_coordinator_push_seconds", None), Some(1.0));
         assert_eq!(
             get(

@@ -59,7 +59,7 @@ pub use flows::{
     FLOW_CLOCK_AHEAD_SECS, FLOW_INTERVALS_REMEMBERED,
 };
 pub use mode::{group_selector, RuntimeMode, MAX_LEARN_GROUPS};
-pub use pushes::{Dirty, Kick, Push};
+pub use pushes::{Dirty, Kick, Push, PushWork};
 pub use rotation::RotationEvent;
 pub use sessions::{Hello, HelloRefused, Notice, SessionInfo, MAX_REPORTED_ENDPOINTS};
 pub use signed::{SignedRecord, SignedView};
@@ -117,6 +117,8 @@ pub struct CoordinatorState {
     /// Per host, the peers whose grants towards it may have changed (one host changed: only the
     /// pairs involving it; checked without recomputing the whole map).
     recheck_pairs: BTreeMap<HostId, BTreeSet<HostId>>,
+    /// What computing pushes has cost (counters).
+    push_work: pushes::PushWork,
     dirty_policy: Option<PolicyRecord>,
     /// The runtime learning setting (`meshctl policy mode`), combined with the file's.
     runtime_mode: RuntimeMode,
@@ -181,6 +183,7 @@ impl CoordinatorState {
             recheck: BTreeSet::new(),
             recheck_all: false,
             recheck_pairs: BTreeMap::new(),
+            push_work: pushes::PushWork::default(),
             dirty_policy: None,
             runtime_mode: RuntimeMode::default(),
             dirty_mode: false,

@@ -92,6 +92,27 @@ impl SentPeer {
     }
 }
 
+/// What computing pushes has cost so far (monotonic counters): the work a change causes,
+/// reported per change by the scale benchmark and as metrics. A change to one host should
+/// touch the hosts it affects, not every session.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PushWork {
+    /// Calls of [`CoordinatorState::poll_pushes`] that had something to compute.
+    pub rounds: u64,
+    /// Sessions looked at (every connected agent, once per round).
+    pub sessions: u64,
+    /// Full maps built (new sessions).
+    pub full_maps: u64,
+    /// Sessions whose whole peer set was recomputed (their own record or the policy changed).
+    pub peer_sets: u64,
+    /// Single (host, peer) grants recomputed (one host's labels or state changed).
+    pub pairs: u64,
+    /// Peer records put into messages (full maps, upserts, removals).
+    pub peers_sent: u64,
+    /// Messages pushed.
+    pub messages: u64,
+}
+
 impl CoordinatorState {
     /// The full map `id` should have now, at `version`.
     pub fn full_map_for(&self, id: HostId, version: u64) -> NetworkMap {
@@ -123,19 +144,26 @@ impl CoordinatorState {
             return out;
         }
         let version = self.map_version + 1;
+        self.push_work.rounds += 1;
         let ids: Vec<HostId> = self.sessions.keys().copied().collect();
         let mut out = Vec::new();
         for id in ids {
+            // The sent list is taken out and updated in place (never copied): with thousands
+            // of sessions of hundreds of peers, copying them all for every change was most of
+            // a change's cost.
             let Some((sent, conn, from)) = self
                 .sessions
-                .get(&id)
-                .map(|s| (s.sent.clone(), s.conn, s.sent_version))
+                .get_mut(&id)
+                .map(|s| (s.sent.take(), s.conn, s.sent_version))
             else {
                 continue;
             };
+            self.push_work.sessions += 1;
             let (new_sent, message) = match sent {
                 None => {
                     let map = self.full_map_for(id, version);
+                    self.push_work.full_maps += 1;
+                    self.push_work.peers_sent += map.peers.len() as u64;
                     let ns = self
                         .compiled
                         .peer_fingerprints(id.0)
@@ -144,25 +172,32 @@ impl CoordinatorState {
                         .collect();
                     (ns, Some(CoordinatorMessage::FullMap { map }))
                 }
-                Some(old) => {
-                    let (ns, delta) = if recheck_all || recheck.contains(&id) {
-                        self.delta_membership(id, &old, from, version)
+                Some(mut sent) => {
+                    let delta = if recheck_all || recheck.contains(&id) {
+                        self.push_work.peer_sets += 1;
+                        let (ns, delta) = self.delta_membership(id, &sent, from, version);
+                        sent = ns;
+                        delta
                     } else if let Some(pairs) = recheck_pairs.get(&id) {
-                        self.delta_pairs(id, &old, pairs, &changed, from, version)
+                        self.push_work.pairs += pairs.len() as u64;
+                        self.delta_pairs(id, &mut sent, pairs, &changed, from, version)
                     } else {
-                        self.delta_changed(id, &old, &changed, from, version)
+                        self.delta_changed(id, &mut sent, &changed, from, version)
                     };
+                    self.push_work.peers_sent +=
+                        (delta.upserts.len() + delta.removals.len()) as u64;
                     // An empty delta still carries new signed statements to the agent.
                     let msg = (!delta.is_empty() || self.trust_pending(id))
                         .then_some(CoordinatorMessage::Delta { delta });
-                    (ns, msg)
+                    (sent, msg)
                 }
             };
+            let Some(s) = self.sessions.get_mut(&id) else {
+                continue;
+            };
+            s.sent = Some(new_sent);
             if let Some(message) = message {
-                if let Some(s) = self.sessions.get_mut(&id) {
-                    s.sent = Some(new_sent);
-                    s.sent_version = version;
-                }
+                s.sent_version = version;
                 if let Some(trust) = self.trust_for(id, &message) {
                     out.push(Push {
                         host: id,
@@ -170,6 +205,7 @@ impl CoordinatorState {
                         message: trust,
                     });
                 }
+                self.push_work.messages += 1;
                 out.push(Push {
                     host: id,
                     conn,
@@ -183,6 +219,11 @@ impl CoordinatorState {
         }
         self.finish_rotation_pushes(&mut out);
         out
+    }
+
+    /// What computing pushes has cost since start-up.
+    pub fn push_work(&self) -> PushWork {
+        self.push_work
     }
 
     /// The peer record of `peer` as `me` gets it, with the grants between them.
@@ -251,82 +292,77 @@ impl CoordinatorState {
         )
     }
 
-    /// Only the pairs (`id`, p ∈ `pairs`) may have changed grants, plus the records in `changed`.
+    /// Only the pairs (`id`, p ∈ `pairs`) may have changed grants, plus the records in `changed`;
+    /// `sent` is updated in place.
     fn delta_pairs(
         &self,
         id: HostId,
-        old: &[SentPeer],
+        sent: &mut Vec<SentPeer>,
         pairs: &BTreeSet<HostId>,
         changed: &BTreeSet<HostId>,
         from: u64,
         to: u64,
-    ) -> (Vec<SentPeer>, MapDelta) {
-        let mut ns = old.to_vec();
+    ) -> MapDelta {
         let mut upserts = Vec::new();
         let mut removals = Vec::new();
         for &p in pairs {
             let fp = self.compiled.pair_fingerprint(id.0, p.0);
-            let at = ns.binary_search_by(|s| s.host.cmp(&p));
+            let at = sent.binary_search_by(|s| s.host.cmp(&p));
             match (at, fp) {
                 (Ok(i), 0) => {
-                    ns.remove(i);
+                    sent.remove(i);
                     removals.extend(self.hosts.get(&p).map(|h| h.public_key));
                 }
                 (Err(_), 0) => {}
                 (Ok(i), fp) => {
-                    let sent = SentPeer::new(p, self.rev(p), fp);
-                    if ns[i] != sent {
-                        ns[i] = sent;
+                    let new = SentPeer::new(p, self.rev(p), fp);
+                    if sent[i] != new {
+                        sent[i] = new;
                         upserts.extend(self.peer_of(id, p));
                     }
                 }
                 (Err(i), fp) => {
-                    ns.insert(i, SentPeer::new(p, self.rev(p), fp));
+                    sent.insert(i, SentPeer::new(p, self.rev(p), fp));
                     upserts.extend(self.peer_of(id, p));
                 }
             }
         }
-        let (ns, rest) = self.delta_changed(id, &ns, changed, from, to);
+        let rest = self.delta_changed(id, sent, changed, from, to);
         upserts.extend(rest.upserts);
-        (
-            ns,
-            MapDelta {
-                from_version: from,
-                to_version: to,
-                upserts,
-                removals,
-            },
-        )
+        MapDelta {
+            from_version: from,
+            to_version: to,
+            upserts,
+            removals,
+        }
     }
 
+    /// The records in `changed` that `id` has as peers and whose revision moved on; `sent` is
+    /// updated in place.
     fn delta_changed(
         &self,
         id: HostId,
-        old: &[SentPeer],
+        sent: &mut [SentPeer],
         changed: &BTreeSet<HostId>,
         from: u64,
         to: u64,
-    ) -> (Vec<SentPeer>, MapDelta) {
-        let mut ns = old.to_vec();
+    ) -> MapDelta {
         let mut upserts = Vec::new();
         for c in changed {
-            if let Ok(i) = ns.binary_search_by(|s| s.host.cmp(c)) {
+            if let Ok(i) = sent.binary_search_by(|s| s.host.cmp(c)) {
                 let r = self.rev(*c);
-                if ns[i].rev != r {
-                    ns[i].rev = r;
+                if sent[i].rev != r {
+                    sent[i].rev = r;
                     upserts.extend(self.peer_of(id, *c));
                 }
             }
         }
-        (
-            ns,
-            MapDelta {
-                from_version: from,
-                to_version: to,
-                upserts,
-                removals: Vec::new(),
-            },
-        )
+        MapDelta {
+            from_version: from,
+            to_version: to,
+            upserts,
+            removals: Vec::new(),
+        }
     }
 
     /// Connections to close since the last call.

@@ -39,6 +39,80 @@ fn endpoint_change_pushes_one_peer_delta() {
     assert!(s.poll_pushes().is_empty());
 }
 
+/// 30 hosts in 10 groups of 3; group g reaches group g+1 (mod 10), so each host has 6 peers.
+fn ring() -> CoordinatorState {
+    let mut s = st();
+    s.create_token(0, TokenSpec::default(), hash_secret(b"t"))
+        .unwrap();
+    let mut yaml = String::from("rules:\n");
+    for g in 0..10 {
+        yaml += &format!(
+            "  - {{name: g{g}, from: {{app: g{g}}}, to: {{app: g{}}}, ports: [tcp/80]}}\n",
+            (g + 1) % 10
+        );
+    }
+    s.apply_policy(0, &yaml, "test").unwrap();
+    for k in 1..=30u8 {
+        enrol(&mut s, k, b"t").unwrap();
+        let g = (k - 1) / 3;
+        s.set_labels(&format!("h{k}"), [("app".into(), format!("g{g}"))].into())
+            .unwrap();
+    }
+    let _ = maps(&mut s);
+    s
+}
+
+#[test]
+fn label_change_recomputes_only_the_affected_hosts() {
+    let mut s = ring();
+    for k in 1..=30u64 {
+        assert_eq!(s.full_map_for(HostId(k), 0).peers.len(), 6, "h{k}");
+    }
+    // h1 moves from g0 to g5: it leaves g9's and g1's maps and joins g4's and g6's.
+    let before = s.push_work();
+    s.set_labels("h1", [("app".into(), "g5".into())].into())
+        .unwrap();
+    let got = maps(&mut s);
+    let work = s.push_work();
+    let mut told: Vec<u64> = got.keys().map(|h| h.0).collect();
+    told.sort();
+    // g1 = h4..h6, g4 = h13..h15, g6 = h19..h21, g9 = h28..h30, and h1 itself.
+    let affected = [1, 4, 5, 6, 13, 14, 15, 19, 20, 21, 28, 29, 30];
+    assert_eq!(told, affected, "only the hosts whose maps changed are told");
+    assert_eq!(
+        work.sessions - before.sessions,
+        30,
+        "each session looked at once"
+    );
+    assert_eq!(
+        work.peer_sets - before.peer_sets,
+        1,
+        "only h1's own peer set is recomputed"
+    );
+    assert_eq!(
+        work.pairs - before.pairs,
+        12,
+        "one pair for each host whose grants towards h1 may have moved"
+    );
+    assert_eq!(work.messages - before.messages, 13);
+    // h1 lost 6 peers and got 6 others; the other 12 each gained or lost h1.
+    assert_eq!(work.peers_sent - before.peers_sent, 12 + 12);
+    assert_eq!(work.full_maps, before.full_maps);
+    for k in 1..=30u64 {
+        assert_eq!(
+            s.full_map_for(HostId(k), 0).peers.len(),
+            if [5, 6, 28, 29, 30, 4].contains(&k) {
+                5
+            } else if [13, 14, 15, 19, 20, 21].contains(&k) {
+                7
+            } else {
+                6
+            },
+            "h{k}"
+        );
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Enrol(u8),
