@@ -119,7 +119,8 @@ pub enum Command {
     /// Join tokens that enrol hosts.
     #[command(subcommand)]
     Token(TokenCmd),
-    /// Admin signing keys (signed policy): keygen, keys, add-key, remove-key.
+    /// Admin access: named admin tokens (token create, list, revoke) and the signing keys of
+    /// signed policy (keygen, keys, add-key, remove-key).
     #[command(subcommand)]
     Admin(AdminCmd),
     /// Who talks to whom, from the hosts' flow records: edges opener -> responder with
@@ -297,6 +298,32 @@ pub enum AdminCmd {
         #[arg(long)]
         quorum: Option<u32>,
     },
+    /// Named admin tokens (who may use the admin API): create, list, revoke.
+    #[command(subcommand)]
+    Token(AdminTokenCmd),
+}
+
+/// `meshctl admin token ...`: named admin tokens. The coordinator's first token (in
+/// <state-dir>/admin.token) is named `bootstrap`; the last valid token cannot be revoked.
+#[derive(Debug, Subcommand)]
+pub enum AdminTokenCmd {
+    /// Create an admin token; prints only the token on stdout (details go to stderr). It is
+    /// shown this once: the coordinator keeps only its SHA-256.
+    Create {
+        /// Unique name: 1 to 64 of a-z, 0-9, '.', '_', '-' (never reused, also once revoked).
+        name: String,
+        /// Lifetime, e.g. 30s, 10m, 1h, 30d [default: never expires].
+        #[arg(long, value_parser = parse::duration)]
+        ttl: Option<Duration>,
+    },
+    /// List admin tokens: name, state, created, expiry (never the secrets).
+    #[command(visible_alias = "ls")]
+    List,
+    /// Revoke an admin token: it is refused from now on (401 token_revoked).
+    Revoke {
+        /// Token name (see `meshctl admin token list`).
+        name: String,
+    },
 }
 
 /// `meshctl policy ...`. FILE is a policy YAML file, or `-` for standard input.
@@ -466,6 +493,32 @@ mod tests {
         assert!(e.contains("--uses"), "{e}");
         let e = parse(&["token", "create", "--labels", "app"]).unwrap_err();
         assert!(e.contains("no '='"), "{e}");
+    }
+
+    #[test]
+    fn admin_token_commands() {
+        let c = parse(&["admin", "token", "create", "ci", "--ttl", "30d"]).unwrap();
+        match c.command {
+            Command::Admin(AdminCmd::Token(AdminTokenCmd::Create { name, ttl })) => {
+                assert_eq!(name, "ci");
+                assert_eq!(ttl, Some(Duration::from_secs(30 * 86400)));
+            }
+            other => panic!("{other:?}"),
+        }
+        for l in ["list", "ls"] {
+            let c = parse(&["admin", "token", l]).unwrap();
+            assert!(matches!(
+                c.command,
+                Command::Admin(AdminCmd::Token(AdminTokenCmd::List))
+            ));
+        }
+        let c = parse(&["admin", "token", "revoke", "bootstrap"]).unwrap();
+        assert!(matches!(
+            &c.command,
+            Command::Admin(AdminCmd::Token(AdminTokenCmd::Revoke { name })) if name == "bootstrap"
+        ));
+        assert!(parse(&["admin", "token", "create"]).is_err());
+        assert!(parse(&["admin", "token", "revoke"]).is_err());
     }
 
     #[test]

@@ -31,6 +31,10 @@ pub enum ApiFailure {
     Unauthorized {
         /// Where the token came from.
         token_source: String,
+        /// The `ApiError` code: `token_expired`, `token_revoked`, or `unauthorized` (unknown).
+        code: String,
+        /// The server's message.
+        message: String,
     },
     /// 404 with the server's message.
     NotFound {
@@ -83,7 +87,15 @@ impl fmt::Display for ApiFailure {
                 "cannot reach the coordinator at {url} ({cause}): is `meshd coordinator` running? \
                  set --server or MESH_SERVER"
             ),
-            ApiFailure::Unauthorized { token_source } => write!(
+            ApiFailure::Unauthorized {
+                token_source,
+                code,
+                message,
+            } if code == "token_expired" || code == "token_revoked" => write!(
+                f,
+                "the admin token was refused (it came from {token_source}): {message}"
+            ),
+            ApiFailure::Unauthorized { token_source, .. } => write!(
                 f,
                 "the admin token was refused (it came from {token_source}): check --token/MESH_TOKEN \
                  or <state-dir>/admin.token"
@@ -416,6 +428,8 @@ pub fn classify(status: u16, body: &str, token_source: &str) -> ApiFailure {
     match status {
         401 => ApiFailure::Unauthorized {
             token_source: token_source.to_string(),
+            code,
+            message,
         },
         404 => ApiFailure::NotFound { message },
         _ => ApiFailure::Server {
@@ -468,6 +482,12 @@ mod tests {
         let e = classify(401, "{}", "MESH_TOKEN").to_string();
         assert!(
             e.contains("admin token was refused") && e.contains("MESH_TOKEN"),
+            "{e}"
+        );
+        let body = r#"{"code":"token_revoked","message":"admin token \"ci\" was revoked"}"#;
+        let e = classify(401, body, "--token").to_string();
+        assert!(
+            e.contains("refused (it came from --token)") && e.contains("\"ci\" was revoked"),
             "{e}"
         );
         let e = classify(409, r#"{"code":"conflict","message":"name taken"}"#, "").to_string();

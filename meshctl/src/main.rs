@@ -24,9 +24,9 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{CommandFactory as _, Parser as _};
 use meshd_control::api::{
-    EventView, ExplainRequest, HostView, LabelRequest, PolicyApplied, PolicyCheck, PolicyCurrent,
-    PolicyText, RenameRequest, StatusView, TokenCreateRequest, TokenCreated, TokenView,
-    UnlabelRequest,
+    AdminTokenCreateRequest, AdminTokenCreated, AdminTokenView, EventView, ExplainRequest,
+    HostView, LabelRequest, PolicyApplied, PolicyCheck, PolicyCurrent, PolicyText, RenameRequest,
+    StatusView, TokenCreateRequest, TokenCreated, TokenView, UnlabelRequest,
 };
 use meshd_control::policy::PolicyRecord;
 use meshd_control::{Labels, UnixTime};
@@ -44,8 +44,8 @@ const VERSION: &str = concat!(
 use serde::Serialize;
 
 use crate::cli::{
-    AdminCmd, Cli, Command, ExportCmd, ExportFormat, HostsCmd, Output, PolicyCmd, TokenCmd,
-    TopologyFormat,
+    AdminCmd, AdminTokenCmd, Cli, Command, ExportCmd, ExportFormat, HostsCmd, Output, PolicyCmd,
+    TokenCmd, TopologyFormat,
 };
 use crate::client::{query, segment, ApiFailure, Client};
 use crate::config::{EnvValues, FlagValues};
@@ -573,9 +573,62 @@ impl Ctx {
         }
     }
 
+    fn admin_token(&self, cmd: AdminTokenCmd) -> anyhow::Result<()> {
+        let no_such = |name: &str| {
+            let name = name.to_string();
+            move |e| match e {
+                ApiFailure::NotFound { message } => anyhow::anyhow!("{message}"),
+                ApiFailure::Server { code, message, .. } if code == "last_admin_token" => {
+                    anyhow::anyhow!("{name} was not revoked: {message}")
+                }
+                e => e.into(),
+            }
+        };
+        match cmd {
+            AdminTokenCmd::Create { name, ttl } => {
+                let req = AdminTokenCreateRequest {
+                    name,
+                    ttl_secs: ttl.map(|d| d.as_secs()),
+                };
+                let t: AdminTokenCreated = self.client.post("/v1/admin/tokens", &req)?;
+                match self.output {
+                    Output::Json => print_json(&t),
+                    Output::Table => {
+                        note(format_args!(
+                            "created {}; it is shown only now: pass it with --token or MESH_TOKEN",
+                            output::admin_token_summary(&t.info, self.now)
+                        ));
+                        out(&format!("{}\n", t.token))
+                    }
+                }
+            }
+            AdminTokenCmd::List => {
+                let tokens: Vec<AdminTokenView> = self.client.get("/v1/admin/tokens")?;
+                match self.output {
+                    Output::Json => print_json(&tokens),
+                    Output::Table => out(&output::admin_tokens_table(&tokens, self.now)),
+                }
+            }
+            AdminTokenCmd::Revoke { name } => {
+                let t: AdminTokenView = self
+                    .client
+                    .delete(&format!("/v1/admin/tokens/{}", segment(&name)))
+                    .map_err(no_such(&name))?;
+                match self.output {
+                    Output::Json => print_json(&t),
+                    Output::Table => out(&format!(
+                        "revoked {}\n",
+                        output::admin_token_summary(&t, self.now)
+                    )),
+                }
+            }
+        }
+    }
+
     fn admin(&self, cmd: AdminCmd) -> anyhow::Result<()> {
         let v = match cmd {
             AdminCmd::Keygen { .. } => unreachable!("keygen runs without a Ctx"),
+            AdminCmd::Token(t) => return self.admin_token(t),
             AdminCmd::Keys => admin::verified_chain(&self.client, &self.admin_keys)?.0,
             AdminCmd::AddKey { key, quorum } => {
                 let keys = if self.admin_keys.is_empty() {

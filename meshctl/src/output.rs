@@ -1,9 +1,9 @@
 //! Rendering: aligned tables and `key: value` blocks. Pure: the current time is a parameter.
 
+use meshd_control::api::{AdminTokenView, ModeSource, PolicyModeView};
 use meshd_control::api::{
     EventView, GuardStats, HostMode, HostView, StatusView, StoreFailure, TokenView,
 };
-use meshd_control::api::{ModeSource, PolicyModeView};
 use meshd_control::policy::PolicyRecord;
 use meshd_control::{Labels, UnixTime};
 use meshd_policy::{ip_proto, BlockEvent, Change, ChangeKind, Direction, Explanation, Policy};
@@ -227,6 +227,30 @@ pub fn token_summary(k: &TokenView, now: UnixTime) -> String {
         k.state,
         labels(&k.labels)
     )
+}
+
+/// `admin token list`: one row per admin token, by name (never the secret).
+pub fn admin_tokens_table(tokens: &[AdminTokenView], now: UnixTime) -> String {
+    let mut t = Table::new(&["NAME", "STATE", "CREATED", "EXPIRES", "REVOKED"]);
+    for k in tokens {
+        t.row(vec![
+            k.name.clone(),
+            k.state.clone(),
+            ago(k.created_at, now),
+            until(k.expires_at, now),
+            k.revoked_at.map_or_else(|| "-".into(), |r| ago(r, now)),
+        ]);
+    }
+    t.render()
+}
+
+/// One line about an admin token (stderr after `admin token create`, stdout after `revoke`).
+pub fn admin_token_summary(k: &AdminTokenView, now: UnixTime) -> String {
+    let expires = match k.expires_at {
+        None => "never expires".to_string(),
+        Some(_) => format!("expires {}", until(k.expires_at, now)),
+    };
+    format!("admin token {} ({}): {expires}", k.name, k.state)
 }
 
 /// What `status` knows about the policy.

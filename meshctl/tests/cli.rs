@@ -224,6 +224,89 @@ fn token_create_list_revoke() {
 }
 
 #[test]
+fn admin_token_create_list_revoke() {
+    let c = Coord::start();
+    let list = c.ok(&["admin", "token", "list"]);
+    let lines: Vec<&str> = list.lines().collect();
+    assert!(lines[0].starts_with("NAME       STATE   CREATED"), "{list}");
+    assert_eq!(lines.len(), 2, "{list}");
+    let cols: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(cols[..2], ["bootstrap", "active"], "{list}");
+
+    let created = c.run(&["admin", "token", "create", "ci", "--ttl", "30d"]);
+    assert!(created.status.success(), "{}", text(&created.stderr));
+    let stdout = text(&created.stdout);
+    // Only the token on stdout, so `TOKEN=$(meshctl admin token create ...)` works.
+    assert_eq!(stdout.lines().count(), 1, "{stdout:?}");
+    let ci = stdout.trim().to_string();
+    assert!(ci.starts_with("meshadm-"), "{ci}");
+    let note = text(&created.stderr);
+    assert!(
+        note.contains("admin token ci (active): expires in 30d") && note.contains("shown only now"),
+        "{note}"
+    );
+
+    // The new token works; list (and its alias) never shows a secret.
+    let with_ci = |args: &[&str]| {
+        let mut a = vec!["--token", ci.as_str()];
+        a.extend_from_slice(args);
+        c.run(&a)
+    };
+    let o = with_ci(&["admin", "token", "ls", "-o", "json"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let raw = text(&o.stdout);
+    let v: Vec<meshd_control::api::AdminTokenView> = serde_json::from_str(&raw).unwrap();
+    let names: Vec<(&str, &str)> = v
+        .iter()
+        .map(|t| (t.name.as_str(), t.state.as_str()))
+        .collect();
+    assert_eq!(names, [("bootstrap", "active"), ("ci", "active")]);
+    let bootstrap = std::fs::read_to_string(c.state_dir().join("admin.token")).unwrap();
+    assert!(
+        !raw.contains(&ci) && !raw.contains(bootstrap.trim()),
+        "{raw}"
+    );
+
+    let e = fails(&c.run(&["admin", "token", "create", "ci"]));
+    assert!(e.contains("already taken"), "{e}");
+    let e = fails(&c.run(&["admin", "token", "create", "Not Valid"]));
+    assert!(e.contains("invalid"), "{e}");
+
+    // Revoke the state directory's token with the new one: meshctl's default token is refused.
+    let o = with_ci(&["admin", "token", "revoke", "bootstrap"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(
+        text(&o.stdout),
+        "revoked admin token bootstrap (revoked): never expires\n"
+    );
+    let e = fails(&c.run(&["hosts", "list"]));
+    assert!(
+        e.contains("admin token was refused") && e.contains("\"bootstrap\" was revoked"),
+        "{e}"
+    );
+    // The last valid token cannot go.
+    let e = fails(&with_ci(&["admin", "token", "revoke", "ci"]));
+    assert!(
+        e.contains("ci was not revoked") && e.contains("last valid admin token"),
+        "{e}"
+    );
+    let e = fails(&with_ci(&["admin", "token", "revoke", "nobody"]));
+    assert!(e.contains("no admin token named \"nobody\""), "{e}");
+    let o = with_ci(&["admin", "token", "list"]);
+    let list = text(&o.stdout);
+    let states: Vec<Vec<&str>> = list
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().take(2).collect())
+        .collect();
+    assert_eq!(
+        states,
+        [["bootstrap", "revoked"], ["ci", "active"]],
+        "{list}"
+    );
+}
+
+#[test]
 fn empty_coordinator_hosts_and_status() {
     let c = Coord::start();
     assert_eq!(c.ok(&["hosts", "list"]), HOSTS_HEADER);

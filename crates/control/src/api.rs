@@ -13,6 +13,9 @@
 //! | POST | `/v1/tokens` | `TokenCreateRequest` | `TokenCreated` |
 //! | GET | `/v1/tokens` | | `Vec<TokenView>` |
 //! | DELETE | `/v1/tokens/{id}` | | `TokenView` |
+//! | POST | `/v1/admin/tokens` | `AdminTokenCreateRequest` | `AdminTokenCreated` (201; the secret, once) |
+//! | GET | `/v1/admin/tokens` | | `Vec<AdminTokenView>` |
+//! | DELETE | `/v1/admin/tokens/{name}` | | `AdminTokenView` (409 `last_admin_token`) |
 //! | GET | `/v1/status` | | `StatusView` |
 //! | GET | `/v1/health` | (no token) | `HealthView` (503 while commits fail) |
 //! | GET | `/v1/events?limit=N` | | `Vec<EventView>` (newest `N`, oldest first) |
@@ -24,7 +27,8 @@
 //! | POST | `/v1/import` | `ImportRequest` | `state::ImportOutcome` (400 `import_refused`: every bad row) |
 //!
 //! `{host}` is a name, an id or a public key (base64, URL-encoded). Errors reply with a 4xx/5xx
-//! status and an [`ApiError`] body.
+//! status and an [`ApiError`] body. A refused admin token is a 401 with code `unauthorized`
+//! (unknown or missing), `token_expired` or `token_revoked`.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -239,6 +243,53 @@ pub struct TokenCreated {
     pub info: TokenView,
 }
 
+/// Create a named admin token (`POST /v1/admin/tokens`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct AdminTokenCreateRequest {
+    /// Unique name, `[a-z0-9._-]{1,64}`.
+    pub name: String,
+    /// Lifetime in seconds (absent: never expires).
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+}
+
+/// An admin token as listed: never the secret nor its hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminTokenView {
+    /// Name.
+    pub name: String,
+    /// Creation time.
+    pub created_at: UnixTime,
+    /// Expiry (absent: never).
+    pub expires_at: Option<UnixTime>,
+    /// When it was revoked (absent: not revoked).
+    pub revoked_at: Option<UnixTime>,
+    /// `active`, `expired` or `revoked` at the time of the request.
+    pub state: String,
+}
+
+impl AdminTokenView {
+    /// From a token record at `now`.
+    pub fn new(t: &crate::state::AdminToken, now: UnixTime) -> Self {
+        AdminTokenView {
+            name: t.name.clone(),
+            created_at: t.created_at,
+            expires_at: t.expires_at,
+            revoked_at: t.revoked_at,
+            state: t.state(now).to_string(),
+        }
+    }
+}
+
+/// A new admin token: the only time its secret is shown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminTokenCreated {
+    /// The `meshadm-…` string to pass as `--token` / `MESH_TOKEN`.
+    pub token: String,
+    /// The record.
+    pub info: AdminTokenView,
+}
+
 /// A connected agent in `status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConnectedAgent {
@@ -339,7 +390,8 @@ pub struct GuardStats {
 /// Error body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiError {
-    /// Short machine-readable code (`unauthorized`, `not_found`, `bad_request`, `conflict`, `internal`).
+    /// Short machine-readable code (`unauthorized`, `token_expired`, `token_revoked`,
+    /// `not_found`, `bad_request`, `conflict`, `last_admin_token`, `internal`, …).
     pub code: String,
     /// What went wrong and what to do.
     pub message: String,

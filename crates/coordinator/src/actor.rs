@@ -212,9 +212,12 @@ pub(crate) struct Actor {
     alerts: Vec<ScanAlert>,
     /// Prometheus metrics (`--metrics-listen`).
     metrics: Arc<Metrics>,
-    /// The SPA filter (told who may knock whenever hosts or tokens change) and the admin
-    /// token hashes; `None`: SPA off.
-    spa: Option<(Arc<crate::spa::SpaFilter>, Vec<[u8; 32]>)>,
+    /// The SPA filter (told who may knock whenever hosts, join tokens or admin tokens
+    /// change); `None`: SPA off.
+    spa: Option<Arc<crate::spa::SpaFilter>>,
+    /// Where the admin API reads the admin tokens from (published after each commit that
+    /// changes them, and after a reload).
+    admin_auth: watch::Sender<Arc<meshd_control::state::AdminTokens>>,
     /// Automatic key rotation periods (kept for reloads).
     rotation: meshd_control::rotation::RotationSchedule,
 }
@@ -230,6 +233,7 @@ impl Actor {
         flow_limits: FlowLimits,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let admin_auth = watch::Sender::new(Arc::new(state.admin_tokens().clone()));
         Actor {
             state,
             store,
@@ -249,25 +253,33 @@ impl Actor {
             alerts: Vec::new(),
             rotation: Default::default(),
             spa: None,
+            admin_auth,
         }
     }
 
-    /// Keeps `filter`'s view of who may knock up to date (hosts, join tokens, `admins`).
-    pub(crate) fn with_spa(
-        mut self,
-        filter: Option<Arc<crate::spa::SpaFilter>>,
-        admins: Vec<[u8; 32]>,
-    ) -> Self {
-        self.spa = filter.map(|f| (f, admins));
+    /// Keeps `filter`'s view of who may knock up to date (hosts, join tokens, admin tokens).
+    pub(crate) fn with_spa(mut self, filter: Option<Arc<crate::spa::SpaFilter>>) -> Self {
+        self.spa = filter;
         self.publish_spa();
         self
     }
 
+    /// The admin tokens as the admin API checks them (kept current by the actor).
+    pub(crate) fn admin_auth(&self) -> crate::admin::AdminAuth {
+        crate::admin::AdminAuth::new(self.admin_auth.subscribe())
+    }
+
     /// Swaps a fresh view of who may knock into the SPA filter.
     fn publish_spa(&self) {
-        if let Some((f, admins)) = &self.spa {
-            f.set_view(crate::spa::view_of(&self.state, admins));
+        if let Some(f) = &self.spa {
+            f.set_view(crate::spa::view_of(&self.state));
         }
+    }
+
+    /// Hands the admin API the current admin tokens.
+    fn publish_admin_auth(&self) {
+        self.admin_auth
+            .send_replace(Arc::new(self.state.admin_tokens().clone()));
     }
 
     /// Sets the automatic key rotation periods (`key_rotation`).
@@ -392,7 +404,8 @@ impl Actor {
             self.metrics.push_work(work_before, self.state.push_work());
             let kicks = self.state.poll_kicks();
             let dirty = self.state.take_dirty();
-            let spa_dirty = !dirty.hosts.is_empty() || !dirty.tokens.is_empty();
+            let admin_dirty = !dirty.admin_tokens.is_empty();
+            let spa_dirty = !dirty.hosts.is_empty() || !dirty.tokens.is_empty() || admin_dirty;
             let events = std::mem::take(&mut self.events);
             // Commit, then acknowledge: nothing of the batch is replied, pushed or shown
             // before the store has it.
@@ -425,12 +438,18 @@ impl Actor {
                     self.alerts.clear();
                     self.roll_back(now, error, what, deferred).await;
                     self.publish_spa();
+                    self.publish_admin_auth();
                     continue;
                 }
             }
             // Before the replies: an enrolled host knocks as a host right after its welcome.
             if spa_dirty {
                 self.publish_spa();
+            }
+            // Before the replies: a created admin token works, a revoked one is refused, from
+            // the moment its reply arrives.
+            if admin_dirty {
+                self.publish_admin_auth();
             }
             self.send_alerts();
             for d in deferred {
@@ -834,6 +853,7 @@ fn describe_batch(d: &Dirty, events: &[AuditEvent]) -> String {
     count(d.flows.len(), "flow row", "flow rows");
     count(usize::from(d.mode.is_some()), "policy mode", "policy modes");
     count(d.signed.len(), "signed statement", "signed statements");
+    count(d.admin_tokens.len(), "admin token", "admin tokens");
     count(events.len(), "event", "events");
     count(
         usize::from(d.map_version.is_some()),
@@ -862,6 +882,7 @@ pub(crate) fn restore_state(
     state.restore_flow_intervals(snapshot.flow_intervals);
     state.restore_records(snapshot.records);
     state.restore_signed(snapshot.signed);
+    state.restore_admin_tokens(snapshot.admin_tokens);
     Ok(state)
 }
 

@@ -1,5 +1,7 @@
 //! Admin HTTP/JSON API (axum) for `meshctl`. Routes and types: `meshd_control::api`.
-//! Authentication: `Authorization: Bearer <admin token>`, checked against the stored SHA-256.
+//! Authentication: `Authorization: Bearer <admin token>`, looked up by its SHA-256 among the
+//! named admin tokens ([`AdminAuth`]; expired and revoked ones get 401 `token_expired` /
+//! `token_revoked`).
 //!
 //! Transport: plain HTTP on loopback (the default, 127.0.0.1:7444); HTTPS only anywhere else
 //! ([`crate::options::admin_needs_tls`]), with rustls. The certificate is the operator's
@@ -21,6 +23,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use meshd_control::api::AdminTokenCreateRequest;
 use meshd_control::api::PolicyModeRequest;
 use meshd_control::api::{
     ApiError, LabelRequest, RenameRequest, TokenCreateRequest, UnlabelRequest,
@@ -28,7 +31,7 @@ use meshd_control::api::{
 use meshd_control::api::{BlocksQuery, EventsQuery, ExplainRequest, PolicyText, EVENTS_DEFAULT};
 use meshd_control::api::{FlowsQuery, FLOWS_MAX_ROWS};
 use meshd_control::policy::PolicyError;
-use meshd_control::state::AdminError;
+use meshd_control::state::{AdminAuthError, AdminError, AdminTokens};
 use meshd_control::topology::InventoryHost;
 use meshd_control::TokenId;
 use tokio::sync::{mpsc, watch};
@@ -55,16 +58,47 @@ use crate::options::{AdminTlsFiles, Limits};
 use crate::actor::Commands;
 use crate::error::AdminTlsError;
 use crate::ops::{AdminOp, AdminReply};
-use crate::state_dir::{admin_cert_files, admin_token_hash};
+use crate::state_dir::admin_cert_files;
 pub use crate::state_dir::{fingerprint, generated_names, ADMIN_CERT_FILE, ADMIN_KEY_FILE};
 
 #[derive(Clone)]
 struct AppState {
     cmds: Commands,
     flows: FlowAccess,
-    admin_hash: String,
+    auth: AdminAuth,
     guard: Arc<Guard>,
     metrics: Arc<Metrics>,
+}
+
+/// The admin tokens the API accepts: the actor's copy of the state's table, published after
+/// every commit that changes it and before that commit's replies (so a created token works,
+/// and a revoked one is refused, from the moment the reply arrives).
+#[derive(Clone)]
+pub struct AdminAuth(watch::Receiver<Arc<AdminTokens>>);
+
+impl AdminAuth {
+    /// Follows what the actor publishes on `rx`.
+    pub(crate) fn new(rx: watch::Receiver<Arc<AdminTokens>>) -> Self {
+        AdminAuth(rx)
+    }
+
+    /// A fixed set of tokens (for handlers outside a running coordinator: tests' fixtures).
+    pub fn fixed(tokens: AdminTokens) -> Self {
+        // A receiver keeps the last value after its sender is gone.
+        let (_tx, rx) = watch::channel(Arc::new(tokens));
+        AdminAuth(rx)
+    }
+
+    /// The name of the token `tok` if it authenticates now (the clock is read here, at the
+    /// edge; the check itself is the pure state's).
+    pub fn check(&self, tok: &str) -> Result<String, AdminAuthError> {
+        let hash = meshd_control::token::hash_secret(tok.trim().as_bytes());
+        let now = crate::actor::unix_now();
+        self.0
+            .borrow()
+            .authenticate(now, &hash)
+            .map(|t| t.name.clone())
+    }
 }
 
 /// What the flow routes read: the store (on a blocking thread, never through the actor) and
@@ -99,13 +133,17 @@ impl IntoResponse for Failure {
 impl From<AdminError> for Failure {
     fn from(e: AdminError) -> Self {
         let (s, c) = match e {
-            AdminError::NoSuchHost(_) | AdminError::NoSuchToken(_) | AdminError::HostRemoved(_) => {
-                (StatusCode::NOT_FOUND, "not_found")
-            }
-            AdminError::NameTaken(_) | AdminError::ModeRefused(_) | AdminError::KeyRotation(_) => {
-                (StatusCode::CONFLICT, "conflict")
-            }
-            AdminError::InvalidName(_)
+            AdminError::NoSuchHost(_)
+            | AdminError::NoSuchToken(_)
+            | AdminError::HostRemoved(_)
+            | AdminError::NoSuchAdminToken(_) => (StatusCode::NOT_FOUND, "not_found"),
+            AdminError::NameTaken(_)
+            | AdminError::ModeRefused(_)
+            | AdminError::KeyRotation(_)
+            | AdminError::AdminTokenNameTaken(_) => (StatusCode::CONFLICT, "conflict"),
+            AdminError::LastAdminToken(_) => (StatusCode::CONFLICT, "last_admin_token"),
+            AdminError::InvalidAdminTokenName(_)
+            | AdminError::InvalidName(_)
             | AdminError::InvalidLabel(_)
             | AdminError::Port(_)
             | AdminError::InvalidTtl(_)
@@ -162,7 +200,7 @@ struct Authed;
 impl FromRequestParts<AppState> for Authed {
     type Rejection = Response;
     async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, Response> {
-        authenticate(parts, &st.admin_hash, &st.guard).map(|()| Authed)
+        authenticate(parts, &st.auth, &st.guard).map(|()| Authed)
     }
 }
 
@@ -186,17 +224,18 @@ pub(crate) fn presented_token(parts: &Parts) -> Option<&str> {
     crate::ui::cookie_token(&parts.headers)
 }
 
-/// Checks the admin token of a request ([`presented_token`]) against `admin_hash`, with the
-/// failure log and backoff of [`Guard`]. The comparison is between SHA-256 hashes, so its
-/// time says nothing about the token.
+/// Checks the admin token of a request ([`presented_token`]) against the admin tokens, with
+/// the failure log and backoff of [`Guard`]. Tokens are looked up by their SHA-256, so the
+/// time it takes says nothing about the token. An expired or revoked token gets 401
+/// `token_expired` / `token_revoked` (and counts as a failure, like a wrong one).
 #[allow(clippy::result_large_err)] // the rejection is the response itself, as axum's extractors return
-pub fn authenticate(parts: &Parts, admin_hash: &str, guard: &Guard) -> Result<(), Response> {
+pub fn authenticate(parts: &Parts, auth: &AdminAuth, guard: &Guard) -> Result<(), Response> {
     // Every connection is served by `serve_http`, which records the client address.
     let source = parts
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip());
-    check_token(source, presented_token(parts), admin_hash, guard)
+    check_token(source, presented_token(parts), auth, guard)
 }
 
 /// Checks `tok` (from a header, the cookie or the `/ui` login form) for a client at `source`.
@@ -204,7 +243,7 @@ pub fn authenticate(parts: &Parts, admin_hash: &str, guard: &Guard) -> Result<()
 pub(crate) fn check_token(
     source: Option<IpAddr>,
     tok: Option<&str>,
-    admin_hash: &str,
+    auth: &AdminAuth,
     guard: &Guard,
 ) -> Result<(), Response> {
     let now = std::time::Instant::now();
@@ -231,28 +270,40 @@ pub(crate) fn check_token(
             return Err(r);
         }
     }
-    if tok.is_some_and(|t| admin_token_hash(t) == admin_hash) {
-        if let Some(ip) = source {
-            guard::lock(&guard.admin).success(ip);
+    let refused = match tok.map(|t| auth.check(t)) {
+        Some(Ok(_name)) => {
+            if let Some(ip) = source {
+                guard::lock(&guard.admin).success(ip);
+            }
+            return Ok(());
         }
-        return Ok(());
-    }
+        Some(Err(e)) => e,
+        None => AdminAuthError::Unknown,
+    };
     Counters::bump(&counters.admin_auth_failures);
     if let Some(ip) = source {
         let f = guard::lock(&guard.admin).failure(now, ip);
         if let Some(failed) = f.log {
             warn!(source = %ip, failed, in_a_row = f.failures,
                 backoff_secs = f.blocked_for.map(|d| d.as_secs_f64()),
-                presented = tok.is_some(), "admin API: failed authentication");
+                presented = tok.is_some(), reason = %refused, "admin API: failed authentication");
         }
     }
-    Err(Failure(
-        StatusCode::UNAUTHORIZED,
-        "unauthorized",
-        "missing or wrong admin token: pass --token, set MESH_TOKEN, or read <state-dir>/admin.token".into(),
-        Vec::new(),
-    )
-    .into_response())
+    let (code, message) = match refused {
+        AdminAuthError::Unknown => (
+            "unauthorized",
+            "missing or wrong admin token: pass --token, set MESH_TOKEN, or read <state-dir>/admin.token".to_string(),
+        ),
+        AdminAuthError::Expired(name) => (
+            "token_expired",
+            format!("admin token {name:?} has expired: use another one (`meshctl admin token create NAME` makes one)"),
+        ),
+        AdminAuthError::Revoked(name) => (
+            "token_revoked",
+            format!("admin token {name:?} was revoked: use another one (`meshctl admin token create NAME` makes one)"),
+        ),
+    };
+    Err(Failure(StatusCode::UNAUTHORIZED, code, message, Vec::new()).into_response())
 }
 
 async fn call(st: &AppState, op: AdminOp) -> Result<Response, Failure> {
@@ -277,6 +328,9 @@ fn reply(r: AdminReply) -> Response {
         AdminReply::Token(t) => Json(t).into_response(),
         AdminReply::Tokens(t) => Json(t).into_response(),
         AdminReply::Created(t) => (StatusCode::CREATED, Json(t)).into_response(),
+        AdminReply::AdminToken(t) => Json(t).into_response(),
+        AdminReply::AdminTokens(t) => Json(t).into_response(),
+        AdminReply::AdminTokenCreated(t) => (StatusCode::CREATED, Json(t)).into_response(),
         AdminReply::Status(s) => Json(s).into_response(),
         AdminReply::Events(e) => Json(e).into_response(),
         AdminReply::Health(h) if h.ok => Json(h).into_response(),
@@ -342,6 +396,23 @@ async fn revoke_token(
     Path(id): Path<u64>,
 ) -> Result<Response, Failure> {
     call(&st, AdminOp::RevokeToken(TokenId(id))).await
+}
+async fn create_admin_token(
+    _: Authed,
+    State(st): State<AppState>,
+    Json(r): Json<AdminTokenCreateRequest>,
+) -> Result<Response, Failure> {
+    call(&st, AdminOp::CreateAdminToken(r)).await
+}
+async fn list_admin_tokens(_: Authed, State(st): State<AppState>) -> Result<Response, Failure> {
+    call(&st, AdminOp::ListAdminTokens).await
+}
+async fn revoke_admin_token(
+    _: Authed,
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, Failure> {
+    call(&st, AdminOp::RevokeAdminToken(name)).await
 }
 /// `GET /v1/status`, with the listener limits' counters (kept outside the actor).
 async fn status(_: Authed, State(st): State<AppState>) -> Result<Response, Failure> {
@@ -626,8 +697,8 @@ async fn import(
 
 /// The admin router, with the `/ui` page (`secure`: the API is on HTTPS, so is the cookie).
 fn router(st: AppState, secure: bool) -> Router {
-    let ui = crate::ui::router(crate::ui::UiAuth::new(
-        st.admin_hash.clone(),
+    let ui = crate::ui::router(crate::ui::UiAuth::with_auth(
+        st.auth.clone(),
         secure,
         st.guard.clone(),
     ));
@@ -661,6 +732,14 @@ fn router(st: AppState, secure: bool) -> Router {
         .route("/v1/topology", get(topology))
         .route("/v1/import", post(import))
         .route("/v1/admin/keys", get(admin_keys).post(add_key_set))
+        .route(
+            "/v1/admin/tokens",
+            get(list_admin_tokens).post(create_admin_token),
+        )
+        .route(
+            "/v1/admin/tokens/{name}",
+            axum::routing::delete(revoke_admin_token),
+        )
         .route("/v1/signed/policy", post(signed_policy))
         .route("/v1/signed/rollback/{version}", post(signed_rollback))
         .route("/v1/signed/hosts/{host}", post(signed_host))
@@ -701,7 +780,7 @@ pub(crate) async fn serve(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
     (cmds, flows): (Commands, FlowAccess),
-    admin_hash: String,
+    auth: AdminAuth,
     stop: watch::Receiver<bool>,
     limits: Limits,
     guard: Arc<Guard>,
@@ -712,7 +791,7 @@ pub(crate) async fn serve(
         AppState {
             cmds,
             flows,
-            admin_hash,
+            auth,
             guard: guard.clone(),
             metrics,
         },

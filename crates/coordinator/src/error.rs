@@ -39,6 +39,11 @@ pub enum StartError {
         #[source]
         source: StoreError,
     },
+    /// The stored hash of `<state-dir>/admin.token` is not 64 hex digits.
+    #[error(
+        "the stored admin token hash (meta key admin_token_hash) is corrupt: not 64 hex digits"
+    )]
+    AdminTokenHash,
     /// The store could not be read (or the admin token hash not written to it).
     #[error(transparent)]
     Store(#[from] StoreError),

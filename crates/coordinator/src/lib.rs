@@ -180,14 +180,16 @@ async fn start_inner(
             )
         }
     };
-    let (admin_hash, snapshot, recent_events) = {
+    let (snapshot, recent_events) = {
         let (store, dir) = (store.clone(), dir.clone());
         blocking(move || {
             let hash = state_dir::load_or_create_admin_token(&*store, &dir)?;
             // Newest first from the store; the actor keeps them oldest first.
             let mut events = store.recent_events(EVENTS_MAX)?;
             events.reverse();
-            Ok((hash, store.load()?, events))
+            let mut snapshot = store.load()?;
+            state_dir::ensure_bootstrap_token(&*store, &mut snapshot, &hash, unix_now())?;
+            Ok((snapshot, events))
         })
         .await?
     };
@@ -263,7 +265,6 @@ async fn start_inner(
         metrics.register_spa(f.clone());
     }
     let metrics = Arc::new(metrics);
-    let spa_admins: Vec<[u8; 32]> = spa::parse_hex32(&admin_hash).into_iter().collect();
     let actor = Actor::new(
         state,
         store.clone(),
@@ -277,8 +278,9 @@ async fn start_inner(
         opts.scan.clone(),
         webhook::Webhook::spawn(opts.alerts.clone()),
     )
-    .with_spa(spa.clone(), spa_admins)
+    .with_spa(spa.clone())
     .with_key_rotation(opts.key_rotation.clone());
+    let admin_auth = actor.admin_auth();
     let (cmds, actor_task) = actor.spawn(stop_rx.clone());
     let mut tasks = vec![actor_task];
     if let Some(f) = &spa {
@@ -317,7 +319,7 @@ async fn start_inner(
                 retention_secs: opts.flows.retention_secs,
             },
         ),
-        admin_hash,
+        admin_auth,
         stop_rx,
         limits,
         guard.clone(),

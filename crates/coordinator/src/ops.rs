@@ -6,9 +6,10 @@ use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 
 use meshd_control::api::{
-    BlocksQuery, ConnectedAgent, EventView, ExplainRequest, GuardStats, HealthView, HostView,
-    PolicyApplied, PolicyCheck, PolicyCurrent, PolicyModeRequest, StatusView, TokenCreateRequest,
-    TokenCreated, TokenView, EVENTS_MAX,
+    AdminTokenCreateRequest, AdminTokenCreated, AdminTokenView, BlocksQuery, ConnectedAgent,
+    EventView, ExplainRequest, GuardStats, HealthView, HostView, PolicyApplied, PolicyCheck,
+    PolicyCurrent, PolicyModeRequest, StatusView, TokenCreateRequest, TokenCreated, TokenView,
+    EVENTS_MAX,
 };
 use meshd_control::state::{check_policy_size, AdminError, TokenSpec};
 use meshd_control::{
@@ -89,6 +90,12 @@ pub enum AdminOp {
     SignedRollback(u64, meshd_control::signed::Signed),
     /// Set a host's name and labels from a signed host statement (and lift its quarantine).
     SignedHost(String, meshd_control::api::SignedHostRequest),
+    /// New named admin token (`meshctl admin token create`).
+    CreateAdminToken(AdminTokenCreateRequest),
+    /// All admin tokens, also expired and revoked ones (never their secrets or hashes).
+    ListAdminTokens,
+    /// Revoke an admin token by name (refused for the last valid one).
+    RevokeAdminToken(String),
 }
 
 impl AdminOp {
@@ -111,6 +118,7 @@ impl AdminOp {
                 | O::Events { .. }
                 | O::Health
                 | O::AdminKeys
+                | O::ListAdminTokens
         )
     }
 }
@@ -128,6 +136,12 @@ pub enum AdminReply {
     Tokens(Vec<TokenView>),
     /// A new token.
     Created(TokenCreated),
+    /// One admin token.
+    AdminToken(AdminTokenView),
+    /// Admin tokens, by name.
+    AdminTokens(Vec<AdminTokenView>),
+    /// A new admin token (its secret, this once).
+    AdminTokenCreated(AdminTokenCreated),
     /// Status.
     Status(StatusView),
     /// Audit events, oldest first.
@@ -268,6 +282,32 @@ impl Ops<'_> {
             }
             AdminOp::RevokeToken(id) => {
                 AdminReply::Token(TokenView::new(&state.revoke_token(id)?, now))
+            }
+            AdminOp::CreateAdminToken(req) => {
+                let token = crate::state_dir::generate_admin_token();
+                let hash = meshd_control::token::hash_secret(token.as_bytes());
+                let t = state.create_admin_token(now, &req.name, req.ttl_secs, hash)?;
+                record(EventKind::AdminTokenCreated, t.name.clone());
+                info!(token = %t.name, expires_at = ?t.expires_at, "admin token created");
+                AdminReply::AdminTokenCreated(AdminTokenCreated {
+                    token,
+                    info: AdminTokenView::new(&t, now),
+                })
+            }
+            AdminOp::ListAdminTokens => AdminReply::AdminTokens(
+                state
+                    .admin_tokens()
+                    .iter()
+                    .map(|t| AdminTokenView::new(t, now))
+                    .collect(),
+            ),
+            AdminOp::RevokeAdminToken(name) => {
+                let r = state.revoke_admin_token(now, &name)?;
+                if r.changed {
+                    record(EventKind::AdminTokenRevoked, r.token.name.clone());
+                    info!(token = %r.token.name, "admin token revoked");
+                }
+                AdminReply::AdminToken(AdminTokenView::new(&r.token, now))
             }
             AdminOp::PolicyGet => json(&PolicyCurrent {
                 policy: state.policy().cloned(),
@@ -570,6 +610,60 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, AdminError::NoSuchHost(_)), "{e}");
         assert_eq!(events.len(), 2);
+    }
+
+    #[test]
+    fn admin_token_events_name_the_token_never_its_secret() {
+        let mut state = CoordinatorState::new("100.64.0.0/24".parse().unwrap(), None).unwrap();
+        let (mut events, recent) = (Vec::new(), VecDeque::new());
+        let mut run = |now, op| ops_over(&mut state, &mut events, &recent).run(now, op);
+        let created = |r| match r {
+            Ok(AdminReply::AdminTokenCreated(c)) => c,
+            other => panic!("{other:?}"),
+        };
+        let a = created(run(
+            5,
+            AdminOp::CreateAdminToken(AdminTokenCreateRequest {
+                name: "ops".into(),
+                ttl_secs: None,
+            }),
+        ));
+        let b = created(run(
+            6,
+            AdminOp::CreateAdminToken(AdminTokenCreateRequest {
+                name: "ci".into(),
+                ttl_secs: Some(60),
+            }),
+        ));
+        assert!(a.token.starts_with("meshadm-") && a.token != b.token);
+        assert_eq!(
+            (b.info.expires_at, b.info.state.as_str()),
+            (Some(66), "active")
+        );
+        assert!(matches!(
+            run(7, AdminOp::RevokeAdminToken("ops".into())),
+            Ok(AdminReply::AdminToken(v)) if v.state == "revoked" && v.revoked_at == Some(7)
+        ));
+        // Again: nothing changes, nothing is logged.
+        assert!(run(8, AdminOp::RevokeAdminToken("ops".into())).is_ok());
+        assert_eq!(
+            run(9, AdminOp::RevokeAdminToken("ci".into())).unwrap_err(),
+            AdminError::LastAdminToken("ci".into())
+        );
+        assert!(AdminOp::ListAdminTokens.is_read_only());
+        assert!(!AdminOp::RevokeAdminToken("ci".into()).is_read_only());
+        let shown: Vec<_> = events
+            .iter()
+            .map(|e| (e.at, e.kind.as_str(), e.detail.as_str()))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                (5, "admin_token_created", "ops"),
+                (6, "admin_token_created", "ci"),
+                (7, "admin_token_revoked", "ops"),
+            ]
+        );
     }
 
     #[test]

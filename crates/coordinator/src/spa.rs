@@ -321,8 +321,8 @@ pub(crate) async fn save_loop(
     let _joined = tokio::task::spawn_blocking(move || f.save_now()).await;
 }
 
-/// The view of who may knock, from the coordinator's state and the admin token hashes.
-pub(crate) fn view_of(state: &CoordinatorState, admin_hashes: &[[u8; 32]]) -> SpaView {
+/// The view of who may knock, from the coordinator's state.
+pub(crate) fn view_of(state: &CoordinatorState) -> SpaView {
     let mut v = SpaView {
         hosts: state
             .hosts()
@@ -340,8 +340,16 @@ pub(crate) fn view_of(state: &CoordinatorState, admin_hashes: &[[u8; 32]]) -> Sp
     for t in state.tokens() {
         v.add_join_token(t.secret_hash, None);
     }
-    for h in admin_hashes {
-        v.add_admin_token(*h, None);
+    // Admin tokens: only those not revoked, each until its expiry (the filter checks it per
+    // knock: past the last millisecond before `expires_at`, as the admin API refuses it from
+    // `expires_at` on), so a revoked or expired admin token no longer opens the admin port.
+    for t in state.admin_tokens().iter() {
+        if t.revoked_at.is_none() {
+            let last_ms = t
+                .expires_at
+                .map(|e| e.saturating_mul(1000).saturating_sub(1));
+            v.add_admin_token(t.hash, last_ms);
+        }
     }
     v
 }
@@ -428,5 +436,57 @@ impl AsyncUdpSocket for SpaSocket {
 
     fn may_fragment(&self) -> bool {
         self.inner.may_fragment()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshd_channel::spa::{make_knock, KnockAs, DEFAULT_SKEW_MS};
+    use meshd_control::state::AdminToken;
+    use meshd_control::token::hash_secret;
+
+    #[test]
+    fn revoked_and_expired_admin_tokens_no_longer_knock() {
+        let hash = |s: &str| hash_secret(s.as_bytes());
+        let token = |name: &str, expires_at, revoked_at| AdminToken {
+            name: name.into(),
+            hash: hash(name),
+            created_at: 1_000,
+            expires_at,
+            revoked_at,
+        };
+        let mut state = CoordinatorState::new("100.64.0.0/24".parse().unwrap(), None).unwrap();
+        state.restore_admin_tokens(vec![
+            token("bootstrap", None, Some(1_500)),
+            token("ops", None, None),
+            token("ci", Some(2_000), None),
+        ]);
+        let view = view_of(&state);
+        let coord = PrivateKey::from_bytes([1; 32]);
+        let local = PrivateKey::from_bytes([2; 32]);
+        let mut gate = Gate::new(coord.clone(), DEFAULT_SKEW_MS, 64);
+        let mut nonce = 0u8;
+        let mut knock = |name: &str, at_secs: u64| {
+            nonce += 1;
+            let ms = at_secs * 1000;
+            let k = make_knock(
+                &coord.public_key(),
+                &local,
+                KnockAs::Admin(&hash(name)),
+                ms,
+                [nonce; 16],
+            )
+            .unwrap();
+            gate.check(ms, &k, &view).map(|a| a.kind)
+        };
+        assert_eq!(knock("ops", 1_900), Ok(KnockKind::Admin));
+        assert_eq!(knock("ci", 1_999), Ok(KnockKind::Admin));
+        assert_eq!(knock("ci", 2_000), Err(KnockError::UnknownToken), "expired");
+        assert_eq!(
+            knock("bootstrap", 1_900),
+            Err(KnockError::UnknownToken),
+            "revoked"
+        );
     }
 }

@@ -8,8 +8,10 @@ use std::path::{Path, PathBuf};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use meshd_config::fsutil::{ensure_private_dir, make_private, write_private_atomic};
+use meshd_control::state::{AdminToken, Dirty, BOOTSTRAP_ADMIN_TOKEN};
 use meshd_control::token::hash_secret;
-use meshd_store::{Store, META_ADMIN_TOKEN_HASH};
+use meshd_control::UnixTime;
+use meshd_store::{Snapshot, Store, META_ADMIN_TOKEN_HASH};
 use meshd_tunnel::PrivateKey;
 use rand_core::{OsRng, RngCore as _};
 use rustls::pki_types::ServerName;
@@ -80,6 +82,13 @@ pub fn admin_token_hash(token: &str) -> String {
     hex(&hash_secret(token.trim().as_bytes()))
 }
 
+/// A fresh admin token: `meshadm-` + 32 random bytes, base64url (cookie-safe, see `ui.rs`).
+pub(crate) fn generate_admin_token() -> String {
+    let mut b = [0u8; 32];
+    OsRng.fill_bytes(&mut b);
+    format!("{ADMIN_TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(b))
+}
+
 /// The stored admin token hash; on first start a new token is made, written to
 /// `<dir>/admin.token` (0600) and its hash stored. Blocking (file and store IO).
 pub fn load_or_create_admin_token(store: &dyn Store, dir: &Path) -> Result<String, StartError> {
@@ -87,14 +96,48 @@ pub fn load_or_create_admin_token(store: &dyn Store, dir: &Path) -> Result<Strin
         return Ok(h);
     }
     let path = dir.join(ADMIN_TOKEN_FILE);
-    let mut b = [0u8; 32];
-    OsRng.fill_bytes(&mut b);
-    let token = format!("{ADMIN_TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(b));
+    let token = generate_admin_token();
     write_private_atomic(&path, format!("{token}\n").as_bytes()).map_err(StartError::AdminToken)?;
     let h = admin_token_hash(&token);
     store.set_meta(META_ADMIN_TOKEN_HASH, &h)?;
     info!(path = %path.display(), "wrote initial admin token");
     Ok(h)
+}
+
+/// Makes sure the token of `<state-dir>/admin.token` (`hash`: its stored hex SHA-256) is the
+/// admin token named `bootstrap`: an install from before named admin tokens gets the row on
+/// its first start, written before anything else runs. An existing row (also a revoked one)
+/// is left as it is. Blocking (store IO).
+pub fn ensure_bootstrap_token(
+    store: &dyn Store,
+    snapshot: &mut Snapshot,
+    hash: &str,
+    now: UnixTime,
+) -> Result<(), StartError> {
+    if snapshot
+        .admin_tokens
+        .iter()
+        .any(|t| t.name == BOOTSTRAP_ADMIN_TOKEN)
+    {
+        return Ok(());
+    }
+    let hash = crate::spa::parse_hex32(hash).ok_or(StartError::AdminTokenHash)?;
+    let t = AdminToken {
+        name: BOOTSTRAP_ADMIN_TOKEN.to_string(),
+        hash,
+        created_at: now,
+        expires_at: None,
+        revoked_at: None,
+    };
+    store.commit(
+        &Dirty {
+            admin_tokens: vec![t.clone()],
+            ..Dirty::default()
+        },
+        &[],
+    )?;
+    snapshot.admin_tokens.push(t);
+    Ok(())
 }
 
 /// Where the admin API's certificate and key are, and whether they were made on this start.

@@ -26,6 +26,8 @@ use axum::routing::{get, post};
 use axum::{Form, Router};
 use serde::Deserialize;
 
+use meshd_control::state::{AdminToken, AdminTokens, BOOTSTRAP_ADMIN_TOKEN};
+
 use crate::guard::Guard;
 
 /// Name of the login cookie (its value is the admin token).
@@ -40,18 +42,34 @@ const D3_LICENSE: &str = include_str!("../ui/vendor/d3.LICENSE");
 /// Everything the `/ui` routes need to check a token.
 #[derive(Clone)]
 pub struct UiAuth {
-    admin_hash: String,
+    auth: crate::admin::AdminAuth,
     secure: bool,
     guard: Arc<Guard>,
 }
 
 impl UiAuth {
-    /// `admin_hash`: the stored hash of the admin token ([`crate::admin_token_hash`]);
-    /// `secure`: the admin API speaks HTTPS (the cookie gets `Secure`); `guard`: the failure
-    /// backoff shared with the API.
+    /// `admin_hash`: the stored hash of one admin token ([`crate::admin_token_hash`]), taken
+    /// as the `bootstrap` token with no expiry; `secure`: the admin API speaks HTTPS (the
+    /// cookie gets `Secure`); `guard`: the failure backoff shared with the API.
     pub fn new(admin_hash: String, secure: bool, guard: Arc<Guard>) -> Self {
+        let tokens = crate::spa::parse_hex32(&admin_hash).map(|hash| AdminToken {
+            name: BOOTSTRAP_ADMIN_TOKEN.to_string(),
+            hash,
+            created_at: 0,
+            expires_at: None,
+            revoked_at: None,
+        });
+        Self::with_auth(
+            crate::admin::AdminAuth::fixed(AdminTokens::from_tokens(tokens)),
+            secure,
+            guard,
+        )
+    }
+
+    /// As [`UiAuth::new`], checking tokens against `auth` (the admin API's).
+    pub fn with_auth(auth: crate::admin::AdminAuth, secure: bool, guard: Arc<Guard>) -> Self {
         UiAuth {
-            admin_hash,
+            auth,
             secure,
             guard,
         }
@@ -62,7 +80,7 @@ impl UiAuth {
     /// API that serve the page's data (tests' fixtures).
     #[allow(clippy::result_large_err)] // the rejection is the response itself
     pub fn check(&self, parts: &Parts) -> Result<(), Response> {
-        crate::admin::authenticate(parts, &self.admin_hash, &self.guard)
+        crate::admin::authenticate(parts, &self.auth, &self.guard)
     }
 }
 
@@ -157,9 +175,7 @@ async fn login(State(auth): State<UiAuth>, parts: Parts, Form(f): Form<Login>) -
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     let presented = cookie_safe.then_some(token);
-    if let Err(r) =
-        crate::admin::check_token(source(&parts), presented, &auth.admin_hash, &auth.guard)
-    {
+    if let Err(r) = crate::admin::check_token(source(&parts), presented, &auth.auth, &auth.guard) {
         return r;
     }
     let secure = if auth.secure { "; Secure" } else { "" };

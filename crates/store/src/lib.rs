@@ -47,6 +47,8 @@ pub struct Snapshot {
     pub records: Vec<meshd_control::cmdb::HostRecord>,
     /// Admin-signed statements (signed policy; empty: unsigned mesh).
     pub signed: Vec<meshd_control::state::SignedRecord>,
+    /// Named admin tokens, by name (also revoked and expired ones).
+    pub admin_tokens: Vec<meshd_control::state::AdminToken>,
 }
 
 /// How far back from the newest flow row [`Store::load`] counts rows per interval.
@@ -160,7 +162,8 @@ pub trait Store: Send + Sync + 'static {
     fn prune_flows(&self, before: UnixTime, max_rows: u32) -> Result<u64, StoreError>;
 }
 
-/// Meta key: SHA-256 (hex) of the admin token.
+/// Meta key: SHA-256 (hex) of the admin token written to `<state-dir>/admin.token` on the
+/// first start (the `bootstrap` row of `admin_tokens` is made from it).
 pub const META_ADMIN_TOKEN_HASH: &str = "admin_token_hash";
 /// Meta key: the global map version.
 pub const META_MAP_VERSION: &str = "map_version";

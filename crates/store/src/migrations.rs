@@ -168,4 +168,21 @@ CREATE TABLE signed_statements (
 );
 "#,
     ),
+    (
+        8,
+        "named admin tokens",
+        r#"
+-- Named admin tokens (issue 17): who may use the admin API. Only the SHA-256 of the token
+-- string is stored (lowercase hex), never the token. The token of <state-dir>/admin.token is
+-- the row named 'bootstrap', added by the coordinator at start-up when missing. Names are
+-- never reused (a revoked row stays, for the audit log).
+CREATE TABLE admin_tokens (
+    name       TEXT    PRIMARY KEY,       -- [a-z0-9._-]{1,64}
+    hash       TEXT    NOT NULL UNIQUE,   -- SHA-256(token), 64 lowercase hex digits
+    created_at INTEGER NOT NULL,          -- Unix seconds
+    expires_at INTEGER,                   -- Unix seconds; NULL: never
+    revoked_at INTEGER                    -- Unix seconds; NULL: not revoked
+);
+"#,
+    ),
 ];

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use meshd_config::fsutil::{make_private, FsError};
 
 use meshd_control::cmdb::{HostRecord, RecordId};
-use meshd_control::state::Dirty;
+use meshd_control::state::{AdminToken, Dirty};
 use meshd_control::{AuditEvent, EventKind, Host, HostId, Labels, Token, TokenId};
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 
@@ -367,6 +367,68 @@ fn token_from_row(row: &Row<'_>) -> Result<Token, StoreError> {
     })
 }
 
+/// Lowercase hex of a hash (how `admin_tokens.hash` is stored: plain TEXT, portable).
+fn hex32(b: &[u8; 32]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The hash a 64-digit hex string stands for.
+fn unhex32(s: &str) -> Option<[u8; 32]> {
+    let b = s.as_bytes();
+    if b.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        let hi = char::from(b[2 * i]).to_digit(16)?;
+        let lo = char::from(b[2 * i + 1]).to_digit(16)?;
+        *o = u8::try_from(hi * 16 + lo).ok()?;
+    }
+    Some(out)
+}
+
+fn put_admin_token(tx: &Transaction<'_>, t: &AdminToken) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO admin_tokens (name, hash, created_at, expires_at, revoked_at)
+         VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT(name) DO UPDATE SET
+            hash = excluded.hash, created_at = excluded.created_at,
+            expires_at = excluded.expires_at, revoked_at = excluded.revoked_at",
+        params![
+            t.name,
+            hex32(&t.hash),
+            to_i64(t.created_at, "created_at")?,
+            t.expires_at.map(|e| to_i64(e, "expires_at")).transpose()?,
+            t.revoked_at.map(|e| to_i64(e, "revoked_at")).transpose()?,
+        ],
+    )?;
+    Ok(())
+}
+
+/// A row of `SELECT rowid, name, hash, created_at, expires_at, revoked_at FROM admin_tokens`.
+fn admin_token_from_row(row: &Row<'_>) -> Result<AdminToken, StoreError> {
+    let id: i64 = row.get(0)?;
+    let bad = |field| StoreError::Corrupt {
+        table: "admin_tokens",
+        id,
+        field,
+    };
+    let name: String = row.get(1)?;
+    meshd_control::state::validate_admin_token_name(&name).map_err(|_| bad("name"))?;
+    let hash: String = row.get(2)?;
+    let opt = |idx: usize, field: &'static str| -> Result<Option<u64>, StoreError> {
+        let v: Option<i64> = row.get(idx)?;
+        v.map(u64::try_from).transpose().map_err(|_| bad(field))
+    };
+    Ok(AdminToken {
+        name,
+        hash: unhex32(&hash).ok_or_else(|| bad("hash"))?,
+        created_at: u64_col(row, 3, "admin_tokens", id, "created_at")?,
+        expires_at: opt(4, "expires_at")?,
+        revoked_at: opt(5, "revoked_at")?,
+    })
+}
+
 fn get_meta(c: &Connection, key: &str) -> Result<Option<String>, StoreError> {
     Ok(
         c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
@@ -511,6 +573,18 @@ impl Store for SqliteStore {
                 }
                 v
             };
+            let admin_tokens = {
+                let mut st = tx.prepare(
+                    "SELECT rowid, name, hash, created_at, expires_at, revoked_at
+                     FROM admin_tokens ORDER BY name",
+                )?;
+                let mut rows = st.query([])?;
+                let mut v = Vec::new();
+                while let Some(r) = rows.next()? {
+                    v.push(admin_token_from_row(r)?);
+                }
+                v
+            };
             tx.commit()?;
             Ok(Snapshot {
                 hosts,
@@ -522,6 +596,7 @@ impl Store for SqliteStore {
                 mode,
                 records,
                 signed,
+                admin_tokens,
             })
         })
     }
@@ -544,6 +619,9 @@ impl Store for SqliteStore {
             }
             for r in &d.records {
                 put_record(&tx, r)?;
+            }
+            for t in &d.admin_tokens {
+                put_admin_token(&tx, t)?;
             }
             for r in &d.signed {
                 let (kind, id) = r.key();
@@ -719,7 +797,7 @@ mod tests {
         h2.key_rotated_at = Some(1_700_000_000);
         {
             let s = SqliteStore::open(&path).unwrap();
-            assert_eq!(s.schema_version().unwrap(), 7);
+            assert_eq!(s.schema_version().unwrap(), 8);
             assert_eq!(s.load().unwrap(), Snapshot::default());
             s.commit(
                 &Dirty {
@@ -772,7 +850,7 @@ mod tests {
             )]
         );
         // Migrations are recorded once.
-        assert_eq!(s.schema_version().unwrap(), 7);
+        assert_eq!(s.schema_version().unwrap(), 8);
         let journal: String = s
             .with(|c| Ok(c.query_row("PRAGMA journal_mode", [], |r| r.get(0))?))
             .unwrap();
@@ -953,6 +1031,83 @@ mod tests {
             .with(|c| Ok(c.query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))?))
             .unwrap();
         assert_eq!(n, 3);
+    }
+
+    fn admin_token(name: &str, hash: u8) -> AdminToken {
+        AdminToken {
+            name: name.into(),
+            hash: [hash; 32],
+            created_at: 1_700_000_000,
+            expires_at: None,
+            revoked_at: None,
+        }
+    }
+
+    #[test]
+    fn admin_tokens_round_trip_by_name_and_only_their_hash_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("coordinator.db");
+        let mut ci = admin_token("ci", 0xab);
+        ci.expires_at = Some(1_700_003_600);
+        {
+            let s = SqliteStore::open(&path).unwrap();
+            let put = |t: Vec<AdminToken>| {
+                s.commit(
+                    &Dirty {
+                        admin_tokens: t,
+                        ..Default::default()
+                    },
+                    &[],
+                )
+            };
+            put(vec![admin_token("bootstrap", 1), ci.clone()]).unwrap();
+            // A revocation upserts the row by name.
+            let mut b = admin_token("bootstrap", 1);
+            b.revoked_at = Some(1_700_000_500);
+            put(vec![b]).unwrap();
+            // Hashes are unique: a second name with the same hash is refused, nothing stored.
+            assert!(put(vec![admin_token("other", 0xab)]).is_err());
+            let stored: String = s
+                .with(|c| {
+                    Ok(
+                        c.query_row("SELECT hash FROM admin_tokens WHERE name = 'ci'", [], |r| {
+                            r.get(0)
+                        })?,
+                    )
+                })
+                .unwrap();
+            assert_eq!(stored, "ab".repeat(32));
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        let mut b = admin_token("bootstrap", 1);
+        b.revoked_at = Some(1_700_000_500);
+        assert_eq!(s.load().unwrap().admin_tokens, vec![b, ci]);
+        // A corrupt hash or name is an error naming the column, not a panic.
+        s.with(|c| Ok(c.execute("UPDATE admin_tokens SET hash = 'zz' WHERE name = 'ci'", [])?))
+            .unwrap();
+        assert!(matches!(
+            s.load(),
+            Err(StoreError::Corrupt {
+                table: "admin_tokens",
+                field: "hash",
+                ..
+            })
+        ));
+        s.with(|c| {
+            Ok(c.execute(
+                "UPDATE admin_tokens SET hash = ?1, name = 'Bad Name' WHERE name = 'ci'",
+                ["cd".repeat(32)],
+            )?)
+        })
+        .unwrap();
+        assert!(matches!(
+            s.load(),
+            Err(StoreError::Corrupt {
+                table: "admin_tokens",
+                field: "name",
+                ..
+            })
+        ));
     }
 
     #[test]

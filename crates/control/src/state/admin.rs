@@ -87,6 +87,20 @@ pub enum AdminError {
     /// A signed change, but no admin key set is registered yet (`meshctl admin add-key`).
     #[error("no admin key is registered (register the first with `meshctl admin add-key`)")]
     NoAdminKeys,
+    /// A bad admin token name.
+    #[error(transparent)]
+    InvalidAdminTokenName(#[from] super::AdminTokenNameError),
+    /// An admin token with this name exists (or existed: names are not reused).
+    #[error(
+        "admin token name {0:?} is already taken (names are not reused, also after a revocation)"
+    )]
+    AdminTokenNameTaken(String),
+    /// No admin token with this name.
+    #[error("no admin token named {0:?} (see `meshctl admin token list`)")]
+    NoSuchAdminToken(String),
+    /// Revoking it would leave no valid admin token.
+    #[error("admin token {0:?} is the last valid admin token: create another (`meshctl admin token create NAME`) before revoking it")]
+    LastAdminToken(String),
 }
 
 /// Longest token lifetime: 10 years (longer ones overflowed the store's 64-bit signed time).

@@ -20,8 +20,8 @@
 //!
 //! The type and its constructors are here; its methods are grouped by seam:
 //! `sessions.rs` (connect, hello, ack, resync, disconnect), `admin.rs` (tokens, labels, rename,
-//! remove, quarantine, revoke, input bounds), `policy.rs` (apply, rollback, diff, explain,
-//! check, expiry), `mode.rs` (learning mode at runtime, `is_learning`), `blocks.rs` (block
+//! remove, quarantine, revoke, input bounds), `admin_tokens.rs` (named admin tokens),
+//! `policy.rs` (apply, rollback, diff, explain, check, expiry), `mode.rs` (learning mode at runtime, `is_learning`), `blocks.rs` (block
 //! events), `flows.rs` (flow records) and `pushes.rs` (maps and deltas out, kicks, records to
 //! persist).
 
@@ -36,6 +36,7 @@ use crate::policy::PolicyRecord;
 use crate::pool::{IpPool, PoolError};
 
 mod admin;
+mod admin_tokens;
 mod blocks;
 mod cmdb;
 mod detector;
@@ -50,6 +51,10 @@ mod signed;
 pub use admin::{
     check_policy_size, AdminError, TokenSpec, MAX_LABELS, MAX_POLICY_BYTES, MAX_TOKEN_TTL_SECS,
     MAX_TOKEN_USES,
+};
+pub use admin_tokens::{
+    validate_admin_token_name, AdminAuthError, AdminToken, AdminTokenNameError, AdminTokenRevoked,
+    AdminTokens, BOOTSTRAP_ADMIN_TOKEN, MAX_ADMIN_TOKEN_NAME,
 };
 pub use blocks::BLOCKS_KEPT;
 pub use cmdb::ImportOutcome;
@@ -150,6 +155,9 @@ pub struct CoordinatorState {
     rotation_events: Vec<RotationEvent>,
     /// Admin-signed statements (`state/signed.rs`; empty: unsigned mesh).
     signed: signed::SignedState,
+    /// Named admin tokens (`state/admin_tokens.rs`) and those not yet persisted, by name.
+    admin_tokens: AdminTokens,
+    dirty_admin_tokens: BTreeSet<String>,
 }
 
 impl CoordinatorState {
@@ -205,6 +213,8 @@ impl CoordinatorState {
             retired_keys: Vec::new(),
             rotation_events: Vec::new(),
             signed: signed::SignedState::default(),
+            admin_tokens: AdminTokens::default(),
+            dirty_admin_tokens: BTreeSet::new(),
         }
     }
 

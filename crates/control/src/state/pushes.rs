@@ -57,6 +57,8 @@ pub struct Dirty {
     pub records: Vec<crate::cmdb::HostRecord>,
     /// New admin-signed statements (upserted by kind and id).
     pub signed: Vec<super::SignedRecord>,
+    /// Created or revoked admin tokens (full records; upserted by name).
+    pub admin_tokens: Vec<super::AdminToken>,
 }
 
 impl Dirty {
@@ -71,6 +73,7 @@ impl Dirty {
             && self.mode.is_none()
             && self.records.is_empty()
             && self.signed.is_empty()
+            && self.admin_tokens.is_empty()
     }
 }
 
@@ -394,6 +397,10 @@ impl CoordinatorState {
                 .filter_map(|id| self.records.get(&id).cloned())
                 .collect(),
             signed: std::mem::take(&mut self.signed.dirty),
+            admin_tokens: std::mem::take(&mut self.dirty_admin_tokens)
+                .into_iter()
+                .filter_map(|n| self.admin_tokens.get(&n).cloned())
+                .collect(),
         }
     }
 }

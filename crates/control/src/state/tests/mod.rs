@@ -15,6 +15,7 @@ use crate::proto::{CoordinatorMessage, EndpointReport, ErrorCode, HostInfo};
 use crate::token::hash_secret;
 
 mod admin;
+mod admin_tokens;
 mod blocks;
 mod cmdb;
 mod detector;
