@@ -811,8 +811,6 @@ impl TrustStore {
             if cut.is_empty() && !cut.learn {
                 continue;
             }
-            let mut p = p.clone();
-            p.grants = cut;
             // A next key (key rotation) would be accepted as this peer: only one an admin
             // signed a host statement for, or the coordinator could slip its own key in.
             let who = |k: &PublicKey| {
@@ -821,15 +819,25 @@ impl TrustStore {
                     .and_then(|s| s.host().ok())
                     .map(|h| (h.name.clone(), h.labels.clone()))
             };
-            if p.next_public_key
-                .is_some_and(|k| who(&k).is_none() || who(&k) != who(&p.public_key))
-            {
+            let unsigned_next = p
+                .next_public_key
+                .is_some_and(|k| who(&k).is_none() || who(&k) != who(&p.public_key));
+            if unsigned_next {
                 refused.push(Refusal::Grants {
                     peer: p.name.clone(),
                 });
+            }
+            if cut == p.grants && !unsigned_next {
+                // Nothing cut: the shared record as it came.
+                peers.push(p.clone());
+                continue;
+            }
+            let mut p = crate::map::Peer::clone(p);
+            p.grants = cut;
+            if unsigned_next {
                 p.next_public_key = None;
             }
-            peers.push(p);
+            peers.push(std::sync::Arc::new(p));
         }
         (
             NetworkMap {

@@ -30,6 +30,11 @@ use crate::webhook::Webhook;
 const COMMAND_QUEUE: usize = 4096;
 const MAX_BATCH: usize = 1024;
 const MEMBERSHIP_BATCH_WINDOW: Duration = Duration::from_millis(50);
+/// A storm (at least [`STORM_CONNECTS`] connects in one window) keeps gathering, window after
+/// window, up to this long: each agent then gets one delta for many newcomers, where it would
+/// get one per window. A lone change waits one window only.
+const MEMBERSHIP_BATCH_MAX: Duration = Duration::from_millis(400);
+const STORM_CONNECTS: usize = 8;
 
 /// Seconds since the Unix epoch (the only clock read on the coordinator's state path).
 pub use meshd_time::unix_now;
@@ -379,14 +384,27 @@ impl Actor {
             // Membership changes fan out to every agent: gather more of them (an enrolment
             // storm) for a moment so each agent gets one delta instead of many.
             if self.state.membership_pending() {
-                let deadline = tokio::time::Instant::now() + MEMBERSHIP_BATCH_WINDOW;
+                let started = tokio::time::Instant::now();
+                let mut deadline = started + MEMBERSHIP_BATCH_WINDOW;
+                let mut connects = 0;
                 loop {
                     tokio::select! {
                         c = rx.recv() => match c {
-                            Some(c) => self.apply(now, c, &mut deferred),
+                            Some(c) => {
+                                connects += usize::from(matches!(c, Cmd::Connect { .. }));
+                                self.apply(now, c, &mut deferred);
+                            }
                             None => break,
                         },
-                        _ = tokio::time::sleep_until(deadline) => break,
+                        _ = tokio::time::sleep_until(deadline) => {
+                            if connects < STORM_CONNECTS
+                                || deadline - started >= MEMBERSHIP_BATCH_MAX
+                            {
+                                break;
+                            }
+                            connects = 0;
+                            deadline += MEMBERSHIP_BATCH_WINDOW;
+                        }
                     }
                 }
             }

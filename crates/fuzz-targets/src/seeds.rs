@@ -465,7 +465,7 @@ fn coordinator_frames() -> Named {
     let dup = CoordinatorMessage::FullMap {
         map: NetworkMap {
             version: 5,
-            peers: vec![map_peer(2), map_peer(2), our_as_peer()],
+            peers: [map_peer(2), map_peer(2), our_as_peer()].map(std::sync::Arc::new).into(),
         },
     };
     v.push((

@@ -72,10 +72,12 @@ fn map(version: u64) -> NetworkMap {
     };
     NetworkMap {
         version,
-        peers: vec![
+        peers: [
             peer("db1", 2, &["100.64.0.2"], "198.18.0.2:51820"),
             peer("web", 3, &["100.64.0.3", "fd7a::3"], "198.18.0.3:51820"),
-        ],
+        ]
+        .map(std::sync::Arc::new)
+        .into(),
     }
 }
 
@@ -170,8 +172,8 @@ async fn a_refused_table_keeps_the_running_peers_routes_and_plan() {
     let before = table(&h.device);
     let protected = h.protected.lock().unwrap().clone();
     let mut bad = map(2);
-    bad.peers[1].public_key = key(2);
-    bad.peers[1].name = "impostor".into();
+    std::sync::Arc::make_mut(&mut bad.peers[1]).public_key = key(2);
+    std::sync::Arc::make_mut(&mut bad.peers[1]).name = "impostor".into();
     let e = h
         .host
         .apply(map_update(&bad, &host_info()), 0)
@@ -196,7 +198,7 @@ async fn a_refused_table_keeps_the_running_peers_routes_and_plan() {
 async fn grant_expiry_uncovers_ports_on_the_tick() {
     let mut h = host(Mode::Transparent, &["198.18.0.1/24"]);
     let mut m = map(1);
-    m.peers[0].grants = PeerGrants {
+    std::sync::Arc::make_mut(&mut m.peers[0]).grants = PeerGrants {
         deny: Default::default(),
         learn: false,
         outbound: vec![],
@@ -207,7 +209,7 @@ async fn grant_expiry_uncovers_ports_on_the_tick() {
             rule: "r".into(),
         }],
     };
-    m.peers[1].grants = PeerGrants::default();
+    std::sync::Arc::make_mut(&mut m.peers[1]).grants = PeerGrants::default();
     h.host
         .apply(map_update(&m, &host_info()), 999)
         .await
@@ -474,7 +476,7 @@ async fn a_collected_interval_gives_flow_records_by_peer_key_verdict_and_rule() 
     let mut h = host(Mode::Overlay, &["198.18.0.1/24"]);
     let mut m = map(1);
     // db1: we may open tcp/5432. web: nothing granted, but learning mode.
-    m.peers[0].grants = PeerGrants {
+    std::sync::Arc::make_mut(&mut m.peers[0]).grants = PeerGrants {
         deny: Default::default(),
         learn: false,
         outbound: vec![Grant {
@@ -485,7 +487,7 @@ async fn a_collected_interval_gives_flow_records_by_peer_key_verdict_and_rule() 
         }],
         inbound: vec![],
     };
-    m.peers[1].grants = PeerGrants {
+    std::sync::Arc::make_mut(&mut m.peers[1]).grants = PeerGrants {
         learn: true,
         ..PeerGrants::default()
     };

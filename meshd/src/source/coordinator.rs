@@ -629,6 +629,7 @@ mod tests {
                     transparent: false,
                     next_public_key: None,
                 })
+                .map(std::sync::Arc::new)
                 .collect(),
         }
     }
@@ -636,10 +637,10 @@ mod tests {
     #[test]
     fn map_peers_keep_their_keepalive_endpoints_and_labels() {
         let mut m = map(3, &[2, 3]);
-        m.peers[1]
+        std::sync::Arc::make_mut(&mut m.peers[1])
             .endpoints
             .push("[fd00:18::3]:51820".parse().unwrap());
-        m.peers[1].transparent = true;
+        std::sync::Arc::make_mut(&mut m.peers[1]).transparent = true;
         let u = map_update(&m, &source(Path::new("/"), None).agent.host);
         assert_eq!(
             (u.host.as_str(), u.host_labels["app"].as_str()),

@@ -1,4 +1,5 @@
 use super::*;
+use std::sync::Arc;
 use crate::map::Peer;
 use std::net::IpAddr;
 
@@ -238,7 +239,7 @@ fn filter_cuts_unsigned_grants_and_keeps_signed_ones() {
     let wide_db = compiled(WIDER, ("web", "web"), ("db", "db"));
     let map = NetworkMap {
         version: 4,
-        peers: vec![peer(2, "db", wide_db), peer(3, "other", forged)],
+        peers: [peer(2, "db", wide_db), peer(3, "other", forged)].map(Arc::new).into(),
     };
     let (out, refused) = st.filter(&wg(1), &map);
     assert_eq!(refused.len(), 2, "{refused:?}");
@@ -248,7 +249,7 @@ fn filter_cuts_unsigned_grants_and_keeps_signed_ones() {
     // The honest map passes untouched.
     let honest = NetworkMap {
         version: 5,
-        peers: vec![peer(2, "db", signed.clone())],
+        peers: vec![Arc::new(peer(2, "db", signed.clone()))],
     };
     let (out, refused) = st.filter(&wg(1), &honest);
     assert!(refused.is_empty());
@@ -257,7 +258,7 @@ fn filter_cuts_unsigned_grants_and_keeps_signed_ones() {
     // slip a key of its own in as db's, nor another host's (other's) key.
     let mut rotating = honest.clone();
     for next in [9, 3] {
-        rotating.peers[0].next_public_key = Some(wg(next));
+        Arc::make_mut(&mut rotating.peers[0]).next_public_key = Some(wg(next));
         let (out, refused) = st.filter(&wg(1), &rotating);
         assert_eq!(refused.len(), 1, "{refused:?}");
         assert_eq!(out.peers[0].next_public_key, None);
@@ -267,7 +268,7 @@ fn filter_cuts_unsigned_grants_and_keeps_signed_ones() {
     let db9 = Signed::sign(host(9, "db", &[("role", "db")], 2), &[&a]);
     let r = st.absorb(&bundle(std::slice::from_ref(&g), None, vec![db9]));
     assert!(r.refused.is_empty(), "{:?}", r.refused);
-    rotating.peers[0].next_public_key = Some(wg(9));
+    Arc::make_mut(&mut rotating.peers[0]).next_public_key = Some(wg(9));
     let (out, refused) = st.filter(&wg(1), &rotating);
     assert!(refused.is_empty(), "{refused:?}");
     assert_eq!(out.peers[0].next_public_key, Some(wg(9)));
@@ -312,7 +313,7 @@ fn inactive_store_passes_maps_through() {
     let mut st = TrustStore::default();
     let map = NetworkMap {
         version: 1,
-        peers: vec![peer(2, "db", PeerGrants::allow_all("x"))],
+        peers: vec![Arc::new(peer(2, "db", PeerGrants::allow_all("x")))],
     };
     assert_eq!(st.filter(&wg(1), &map), (map.clone(), vec![]));
 }

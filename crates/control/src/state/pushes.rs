@@ -119,10 +119,14 @@ pub struct PushWork {
 impl CoordinatorState {
     /// The full map `id` should have now, at `version`.
     pub fn full_map_for(&self, id: HostId, version: u64) -> NetworkMap {
-        let mut peers: Vec<Peer> = self
+        let mut peers: Vec<std::sync::Arc<Peer>> = self
             .peer_grants(id)
             .into_iter()
-            .filter_map(|(p, g)| self.hosts.get(&HostId(p)).map(|h| Peer::with_grants(h, g)))
+            .filter_map(|(p, g)| {
+                self.hosts
+                    .get(&HostId(p))
+                    .map(|h| std::sync::Arc::new(Peer::with_grants(h, g)))
+            })
             .collect();
         peers.sort_by_key(|p| p.public_key);
         NetworkMap { version, peers }

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 
 use super::{AdminError, CoordinatorState};
-use crate::map::Peer;
+use meshd_tunnel::PublicKey;
 use crate::model::{Host, HostId, UnixTime};
 use crate::policy::PolicyRecord;
 use crate::proto::CoordinatorMessage;
@@ -295,9 +295,13 @@ impl CoordinatorState {
         if self.signed.chain.is_empty() {
             return None;
         }
-        let (peers, full): (&[Peer], bool) = match message {
-            CoordinatorMessage::FullMap { map } => (&map.peers, true),
-            CoordinatorMessage::Delta { delta } => (&delta.upserts, false),
+        let (keys, full): (Vec<PublicKey>, bool) = match message {
+            CoordinatorMessage::FullMap { map } => {
+                (map.peers.iter().map(|p| p.public_key).collect(), true)
+            }
+            CoordinatorMessage::Delta { delta } => {
+                (delta.upserts.iter().map(|p| p.public_key).collect(), false)
+            }
             _ => return None,
         };
         let mut hosts: Vec<Signed> = self.signed.hosts.get(&id).cloned().into_iter().collect();
@@ -305,10 +309,10 @@ impl CoordinatorState {
             let h = own.statement.hash();
             self.signed.own_sent.insert(id, h);
         }
-        for p in peers {
+        for k in &keys {
             if let Some(s) = self
                 .by_key
-                .get(&p.public_key)
+                .get(k)
                 .and_then(|h| self.signed.hosts.get(h))
             {
                 hosts.push(s.clone());
