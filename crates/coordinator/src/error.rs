@@ -39,6 +39,15 @@ pub enum StartError {
         #[source]
         source: StoreError,
     },
+    /// A PostgreSQL database could not be opened (`db`: its URL, password hidden).
+    #[error("opening the database {db}")]
+    OpenDb {
+        /// The database.
+        db: String,
+        /// Cause.
+        #[source]
+        source: StoreError,
+    },
     /// The store could not be read (or the admin token hash not written to it).
     #[error(transparent)]
     Store(#[from] StoreError),

@@ -109,6 +109,15 @@ pub enum OptionsError {
     /// An SPA setting is refused (`[spa]`, `--spa-window`, `--admin-spa`).
     #[error("coordinator SPA: {0}")]
     Spa(String),
+    /// The file's `db` is not a database URL.
+    #[error("coordinator config {}: db", path.display())]
+    Db {
+        /// The config file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: meshd_store::DbSpecError,
+    },
 }
 
 /// Flow record settings (`flow_retention`, `flow_rows_per_host` in the config file).
@@ -237,6 +246,8 @@ impl ShutdownTrigger {
 pub struct CoordinatorOptions {
     /// Directory with the key, database and admin token.
     pub state_dir: PathBuf,
+    /// The database (`--db`); `None`: SQLite, `coordinator.db` in the state directory.
+    pub db: Option<meshd_store::DbSpec>,
     /// Control (QUIC) listen address.
     pub listen: SocketAddr,
     /// Address join tokens carry; `None`: `listen` (refused when `listen` is a wildcard).
@@ -488,6 +499,7 @@ impl CoordinatorOptions {
     pub fn new(state_dir: impl Into<PathBuf>) -> Self {
         CoordinatorOptions {
             state_dir: state_dir.into(),
+            db: None,
             listen: SocketAddr::from(([0, 0, 0, 0], 7443)),
             advertise: None,
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 7444)),
@@ -546,10 +558,41 @@ pub fn admin_needs_tls(bind: IpAddr, forced: bool, own_cert: bool) -> bool {
     forced || own_cert || !loopback
 }
 
+/// `db` in a config file (a relative `sqlite:` path is the file's directory's).
+fn file_db(text: &str, config: &Path) -> Result<meshd_store::DbSpec, OptionsError> {
+    let spec: meshd_store::DbSpec = text.parse().map_err(|e| OptionsError::Db {
+        path: config.to_owned(),
+        source: e,
+    })?;
+    Ok(match spec {
+        meshd_store::DbSpec::Sqlite(p) if p.is_relative() => {
+            meshd_store::DbSpec::Sqlite(config.parent().unwrap_or(Path::new("")).join(p))
+        }
+        other => other,
+    })
+}
+
+/// `meshd coordinator SUBCOMMAND`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum CoordinatorCommand {
+    /// Move an installation to another database: copies hosts, keys, labels, tokens, policy
+    /// history, events, flows and settings, verifies every table's row count, and commits
+    /// all or nothing. The target must be empty; stop the coordinator first. Then start it
+    /// with --db set to the target (the key and admin token stay in the state directory).
+    Migrate {
+        /// The installation's database: sqlite:PATH (e.g. sqlite:/var/lib/meshd/coordinator.db).
+        #[arg(long, value_name = "URL")]
+        from: meshd_store::DbSpec,
+        /// The new, empty database: postgres://USER[:PASSWORD]@HOST[:PORT]/DB.
+        #[arg(long, value_name = "URL")]
+        to: meshd_store::DbSpec,
+    },
+}
+
 /// `meshd coordinator` flags (flatten into the subcommand).
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct CoordinatorArgs {
-    /// TOML file with any of: state_dir, listen, advertise, admin_listen, admin_tls,
+    /// TOML file with any of: state_dir, db, listen, advertise, admin_listen, admin_tls,
     /// admin_tls_cert, admin_tls_key, pool, pool_v6, log_format, metrics_listen, flow_retention
     /// (e.g. "7d"), flow_rows_per_host, and a [limits] table.
     #[arg(long, value_name = "FILE")]
@@ -557,6 +600,14 @@ pub struct CoordinatorArgs {
     /// State directory (key, database, admin.token) [default: /var/lib/meshd].
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// The database: sqlite:PATH, or postgres://USER[:PASSWORD]@HOST[:PORT]/DB (unencrypted:
+    /// a server on loopback or a Unix socket, `?host=/run/postgresql`) [default:
+    /// sqlite:<state-dir>/coordinator.db].
+    #[arg(long, value_name = "URL")]
+    pub db: Option<meshd_store::DbSpec>,
+    /// What else to do instead of running (`migrate`).
+    #[command(subcommand)]
+    pub command: Option<CoordinatorCommand>,
     /// Control (QUIC) listen address [default: 0.0.0.0:7443].
     #[arg(long, value_name = "ADDR:PORT")]
     pub listen: Option<SocketAddr>,
@@ -635,6 +686,8 @@ pub struct CoordinatorArgs {
 pub struct CoordinatorFile {
     /// State directory.
     pub state_dir: Option<PathBuf>,
+    /// The database, as `--db` (a relative `sqlite:` path: to the config file's directory).
+    pub db: Option<String>,
     /// Control listen address.
     pub listen: Option<SocketAddr>,
     /// Advertised control address.
@@ -726,6 +779,11 @@ impl CoordinatorArgs {
                 .or(file.state_dir)
                 .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
         );
+        o.db = match (&self.db, &file.db) {
+            (Some(d), _) => Some(d.clone()),
+            (None, Some(d)) => Some(file_db(d, &config_path())?),
+            (None, None) => None,
+        };
         if let Some(l) = self.listen.or(file.listen) {
             o.listen = l;
         }

@@ -12,6 +12,8 @@
 //!   has `PR_SET_PDEATHSIG` = SIGKILL: a SIGKILLed test process takes its server with it. The
 //!   parent that counts is the *thread* that called [`Server::start`]: start it on the thread
 //!   that keeps the `Server` (a test's own thread), not on a short-lived one.
+//! - **Stale directories.** A killed test process leaves its directory behind; the next
+//!   [`Server::start`] deletes those whose owning process (named in the directory) is gone.
 //! - **Missing PostgreSQL.** [`require_postgres!`](crate::require_postgres) skips the test with
 //!   a notice when not root and fails it, naming the Debian package `postgresql`, under root
 //!   (as in CI, where nothing may skip). The binaries are looked for in `$MESHD_PG_BINDIR`,
@@ -210,6 +212,37 @@ fn tail(log: &Path) -> String {
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
+/// Prefix of the servers' temporary directories.
+const DIR_PREFIX: &str = "meshd-pg-";
+/// The file in a server's directory naming the test process that made it.
+const OWNER_FILE: &str = "owner.pid";
+
+/// Deletes server directories of test processes that no longer run (killed before their
+/// `Drop`; their servers died with them). Directories without an owner file are left alone.
+fn remove_stale_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten().take(10_000) {
+        let name = e.file_name();
+        if !name.to_string_lossy().starts_with(DIR_PREFIX) {
+            continue;
+        }
+        let Some(pid) = std::fs::read_to_string(e.path().join(OWNER_FILE))
+            .ok()
+            .and_then(|t| t.trim().parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: kill(2) with signal 0 only checks whether the process exists.
+        let gone = unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// A loopback port nothing listens on right now.
 fn free_port() -> Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")
@@ -253,10 +286,14 @@ impl Server {
                 std::io::Error::from(std::io::ErrorKind::NotFound),
             )
         })?;
+        remove_stale_dirs();
         let dir = tempfile::Builder::new()
-            .prefix("meshd-pg-")
+            .prefix(DIR_PREFIX)
             .tempdir()
             .map_err(|e| LabError::io("creating the PostgreSQL directory", e))?;
+        let owner = dir.path().join(OWNER_FILE);
+        std::fs::write(&owner, std::process::id().to_string())
+            .map_err(|e| LabError::io(format!("writing {}", owner.display()), e))?;
         let as_nobody = if crate::is_root() {
             let (uid, gid) = nobody()?;
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))

@@ -140,8 +140,10 @@ fn a_sigkilled_test_takes_its_server_along() {
         wait_dead(pid, Duration::from_secs(10)),
         "the server {pid} outlived its SIGKILLed test process"
     );
-    // Nothing deletes the directory of a killed process: do it here.
-    let _ = std::fs::remove_dir_all(dir);
+    // The next start deletes the directory the killed process left.
+    assert!(Path::new(dir).exists());
+    drop(meshd_lab::postgres::Server::start().unwrap());
+    assert!(!Path::new(dir).exists(), "stale {dir} removed");
 }
 
 #[test]

@@ -51,16 +51,34 @@ impl Default for PgOptions {
     }
 }
 
-/// PostgreSQL-backed store.
+/// PostgreSQL-backed store. Its methods block (the sync client runs a small runtime of its
+/// own): async callers use `spawn_blocking`, as for SQLite. Dropping it is fine anywhere (the
+/// connections are closed on a thread of their own).
 pub struct PgStore {
-    pool: Pool,
+    /// Always `Some` but in `drop`.
+    pool: Option<Pool>,
     events_kept: u32,
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        // Closing a sync client blocks on its runtime, which panics on an async runtime's
+        // thread (where the coordinator's last reference to the store may go).
+        if let Some(pool) = self.pool.take() {
+            let closer = std::thread::Builder::new()
+                .name("meshd-pg-close".into())
+                .spawn(move || drop(pool));
+            if let Err(e) = closer {
+                tracing::warn!(error = %e, "could not start a thread to close PostgreSQL connections; leaking them");
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgStore")
-            .field("pool", &self.pool.state())
+            .field("pool", &self.pool.as_ref().map(|p| p.state()))
             .finish()
     }
 }
@@ -138,7 +156,7 @@ impl PgStore {
             .error_handler(Box::new(r2d2::NopErrorHandler))
             .build(manager)?;
         let s = PgStore {
-            pool,
+            pool: Some(pool),
             events_kept: EVENTS_KEPT,
         };
         s.with(migrate)?;
@@ -180,14 +198,17 @@ impl PgStore {
     pub(crate) fn conn(
         &self,
     ) -> Result<r2d2::PooledConnection<PostgresConnectionManager<NoTls>>, StoreError> {
-        Ok(self.pool.get()?)
+        match &self.pool {
+            Some(p) => Ok(p.get()?),
+            None => Err(StoreError::Unreachable("the store is closing".into())),
+        }
     }
 
     pub(crate) fn with<T>(
         &self,
         f: impl FnOnce(&mut postgres::Client) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let mut c = self.pool.get()?;
+        let mut c = self.conn()?;
         f(&mut c)
     }
 
