@@ -923,6 +923,57 @@ mod tests {
     }
 
     #[test]
+    fn db_from_file_or_flag() {
+        use meshd_store::DbSpec;
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        let resolve = |args: &[&str]| {
+            let mut v = vec!["x", "--advertise", "192.0.2.1:7443"];
+            v.extend_from_slice(args);
+            Cli::parse_from(v).c.resolve(Shutdown::never())
+        };
+        assert_eq!(
+            resolve(&[]).unwrap().db,
+            None,
+            "default: the state directory's file"
+        );
+        std::fs::write(&f, "db = \"postgres://meshd:pw@127.0.0.1:5432/meshd\"\n").unwrap();
+        let cfg = f.to_str().unwrap();
+        assert_eq!(
+            resolve(&["--config", cfg]).unwrap().db,
+            Some(DbSpec::Postgres(
+                "postgres://meshd:pw@127.0.0.1:5432/meshd".into()
+            ))
+        );
+        assert_eq!(
+            resolve(&["--config", cfg, "--db", "sqlite:/srv/c.db"])
+                .unwrap()
+                .db,
+            Some(DbSpec::Sqlite("/srv/c.db".into())),
+            "the flag wins"
+        );
+        // A relative SQLite path in the file is the file's directory's.
+        std::fs::write(&f, "db = \"sqlite:state/c.db\"\n").unwrap();
+        assert_eq!(
+            resolve(&["--config", cfg]).unwrap().db,
+            Some(DbSpec::Sqlite(dir.path().join("state/c.db")))
+        );
+        // A bad one names the file and hides the password.
+        std::fs::write(&f, "db = \"mysql://u:secret@h/db\"\n").unwrap();
+        let e = shown(resolve(&["--config", cfg]).unwrap_err());
+        assert!(
+            e.contains("c.toml") && e.contains("db") && e.contains("postgres://"),
+            "{e}"
+        );
+        assert!(!e.contains("secret"), "{e}");
+        // On the command line, clap refuses it.
+        let Err(e) = Cli::try_parse_from(["x", "--db", "/var/lib/meshd/coordinator.db"]) else {
+            panic!("a bare path is not a --db");
+        };
+        assert!(e.to_string().contains("sqlite:PATH"), "{e}");
+    }
+
+    #[test]
     fn metrics_listen_from_file_or_flag() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.toml");
