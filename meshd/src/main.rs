@@ -50,7 +50,8 @@ enum Command {
     /// Bring the mesh interface up and run in the foreground until SIGTERM/SIGINT.
     Up(up::UpArgs),
     /// Run the coordinator: enrols hosts, hands out peers and keys, pushes changes.
-    Coordinator(meshd_coordinator::CoordinatorArgs),
+    // Boxed: the coordinator's flags are far larger than any other command's.
+    Coordinator(Box<meshd_coordinator::CoordinatorArgs>),
     /// Show the interface and its peers (like `wg show`).
     Status {
         /// Interface name.
@@ -266,7 +267,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             out(|w| writeln!(w, "{}", key.public_key().to_base64()))
         }
         Command::Up(args) => up::run(args),
-        Command::Coordinator(args) => run_coordinator(args),
+        Command::Coordinator(args) => run_coordinator(*args),
         Command::Status { interface, json } => {
             let s = status::fetch(&interface)?;
             if json {
