@@ -15,9 +15,12 @@ use meshd_store::{DbSpec, PgStore};
 use meshd_tunnel::PrivateKey;
 
 /// A UDP port on 127.0.0.1 below the ephemeral range, free when asked (the restarted
-/// coordinator binds it again).
+/// coordinator binds it again). Each call starts its search elsewhere, so the tests of this
+/// binary, running at once, do not pick the same one before either binds it.
 fn fixed_port() -> u16 {
-    let start = (std::process::id() + 7_000) % 12_000;
+    static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let start = (std::process::id() + 7_000 + call * 1_000) % 12_000;
     (0..12_000)
         .map(|i| 20_000 + ((start + i) % 12_000) as u16)
         .find(|&p| std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok())
