@@ -8,11 +8,16 @@
 # that fails). It stops, naming the packages to install, when it cannot: not root, no apt-get,
 # MESHD_NO_INSTALL=1 (never install; only check), or apt-get failing (its last lines are
 # shown). It never goes on without a tool. Does not use sudo.
+#
+# Debian keeps PostgreSQL's server programs (initdb, postgres) off PATH, in
+# /usr/lib/postgresql/VERSION/bin: the newest such directory is added to PATH before looking
+# and again after installing (so `initdb:postgresql` works as a spec).
 
 need_tools() {
     local who=$1
     shift
     local spec tool pkg missing=() pkgs=()
+    need_pg_path
     for spec in "$@"; do
         tool=${spec%%:*}
         pkg=${spec#*:}
@@ -52,6 +57,7 @@ need_tools() {
         fi
     fi
     rm -f "$log"
+    need_pg_path
     hash -r
     local still=()
     for tool in "${missing[@]}"; do
@@ -62,6 +68,14 @@ need_tools() {
         return 1
     fi
     echo "$who: installed ${pkgs[*]}" >&2
+}
+
+need_pg_path() {
+    local d
+    d=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+    if [[ -n $d && ":$PATH:" != *":$d:"* ]]; then
+        export PATH=$PATH:$d
+    fi
 }
 
 apt_get() {

@@ -17,7 +17,8 @@ fi
 . scripts/need.sh
 need_tools scripts/test.sh ip:iproute2 nft:nftables tcpdump:tcpdump wireguard-go:wireguard-go \
     wg:wireguard-tools socat:socat ping:iputils-ping sysctl:procps \
-    chromium:chromium chromedriver:chromium-driver sqlite3:sqlite3
+    chromium:chromium chromedriver:chromium-driver sqlite3:sqlite3 \
+    initdb:postgresql postgres:postgresql
 if ! command -v cargo >/dev/null; then
     echo "scripts/test.sh: cargo is not on root's PATH ($PATH): install Rust for root (https://rustup.rs), or use yours: sudo env \"PATH=\$PATH\" \"RUSTUP_HOME=\$HOME/.rustup\" \"CARGO_HOME=\$HOME/.cargo\" scripts/test.sh" >&2
     exit 1

@@ -50,7 +50,8 @@ enum Command {
     /// Bring the mesh interface up and run in the foreground until SIGTERM/SIGINT.
     Up(up::UpArgs),
     /// Run the coordinator: enrols hosts, hands out peers and keys, pushes changes.
-    Coordinator(meshd_coordinator::CoordinatorArgs),
+    // Boxed: the coordinator's flags are far larger than any other command's.
+    Coordinator(Box<meshd_coordinator::CoordinatorArgs>),
     /// Show the interface and its peers (like `wg show`).
     Status {
         /// Interface name.
@@ -266,7 +267,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             out(|w| writeln!(w, "{}", key.public_key().to_base64()))
         }
         Command::Up(args) => up::run(args),
-        Command::Coordinator(args) => run_coordinator(args),
+        Command::Coordinator(args) => run_coordinator(*args),
         Command::Status { interface, json } => {
             let s = status::fetch(&interface)?;
             if json {
@@ -327,7 +328,33 @@ fn down(interface: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `meshd coordinator migrate --from sqlite:PATH --to postgres://…`.
+fn migrate_db(from: &meshd_store::DbSpec, to: &meshd_store::DbSpec) -> anyhow::Result<()> {
+    use meshd_store::DbSpec;
+    let (DbSpec::Sqlite(path), DbSpec::Postgres(url)) = (from, to) else {
+        anyhow::bail!(
+            "migrate copies a SQLite database into PostgreSQL: --from sqlite:PATH --to \
+             postgres://USER@HOST/DB (given --from {from} --to {to})"
+        );
+    };
+    let counts = meshd_store::transfer::sqlite_to_postgres(path, url)
+        .with_context(|| format!("migrating {from} to {to}"))?;
+    for c in &counts {
+        println!("{:<18} {:>10} rows", c.table, c.rows);
+    }
+    let total: i64 = counts.iter().map(|c| c.rows).sum();
+    println!(
+        "migrated {from} to {to}: {} tables, {total} rows, every count verified; \
+         start the coordinator with --db {to}",
+        counts.len()
+    );
+    Ok(())
+}
+
 fn run_coordinator(args: meshd_coordinator::CoordinatorArgs) -> anyhow::Result<()> {
+    if let Some(meshd_coordinator::CoordinatorCommand::Migrate { from, to }) = &args.command {
+        return migrate_db(from, to);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

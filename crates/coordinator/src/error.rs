@@ -44,6 +44,15 @@ pub enum StartError {
         "the stored admin token hash (meta key admin_token_hash) is corrupt: not 64 hex digits"
     )]
     AdminTokenHash,
+    /// A PostgreSQL database could not be opened (`db`: its URL, password hidden).
+    #[error("opening the database {db}")]
+    OpenDb {
+        /// The database.
+        db: String,
+        /// Cause.
+        #[source]
+        source: StoreError,
+    },
     /// The store could not be read (or the admin token hash not written to it).
     #[error(transparent)]
     Store(#[from] StoreError),

@@ -35,7 +35,7 @@ use std::sync::Arc;
 use meshd_control::api::{GuardStats, TokenCreateRequest, TokenCreated, EVENTS_MAX};
 use meshd_control::state::AdminError;
 use meshd_control::IpPool;
-use meshd_store::{SqliteStore, Store};
+use meshd_store::{DbSpec, Store};
 use meshd_tunnel::PublicKey;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -45,7 +45,8 @@ pub use actor::unix_now;
 pub use error::{CallError, StartError, Stopped};
 pub use ops::{AdminOp, AdminReply};
 pub use options::{
-    CoordinatorArgs, CoordinatorFile, CoordinatorOptions, FlowSettings, Shutdown, ShutdownTrigger,
+    CoordinatorArgs, CoordinatorCommand, CoordinatorFile, CoordinatorOptions, FlowSettings,
+    Shutdown, ShutdownTrigger,
 };
 pub use state_dir::{admin_token_hash, load_or_create_key};
 
@@ -170,14 +171,21 @@ async fn start_inner(
     let store: Arc<dyn Store> = match store {
         Some(s) => s,
         None => {
-            let path = dir.join(state_dir::DB_FILE);
-            Arc::new(
-                blocking(move || {
-                    SqliteStore::open(&path)
-                        .map_err(|source| StartError::OpenStore { path, source })
+            let spec = opts
+                .db
+                .clone()
+                .unwrap_or_else(|| DbSpec::Sqlite(dir.join(state_dir::DB_FILE)));
+            info!(db = %spec, "opening the database");
+            blocking(move || {
+                meshd_store::open(&spec).map_err(|source| match spec {
+                    DbSpec::Sqlite(path) => StartError::OpenStore { path, source },
+                    DbSpec::Postgres(_) => StartError::OpenDb {
+                        db: spec.to_string(),
+                        source,
+                    },
                 })
-                .await?,
-            )
+            })
+            .await?
         }
     };
     let (snapshot, recent_events) = {

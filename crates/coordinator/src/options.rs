@@ -109,6 +109,15 @@ pub enum OptionsError {
     /// An SPA setting is refused (`[spa]`, `--spa-window`, `--admin-spa`).
     #[error("coordinator SPA: {0}")]
     Spa(String),
+    /// The file's `db` is not a database URL.
+    #[error("coordinator config {}: db", path.display())]
+    Db {
+        /// The config file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: meshd_store::DbSpecError,
+    },
 }
 
 /// Flow record settings (`flow_retention`, `flow_rows_per_host` in the config file).
@@ -237,6 +246,8 @@ impl ShutdownTrigger {
 pub struct CoordinatorOptions {
     /// Directory with the key, database and admin token.
     pub state_dir: PathBuf,
+    /// The database (`--db`); `None`: SQLite, `coordinator.db` in the state directory.
+    pub db: Option<meshd_store::DbSpec>,
     /// Control (QUIC) listen address.
     pub listen: SocketAddr,
     /// Address join tokens carry; `None`: `listen` (refused when `listen` is a wildcard).
@@ -488,6 +499,7 @@ impl CoordinatorOptions {
     pub fn new(state_dir: impl Into<PathBuf>) -> Self {
         CoordinatorOptions {
             state_dir: state_dir.into(),
+            db: None,
             listen: SocketAddr::from(([0, 0, 0, 0], 7443)),
             advertise: None,
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 7444)),
@@ -546,10 +558,41 @@ pub fn admin_needs_tls(bind: IpAddr, forced: bool, own_cert: bool) -> bool {
     forced || own_cert || !loopback
 }
 
+/// `db` in a config file (a relative `sqlite:` path is the file's directory's).
+fn file_db(text: &str, config: &Path) -> Result<meshd_store::DbSpec, OptionsError> {
+    let spec: meshd_store::DbSpec = text.parse().map_err(|e| OptionsError::Db {
+        path: config.to_owned(),
+        source: e,
+    })?;
+    Ok(match spec {
+        meshd_store::DbSpec::Sqlite(p) if p.is_relative() => {
+            meshd_store::DbSpec::Sqlite(config.parent().unwrap_or(Path::new("")).join(p))
+        }
+        other => other,
+    })
+}
+
+/// `meshd coordinator SUBCOMMAND`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum CoordinatorCommand {
+    /// Move an installation to another database: copies hosts, keys, labels, tokens, policy
+    /// history, events, flows and settings, verifies every table's row count, and commits
+    /// all or nothing. The target must be empty; stop the coordinator first. Then start it
+    /// with --db set to the target (the key and admin token stay in the state directory).
+    Migrate {
+        /// The installation's database: sqlite:PATH (e.g. sqlite:/var/lib/meshd/coordinator.db).
+        #[arg(long, value_name = "URL")]
+        from: meshd_store::DbSpec,
+        /// The new, empty database: postgres://USER[:PASSWORD]@HOST[:PORT]/DB.
+        #[arg(long, value_name = "URL")]
+        to: meshd_store::DbSpec,
+    },
+}
+
 /// `meshd coordinator` flags (flatten into the subcommand).
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct CoordinatorArgs {
-    /// TOML file with any of: state_dir, listen, advertise, admin_listen, admin_tls,
+    /// TOML file with any of: state_dir, db, listen, advertise, admin_listen, admin_tls,
     /// admin_tls_cert, admin_tls_key, pool, pool_v6, log_format, metrics_listen, flow_retention
     /// (e.g. "7d"), flow_rows_per_host, and a [limits] table.
     #[arg(long, value_name = "FILE")]
@@ -557,6 +600,14 @@ pub struct CoordinatorArgs {
     /// State directory (key, database, admin.token) [default: /var/lib/meshd].
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// The database: sqlite:PATH, or postgres://USER[:PASSWORD]@HOST[:PORT]/DB (unencrypted:
+    /// a server on loopback or a Unix socket, `?host=/run/postgresql`) [default:
+    /// sqlite:<state-dir>/coordinator.db].
+    #[arg(long, value_name = "URL")]
+    pub db: Option<meshd_store::DbSpec>,
+    /// What else to do instead of running (`migrate`).
+    #[command(subcommand)]
+    pub command: Option<CoordinatorCommand>,
     /// Control (QUIC) listen address [default: 0.0.0.0:7443].
     #[arg(long, value_name = "ADDR:PORT")]
     pub listen: Option<SocketAddr>,
@@ -635,6 +686,8 @@ pub struct CoordinatorArgs {
 pub struct CoordinatorFile {
     /// State directory.
     pub state_dir: Option<PathBuf>,
+    /// The database, as `--db` (a relative `sqlite:` path: to the config file's directory).
+    pub db: Option<String>,
     /// Control listen address.
     pub listen: Option<SocketAddr>,
     /// Advertised control address.
@@ -726,6 +779,11 @@ impl CoordinatorArgs {
                 .or(file.state_dir)
                 .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
         );
+        o.db = match (&self.db, &file.db) {
+            (Some(d), _) => Some(d.clone()),
+            (None, Some(d)) => Some(file_db(d, &config_path())?),
+            (None, None) => None,
+        };
         if let Some(l) = self.listen.or(file.listen) {
             o.listen = l;
         }
@@ -862,6 +920,57 @@ mod tests {
         assert_eq!(o.metrics_listen, None);
         assert_eq!(o.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
         assert_eq!(o.advertise_for(o.listen).unwrap(), o.listen);
+    }
+
+    #[test]
+    fn db_from_file_or_flag() {
+        use meshd_store::DbSpec;
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        let resolve = |args: &[&str]| {
+            let mut v = vec!["x", "--advertise", "192.0.2.1:7443"];
+            v.extend_from_slice(args);
+            Cli::parse_from(v).c.resolve(Shutdown::never())
+        };
+        assert_eq!(
+            resolve(&[]).unwrap().db,
+            None,
+            "default: the state directory's file"
+        );
+        std::fs::write(&f, "db = \"postgres://meshd:pw@127.0.0.1:5432/meshd\"\n").unwrap();
+        let cfg = f.to_str().unwrap();
+        assert_eq!(
+            resolve(&["--config", cfg]).unwrap().db,
+            Some(DbSpec::Postgres(
+                "postgres://meshd:pw@127.0.0.1:5432/meshd".into()
+            ))
+        );
+        assert_eq!(
+            resolve(&["--config", cfg, "--db", "sqlite:/srv/c.db"])
+                .unwrap()
+                .db,
+            Some(DbSpec::Sqlite("/srv/c.db".into())),
+            "the flag wins"
+        );
+        // A relative SQLite path in the file is the file's directory's.
+        std::fs::write(&f, "db = \"sqlite:state/c.db\"\n").unwrap();
+        assert_eq!(
+            resolve(&["--config", cfg]).unwrap().db,
+            Some(DbSpec::Sqlite(dir.path().join("state/c.db")))
+        );
+        // A bad one names the file and hides the password.
+        std::fs::write(&f, "db = \"mysql://u:secret@h/db\"\n").unwrap();
+        let e = shown(resolve(&["--config", cfg]).unwrap_err());
+        assert!(
+            e.contains("c.toml") && e.contains("db") && e.contains("postgres://"),
+            "{e}"
+        );
+        assert!(!e.contains("secret"), "{e}");
+        // On the command line, clap refuses it.
+        let Err(e) = Cli::try_parse_from(["x", "--db", "/var/lib/meshd/coordinator.db"]) else {
+            panic!("a bare path is not a --db");
+        };
+        assert!(e.to_string().contains("sqlite:PATH"), "{e}");
     }
 
     #[test]

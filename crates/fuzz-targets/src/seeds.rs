@@ -465,7 +465,9 @@ fn coordinator_frames() -> Named {
     let dup = CoordinatorMessage::FullMap {
         map: NetworkMap {
             version: 5,
-            peers: [map_peer(2), map_peer(2), our_as_peer()].map(std::sync::Arc::new).into(),
+            peers: [map_peer(2), map_peer(2), our_as_peer()]
+                .map(std::sync::Arc::new)
+                .into(),
         },
     };
     v.push((

@@ -54,6 +54,7 @@ pub mod browser;
 mod capture;
 mod error;
 pub mod pcap;
+pub mod postgres;
 mod proc;
 
 use std::ffi::OsStr;

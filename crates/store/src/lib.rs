@@ -1,20 +1,28 @@
-//! Coordinator storage: the [`Store`] trait and its SQLite implementation ([`SqliteStore`]).
+//! Coordinator storage: the [`Store`] trait and its implementations, SQLite ([`SqliteStore`])
+//! and PostgreSQL ([`PgStore`]); [`DbSpec`] names one (`sqlite:PATH`, `postgres://…`) and
+//! [`open`] opens it; [`transfer::sqlite_to_postgres`] moves an installation between them.
 //!
 //! The trait is synchronous and coarse-grained on purpose: the coordinator keeps its state in
 //! memory (`meshd_control::CoordinatorState`), loads it once with [`Store::load`] and writes each
 //! batch of changed records with one [`Store::commit`] transaction. Async callers run these on
-//! `tokio::task::spawn_blocking` and never hold a connection across an await. A PostgreSQL
-//! implementation (e.g. with the sync `postgres` crate or a pool) implements the same trait and
-//! the callers do not change.
+//! `tokio::task::spawn_blocking` and never hold a connection across an await.
 //!
 //! Durability: SQLite in WAL mode with `synchronous=FULL`, so a transaction that `commit`
-//! returned `Ok` for survives `kill -9` and power loss. Schema migrations are versioned and
-//! recorded in the `schema_migrations` table.
+//! returned `Ok` for survives `kill -9` and power loss; PostgreSQL's commit returns once the
+//! server has it durable. Schema migrations are versioned and recorded in the
+//! `schema_migrations` table; [`MIGRATIONS`] and [`PG_MIGRATIONS`] are twins (same versions,
+//! tables and columns; a test keeps them in step).
 #![forbid(unsafe_code)]
 
 mod flows;
 mod migrations;
+mod migrations_pg;
+mod pg;
 mod sqlite;
+pub mod transfer;
+
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use meshd_control::api::FlowView;
 use meshd_control::policy::PolicyRecord;
@@ -23,6 +31,8 @@ use meshd_control::{AuditEvent, Host, HostId, Token, UnixTime};
 use meshd_policy::BlockEvent;
 
 pub use migrations::MIGRATIONS;
+pub use migrations_pg::PG_MIGRATIONS;
+pub use pg::{PgOptions, PgStore};
 pub use sqlite::SqliteStore;
 
 /// Everything the coordinator keeps across restarts (apart from its key file).
@@ -113,6 +123,25 @@ pub enum StoreError {
     /// A database file's permissions could not be made private.
     #[error(transparent)]
     Permissions(#[from] meshd_config::fsutil::FsError),
+    /// PostgreSQL refused a statement (a constraint, a type, a permission: its SQLSTATE and
+    /// message follow).
+    #[error("PostgreSQL error: {}", pg_message(.0))]
+    Postgres(#[source] ::postgres::Error),
+    /// The PostgreSQL server cannot be reached or dropped the connection (nothing of the
+    /// operation is known to be stored; a commit is not).
+    #[error("the PostgreSQL server is unreachable: {0} (is it running, and is the URL right?)")]
+    Unreachable(String),
+    /// A database URL that does not parse.
+    #[error("bad database URL {0}")]
+    BadUrl(String),
+}
+
+/// A PostgreSQL error with its SQLSTATE, when the server sent one.
+fn pg_message(e: &::postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -169,3 +198,122 @@ pub const META_ADMIN_TOKEN_HASH: &str = "admin_token_hash";
 pub const META_MAP_VERSION: &str = "map_version";
 /// Meta key: the runtime learning setting ([`RuntimeMode`] as JSON).
 pub const META_POLICY_MODE: &str = "policy_mode";
+
+/// Which database a coordinator uses: `sqlite:PATH` or `postgres://…` (`postgresql://…`).
+#[derive(Clone, PartialEq, Eq)]
+pub enum DbSpec {
+    /// A SQLite file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL connection URL.
+    Postgres(String),
+}
+
+/// A `--db` value that names no known database.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a database: expected sqlite:PATH or postgres://USER@HOST[:PORT]/DB")]
+pub struct DbSpecError(String);
+
+impl std::str::FromStr for DbSpec {
+    type Err = DbSpecError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(path) = s.strip_prefix("sqlite:") {
+            // `sqlite:///abs` and `sqlite://rel` are read as the path after the slashes' scheme.
+            let path = path.strip_prefix("//").unwrap_or(path);
+            if path.is_empty() {
+                return Err(DbSpecError(s.to_string()));
+            }
+            return Ok(DbSpec::Sqlite(PathBuf::from(path)));
+        }
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            return Ok(DbSpec::Postgres(s.to_string()));
+        }
+        Err(DbSpecError(redact_url(s)))
+    }
+}
+
+impl std::fmt::Display for DbSpec {
+    /// The spec with any password replaced by `***` (for logs and errors).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DbSpec::Sqlite(p) => write!(f, "sqlite:{}", p.display()),
+            DbSpec::Postgres(u) => f.write_str(&redact_url(u)),
+        }
+    }
+}
+
+impl std::fmt::Debug for DbSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DbSpec({self})")
+    }
+}
+
+/// `url` with the password (in the user part or a `password=` option) replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let mut out = url.to_string();
+    if let Some(scheme_end) = url.find("://") {
+        let rest = &url[scheme_end + 3..];
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let authority = &rest[..authority_end];
+        if let Some(at) = authority.rfind('@') {
+            if let Some(colon) = authority[..at].find(':') {
+                let start = scheme_end + 3 + colon + 1;
+                let end = scheme_end + 3 + at;
+                out.replace_range(start..end, "***");
+            }
+        }
+    }
+    let mut redacted = String::with_capacity(out.len());
+    let mut rest = out.as_str();
+    while let Some(i) = rest.find("password=") {
+        let (head, tail) = rest.split_at(i + "password=".len());
+        redacted.push_str(head);
+        redacted.push_str("***");
+        rest = &tail[tail.find(['&', ' ']).unwrap_or(tail.len())..];
+    }
+    redacted.push_str(rest);
+    redacted
+}
+
+/// Opens (creating and migrating as needed) the database `spec` names.
+pub fn open(spec: &DbSpec) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(match spec {
+        DbSpec::Sqlite(path) => Arc::new(SqliteStore::open(path)?),
+        DbSpec::Postgres(url) => Arc::new(PgStore::open(url)?),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn db_specs_parse_and_hide_passwords() {
+        assert_eq!(
+            "sqlite:/var/lib/meshd/coordinator.db".parse::<DbSpec>(),
+            Ok(DbSpec::Sqlite("/var/lib/meshd/coordinator.db".into()))
+        );
+        assert_eq!(
+            "sqlite:rel.db".parse::<DbSpec>(),
+            Ok(DbSpec::Sqlite("rel.db".into()))
+        );
+        let pg: DbSpec = "postgres://meshd:s3cret@db:5432/meshd?password=x&sslmode=disable"
+            .parse()
+            .unwrap();
+        assert!(matches!(pg, DbSpec::Postgres(_)));
+        let shown = pg.to_string();
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("=x"),
+            "{shown}"
+        );
+        assert_eq!(
+            shown,
+            "postgres://meshd:***@db:5432/meshd?password=***&sslmode=disable"
+        );
+        assert_eq!(format!("{pg:?}"), format!("DbSpec({shown})"));
+        assert!("postgresql://h/db".parse::<DbSpec>().is_ok());
+        for bad in ["", "sqlite:", "/var/lib/x.db", "mysql://a:b@h/db"] {
+            let e = bad.parse::<DbSpec>().unwrap_err();
+            assert!(!e.to_string().contains(":b@"), "{e}");
+        }
+    }
+}

@@ -105,6 +105,28 @@ impl SqliteStore {
         )?)
     }
 
+    /// Keeps at most `n` audit events (tests; the default is [`EVENTS_KEPT`]).
+    pub fn with_events_kept(mut self, n: u32) -> Self {
+        self.events_kept = n;
+        self
+    }
+
+    /// Runs one SQL statement outside the store's logic (tests, repairs); returns the rows
+    /// it changed.
+    pub fn execute(&self, sql: &str) -> Result<u64, StoreError> {
+        self.with(|c| Ok(c.execute(sql, [])? as u64))
+    }
+
+    /// The first column of the first row of a query, as an integer (tests, checks).
+    pub fn query_i64(&self, sql: &str) -> Result<Option<i64>, StoreError> {
+        self.with(|c| Ok(c.query_row(sql, [], |r| r.get(0)).optional()?.flatten()))
+    }
+
+    /// The writer connection (held for a migration's read transaction).
+    pub(crate) fn lock(&self) -> Result<std::sync::MutexGuard<'_, Connection>, StoreError> {
+        self.conn.lock().map_err(|_| StoreError::Poisoned)
+    }
+
     pub(crate) fn with<T>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
@@ -271,7 +293,11 @@ fn host_from_row(row: &Row<'_>) -> Result<Host, StoreError> {
         labels: serde_json::from_str::<Labels>(&labels).map_err(|_| bad("labels"))?,
         reported_endpoints: serde_json::from_str::<Vec<SocketAddr>>(&reported)
             .map_err(|_| bad("reported"))?,
-        listen_port: row.get(7)?,
+        listen_port: row
+            .get::<_, Option<i64>>(7)?
+            .map(u16::try_from)
+            .transpose()
+            .map_err(|_| bad("listen_port"))?,
         observed_ip: observed
             .map(|s| s.parse::<IpAddr>())
             .transpose()
@@ -368,12 +394,12 @@ fn token_from_row(row: &Row<'_>) -> Result<Token, StoreError> {
 }
 
 /// Lowercase hex of a hash (how `admin_tokens.hash` is stored: plain TEXT, portable).
-fn hex32(b: &[u8; 32]) -> String {
+pub(crate) fn hex32(b: &[u8; 32]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// The hash a 64-digit hex string stands for.
-fn unhex32(s: &str) -> Option<[u8; 32]> {
+pub(crate) fn unhex32(s: &str) -> Option<[u8; 32]> {
     let b = s.as_bytes();
     if b.len() != 64 {
         return None;
@@ -747,18 +773,6 @@ mod tests {
         }
     }
 
-    fn token(id: u64) -> Token {
-        Token {
-            id: TokenId(id),
-            labels: [("env".to_string(), "prod".to_string())].into(),
-            created_at: 5,
-            expires_at: Some(3605),
-            uses_left: Some(2),
-            revoked: false,
-            secret_hash: [id as u8; 32],
-        }
-    }
-
     #[test]
     fn a_read_sees_one_snapshot_even_when_a_commit_lands_between_its_statements() {
         let dir = tempfile::tempdir().unwrap();
@@ -785,394 +799,6 @@ mod tests {
             "the read saw a commit in its middle"
         );
         assert_eq!(s.read(count).unwrap(), 1, "the next read sees it");
-    }
-
-    #[test]
-    fn roundtrip_and_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("coordinator.db");
-        let mut h2 = host(2);
-        // Migration 6: a rotation's pending key and the time of the last one round-trip.
-        h2.pending_key = Some(meshd_tunnel::PublicKey([9; 32]));
-        h2.key_rotated_at = Some(1_700_000_000);
-        {
-            let s = SqliteStore::open(&path).unwrap();
-            assert_eq!(s.schema_version().unwrap(), 8);
-            assert_eq!(s.load().unwrap(), Snapshot::default());
-            s.commit(
-                &Dirty {
-                    hosts: vec![host(1), h2.clone()],
-                    tokens: vec![token(1)],
-                    map_version: Some(7),
-                    ..Default::default()
-                },
-                &[],
-            )
-            .unwrap();
-            h2.removed = true;
-            h2.labels.clear();
-            h2.ipv6 = None;
-            h2.observed_ip = None;
-            s.commit(
-                &Dirty {
-                    hosts: vec![h2.clone()],
-                    tokens: vec![],
-                    map_version: None,
-                    ..Default::default()
-                },
-                &[],
-            )
-            .unwrap();
-            s.set_meta("admin_token_hash", "abc").unwrap();
-            s.log_event(&AuditEvent::new(
-                9,
-                EventKind::DuplicateConnection,
-                "host h1",
-            ))
-            .unwrap();
-        }
-        let s = SqliteStore::open(&path).unwrap();
-        let snap = s.load().unwrap();
-        assert_eq!(snap.hosts, vec![host(1), h2]);
-        assert_eq!(snap.tokens, vec![token(1)]);
-        assert_eq!(snap.map_version, 7);
-        assert_eq!(
-            s.get_meta("admin_token_hash").unwrap().as_deref(),
-            Some("abc")
-        );
-        assert_eq!(s.get_meta("nope").unwrap(), None);
-        assert_eq!(
-            s.recent_events(5).unwrap(),
-            vec![AuditEvent::new(
-                9,
-                EventKind::DuplicateConnection,
-                "host h1"
-            )]
-        );
-        // Migrations are recorded once.
-        assert_eq!(s.schema_version().unwrap(), 8);
-        let journal: String = s
-            .with(|c| Ok(c.query_row("PRAGMA journal_mode", [], |r| r.get(0))?))
-            .unwrap();
-        assert_eq!(journal, "wal");
-    }
-
-    fn block(at: u64, host: &str) -> BlockEvent {
-        BlockEvent {
-            at,
-            host: host.into(),
-            host_labels: Default::default(),
-            peer: "p".into(),
-            peer_labels: Default::default(),
-            direction: meshd_policy::Direction::Inbound,
-            proto: 6,
-            src: "100.64.0.2:40000".parse().unwrap(),
-            dst: "100.64.0.1:22".parse().unwrap(),
-            reason: meshd_policy::DenyReason::DefaultDeny,
-            count: 1,
-        }
-    }
-
-    #[test]
-    fn runtime_policy_mode_persists_and_a_corrupt_one_is_an_error() {
-        use meshd_control::state::RuntimeMode;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("coordinator.db");
-        let mode = RuntimeMode {
-            all: false,
-            groups: vec![[("app".to_string(), "legacy".to_string())].into()],
-            changed_at: 7,
-        };
-        {
-            let s = SqliteStore::open(&path).unwrap();
-            assert_eq!(s.load().unwrap().mode, RuntimeMode::default());
-            s.commit(
-                &Dirty {
-                    mode: Some(mode.clone()),
-                    ..Default::default()
-                },
-                &[],
-            )
-            .unwrap();
-        }
-        let s = SqliteStore::open(&path).unwrap();
-        assert_eq!(s.load().unwrap().mode, mode);
-        s.set_meta(crate::META_POLICY_MODE, "{not json").unwrap();
-        assert!(matches!(
-            s.load(),
-            Err(StoreError::Corrupt {
-                field: "policy_mode",
-                ..
-            })
-        ));
-    }
-
-    #[test]
-    fn policies_blocks_and_host_states_persist() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("coordinator.db");
-        let rec = |v: u64| PolicyRecord {
-            version: v,
-            yaml: format!("# v{v}\n"),
-            applied_at: 100 + v,
-            comment: "apply".into(),
-        };
-        let mut h = host(1);
-        h.quarantined = true;
-        let mut r = host(2);
-        r.removed = true;
-        r.revoked = true;
-        {
-            let s = SqliteStore::open(&path).unwrap();
-            for v in 1..=2 {
-                s.commit(
-                    &Dirty {
-                        policy: Some(rec(v)),
-                        ..Default::default()
-                    },
-                    &[],
-                )
-                .unwrap();
-            }
-            s.commit(
-                &Dirty {
-                    hosts: vec![h.clone(), r.clone()],
-                    blocks: (0..(BLOCKS_KEPT as u64 + 5))
-                        .map(|i| block(i, "a"))
-                        .collect(),
-                    ..Default::default()
-                },
-                &[],
-            )
-            .unwrap();
-            // A version is written once.
-            assert!(s
-                .commit(
-                    &Dirty {
-                        policy: Some(rec(2)),
-                        ..Default::default()
-                    },
-                    &[]
-                )
-                .is_err());
-        }
-        let snap = SqliteStore::open(&path).unwrap().load().unwrap();
-        assert_eq!(snap.policies, vec![rec(1), rec(2)]);
-        assert_eq!(snap.hosts, vec![h, r]);
-        assert_eq!(
-            snap.blocks.len(),
-            BLOCKS_KEPT as usize,
-            "pruned to the newest"
-        );
-        assert_eq!(snap.blocks[0].at, 5);
-        assert_eq!(snap.blocks.last().unwrap().at, BLOCKS_KEPT as u64 + 4);
-    }
-
-    #[test]
-    fn cmdb_records_persist_and_a_bad_batch_stores_none() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("coordinator.db");
-        let rec = |id: u64, host: Option<u64>| HostRecord {
-            id: RecordId(id),
-            name: (id == 1).then(|| "web-1".to_string()),
-            ip: Some(format!("198.18.0.{id}").parse().unwrap()),
-            labels: [("app".to_string(), "web".to_string())].into(),
-            imported_at: 50,
-            host: host.map(HostId),
-        };
-        {
-            let s = SqliteStore::open(&path).unwrap();
-            s.commit(
-                &Dirty {
-                    records: vec![rec(1, None), rec(2, None)],
-                    ..Default::default()
-                },
-                &[],
-            )
-            .unwrap();
-            s.commit(
-                &Dirty {
-                    records: vec![rec(2, Some(7))],
-                    ..Default::default()
-                },
-                &[],
-            )
-            .unwrap();
-            // One import is one transaction: a record that cannot be stored fails all of it.
-            let mut bad = rec(4, None);
-            bad.imported_at = u64::MAX;
-            assert!(s
-                .commit(
-                    &Dirty {
-                        records: vec![rec(3, None), bad],
-                        ..Default::default()
-                    },
-                    &[],
-                )
-                .is_err());
-        }
-        let snap = SqliteStore::open(&path).unwrap().load().unwrap();
-        assert_eq!(snap.records, vec![rec(1, None), rec(2, Some(7))]);
-    }
-
-    #[test]
-    fn events_are_pruned_to_the_newest() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = SqliteStore::open(&dir.path().join("s.db")).unwrap();
-        s.events_kept = 3;
-        for i in 0..10 {
-            s.log_event(&AuditEvent::new(i, EventKind::HostRemoved, format!("e{i}")))
-                .unwrap();
-        }
-        let ev = s.recent_events(100).unwrap();
-        let details: Vec<&str> = ev.iter().map(|e| e.detail.as_str()).collect();
-        assert_eq!(details, ["e9", "e8", "e7"]);
-        let n: i64 = s
-            .with(|c| Ok(c.query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))?))
-            .unwrap();
-        assert_eq!(n, 3);
-    }
-
-    fn admin_token(name: &str, hash: u8) -> AdminToken {
-        AdminToken {
-            name: name.into(),
-            hash: [hash; 32],
-            created_at: 1_700_000_000,
-            expires_at: None,
-            revoked_at: None,
-        }
-    }
-
-    #[test]
-    fn admin_tokens_round_trip_by_name_and_only_their_hash_is_stored() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("coordinator.db");
-        let mut ci = admin_token("ci", 0xab);
-        ci.expires_at = Some(1_700_003_600);
-        {
-            let s = SqliteStore::open(&path).unwrap();
-            let put = |t: Vec<AdminToken>| {
-                s.commit(
-                    &Dirty {
-                        admin_tokens: t,
-                        ..Default::default()
-                    },
-                    &[],
-                )
-            };
-            put(vec![admin_token("bootstrap", 1), ci.clone()]).unwrap();
-            // A revocation upserts the row by name.
-            let mut b = admin_token("bootstrap", 1);
-            b.revoked_at = Some(1_700_000_500);
-            put(vec![b]).unwrap();
-            // Hashes are unique: a second name with the same hash is refused, nothing stored.
-            assert!(put(vec![admin_token("other", 0xab)]).is_err());
-            let stored: String = s
-                .with(|c| {
-                    Ok(
-                        c.query_row("SELECT hash FROM admin_tokens WHERE name = 'ci'", [], |r| {
-                            r.get(0)
-                        })?,
-                    )
-                })
-                .unwrap();
-            assert_eq!(stored, "ab".repeat(32));
-        }
-        let s = SqliteStore::open(&path).unwrap();
-        let mut b = admin_token("bootstrap", 1);
-        b.revoked_at = Some(1_700_000_500);
-        assert_eq!(s.load().unwrap().admin_tokens, vec![b, ci]);
-        // A corrupt hash or name is an error naming the column, not a panic.
-        s.with(|c| Ok(c.execute("UPDATE admin_tokens SET hash = 'zz' WHERE name = 'ci'", [])?))
-            .unwrap();
-        assert!(matches!(
-            s.load(),
-            Err(StoreError::Corrupt {
-                table: "admin_tokens",
-                field: "hash",
-                ..
-            })
-        ));
-        s.with(|c| {
-            Ok(c.execute(
-                "UPDATE admin_tokens SET hash = ?1, name = 'Bad Name' WHERE name = 'ci'",
-                ["cd".repeat(32)],
-            )?)
-        })
-        .unwrap();
-        assert!(matches!(
-            s.load(),
-            Err(StoreError::Corrupt {
-                table: "admin_tokens",
-                field: "name",
-                ..
-            })
-        ));
-    }
-
-    #[test]
-    fn corrupt_row_is_an_error_not_a_panic() {
-        let s = SqliteStore::open_in_memory().unwrap();
-        s.commit(
-            &Dirty {
-                hosts: vec![host(1)],
-                tokens: vec![],
-                map_version: None,
-                ..Default::default()
-            },
-            &[],
-        )
-        .unwrap();
-        s.with(|c| Ok(c.execute("UPDATE hosts SET public_key = 'xx'", [])?))
-            .unwrap();
-        assert!(matches!(
-            s.load(),
-            Err(StoreError::Corrupt {
-                table: "hosts",
-                field: "public_key",
-                ..
-            })
-        ));
-    }
-
-    #[test]
-    fn a_failed_commit_writes_nothing_of_its_batch() {
-        let s = SqliteStore::open_in_memory().unwrap();
-        let mut bad = token(2);
-        bad.expires_at = Some(u64::MAX);
-        let e = s
-            .commit(
-                &Dirty {
-                    hosts: vec![host(1)],
-                    tokens: vec![token(1), bad],
-                    map_version: Some(3),
-                    ..Default::default()
-                },
-                &[AuditEvent::new(
-                    1,
-                    EventKind::Other("host_enrolled".into()),
-                    "h1",
-                )],
-            )
-            .unwrap_err();
-        assert!(matches!(e, StoreError::Range("expires_at")), "{e:?}");
-        assert!(e.to_string().contains("value out of range"), "{e}");
-        assert_eq!(s.load().unwrap(), Snapshot::default());
-        assert_eq!(s.recent_events(10).unwrap(), vec![]);
-        // A good batch stores its records and events together.
-        s.commit(
-            &Dirty {
-                tokens: vec![token(1)],
-                ..Default::default()
-            },
-            &[AuditEvent::new(2, EventKind::Other("k".into()), "d")],
-        )
-        .unwrap();
-        assert_eq!(s.load().unwrap().tokens, vec![token(1)]);
-        assert_eq!(
-            s.recent_events(10).unwrap(),
-            vec![AuditEvent::new(2, EventKind::Other("k".into()), "d")]
-        );
     }
 
     #[test]
@@ -1241,17 +867,18 @@ mod tests {
     }
 
     #[test]
-    fn refuses_newer_schema() {
+    fn the_journal_is_wal() {
+        // The backend-independent behaviour is in tests/suite.rs (run on SQLite and
+        // PostgreSQL); this and the tests above are SQLite's own.
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("db");
-        drop(SqliteStore::open(&path).unwrap());
-        let c = Connection::open(&path).unwrap();
-        c.execute("INSERT INTO schema_migrations VALUES (99, 'future', 0)", [])
+        let s = SqliteStore::open(&dir.path().join("coordinator.db")).unwrap();
+        let journal: String = s
+            .with(|c| Ok(c.query_row("PRAGMA journal_mode", [], |r| r.get(0))?))
             .unwrap();
-        drop(c);
-        assert!(matches!(
-            SqliteStore::open(&path),
-            Err(StoreError::TooNew { found: 99, .. })
-        ));
+        assert_eq!(journal, "wal");
+        let sync: i64 = s
+            .with(|c| Ok(c.query_row("PRAGMA synchronous", [], |r| r.get(0))?))
+            .unwrap();
+        assert_eq!(sync, 2, "FULL");
     }
 }

@@ -1,7 +1,7 @@
 use super::*;
-use std::sync::Arc;
 use crate::map::Peer;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 fn key(n: u8) -> AdminSigningKey {
     AdminSigningKey::from_seed([n; 32])
@@ -239,7 +239,9 @@ fn filter_cuts_unsigned_grants_and_keeps_signed_ones() {
     let wide_db = compiled(WIDER, ("web", "web"), ("db", "db"));
     let map = NetworkMap {
         version: 4,
-        peers: [peer(2, "db", wide_db), peer(3, "other", forged)].map(Arc::new).into(),
+        peers: [peer(2, "db", wide_db), peer(3, "other", forged)]
+            .map(Arc::new)
+            .into(),
     };
     let (out, refused) = st.filter(&wg(1), &map);
     assert_eq!(refused.len(), 2, "{refused:?}");

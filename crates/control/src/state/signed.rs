@@ -13,13 +13,13 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 
 use super::{AdminError, CoordinatorState};
-use meshd_tunnel::PublicKey;
 use crate::model::{Host, HostId, UnixTime};
 use crate::policy::PolicyRecord;
 use crate::proto::CoordinatorMessage;
 use crate::signed::{
     check_genesis, check_successor, Hash32, KeySetStatement, Signed, SignedPolicy, TrustBundle,
 };
+use meshd_tunnel::PublicKey;
 
 /// One signed statement as the store keeps it (kind, id, JSON body).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -310,11 +310,7 @@ impl CoordinatorState {
             self.signed.own_sent.insert(id, h);
         }
         for k in &keys {
-            if let Some(s) = self
-                .by_key
-                .get(k)
-                .and_then(|h| self.signed.hosts.get(h))
-            {
+            if let Some(s) = self.by_key.get(k).and_then(|h| self.signed.hosts.get(h)) {
                 hosts.push(s.clone());
             }
         }

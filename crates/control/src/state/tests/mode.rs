@@ -35,9 +35,13 @@ fn learn_flags(
                 CoordinatorMessage::Delta { delta } => {
                     (delta.upserts.clone(), delta.removals.len())
                 }
-                CoordinatorMessage::FullMap { map } => {
-                    (map.peers.iter().map(|p| crate::map::Peer::clone(p)).collect(), 0)
-                }
+                CoordinatorMessage::FullMap { map } => (
+                    map.peers
+                        .iter()
+                        .map(|p| crate::map::Peer::clone(p))
+                        .collect(),
+                    0,
+                ),
                 other => panic!("{other:?}"),
             };
             let mut v: Vec<_> = ups
