@@ -269,6 +269,17 @@ impl SpaFilter {
         kept
     }
 
+    /// [`SpaFilter::filter`] itself, for the cost benchmark (`examples/spa_cost.rs`); not API.
+    #[doc(hidden)]
+    pub fn filter_batch(
+        &self,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+        n: usize,
+    ) -> usize {
+        self.filter(bufs, meta, n)
+    }
+
     /// Saves the replay cache now (blocking file IO).
     fn save_now(&self) {
         let bytes = self.lock().gate.replay().to_bytes();
