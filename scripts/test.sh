@@ -5,8 +5,9 @@
 # On a Debian/Ubuntu machine it installs, with apt-get, the commands the tests call and that
 # are missing (see scripts/need.sh; MESHD_NO_INSTALL=1 only checks): ip (iproute2), nft
 # (nftables), tcpdump, wireguard-go, wg (wireguard-tools), socat, ping (iputils-ping),
-# sysctl (procps), chromium + chromedriver (chromium-driver) for the /ui browser test, and
-# sqlite3 (the signed-policy test edits the coordinator database by hand).
+# sysctl (procps), chromium + chromedriver (chromium-driver) for the /ui browser test,
+# sqlite3 (the signed-policy test edits the coordinator database by hand), and initdb +
+# postgres (postgresql: the store suite and the coordinator run on a throwaway server too).
 # Arguments go to `cargo test --workspace`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
