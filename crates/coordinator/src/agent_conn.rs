@@ -31,7 +31,6 @@ const INCOMING_BUFFER_TOTAL: u64 = 8 * 1024 * 1024;
 const OUTBOUND_QUEUE: usize = 256;
 /// Longest one message to an agent may take to write: an agent that stops reading (QUIC flow
 /// control holds the write) is closed after this, whatever its queue holds.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(20);
 const OBSERVE_INTERVAL: Duration = Duration::from_millis(250);
 
 /// The control (QUIC) endpoint on `listen`, with quinn's incoming queue and buffers bounded.
@@ -421,7 +420,7 @@ async fn serve_conn(
         tokio::select! {
             m = rx.recv() => match m {
                 Some(Outbound::Msg(msg)) => {
-                    match tokio::time::timeout(WRITE_TIMEOUT, writer.send(&msg)).await {
+                    match tokio::time::timeout(guard.control_write_timeout, writer.send(&msg)).await {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => break Err(e.into()),
                         Err(_) => {

@@ -438,6 +438,8 @@ pub struct Guard {
     /// `--admin-spa` off loopback: the SPA filter whose admin knocks open the admin API to
     /// an IP (unset: no such check).
     pub admin_spa: std::sync::OnceLock<std::sync::Arc<crate::spa::SpaFilter>>,
+    /// [`Limits::control_write_timeout_ms`].
+    pub control_write_timeout: std::time::Duration,
 }
 
 impl Guard {
@@ -449,6 +451,9 @@ impl Guard {
             admin: Mutex::new(Backoff::new(cfg)),
             joins: Mutex::new(Backoff::new(cfg)),
             admin_spa: std::sync::OnceLock::new(),
+            control_write_timeout: std::time::Duration::from_millis(
+                limits.control_write_timeout_ms,
+            ),
         }
     }
 }

@@ -441,6 +441,9 @@ pub struct Limits {
     pub quic_max_half_open: usize,
     /// Connection attempts quinn queues before the accept loop sees them.
     pub quic_max_incoming: usize,
+    /// How long a push to one agent may wait for its stream to take it (the agent stopped
+    /// reading and its flow-control window is full) before that agent's connection is closed.
+    pub control_write_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -459,6 +462,7 @@ impl Default for Limits {
             quic_retry_threshold: 0,
             quic_max_half_open: 256,
             quic_max_incoming: 1024,
+            control_write_timeout_ms: 20_000,
         }
     }
 }
@@ -480,6 +484,7 @@ impl Limits {
             ("auth_backoff_sources", self.auth_backoff_sources as u64),
             ("quic_max_half_open", self.quic_max_half_open as u64),
             ("quic_max_incoming", self.quic_max_incoming as u64),
+            ("control_write_timeout_ms", self.control_write_timeout_ms),
         ];
         if let Some((name, _)) = nonzero.iter().find(|(_, v)| *v == 0) {
             return Err(LimitsError::Zero(name));

@@ -23,6 +23,7 @@ async fn coordinator(dir: &std::path::Path) -> CoordinatorHandle {
     let mut o = CoordinatorOptions::new(dir);
     o.listen = "127.0.0.1:0".parse().unwrap();
     o.admin_listen = "127.0.0.1:0".parse().unwrap();
+    o.limits.control_write_timeout_ms = 2_000;
     start(o).await.unwrap()
 }
 
@@ -146,15 +147,21 @@ async fn stalled_and_trickling_clients_only_hurt_themselves() {
     // Churn: every label change is pushed to every agent, the stalled one included (with
     // long labels, so its stream's flow-control window fills). Admin calls stay prompt.
     let t0 = Instant::now();
+    let stalled_closed = {
+        let stalled = stalled.clone();
+        tokio::spawn(async move {
+            stalled.closed().await;
+            t0.elapsed()
+        })
+    };
     let long = "x".repeat(200);
     let mut slowest = Duration::ZERO;
     for i in 0..400 {
         let started = Instant::now();
-        let labels = [
-            ("round".to_string(), i.to_string()),
-            ("pad".to_string(), format!("{long}{i}")),
-        ]
-        .into();
+        // ~5 kB a delta, 2 MB in all: more than a QUIC stream's receive window (1.25 MB).
+        let labels = std::iter::once(("round".to_string(), i.to_string()))
+            .chain((0..24).map(|p| (format!("pad{p}"), format!("{long}{i}"))))
+            .collect();
         c.admin(AdminOp::Label("b".into(), labels))
             .await
             .unwrap()
@@ -174,7 +181,8 @@ async fn stalled_and_trickling_clients_only_hurt_themselves() {
     // A new agent still enrols while all of that is going on.
     let d = join(&t, "d").await;
     wait_map(&d, "d gets a map", |m| m.peers.len() >= 2).await;
-    println!("churn took {:?}", t0.elapsed());
+    let churn = t0.elapsed();
+    println!("churn took {churn:?}");
 
     // Each misbehaving client is cut off on its own.
     tokio::time::timeout(Duration::from_secs(15), trickle.closed())
@@ -186,9 +194,19 @@ async fn stalled_and_trickling_clients_only_hurt_themselves() {
             .expect("a silent client is closed (handshake timeout)");
     }
     // The agent that stopped reading costs the coordinator at most its stream's flow-control
-    // window: its writes block only once the window is full, and then the write timeout (or
-    // its full queue) closes it. Either way it never held up the others above.
-    println!("stalled agent closed yet: {:?}", stalled.close_reason());
+    // window: its writes block only once the window is full, and then the write timeout (2 s
+    // here) closes it. It never held up the others above.
+    let closed_after = tokio::time::timeout(Duration::from_secs(30), stalled_closed)
+        .await
+        .expect("the agent that stopped reading is closed (write timeout)")
+        .unwrap();
+    println!("stalled agent closed {closed_after:?} after the churn began");
+    // Its window fills during the churn; the 2 s write timeout then closes it, well before
+    // the churn's end + 5 s (the default 20 s would close it after that: checked).
+    assert!(
+        closed_after < churn + Duration::from_secs(5),
+        "closed by the 2 s write timeout once its window was full: {closed_after:?} (churn {churn:?})"
+    );
     trickler.abort();
     // And the well-behaved agent is still served promptly.
     let started = Instant::now();
