@@ -34,7 +34,7 @@ const MEMBERSHIP_BATCH_WINDOW: Duration = Duration::from_millis(50);
 /// window, up to this long: each agent then gets one delta for many newcomers, where it would
 /// get one per window. A lone change waits one window only.
 const MEMBERSHIP_BATCH_MAX: Duration = Duration::from_millis(400);
-const STORM_CONNECTS: usize = 8;
+const STORM_CONNECTS: usize = 2;
 
 /// Seconds since the Unix epoch (the only clock read on the coordinator's state path).
 pub use meshd_time::unix_now;
