@@ -497,11 +497,20 @@ impl Driver {
         );
         info!(new_key = %key.public_key(), "key rotation: new key stored, proposing it");
         let new_key = key.public_key();
+        // The old key hands on to the new one: peers in a signed mesh accept the new key as
+        // this host on that signature (the coordinator cannot make one).
+        let succession = meshd_control::signed::Succession::sign(
+            &self.cfg.private_key,
+            new_key,
+            rand_core::OsRng,
+        )
+        .sig;
         self.next_key = Some(key);
         self.input(Input::KeyPrepared {
             nonce,
             new_key,
             proof,
+            succession,
         });
     }
 

@@ -108,6 +108,11 @@ pub enum AgentMessage {
         new_key: PublicKey,
         /// HMAC keyed with DH(new private, coordinator public).
         proof: crate::rotation::Proof,
+        /// The old key's XEdDSA signature handing on to the new one
+        /// ([`crate::signed::Succession`]): what lets peers in a signed mesh accept the new key
+        /// as this host. Absent from agents older than signed key rotation.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        succession: Option<crate::signed::Sig>,
     },
 }
 

@@ -114,6 +114,20 @@ fn mac(shared: &[u8; 32], nonce: &Nonce, old: &PublicKey, new: &PublicKey) -> Hm
     m
 }
 
+/// A host's answer to a rotation request, as the coordinator's state takes it
+/// ([`CoordinatorState::key_proposal`](crate::state::CoordinatorState::key_proposal)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Proposal {
+    /// The request's challenge.
+    pub nonce: Nonce,
+    /// The proposed key.
+    pub new_key: PublicKey,
+    /// [`verify`]'s verdict on the proof (the caller holds the coordinator's key).
+    pub proof_ok: bool,
+    /// The old key's signature over the new one ([`crate::signed::Succession`]).
+    pub succession: Option<crate::signed::Sig>,
+}
+
 /// The agent's proof that it holds `new` (sent over the channel authenticated by `old`).
 pub fn prove(new: &PrivateKey, coordinator: &PublicKey, old: &PublicKey, nonce: &Nonce) -> Proof {
     let shared = new.diffie_hellman(coordinator);

@@ -172,6 +172,8 @@ pub enum Input {
         new_key: meshd_tunnel::PublicKey,
         /// [`crate::rotation::prove`] over the nonce.
         proof: crate::rotation::Proof,
+        /// The old key's signature over the new one ([`crate::signed::Succession::sign`]).
+        succession: crate::signed::Sig,
     },
 }
 
@@ -428,6 +430,7 @@ impl AgentSession {
                 nonce,
                 new_key,
                 proof,
+                succession,
             } => {
                 // Only on the connection that asked (a proof is bound to its nonce anyway).
                 if let Phase::Connected { .. } = self.phase {
@@ -436,6 +439,7 @@ impl AgentSession {
                             nonce,
                             new_key,
                             proof,
+                            succession: Some(succession),
                         }));
                 }
             }

@@ -31,6 +31,13 @@ const DOMAIN: &[u8] = b"meshd-signed-v1\0";
 /// Most keys in an admin key set.
 pub const MAX_ADMIN_KEYS: usize = 32;
 
+/// Domain separation for a host's key succession ([`Succession`]).
+const SUCCESSION_DOMAIN: &[u8] = b"meshd-key-succession-v1\0";
+
+/// Most key successions one host statement carries: at a daily rotation, two months before an
+/// admin must sign the host's labels again (which starts a new chain at its current key).
+pub const MAX_SUCCESSIONS: usize = 64;
+
 /// A SHA-256 digest: content hashes, statement hashes, key-set fingerprints. Hex in text.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Hash32(pub [u8; 32]);
@@ -353,6 +360,67 @@ pub struct Signed {
     pub statement: Statement,
     /// Signatures (one per key; extra or unknown ones are ignored).
     pub sigs: Vec<AdminSig>,
+    /// Host statements only: the host's own key successions since the statement's key, oldest
+    /// first (key rotation in a signed mesh). Not covered by the admins' signatures: each link
+    /// is signed by the key before it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub successions: Vec<Succession>,
+}
+
+/// A host handing its identity on to its next WireGuard key (key rotation in a signed mesh):
+/// the previous key's XEdDSA signature over [`succession_message`]. Only the holder of the
+/// previous private key can make one — not the coordinator — so a chain of them from the key an
+/// admin signed a [`HostStatement`] for lets peers accept the rotated key as the same host
+/// without an admin online.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Succession {
+    /// The key that takes over.
+    pub new_key: PublicKey,
+    /// XEdDSA signature by the previous key.
+    pub sig: Sig,
+}
+
+/// The bytes a [`Succession`] signature covers: domain tag, old key, new key.
+pub fn succession_message(old: &PublicKey, new: &PublicKey) -> Vec<u8> {
+    let mut out = SUCCESSION_DOMAIN.to_vec();
+    out.extend_from_slice(old.as_bytes());
+    out.extend_from_slice(new.as_bytes());
+    out
+}
+
+impl Succession {
+    /// `old` hands on to `new_key` (`rng`: the OS's, for XEdDSA's random nonce).
+    pub fn sign(
+        old: &meshd_tunnel::PrivateKey,
+        new_key: PublicKey,
+        rng: impl rand_core::RngCore + rand_core::CryptoRng,
+    ) -> Succession {
+        use xeddsa::Sign as _;
+        let key = xeddsa::xed25519::PrivateKey::from(&old.to_bytes());
+        let sig: [u8; 64] = key.sign(&succession_message(&old.public_key(), &new_key), rng);
+        Succession {
+            new_key,
+            sig: Sig(sig),
+        }
+    }
+
+    /// Whether `old` signed this succession. Strict: a key that maps to a weak (small-order)
+    /// Ed25519 point, or a non-canonical signature, never verifies.
+    pub fn verify(&self, old: &PublicKey) -> bool {
+        use xeddsa::ConvertMont as _;
+        let Ok(ed) = xeddsa::xed25519::PublicKey(*old.as_bytes()).convert_mont(0) else {
+            return false;
+        };
+        let Ok(vk) = VerifyingKey::from_bytes(&ed) else {
+            return false;
+        };
+        if vk.is_weak() || old == &self.new_key {
+            return false;
+        }
+        let sig = ed25519_dalek::Signature::from_bytes(&self.sig.0);
+        vk.verify_strict(&succession_message(old, &self.new_key), &sig)
+            .is_ok()
+    }
 }
 
 /// Why a signed statement or a key-set change was refused.
@@ -394,6 +462,14 @@ pub enum SignError {
     /// Not newer than what is already held.
     #[error("not newer than the statement already held (replayed or reordered)")]
     Stale,
+    /// A key succession not signed by the key before it (the chain stops there).
+    #[error("key succession to {0} not signed by the key before it")]
+    Succession(PublicKey),
+    /// More key successions than [`MAX_SUCCESSIONS`] (an admin must sign the host again).
+    #[error(
+        "more than {MAX_SUCCESSIONS} key successions: an admin must sign the host's labels again"
+    )]
+    TooManySuccessions,
 }
 
 impl Signed {
@@ -403,7 +479,34 @@ impl Signed {
         Signed {
             statement: st,
             sigs,
+            successions: Vec::new(),
         }
+    }
+
+    /// The keys a host statement speaks for: its own, then each successor whose link verifies,
+    /// in order, with why the chain stops early (a bad link, or too many). Empty for other
+    /// kinds.
+    pub fn host_keys(&self) -> (Vec<PublicKey>, Option<SignError>) {
+        let Ok(h) = self.host() else {
+            return (Vec::new(), None);
+        };
+        let mut keys = vec![h.key];
+        for (i, s) in self.successions.iter().enumerate() {
+            if i >= MAX_SUCCESSIONS {
+                return (keys, Some(SignError::TooManySuccessions));
+            }
+            let prev = keys[keys.len() - 1];
+            if keys.contains(&s.new_key) || !s.verify(&prev) {
+                return (keys, Some(SignError::Succession(s.new_key)));
+            }
+            keys.push(s.new_key);
+        }
+        (keys, None)
+    }
+
+    /// The last key of a host statement's succession chain (its own key when it has none).
+    pub fn current_key(&self) -> Option<PublicKey> {
+        self.host_keys().0.last().copied()
     }
 
     /// Valid signatures by distinct keys of `set`.
@@ -720,34 +823,70 @@ impl TrustStore {
         Ok(())
     }
 
+    /// A host statement: verified against `set` (unless the same statement is held), kept under
+    /// its key, and under each successor key of its verified succession chain. A statement an
+    /// admin signed for a key always wins over a chain that reaches that key; between chains,
+    /// the newer statement's.
     fn absorb_host(&mut self, s: &Signed, set: &KeySetStatement) -> Result<(), Refusal> {
         let name = |s: &Signed| s.host().map(|h| h.name.clone()).unwrap_or_default();
         let h = s
             .host()
             .map_err(|why| Refusal::Host { name: name(s), why })?;
-        if let Some(held) = self.hosts.get(&h.key) {
-            if held == s {
-                return Ok(());
-            }
-            if held.host().map(|x| x.at_ms).unwrap_or(0) >= h.at_ms {
-                return Err(Refusal::Host {
-                    name: h.name.clone(),
-                    why: SignError::Stale,
-                });
-            }
-        }
-        s.verify(set).map_err(|why| Refusal::Host {
+        let refuse = |why| Refusal::Host {
             name: h.name.clone(),
             why,
-        })?;
+        };
+        let held = self.hosts.get(&h.key).filter(|x| is_direct(x, &h.key));
+        if held == Some(s) {
+            return Ok(());
+        }
+        let same_statement = held.is_some_and(|x| x.statement == s.statement);
+        if let Some(x) = held.filter(|_| !same_statement) {
+            if x.host().map(|x| x.at_ms).unwrap_or(0) >= h.at_ms {
+                return Err(refuse(SignError::Stale));
+            }
+        }
+        if !same_statement {
+            s.verify(set).map_err(refuse)?;
+        }
+        let (keys, broken) = s.host_keys();
         self.hosts.insert(h.key, s.clone());
-        Ok(())
+        for k in keys.iter().skip(1) {
+            let keep = self.hosts.get(k).is_some_and(|x| {
+                is_direct(x, k) || x.host().map(|x| x.at_ms).unwrap_or(0) > h.at_ms
+            });
+            if !keep {
+                self.hosts.insert(*k, s.clone());
+            }
+        }
+        broken.map_or(Ok(()), |why| Err(refuse(why)))
     }
 
-    /// Forgets host statements of keys that are neither `own` nor in `map` (keeps the store
-    /// bounded by the map).
+    /// The signed identity (name, labels) of key `k`: the statement an admin signed for it, or
+    /// one whose succession chain reaches it — unless an admin has since signed a newer
+    /// statement for that name on another key (a chain from a retired key cannot outlive it).
+    fn identity(&self, k: &PublicKey) -> Option<&HostStatement> {
+        let h = self.hosts.get(k)?.host().ok()?;
+        if h.key != *k {
+            let superseded = self.hosts.iter().any(|(key, o)| {
+                o.host().is_ok_and(|o| {
+                    o.key == *key && o.key != h.key && o.name == h.name && o.at_ms > h.at_ms
+                })
+            });
+            if superseded {
+                return None;
+            }
+        }
+        Some(h)
+    }
+
+    /// Forgets host statements of keys that are neither `own` nor a peer's key (or next key) in
+    /// `map` (keeps the store bounded by the map).
     pub fn retain_hosts(&mut self, own: &PublicKey, map: &NetworkMap) {
-        self.hosts.retain(|k, _| k == own || map.peer(k).is_some());
+        let next: std::collections::BTreeSet<PublicKey> =
+            map.peers.iter().filter_map(|p| p.next_public_key).collect();
+        self.hosts
+            .retain(|k, _| k == own || map.peer(k).is_some() || next.contains(k));
     }
 
     fn policy_parsed(&mut self) -> Option<&Policy> {
@@ -763,12 +902,8 @@ impl TrustStore {
     /// The grants the signed statements allow between `own` and `peer` (nothing when any of
     /// the policy, `own`'s or `peer`'s statement is missing).
     pub fn signed_grants(&mut self, own: &PublicKey, peer: &PublicKey) -> PeerGrants {
-        let refs = [own, peer].map(|k| {
-            self.hosts
-                .get(k)
-                .and_then(|s| s.host().ok())
-                .map(|h| (h.name.clone(), h.labels.clone()))
-        });
+        let refs =
+            [own, peer].map(|k| self.identity(k).map(|h| (h.name.clone(), h.labels.clone())));
         let [Some(me), Some(them)] = refs else {
             return PeerGrants::default();
         };
@@ -811,14 +946,10 @@ impl TrustStore {
             if cut.is_empty() && !cut.learn {
                 continue;
             }
-            // A next key (key rotation) would be accepted as this peer: only one an admin
-            // signed a host statement for, or the coordinator could slip its own key in.
-            let who = |k: &PublicKey| {
-                self.hosts
-                    .get(k)
-                    .and_then(|s| s.host().ok())
-                    .map(|h| (h.name.clone(), h.labels.clone()))
-            };
+            // A next key (key rotation) would be accepted as this peer: only one with the same
+            // signed identity (the host's own succession, or an admin's statement), or the
+            // coordinator could slip its own key in.
+            let who = |k: &PublicKey| self.identity(k).map(|h| (h.name.clone(), h.labels.clone()));
             let unsigned_next = p
                 .next_public_key
                 .is_some_and(|k| who(&k).is_none() || who(&k) != who(&p.public_key));
@@ -847,6 +978,12 @@ impl TrustStore {
             refused,
         )
     }
+}
+
+/// Whether `s` is the statement an admin signed for `key` itself (not one reaching it through a
+/// succession chain).
+fn is_direct(s: &Signed, key: &PublicKey) -> bool {
+    s.host().is_ok_and(|h| h.key == *key)
 }
 
 /// The grants of `sent` that `allowed` also holds (learning only if both learn).

@@ -122,6 +122,8 @@ pub(crate) enum Cmd {
         nonce: meshd_control::rotation::Nonce,
         new_key: PublicKey,
         proof_ok: bool,
+        /// The old key's signature over the new one (checked by the state).
+        succession: Option<meshd_control::signed::Sig>,
     },
     /// Block events from the agent.
     Blocks {
@@ -691,11 +693,15 @@ impl Actor {
                 nonce,
                 new_key,
                 proof_ok,
+                succession,
             } => {
-                if let Err(code) = self
-                    .state
-                    .key_proposal(now, host, conn, &nonce, new_key, proof_ok)
-                {
+                let proposal = meshd_control::rotation::Proposal {
+                    nonce,
+                    new_key,
+                    proof_ok,
+                    succession,
+                };
+                if let Err(code) = self.state.key_proposal(now, host, conn, proposal) {
                     warn!(host_id = %host, %code, "unexpected key proposal; closing the session");
                     if let Some(l) = self.live.get(&host).filter(|l| l.conn_id == conn) {
                         l.conn.close(close_code(code), b"unexpected key proposal");

@@ -364,11 +364,13 @@ async fn serve_conn(
                         nonce,
                         new_key,
                         proof,
+                        succession,
                     } => Cmd::KeyProposal {
                         host,
                         conn: cid,
                         nonce,
                         new_key,
+                        succession,
                         proof_ok: meshd_control::rotation::verify(
                             &coordinator_key,
                             &old_key,

@@ -217,8 +217,17 @@ impl SimCoordinator {
             // The harness holds no coordinator key to check a proof with: a rotation started
             // here is aborted as unproved (the real path is tested in meshd/tests/rotation.rs).
             AgentMessage::KeyProposal { nonce, new_key, .. } => {
-                self.state
-                    .key_proposal(now, host, conn, &nonce, new_key, false)?;
+                self.state.key_proposal(
+                    now,
+                    host,
+                    conn,
+                    meshd_control::rotation::Proposal {
+                        nonce,
+                        new_key,
+                        proof_ok: false,
+                        succession: None,
+                    },
+                )?;
             }
             AgentMessage::Enrol { .. } | AgentMessage::Resume { .. } => {
                 return Err(ErrorCode::Malformed)

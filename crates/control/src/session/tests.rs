@@ -985,11 +985,13 @@ fn key_rotation_prepare_propose_switch_reconnect() {
     assert_eq!(drain(&mut s), vec![Action::PrepareKey { nonce }]);
     let new_key = PublicKey([8; 32]);
     let proof = Proof([4; 32]);
+    let succession = crate::signed::Sig([5; 64]);
     s.handle_input(
         Input::KeyPrepared {
             nonce,
             new_key,
             proof,
+            succession,
         },
         t0,
     );
@@ -998,7 +1000,8 @@ fn key_rotation_prepare_propose_switch_reconnect() {
         vec![AgentMessage::KeyProposal {
             nonce,
             new_key,
-            proof
+            proof,
+            succession: Some(succession),
         }]
     );
     s.handle_input(
@@ -1047,6 +1050,7 @@ fn key_rotation_prepare_propose_switch_reconnect() {
             nonce,
             new_key,
             proof,
+            succession,
         },
         t0,
     );

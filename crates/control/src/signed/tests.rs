@@ -331,3 +331,183 @@ fn text_forms_round_trip() {
     assert!("zz".parse::<Hash32>().is_err());
     assert!("AAAA".parse::<AdminKey>().is_err());
 }
+
+fn x(n: u8) -> meshd_tunnel::PrivateKey {
+    meshd_tunnel::PrivateKey::from_bytes([n; 32])
+}
+
+fn host_on(key: PublicKey, name: &str, role: &str, at_ms: u64) -> Statement {
+    Statement::Host(HostStatement {
+        key,
+        name: name.into(),
+        labels: [("role".to_string(), role.to_string())].into(),
+        at_ms,
+    })
+}
+
+fn peer_on(key: PublicKey, next: Option<PublicKey>, name: &str, grants: PeerGrants) -> Peer {
+    Peer {
+        public_key: key,
+        next_public_key: next,
+        ..peer(2, name, grants)
+    }
+}
+
+#[test]
+fn succession_signatures_bind_both_keys() {
+    let (k1, k2) = (x(11), x(12));
+    let s = Succession::sign(&k1, k2.public_key(), rand_core::OsRng);
+    assert!(s.verify(&k1.public_key()));
+    // Another key did not sign it; it names no other successor; no bit may change.
+    assert!(!s.verify(&k2.public_key()));
+    assert!(!Succession {
+        new_key: x(13).public_key(),
+        ..s
+    }
+    .verify(&k1.public_key()));
+    let mut bad = s;
+    bad.sig.0[5] ^= 1;
+    assert!(!bad.verify(&k1.public_key()));
+    // A key handing on to itself, and the all-zero (small-order) key, never verify.
+    let me = Succession::sign(&k1, k1.public_key(), rand_core::OsRng);
+    assert!(!me.verify(&k1.public_key()));
+    assert!(!s.verify(&PublicKey([0; 32])));
+    // JSON round trip.
+    let j = serde_json::to_string(&s).unwrap();
+    assert_eq!(serde_json::from_str::<Succession>(&j).unwrap(), s);
+}
+
+#[test]
+fn a_rotated_peer_keeps_its_signed_identity_through_its_own_succession_only() {
+    let a = key(1);
+    let g = Signed::sign(set(1, &[&a], 1, Hash32::ZERO), &[&a]);
+    let p1 = Signed::sign(policy(1, POLICY, Hash32::ZERO), &[&a]);
+    let (old, new, evil) = (x(21), x(22), x(66));
+    let web = Signed::sign(host(1, "web", &[("role", "web")], 1), &[&a]);
+    let db = Signed::sign(host_on(old.public_key(), "db", "db", 1), &[&a]);
+    let mut st = TrustStore::pinned(g.statement.hash());
+    let r = st.absorb(&bundle(
+        std::slice::from_ref(&g),
+        Some((POLICY, p1)),
+        vec![web.clone(), db.clone()],
+    ));
+    assert!(r.refused.is_empty(), "{:?}", r.refused);
+    let signed = compiled(POLICY, ("web", "web"), ("db", "db"));
+    let rotating = |next| NetworkMap {
+        version: 7,
+        peers: vec![Arc::new(peer_on(
+            old.public_key(),
+            next,
+            "db",
+            signed.clone(),
+        ))],
+    };
+
+    // db's next key with db's own signature over it: kept, nothing refused.
+    let mut db_next = db.clone();
+    db_next
+        .successions
+        .push(Succession::sign(&old, new.public_key(), rand_core::OsRng));
+    let r = st.absorb(&bundle(
+        std::slice::from_ref(&g),
+        None,
+        vec![db_next.clone()],
+    ));
+    assert!(r.refused.is_empty(), "{:?}", r.refused);
+    let (out, refused) = st.filter(&wg(1), &rotating(Some(new.public_key())));
+    assert!(refused.is_empty(), "{refused:?}");
+    assert_eq!(out.peers[0].next_public_key, Some(new.public_key()));
+    // After the switch db is known by its new key alone, with its signed grants.
+    let switched = NetworkMap {
+        version: 8,
+        peers: vec![Arc::new(peer_on(
+            new.public_key(),
+            None,
+            "db",
+            signed.clone(),
+        ))],
+    };
+    st.retain_hosts(&wg(1), &switched);
+    let (out, refused) = st.filter(&wg(1), &switched);
+    assert!(refused.is_empty(), "{refused:?}");
+    assert_eq!(out.peers[0].grants, signed);
+
+    // A succession the previous key did not sign (the coordinator's own key) is refused, and
+    // that key is not accepted as db.
+    let mut forged = db.clone();
+    forged.successions = vec![Succession::sign(&evil, evil.public_key(), rand_core::OsRng)];
+    forged.successions[0].new_key = evil.public_key();
+    let mut st2 = TrustStore::pinned(g.statement.hash());
+    let r = st2.absorb(&bundle(
+        std::slice::from_ref(&g),
+        Some((POLICY, Signed::sign(policy(1, POLICY, Hash32::ZERO), &[&a]))),
+        vec![web.clone(), forged],
+    ));
+    assert_eq!(
+        r.refused,
+        vec![Refusal::Host {
+            name: "db".into(),
+            why: SignError::Succession(evil.public_key())
+        }]
+    );
+    let (out, refused) = st2.filter(&wg(1), &rotating(Some(evil.public_key())));
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(out.peers[0].next_public_key, None);
+    let evil_map = NetworkMap {
+        version: 9,
+        peers: vec![Arc::new(peer_on(
+            evil.public_key(),
+            None,
+            "db",
+            signed.clone(),
+        ))],
+    };
+    assert!(st2.filter(&wg(1), &evil_map).0.peers.is_empty());
+
+    // db's key cannot hand on to web's: an admin's statement for a key wins over any chain.
+    let mut grab = db.clone();
+    grab.successions = vec![Succession::sign(&old, wg(1), rand_core::OsRng)];
+    let r = st2.absorb(&bundle(std::slice::from_ref(&g), None, vec![grab]));
+    assert!(r.refused.is_empty(), "{:?}", r.refused);
+    assert_eq!(st2.identity(&wg(1)).map(|h| h.name.as_str()), Some("web"));
+
+    // A retired key's chain does not outlive a newer admin statement for the same name: once
+    // an admin signed db on its new key, a succession from the old key (stolen, say) to
+    // another key gives that key nothing.
+    let db_new = Signed::sign(host_on(new.public_key(), "db", "db", 2), &[&a]);
+    let mut stolen = db.clone();
+    stolen.successions = vec![Succession::sign(&old, evil.public_key(), rand_core::OsRng)];
+    let r = st.absorb(&bundle(
+        std::slice::from_ref(&g),
+        None,
+        vec![db_new, stolen],
+    ));
+    assert!(r.refused.is_empty(), "{:?}", r.refused);
+    let thief = NetworkMap {
+        version: 10,
+        peers: vec![
+            Arc::new(peer_on(new.public_key(), None, "db", signed.clone())),
+            Arc::new(peer_on(evil.public_key(), None, "db2", signed.clone())),
+        ],
+    };
+    let (out, refused) = st.filter(&wg(1), &thief);
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(out.peers.len(), 1);
+    assert_eq!(out.peers[0].public_key, new.public_key());
+}
+
+#[test]
+fn succession_chains_are_bounded() {
+    let a = key(1);
+    let keys: Vec<_> = (0..=MAX_SUCCESSIONS as u8 + 1)
+        .map(|i| x(100 + i))
+        .collect();
+    let mut s = Signed::sign(host_on(keys[0].public_key(), "db", "db", 1), &[&a]);
+    for w in keys.windows(2) {
+        s.successions
+            .push(Succession::sign(&w[0], w[1].public_key(), rand_core::OsRng));
+    }
+    let (held, why) = s.host_keys();
+    assert_eq!(held.len(), MAX_SUCCESSIONS + 1);
+    assert_eq!(why, Some(SignError::TooManySuccessions));
+}

@@ -8,7 +8,7 @@ use super::{AdminError, ConnId, CoordinatorState, Push};
 use crate::event::EventKind;
 use crate::model::{Host, HostId, UnixTime};
 use crate::proto::{CoordinatorMessage, ErrorCode};
-use crate::rotation::{Nonce, RotationError, RotationSchedule, SWITCH_AFTER_MS};
+use crate::rotation::{Nonce, Proposal, RotationError, RotationSchedule, SWITCH_AFTER_MS};
 
 /// A rotation step worth an audit event (from [`CoordinatorState::poll_rotation_events`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +36,13 @@ impl CoordinatorState {
         nonce: Nonce,
     ) -> Result<Host, AdminError> {
         let id = self.live_id(r)?;
+        if self.successions_full(id) {
+            return Err(AdminError::KeyRotation(format!(
+                "host {r:?} has rotated {} times since an admin signed its labels: sign them \
+                 again (`meshctl --admin-key FILE host label {r} …`) before it rotates again",
+                crate::signed::MAX_SUCCESSIONS
+            )));
+        }
         let conn = self.sessions.get(&id).map(|s| s.conn).ok_or_else(|| {
             AdminError::KeyRotation(format!(
                 "host {r:?} is not connected: a key rotation needs the host online"
@@ -53,19 +60,22 @@ impl CoordinatorState {
         self.host_result(id, r)
     }
 
-    /// The host's answer to a rotation request. `proof_ok` is
-    /// [`crate::rotation::verify`]'s verdict (the caller holds the coordinator's key). On
-    /// success the key is pending (persisted with the batch), peers' maps carry it as the
-    /// host's next key and the host is told to switch.
+    /// The host's answer to a rotation request. On success the key is pending (persisted
+    /// with the batch), peers' maps carry it as the host's next key and the host is told to
+    /// switch.
     pub fn key_proposal(
         &mut self,
         now: UnixTime,
         id: HostId,
         conn: ConnId,
-        nonce: &Nonce,
-        new_key: PublicKey,
-        proof_ok: bool,
+        proposal: Proposal,
     ) -> Result<(), ErrorCode> {
+        let Proposal {
+            ref nonce,
+            new_key,
+            proof_ok,
+            succession,
+        } = proposal;
         if !self.session_ok(id, conn) {
             return Ok(());
         }
@@ -81,6 +91,13 @@ impl CoordinatorState {
                 _ => EventKind::KeyRotationAborted,
             };
             self.rotation_event(kind, id, e.to_string());
+            return Ok(());
+        }
+        // In a signed mesh peers take the new key as this host only through its own
+        // succession signature: a rotation without one would leave them refusing it.
+        if let Err(why) = self.attach_succession(id, new_key, succession) {
+            let _ = self.rotations.cancel(id);
+            self.rotation_event(EventKind::KeyRotationAborted, id, why);
             return Ok(());
         }
         if let Some(h) = self.hosts.get_mut(&id) {
@@ -139,6 +156,9 @@ impl CoordinatorState {
                     self.touch(a.host);
                 }
             }
+            if let Some(k) = a.pending {
+                self.detach_succession(a.host, &k);
+            }
             self.rotation_event(EventKind::KeyRotationAborted, a.host, a.reason.to_string());
         }
         if !self.rotation_schedule.is_active() {
@@ -149,6 +169,7 @@ impl CoordinatorState {
             .keys()
             .filter_map(|id| self.hosts.get(id))
             .filter(|h| !h.removed && self.rotations.phase(h.id).is_none())
+            .filter(|h| !self.successions_full(h.id))
             .filter(|h| {
                 let since = h.key_rotated_at.unwrap_or(h.created_at);
                 self.rotation_schedule.due(&h.labels, since, now)
@@ -193,6 +214,7 @@ impl CoordinatorState {
                 }
                 h.pending_key = None;
             }
+            self.detach_succession(id, &k);
         }
     }
 

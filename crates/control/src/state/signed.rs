@@ -17,7 +17,8 @@ use crate::model::{Host, HostId, UnixTime};
 use crate::policy::PolicyRecord;
 use crate::proto::CoordinatorMessage;
 use crate::signed::{
-    check_genesis, check_successor, Hash32, KeySetStatement, Signed, SignedPolicy, TrustBundle,
+    check_genesis, check_successor, Hash32, KeySetStatement, Sig, SignError, Signed, SignedPolicy,
+    Succession, TrustBundle, MAX_SUCCESSIONS,
 };
 use meshd_tunnel::PublicKey;
 
@@ -242,6 +243,18 @@ impl CoordinatorState {
         if release {
             self.release(&key)?;
         }
+        // A rotation under way keeps its succession: the new statement is for the current
+        // key, which signed the hand-over to the pending one.
+        let mut s = s;
+        s.successions = self
+            .signed
+            .hosts
+            .get(&id)
+            .and_then(|held| held.successions.last())
+            .filter(|last| Some(last.new_key) == h.pending_key && last.verify(&h.public_key))
+            .copied()
+            .into_iter()
+            .collect();
         // The peers' next deltas carry the statement (a touch re-sends the host's record).
         self.touch(id);
         self.signed.dirty.push(SignedRecord::Host {
@@ -250,6 +263,84 @@ impl CoordinatorState {
         });
         self.signed.hosts.insert(id, s);
         self.host_result(id, &key)
+    }
+
+    /// Key rotation in a signed mesh: checks the host's succession signature from its current
+    /// key to `new_key` and appends it to the host's statement (persisted with the batch; peers
+    /// get it with the host's next record). Nothing to do in an unsigned mesh, for a host no
+    /// admin signed (its peers give it nothing anyway), or one whose chain no longer reaches
+    /// its key (its peers refuse it already). Err: why the rotation must not go ahead.
+    pub(super) fn attach_succession(
+        &mut self,
+        id: HostId,
+        new_key: PublicKey,
+        sig: Option<Sig>,
+    ) -> Result<(), String> {
+        let Some(current) = self
+            .hosts
+            .get(&id)
+            .filter(|h| !h.removed)
+            .map(|h| h.public_key)
+        else {
+            return Ok(());
+        };
+        if self.signed.chain.is_empty() {
+            return Ok(());
+        }
+        let Some(st) = self.signed.hosts.get_mut(&id) else {
+            return Ok(());
+        };
+        let (keys, broken) = st.host_keys();
+        if broken.is_some() || keys.last() != Some(&current) {
+            return Ok(());
+        }
+        if st.successions.len() >= MAX_SUCCESSIONS {
+            return Err(SignError::TooManySuccessions.to_string());
+        }
+        let Some(sig) = sig else {
+            return Err(
+                "the host sent no key succession signature (an agent older than \
+                        signed key rotation?): its peers would refuse the new key"
+                    .to_string(),
+            );
+        };
+        let succession = Succession { new_key, sig };
+        if !succession.verify(&current) {
+            return Err(SignError::Succession(new_key).to_string());
+        }
+        st.successions.push(succession);
+        let signed = st.clone();
+        self.signed
+            .dirty
+            .push(SignedRecord::Host { host: id, signed });
+        Ok(())
+    }
+
+    /// A rotation to `key` ended without completing: its succession leaves the host's
+    /// statement.
+    pub(super) fn detach_succession(&mut self, id: HostId, key: &PublicKey) {
+        let Some(st) = self.signed.hosts.get_mut(&id) else {
+            return;
+        };
+        if st.successions.last().map(|s| &s.new_key) != Some(key) {
+            return;
+        }
+        st.successions.pop();
+        let signed = st.clone();
+        self.signed
+            .dirty
+            .push(SignedRecord::Host { host: id, signed });
+    }
+
+    /// Whether host `id`'s statement holds as many successions as it may: it must be signed
+    /// again before its key rotates.
+    pub(super) fn successions_full(&self, id: HostId) -> bool {
+        !self.signed.chain.is_empty()
+            && self
+                .signed
+                .hosts
+                .get(&id)
+                .is_some_and(|s| s.successions.len() >= MAX_SUCCESSIONS)
     }
 
     /// Loads stored statements (after [`CoordinatorState::restore`] and the policies).

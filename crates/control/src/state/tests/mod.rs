@@ -31,6 +31,21 @@ fn key(k: u8) -> PublicKey {
     PublicKey([k; 32])
 }
 
+/// A key rotation proposal as the connection task hands it to the state.
+fn prop(
+    nonce: crate::rotation::Nonce,
+    new_key: PublicKey,
+    proof_ok: bool,
+    succession: Option<crate::signed::Sig>,
+) -> crate::rotation::Proposal {
+    crate::rotation::Proposal {
+        nonce,
+        new_key,
+        proof_ok,
+        succession,
+    }
+}
+
 fn st() -> CoordinatorState {
     CoordinatorState::new("100.64.0.0/24".parse().unwrap(), None).unwrap()
 }

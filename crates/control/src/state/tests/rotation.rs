@@ -50,10 +50,15 @@ fn rotation_request_proof_switch_and_old_key_gone() {
     );
     // A wrong nonce is a protocol error; a bad proof ends the rotation.
     assert_eq!(
-        s.key_proposal(11, HostId(1), ConnId(1), &Nonce([2; 32]), key(9), true),
+        s.key_proposal(
+            11,
+            HostId(1),
+            ConnId(1),
+            prop(Nonce([2; 32]), key(9), true, None)
+        ),
         Err(ErrorCode::Malformed)
     );
-    s.key_proposal(11, HostId(1), ConnId(1), &nonce, key(9), true)
+    s.key_proposal(11, HostId(1), ConnId(1), prop(nonce, key(9), true, None))
         .unwrap();
     let pushes = s.poll_pushes();
     let dirty = s.take_dirty();
@@ -161,8 +166,13 @@ fn rotation_of_an_offline_host_is_refused_and_a_stuck_one_aborts() {
     let mut s2 = s;
     let _ = maps(&mut s2);
     s2.start_key_rotation(10, "h2", Nonce([3; 32])).unwrap();
-    s2.key_proposal(10, HostId(2), ConnId(2), &Nonce([3; 32]), key(8), true)
-        .unwrap();
+    s2.key_proposal(
+        10,
+        HostId(2),
+        ConnId(2),
+        prop(Nonce([3; 32]), key(8), true, None),
+    )
+    .unwrap();
     let _ = maps(&mut s2);
     assert_eq!(s2.rotation_timeout(), Some(10 + SWITCH_GRACE + 1));
     s2.handle_rotation_timeout(10 + SWITCH_GRACE + 1, || Nonce([0; 32]));

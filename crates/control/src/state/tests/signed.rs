@@ -304,3 +304,130 @@ fn signed_statements_survive_a_restore() {
     assert!(r.host_statement(HostId(2)).is_some());
     assert!(r.require_unsigned("x").is_err());
 }
+
+/// h1 (app), h2 (db, with the real X25519 key `db`, so it can sign its own succession) and h3
+/// (web), the admin key registered, POLICY signed and applied, every host's labels signed.
+fn signed_three_with_db_key(db: &meshd_tunnel::PrivateKey) -> (CoordinatorState, AdminSigningKey) {
+    let mut s = st();
+    s.create_token(0, TokenSpec::default(), hash_secret(b"t"))
+        .unwrap();
+    enrol(&mut s, 1, b"t").unwrap();
+    s.connect(
+        100,
+        db.public_key(),
+        ConnId(2),
+        IpAddr::from([198, 51, 100, 2]),
+        Hello::Enrol {
+            secret_hash: hash_secret(b"t"),
+            name: "h2".into(),
+            endpoints: ep(1),
+        },
+    )
+    .unwrap();
+    enrol(&mut s, 3, b"t").unwrap();
+    let a = admin();
+    s.add_key_set(genesis(&a)).unwrap();
+    let p = sign_policy(&s, POLICY, &a);
+    s.apply_signed_policy(1, POLICY, p).unwrap();
+    for (h, app) in [("h1", "app"), ("h2", "db"), ("h3", "web")] {
+        let st = sign_host(&s, h, app, 5, &a);
+        s.set_host_signed(h, st, false).unwrap();
+    }
+    (s, a)
+}
+
+fn rotation_events(s: &mut CoordinatorState) -> Vec<String> {
+    s.poll_rotation_events()
+        .into_iter()
+        .map(|e| format!("{}: {}", e.kind, e.detail))
+        .collect()
+}
+
+#[test]
+fn a_rotation_in_a_signed_mesh_carries_the_hosts_own_succession_to_its_peers() {
+    use crate::rotation::Nonce;
+    use crate::signed::Succession;
+    use meshd_tunnel::PrivateKey;
+    let (old, new) = (
+        PrivateKey::from_bytes([21; 32]),
+        PrivateKey::from_bytes([22; 32]),
+    );
+    let (mut s, _admin) = signed_three_with_db_key(&old);
+    let t0 = Instant::now();
+    let mut a = agent(&s, t0);
+    let (m, refused) = deliver(&mut s, &mut a, t0);
+    assert!(refused.is_empty(), "{refused:?}");
+    let before = m.unwrap().peer(&old.public_key()).unwrap().grants.clone();
+    assert!(!before.outbound.is_empty(), "app reaches db");
+
+    // h2 proposes its new key with its old key's signature over it: the coordinator keeps the
+    // succession with h2's statement (durably) and h1's agent accepts the next key as h2.
+    let nonce = Nonce([7; 32]);
+    s.start_key_rotation(10, "h2", nonce).unwrap();
+    let succ = Succession::sign(&old, new.public_key(), rand_core::OsRng);
+    s.key_proposal(
+        11,
+        HostId(2),
+        ConnId(2),
+        prop(nonce, new.public_key(), true, Some(succ.sig)),
+    )
+    .unwrap();
+    let dirty = s.take_dirty();
+    assert!(
+        dirty.signed.iter().any(|r| matches!(r,
+            SignedRecord::Host { host, signed } if *host == HostId(2) && signed.successions == [succ])),
+        "the succession is stored with the batch"
+    );
+    let (m, refused) = deliver(&mut s, &mut a, t0);
+    assert!(refused.is_empty(), "{refused:?}");
+    let p2 = m.unwrap().peer(&old.public_key()).unwrap().clone();
+    assert_eq!(p2.next_public_key, Some(new.public_key()));
+    assert_eq!(p2.grants, before);
+
+    // h2 switches and reconnects with the new key: h1 keeps its signed grants with it, no
+    // admin involved.
+    s.disconnect(12, HostId(2), ConnId(2));
+    s.connect(
+        12,
+        new.public_key(),
+        ConnId(22),
+        IpAddr::from([198, 51, 100, 2]),
+        Hello::Resume { endpoints: ep(1) },
+    )
+    .unwrap();
+    let (m, refused) = deliver(&mut s, &mut a, t0);
+    assert!(refused.is_empty(), "{refused:?}");
+    let m = m.unwrap();
+    assert!(m.peer(&old.public_key()).is_none());
+    assert_eq!(m.peer(&new.public_key()).unwrap().grants, before);
+
+    // A proposal without a succession (an old agent), or with one the key did not sign (the
+    // coordinator's own key slipped in), aborts the rotation: no next key reaches any peer.
+    let third = PrivateKey::from_bytes([23; 32]);
+    let forged = Succession::sign(&third, third.public_key(), rand_core::OsRng);
+    let _ = rotation_events(&mut s);
+    for (i, sig) in [None, Some(forged.sig)].into_iter().enumerate() {
+        let nonce = Nonce([8 + i as u8; 32]);
+        let at = 20 + 10 * i as u64;
+        s.start_key_rotation(at, "h2", nonce).unwrap();
+        s.key_proposal(
+            at + 1,
+            HostId(2),
+            ConnId(22),
+            prop(nonce, third.public_key(), true, sig),
+        )
+        .unwrap();
+        let ev = rotation_events(&mut s);
+        assert!(
+            ev.iter().any(|e| e.starts_with("key_rotation_aborted")),
+            "{ev:?}"
+        );
+        assert_eq!(s.host(HostId(2)).unwrap().pending_key, None);
+        let (m, refused) = deliver(&mut s, &mut a, t0);
+        assert!(refused.is_empty(), "{refused:?}");
+        if let Some(m) = m {
+            assert_eq!(m.peer(&new.public_key()).unwrap().next_public_key, None);
+        }
+    }
+    assert_eq!(s.host_statement(HostId(2)).unwrap().successions, [succ]);
+}
