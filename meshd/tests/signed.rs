@@ -254,6 +254,50 @@ fn edited_database_cannot_widen_access_signed_change_applies() {
         Duration::from_millis(200),
         || { tcp_connects(web.netns(), other.netns(), other_ip, 5432) }
     ));
+
+    // db rotates its key, no admin involved: its old key signs the new one, and web takes the
+    // new key as the same signed db (nothing refused, db stays its peer, traffic flows).
+    let refused = counter(web, "signed_updates_refused");
+    let key_of = |coord: &Coord| {
+        let (code, v) = coord.api(&lab, "GET", "/v1/hosts/db", None);
+        assert_eq!(code, 200, "{v}");
+        v["public_key"].as_str().unwrap_or_default().to_string()
+    };
+    let old_key = key_of(&coord);
+    // (db may still be reconnecting after the coordinator's restart: a rotation needs it
+    // online.)
+    let mut answer = (0, serde_json::Value::Null);
+    let rotated = wait_for(Duration::from_secs(15), Duration::from_millis(200), || {
+        answer = coord.api(&lab, "POST", "/v1/hosts/db/rotate-key", None);
+        answer.0 == 200
+    });
+    assert!(rotated, "rotate-key: {answer:?}");
+    assert!(
+        wait_for(Duration::from_secs(20), Duration::from_millis(100), || {
+            key_of(&coord) != old_key
+        }),
+        "db never switched keys"
+    );
+    let (_, events) = coord.api(&lab, "GET", "/v1/events", None);
+    assert!(
+        !events.to_string().contains("key_rotation_aborted"),
+        "{events}"
+    );
+    assert!(
+        wait_for(Duration::from_secs(15), Duration::from_millis(200), || {
+            tcp_connects(web.netns(), lab.host(2).netns(), db_ip, 5432)
+        }),
+        "web cannot reach db on its new key: peers {:?}",
+        peer_names(web)
+    );
+    let mut peers = peer_names(web);
+    peers.sort();
+    assert_eq!(peers, ["db", "other"]);
+    assert_eq!(
+        counter(web, "signed_updates_refused"),
+        refused,
+        "web refused db's rotated key"
+    );
     for p in procs {
         stop_cleanly(p);
     }
