@@ -27,6 +27,11 @@ use crate::metrics::Metrics;
 use crate::ops::{AdminOp, AdminReply, Identity, Ops};
 use crate::webhook::Webhook;
 
+/// How many times an admin operation is run when it keeps losing to other replicas' commits.
+const CONFLICT_TRIES: u32 = 4;
+/// How often [`follow_loop`] reads the store's generation when no notification comes.
+pub(crate) const FOLLOW_POLL: Duration = Duration::from_secs(1);
+
 const COMMAND_QUEUE: usize = 4096;
 const MAX_BATCH: usize = 1024;
 const MEMBERSHIP_BATCH_WINDOW: Duration = Duration::from_millis(50);
@@ -91,6 +96,8 @@ pub(crate) enum Cmd {
         tx: mpsc::Sender<Outbound>,
         conn: quinn::Connection,
         reply: oneshot::Sender<ConnectReply>,
+        /// Earlier tries lost to another replica's commit.
+        attempt: u32,
     },
     /// New underlay endpoints.
     Report {
@@ -145,6 +152,9 @@ pub(crate) enum Cmd {
         op: AdminOp,
         reply: oneshot::Sender<AdminResult>,
     },
+    /// The store's generation is `generation` (another replica may have committed: see
+    /// [`follow_loop`]).
+    StoreChanged { generation: u64 },
 }
 
 /// The actor's inbox (bounded): what connection tasks and the admin API hold.
@@ -157,17 +167,37 @@ impl Commands {
         self.0.send(c).await.map_err(|_| Stopped)
     }
 
-    /// Runs an admin operation and waits for its (committed) answer.
+    /// Runs an admin operation and waits for its (committed) answer. A conflict with another
+    /// replica's commit saved nothing, and the actor has reloaded the state since: the
+    /// operation is run again, a few times.
     pub(crate) async fn admin(&self, op: AdminOp) -> Result<AdminResult, Stopped> {
-        let (tx, rx) = oneshot::channel();
-        self.send(Cmd::Admin { op, reply: tx }).await?;
-        rx.await.map_err(|_| Stopped)
+        let mut tries = 0;
+        loop {
+            let (tx, rx) = oneshot::channel();
+            self.send(Cmd::Admin {
+                op: op.clone(),
+                reply: tx,
+            })
+            .await?;
+            let r = rx.await.map_err(|_| Stopped)?;
+            tries += 1;
+            if matches!(r, Err(AdminError::Conflict(_))) && tries < CONFLICT_TRIES {
+                continue;
+            }
+            return Ok(r);
+        }
     }
 }
 
 /// A reply held back until the batch is committed.
 enum Deferred {
-    Connect(oneshot::Sender<ConnectReply>, ConnectReply),
+    /// The reply, and the command to run again if the batch loses to another replica's
+    /// commit.
+    Connect(
+        oneshot::Sender<ConnectReply>,
+        ConnectReply,
+        Box<ConnectAgain>,
+    ),
     /// The reply, and the operation itself if it only reads (after a failed commit it is
     /// answered again from the reloaded state: the batch it shared failed, not it).
     Admin(
@@ -177,9 +207,21 @@ enum Deferred {
     ),
 }
 
+/// A connect's inputs, kept until its batch is committed.
+struct ConnectAgain {
+    key: PublicKey,
+    observed: IpAddr,
+    hello: Hello,
+    tx: mpsc::Sender<Outbound>,
+    conn: quinn::Connection,
+    attempt: u32,
+}
+
 /// One agent's live connection.
 struct Live {
     conn_id: ConnId,
+    /// The key the agent authenticated with (a reload re-attaches the session under it).
+    key: PublicKey,
     tx: mpsc::Sender<Outbound>,
     conn: quinn::Connection,
     /// Opened to enrol: the agent closes it once enrolled and resumes on a new one.
@@ -227,6 +269,13 @@ pub(crate) struct Actor {
     admin_auth: watch::Sender<Arc<meshd_control::state::AdminTokens>>,
     /// Automatic key rotation periods (kept for reloads).
     rotation: meshd_control::rotation::RotationSchedule,
+    /// The store generation the state is at: commits are fenced by it
+    /// ([`Store::commit_at`]), a newer one (another replica's commit) is followed.
+    generation: u64,
+    /// The newest generation the store was seen at ([`Cmd::StoreChanged`]).
+    follow_to: u64,
+    /// Connects whose batch lost to another replica's commit, run first in the next batch.
+    again: Vec<Cmd>,
 }
 
 impl Actor {
@@ -261,7 +310,16 @@ impl Actor {
             rotation: Default::default(),
             spa: None,
             admin_auth,
+            generation: 0,
+            follow_to: 0,
+            again: Vec::new(),
         }
+    }
+
+    /// The generation of the snapshot the state was restored from.
+    pub(crate) fn at_generation(mut self, generation: u64) -> Self {
+        self.generation = generation;
+        self
     }
 
     /// Keeps `filter`'s view of who may knock up to date (hosts, join tokens, admin tokens).
@@ -351,14 +409,19 @@ impl Actor {
                 .into_iter()
                 .chain(self.state.rotation_scheduled().then_some(ROTATION_CHECK))
                 .min();
-            let first = tokio::select! {
-                c = rx.recv() => match c { Some(c) => Some(c), None => break },
-                _ = stop.wait_for(|v| *v) => break,
-                _ = tokio::time::sleep(expiry.unwrap_or(Duration::from_secs(3600))), if expiry.is_some() => None,
-                _ = tokio::time::sleep(rotation.unwrap_or(Duration::from_secs(3600))), if rotation.is_some() => None,
+            let first = if !self.again.is_empty() {
+                None
+            } else {
+                tokio::select! {
+                    c = rx.recv() => match c { Some(c) => Some(c), None => break },
+                    _ = stop.wait_for(|v| *v) => break,
+                    _ = tokio::time::sleep(expiry.unwrap_or(Duration::from_secs(3600))), if expiry.is_some() => None,
+                    _ = tokio::time::sleep(rotation.unwrap_or(Duration::from_secs(3600))), if rotation.is_some() => None,
+                }
             };
             let picked_up = std::time::Instant::now();
-            let mut batch: Vec<Cmd> = first.into_iter().collect();
+            let mut batch: Vec<Cmd> = std::mem::take(&mut self.again);
+            batch.extend(first);
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
                     Ok(c) => batch.push(c),
@@ -377,6 +440,24 @@ impl Actor {
                     continue;
                 }
             }
+            // Another replica committed: catch up before applying anything, so this batch
+            // is made on (and fenced by) the newest state.
+            for c in &batch {
+                if let Cmd::StoreChanged { generation } = c {
+                    self.follow_to = self.follow_to.max(*generation);
+                }
+            }
+            batch.retain(|c| !matches!(c, Cmd::StoreChanged { .. }));
+            let following = self.follow_to > self.generation;
+            if following {
+                self.follow(now).await;
+                if let Some(why) = self.stale.clone() {
+                    for c in batch {
+                        self.refuse_stale(c, &why);
+                    }
+                    continue;
+                }
+            }
             self.state.handle_policy_timeout(now);
             self.state.handle_rotation_timeout(now, random_nonce);
             let mut deferred = Vec::new();
@@ -385,7 +466,9 @@ impl Actor {
             }
             // Membership changes fan out to every agent: gather more of them (an enrolment
             // storm) for a moment so each agent gets one delta instead of many.
-            if self.state.membership_pending() {
+            // (Not right after following another replica: every session gets a full map then
+            // anyway, and that replica's next commit must not wait for this window.)
+            if self.state.membership_pending() && !following {
                 let started = tokio::time::Instant::now();
                 let mut deadline = started + MEMBERSHIP_BATCH_WINDOW;
                 let mut connects = 0;
@@ -394,7 +477,13 @@ impl Actor {
                         c = rx.recv() => match c {
                             Some(c) => {
                                 connects += usize::from(matches!(c, Cmd::Connect { .. }));
+                                let follow = matches!(c, Cmd::StoreChanged { .. });
                                 self.apply(now, c, &mut deferred);
+                                if follow && self.follow_to > self.generation {
+                                    // Another replica committed: this batch (made on the
+                                    // older state) goes now, and conflicts if it must.
+                                    break;
+                                }
                             }
                             None => break,
                         },
@@ -432,9 +521,12 @@ impl Actor {
             if !dirty.is_empty() || !events.is_empty() {
                 let what = describe_batch(&dirty, &events);
                 let store = self.store.clone();
+                let generation = self.generation;
                 let res = tokio::task::spawn_blocking(move || {
                     let started = std::time::Instant::now();
-                    let r = store.commit(&dirty, &events).map(|()| events);
+                    let r = store
+                        .commit_at(Some(generation), &dirty, &events)
+                        .map(|g| (g, events));
                     (r, started.elapsed())
                 })
                 .await;
@@ -442,17 +534,30 @@ impl Actor {
                     self.metrics.committed(took, r.is_ok());
                     r
                 });
+                let mut conflict = false;
                 let error = match res {
-                    Ok(Ok(events)) => {
+                    Ok(Ok((generation, events))) => {
                         if let Some(f) = self.store_failure.take() {
                             info!(failed_at = f.at, "commits succeed again");
                         }
+                        self.generation = generation;
                         self.remember(events);
                         None
                     }
-                    Ok(Err(e)) => Some(e.to_string()),
+                    Ok(Err(e)) => {
+                        conflict = matches!(e, meshd_store::StoreError::Conflict { .. });
+                        Some(e.to_string())
+                    }
                     Err(e) => Some(format!("commit task failed: {e}")),
                 };
+                if conflict {
+                    // Another replica committed first: nothing of this batch was saved.
+                    // Catch up (sessions stay) and tell the callers to try again.
+                    self.alerts.clear();
+                    self.refuse_conflict(error.unwrap_or_default(), deferred);
+                    self.follow(now).await;
+                    continue;
+                }
                 if let Some(error) = error {
                     // Nothing of the batch was saved: its actions did not happen.
                     self.alerts.clear();
@@ -474,7 +579,7 @@ impl Actor {
             self.send_alerts();
             for d in deferred {
                 match d {
-                    Deferred::Connect(tx, r) => {
+                    Deferred::Connect(tx, r, _) => {
                         let _agent_gone = tx.send(r);
                     }
                     Deferred::Admin(tx, r, _) => {
@@ -542,7 +647,7 @@ impl Actor {
         let mut reads = Vec::new();
         for d in deferred {
             match d {
-                Deferred::Connect(tx, _) => {
+                Deferred::Connect(tx, _, _) => {
                     let _agent_gone = tx.send(Err(Refusal {
                         code: ErrorCode::Internal,
                         message: format!("not saved: {error}"),
@@ -597,6 +702,94 @@ impl Actor {
         .run(now, op)
     }
 
+    /// Catches up with the store after another replica's commit (or a conflict with one):
+    /// reloads the state and re-attaches every live session, which then gets a full map of
+    /// it. Agents keep their connections and tunnels. A session whose host is gone under its
+    /// key is closed. If the store cannot be read, commands are refused until it can and the
+    /// sessions stay (agents keep their last map).
+    async fn follow(&mut self, now: UnixTime) {
+        let before = self.generation;
+        if let Err(e) = self.reload(now).await {
+            error!(error = %e, "following another replica's commit: the store cannot be read; refusing every command until it can");
+            self.stale = Some(e);
+            return;
+        }
+        let mut closed = Vec::new();
+        for (id, l) in &self.live {
+            if let Err(code) = self.state.attach_session(now, *id, &l.key, l.conn_id) {
+                closed.push((*id, code));
+            }
+        }
+        for (id, code) in closed {
+            if let Some(l) = self.live.remove(&id) {
+                info!(host_id = %id, ?code, "closing a session its host no longer allows");
+                if l.tx.try_send(Outbound::Close(Refusal::of(code))).is_err() {
+                    l.conn.close(close_code(code), b"closed");
+                }
+            }
+        }
+        // Who may knock and which admin tokens work come from the reloaded state too.
+        self.publish_spa();
+        self.publish_admin_auth();
+        self.metrics.followed();
+        debug!(
+            from = before,
+            to = self.generation,
+            sessions = self.live.len(),
+            "followed the store"
+        );
+    }
+
+    /// A commit lost to another replica's: every reply of the batch says so (admin calls are
+    /// tried again by [`Commands::admin`]; agents reconnect); its pushes and events are dropped.
+    fn refuse_conflict(&mut self, error: String, deferred: Vec<Deferred>) {
+        info!(%error, "commit conflicted with another replica's; catching up");
+        for d in deferred {
+            match d {
+                Deferred::Connect(reply, r, again) if again.attempt + 1 < CONFLICT_TRIES => {
+                    // Run again on the caught-up state (its session was not saved: forget it
+                    // without closing the agent's connection).
+                    if let Ok(w) = &r {
+                        if self
+                            .live
+                            .get(&w.info.id)
+                            .is_some_and(|l| l.conn_id == w.conn)
+                        {
+                            self.live.remove(&w.info.id);
+                        }
+                    }
+                    let ConnectAgain {
+                        key,
+                        observed,
+                        hello,
+                        tx,
+                        conn,
+                        attempt,
+                    } = *again;
+                    self.again.push(Cmd::Connect {
+                        key,
+                        observed,
+                        hello,
+                        tx,
+                        conn,
+                        reply,
+                        attempt: attempt + 1,
+                    });
+                }
+                Deferred::Connect(tx, _, _) => {
+                    let _agent_gone = tx.send(Err(Refusal {
+                        code: ErrorCode::Internal,
+                        message: format!("not saved: {error}"),
+                    }));
+                }
+                Deferred::Admin(tx, _, _) => {
+                    let _caller_gone = tx.send(Err(AdminError::Conflict(error.clone())));
+                }
+            }
+        }
+        self.events.clear();
+    }
+
     /// Rebuilds the state from the store, as at start-up (live sessions are not kept).
     async fn reload(&mut self, now: UnixTime) -> Result<(), String> {
         let store = self.store.clone();
@@ -607,8 +800,10 @@ impl Actor {
         .map_err(|e| format!("reload task failed: {e}"))?
         .map_err(|e| e.to_string())?;
         recent.reverse();
+        let generation = snapshot.generation;
         self.state = restore_state(self.pool.clone(), snapshot, now, self.flow_limits)
             .map_err(|e| chain(&e))?;
+        self.generation = generation;
         self.state.set_rotation_schedule(self.rotation.clone());
         self.recent = recent.into();
         self.events.clear();
@@ -656,9 +851,18 @@ impl Actor {
                 tx,
                 conn,
                 reply,
+                attempt,
             } => {
+                let again = Box::new(ConnectAgain {
+                    key,
+                    observed,
+                    hello: hello.clone(),
+                    tx: tx.clone(),
+                    conn: conn.clone(),
+                    attempt,
+                });
                 let r = self.connect(now, key, observed, hello, tx, conn);
-                deferred.push(Deferred::Connect(reply, r));
+                deferred.push(Deferred::Connect(reply, r, again));
             }
             Cmd::Report {
                 host,
@@ -756,6 +960,11 @@ impl Actor {
                         agent_overflow = overflow, "flow rows dropped");
                 }
             }
+            Cmd::StoreChanged { generation } => {
+                // Mid-batch: followed before the next one (this batch's commit, made on the
+                // older state, conflicts and is refused if the store moved on).
+                self.follow_to = self.follow_to.max(generation);
+            }
             Cmd::Admin { op, reply } => {
                 let read = op.is_read_only().then(|| Box::new(op.clone()));
                 let r = self.run_admin(now, op);
@@ -806,6 +1015,7 @@ impl Actor {
                     info.id,
                     Live {
                         conn_id: cid,
+                        key,
                         tx,
                         conn,
                         enrolment,
@@ -914,6 +1124,59 @@ pub(crate) fn restore_state(
 const ROTATION_CHECK: Duration = Duration::from_secs(5);
 
 /// A fresh random challenge for a key rotation request.
+/// Tells the actor whenever the store's generation moves (another replica's commit, or the
+/// actor's own: it ignores those), woken by the store's notifications where it has them
+/// (PostgreSQL `LISTEN`) and reading the generation every [`FOLLOW_POLL`] regardless, so a
+/// lost notification or connection costs at most that. Runs on a thread of its own (the
+/// PostgreSQL client blocks) until `stop` is set or the actor is gone.
+pub(crate) fn follow_loop(store: Arc<dyn Store>, cmds: Commands, stop: watch::Receiver<bool>) {
+    let mut listener: Option<Box<dyn meshd_store::ChangeListener>> = None;
+    let mut listen_failed = false;
+    let mut seen = None;
+    while !*stop.borrow() {
+        if listener.is_none() {
+            match store.listen() {
+                Some(Ok(l)) => {
+                    if listen_failed {
+                        info!("listening for other replicas' commits again");
+                    }
+                    listen_failed = false;
+                    listener = Some(l);
+                }
+                Some(Err(e)) if !listen_failed => {
+                    warn!(error = %e, "cannot listen for other replicas' commits; polling the store every second");
+                    listen_failed = true;
+                }
+                _ => {}
+            }
+        }
+        match listener.as_mut() {
+            Some(l) => {
+                if let Err(e) = l.wait(FOLLOW_POLL) {
+                    debug!(error = %e, "the listening connection failed; making a new one");
+                    listener = None;
+                    std::thread::sleep(FOLLOW_POLL);
+                }
+            }
+            None => std::thread::sleep(FOLLOW_POLL),
+        }
+        match store.generation() {
+            Ok(g) if seen != Some(g) => {
+                seen = Some(g);
+                if cmds
+                    .0
+                    .blocking_send(Cmd::StoreChanged { generation: g })
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => debug!(error = %e, "reading the store's generation failed"),
+        }
+    }
+}
+
 pub(crate) fn random_nonce() -> meshd_control::rotation::Nonce {
     use rand_core::RngCore as _;
     let mut b = [0u8; 32];

@@ -156,6 +156,7 @@ impl From<AdminError> for Failure {
             AdminError::NoAdminKeys => (StatusCode::CONFLICT, "no_admin_keys"),
             // Nothing was changed; the same request may work once the cause is fixed.
             AdminError::NotSaved(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_saved"),
+            AdminError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             AdminError::Import(ref rows) => {
                 let failures = rows.iter().map(ToString::to_string).collect();
                 return Failure(

@@ -292,6 +292,7 @@ async fn serve_conn(
         tx: tx.clone(),
         conn: conn.clone(),
         reply: reply_tx,
+        attempt: 0,
     })
     .await?;
     let Welcome { info, conn: cid } = match reply_rx.await.map_err(|_| ServeError::Stopping)? {

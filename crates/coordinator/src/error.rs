@@ -21,6 +21,9 @@ pub type Cause = Box<dyn StdError + Send + Sync + 'static>;
 /// Why the coordinator could not start ([`crate::start`], [`crate::run`]).
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// A thread could not be started.
+    #[error("starting a thread")]
+    Thread(#[source] std::io::Error),
     /// The state directory could not be made or is open to others.
     #[error("coordinator state directory")]
     StateDir(#[source] FsError),

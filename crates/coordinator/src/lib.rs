@@ -48,7 +48,7 @@ pub use options::{
     CoordinatorArgs, CoordinatorCommand, CoordinatorFile, CoordinatorOptions, FlowSettings,
     Shutdown, ShutdownTrigger,
 };
-pub use state_dir::{admin_token_hash, load_or_create_key};
+pub use state_dir::{admin_token_hash, load_or_create_key, KEY_FILE};
 
 use actor::{restore_state, Actor, Commands};
 use guard::Guard;
@@ -205,6 +205,7 @@ async fn start_inner(
     let flow_limits = meshd_control::state::FlowLimits {
         rows_per_host: opts.flows.rows_per_host,
     };
+    let generation = snapshot.generation;
     let state = restore_state(pool.clone(), snapshot, unix_now(), flow_limits)?;
 
     opts.limits.validate()?;
@@ -287,9 +288,19 @@ async fn start_inner(
         webhook::Webhook::spawn(opts.alerts.clone()),
     )
     .with_spa(spa.clone())
-    .with_key_rotation(opts.key_rotation.clone());
+    .with_key_rotation(opts.key_rotation.clone())
+    .at_generation(generation);
     let admin_auth = actor.admin_auth();
     let (cmds, actor_task) = actor.spawn(stop_rx.clone());
+    {
+        // Replicas on one database follow each other's commits (a lone coordinator just
+        // reads one number a second).
+        let (store, cmds, stop) = (store.clone(), cmds.clone(), stop_rx.clone());
+        std::thread::Builder::new()
+            .name("meshd-follow".into())
+            .spawn(move || actor::follow_loop(store, cmds, stop))
+            .map_err(StartError::Thread)?;
+    }
     let mut tasks = vec![actor_task];
     if let Some(f) = &spa {
         tasks.push(tokio::spawn(spa::save_loop(f.clone(), stop_rx.clone())));

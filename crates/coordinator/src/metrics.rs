@@ -20,6 +20,7 @@
 //! | `meshd_coordinator_push_ack_seconds` | histogram | from a push to the agent's ack of a map version |
 //! | `meshd_coordinator_store_commit_seconds` | histogram | one store commit (a batch's records and events, one transaction) |
 //! | `meshd_coordinator_store_commit_failures_total` | counter | commits that failed (the batch was rolled back) |
+//! | `meshd_coordinator_store_follows_total` | counter | reloads after another replica's commit (or a conflict with one) |
 //! | `meshd_coordinator_admin_requests_total{method,route,status}` | counter | admin API requests by route pattern (`/v1/hosts/:host`) and HTTP status |
 //! | `meshd_coordinator_block_events_total{reason}` | counter | block events received from agents, by deny reason |
 //! | `meshd_coordinator_blocked_packets_total{reason}` | counter | packets those events folded in |
@@ -99,6 +100,7 @@ pub struct Metrics {
     push_ack_seconds: Histogram,
     commit_seconds: Histogram,
     commit_failures: Counter,
+    follows: Counter,
     admin_requests: Family<AdminRequestLabels, Counter>,
     block_events: Family<ReasonLabel, Counter>,
     blocked_packets: Family<ReasonLabel, Counter>,
@@ -233,6 +235,7 @@ impl Metrics {
             push_ack_seconds: Histogram::new(latency_buckets()),
             commit_seconds: Histogram::new(latency_buckets()),
             commit_failures: Counter::default(),
+            follows: Counter::default(),
             admin_requests: Family::default(),
             block_events: Family::default(),
             blocked_packets: Family::default(),
@@ -278,6 +281,11 @@ impl Metrics {
             "meshd_coordinator_store_commit_failures",
             "Store commits that failed (the batch was rolled back)",
             m.commit_failures.clone(),
+        );
+        registry.register(
+            "meshd_coordinator_store_follows",
+            "Reloads of the state after another replica's commit (or a conflict with one)",
+            m.follows.clone(),
         );
         registry.register(
             "meshd_coordinator_admin_requests",
@@ -380,6 +388,11 @@ impl Metrics {
         if !ok {
             self.commit_failures.inc();
         }
+    }
+
+    /// The state was reloaded to follow another replica's commit.
+    pub(crate) fn followed(&self) {
+        self.follows.inc();
     }
 
     /// An admin API request was answered.

@@ -129,7 +129,10 @@ pub fn ensure_bootstrap_token(
         expires_at: None,
         revoked_at: None,
     };
-    store.commit(
+    // Fenced on the snapshot's generation: a replica that started at the same moment and
+    // wrote the row first makes this a conflict, and the row is there on the next start.
+    snapshot.generation = store.commit_at(
+        Some(snapshot.generation),
         &Dirty {
             admin_tokens: vec![t.clone()],
             ..Dirty::default()

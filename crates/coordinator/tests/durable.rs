@@ -46,12 +46,20 @@ impl Store for Flaky {
     fn load(&self) -> Result<Snapshot, StoreError> {
         self.inner.load()
     }
-    fn commit(&self, d: &Dirty, events: &[AuditEvent]) -> Result<(), StoreError> {
+    fn commit_at(
+        &self,
+        generation: Option<u64>,
+        d: &Dirty,
+        events: &[AuditEvent],
+    ) -> Result<u64, StoreError> {
         std::thread::sleep(Duration::from_millis(self.delay_ms.load(Ordering::SeqCst)));
         if self.fail.load(Ordering::SeqCst) {
             return Err(StoreError::DiskFull);
         }
-        self.inner.commit(d, events)
+        self.inner.commit_at(generation, d, events)
+    }
+    fn generation(&self) -> Result<u64, StoreError> {
+        self.inner.generation()
     }
     fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError> {
         self.inner.get_meta(key)

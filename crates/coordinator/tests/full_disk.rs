@@ -123,7 +123,7 @@ fn entries(d: &Path) -> BTreeSet<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_start_on_a_full_disk_leaves_no_empty_key() {
-    let Some(fs) = Tmpfs::mount("first_start_on_a_full_disk_leaves_no_empty_key", "256k") else {
+    let Some(fs) = Tmpfs::mount("first_start_on_a_full_disk_leaves_no_empty_key", "1m") else {
         return;
     };
     let state = fs.mnt.join("state");

@@ -224,3 +224,153 @@ async fn an_installation_migrated_from_sqlite_goes_on_on_postgres() {
     check_kept(&c, &a, &b).await;
     c.stop().await;
 }
+
+fn label_of<'a>(m: &'a NetworkMap, key: &str) -> Option<&'a str> {
+    m.peers
+        .first()
+        .and_then(|p| p.labels.get(key))
+        .map(String::as_str)
+}
+
+async fn label(c: &CoordinatorHandle, host: &str, k: &str, v: &str) {
+    c.admin(AdminOp::Label(host.into(), [(k.into(), v.into())].into()))
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+/// Issue 18, replicas: two coordinators on one database. An agent enrolled through either is
+/// a peer of an agent on the other; a change made through one reaches agents connected to the
+/// other (LISTEN/NOTIFY, then a reload); two changes made at once through both land (the
+/// loser of the commit race is refused with a conflict, caught up and run again), and no
+/// agent session is torn down on the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_on_one_database_follow_each_others_changes() {
+    // RUST_LOG=meshd_coordinator=debug shows the replicas following each other.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let pg = meshd_lab::require_postgres!();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let db = Some(DbSpec::Postgres(pg.url()));
+    let listen_a = SocketAddr::from(([127, 0, 0, 1], fixed_port()));
+    let listen_b = SocketAddr::from(([127, 0, 0, 1], fixed_port()));
+    let a = start_on(dir_a.path(), listen_a, db.clone()).await;
+    // Replicas share the coordinator's identity: B starts with A's key file.
+    let key_file = meshd_coordinator::KEY_FILE;
+    std::fs::copy(dir_a.path().join(key_file), dir_b.path().join(key_file)).unwrap();
+    let b = start_on(dir_b.path(), listen_b, db.clone()).await;
+    assert_eq!(a.public_key(), b.public_key());
+
+    let yaml = "rules:\n  - {name: all, from: {}, to: {}, ports: [any]}\n";
+    a.admin(AdminOp::PolicyApply(yaml.into()))
+        .await
+        .unwrap()
+        .unwrap();
+    // A token made through A works on either replica.
+    let via_a = JoinToken::parse(
+        &a.create_token(TokenCreateRequest {
+            uses: Some(5),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .token,
+    )
+    .unwrap();
+    let via_b = JoinToken {
+        control: listen_b,
+        ..via_a.clone()
+    };
+    // B knows the token once it followed A's commit (an agent's knock with a token the
+    // replica has not seen yet is dropped, as any stranger's).
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let Ok(AdminReply::Tokens(t)) = b.admin(AdminOp::ListTokens).await.unwrap() else {
+            panic!("ListTokens")
+        };
+        if !t.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B never saw A's token"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let h1 = join(&via_a, "h1").await;
+    let h2 = join(&via_b, "h2").await;
+    wait_map(&h1, |m| m.peers.len() == 1).await;
+    wait_map(&h2, |m| m.peers.len() == 1).await;
+    // Any moment an agent is not connected from here on is recorded.
+    let dropped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for s in [&h1, &h2] {
+        let (mut rx, dropped) = (s.state(), dropped.clone());
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                if !matches!(*rx.borrow(), SessionState::Connected { .. }) {
+                    dropped.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        });
+    }
+
+    // A change through A reaches h2 (on B), and one through B reaches h1 (on A).
+    let t = std::time::Instant::now();
+    label(&a, "h1", "tier", "1").await;
+    wait_map(&h2, |m| label_of(m, "tier") == Some("1")).await;
+    let a_to_b = t.elapsed();
+    let t = std::time::Instant::now();
+    label(&b, "h2", "tier", "2").await;
+    wait_map(&h1, |m| label_of(m, "tier") == Some("2")).await;
+    let b_to_a = t.elapsed();
+    println!("change through A seen on B's agent after {a_to_b:?}, B to A {b_to_a:?}");
+
+    // Both replicas change at once: both land, in one order, and both replicas agree.
+    for round in 0..5 {
+        let v = round.to_string();
+        let (ra, rb) = tokio::join!(
+            a.admin(AdminOp::Label(
+                "h1".into(),
+                [("x".into(), v.clone())].into()
+            )),
+            b.admin(AdminOp::Label(
+                "h2".into(),
+                [("x".into(), v.clone())].into()
+            )),
+        );
+        ra.unwrap().unwrap();
+        rb.unwrap().unwrap();
+        wait_map(&h1, |m| label_of(m, "x") == Some(v.as_str())).await;
+        wait_map(&h2, |m| label_of(m, "x") == Some(v.as_str())).await;
+    }
+    let labels =
+        |h: Vec<HostView>| -> Vec<_> { h.into_iter().map(|h| (h.name, h.labels)).collect() };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (la, lb) = (labels(hosts(&a).await), labels(hosts(&b).await));
+        if la == lb {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "replicas disagree: {la:?} {lb:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Following never closed a session.
+    assert!(
+        !dropped.load(std::sync::atomic::Ordering::Relaxed),
+        "an agent lost its session"
+    );
+    let m = a.metrics().render().unwrap();
+    let follows = m
+        .lines()
+        .find_map(|l| l.strip_prefix("meshd_coordinator_store_follows_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(follows >= 1.0, "{m}");
+    a.stop().await;
+    b.stop().await;
+}

@@ -32,7 +32,7 @@ use meshd_policy::BlockEvent;
 
 pub use migrations::MIGRATIONS;
 pub use migrations_pg::PG_MIGRATIONS;
-pub use pg::{PgOptions, PgStore};
+pub use pg::{PgListener, PgOptions, PgStore};
 pub use sqlite::SqliteStore;
 
 /// Everything the coordinator keeps across restarts (apart from its key file).
@@ -59,6 +59,8 @@ pub struct Snapshot {
     pub signed: Vec<meshd_control::state::SignedRecord>,
     /// Named admin tokens, by name (also revoked and expired ones).
     pub admin_tokens: Vec<meshd_control::state::AdminToken>,
+    /// The store's generation when it was read ([`Store::commit_at`]).
+    pub generation: u64,
 }
 
 /// How far back from the newest flow row [`Store::load`] counts rows per interval.
@@ -129,6 +131,15 @@ pub enum StoreError {
     Postgres(#[source] ::postgres::Error),
     /// The PostgreSQL server cannot be reached or dropped the connection (nothing of the
     /// operation is known to be stored; a commit is not).
+    /// Another coordinator replica committed shared state since this one read it
+    /// ([`Store::commit_at`]): reload and retry.
+    #[error("another coordinator replica changed the state at the same time (generation {expected} expected, {found} found): retry")]
+    Conflict {
+        /// The generation the batch was made on.
+        expected: u64,
+        /// The store's.
+        found: u64,
+    },
     #[error("the PostgreSQL server is unreachable: {0} (is it running, and is the URL right?)")]
     Unreachable(String),
     /// A database URL that does not parse.
@@ -171,7 +182,32 @@ pub trait Store: Send + Sync + 'static {
     /// a new policy version, block events and audit events are appended, block events pruned
     /// to [`BLOCKS_KEPT`], audit events to [`EVENTS_KEPT`]). All or nothing: on `Err` nothing
     /// of the batch is stored.
-    fn commit(&self, changes: &Dirty, events: &[AuditEvent]) -> Result<(), StoreError>;
+    fn commit(&self, changes: &Dirty, events: &[AuditEvent]) -> Result<(), StoreError> {
+        self.commit_at(None, changes, events).map(|_| ())
+    }
+    /// [`Store::commit`], fenced for coordinator replicas sharing one database: a batch that
+    /// changes shared state ([`Dirty::shared`]) is stored only if the store's generation is
+    /// still `generation` — no other replica committed shared state since this one loaded it
+    /// or last committed — and moves the generation on by one, in the same transaction
+    /// (PostgreSQL: under the generation row's lock, so replicas' commits are serialised, and
+    /// with a `NOTIFY meshd_changes`). Otherwise [`StoreError::Conflict`] and nothing is
+    /// stored. `None` commits whatever the generation (tools, tests). Returns the generation
+    /// the caller is at after the commit: one more for shared state, `generation` unchanged
+    /// for an appended-only batch (it has not read what others committed meanwhile).
+    fn commit_at(
+        &self,
+        generation: Option<u64>,
+        changes: &Dirty,
+        events: &[AuditEvent],
+    ) -> Result<u64, StoreError>;
+    /// The current generation (one small read: replicas poll it).
+    fn generation(&self) -> Result<u64, StoreError>;
+    /// A connection that wakes up when any replica commits shared state (PostgreSQL
+    /// `LISTEN meshd_changes`). `None`: this store has no notifications (SQLite); poll
+    /// [`Store::generation`].
+    fn listen(&self) -> Option<Result<Box<dyn ChangeListener>, StoreError>> {
+        None
+    }
     /// Reads a meta value (e.g. `admin_token_hash`).
     fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError>;
     /// Writes a meta value.
@@ -190,6 +226,19 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes at most `max_rows` flow rows last seen before `before`; returns how many.
     fn prune_flows(&self, before: UnixTime, max_rows: u32) -> Result<u64, StoreError>;
 }
+
+/// Waits for other replicas' commits ([`Store::listen`]).
+pub trait ChangeListener: Send {
+    /// Blocks until a commit of shared state is notified (`Ok(true)`) or `timeout` passes
+    /// (`Ok(false)`). An error means the connection is lost: make a new listener.
+    fn wait(&mut self, timeout: std::time::Duration) -> Result<bool, StoreError>;
+}
+
+/// Meta key: the generation of the shared state, moved on by every fenced commit
+/// ([`Store::commit_at`]).
+pub const META_GENERATION: &str = "generation";
+/// The channel PostgreSQL notifies on a commit of shared state.
+pub const NOTIFY_CHANNEL: &str = "meshd_changes";
 
 /// Meta key: SHA-256 (hex) of the admin token written to `<state-dir>/admin.token` on the
 /// first start (the `bootstrap` row of `admin_tokens` is made from it).

@@ -24,7 +24,7 @@ use r2d2_postgres::PostgresConnectionManager;
 use crate::migrations_pg::PG_MIGRATIONS;
 use crate::{
     FlowFilter, Snapshot, Store, StoreError, BLOCKS_KEPT, EVENTS_KEPT, FLOW_INTERVALS_LOADED_SECS,
-    META_MAP_VERSION, META_POLICY_MODE,
+    META_GENERATION, META_MAP_VERSION, META_POLICY_MODE, NOTIFY_CHANNEL,
 };
 
 type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
@@ -58,6 +58,30 @@ pub struct PgStore {
     /// Always `Some` but in `drop`.
     pool: Option<Pool>,
     events_kept: u32,
+    /// For connections outside the pool ([`PgStore::listener`]).
+    config: postgres::Config,
+}
+
+/// A connection of its own that `LISTEN`s on [`NOTIFY_CHANNEL`] ([`PgStore::listener`]).
+/// Blocking: use it on a thread of its own (never drop it on an async runtime's thread).
+pub struct PgListener {
+    client: postgres::Client,
+}
+
+impl crate::ChangeListener for PgListener {
+    fn wait(&mut self, timeout: Duration) -> Result<bool, StoreError> {
+        if self.client.is_closed() {
+            return Err(StoreError::Unreachable(
+                "the LISTEN connection closed".into(),
+            ));
+        }
+        use postgres::fallible_iterator::FallibleIterator as _;
+        let mut n = self.client.notifications();
+        let got = n.timeout_iter(timeout).next()?.is_some();
+        // Several commits may have been notified: one wake-up covers them all.
+        while n.iter().next()?.is_some() {}
+        Ok(got)
+    }
 }
 
 impl Drop for PgStore {
@@ -146,7 +170,7 @@ impl PgStore {
         }
         // Notice a server that went away within minutes, not the kernel's two hours.
         config.keepalives_idle(Duration::from_secs(60));
-        let manager = PostgresConnectionManager::new(config, NoTls);
+        let manager = PostgresConnectionManager::new(config.clone(), NoTls);
         let pool = r2d2::Pool::builder()
             .max_size(opts.pool_size.max(1))
             .min_idle(Some(1))
@@ -158,9 +182,20 @@ impl PgStore {
         let s = PgStore {
             pool: Some(pool),
             events_kept: EVENTS_KEPT,
+            config,
         };
         s.with(migrate)?;
         Ok(s)
+    }
+
+    /// A connection of its own listening for other replicas' commits.
+    pub fn listener(&self) -> Result<PgListener, StoreError> {
+        let mut client = self
+            .config
+            .connect(NoTls)
+            .map_err(|e| StoreError::Unreachable(e.to_string()))?;
+        client.batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}"))?;
+        Ok(PgListener { client })
     }
 
     /// Keeps at most `n` audit events (tests; the default is [`EVENTS_KEPT`]).
@@ -500,6 +535,49 @@ fn set_meta(c: &mut impl GenericClient, key: &str, value: &str) -> Result<(), St
     Ok(())
 }
 
+/// The shared state's generation (0 before the first fenced commit).
+fn read_generation(c: &mut impl GenericClient) -> Result<u64, StoreError> {
+    get_meta(c, META_GENERATION)?.map_or(Ok(0), |s| {
+        s.parse().map_err(|_| StoreError::Corrupt {
+            table: "meta",
+            id: 0,
+            field: "generation",
+        })
+    })
+}
+
+/// Moves the generation on by one if it is still `expected` (`None`: whatever it is), under
+/// the generation row's lock: two replicas' commits queue here, and the second finds the
+/// first's generation (read committed re-reads a row it waited for). Notifies the other
+/// replicas at commit.
+fn bump_generation(c: &mut impl GenericClient, expected: Option<u64>) -> Result<u64, StoreError> {
+    c.execute(
+        "INSERT INTO meta (key, value) VALUES ($1, '0') ON CONFLICT (key) DO NOTHING",
+        &[&META_GENERATION],
+    )?;
+    let row = c.query_one(
+        "SELECT value FROM meta WHERE key = $1 FOR UPDATE",
+        &[&META_GENERATION],
+    )?;
+    let found: String = row.try_get(0)?;
+    let found: u64 = found.parse().map_err(|_| StoreError::Corrupt {
+        table: "meta",
+        id: 0,
+        field: "generation",
+    })?;
+    if let Some(expected) = expected.filter(|e| *e != found) {
+        return Err(StoreError::Conflict { expected, found });
+    }
+    let next = found + 1;
+    let text = next.to_string();
+    c.execute(
+        "UPDATE meta SET value = $2 WHERE key = $1",
+        &[&META_GENERATION, &text],
+    )?;
+    c.execute("SELECT pg_notify($1, $2)", &[&NOTIFY_CHANNEL, &text])?;
+    Ok(next)
+}
+
 fn insert_event(c: &mut impl GenericClient, kept: u32, e: &AuditEvent) -> Result<(), StoreError> {
     let id: i64 = c
         .query_one(
@@ -627,17 +705,30 @@ impl Store for PgStore {
                 records,
                 signed,
                 admin_tokens,
+                generation: read_generation(tx)?,
             })
         })
     }
 
-    fn commit(&self, d: &Dirty, events: &[AuditEvent]) -> Result<(), StoreError> {
+    fn commit_at(
+        &self,
+        generation: Option<u64>,
+        d: &Dirty,
+        events: &[AuditEvent],
+    ) -> Result<u64, StoreError> {
         if d.is_empty() && events.is_empty() {
-            return Ok(());
+            return self.generation();
         }
         let kept = self.events_kept;
         self.with(|c| {
             let mut tx = c.transaction()?;
+            // An appended-only batch leaves the caller where it was (it has not read what
+            // another replica may have committed meanwhile).
+            let after = match (d.shared(), generation) {
+                (true, _) => bump_generation(&mut tx, generation)?,
+                (false, Some(g)) => g,
+                (false, None) => read_generation(&mut tx)?,
+            };
             for e in events {
                 insert_event(&mut tx, kept, e)?;
             }
@@ -677,7 +768,13 @@ impl Store for PgStore {
                 )?;
             }
             if let Some(v) = d.map_version {
-                set_meta(&mut tx, META_MAP_VERSION, &v.to_string())?;
+                // The highest any replica reached (replicas number their maps on their own).
+                tx.execute(
+                    "INSERT INTO meta (key, value) VALUES ($1, $2)
+                     ON CONFLICT (key) DO UPDATE SET value =
+                        GREATEST(meta.value::BIGINT, excluded.value::BIGINT)::TEXT",
+                    &[&META_MAP_VERSION, &v.to_string()],
+                )?;
             }
             if let Some(m) = &d.mode {
                 set_meta(&mut tx, META_POLICY_MODE, &json(m, "mode")?)?;
@@ -708,8 +805,19 @@ impl Store for PgStore {
             }
             insert_flows(&mut tx, &d.flows)?;
             tx.commit()?;
-            Ok(())
+            Ok(after)
         })
+    }
+
+    fn generation(&self) -> Result<u64, StoreError> {
+        self.with(read_generation)
+    }
+
+    fn listen(&self) -> Option<Result<Box<dyn crate::ChangeListener>, StoreError>> {
+        Some(
+            self.listener()
+                .map(|l| Box::new(l) as Box<dyn crate::ChangeListener>),
+        )
     }
 
     fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError> {

@@ -14,8 +14,8 @@ use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 
 use crate::migrations::MIGRATIONS;
 use crate::{
-    FlowFilter, Snapshot, Store, StoreError, BLOCKS_KEPT, EVENTS_KEPT, META_MAP_VERSION,
-    META_POLICY_MODE,
+    FlowFilter, Snapshot, Store, StoreError, BLOCKS_KEPT, EVENTS_KEPT, META_GENERATION,
+    META_MAP_VERSION, META_POLICY_MODE,
 };
 use meshd_control::api::FlowView;
 use meshd_control::policy::PolicyRecord;
@@ -471,6 +471,28 @@ fn set_meta(c: &Connection, key: &str, value: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The shared state's generation (0 before the first fenced commit).
+fn read_generation(c: &Connection) -> Result<u64, StoreError> {
+    get_meta(c, META_GENERATION)?.map_or(Ok(0), |s| {
+        s.parse().map_err(|_| StoreError::Corrupt {
+            table: "meta",
+            id: 0,
+            field: "generation",
+        })
+    })
+}
+
+/// Moves the generation on by one, if it is still `expected` (`None`: whatever it is).
+fn bump_generation(c: &Connection, expected: Option<u64>) -> Result<u64, StoreError> {
+    let found = read_generation(c)?;
+    if let Some(expected) = expected.filter(|e| *e != found) {
+        return Err(StoreError::Conflict { expected, found });
+    }
+    let next = found + 1;
+    set_meta(c, META_GENERATION, &next.to_string())?;
+    Ok(next)
+}
+
 fn insert_event(c: &Connection, kept: u32, e: &AuditEvent) -> Result<(), StoreError> {
     c.execute(
         "INSERT INTO events (at, kind, detail) VALUES (?1, ?2, ?3)",
@@ -611,6 +633,7 @@ impl Store for SqliteStore {
                 }
                 v
             };
+            let generation = read_generation(&tx)?;
             tx.commit()?;
             Ok(Snapshot {
                 hosts,
@@ -623,17 +646,32 @@ impl Store for SqliteStore {
                 records,
                 signed,
                 admin_tokens,
+                generation,
             })
         })
     }
 
-    fn commit(&self, d: &Dirty, events: &[AuditEvent]) -> Result<(), StoreError> {
+    fn commit_at(
+        &self,
+        generation: Option<u64>,
+        d: &Dirty,
+        events: &[AuditEvent],
+    ) -> Result<u64, StoreError> {
         if d.is_empty() && events.is_empty() {
-            return Ok(());
+            return self.generation();
         }
         let kept = self.events_kept;
         self.with(|c| {
-            let tx = c.transaction()?;
+            // IMMEDIATE: the write lock from the start, so the generation read below is the
+            // one this transaction commits on (another process cannot commit in between).
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            // An appended-only batch leaves the caller where it was (it has not read what
+            // another replica may have committed meanwhile).
+            let after = match (d.shared(), generation) {
+                (true, _) => bump_generation(&tx, generation)?,
+                (false, Some(g)) => g,
+                (false, None) => read_generation(&tx)?,
+            };
             for e in events {
                 insert_event(&tx, kept, e)?;
             }
@@ -661,7 +699,13 @@ impl Store for SqliteStore {
                 )?;
             }
             if let Some(v) = d.map_version {
-                set_meta(&tx, META_MAP_VERSION, &v.to_string())?;
+                // The highest any replica reached (replicas number their maps on their own).
+                tx.execute(
+                    "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                     ON CONFLICT(key) DO UPDATE SET value = CAST(MAX(CAST(value AS INTEGER),
+                        CAST(excluded.value AS INTEGER)) AS TEXT)",
+                    rusqlite::params![META_MAP_VERSION, v.to_string()],
+                )?;
             }
             if let Some(m) = &d.mode {
                 let json = serde_json::to_string(m).map_err(|_| StoreError::Range("mode"))?;
@@ -694,8 +738,12 @@ impl Store for SqliteStore {
             }
             crate::flows::insert(&tx, &d.flows)?;
             tx.commit()?;
-            Ok(())
+            Ok(after)
         })
+    }
+
+    fn generation(&self) -> Result<u64, StoreError> {
+        self.with(|c| read_generation(c))
     }
 
     fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError> {

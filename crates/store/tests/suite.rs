@@ -190,7 +190,7 @@ fn record(id: u64, host: Option<u64>) -> HostRecord {
 }
 
 fn signed_host(id: u64) -> SignedRecord {
-    use meshd_control::signed::{HostStatement, Signed, Statement};
+    use meshd_control::signed::{HostStatement, Sig, Signed, Statement, Succession};
     SignedRecord::Host {
         host: HostId(id),
         signed: Signed {
@@ -201,6 +201,11 @@ fn signed_host(id: u64) -> SignedRecord {
                 at_ms: 1_700_000_000_000 + id,
             }),
             sigs: vec![],
+            // A rotated host's own succession is stored with its statement.
+            successions: vec![Succession {
+                new_key: PublicKey([id as u8 + 1; 32]),
+                sig: Sig([7; 64]),
+            }],
         },
     }
 }
@@ -256,6 +261,58 @@ fn all(since: u64, host: Option<u64>) -> FlowFilter {
 }
 
 suite! {
+    fn replicas_commit_in_turn_fenced_by_the_generation(db: &Db) {
+        let (a, b) = (db.open(), db.open());
+        let hosts = |ids: &[u64]| Dirty {
+            hosts: ids.iter().map(|i| host(*i)).collect(),
+            ..Default::default()
+        };
+        let g0 = a.load().unwrap().generation;
+        assert_eq!(g0, 0);
+        // PostgreSQL wakes the other replica up; SQLite has no notifications (replicas poll).
+        let mut listener = b.listen().map(|l| l.unwrap());
+        let g1 = a.commit_at(Some(g0), &hosts(&[1]), &[]).unwrap();
+        assert_eq!(g1, g0 + 1);
+        assert_eq!(b.generation().unwrap(), g1);
+        if let Some(l) = listener.as_mut() {
+            assert!(l.wait(std::time::Duration::from_secs(5)).unwrap(), "no NOTIFY");
+            assert!(!l.wait(std::time::Duration::from_millis(50)).unwrap());
+        }
+        // b made its batch on g0: refused, nothing of it stored.
+        let e = b.commit_at(Some(g0), &hosts(&[2]), &[]).unwrap_err();
+        assert!(
+            matches!(e, StoreError::Conflict { expected: 0, found: 1 }),
+            "{e}"
+        );
+        assert_eq!(b.load().unwrap().hosts, vec![host(1)]);
+        // Having read g1, b commits.
+        let g2 = b.commit_at(Some(g1), &hosts(&[2]), &[]).unwrap();
+        assert_eq!(g2, g1 + 1);
+        assert_eq!(a.load().unwrap().generation, g2);
+        // Appended batches (blocks, flows, events) are not fenced and do not move it.
+        let appended = Dirty {
+            blocks: vec![block(5, "h1")],
+            ..Default::default()
+        };
+        let ev = AuditEvent::new(9, EventKind::DuplicateConnection, "x");
+        assert_eq!(a.commit_at(Some(g0), &appended, &[ev]).unwrap(), g0);
+        assert_eq!(a.generation().unwrap(), g2);
+        // Two replicas committing on the same generation at once: exactly one wins.
+        let (a, b) = (std::sync::Arc::new(a), std::sync::Arc::new(b));
+        let racers: Vec<_> = [(a.clone(), 3), (b.clone(), 4)]
+            .into_iter()
+            .map(|(s, id)| std::thread::spawn(move || s.commit_at(Some(g2), &hosts(&[id]), &[])))
+            .collect();
+        let results: Vec<_> = racers.into_iter().map(|t| t.join().unwrap()).collect();
+        let won = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(won, 1, "{results:?}");
+        assert!(results
+            .iter()
+            .any(|r| matches!(r, Err(StoreError::Conflict { expected, found }) if *expected == g2 && *found == g2 + 1)));
+        assert_eq!(a.load().unwrap().hosts.len(), 3);
+        assert_eq!(a.generation().unwrap(), g2 + 1);
+    }
+
     fn roundtrip_and_reopen(db: &Db) {
         let mut h2 = host(2);
         // Migration 6: a rotation's pending key and the time of the last one round-trip.
@@ -848,7 +905,11 @@ fn migration_to_postgres_round_trips_a_populated_store() {
     assert_eq!(n("cmdb_records"), Some(2));
     assert_eq!(n("signed_statements"), Some(2));
     assert_eq!(n("admin_tokens"), Some(2));
-    assert_eq!(n("meta"), Some(3), "map version, mode, admin token hash");
+    assert_eq!(
+        n("meta"),
+        Some(4),
+        "map version, mode, admin token hash, generation"
+    );
     assert_eq!(counts.len(), 11, "every table: {counts:?}");
 
     let dst = PgStore::open(&pg.url()).unwrap();

@@ -68,6 +68,10 @@ pub enum AdminError {
     /// The change could not be saved, so it was not made (the state is as before the request).
     #[error("not saved, nothing changed: {0}")]
     NotSaved(String),
+    /// Another coordinator replica changed the state at the same moment; nothing of this
+    /// change was saved and it may simply be tried again (the admin API does so itself).
+    #[error("not saved, nothing changed: {0}")]
+    Conflict(String),
     /// A policy mode change the runtime setting cannot make (learning declared by the policy
     /// file, or a group exempted from whole-mesh learning); the message says what to do.
     #[error("{0}")]

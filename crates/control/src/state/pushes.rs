@@ -62,6 +62,22 @@ pub struct Dirty {
 }
 
 impl Dirty {
+    /// Whether the batch changes state every coordinator replica holds (hosts, tokens, policy,
+    /// mode, CMDB records, signed statements, admin tokens): such a batch is fenced by the
+    /// store's generation and makes the other replicas follow. Blocks, flows and events are
+    /// appended and need neither; the map version alone neither (each replica numbers the
+    /// maps it sends, and the store keeps the highest: a replica's full maps after following
+    /// another must not make that one follow back, for ever).
+    pub fn shared(&self) -> bool {
+        !(self.hosts.is_empty()
+            && self.tokens.is_empty()
+            && self.policy.is_none()
+            && self.mode.is_none()
+            && self.records.is_empty()
+            && self.signed.is_empty()
+            && self.admin_tokens.is_empty())
+    }
+
     /// Nothing to persist.
     pub fn is_empty(&self) -> bool {
         self.hosts.is_empty()

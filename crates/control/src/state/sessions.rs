@@ -250,6 +250,42 @@ impl CoordinatorState {
         Ok(HostInfo::from_host(h, self.networks()))
     }
 
+    /// Re-attaches an agent session that outlived a reload of the state from the store
+    /// (another coordinator replica's commit, or a conflict with one): the session goes on
+    /// on connection `conn` and gets a full map of the reloaded state with the next pushes.
+    /// Records nothing (no endpoint update, no event): following a commit must not make one,
+    /// or replicas would wake each other up for ever. Err: the host is not there any more
+    /// under `key` (removed, revoked or re-keyed meanwhile); close the connection.
+    pub fn attach_session(
+        &mut self,
+        now: UnixTime,
+        id: HostId,
+        key: &PublicKey,
+        conn: ConnId,
+    ) -> Result<(), ErrorCode> {
+        let h = self.hosts.get(&id).ok_or(ErrorCode::UnknownHost)?;
+        if h.removed {
+            return Err(ErrorCode::HostRemoved);
+        }
+        if h.revoked || self.revoked_keys.contains(key) {
+            return Err(ErrorCode::HostRevoked);
+        }
+        if h.public_key != *key {
+            return Err(ErrorCode::UnknownHost);
+        }
+        self.sessions.insert(
+            id,
+            Session {
+                conn,
+                sent: None,
+                sent_version: 0,
+                acked: 0,
+                connected_at: now,
+            },
+        );
+        Ok(())
+    }
+
     /// A free name for host `id` that asked for the taken `name`: `name-ID` (then `name-ID-2`,
     /// …), with `name` shortened so the result stays a valid name.
     fn free_name(&self, name: &str, id: HostId) -> String {
