@@ -9,6 +9,12 @@
 //! TCP super-packet ([`FakeTun::inject_tso`]) split at its segment size by tun-rs's own
 //! splitter (the code `recv_multiple` runs behind a virtio-net header), and a send with a
 //! GSO segment size arrives as one GRO train (`stride`), as over a veth with `UDP_GRO`.
+//!
+//! Inside the data path's passes the fakes allocate nothing once warmed up (the
+//! zero-allocation test, `meshd/tests/zero_alloc.rs`, counts): packet and train buffers come
+//! from pools ([`FakeTun::recycle`] gives delivered packets back, a fully received train's
+//! buffer returns to the link), and the link's record of every datagram, which grows by
+//! one `Vec` per datagram, can be switched off ([`FakeNet::set_recording`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSliceMut};
@@ -81,7 +87,22 @@ enum Frame {
 struct TunState {
     inbound: VecDeque<Frame>,
     delivered: VecDeque<Vec<u8>>,
+    /// Packet buffers to reuse (frames read, packets given back by [`FakeTun::recycle`]).
+    spare: Vec<Vec<u8>>,
     writes: usize,
+}
+
+/// Capacity of a new fake packet buffer: any packet at MTU fits a reused one.
+const PACKET_CAPACITY: usize = 2048;
+
+/// A copy of `bytes` in a buffer from `spare` (a new one if none is left).
+fn pooled(spare: &mut Vec<Vec<u8>>, bytes: &[u8], capacity: usize) -> Vec<u8> {
+    let mut v = spare
+        .pop()
+        .unwrap_or_else(|| Vec::with_capacity(bytes.len().max(capacity)));
+    v.clear();
+    v.extend_from_slice(bytes);
+    v
 }
 
 struct TunInner {
@@ -99,9 +120,10 @@ pub struct FakeTun {
 impl FakeTun {
     /// Queues an IP packet for the data path to read (what an application's send becomes).
     pub fn inject(&self, packet: &[u8]) {
-        guard(&self.inner.state)
-            .inbound
-            .push_back(Frame::Packet(packet.to_vec()));
+        let mut s = guard(&self.inner.state);
+        let p = pooled(&mut s.spare, packet, PACKET_CAPACITY);
+        s.inbound.push_back(Frame::Packet(p));
+        drop(s);
         self.inner.bell.ring();
     }
 
@@ -115,9 +137,10 @@ impl FakeTun {
                 "TSO needs a TUN with offload",
             ));
         }
-        guard(&self.inner.state)
-            .inbound
-            .push_back(Frame::Tso(packet.to_vec(), mss));
+        let mut s = guard(&self.inner.state);
+        let p = pooled(&mut s.spare, packet, PACKET_CAPACITY);
+        s.inbound.push_back(Frame::Tso(p, mss));
+        drop(s);
         self.inner.bell.ring();
         Ok(())
     }
@@ -125,6 +148,12 @@ impl FakeTun {
     /// Takes the packets the data path delivered, in order.
     pub fn take_delivered(&self) -> Vec<Vec<u8>> {
         guard(&self.inner.state).delivered.drain(..).collect()
+    }
+
+    /// Gives packet buffers (say, from [`take_delivered`](Self::take_delivered)) back for
+    /// later deliveries and injections to reuse.
+    pub fn recycle(&self, packets: impl IntoIterator<Item = Vec<u8>>) {
+        guard(&self.inner.state).spare.extend(packets);
     }
 
     /// How many injected frames the data path has not read yet.
@@ -177,33 +206,41 @@ impl TunQueue for FakeTun {
         sizes: &mut [usize],
     ) -> io::Result<usize> {
         let frame = guard(&self.inner.state).inbound.pop_front();
-        match frame {
-            None => Err(io::ErrorKind::WouldBlock.into()),
+        let (read, buffer) = match frame {
+            None => return Err(io::ErrorKind::WouldBlock.into()),
             Some(Frame::Packet(p)) => {
-                let (Some(buf), Some(size)) = (bufs.first_mut(), sizes.first_mut()) else {
-                    return Err(io::Error::other("no buffer"));
+                let read = match (bufs.first_mut(), sizes.first_mut()) {
+                    (Some(buf), Some(size)) => match buf.as_mut().get_mut(..p.len()) {
+                        Some(dst) => {
+                            dst.copy_from_slice(&p);
+                            *size = p.len();
+                            Ok(1)
+                        }
+                        None => Err(io::Error::other("packet longer than the buffer")),
+                    },
+                    _ => Err(io::Error::other("no buffer")),
                 };
-                let dst = buf
-                    .as_mut()
-                    .get_mut(..p.len())
-                    .ok_or_else(|| io::Error::other("packet longer than the buffer"))?;
-                dst.copy_from_slice(&p);
-                *size = p.len();
-                Ok(1)
+                (read, p)
             }
             Some(Frame::Tso(mut p, mss)) => {
-                let (hdr, is_v6) = tso_header(&p, mss)?;
-                tun_rs::gso_split(&mut p, hdr, bufs, sizes, 0, is_v6)
+                let read = tso_header(&p, mss)
+                    .and_then(|(hdr, is_v6)| tun_rs::gso_split(&mut p, hdr, bufs, sizes, 0, is_v6));
+                (read, p)
             }
-        }
+        };
+        // The frame's buffer serves a later injection or delivery.
+        guard(&self.inner.state).spare.push(buffer);
+        read
     }
 
     fn write(&self, _coalesce: &mut Option<()>, bufs: &mut [Slot]) -> io::Result<()> {
         let mut s = guard(&self.inner.state);
         s.writes += 1;
+        let s = &mut *s;
         for b in bufs.iter() {
             if let Some(p) = b.as_ref().get(TUN_OFFSET..) {
-                s.delivered.push_back(p.to_vec());
+                let p = pooled(&mut s.spare, p, PACKET_CAPACITY);
+                s.delivered.push_back(p);
             }
         }
         Ok(())
@@ -236,11 +273,18 @@ struct Inbox {
     bell: Arc<Doorbell>,
 }
 
+/// Capacity of a new train buffer: the largest GSO send fits a reused one.
+const TRAIN_CAPACITY: usize = 65_536;
+
 #[derive(Default)]
 struct NetState {
     hosts: HashMap<SocketAddr, Inbox>,
+    /// Off: `wire` and `sends` record nothing (see [`FakeNet::set_recording`]).
+    unrecorded: bool,
     wire: Vec<Wire>,
     sends: Vec<SendCall>,
+    /// Buffers of trains received whole, for later sends to reuse.
+    spare: Vec<Vec<u8>>,
 }
 
 /// A lossless in-memory link between hosts, addressed by socket address (a handle: clones
@@ -304,6 +348,14 @@ impl FakeNet {
         }
     }
 
+    /// Whether the link records every datagram and send call for [`wire`](Self::wire),
+    /// [`take_wire`](Self::take_wire) and [`sends`](Self::sends) (on by default). The record
+    /// costs a `Vec` per datagram: a harness that pushes many packets through and counts
+    /// allocations turns it off.
+    pub fn set_recording(&self, on: bool) {
+        guard(&self.state).unrecorded = !on;
+    }
+
     /// Every datagram that crossed the link so far, in order.
     pub fn wire(&self) -> Vec<Wire> {
         guard(&self.state).wire.clone()
@@ -337,19 +389,22 @@ impl FakeNet {
             .max(1);
         let bell = {
             let mut s = guard(&self.state);
-            s.sends.push((to, contents.len(), segment));
-            for d in contents.chunks(stride) {
-                s.wire.push(Wire {
-                    from,
-                    to,
-                    datagram: d.to_vec(),
-                });
+            let s = &mut *s;
+            if !s.unrecorded {
+                s.sends.push((to, contents.len(), segment));
+                for d in contents.chunks(stride) {
+                    s.wire.push(Wire {
+                        from,
+                        to,
+                        datagram: d.to_vec(),
+                    });
+                }
             }
             // Nobody at `to`: the datagram is lost, as on a real link.
             s.hosts.get_mut(&to).map(|h| {
                 h.trains.push_back(Train {
                     from,
-                    data: contents.to_vec(),
+                    data: pooled(&mut s.spare, contents, TRAIN_CAPACITY),
                     stride,
                 });
                 h.bell.clone()
@@ -381,14 +436,18 @@ impl FakeBind {
     /// Queues `datagram` as arriving from `from` (what a link outside this [`FakeNet`]
     /// delivered), for the next receive. Not recorded on the wire: it did not cross this link.
     pub fn inject(&self, from: SocketAddr, datagram: &[u8]) {
-        let bell = guard(&self.net.state).hosts.get_mut(&self.addr).map(|h| {
-            h.trains.push_back(Train {
-                from,
-                data: datagram.to_vec(),
-                stride: datagram.len().max(1),
-            });
-            h.bell.clone()
-        });
+        let bell = {
+            let mut s = guard(&self.net.state);
+            let s = &mut *s;
+            s.hosts.get_mut(&self.addr).map(|h| {
+                h.trains.push_back(Train {
+                    from,
+                    data: pooled(&mut s.spare, datagram, TRAIN_CAPACITY),
+                    stride: datagram.len().max(1),
+                });
+                h.bell.clone()
+            })
+        };
         if let Some(b) = bell {
             b.ring();
         }
@@ -431,6 +490,7 @@ impl Bind for FakeBind {
         meta: &mut [RecvMeta],
     ) -> io::Result<usize> {
         let mut s = guard(&self.net.state);
+        let s = &mut *s;
         let Some(inbox) = s.hosts.get_mut(&self.addr) else {
             return Err(io::ErrorKind::WouldBlock.into());
         };
@@ -442,7 +502,9 @@ impl Bind for FakeBind {
             // Whole datagrams only: what does not fit stays for the next buffer.
             let fit = (buf.len() / t.stride * t.stride).min(t.data.len());
             if fit == 0 {
-                continue; // a datagram larger than any buffer: truncated away, as by the kernel
+                // A datagram larger than any buffer: truncated away, as by the kernel.
+                s.spare.push(t.data);
+                continue;
             }
             buf[..fit].copy_from_slice(&t.data[..fit]);
             *m = RecvMeta::default();
@@ -453,6 +515,8 @@ impl Bind for FakeBind {
             if fit < t.data.len() {
                 t.data.drain(..fit);
                 inbox.trains.push_front(t);
+            } else {
+                s.spare.push(t.data);
             }
         }
         if n == 0 {
