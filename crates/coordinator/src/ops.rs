@@ -211,9 +211,7 @@ impl Ops<'_> {
             AdminOp::PolicyModeSet(_) => {
                 Some("policy mode (put `mode: learn` in the signed policy file instead)")
             }
-            AdminOp::Import(_) => Some(
-                "import (pass --admin-key FILE to `meshctl import`: it signs the labels it sets)",
-            ),
+            AdminOp::Import(_) => Some("import (meshctl signs the labels it sets)"),
             _ => None,
         };
         if let Some(what) = unsigned {
