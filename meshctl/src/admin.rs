@@ -378,8 +378,12 @@ pub fn check_fresh(c: &Client, p: &Prepared, file: &Path) -> anyhow::Result<()> 
                 anyhow::bail!(
                     "{f} is stale: it was prepared for admin key set {}, but the coordinator's is \
                      now {}: prepare it again and have it signed by the current set",
-                    p.fingerprint().map_or_else(|| "(none)".into(), |h| h.to_string()),
-                    fp.map_or_else(|| "(none: the mesh runs unsigned)".into(), |h| h.to_string()),
+                    p.fingerprint()
+                        .map_or_else(|| "(none)".into(), |h| h.to_string()),
+                    fp.map_or_else(
+                        || "(none: the mesh runs unsigned)".into(),
+                        |h| h.to_string()
+                    ),
                 );
             }
         }

@@ -203,8 +203,7 @@ impl Ctx {
                     Ok(ApiFailure::Server {
                         message, failures, ..
                     }) => {
-                        let mut s =
-                            format!("{name} was not imported (nothing changed): {message}");
+                        let mut s = format!("{name} was not imported (nothing changed): {message}");
                         for f in failures {
                             s.push_str(&format!("\n  {f}"));
                         }
@@ -223,9 +222,8 @@ impl Ctx {
             }
         }
         if let (Some(yaml), false) = (proposed, apply) {
-            let changes: Vec<meshd_policy::Change> = self
-                .client
-                .post("/v1/policy/diff", &PolicyText { yaml })?;
+            let changes: Vec<meshd_policy::Change> =
+                self.client.post("/v1/policy/diff", &PolicyText { yaml })?;
             if self.output == Output::Table {
                 let mut s =
                     "declared flows, as a policy diff against the current policy:\n".to_string();

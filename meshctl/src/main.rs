@@ -237,12 +237,17 @@ fn prepares(c: &Command) -> bool {
 
 /// `admin cosign FILE`: shows what FILE signs, checks its signatures and adds those of
 /// `keys` (no coordinator needed: the file carries the admin key-set chain).
-fn cosign(file: &std::path::Path, keys: &[meshd_control::signed::AdminSigningKey]) -> anyhow::Result<()> {
+fn cosign(
+    file: &std::path::Path,
+    keys: &[meshd_control::signed::AdminSigningKey],
+) -> anyhow::Result<()> {
     if keys.is_empty() {
         anyhow::bail!("give the admin key to sign with: --admin-key FILE (or MESH_ADMIN_KEY)");
     }
     let mut p = prepared::Prepared::read(file)?;
-    let set = p.signer_set().with_context(|| format!("{}", file.display()))?;
+    let set = p
+        .signer_set()
+        .with_context(|| format!("{}", file.display()))?;
     p.check_signatures(&set)
         .with_context(|| format!("{}: not signing", file.display()))?;
     let mut s = format!(
@@ -884,9 +889,9 @@ impl Ctx {
             if self.prepare.is_some() {
                 let p = admin::prepare_host(&self.client, &self.admin_keys, &host, what, release)
                     .map_err(|e| match e.downcast::<ApiFailure>() {
-                        Ok(f) => host_hint(&host)(f),
-                        Err(e) => e,
-                    })?;
+                    Ok(f) => host_hint(&host)(f),
+                    Err(e) => e,
+                })?;
                 return self.write_prepared(p);
             }
             let h = admin::host_change(&self.client, &self.admin_keys, &host, what, release)

@@ -302,7 +302,10 @@ impl Prepared {
             let mut seen = Vec::new();
             for sig in &s.sigs {
                 if set.keys.binary_search(&sig.key).is_err() {
-                    anyhow::bail!("a signature by {} is not by a key of the admin key set", sig.key);
+                    anyhow::bail!(
+                        "a signature by {} is not by a key of the admin key set",
+                        sig.key
+                    );
                 }
                 if seen.contains(&sig.key) {
                     anyhow::bail!("{} signed a statement twice", sig.key);
@@ -599,7 +602,10 @@ mod tests {
             .unwrap()
             .replace("\"format\": 1", "\"format\": 2");
         std::fs::write(&f, text).unwrap();
-        assert!(Prepared::read(&f).unwrap_err().to_string().contains("format"));
+        assert!(Prepared::read(&f)
+            .unwrap_err()
+            .to_string()
+            .contains("format"));
     }
 
     #[test]

@@ -117,7 +117,6 @@ impl Coord {
     fn host(&self, name: &str) -> HostView {
         serde_json::from_str(&self.ok(&["hosts", "show", name, "-o", "json"])).unwrap()
     }
-
 }
 
 impl Drop for Coord {
@@ -127,8 +126,6 @@ impl Drop for Coord {
         }
     }
 }
-
-
 
 impl Coord {
     /// `meshctl` failing: its stderr.
@@ -191,31 +188,65 @@ fn a_quorum_of_two_is_collected_on_two_machines() {
     let (k3, _) = c.keygen("mallory");
     c.ok(&["--admin-key", &k1, "admin", "add-key", &p1]);
     c.ok(&["--admin-key", &k1, "admin", "add-key", &p2, "--quorum", "2"]);
-    assert_eq!(
-        c.keys().chain.last().unwrap().key_set().unwrap().quorum,
-        2
-    );
+    assert_eq!(c.keys().chain.last().unwrap().key_set().unwrap().quorum, 2);
     // One key is not enough in one invocation (as before).
     let err = c.fails(&["--admin-key", &k1, "hosts", "label", "web1", "app=web"]);
-    assert!(err.contains("1 valid signature(s) by the admin key set, 2 needed"), "{err}");
+    assert!(
+        err.contains("1 valid signature(s) by the admin key set, 2 needed"),
+        "{err}"
+    );
 
     // Alice prepares the change: written, not sent.
     let req = c.path("label.json");
     let reqs = req.to_str().unwrap();
-    let out = c.ok(&["--admin-key", &k1, "--prepare", reqs, "hosts", "label", "web1", "app=web"]);
+    let out = c.ok(&[
+        "--admin-key",
+        &k1,
+        "--prepare",
+        reqs,
+        "hosts",
+        "label",
+        "web1",
+        "app=web",
+    ]);
     assert!(out.contains("prepared (not sent)"), "{out}");
-    assert!(out.contains("1 of 2 signature(s)") && out.contains("1 more needed"), "{out}");
+    assert!(
+        out.contains("1 of 2 signature(s)") && out.contains("1 more needed"),
+        "{out}"
+    );
     assert_eq!(c.host("web1").labels.get("app"), None);
     let text = std::fs::read_to_string(&req).unwrap();
-    assert!(text.contains("\"format\": 1") && text.contains("\"kind\": \"host\""), "{text}");
-    let err = c.fails(&["--admin-key", &k1, "--prepare", reqs, "hosts", "label", "web1", "app=db"]);
+    assert!(
+        text.contains("\"format\": 1") && text.contains("\"kind\": \"host\""),
+        "{text}"
+    );
+    let err = c.fails(&[
+        "--admin-key",
+        &k1,
+        "--prepare",
+        reqs,
+        "hosts",
+        "label",
+        "web1",
+        "app=db",
+    ]);
     assert!(err.contains("never replaced"), "{err}");
-    assert_eq!(std::fs::read_to_string(&req).unwrap(), text, "not overwritten");
+    assert_eq!(
+        std::fs::read_to_string(&req).unwrap(),
+        text,
+        "not overwritten"
+    );
 
     // Submitted with Alice's signature only: the coordinator's quorum error, and what to do.
     let err = c.fails(&["admin", "submit", reqs]);
-    assert!(err.contains("1 valid signature(s) by the admin key set, 2 needed"), "{err}");
-    assert!(err.contains("1 more needed") && err.contains("admin cosign"), "{err}");
+    assert!(
+        err.contains("1 valid signature(s) by the admin key set, 2 needed"),
+        "{err}"
+    );
+    assert!(
+        err.contains("1 more needed") && err.contains("admin cosign"),
+        "{err}"
+    );
     assert_eq!(c.host("web1").labels.get("app"), None);
 
     // A key outside the set, and Alice again, are refused; the file stays as it was.
@@ -229,17 +260,30 @@ fn a_quorum_of_two_is_collected_on_two_machines() {
     assert_eq!(std::fs::read_to_string(&req).unwrap(), text);
     // A signature changed in the file is caught before Bob signs.
     let forged = c.path("forged.json");
-    std::fs::write(&forged, text.replacen("\"app\": \"web\"", "\"app\": \"db\"", 1)).unwrap();
+    std::fs::write(
+        &forged,
+        text.replacen("\"app\": \"web\"", "\"app\": \"db\"", 1),
+    )
+    .unwrap();
     let o = cosign_offline(&c, &forged, &k2);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("does not verify"), "{err}");
+    assert!(
+        !o.status.success() && err.contains("does not verify"),
+        "{err}"
+    );
 
     // Bob, on his machine without the coordinator, sees what he signs and signs it.
     let o = cosign_offline(&c, &req, &k2);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{o:?}");
-    assert!(out.contains("host web1") && out.contains("+ app=web"), "{out}");
-    assert!(out.contains("2 of 2 signature(s)") && out.contains("quorum reached"), "{out}");
+    assert!(
+        out.contains("host web1") && out.contains("+ app=web"),
+        "{out}"
+    );
+    assert!(
+        out.contains("2 of 2 signature(s)") && out.contains("quorum reached"),
+        "{out}"
+    );
     let out = c.ok(&["admin", "submit", reqs]);
     assert!(out.contains("app=web"), "{out}");
     assert_eq!(c.host("web1").labels["app"], "web");
@@ -249,29 +293,67 @@ fn a_quorum_of_two_is_collected_on_two_machines() {
     let pf = c.file("p.yaml", yaml);
     let preq = c.path("policy.json");
     let preqs = preq.to_str().unwrap();
-    c.ok(&["--admin-key", &k1, "--prepare", preqs, "policy", "apply", &pf]);
+    c.ok(&[
+        "--admin-key",
+        &k1,
+        "--prepare",
+        preqs,
+        "policy",
+        "apply",
+        &pf,
+    ]);
     let o = cosign_offline(&c, &preq, &k2);
     assert!(o.status.success(), "{o:?}");
     assert!(String::from_utf8_lossy(&o.stdout).contains("policy version 1"));
-    c.ok(&["--admin-key", &k1, "--admin-key", &k2, "policy", "apply", &pf]);
+    c.ok(&[
+        "--admin-key",
+        &k1,
+        "--admin-key",
+        &k2,
+        "policy",
+        "apply",
+        &pf,
+    ]);
     let err = c.fails(&["admin", "submit", preqs]);
-    assert!(err.contains("is stale") && err.contains("next policy version is 2"), "{err}");
+    assert!(
+        err.contains("is stale") && err.contains("next policy version is 2"),
+        "{err}"
+    );
     assert!(err.contains("prepare it again"), "{err}");
 
     // Prepared again, it goes through; a key-set change is collected the same way.
     std::fs::remove_file(&preq).unwrap();
-    c.ok(&["--admin-key", &k2, "--prepare", preqs, "policy", "rollback", "1"]);
+    c.ok(&[
+        "--admin-key",
+        &k2,
+        "--prepare",
+        preqs,
+        "policy",
+        "rollback",
+        "1",
+    ]);
     assert!(cosign_offline(&c, &preq, &k1).status.success());
     let out = c.ok(&["admin", "submit", preqs]);
     assert!(out.contains("policy version 2"), "{out}");
     let kreq = c.path("keys.json");
     let kreqs = kreq.to_str().unwrap();
     let (_, p4) = c.keygen("carol");
-    let out = c.ok(&["--admin-key", &k1, "--prepare", kreqs, "admin", "add-key", &p4]);
+    let out = c.ok(&[
+        "--admin-key",
+        &k1,
+        "--prepare",
+        kreqs,
+        "admin",
+        "add-key",
+        &p4,
+    ]);
     assert!(out.contains("+ ") && out.contains(&p4), "{out}");
     assert!(cosign_offline(&c, &kreq, &k2).status.success());
     c.ok(&["admin", "submit", kreqs]);
-    assert_eq!(c.keys().chain.last().unwrap().key_set().unwrap().keys.len(), 3);
+    assert_eq!(
+        c.keys().chain.last().unwrap().key_set().unwrap().keys.len(),
+        3
+    );
     // --prepare where nothing is signed is refused.
     let err = c.fails(&["--prepare", reqs, "hosts", "list"]);
     assert!(err.contains("signed commands only"), "{err}");
@@ -312,8 +394,19 @@ fn a_signed_import_applies_all_labels_or_none() {
     // host, and nothing of it is applied.
     let req = c.path("import.json");
     let reqs = req.to_str().unwrap();
-    let out = c.ok(&["--admin-key", &k1, "--prepare", reqs, "import", &f, "--apply"]);
-    assert!(out.contains("2 host(s)") && out.contains("and policy version 1"), "{out}");
+    let out = c.ok(&[
+        "--admin-key",
+        &k1,
+        "--prepare",
+        reqs,
+        "import",
+        &f,
+        "--apply",
+    ]);
+    assert!(
+        out.contains("2 host(s)") && out.contains("and policy version 1"),
+        "{out}"
+    );
     assert!(out.contains("quorum reached"), "{out}");
     let text = std::fs::read_to_string(&req).unwrap();
     let p: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -327,20 +420,30 @@ fn a_signed_import_applies_all_labels_or_none() {
     let err = c.fails(&["admin", "submit", bad.to_str().unwrap()]);
     assert!(err.contains("host db1"), "{err}");
     assert!(err.contains("nothing of the batch was applied"), "{err}");
-    assert_eq!(c.host("web1").labels.get("app"), None, "web1 was not relabelled");
+    assert_eq!(
+        c.host("web1").labels.get("app"),
+        None,
+        "web1 was not relabelled"
+    );
     assert_eq!(c.keys().policy_version, 0, "the policy was not applied");
 
     // The same import, sent: both hosts and the flows' policy, in one commit that survives
     // a restart; the rows for hosts not enrolled yet are said to be left out.
     let o = c.run(&["--admin-key", &k1, "import", &f, "--apply"]);
-    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
     assert!(o.status.success(), "{err}");
     assert!(out.contains("2 host(s) signed and relabelled"), "{out}");
     assert!(out.contains("policy version 1 is now current"), "{out}");
     assert!(err.contains("1 row(s) match no enrolled host"), "{err}");
     c.restart();
     let (web, db) = (c.host("web1"), c.host("db1"));
-    assert_eq!((web.labels["app"].as_str(), web.labels["env"].as_str()), ("web", "prod"));
+    assert_eq!(
+        (web.labels["app"].as_str(), web.labels["env"].as_str()),
+        ("web", "prod")
+    );
     assert_eq!(db.labels["app"], "db");
     assert_eq!(web.labels["image"], "generic", "other labels stay");
     let v = c.keys();

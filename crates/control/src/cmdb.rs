@@ -1122,15 +1122,16 @@ mod tests {
             h(1, "web1", [10, 0, 0, 1], &[("app", "web")]),
             h(2, "db1", [10, 0, 0, 2], &[("app", "db")]),
         ];
-        let f = parse(
-            "hostname,ip,labels\nweb1,,env=prod\n,10.0.0.2,app=db\nnew,10.9.9.9,app=x\n",
-        )
-        .unwrap();
+        let f = parse("hostname,ip,labels\nweb1,,env=prod\n,10.0.0.2,app=db\nnew,10.9.9.9,app=x\n")
+            .unwrap();
         let p = relabel_plan(&f, &hosts).unwrap();
         assert_eq!(p.unmatched, vec![4]);
         assert_eq!(p.hosts.len(), 1, "db1's labels do not change: {p:?}");
         assert_eq!(p.hosts[0].name, "web1");
-        assert_eq!(p.hosts[0].after.get("env").map(String::as_str), Some("prod"));
+        assert_eq!(
+            p.hosts[0].after.get("env").map(String::as_str),
+            Some("prod")
+        );
         assert_eq!(p.hosts[0].after.get("app").map(String::as_str), Some("web"));
         let f = parse("hostname,ip,labels\nweb1,10.0.0.2,env=prod\n").unwrap();
         let e = relabel_plan(&f, &hosts).unwrap_err();

@@ -480,7 +480,10 @@ impl Ops<'_> {
                 if let Some(p) = &req.policy {
                     check_policy_size(&p.yaml)?;
                 }
-                let policy = req.policy.as_ref().map(|p| (p.yaml.as_str(), p.signed.clone()));
+                let policy = req
+                    .policy
+                    .as_ref()
+                    .map(|p| (p.yaml.as_str(), p.signed.clone()));
                 let n = req.statements.len();
                 let r = state.set_hosts_signed(now, req.statements, policy)?;
                 info!(

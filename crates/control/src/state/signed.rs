@@ -357,7 +357,9 @@ impl CoordinatorState {
     ) -> Result<SignedBatchApplied, AdminError> {
         use crate::model::validate_name;
         if statements.is_empty() && policy.is_none() {
-            return Err(AdminError::BadBatch("no host statements in the batch".into()));
+            return Err(AdminError::BadBatch(
+                "no host statements in the batch".into(),
+            ));
         }
         if statements.len() > crate::api::SIGNED_BATCH_MAX {
             return Err(AdminError::BadBatch(format!(
@@ -415,7 +417,11 @@ impl CoordinatorState {
         for h in self.hosts.values().filter(|h| !h.removed) {
             let name = renamed.get(&h.id).copied().unwrap_or(h.name.as_str());
             if let Some(other) = after.insert(name, h.id) {
-                let who = if renamed.contains_key(&h.id) { h.id } else { other };
+                let who = if renamed.contains_key(&h.id) {
+                    h.id
+                } else {
+                    other
+                };
                 let host = self.hosts.get(&who).map_or(name, |h| h.name.as_str());
                 return Err(fail(host.to_string(), AdminError::NameTaken(name.into())));
             }
