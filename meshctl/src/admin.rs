@@ -8,7 +8,10 @@ use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 
 use anyhow::Context as _;
-use meshd_control::api::{HostView, SignedHostRequest, SignedPolicyRequest, SignedRollbackRequest};
+use meshd_control::api::{
+    HostView, SignedHostRequest, SignedHostsApplied, SignedHostsRequest, SignedPolicyRequest,
+    SignedRollbackRequest,
+};
 use meshd_control::policy::PolicyRecord;
 use meshd_control::signed::{
     check_genesis, check_successor, AdminKey, AdminSigningKey, Hash32, HostStatement,
@@ -18,6 +21,7 @@ use meshd_control::state::SignedView;
 use meshd_control::Labels;
 
 use crate::client::{segment, Client};
+use crate::prepared::{self, Prepared, Request};
 
 /// Reads a key file (base64 of the 32-byte seed); refuses one group or others may read.
 pub fn load_key(path: &Path) -> anyhow::Result<AdminSigningKey> {
@@ -105,13 +109,13 @@ pub fn verified_chain(
 }
 
 /// The next key set: `change` applied to the current keys (none yet: the first set, signed
-/// by its own key and registered on trust), signed by `keys`.
-pub fn change_keys(
+/// by its own key and registered on trust), signed by `keys`, as a request to post.
+pub fn prepare_keys(
     c: &Client,
     keys: &[AdminSigningKey],
     change: impl FnOnce(&mut Vec<AdminKey>),
     quorum: Option<u32>,
-) -> anyhow::Result<SignedView> {
+) -> anyhow::Result<Prepared> {
     let (v, _) = verified_chain(c, &[])?;
     let (seq, prev, mut set, old_quorum) = match v.chain.last() {
         Some(s) => {
@@ -131,9 +135,21 @@ pub fn change_keys(
         prev,
         at_ms: now_ms(),
     });
-    let refs: Vec<&AdminSigningKey> = keys.iter().collect();
-    let signed = Signed::sign(st, &refs);
-    Ok(c.post("/v1/admin/keys", &signed)?)
+    let signed = prepared::sign(st, keys);
+    Ok(Prepared::new(c.base(), v.chain, Request::KeySet { signed }))
+}
+
+/// [`prepare_keys`], posted.
+pub fn change_keys(
+    c: &Client,
+    keys: &[AdminSigningKey],
+    change: impl FnOnce(&mut Vec<AdminKey>),
+    quorum: Option<u32>,
+) -> anyhow::Result<SignedView> {
+    match submit(c, &prepare_keys(c, keys, change, quorum)?.request)? {
+        Submitted::Keys(v) => Ok(v),
+        _ => anyhow::bail!("unexpected reply kind"),
+    }
 }
 
 fn need_keys(keys: &[AdminSigningKey]) -> anyhow::Result<()> {
@@ -143,19 +159,42 @@ fn need_keys(keys: &[AdminSigningKey]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `policy apply` signed: the statement names the next version and the previous statement.
+/// `policy apply` signed, as a request to post: the statement names the next version and
+/// the previous statement.
+pub fn prepare_policy(
+    c: &Client,
+    keys: &[AdminSigningKey],
+    yaml: String,
+) -> anyhow::Result<Prepared> {
+    let (v, _) = verified_chain(c, keys)?;
+    let current: meshd_control::api::PolicyCurrent = c.get("/v1/policy")?;
+    let signed = sign_policy(&v, keys, &yaml);
+    Ok(Prepared::new(
+        c.base(),
+        v.chain,
+        Request::Policy {
+            yaml,
+            previous_yaml: current.policy.map(|p| p.yaml),
+            signed,
+        },
+    ))
+}
+
+/// `policy apply` signed and posted.
 pub fn apply_policy(
     c: &Client,
     keys: &[AdminSigningKey],
     yaml: String,
 ) -> anyhow::Result<meshd_control::api::PolicyApplied> {
     need_keys(keys)?;
-    let (v, _) = verified_chain(c, keys)?;
-    let signed = sign_policy(&v, keys, &yaml);
-    Ok(c.post("/v1/signed/policy", &SignedPolicyRequest { yaml, signed })?)
+    match submit(c, &prepare_policy(c, keys, yaml)?.request)? {
+        Submitted::Policy(r) => Ok(r),
+        _ => anyhow::bail!("unexpected reply kind"),
+    }
 }
 
-fn sign_policy(v: &SignedView, keys: &[AdminSigningKey], yaml: &str) -> Signed {
+/// The statement of the next policy version, for `yaml`, signed by `keys`.
+pub fn sign_policy(v: &SignedView, keys: &[AdminSigningKey], yaml: &str) -> Signed {
     let st = Statement::Policy(PolicyStatement {
         seq: v.policy_version + 1,
         sha256: Hash32::of(yaml.as_bytes()),
@@ -165,16 +204,16 @@ fn sign_policy(v: &SignedView, keys: &[AdminSigningKey], yaml: &str) -> Signed {
             .map_or(Hash32::ZERO, |p| p.statement.hash()),
         at_ms: now_ms(),
     });
-    Signed::sign(st, &keys.iter().collect::<Vec<_>>())
+    prepared::sign(st, keys)
 }
 
-/// `policy rollback N` signed: the file of version N, signed as the next version.
-pub fn rollback_policy(
+/// `policy rollback N` signed, as a request to post: the file of version N, signed as the
+/// next version.
+pub fn prepare_rollback(
     c: &Client,
     keys: &[AdminSigningKey],
     version: u64,
-) -> anyhow::Result<meshd_control::api::PolicyApplied> {
-    need_keys(keys)?;
+) -> anyhow::Result<Prepared> {
     let (v, _) = verified_chain(c, keys)?;
     let history: Vec<PolicyRecord> = c.get("/v1/policy/history")?;
     let old = history
@@ -184,23 +223,40 @@ pub fn rollback_policy(
             anyhow::anyhow!("no policy version {version} (see `meshctl policy history`)")
         })?;
     let signed = sign_policy(&v, keys, &old.yaml);
-    Ok(c.post(
-        &format!("/v1/signed/rollback/{version}"),
-        &SignedRollbackRequest { signed },
-    )?)
+    Ok(Prepared::new(
+        c.base(),
+        v.chain,
+        Request::Rollback {
+            version,
+            yaml: old.yaml.clone(),
+            signed,
+        },
+    ))
 }
 
-/// A signed host change: the host's current name and labels with `change` applied, signed
-/// for its key, and the quarantine lifted if `release`.
-pub fn host_change(
+/// `policy rollback N` signed and posted.
+pub fn rollback_policy(
+    c: &Client,
+    keys: &[AdminSigningKey],
+    version: u64,
+) -> anyhow::Result<meshd_control::api::PolicyApplied> {
+    need_keys(keys)?;
+    match submit(c, &prepare_rollback(c, keys, version)?.request)? {
+        Submitted::Policy(r) => Ok(r),
+        _ => anyhow::bail!("unexpected reply kind"),
+    }
+}
+
+/// A signed host change as a request to post: the host's current name and labels with
+/// `change` applied, signed for its key, and the quarantine lifted if `release`.
+pub fn prepare_host(
     c: &Client,
     keys: &[AdminSigningKey],
     host: &str,
     change: impl FnOnce(&mut String, &mut Labels),
     release: bool,
-) -> anyhow::Result<HostView> {
-    need_keys(keys)?;
-    verified_chain(c, keys)?;
+) -> anyhow::Result<Prepared> {
+    let (v, _) = verified_chain(c, keys)?;
     let h: HostView = c.get(&format!("/v1/hosts/{}", segment(host)))?;
     let (mut name, mut labels) = (h.name.clone(), h.labels.clone());
     change(&mut name, &mut labels);
@@ -210,11 +266,157 @@ pub fn host_change(
         labels,
         at_ms: now_ms(),
     });
-    let signed = Signed::sign(st, &keys.iter().collect::<Vec<_>>());
-    Ok(c.post(
-        &format!("/v1/signed/hosts/{}", segment(host)),
-        &SignedHostRequest { signed, release },
-    )?)
+    Ok(Prepared::new(
+        c.base(),
+        v.chain,
+        Request::Host {
+            host: h.public_key.to_string(),
+            name_before: h.name,
+            labels_before: h.labels,
+            release,
+            signed: prepared::sign(st, keys),
+        },
+    ))
+}
+
+/// A signed host change, posted.
+pub fn host_change(
+    c: &Client,
+    keys: &[AdminSigningKey],
+    host: &str,
+    change: impl FnOnce(&mut String, &mut Labels),
+    release: bool,
+) -> anyhow::Result<HostView> {
+    need_keys(keys)?;
+    match submit(c, &prepare_host(c, keys, host, change, release)?.request)? {
+        Submitted::Host(h) => Ok(h),
+        _ => anyhow::bail!("unexpected reply kind"),
+    }
+}
+
+/// The coordinator's answer to a posted signed request.
+#[derive(Debug, serde::Serialize)]
+#[serde(untagged)]
+pub enum Submitted {
+    /// A policy version (apply or rollback).
+    Policy(meshd_control::api::PolicyApplied),
+    /// One host.
+    Host(HostView),
+    /// A batch of hosts (signed import).
+    Hosts(SignedHostsApplied),
+    /// The key set.
+    Keys(SignedView),
+}
+
+/// Posts a signed request to its endpoint (the coordinator verifies it).
+pub fn submit(c: &Client, r: &Request) -> anyhow::Result<Submitted> {
+    Ok(match r {
+        Request::Policy { yaml, signed, .. } => Submitted::Policy(c.post(
+            "/v1/signed/policy",
+            &SignedPolicyRequest {
+                yaml: yaml.clone(),
+                signed: signed.clone(),
+            },
+        )?),
+        Request::Rollback {
+            version, signed, ..
+        } => Submitted::Policy(c.post(
+            &format!("/v1/signed/rollback/{version}"),
+            &SignedRollbackRequest {
+                signed: signed.clone(),
+            },
+        )?),
+        Request::Host {
+            host,
+            release,
+            signed,
+            ..
+        } => Submitted::Host(c.post(
+            &format!("/v1/signed/hosts/{}", segment(host)),
+            &SignedHostRequest {
+                signed: signed.clone(),
+                release: *release,
+            },
+        )?),
+        Request::Hosts {
+            statements, policy, ..
+        } => Submitted::Hosts(c.post(
+            "/v1/signed/hosts",
+            &SignedHostsRequest {
+                statements: statements.clone(),
+                policy: policy.clone(),
+            },
+        )?),
+        Request::KeySet { signed } => Submitted::Keys(c.post("/v1/admin/keys", signed)?),
+    })
+}
+
+/// Refuses a prepared request the coordinator has moved past (another key set, another next
+/// policy version) with a message that says so, before posting it.
+pub fn check_fresh(c: &Client, p: &Prepared, file: &Path) -> anyhow::Result<()> {
+    let (v, fp) = verified_chain(c, &[])?;
+    let f = file.display();
+    match &p.request {
+        Request::KeySet { signed } => {
+            let k = signed.key_set()?;
+            let (seq, prev) = match v.chain.last() {
+                Some(l) => (l.key_set()?.seq + 1, l.statement.hash()),
+                None => (1, Hash32::ZERO),
+            };
+            if k.seq != seq || k.prev != prev {
+                anyhow::bail!(
+                    "{f} is stale: it proposes admin key set version {} after {}, but the \
+                     coordinator's next is version {seq} after {prev} (the key set changed since \
+                     it was prepared): prepare it again",
+                    k.seq,
+                    k.prev
+                );
+            }
+        }
+        _ => {
+            if p.fingerprint() != fp {
+                anyhow::bail!(
+                    "{f} is stale: it was prepared for admin key set {}, but the coordinator's is \
+                     now {}: prepare it again and have it signed by the current set",
+                    p.fingerprint()
+                        .map_or_else(|| "(none)".into(), |h| h.to_string()),
+                    fp.map_or_else(
+                        || "(none: the mesh runs unsigned)".into(),
+                        |h| h.to_string()
+                    ),
+                );
+            }
+        }
+    }
+    if let Some((_, s)) = p.request.policy() {
+        let st = s.policy()?;
+        let next = v.policy_version + 1;
+        let prev = v
+            .policy
+            .as_ref()
+            .map_or(Hash32::ZERO, |p| p.statement.hash());
+        if st.seq != next || st.prev != prev {
+            anyhow::bail!(
+                "{f} is stale: it signs policy version {}, but the coordinator's next policy \
+                 version is {next}{} (a policy was applied since it was prepared): prepare it again",
+                st.seq,
+                if st.seq == next {
+                    " after another statement"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    if let Request::Host { host, signed, .. } = &p.request {
+        let h: HostView = c
+            .get(&format!("/v1/hosts/{}", segment(host)))
+            .map_err(|e| anyhow::anyhow!("{f}: the host it signs for: {e}"))?;
+        if Some(h.public_key) != signed.host().ok().map(|s| s.key) {
+            anyhow::bail!("{f}: the host it names has another key now: prepare it again");
+        }
+    }
+    Ok(())
 }
 
 /// Checks that a join token carries the fingerprint of the chain verified here.

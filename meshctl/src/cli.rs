@@ -56,6 +56,12 @@ pub struct GlobalArgs {
     /// signed with them; repeat for a quorum above 1 [env: MESH_ADMIN_KEY].
     #[arg(long, global = true, value_name = "FILE")]
     pub admin_key: Vec<PathBuf>,
+    /// Signed commands (policy apply/rollback, host label/unlabel/rename/release, import,
+    /// admin add-key/remove-key): write the signed request to FILE (never replaced) instead
+    /// of sending it, to collect more signatures with `admin cosign` and send it with
+    /// `admin submit`.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub prepare: Option<PathBuf>,
     /// Print requests to stderr (-vv: also the replies).
     #[arg(long, short, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -297,6 +303,17 @@ pub enum AdminCmd {
         /// Signatures the set needs from now on [default: unchanged, at most the keys left].
         #[arg(long)]
         quorum: Option<u32>,
+    },
+    /// Show a request written by --prepare and add the signatures of --admin-key to it (a key
+    /// outside the request's admin key set, or one that signed already, is refused).
+    Cosign {
+        /// The prepared request (JSON); replaced atomically.
+        file: PathBuf,
+    },
+    /// Send a request written by --prepare (and cosigned) to the coordinator.
+    Submit {
+        /// The prepared request (JSON).
+        file: PathBuf,
     },
     /// Named admin tokens (who may use the admin API): create, list, revoke.
     #[command(subcommand)]

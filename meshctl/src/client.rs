@@ -241,6 +241,11 @@ impl Client {
         }
     }
 
+    /// The base URL (`http(s)://host:port`).
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     /// GET `path`.
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ApiFailure> {
         let url = self.url(path);

@@ -17,6 +17,7 @@ mod knock;
 mod output;
 mod parse;
 mod policy;
+mod prepared;
 
 use std::io::{IsTerminal as _, Write as _};
 use std::process::ExitCode;
@@ -130,25 +131,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 why: "plain HTTP".into(),
             }
         };
-        let mut key_files = g.admin_key.clone();
-        if key_files.is_empty() {
-            if let Some(p) = std::env::var_os("MESH_ADMIN_KEY").filter(|p| !p.is_empty()) {
-                key_files.push(p.into());
-            }
-        }
-        let admin_keys = key_files
-            .iter()
-            .map(|p| admin::load_key(p))
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let admin_keys = admin_keys(g)?;
         Ok(Ctx {
             client: Client::new(base.clone(), token, s.token.to_string(), &trust, g.verbose),
             admin_keys,
+            prepare: g.prepare.clone(),
             server: base,
             output: g.output,
             now: unix_now(),
         })
     };
+    if g.prepare.is_some() && !prepares(&cli.command) {
+        anyhow::bail!(
+            "--prepare FILE applies to signed commands only (policy apply|rollback, hosts \
+             label|unlabel|rename|release, import, admin add-key|remove-key)"
+        );
+    }
     match cli.command {
+        Command::Admin(AdminCmd::Cosign { file }) => cosign(&file, &admin_keys(g)?),
         Command::Knock {
             control,
             coordinator_key,
@@ -205,6 +205,143 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             policy_check(&file, offline, g.output, ctx)
         }
         Command::Policy(p) => ctx()?.policy(p),
+    }
+}
+
+/// The admin signing keys: every --admin-key file, else MESH_ADMIN_KEY's.
+fn admin_keys(g: &cli::GlobalArgs) -> anyhow::Result<Vec<meshd_control::signed::AdminSigningKey>> {
+    let mut key_files = g.admin_key.clone();
+    if key_files.is_empty() {
+        if let Some(p) = std::env::var_os("MESH_ADMIN_KEY").filter(|p| !p.is_empty()) {
+            key_files.push(p.into());
+        }
+    }
+    key_files.iter().map(|p| admin::load_key(p)).collect()
+}
+
+/// Whether `--prepare` applies to the command (it signs a change).
+fn prepares(c: &Command) -> bool {
+    matches!(
+        c,
+        Command::Policy(PolicyCmd::Apply { .. } | PolicyCmd::Rollback { .. })
+            | Command::Hosts(
+                HostsCmd::Label { .. }
+                    | HostsCmd::Unlabel { .. }
+                    | HostsCmd::Rename { .. }
+                    | HostsCmd::Release { .. }
+            )
+            | Command::Import { .. }
+            | Command::Admin(AdminCmd::AddKey { .. } | AdminCmd::RemoveKey { .. })
+    )
+}
+
+/// `admin cosign FILE`: shows what FILE signs, checks its signatures and adds those of
+/// `keys` (no coordinator needed: the file carries the admin key-set chain).
+fn cosign(
+    file: &std::path::Path,
+    keys: &[meshd_control::signed::AdminSigningKey],
+) -> anyhow::Result<()> {
+    if keys.is_empty() {
+        anyhow::bail!("give the admin key to sign with: --admin-key FILE (or MESH_ADMIN_KEY)");
+    }
+    let mut p = prepared::Prepared::read(file)?;
+    let set = p
+        .signer_set()
+        .with_context(|| format!("{}", file.display()))?;
+    p.check_signatures(&set)
+        .with_context(|| format!("{}: not signing", file.display()))?;
+    let mut s = format!(
+        "{} request prepared against {} (admin key set {}):\n",
+        p.request.kind(),
+        p.server,
+        p.fingerprint()
+            .map_or_else(|| "(first set)".to_string(), |f| f.to_string())
+    );
+    s.push_str(&p.summary());
+    for k in keys {
+        p.cosign(&set, k)
+            .with_context(|| format!("{}: nothing was written", file.display()))?;
+        s.push_str(&format!("signed with {}\n", k.public()));
+    }
+    p.replace(file)?;
+    s.push_str(&p.progress(&set, file));
+    out(&s)
+}
+
+impl Ctx {
+    /// `--prepare FILE`: writes the signed request (never replacing a file) and says how many
+    /// more signatures it needs.
+    fn write_prepared(&self, p: prepared::Prepared) -> anyhow::Result<()> {
+        let Some(file) = &self.prepare else {
+            anyhow::bail!("no --prepare FILE given");
+        };
+        if self.admin_keys.is_empty() && p.chain.is_empty() {
+            anyhow::bail!(
+                "the mesh runs unsigned (no admin key registered): there is nothing to prepare"
+            );
+        }
+        let set = p.signer_set()?;
+        p.write_new(file)?;
+        match self.output {
+            Output::Json => print_json(&p),
+            Output::Table => {
+                let mut s = p.summary();
+                s.push_str(&format!(
+                    "prepared (not sent): {} request written to {}\n",
+                    p.request.kind(),
+                    file.display()
+                ));
+                s.push_str(&p.progress(&set, file));
+                out(&s)
+            }
+        }
+    }
+
+    /// `admin submit FILE`: checks FILE is still current, posts it, shows the answer.
+    fn submit(&self, file: &std::path::Path) -> anyhow::Result<()> {
+        let p = prepared::Prepared::read(file)?;
+        let set = p.signer_set()?;
+        admin::check_fresh(&self.client, &p, file)?;
+        let r = admin::submit(&self.client, &p.request).map_err(|e| {
+            match e.downcast::<ApiFailure>() {
+                Ok(ApiFailure::Server {
+                    status,
+                    code,
+                    message,
+                    failures,
+                }) => {
+                    let mut s = format!(
+                        "the coordinator refused {} ({status} {code}): {message}",
+                        file.display()
+                    );
+                    for f in failures {
+                        s.push_str(&format!("\n  {f}"));
+                    }
+                    if code == "bad_signature" {
+                        s.push_str(&format!("\n  {}", p.progress(&set, file).trim_end()));
+                    }
+                    anyhow::anyhow!(s)
+                }
+                Ok(f) => f.into(),
+                Err(e) => e,
+            }
+        })?;
+        let what = format!("submitted {} ({})", file.display(), p.request.kind());
+        match (self.output, r) {
+            (Output::Json, r) => print_json(&r),
+            (Output::Table, admin::Submitted::Policy(a)) => {
+                out(&output::applied(&what, a.version, a.tests.len()))
+            }
+            (Output::Table, admin::Submitted::Host(h)) => self.host_result(
+                &h,
+                &format!("{what}: {} is now {}", h.name, output::labels(&h.labels)),
+            ),
+            (Output::Table, admin::Submitted::Hosts(b)) => out(&import::render_signed(&what, &b)),
+            (Output::Table, admin::Submitted::Keys(v)) => {
+                note(format_args!("{what}"));
+                self.show_keys(&v)
+            }
+        }
     }
 }
 
@@ -276,6 +413,8 @@ struct Ctx {
     client: Client,
     /// Admin signing keys (`--admin-key`): widening changes are sent signed.
     admin_keys: Vec<meshd_control::signed::AdminSigningKey>,
+    /// `--prepare FILE`: signed changes are written there instead of sent.
+    prepare: Option<std::path::PathBuf>,
     server: String,
     output: Output,
     now: UnixTime,
@@ -443,6 +582,13 @@ impl Ctx {
             }
             PolicyCmd::Apply { file } => {
                 let (src, _) = load_policy(&file)?;
+                if self.prepare.is_some() {
+                    return self.write_prepared(admin::prepare_policy(
+                        &self.client,
+                        &self.admin_keys,
+                        src.text,
+                    )?);
+                }
                 let r: PolicyApplied = if self.admin_keys.is_empty() {
                     self.client
                         .put("/v1/policy", &PolicyText { yaml: src.text })
@@ -479,6 +625,12 @@ impl Ctx {
                     Output::Table => out(&output::policy_history(&h, self.now)),
                 }
             }
+            PolicyCmd::Rollback { target: version } if self.prepare.is_some() => self
+                .write_prepared(admin::prepare_rollback(
+                    &self.client,
+                    &self.admin_keys,
+                    version,
+                )?),
             PolicyCmd::Rollback { target: version } if !self.admin_keys.is_empty() => {
                 let r = admin::rollback_policy(&self.client, &self.admin_keys, version)?;
                 match self.output {
@@ -628,6 +780,24 @@ impl Ctx {
     fn admin(&self, cmd: AdminCmd) -> anyhow::Result<()> {
         let v = match cmd {
             AdminCmd::Keygen { .. } => unreachable!("keygen runs without a Ctx"),
+            AdminCmd::Cosign { .. } => unreachable!("cosign runs without a Ctx"),
+            AdminCmd::Submit { file } => return self.submit(&file),
+            AdminCmd::AddKey { key, quorum } if self.prepare.is_some() => {
+                return self.write_prepared(admin::prepare_keys(
+                    &self.client,
+                    &self.admin_keys,
+                    |s| s.push(key),
+                    quorum,
+                )?)
+            }
+            AdminCmd::RemoveKey { key, quorum } if self.prepare.is_some() => {
+                return self.write_prepared(admin::prepare_keys(
+                    &self.client,
+                    &self.admin_keys,
+                    |s| s.retain(|k| *k != key),
+                    quorum,
+                )?)
+            }
             AdminCmd::Token(t) => return self.admin_token(t),
             AdminCmd::Keys => admin::verified_chain(&self.client, &self.admin_keys)?.0,
             AdminCmd::AddKey { key, quorum } => {
@@ -645,8 +815,13 @@ impl Ctx {
                 quorum,
             )?,
         };
+        self.show_keys(&v)
+    }
+
+    /// The admin key set, as `admin keys` shows it.
+    fn show_keys(&self, v: &meshd_control::state::SignedView) -> anyhow::Result<()> {
         match self.output {
-            Output::Json => print_json(&v),
+            Output::Json => print_json(v),
             Output::Table => {
                 let mut s = String::new();
                 match v.chain.last().and_then(|l| l.key_set().ok()) {
@@ -679,7 +854,7 @@ impl Ctx {
     }
 
     fn hosts(&self, cmd: HostsCmd) -> anyhow::Result<()> {
-        if !self.admin_keys.is_empty() {
+        if !self.admin_keys.is_empty() || self.prepare.is_some() {
             let (host, release, what): (String, bool, HostEdit) = match cmd {
                 HostsCmd::Label { host, labels } => (
                     host,
@@ -711,6 +886,14 @@ impl Ctx {
                 HostsCmd::Release { host } => (host, true, Box::new(|_, _| {})),
                 other => return self.hosts_unsigned(other),
             };
+            if self.prepare.is_some() {
+                let p = admin::prepare_host(&self.client, &self.admin_keys, &host, what, release)
+                    .map_err(|e| match e.downcast::<ApiFailure>() {
+                    Ok(f) => host_hint(&host)(f),
+                    Err(e) => e,
+                })?;
+                return self.write_prepared(p);
+            }
             let h = admin::host_change(&self.client, &self.admin_keys, &host, what, release)
                 .map_err(|e| match e.downcast::<ApiFailure>() {
                     Ok(f) => host_hint(&host)(f),

@@ -173,6 +173,31 @@ pub struct SignedHostRequest {
     pub release: bool,
 }
 
+/// Most host statements in one `POST /v1/signed/hosts`.
+pub const SIGNED_BATCH_MAX: usize = 10_000;
+
+/// `POST /v1/signed/hosts`: host statements (a signed CMDB import), applied all or none in
+/// one commit; optionally with the signed policy version the import's declared flows make,
+/// applied after the labels (its tests run over the hosts as relabelled).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct SignedHostsRequest {
+    /// Host statements (one per host key), each signed by a quorum of the admin keys.
+    pub statements: Vec<crate::signed::Signed>,
+    /// A signed policy version to apply with them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<SignedPolicyRequest>,
+}
+
+/// Reply to `POST /v1/signed/hosts`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedHostsApplied {
+    /// The hosts as they are now, in the order of the statements.
+    pub hosts: Vec<HostView>,
+    /// The policy version applied with them.
+    #[serde(default)]
+    pub policy: Option<PolicyApplied>,
+}
+
 /// Rename a host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RenameRequest {

@@ -861,6 +861,110 @@ pub fn propose_policy(current: &str, flows: &[DeclaredFlow]) -> Result<String, P
     serde_yaml_ng::to_string(&doc).map_err(|e| ProposeError::Current(e.to_string()))
 }
 
+/// An enrolled host as [`relabel_plan`] sees it (from `GET /v1/hosts`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanHost {
+    /// Its id.
+    pub id: HostId,
+    /// Its name.
+    pub name: String,
+    /// Its underlay addresses (observed and reported).
+    pub ips: Vec<IpAddr>,
+    /// Its labels now.
+    pub labels: Labels,
+}
+
+/// One enrolled host an import relabels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Relabel {
+    /// The host.
+    pub id: HostId,
+    /// Its name.
+    pub name: String,
+    /// Its labels now.
+    pub before: Labels,
+    /// Its labels after the import (the rows' labels merged over them, in file order).
+    pub after: Labels,
+}
+
+/// What an import would do to enrolled hosts ([`relabel_plan`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RelabelPlan {
+    /// Hosts whose labels change, by id.
+    pub hosts: Vec<Relabel>,
+    /// Lines of rows that match no enrolled host.
+    pub unmatched: Vec<u32>,
+}
+
+/// The labels an import gives enrolled hosts, computed off the coordinator (a signed import:
+/// meshctl signs exactly these). The rules of the coordinator's import: a row names the live
+/// host with its name, else the one with its underlay address; a row whose name and address
+/// name two different hosts is refused, as is a host left with more than [`MAX_LABELS`]
+/// labels; the row's labels are merged over the host's (the row wins a key both set).
+pub fn relabel_plan(file: &CmdbFile, hosts: &[PlanHost]) -> Result<RelabelPlan, Vec<RowError>> {
+    let mut errors = validate(file);
+    let mut after: BTreeMap<HostId, Labels> = BTreeMap::new();
+    let mut plan = RelabelPlan::default();
+    for row in &file.hosts {
+        let by_name = row
+            .name
+            .as_ref()
+            .and_then(|n| hosts.iter().find(|h| &h.name == n));
+        let by_ip = row
+            .ip
+            .and_then(|ip| hosts.iter().find(|h| h.ips.contains(&ip)));
+        let h = match (by_name, by_ip) {
+            (Some(a), Some(b)) if a.id != b.id => {
+                errors.push(RowError {
+                    line: row.line,
+                    message: format!(
+                        "host name {:?} is enrolled host {} but {} is the address of host {}",
+                        a.name,
+                        a.id,
+                        row.ip.map(|i| i.to_string()).unwrap_or_default(),
+                        b.id
+                    ),
+                });
+                continue;
+            }
+            (Some(h), _) | (None, Some(h)) => h,
+            (None, None) => {
+                plan.unmatched.push(row.line);
+                continue;
+            }
+        };
+        let labels = after.entry(h.id).or_insert_with(|| h.labels.clone());
+        labels.extend(row.labels.clone());
+        if labels.len() > MAX_LABELS {
+            errors.push(RowError {
+                line: row.line,
+                message: format!(
+                    "host {} would have {} labels (at most {MAX_LABELS})",
+                    h.name,
+                    labels.len()
+                ),
+            });
+        }
+    }
+    if !errors.is_empty() {
+        errors.sort_by_key(|e| e.line);
+        return Err(errors);
+    }
+    for h in hosts {
+        if let Some(labels) = after.remove(&h.id) {
+            if labels != h.labels {
+                plan.hosts.push(Relabel {
+                    id: h.id,
+                    name: h.name.clone(),
+                    before: h.labels.clone(),
+                    after: labels,
+                });
+            }
+        }
+    }
+    Ok(plan)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1001,5 +1105,36 @@ mod tests {
         let p = propose_policy("", &flows[..1]).unwrap();
         assert_eq!(meshd_policy::Policy::parse(&p).unwrap().rules.len(), 1);
         assert!(propose_policy("- a\n- b\n", &flows).is_err());
+    }
+
+    #[test]
+    fn relabel_plan_matches_by_name_then_address_and_merges() {
+        let h = |id, name: &str, ip: [u8; 4], labels: &[(&str, &str)]| PlanHost {
+            id: HostId(id),
+            name: name.into(),
+            ips: vec![IpAddr::from(ip)],
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        let hosts = [
+            h(1, "web1", [10, 0, 0, 1], &[("app", "web")]),
+            h(2, "db1", [10, 0, 0, 2], &[("app", "db")]),
+        ];
+        let f = parse("hostname,ip,labels\nweb1,,env=prod\n,10.0.0.2,app=db\nnew,10.9.9.9,app=x\n")
+            .unwrap();
+        let p = relabel_plan(&f, &hosts).unwrap();
+        assert_eq!(p.unmatched, vec![4]);
+        assert_eq!(p.hosts.len(), 1, "db1's labels do not change: {p:?}");
+        assert_eq!(p.hosts[0].name, "web1");
+        assert_eq!(
+            p.hosts[0].after.get("env").map(String::as_str),
+            Some("prod")
+        );
+        assert_eq!(p.hosts[0].after.get("app").map(String::as_str), Some("web"));
+        let f = parse("hostname,ip,labels\nweb1,10.0.0.2,env=prod\n").unwrap();
+        let e = relabel_plan(&f, &hosts).unwrap_err();
+        assert_eq!(e[0].line, 2, "{e:?}");
     }
 }

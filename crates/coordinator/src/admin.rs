@@ -133,6 +133,12 @@ impl IntoResponse for Failure {
 impl From<AdminError> for Failure {
     fn from(e: AdminError) -> Self {
         let (s, c) = match e {
+            // The refused statement's status and code, the batch's message.
+            AdminError::SignedBatch { ref why, .. } => {
+                let inner = Failure::from((**why).clone());
+                return Failure(inner.0, inner.1, e.to_string(), inner.3);
+            }
+            AdminError::BadBatch(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             AdminError::NoSuchHost(_)
             | AdminError::NoSuchToken(_)
             | AdminError::HostRemoved(_)
@@ -543,6 +549,13 @@ async fn signed_host(
 ) -> Result<Response, Failure> {
     call(&st, AdminOp::SignedHost(h, r)).await
 }
+async fn signed_hosts(
+    _: Authed,
+    State(st): State<AppState>,
+    Json(r): Json<meshd_control::api::SignedHostsRequest>,
+) -> Result<Response, Failure> {
+    call(&st, AdminOp::SignedHosts(r)).await
+}
 async fn release(
     _: Authed,
     State(st): State<AppState>,
@@ -743,6 +756,11 @@ fn router(st: AppState, secure: bool) -> Router {
         )
         .route("/v1/signed/policy", post(signed_policy))
         .route("/v1/signed/rollback/{version}", post(signed_rollback))
+        // A signed import of many hosts (~300 bytes a statement) outgrows axum's 2 MiB default.
+        .route(
+            "/v1/signed/hosts",
+            post(signed_hosts).layer(axum::extract::DefaultBodyLimit::max(16 << 20)),
+        )
         .route("/v1/signed/hosts/{host}", post(signed_host))
         .route_layer(axum::middleware::from_fn_with_state(
             st.metrics.clone(),

@@ -90,6 +90,9 @@ pub enum AdminOp {
     SignedRollback(u64, meshd_control::signed::Signed),
     /// Set a host's name and labels from a signed host statement (and lift its quarantine).
     SignedHost(String, meshd_control::api::SignedHostRequest),
+    /// Set many hosts' names and labels from signed host statements, all or none (a signed
+    /// CMDB import), with an optional signed policy version.
+    SignedHosts(meshd_control::api::SignedHostsRequest),
     /// New named admin token (`meshctl admin token create`).
     CreateAdminToken(AdminTokenCreateRequest),
     /// All admin tokens, also expired and revoked ones (never their secrets or hashes).
@@ -208,7 +211,7 @@ impl Ops<'_> {
             AdminOp::PolicyModeSet(_) => {
                 Some("policy mode (put `mode: learn` in the signed policy file instead)")
             }
-            AdminOp::Import(_) => Some("import (sign the labels with `meshctl host label`)"),
+            AdminOp::Import(_) => Some("import (meshctl signs the labels it sets)"),
             _ => None,
         };
         if let Some(what) = unsigned {
@@ -472,6 +475,38 @@ impl Ops<'_> {
                     record(EventKind::HostReleased, named(&h));
                 }
                 AdminReply::Host(view(state, &h))
+            }
+            AdminOp::SignedHosts(req) => {
+                if let Some(p) = &req.policy {
+                    check_policy_size(&p.yaml)?;
+                }
+                let policy = req
+                    .policy
+                    .as_ref()
+                    .map(|p| (p.yaml.as_str(), p.signed.clone()));
+                let n = req.statements.len();
+                let r = state.set_hosts_signed(now, req.statements, policy)?;
+                info!(
+                    hosts = n,
+                    rules_version = r.policy.as_ref().map(|p| p.0.version),
+                    "signed host batch applied"
+                );
+                for h in &r.hosts {
+                    record(EventKind::HostLabelsSigned, named(h));
+                }
+                if let Some((rec, _)) = &r.policy {
+                    record(
+                        EventKind::PolicyApplied,
+                        format!("version {} (signed, with {n} host statements)", rec.version),
+                    );
+                }
+                json(&meshd_control::api::SignedHostsApplied {
+                    hosts: r.hosts.iter().map(|h| view(state, h)).collect(),
+                    policy: r.policy.map(|(rec, tests)| PolicyApplied {
+                        version: rec.version,
+                        tests,
+                    }),
+                })
             }
             AdminOp::Import(req) => {
                 let out = state.import_cmdb(now, &req.file, req.apply)?;

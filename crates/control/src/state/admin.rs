@@ -88,6 +88,18 @@ pub enum AdminError {
     /// A signed change whose statement or signatures do not verify.
     #[error("signed change refused: {0}")]
     BadSignature(#[from] crate::signed::SignError),
+    /// One statement of a signed batch (`POST /v1/signed/hosts`) was refused: nothing of the
+    /// batch was applied.
+    #[error("host {host}: {why} (nothing of the batch was applied)")]
+    SignedBatch {
+        /// The host the refused statement names (its name, else its key).
+        host: String,
+        /// Why it was refused.
+        why: Box<AdminError>,
+    },
+    /// An empty or oversized signed batch.
+    #[error("{0}")]
+    BadBatch(String),
     /// A signed change, but no admin key set is registered yet (`meshctl admin add-key`).
     #[error("no admin key is registered (register the first with `meshctl admin add-key`)")]
     NoAdminKeys,

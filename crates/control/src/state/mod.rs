@@ -67,7 +67,7 @@ pub use mode::{group_selector, RuntimeMode, MAX_LEARN_GROUPS};
 pub use pushes::{Dirty, Kick, Push, PushWork};
 pub use rotation::RotationEvent;
 pub use sessions::{Hello, HelloRefused, Notice, SessionInfo, MAX_REPORTED_ENDPOINTS};
-pub use signed::{SignedRecord, SignedView};
+pub use signed::{SignedBatchApplied, SignedRecord, SignedView};
 
 use pushes::SentPeer;
 use sessions::Session;

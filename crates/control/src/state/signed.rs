@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 
 use super::{AdminError, CoordinatorState};
-use crate::model::{Host, HostId, UnixTime};
+use crate::model::{Host, HostId, Labels, UnixTime};
 use crate::policy::PolicyRecord;
 use crate::proto::CoordinatorMessage;
 use crate::signed::{
@@ -427,4 +427,159 @@ impl CoordinatorState {
             }),
         })
     }
+}
+
+/// A signed batch (`POST /v1/signed/hosts`, a signed CMDB import): checked whole, then
+/// applied whole. Kept apart from the single-statement path above.
+impl CoordinatorState {
+    /// Sets the names and labels of many hosts to exactly those of signed host statements,
+    /// all or none. Every statement is checked first, as [`CoordinatorState::set_host_signed`]
+    /// checks one (a live host with its key, newer than the statement held, valid name and
+    /// labels, a quorum of the admin key set), and the batch as a whole (one statement per
+    /// host, no two live hosts left with one name); the first refused one is named in
+    /// [`AdminError::SignedBatch`] and nothing is changed. With `policy`, that signed version
+    /// is applied after the labels (its tests see the hosts as relabelled); if it is refused
+    /// the hosts are put back as they were. The caller commits everything as one batch.
+    pub fn set_hosts_signed(
+        &mut self,
+        now: UnixTime,
+        statements: Vec<Signed>,
+        policy: Option<(&str, Signed)>,
+    ) -> Result<SignedBatchApplied, AdminError> {
+        use crate::model::validate_name;
+        if statements.is_empty() && policy.is_none() {
+            return Err(AdminError::BadBatch(
+                "no host statements in the batch".into(),
+            ));
+        }
+        if statements.len() > crate::api::SIGNED_BATCH_MAX {
+            return Err(AdminError::BadBatch(format!(
+                "{} host statements in one batch (at most {})",
+                statements.len(),
+                crate::api::SIGNED_BATCH_MAX
+            )));
+        }
+        let set = self.admin_keys().ok_or(AdminError::NoAdminKeys)?.clone();
+        let fail = |host: String, why: AdminError| AdminError::SignedBatch {
+            host,
+            why: Box::new(why),
+        };
+        let mut ids: Vec<HostId> = Vec::with_capacity(statements.len());
+        for (i, s) in statements.iter().enumerate() {
+            let st = s
+                .host()
+                .map_err(|e| fail(format!("#{} of the batch", i + 1), e.into()))?;
+            let who = st.name.clone();
+            let h = self.host_by_key(&st.key).ok_or_else(|| {
+                fail(
+                    who.clone(),
+                    AdminError::NoSuchHost(format!("with key {}", st.key)),
+                )
+            })?;
+            let id = h.id;
+            let who = if h.name == st.name {
+                who
+            } else {
+                format!("{} (to be named {who})", h.name)
+            };
+            if ids.contains(&id) {
+                return Err(fail(
+                    who,
+                    AdminError::BadBatch("a second statement for this host".into()),
+                ));
+            }
+            if let Some(held) = self.signed.hosts.get(&id).and_then(|x| x.host().ok()) {
+                if held.at_ms >= st.at_ms {
+                    return Err(fail(who, crate::signed::SignError::Stale.into()));
+                }
+            }
+            validate_name(&st.name).map_err(|e| fail(who.clone(), e.into()))?;
+            super::admin::validate_labels(&st.labels).map_err(|e| fail(who.clone(), e))?;
+            s.verify(&set).map_err(|e| fail(who.clone(), e.into()))?;
+            ids.push(id);
+        }
+        // Names once the batch is applied: still one live host per name.
+        let mut after: HashMap<&str, HostId> = HashMap::new();
+        let renamed: BTreeMap<HostId, &str> = ids
+            .iter()
+            .zip(&statements)
+            .filter_map(|(id, s)| Some((*id, s.host().ok()?.name.as_str())))
+            .collect();
+        for h in self.hosts.values().filter(|h| !h.removed) {
+            let name = renamed.get(&h.id).copied().unwrap_or(h.name.as_str());
+            if let Some(other) = after.insert(name, h.id) {
+                let who = if renamed.contains_key(&h.id) {
+                    h.id
+                } else {
+                    other
+                };
+                let host = self.hosts.get(&who).map_or(name, |h| h.name.as_str());
+                return Err(fail(host.to_string(), AdminError::NameTaken(name.into())));
+            }
+        }
+
+        // Everything verified: apply (nothing below can fail but the policy).
+        let dirty_len = self.signed.dirty.len();
+        let mut before: Vec<(HostId, String, Labels, Option<Signed>)> = Vec::new();
+        for (s, id) in statements.into_iter().zip(ids.iter().copied()) {
+            let Ok(st) = s.host().cloned() else { continue };
+            let held = self.signed.hosts.get(&id).cloned();
+            let Some(h) = self.hosts.get_mut(&id) else {
+                continue;
+            };
+            before.push((id, h.name.clone(), h.labels.clone(), held));
+            let changed = h.name != st.name || h.labels != st.labels;
+            h.name = st.name;
+            h.labels = st.labels;
+            if changed {
+                self.policy_host_changed(id);
+            }
+            // The peers' next deltas carry the statement (a touch re-sends the host's record).
+            self.touch(id);
+            self.signed.dirty.push(SignedRecord::Host {
+                host: id,
+                signed: s.clone(),
+            });
+            self.signed.hosts.insert(id, s);
+        }
+        let policy = match policy {
+            None => None,
+            Some((yaml, s)) => match self.apply_signed_policy(now, yaml, s) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    // Put the hosts and their statements back as they were.
+                    self.signed.dirty.truncate(dirty_len);
+                    for (id, name, labels, held) in before {
+                        if let Some(h) = self.hosts.get_mut(&id) {
+                            h.name = name;
+                            h.labels = labels;
+                        }
+                        self.policy_host_changed(id);
+                        self.touch(id);
+                        match held {
+                            Some(s) => self.signed.hosts.insert(id, s),
+                            None => self.signed.hosts.remove(&id),
+                        };
+                    }
+                    return Err(e);
+                }
+            },
+        };
+        Ok(SignedBatchApplied {
+            hosts: ids
+                .iter()
+                .filter_map(|id| self.hosts.get(id).cloned())
+                .collect(),
+            policy,
+        })
+    }
+}
+
+/// What [`CoordinatorState::set_hosts_signed`] did.
+#[derive(Debug, Clone)]
+pub struct SignedBatchApplied {
+    /// The hosts as they are now, in the order of the statements.
+    pub hosts: Vec<Host>,
+    /// The policy version applied with them, and its tests.
+    pub policy: Option<(PolicyRecord, Vec<meshd_policy::TestResult>)>,
 }

@@ -431,3 +431,117 @@ fn a_rotation_in_a_signed_mesh_carries_the_hosts_own_succession_to_its_peers() {
     }
     assert_eq!(s.host_statement(HostId(2)).unwrap().successions, [succ]);
 }
+
+fn host_st(
+    s: &CoordinatorState,
+    host: &str,
+    name: &str,
+    labels: &[(&str, &str)],
+    at_ms: u64,
+    by: &[&AdminSigningKey],
+) -> Signed {
+    let h = s.find_host(host).unwrap();
+    Signed::sign(
+        Statement::Host(HostStatement {
+            key: h.public_key,
+            name: name.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            at_ms,
+        }),
+        by,
+    )
+}
+
+#[test]
+fn a_signed_batch_applies_all_or_nothing_and_agents_accept_it() {
+    let t0 = Instant::now();
+    let (mut s, a) = signed_three();
+    let evil = AdminSigningKey::from_seed([66; 32]);
+    let _ = maps(&mut s);
+    s.disconnect(100, HostId(1), ConnId(1));
+    let mut ag = agent(&s, t0).with_trust(crate::signed::TrustStore::pinned(
+        s.admin_fingerprint().unwrap(),
+    ));
+    s.connect(
+        100,
+        key(1),
+        ConnId(11),
+        IpAddr::from([198, 51, 100, 1]),
+        Hello::Resume { endpoints: ep(1) },
+    )
+    .unwrap();
+    let (m, _) = deliver(&mut s, &mut ag, t0);
+    assert_eq!(names(&m.expect("full map")), ["h2"]);
+
+    let good_h2 = host_st(&s, "h2", "h2", &[("app", "db"), ("env", "prod")], 20, &[&a]);
+    let good_h3 = host_st(&s, "h3", "h3", &[("app", "db")], 20, &[&a]);
+    let refused = |r: Result<SignedBatchApplied, AdminError>| match r {
+        Err(AdminError::SignedBatch { host, why }) => (host, why.to_string()),
+        other => panic!("expected a refused batch, got {other:?}"),
+    };
+    let unchanged = |s: &mut CoordinatorState| {
+        assert_eq!(s.find_host("h2").unwrap().labels.len(), 1);
+        assert_eq!(s.find_host("h3").unwrap().labels["app"], "web");
+        assert_eq!(peer_names(s, 1), ["h2"]);
+        let d = s.take_dirty();
+        assert!(d.signed.is_empty() && d.hosts.is_empty(), "{d:?}");
+    };
+    let _ = s.take_dirty();
+    // One statement signed by a key outside the set: nothing applies, and it is named.
+    let bad = host_st(&s, "h3", "h3", &[("app", "db")], 20, &[&evil]);
+    let (host, why) = refused(s.set_hosts_signed(200, vec![good_h2.clone(), bad], None));
+    assert_eq!(host, "h3");
+    assert!(why.contains("1 needed"), "{why}");
+    unchanged(&mut s);
+    // A stale one (older than h2's held statement) or two for one host: the same.
+    let old = host_st(&s, "h2", "h2", &[("app", "db")], 1, &[&a]);
+    let (host, why) = refused(s.set_hosts_signed(200, vec![good_h3.clone(), old], None));
+    assert_eq!(host, "h2");
+    assert!(why.contains("not newer"), "{why}");
+    let (host, _) = refused(s.set_hosts_signed(
+        200,
+        vec![good_h3.clone(), good_h2.clone(), good_h3.clone()],
+        None,
+    ));
+    assert_eq!(host, "h3");
+    // Two hosts ending with one name.
+    let clash = host_st(&s, "h3", "h2", &[("app", "db")], 20, &[&a]);
+    let (_, why) = refused(s.set_hosts_signed(200, vec![clash], None));
+    assert!(why.contains("taken"), "{why}");
+    // With a signed policy whose tests fail: the labels are put back too.
+    let failing = "\
+rules:
+  - name: app-to-db
+    from: { app: app }
+    to:   { app: db }
+    ports: [tcp/5432]
+tests:
+  - { from: { app: app }, to: { app: db }, port: tcp/5432, expect: deny }
+";
+    let p = sign_policy(&s, failing, &a);
+    let r = s.set_hosts_signed(
+        200,
+        vec![good_h2.clone(), good_h3.clone()],
+        Some((failing, p)),
+    );
+    assert!(matches!(r, Err(AdminError::Policy(_))), "{r:?}");
+    assert_eq!(s.find_host("h3").unwrap().labels["app"], "web");
+    assert_eq!(peer_names(&s, 1), ["h2"]);
+    assert!(s.take_dirty().signed.is_empty());
+
+    // The whole batch, verified: applied, and h1's agent accepts the new peer h3 (its
+    // statement verifies against the pinned key set).
+    let r = s
+        .set_hosts_signed(200, vec![good_h2, good_h3], None)
+        .unwrap();
+    assert_eq!(r.hosts.len(), 2);
+    assert_eq!(s.find_host("h3").unwrap().labels["app"], "db");
+    assert_eq!(s.find_host("h2").unwrap().labels["env"], "prod");
+    let (m, refused) = deliver(&mut s, &mut ag, t0);
+    assert!(refused.is_empty(), "{refused:?}");
+    assert_eq!(names(&m.expect("delta")), ["h2", "h3"]);
+    assert_eq!(ag.trust_status().refused, 0);
+}
