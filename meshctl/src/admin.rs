@@ -306,6 +306,8 @@ pub enum Submitted {
     Hosts(SignedHostsApplied),
     /// The key set.
     Keys(SignedView),
+    /// The runtime learning setting.
+    Mode(meshd_control::api::PolicyModeView),
 }
 
 /// Posts a signed request to its endpoint (the coordinator verifies it).
@@ -348,7 +350,64 @@ pub fn submit(c: &Client, r: &Request) -> anyhow::Result<Submitted> {
             },
         )?),
         Request::KeySet { signed } => Submitted::Keys(c.post("/v1/admin/keys", signed)?),
+        Request::Mode { signed, .. } => Submitted::Mode(c.post(
+            "/v1/signed/mode",
+            &meshd_control::api::SignedModeRequest {
+                signed: signed.clone(),
+            },
+        )?),
     })
+}
+
+/// `policy mode learn|enforce [--group G]` signed, as a request to post: the whole next
+/// runtime learning setting (the coordinator's current one changed as the command says).
+pub fn prepare_mode(
+    c: &Client,
+    keys: &[AdminSigningKey],
+    mode: meshd_policy::PolicyMode,
+    group: Option<meshd_control::Labels>,
+) -> anyhow::Result<Prepared> {
+    let (v, _) = verified_chain(c, keys)?;
+    let before = v.runtime_mode.clone();
+    let mut next = before.clone();
+    match (mode, group) {
+        (meshd_policy::PolicyMode::Learn, None) => next.all = true,
+        (meshd_policy::PolicyMode::Learn, Some(g)) => {
+            if !next.groups.contains(&g) {
+                next.groups.push(g);
+            }
+        }
+        (meshd_policy::PolicyMode::Enforce, None) => {
+            next.all = false;
+            next.groups.clear();
+        }
+        (meshd_policy::PolicyMode::Enforce, Some(g)) => {
+            let Some(i) = next.groups.iter().position(|x| *x == g) else {
+                anyhow::bail!(
+                    "that group is not a runtime learning group (see `meshctl policy mode`); \
+                     learning the policy file declares is ended by editing the file"
+                );
+            };
+            next.groups.remove(i);
+        }
+    }
+    let st = Statement::Mode(meshd_control::signed::ModeStatement {
+        seq: v
+            .mode
+            .as_ref()
+            .and_then(|m| m.mode().ok())
+            .map_or(1, |m| m.seq + 1),
+        all: next.all,
+        groups: next.groups,
+        prev: v.mode.as_ref().map_or(Hash32::ZERO, |m| m.statement.hash()),
+        at_ms: now_ms(),
+    });
+    let signed = prepared::sign(st, keys);
+    Ok(Prepared::new(
+        c.base(),
+        v.chain,
+        Request::Mode { before, signed },
+    ))
 }
 
 /// Refuses a prepared request the coordinator has moved past (another key set, another next

@@ -232,6 +232,7 @@ fn prepares(c: &Command) -> bool {
             )
             | Command::Import { .. }
             | Command::Admin(AdminCmd::AddKey { .. } | AdminCmd::RemoveKey { .. })
+            | Command::Policy(PolicyCmd::Mode { mode: Some(_), .. })
     )
 }
 
@@ -340,6 +341,10 @@ impl Ctx {
             (Output::Table, admin::Submitted::Keys(v)) => {
                 note(format_args!("{what}"));
                 self.show_keys(&v)
+            }
+            (Output::Table, admin::Submitted::Mode(v)) => {
+                note(format_args!("{what}"));
+                out(&output::policy_mode(&v, true, self.now))
             }
         }
     }
@@ -685,6 +690,20 @@ impl Ctx {
     /// `policy mode [learn|enforce [--group G]]`.
     fn policy_mode(&self, mode: Option<cli::ModeArg>, group: Option<Labels>) -> anyhow::Result<()> {
         use meshd_control::api::{PolicyModeRequest, PolicyModeView};
+        // With admin keys (a signed mesh), the whole next setting is signed here.
+        if let Some(m) = mode.filter(|_| !self.admin_keys.is_empty() || self.prepare.is_some()) {
+            let p = admin::prepare_mode(&self.client, &self.admin_keys, m.into(), group)?;
+            if self.prepare.is_some() {
+                return self.write_prepared(p);
+            }
+            let admin::Submitted::Mode(v) = admin::submit(&self.client, &p.request)? else {
+                anyhow::bail!("unexpected reply kind");
+            };
+            return match self.output {
+                Output::Json => print_json(&v),
+                Output::Table => out(&output::policy_mode(&v, true, self.now)),
+            };
+        }
         let v: PolicyModeView = match mode {
             None => self.client.get("/v1/policy/mode")?,
             Some(m) => self

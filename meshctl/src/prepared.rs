@@ -90,6 +90,13 @@ pub enum Request {
         /// The next key set.
         signed: Signed,
     },
+    /// `policy mode learn|enforce [--group G]`: `POST /v1/signed/mode`.
+    Mode {
+        /// The runtime learning setting it replaces (for the cosigners' summary; not signed).
+        before: meshd_control::state::RuntimeMode,
+        /// The next setting, whole.
+        signed: Signed,
+    },
 }
 
 impl Request {
@@ -101,6 +108,7 @@ impl Request {
             Request::Host { .. } => "host",
             Request::Hosts { .. } => "hosts",
             Request::KeySet { .. } => "key_set",
+            Request::Mode { .. } => "mode",
         }
     }
 
@@ -110,7 +118,8 @@ impl Request {
             Request::Policy { signed, .. }
             | Request::Rollback { signed, .. }
             | Request::Host { signed, .. }
-            | Request::KeySet { signed } => vec![signed],
+            | Request::KeySet { signed }
+            | Request::Mode { signed, .. } => vec![signed],
             Request::Hosts {
                 statements, policy, ..
             } => statements
@@ -125,7 +134,8 @@ impl Request {
             Request::Policy { signed, .. }
             | Request::Rollback { signed, .. }
             | Request::Host { signed, .. }
-            | Request::KeySet { signed } => vec![signed],
+            | Request::KeySet { signed }
+            | Request::Mode { signed, .. } => vec![signed],
             Request::Hosts {
                 statements, policy, ..
             } => statements
@@ -266,6 +276,7 @@ impl Prepared {
                     && policy.as_ref().is_none_or(|p| p.signed.policy().is_ok())
             }
             Request::KeySet { signed } => signed.key_set().is_ok(),
+            Request::Mode { signed, .. } => signed.mode().is_ok(),
         };
         if !kinds_ok {
             anyhow::bail!("a statement is not of the kind {:?}", self.request.kind());
@@ -460,6 +471,35 @@ impl Prepared {
                     for key in old.iter().filter(|o| !k.keys.contains(o)) {
                         s.push_str(&format!("  - {key}\n"));
                     }
+                }
+            }
+            Request::Mode { before, signed } => {
+                if let Ok(m) = signed.mode() {
+                    let text = |all: bool, groups: &[meshd_control::Labels]| {
+                        let mut parts: Vec<String> = groups
+                            .iter()
+                            .map(|g| {
+                                g.iter()
+                                    .map(|(k, v)| format!("{k}={v}"))
+                                    .collect::<Vec<_>>()
+                                    .join(",")
+                            })
+                            .collect();
+                        if all {
+                            parts.insert(0, "the whole mesh".into());
+                        }
+                        if parts.is_empty() {
+                            "nothing (enforce)".into()
+                        } else {
+                            parts.join("; ")
+                        }
+                    };
+                    s.push_str(&format!(
+                        "learning mode setting {}: learning {} (was {})\n",
+                        m.seq,
+                        text(m.all, &m.groups),
+                        text(before.all, &before.groups)
+                    ));
                 }
             }
         }

@@ -354,6 +354,35 @@ fn a_quorum_of_two_is_collected_on_two_machines() {
         c.keys().chain.last().unwrap().key_set().unwrap().keys.len(),
         3
     );
+    // The runtime learning switch: refused unsigned, its whole next setting collected and
+    // submitted like the rest.
+    let err = c.fails(&["policy", "mode", "learn", "--group", "app=web"]);
+    assert!(err.contains("--admin-key"), "{err}");
+    let mreq = c.path("mode.json");
+    let mreqs = mreq.to_str().unwrap();
+    let out = c.ok(&[
+        "--admin-key",
+        &k1,
+        "--prepare",
+        mreqs,
+        "policy",
+        "mode",
+        "learn",
+        "--group",
+        "app=web",
+    ]);
+    assert!(out.contains("1 more needed"), "{out}");
+    let o = cosign_offline(&c, &mreq, &k2);
+    assert!(o.status.success(), "{o:?}");
+    let shown =
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert!(
+        shown.contains("learning mode setting 1: learning app=web"),
+        "{shown}"
+    );
+    c.ok(&["admin", "submit", mreqs]);
+    let out = c.ok(&["policy", "mode"]);
+    assert!(out.contains("web1"), "web1 learns now: {out}");
     // --prepare where nothing is signed is refused.
     let err = c.fails(&["--prepare", reqs, "hosts", "list"]);
     assert!(err.contains("signed commands only"), "{err}");
@@ -366,6 +395,7 @@ fn agent_accepts(view: &SignedView, hosts: Vec<Signed>) {
         key_sets: view.chain.clone(),
         policy: None,
         hosts,
+        mode: None,
     });
     assert!(a.refused.is_empty(), "{:?}", a.refused);
 }

@@ -156,6 +156,13 @@ pub struct SignedPolicyRequest {
     pub signed: crate::signed::Signed,
 }
 
+/// `POST /v1/signed/mode`: the runtime learning setting, whole, signed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedModeRequest {
+    /// Its mode statement, signed by a quorum of the admin keys.
+    pub signed: crate::signed::Signed,
+}
+
 /// `POST /v1/signed/rollback/{version}` (the statement's hash is of that version's file).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SignedRollbackRequest {

@@ -275,6 +275,36 @@ pub struct HostStatement {
     pub at_ms: u64,
 }
 
+/// The runtime learning setting (`meshctl policy mode`), whole: learning widens access (a
+/// would-deny flow passes), so in a signed mesh it is signed like a policy version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModeStatement {
+    /// 1 for the first signed setting, then +1 per change (agents accept only increasing ones).
+    pub seq: u64,
+    /// The whole mesh learns.
+    pub all: bool,
+    /// Label groups that learn (a host with all of a group's labels learns).
+    pub groups: Vec<Labels>,
+    /// Hash of the previous mode statement ([`Hash32::ZERO`] for the first).
+    pub prev: Hash32,
+    /// When it was signed (Unix milliseconds).
+    pub at_ms: u64,
+}
+
+impl ModeStatement {
+    /// As the policy compiler takes it (on top of the policy file's own learning).
+    pub fn learning(&self) -> meshd_policy::Learning {
+        meshd_policy::Learning {
+            all: self.all,
+            groups: self
+                .groups
+                .iter()
+                .map(crate::state::group_selector)
+                .collect(),
+        }
+    }
+}
+
 /// Something admins sign.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -285,6 +315,8 @@ pub enum Statement {
     Policy(PolicyStatement),
     /// A host's name and labels.
     Host(HostStatement),
+    /// The runtime learning setting.
+    Mode(ModeStatement),
 }
 
 fn put_u32(out: &mut Vec<u8>, v: u32) {
@@ -333,6 +365,21 @@ impl Statement {
                 }
                 put_u64(&mut out, h.at_ms);
             }
+            Statement::Mode(m) => {
+                out.push(4);
+                put_u64(&mut out, m.seq);
+                out.push(u8::from(m.all));
+                put_u32(&mut out, u32::try_from(m.groups.len()).unwrap_or(u32::MAX));
+                for g in &m.groups {
+                    put_u32(&mut out, u32::try_from(g.len()).unwrap_or(u32::MAX));
+                    for (k, v) in g {
+                        put_str(&mut out, k);
+                        put_str(&mut out, v);
+                    }
+                }
+                out.extend_from_slice(&m.prev.0);
+                put_u64(&mut out, m.at_ms);
+            }
         }
         out
     }
@@ -349,6 +396,7 @@ impl Statement {
             Statement::KeySet(_) => "key_set",
             Statement::Policy(_) => "policy",
             Statement::Host(_) => "host",
+            Statement::Mode(_) => "mode",
         }
     }
 }
@@ -563,6 +611,17 @@ impl Signed {
         }
     }
 
+    /// The mode statement inside, or a kind error.
+    pub fn mode(&self) -> Result<&ModeStatement, SignError> {
+        match &self.statement {
+            Statement::Mode(m) => Ok(m),
+            other => Err(SignError::Kind {
+                expected: "mode",
+                got: other.kind(),
+            }),
+        }
+    }
+
     /// The host statement inside, or a kind error.
     pub fn host(&self) -> Result<&HostStatement, SignError> {
         match &self.statement {
@@ -642,6 +701,9 @@ pub struct TrustBundle {
     /// Host statements: the agent's own and those of the peers in the map that follows.
     #[serde(default)]
     pub hosts: Vec<Signed>,
+    /// The current signed runtime learning setting (absent: none was signed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<Signed>,
 }
 
 /// Why (part of) an update was not applied as sent: a widening no admin signed.
@@ -662,6 +724,9 @@ pub enum Refusal {
     /// The signed policy does not parse.
     #[error("signed policy does not parse")]
     PolicyParse,
+    /// The runtime learning setting failed.
+    #[error("learning mode setting refused: {0}")]
+    Mode(SignError),
     /// A host statement failed.
     #[error("host statement for {name} refused: {why}")]
     Host {
@@ -693,6 +758,9 @@ pub struct TrustStore {
     /// The newest verified host statement per key.
     #[serde(default)]
     hosts: BTreeMap<PublicKey, Signed>,
+    /// The newest verified runtime learning setting.
+    #[serde(default)]
+    mode: Option<Signed>,
     #[serde(skip)]
     parsed: Option<Policy>,
 }
@@ -750,7 +818,35 @@ impl TrustStore {
                 out.refused.push(r);
             }
         }
+        if let Some(m) = &b.mode {
+            if let Err(r) = self.absorb_mode(m, &set) {
+                out.refused.push(r);
+            }
+        }
         out
+    }
+
+    fn absorb_mode(&mut self, s: &Signed, set: &KeySetStatement) -> Result<(), Refusal> {
+        let st = s.mode().map_err(Refusal::Mode)?;
+        if let Some(held) = &self.mode {
+            if held == s {
+                return Ok(());
+            }
+            if held.mode().map_or(0, |m| m.seq) >= st.seq {
+                return Err(Refusal::Mode(SignError::Stale));
+            }
+        }
+        s.verify(set).map_err(Refusal::Mode)?;
+        self.mode = Some(s.clone());
+        Ok(())
+    }
+
+    /// The sequence number of the newest verified runtime learning setting.
+    pub fn mode_seq(&self) -> Option<u64> {
+        self.mode
+            .as_ref()
+            .and_then(|m| m.mode().ok())
+            .map(|m| m.seq)
     }
 
     fn absorb_key_sets(&mut self, chain: &[Signed], out: &mut Absorbed) {
@@ -907,6 +1003,12 @@ impl TrustStore {
         let [Some(me), Some(them)] = refs else {
             return PeerGrants::default();
         };
+        let learning = self
+            .mode
+            .as_ref()
+            .and_then(|m| m.mode().ok())
+            .map(ModeStatement::learning)
+            .unwrap_or_default();
         let Some(policy) = self.policy_parsed() else {
             return PeerGrants::default();
         };
@@ -924,7 +1026,7 @@ impl TrustStore {
         ];
         // Compiled at time 0: no rule counts as expired, so expiry is the coordinator's to
         // narrow (grants carry `expires_at`, which the agent enforces itself).
-        meshd_policy::compile(policy, &hosts, 0).grants_between(1, 2)
+        meshd_policy::compile_with(policy, &learning, &hosts, 0).grants_between(1, 2)
     }
 
     /// `map` as this agent may apply it: every peer's grants cut to what the signed statements

@@ -533,6 +533,13 @@ async fn signed_policy(
 ) -> Result<Response, Failure> {
     call(&st, AdminOp::SignedPolicy(r)).await
 }
+async fn signed_mode(
+    _: Authed,
+    State(st): State<AppState>,
+    Json(r): Json<meshd_control::api::SignedModeRequest>,
+) -> Result<Response, Failure> {
+    call(&st, AdminOp::SignedMode(r.signed)).await
+}
 async fn signed_rollback(
     _: Authed,
     State(st): State<AppState>,
@@ -756,6 +763,7 @@ fn router(st: AppState, secure: bool) -> Router {
         )
         .route("/v1/signed/policy", post(signed_policy))
         .route("/v1/signed/rollback/{version}", post(signed_rollback))
+        .route("/v1/signed/mode", post(signed_mode))
         // A signed import of many hosts (~300 bytes a statement) outgrows axum's 2 MiB default.
         .route(
             "/v1/signed/hosts",

@@ -88,6 +88,8 @@ pub enum AdminOp {
     SignedPolicy(meshd_control::api::SignedPolicyRequest),
     /// Re-apply an earlier version, signed.
     SignedRollback(u64, meshd_control::signed::Signed),
+    /// `POST /v1/signed/mode`: the runtime learning setting, signed.
+    SignedMode(meshd_control::signed::Signed),
     /// Set a host's name and labels from a signed host statement (and lift its quarantine).
     SignedHost(String, meshd_control::api::SignedHostRequest),
     /// Set many hosts' names and labels from signed host statements, all or none (a signed
@@ -208,9 +210,7 @@ impl Ops<'_> {
             AdminOp::Release(_) => Some("host release"),
             AdminOp::PolicyApply(_) => Some("policy apply"),
             AdminOp::PolicyRollback(_) => Some("policy rollback"),
-            AdminOp::PolicyModeSet(_) => {
-                Some("policy mode (put `mode: learn` in the signed policy file instead)")
-            }
+            AdminOp::PolicyModeSet(_) => Some("policy mode (meshctl signs the setting)"),
             AdminOp::Import(_) => Some("import (meshctl signs the labels it sets)"),
             _ => None,
         };
@@ -436,6 +436,14 @@ impl Ops<'_> {
                     ),
                 );
                 json(&state.signed_view())
+            }
+            AdminOp::SignedMode(s) => {
+                let v = state.set_mode_signed(now, s)?;
+                if v.changed {
+                    info!(mode = %v.mode, "signed learning mode setting applied");
+                    record(EventKind::PolicyModeChanged, format!("{} (signed)", v.mode));
+                }
+                json(&v)
             }
             AdminOp::SignedPolicy(r) => {
                 check_policy_size(&r.yaml)?;

@@ -155,6 +155,7 @@ fn bundle(chain: &[Signed], pol: Option<(&str, Signed)>, hosts: Vec<Signed>) -> 
             signed: s,
         }),
         hosts,
+        mode: None,
     }
 }
 

@@ -45,6 +45,11 @@ pub enum SignedRecord {
         /// The statement.
         signed: Signed,
     },
+    /// A runtime learning setting (id: its seq).
+    Mode {
+        /// The statement.
+        signed: Signed,
+    },
 }
 
 impl SignedRecord {
@@ -54,6 +59,7 @@ impl SignedRecord {
             SignedRecord::KeySet { signed } => ("key_set", signed.key_set().map_or(0, |k| k.seq)),
             SignedRecord::Policy { version, .. } => ("policy", *version),
             SignedRecord::Host { host, .. } => ("host", host.0),
+            SignedRecord::Mode { signed } => ("mode", signed.mode().map_or(0, |m| m.seq)),
         }
     }
 }
@@ -67,6 +73,8 @@ pub(super) struct SignedState {
     policies: BTreeMap<u64, Signed>,
     /// Per host, the statement of its current name and labels.
     hosts: BTreeMap<HostId, Signed>,
+    /// The statement of the current runtime learning setting.
+    mode: Option<Signed>,
     /// The policy version each agent session was last sent.
     policy_sent: HashMap<HostId, u64>,
     /// The hash of its own host statement each agent session was last sent.
@@ -86,6 +94,12 @@ pub struct SignedView {
     pub policy: Option<Signed>,
     /// The current policy version (0: none).
     pub policy_version: u64,
+    /// The statement of the current runtime learning setting, if signed.
+    #[serde(default)]
+    pub mode: Option<Signed>,
+    /// The current runtime learning setting (what a signed `policy mode` starts from).
+    #[serde(default)]
+    pub runtime_mode: super::RuntimeMode,
 }
 
 impl CoordinatorState {
@@ -107,6 +121,8 @@ impl CoordinatorState {
             fingerprint: self.admin_fingerprint(),
             policy: self.signed.policies.get(&v).cloned(),
             policy_version: v,
+            mode: self.signed.mode.clone(),
+            runtime_mode: self.runtime_mode.clone(),
         }
     }
 
@@ -343,6 +359,62 @@ impl CoordinatorState {
                 .is_some_and(|s| s.successions.len() >= MAX_SUCCESSIONS)
     }
 
+    /// Sets the runtime learning setting to exactly a signed mode statement's (the next one
+    /// after the current, signed by a quorum): what `meshctl --admin-key F policy mode …`
+    /// sends in a signed mesh. Recompiles like an unsigned change.
+    pub fn set_mode_signed(
+        &mut self,
+        now: UnixTime,
+        s: Signed,
+    ) -> Result<crate::api::PolicyModeView, AdminError> {
+        let set = self.admin_keys().ok_or(AdminError::NoAdminKeys)?.clone();
+        let st = s.mode()?.clone();
+        let (seq, prev) = match &self.signed.mode {
+            Some(cur) => (
+                cur.mode().map_or(0, |m| m.seq).saturating_add(1),
+                cur.statement.hash(),
+            ),
+            None => (1, Hash32::ZERO),
+        };
+        if st.seq != seq || st.prev != prev {
+            return Err(SignError::NotNext { seq, prev }.into());
+        }
+        if st.groups.len() > super::MAX_LEARN_GROUPS {
+            return Err(AdminError::InvalidGroup(format!(
+                "at most {} learning groups",
+                super::MAX_LEARN_GROUPS
+            )));
+        }
+        for (i, g) in st.groups.iter().enumerate() {
+            if g.is_empty() || st.groups[..i].contains(g) {
+                return Err(AdminError::InvalidGroup(
+                    "a learning group is empty or given twice".into(),
+                ));
+            }
+            super::admin::validate_labels(g)?;
+        }
+        s.verify(&set)?;
+        let next = super::RuntimeMode {
+            all: st.all,
+            groups: st.groups.clone(),
+            changed_at: now,
+        };
+        let changed = next.all != self.runtime_mode.all || next.groups != self.runtime_mode.groups;
+        self.runtime_mode = next;
+        self.dirty_mode = true;
+        self.recompile(now);
+        // Every agent gets the statement with its next map or delta; those whose grants did
+        // not change need it only once they do.
+        self.signed
+            .dirty
+            .push(SignedRecord::Mode { signed: s.clone() });
+        self.signed.mode = Some(s);
+        Ok(crate::api::PolicyModeView {
+            changed,
+            ..self.mode_view()
+        })
+    }
+
     /// Loads stored statements (after [`CoordinatorState::restore`] and the policies).
     pub fn restore_signed(&mut self, records: Vec<SignedRecord>) {
         let mut chain: Vec<Signed> = Vec::new();
@@ -354,6 +426,17 @@ impl CoordinatorState {
                 }
                 SignedRecord::Host { host, signed } => {
                     self.signed.hosts.insert(host, signed);
+                }
+                SignedRecord::Mode { signed } => {
+                    let seq = |s: &Signed| s.mode().map_or(0, |m| m.seq);
+                    if self
+                        .signed
+                        .mode
+                        .as_ref()
+                        .is_none_or(|m| seq(m) < seq(&signed))
+                    {
+                        self.signed.mode = Some(signed);
+                    }
                 }
             }
         }
@@ -424,6 +507,7 @@ impl CoordinatorState {
                 key_sets: self.signed.chain.clone(),
                 policy,
                 hosts,
+                mode: self.signed.mode.clone(),
             }),
         })
     }

@@ -545,3 +545,95 @@ tests:
     assert_eq!(names(&m.expect("delta")), ["h2", "h3"]);
     assert_eq!(ag.trust_status().refused, 0);
 }
+
+fn sign_mode(s: &CoordinatorState, all: bool, groups: Vec<Labels>, a: &AdminSigningKey) -> Signed {
+    let v = s.signed_view();
+    let cur = v
+        .mode
+        .as_ref()
+        .map(|m| (m.mode().unwrap().seq, m.statement.hash()));
+    Signed::sign(
+        Statement::Mode(crate::signed::ModeStatement {
+            seq: cur.map_or(1, |c| c.0 + 1),
+            all,
+            groups,
+            prev: cur.map_or(Hash32::ZERO, |c| c.1),
+            at_ms: 50,
+        }),
+        &[a],
+    )
+}
+
+/// Learning widens access (would-deny flows pass), so in a signed mesh the runtime switch
+/// is signed: one set behind the API's back is cut by the agent, a signed one applies, an
+/// old one cannot be replayed.
+#[test]
+fn runtime_learning_is_signed_in_a_signed_mesh() {
+    let t0 = Instant::now();
+    let (mut s, a) = signed_three();
+    let _ = maps(&mut s);
+    s.disconnect(100, HostId(1), ConnId(1));
+    let mut ag = agent(&s, t0).with_trust(crate::signed::TrustStore::pinned(
+        s.admin_fingerprint().unwrap(),
+    ));
+    s.connect(
+        100,
+        key(1),
+        ConnId(11),
+        IpAddr::from([198, 51, 100, 1]),
+        Hello::Resume { endpoints: ep(1) },
+    )
+    .unwrap();
+    let (m, refused) = deliver(&mut s, &mut ag, t0);
+    assert_eq!(names(&m.expect("full map")), ["h2"]);
+    assert!(refused.is_empty(), "{refused:?}");
+
+    // Forged: the whole mesh set learning behind the API's back (an edited database).
+    s.set_mode(1, meshd_policy::PolicyMode::Learn, None)
+        .unwrap();
+    assert_eq!(
+        peer_names(&s, 1),
+        ["h2", "h3"],
+        "the coordinator's map learns"
+    );
+    let (m, refused) = deliver(&mut s, &mut ag, t0);
+    let m = m.expect("a delta was applied");
+    assert_eq!(
+        names(&m),
+        ["h2"],
+        "learning with h3 must not apply unsigned"
+    );
+    assert!(!refused.is_empty());
+    assert!(m.peers.iter().all(|p| !p.grants.learn));
+    s.set_mode(2, meshd_policy::PolicyMode::Enforce, None)
+        .unwrap();
+    let _ = deliver(&mut s, &mut ag, t0);
+
+    // Signed: the admin puts the whole mesh in learning mode; it applies, nothing refused.
+    let m1 = sign_mode(&s, true, vec![], &a);
+    let v = s.set_mode_signed(3, m1.clone()).unwrap();
+    assert!(v.changed);
+    let (m, refused) = deliver(&mut s, &mut ag, t0);
+    assert!(refused.is_empty(), "{refused:?}");
+    let m = m.expect("delta");
+    assert_eq!(names(&m), ["h2", "h3"]);
+    assert!(m.peers.iter().all(|p| p.grants.learn));
+    assert_eq!(ag.trust_status().refused_since, None);
+    // Replaying it, or one not signed by the set, is refused by the coordinator.
+    assert!(matches!(
+        s.set_mode_signed(4, m1),
+        Err(AdminError::BadSignature(_))
+    ));
+    let evil = AdminSigningKey::from_seed([66; 32]);
+    assert!(s
+        .set_mode_signed(4, sign_mode(&s, false, vec![], &evil))
+        .is_err());
+    // Signed back to enforcing: h3 leaves, unsigned narrowing would have done as much.
+    s.set_mode_signed(5, sign_mode(&s, false, vec![], &a))
+        .unwrap();
+    let (m, refused) = deliver(&mut s, &mut ag, t0);
+    assert!(refused.is_empty(), "{refused:?}");
+    assert_eq!(names(&m.expect("delta")), ["h2"]);
+    // The statements survive a restart of the coordinator's state.
+    assert!(s.signed_view().mode.is_some());
+}
