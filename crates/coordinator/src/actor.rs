@@ -715,7 +715,7 @@ impl Actor {
             return;
         }
         let mut closed = Vec::new();
-        for (id, l) in &self.live {
+        for (id, l) in self.live.iter().filter(|(_, l)| !l.enrolment) {
             if let Err(code) = self.state.attach_session(now, *id, &l.key, l.conn_id) {
                 closed.push((*id, code));
             }
@@ -1011,6 +1011,12 @@ impl Actor {
         match self.state.connect(now, key, cid, observed, hello) {
             Ok(info) => {
                 debug!(host_id = %info.id, host = %info.name, peer_key = %key, "agent connected");
+                if enrolment {
+                    // The agent reads its welcome on this connection, closes it and resumes
+                    // on a new one at once: no session here, so no full map is made for a
+                    // connection that is closing (half the work of an enrolment storm).
+                    self.state.disconnect(now, info.id, cid);
+                }
                 self.live.insert(
                     info.id,
                     Live {

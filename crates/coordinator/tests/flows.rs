@@ -41,7 +41,7 @@ async fn http(addr: SocketAddr, path: &str, token: &str) -> (u16, String) {
     (status, body)
 }
 
-/// A raw agent: enrolled over its own connection, which stays open to send flows.
+/// A raw agent: enrolled over one connection, its session (to send flows) on a second.
 struct RawAgent {
     key: PublicKey,
     _conn: quinn::Connection,
@@ -82,6 +82,43 @@ async fn raw_agent(
             protocol: PROTOCOL_VERSION,
             secret: t.secret.clone(),
             name: name.into(),
+            endpoints: EndpointReport {
+                addrs: vec![SocketAddr::from(([192, 0, 2, 1], 1))],
+                listen_port: Some(51820),
+                transparent: false,
+            },
+        })
+        .await
+        .unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(10), reader.recv::<CoordinatorMessage>())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(m, CoordinatorMessage::Welcome { .. }), "{m:?}");
+    // As a real agent does: the enrolment connection closes, the session runs on a new one.
+    conn.close(quinn::VarInt::from_u32(0), b"enrolled");
+    ep.knock(
+        c.control_addr(),
+        &c.public_key(),
+        &key,
+        meshd_agent::KnockAs::Host,
+    )
+    .unwrap();
+    let conn = ep.connect(c.control_addr(), "x").unwrap().await.unwrap();
+    let (s, r) = conn.open_bi().await.unwrap();
+    let (mut reader, mut writer) = meshd_channel::noise::initiate(
+        s,
+        r,
+        &key,
+        &c.public_key(),
+        MAX_AGENT_FRAME,
+        MAX_COORDINATOR_FRAME,
+    )
+    .await
+    .unwrap();
+    writer
+        .send(&AgentMessage::Resume {
+            protocol: PROTOCOL_VERSION,
             endpoints: EndpointReport {
                 addrs: vec![SocketAddr::from(([192, 0, 2, 1], 1))],
                 listen_port: Some(51820),

@@ -142,6 +142,32 @@ async fn stalled_and_trickling_clients_only_hurt_themselves() {
         reader.recv::<CoordinatorMessage>().await.unwrap(),
         CoordinatorMessage::Welcome { .. }
     ));
+    // As a real agent: the enrolment connection closes; the session (whose reader stalls)
+    // runs on a second one.
+    stalled.close(quinn::VarInt::from_u32(0), b"enrolled");
+    let stalled = ep_.connect(c.control_addr(), "x").unwrap().await.unwrap();
+    let (s, r) = stalled.open_bi().await.unwrap();
+    let (mut reader, mut writer) = meshd_channel::noise::initiate(
+        s,
+        r,
+        &rogue,
+        &c.public_key(),
+        MAX_AGENT_FRAME,
+        MAX_COORDINATOR_FRAME,
+    )
+    .await
+    .unwrap();
+    writer
+        .send(&AgentMessage::Resume {
+            protocol: PROTOCOL_VERSION,
+            endpoints: ep(9),
+        })
+        .await
+        .unwrap();
+    assert!(matches!(
+        reader.recv::<CoordinatorMessage>().await.unwrap(),
+        CoordinatorMessage::Welcome { .. }
+    ));
     wait_map(&a, "a sees the stalled agent", |m| m.peers.len() == 2).await;
 
     // Churn: every label change is pushed to every agent, the stalled one included (with
