@@ -253,7 +253,11 @@ pub async fn enrol_via(
     for addr in &addrs {
         match enrol_at(*addr, endpoint, token, name, key, endpoints.clone()).await {
             Ok((host, listed)) => {
-                let listed = if listed.is_empty() { addrs.clone() } else { listed };
+                let listed = if listed.is_empty() {
+                    addrs.clone()
+                } else {
+                    listed
+                };
                 return Ok(Enrolment {
                     host,
                     coordinator: *addr,

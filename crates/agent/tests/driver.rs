@@ -338,7 +338,11 @@ async fn fails_over_to_the_next_replica_and_keeps_the_map_meanwhile() {
     let (mut c, _) = b.accept(&agent).await;
     wait_state(&mut state, |s| matches!(s, SessionState::Connected { .. })).await;
     assert_eq!(s.coordinator(), addr_b);
-    assert_eq!(s.coordinators(), vec![addr_b, addr_a], "B worked last: first");
+    assert_eq!(
+        s.coordinators(),
+        vec![addr_b, addr_a],
+        "B worked last: first"
+    );
     // The map stayed while no coordinator was there, until B sends its own.
     let maps = s.map();
     assert_eq!(maps.borrow().as_ref().map(|m| m.version), Some(5));

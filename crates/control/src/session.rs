@@ -542,7 +542,8 @@ impl AgentSession {
                 self.phase = Phase::Connecting {
                     deadline: now + CONNECT_TIMEOUT,
                 };
-                self.actions.push_back(Action::Connect(self.addrs[self.cursor]));
+                self.actions
+                    .push_back(Action::Connect(self.addrs[self.cursor]));
             }
             Phase::Connecting { deadline } | Phase::Hello { deadline, .. } if now >= deadline => {
                 self.fail(now, Failure::Timeout, true);

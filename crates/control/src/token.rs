@@ -411,7 +411,10 @@ mod tests {
 
     #[test]
     fn replicas_are_deduplicated_and_unknown_records_skipped() {
-        let t = with_replicas("192.0.2.1:7443", &["192.0.2.1:7443", "192.0.2.2:1", "192.0.2.2:1"]);
+        let t = with_replicas(
+            "192.0.2.1:7443",
+            &["192.0.2.1:7443", "192.0.2.2:1", "192.0.2.2:1"],
+        );
         let back = JoinToken::parse(&t.encode()).unwrap();
         assert_eq!(back.replicas, vec!["192.0.2.2:1".parse().unwrap()]);
         // A later version's record type 9 is skipped.

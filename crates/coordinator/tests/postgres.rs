@@ -428,14 +428,20 @@ async fn agents_fail_over_to_another_replica() {
     // h1 enrols (at A, the first address) and keeps both addresses; h2 sits on B.
     let key = PrivateKey::generate();
     let e = enrol(&token, "h1", &key, ep()).await.unwrap();
-    assert_eq!((e.coordinator, e.replicas.clone()), (listen_a, vec![listen_b]));
+    assert_eq!(
+        (e.coordinator, e.replicas.clone()),
+        (listen_a, vec![listen_b])
+    );
     let mut cfg = SessionConfig::new(e.coordinator, e.coordinator_key, key, ep());
     cfg.fallbacks = e.replicas;
     let h1 = spawn_session(cfg);
     let deadline = std::time::Instant::now() + Duration::from_secs(2);
     while !matches!(b.admin(AdminOp::ListTokens).await.unwrap(), Ok(AdminReply::Tokens(t)) if !t.is_empty())
     {
-        assert!(std::time::Instant::now() < deadline, "B never saw the token");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B never saw the token"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let h2 = join(
@@ -450,7 +456,11 @@ async fn agents_fail_over_to_another_replica() {
     wait_map(&h1, |m| m.peers.len() == 1).await;
     wait_connected(&h1).await;
     assert_eq!(h1.coordinator(), listen_a);
-    assert_eq!(h1.coordinators(), vec![listen_a, listen_b], "from A's Welcome");
+    assert_eq!(
+        h1.coordinators(),
+        vec![listen_a, listen_b],
+        "from A's Welcome"
+    );
     // Every map h1 publishes from here on is recorded: none may lose the peer.
     let lost = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
@@ -484,7 +494,11 @@ async fn agents_fail_over_to_another_replica() {
     let failover = t.elapsed();
     println!("agent on B {failover:?} after A stopped");
     assert_eq!(h1.coordinators(), vec![listen_b, listen_a], "B worked last");
-    assert!(h1.map().borrow().as_ref().is_some_and(|m| m.peers.len() == 1));
+    assert!(h1
+        .map()
+        .borrow()
+        .as_ref()
+        .is_some_and(|m| m.peers.len() == 1));
 
     // A change through B reaches h1.
     label(&b, "h2", "tier", "b").await;

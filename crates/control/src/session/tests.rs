@@ -8,9 +8,18 @@ use proptest::prelude::*;
 use std::net::SocketAddr;
 
 /// Coordinator replicas' control addresses.
-const A: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 10)), 7443);
-const B: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 11)), 7443);
-const C: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 12)), 7443);
+const A: SocketAddr = SocketAddr::new(
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 10)),
+    7443,
+);
+const B: SocketAddr = SocketAddr::new(
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 11)),
+    7443,
+);
+const C: SocketAddr = SocketAddr::new(
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 12)),
+    7443,
+);
 
 fn ep(port: u16) -> EndpointReport {
     EndpointReport {
@@ -1148,11 +1157,17 @@ fn failover_backs_off_per_round_with_bounded_jitter() {
             let (to, d) = fail_next(&mut s, now);
             assert_eq!(to, A, "every round starts at the first address");
             let full = (BASE_BACKOFF * (1 << (round - 1).min(10))).min(MAX_BACKOFF);
-            assert!(d <= full && d >= full / 2, "round {round}: {d:?} of {full:?}");
+            assert!(
+                d <= full && d >= full / 2,
+                "round {round}: {d:?} of {full:?}"
+            );
             now += d;
         }
         // The state counts attempts, not rounds.
-        assert!(matches!(s.state(), SessionState::Connecting { attempt: 30, .. }));
+        assert!(matches!(
+            s.state(),
+            SessionState::Connecting { attempt: 30, .. }
+        ));
     }
 }
 
@@ -1207,7 +1222,11 @@ fn welcome_replaces_the_list_and_keeps_the_address_in_use() {
     let wildcard: SocketAddr = "0.0.0.0:7443".parse().unwrap();
     // The coordinator names itself by another address and lists C and D, not B; a wildcard
     // or port 0 is left out.
-    up(&mut s, t0, &[C, wildcard, d, "192.0.2.9:0".parse().unwrap(), C]);
+    up(
+        &mut s,
+        t0,
+        &[C, wildcard, d, "192.0.2.9:0".parse().unwrap(), C],
+    );
     assert_eq!(s.coordinators(), &[A, C, d]);
     // A Welcome without a list (an older coordinator) keeps what the session knows.
     let (to, _) = fail_next(&mut s, t0);
@@ -1258,10 +1277,17 @@ fn failover_keeps_the_map_until_the_next_coordinator_sends_one() {
     let to = s.coordinator();
     s.handle_input(Input::TransportUp, now);
     let a = drain(&mut s);
-    assert!(matches!(&a[..], [Action::Send(AgentMessage::Resume { .. })]), "{to} {a:?}");
+    assert!(
+        matches!(&a[..], [Action::Send(AgentMessage::Resume { .. })]),
+        "{to} {a:?}"
+    );
     s.handle_input(welcome_with(&[A, B]), now);
     let _ = drain(&mut s);
-    assert_eq!(s.map(), Some(&map(3, &[2, 3])), "welcome alone changes nothing");
+    assert_eq!(
+        s.map(),
+        Some(&map(3, &[2, 3])),
+        "welcome alone changes nothing"
+    );
     let a = full_map(&mut s, map(7, &[3]), now);
     assert_eq!(a[0], Action::ApplyMap(Arc::new(map(7, &[3]))));
 }
