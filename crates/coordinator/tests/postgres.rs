@@ -467,7 +467,7 @@ async fn agents_fail_over_to_another_replica() {
         let (mut rx, lost) = (h1.map(), lost.clone());
         tokio::spawn(async move {
             while rx.changed().await.is_ok() {
-                if !rx.borrow().as_ref().is_some_and(|m| m.peers.len() == 1) {
+                if rx.borrow().as_ref().is_none_or(|m| m.peers.len() != 1) {
                     lost.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
             }
