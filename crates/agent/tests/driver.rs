@@ -335,7 +335,9 @@ async fn fails_over_to_the_next_replica_and_keeps_the_map_meanwhile() {
     // Replica A goes away for good.
     a.server.close(quinn::VarInt::from_u32(0), b"gone");
     drop(c);
-    let (mut c, _) = b.accept(&agent).await;
+    let (mut c, _) = timeout(WITHIN, b.accept(&agent))
+        .await
+        .expect("the session did not fail over to B");
     wait_state(&mut state, |s| matches!(s, SessionState::Connected { .. })).await;
     assert_eq!(s.coordinator(), addr_b);
     assert_eq!(

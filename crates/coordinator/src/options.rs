@@ -1016,6 +1016,54 @@ mod tests {
     }
 
     #[test]
+    fn replicas_from_flags_or_file_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        let resolve = |args: &[&str]| {
+            let mut v = vec!["x", "--advertise", "192.0.2.1:7443"];
+            v.extend_from_slice(args);
+            Cli::parse_from(v).c.resolve(Shutdown::never())
+        };
+        let a: SocketAddr = "192.0.2.2:7443".parse().unwrap();
+        let b: SocketAddr = "[2001:db8::3]:7443".parse().unwrap();
+        assert!(resolve(&[]).unwrap().replicas.is_empty());
+        let o = resolve(&[
+            "--replica",
+            "192.0.2.2:7443",
+            "--replica",
+            "[2001:db8::3]:7443",
+        ]);
+        assert_eq!(o.unwrap().replicas, vec![a, b]);
+        std::fs::write(&f, "replicas = [\"[2001:db8::3]:7443\"]\n").unwrap();
+        let file = f.to_str().unwrap();
+        assert_eq!(resolve(&["--config", file]).unwrap().replicas, vec![b]);
+        // The flag replaces the file's list.
+        let o = resolve(&["--config", file, "--replica", "192.0.2.2:7443"]);
+        assert_eq!(o.unwrap().replicas, vec![a]);
+        let err = |args: &[&str]| shown(resolve(args).unwrap_err());
+        let e = err(&["--replica", "0.0.0.0:7443"]);
+        assert!(e.contains("--replica") && e.contains("0.0.0.0:7443"), "{e}");
+        let e = err(&["--replica", "192.0.2.2:0"]);
+        assert!(e.contains("port 0"), "{e}");
+        let e = err(&["--replica", "192.0.2.2:7443", "--replica", "192.0.2.2:7443"]);
+        assert!(e.contains("listed twice"), "{e}");
+        let e = err(&["--replica", "192.0.2.1:7443"]);
+        assert!(
+            e.contains("listed twice") && e.contains("always first"),
+            "{e}"
+        );
+        std::fs::write(&f, "replicas = [\"192.0.2.2:1\", \"192.0.2.2:1\"]\n").unwrap();
+        let e = err(&["--config", file]);
+        assert!(e.contains("c.toml") && e.contains("replicas"), "{e}");
+        let many: Vec<String> = (1..=17).map(|p| format!("192.0.2.9:{p}")).collect();
+        let mut args = Vec::new();
+        for m in &many {
+            args.extend(["--replica", m.as_str()]);
+        }
+        assert!(err(&args).contains("at most 15"));
+    }
+
+    #[test]
     fn db_from_file_or_flag() {
         use meshd_store::DbSpec;
         let dir = tempfile::tempdir().unwrap();
