@@ -40,8 +40,11 @@ pub trait KeyStore: Send + Sync + std::fmt::Debug {
 /// Session parameters.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
-    /// Coordinator control address.
+    /// Coordinator control address, tried first (the one that worked last).
     pub coordinator: SocketAddr,
+    /// The other coordinator replicas, tried in order when `coordinator` fails (fail-over;
+    /// each `Welcome`'s list replaces them, see [`SessionHandle::coordinators`]).
+    pub fallbacks: Vec<SocketAddr>,
     /// Pinned coordinator key.
     pub coordinator_key: PublicKey,
     /// This host's WireGuard private key.
@@ -72,6 +75,7 @@ impl SessionConfig {
     ) -> Self {
         SessionConfig {
             coordinator,
+            fallbacks: Vec::new(),
             coordinator_key,
             private_key,
             endpoints,
@@ -187,6 +191,17 @@ impl SessionHandle {
         self.shared.session.lock().trust().clone()
     }
 
+    /// The coordinator addresses the session knows, the one that worked last first (what
+    /// the last `Welcome` listed, else the configured ones): persist them for a restart.
+    pub fn coordinators(&self) -> Vec<SocketAddr> {
+        self.shared.session.lock().coordinators().to_vec()
+    }
+
+    /// The coordinator address being tried or connected to.
+    pub fn coordinator(&self) -> SocketAddr {
+        self.shared.session.lock().coordinator()
+    }
+
     /// Flow-record intervals dropped unsent so far.
     pub fn flows_dropped(&self) -> u64 {
         self.shared.session.lock().flows_dropped()
@@ -199,14 +214,17 @@ impl SessionHandle {
     }
 }
 
-/// Starts a session: connect, `Resume`, follow maps, ack, report endpoints; reconnect with
-/// exponential backoff and jitter (capped at [`crate::MAX_BACKOFF`]) until refused for good.
+/// Starts a session: connect, `Resume`, follow maps, ack, report endpoints; reconnect — to
+/// the next coordinator replica, with exponential backoff and jitter per round over them
+/// (capped at [`crate::MAX_BACKOFF`]) — until refused for good.
 /// Dropping the handle stops it too.
 pub fn spawn_session(mut cfg: SessionConfig) -> SessionHandle {
     let initial_map = cfg.initial_map.take();
     let trust = cfg.trust.take();
     let session = AgentSession::new(
         SessionParams {
+            coordinator: cfg.coordinator,
+            fallbacks: cfg.fallbacks.clone(),
             endpoints: cfg.endpoints.clone(),
             initial_map: initial_map.clone(),
             jitter_seed: OsRng.next_u64(),
@@ -233,6 +251,7 @@ pub fn spawn_session(mut cfg: SessionConfig) -> SessionHandle {
         session: Mutex::new(session),
         wake: Notify::new(),
     });
+    let current = cfg.coordinator;
     let task = tokio::spawn(
         Driver {
             cfg,
@@ -242,6 +261,7 @@ pub fn spawn_session(mut cfg: SessionConfig) -> SessionHandle {
             key_tx,
             next_key: None,
             link: Link::Down,
+            current,
         }
         .run(first, stop_rx),
     );
@@ -312,6 +332,8 @@ struct Driver {
     /// A rotation's new key, saved and proposed, not switched to yet.
     next_key: Option<PrivateKey>,
     link: Link,
+    /// The coordinator address of the last `Connect`.
+    current: SocketAddr,
 }
 
 impl Driver {
@@ -398,8 +420,11 @@ impl Driver {
 
     async fn act(&mut self, a: Action) {
         match a {
-            Action::Connect => {
-                let (addr, coordinator_key) = (self.cfg.coordinator, self.cfg.coordinator_key);
+            Action::Connect(addr) => {
+                // Knocks (also the one after an address change) go where the session is
+                // connecting to.
+                self.current = addr;
+                let coordinator_key = self.cfg.coordinator_key;
                 let (key, endpoint, fwmark) = (
                     self.cfg.private_key.clone(),
                     self.cfg.endpoint.clone(),
@@ -431,7 +456,7 @@ impl Driver {
                     // a source the coordinator's SPA filter has not seen: knock from there
                     // first, or the report (and the connection) would be dropped as a stranger's.
                     if let Err(e) = live.endpoint.knock(
-                        self.cfg.coordinator,
+                        self.current,
                         &self.cfg.coordinator_key,
                         &self.cfg.private_key,
                         meshd_channel::spa::KnockAs::Host,
@@ -460,7 +485,7 @@ impl Driver {
             Action::State(s) => {
                 match &s {
                     SessionState::Connected { host } => {
-                        info!(host = %host.name, coordinator = %self.cfg.coordinator, "control session up")
+                        info!(host = %host.name, coordinator = %self.current, "control session up")
                     }
                     SessionState::Connecting {
                         last_error: Some(e),

@@ -65,8 +65,10 @@ pub enum ClientError {
 pub struct Enrolment {
     /// Our record: id, name (may have been de-duplicated), overlay addresses, labels.
     pub host: HostInfo,
-    /// The coordinator's control address.
+    /// The coordinator's control address (the replica that answered).
     pub coordinator: SocketAddr,
+    /// The other replicas' addresses: the `Welcome`'s list, else the token's (fail-over).
+    pub replicas: Vec<SocketAddr>,
     /// The coordinator's static key (pin it).
     pub coordinator_key: PublicKey,
 }
@@ -237,6 +239,8 @@ pub async fn enrol(
 }
 
 /// [`enrol`] over a given client endpoint (`None`: a fresh one). Knocks with the token first.
+/// The token's addresses are tried in order until one answers; a refusal is final (the
+/// replicas share one database, so another would say the same).
 pub async fn enrol_via(
     endpoint: Option<&ClientEndpoint>,
     token: &JoinToken,
@@ -244,9 +248,50 @@ pub async fn enrol_via(
     key: &PrivateKey,
     endpoints: EndpointReport,
 ) -> Result<Enrolment, ClientError> {
+    let addrs = token.addresses();
+    let mut last = None;
+    for addr in &addrs {
+        match enrol_at(*addr, endpoint, token, name, key, endpoints.clone()).await {
+            Ok((host, listed)) => {
+                let listed = if listed.is_empty() {
+                    addrs.clone()
+                } else {
+                    listed
+                };
+                return Ok(Enrolment {
+                    host,
+                    coordinator: *addr,
+                    replicas: listed
+                        .into_iter()
+                        .filter(|a| a != addr && !a.ip().is_unspecified() && a.port() != 0)
+                        .collect(),
+                    coordinator_key: token.coordinator_key,
+                });
+            }
+            Err(e @ ClientError::Refused { .. }) => return Err(e),
+            Err(e) => {
+                if addrs.len() > 1 {
+                    tracing::warn!(coordinator = %addr, error = %e, "enrolment: coordinator replica unreachable, trying the next");
+                }
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.unwrap_or(ClientError::Timeout))
+}
+
+/// One enrolment attempt at `addr`: our record and the replicas the `Welcome` listed.
+async fn enrol_at(
+    addr: SocketAddr,
+    endpoint: Option<&ClientEndpoint>,
+    token: &JoinToken,
+    name: &str,
+    key: &PrivateKey,
+    endpoints: EndpointReport,
+) -> Result<(HostInfo, Vec<SocketAddr>), ClientError> {
     let hash = token.secret.hash();
     let mut o = open(
-        token.control,
+        addr,
         &token.coordinator_key,
         key,
         KnockAs::JoinToken(&hash),
@@ -263,7 +308,7 @@ pub async fn enrol_via(
     let host = async {
         o.writer.send(&msg).await?;
         match timed(o.reader.recv::<CoordinatorMessage>()).await? {
-            CoordinatorMessage::Welcome { host, .. } => Ok(host),
+            CoordinatorMessage::Welcome { host, replicas, .. } => Ok((host, replicas)),
             CoordinatorMessage::Error { code, message } => {
                 Err(ClientError::Refused { code, message })
             }
@@ -274,9 +319,5 @@ pub async fn enrol_via(
     }
     .await;
     o.conn.close(quinn::VarInt::from_u32(0), b"enrolled");
-    Ok(Enrolment {
-        host: host?,
-        coordinator: token.control,
-        coordinator_key: token.coordinator_key,
-    })
+    host
 }

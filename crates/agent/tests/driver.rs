@@ -129,6 +129,7 @@ impl Fake {
                 networks: vec!["100.64.0.0/10".parse().unwrap()],
                 labels: Default::default(),
             },
+            replicas: vec![],
         })
         .await;
         (c, endpoints)
@@ -269,6 +270,7 @@ async fn reconnects_and_resumes_with_the_new_endpoints() {
             networks: vec![],
             labels: Default::default(),
         },
+        replicas: vec![],
     })
     .await;
     let st = wait_state(&mut state, |s| matches!(s, SessionState::Connecting { .. })).await;
@@ -305,4 +307,49 @@ async fn blocks_wait_in_a_bounded_queue_while_disconnected() {
     let mut state = s.state();
     s.shutdown().await;
     assert_eq!(*state.borrow_and_update(), SessionState::Stopped);
+}
+
+#[tokio::test]
+async fn fails_over_to_the_next_replica_and_keeps_the_map_meanwhile() {
+    let a = Fake::new();
+    // A second replica: its own address, the same coordinator key.
+    let b = Fake {
+        key: a.key.clone(),
+        ..Fake::new()
+    };
+    let (addr_a, addr_b) = (
+        a.server.local_addr().unwrap(),
+        b.server.local_addr().unwrap(),
+    );
+    let agent = PrivateKey::generate();
+    let mut cfg = a.config(&agent);
+    cfg.fallbacks = vec![addr_b];
+    let s = spawn_session(cfg);
+    let (mut c, _) = a.accept(&agent).await;
+    let mut state = s.state();
+    wait_state(&mut state, |s| matches!(s, SessionState::Connected { .. })).await;
+    assert_eq!(s.coordinator(), addr_a);
+    c.send(CoordinatorMessage::FullMap { map: map(5, &[2]) })
+        .await;
+    assert_eq!(c.recv().await, AgentMessage::Ack { version: 5 });
+    // Replica A goes away for good.
+    a.server.close(quinn::VarInt::from_u32(0), b"gone");
+    drop(c);
+    let (mut c, _) = timeout(WITHIN, b.accept(&agent))
+        .await
+        .expect("the session did not fail over to B");
+    wait_state(&mut state, |s| matches!(s, SessionState::Connected { .. })).await;
+    assert_eq!(s.coordinator(), addr_b);
+    assert_eq!(
+        s.coordinators(),
+        vec![addr_b, addr_a],
+        "B worked last: first"
+    );
+    // The map stayed while no coordinator was there, until B sends its own.
+    let maps = s.map();
+    assert_eq!(maps.borrow().as_ref().map(|m| m.version), Some(5));
+    c.send(CoordinatorMessage::FullMap { map: map(7, &[3]) })
+        .await;
+    assert_eq!(c.recv().await, AgentMessage::Ack { version: 7 });
+    s.shutdown().await;
 }

@@ -209,6 +209,11 @@ pub enum CoordinatorMessage {
         protocol: u16,
         /// The host's record.
         host: HostInfo,
+        /// Every coordinator replica's control address, this one's first (`--replica`); the
+        /// agent fails over between them. Empty from a coordinator that does not say (an
+        /// older one): the agent keeps the addresses it has.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        replicas: Vec<std::net::SocketAddr>,
     },
     /// A complete map (on connect, and after `Resync`).
     FullMap {

@@ -20,8 +20,16 @@
 //!
 //! Frames are only ever asked to be sent between an [`Input::TransportUp`] and the next
 //! [`Input::TransportDown`] or [`Action::Close`]; the first one is always `Resume`.
+//!
+//! Fail-over: the session knows every coordinator replica's address (the join token's, then
+//! each `Welcome`'s list) and [`Action::Connect`] names the one to try. When a connect fails
+//! or an established connection is lost, the next address is tried after a short pause
+//! ([`STEP_PAUSE`], jittered); only a whole round over the list failing counts as one step of
+//! the exponential backoff, and every round starts at the address that worked last. The map
+//! is kept throughout (fail-static) until a coordinator sends a new one.
 
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,6 +50,11 @@ pub const BASE_BACKOFF: Duration = Duration::from_millis(100);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the coordinator may take to answer `Resume` with `Welcome`.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// The pause before trying the next coordinator address within one round (before jitter:
+/// 50–100 % of it, so the agents of a replica that went away do not all arrive at once).
+pub const STEP_PAUSE: Duration = BASE_BACKOFF;
+/// Most coordinator addresses a session keeps (a `Welcome` naming more is cut).
+pub const MAX_COORDINATORS: usize = 16;
 /// Batches of block events the session holds while the coordinator is slow or unreachable.
 pub const BLOCK_BATCHES_QUEUED: usize = 16;
 /// Flow-record intervals the session holds while the coordinator is slow or unreachable: a
@@ -109,6 +122,10 @@ impl Jitter {
 /// What a session starts from.
 #[derive(Debug, Clone)]
 pub struct SessionParams {
+    /// The coordinator address tried first (the one that worked last).
+    pub coordinator: SocketAddr,
+    /// The other replicas' addresses, tried in this order when `coordinator` fails.
+    pub fallbacks: Vec<SocketAddr>,
     /// The endpoint report sent in the first `Resume`.
     pub endpoints: EndpointReport,
     /// Last persisted map: applied at once and kept until the first map arrives (fail-static).
@@ -181,8 +198,9 @@ pub enum Input {
 #[must_use]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Open the transport; answer with [`Input::TransportUp`] or [`Input::TransportDown`].
-    Connect,
+    /// Open the transport to this coordinator address (knock there first); answer with
+    /// [`Input::TransportUp`] or [`Input::TransportDown`].
+    Connect(SocketAddr),
     /// Send this frame on the open transport.
     Send(AgentMessage),
     /// Close the transport (the session then waits for its reconnect timer).
@@ -294,6 +312,15 @@ pub struct AgentSession {
     flows_dropped: u64,
     actions: VecDeque<Action>,
     jitter: Jitter,
+    /// Coordinator addresses, never empty; a new round starts at index 0, the one that worked
+    /// last.
+    addrs: Vec<SocketAddr>,
+    /// The address being tried or connected to.
+    cursor: usize,
+    /// Failed attempts in the current round.
+    tried: usize,
+    /// Whole rounds failed in a row (the backoff's attempt number).
+    rounds: u32,
     /// Key rotation: switch to this key at this instant (after `KeyAccepted`).
     switch: Option<(Instant, meshd_tunnel::PublicKey)>,
     /// Verified admin statements (signed policy); inactive until a key set is pinned.
@@ -314,7 +341,13 @@ impl AgentSession {
         if let Some(m) = &map {
             actions.push_back(Action::ApplyMap(m.clone()));
         }
-        actions.push_back(Action::Connect);
+        let mut addrs = vec![params.coordinator];
+        for a in params.fallbacks {
+            if !addrs.contains(&a) && addrs.len() < MAX_COORDINATORS {
+                addrs.push(a);
+            }
+        }
+        actions.push_back(Action::Connect(addrs[0]));
         AgentSession {
             phase: Phase::Connecting {
                 deadline: now + CONNECT_TIMEOUT,
@@ -332,6 +365,10 @@ impl AgentSession {
             flows_dropped: 0,
             actions,
             jitter: Jitter::new(params.jitter_seed),
+            addrs,
+            cursor: 0,
+            tried: 0,
+            rounds: 0,
             switch: None,
             trust: crate::signed::TrustStore::default(),
             pending_trust: None,
@@ -505,7 +542,8 @@ impl AgentSession {
                 self.phase = Phase::Connecting {
                     deadline: now + CONNECT_TIMEOUT,
                 };
-                self.actions.push_back(Action::Connect);
+                self.actions
+                    .push_back(Action::Connect(self.addrs[self.cursor]));
             }
             Phase::Connecting { deadline } | Phase::Hello { deadline, .. } if now >= deadline => {
                 self.fail(now, Failure::Timeout, true);
@@ -570,6 +608,17 @@ impl AgentSession {
         self.set_state(SessionState::Stopped);
     }
 
+    /// The coordinator addresses the session knows, the one that worked last first (persist
+    /// them: a restarted agent starts from this list).
+    pub fn coordinators(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// The address being tried or connected to.
+    pub fn coordinator(&self) -> SocketAddr {
+        self.addrs[self.cursor]
+    }
+
     /// The current map (the initial one until the coordinator sends one).
     pub fn map(&self) -> Option<&NetworkMap> {
         self.map.as_deref()
@@ -615,12 +664,13 @@ impl AgentSession {
     fn on_frame(&mut self, msg: CoordinatorMessage, now: Instant) {
         match &mut self.phase {
             Phase::Hello { sent, .. } => match msg {
-                CoordinatorMessage::Welcome { host, .. } => {
+                CoordinatorMessage::Welcome { host, replicas, .. } => {
                     self.phase = Phase::Connected {
                         have_full: false,
                         reported: std::mem::take(sent),
                     };
                     self.attempt = 0;
+                    self.worked(&replicas);
                     self.own_key = Some(host.public_key);
                     self.pending_trust = None;
                     self.set_state(SessionState::Connected { host });
@@ -704,7 +754,32 @@ impl AgentSession {
         self.set_state(SessionState::Refused { code, message });
     }
 
-    /// The connection ended: close it if the driver does not know yet, wait, reconnect.
+    /// The address being tried answered `Welcome`: it becomes the first of the list (tried
+    /// first from now on), and the coordinator's list of replicas, if it sent one, replaces
+    /// the others.
+    fn worked(&mut self, replicas: &[SocketAddr]) {
+        let good = self.addrs[self.cursor];
+        let mut addrs = vec![good];
+        let others: Vec<SocketAddr> = if replicas.is_empty() {
+            self.addrs.clone()
+        } else {
+            replicas.to_vec()
+        };
+        for a in others {
+            let usable = !a.ip().is_unspecified() && a.port() != 0;
+            if usable && !addrs.contains(&a) && addrs.len() < MAX_COORDINATORS {
+                addrs.push(a);
+            }
+        }
+        self.addrs = addrs;
+        self.cursor = 0;
+        self.tried = 0;
+        self.rounds = 0;
+    }
+
+    /// The connection ended: close it if the driver does not know yet, wait, reconnect —
+    /// to the next address, or, after a whole round failed, to the first one after the
+    /// backoff.
     fn fail(&mut self, now: Instant, why: Failure, close: bool) {
         self.drop_sends();
         // A switch not made on this connection is not made: the coordinator aborts it.
@@ -713,7 +788,16 @@ impl AgentSession {
             self.actions.push_back(Action::Close);
         }
         self.attempt = self.attempt.saturating_add(1);
-        let wait = backoff(self.attempt, self.jitter.next_u32());
+        self.tried += 1;
+        let wait = if self.tried >= self.addrs.len() {
+            self.tried = 0;
+            self.cursor = 0;
+            self.rounds = self.rounds.saturating_add(1);
+            backoff(self.rounds, self.jitter.next_u32())
+        } else {
+            self.cursor = (self.cursor + 1) % self.addrs.len();
+            STEP_PAUSE.mul_f64(0.5 + f64::from(self.jitter.next_u32() % 1000) / 2000.0)
+        };
         self.phase = Phase::Waiting { until: now + wait };
         self.set_state(SessionState::Connecting {
             attempt: self.attempt,

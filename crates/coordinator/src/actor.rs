@@ -706,7 +706,7 @@ impl Actor {
             state: &mut self.state,
             events: &mut self.events,
             recent: &self.recent,
-            identity: self.identity,
+            identity: self.identity.clone(),
             health,
             restricted: &self.restricted,
         }

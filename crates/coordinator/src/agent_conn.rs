@@ -72,6 +72,7 @@ pub(crate) fn control_endpoint(
 /// refused. Pressure is logged at most once per 10 s, with counts.
 pub(crate) async fn accept_loop(
     endpoint: quinn::Endpoint,
+    replicas: Arc<[SocketAddr]>,
     key: Arc<PrivateKey>,
     cmds: Commands,
     mut stop: watch::Receiver<bool>,
@@ -108,6 +109,7 @@ pub(crate) async fn accept_loop(
                 c.half_open_started();
                 tokio::spawn(handle_conn(
                     inc,
+                    replicas.clone(),
                     key.clone(),
                     cmds.clone(),
                     HalfOpen(guard.clone()),
@@ -163,6 +165,7 @@ impl Drop for HalfOpen {
 
 async fn handle_conn(
     inc: quinn::Incoming,
+    replicas: Arc<[SocketAddr]>,
     key: Arc<PrivateKey>,
     cmds: Commands,
     half_open: HalfOpen,
@@ -178,7 +181,7 @@ async fn handle_conn(
             return;
         }
     };
-    if let Err(e) = serve_conn(&conn, &key, &cmds, &guard).await {
+    if let Err(e) = serve_conn(&conn, &replicas, &key, &cmds, &guard).await {
         debug!(%remote, error = %e, "control connection ended");
     }
     conn.close(quinn::VarInt::from_u32(0), b"bye");
@@ -245,6 +248,7 @@ async fn refuse(w: &mut noise::NoiseWriter, r: Refusal) {
 
 async fn serve_conn(
     conn: &quinn::Connection,
+    replicas: &[SocketAddr],
     key: &PrivateKey,
     cmds: &Commands,
     guard: &Guard,
@@ -314,6 +318,7 @@ async fn serve_conn(
         .send(&CoordinatorMessage::Welcome {
             protocol: PROTOCOL_VERSION,
             host: info,
+            replicas: replicas.to_vec(),
         })
         .await?;
 

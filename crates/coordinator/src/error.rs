@@ -13,7 +13,9 @@ use meshd_control::state::RestoreError;
 use meshd_control::PoolError;
 use meshd_store::StoreError;
 
-pub use crate::options::{AdvertiseError, ConfigFileError, LimitsError, OptionsError};
+pub use crate::options::{
+    AdvertiseError, ConfigFileError, LimitsError, OptionsError, ReplicaError,
+};
 
 /// A boxed cause from a layer with its own error type (rustls, rcgen, the QUIC set-up).
 pub type Cause = Box<dyn StdError + Send + Sync + 'static>;
@@ -71,6 +73,9 @@ pub enum StartError {
     /// No address for join tokens.
     #[error(transparent)]
     Advertise(#[from] AdvertiseError),
+    /// The replica addresses are refused (a wildcard, one twice, this one's own).
+    #[error(transparent)]
+    Replicas(#[from] ReplicaError),
     /// The QUIC server configuration could not be built.
     #[error("QUIC server configuration")]
     Quic(#[source] Cause),

@@ -222,6 +222,8 @@ async fn start_inner(
     let endpoint = agent_conn::control_endpoint(opts.listen, &limits, spa.clone())?;
     let control_addr = endpoint.local_addr().map_err(StartError::LocalAddr)?;
     let advertise = opts.advertise_for(control_addr)?;
+    options::check_replicas("--replica", Some(advertise), &opts.replicas)?;
+    let replicas: Arc<[SocketAddr]> = Arc::from(opts.replicas.clone());
     let admin_listener = tokio::net::TcpListener::bind(opts.admin_listen)
         .await
         .map_err(|source| StartError::BindAdmin {
@@ -266,6 +268,7 @@ async fn start_inner(
 
     let identity = Identity {
         advertise,
+        replicas: replicas.clone(),
         public_key,
     };
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -278,7 +281,7 @@ async fn start_inner(
         state,
         store.clone(),
         pool,
-        identity,
+        identity.clone(),
         recent_events,
         flow_limits,
         metrics.clone(),
@@ -310,8 +313,17 @@ async fn start_inner(
         opts.flows,
         stop_rx.clone(),
     )));
+    // What every Welcome lists: this replica first, then the others.
+    let welcome_replicas: Arc<[SocketAddr]> = if replicas.is_empty() {
+        Arc::from(Vec::new())
+    } else {
+        std::iter::once(advertise)
+            .chain(replicas.iter().copied())
+            .collect()
+    };
     tasks.push(tokio::spawn(agent_conn::accept_loop(
         endpoint.clone(),
+        welcome_replicas,
         Arc::new(key),
         cmds.clone(),
         stop_rx.clone(),

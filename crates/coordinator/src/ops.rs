@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use meshd_control::api::{
     AdminTokenCreateRequest, AdminTokenCreated, AdminTokenView, BlocksQuery, ConnectedAgent,
@@ -158,10 +159,12 @@ pub enum AdminReply {
 }
 
 /// Who the coordinator is, as join tokens and `status` show it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Identity {
     /// The control address join tokens carry.
     pub(crate) advertise: SocketAddr,
+    /// The other replicas' control addresses (`--replica`), carried after `advertise`.
+    pub(crate) replicas: Arc<[SocketAddr]>,
     /// The coordinator's static public key.
     pub(crate) public_key: PublicKey,
 }
@@ -272,6 +275,7 @@ impl Ops<'_> {
                 )?;
                 let jt = JoinToken {
                     control: identity.advertise,
+                    replicas: identity.replicas.to_vec(),
                     coordinator_key: identity.public_key,
                     secret,
                 };
@@ -416,7 +420,7 @@ impl Ops<'_> {
                 json(&state.blocks(q.host.as_deref(), since))
             }
             AdminOp::Events { limit } => AdminReply::Events(newest(recent, limit)),
-            AdminOp::Status => AdminReply::Status(status(state, identity, &health)),
+            AdminOp::Status => AdminReply::Status(status(state, &identity, &health)),
             AdminOp::Health => AdminReply::Health(health),
             AdminOp::AdminKeys => json(&state.signed_view()),
             AdminOp::AddKeySet(s) => {
@@ -558,7 +562,7 @@ fn newest(recent: &VecDeque<AuditEvent>, limit: u32) -> Vec<EventView> {
         .collect()
 }
 
-fn status(state: &CoordinatorState, identity: Identity, health: &HealthView) -> StatusView {
+fn status(state: &CoordinatorState, identity: &Identity, health: &HealthView) -> StatusView {
     let connected = state
         .sessions()
         .into_iter()
@@ -615,6 +619,7 @@ mod tests {
             recent,
             identity: Identity {
                 advertise: "192.0.2.1:7443".parse().unwrap(),
+                replicas: Arc::from(Vec::new()),
                 public_key: PublicKey([7; 32]),
             },
             health: HealthView {

@@ -56,6 +56,71 @@ pub struct AdvertiseError {
     pub listen: SocketAddr,
 }
 
+/// A replica address list that cannot go into join tokens ([`check_replicas`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplicaError {
+    /// A wildcard address or port 0: agents cannot reach it.
+    #[error("{from}: {addr} is not an address agents can reach (a wildcard or port 0): give each replica's advertised control address")]
+    Unreachable {
+        /// `--replica` or `replicas in FILE`.
+        from: String,
+        /// The address.
+        addr: SocketAddr,
+    },
+    /// Named twice, or the same as this coordinator's advertised address.
+    #[error("{from}: {addr} is listed twice (list only the *other* replicas; this one's advertised address is always first)")]
+    Duplicate {
+        /// `--replica` or `replicas in FILE`.
+        from: String,
+        /// The address.
+        addr: SocketAddr,
+    },
+    /// More than a join token carries.
+    #[error("{from}: {count} replicas, at most {max} are supported")]
+    TooMany {
+        /// `--replica` or `replicas in FILE`.
+        from: String,
+        /// How many were given.
+        count: usize,
+        /// [`meshd_control::token::MAX_TOKEN_REPLICAS`].
+        max: usize,
+    },
+}
+
+/// Checks the other replicas' addresses (`from` names where they came from in errors):
+/// reachable, none twice, not `advertise` (this coordinator's own, when known), bounded.
+pub fn check_replicas(
+    from: &str,
+    advertise: Option<SocketAddr>,
+    replicas: &[SocketAddr],
+) -> Result<(), ReplicaError> {
+    let max = meshd_control::token::MAX_TOKEN_REPLICAS;
+    if replicas.len() > max {
+        return Err(ReplicaError::TooMany {
+            from: from.into(),
+            count: replicas.len(),
+            max,
+        });
+    }
+    let mut seen: Vec<SocketAddr> = advertise.into_iter().collect();
+    for &addr in replicas {
+        if addr.ip().is_unspecified() || addr.port() == 0 {
+            return Err(ReplicaError::Unreachable {
+                from: from.into(),
+                addr,
+            });
+        }
+        if seen.contains(&addr) {
+            return Err(ReplicaError::Duplicate {
+                from: from.into(),
+                addr,
+            });
+        }
+        seen.push(addr);
+    }
+    Ok(())
+}
+
 /// Why flags and config file do not make options ([`CoordinatorArgs::resolve`]).
 #[derive(Debug, thiserror::Error)]
 pub enum OptionsError {
@@ -84,6 +149,9 @@ pub enum OptionsError {
     /// No address for join tokens.
     #[error(transparent)]
     Advertise(#[from] AdvertiseError),
+    /// `--replica` / `replicas` is refused.
+    #[error(transparent)]
+    Replicas(#[from] ReplicaError),
     /// `flow_retention` or `flow_rows_per_host` is refused.
     #[error("coordinator config {}: {message}", path.display())]
     Flows {
@@ -252,6 +320,9 @@ pub struct CoordinatorOptions {
     pub listen: SocketAddr,
     /// Address join tokens carry; `None`: `listen` (refused when `listen` is a wildcard).
     pub advertise: Option<SocketAddr>,
+    /// The other replicas' advertised control addresses (replicas on one database): join
+    /// tokens and every `Welcome` carry them after this one's, and agents fail over.
+    pub replicas: Vec<SocketAddr>,
     /// Admin HTTP API listen address.
     pub admin_listen: SocketAddr,
     /// Prometheus endpoint (`GET /metrics`, plain HTTP, unauthenticated); `None`: off.
@@ -507,6 +578,7 @@ impl CoordinatorOptions {
             db: None,
             listen: SocketAddr::from(([0, 0, 0, 0], 7443)),
             advertise: None,
+            replicas: Vec::new(),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 7444)),
             metrics_listen: None,
             admin_tls: false,
@@ -597,7 +669,7 @@ pub enum CoordinatorCommand {
 /// `meshd coordinator` flags (flatten into the subcommand).
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct CoordinatorArgs {
-    /// TOML file with any of: state_dir, db, listen, advertise, admin_listen, admin_tls,
+    /// TOML file with any of: state_dir, db, listen, advertise, replicas, admin_listen, admin_tls,
     /// admin_tls_cert, admin_tls_key, pool, pool_v6, log_format, metrics_listen, flow_retention
     /// (e.g. "7d"), flow_rows_per_host, and a [limits] table.
     #[arg(long, value_name = "FILE")]
@@ -619,6 +691,12 @@ pub struct CoordinatorArgs {
     /// Control address put into join tokens [default: --listen unless it is a wildcard].
     #[arg(long, value_name = "ADDR:PORT")]
     pub advertise: Option<SocketAddr>,
+    /// Another replica's advertised control address (replicas sharing one PostgreSQL
+    /// database and coordinator.key; repeatable; replaces the file's `replicas`). Join
+    /// tokens and agents get this coordinator's --advertise first, then these, and agents
+    /// fail over between them.
+    #[arg(long = "replica", value_name = "ADDR:PORT")]
+    pub replica: Vec<SocketAddr>,
     /// Admin HTTP API listen address [default: 127.0.0.1:7444]; anywhere but loopback it is
     /// HTTPS only.
     #[arg(long, value_name = "ADDR:PORT")]
@@ -697,6 +775,8 @@ pub struct CoordinatorFile {
     pub listen: Option<SocketAddr>,
     /// Advertised control address.
     pub advertise: Option<SocketAddr>,
+    /// The other replicas' advertised control addresses.
+    pub replicas: Option<Vec<SocketAddr>>,
     /// Admin listen address.
     pub admin_listen: Option<SocketAddr>,
     /// Prometheus endpoint address.
@@ -793,6 +873,14 @@ impl CoordinatorArgs {
             o.listen = l;
         }
         o.advertise = self.advertise.or(file.advertise);
+        if !self.replica.is_empty() {
+            check_replicas("--replica", o.advertise, &self.replica)?;
+            o.replicas = self.replica.clone();
+        } else if let Some(r) = &file.replicas {
+            let from = format!("coordinator config {}: replicas", config_path().display());
+            check_replicas(&from, o.advertise, r)?;
+            o.replicas = r.clone();
+        }
         if let Some(a) = self.admin_listen.or(file.admin_listen) {
             o.admin_listen = a;
         }
@@ -925,6 +1013,54 @@ mod tests {
         assert_eq!(o.metrics_listen, None);
         assert_eq!(o.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
         assert_eq!(o.advertise_for(o.listen).unwrap(), o.listen);
+    }
+
+    #[test]
+    fn replicas_from_flags_or_file_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        let resolve = |args: &[&str]| {
+            let mut v = vec!["x", "--advertise", "192.0.2.1:7443"];
+            v.extend_from_slice(args);
+            Cli::parse_from(v).c.resolve(Shutdown::never())
+        };
+        let a: SocketAddr = "192.0.2.2:7443".parse().unwrap();
+        let b: SocketAddr = "[2001:db8::3]:7443".parse().unwrap();
+        assert!(resolve(&[]).unwrap().replicas.is_empty());
+        let o = resolve(&[
+            "--replica",
+            "192.0.2.2:7443",
+            "--replica",
+            "[2001:db8::3]:7443",
+        ]);
+        assert_eq!(o.unwrap().replicas, vec![a, b]);
+        std::fs::write(&f, "replicas = [\"[2001:db8::3]:7443\"]\n").unwrap();
+        let file = f.to_str().unwrap();
+        assert_eq!(resolve(&["--config", file]).unwrap().replicas, vec![b]);
+        // The flag replaces the file's list.
+        let o = resolve(&["--config", file, "--replica", "192.0.2.2:7443"]);
+        assert_eq!(o.unwrap().replicas, vec![a]);
+        let err = |args: &[&str]| shown(resolve(args).unwrap_err());
+        let e = err(&["--replica", "0.0.0.0:7443"]);
+        assert!(e.contains("--replica") && e.contains("0.0.0.0:7443"), "{e}");
+        let e = err(&["--replica", "192.0.2.2:0"]);
+        assert!(e.contains("port 0"), "{e}");
+        let e = err(&["--replica", "192.0.2.2:7443", "--replica", "192.0.2.2:7443"]);
+        assert!(e.contains("listed twice"), "{e}");
+        let e = err(&["--replica", "192.0.2.1:7443"]);
+        assert!(
+            e.contains("listed twice") && e.contains("always first"),
+            "{e}"
+        );
+        std::fs::write(&f, "replicas = [\"192.0.2.2:1\", \"192.0.2.2:1\"]\n").unwrap();
+        let e = err(&["--config", file]);
+        assert!(e.contains("c.toml") && e.contains("replicas"), "{e}");
+        let many: Vec<String> = (1..=17).map(|p| format!("192.0.2.9:{p}")).collect();
+        let mut args = Vec::new();
+        for m in &many {
+            args.extend(["--replica", m.as_str()]);
+        }
+        assert!(err(&args).contains("at most 15"));
     }
 
     #[test]

@@ -374,3 +374,139 @@ async fn replicas_on_one_database_follow_each_others_changes() {
     a.stop().await;
     b.stop().await;
 }
+
+/// Starts a replica that lists `others` (`--replica`), retrying like [`start_on`].
+async fn start_replica(
+    dir: &Path,
+    listen: SocketAddr,
+    db: Option<DbSpec>,
+    others: Vec<SocketAddr>,
+) -> CoordinatorHandle {
+    for _ in 0..50 {
+        let mut o = options(dir, listen, db.clone());
+        o.replicas = others.clone();
+        if let Ok(c) = start(o).await {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("replica on {listen} did not start within 5 s");
+}
+
+/// Issue 18, point 2, fail-over: the join token lists both replicas, the agent connected to
+/// A moves to B when A stops, within seconds, keeping its map meanwhile, and follows changes
+/// made through B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_fail_over_to_another_replica() {
+    let pg = meshd_lab::require_postgres!();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let db = Some(DbSpec::Postgres(pg.url()));
+    let listen_a = SocketAddr::from(([127, 0, 0, 1], fixed_port()));
+    let listen_b = SocketAddr::from(([127, 0, 0, 1], fixed_port()));
+    let a = start_replica(dir_a.path(), listen_a, db.clone(), vec![listen_b]).await;
+    let key_file = meshd_coordinator::KEY_FILE;
+    std::fs::copy(dir_a.path().join(key_file), dir_b.path().join(key_file)).unwrap();
+    let b = start_replica(dir_b.path(), listen_b, db.clone(), vec![listen_a]).await;
+    let yaml = "rules:\n  - {name: all, from: {}, to: {}, ports: [any]}\n";
+    a.admin(AdminOp::PolicyApply(yaml.into()))
+        .await
+        .unwrap()
+        .unwrap();
+    // The token names A first, then B.
+    let s = a
+        .create_token(TokenCreateRequest {
+            uses: Some(5),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .token;
+    assert!(s.starts_with("meshd2-"), "{s}");
+    let token = JoinToken::parse(&s).unwrap();
+    assert_eq!(token.addresses(), vec![listen_a, listen_b]);
+
+    // h1 enrols (at A, the first address) and keeps both addresses; h2 sits on B.
+    let key = PrivateKey::generate();
+    let e = enrol(&token, "h1", &key, ep()).await.unwrap();
+    assert_eq!(
+        (e.coordinator, e.replicas.clone()),
+        (listen_a, vec![listen_b])
+    );
+    let mut cfg = SessionConfig::new(e.coordinator, e.coordinator_key, key, ep());
+    cfg.fallbacks = e.replicas;
+    let h1 = spawn_session(cfg);
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while !matches!(b.admin(AdminOp::ListTokens).await.unwrap(), Ok(AdminReply::Tokens(t)) if !t.is_empty())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B never saw the token"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let h2 = join(
+        &JoinToken {
+            control: listen_b,
+            replicas: vec![],
+            ..token.clone()
+        },
+        "h2",
+    )
+    .await;
+    wait_map(&h1, |m| m.peers.len() == 1).await;
+    wait_connected(&h1).await;
+    assert_eq!(h1.coordinator(), listen_a);
+    assert_eq!(
+        h1.coordinators(),
+        vec![listen_a, listen_b],
+        "from A's Welcome"
+    );
+    // Every map h1 publishes from here on is recorded: none may lose the peer.
+    let lost = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let (mut rx, lost) = (h1.map(), lost.clone());
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                if rx.borrow().as_ref().is_none_or(|m| m.peers.len() != 1) {
+                    lost.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        });
+    }
+
+    // A goes away: h1 is on B within a few seconds.
+    let t = std::time::Instant::now();
+    a.stop().await;
+    loop {
+        let on_b = h1.coordinator() == listen_b
+            && matches!(*h1.state().borrow(), SessionState::Connected { .. });
+        if on_b {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "h1 did not fail over to B within 5 s: {:?} at {}",
+            *h1.state().borrow(),
+            h1.coordinator()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let failover = t.elapsed();
+    println!("agent on B {failover:?} after A stopped");
+    assert_eq!(h1.coordinators(), vec![listen_b, listen_a], "B worked last");
+    assert!(h1
+        .map()
+        .borrow()
+        .as_ref()
+        .is_some_and(|m| m.peers.len() == 1));
+
+    // A change through B reaches h1.
+    label(&b, "h2", "tier", "b").await;
+    wait_map(&h1, |m| label_of(m, "tier") == Some("b")).await;
+    assert!(
+        !lost.load(std::sync::atomic::Ordering::Relaxed),
+        "h1 dropped its map during the fail-over"
+    );
+    drop(h2);
+    b.stop().await;
+}

@@ -397,6 +397,8 @@ pub fn coordinator_frames(data: &[u8]) {
     let t0 = Instant::now();
     let mut session = AgentSession::new(
         SessionParams {
+            coordinator: std::net::SocketAddr::from(([127, 0, 0, 1], 7443)),
+            fallbacks: vec![],
             endpoints: Default::default(),
             initial_map: None,
             jitter_seed: 7,

@@ -421,6 +421,7 @@ fn coordinator_messages() -> Vec<(&'static str, CoordinatorMessage)> {
             CoordinatorMessage::Welcome {
                 protocol: PROTOCOL_VERSION,
                 host,
+                replicas: vec![],
             },
         ),
         (

@@ -384,6 +384,8 @@ impl Mesh {
         device.set_addresses(&info.addresses);
         let session = AgentSession::new(
             SessionParams {
+                coordinator: SocketAddr::from(([192, 0, 2, 1], 7443)),
+                fallbacks: vec![],
                 endpoints: report,
                 initial_map: None,
                 jitter_seed: self.rng.next_u64(),
@@ -705,7 +707,7 @@ impl Mesh {
                 // Simulated hosts keep their keys (no key store): rotation requests go
                 // unanswered and the coordinator aborts them.
                 Action::PrepareKey { .. } | Action::SwitchKey { .. } => {}
-                Action::Connect => {
+                Action::Connect(_) => {
                     self.next_epoch += 1;
                     let epoch = self.next_epoch;
                     host.conn = Some(Conn {
@@ -870,6 +872,7 @@ impl Mesh {
                     replies.push(Frame::Down(CoordinatorMessage::Welcome {
                         protocol: PROTOCOL_VERSION,
                         host: info,
+                        replicas: vec![],
                     }));
                 }
                 Err(code) => {

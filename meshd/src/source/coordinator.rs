@@ -35,8 +35,12 @@ use crate::uapi::{DeviceFacts, Errno, SetRequest};
 /// What an enrolled agent keeps on disk.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AgentState {
-    /// Coordinator control address.
+    /// Coordinator control address: the replica that worked last (tried first).
     pub coordinator: SocketAddr,
+    /// The other coordinator replicas' addresses, tried in order when `coordinator` does not
+    /// answer (from the join token, then each `Welcome`). Absent in older files: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<SocketAddr>,
     /// Pinned coordinator key.
     pub coordinator_key: PublicKey,
     /// Our record at enrolment.
@@ -48,6 +52,22 @@ pub struct AgentState {
     /// checked against statements signed by it and its quorum-signed successors.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_pin: Option<meshd_control::signed::Hash32>,
+}
+
+impl AgentState {
+    /// Takes the session's coordinator list (the one that worked last first); true when it
+    /// differs from what the file holds (write it then).
+    pub fn learn_coordinators(&mut self, list: &[SocketAddr]) -> bool {
+        let Some((&first, rest)) = list.split_first() else {
+            return false;
+        };
+        if first == self.coordinator && rest == self.replicas.as_slice() {
+            return false;
+        }
+        self.coordinator = first;
+        self.replicas = rest.to_vec();
+        true
+    }
 }
 
 /// Options for a coordinator-managed host.
@@ -95,6 +115,7 @@ async fn enrol(
     let admin_pin = JoinToken::admin_pin(token.trim()).context("the join token is not valid")?;
     let state = AgentState {
         coordinator: e.coordinator,
+        replicas: e.replicas,
         coordinator_key: e.coordinator_key,
         host: e.host,
         machine_id,
@@ -421,6 +442,7 @@ impl PeerSource for Coordinator {
             self.key.clone(),
             endpoint_report(own, self.listen_port, self.transparent),
         );
+        cfg.fallbacks = self.agent.replicas.clone();
         cfg.initial_map = self.persisted.take();
         cfg.fwmark = self.transparent.then_some(transparent::FWMARK);
         cfg.key_store = Some(std::sync::Arc::new(KeyFiles {
@@ -500,7 +522,21 @@ impl PeerSource for Coordinator {
                                 "the coordinator refused this host: {code} ({message})"
                             ));
                         }
-                        SessionState::Connected { .. } => tracing::info!("connected to the coordinator"),
+                        SessionState::Connected { .. } => {
+                            let list = session.handle.coordinators();
+                            tracing::info!(coordinator = %session.handle.coordinator(), "connected to the coordinator");
+                            if self.agent.learn_coordinators(&list) {
+                                // A restarted agent starts from the replica that worked last
+                                // and knows every other one.
+                                tracing::info!(coordinators = ?list, "coordinator replicas updated in agent.json");
+                                if let Err(e) = serde_json::to_vec_pretty(&self.agent)
+                                    .map_err(anyhow::Error::from)
+                                    .and_then(|b| Ok(write_private(&self.state_dir.join("agent.json"), &b)?))
+                                {
+                                    tracing::warn!(error = %format!("{e:#}"), "updating agent.json with the coordinator replicas failed");
+                                }
+                            }
+                        }
                         SessionState::Connecting { attempt, last_error } if attempt > 0 => {
                             tracing::debug!(attempt, error = %last_error.as_deref().unwrap_or_default(), "coordinator unreachable; tunnels keep running");
                         }
@@ -592,6 +628,7 @@ mod tests {
             state_dir: dir.to_path_buf(),
             agent: AgentState {
                 coordinator: "127.0.0.1:7443".parse().unwrap(),
+                replicas: vec![],
                 coordinator_key: key(9).public_key(),
                 host: HostInfo {
                     id: meshd_control::model::HostId(1),
@@ -611,6 +648,30 @@ mod tests {
             session: None,
             pending,
         }
+    }
+
+    #[test]
+    fn agent_state_keeps_the_replicas_and_reads_older_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut st = source(dir.path(), None).agent;
+        let old = serde_json::to_value(&st).unwrap();
+        assert!(
+            old.get("replicas").is_none(),
+            "no replicas: the file is as before"
+        );
+        let back: AgentState = serde_json::from_value(old).unwrap();
+        assert!(back.replicas.is_empty());
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "127.0.0.1:7443".parse().unwrap(),
+            "127.0.0.2:7443".parse().unwrap(),
+        );
+        assert!(!st.learn_coordinators(&[a]));
+        assert!(!st.learn_coordinators(&[]));
+        assert!(st.learn_coordinators(&[b, a]));
+        assert_eq!((st.coordinator, st.replicas.clone()), (b, vec![a]));
+        assert!(!st.learn_coordinators(&[b, a]));
+        let back: AgentState = serde_json::from_slice(&serde_json::to_vec(&st).unwrap()).unwrap();
+        assert_eq!((back.coordinator, back.replicas), (b, vec![a]));
     }
 
     fn map(version: u64, keys: &[u8]) -> NetworkMap {

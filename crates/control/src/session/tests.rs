@@ -7,6 +7,20 @@ use meshd_tunnel::PublicKey;
 use proptest::prelude::*;
 use std::net::SocketAddr;
 
+/// Coordinator replicas' control addresses.
+const A: SocketAddr = SocketAddr::new(
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 10)),
+    7443,
+);
+const B: SocketAddr = SocketAddr::new(
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 11)),
+    7443,
+);
+const C: SocketAddr = SocketAddr::new(
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 12)),
+    7443,
+);
+
 fn ep(port: u16) -> EndpointReport {
     EndpointReport {
         addrs: vec![SocketAddr::from(([192, 0, 2, 1], port))],
@@ -112,6 +126,8 @@ fn flow_msgs(msgs: &[AgentMessage]) -> Vec<(u64, usize, usize, u64)> {
 
 fn params() -> SessionParams {
     SessionParams {
+        coordinator: A,
+        fallbacks: vec![],
         endpoints: ep(1),
         initial_map: None,
         jitter_seed: 7,
@@ -136,13 +152,14 @@ fn welcome() -> Input {
     Input::Frame(CoordinatorMessage::Welcome {
         protocol: PROTOCOL_VERSION,
         host: host(),
+        replicas: vec![],
     })
 }
 
 /// A session past `Welcome`, its actions drained.
 fn connected(t0: Instant) -> AgentSession {
     let mut s = AgentSession::new(params(), t0);
-    assert_eq!(drain(&mut s), vec![Action::Connect]);
+    assert_eq!(drain(&mut s), vec![Action::Connect(A)]);
     s.handle_input(Input::TransportUp, t0);
     assert_eq!(
         drain(&mut s),
@@ -175,7 +192,7 @@ fn fail_and_delay(s: &mut AgentSession, now: Instant) -> Duration {
     let _ = drain(s);
     let at = s.poll_timeout().unwrap();
     s.handle_timeout(at);
-    assert_eq!(drain(s), vec![Action::Connect]);
+    assert_eq!(drain(s), vec![Action::Connect(A)]);
     at - now
 }
 
@@ -272,7 +289,7 @@ fn initial_map_is_published_before_connecting() {
     assert_eq!(s.map(), Some(&m));
     assert_eq!(
         drain(&mut s),
-        vec![Action::ApplyMap(Arc::new(m)), Action::Connect]
+        vec![Action::ApplyMap(Arc::new(m)), Action::Connect(A)]
     );
     assert_eq!(
         s.state(),
@@ -361,7 +378,7 @@ fn retryable_error_reconnects_with_the_refusal_as_last_error() {
     s.handle_timeout(at - Duration::from_nanos(1));
     assert_eq!(drain(&mut s), vec![]);
     s.handle_timeout(at);
-    assert_eq!(drain(&mut s), vec![Action::Connect]);
+    assert_eq!(drain(&mut s), vec![Action::Connect(A)]);
 }
 
 #[test]
@@ -704,7 +721,8 @@ fn arb_frame() -> impl Strategy<Value = CoordinatorMessage> {
     prop_oneof![
         Just(CoordinatorMessage::Welcome {
             protocol: PROTOCOL_VERSION,
-            host: host()
+            host: host(),
+            replicas: vec![],
         }),
         (0u64..6, proptest::collection::vec(2u8..6, 0..4))
             .prop_map(|(v, p)| CoordinatorMessage::FullMap { map: map(v, &p) }),
@@ -776,7 +794,7 @@ impl Model {
     fn drain(&mut self, s: &mut AgentSession, now: Instant) -> Result<(), TestCaseError> {
         while let Some(a) = s.poll_action() {
             match a {
-                Action::Connect => {
+                Action::Connect(_) => {
                     prop_assert!(!self.finished, "connect after refusal or shutdown");
                     prop_assert!(!self.up && !self.connect_pending, "connect while connected");
                     self.connect_pending = true;
@@ -1023,7 +1041,7 @@ fn key_rotation_prepare_propose_switch_reconnect() {
     // Reconnects at once (no backoff: nothing failed).
     assert_eq!(s.poll_timeout(), Some(at));
     s.handle_timeout(at);
-    assert_eq!(drain(&mut s), vec![Action::Connect]);
+    assert_eq!(drain(&mut s), vec![Action::Connect(A)]);
 
     // A lost connection before the switch: no switch later.
     let mut s = connected(t0);
@@ -1055,4 +1073,221 @@ fn key_rotation_prepare_propose_switch_reconnect() {
         t0,
     );
     assert!(sends(&drain(&mut s)).is_empty());
+}
+
+// ---- Fail-over between coordinator replicas -------------------------------------------
+
+fn replicated(fallbacks: &[SocketAddr], seed: u64) -> SessionParams {
+    SessionParams {
+        fallbacks: fallbacks.to_vec(),
+        jitter_seed: seed,
+        ..params()
+    }
+}
+
+/// Fails the attempt in progress (connect or connection) at `now`; returns the address of
+/// the next `Connect` and how long the session waited before it.
+fn fail_next(s: &mut AgentSession, now: Instant) -> (SocketAddr, Duration) {
+    s.handle_input(
+        Input::TransportDown {
+            error: "gone".into(),
+        },
+        now,
+    );
+    let a = drain(s);
+    assert!(a.iter().all(|a| !matches!(a, Action::ApplyMap(_))), "{a:?}");
+    let at = s.poll_timeout().unwrap();
+    s.handle_timeout(at);
+    let a = drain(s);
+    let [Action::Connect(to)] = a[..] else {
+        panic!("{a:?}")
+    };
+    (to, at - now)
+}
+
+fn welcome_with(replicas: &[SocketAddr]) -> Input {
+    Input::Frame(CoordinatorMessage::Welcome {
+        protocol: PROTOCOL_VERSION,
+        host: host(),
+        replicas: replicas.to_vec(),
+    })
+}
+
+/// Comes up on the address being tried and takes the `Welcome`.
+fn up(s: &mut AgentSession, now: Instant, replicas: &[SocketAddr]) {
+    s.handle_input(Input::TransportUp, now);
+    s.handle_input(welcome_with(replicas), now);
+    let _ = drain(s);
+    assert!(matches!(s.state(), SessionState::Connected { .. }));
+}
+
+#[test]
+fn failover_rotates_through_every_address_in_order() {
+    let t0 = Instant::now();
+    let mut s = AgentSession::new(replicated(&[B, C, B, A], 3), t0);
+    // Duplicates are left out; the first address is tried first.
+    assert_eq!(s.coordinators(), &[A, B, C]);
+    assert_eq!(drain(&mut s), vec![Action::Connect(A)]);
+    let mut now = t0;
+    let mut order = vec![A];
+    for _ in 0..8 {
+        let (to, d) = fail_next(&mut s, now);
+        order.push(to);
+        now += d;
+    }
+    assert_eq!(order, vec![A, B, C, A, B, C, A, B, C]);
+    assert_eq!(s.coordinator(), C);
+}
+
+#[test]
+fn failover_backs_off_per_round_with_bounded_jitter() {
+    for seed in 1..20 {
+        let t0 = Instant::now();
+        let mut s = AgentSession::new(replicated(&[B, C], seed), t0);
+        let _ = drain(&mut s);
+        let mut now = t0;
+        for round in 1..=10u32 {
+            // Within a round: the short step pause, 50–100 % of it.
+            for _ in 0..2 {
+                let (_, d) = fail_next(&mut s, now);
+                assert!(d >= STEP_PAUSE / 2 && d <= STEP_PAUSE, "step {d:?}");
+                now += d;
+            }
+            // The round's last address failed: one step of the exponential backoff.
+            let (to, d) = fail_next(&mut s, now);
+            assert_eq!(to, A, "every round starts at the first address");
+            let full = (BASE_BACKOFF * (1 << (round - 1).min(10))).min(MAX_BACKOFF);
+            assert!(
+                d <= full && d >= full / 2,
+                "round {round}: {d:?} of {full:?}"
+            );
+            now += d;
+        }
+        // The state counts attempts, not rounds.
+        assert!(matches!(
+            s.state(),
+            SessionState::Connecting { attempt: 30, .. }
+        ));
+    }
+}
+
+#[test]
+fn one_address_backs_off_as_before() {
+    // A lone coordinator: every failure is a whole round.
+    let t0 = Instant::now();
+    let mut s = AgentSession::new(params(), t0);
+    let _ = drain(&mut s);
+    let mut now = t0;
+    for attempt in 1..=6u32 {
+        let (to, d) = fail_next(&mut s, now);
+        assert_eq!(to, A);
+        let full = (BASE_BACKOFF * (1 << (attempt - 1))).min(MAX_BACKOFF);
+        assert!(d <= full && d >= full / 2, "{attempt}: {d:?}");
+        now += d;
+    }
+}
+
+#[test]
+fn failover_prefers_the_address_that_worked_last() {
+    let t0 = Instant::now();
+    let mut s = AgentSession::new(replicated(&[B, C], 5), t0);
+    let _ = drain(&mut s);
+    // A is down: B next, and B works.
+    let (to, d) = fail_next(&mut s, t0);
+    assert_eq!(to, B);
+    let mut now = t0 + d;
+    up(&mut s, now, &[]);
+    assert_eq!(s.coordinators(), &[B, A, C], "the one that worked is first");
+    // B goes away: the next one (A) at once, then C, then a new round from B.
+    let mut order = Vec::new();
+    for _ in 0..3 {
+        let (to, d) = fail_next(&mut s, now);
+        order.push(to);
+        now += d;
+    }
+    assert_eq!(order, vec![A, C, B]);
+    // And the backoff restarted after the success: the round ended with one short backoff.
+    up(&mut s, now, &[]);
+    let (to, d) = fail_next(&mut s, now);
+    assert_eq!(to, A);
+    assert!(d <= STEP_PAUSE, "{d:?}");
+}
+
+#[test]
+fn welcome_replaces_the_list_and_keeps_the_address_in_use() {
+    let t0 = Instant::now();
+    let mut s = AgentSession::new(replicated(&[B], 5), t0);
+    let _ = drain(&mut s);
+    let d: SocketAddr = "[2001:db8::4]:7443".parse().unwrap();
+    let wildcard: SocketAddr = "0.0.0.0:7443".parse().unwrap();
+    // The coordinator names itself by another address and lists C and D, not B; a wildcard
+    // or port 0 is left out.
+    up(
+        &mut s,
+        t0,
+        &[C, wildcard, d, "192.0.2.9:0".parse().unwrap(), C],
+    );
+    assert_eq!(s.coordinators(), &[A, C, d]);
+    // A Welcome without a list (an older coordinator) keeps what the session knows.
+    let (to, _) = fail_next(&mut s, t0);
+    assert_eq!(to, C);
+    up(&mut s, t0, &[]);
+    assert_eq!(s.coordinators(), &[C, A, d]);
+    // The list is bounded.
+    let many: Vec<SocketAddr> = (1..100u16)
+        .map(|p| SocketAddr::from(([192, 0, 2, 1], p)))
+        .collect();
+    let _ = fail_next(&mut s, t0);
+    up(&mut s, t0, &many);
+    assert_eq!(s.coordinators().len(), MAX_COORDINATORS);
+}
+
+#[test]
+fn failover_keeps_the_map_until_the_next_coordinator_sends_one() {
+    let t0 = Instant::now();
+    let mut s = AgentSession::new(
+        SessionParams {
+            initial_map: Some(map(2, &[2])),
+            ..replicated(&[B], 5)
+        },
+        t0,
+    );
+    let _ = drain(&mut s);
+    up(&mut s, t0, &[A, B]);
+    let _ = full_map(&mut s, map(3, &[2, 3]), t0);
+    // A fails; so does B's first connect, and A again: the map stays, nothing is applied.
+    let mut now = t0;
+    for _ in 0..5 {
+        let (_, d) = fail_next(&mut s, now);
+        now += d;
+        assert_eq!(s.map(), Some(&map(3, &[2, 3])));
+    }
+    // Connect timeouts and a Welcome timeout do not drop it either.
+    for _ in 0..3 {
+        let deadline = s.poll_timeout().unwrap();
+        s.handle_timeout(deadline);
+        let a = drain(&mut s);
+        assert!(a.iter().all(|a| !matches!(a, Action::ApplyMap(_))), "{a:?}");
+        let at = s.poll_timeout().unwrap();
+        s.handle_timeout(at);
+        let _ = drain(&mut s);
+    }
+    assert_eq!(s.map(), Some(&map(3, &[2, 3])));
+    // The next coordinator resumes and sends its full map: that one is applied.
+    let to = s.coordinator();
+    s.handle_input(Input::TransportUp, now);
+    let a = drain(&mut s);
+    assert!(
+        matches!(&a[..], [Action::Send(AgentMessage::Resume { .. })]),
+        "{to} {a:?}"
+    );
+    s.handle_input(welcome_with(&[A, B]), now);
+    let _ = drain(&mut s);
+    assert_eq!(
+        s.map(),
+        Some(&map(3, &[2, 3])),
+        "welcome alone changes nothing"
+    );
+    let a = full_map(&mut s, map(7, &[3]), now);
+    assert_eq!(a[0], Action::ApplyMap(Arc::new(map(7, &[3]))));
 }

@@ -92,6 +92,8 @@ fn signed_three() -> (CoordinatorState, AdminSigningKey) {
 fn agent(s: &CoordinatorState, t0: Instant) -> AgentSession {
     let mut a = AgentSession::new(
         SessionParams {
+            coordinator: "127.0.0.1:7443".parse().unwrap(),
+            fallbacks: vec![],
             endpoints: ep(1),
             initial_map: None,
             jitter_seed: 1,
@@ -104,6 +106,7 @@ fn agent(s: &CoordinatorState, t0: Instant) -> AgentSession {
         Input::Frame(CoordinatorMessage::Welcome {
             protocol: crate::proto::PROTOCOL_VERSION,
             host: HostInfo::from_host(h, s.networks()),
+            replicas: vec![],
         }),
         t0,
     );
