@@ -27,10 +27,6 @@ use crate::metrics::Metrics;
 use crate::ops::{AdminOp, AdminReply, Identity, Ops};
 use crate::webhook::Webhook;
 
-/// Pushes after which the allocator is trimmed ([`Actor::trim_after_bursts`]).
-const TRIM_AFTER_PUSHES: usize = 20_000;
-/// Least time between two trims.
-const TRIM_EVERY: Duration = Duration::from_secs(5);
 /// How many times an admin operation is run when it keeps losing to other replicas' commits.
 const CONFLICT_TRIES: u32 = 4;
 /// How often [`follow_loop`] reads the store's generation when no notification comes.
@@ -280,9 +276,6 @@ pub(crate) struct Actor {
     follow_to: u64,
     /// Connects whose batch lost to another replica's commit, run first in the next batch.
     again: Vec<Cmd>,
-    /// Pushes sent since the allocator was last trimmed, and when that was.
-    sent_since_trim: usize,
-    last_trim: std::time::Instant,
 }
 
 impl Actor {
@@ -320,8 +313,6 @@ impl Actor {
             generation: 0,
             follow_to: 0,
             again: Vec::new(),
-            sent_since_trim: 0,
-            last_trim: std::time::Instant::now(),
         }
     }
 
@@ -606,7 +597,6 @@ impl Actor {
                     }
                 }
             }
-            let sent = pushes.len();
             for p in pushes {
                 let Some(l) = self.live.get(&p.host) else {
                     continue;
@@ -630,7 +620,6 @@ impl Actor {
                 }
             }
             self.update_gauges();
-            self.trim_after_bursts(sent);
         }
         for l in self.live.values() {
             l.conn
@@ -1055,29 +1044,6 @@ impl Actor {
                 Err(Refusal::of(code))
             }
         }
-    }
-
-    /// After a burst of pushes (an enrolment storm, a policy change for every host), hands
-    /// the allocator's freed memory back to the system: glibc keeps what the burst's encoded
-    /// maps and send buffers took otherwise, and the coordinator's RSS stays at its peak.
-    /// At most every [`TRIM_EVERY`], off the actor's thread.
-    fn trim_after_bursts(&mut self, sent: usize) {
-        self.sent_since_trim = self.sent_since_trim.saturating_add(sent);
-        // During a burst every TRIM_AFTER_PUSHES pushes; once it is over (a quiet batch), for
-        // what its tail left.
-        let burst_over = sent < 100 && self.sent_since_trim >= 1_000;
-        if (self.sent_since_trim < TRIM_AFTER_PUSHES && !burst_over)
-            || self.last_trim.elapsed() < TRIM_EVERY
-        {
-            return;
-        }
-        self.sent_since_trim = 0;
-        self.last_trim = std::time::Instant::now();
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        tokio::task::spawn_blocking(|| {
-            // SAFETY: malloc_trim only returns free memory to the system; it is thread-safe.
-            unsafe { libc::malloc_trim(0) };
-        });
     }
 
     /// Hosts by state and live sessions, for the metrics (after every batch).
