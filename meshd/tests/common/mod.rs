@@ -257,16 +257,24 @@ pub struct Coord {
     pub proc: Option<ProcHandle>,
     /// Every join token [`Coord::token`] created (for [`Coord::assert_no_secrets_in_logs`]).
     pub tokens: std::sync::Mutex<Vec<String>>,
+    /// More `meshd coordinator` arguments (`--db …`, `--replica …`).
+    pub extra: Vec<String>,
 }
 
 impl Coord {
     pub fn start(lab: &Lab, idx: usize) -> Coord {
-        let dir = lab.dir().join("coordinator");
+        Coord::start_with(lab, idx, "coordinator", &[])
+    }
+
+    /// A coordinator with its state in `<lab>/<name>` and `extra` arguments.
+    pub fn start_with(lab: &Lab, idx: usize, name: &str, extra: &[&str]) -> Coord {
+        let dir = lab.dir().join(name);
         let mut c = Coord {
             idx,
             dir,
             proc: None,
             tokens: Default::default(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         c.restart(lab);
         c
@@ -288,6 +296,7 @@ impl Coord {
                     ])
                     .arg("--state-dir")
                     .arg(&self.dir)
+                    .args(&self.extra)
                     .env("RUST_LOG", "info")
                     .label("coordinator"),
             )
