@@ -61,6 +61,7 @@ fn coordinator(lab: &Lab, idx: usize) -> Coord {
         dir,
         proc: Some(proc),
         tokens: Default::default(),
+        extra: Vec::new(),
     };
     let ok = wait_for(Duration::from_secs(15), Duration::from_millis(100), || {
         c.dir.join("admin.token").exists() && c.api(lab, "GET", "/v1/status", None).0 == 200
