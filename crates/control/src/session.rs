@@ -321,6 +321,9 @@ pub struct AgentSession {
     tried: usize,
     /// Whole rounds failed in a row (the backoff's attempt number).
     rounds: u32,
+    /// `unknown host` answers in a row, from different addresses (see
+    /// [`AgentSession::refused`]).
+    unknown_in_a_row: usize,
     /// Key rotation: switch to this key at this instant (after `KeyAccepted`).
     switch: Option<(Instant, meshd_tunnel::PublicKey)>,
     /// Verified admin statements (signed policy); inactive until a key set is pinned.
@@ -369,6 +372,7 @@ impl AgentSession {
             cursor: 0,
             tried: 0,
             rounds: 0,
+            unknown_in_a_row: 0,
             switch: None,
             trust: crate::signed::TrustStore::default(),
             pending_trust: None,
@@ -742,6 +746,16 @@ impl AgentSession {
 
     /// The coordinator sent an error: stop for good, or reconnect if the code says it may help.
     fn refused(&mut self, code: ErrorCode, message: String, now: Instant) {
+        // With replicas, `unknown host` may come from one that has not followed this host's
+        // enrolment yet (replicas follow each other within a second): final only when every
+        // address has said so, one after the other.
+        if code == ErrorCode::UnknownHost && self.addrs.len() > 1 {
+            self.unknown_in_a_row += 1;
+            if self.unknown_in_a_row < self.addrs.len() {
+                self.fail(now, Failure::Refused { code, message }, true);
+                return;
+            }
+        }
         if code.is_retryable() {
             self.fail(now, Failure::Refused { code, message }, true);
             return;
@@ -775,6 +789,7 @@ impl AgentSession {
         self.cursor = 0;
         self.tried = 0;
         self.rounds = 0;
+        self.unknown_in_a_row = 0;
     }
 
     /// The connection ended: close it if the driver does not know yet, wait, reconnect —
@@ -786,6 +801,15 @@ impl AgentSession {
         self.switch = None;
         if close {
             self.actions.push_back(Action::Close);
+        }
+        if !matches!(
+            why,
+            Failure::Refused {
+                code: ErrorCode::UnknownHost,
+                ..
+            }
+        ) {
+            self.unknown_in_a_row = 0;
         }
         self.attempt = self.attempt.saturating_add(1);
         self.tried += 1;

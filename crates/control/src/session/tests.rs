@@ -1291,3 +1291,63 @@ fn failover_keeps_the_map_until_the_next_coordinator_sends_one() {
     let a = full_map(&mut s, map(7, &[3]), now);
     assert_eq!(a[0], Action::ApplyMap(Arc::new(map(7, &[3]))));
 }
+
+/// A replica that has not followed this host's enrolment yet answers `unknown host`: the
+/// session tries the other replicas, and stops only when every one has said so in a row.
+/// With one address, `unknown host` stays final at once.
+#[test]
+fn unknown_host_from_one_replica_is_not_final_while_others_remain() {
+    let t0 = Instant::now();
+    let unknown = || {
+        Input::Frame(CoordinatorMessage::Error {
+            code: ErrorCode::UnknownHost,
+            message: "unknown host".into(),
+        })
+    };
+    let mut s = AgentSession::new(replicated(&[B], 7), t0);
+    assert_eq!(drain(&mut s), vec![Action::Connect(A)]);
+    s.handle_input(Input::TransportUp, t0);
+    s.handle_input(unknown(), t0);
+    let _ = drain(&mut s);
+    assert!(
+        matches!(s.state(), SessionState::Connecting { .. }),
+        "{:?}",
+        s.state()
+    );
+    let at = s.poll_timeout().unwrap();
+    s.handle_timeout(at);
+    assert_eq!(drain(&mut s), vec![Action::Connect(B)]);
+    // B knows the host: connected.
+    up(&mut s, at, &[]);
+    // Later every replica says so (the host was removed): final.
+    let (to, d) = fail_next(&mut s, at);
+    assert_eq!(to, A);
+    let now = at + d;
+    s.handle_input(Input::TransportUp, now);
+    s.handle_input(unknown(), now);
+    let _ = drain(&mut s);
+    let at = s.poll_timeout().unwrap();
+    s.handle_timeout(at);
+    assert_eq!(drain(&mut s), vec![Action::Connect(B)]);
+    s.handle_input(Input::TransportUp, at);
+    s.handle_input(unknown(), at);
+    let _ = drain(&mut s);
+    assert!(
+        matches!(
+            s.state(),
+            SessionState::Refused {
+                code: ErrorCode::UnknownHost,
+                ..
+            }
+        ),
+        "{:?}",
+        s.state()
+    );
+    // One address: final at once, as before.
+    let mut one = AgentSession::new(params(), t0);
+    let _ = drain(&mut one);
+    one.handle_input(Input::TransportUp, t0);
+    one.handle_input(unknown(), t0);
+    let _ = drain(&mut one);
+    assert!(matches!(one.state(), SessionState::Refused { .. }));
+}
