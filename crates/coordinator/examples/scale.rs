@@ -285,7 +285,13 @@ async fn run() -> anyhow::Result<()> {
         .map(|_| client_endpoint("127.0.0.1:0".parse().unwrap()))
         .collect::<Result<_, _>>()?;
     let t0 = Instant::now();
-    let sem = Arc::new(tokio::sync::Semaphore::new(64));
+    // How many agents enrol at once (SCALE_CONCURRENCY, default 64): a real storm is every
+    // host at once; the coordinator caps the handshakes it takes on and agents retry.
+    let concurrency: usize = std::env::var("SCALE_CONCURRENCY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
+    let sem = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
     let mut joins = Vec::new();
     for i in 0..n {
         let token = tokens[if groups == 0 { 0 } else { group[i] }].clone();
@@ -345,7 +351,7 @@ async fn run() -> anyhow::Result<()> {
     let (me_rss, me_cpu) = proc_stat(std::process::id());
     let mean_peers = expected.iter().sum::<usize>() as f64 / n as f64;
     say(format_args!(
-        "enrolled+connected {n} in {enrolled:.2?}; all full maps ({mean_peers:.0} peers each on average) by {converged:.2?}; coordinator RSS {:.1} MiB, CPU {cpu1:.2} s; simulated agents' process RSS {:.1} MiB, CPU {me_cpu:.2} s",
+        "enrolled+connected {n} ({concurrency} at once) in {enrolled:.2?}; all full maps ({mean_peers:.0} peers each on average) by {converged:.2?}; coordinator RSS {:.1} MiB, CPU {cpu1:.2} s; simulated agents' process RSS {:.1} MiB, CPU {me_cpu:.2} s",
         rss1 as f64 / 1024.0,
         me_rss as f64 / 1024.0,
     ))?;
