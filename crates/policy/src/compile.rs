@@ -565,6 +565,19 @@ impl Compiled {
         self.ids(&b)
     }
 
+    /// Every host that may be a peer of `host_id` — a superset of [`Compiled::peers_of`]
+    /// (denies not subtracted), unsorted and without allocation per host: which sessions a
+    /// change to `host_id` can concern. The relation is symmetric (rules count both ways).
+    pub fn may_peer(&self, host_id: u64) -> Vec<u64> {
+        let Some(&s) = self.by_id.get(&host_id) else {
+            return Vec::new();
+        };
+        let b = self.peer_slots(s);
+        b.ones()
+            .filter_map(|p| self.slots[p as usize].as_ref().map(|h| h.id))
+            .collect()
+    }
+
     /// The grants of `host_id` towards each of its peers (none for unknown hosts). Outbound:
     /// rules with the host in `from` and the peer in `to`; inbound: the peer in `from` and the
     /// host in `to`. Grants are in rule order.

@@ -118,7 +118,7 @@ impl SentPeer {
 pub struct PushWork {
     /// Calls of [`CoordinatorState::poll_pushes`] that had something to compute.
     pub rounds: u64,
-    /// Sessions looked at (every connected agent, once per round).
+    /// Sessions looked at (those a round may concern: new, rechecked, or holding a changed record).
     pub sessions: u64,
     /// Full maps built (new sessions).
     pub full_maps: u64,
@@ -168,7 +168,7 @@ impl CoordinatorState {
         }
         let version = self.map_version + 1;
         self.push_work.rounds += 1;
-        let ids: Vec<HostId> = self.sessions.keys().copied().collect();
+        let ids = self.sessions_to_visit(recheck_all, &recheck, &recheck_pairs, &changed);
         let mut out = Vec::new();
         for id in ids {
             // The sent list is taken out and updated in place (never copied): with thousands
@@ -242,6 +242,40 @@ impl CoordinatorState {
         }
         self.finish_rotation_pushes(&mut out);
         out
+    }
+
+    /// The sessions a round must look at: new ones (no map yet), those whose own peer set or
+    /// some pair may have moved, and every holder of a changed record — found from the compiled
+    /// policy (who may peer with the changed host), not by searching every session's list. In
+    /// an enrolment storm of 10,000 hosts of a few hundred peers each this is what keeps a
+    /// round's cost to the newcomers' neighbourhoods.
+    fn sessions_to_visit(
+        &self,
+        all: bool,
+        recheck: &BTreeSet<HostId>,
+        recheck_pairs: &std::collections::BTreeMap<HostId, BTreeSet<HostId>>,
+        changed: &BTreeSet<HostId>,
+    ) -> Vec<HostId> {
+        if all {
+            return self.sessions.keys().copied().collect();
+        }
+        let mut v: Vec<HostId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.sent.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        v.extend(recheck.iter().copied());
+        v.extend(recheck_pairs.keys().copied());
+        for &c in changed {
+            // Its own session too: signed statements about it go to it.
+            v.push(c);
+            v.extend(self.compiled.may_peer(c.0).into_iter().map(HostId));
+        }
+        v.sort_unstable();
+        v.dedup();
+        v.retain(|id| self.sessions.contains_key(id));
+        v
     }
 
     /// What computing pushes has cost since start-up.

@@ -81,8 +81,8 @@ fn label_change_recomputes_only_the_affected_hosts() {
     assert_eq!(told, affected, "only the hosts whose maps changed are told");
     assert_eq!(
         work.sessions - before.sessions,
-        30,
-        "each session looked at once"
+        affected.len() as u64,
+        "only the sessions the change concerns are looked at"
     );
     assert_eq!(
         work.peer_sets - before.peer_sets,
@@ -113,6 +113,25 @@ fn label_change_recomputes_only_the_affected_hosts() {
     }
 }
 
+#[test]
+fn an_endpoint_change_looks_only_at_the_hosts_peers() {
+    let mut s = ring();
+    let before = s.push_work();
+    // h1 (g0) is held by g9 (h28..h30) and g1 (h4..h6).
+    s.report_endpoints(5, HostId(1), ConnId(1), ep(7));
+    let got = maps(&mut s);
+    let work = s.push_work();
+    let mut told: Vec<u64> = got.keys().map(|h| h.0).collect();
+    told.sort();
+    assert_eq!(told, [4, 5, 6, 28, 29, 30]);
+    assert_eq!(
+        work.sessions - before.sessions,
+        7,
+        "h1 and its six peers, not all 30 sessions"
+    );
+    assert_eq!(work.peers_sent - before.peers_sent, 6);
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Enrol(u8),
@@ -130,10 +149,18 @@ enum Op {
     Poll,
 }
 
-/// Policies the property test switches between: deny all, allow all, label- and name-based.
-const POLICIES: [&str; 3] = [
+/// Policies the property test switches between: deny all, allow all, label- and name-based,
+/// and one whose denies take peers out of what its allow rule grants.
+const POLICIES: [&str; 4] = [
     "",
     ALLOW_ALL,
+    "rules:
+  - {name: all, from: {}, to: {}, ports: [tcp/1-99]}
+deny:
+  - {name: r2-never-r3, from: {role: r2}, to: {role: r3}, ports: [any]}
+  - {name: quiet, isolate: {role: r5}}
+  - {name: half, from: {role: r1}, to: {}, ports: [tcp/1-50]}
+",
     "rules:
   - {name: ssh, from: {role: {exists: true}}, to: {}, ports: [tcp/22]}
   - {name: dns, from: n1, to: {role: {in: [r2, r3]}}, ports: [udp/53, icmp]}
