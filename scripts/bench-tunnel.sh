@@ -10,6 +10,19 @@
 #   rtt    ping, PING_COUNT (50) x 10 ms apart     avg, p50 and min ms, each over plain veth
 #   cpu    utime+stime of both tunnel daemons during the tcp1 run, seconds per Gbit carried
 #   rss    VmRSS of each daemon after the tunnel is up and idle for 2 s (the larger of the two)
+#   rr1    TCP request/response (netperf TCP_RR style, crates/lab/examples/rr_probe.rs): one
+#          connection, RR_SIZE (1) byte request -> RR_SIZE byte response, one outstanding, for
+#          RR_SECS (10) s: transactions/s, p50 and p99 latency us, daemon CPU us per transaction
+#   rr16   the same with 16 concurrent connections: transactions/s (sum), p99 us, CPU us/txn
+#   pgbench  PostgreSQL (Debian's, PG_BINDIR or the newest /usr/lib/postgresql/*/bin) in B,
+#          `pgbench -n -c 4 -j 2 -T PGBENCH_SECS` (10; TPC-B-like, scale 1) from A: tps, average
+#          latency ms, daemon CPU us per transaction (utime+stime of both daemons / transactions).
+#          The server is throwaway: initdb (as nobody: postgres refuses root) into a temporary
+#          directory once per run, `pgbench -i` over its Unix socket only, then per lab a copy of
+#          that directory served in B (listen '*', port 5432, trust, fsync, synchronous_commit
+#          and full_page_writes off so that the disk does not hide the network), stopped with
+#          the lab; the directories are removed on exit. Never a system service.
+#   The servers (iperf3, rr_probe, postgres) run in B; clients in A; neither is pinned.
 # Implementations run interleaved in ROUNDS rounds (order rotated every round); the figures are
 # the median over rounds. A table gives each figure and its ratio to meshd's (or, if meshd is
 # n/a, to the best anchor's). Raw and summary results go to $RESULTS as JSON.
@@ -20,7 +33,10 @@
 # iperf3 runs against B's underlay address 198.18.0.2, encrypted by meshd) and meshd-busypoll
 # (--busy-poll-us BUSY_POLL_US, default 300: the opt-in latency trade-off); meshd-noflows
 # (flow_records = false: no per-flow counting, the cost of flow records); meshd-before
-# (the binary MESHD_BEFORE, run exactly like meshd: before/after rows of a change in one run).
+# (the binary MESHD_BEFORE, run exactly like meshd: before/after rows of a change in one run);
+# meshd-1cpu and wg-go-bpo-1cpu (both tunnel daemons, A's and B's, started under `taskset -c 0`:
+# together they get one core, CPU 0, for all their threads; iperf3, rr_probe, pgbench and
+# postgres stay unpinned): 1 core against 2 for meshd and wireguard-go side by side.
 # Anchors come from scripts/install-anchors.sh; missing ones are skipped.
 #
 # Environment:
@@ -35,8 +51,12 @@
 #   SKIP_BUILD=1             do not run cargo build; use target/release/meshd as it is
 #   RTT_ONLY=1 PING_COUNT=500  only the ping figures (quick latency experiments)
 #   RTT_DUMP=DIR             keep each ping run's output there (IMPL-EPOCH.txt) for histograms
+#   RR_SECS=10 RR_SIZE=1     rr1/rr16 seconds (0: skip both) and request/response bytes
+#   RR_PROBE=/path/to/rr_probe  use this probe instead of building it (cargo build --release
+#                            -p meshd-lab --example rr_probe; SKIP_BUILD=1 uses the one in target/)
+#   PGBENCH_SECS=10          pgbench seconds (0: skip); PG_BINDIR=DIR holds initdb/postgres/pgbench
 #
-# Usage (root; ~40 s per implementation per round at DURATION=10):
+# Usage (root; ~75 s per implementation per round at DURATION=10, RR_SECS=10, PGBENCH_SECS=10):
 #   sudo scripts/bench-tunnel.sh
 #   sudo ONLY="veth meshd wg-go-bpo" ROUNDS=3 scripts/bench-tunnel.sh
 #   scripts/bench-tunnel.sh --table [FILE]     re-print the table of an earlier run
@@ -53,7 +73,7 @@ ANCHOR_DIR=${ANCHOR_DIR:-/var/cache/meshd-bench}
 BUILD_TIMEOUT=${BUILD_TIMEOUT:-1800}
 SKIP_BUILD=${SKIP_BUILD:-0}
 
-ALL_IMPLS=(veth meshd meshd-before meshd-noflows meshd-policy meshd-transparent meshd-busypoll wg-go wg-go-bpo boringtun nebula)
+ALL_IMPLS=(veth meshd meshd-before meshd-noflows meshd-policy meshd-transparent meshd-busypoll meshd-1cpu wg-go wg-go-bpo wg-go-bpo-1cpu boringtun nebula)
 MESHD_BEFORE=${MESHD_BEFORE:-}
 
 PREFIX="mbench-$$"
@@ -64,6 +84,11 @@ UDP_LEN=$((MTU - 28)) # one datagram fills one tunnel packet, no fragmentation
 PING_COUNT=${PING_COUNT:-50}
 PING_INTERVAL=0.01
 RTT_ONLY=${RTT_ONLY:-0}
+RR_SECS=${RR_SECS:-10}
+RR_SIZE=${RR_SIZE:-1}
+RR_PORT=5202
+PGBENCH_SECS=${PGBENCH_SECS:-10}
+PG_PORT=5432
 
 log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() {
@@ -82,7 +107,13 @@ print_table() { # print_table RESULTS.json
                  ["rtt_ms", "ping RTT avg ms", "%.3f"], ["rtt_added_ms", "RTT over veth ms", "%.3f"],
                  ["rtt_p50_ms", "ping RTT p50 ms", "%.3f"], ["rtt_p50_added_ms", "p50 RTT over veth", "%.3f"],
                  ["rtt_min_ms", "ping RTT min ms", "%.3f"], ["rtt_min_added_ms", "min RTT over veth", "%.3f"],
-                 ["cpu_s_per_gbit", "CPU s/Gbit", "%.2f"], ["rss_mib", "idle RSS MiB", "%.1f"]];
+                 ["cpu_s_per_gbit", "CPU s/Gbit", "%.2f"], ["rss_mib", "idle RSS MiB", "%.1f"],
+                 ["rr1_tps", "RR 1 flow txn/s", "%.0f"], ["rr1_p50_us", "RR 1 flow p50 us", "%.1f"],
+                 ["rr1_p99_us", "RR 1 flow p99 us", "%.1f"], ["cpu_us_per_rr1", "CPU us/RR txn (1)", "%.1f"],
+                 ["rr16_tps", "RR 16 flows txn/s", "%.0f"], ["rr16_p99_us", "RR 16 flows p99 us", "%.1f"],
+                 ["cpu_us_per_rr16", "CPU us/RR txn (16)", "%.1f"],
+                 ["pgbench_tps", "pgbench tps", "%.0f"], ["pgbench_lat_ms", "pgbench latency ms", "%.3f"],
+                 ["cpu_us_per_pgtxn", "CPU us/pgbench txn", "%.1f"]];
       . as $d
       | (["figure", "ratio to", "-"] + [.implementations[] | (., "-")] | @tsv),
         (rows[] as [$m, $title, $fmt]
@@ -114,7 +145,7 @@ report() { # report RESULTS.json: the table and the issue-2 targets
     jq -r '
       . as $d | $d.summary.meshd as $m
       | if ($m | length) == 0 then empty else
-        ([$d.implementations[] | select(. != "veth" and (startswith("meshd") | not))]) as $anchors
+        ([$d.implementations[] | select(. != "veth" and (startswith("meshd") | not) and (endswith("-1cpu") | not))]) as $anchors
         | ([$anchors[] | $d.summary[.].tcp1_gbps // empty] | max) as $best_tcp
         | ([$anchors[] | $d.summary[.].udp_mbps // empty] | max) as $best_udp
         | "targets (issue 2):",
@@ -138,7 +169,25 @@ report() { # report RESULTS.json: the table and the issue-2 targets
              + (if $n.udp_mbps == null or $m.udp_mbps == null then "" else ", UDP \($m.udp_mbps / $n.udp_mbps * 100 | round)% " + (if $m.udp_mbps >= 0.97 * $n.udp_mbps then "PASS" else "FAIL" end) end) end),
           (($d.summary["meshd-transparent"].tcp1_gbps // null) as $t
            | if $t == null or $m.tcp1_gbps == null then empty else
-             "target (issue 5): TCP 1 stream in transparent mode within 5% of overlay mode: \($t / $m.tcp1_gbps * 100 | round)% " + (if $t >= 0.95 * $m.tcp1_gbps then "PASS" else "FAIL" end) end)
+             "target (issue 5): TCP 1 stream in transparent mode within 5% of overlay mode: \($t / $m.tcp1_gbps * 100 | round)% " + (if $t >= 0.95 * $m.tcp1_gbps then "PASS" else "FAIL" end) end),
+          (([$anchors[] | $d.summary[.].pgbench_tps // empty] | max) as $best_pg
+           | ($d.summary.veth.pgbench_tps // null) as $veth_pg
+           | ($d.summary.boringtun.cpu_us_per_pgtxn // null) as $bt_cpu
+           | if $m.pgbench_tps == null then empty else
+             "targets (issue 19):",
+             "  pgbench tps >= 1.5x best anchor: \(if $best_pg == null then "n/a"
+                 else "\($m.pgbench_tps / $best_pg * 100 | round / 100)x " + (if $m.pgbench_tps >= 1.5 * $best_pg then "PASS" else "FAIL" end) end)",
+             "  pgbench tps >= 60% of veth: \(if $veth_pg == null then "n/a"
+                 else "\($m.pgbench_tps / $veth_pg * 100 | round)% " + (if $m.pgbench_tps >= 0.6 * $veth_pg then "PASS" else "FAIL" end) end)",
+             "  CPU per pgbench transaction <= boringtun: \(if $m.cpu_us_per_pgtxn == null or $bt_cpu == null then "n/a"
+                 else "\($m.cpu_us_per_pgtxn / $bt_cpu * 100 | round / 100)x " + (if $m.cpu_us_per_pgtxn <= $bt_cpu then "PASS" else "FAIL" end) end)" end),
+          ([["meshd", "meshd-1cpu"], ["wg-go-bpo", "wg-go-bpo-1cpu"]][] as [$u, $p]
+           | ($d.summary[$u] // {}) as $su | ($d.summary[$p] // {}) as $sp
+           | if ($sp | length) == 0 or ($su | length) == 0 then empty else
+             "1 core / 2 cores (\($p) / \($u)): " +
+             ([[["tcp1_gbps", "TCP 1 stream"], ["rr1_tps", "RR 1"], ["rr16_tps", "RR 16"], ["pgbench_tps", "pgbench"]][] as [$k, $t]
+               | select($su[$k] != null and $sp[$k] != null and $su[$k] != 0)
+               | "\($t) \($sp[$k] / $su[$k] * 100 | round)%"] | join(", ")) end)
         end' "$1"
     echo "results: $RESULTS"
 }
@@ -151,6 +200,9 @@ fi
 [[ $(id -u) -eq 0 ]] || die "must run as root (network namespaces)"
 [[ $DURATION =~ ^[0-9]+$ && $DURATION -ge 1 && $DURATION -le 600 ]] || die "DURATION must be 1..600"
 [[ $ROUNDS =~ ^[0-9]+$ && $ROUNDS -ge 1 && $ROUNDS -le 50 ]] || die "ROUNDS must be 1..50"
+[[ $RR_SECS =~ ^[0-9]+$ && $RR_SECS -le 600 ]] || die "RR_SECS must be 0..600"
+[[ $RR_SIZE =~ ^[0-9]+$ && $RR_SIZE -ge 1 && $RR_SIZE -le 65536 ]] || die "RR_SIZE must be 1..65536"
+[[ $PGBENCH_SECS =~ ^[0-9]+$ && $PGBENCH_SECS -le 600 ]] || die "PGBENCH_SECS must be 0..600"
 for tool in ip iperf3 ping jq awk timeout; do
     command -v "$tool" >/dev/null || die "$tool not found (scripts/install-anchors.sh installs it)"
 done
@@ -162,6 +214,7 @@ RAW="$TMP/raw.tsv" # round impl key value
 BG_PIDS=()  # every background process this script started
 LAB_PIDS=() # those of the current lab
 NSA="" NSB="" SEQ=0
+PGTMP="" # PostgreSQL's directories (owned by nobody, so not under $TMP)
 
 # --- process and namespace housekeeping ------------------------------------------------
 
@@ -191,6 +244,7 @@ cleanup() {
         if [[ $ns == "$PREFIX"-* ]]; then ip netns delete "$ns" 2>/dev/null || true; fi
     done < <(ip netns list 2>/dev/null)
     rm -rf "$TMP"
+    if [[ -n $PGTMP ]]; then rm -rf "$PGTMP"; fi
     exit "$rc"
 }
 trap cleanup EXIT
@@ -227,6 +281,7 @@ lab_up() {
 }
 
 lab_down() {
+    pg_stop
     if ((${#LAB_PIDS[@]})); then stop_pids "${LAB_PIDS[@]}"; fi
     local p keep=()
     for p in "${BG_PIDS[@]}"; do
@@ -275,6 +330,7 @@ wait_tunnel() {
 
 declare -A BIN=()
 MESHD_EXTRA_ARGS=()
+DAEMON_WRAP=() # prefix for the tunnel daemons' command lines (the -1cpu variants: taskset)
 find_bins() {
     local b
     BIN[wg]=$(command -v wg || true)
@@ -300,15 +356,15 @@ available() { # available IMPL -> 0, or 1 with NA_REASON
             return 1
         }
         ;;
-    meshd | meshd-noflows | meshd-policy | meshd-transparent | meshd-busypoll)
+    meshd | meshd-noflows | meshd-policy | meshd-transparent | meshd-busypoll | meshd-1cpu)
         [[ -n ${MESHD_BIN:-} ]] || {
             NA_REASON=${MESHD_NA:-"meshd not built"}
             return 1
         }
         ;;
-    wg-go | wg-go-bpo | boringtun)
-        [[ -x ${BIN[$1]} ]] || {
-            NA_REASON="${BIN[$1]} not installed (scripts/install-anchors.sh)"
+    wg-go | wg-go-bpo | wg-go-bpo-1cpu | boringtun)
+        [[ -x ${BIN[${1%-1cpu}]} ]] || {
+            NA_REASON="${BIN[${1%-1cpu}]} not installed (scripts/install-anchors.sh)"
             return 1
         }
         [[ -n ${BIN[wg]} ]] || {
@@ -356,10 +412,10 @@ setup_uapi() { # setup_uapi IMPL
         ifname="w$$s${SEQ}$side"
         case $impl in
         wg-go | wg-go-bpo)
-            start_in "$ns" "$LABDIR/$side.log" env LOG_LEVEL=error "${BIN[$impl]}" -f "$ifname"
+            start_in "$ns" "$LABDIR/$side.log" env LOG_LEVEL=error "${DAEMON_WRAP[@]}" "${BIN[$impl]}" -f "$ifname"
             ;;
         boringtun)
-            start_in "$ns" "$LABDIR/$side.log" env WG_LOG_LEVEL=error "${BIN[$impl]}" \
+            start_in "$ns" "$LABDIR/$side.log" env WG_LOG_LEVEL=error "${DAEMON_WRAP[@]}" "${BIN[$impl]}" \
                 --foreground --disable-drop-privileges --log "$LABDIR/$side.bt.log" "$ifname"
             ;;
         esac
@@ -378,6 +434,14 @@ setup_uapi() { # setup_uapi IMPL
 }
 setup_wg-go() { setup_uapi wg-go; }
 setup_wg-go-bpo() { setup_uapi wg-go-bpo; }
+# The -1cpu variants: both daemons (and every thread they start) on CPU 0 only.
+setup_wg-go-bpo-1cpu() {
+    DAEMON_WRAP=(taskset -c 0)
+    local rc=0
+    setup_uapi wg-go-bpo || rc=$?
+    DAEMON_WRAP=()
+    return $rc
+}
 setup_boringtun() { setup_uapi boringtun; }
 
 NEBULA_PKI=""
@@ -485,7 +549,8 @@ setup_meshd-policy() {
             printf '  - name: other-%d\n    from: { app: svc%d }\n    to: { app: db%d }\n    ports: [tcp/%d]\n' \
                 "$i" "$i" "$i" $((10000 + i))
         done
-        printf '  - name: bench\n    from: { role: bench }\n    to: { role: bench }\n    ports: [tcp/5201, udp/5201, icmp]\n'
+        printf '  - name: bench\n    from: { role: bench }\n    to: { role: bench }\n    ports: [tcp/5201, udp/5201, tcp/%d, tcp/%d, icmp]\n' \
+            "$RR_PORT" "$PG_PORT"
     } >"$LABDIR/policy.yaml"
     MESHD_EXTRA_IFACE=$'labels = { role = "bench" }\npolicy_file = "'"$LABDIR"'/policy.yaml"'
     MESHD_EXTRA_PEER='labels = { role = "bench" }'
@@ -535,6 +600,15 @@ setup_meshd-busypoll() {
     return $rc
 }
 
+# meshd with both daemons on CPU 0 only (taskset -c 0): 1 core against meshd's 2.
+setup_meshd-1cpu() {
+    DAEMON_WRAP=(taskset -c 0)
+    local rc=0
+    setup_meshd || rc=$?
+    DAEMON_WRAP=()
+    return $rc
+}
+
 # The binary of MESHD_BEFORE, run exactly like meshd (same config, same arguments).
 setup_meshd-before() {
     local rc=0 after=$MESHD_BIN
@@ -557,7 +631,7 @@ setup_meshd() {
         else
             ns=$NSB peer_pub=$PUBA peer_ep=$UA peer_ip=$OA addr=$OB
         fi
-        mkdir -p -m 700 "$LABDIR/state-$side"  # meshd refuses a state dir others can read
+        mkdir -m 700 "$LABDIR/state-$side" # meshd refuses a state dir others can read
         cat >"$LABDIR/meshd-$side.toml" <<EOF
 [interface]
 name = "mesh0"
@@ -575,7 +649,7 @@ endpoint = "$peer_ep:$WG_PORT"
 allowed_ips = ["$peer_ip/32"]
 ${MESHD_EXTRA_PEER:-}
 EOF
-        start_in "$ns" "$LABDIR/$side.log" "$MESHD_BIN" up \
+        start_in "$ns" "$LABDIR/$side.log" "${DAEMON_WRAP[@]}" "$MESHD_BIN" up \
             --config "$LABDIR/meshd-$side.toml" --state-dir "$LABDIR/state-$side" "${MESHD_EXTRA_ARGS[@]}"
         DAEMONS+=("$BGPID")
     done
@@ -599,6 +673,117 @@ EOF
         NA_REASON="$NA_REASON: $(tail -n1 "$LABDIR/a.log" 2>/dev/null)"
         return 1
     }
+}
+
+# --- the request/response probe and PostgreSQL ---------------------------------------
+
+RR_BIN="" RR_NA=""
+build_rr_probe() { # sets RR_BIN, or RR_NA
+    ((RR_SECS > 0)) || {
+        RR_NA="RR_SECS=0"
+        return 0
+    }
+    if [[ -n ${RR_PROBE:-} ]]; then
+        [[ -x $RR_PROBE ]] && RR_BIN=$RR_PROBE || RR_NA="RR_PROBE=$RR_PROBE is not executable"
+        return 0
+    fi
+    local target_dir=${CARGO_TARGET_DIR:-$REPO/target}
+    if [[ $SKIP_BUILD != 1 ]]; then
+        log "building rr_probe (cargo build --release -p meshd-lab --example rr_probe)"
+        if ! (cd "$REPO" && timeout "$BUILD_TIMEOUT" cargo build --release -p meshd-lab --example rr_probe) \
+            >"$TMP/build-rr.log" 2>&1; then
+            RR_NA="rr_probe build failed: $(grep -m1 -E '^error' "$TMP/build-rr.log" || tail -n1 "$TMP/build-rr.log")"
+            return 0
+        fi
+    fi
+    if [[ -x $target_dir/release/examples/rr_probe ]]; then
+        RR_BIN=$target_dir/release/examples/rr_probe
+    else
+        RR_NA="no $target_dir/release/examples/rr_probe"
+    fi
+}
+
+PG_BIN="" PG_NA="" PG_TEMPLATE=""
+pg_bindir() { # the directory with initdb, postgres and pgbench, or nothing
+    local d
+    local debian=()
+    mapfile -t debian < <(printf '%s\n' /usr/lib/postgresql/*/bin | sort -V -r)
+    for d in "${PG_BINDIR:-}" "${debian[@]}" "$(dirname "$(command -v initdb 2>/dev/null || echo /nonexistent/x)")"; do
+        if [[ -n $d && -x $d/initdb && -x $d/postgres && -x $d/pgbench && -x $d/pg_isready ]]; then
+            echo "$d"
+            return 0
+        fi
+    done
+}
+
+AS_NOBODY=(setpriv --reuid=nobody --regid=nogroup --clear-groups --reset-env) # postgres refuses root
+
+# Once per run: a cluster initialised by `pgbench -i` (scale 1), the template each lab copies.
+# The server for this step listens on its Unix socket only (no TCP at all).
+pg_prepare() {
+    ((PGBENCH_SECS > 0)) || {
+        PG_NA="PGBENCH_SECS=0"
+        return 0
+    }
+    PG_BIN=$(pg_bindir)
+    [[ -n $PG_BIN ]] || {
+        PG_NA="PostgreSQL not installed (apt-get install postgresql, or PG_BINDIR)"
+        return 0
+    }
+    command -v setpriv >/dev/null || {
+        PG_NA="setpriv not found"
+        PG_BIN=""
+        return 0
+    }
+    PGTMP=$(mktemp -d /tmp/mbench-pg.XXXXXX)
+    chown nobody:nogroup "$PGTMP"
+    PG_TEMPLATE=$PGTMP/template
+    local log=$PGTMP/prepare.log pid ok=0
+    log "preparing the pgbench database (initdb, pgbench -i)"
+    if timeout 120 "${AS_NOBODY[@]}" env LC_ALL=C TZ=UTC "$PG_BIN/initdb" -D "$PG_TEMPLATE" -A trust -U bench \
+        -E UTF8 --no-instructions --no-sync >"$log" 2>&1; then
+        # Trust from anywhere: the server only ever listens inside a lab's namespace B.
+        echo "host all all 0.0.0.0/0 trust" >>"$PG_TEMPLATE/pg_hba.conf"
+        "${AS_NOBODY[@]}" env LC_ALL=C TZ=UTC "$PG_BIN/postgres" -D "$PG_TEMPLATE" -k "$PGTMP" -p "$PG_PORT" \
+            -c listen_addresses= -c fsync=off >>"$log" 2>&1 </dev/null &
+        pid=$!
+        BG_PIDS+=("$pid")
+        if wait_for 100 0.1 "$PG_BIN/pg_isready" -q -h "$PGTMP" -p "$PG_PORT" &&
+            timeout 120 "$PG_BIN/pgbench" -i -q -s 1 -h "$PGTMP" -p "$PG_PORT" -U bench postgres >>"$log" 2>&1; then
+            ok=1
+        fi
+        kill -INT "$pid" 2>/dev/null || true # fast shutdown (a checkpoint), then stop_pids' KILL
+        wait_for 100 0.1 bash -c "! kill -0 $pid" || true
+        stop_pids "$pid"
+    fi
+    if ((!ok)); then
+        PG_NA="preparing the database failed: $(grep -E 'FATAL|ERROR|error' "$log" | head -n1 || tail -n1 "$log")"
+        PG_BIN=""
+        return 0
+    fi
+    rm -f "$PG_TEMPLATE/postmaster.pid"
+}
+
+PG_PID="" PG_DIR=""
+pg_start() { # pg_start: a copy of the template served in B on port PG_PORT; 0 when ready
+    PG_PID=""
+    [[ -n $PG_BIN ]] || return 1
+    PG_DIR=$PGTMP/lab$SEQ
+    cp -a "$PG_TEMPLATE" "$PG_DIR"
+    start_in "$NSB" "$LABDIR/postgres.log" "${AS_NOBODY[@]}" env LC_ALL=C TZ=UTC "$PG_BIN/postgres" -D "$PG_DIR" -k "$PG_DIR" -p "$PG_PORT" \
+        -c "listen_addresses=*" -c max_connections=20 -c fsync=off -c synchronous_commit=off \
+        -c full_page_writes=off
+    PG_PID=$BGPID
+    wait_for 100 0.1 ip netns exec "$NSB" "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT"
+}
+
+pg_stop() { # fast shutdown of the lab's server, then its directory goes
+    [[ -n $PG_PID ]] || return 0
+    kill -INT "$PG_PID" 2>/dev/null || true
+    wait_for 100 0.1 bash -c "! kill -0 $PG_PID" || true
+    stop_pids "$PG_PID"
+    PG_PID=""
+    rm -rf "$PG_DIR"
 }
 
 # --- measurements ----------------------------------------------------------------------
@@ -710,7 +895,64 @@ measure() { # measure IMPL
     else
         log "  $impl: iperf3 udp failed"
     fi
+    # request/response (TCP_RR style), 1 and 16 connections
+    if ((RR_READY)); then
+        rr_run "$impl" 1 rr1
+        rr_run "$impl" 16 rr16
+    fi
+    # pgbench
+    if [[ -n $PG_PID ]]; then pgbench_run "$impl"; fi
     return 0
+}
+
+# CPU microseconds of the daemons per transaction: cpu_per_txn TICKS0 TICKS1 TRANSACTIONS
+cpu_per_txn() {
+    awk -v d=$(($2 - $1)) -v hz="$CLK_TCK" -v n="$3" 'BEGIN {if (n > 0) printf "%.2f", (d / hz) * 1e6 / n}'
+}
+
+rr_run() { # rr_run IMPL FLOWS KEY: rr_probe client from A, FLOWS connections for RR_SECS
+    local impl=$1 flows=$2 key=$3 out t0="" t1 n
+    if ((${#DAEMONS[@]})); then t0=$(cpu_ticks "${DAEMONS[@]}") || t0=""; fi
+    if out=$(timeout $((RR_SECS + 30)) ip netns exec "$NSA" "$RR_BIN" client --connect "$TARGET:$RR_PORT" \
+        --flows "$flows" --secs "$RR_SECS" --size "$RR_SIZE" 2>"$LABDIR/rr.err"); then
+        n=$(jq -r .transactions <<<"$out")
+        record "$impl" "${key}_tps" "$(jq -r .tps <<<"$out")"
+        record "$impl" "${key}_p50_us" "$(jq -r .p50_us <<<"$out")"
+        record "$impl" "${key}_p99_us" "$(jq -r .p99_us <<<"$out")"
+        record "$impl" "${key}_mean_us" "$(jq -r .mean_us <<<"$out")"
+        if [[ -n $t0 ]] && t1=$(cpu_ticks "${DAEMONS[@]}"); then
+            record "$impl" "cpu_us_per_$key" "$(cpu_per_txn "$t0" "$t1" "$n")"
+        fi
+        log "  $impl: $key $(jq -r '"\(.tps | round) txn/s, p50 \(.p50_us) us, p99 \(.p99_us) us"' <<<"$out")"
+    else
+        log "  $impl: $key failed: $(tail -n1 "$LABDIR/rr.err")"
+    fi
+}
+
+pgbench_run() { # pgbench_run IMPL: pgbench from A against the server in B
+    local impl=$1 out t0="" t1 n r
+    if ((${#DAEMONS[@]})); then t0=$(cpu_ticks "${DAEMONS[@]}") || t0=""; fi
+    if out=$(timeout $((PGBENCH_SECS + 60)) ip netns exec "$NSA" "$PG_BIN/pgbench" -h "$TARGET" -p "$PG_PORT" \
+        -U bench -n -c 4 -j 2 -T "$PGBENCH_SECS" postgres 2>"$LABDIR/pgbench.err"); then
+        # "number of transactions actually processed: 12345", "latency average = 1.234 ms",
+        # "tps = 1234.567890 (without initial connection time)"
+        n=$(awk -F': ' '/^number of transactions actually processed/ {print $2; exit}' <<<"$out" | grep -oE '^[0-9]+')
+        r=$(awk '/^tps = / {print $3; exit}' <<<"$out")
+        [[ -n $n && -n $r ]] || {
+            log "  $impl: pgbench output not understood: $(tail -n1 <<<"$out")"
+            return 0
+        }
+        record "$impl" pgbench_tps "$r"
+        record "$impl" pgbench_txns "$n"
+        r=$(awk '/^latency average = / {print $4; exit}' <<<"$out")
+        if [[ -n $r ]]; then record "$impl" pgbench_lat_ms "$r"; fi
+        if [[ -n $t0 ]] && t1=$(cpu_ticks "${DAEMONS[@]}"); then
+            record "$impl" cpu_us_per_pgtxn "$(cpu_per_txn "$t0" "$t1" "$n")"
+        fi
+        log "  $impl: pgbench $(awk '/^tps = / {printf "%.0f", $3}' <<<"$out") tps, latency $r ms"
+    else
+        log "  $impl: pgbench failed: $(grep -v '^$' "$LABDIR/pgbench.err" | tail -n1)"
+    fi
 }
 
 run_one() { # run_one IMPL
@@ -728,6 +970,21 @@ run_one() { # run_one IMPL
         record "$impl" na "iperf3 server did not start"
         lab_down
         return 0
+    fi
+    # rr_probe and PostgreSQL servers in B (not in RTT_ONLY mode)
+    RR_READY=0 PG_PID=""
+    if ((!RTT_ONLY)) && [[ -n $RR_BIN ]]; then
+        start_in "$NSB" "$LABDIR/rr-server.log" "$RR_BIN" server --listen "0.0.0.0:$RR_PORT" \
+            --size "$RR_SIZE" --lifetime-secs 3600
+        if wait_for 50 0.1 bash -c "ip netns exec '$NSB' ss -ltnH 'sport = :$RR_PORT' | grep -q ."; then
+            RR_READY=1
+        else
+            log "  $impl: rr_probe server did not start: $(tail -n1 "$LABDIR/rr-server.log")"
+        fi
+    fi
+    if ((!RTT_ONLY)) && [[ -n $PG_BIN ]] && ! pg_start; then
+        log "  $impl: postgres did not start: $(tail -n1 "$LABDIR/postgres.log")"
+        pg_stop
     fi
     log "$impl: setting up"
     if "setup_$impl"; then
@@ -759,6 +1016,12 @@ fi
 
 find_bins
 if [[ " ${IMPLS[*]} " == *" meshd"* ]]; then build_meshd; fi
+if ((!RTT_ONLY)); then
+    build_rr_probe
+    if [[ -n $RR_NA ]]; then log "rr1/rr16: skipped ($RR_NA)"; fi
+    pg_prepare
+    if [[ -n $PG_NA ]]; then log "pgbench: skipped ($PG_NA)"; fi
+fi
 
 log "implementations: ${IMPLS[*]}; DURATION=$DURATION s, ROUNDS=$ROUNDS"
 START=$SECONDS
@@ -780,14 +1043,17 @@ jq -Rn \
     --argjson duration "$DURATION" --argjson rounds "$ROUNDS" --argjson elapsed "$ELAPSED" \
     --arg host "$(uname -n)" --arg kernel "$(uname -r)" --arg cpus "$(nproc)" \
     --arg date "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
-    --arg udp_len "$UDP_LEN" --arg mtu "$MTU" --arg ping_count "$PING_COUNT" '
+    --arg udp_len "$UDP_LEN" --arg mtu "$MTU" --arg ping_count "$PING_COUNT" \
+    --arg rr_secs "$RR_SECS" --arg rr_size "$RR_SIZE" --arg pgbench_secs "$PGBENCH_SECS" '
     def median: sort | if length == 0 then null
         elif length % 2 == 1 then .[length / 2 | floor]
         else (.[length / 2 - 1] + .[length / 2]) / 2 end;
     def r3: if . == null then null else (. * 1000 | round) / 1000 end;
     # direction: 1 = higher is better, -1 = lower is better
     def metrics: {tcp1_gbps: 1, tcp4_gbps: 1, udp_mbps: 1, udp_loss_pct: -1, rtt_ms: -1,
-                  rtt_added_ms: -1, rtt_p50_ms: -1, rtt_p50_added_ms: -1, rtt_min_ms: -1, rtt_min_added_ms: -1, cpu_s_per_gbit: -1, rss_mib: -1};
+                  rtt_added_ms: -1, rtt_p50_ms: -1, rtt_p50_added_ms: -1, rtt_min_ms: -1, rtt_min_added_ms: -1, cpu_s_per_gbit: -1, rss_mib: -1,
+                  rr1_tps: 1, rr1_p50_us: -1, rr1_p99_us: -1, cpu_us_per_rr1: -1, rr16_tps: 1, rr16_p99_us: -1,
+                  cpu_us_per_rr16: -1, pgbench_tps: 1, pgbench_lat_ms: -1, cpu_us_per_pgtxn: -1};
     [inputs | split("\t") | {round: (.[0] | tonumber), impl: .[1], key: .[2],
         value: (.[3] as $v | try ($v | tonumber) catch $v)}] as $raw
     | ($raw | map(select(.key == "na")) | group_by(.impl)
@@ -807,7 +1073,8 @@ jq -Rn \
     | . as $sum
     | (reduce (metrics | keys[]) as $m ({}; .[$m] = (
         if ($sum.meshd[$m] // null) != null then {ref: "meshd", value: $sum.meshd[$m]}
-        else ([$impls[] | select(. != "veth" and (startswith("meshd") | not)) | {ref: ., value: $sum[.][$m]}
+        else ([$impls[] | select(. != "veth" and (startswith("meshd") | not) and (endswith("-1cpu") | not))
+               | {ref: ., value: $sum[.][$m]}
                | select(.value != null)]
               | if length == 0 then null
                 elif (metrics | .[$m]) == 1 then max_by(.value) else min_by(.value) end)
@@ -818,7 +1085,10 @@ jq -Rn \
                mtu: ($mtu | tonumber), udp_datagram_bytes: ($udp_len | tonumber),
                iperf3: "tcp1: -t D; tcp4: -t D -P 4; udp: -t D -u -b 0 -l \($udp_len)",
                ping: "-c \($ping_count) -i 0.01 (avg, median and min)", cpu: "utime+stime of both daemons during tcp1, per Gbit received",
-               rss: "max VmRSS of the two daemons after 2 s idle"},
+               rss: "max VmRSS of the two daemons after 2 s idle",
+               rr: "rr_probe client --flows 1 and 16 --secs \($rr_secs) --size \($rr_size) (one request outstanding per connection, TCP_NODELAY); cpu per transaction",
+               pgbench: "pgbench -n -c 4 -j 2 -T \($pgbench_secs), scale 1, fsync/synchronous_commit/full_page_writes off; cpu per transaction",
+               pinned: "-1cpu: both tunnel daemons under taskset -c 0"},
         implementations: $impls,
         not_available: $na,
         summary: ($sum | map_values(map_values(r3))),

@@ -5,7 +5,8 @@
 # reported and skipped; the bench script skips whatever is not installed.
 #
 #   wireguard-go, wireguard-tools, iperf3, nebula   Debian bookworm packages (apt-get install),
-#                     plus iputils-ping and jq, which the bench script uses
+#                     plus iputils-ping, jq and postgresql (initdb, postgres, pgbench: the bench's
+#                     pgbench row runs its own throwaway server, never the packaged cluster)
 #   wireguard-go-bpo  wireguard-go from bookworm-backports (reports v0.0.20230223, has TUN
 #                     offload). Fetched with `apt-get download` against a temporary sources list
 #                     and lists directory (the system's apt configuration is not changed) and
@@ -45,7 +46,7 @@ link() { # link NAME TARGET
 
 # --- 1. bookworm packages ----------------------------------------------------------
 missing=()
-for p in wireguard-go wireguard-tools iperf3 nebula iputils-ping jq; do
+for p in wireguard-go wireguard-tools iperf3 nebula iputils-ping jq postgresql; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
         missing+=("$p")
     fi
