@@ -430,6 +430,13 @@ impl Driver {
                     self.cfg.endpoint.clone(),
                     self.cfg.fwmark,
                 );
+                // With other replicas to try, a silent one gets a few seconds, not the
+                // whole timeout.
+                let limit = if self.shared.session.lock().coordinators().len() > 1 {
+                    crate::transport::FAILOVER_TIMEOUT
+                } else {
+                    crate::transport::TIMEOUT
+                };
                 self.link = Link::Connecting(Box::pin(async move {
                     open(
                         addr,
@@ -438,6 +445,7 @@ impl Driver {
                         meshd_channel::spa::KnockAs::Host,
                         endpoint.as_ref(),
                         fwmark,
+                        limit,
                     )
                     .await
                 }));

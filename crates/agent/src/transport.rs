@@ -17,7 +17,14 @@ use meshd_tunnel::{PrivateKey, PublicKey};
 
 /// How long each step of opening the transport (QUIC handshake, stream, Noise handshake) and
 /// the enrolment's answer may take.
-const TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one replica gets to answer when there are others to try: a silent (dead or
+/// partitioned) replica must not cost a fail-over the whole [`TIMEOUT`].
+pub(crate) const FAILOVER_TIMEOUT: Duration = Duration::from_secs(4);
+/// How often the knock is sent again while the QUIC handshake has no answer: a knock lost on
+/// the way, or refused by a replica that has not yet followed the commit that made its token
+/// or host (replicas follow each other within a second), is not the end of the attempt.
+const REKNOCK: Duration = Duration::from_millis(400);
 
 /// Why talking to the coordinator failed.
 #[derive(Debug, thiserror::Error)]
@@ -182,14 +189,47 @@ async fn timed<T, E>(f: impl std::future::Future<Output = Result<T, E>>) -> Resu
 where
     ClientError: From<E>,
 {
-    tokio::time::timeout(TIMEOUT, f)
+    within(TIMEOUT, f).await
+}
+
+async fn within<T, E>(
+    limit: Duration,
+    f: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, ClientError>
+where
+    ClientError: From<E>,
+{
+    tokio::time::timeout(limit, f)
         .await
         .map_err(|_| ClientError::Timeout)?
         .map_err(Into::into)
 }
 
-/// Knocks (SPA, as `who`), connects to `addr` over `endpoint` (`None`: a fresh one, marked
-/// with `fwmark`) and runs the Noise handshake pinning `coordinator_key`.
+/// Waits for `connecting` (at most `limit`), knocking again every [`REKNOCK`] meanwhile.
+async fn connect_knocking(
+    connecting: quinn::Connecting,
+    limit: Duration,
+    mut knock: impl FnMut() -> Result<usize, ClientError>,
+) -> Result<quinn::Connection, ClientError> {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut again = tokio::time::interval_at(tokio::time::Instant::now() + REKNOCK, REKNOCK);
+    tokio::pin!(connecting);
+    loop {
+        tokio::select! {
+            r = &mut connecting => return r.map_err(Into::into),
+            _ = tokio::time::sleep_until(deadline) => return Err(ClientError::Timeout),
+            _ = again.tick() => {
+                if let Err(e) = knock() {
+                    tracing::debug!(error = %e, "knocking again");
+                }
+            }
+        }
+    }
+}
+
+/// Knocks (SPA, as `who`; again while the handshake has no answer), connects to `addr` over
+/// `endpoint` (`None`: a fresh one, marked with `fwmark`) and runs the Noise handshake pinning
+/// `coordinator_key`; each step within `limit`.
 pub(crate) async fn open(
     addr: SocketAddr,
     coordinator_key: &PublicKey,
@@ -197,16 +237,21 @@ pub(crate) async fn open(
     who: KnockAs<'_>,
     endpoint: Option<&ClientEndpoint>,
     fwmark: Option<u32>,
+    limit: Duration,
 ) -> Result<Open, ClientError> {
     let ep = match endpoint {
         Some(e) => e.clone(),
         None => client_endpoint_marked(wildcard_for(addr), fwmark)?,
     };
     ep.knock(addr, coordinator_key, key, who)?;
-    let conn = timed(ep.connect(addr, "meshd-coordinator")?).await?;
-    let (send, recv) = timed(conn.open_bi()).await?;
+    let connecting = ep.connect(addr, "meshd-coordinator")?;
+    let conn = connect_knocking(connecting, limit, || {
+        ep.knock(addr, coordinator_key, key, who)
+    })
+    .await?;
+    let (send, recv) = within(limit, conn.open_bi()).await?;
     let (reader, writer) = tokio::time::timeout(
-        TIMEOUT,
+        limit,
         noise::initiate(
             send,
             recv,
@@ -290,6 +335,11 @@ async fn enrol_at(
     endpoints: EndpointReport,
 ) -> Result<(HostInfo, Vec<SocketAddr>), ClientError> {
     let hash = token.secret.hash();
+    let limit = if token.addresses().len() > 1 {
+        FAILOVER_TIMEOUT
+    } else {
+        TIMEOUT
+    };
     let mut o = open(
         addr,
         &token.coordinator_key,
@@ -297,6 +347,7 @@ async fn enrol_at(
         KnockAs::JoinToken(&hash),
         endpoint,
         None,
+        limit,
     )
     .await?;
     let msg = AgentMessage::Enrol {

@@ -153,6 +153,9 @@ fn ureq_get(addr: SocketAddr) -> anyhow::Result<String> {
 }
 
 fn pct(v: &mut [Duration], p: f64) -> Duration {
+    if v.is_empty() {
+        return Duration::ZERO;
+    }
     v.sort();
     let i = ((v.len() as f64 - 1.0) * p).round() as usize;
     v[i.min(v.len() - 1)]
@@ -214,7 +217,17 @@ async fn run() -> anyhow::Result<()> {
         dir.path(),
         std::os::unix::fs::PermissionsExt::from_mode(0o700),
     )?;
-    let mut child = std::process::Command::new(std::env::current_exe()?)
+    // SCALE_WRAP=heaptrack (any program taking a command line) runs the coordinator under it
+    // (its RSS and CPU figures are then the wrapper's, not the coordinator's).
+    let mut cmd = match std::env::var_os("SCALE_WRAP") {
+        Some(w) => {
+            let mut c = std::process::Command::new(w);
+            c.arg(std::env::current_exe()?);
+            c
+        }
+        None => std::process::Command::new(std::env::current_exe()?),
+    };
+    let mut child = cmd
         .args([
             "serve",
             dir.path().to_str().unwrap_or("."),

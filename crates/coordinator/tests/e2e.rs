@@ -1046,3 +1046,93 @@ async fn resume_supersedes_an_open_enrolment_connection() {
     drop(a);
     c.stop().await;
 }
+
+/// A UDP relay on 127.0.0.1 to `to` that drops the first `drop_first` datagrams from the
+/// client (one client: the first sender), relays everything else both ways. The coordinator
+/// sees the relay's address for knocks and QUIC alike.
+async fn lossy_relay(to: SocketAddr, drop_first: usize) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let back = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    back.connect(to).await.unwrap();
+    let addr = front.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let (mut a, mut b) = (vec![0u8; 65_536], vec![0u8; 65_536]);
+        let mut client = None;
+        let mut dropped = 0;
+        loop {
+            tokio::select! {
+                r = front.recv_from(&mut a) => {
+                    let Ok((n, from)) = r else { return };
+                    client.get_or_insert(from);
+                    if dropped < drop_first {
+                        dropped += 1;
+                        continue;
+                    }
+                    let _ = back.send(&a[..n]).await;
+                }
+                r = back.recv(&mut b) => {
+                    let Ok(n) = r else { return };
+                    if let Some(c) = client {
+                        let _ = front.send_to(&b[..n], c).await;
+                    }
+                }
+            }
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn a_lost_knock_is_sent_again_and_the_enrolment_goes_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    let mut t = token(&c, TokenCreateRequest::default()).await;
+    // The first datagram the agent sends is its knock: the relay loses it, so the QUIC
+    // handshake that follows is a stranger's to the SPA filter until a knock gets through.
+    let (relay, task) = lossy_relay(c.control_addr(), 1).await;
+    t.control = relay;
+    let started = Instant::now();
+    let key = PrivateKey::generate();
+    let e = tokio::time::timeout(Duration::from_secs(8), enrol(&t, "lossy", &key, ep(1)))
+        .await
+        .expect("the enrolment did not finish within 8 s: was the knock not sent again?")
+        .expect("enrolment");
+    assert_eq!(e.host.name, "lossy");
+    eprintln!("enrolled through a lost knock in {:?}", started.elapsed());
+    task.abort();
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_silent_replica_costs_a_fail_over_seconds_not_the_whole_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    allow_all(&c).await;
+    let t = token(&c, TokenCreateRequest::default()).await;
+    let key = PrivateKey::generate();
+    let e = enrol(&t, "h1", &key, ep(1)).await.unwrap();
+    // A replica that takes every datagram and never answers (dead behind a firewall that
+    // drops, or partitioned), listed first.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut cfg = SessionConfig::new(
+        silent.local_addr().unwrap(),
+        e.coordinator_key,
+        key.clone(),
+        ep(1),
+    );
+    cfg.fallbacks = vec![e.coordinator];
+    let started = Instant::now();
+    let s = spawn_session(cfg);
+    let mut st = s.state();
+    tokio::time::timeout(
+        Duration::from_secs(9),
+        st.wait_for(|s| matches!(s, SessionState::Connected { .. })),
+    )
+    .await
+    .expect("not connected through the second replica within 9 s (the single-address timeout is 10 s)")
+    .unwrap();
+    eprintln!("on the live replica after {:?}", started.elapsed());
+    assert_eq!(s.coordinator(), e.coordinator);
+    drop(silent);
+    c.stop().await;
+}
