@@ -1050,7 +1050,10 @@ async fn resume_supersedes_an_open_enrolment_connection() {
 /// A UDP relay on 127.0.0.1 to `to` that drops the first `drop_first` datagrams from the
 /// client (one client: the first sender), relays everything else both ways. The coordinator
 /// sees the relay's address for knocks and QUIC alike.
-async fn lossy_relay(to: SocketAddr, drop_first: usize) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+async fn lossy_relay(
+    to: SocketAddr,
+    drop_first: usize,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let back = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     back.connect(to).await.unwrap();
@@ -1129,7 +1132,9 @@ async fn a_silent_replica_costs_a_fail_over_seconds_not_the_whole_timeout() {
         st.wait_for(|s| matches!(s, SessionState::Connected { .. })),
     )
     .await
-    .expect("not connected through the second replica within 9 s (the single-address timeout is 10 s)")
+    .expect(
+        "not connected through the second replica within 9 s (the single-address timeout is 10 s)",
+    )
     .unwrap();
     eprintln!("on the live replica after {:?}", started.elapsed());
     assert_eq!(s.coordinator(), e.coordinator);
