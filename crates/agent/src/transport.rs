@@ -284,8 +284,9 @@ pub async fn enrol(
 }
 
 /// [`enrol`] over a given client endpoint (`None`: a fresh one). Knocks with the token first.
-/// The token's addresses are tried in order until one answers; a refusal is final (the
-/// replicas share one database, so another would say the same).
+/// The token's addresses are tried in order until one answers. A refusal is final (the
+/// replicas share one database, so another would say the same) unless it is retryable: a
+/// replica that lost its database refuses with `internal`, and another may have it.
 pub async fn enrol_via(
     endpoint: Option<&ClientEndpoint>,
     token: &JoinToken,
@@ -313,7 +314,7 @@ pub async fn enrol_via(
                     coordinator_key: token.coordinator_key,
                 });
             }
-            Err(e @ ClientError::Refused { .. }) => return Err(e),
+            Err(e @ ClientError::Refused { code, .. }) if !code.is_retryable() => return Err(e),
             Err(e) => {
                 if addrs.len() > 1 {
                     tracing::warn!(coordinator = %addr, error = %e, "enrolment: coordinator replica unreachable, trying the next");

@@ -353,3 +353,89 @@ async fn fails_over_to_the_next_replica_and_keeps_the_map_meanwhile() {
     assert_eq!(c.recv().await, AgentMessage::Ack { version: 7 });
     s.shutdown().await;
 }
+
+/// Issue 18: a replica that lost its database refuses an enrolment with `internal`
+/// (retryable); the agent goes on to the next replica the token lists, which enrols it.
+/// A final refusal (an unknown token) is not tried elsewhere.
+#[tokio::test]
+async fn enrolment_refused_as_retryable_goes_on_to_the_next_replica() {
+    use meshd_control::{JoinToken, TokenSecret};
+    let a = Fake::new();
+    let b = Fake {
+        key: a.key.clone(),
+        ..Fake::new()
+    };
+    let (addr_a, addr_b) = (
+        a.server.local_addr().unwrap(),
+        b.server.local_addr().unwrap(),
+    );
+    let token = JoinToken {
+        control: addr_a,
+        replicas: vec![addr_b],
+        coordinator_key: a.key.public_key(),
+        secret: TokenSecret([7; 32]),
+    };
+    let agent = PrivateKey::generate();
+    // Reads the `Enrol` on the next connection and answers `reply`; nothing if no agent
+    // comes within WITHIN.
+    async fn answer(f: &Fake, agent: &PrivateKey, reply: CoordinatorMessage) {
+        let Ok(Some(incoming)) = timeout(WITHIN, f.server.accept()).await else {
+            return;
+        };
+        let conn = incoming.await.unwrap();
+        let (send, recv) = conn.accept_bi().await.unwrap();
+        let (reader, writer, remote) =
+            noise::respond(send, recv, &f.key, MAX_COORDINATOR_FRAME, MAX_AGENT_FRAME)
+                .await
+                .unwrap();
+        assert_eq!(remote, agent.public_key());
+        let mut c = Conn {
+            conn,
+            reader,
+            writer,
+        };
+        assert!(matches!(c.recv().await, AgentMessage::Enrol { .. }));
+        c.send(reply).await;
+        // Until the agent closes.
+        let _ = timeout(WITHIN, c.conn.closed()).await;
+    }
+    let refuse = |code| CoordinatorMessage::Error {
+        code,
+        message: "no".into(),
+    };
+    let welcome = CoordinatorMessage::Welcome {
+        protocol: PROTOCOL_VERSION,
+        host: HostInfo {
+            id: HostId(1),
+            name: "a".into(),
+            public_key: agent.public_key(),
+            addresses: vec!["100.64.0.1".parse().unwrap()],
+            networks: vec!["100.64.0.0/10".parse().unwrap()],
+            labels: Default::default(),
+        },
+        replicas: vec![addr_b, addr_a],
+    };
+    let (enrolled, (), ()) = tokio::join!(
+        meshd_agent::enrol(&token, "a", &agent, ep(1)),
+        answer(&a, &agent, refuse(ErrorCode::Internal)),
+        answer(&b, &agent, welcome),
+    );
+    let e = enrolled.expect("enrolled through the second replica");
+    assert_eq!((e.coordinator, e.replicas), (addr_b, vec![addr_a]));
+
+    // A final refusal from the first replica ends the enrolment there.
+    let (enrolled, ()) = tokio::join!(
+        meshd_agent::enrol(&token, "a", &agent, ep(1)),
+        answer(&a, &agent, refuse(ErrorCode::TokenUnknown)),
+    );
+    assert!(
+        matches!(
+            enrolled,
+            Err(meshd_agent::ClientError::Refused {
+                code: ErrorCode::TokenUnknown,
+                ..
+            })
+        ),
+        "{enrolled:?}"
+    );
+}
