@@ -35,4 +35,12 @@ if grep -q 'SKIP .*needs root' "$log"; then
     grep -o 'SKIP [^;]*' "$log" >&2
     exit 1
 fi
+# The churn soak, short (issue 18: scripts/soak.sh runs the 10-minute one), on the example
+# `cargo test` just built. Only with the whole suite (no arguments).
+if [ "$rc" -eq 0 ] && [ "$#" -eq 0 ]; then
+    echo "== churn soak: 45 s, two replicas on PostgreSQL, each SIGKILLed once"
+    MESHD_SOAK_BIN=${CARGO_TARGET_DIR:-target}/debug/examples/soak timeout 600 scripts/soak.sh 45 30 || rc=$?
+elif [ "$#" -ne 0 ]; then
+    echo "scripts/test.sh: arguments given, so the churn soak was not run (scripts/soak.sh runs it)"
+fi
 exit "$rc"
