@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use meshd_control::proto::{encode_frame, FrameDecoder, FrameError};
+use meshd_control::proto::{encode_frame, release_buffer, FrameDecoder, FrameError};
 use meshd_tunnel::{PrivateKey, PublicKey};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -125,8 +125,10 @@ impl Inbound {
             .state
             .read_message(self.nonce, cipher, &mut self.plain)?;
         self.nonce += 1;
-        self.decoder.push(&self.plain[..n])?;
-        Ok(())
+        let pushed = self.decoder.push(&self.plain[..n]);
+        self.plain.clear();
+        release_buffer(&mut self.plain);
+        Ok(pushed?)
     }
 
     /// The next complete application message, if one is buffered.
@@ -146,6 +148,9 @@ impl NoiseWriter {
             let (send, buf) = (&mut self.send, &self.buf[..n]);
             write_msg(send, buf).await?;
         }
+        // A full map's 64 KiB chunk buffer is not kept for the small messages that follow.
+        self.buf.clear();
+        release_buffer(&mut self.buf);
         Ok(())
     }
 
@@ -181,6 +186,8 @@ impl NoiseReader {
             }
             read_msg(&mut self.recv, &mut self.cipher).await?;
             self.inbound.push(&self.cipher)?;
+            self.cipher.clear();
+            release_buffer(&mut self.cipher);
         }
     }
 }

@@ -289,6 +289,19 @@ pub fn encode_frame<T: Serialize>(msg: &T, max: usize) -> Result<Vec<u8>, FrameE
     Ok(out)
 }
 
+/// The capacity a connection's message buffers keep between messages. A full map of
+/// hundreds of peers is hundreds of KiB; kept by every buffer of every connection, 10,000
+/// agents' connections held most of a coordinator's memory. Past this, a buffer that has
+/// been emptied is given back.
+pub const KEEP_BUFFER: usize = 4096;
+
+/// Gives an emptied buffer's memory back when it grew past [`KEEP_BUFFER`].
+pub fn release_buffer(buf: &mut Vec<u8>) {
+    if buf.is_empty() && buf.capacity() > KEEP_BUFFER {
+        *buf = Vec::new();
+    }
+}
+
 /// Incremental frame decoder: push bytes, pull messages.
 #[derive(Debug)]
 pub struct FrameDecoder {
@@ -334,6 +347,7 @@ impl FrameDecoder {
         }
         let res = serde_json::from_slice(&self.buf[4..4 + len]);
         self.buf.drain(..4 + len);
+        release_buffer(&mut self.buf);
         res.map(Some).map_err(FrameError::Malformed)
     }
 
@@ -347,6 +361,35 @@ impl FrameDecoder {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// A large message does not leave its size allocated in the decoder.
+    #[test]
+    fn a_large_frame_is_not_kept_allocated_once_read() {
+        let big = AgentMessage::Enrol {
+            protocol: PROTOCOL_VERSION,
+            secret: TokenSecret([3; 32]),
+            name: "x".repeat(200_000),
+            endpoints: EndpointReport {
+                addrs: vec![],
+                listen_port: None,
+                transparent: false,
+            },
+        };
+        let bytes = encode_frame(&big, 1 << 20).unwrap();
+        let mut d = FrameDecoder::new(1 << 20);
+        for chunk in bytes.chunks(65_519) {
+            d.push(chunk).unwrap();
+        }
+        assert!(d.buf.capacity() > 200_000);
+        assert_eq!(d.next_message::<AgentMessage>().unwrap(), Some(big));
+        assert!(d.buf.capacity() <= KEEP_BUFFER, "{}", d.buf.capacity());
+        // A small one keeps its buffer (no allocation per message).
+        let small = encode_frame(&AgentMessage::Ack { version: 1 }, 1 << 20).unwrap();
+        d.push(&small).unwrap();
+        let cap = d.buf.capacity();
+        assert!(d.next_message::<AgentMessage>().unwrap().is_some());
+        assert_eq!(d.buf.capacity(), cap);
+    }
 
     #[test]
     fn roundtrip_split_anywhere() {
