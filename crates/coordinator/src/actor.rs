@@ -703,21 +703,29 @@ impl Actor {
     }
 
     /// Catches up with the store after another replica's commit (or a conflict with one):
-    /// reloads the state and re-attaches every live session, which then gets a full map of
-    /// it. Agents keep their connections and tunnels. A session whose host is gone under its
+    /// reloads the state and re-attaches every live session, which goes on from what it was
+    /// sent: it gets a delta of what changed (`CoordinatorState::carry_from`), not a full map.
+    /// Agents keep their connections and tunnels. A session whose host is gone under its
     /// key is closed. If the store cannot be read, commands are refused until it can and the
     /// sessions stay (agents keep their last map).
     async fn follow(&mut self, now: UnixTime) {
         let before = self.generation;
-        if let Err(e) = self.reload(now).await {
-            error!(error = %e, "following another replica's commit: the store cannot be read; refusing every command until it can");
-            self.stale = Some(e);
-            return;
-        }
+        let old = match self.reload(now).await {
+            Ok(old) => old,
+            Err(e) => {
+                error!(error = %e, "following another replica's commit: the store cannot be read; refusing every command until it can");
+                self.stale = Some(e);
+                return;
+            }
+        };
+        let mut carried = self.state.carry_from(old);
         let mut closed = Vec::new();
         for (id, l) in self.live.iter().filter(|(_, l)| !l.enrolment) {
-            if let Err(code) = self.state.attach_session(now, *id, &l.key, l.conn_id) {
-                closed.push((*id, code));
+            match self.state.attach_session(now, *id, &l.key, l.conn_id) {
+                Ok(()) => {
+                    self.state.resume_carried(*id, &mut carried);
+                }
+                Err(code) => closed.push((*id, code)),
             }
         }
         for (id, code) in closed {
@@ -790,8 +798,9 @@ impl Actor {
         self.events.clear();
     }
 
-    /// Rebuilds the state from the store, as at start-up (live sessions are not kept).
-    async fn reload(&mut self, now: UnixTime) -> Result<(), String> {
+    /// Rebuilds the state from the store, as at start-up (live sessions are not kept);
+    /// returns the state it replaced.
+    async fn reload(&mut self, now: UnixTime) -> Result<CoordinatorState, String> {
         let store = self.store.clone();
         let (snapshot, mut recent) = tokio::task::spawn_blocking(move || {
             Ok::<_, meshd_store::StoreError>((store.load()?, store.recent_events(EVENTS_MAX)?))
@@ -801,15 +810,18 @@ impl Actor {
         .map_err(|e| e.to_string())?;
         recent.reverse();
         let generation = snapshot.generation;
-        self.state = restore_state(self.pool.clone(), snapshot, now, self.flow_limits)
-            .map_err(|e| chain(&e))?;
+        let old = std::mem::replace(
+            &mut self.state,
+            restore_state(self.pool.clone(), snapshot, now, self.flow_limits)
+                .map_err(|e| chain(&e))?,
+        );
         self.generation = generation;
         self.state.set_rotation_schedule(self.rotation.clone());
         self.recent = recent.into();
         self.events.clear();
         self.alerts.clear();
         self.stale = None;
-        Ok(())
+        Ok(old)
     }
 
     /// Answers a command while the state could not be reloaded.

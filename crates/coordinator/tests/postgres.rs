@@ -371,6 +371,15 @@ async fn replicas_on_one_database_follow_each_others_changes() {
         .and_then(|v| v.trim().parse::<f64>().ok())
         .unwrap_or(0.0);
     assert!(follows >= 1.0, "{m}");
+    // Following sent deltas: each replica built one full map, its agent's first.
+    for (name, c) in [("A", &a), ("B", &b)] {
+        let m = c.metrics().render().unwrap();
+        let full_maps = m
+            .lines()
+            .find_map(|l| l.strip_prefix("meshd_coordinator_push_work_total{kind=\"full_maps\"} "))
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        assert_eq!(full_maps, Some(1.0), "replica {name}: {m}");
+    }
     a.stop().await;
     b.stop().await;
 }

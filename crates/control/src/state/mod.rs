@@ -64,7 +64,7 @@ pub use flows::{
     FLOW_CLOCK_AHEAD_SECS, FLOW_INTERVALS_REMEMBERED,
 };
 pub use mode::{group_selector, RuntimeMode, MAX_LEARN_GROUPS};
-pub use pushes::{Dirty, Kick, Push, PushWork};
+pub use pushes::{Carried, Dirty, Kick, Push, PushWork};
 pub use rotation::RotationEvent;
 pub use sessions::{Hello, HelloRefused, Notice, SessionInfo, MAX_REPORTED_ENDPOINTS};
 pub use signed::{SignedBatchApplied, SignedRecord, SignedView};

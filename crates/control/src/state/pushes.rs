@@ -111,6 +111,38 @@ impl SentPeer {
     }
 }
 
+/// What the live sessions of a replaced state were sent, for the state reloaded in its place
+/// (following another replica's commit), so that each goes on with a delta of what changed
+/// rather than a full map: see [`CoordinatorState::carry_from`].
+pub struct Carried {
+    sessions: std::collections::BTreeMap<HostId, super::Session>,
+    /// Hosts whose peer-visible record is the same in both states: (revision in the old
+    /// state, revision in the new one).
+    same: std::collections::HashMap<HostId, (u64, u64)>,
+}
+
+/// Revision standing for "changed": never a real one, so the peer is sent again.
+const CHANGED: u64 = u64::MAX;
+
+/// A fingerprint of a host's peer-visible record (what [`Peer::from_host`] carries): equal
+/// records have equal fingerprints in this process.
+fn record_fingerprint(h: &Host) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let p = Peer::from_host(h);
+    let mut s = std::collections::hash_map::DefaultHasher::new();
+    (
+        &p.name,
+        &p.public_key,
+        &p.addresses,
+        &p.endpoints,
+        &p.labels,
+        p.transparent,
+        &p.next_public_key,
+    )
+        .hash(&mut s);
+    s.finish()
+}
+
 /// What computing pushes has cost so far (monotonic counters): the work a change causes,
 /// reported per change by the scale benchmark and as metrics. A change to one host should
 /// touch the hosts it affects, not every session.
@@ -133,6 +165,52 @@ pub struct PushWork {
 }
 
 impl CoordinatorState {
+    /// Takes over what `old`'s live sessions were sent, this state having been reloaded from
+    /// the store in `old`'s place. Record revisions are per state, so they are translated:
+    /// a peer whose record is the same in both keeps its place (no upsert), any other is
+    /// sent again. Map versions go on above every version `old` sent. Then
+    /// [`resume_carried`](Self::resume_carried) each session once it is attached.
+    pub fn carry_from(&mut self, old: CoordinatorState) -> Carried {
+        let same = self
+            .hosts
+            .iter()
+            .filter_map(|(id, h)| {
+                let o = old.hosts.get(id)?;
+                (record_fingerprint(o) == record_fingerprint(h))
+                    .then(|| (*id, (old.rev(*id), self.rev(*id))))
+            })
+            .collect();
+        self.map_version = self.map_version.max(old.map_version);
+        Carried {
+            sessions: old.sessions,
+            same,
+        }
+    }
+
+    /// The session of `id`, just attached to this reloaded state, goes on from what it was
+    /// sent before the reload: its next push is a delta (its peer set rechecked against this
+    /// state), not a full map. False if there is nothing to go on from (it gets a full map).
+    pub fn resume_carried(&mut self, id: HostId, carried: &mut Carried) -> bool {
+        let Some(old) = carried.sessions.remove(&id) else {
+            return false;
+        };
+        let (Some(mut sent), Some(s)) = (old.sent, self.sessions.get_mut(&id)) else {
+            return false;
+        };
+        for p in &mut sent {
+            p.rev = match carried.same.get(&p.host) {
+                Some(&(was, now)) if was == p.rev => now,
+                _ => CHANGED,
+            };
+        }
+        s.sent = Some(sent);
+        s.sent_version = old.sent_version;
+        s.acked = old.acked;
+        self.map_version = self.map_version.max(old.sent_version);
+        self.recheck.insert(id);
+        true
+    }
+
     /// The full map `id` should have now, at `version`.
     pub fn full_map_for(&self, id: HostId, version: u64) -> NetworkMap {
         let mut peers: Vec<std::sync::Arc<Peer>> = self

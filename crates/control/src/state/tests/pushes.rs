@@ -146,6 +146,9 @@ enum Op {
     Quarantine(u8, bool),
     Revoke(u8),
     Policy(usize),
+    /// Another replica committed: the state is reloaded from what is stored and the live
+    /// sessions go on from what they were sent (`carry_from`, `resume_carried`).
+    Reload,
     Poll,
 }
 
@@ -183,6 +186,7 @@ fn op() -> impl Strategy<Value = Op> {
         (k.clone(), any::<bool>()).prop_map(|(k, q)| Op::Quarantine(k, q)),
         k.prop_map(Op::Revoke),
         (0..POLICIES.len()).prop_map(Op::Policy),
+        Just(Op::Reload),
         Just(Op::Poll),
         Just(Op::Poll),
     ]
@@ -256,6 +260,29 @@ proptest! {
                     }
                 },
                 Op::Policy(i) => { s.apply_policy(now, POLICIES[i], "test").unwrap(); }
+                Op::Reload => {
+                    let _ = s.take_dirty();
+                    let mut r = CoordinatorState::restore(
+                        IpPool::new("100.64.0.0/24".parse().unwrap(), None).unwrap(),
+                        s.hosts().cloned().collect(),
+                        s.tokens().cloned().collect(),
+                        s.map_version(),
+                    ).unwrap();
+                    r.restore_policies(now, s.policy_history().to_vec()).unwrap();
+                    let old = std::mem::replace(&mut s, r);
+                    let mut carried = s.carry_from(old);
+                    let mut gone = Vec::new();
+                    for (id, (conn, _)) in &agents {
+                        let k = s.host(*id).unwrap().public_key;
+                        match s.attach_session(now, *id, &k, *conn) {
+                            Ok(()) => { s.resume_carried(*id, &mut carried); }
+                            Err(_) => gone.push(*id),
+                        }
+                    }
+                    for id in gone {
+                        agents.remove(&id);
+                    }
+                }
                 Op::Resync(k) => if let Some((i, c)) = conn_of(&agents, id_of(&s, k)) {
                     s.resync(i, c);
                     if let Some(a) = agents.get_mut(&i) { a.1 = None; }
@@ -297,4 +324,57 @@ proptest! {
             }
         }
     }
+}
+
+/// Following another replica: the reloaded state goes on from what each live session was
+/// sent, so the agents get a delta of what the other replica changed, not full maps.
+#[test]
+fn a_reloaded_state_sends_deltas_of_what_changed_not_full_maps() {
+    let mut s = three();
+    allow_all(&mut s);
+    let mut agents: BTreeMap<HostId, NetworkMap> = BTreeMap::new();
+    for (id, m) in maps(&mut s) {
+        let CoordinatorMessage::FullMap { map } = m else {
+            panic!("{m:?}")
+        };
+        agents.insert(id, map);
+    }
+    // What the other replica committed: h3's labels changed.
+    let mut hosts: Vec<Host> = s.hosts().cloned().collect();
+    for h in &mut hosts {
+        if h.name == "h3" {
+            h.labels.insert("tier".into(), "x".into());
+        }
+    }
+    let mut r = CoordinatorState::restore(
+        IpPool::new("100.64.0.0/24".parse().unwrap(), None).unwrap(),
+        hosts,
+        s.tokens().cloned().collect(),
+        s.map_version(),
+    )
+    .unwrap();
+    r.restore_policies(0, s.policy_history().to_vec()).unwrap();
+    let mut carried = r.carry_from(s);
+    for k in 1..=3u8 {
+        let id = HostId(u64::from(k));
+        r.attach_session(0, id, &key(k), ConnId(u64::from(k)))
+            .unwrap();
+        assert!(r.resume_carried(id, &mut carried));
+    }
+    let pushes = maps(&mut r);
+    for (id, m) in &pushes {
+        let CoordinatorMessage::Delta { delta } = m else {
+            panic!("{id:?} got {m:?}, not a delta")
+        };
+        // Only h3's record changed: h1 and h2 get it, h3 gets nothing.
+        assert_ne!(*id, HostId(3));
+        assert_eq!(delta.upserts.len(), 1, "{delta:?}");
+        assert_eq!(delta.upserts[0].name, "h3");
+        assert!(delta.removals.is_empty());
+        let map = agents.get_mut(id).unwrap();
+        map.apply(delta).unwrap();
+        assert_eq!(*map, r.full_map_for(*id, map.version));
+    }
+    assert_eq!(pushes.len(), 2);
+    assert_eq!(r.push_work().full_maps, 0);
 }
