@@ -173,6 +173,8 @@ struct Replica {
     /// CPU seconds of its earlier lives.
     cpu_before: f64,
     metrics: Option<SocketAddr>,
+    /// Push work (`meshd_coordinator_push_work_total` by kind) of its earlier lives.
+    work: BTreeMap<String, f64>,
 }
 
 struct Child {
@@ -250,9 +252,21 @@ impl Replica {
         self.cpu_before + self.pid().map_or(0.0, |p| proc_stat(p).1)
     }
 
+    /// Push work over all its lives (this one read now).
+    fn work(&self) -> BTreeMap<String, f64> {
+        let mut w = self.work.clone();
+        if self.child.is_some() {
+            for (k, v) in self.metrics.map(push_work).unwrap_or_default() {
+                *w.entry(k).or_default() += v;
+            }
+        }
+        w
+    }
+
     /// SIGKILL, then reaped.
     async fn kill(&mut self) -> anyhow::Result<()> {
         self.sample();
+        self.work = self.work();
         self.cpu_before = self.cpu();
         if let Some(mut c) = self.child.take() {
             c.proc.start_kill()?;
@@ -260,6 +274,26 @@ impl Replica {
         }
         Ok(())
     }
+}
+
+/// A replica's push-work counters by kind (empty if it does not answer).
+fn push_work(metrics: SocketAddr) -> BTreeMap<String, f64> {
+    use std::io::{Read as _, Write as _};
+    let mut body = String::new();
+    let read = std::net::TcpStream::connect_timeout(&metrics, Duration::from_secs(2))
+        .and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")?;
+            s.read_to_string(&mut body)
+        });
+    if read.is_err() {
+        return BTreeMap::new();
+    }
+    body.lines()
+        .filter_map(|l| l.strip_prefix("meshd_coordinator_push_work_total{kind=\""))
+        .filter_map(|rest| rest.split_once("\"} "))
+        .filter_map(|(k, v)| Some((k.to_string(), v.trim().parse().ok()?)))
+        .collect()
 }
 
 /// (VmRSS KiB, CPU seconds user+system) of a process.
@@ -407,8 +441,9 @@ struct Soak {
     rng: Rng,
     kinds: BTreeMap<&'static str, Kind>,
     failures: Vec<String>,
-    /// Fail-over: kill → every agent connected to the survivor and matching the model.
-    failovers: Vec<Duration>,
+    /// Fail-over: kill → every agent connected to the survivor and matching the model, with
+    /// how many agents had to move.
+    failovers: Vec<(usize, Duration)>,
     /// Restart → the replica answers an admin call.
     restarts: Vec<Duration>,
 }
@@ -449,7 +484,15 @@ impl Soak {
             transparent: false,
         };
         let ep = self.eps[n % self.eps.len()].clone();
-        let e = match enrol_via(Some(&ep), &self.tokens[group], &name, &key, report.clone()).await {
+        // Half the hosts get a token naming B first (as made through B), so both replicas
+        // serve agents when one is killed.
+        let mut token = self.tokens[group].clone();
+        if self.rng.below(2) == 1 {
+            if let Some(b) = token.replicas.first_mut() {
+                std::mem::swap(&mut token.control, b);
+            }
+        }
+        let e = match enrol_via(Some(&ep), &token, &name, &key, report.clone()).await {
             Ok(e) => e,
             Err(e) => return Ok(Err(format!("{name}: {e}"))),
         };
@@ -550,7 +593,17 @@ impl Soak {
     /// keeps churning while it is down, for `down`.
     async fn kill(&mut self, i: usize) -> anyhow::Result<()> {
         let survivor = self.replicas[1 - i].listen;
-        println!("soak: SIGKILL replica {}", self.replicas[i].name);
+        let dead = self.replicas[i].listen;
+        let moving = self
+            .model
+            .agents
+            .values()
+            .filter(|a| a.session.coordinator() == dead)
+            .count();
+        println!(
+            "soak: SIGKILL replica {} ({moving} agents on it)",
+            self.replicas[i].name
+        );
         self.replicas[i].kill().await?;
         let t = Instant::now();
         loop {
@@ -584,7 +637,7 @@ impl Soak {
             self.model.agents.len(),
             self.replicas[1 - i].name
         );
-        self.failovers.push(f);
+        self.failovers.push((moving, f));
         Ok(())
     }
 
@@ -686,6 +739,7 @@ async fn run(args: &[String]) -> anyhow::Result<bool> {
         max_rss_kib: 0,
         cpu_before: 0.0,
         metrics: None,
+        work: BTreeMap::new(),
     };
     let mut a = replica(0, "A");
     let mut b = replica(1, "B");
@@ -838,16 +892,21 @@ async fn run(args: &[String]) -> anyhow::Result<bool> {
         );
     }
     println!(
-        "  fail-over after SIGKILL (every agent on the survivor and up to date): {:?}",
+        "  fail-over after SIGKILL (agents that moved, time until every agent was on the survivor and up to date): {:?}",
         soak.failovers
     );
     println!("  restart → answering: {:?}", soak.restarts);
     for r in &soak.replicas {
+        let w = r.work();
+        let get = |k: &str| w.get(k).copied().unwrap_or(0.0);
         println!(
-            "  replica {}: max RSS {:.1} MiB (bound {rss_bound_mib} MiB), CPU {:.1} s",
+            "  replica {}: max RSS {:.1} MiB (bound {rss_bound_mib} MiB), CPU {:.1} s; pushed {} messages, {} of them full maps, {} peer records",
             r.name,
             r.max_rss_kib as f64 / 1024.0,
-            r.cpu()
+            r.cpu(),
+            get("messages"),
+            get("full_maps"),
+            get("peers_sent")
         );
         if r.max_rss_kib > rss_bound_mib * 1024 {
             soak.failures.push(format!(
