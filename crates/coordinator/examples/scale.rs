@@ -331,12 +331,13 @@ async fn run() -> anyhow::Result<()> {
                 listen_port: Some(51820),
                 transparent: false,
             };
-            // As a real agent does: a refused or timed-out enrolment is tried again, with backoff.
+            // As a real agent does: a refused or timed-out enrolment is tried again, with
+            // backoff (a real agent without end; here up to 30 times).
             let mut attempt = 0;
             let e = loop {
                 match enrol_via(Some(&ep), &token, &format!("h{i}"), &key, report.clone()).await {
                     Ok(e) => break e,
-                    Err(e) if attempt < 8 => {
+                    Err(e) if attempt < 30 => {
                         attempt += 1;
                         RETRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let _ = e;
