@@ -280,8 +280,8 @@ impl Replica {
 fn push_work(metrics: SocketAddr) -> BTreeMap<String, f64> {
     use std::io::{Read as _, Write as _};
     let mut body = String::new();
-    let read = std::net::TcpStream::connect_timeout(&metrics, Duration::from_secs(2))
-        .and_then(|mut s| {
+    let read =
+        std::net::TcpStream::connect_timeout(&metrics, Duration::from_secs(2)).and_then(|mut s| {
             s.set_read_timeout(Some(Duration::from_secs(5)))?;
             s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")?;
             s.read_to_string(&mut body)
