@@ -309,10 +309,9 @@ async fn blocks_wait_in_a_bounded_queue_while_disconnected() {
     assert_eq!(*state.borrow_and_update(), SessionState::Stopped);
 }
 
-#[tokio::test]
-async fn fails_over_to_the_next_replica_and_keeps_the_map_meanwhile() {
+/// Two replicas: their own addresses, the same coordinator key.
+fn two_replicas() -> (Fake, Fake, SocketAddr, SocketAddr) {
     let a = Fake::new();
-    // A second replica: its own address, the same coordinator key.
     let b = Fake {
         key: a.key.clone(),
         ..Fake::new()
@@ -321,6 +320,12 @@ async fn fails_over_to_the_next_replica_and_keeps_the_map_meanwhile() {
         a.server.local_addr().unwrap(),
         b.server.local_addr().unwrap(),
     );
+    (a, b, addr_a, addr_b)
+}
+
+#[tokio::test]
+async fn fails_over_to_the_next_replica_and_keeps_the_map_meanwhile() {
+    let (a, b, addr_a, addr_b) = two_replicas();
     let agent = PrivateKey::generate();
     let mut cfg = a.config(&agent);
     cfg.fallbacks = vec![addr_b];
@@ -360,15 +365,7 @@ async fn fails_over_to_the_next_replica_and_keeps_the_map_meanwhile() {
 #[tokio::test]
 async fn enrolment_refused_as_retryable_goes_on_to_the_next_replica() {
     use meshd_control::{JoinToken, TokenSecret};
-    let a = Fake::new();
-    let b = Fake {
-        key: a.key.clone(),
-        ..Fake::new()
-    };
-    let (addr_a, addr_b) = (
-        a.server.local_addr().unwrap(),
-        b.server.local_addr().unwrap(),
-    );
+    let (a, b, addr_a, addr_b) = two_replicas();
     let token = JoinToken {
         control: addr_a,
         replicas: vec![addr_b],
