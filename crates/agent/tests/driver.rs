@@ -95,6 +95,26 @@ impl Fake {
     /// Accepts the next connection and reads its `Resume`; answers `Welcome`.
     async fn accept(&self, agent: &PrivateKey) -> (Conn, EndpointReport) {
         let conn = self.server.accept().await.unwrap().await.unwrap();
+        let mut c = self.handshake(conn, agent).await;
+        let AgentMessage::Resume {
+            protocol,
+            endpoints,
+        } = c.recv().await
+        else {
+            panic!("expected resume")
+        };
+        assert_eq!(protocol, PROTOCOL_VERSION);
+        c.send(CoordinatorMessage::Welcome {
+            protocol: PROTOCOL_VERSION,
+            host: host_info(agent),
+            replicas: vec![],
+        })
+        .await;
+        (c, endpoints)
+    }
+
+    /// The Noise handshake on a connection's first stream, checking the agent's key.
+    async fn handshake(&self, conn: quinn::Connection, agent: &PrivateKey) -> Conn {
         let (send, recv) = conn.accept_bi().await.unwrap();
         let (reader, writer, remote) = noise::respond(
             send,
@@ -106,33 +126,23 @@ impl Fake {
         .await
         .unwrap();
         assert_eq!(remote, agent.public_key());
-        let mut c = Conn {
+        Conn {
             conn,
             reader,
             writer,
-        };
-        let AgentMessage::Resume {
-            protocol,
-            endpoints,
-        } = c.recv().await
-        else {
-            panic!("expected resume")
-        };
-        assert_eq!(protocol, PROTOCOL_VERSION);
-        c.send(CoordinatorMessage::Welcome {
-            protocol: PROTOCOL_VERSION,
-            host: HostInfo {
-                id: HostId(1),
-                name: "a".into(),
-                public_key: agent.public_key(),
-                addresses: vec!["100.64.0.1".parse().unwrap()],
-                networks: vec!["100.64.0.0/10".parse().unwrap()],
-                labels: Default::default(),
-            },
-            replicas: vec![],
-        })
-        .await;
-        (c, endpoints)
+        }
+    }
+}
+
+/// The record the fake coordinators give the agent.
+fn host_info(agent: &PrivateKey) -> HostInfo {
+    HostInfo {
+        id: HostId(1),
+        name: "a".into(),
+        public_key: agent.public_key(),
+        addresses: vec!["100.64.0.1".parse().unwrap()],
+        networks: vec!["100.64.0.0/10".parse().unwrap()],
+        labels: Default::default(),
     }
 }
 
@@ -379,18 +389,7 @@ async fn enrolment_refused_as_retryable_goes_on_to_the_next_replica() {
         let Ok(Some(incoming)) = timeout(WITHIN, f.server.accept()).await else {
             return;
         };
-        let conn = incoming.await.unwrap();
-        let (send, recv) = conn.accept_bi().await.unwrap();
-        let (reader, writer, remote) =
-            noise::respond(send, recv, &f.key, MAX_COORDINATOR_FRAME, MAX_AGENT_FRAME)
-                .await
-                .unwrap();
-        assert_eq!(remote, agent.public_key());
-        let mut c = Conn {
-            conn,
-            reader,
-            writer,
-        };
+        let mut c = f.handshake(incoming.await.unwrap(), agent).await;
         assert!(matches!(c.recv().await, AgentMessage::Enrol { .. }));
         c.send(reply).await;
         // Until the agent closes.
@@ -402,14 +401,7 @@ async fn enrolment_refused_as_retryable_goes_on_to_the_next_replica() {
     };
     let welcome = CoordinatorMessage::Welcome {
         protocol: PROTOCOL_VERSION,
-        host: HostInfo {
-            id: HostId(1),
-            name: "a".into(),
-            public_key: agent.public_key(),
-            addresses: vec!["100.64.0.1".parse().unwrap()],
-            networks: vec!["100.64.0.0/10".parse().unwrap()],
-            labels: Default::default(),
-        },
+        host: host_info(&agent),
         replicas: vec![addr_b, addr_a],
     };
     let (enrolled, (), ()) = tokio::join!(
